@@ -1,0 +1,215 @@
+"""Load, check, fold, hash and save ONNX models.
+
+Everything that touches a model file goes through here: external-data models and models
+over 2 GB load and save transparently, ``Constant`` nodes are folded into initializers so
+passes see plain weights, and outputs are written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.errors import ModelError
+
+# Protobuf refuses to serialise a message of 2 GiB or more; stay well clear of it.
+PROTO_LIMIT = 2**31 - 2**26
+
+# The newest IR version the onnxruntime we support accepts. Models we build ourselves
+# are stamped with this (never with onnx.IR_VERSION, which may be newer).
+MAX_IR_VERSION = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, shape (int for fixed dims, str or None for symbolic) and dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size when the first dimension is fixed, else None."""
+        if self.shape and isinstance(self.shape[0], int):
+            return self.shape[0]
+        return None
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load ``path`` with its external data, check it, and fold Constant nodes.
+
+    Raises ModelError with a one-line message for a missing, unreadable, truncated,
+    non-ONNX or invalid file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(str(path), "no such file")
+    if path.is_dir():
+        raise ModelError(str(path), "is a directory, not an ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except FileNotFoundError as exc:
+        raise ModelError(str(path), f"external data file missing ({exc.filename or exc})") from None
+    except PermissionError:
+        raise ModelError(str(path), "cannot be read (permission denied)") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(
+            str(path), f"not a readable ONNX model ({type(exc).__name__})",
+            "the file may be truncated or not an ONNX file",
+        ) from None
+    if len(model.graph.node) == 0 and len(model.graph.output) == 0:
+        raise ModelError(str(path), "not an ONNX model (empty graph)", "the file may be truncated or not an ONNX file")
+    check_model(model, name=str(path))
+    return fold_constants(model)
+
+
+def check_model(model: onnx.ModelProto, *, name: str = "model") -> None:
+    """Run the ONNX checker (by path for models too large for one protobuf)."""
+    try:
+        if model.ByteSize() < PROTO_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                file = Path(tmp) / "model.onnx"
+                onnx.save(model, str(file), save_as_external_data=True, location="model.onnx.data")
+                onnx.checker.check_model(str(file))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        raise ModelError(name, f"fails the ONNX checker: {first}") from None
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn every tensor-valued ``Constant`` node into an initializer, in place; returns model."""
+    graph = model.graph
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor = _constant_value(node)
+            if tensor is not None:
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                continue
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    return model
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            return tensor
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
+        if attr.name == "value_int":
+            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
+        if attr.name == "value_ints":
+            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
+    return None  # sparse or string constants stay as nodes
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that are not initializers, with shapes and numpy dtypes."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        ttype = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim
+        )
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        specs.append(InputSpec(value.name, dims, dtype))
+    return specs
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Number of elements in floating-point initializers (the model's weights)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
+            total += int(np.prod(tensor.dims, dtype=np.int64))
+    return total
+
+
+def model_hash(model: onnx.ModelProto) -> str:
+    """A sha256 of the graph and its weights, independent of where the weights are stored."""
+    digest = hashlib.sha256()
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    del graph.initializer[:]
+    digest.update(graph.SerializeToString(deterministic=True))
+    for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
+        digest.update(tensor.name.encode())
+        digest.update(numpy_helper.to_array(tensor).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def clone(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() >= PROTO_LIMIT
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically; large models (or ``external_data=True``) get a
+    ``<name>.data`` file beside them. Nothing appears at ``path`` unless the write completed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = needs_external_data(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = path.name + ".data"
+        if external_data:
+            copy = clone(model)
+            onnx.save(copy, str(tmp / path.name), save_as_external_data=True,
+                      all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(tmp / data_name, path.parent / data_name)
+        else:
+            with open(tmp / path.name, "wb") as fh:
+                fh.write(model.SerializeToString())
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes (weights included, wherever they are stored)."""
+    if not needs_external_data(model):
+        return model.ByteSize()
+    return sum(t.ByteSize() for t in model.graph.initializer) + 4096

@@ -1,0 +1,88 @@
+"""onnxruntime sessions and batched execution over a sample set.
+
+The one place that creates ``InferenceSession`` objects and feeds batches, so fixed-batch
+models, execution providers and models over 2 GB are handled alike everywhere.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxprune.errors import ModelError
+from onnxprune.model import input_specs, needs_external_data
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def providers_for(device: str = "cpu") -> list[str]:
+    """Execution providers for ``device`` ('cpu' or 'cuda'); CUDA must be available."""
+    if device not in PROVIDERS:
+        raise ModelError(device, "unknown device", "use 'cpu' or 'cuda'")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ModelError("cuda", "the CUDA execution provider is not available",
+                         "install onnxprune[gpu] (onnxruntime-gpu) on a machine with CUDA")
+    return PROVIDERS[device]
+
+
+def make_session(model: onnx.ModelProto, *, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession for an in-memory model (via a temporary file when it is over 2 GB)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = providers_for(device)
+    try:
+        if not needs_external_data(model):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / "model.onnx"
+            onnx.save(model, str(file), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(file), options, providers=providers)
+    except (ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise ModelError(model.graph.name or "model", f"onnxruntime cannot load it: {first}") from None
+
+
+def batch_size_for(model: onnx.ModelProto, requested: int) -> int:
+    """The batch size to feed: the model's own when its batch dimension is fixed."""
+    fixed = {spec.fixed_batch for spec in input_specs(model)} - {None}
+    if len(fixed) == 1:
+        return fixed.pop()
+    return requested
+
+
+def run_batches(
+    session: ort.InferenceSession,
+    samples,
+    outputs: Sequence[str] | None = None,
+    *,
+    batch_size: int = 32,
+    fixed_batch: int | None = None,
+) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """Run ``session`` over ``samples`` (a SampleSet) and yield ``(indices, outputs)`` per batch.
+
+    With ``fixed_batch`` every batch is padded to that size by repeating its last sample
+    and the padding rows are cut from the outputs, so a fixed-batch model sees only full
+    batches while callers see exactly one row per sample.
+    """
+    size = fixed_batch or batch_size
+    for indices, feeds in samples.batches(size):
+        n = len(indices)
+        if fixed_batch and n < fixed_batch:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - n, axis=0)]) for k, v in feeds.items()}
+        result = session.run(list(outputs) if outputs is not None else None, feeds)
+        if fixed_batch and n < fixed_batch:
+            result = [r[:n] for r in result]
+        yield indices, result
