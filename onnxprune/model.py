@@ -213,3 +213,113 @@ def model_bytes(model: onnx.ModelProto) -> int:
     if not needs_external_data(model):
         return model.ByteSize()
     return sum(t.ByteSize() for t in model.graph.initializer) + 4096
+
+
+def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """The value of initializer ``name`` as a numpy array (a copy)."""
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor).copy()
+    raise KeyError(name)
+
+
+def set_array(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    """Replace (or add) initializer ``name`` with ``array``."""
+    new = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == name:
+            model.graph.initializer[i].CopyFrom(new)
+            return
+    model.graph.initializer.append(new)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                used |= _used_names(sub)
+    return used
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> None:
+    """Drop initializers no node (nor subgraph) reads, and their legacy graph-input entries."""
+    used = _used_names(model.graph)
+    dropped = {t.name for t in model.graph.initializer if t.name not in used}
+    if not dropped:
+        return
+    keep = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [v for v in model.graph.input if v.name not in dropped]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+def unique_name(model: onnx.ModelProto, base: str) -> str:
+    """``base`` if no node, tensor or initializer has that name yet, else ``base/1``, ``base/2``..."""
+    taken = {n.name for n in model.graph.node}
+    taken |= {o for n in model.graph.node for o in n.output}
+    taken |= {t.name for t in model.graph.initializer}
+    taken |= {v.name for v in model.graph.input}
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}/{i}" in taken:
+        i += 1
+    return f"{base}/{i}"
+
+
+def cone_hashes(model: onnx.ModelProto, tensors) -> dict[str, str]:
+    """For each tensor, a hash of the subgraph that computes it (nodes, attributes, weights).
+
+    Two models give a tensor the same hash exactly when it is computed the same way from
+    the same graph inputs, so statistics gathered on one stay valid on the other.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    memo: dict[str, str] = {}
+
+    def tensor_hash(name: str) -> str:
+        if name in memo:
+            return memo[name]
+        digest = hashlib.sha256()
+        if name in inits:
+            digest.update(b"init")
+            digest.update(numpy_helper.to_array(inits[name]).tobytes())
+        elif name in producer:
+            node = producer[name]
+            digest.update(node.op_type.encode() + node.domain.encode())
+            for attr in node.attribute:
+                digest.update(attr.SerializeToString(deterministic=True))
+            for inp in node.input:
+                digest.update(tensor_hash(inp).encode() if inp else b"-")
+            digest.update(str(list(node.output).index(name)).encode())
+        else:
+            digest.update(b"input:" + name.encode())
+        memo[name] = digest.hexdigest()
+        return memo[name]
+
+    import sys
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(model.graph.node) + 1000))
+    try:
+        return {t: tensor_hash(t) for t in tensors}
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

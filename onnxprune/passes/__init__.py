@@ -1,0 +1,11 @@
+"""Graph-rewriting passes; importing this package registers them all."""
+
+from onnxprune.passes.base import REGISTRY, Pass, PassContext, PassResult, options_to_dict, register
+from onnxprune.passes import (  # noqa: F401  (registration)
+    bias_compensate,
+    low_rank_split,
+    reconstruct_next_layer,
+    select_nodes,
+)
+
+__all__ = ["REGISTRY", "Pass", "PassContext", "PassResult", "options_to_dict", "register"]

@@ -1,0 +1,354 @@
+"""Calibration memory and throughput on MobileNetV2 over 500 ImageNet images.
+
+Requests "features" statistics (count, sum, Gram in float64) at the input of every Conv
+and of the final MatMul, then reports
+
+- peak RSS (resource.getrusage) and the tracemalloc peak (numpy reports its buffers to
+  tracemalloc) of a process that only calibrates, next to one that only runs plain
+  onnxruntime inference, and the bytes it would take to hold all those activations for
+  the 500 images;
+- wall time of calibration vs plain onnxruntime inference over the same preprocessed
+  samples (decoding excluded from both), split into "onnxruntime with the tensors
+  exposed" and "folding into the statistics".
+
+Each measurement runs in a fresh subprocess so peaks do not leak between them. Writes
+``bench/calibration_memory.md``.
+
+    python bench/bench_calibration_memory.py [--batch-size 32 8] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODEL = SHARED / "models" / "mobilenetv2_imagenet_fp32.onnx"
+IMAGES = SHARED / "data" / "imagenet_samples"
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------------------
+# Samples (Pillow, as readers.py would; decoded lazily batch by batch, or all up front)
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+
+
+def preprocess(path: Path) -> np.ndarray:
+    """Resize the shorter side to 256 (bilinear), center-crop 224, /255, ImageNet mean/std -> [3,224,224]."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = 256 / min(w, h)
+        img = img.resize((max(256, round(w * scale)), max(256, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        img = img.crop((left, top, left + 224, top + 224))
+        x = np.asarray(img, dtype=np.float32) / 255.0
+    return ((x - MEAN) / STD).transpose(2, 0, 1).copy()
+
+
+class ImageSamples:
+    """A SampleSet over an image folder, decoded one batch at a time."""
+
+    def __init__(self, files: list[Path], input_name: str):
+        self.files = files
+        self.input_name = input_name
+        self.labels = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def batches(self, batch_size):
+        for start in range(0, len(self.files), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(self.files)))
+            yield idx, {self.input_name: np.stack([preprocess(self.files[i]) for i in idx])}
+
+    def describe(self):
+        return {"kind": "images", "path": str(IMAGES), "count": len(self)}
+
+    def subset(self, indices):
+        return ImageSamples([self.files[i] for i in indices], self.input_name)
+
+
+class ArraySamples(ImageSamples):
+    """The same samples, decoded up front (for timing onnxruntime and statistics only)."""
+
+    def __init__(self, x: np.ndarray, input_name: str):
+        self.x = x
+        self.input_name = input_name
+        self.labels = None
+
+    def __len__(self):
+        return len(self.x)
+
+    def batches(self, batch_size):
+        for start in range(0, len(self.x), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(self.x)))
+            yield idx, {self.input_name: self.x[idx]}
+
+    def describe(self):
+        return {"kind": "arrays", "count": len(self)}
+
+
+def requests_for(model):
+    """"features" at the input of every Conv (channel axis 1) and of the MatMul (last axis)."""
+    from onnxprune.calibration.stats import StatRequest
+
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            out.setdefault(node.input[0], StatRequest(node.input[0], kind="features", axis=1))
+        elif node.op_type in ("MatMul", "Gemm"):
+            out.setdefault(node.input[0], StatRequest(node.input[0], kind="features", axis=-1))
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------------------
+# Phases (each in its own process)
+
+
+def rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
+
+
+def rss_now_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def phase_memory(kind: str, batch_size: int, count: int) -> dict:
+    from onnxprune.calibration.collect import collect
+    from onnxprune.model import input_specs, load_model
+    from onnxprune.runtime import make_session, run_batches
+
+    model = load_model(MODEL)
+    samples = ImageSamples(image_files(IMAGES)[:count], input_specs(model)[0].name)
+    requests = requests_for(model)
+    base_rss = rss_now_bytes()
+    tracemalloc.start()
+    start = time.perf_counter()
+    stats_bytes = 0
+    if kind == "collect":
+        stats = collect(model, {"target": samples}, requests, batch_size=batch_size, progress=False)
+        stats_bytes = sum(stats.moments(r).nbytes for r in requests)
+    else:
+        session = make_session(model)
+        for _ in run_batches(session, samples, None, batch_size=batch_size):
+            pass
+    seconds = time.perf_counter() - start
+    _, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"kind": kind, "batch_size": batch_size, "samples": len(samples), "requests": len(requests),
+            "base_rss": base_rss, "peak_rss": rss_peak_bytes(), "traced_peak": traced_peak,
+            "stats_bytes": stats_bytes, "seconds": seconds}
+
+
+def phase_speed(batch_size: int, count: int, repeats: int) -> dict:
+    from onnxprune.calibration.collect import collect, expose
+    from onnxprune.model import input_specs, load_model
+    from onnxprune.runtime import make_session, run_batches
+
+    model = load_model(MODEL)
+    name = input_specs(model)[0].name
+    files = image_files(IMAGES)[:count]
+    start = time.perf_counter()
+    samples = ArraySamples(np.stack([preprocess(f) for f in files]), name)
+    decode = time.perf_counter() - start
+    requests = requests_for(model)
+    tensors = list(dict.fromkeys(r.tensor for r in requests))
+
+    # activation bytes: one sample through the exposed model gives every tensor's size per sample
+    exposed, outputs = expose(model, tensors)
+    one = make_session(exposed).run(outputs, {name: samples.x[:1]})
+    per_sample = sum(a.nbytes for a in one)
+    del one
+
+    def plain():
+        session = make_session(model)
+        for _ in run_batches(session, samples, None, batch_size=batch_size):
+            pass
+
+    def exposed_only():
+        session = make_session(exposed)
+        for _ in run_batches(session, samples, outputs, batch_size=batch_size):
+            pass
+
+    def calibrate():
+        collect(model, {"target": samples}, requests, batch_size=batch_size, progress=False)
+
+    plain()   # warm-up (page cache, thread pools)
+    times = {"plain": [], "exposed": [], "collect": []}
+    for _ in range(repeats):
+        for key, fn in (("plain", plain), ("exposed", exposed_only), ("collect", calibrate)):
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    return {"batch_size": batch_size, "samples": len(samples), "requests": len(requests),
+            "tensors": len(tensors), "activation_bytes_per_sample": per_sample,
+            "activation_bytes_total": per_sample * len(samples), "decode_seconds": decode,
+            "times": times, "best": {k: min(v) for k, v in times.items()}}
+
+
+def run_phase(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--phase", *args], check=True, capture_output=True,
+                         text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Report
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_report(path: Path, memory: list[dict], speed: dict, plain_mem: dict) -> str:
+    import numpy
+    import onnxruntime
+
+    act = speed["activation_bytes_total"]
+    best = speed["best"]
+    lines = [
+        "# Calibration memory and throughput (MobileNetV2, 500 ImageNet images)",
+        "",
+        "`python bench/bench_calibration_memory.py` — statistics: count, sum and float64 Gram",
+        f"(\"features\", channel axis) at the input of every Conv and of the final MatMul of "
+        f"`mobilenetv2_imagenet_fp32.onnx`: {speed['requests']} requests on {speed['tensors']} distinct tensors, "
+        f"over the {speed['samples']} images of `imagenet_samples` (resize 256, center crop 224, /255, ImageNet "
+        "mean/std). Each measurement runs in a fresh process.",
+        "",
+        f"Machine: {os.cpu_count()}-core CPU ({cpu_name()}), Python {platform.python_version()}, "
+        f"onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}.",
+        "",
+        "## Memory",
+        "",
+        f"Holding all those activations for {speed['samples']} images would take **{gib(act)}** in float32 "
+        f"({mib(speed['activation_bytes_per_sample'])} per image; twice that in float64).",
+        "",
+        "| run | batch | peak RSS | RSS before the run | tracemalloc peak (numpy) | statistics held | "
+        "peak RSS / activation bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in memory + [plain_mem]:
+        what = "calibrate (collect)" if m["kind"] == "collect" else "plain inference"
+        lines.append(f"| {what} | {m['batch_size']} | {mib(m['peak_rss'])} | {mib(m['base_rss'])} | "
+                     f"{mib(m['traced_peak'])} | {mib(m['stats_bytes']) if m['stats_bytes'] else '-'} | "
+                     f"{m['peak_rss'] / act:.1%} |")
+    lines += [
+        "",
+        "Images are decoded batch by batch in these runs. The peak is one batch of exposed activations "
+        "(what onnxruntime returns for a batch) plus the statistics plus the model and onnxruntime's "
+        "arena; it grows with the batch size, not with the number of samples.",
+        "",
+        "## Throughput",
+        "",
+        f"Same preprocessed samples in memory for every run (decoding, {speed['decode_seconds']:.1f} s, "
+        f"excluded); batch {speed['batch_size']}; best of {len(speed['times']['plain'])} interleaved runs, "
+        "each including session creation.",
+        "",
+        "| run | wall time | vs plain inference | images/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in (("plain", "plain onnxruntime inference (logits only)"),
+                       ("exposed", "onnxruntime with all requested tensors as outputs"),
+                       ("collect", "calibration: `collect()` (onnxruntime + float64 statistics)")):
+        lines.append(f"| {label} | {best[key]:.1f} s | {best[key] / best['plain']:.2f}x | "
+                     f"{speed['samples'] / best[key]:.1f} |")
+    ratio = best["collect"] / best["plain"]
+    stats_share = max(best["collect"] - best["exposed"], 0.0)
+    lines += [
+        "",
+        f"**Calibration / inference = {ratio:.2f}x** (goal <= 1.5x: "
+        f"{'met' if ratio <= 1.5 else 'not met'}). Of the calibration time, "
+        f"{stats_share:.1f} s ({stats_share / best['collect']:.0%}) is folding activations into the "
+        "float64 accumulators (sum and Gram, one symmetric rank-k update per sample and tensor).",
+        "",
+        "Why: the Gram at a Conv input costs H·W·C² multiply-adds per image, while the Conv that reads it "
+        "costs H·W·C·M·k² (and a depthwise conv only H·W·C·k²). Over MobileNetV2's inverted residuals the "
+        "Grams of the expanded tensors (C up to 960) add up to several times the network's own "
+        "~0.3 GMAC per image, and they run in float64 (half the float32 BLAS rate). With fewer or "
+        "narrower sites (a Gemm input, a few Conv layers) the ratio approaches the cost of exposing "
+        "the tensors.",
+        "",
+        "Raw numbers:",
+        "",
+        "```json",
+        json.dumps({"memory": memory + [plain_mem], "speed": speed}, indent=1),
+        "```",
+        "",
+    ]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32, 8],
+                        help="batch sizes for the memory runs; the first one is used for timing")
+    parser.add_argument("--count", type=int, default=500, help="number of images")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "calibration_memory.md")
+    parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.phase:
+        kind, *rest = args.phase
+        if kind in ("collect", "plain"):
+            result = phase_memory(kind, int(rest[0]), int(rest[1]))
+        else:
+            result = phase_speed(int(rest[0]), int(rest[1]), int(rest[2]))
+        print(json.dumps(result))
+        return 0
+
+    if not MODEL.exists() or not IMAGES.is_dir():
+        print(f"needs {MODEL} and {IMAGES}", file=sys.stderr)
+        return 1
+    memory = []
+    for bs in args.batch_size:
+        memory.append(run_phase("collect", str(bs), str(args.count)))
+        print(f"collect batch {bs}: peak RSS {mib(memory[-1]['peak_rss'])}", file=sys.stderr)
+    plain_mem = run_phase("plain", str(args.batch_size[0]), str(args.count))
+    print(f"plain batch {args.batch_size[0]}: peak RSS {mib(plain_mem['peak_rss'])}", file=sys.stderr)
+    speed = run_phase("speed", str(args.batch_size[0]), str(args.count), str(args.repeats))
+    print(f"speed: {speed['best']}", file=sys.stderr)
+    print(write_report(args.out, memory, speed, plain_mem))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,562 @@
+"""Streaming, mergeable float64 statistics of activations.
+
+A ``Moments`` accumulator keeps, for rows x_i (samples x dim) seen batch by batch,
+
+    count = #rows,   sum = sum_i x_i  (dim,),   Gram = sum_i x_i x_i^T  (dim, dim)
+
+in float64, so mean = sum / count, second moment S = Gram / count and covariance
+C = S - mean mean^T. Accumulators merge by addition: statistics computed in shards (other
+batches, other machines) combine to the same result. For very wide inputs with fewer
+samples than features, ``keep_rows=True`` keeps the rows themselves instead of the
+dim x dim Gram (a pass then works in sample space).
+
+A ``StatRequest`` says what to gather at one tensor ("features", im2col "patches" of a
+Conv input, or per-sample "pooled" responses); ``Statistics`` holds the Moments per sample
+set, request and fold, with a JSON header that ties them to the model's hash.
+
+numpy only: onnxruntime lives in ``collect.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.errors import CalibrationError
+
+# Rows are cast to float64 in chunks of about this many bytes, so an update never holds
+# more than one chunk of float64 copies besides the caller's batch.
+CHUNK_BYTES = 32 * 2**20
+# Below this many rows a chunk is not worth a BLAS call of its own.
+MIN_CHUNK_ROWS = 1024
+
+KINDS = ("features", "patches", "pooled")
+POOLS = ("max", "mean")
+
+
+# --------------------------------------------------------------------------------------
+# Moments
+
+
+class Moments:
+    """count, sum (dim,) and Gram (dim, dim) of rows (samples x dim), float64, merged by ``+``.
+
+    With ``keep_rows=True`` the raw rows (float64) are held instead of the Gram, which is
+    then computed on demand: cheaper when there are fewer samples than features.
+
+    >>> m = Moments(3); m.update(np.ones((4, 3))); m.count, m.mean
+    (4, array([1., 1., 1.]))
+    """
+
+    def __init__(self, dim: int, *, keep_rows: bool = False):
+        if int(dim) < 1:
+            raise ValueError(f"dim={dim} must be >= 1")
+        self.dim = int(dim)
+        self.keep_rows = bool(keep_rows)
+        self.count = 0
+        self.sum = np.zeros(self.dim, dtype=np.float64)
+        self._gram = None if self.keep_rows else np.zeros((self.dim, self.dim), dtype=np.float64)
+        self._chunks: list[np.ndarray] = []   # keep_rows: float64 row blocks, joined lazily
+        self._gram_cache: np.ndarray | None = None
+
+    # -- accumulation ------------------------------------------------------------------
+
+    def update(self, rows: np.ndarray) -> None:
+        """Fold ``rows`` (k, dim), of any real dtype and memory layout, into the accumulators.
+
+        The float64 cast happens chunk by chunk, so a transposed view (for example one
+        sample of an NCHW activation, ``x[n].reshape(C, -1).T``) costs no full copy.
+        """
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows must have shape (k, {self.dim}), got {rows.shape}")
+        k = rows.shape[0]
+        if k == 0:
+            return
+        self.count += k
+        if self.keep_rows:
+            self._chunks.append(np.array(rows, dtype=np.float64, order="C"))
+            self.sum += self._chunks[-1].sum(axis=0)
+            self._gram_cache = None
+            return
+        step = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (8 * self.dim))
+        for start in range(0, k, step):
+            block = np.asarray(rows[start:start + step], dtype=np.float64)   # no copy when float64
+            self.sum += block.sum(axis=0)
+            self._gram += block.T @ block                                     # numpy uses syrk here
+
+    def __add__(self, other: Moments) -> Moments:
+        if not isinstance(other, Moments):
+            return NotImplemented
+        if other.dim != self.dim:
+            raise ValueError(f"cannot add Moments of dim {self.dim} and {other.dim}")
+        keep = self.keep_rows and other.keep_rows
+        out = Moments(self.dim, keep_rows=keep)
+        out.count = self.count + other.count
+        out.sum = self.sum + other.sum
+        if keep:
+            out._chunks = [c for c in (self.rows, other.rows) if len(c)]
+        else:
+            out._gram = self.gram + other.gram
+        return out
+
+    def __radd__(self, other):
+        if isinstance(other, int) and other == 0:   # sum([m1, m2, ...])
+            return self.copy()
+        return NotImplemented
+
+    def copy(self) -> Moments:
+        out = Moments(self.dim, keep_rows=self.keep_rows)
+        out.count = self.count
+        out.sum = self.sum.copy()
+        if self.keep_rows:
+            out._chunks = [self.rows.copy()] if self.count else []
+        else:
+            out._gram = self._gram.copy()
+        return out
+
+    # -- views -------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The rows seen so far (count, dim) when ``keep_rows``, else None."""
+        if not self.keep_rows:
+            return None
+        if len(self._chunks) != 1:
+            joined = np.concatenate(self._chunks) if self._chunks else np.zeros((0, self.dim))
+            self._chunks = [joined]
+        return self._chunks[0]
+
+    @property
+    def gram(self) -> np.ndarray:
+        """sum_i x_i x_i^T (dim, dim); computed from the rows when ``keep_rows``."""
+        if not self.keep_rows:
+            return self._gram
+        if self._gram_cache is None:
+            rows = self.rows
+            self._gram_cache = rows.T @ rows
+        return self._gram_cache
+
+    def _need_samples(self) -> None:
+        if self.count == 0:
+            raise CalibrationError("statistics", "no samples were accumulated",
+                                   "check that the sample set is not empty")
+
+    @property
+    def mean(self) -> np.ndarray:
+        """sum / count, (dim,)."""
+        self._need_samples()
+        return self.sum / self.count
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        """E[x x^T] = Gram / count, (dim, dim), not centred."""
+        self._need_samples()
+        return self.gram / self.count
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """E[x x^T] - mean mean^T (dim, dim): the biased (1/count) covariance, symmetrised."""
+        mean = self.mean
+        cov = self.second_moment - np.outer(mean, mean)
+        return (cov + cov.T) / 2
+
+    @property
+    def nbytes(self) -> int:
+        big = self.rows.nbytes if self.keep_rows else self._gram.nbytes
+        return big + self.sum.nbytes
+
+    def __repr__(self) -> str:
+        mode = "rows" if self.keep_rows else "gram"
+        return f"Moments(dim={self.dim}, count={self.count}, {mode})"
+
+    # -- serialisation -----------------------------------------------------------------
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """Plain arrays under ``{prefix}/count``, ``/sum`` and ``/gram`` or ``/rows``."""
+        out = {f"{prefix}/count": np.array(self.count, dtype=np.int64), f"{prefix}/sum": self.sum}
+        if self.keep_rows:
+            out[f"{prefix}/rows"] = self.rows
+        else:
+            out[f"{prefix}/gram"] = self._gram
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str) -> Moments:
+        """Inverse of ``to_arrays``; exact."""
+        try:
+            total = np.asarray(arrays[f"{prefix}/sum"], dtype=np.float64)
+            count = int(arrays[f"{prefix}/count"])
+        except KeyError as exc:
+            raise CalibrationError(prefix, f"statistics are incomplete ({exc.args[0]} missing)") from None
+        keep = f"{prefix}/rows" in arrays
+        out = cls(total.shape[0], keep_rows=keep)
+        out.count = count
+        out.sum = total.copy()
+        if keep:
+            rows = np.asarray(arrays[f"{prefix}/rows"], dtype=np.float64)
+            out._chunks = [rows.copy()] if len(rows) else []
+        else:
+            out._gram = np.array(arrays[f"{prefix}/gram"], dtype=np.float64)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# What to gather
+
+
+@dataclasses.dataclass(frozen=True)
+class StatRequest:
+    """What to gather at one tensor.
+
+    kind:
+      - "features": the feature axis is ``axis``, every other axis indexes samples
+        (Conv activation [N, C, H, W], axis=1: N*H*W rows of C; Gemm/MatMul input [N, n]
+        or [N, T, n], axis=-1: N or N*T rows of n).
+      - "patches": im2col patches of a Conv input [N, C, *spatial]: features C*kh*kw in
+        the order of ``W.reshape(M, C*kh*kw)`` (channel-major, then kh, kw), one row per
+        output position; ``kernel`` required, ``strides``/``pads`` ([begins..., ends...],
+        ONNX order)/``dilations`` default to 1/0/1. Only for group=1 convolutions.
+      - "pooled": per-sample spatial pooling of [N, C, ...] -> N rows of C (``pool`` "max"
+        or "mean"): the responses PFA reads.
+    keep_rows: keep the raw rows instead of the Gram (wide inputs, few samples).
+    """
+
+    tensor: str
+    kind: str = "features"
+    axis: int = 1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pool: str = "max"
+    keep_rows: bool = False
+
+    def __post_init__(self):
+        for name in ("kernel", "strides", "pads", "dilations"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        object.__setattr__(self, "axis", int(self.axis))
+        object.__setattr__(self, "keep_rows", bool(self.keep_rows))
+        if not self.tensor:
+            raise ValueError("StatRequest needs a tensor name")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.kind == "pooled" and self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r} must be one of {', '.join(POOLS)}")
+        if self.kind == "patches":
+            k = len(self.kernel)
+            if k == 0 or any(v < 1 for v in self.kernel):
+                raise ValueError(f"patches need a kernel of positive sizes, got {self.kernel}")
+            if self.axis != 1:
+                raise ValueError("patches are taken from an [N, C, *spatial] tensor: axis must be 1")
+            if self.strides and (len(self.strides) != k or min(self.strides) < 1):
+                raise ValueError(f"strides {self.strides} do not fit kernel {self.kernel}")
+            if self.dilations and (len(self.dilations) != k or min(self.dilations) < 1):
+                raise ValueError(f"dilations {self.dilations} do not fit kernel {self.kernel}")
+            if self.pads and (len(self.pads) != 2 * k or min(self.pads) < 0):
+                raise ValueError(f"pads {self.pads} do not fit kernel {self.kernel} (need {2 * k} values)")
+
+    @property
+    def key(self) -> str:
+        """A stable string naming this request; distinct requests get distinct keys."""
+        def dims(values):
+            return "x".join(str(v) for v in values)
+
+        if self.kind == "features":
+            key = f"features:{self.tensor}:axis{self.axis}"
+        elif self.kind == "pooled":
+            key = f"pooled:{self.tensor}:axis{self.axis}:{self.pool}"
+        else:
+            n = len(self.kernel)
+            key = (f"patches:{self.tensor}:k{dims(self.kernel)}:s{dims(self.strides or (1,) * n)}"
+                   f":p{dims(self.pads or (0,) * 2 * n)}:d{dims(self.dilations or (1,) * n)}")
+        return key + (":rows" if self.keep_rows else "")
+
+    def to_dict(self) -> dict:
+        """JSON-native fields (lists, not tuples) plus the key."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        out["key"] = self.key
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> StatRequest:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    # -- turning an activation into rows ------------------------------------------------
+
+    def rows(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        """Row blocks (k, dim) of activation ``x`` (batch first) for this request.
+
+        Blocks are views of ``x`` where the layout allows (no copy for "features"), and
+        "patches" are built one sample at a time, so memory stays near one batch.
+        """
+        if self.kind == "pooled":
+            yield pooled(x, pool=self.pool)
+        elif self.kind == "patches":
+            for n in range(x.shape[0]):
+                yield patches(x[n:n + 1], kernel=self.kernel, strides=self.strides, pads=self.pads,
+                              dilations=self.dilations)
+        else:
+            yield from feature_rows(x, self.axis)
+
+    def dim(self, shape: tuple[int, ...]) -> int:
+        """The feature dimension this request gives for an activation of ``shape``."""
+        if self.kind == "patches":
+            return int(shape[1]) * int(np.prod(self.kernel))
+        if self.kind == "pooled":
+            return int(shape[1]) if len(shape) > 1 else 1
+        return int(shape[self.axis])
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        """Why an activation of ``shape`` does not fit this request, or None."""
+        rank = len(shape)
+        if self.kind == "patches":
+            if rank != 2 + len(self.kernel):
+                return f"has shape {list(shape)}; patches of a {len(self.kernel)}-d kernel need rank {2 + len(self.kernel)}"
+            return None
+        if self.kind == "pooled":
+            return None if rank >= 2 else f"has shape {list(shape)}; pooling needs [N, C, ...]"
+        if rank < 2 or not -rank <= self.axis < rank or self.axis % rank == 0:
+            return f"has shape {list(shape)}; feature axis {self.axis} must be a non-batch axis"
+        return None
+
+
+def feature_rows(x: np.ndarray, axis: int) -> Iterator[np.ndarray]:
+    """Yield (k, C) row blocks of ``x`` with features on ``axis`` and samples on every other.
+
+    Features on the last axis: contiguous row slices, no copy. Otherwise (NCHW: the N*H*W
+    positions of C channels) groups of leading indices are cast to float64 and transposed
+    in one strided copy of about ``CHUNK_BYTES`` into a (C, rows) buffer, and the rows are
+    its transposed view: one large BLAS call per group, and ``Moments.update`` copies
+    nothing more.
+    """
+    axis = axis % x.ndim
+    channels = x.shape[axis]
+    lead = int(np.prod(x.shape[:axis], dtype=np.int64))
+    trail = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    if trail == 1:
+        yield x.reshape(lead, channels)
+        return
+    blocks = x.reshape(lead, channels, trail)
+    group = max(1, CHUNK_BYTES // (8 * channels * trail))
+    for start in range(0, lead, group):
+        part = blocks[start:start + group]
+        buf = np.empty((channels, part.shape[0], trail), dtype=np.float64)
+        buf[...] = part.transpose(1, 0, 2)
+        yield buf.reshape(channels, -1).T
+
+
+def pooled(x: np.ndarray, *, pool: str = "max") -> np.ndarray:
+    """Per-sample pooling of [N, C, ...] over every axis after C -> (N, C)."""
+    if x.ndim == 2:
+        return x
+    axes = tuple(range(2, x.ndim))
+    if pool == "max":
+        return x.max(axis=axes)
+    if pool == "mean":
+        return x.mean(axis=axes, dtype=np.float64)
+    raise ValueError(f"pool={pool!r} must be 'max' or 'mean'")
+
+
+def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=()) -> np.ndarray:
+    """im2col of a Conv input: [N, C, *spatial] -> (N * prod(out_spatial), C * prod(kernel)).
+
+    Rows run over samples then output positions in C order (so ``patches @ W.reshape(M, -1).T``
+    reshaped to (N, *out_spatial, M) and moved to channel-first is the Conv output); columns
+    follow ``W.reshape(M, C * kh * kw)``: channel-major, then kernel taps. ``pads`` are in
+    ONNX order (all begins, then all ends); group 1 only. Built with a sliding-window view,
+    then one copy: no Python loop over positions.
+    """
+    kernel = tuple(int(k) for k in kernel)
+    nd = len(kernel)
+    if x.ndim != 2 + nd:
+        raise ValueError(f"x has shape {x.shape}; a {nd}-d kernel needs rank {2 + nd}")
+    strides = tuple(int(s) for s in strides) or (1,) * nd
+    dilations = tuple(int(d) for d in dilations) or (1,) * nd
+    pads = tuple(int(p) for p in pads) or (0,) * (2 * nd)
+    if len(strides) != nd or len(dilations) != nd or len(pads) != 2 * nd:
+        raise ValueError(f"strides {strides}, dilations {dilations}, pads {pads} do not fit kernel {kernel}")
+    if any(pads):
+        x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+    extent = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilations))
+    if any(e > s for e, s in zip(extent, x.shape[2:])):
+        raise ValueError(f"kernel {kernel} (dilated {extent}) is larger than the padded input {x.shape[2:]}")
+    window = np.lib.stride_tricks.sliding_window_view(x, extent, axis=tuple(range(2, 2 + nd)))
+    # window: (N, C, *positions, *extent) -> take every stride-th position and dilation-th tap
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
+        + tuple(slice(None, None, d) for d in dilations)
+    window = window[index]
+    n, c = window.shape[:2]
+    out_spatial = window.shape[2:2 + nd]
+    # (N, *out_spatial, C, *kernel)
+    order = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+    return window.transpose(order).reshape(n * int(np.prod(out_spatial)), c * int(np.prod(kernel)))
+
+
+# --------------------------------------------------------------------------------------
+# Statistics
+
+
+class Statistics:
+    """Moments per (sample set, request key, fold), with a JSON-able header.
+
+    header: {"model_hash", "sets": {name: samples.describe()}, "folds", "seed",
+    "requests": [request dicts], "samples": {set: [samples per fold]}, "onnxprune_version"}.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, header: dict, moments: dict[tuple[str, str, int], Moments] | None = None):
+        self.header = header
+        self._moments: dict[tuple[str, str, int], Moments] = dict(moments or {})
+
+    @property
+    def folds(self) -> int:
+        return int(self.header.get("folds", 1))
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.header.get("model_hash")
+
+    def entries(self) -> list[tuple[str, str, int]]:
+        """(set, request key, fold) of every Moments held."""
+        return sorted(self._moments)
+
+    def sets(self) -> list[str]:
+        return sorted({s for s, _, _ in self._moments})
+
+    def has(self, request: StatRequest | str, set: str = "target") -> bool:
+        key = request if isinstance(request, str) else request.key
+        return any(s == set and k == key for s, k, _ in self._moments)
+
+    def moments(self, request: StatRequest | str, set: str = "target", fold: int | None = None) -> Moments:
+        """The Moments of ``request`` on sample set ``set``; ``fold=None`` merges every fold."""
+        key = request if isinstance(request, str) else request.key
+        parts = sorted((f, m) for (s, k, f), m in self._moments.items() if s == set and k == key)
+        if not parts:
+            sets = self.sets()
+            if set not in sets:
+                raise CalibrationError(set, f"no statistics for sample set {set!r} (have: {', '.join(sets) or 'none'})",
+                                       "gather them with the corresponding data")
+            raise CalibrationError(key, f"no {set} statistics for this request",
+                                   "gather statistics with the recipe that needs them")
+        if fold is None:
+            return sum(m for _, m in parts)
+        for f, m in parts:
+            if f == fold:
+                return m
+        raise CalibrationError(key, f"no fold {fold} in {set} statistics (folds: {self.folds})",
+                               "calibrate with more folds")
+
+    def merge(self, other: Statistics) -> Statistics:
+        """Combine with statistics of the same model: other sample sets, or other shards of a set."""
+        if self.model_hash != other.model_hash:
+            raise CalibrationError("statistics", f"cannot merge statistics of model {self.model_hash} "
+                                   f"with those of model {other.model_hash}")
+        if self.folds != other.folds:
+            raise CalibrationError("statistics", f"cannot merge {self.folds}-fold with {other.folds}-fold statistics",
+                                   "calibrate both with the same --folds")
+        mine, theirs = set(self.sets()), set(other.sets())
+        for name in mine & theirs:
+            a = {k for s, k, _ in self._moments if s == name}
+            b = {k for s, k, _ in other._moments if s == name}
+            if a != b:
+                raise CalibrationError(name, "shards of one sample set must hold the same requests "
+                                       f"({len(a ^ b)} differ)")
+        moments = {key: m.copy() for key, m in self._moments.items()}
+        for key, m in other._moments.items():
+            moments[key] = moments[key] + m if key in moments else m.copy()
+        header = json.loads(json.dumps(self.header))
+        sets = header.setdefault("sets", {})
+        samples = header.setdefault("samples", {})
+        for name, describe in other.header.get("sets", {}).items():
+            if name in sets:
+                sets[name] = _merged_description(sets[name], describe)
+            else:
+                sets[name] = describe
+        for name, counts in other.header.get("samples", {}).items():
+            if name in samples:
+                samples[name] = [a + b for a, b in zip(samples[name], counts)]
+            else:
+                samples[name] = list(counts)
+        requests = {r["key"]: r for r in header.get("requests", [])}
+        for r in other.header.get("requests", []):
+            requests.setdefault(r["key"], r)
+        header["requests"] = list(requests.values())
+        return Statistics(header, moments)
+
+    __add__ = merge
+
+    # -- files -------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one .npz atomically (temporary file, then rename); no pickled objects."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        index = []
+        for i, (key, m) in enumerate(sorted(self._moments.items())):
+            set_name, request_key, fold = key
+            index.append({"set": set_name, "request": request_key, "fold": fold, "prefix": f"m{i}"})
+            arrays.update(m.to_arrays(f"m{i}"))
+        header = dict(self.header, format=self.FORMAT, index=index)
+        arrays["header"] = np.array(json.dumps(header, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model=None) -> Statistics:
+        """Read statistics saved by ``save``; with ``model`` (a ModelProto or its hash), check
+        that they were computed for it."""
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(str(path), "no such statistics file", "create it with `onnxprune calibrate`")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+            header = json.loads(str(arrays.pop("header")))
+            index = header.pop("index")
+        except (OSError, ValueError, KeyError) as exc:
+            raise CalibrationError(str(path), f"not a statistics file ({type(exc).__name__}: {exc})",
+                                   "create it with `onnxprune calibrate`") from None
+        if model is not None:
+            if isinstance(model, str):
+                expected = model
+            else:
+                from onnxprune.model import model_hash
+                expected = model_hash(model)
+            if header.get("model_hash") != expected:
+                raise CalibrationError(path.name, f"computed for model {header.get('model_hash')}, "
+                                       f"not this model {expected}",
+                                       "recompute them with `onnxprune calibrate` on this model")
+        header.pop("format", None)
+        moments = {(e["set"], e["request"], int(e["fold"])): Moments.from_arrays(arrays, e["prefix"])
+                   for e in index}
+        return cls(header, moments)
+
+    def __repr__(self) -> str:
+        return (f"Statistics(model={self.model_hash}, sets={self.sets()}, "
+                f"requests={len(self.header.get('requests', []))}, folds={self.folds})")
+
+
+def _merged_description(a: dict, b: dict) -> dict:
+    shards = (a.get("shards") or [a]) + (b.get("shards") or [b])
+    out = {"shards": shards}
+    counts = [s.get("count") for s in shards]
+    if all(isinstance(c, int) for c in counts):
+        out["count"] = sum(counts)
+    return out

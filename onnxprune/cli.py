@@ -1,0 +1,357 @@
+"""Command line: parsing and printing only. Results on stdout, logs on stderr.
+
+Exit codes: 0 success; 1 user error (one line naming the problem); 2 usage;
+3 the compressed model failed the requested accuracy check.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from onnxprune import __version__
+from onnxprune.errors import OnnxPruneError
+
+log = logging.getLogger("onnxprune")
+
+# --method presets: the recipe each one stands for.
+METHODS = {
+    "svd": [("low-rank-split", {"method": "svd"})],
+    "svd-bc": [("low-rank-split", {"method": "svd"}), ("bias-compensate", {})],
+    "dalr": [("low-rank-split", {"method": "dalr"})],
+    "dalr-bc": [("low-rank-split", {"method": "dalr"}), ("bias-compensate", {})],
+}
+PRUNING_CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _size(text: str | None):
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 224 or 224x224") from None
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def preprocess_options(func):
+    """Options that turn image data into model input (ignored for float arrays)."""
+    options = [
+        click.option("--resize", help="Resize images: N (shorter side) or HxW; default: the model's input size."),
+        click.option("--center-crop", help="Center-crop images to N or HxW after resizing."),
+        click.option("--grayscale/--color", default=None, help="Convert to gray (default: when the model has 1 channel)."),
+        click.option("--scale", type=float, default=None, help="Multiply pixel values by this (default 1/255)."),
+        click.option("--mean", help="Per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406."),
+        click.option("--std", help="Per-channel std to divide by, e.g. 0.229,0.224,0.225."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None, help="Model input layout."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def preprocess_dict(kwargs) -> dict:
+    out = {}
+    for key in ("resize", "center_crop"):
+        value = _size(kwargs.pop(key, None))
+        if value is not None:
+            out[key] = value
+    for key in ("mean", "std"):
+        value = _floats(kwargs.pop(key, None))
+        if value is not None:
+            out[key] = value
+    for key in ("grayscale", "scale", "layout"):
+        value = kwargs.pop(key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def common_options(func):
+    """-v/-q, --device, --batch-size."""
+    func = click.option("-v", "--verbose", count=True, help="More logging (repeatable).")(func)
+    func = click.option("-q", "--quiet", count=True, help="Less output; no progress bar.")(func)
+    func = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                        help="onnxruntime execution provider.")(func)
+    func = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)(func)
+    return func
+
+
+def user_errors(func):
+    """Turn OnnxPruneError into a one-line message and its exit code; bugs keep their traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        verbose, quiet = kwargs.get("verbose", 0), kwargs.get("quiet", 0)
+        level = logging.WARNING - 10 * verbose + 10 * quiet
+        logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+        try:
+            return func(*args, **kwargs)
+        except OnnxPruneError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnxprune")
+def main():
+    """Compress ONNX models for a target domain without retraining."""
+
+
+def build_recipe(kw: dict, preprocess: dict):
+    from onnxprune.pipeline import Recipe
+
+    if kw.get("recipe"):
+        recipe = Recipe.load(kw["recipe"])
+        if preprocess:
+            recipe = _replace(recipe, preprocess={**recipe.preprocess, **preprocess})
+        return recipe
+    method = kw["method"]
+    budget = {k: kw[k] for k in ("keep", "rank", "fraction", "energy") if kw.get(k) is not None}
+    layers = tuple(v for v in (kw.get("layers") or "").split(",") if v)
+    if method in METHODS:
+        passes = [(name, dict(opts)) for name, opts in METHODS[method]]
+        lr = passes[0][1]
+        lr.update(budget)
+        if layers:
+            lr["layers"] = layers
+        if kw.get("ridge") is not None:
+            lr["ridge"] = kw["ridge"] if kw["ridge"] == "auto" else float(kw["ridge"])
+    else:
+        passes = _pruning_passes(method, budget, layers, kw)
+    return Recipe(passes=tuple(passes), mode=kw.get("mode") or "one-shot", seed=kw["seed"],
+                  calib_size=kw.get("calib_size"), split=kw["split"], batch_size=kw["batch_size"],
+                  preprocess=preprocess)
+
+
+def _pruning_passes(method, budget, layers, kw):
+    from onnxprune.errors import RecipeError
+
+    if "select-nodes" not in __import__("onnxprune.passes", fromlist=["REGISTRY"]).REGISTRY:
+        raise RecipeError(f"--method {method}", "structured pruning is not available in this build")
+    select = {"criterion": method}
+    if "rank" in budget:
+        raise RecipeError("--rank", f"does not apply to --method {method}", "use --keep, --alpha or --tau")
+    for key in ("keep", "fraction"):
+        if key in budget:
+            select[key] = budget[key]
+    for key in ("alpha", "tau", "flops", "lam"):
+        if kw.get(key) is not None:
+            select[key] = kw[key]
+    if layers:
+        select["groups"] = layers
+    passes = [("select-nodes", select), ("reconstruct-next-layer", {"reconstruct": not kw.get("no_reconstruct")})]
+    if kw.get("then_low_rank") is not None:
+        passes.append(("low-rank-split", {"method": "dalr", "keep": kw["then_low_rank"], "ops": ("Gemm", "MatMul")}))
+    return passes
+
+
+def _replace(recipe, **changes):
+    import dataclasses
+    return dataclasses.replace(recipe, **changes)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
+@click.option("--source-data", help="Samples from the training domain (MoMaSP regulariser).")
+@click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to calibrate).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Compressed model path.")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe file (JSON or TOML); overrides method flags.")
+@click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc",
+              show_default=True, help="Low-rank (svd, svd-bc, dalr, dalr-bc) or channel pruning criterion.")
+@click.option("--keep", type=float, help="Keep this fraction of the compressible parameters (global budget).")
+@click.option("--rank", type=int, help="Low rank: the same rank for every layer.")
+@click.option("--fraction", type=float, help="Keep this fraction of each layer's parameters.")
+@click.option("--energy", type=float, help="Low rank: smallest rank retaining this energy per layer.")
+@click.option("--alpha", type=float, help="Pruning: information retention ratio per group (spectral, momasp).")
+@click.option("--tau", type=float, help="Pruning: PFA-En energy threshold.")
+@click.option("--flops", type=float, help="Pruning: keep this fraction of the MACs (global budget).")
+@click.option("--lam", type=float, help="MoMaSP regulariser weight (default 1).")
+@click.option("--ridge", help="DALR ridge relative to trace(S)/n, or 'auto' (default: chosen on held-out data).")
+@click.option("--layers", help="Comma-separated layer (or group) names to touch; default all.")
+@click.option("--mode", type=click.Choice(["one-shot", "sequential"]), help="Pruning: one calibration, or re-gather after each site.")
+@click.option("--no-reconstruct", is_flag=True, help="Pruning: drop channels without compensating the next layer.")
+@click.option("--then-low-rank", type=float, help="After pruning, DALR-split the FC layers keeping this fraction.")
+@click.option("--calib-size", type=click.IntRange(min=1), help="At most this many calibration samples.")
+@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that calibrates.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stats", type=click.Path(dir_okay=False), help="Reuse statistics saved by `onnxprune calibrate`.")
+@click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
+@click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@preprocess_options
+@common_options
+@user_errors
+def compress(model, output, as_json, verbose, quiet, device, **kw):
+    """Compress MODEL for the domain of --target-data and write -o OUTPUT."""
+    from onnxprune import api
+
+    preprocess = preprocess_dict(kw)
+    recipe = build_recipe(kw, preprocess)
+    result = api.compress(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
+                          eval_data=kw["eval_data"], stats=kw["stats"], device=device, progress=quiet == 0,
+                          max_drop=kw["max_drop"], min_agreement=kw["min_agreement"],
+                          measure_latency=not kw["no_latency"])
+    if as_json:
+        click.echo(json.dumps(api.jsonable(result.report), indent=2))
+        return
+    if quiet == 0:
+        for line in layer_table(result.report):
+            click.echo(line)
+        click.echo()
+    for line in verdict_lines(result.report, output):
+        click.echo(line)
+
+
+def layer_table(report: dict) -> list[str]:
+    rows = []
+    for p in report["passes"]:
+        for row in p.get("split", []):
+            rows.append((row["layer"], row["op"], f"rank {row['rank']}", row["params_before"], row["params_after"],
+                         f"{100 * row['energy']:.1f}%", f"{row['error']:.4f}", row.get("chosen", row["method"])))
+        for row in p.get("pruned", []):
+            rows.append((row["group"], "channels", f"{row['kept']}/{row['channels']}", row["params_before"],
+                         row["params_after"], f"{100 * row.get('retention', float('nan')):.1f}%",
+                         f"{row.get('error', float('nan')):.4f}", row.get("criterion", "")))
+        for row in p.get("skipped", []):
+            rows.append((row.get("layer") or row.get("group"), row.get("op", ""), "skipped", "", "", "", "",
+                         row["reason"]))
+    if not rows:
+        return ["no layer was changed"]
+    header = ("layer", "op", "kept", "params", "after", "energy", "rel.err", "method / note")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header) - 1)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)) + "  " + header[-1]]
+    for r in rows:
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + str(r[-1]))
+    return lines
+
+
+def verdict_lines(report: dict, output) -> list[str]:
+    v = report["validation"]
+    lines = []
+    pb, pa = v["params_reference"], v["params_candidate"]
+    mb, ma = v["macs_reference"], v["macs_candidate"]
+    lines.append(f"parameters {pb:,} -> {pa:,} ({100 * pa / max(pb, 1):.1f}%), "
+                 f"MACs {mb:,} -> {ma:,} ({100 * ma / max(mb, 1):.1f}%)")
+    if v.get("accuracy_reference") is not None:
+        lines.append(f"top-1 accuracy {100 * v['accuracy_reference']:.2f}% -> {100 * v['accuracy_candidate']:.2f}% "
+                     f"on {v['samples']} held-out samples")
+    lines.append(f"agreement {100 * v['agreement']:.2f}%, relative error {v['relative_error']:.4f}, "
+                 f"SQNR {v['sqnr_db']:.1f} dB")
+    lat = v.get("latency_ms") or {}
+    if lat.get("reference") and lat.get("candidate"):
+        parts = [f"{k} {lat['reference'][k]:.2f} -> {lat['candidate'][k]:.2f} ms" for k in lat["reference"]]
+        lines.append("latency " + ", ".join(parts))
+    lines.append(f"wrote {output} (+ .report.json, .recipe.json)")
+    return lines
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target-data", required=True)
+@click.option("--source-data")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics file (.npz).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Gather what this recipe needs (default: DALR on all layers).")
+@click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc")
+@click.option("--layers")
+@click.option("--seed", type=int, default=0)
+@preprocess_options
+@common_options
+@user_errors
+def calibrate(model, output, verbose, quiet, device, **kw):
+    """Gather target (and source) statistics for MODEL once and save them for `compress --stats`."""
+    from onnxprune import api
+
+    preprocess = preprocess_dict(kw)
+    kw.update(split=0.5, calib_size=None, mode=None)
+    recipe = build_recipe(kw, preprocess)
+    stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
+                          device=device, progress=quiet == 0)
+    sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
+    click.echo(f"wrote {output} ({len(stats.header.get('requests', []))} tensors; {sets})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@user_errors
+def inspect(model, as_json, verbose, quiet, device, batch_size):
+    """Show MODEL's inputs, ops, parameters and MACs per layer, and what each method can touch."""
+    from onnxprune import api
+
+    info = api.inspect(model)
+    if as_json:
+        click.echo(json.dumps(api.jsonable(info), indent=2))
+        return
+    click.echo(f"{model}: IR {info['ir_version']}, opset {info['opset']}")
+    for i in info["inputs"]:
+        click.echo(f"  input  {i['name']} {i['shape']} {i['dtype']}")
+    for o in info["outputs"]:
+        click.echo(f"  output {o}")
+    click.echo("  ops    " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    click.echo(f"  params {info['params']:,}   MACs {info['macs']:,}   size {info['bytes'] / 1e6:.2f} MB")
+    click.echo("\nlayers (params, MACs per sample):")
+    for layer in info["layers"]:
+        click.echo(f"  {layer['name']:<40} {layer['op']:<10} {layer['params']:>10,} {layer['macs']:>14,}")
+    click.echo("\nlow-rank-split:")
+    for layer in info["low_rank"]:
+        status = "splittable" if layer["splittable"] else f"skipped: {layer['reason']}"
+        click.echo(f"  {layer['layer']:<40} {layer['op']:<7} {layer['shape'][0]}x{layer['shape'][1]:<8} {status}")
+    click.echo("\nchannel groups (select-nodes / reconstruct-next-layer):")
+    for group in info["channel_groups"]:
+        status = "prunable" if not group.get("skip") else f"skipped: {group['skip']}"
+        click.echo(f"  {group['name']:<40} {group['channels']:>5} ch  {status}")
+    n_split = sum(1 for layer in info["low_rank"] if layer["splittable"])
+    n_groups = sum(1 for g in info["channel_groups"] if not g.get("skip"))
+    click.echo(f"\n{n_split} splittable layers, {n_groups} prunable channel groups")
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Evaluation samples (labels enable accuracy).")
+@click.option("--max-drop", type=float, help="Exit 3 if accuracy drops more than this many points.")
+@click.option("--min-agreement", type=float, help="Exit 3 below this top-1 agreement (0-1).")
+@click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--no-latency", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@preprocess_options
+@common_options
+@user_errors
+def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_size, **kw):
+    """Compare CANDIDATE with REFERENCE on --data: accuracy, agreement, error, size, MACs, latency."""
+    from onnxprune import api
+    from onnxprune.validate import check_thresholds
+
+    preprocess = preprocess_dict(kw)
+    report = api.validate(reference, candidate, data, preprocess=preprocess, batch_size=batch_size, device=device,
+                          measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=quiet == 0)
+    if as_json:
+        click.echo(json.dumps(api.jsonable(report.to_dict()), indent=2))
+    else:
+        for line in report.summary_lines():
+            click.echo(line)
+    check_thresholds(report, max_drop=kw["max_drop"], min_agreement=kw["min_agreement"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

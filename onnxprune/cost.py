@@ -1,0 +1,248 @@
+"""Parameters and multiply-accumulates (MACs) per layer.
+
+MACs are counted per sample (batch 1) for the layers that dominate inference cost:
+
+- Conv (grouped and depthwise too): ``out_elems * C_in/group * prod(kernel)``
+- ConvTranspose: ``in_elems * C_out/group * prod(kernel)``
+- Gemm: ``out_elems * K``
+- MatMul (constant or dynamic operands, broadcast batch dims): ``out_elems * K``
+
+Every other node counts 0 MACs; bias additions are not counted. Shapes come from ONNX
+shape inference (with data propagation) on a light copy of the graph whose symbolic input
+dimensions are set to 1; tensors it cannot infer are measured by running onnxruntime once
+on a zero input with those tensors exposed as outputs. Nodes inside subgraphs (If, Loop,
+Scan bodies) are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import ModelError
+from onnxprune.graph import node_names
+from onnxprune.model import input_specs
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+               onnx.TensorProto.BFLOAT16)
+
+# Initializers at most this large stay in the shape-inference copy (data propagation needs
+# the values of shape tensors); larger ones are replaced by typed graph inputs.
+_KEEP_INITIALIZER_ELEMENTS = 4096
+
+Shape = tuple[int, ...]
+
+
+@dataclasses.dataclass
+class LayerCost:
+    """One top-level node: its name, op type, float weights it owns, and MACs per sample."""
+
+    name: str
+    op: str
+    params: int
+    macs: int
+
+
+def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[int]] | None = None
+                ) -> list[LayerCost]:
+    """Parameters and MACs of every top-level node of ``model``, in graph order.
+
+    Layers are named as ``graph.node_names`` names them (the node's own name when unique,
+    else ``f"{op}_{index}"``). ``params`` is the number of elements of the float initializers a node reads; an
+    initializer shared by several nodes is counted at the first of them only, so the
+    column sums to the weights the graph uses. ``macs`` is per sample: symbolic input
+    dimensions are set to 1 (override with ``input_shapes``, e.g. ``{"input": [1, 3, 320,
+    320]}``; give batch 1 there), and a model with a fixed batch B > 1 has its counts
+    divided by B.
+
+    Raises ModelError when a Conv, Gemm or MatMul shape can be found neither by shape
+    inference nor by running the model.
+    """
+    shapes, batch = _infer_shapes(model, input_shapes)
+    needed = {name for node in model.graph.node for name in _shape_inputs(node)}
+    missing = sorted(name for name in needed if shapes.get(name) is None)
+    if missing:
+        shapes.update(_measure_shapes(model, missing, input_shapes))
+
+    weights = {t.name: int(np.prod(t.dims, dtype=np.int64))
+               for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    seen: set[str] = set()
+    costs = []
+    for name, node in zip(node_names(model), model.graph.node):
+        params = 0
+        for tensor in node.input:
+            if tensor in weights and tensor not in seen:
+                seen.add(tensor)
+                params += weights[tensor]
+        macs = _node_macs(node, shapes)
+        if batch > 1:
+            macs = round(macs / batch)
+        costs.append(LayerCost(name, node.op_type, params, macs))
+    return costs
+
+
+def total_macs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:
+    """MACs per sample of the whole model (see ``layer_costs``)."""
+    return sum(cost.macs for cost in layer_costs(model, input_shapes=input_shapes))
+
+
+# --------------------------------------------------------------------------- MAC formulas
+
+def _shape_inputs(node: onnx.NodeProto) -> list[str]:
+    """The tensors whose shapes the MAC formula of ``node`` reads."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) >= 2:
+        first = node.output[0] if node.op_type == "Conv" else node.input[0]
+        return [first, node.input[1]]
+    if node.op_type in ("Gemm", "MatMul") and len(node.input) >= 2:
+        return [node.output[0], node.input[0]]
+    return []
+
+
+def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape | None]) -> int:
+    names = _shape_inputs(node)
+    if not names:
+        return 0
+    first, second = (shapes[name] for name in names)
+    if node.op_type == "Conv":
+        # out [N, M, *spatial], weight [M, C/group, *kernel]
+        out, weight = first, second
+        return _prod(out) * _prod(weight[1:])
+    if node.op_type == "ConvTranspose":
+        # x [N, C, *spatial], weight [C, M/group, *kernel]: each input element meets M/g*k weights
+        x, weight = first, second
+        return _prod(x) * _prod(weight[1:])
+    # Gemm / MatMul: every output element is a dot product of length K
+    out, a = first, second
+    if node.op_type == "Gemm":
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        k = a[0] if trans_a else a[1]
+    else:
+        k = a[-1]
+    return _prod(out) * k
+
+
+def _prod(dims: Sequence[int]) -> int:
+    return int(np.prod(dims, dtype=np.int64)) if len(dims) else 1
+
+
+# --------------------------------------------------------------------------- shapes
+
+def _fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] | None
+                        ) -> tuple[dict[str, Shape], int]:
+    """Concrete shape per real graph input (symbolic dims -> 1) and the model's fixed batch."""
+    overrides = dict(overrides or {})
+    specs = input_specs(model)
+    unknown = set(overrides) - {spec.name for spec in specs}
+    if unknown:
+        raise ModelError(", ".join(sorted(unknown)), "not an input of the model",
+                         f"inputs are {', '.join(spec.name for spec in specs)}")
+    result = {}
+    for spec in specs:
+        if spec.name in overrides:
+            result[spec.name] = tuple(int(d) for d in overrides[spec.name])
+        else:
+            result[spec.name] = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+    fixed = {spec.fixed_batch for spec in specs if spec.name not in overrides} - {None}
+    batch = fixed.pop() if len(fixed) == 1 else 1
+    return result, max(batch, 1)
+
+
+def _infer_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] | None
+                  ) -> tuple[dict[str, Shape | None], int]:
+    """Shapes of every tensor ONNX shape inference can infer (None where a dim is unknown)."""
+    fixed, batch = _fixed_input_shapes(model, overrides)
+    light = _light_copy(model, fixed)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
+        inferred = light  # best effort: the onnxruntime fallback measures what is missing
+    shapes: dict[str, Shape | None] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        shapes[value.name] = _value_shape(value)
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
+    return shapes, batch
+
+
+def _light_copy(model: onnx.ModelProto, fixed: Mapping[str, Shape]) -> onnx.ModelProto:
+    """A copy without large weights (they become typed inputs) and with fixed input shapes,
+    cheap to build and never near the 2 GB protobuf limit."""
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.name = graph.name
+    light.graph.node.extend(graph.node)
+    inputs = {value.name for value in graph.input}
+    for value in graph.input:
+        copy = light.graph.input.add()
+        copy.CopyFrom(value)
+        if value.name in fixed:
+            _set_shape(copy, fixed[value.name])
+    for tensor in graph.initializer:
+        size = int(np.prod(tensor.dims, dtype=np.int64))
+        if size <= _KEEP_INITIALIZER_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            light.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    for value in graph.output:
+        # keep the element type only: stale symbolic output shapes must not fight inference
+        if value.type.HasField("tensor_type"):
+            value = onnx.helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, None)
+        light.graph.output.append(value)
+    return light
+
+
+def _set_shape(value: onnx.ValueInfoProto, shape: Shape) -> None:
+    dims = value.type.tensor_type.shape.dim
+    del dims[:]
+    for d in shape:
+        dims.add().dim_value = d
+
+
+def _value_shape(value: onnx.ValueInfoProto) -> Shape | None:
+    ttype = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not ttype.HasField("shape"):
+        return None
+    dims = []
+    for d in ttype.shape.dim:
+        if not d.HasField("dim_value"):
+            return None
+        dims.append(int(d.dim_value))
+    return tuple(dims)
+
+
+def _measure_shapes(model: onnx.ModelProto, names: Sequence[str],
+                    overrides: Mapping[str, Sequence[int]] | None) -> dict[str, Shape]:
+    """Run onnxruntime once on zeros with ``names`` exposed as outputs; their shapes."""
+    import onnxruntime as ort
+
+    from onnxprune.model import clone
+    from onnxprune.runtime import make_session
+
+    fixed, _ = _fixed_input_shapes(model, overrides)
+    probe = clone(model)
+    outputs = {value.name for value in probe.graph.output}
+    for value in probe.graph.input:
+        if value.name in fixed:
+            _set_shape(value, fixed[value.name])
+    for name in names:
+        if name not in outputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = make_session(probe)
+    feeds = {spec.name: np.zeros(fixed[spec.name], dtype=spec.dtype) for spec in input_specs(model)}
+    try:
+        values = session.run(list(names), feeds)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(model.graph.name or "model", f"cannot measure layer shapes: {first}",
+                         "pass input_shapes with concrete input dimensions") from None
+    return {name: tuple(int(d) for d in value.shape) for name, value in zip(names, values)}

@@ -1,0 +1,1043 @@
+"""Finding compressible sites: linear layers to split and coupled channel groups to prune.
+
+Analysis only: nothing here rewrites a graph. Two questions are answered:
+
+``find_linear_layers``
+    Every Conv / Gemm / MatMul as ``y = W x (+ b)`` with W an initializer, its shape
+    (m out, n in; a Conv is linear on its im2col patches, n = C kh kw) and, when it
+    cannot be split, why.
+
+``find_channel_groups``
+    Sets of channels that must be pruned together (spectral pruning, METHODS.md)::
+
+        producer(s) --(per-channel path)--> site --(Flatten?)--> consumer(s)
+        Conv/Gemm/MatMul    Relu, Clip, BN,        phi: the      Conv/Gemm/MatMul
+        rows (and bias)     pools, depthwise Conv  statistics    columns (W A)
+
+    Channels are tracked as a connected component of tensors: a per-channel op joins
+    its input and output, an elementwise op of two activations (a residual Add) joins
+    all its operands, a producer starts the component and a linear consumer ends it.
+    Anything else that reads or writes those channels (Concat, Slice, Pad, a graph
+    output, an unknown op) leaves the group alone, with the reason in ``skip``.
+
+Shapes come from ONNX shape inference on a light copy of the model (large weights
+become typed inputs, a symbolic batch dimension becomes 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
+
+# Initializers at most this large stay in the shape-inference copy (data propagation needs
+# the values of shape tensors); larger ones become typed graph inputs.
+_KEEP_INITIALIZER_ELEMENTS = 4096
+
+# The channel axis of every activation a group tracks ([N, C, ...] and [N, C]).
+CHANNEL_AXIS = 1
+
+# Elementwise ops of one activation: channel c of the output depends on channel c only.
+_UNARY = frozenset({
+    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Abs", "Neg", "Exp", "Log",
+    "Sqrt", "Reciprocal", "Erf", "Identity", "Dropout", "Clip",
+})
+# Ops that act on each channel's spatial plane separately.
+_POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+# Elementwise ops of two or more operands (with a constant: per-channel; else coupling).
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu"})
+# Ops that pass values through unchanged at inference (a site may be read through them).
+_PASS_THROUGH = frozenset({"Identity", "Dropout", "Flatten", "Reshape"})
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclasses.dataclass
+class LinearLayer:
+    """One ``y = W x + b`` layer that a low-rank split could replace."""
+
+    name: str                 # node name (unnamed nodes: f"{op}_{index}")
+    op: str                   # "Gemm" | "MatMul" | "Conv"
+    node_index: int
+    input: str                # the activation entering the layer
+    output: str               # the layer's final output (MatMul + Add: the Add's output)
+    weight: str               # initializer name
+    bias: str | None          # Gemm C, Conv B, or the constant of the Add after a MatMul
+    bias_node: str | None     # the Add node holding a MatMul's bias
+    out_features: int         # m of y = W x (Conv: M)
+    in_features: int          # n of y = W x (Conv: C kh kw)
+    attrs: dict               # Gemm: transA, transB, alpha, beta; Conv: kernel_shape, strides, ...
+    skip: str | None = None   # why it cannot be split (None: splittable)
+
+
+@dataclasses.dataclass
+class Producer:
+    """A layer whose output channels are the group's: weight rows along ``axis``, bias entries."""
+
+    node: str
+    weight: str
+    axis: int                 # output-channel axis of the weight
+    bias: str | None          # sliced along its last axis
+
+
+@dataclasses.dataclass
+class PerChannel:
+    """A node on the path that keeps channels apart; ``params`` are sliced along their axis."""
+
+    node: str
+    params: list[tuple[str, int]]
+
+
+@dataclasses.dataclass
+class Consumer:
+    """A layer reading the group's channels: weight columns along ``axis``.
+
+    ``spatial`` is H*W when the layer is reached through a Flatten of [C, H, W] (channel c
+    owns columns c*spatial .. (c+1)*spatial - 1), else 1.
+    """
+
+    node: str
+    weight: str
+    axis: int
+    spatial: int = 1
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels that are pruned together; ``skip`` says why a group is left alone."""
+
+    name: str
+    channels: int
+    site: str                 # the consumers' input before any Flatten: [N, C, H, W] or [N, C]
+    producers: list[Producer]
+    path: list[PerChannel]
+    consumers: list[Consumer]
+    reshapes: list[str]       # Reshape nodes whose constant target shape changes with C
+    skip: str | None = None
+
+    @property
+    def prunable(self) -> bool:
+        return self.skip is None
+
+
+# --------------------------------------------------------------------------- graph index
+
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """A stable, unique name per top-level node: its own, else ``f"{op}_{index}"``."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        if node.name:
+            counts[node.name] += 1
+    return [node.name if node.name and counts[node.name] == 1 else f"{node.op_type}_{index}"
+            for index, node in enumerate(model.graph.node)]
+
+
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read inside the subgraphs of ``node`` (If/Loop/Scan bodies)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for sub in graphs:
+            for inner in sub.node:
+                names.update(name for name in inner.input if name)
+                names |= subgraph_inputs(inner)
+    return names
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    """The node's attributes as python values (bytes decoded to str)."""
+    values = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode()
+        values[attr.name] = value
+    return values
+
+
+class GraphIndex:
+    """Lookups over a model's top-level graph: names, producers, uses, constants, shapes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.model = model
+        self.nodes = list(graph.node)
+        self.names = node_names(model)
+        self.index_of = {name: i for i, name in enumerate(self.names)}
+        self.inits = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {v.name for v in graph.input} - set(self.inits)
+        self.graph_outputs = {v.name for v in graph.output}
+        self.producer: dict[str, int] = {}
+        self.uses: dict[str, list[tuple[int, int]]] = defaultdict(list)   # (node, slot); slot -1: subgraph
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.uses[name].append((i, slot))
+            for name in subgraph_inputs(node):
+                self.uses[name].append((i, -1))
+        self._shapes: dict[str, tuple[int | None, ...] | None] | None = None
+
+    # constants --------------------------------------------------------------
+
+    def const(self, name: str) -> onnx.TensorProto | None:
+        return self.inits.get(name) if name else None
+
+    def is_float_const(self, name: str) -> bool:
+        tensor = self.const(name)
+        return tensor is not None and tensor.data_type in FLOAT_TYPES
+
+    def dims(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.inits[name].dims)
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def use_count(self, name: str) -> int:
+        return len(self.uses.get(name, ())) + (name in self.graph_outputs)
+
+    # shapes -----------------------------------------------------------------
+
+    @property
+    def shapes(self) -> dict[str, tuple[int | None, ...] | None]:
+        if self._shapes is None:
+            self._shapes = tensor_shapes(self.model)
+        return self._shapes
+
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def node(self, name: str) -> onnx.NodeProto:
+        return self.nodes[self.index_of[name]]
+
+
+def inferred_value_info(model: onnx.ModelProto, *, fix_batch: bool = True) -> dict[str, onnx.ValueInfoProto]:
+    """Value infos from ONNX shape inference (with data propagation) on a light copy.
+
+    Large weights become typed inputs so the copy is cheap; with ``fix_batch`` a symbolic
+    first dimension of each graph input is set to 1. Best effort: tensors inference
+    cannot type are absent.
+    """
+    light = _light_copy(model, fix_batch=fix_batch)
+    infos = _infer(light)
+    # Data propagation misses some shape arithmetic (e.g. Unsqueeze before opset 13): fold
+    # the target shapes of Reshapes left untyped ourselves and infer once more.
+    pending = [node for node in light.graph.node if node.op_type == "Reshape" and len(node.input) > 1
+               and node.output[0] not in _known(infos)]
+    if pending:
+        values = _fold_shape_values(light, infos)
+        folded = False
+        for node in pending:
+            value = values.get(node.input[1])
+            if value is not None and node.input[1] not in {t.name for t in light.graph.initializer}:
+                name = f"{node.input[1]}/folded"
+                light.graph.initializer.append(numpy_helper.from_array(value.astype(np.int64), name))
+                node.input[1] = name
+                folded = True
+        if folded:
+            infos = _infer(light)
+    return infos
+
+
+def _infer(light: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
+        inferred = light
+    graph = inferred.graph
+    return {v.name: v for v in [*graph.input, *graph.value_info, *graph.output] if v.type.HasField("tensor_type")}
+
+
+def _known(infos: dict[str, onnx.ValueInfoProto]) -> set[str]:
+    return {name for name, value in infos.items() if value.type.tensor_type.HasField("shape")}
+
+
+def _fold_shape_values(light: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto]) -> dict[str, np.ndarray]:
+    """Values of small integer tensors computed from shapes (Shape, Gather, Unsqueeze, Concat, ...)."""
+    values: dict[str, np.ndarray] = {}
+    for tensor in light.graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(tensor.dims) <= 1:
+            values[tensor.name] = numpy_helper.to_array(tensor).astype(np.int64)
+
+    def static_shape(name: str) -> list[int] | None:
+        value = infos.get(name)
+        if value is None or not value.type.tensor_type.HasField("shape"):
+            return None
+        dims = value.type.tensor_type.shape.dim
+        return [int(d.dim_value) for d in dims] if all(d.HasField("dim_value") for d in dims) else None
+
+    for node in light.graph.node:
+        op, attrs = node.op_type, attributes(node)
+        args = [values.get(name) if name else None for name in node.input]
+        result = None
+        if op == "Shape":
+            shape = static_shape(node.input[0])
+            if shape is not None:
+                result = np.array(shape, dtype=np.int64)[slice(attrs.get("start", 0), attrs.get("end"))]
+        elif any(arg is None for arg in args[:1]):
+            continue
+        elif op in ("Identity", "Cast"):
+            result = args[0]
+        elif op == "Gather" and len(args) > 1 and args[1] is not None:
+            result = np.take(args[0], args[1], axis=int(attrs.get("axis", 0)))
+        elif op in ("Unsqueeze", "Squeeze"):
+            axes = attrs.get("axes") if "axes" in attrs else (args[1] if len(args) > 1 else None)
+            if op == "Unsqueeze" and axes is not None:
+                result = args[0].reshape(-1) if args[0].ndim == 0 else None
+            elif op == "Squeeze":
+                result = args[0].reshape(()) if args[0].size == 1 else None
+        elif op == "Concat" and all(arg is not None for arg in args):
+            result = np.concatenate([np.atleast_1d(arg) for arg in args])
+        elif op in ("Add", "Sub", "Mul", "Div") and len(args) == 2 and args[1] is not None:
+            fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}[op]
+            result = fn(args[0], args[1])
+        if result is not None and node.output and result.size <= 64:
+            values[node.output[0]] = np.asarray(result, dtype=np.int64)
+    return values
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    """Shape of every tensor (batch 1 for symbolic batches; None for unknown dims or rank)."""
+    shapes: dict[str, tuple[int | None, ...] | None] = {}
+    for name, value in inferred_value_info(model, fix_batch=True).items():
+        ttype = value.type.tensor_type
+        if not ttype.HasField("shape"):
+            shapes[name] = None
+            continue
+        shapes[name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in ttype.shape.dim)
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
+    return shapes
+
+
+def _light_copy(model: onnx.ModelProto, *, fix_batch: bool) -> onnx.ModelProto:
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.name = graph.name
+    light.graph.node.extend(graph.node)
+    inits = {t.name for t in graph.initializer}
+    listed = set()
+    for value in graph.input:
+        listed.add(value.name)
+        copy = light.graph.input.add()
+        copy.CopyFrom(value)
+        dims = copy.type.tensor_type.shape.dim
+        if fix_batch and value.name not in inits and len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    for tensor in graph.initializer:
+        size = int(np.prod(tensor.dims, dtype=np.int64))
+        if size <= _KEEP_INITIALIZER_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in listed:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    for value in graph.output:
+        # keep the element type only: a stale symbolic output shape must not fight inference
+        if value.type.HasField("tensor_type"):
+            light.graph.output.append(onnx.helper.make_tensor_value_info(
+                value.name, value.type.tensor_type.elem_type, None))
+        else:
+            light.graph.output.append(value)
+    return light
+
+
+# --------------------------------------------------------------------------- linear layers
+
+def find_linear_layers(model: onnx.ModelProto) -> list[LinearLayer]:
+    """Every Conv, Gemm and MatMul of the top-level graph, in graph order, each with the
+    reason it cannot be split (``skip``) or None."""
+    index = GraphIndex(model)
+    layers = []
+    for i, node in enumerate(index.nodes):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        if len(node.input) < 2:
+            continue
+        layers.append(_linear_layer(index, i))
+    return layers
+
+
+def _linear_layer(index: GraphIndex, i: int) -> LinearLayer:
+    node = index.nodes[i]
+    name, op = index.names[i], node.op_type
+    attrs = attributes(node)
+    weight = node.input[1]
+    x = node.input[0]
+    output = node.output[0]
+    bias = bias_node = None
+    skip: str | None = None
+    m = n = 0
+
+    if op == "MatMul" and index.const(x) is not None and index.const(weight) is None:
+        skip = "the weight is the left operand (x W with W on the left is not supported)"
+        weight, x = x, weight
+    if index.const(weight) is None:
+        skip = skip or "weight is not an initializer"
+    elif index.const(weight).data_type not in FLOAT_TYPES:
+        skip = "weight is not floating point"
+
+    dims = index.dims(weight) if index.const(weight) is not None else ()
+    if op == "Gemm":
+        attrs = {"transA": int(attrs.get("transA", 0)), "transB": int(attrs.get("transB", 0)),
+                 "alpha": float(attrs.get("alpha", 1.0)), "beta": float(attrs.get("beta", 1.0))}
+        if len(dims) == 2:
+            m, n = (dims[0], dims[1]) if attrs["transB"] else (dims[1], dims[0])
+        elif dims:
+            skip = skip or f"weight is {len(dims)}-D, not 2-D"
+        if attrs["transA"]:
+            skip = skip or "transA=1 (the input is transposed)"
+        if len(node.input) > 2 and node.input[2]:
+            bias = node.input[2]
+            if index.const(bias) is None:
+                skip = skip or "bias C is not an initializer"
+    elif op == "MatMul":
+        attrs = {}
+        if len(dims) == 2:
+            n, m = dims
+        elif dims:
+            skip = skip or f"weight is {len(dims)}-D, not 2-D"
+        if len(dims) == 2 and not skip:
+            add = _matmul_bias(index, i, m)
+            if add is not None:
+                bias_node, bias = index.names[add[0]], add[1]
+                output = index.nodes[add[0]].output[0]
+    else:  # Conv
+        kernel = list(dims[2:]) if len(dims) >= 3 else list(attrs.get("kernel_shape", []))
+        spatial = len(kernel)
+        attrs = {
+            "kernel_shape": list(attrs.get("kernel_shape", kernel)),
+            "strides": list(attrs.get("strides", [1] * spatial)),
+            "pads": list(attrs.get("pads", [0] * 2 * spatial)),
+            "dilations": list(attrs.get("dilations", [1] * spatial)),
+            "group": int(attrs.get("group", 1)),
+            "auto_pad": attrs.get("auto_pad", "NOTSET"),
+        }
+        if dims:
+            m, n = dims[0], int(np.prod(dims[1:], dtype=np.int64))
+            if len(dims) != 4:
+                skip = skip or f"only 2-D Conv is split (weight is {len(dims)}-D)"
+        if attrs["group"] != 1:
+            skip = skip or f"grouped/depthwise Conv (group={attrs['group']})"
+        if len(node.input) > 2 and node.input[2]:
+            bias = node.input[2]
+            if index.const(bias) is None:
+                skip = skip or "bias B is not an initializer"
+
+    if index.const(weight) is not None and index.use_count(weight) > 1:
+        others = sorted({index.names[j] for j, _ in index.uses.get(weight, ()) if j != i})
+        skip = skip or f"weight {weight} is shared with {', '.join(others) or 'a graph output'}"
+    return LinearLayer(name=name, op=op, node_index=i, input=x, output=output, weight=weight, bias=bias,
+                       bias_node=bias_node, out_features=int(m), in_features=int(n), attrs=attrs, skip=skip)
+
+
+def _matmul_bias(index: GraphIndex, i: int, m: int) -> tuple[int, str] | None:
+    """(Add node index, constant) when MatMul ``i``'s only reader adds a constant bias of m entries."""
+    out = index.nodes[i].output[0]
+    uses = index.uses.get(out, [])
+    if out in index.graph_outputs or len(uses) != 1:
+        return None
+    j, slot = uses[0]
+    add = index.nodes[j]
+    if add.op_type != "Add" or slot < 0 or len(add.input) != 2:
+        return None
+    other = add.input[1 - slot]
+    if not index.is_float_const(other):
+        return None
+    dims = index.dims(other)
+    if len(dims) not in (1, 2) or dims[-1] != m or int(np.prod(dims)) != m:
+        return None
+    return j, other
+
+
+# --------------------------------------------------------------------------- channel groups
+
+def find_channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
+    """Every group of coupled channels that starts at a Conv / Gemm / MatMul with constant
+    weights, in graph order of their first producer; ``skip`` says why a group is left alone."""
+    index = GraphIndex(model)
+    seen: set[int] = set()
+    groups = []
+    starts = {}
+    for i in range(len(index.nodes)):
+        info = _producer(index, i)
+        if info is not None:
+            starts[i] = info
+    for i in starts:
+        if i in seen:
+            continue
+        group, members = _Component(index, starts).build(i)
+        seen |= members
+        groups.append(group)
+    return groups
+
+
+@dataclasses.dataclass
+class _ProducerInfo:
+    weight: str
+    axis: int
+    bias: str | None
+    output: str               # the tensor carrying the channels (after an absorbed bias Add)
+    channels: int
+    bias_add: int | None      # node index of a MatMul's bias Add
+
+
+def _producer(index: GraphIndex, i: int) -> _ProducerInfo | None:
+    """How node ``i`` produces channels, or None when it is not a prunable producer."""
+    node = index.nodes[i]
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or not node.output[0]:
+        return None
+    weight = node.input[1]
+    if not index.is_float_const(weight) or index.const(node.input[0]) is not None:
+        return None
+    dims = index.dims(weight)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and not index.is_float_const(bias):
+        return None
+    if node.op_type == "Conv":
+        if len(dims) < 3 or int(attributes(node).get("group", 1)) != 1:
+            return None
+        return _ProducerInfo(weight, 0, bias, node.output[0], dims[0], None)
+    if node.op_type == "Gemm":
+        if len(dims) != 2:
+            return None
+        axis = 0 if int(attributes(node).get("transB", 0)) else 1
+        channels = dims[axis]
+        if bias is not None and (not index.dims(bias) or index.dims(bias)[-1] != channels):
+            bias = None     # a broadcast bias is the same for every channel: nothing to slice
+        return _ProducerInfo(weight, axis, bias, node.output[0], channels, None)
+    if node.op_type == "MatMul":
+        if len(dims) != 2 or index.rank(node.output[0]) != 2:
+            return None
+        add = _matmul_bias(index, i, dims[1])
+        if add is None:
+            return _ProducerInfo(weight, 1, None, node.output[0], dims[1], None)
+        return _ProducerInfo(weight, 1, add[1], index.nodes[add[0]].output[0], dims[1], add[0])
+    return None
+
+
+class _Component:
+    """Walks the tensors that carry one set of channels, from one producer outwards."""
+
+    def __init__(self, index: GraphIndex, starts: dict[int, _ProducerInfo]):
+        self.index = index
+        self.starts = starts
+        self.by_output = {info.output: i for i, info in starts.items()}
+        self.done: set[int] = set()           # path nodes, consumers and ignored readers, handled once
+        self.carriers: dict[int, list[str]] = {}   # elementwise node -> inputs carrying the channels
+        self.mode: dict[str, int] = {}        # tensor -> spatial factor folded into axis 1 (1: not flattened)
+        self.queue: list[str] = []
+        self.producers: dict[int, Producer] = {}
+        self.path: dict[int, PerChannel] = {}
+        self.consumers: dict[int, Consumer] = {}
+        self.reshapes: dict[int, str] = {}
+        self.couplings: list[int] = []
+        self.reasons: list[str] = []
+
+    # bookkeeping ------------------------------------------------------------
+
+    def name(self, i: int) -> str:
+        return self.index.names[i]
+
+    def label(self, i: int) -> str:
+        return f"{self.index.nodes[i].op_type} {self.name(i)}"
+
+    def skip(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+    def add(self, tensor: str, spatial: int = 1) -> None:
+        if tensor in self.mode:
+            if self.mode[tensor] != spatial:
+                self.skip(f"{tensor} is reached both flattened and not")
+            return
+        self.mode[tensor] = spatial
+        self.queue.append(tensor)
+
+    # walk -------------------------------------------------------------------
+
+    def build(self, start: int) -> tuple[ChannelGroup, set[int]]:
+        info = self.starts[start]
+        self.channels = info.channels
+        self.add_producer(start)
+        while self.queue:
+            tensor = self.queue.pop(0)
+            self.backward(tensor)
+            self.forward(tensor)
+        return self.result(start), set(self.producers)
+
+    def add_producer(self, i: int) -> None:
+        info = self.starts[i]
+        if info.channels != self.channels:
+            self.skip(f"{self.label(i)} has {info.channels} channels, the group {self.channels}")
+        self.producers[i] = Producer(self.name(i), info.weight, info.axis, info.bias)
+        self.add(info.output)
+
+    def backward(self, tensor: str) -> None:
+        """Where do the channels of ``tensor`` come from?"""
+        index = self.index
+        if tensor in index.graph_inputs:
+            self.skip(f"reaches the graph input {tensor}")
+            return
+        i = index.producer.get(tensor)
+        if i is None or i in self.done:
+            return
+        if tensor in self.by_output:
+            if self.by_output[tensor] not in self.producers:
+                if self.mode[tensor] != 1:
+                    self.skip(f"{self.label(i)} feeds the flattened {tensor} from outside the group")
+                self.add_producer(self.by_output[tensor])
+            return
+        if self.mode[tensor] != 1:
+            self.skip(f"{self.label(i)} feeds the flattened {tensor} from outside the group")
+            return
+        node = index.nodes[i]
+        if node.op_type in ("Flatten", "Reshape"):
+            self.skip(f"{self.label(i)} feeds {tensor} from upstream")
+            return
+        slots = [s for s, name in enumerate(node.input) if name and index.const(name) is None]
+        # prefer an input known to carry C channels over one broadcast along them
+        slots.sort(key=lambda s: {self.channels: 0, None: 1}.get(self.channel_size(node.input[s], tensor), 2))
+        if not slots or node.output[0] != tensor:
+            self.skip(f"channels of {tensor} come from {self.label(i)}, not a prunable producer "
+                      "(Conv with group 1, Gemm or MatMul with a constant weight)")
+            return
+        # classify the node as if reached from its first activation input
+        if not self.through(i, slots[0], node.input[slots[0]], reached_backward=True):
+            self.skip(f"channels of {tensor} come from {self.label(i)}, not a prunable producer "
+                      "(Conv with group 1, Gemm or MatMul with a constant weight)")
+
+    def channel_size(self, name: str, reference: str) -> int | None:
+        """Size of ``name`` along the channel axis of ``reference`` (numpy broadcasting), if known."""
+        shape, rank = self.index.shape(name), self.index.rank(reference)
+        if shape is None or rank is None:
+            return None
+        axis = CHANNEL_AXIS - (rank - len(shape))
+        return shape[axis] if axis >= 0 else 1
+
+    def forward(self, tensor: str) -> None:
+        """Who reads the channels of ``tensor``?"""
+        index = self.index
+        if tensor in index.graph_outputs:
+            self.skip(f"{tensor} is a graph output")
+        for i, slot in index.uses.get(tensor, ()):
+            if slot < 0:
+                self.skip(f"{tensor} is read inside a subgraph of {self.label(i)}")
+                continue
+            if i in self.done:
+                continue
+            self.through(i, slot, tensor)
+
+    def through(self, i: int, slot: int, tensor: str, *, reached_backward: bool = False) -> bool:
+        """Handle node ``i`` reading ``tensor`` at input ``slot``. Returns False for an op
+        that neither carries nor consumes channels (the caller records why)."""
+        index = self.index
+        node = index.nodes[i]
+        op = node.op_type
+        spatial = self.mode.get(tensor, 1)
+        if node.domain not in ("", "ai.onnx"):
+            self.skip(f"{self.label(i)} (domain {node.domain}) reads {tensor}")
+            return False
+        if spatial > 1:
+            return self.through_flat(i, slot, tensor, spatial)
+
+        # linear consumers (and grouped convs) ---------------------------------
+        if op in ("Conv", "Gemm", "MatMul") and not reached_backward:
+            if op == "Conv" and slot == 0 and self.depthwise(i):
+                self.per_channel(i, self.depthwise_params(i))
+                return True
+            self.consumer(i, slot, tensor, spatial)
+            return True
+        if op == "Conv" and reached_backward and slot == 0 and self.depthwise(i):
+            self.per_channel(i, self.depthwise_params(i))
+            return True
+
+        # per-channel ops ------------------------------------------------------
+        if op in _UNARY or op in _POOLS or op == "BatchNormalization" or op == "InstanceNormalization":
+            if slot != 0:
+                self.skip(f"{self.label(i)} reads {tensor} as a parameter")
+                return False
+            params = self.unary_params(i, tensor)
+            if params is None:
+                return False
+            self.per_channel(i, params)
+            return True
+        if op in _BINARY:
+            return self.elementwise(i, tensor)
+        if op in ("Flatten", "Reshape") and not reached_backward:
+            return self.flatten(i, slot, tensor)
+        if op == "Shape" and not reached_backward and self.shape_is_benign(i, tensor):
+            self.done.add(i)
+            return True
+        if reached_backward:
+            return False
+        if op == "Concat":
+            self.skip(f"Concat {self.name(i)} joins branches at channel offsets (not supported)")
+        else:
+            self.skip(f"{self.label(i)} reads {tensor} (not a per-channel op, an Add or a linear layer)")
+        return False
+
+    def through_flat(self, i: int, slot: int, tensor: str, spatial: int) -> bool:
+        """After a Flatten ([N, C*spatial]): only pass-through ops and Gemm/MatMul."""
+        node = self.index.nodes[i]
+        if node.op_type in ("Gemm", "MatMul"):
+            self.consumer(i, slot, tensor, spatial)
+            return True
+        if node.op_type in ("Identity", "Dropout") and slot == 0:
+            if self.unary_params(i, tensor) is None:
+                return False
+            self.per_channel(i, [], spatial)
+            return True
+        if node.op_type in ("Flatten", "Reshape"):
+            return self.flatten(i, slot, tensor)
+        self.skip(f"{self.label(i)} reads the flattened {tensor} (only Identity/Dropout may sit "
+                  "between a Flatten and its Gemm/MatMul)")
+        return False
+
+    def per_channel(self, i: int, params: list[tuple[str, int]], spatial: int = 1) -> None:
+        self.done.add(i)
+        node = self.index.nodes[i]
+        self.path[i] = PerChannel(self.name(i), params)
+        for out in node.output[:1]:
+            if out:
+                self.add(out, spatial)
+        for name in node.input:     # an input that shares the channels (walked backward)
+            if name and self.index.const(name) is None and name not in self.mode and self.carries(i, name):
+                self.add(name, spatial)
+        if any(out and self.index.uses.get(out) for out in node.output[1:]):
+            self.skip(f"{self.label(i)} has a second output in use")
+
+    def carries(self, i: int, name: str) -> bool:
+        """Whether input ``name`` of path node ``i`` carries the group's channels."""
+        node = self.index.nodes[i]
+        return name in self.carriers.get(i, node.input[:1])
+
+    # consumers --------------------------------------------------------------
+
+    def consumer(self, i: int, slot: int, tensor: str, spatial: int) -> None:
+        index = self.index
+        node = index.nodes[i]
+        op = node.op_type
+        self.done.add(i)
+        label = self.label(i)
+        if slot != 0:
+            self.skip(f"{label} reads {tensor} as input {slot}, not as its data input")
+            return
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if not index.is_float_const(weight):
+            self.skip(f"{label} reads {tensor} but its weight is not a constant")
+            return
+        dims = index.dims(weight)
+        attrs = attributes(node)
+        if op == "Conv":
+            group = int(attrs.get("group", 1))
+            if group != 1:
+                self.skip(f"grouped Conv {self.name(i)} (group={group}) mixes channels")
+                return
+            axis = 1
+        else:
+            if len(dims) != 2:
+                self.skip(f"{label} has a {len(dims)}-D weight")
+                return
+            if index.rank(tensor) != 2:
+                self.skip(f"{label} reads {tensor} of rank {index.rank(tensor)}, not [N, C]")
+                return
+            if op == "Gemm":
+                if int(attrs.get("transA", 0)):
+                    self.skip(f"{label} has transA=1")
+                    return
+                axis = 1 if int(attrs.get("transB", 0)) else 0
+            else:
+                axis = 0
+        if dims[axis] != self.channels * spatial:
+            self.skip(f"{label} has {dims[axis]} input columns, expected {self.channels} x {spatial}")
+            return
+        self.consumers[i] = Consumer(self.name(i), weight, axis, spatial)
+
+    # per-channel details ----------------------------------------------------
+
+    def depthwise(self, i: int) -> bool:
+        """A Conv with group == C_in == C_out and a constant weight (channel c -> channel c)."""
+        node = self.index.nodes[i]
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if not self.index.is_float_const(weight):
+            return False
+        dims = self.index.dims(weight)
+        group = int(attributes(node).get("group", 1))
+        return group == self.channels and len(dims) >= 3 and dims[0] == self.channels and dims[1] == 1 \
+            and group > 1
+
+    def depthwise_params(self, i: int) -> list[tuple[str, int]]:
+        node = self.index.nodes[i]
+        params = [(node.input[1], 0)]
+        if len(node.input) > 2 and node.input[2]:
+            if not self.index.is_float_const(node.input[2]):
+                self.skip(f"{self.label(i)} has a non-constant bias")
+            params.append((node.input[2], 0))
+        return params
+
+    def unary_params(self, i: int, tensor: str) -> list[tuple[str, int]] | None:
+        """Parameters to slice for a one-activation op, or None (reason recorded)."""
+        index = self.index
+        node = index.nodes[i]
+        op = node.op_type
+        label = self.label(i)
+        attrs = attributes(node)
+        extra = [name for name in node.input[1:] if name]
+        if op == "Clip" or op == "Dropout":
+            for name in extra:
+                tensor_ = index.const(name)
+                if tensor_ is None:
+                    self.skip(f"{label} has a non-constant {'bound' if op == 'Clip' else 'input'} {name}")
+                    return None
+                if op == "Clip" and int(np.prod(tensor_.dims)) != 1:
+                    self.skip(f"{label} has a non-scalar bound {name}")
+                    return None
+            if op == "Dropout" and len(node.input) > 2 and node.input[2] and index.array(node.input[2]).any():
+                self.skip(f"{label} runs in training mode")
+                return None
+            return []
+        if op in ("BatchNormalization", "InstanceNormalization"):
+            if int(attrs.get("training_mode", 0)):
+                self.skip(f"{label} runs in training mode")
+                return None
+            params = []
+            for name in extra:
+                if not index.is_float_const(name) or index.dims(name) != (self.channels,):
+                    self.skip(f"{label} parameter {name} is not a constant of {self.channels} entries")
+                    return None
+                params.append((name, 0))
+            return params
+        if op in _POOLS:
+            rank = index.rank(tensor)
+            if rank is not None and rank < 3:
+                self.skip(f"{label} reads {tensor} of rank {rank}")
+                return None
+            return []
+        if extra:
+            self.skip(f"{label} has extra inputs")
+            return None
+        return []
+
+    def elementwise(self, i: int, tensor: str) -> bool:
+        """An elementwise op: with constants it is per-channel; with other activations of C
+        channels it couples them (a residual Add)."""
+        index = self.index
+        node = index.nodes[i]
+        label = self.label(i)
+        if node.op_type == "PRelu" and node.input[0] != tensor:
+            self.skip(f"{label} reads {tensor} as its slope")
+            return False
+        rank = index.rank(tensor)
+        params: list[tuple[str, int]] = []
+        carriers = [tensor]
+        for name in node.input:
+            if not name or name == tensor:
+                continue
+            const = index.const(name)
+            shape = index.dims(name) if const is not None else index.shape(name)
+            if shape is None or rank is None:
+                self.skip(f"{label}: cannot tell how {name} broadcasts (unknown shape)")
+                return False
+            if len(shape) > rank:
+                self.skip(f"{label} broadcasts {tensor} to a higher rank")
+                return False
+            axis = CHANNEL_AXIS - (rank - len(shape))
+            size = shape[axis] if axis >= 0 else 1
+            if size == 1 and (const is not None or self.channels != 1):
+                continue        # the same value for every channel
+            if size is None and const is None:
+                carriers.append(name)   # assume it carries the channels; its source decides
+                continue
+            if size != self.channels:
+                self.skip(f"{label}: {name} has {size} entries on the channel axis, the group {self.channels}")
+                return False
+            if const is not None:
+                if const.data_type not in FLOAT_TYPES:
+                    self.skip(f"{label}: constant {name} is not floating point")
+                    return False
+                params.append((name, axis))
+            else:
+                carriers.append(name)
+        self.carriers[i] = carriers
+        if len(carriers) > 1:
+            self.couplings.append(i)
+        self.per_channel(i, params)
+        return True
+
+    def flatten(self, i: int, slot: int, tensor: str) -> bool:
+        """Flatten/Reshape of [N, C, *spatial] to [N, C*spatial] (channel-major)."""
+        index = self.index
+        node = index.nodes[i]
+        label = self.label(i)
+        if slot != 0:
+            self.skip(f"{label} takes {tensor} as its shape")
+            return False
+        before, after = index.shape(tensor), index.shape(node.output[0])
+        if before is None or after is None or None in before[1:] or None in after[1:]:
+            self.skip(f"{label}: unknown shape around it")
+            return False
+        flat = self.mode.get(tensor, 1)
+        if node.op_type == "Flatten":
+            axis = int(attributes(node).get("axis", 1))
+            if axis < 0:
+                axis += len(before)
+            if axis != 1:
+                self.skip(f"{label} flattens at axis {axis}, not 1")
+                return False
+        if len(after) != 2 or after[1] != math.prod(before[1:]) or before[0] != after[0]:
+            self.skip(f"{label} does not flatten [N, C, ...] to [N, C*...] (channel-major order)")
+            return False
+        if node.op_type == "Reshape":
+            if reshape_entry(self.index, i) is None:
+                self.skip(f"{label}: its target shape is computed at run time")
+                return False
+            self.reshapes[i] = self.name(i)
+        spatial = flat * math.prod(before[2:])
+        self.done.add(i)
+        self.path[i] = PerChannel(self.name(i), [])
+        self.add(node.output[0], spatial)
+        return True
+
+    def shape_is_benign(self, i: int, tensor: str) -> bool:
+        """A Shape whose values are only read away from the channel axis (e.g. the batch size)."""
+        index = self.index
+        node = index.nodes[i]
+        rank = index.rank(tensor)
+        if rank is None:
+            return False
+        attrs = attributes(node)
+        start = int(attrs.get("start", 0))
+        end = int(attrs.get("end", rank))
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        start, end = max(0, min(start, rank)), max(0, min(end, rank))
+        if not start <= CHANNEL_AXIS < end:
+            return True
+        position = CHANNEL_AXIS - start
+        for j, slot in index.uses.get(node.output[0], ()):
+            gather = index.nodes[j]
+            if gather.op_type != "Gather" or slot != 0 or int(attributes(gather).get("axis", 0)) != 0:
+                return False
+            if index.const(gather.input[1]) is None:
+                return False
+            indices = index.array(gather.input[1]).ravel()
+            length = end - start
+            if any(int(k) % length == position for k in indices):
+                return False
+        return node.output[0] not in index.graph_outputs
+
+    # result -----------------------------------------------------------------
+
+    def sites(self) -> list[str]:
+        """Each consumer's input, read back through Flatten/Reshape/Identity/Dropout on the path."""
+        index = self.index
+        sites = []
+        for i in sorted(self.consumers):
+            tensor = index.nodes[i].input[0]
+            while True:
+                j = index.producer.get(tensor)
+                if j is None or j not in self.path or index.nodes[j].op_type not in _PASS_THROUGH:
+                    break
+                tensor = index.nodes[j].input[0]
+            if tensor not in sites:
+                sites.append(tensor)
+        return sites
+
+    def result(self, start: int) -> ChannelGroup:
+        sites = self.sites()
+        reasons = list(self.reasons)
+        if not self.consumers and not reasons:
+            reasons.append("no Conv/Gemm/MatMul reads these channels")
+        if len(sites) > 1:
+            if self.couplings:
+                first = self.label(self.couplings[0])
+                reasons.insert(0, f"{first} couples {len(self.producers)} producers and {len(self.consumers)} "
+                                  f"consumers that read {len(sites)} different tensors (a residual stream)")
+            else:
+                reasons.insert(0, f"consumers read {len(sites)} different tensors ({', '.join(sites[:3])})")
+        skip = None
+        if reasons:
+            skip = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        order = sorted(self.producers)
+        return ChannelGroup(
+            name=self.name(order[0]) if order else self.name(start),
+            channels=int(self.channels),
+            site=sites[0] if sites else self.starts[start].output,
+            producers=[self.producers[i] for i in order],
+            path=[self.path[i] for i in sorted(self.path)],
+            consumers=[self.consumers[i] for i in sorted(self.consumers)],
+            reshapes=[self.reshapes[i] for i in sorted(self.reshapes)],
+            skip=skip,
+        )
+
+
+def reshape_entry(index: GraphIndex, i: int, position: int = CHANNEL_AXIS
+                  ) -> tuple[int, str, int] | None:
+    """Where entry ``position`` of Reshape ``i``'s target shape is stored: (node holding the
+    initializer, initializer name, offset), or None when it is computed at run time.
+
+    The shape is either an initializer or a Concat (axis 0) of pieces, the one holding
+    ``position`` being an initializer (e.g. ``Concat(Shape(x)[0:1], [-1])``).
+    """
+    node = index.nodes[i]
+    shape = node.input[1] if len(node.input) > 1 else ""
+    if index.const(shape) is not None:
+        return (i, shape, position) if index.dims(shape) and index.dims(shape)[0] > position else None
+    j = index.producer.get(shape)
+    if j is None or index.nodes[j].op_type != "Concat":
+        return None
+    concat = index.nodes[j]
+    offset = 0
+    for piece in concat.input:
+        dims = index.dims(piece) if index.const(piece) is not None else index.shape(piece)
+        if dims is None or len(dims) != 1 or dims[0] is None:
+            return None
+        if offset <= position < offset + dims[0]:
+            return (j, piece, position - offset) if index.const(piece) is not None else None
+        offset += dims[0]
+    return None
+
+
+# --------------------------------------------------------------------------- reporting
+
+def describe_groups(groups: Iterable[ChannelGroup]) -> list[dict]:
+    """JSON-able summaries of channel groups (for ``onnxprune inspect``)."""
+    rows = []
+    for group in groups:
+        rows.append({
+            "name": group.name,
+            "channels": group.channels,
+            "prunable": group.skip is None,
+            "skip": group.skip,
+            "site": group.site,
+            "producers": [{"node": p.node, "weight": p.weight, "axis": p.axis, "bias": p.bias}
+                          for p in group.producers],
+            "path": [{"node": p.node, "params": [[name, axis] for name, axis in p.params]} for p in group.path],
+            "consumers": [{"node": c.node, "weight": c.weight, "axis": c.axis, "spatial": c.spatial}
+                          for c in group.consumers],
+            "reshapes": list(group.reshapes),
+        })
+    return rows
+
+
+def describe_linear_layers(layers: Iterable[LinearLayer]) -> list[dict]:
+    """JSON-able summaries of linear layers (for ``onnxprune inspect``)."""
+    return [{"name": layer.name, "op": layer.op, "shape": [layer.out_features, layer.in_features],
+             "splittable": layer.skip is None, "skip": layer.skip, "weight": layer.weight, "bias": layer.bias}
+            for layer in layers]

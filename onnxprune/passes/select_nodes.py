@@ -1,0 +1,292 @@
+"""select-nodes: choose which channels of each prunable channel group to keep.
+
+Before:  producer -> C channels -> per-channel ops -> consumers       (graph unchanged)
+After:   the same; ``ctx.selections[group] = J`` for reconstruct-next-layer to apply
+
+Criteria (METHODS.md):
+    spectral   greedy retention: max Tr(S_FJ S_JJ^-1 S_JF) / Tr(S), S = E[phi phi^T] on the target set
+    momasp-J   spectral + lambda * source/target moment-matching regulariser, Reg J (recomputed per step)
+    momasp-j   the same with Reg j (per channel, computed once); both need --source-data
+    pfa-en     PFA recipe: fewest channels whose pooled-response spectrum holds energy tau
+    pfa-kl     PFA recipe, parameter-free: k = ceil(C (1 - KL(lambda || uniform) / ln C))
+    mean       baseline: channels with the largest mean activation ("pruning (mean)" of DALR)
+    l1         baseline: producer filters with the largest L1 norm
+
+How many: per group (alpha, tau, fraction, or the pfa-kl rule), or one global threshold
+searched so that the touched layers keep ``keep`` of their parameters or ``flops`` of their MACs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx
+
+from onnxprune import cost, linalg
+from onnxprune.calibration.stats import StatRequest
+from onnxprune.graph import ChannelGroup, find_channel_groups
+from onnxprune.model import get_array
+from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
+
+CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectOptions:
+    """Which criterion, and how many channels: alpha | tau | fraction | keep | flops (pfa-kl needs none)."""
+
+    criterion: str = "spectral"
+    alpha: float | None = None        # retention ratio per group (spectral, momasp)
+    tau: float | None = None          # PFA-En energy per group
+    fraction: float | None = None     # keep this fraction of each group's channels
+    keep: float | None = None         # global: touched layers keep this fraction of their parameters
+    flops: float | None = None        # global: touched layers keep this fraction of their MACs
+    lam: float = 1.0                  # MoMaSP regulariser weight
+    ridge: float = 1e-6               # relative ridge for the greedy selection
+    choose: str = "spectral"          # PFA: which channels, "spectral" or "correlation" (PFA's own rule)
+    pool: str = "max"                 # PFA: spatial pooling of responses per sample
+    groups: tuple[str, ...] = ()      # only these groups (names from `onnxprune inspect`); empty = all
+
+    def __post_init__(self):
+        check_choice("select-nodes", "criterion", self.criterion, CRITERIA)
+        check_choice("select-nodes", "choose", self.choose, ("spectral", "correlation"))
+        check_choice("select-nodes", "pool", self.pool, ("max", "mean"))
+        given = [n for n in ("alpha", "tau", "fraction", "keep", "flops") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of alpha, tau, fraction, keep, flops (got {', '.join(given)})")
+        if not given and self.criterion != "pfa-kl":
+            default = {"pfa-en": "tau"}.get(self.criterion, "keep")
+            object.__setattr__(self, default, 0.9 if default == "tau" else 0.5)
+        if self.alpha is not None and self.criterion not in ("spectral", "momasp-J", "momasp-j"):
+            raise ValueError(f"alpha applies to spectral and momasp, not {self.criterion}")
+        if self.tau is not None and self.criterion != "pfa-en":
+            raise ValueError("tau applies to pfa-en only")
+        for name in ("alpha", "tau", "fraction", "keep", "flops"):
+            check_fraction("select-nodes", name, getattr(self, name))
+        if self.lam < 0 or self.ridge < 0:
+            raise ValueError("lam and ridge must be >= 0")
+        object.__setattr__(self, "groups", tuple(self.groups))
+
+    @property
+    def needs_source(self) -> bool:
+        return self.criterion.startswith("momasp")
+
+
+def site_request(group: ChannelGroup) -> StatRequest:
+    return StatRequest(group.site, kind="features", axis=1)
+
+
+def pooled_request(group: ChannelGroup, pool: str) -> StatRequest:
+    return StatRequest(group.site, kind="pooled", axis=1, pool=pool)
+
+
+class Footprint:
+    """Parameters and MACs of the layers a set of groups touches, as channel counts change.
+
+    A node whose output channels belong to group g and input channels to group h scales by
+    (kept_g / C_g) (kept_h / C_h); per-channel ops (depthwise convs) by kept_g / C_g.
+    """
+
+    def __init__(self, model: onnx.ModelProto, groups: list[ChannelGroup]):
+        costs = {c.name: c for c in cost.layer_costs(model)}
+        self.channels = {g.name: g.channels for g in groups}
+        self.nodes: dict[str, dict] = {}
+        for g in groups:
+            for p in g.producers:
+                self._node(p.node, costs)["out"] = g.name
+            for c in g.consumers:
+                self._node(c.node, costs)["in"] = g.name
+            for op in g.path:
+                if op.node in costs and (costs[op.node].params or costs[op.node].macs):
+                    self._node(op.node, costs)["out"] = g.name
+
+    def _node(self, name, costs):
+        if name not in self.nodes:
+            c = costs.get(name)
+            self.nodes[name] = {"params": c.params if c else 0, "macs": c.macs if c else 0}
+        return self.nodes[name]
+
+    def __call__(self, counts: dict[str, int]) -> tuple[float, float]:
+        params = macs = 0.0
+        for node in self.nodes.values():
+            factor = 1.0
+            for side in ("out", "in"):
+                g = node.get(side)
+                if g is not None:
+                    factor *= counts.get(g, self.channels[g]) / self.channels[g]
+            params += node["params"] * factor
+            macs += node["macs"] * factor
+        return params, macs
+
+    def full(self) -> tuple[float, float]:
+        return self(dict(self.channels))
+
+
+@register
+class SelectNodes(Pass):
+    """Choose the kept channels J of each prunable group (graph unchanged).
+
+    spectral: greedy max of the retention ratio Tr(S_FJ S_JJ^-1 S_JF)/Tr(S) with Schur-complement
+    updates; momasp-J/j add the moment-matching regulariser; pfa-en/pfa-kl set how many; mean and
+    l1 are baselines. The selection is applied by reconstruct-next-layer.
+    """
+
+    name = "select-nodes"
+    Options = SelectOptions
+
+    @property
+    def needs_source(self) -> bool:
+        return self.options.needs_source
+
+    def groups(self, model: onnx.ModelProto) -> tuple[list[ChannelGroup], list[dict]]:
+        chosen, skipped = [], []
+        wanted = set(self.options.groups)
+        found = set()
+        for group in find_channel_groups(model):
+            if wanted and group.name not in wanted:
+                continue
+            found.add(group.name)
+            if group.skip:
+                skipped.append({"group": group.name, "reason": group.skip})
+            else:
+                chosen.append(group)
+        for name in sorted(wanted - found):
+            skipped.append({"group": name, "reason": "no such channel group (see `onnxprune inspect`)"})
+        return chosen, skipped
+
+    def _requests(self, groups) -> list[tuple[StatRequest, tuple[str, ...]]]:
+        opts = self.options
+        sets = ("target", "source") if opts.needs_source else ("target",)
+        out = []
+        for g in groups:
+            out.append((site_request(g), sets))
+            if opts.criterion.startswith("pfa"):
+                out.append((pooled_request(g, opts.pool), ("target",)))
+        return out
+
+    def requests(self, model):
+        groups, _ = self.groups(model)
+        return self._requests(groups)
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        opts = self.options
+        groups, skipped = self.groups(model)
+        groups = [g for g in groups if g.name not in ctx.selections]
+        scope = [g for g in groups if ctx.only_group in (None, g.name)]
+        if not scope:
+            return PassResult(changed=False, report={"selected": [], "skipped": skipped})
+        counts = ctx.notes.get("select-nodes/counts")
+        if counts is None:
+            # Counts come from every group at once (a global budget couples them), on this graph.
+            scores = self._scores(model, groups, ctx)
+            counts = self._counts(model, groups, scores)
+            if ctx.only_group is not None:
+                ctx.notes["select-nodes/counts"] = counts
+        else:
+            # Sequential mode: which channels, from statistics of the partly pruned graph.
+            scores = self._scores(model, scope, ctx)
+        groups = scope
+        rows = []
+        for g in groups:
+            k = int(counts[g.name])
+            keep = kept_channels(scores[g.name], k)
+            sigma = scores[g.name]["sigma"]
+            retention = float(linalg.retention_ratio(sigma, keep, ridge=opts.ridge))
+            ctx.selections[g.name] = {"group": g, "keep": keep, "sigma": sigma, "applied": False,
+                                      "criterion": opts.criterion, "retention": retention}
+            rows.append({"group": g.name, "channels": g.channels, "kept": k, "retention": retention,
+                         "criterion": opts.criterion})
+        return PassResult(changed=False, report={"selected": rows, "skipped": skipped})
+
+    def _scores(self, model, groups: list[ChannelGroup], ctx: PassContext) -> dict[str, dict]:
+        by_set: dict[str, list[StatRequest]] = {}
+        for request, sets in self._requests(groups):
+            for s in sets:
+                by_set.setdefault(s, []).append(request)
+        views = {s: ctx.statistics(model, reqs, (s,)) for s, reqs in by_set.items()}
+        return {g.name: self._score(model, g, views) for g in groups}
+
+    def _score(self, model, group: ChannelGroup, views) -> dict:
+        """The greedy order of all channels (best first) and, where defined, retention ratios."""
+        opts = self.options
+        target = views["target"].moments(site_request(group), "target")
+        sigma = target.second_moment
+        c = group.channels
+        out = {"sigma": sigma, "ratios": None}
+        if opts.criterion == "spectral" or (opts.criterion.startswith("pfa") and opts.choose == "spectral"):
+            order, ratios = linalg.spectral_select(sigma, count=c, ridge=opts.ridge)
+            out.update(order=order, ratios=ratios)
+        elif opts.criterion.startswith("momasp"):
+            source = views["source"].moments(site_request(group), "source")
+            order, ratios = linalg.momasp_select(sigma, mean_s=source.mean, mean_t=target.mean,
+                                                 cov_s=source.covariance, cov_t=target.covariance,
+                                                 reg=opts.criterion[-1], lam=opts.lam, count=c, ridge=opts.ridge)
+            out.update(order=order, ratios=ratios)
+        elif opts.criterion == "mean":
+            out["order"] = np.argsort(-np.abs(target.mean), kind="stable")
+        elif opts.criterion == "l1":
+            norms = np.zeros(c)
+            for p in group.producers:
+                w = get_array(model, p.weight).astype(np.float64)
+                w = np.moveaxis(w, p.axis, 0).reshape(c, -1)
+                norms += np.abs(w).sum(axis=1)
+            out["order"] = np.argsort(-norms, kind="stable")
+        if opts.criterion.startswith("pfa"):
+            pooled = views["target"].moments(pooled_request(group, opts.pool), "target")
+            out["spectrum"] = linalg.pfa_spectrum(pooled.covariance)
+            if opts.choose == "correlation":
+                out["pooled_cov"] = pooled.covariance
+        return out
+
+    def _counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
+        opts = self.options
+        if opts.fraction is not None:
+            return {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
+        if opts.alpha is not None:
+            return {g.name: count_for_ratio(scores[g.name]["ratios"], opts.alpha) for g in groups}
+        if opts.criterion == "pfa-kl":
+            return {g.name: linalg.pfa_kl_count(scores[g.name]["spectrum"]) for g in groups}
+        if opts.tau is not None:
+            return {g.name: linalg.pfa_energy_count(scores[g.name]["spectrum"], opts.tau) for g in groups}
+        # Global budget: one threshold for every group, the loosest that fits.
+        footprint = Footprint(model, groups)
+        full_params, full_macs = footprint.full()
+        index, budget = (0, opts.keep * full_params) if opts.keep is not None else (1, opts.flops * full_macs)
+
+        def counts_at(t: float) -> dict[str, int]:
+            out = {}
+            for g in groups:
+                s = scores[g.name]
+                if s.get("ratios") is not None and opts.criterion in ("spectral", "momasp-J", "momasp-j"):
+                    out[g.name] = count_for_ratio(s["ratios"], t)
+                elif opts.criterion.startswith("pfa"):
+                    out[g.name] = linalg.pfa_energy_count(s["spectrum"], t)
+                else:
+                    out[g.name] = max(1, math.ceil(t * g.channels))
+            return out
+
+        lo, hi = 0.0, 1.0
+        best = counts_at(0.0)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            counts = counts_at(mid)
+            if footprint(counts)[index] <= budget:
+                best, lo = counts, mid
+            else:
+                hi = mid
+        return best
+
+
+def kept_channels(score: dict, count: int) -> np.ndarray:
+    """The ``count`` best channels, sorted; PFA's correlation rule when it was asked for."""
+    if "pooled_cov" in score:
+        return np.sort(np.asarray(linalg.pfa_correlation_select(score["pooled_cov"], count), dtype=np.int64))
+    return np.sort(np.asarray(score["order"][:count], dtype=np.int64))
+
+
+def count_for_ratio(ratios: np.ndarray, alpha: float) -> int:
+    """Fewest channels whose retention ratio reaches ``alpha`` (ratios[i] = after i + 1 picks)."""
+    reached = np.nonzero(np.asarray(ratios) >= alpha - 1e-12)[0]
+    return int(reached[0] + 1) if len(reached) else len(ratios)

@@ -1,0 +1,177 @@
+"""Recipe -> ordered passes, checks between passes, and the report of what changed.
+
+A recipe is the one description of a compression job: passes with their options, the
+mode (one-shot or sequential), calibration settings and preprocessing. Command-line
+flags and recipe files (JSON or TOML) build the same object, and the recipe actually
+used is written next to the output so a run can be repeated with ``--recipe``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxprune.calibration.provider import StatsProvider
+from onnxprune.errors import ModelError, RecipeError
+from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
+from onnxprune.passes import REGISTRY, Pass, PassContext, options_to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """passes: ((name, options dict), ...) run in order."""
+
+    passes: tuple[tuple[str, dict], ...]
+    mode: str = "one-shot"           # "one-shot": all sites from one calibration; "sequential": re-gather after each site
+    seed: int = 0
+    calib_size: int | None = None    # at most this many calibration samples
+    split: float = 0.5               # fraction of the target data that calibrates when no --eval-data is given
+    batch_size: int = 32
+    folds: int = 2                   # calibration folds (held-out ridge selection)
+    preprocess: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in ("one-shot", "sequential"):
+            raise RecipeError("recipe", f"mode={self.mode!r} is not one-shot or sequential")
+        if not self.passes:
+            raise RecipeError("recipe", "has no passes")
+        for name, _ in self.passes:
+            if name not in REGISTRY:
+                raise RecipeError("recipe", f"unknown pass {name!r}", f"known passes: {', '.join(sorted(REGISTRY))}")
+        if not 0 < self.split < 1:
+            raise RecipeError("recipe", f"split={self.split} must be in (0, 1)")
+        if self.calib_size is not None and self.calib_size < 1:
+            raise RecipeError("recipe", f"calib_size={self.calib_size} must be >= 1")
+        if self.folds < 1 or self.batch_size < 1:
+            raise RecipeError("recipe", "folds and batch_size must be >= 1")
+
+    def build(self) -> list[Pass]:
+        """Instantiate (and so validate) every pass."""
+        return [REGISTRY[name](**options) for name, options in self.passes]
+
+    def to_dict(self) -> dict[str, Any]:
+        built = self.build()
+        return {
+            "mode": self.mode, "seed": self.seed, "calib_size": self.calib_size, "split": self.split,
+            "batch_size": self.batch_size, "folds": self.folds, "preprocess": dict(self.preprocess),
+            "passes": [{"name": p.name, **options_to_dict(p.options)} for p in built],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> Recipe:
+        data = dict(data)
+        raw = data.pop("passes", None)
+        if not isinstance(raw, list):
+            raise RecipeError(source, "needs a list 'passes' of {name = ..., options...}")
+        passes = []
+        for entry in raw:
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise RecipeError(source, f"pass entry {entry!r} has no name")
+            entry = dict(entry)
+            passes.append((entry.pop("name"), entry))
+        known = {f.name for f in dataclasses.fields(cls)} - {"passes"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(source, f"unknown key(s) {', '.join(unknown)}", f"valid keys: passes, {', '.join(sorted(known))}")
+        try:
+            return cls(passes=tuple(passes), **data)
+        except TypeError as exc:
+            raise RecipeError(source, str(exc)) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(str(path), "no such recipe file")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() == ".toml":
+                import tomllib
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except (ValueError, ImportError) as exc:
+            raise RecipeError(str(path), f"cannot be parsed ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def sets(self) -> tuple[str, ...]:
+        """Sample sets the passes read (target always; source when a pass needs it)."""
+        needed = {"target"}
+        for p in self.build():
+            if getattr(p, "needs_source", False):
+                needed.add("source")
+        return tuple(sorted(needed, key=["target", "source"].index))
+
+
+def check_graph(model: onnx.ModelProto, *, after: str) -> None:
+    """The ONNX checker and shape inference must accept the graph after every pass."""
+    del model.graph.value_info[:]  # stale shapes of rewritten tensors would mislead runtimes
+    check_model(model, name=f"after {after}")
+    if needs_external_data(model):
+        return
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise ModelError(f"after {after}", f"shape inference fails: {str(exc).splitlines()[0]}") from None
+
+
+def run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider) -> tuple[onnx.ModelProto, dict]:
+    """Clone ``model``, run the recipe's passes on the clone, check after each; never touches ``model``."""
+    passes = recipe.build()
+    work = clone(model)
+    ctx = PassContext(statistics=provider, folds=recipe.folds, mode=recipe.mode, seed=recipe.seed)
+
+    # Gather every statistic the passes announce on the original graph in one run per set.
+    wanted: dict[str, list] = {}
+    for p in passes:
+        for request, sets in p.requests(work):
+            for set_name in sets:
+                wanted.setdefault(set_name, []).append(request)
+    started = time.perf_counter()
+    for set_name, requests in wanted.items():
+        provider(work, requests, (set_name,))
+    timings = {"calibration": time.perf_counter() - started}
+
+    reports = []
+
+    def run_one(p, label=None):
+        started = time.perf_counter()
+        result = p.run(work, ctx)
+        check_graph(work, after=label or p.name)
+        seconds = time.perf_counter() - started
+        timings[p.name] = timings.get(p.name, 0.0) + seconds
+        reports.append({"pass": p.name, "options": options_to_dict(p.options), "changed": result.changed,
+                        "seconds": round(seconds, 3), **result.report})
+
+    i = 0
+    while i < len(passes):
+        p = passes[i]
+        paired = i + 1 < len(passes) and passes[i + 1].name == "reconstruct-next-layer"
+        if recipe.mode == "sequential" and p.name == "select-nodes" and paired:
+            # Site by site: each selection sees statistics of the graph pruned so far.
+            for group in p.groups(work)[0]:
+                ctx.only_group = group.name
+                run_one(p, f"select-nodes ({group.name})")
+                run_one(passes[i + 1], f"reconstruct-next-layer ({group.name})")
+            ctx.only_group = None
+            i += 2
+            continue
+        run_one(p)
+        i += 1
+    work.ir_version = model.ir_version
+    report = {
+        "passes": reports,
+        "params_before": count_parameters(model),
+        "params_after": count_parameters(work),
+        "calibration_runs": provider.collections,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+    }
+    return work, report

@@ -1,0 +1,421 @@
+"""Reference vs candidate: accuracy, agreement, output error, size, MACs and latency.
+
+Both models run in onnxruntime on the same batches, read once from the sample set. Only
+running sums are kept (counts of correct and agreeing top-1 predictions, float64 sums of
+squares per output), so a sample set of any size streams through in constant memory.
+
+Latency is measured in the same process, interleaving reference and candidate runs
+(A B A B ...) on the same random input after a warm-up, and reported as medians, so that
+the ratio stays meaningful on a noisy machine even when absolute times drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+
+from onnxprune.cost import total_macs
+from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
+from onnxprune.model import count_parameters, input_specs, model_bytes
+from onnxprune.runtime import make_session, run_batches
+
+# Slack when comparing percentages with thresholds, so 90.0 - 89.0 is not "more than 1.0".
+_THRESHOLD_EPS = 1e-9
+
+
+@dataclasses.dataclass
+class OutputError:
+    """Error of one graph output of the candidate against the reference."""
+
+    name: str
+    relative_error: float  # ||y_c - y_r|| / ||y_r|| over all samples
+    sqnr_db: float  # 10 log10(||y_r||^2 / ||y_c - y_r||^2); inf when identical
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """What ``validate`` measured. Fractions in [0, 1]; ``to_dict`` is JSON-able."""
+
+    samples: int
+    accuracy_reference: float | None  # top-1 of the first output; None without labels
+    accuracy_candidate: float | None
+    agreement: float  # top-1 agreement of candidate with reference
+    relative_error: float  # of the first output
+    sqnr_db: float  # of the first output
+    params_reference: int
+    params_candidate: int
+    macs_reference: int  # per sample
+    macs_candidate: int
+    bytes_reference: int
+    bytes_candidate: int
+    latency_ms: dict = dataclasses.field(default_factory=dict)  # {"reference": {"batch1": ms, ...}, ...}
+    outputs: list[OutputError] = dataclasses.field(default_factory=list)  # every output, first first
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Reference minus candidate top-1 accuracy, in percentage points."""
+        if self.accuracy_reference is None or self.accuracy_candidate is None:
+            return None
+        return 100.0 * (self.accuracy_reference - self.accuracy_candidate)
+
+    def speedup(self) -> dict[str, float]:
+        """Reference / candidate median latency per batch size measured by both."""
+        ref = self.latency_ms.get("reference", {})
+        cand = self.latency_ms.get("candidate", {})
+        return {key: _ratio(ref[key], cand[key]) for key in ref if key in cand}
+
+    def ratios(self) -> dict:
+        """Candidate / reference for params, MACs and bytes, and the latency speedups."""
+        return {
+            "params": _ratio(self.params_candidate, self.params_reference),
+            "macs": _ratio(self.macs_candidate, self.macs_reference),
+            "bytes": _ratio(self.bytes_candidate, self.bytes_reference),
+            "speedup": self.speedup(),
+        }
+
+    def to_dict(self) -> dict:
+        """Plain types only; non-finite floats become the strings "inf", "-inf", "nan"."""
+        data = dataclasses.asdict(self)
+        data["accuracy_drop"] = self.accuracy_drop
+        data["ratios"] = self.ratios()
+        return _json_safe(data)
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines, one metric each, reference -> candidate."""
+        lines = [f"samples      {self.samples}"]
+        if self.accuracy_drop is not None:
+            ref, cand = 100 * self.accuracy_reference, 100 * self.accuracy_candidate
+            lines.append(f"accuracy     {ref:.2f}% -> {cand:.2f}% ({cand - ref:+.2f} points)")
+        lines.append(f"agreement    {100 * self.agreement:.2f}% top-1 with the reference")
+        for out in self.outputs if len(self.outputs) > 1 else self.outputs[:1]:
+            label = f"error [{out.name}]" if len(self.outputs) > 1 else "error"
+            lines.append(f"{label:<12} relative {out.relative_error:.4g}, SQNR {_db(out.sqnr_db)}")
+        ratios = self.ratios()
+        for label, ref, cand, ratio in (
+            ("params", _count(self.params_reference), _count(self.params_candidate), ratios["params"]),
+            ("MACs", _count(self.macs_reference), _count(self.macs_candidate), ratios["macs"]),
+            ("size", f"{self.bytes_reference / 1e6:.2f} MB", f"{self.bytes_candidate / 1e6:.2f} MB",
+             ratios["bytes"]),
+        ):
+            lines.append(f"{label:<12} {ref} -> {cand} ({_times(ratio)})")
+        ref_ms = self.latency_ms.get("reference", {})
+        cand_ms = self.latency_ms.get("candidate", {})
+        for key, speed in ratios["speedup"].items():
+            lines.append(f"latency      {key}: {ref_ms[key]:.3f} ms -> {cand_ms[key]:.3f} ms"
+                         f" ({speed:.2f}x speedup)")
+        return lines
+
+
+def validate(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    samples,
+    *,
+    batch_size: int = 32,
+    latency_runs: int = 10,
+    latency_batch: int = 32,
+    device: str = "cpu",
+    measure_latency: bool = True,
+    progress: bool = False,
+) -> ValidationReport:
+    """Run ``reference`` and ``candidate`` over ``samples`` (a SampleSet) and compare them.
+
+    Top-1 is the argmax over the last axis of the first output (agreement is NaN when
+    that output has no class axis); accuracy needs ``samples.labels`` and a first output
+    with one prediction per sample. Raises
+    ModelError when the models' inputs or outputs do not match, DataError for an empty
+    sample set or labels that do not fit the outputs.
+    """
+    _check_compatible(reference, candidate)
+    n = len(samples)
+    if n == 0:
+        raise DataError(_describe(samples), "no samples to validate on")
+    labels = getattr(samples, "labels", None)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != n:
+            raise DataError(_describe(samples), f"{len(labels)} labels for {n} samples")
+
+    sessions = [make_session(reference, device=device), make_session(candidate, device=device)]
+    fixed = [_fixed_batch(reference), _fixed_batch(candidate)]
+    names = [o.name for o in reference.graph.output]
+    step = fixed[0] if fixed[0] and fixed[0] == fixed[1] else batch_size
+
+    sum_ref = np.zeros(len(names))  # sum of y_r^2 per output, float64
+    sum_err = np.zeros(len(names))  # sum of (y_c - y_r)^2 per output
+    agree = compared = 0
+    correct = [0, 0]
+    seen = 0
+    first_feeds = None
+    for indices, feeds in _progress(samples.batches(step), n, progress):
+        if first_feeds is None:
+            first_feeds = feeds
+        ref_out, cand_out = (_run(session, feeds, fixed_batch=f) for session, f in zip(sessions, fixed))
+        for k, (r, c) in enumerate(zip(ref_out, cand_out)):
+            if r.shape != c.shape:
+                raise ModelError(names[k], f"output shape differs: reference {r.shape}, candidate {c.shape}")
+            r64 = r.astype(np.float64, copy=False)
+            sum_ref[k] += float(np.sum(r64 * r64))
+            diff = c.astype(np.float64) - r64
+            sum_err[k] += float(np.sum(diff * diff))
+        seen += len(indices)
+        if ref_out[0].ndim < 2:  # no class axis (a regression output): errors only
+            if labels is not None:
+                raise DataError(_describe(samples),
+                                f"has labels but the first output has shape {ref_out[0].shape}",
+                                "accuracy needs class scores on the last axis of the first output")
+            continue
+        top_ref = _top1(ref_out[0])
+        top_cand = _top1(cand_out[0])
+        agree += int(np.sum(top_ref == top_cand))
+        compared += top_ref.size
+        if labels is not None:
+            batch_labels = labels[np.asarray(indices)]
+            if top_ref.shape != batch_labels.shape:
+                raise DataError(_describe(samples),
+                                f"one label per sample does not fit predictions of shape {top_ref.shape[1:]}"
+                                " per sample", "accuracy needs one class per sample from the first output")
+            correct[0] += int(np.sum(top_ref == batch_labels))
+            correct[1] += int(np.sum(top_cand == batch_labels))
+
+    errors = [OutputError(name, _relative_error(r, e), _sqnr_db(r, e))
+              for name, r, e in zip(names, sum_ref, sum_err)]
+    latency = {}
+    if measure_latency and latency_runs > 0:
+        latency = _latency(sessions, fixed, first_feeds, runs=latency_runs, batch=latency_batch)
+    macs_reference = total_macs(reference)
+    return ValidationReport(
+        samples=seen,
+        accuracy_reference=correct[0] / seen if labels is not None else None,
+        accuracy_candidate=correct[1] / seen if labels is not None else None,
+        agreement=agree / compared if compared else float("nan"),
+        relative_error=errors[0].relative_error,
+        sqnr_db=errors[0].sqnr_db,
+        params_reference=count_parameters(reference),
+        params_candidate=count_parameters(candidate),
+        macs_reference=macs_reference,
+        macs_candidate=macs_reference if candidate is reference else total_macs(candidate),
+        bytes_reference=model_bytes(reference),
+        bytes_candidate=model_bytes(candidate),
+        latency_ms=latency,
+        outputs=errors,
+    )
+
+
+def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
+                     min_agreement: float | None = None) -> None:
+    """Raise ValidationFailed (exit code 3) when ``report`` misses a threshold.
+
+    ``max_drop`` is in percentage points: of top-1 accuracy when the report has labels,
+    otherwise of agreement (``100 - agreement%``). ``min_agreement`` is a fraction in
+    [0, 1] like ``report.agreement`` (0.99 means 99 %). A threshold exactly met passes;
+    NaN metrics fail. Raises RecipeError for a threshold out of range.
+    """
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise RecipeError("max_drop", f"{max_drop} is not a number of percentage points in [0, 100]")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise RecipeError("min_agreement", f"{min_agreement} is not a fraction in [0, 1]",
+                          "give it as a fraction, e.g. 0.99 for 99 %")
+    failures = []
+    agreement = 100.0 * report.agreement
+    if max_drop is not None:
+        drop = report.accuracy_drop
+        if drop is not None:
+            if not drop <= max_drop + _THRESHOLD_EPS:
+                ref, cand = 100 * report.accuracy_reference, 100 * report.accuracy_candidate
+                problem = (f"dropped {drop:.2f} points ({ref:.2f}% -> {cand:.2f}%),"
+                           f" more than max drop {max_drop:g}")
+                failures.append(("accuracy", problem))
+        elif not 100.0 - agreement <= max_drop + _THRESHOLD_EPS:
+            problem = (f"{agreement:.2f}% is {100 - agreement:.2f} points below the reference (no labels),"
+                       f" more than max drop {max_drop:g}")
+            failures.append(("agreement", problem))
+    if min_agreement is not None and not agreement >= 100.0 * min_agreement - _THRESHOLD_EPS:
+        failures.append(("agreement", f"{agreement:.2f}% is below min agreement {100 * min_agreement:.2f}%"))
+    if failures:
+        thing = " and ".join(dict.fromkeys(metric for metric, _ in failures))
+        raise ValidationFailed(thing, "; ".join(problem for _, problem in failures),
+                               "compress less aggressively or calibrate on more target samples")
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_compatible(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    ref_inputs = {spec.name for spec in input_specs(reference)}
+    cand_inputs = {spec.name for spec in input_specs(candidate)}
+    if ref_inputs != cand_inputs:
+        problem = f"inputs {sorted(cand_inputs)} differ from the reference's {sorted(ref_inputs)}"
+        raise ModelError("candidate", problem, "compare a compressed model with the model it came from")
+    ref_out, cand_out = reference.graph.output, candidate.graph.output
+    if len(ref_out) != len(cand_out):
+        raise ModelError("candidate", f"{len(cand_out)} outputs, the reference has {len(ref_out)}")
+    for r, c in zip(ref_out, cand_out):
+        rs, cs = _dims(r), _dims(c)
+        if rs is None or cs is None:
+            continue
+        fixed_differ = any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(rs, cs))
+        if len(rs) != len(cs) or fixed_differ:
+            raise ModelError(c.name, f"output shape {_shape_text(cs)} differs from the reference's"
+                                     f" {_shape_text(rs)}")
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple | None:
+    ttype = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not ttype.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in ttype.shape.dim)
+
+
+def _shape_text(dims: tuple) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    fixed = {spec.fixed_batch for spec in input_specs(model)} - {None}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+# --------------------------------------------------------------------------- running
+
+class _InMemory:
+    """One batch of feeds with the ``batches`` interface of a SampleSet, so the same
+    batch read once from the sample set can go through ``run_batches`` for each model."""
+
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        self.feeds = feeds
+        self.n = len(next(iter(feeds.values())))
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        for start in range(0, self.n, size):
+            stop = min(start + size, self.n)
+            yield np.arange(start, stop), {k: v[start:stop] for k, v in self.feeds.items()}
+
+
+def _run(session, feeds: dict[str, np.ndarray], *, fixed_batch: int | None) -> list[np.ndarray]:
+    """All outputs of ``session`` on ``feeds``, in chunks of the model's fixed batch if any."""
+    data = _InMemory(feeds)
+    size = fixed_batch or data.n
+    parts = [outputs for _, outputs in run_batches(session, data, batch_size=size, fixed_batch=fixed_batch)]
+    if len(parts) == 1:
+        return parts[0]
+    return [np.concatenate(chunk) for chunk in zip(*parts)]
+
+
+def _top1(output: np.ndarray) -> np.ndarray:
+    """Argmax over the last axis, one row per sample: shape (N,) or (N, positions)."""
+    top = np.argmax(output, axis=-1).reshape(len(output), -1)
+    return top[:, 0] if top.shape[1] == 1 else top
+
+
+def _relative_error(sum_ref: float, sum_err: float) -> float:
+    if sum_err == 0:
+        return 0.0
+    return math.sqrt(sum_err / sum_ref) if sum_ref > 0 else math.inf
+
+
+def _sqnr_db(sum_ref: float, sum_err: float) -> float:
+    if sum_err == 0:
+        return math.inf
+    if not np.isfinite(sum_err):
+        return math.nan
+    return 10.0 * math.log10(sum_ref / sum_err) if sum_ref > 0 else -math.inf
+
+
+def _latency(sessions, fixed, sample_feeds, *, runs: int, batch: int, warmup: int = 3) -> dict:
+    """Median ms per run at batch 1 and ``batch`` (or the fixed batch), A B A B interleaved."""
+    rng = np.random.default_rng(0)
+    result = {"reference": {}, "candidate": {}}
+    # a fixed-batch model runs at its own batch only
+    for per_model in dict.fromkeys((fixed[0] or size, fixed[1] or size) for size in (1, batch)):
+        feeds = [_random_feeds(sample_feeds, b, rng) for b in per_model]
+        if per_model[0] == per_model[1]:
+            feeds[1] = feeds[0]  # the very same input for both
+        times = [[], []]
+        for _ in range(warmup):
+            for session, f in zip(sessions, feeds):
+                session.run(None, f)
+        for _ in range(runs):
+            for which, (session, f) in enumerate(zip(sessions, feeds)):
+                start = time.perf_counter()
+                session.run(None, f)
+                times[which].append(1e3 * (time.perf_counter() - start))
+        for which, role in enumerate(("reference", "candidate")):
+            result[role][f"batch{per_model[which]}"] = float(np.median(times[which]))
+    return result
+
+
+def _random_feeds(sample_feeds: dict[str, np.ndarray], batch: int, rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+    """Random float inputs shaped like the samples (integer inputs repeat a real sample)."""
+    feeds = {}
+    for name, value in sample_feeds.items():
+        shape = (batch, *value.shape[1:])
+        if np.issubdtype(value.dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(value.dtype)
+        else:
+            feeds[name] = np.repeat(value[:1], batch, axis=0)
+    return feeds
+
+
+def _progress(batches, total: int, enabled: bool):
+    if not enabled:
+        yield from batches
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is cosmetic
+        yield from batches
+        return
+    with tqdm(total=total, desc="validate", unit="sample") as bar:
+        for indices, feeds in batches:
+            yield indices, feeds
+            bar.update(len(indices))
+
+
+def _describe(samples) -> str:
+    """The sample set's name for messages."""
+    name = getattr(samples, "name", None)
+    return str(name) if name else "samples"
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0:
+        return math.nan if num == 0 else math.inf
+    return num / den
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _count(value: int) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return str(value)
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a"
+
+
+def _db(value: float) -> str:
+    return f"{value:.1f} dB" if math.isfinite(value) else str(value)

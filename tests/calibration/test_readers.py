@@ -1,0 +1,572 @@
+"""Sample readers: every source kind, every data error, and the measured accuracies in ../shared."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
+from onnxprune.errors import DataError
+from onnxprune.model import InputSpec, load_model
+from onnxprune.runtime import make_session, run_batches
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+# --------------------------------------------------------------------------- tiny models
+#
+#   flatten:   x [N, C, H, W] --Flatten--> y [N, C*H*W]        (feeds come back verbatim)
+#   add_pair:  a [N, 3], b [N, 3] --Add--> y [N, 3]
+
+
+def flatten_model(shape=("N", 1, 4, 4), name="x", elem=TensorProto.FLOAT) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info(name, elem, list(shape))
+    y = helper.make_tensor_value_info("y", elem, None)
+    graph = helper.make_graph([helper.make_node("Flatten", [name], ["y"], axis=1)], "flatten", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+
+
+def add_pair_model() -> onnx.ModelProto:
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "add_pair", [a, b], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+
+
+def spec(shape=("N", 1, 4, 4), name="x", dtype=np.float32) -> list[InputSpec]:
+    return [InputSpec(name, tuple(shape), np.dtype(dtype))]
+
+
+def floats(n=6, shape=(1, 4, 4), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+def pixels(n=6, shape=(4, 4), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def save_png(path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def one_line_error(excinfo, *fragments: str) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# --------------------------------------------------------------------------- Preprocess
+
+
+def test_preprocess_normalises_values():
+    pre = Preprocess(resize=[8, 6], center_crop=4, mean=0.5, std=[0.5])
+    assert pre.resize == (8, 6) and pre.center_crop == 4
+    assert pre.mean == (0.5,) and pre.std == (0.5,)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"resize": 0}, "resize"),
+    ({"resize": (4,)}, "resize"),
+    ({"resize": True}, "resize"),
+    ({"center_crop": (4, -1)}, "center_crop"),
+    ({"scale": 0}, "scale"),
+    ({"scale": float("nan")}, "scale"),
+    ({"mean": (0.1, 0.2), "std": (0.3,)}, "mean has 2 values but std has 1"),
+    ({"std": (0.0,)}, "std"),
+    ({"mean": ()}, "mean"),
+    ({"layout": "CHW"}, "layout"),
+    ({"grayscale": "yes"}, "grayscale"),
+])
+def test_preprocess_rejects_bad_options(options, fragment):
+    with pytest.raises(DataError) as excinfo:
+        Preprocess(**options)
+    one_line_error(excinfo, fragment)
+
+
+# --------------------------------------------------------------------------- array sources
+
+
+def test_npy_float_is_taken_as_preprocessed(tmp_path):
+    data = floats(5)
+    np.save(tmp_path / "x.npy", data.astype(np.float64))
+    samples = open_samples(tmp_path / "x.npy", flatten_model(), preprocess=Preprocess(mean=(9.0,)))
+    assert isinstance(samples, SampleSet)
+    assert len(samples) == 5 and samples.labels is None and samples.input_names == ("x",)
+    feed = samples.batch(np.array([3, 1]))["x"]
+    assert feed.dtype == np.float32
+    np.testing.assert_array_equal(feed, data[[3, 1]])
+
+
+def test_float_without_unit_channel_axis_gets_it(tmp_path):
+    data = floats(3, (4, 4))
+    np.save(tmp_path / "x.npy", data)
+    feed = open_samples(tmp_path / "x.npy", spec()).batch([0, 1, 2])["x"]
+    np.testing.assert_array_equal(feed, data[:, None])
+    nhwc = open_samples(data, spec(("N", 4, 4, 1)), preprocess=Preprocess(layout="NHWC")).batch([0])["x"]
+    np.testing.assert_array_equal(nhwc, data[:1, :, :, None])
+
+
+def test_uint8_gray_is_scaled_and_normalised():
+    data = pixels(4)
+    samples = open_samples(data, spec(), preprocess=Preprocess(mean=(0.5,), std=(0.25,)))
+    assert samples.name == "numpy array"
+    expected = ((data.astype(np.float32) / 255 - 0.5) / 0.25)[:, None]
+    np.testing.assert_allclose(samples.batch(np.arange(4))["x"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_npz_with_labels_ignores_class_names(tmp_path):
+    data, labels = floats(4), np.array([3, 1, 0, 2])
+    np.savez(tmp_path / "d.npz", x=data, y=labels, classes=np.array(["a", "b", "c", "d"]))
+    samples = open_samples(tmp_path / "d.npz", flatten_model())
+    np.testing.assert_array_equal(samples.labels, labels)
+    assert samples.labels.dtype == np.int64
+
+
+def test_npz_picks_the_only_plausible_array(tmp_path):
+    data = floats(4)
+    np.savez(tmp_path / "d.npz", images=data, labels=np.arange(4), weights=np.ones(4))
+    samples = open_samples(tmp_path / "d.npz", flatten_model())
+    np.testing.assert_array_equal(samples.batch([2])["x"], data[2:3])
+    np.testing.assert_array_equal(samples.labels, np.arange(4))
+
+
+def test_npz_keyed_by_input_name_for_two_inputs(tmp_path):
+    a, b = floats(5, (3,), seed=1), floats(5, (3,), seed=2)
+    np.savez(tmp_path / "pair.npz", b=b, a=a, labels=np.arange(5))
+    samples = open_samples(tmp_path / "pair.npz", add_pair_model())
+    feeds = samples.batch([4, 0])
+    np.testing.assert_array_equal(feeds["a"], a[[4, 0]])
+    np.testing.assert_array_equal(feeds["b"], b[[4, 0]])
+    session = make_session(add_pair_model())
+    (_, (out,)), = run_batches(session, samples, batch_size=8)
+    np.testing.assert_allclose(out, a + b, rtol=1e-6)
+
+
+def test_directory_of_arrays_concatenates_in_sorted_order(tmp_path):
+    first, second = floats(2, seed=1), floats(3, seed=2)
+    np.savez(tmp_path / "b.npz", x=second, y=np.array([5, 6, 7]))
+    np.savez(tmp_path / "a.npz", x=first, y=np.array([1, 2]))
+    (tmp_path / "notes.txt").write_text("ignored")
+    samples = open_samples(tmp_path, flatten_model())
+    assert len(samples) == 5
+    np.testing.assert_array_equal(samples.labels, [1, 2, 5, 6, 7])
+    np.testing.assert_array_equal(samples.batch(np.arange(5))["x"], np.concatenate([first, second]))
+
+
+def test_directory_of_npy_is_unlabelled(tmp_path):
+    np.save(tmp_path / "0.npy", floats(2))
+    np.save(tmp_path / "1.npy", floats(2, seed=3))
+    samples = open_samples(tmp_path, spec())
+    assert len(samples) == 4 and samples.labels is None
+
+
+def test_mapping_source():
+    data = floats(3)
+    samples = open_samples({"x": data, "y": np.array([0, 1, 1]), "version": 2}, spec())
+    assert samples.name == "dict of arrays"
+    np.testing.assert_array_equal(samples.labels, [0, 1, 1])
+
+
+def test_iterable_of_batches_is_concatenated():
+    parts = [floats(2, seed=1), floats(3, seed=2)]
+    batches = ({"x": p, "y": np.arange(len(p))} for p in parts)
+    samples = open_samples(batches, flatten_model())
+    assert samples.name == "python iterable" and len(samples) == 5
+    np.testing.assert_array_equal(samples.labels, [0, 1, 0, 1, 2])
+    np.testing.assert_array_equal(samples.batch(np.arange(5))["x"], np.concatenate(parts))
+
+
+class FakeCalibrationDataReader:
+    """Quacks like onnxruntime.quantization.CalibrationDataReader."""
+
+    def __init__(self, batches):
+        self._batches = iter(batches)
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def test_calibration_data_reader_is_drained():
+    parts = [floats(1, seed=i) for i in range(4)]
+    samples = open_samples(FakeCalibrationDataReader([{"x": p} for p in parts]), spec(), name="ort reader")
+    assert samples.name == "ort reader" and len(samples) == 4
+    np.testing.assert_array_equal(samples.batch([3])["x"], parts[3])
+
+
+# --------------------------------------------------------------------------- image sources
+
+
+def test_image_folder_classes_follow_sorted_subfolders(tmp_path):
+    rgb = pixels(3, (6, 6, 3))
+    save_png(tmp_path / "dog" / "a.png", rgb[0])
+    save_png(tmp_path / "cat" / "b.png", rgb[1])
+    save_png(tmp_path / "cat" / "nested" / "c.png", rgb[2])
+    samples = open_samples(tmp_path, spec(("N", 1, 6, 6)))  # 1 channel: gray = mean of RGB
+    np.testing.assert_array_equal(samples.labels, [0, 0, 1])
+    assert samples.describe()["classes"] == ["cat", "dog"]
+    feed = samples.batch(np.arange(3))["x"]
+    gray = rgb[[1, 2, 0]].astype(np.float32).mean(-1) / 255
+    np.testing.assert_allclose(feed[:, 0], gray, rtol=1e-6)
+
+
+def test_flat_folder_with_labels_csv(tmp_path):
+    for i, name in enumerate(["b.png", "a.png", "c.png"]):
+        save_png(tmp_path / name, pixels(1, (4, 4), seed=i)[0])
+    (tmp_path / "labels.csv").write_text(
+        "file,class_index,wnid,name\nc.png,7,n3,c\na.png,5,n1,a\nb.png,6,n2,b\n")
+    samples = open_samples(tmp_path, spec())
+    np.testing.assert_array_equal(samples.labels, [5, 6, 7])  # sorted file order: a, b, c
+
+
+def test_flat_folder_without_labels_csv_is_unlabelled(tmp_path):
+    for i in range(3):
+        save_png(tmp_path / f"{i}.png", pixels(1, (4, 4), seed=i)[0])
+    samples = open_samples(tmp_path, spec())
+    assert len(samples) == 3 and samples.labels is None and samples.describe()["kind"] == "image folder"
+
+
+def test_image_folder_decodes_lazily(tmp_path):
+    save_png(tmp_path / "a.png", pixels(1)[0])
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    samples = open_samples(tmp_path, spec())  # only the first sample is prepared on open
+    with pytest.raises(DataError) as excinfo:
+        samples.batch([1])
+    one_line_error(excinfo, "b.png", "cannot be decoded")
+
+
+def test_shorter_side_resize_then_center_crop(tmp_path):
+    image = pixels(1, (10, 20, 3))[0]
+    save_png(tmp_path / "im.png", image)
+    pre = Preprocess(resize=8, center_crop=6, **IMAGENET)
+    feed = open_samples(tmp_path, spec(("N", 3, 6, 6)), preprocess=pre).batch([0])["x"]
+    resized = bilinear(image, 8, 16)[1:7, 5:11].astype(np.float32) / 255
+    expected = ((resized - IMAGENET["mean"]) / IMAGENET["std"]).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(feed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_resize_to_the_model_dims_in_uint8():
+    data = pixels(3, (16, 16))
+    feed = open_samples(data, spec(("N", 1, 28, 28))).batch(np.arange(3))["x"]
+    expected = np.stack([bilinear(d, 28, 28) for d in data]).astype(np.float32) / 255
+    np.testing.assert_allclose(feed[:, 0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gray_from_rgb_is_resized_as_float():
+    data = pixels(2, (8, 8, 3))
+    feed = open_samples(data, spec(("N", 1, 4, 4))).batch([0, 1])["x"]
+    gray = data.astype(np.float32).mean(-1)
+    expected = np.stack([np.asarray(Image.fromarray(g).resize((4, 4), Image.Resampling.BILINEAR))
+                         for g in gray])
+    np.testing.assert_allclose(feed[:, 0], expected / 255, rtol=1e-5)
+
+
+def test_nhwc_layout_rgba_and_chw_uint8():
+    rgba = pixels(2, (4, 4, 4))
+    nhwc = open_samples(rgba, spec(("N", 4, 4, 3)), preprocess=Preprocess(layout="NHWC")).batch([0, 1])["x"]
+    np.testing.assert_allclose(nhwc, rgba[..., :3] / np.float32(255), rtol=1e-6)
+    chw = rgba[..., :3].transpose(0, 3, 1, 2).copy()
+    nchw = open_samples(chw, spec(("N", 3, 4, 4))).batch([0, 1])["x"]
+    np.testing.assert_allclose(nchw, chw / np.float32(255), rtol=1e-6)
+
+
+def test_gray_images_repeat_into_three_channels(tmp_path):
+    save_png(tmp_path / "g.png", pixels(1)[0])
+    feed = open_samples(tmp_path / "g.png", spec(("N", 3, 4, 4))).batch([0])["x"]
+    np.testing.assert_array_equal(feed[0, 0], feed[0, 2])
+
+
+# --------------------------------------------------------------------------- the set itself
+
+
+def test_batches_subset_split_describe():
+    data, labels = floats(10), np.arange(10) % 3
+    samples = open_samples({"x": data, "labels": labels}, spec())
+    seen = [indices for indices, _ in samples.batches(4)]
+    assert [list(i) for i in seen] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+    sub = samples.subset([7, 2])
+    np.testing.assert_array_equal(sub.labels, labels[[7, 2]])
+    np.testing.assert_array_equal(sub.batch([0])["x"], data[7:8])
+    assert len(samples.subset(np.arange(10) < 3)) == 3
+
+    calibration, evaluation = samples.split(0.3, seed=1)
+    assert (len(calibration), len(evaluation)) == (3, 7)
+    rows = np.concatenate([calibration.source_indices, evaluation.source_indices])
+    assert sorted(rows) == list(range(10))
+    np.testing.assert_array_equal(calibration.labels, labels[calibration.source_indices])
+    again, _ = samples.split(0.3, seed=1)
+    other, _ = samples.split(0.3, seed=2)
+    assert again.describe() == calibration.describe()
+    assert other.describe()["indices_sha"] != calibration.describe()["indices_sha"]
+
+    info = json.loads(json.dumps(samples.describe()))
+    assert info["name"] == "dict of arrays" and info["count"] == 10 and info["labelled"] is True
+    assert len(info["indices_sha"]) == 16
+
+
+def test_run_batches_pads_a_fixed_batch_model():
+    data = floats(5)
+    model = flatten_model(shape=(4, 1, 4, 4))
+    samples = open_samples(data, model)
+    outputs = np.concatenate([out for _, (out,) in run_batches(make_session(model), samples, fixed_batch=4)])
+    np.testing.assert_array_equal(outputs, data.reshape(5, -1))
+
+
+def test_split_and_index_errors():
+    samples = open_samples(floats(1), spec())
+    with pytest.raises(DataError) as excinfo:
+        samples.split(0.5)
+    one_line_error(excinfo, "one part would be empty")
+    with pytest.raises(DataError):
+        open_samples(floats(4), spec()).split(1.5)
+    with pytest.raises(DataError) as excinfo:
+        open_samples(floats(4), spec()).batch([4])
+    one_line_error(excinfo, "out of range")
+    with pytest.raises(DataError):
+        open_samples(floats(4), spec()).subset([])
+    with pytest.raises(DataError):
+        next(open_samples(floats(4), spec()).batches(0))
+
+
+# --------------------------------------------------------------------------- data errors
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "nope.npz", spec())
+    one_line_error(excinfo, "nope.npz", "no such file")
+
+
+@pytest.mark.parametrize("make", ["empty_npy", "empty_dir", "empty_iterable", "empty_reader"])
+def test_empty_sets(tmp_path, make):
+    np.save(tmp_path / "e.npy", np.zeros((0, 1, 4, 4), np.float32))
+    (tmp_path / "empty").mkdir()
+    source = {
+        "empty_npy": tmp_path / "e.npy",
+        "empty_dir": tmp_path / "empty",
+        "empty_iterable": [],
+        "empty_reader": FakeCalibrationDataReader([]),
+    }[make]
+    with pytest.raises(DataError) as excinfo:
+        open_samples(source, spec())
+    one_line_error(excinfo, "has 0 samples")
+
+
+def test_unknown_file_type_and_source(tmp_path):
+    (tmp_path / "data.csv").write_text("1,2\n")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "data.csv", spec())
+    one_line_error(excinfo, "unknown file type '.csv'")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(42, spec())
+    one_line_error(excinfo, "int", "not a sample source")
+
+
+@pytest.mark.parametrize("file, content, fragment", [
+    ("bad.npy", b"\x93NUMPY garbage", "not a readable .npy"),
+    ("bad.npz", b"PK\x03\x04 truncated", "not a readable .npz"),
+    ("bad.png", b"\x89PNG\r\n\x1a\n truncated", "cannot be decoded as an image"),
+])
+def test_corrupt_files(tmp_path, file, content, fragment):
+    (tmp_path / file).write_bytes(content)
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / file, spec())
+    one_line_error(excinfo, file, fragment)
+
+
+def test_object_arrays_are_never_unpickled(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "o.npy", spec())
+    one_line_error(excinfo, "object array")
+
+
+def test_npz_keys_must_name_the_inputs_of_a_multi_input_model(tmp_path):
+    np.savez(tmp_path / "pair.npz", a=floats(2, (3,)), c=floats(2, (3,)))
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "pair.npz", add_pair_model())
+    one_line_error(excinfo, "missing ['b']")
+    np.save(tmp_path / "one.npy", floats(2, (3,)))
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "one.npy", add_pair_model())
+    one_line_error(excinfo, "holds one array but the model has 2 inputs")
+
+
+def test_inputs_with_different_sample_counts(tmp_path):
+    np.savez(tmp_path / "pair.npz", a=floats(2, (3,)), b=floats(3, (3,)))
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "pair.npz", add_pair_model())
+    one_line_error(excinfo, "different sample counts {'a': 2, 'b': 3}")
+
+
+def test_ambiguous_npz_for_a_single_input(tmp_path):
+    np.savez(tmp_path / "two.npz", p=floats(2), q=floats(2))
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "two.npz", spec())
+    one_line_error(excinfo, "cannot tell which of ['p', 'q']")
+
+
+def test_rank_mismatch():
+    with pytest.raises(DataError) as excinfo:
+        open_samples(floats(3, (16,)), spec())
+    one_line_error(excinfo, "rank 2", "rank 4")
+
+
+def test_fixed_dimension_mismatch_names_both_shapes():
+    with pytest.raises(DataError) as excinfo:
+        open_samples(floats(3, (1, 28, 28)), spec(("N", 3, 32, 32)))
+    one_line_error(excinfo, "1x28x28", "3x32x32")
+
+
+def test_nhwc_model_hint():
+    with pytest.raises(DataError) as excinfo:
+        open_samples(pixels(2, (8, 8, 3)), spec(("N", 8, 8, 3)))
+    one_line_error(excinfo, "layout='NHWC'")
+
+
+@pytest.mark.parametrize("data, input_dtype", [
+    (np.array([["a", "b"], ["c", "d"]]), np.float32),
+    (np.ones((2, 2), dtype=np.complex64), np.float32),
+    (np.ones((2, 2), dtype=np.float32), np.int64),
+])
+def test_dtype_that_cannot_be_cast(tmp_path, data, input_dtype):
+    np.savez(tmp_path / "d.npz", x=data)
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "d.npz", spec(("N", 2), dtype=input_dtype))
+    one_line_error(excinfo, "cannot be cast")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_float_data(bad):
+    data = floats(4)
+    data[3, 0, 1, 2] = bad
+    with pytest.raises(DataError) as excinfo:
+        open_samples(data, spec())
+    one_line_error(excinfo, "NaN or inf")
+
+
+@pytest.mark.parametrize("labels, fragment", [
+    (np.arange(3), "has 3 labels for 4 samples"),
+    (np.array([0.0, 1.0, 1.0, 0.0]), "not integers"),
+    (np.zeros((4, 2), dtype=np.int64), "not (N,)"),
+])
+def test_bad_labels(tmp_path, labels, fragment):
+    np.savez(tmp_path / "d.npz", x=floats(4), y=labels)
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "d.npz", spec())
+    one_line_error(excinfo, fragment)
+
+
+def test_directory_with_labels_in_some_files_only(tmp_path):
+    np.savez(tmp_path / "a.npz", x=floats(2), y=np.arange(2))
+    np.savez(tmp_path / "b.npz", x=floats(2))
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path, spec())
+    one_line_error(excinfo, "a.npz has labels but b.npz has none")
+
+
+@pytest.mark.parametrize("batches, fragment", [
+    ([{"x": floats(2)}, {"x": floats(2), "y": np.arange(2)}],
+     "batch 1 has keys ['x', 'y'] but batch 0 has ['x']"),
+    ([{"z": floats(2)}], "the model's inputs are ['x']"),
+    ([floats(2)[0].tolist()], "not a dict"),
+    ([{"x": floats(2)}, {"x": floats(2, (1, 5, 5))}], "1x5x5 per sample in batch 1"),
+])
+def test_bad_iterables(batches, fragment):
+    with pytest.raises(DataError) as excinfo:
+        open_samples(batches, spec())
+    one_line_error(excinfo, fragment)
+
+
+def test_labels_csv_problems(tmp_path):
+    save_png(tmp_path / "a.png", pixels(1)[0])
+    save_png(tmp_path / "b.png", pixels(1, seed=1)[0])
+    (tmp_path / "labels.csv").write_text("file,class_index\na.png,1\n")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path, spec())
+    one_line_error(excinfo, "no row for 1 image(s), e.g. 'b.png'")
+    (tmp_path / "labels.csv").write_text("file,class_index\na.png,1\nb.png,cat\n")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path, spec())
+    one_line_error(excinfo, "labels.csv:3", "'cat' is not an integer")
+
+
+def test_image_problems(tmp_path):
+    with pytest.raises(DataError) as excinfo:
+        open_samples(pixels(2, (4, 4, 3)), spec(), preprocess=Preprocess(grayscale=False))
+    one_line_error(excinfo, "3 channels but the input wants 1", "grayscale=True")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(pixels(2, (4, 4)), spec(("N", 1, 8, 8)), preprocess=Preprocess(center_crop=8))
+    one_line_error(excinfo, "4x4 is smaller than center_crop 8x8")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(pixels(2, (4, 4, 3)), spec(("N", 3, 4, 4)), preprocess=Preprocess(mean=(0.1, 0.2)))
+    one_line_error(excinfo, "mean has 2 values for 3-channel images")
+    save_png(tmp_path / "mixed" / "a.png", pixels(1)[0])
+    np.save(tmp_path / "mixed" / "b.npy", floats(1))
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "mixed", spec())
+    one_line_error(excinfo, "mixes array files and images")
+
+
+# --------------------------------------------------------------------------- real data
+#
+# The accuracies measured in ../shared/README.md, reproduced through open_samples,
+# make_session and run_batches.
+
+DIGITS = Preprocess()
+DIGITS_CENTRED = Preprocess(mean=(0.5,), std=(0.5,))
+
+REAL_CASES = [
+    ("lenet_caffe_mnist.onnx", "digits/mnist_test.npz", DIGITS, 99.07),
+    ("lenet_caffe_mnist.onnx", "digits/usps_test.npz", DIGITS, 75.4),
+    ("lenet_caffe_mnist.onnx", "digits/mnist_m_test.npz", DIGITS, 51.3),
+    ("mnist_cnn_fc3136.onnx", "digits/mnist_test.npz", DIGITS_CENTRED, 98.77),
+    ("mnist_cnn_fc3136.onnx", "digits/usps_test.npz", DIGITS_CENTRED, 78.4),
+    ("mnist_cnn_fc3136.onnx", "digits/mnist_m_test.npz", DIGITS_CENTRED, 53.8),
+    ("mnist_extdata/mnist.onnx", "digits/usps_test.npz", DIGITS_CENTRED, 45.9),
+    pytest.param("resnet20_cifar10.onnx", "cifar10/cifar10_test_jpeg.npz", Preprocess(**IMAGENET), 81.0,
+                 marks=pytest.mark.slow),
+    pytest.param("mobilenetv2_imagenet_fp32.onnx", "imagenet_samples",
+                 Preprocess(resize=256, center_crop=224, **IMAGENET), 82.6, marks=pytest.mark.slow),
+]
+
+
+def top1(model: onnx.ModelProto, samples: SampleSet, *, batch_size: int) -> float:
+    predictions = np.empty(len(samples), dtype=np.int64)
+    for indices, (logits,) in run_batches(make_session(model), samples, batch_size=batch_size):
+        predictions[indices] = logits.argmax(axis=1)
+    return 100.0 * float(np.mean(predictions == samples.labels))
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("model_file, data, preprocess, measured", REAL_CASES)
+def test_measured_accuracy_reproduces(shared, model_file, data, preprocess, measured):
+    model = load_model(shared / "models" / model_file)
+    samples = open_samples(shared / "data" / data, model, preprocess=preprocess)
+    assert samples.labels is not None
+    accuracy = top1(model, samples, batch_size=16 if "mobilenet" in model_file else 256)
+    assert abs(accuracy - measured) <= 0.5, f"{model_file} on {data}: {accuracy:.2f} % vs {measured} %"
+
+
+@pytest.mark.real
+def test_real_split_is_disjoint_and_labelled(shared):
+    model = load_model(shared / "models" / "lenet_caffe_mnist.onnx")
+    samples = open_samples(shared / "data" / "digits" / "usps_test.npz", model)
+    calibration, evaluation = samples.split(0.5, seed=0)
+    assert len(calibration) + len(evaluation) == 2007
+    assert not set(calibration.source_indices) & set(evaluation.source_indices)
+    assert calibration.describe()["indices_sha"] != evaluation.describe()["indices_sha"]
+    assert calibration.batch([0])["data"].shape == (1, 1, 28, 28)

@@ -1,0 +1,220 @@
+"""Tiny graphs built in code, each under a sketch of what it is.
+
+Every builder returns a checked ModelProto (opset 13, IR version 10) with a graph input
+``x`` whose batch dimension is symbolic (``N``) and random float32 weights from ``seed``.
+Weights are initializers named after their node (``conv1.W``, ``bn.scale``, ...), so
+tests can edit them with ``set_init``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 13
+IR_VERSION = 10
+
+
+class _Builder:
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def init(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(self, name: str, *shape: int, scale: float = 0.5) -> str:
+        return self.init(name, (self.rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        out = f"{name}.out"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        return out
+
+    def conv(self, x: str, name: str, c_in: int, c_out: int, k: int = 3, group: int = 1, **attrs) -> str:
+        w = self.weight(f"{name}.W", c_out, c_in // group, k, k)
+        b = self.weight(f"{name}.B", c_out, scale=0.1)
+        attrs.setdefault("pads", [k // 2] * 4)
+        return self.node("Conv", [x, w, b], name, kernel_shape=[k, k], group=group, **attrs)
+
+    def model(self, inputs: list[onnx.ValueInfoProto], outputs: dict[str, tuple]) -> onnx.ModelProto:
+        """``outputs``: name -> shape without the batch dimension."""
+        graph = helper.make_graph(self.nodes, "test", inputs, [_output(o, shape) for o, shape in outputs.items()],
+                                  initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+        onnx.checker.check_model(model)
+        return model
+
+
+def _input(*shape: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])
+
+
+def _output(name: str, shape: tuple) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
+
+
+def gemm_chain(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,8] -> Gemm fc1 (W 16x8, transB=1) -> Relu -> Gemm fc2 (W 16x6, transB=0) -> Relu
+            -> MatMul fc3 (W 6x4) -> Add fc3_bias (b 4) -> Relu -> Gemm fc4 (W 2x4, transB=1) -> y [N,2]
+    groups: fc1 (16), fc2 (6, consumer MatMul), fc3 (4, bias in the Add): prunable; fc4 (graph output)
+    """
+    b = _Builder(seed)
+    h = b.node("Gemm", ["x", b.weight("fc1.W", 16, 8), b.weight("fc1.B", 16, scale=0.1)], "fc1", transB=1)
+    h = b.node("Relu", [h], "relu1")
+    h = b.node("Gemm", [h, b.weight("fc2.W", 16, 6), b.weight("fc2.B", 6, scale=0.1)], "fc2")
+    h = b.node("Relu", [h], "relu2")
+    h = b.node("MatMul", [h, b.weight("fc3.W", 6, 4)], "fc3")
+    h = b.node("Relu", [b.node("Add", [h, b.weight("fc3.B", 4, scale=0.1)], "fc3_bias")], "relu3")
+    y = b.node("Gemm", [h, b.weight("fc4.W", 2, 4), b.weight("fc4.B", 2, scale=0.1)], "fc4", transB=1)
+    return b.model([_input(8)], {y: (2,)})
+
+
+def conv_bn_relu(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,3,8,8] -> Conv conv1 (8, 3x3) -> BatchNormalization bn -> Relu -> Conv conv2 (4, 3x3) -> y
+    groups: conv1 (8, prunable, path bn + relu), conv2 (graph output)
+    """
+    b = _Builder(seed)
+    h = b.conv("x", "conv1", 3, 8)
+    h = b.node("BatchNormalization", [h, b.init("bn.scale", b.rng.uniform(0.5, 1.5, 8).astype(np.float32)),
+                                      b.weight("bn.B", 8, scale=0.1), b.weight("bn.mean", 8, scale=0.1),
+                                      b.init("bn.var", b.rng.uniform(0.5, 1.5, 8).astype(np.float32))], "bn")
+    h = b.node("Relu", [h], "relu")
+    y = b.conv(h, "conv2", 8, 4)
+    return b.model([_input(3, 8, 8)], {y: (4, 8, 8)})
+
+
+def flatten_to_gemm(seed: int = 0, *, reshape: bool = False) -> onnx.ModelProto:
+    """
+    x [N,2,8,8] -> Conv conv (4, 3x3) -> Relu -> MaxPool 2x2 -> Flatten [N,64] -> Gemm fc (5x64) -> y
+    (reshape=True: Reshape to the constant shape [-1, 64] instead of Flatten)
+    groups: conv (4, prunable, spatial 16), fc (graph output)
+    """
+    b = _Builder(seed)
+    h = b.conv("x", "conv", 2, 4)
+    h = b.node("Relu", [h], "relu")
+    h = b.node("MaxPool", [h], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    if reshape:
+        h = b.node("Reshape", [h, b.init("flat.shape", np.array([-1, 64], dtype=np.int64))], "flat")
+    else:
+        h = b.node("Flatten", [h], "flat", axis=1)
+    y = b.node("Gemm", [h, b.weight("fc.W", 5, 64, scale=0.2), b.weight("fc.B", 5, scale=0.1)], "fc", transB=1)
+    return b.model([_input(2, 8, 8)], {y: (5,)})
+
+
+def residual_add(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,4,6,6] -> Conv conv0 (4) -> Relu = a -> Conv convA (6) -> Relu -> Conv convB (4) -> Add(a) -> Relu
+                                      \\________________________________________/
+                -> Conv out (3) -> y
+    groups: conv0 + convB (the residual stream: convA and out read different tensors, skipped),
+            convA (6, prunable), out (graph output)
+    """
+    b = _Builder(seed)
+    a = b.node("Relu", [b.conv("x", "conv0", 4, 4)], "relu0")
+    h = b.node("Relu", [b.conv(a, "convA", 4, 6)], "reluA")
+    h = b.conv(h, "convB", 6, 4)
+    h = b.node("Relu", [b.node("Add", [h, a], "add")], "relu_add")
+    y = b.conv(h, "out", 4, 3)
+    return b.model([_input(4, 6, 6)], {y: (3, 6, 6)})
+
+
+def add_branches(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,3,6,6] -> Conv convA (5) -\\
+                                    Add -> Relu -> Conv out (2) -> y
+    x [N,3,6,6] -> Conv convB (5) -/
+    groups: convA + convB (one group of 5 coupled by the Add, one site: prunable), out (graph output)
+    """
+    b = _Builder(seed)
+    h = b.node("Add", [b.conv("x", "convA", 3, 5), b.conv("x", "convB", 3, 5, k=1)], "add")
+    y = b.conv(b.node("Relu", [h], "relu"), "out", 5, 2)
+    return b.model([_input(3, 6, 6)], {y: (2, 6, 6)})
+
+
+def concat_branches(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,3,6,6] -> Conv convA (3) -> Relu -\\
+                                           Concat (axis 1, 8) -> Conv out (2) -> y
+    x [N,3,6,6] -> Conv convB (5) -> Relu -/
+    groups: convA, convB (skipped: Concat), out (graph output)
+    """
+    b = _Builder(seed)
+    a = b.node("Relu", [b.conv("x", "convA", 3, 3)], "reluA")
+    c = b.node("Relu", [b.conv("x", "convB", 3, 5)], "reluB")
+    h = b.node("Concat", [a, c], "concat", axis=1)
+    y = b.conv(h, "out", 8, 2)
+    return b.model([_input(3, 6, 6)], {y: (2, 6, 6)})
+
+
+def depthwise(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,4,8,8] -> Conv expand (12, 1x1) -> Clip(0,6) -> Conv dw (12, 3x3, group 12) -> Clip(0,6)
+                -> Conv project (4, 1x1) -> y
+    groups: expand (12, prunable, dw in the path), project (graph output)
+    """
+    b = _Builder(seed)
+    lo, hi = b.init("clip.lo", np.float32(0.0)), b.init("clip.hi", np.float32(6.0))
+    h = b.node("Clip", [b.conv("x", "expand", 4, 12, k=1), lo, hi], "clip1")
+    h = b.node("Clip", [b.conv(h, "dw", 12, 12, group=12), lo, hi], "clip2")
+    y = b.conv(h, "project", 12, 4, k=1)
+    return b.model([_input(4, 8, 8)], {y: (4, 8, 8)})
+
+
+def shared_consumer(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,3,6,6] -> Conv conv0 (6) -> Relu -> Conv convA (3) -> y1
+                                          \\-> Conv convB (2) -> y2
+    groups: conv0 (6, prunable, two consumers), convA and convB (graph outputs)
+    """
+    b = _Builder(seed)
+    h = b.node("Relu", [b.conv("x", "conv0", 3, 6)], "relu")
+    y1 = b.conv(h, "convA", 6, 3)
+    y2 = b.conv(h, "convB", 6, 2, k=1)
+    return b.model([_input(3, 6, 6)], {y1: (3, 6, 6), y2: (2, 6, 6)})
+
+
+def shared_weight(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,6] -> Gemm fc1 (W 6x6, transB=1) -> Relu -> Gemm fc2 (the same W) -> Relu -> Gemm fc3 (4x6) -> y
+    linear layers: fc1 and fc2 skipped (shared weight); groups: fc1 (6, consumer fc2) and
+    fc2 (6, consumer fc3) both prunable: rewriting one must copy W, not change the other
+    """
+    b = _Builder(seed)
+    w = b.weight("fc.W", 6, 6)
+    h = b.node("Relu", [b.node("Gemm", ["x", w], "fc1", transB=1)], "relu1")
+    h = b.node("Relu", [b.node("Gemm", [h, w], "fc2", transB=1)], "relu2")
+    y = b.node("Gemm", [h, b.weight("fc3.W", 4, 6)], "fc3", transB=1)
+    return b.model([_input(6)], {y: (4,)})
+
+
+# --------------------------------------------------------------------------- helpers
+
+def get_init(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name).copy()
+
+
+def set_init(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=numpy_helper.to_array(tensor).dtype), name))
+            return
+    raise KeyError(name)
+
+
+def feeds(model: onnx.ModelProto, batch: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input (symbolic dims -> ``batch``)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    result = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim]
+        result[value.name] = rng.standard_normal(dims).astype(np.float32)
+    return result

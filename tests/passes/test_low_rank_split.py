@@ -1,0 +1,144 @@
+"""low-rank-split and bias-compensate against constructed truth.
+
+    gemm_lowrank:   x[N,16] -> Gemm(W: 24x16, rank 4, b) -> Relu -> Gemm(10x24) -> y
+    matmul_lowrank: x[N,16] -> MatMul(W: 16x24, rank 4) -> Add(b) -> y
+    conv_lowrank:   x[N,3,8,8] -> Conv(8x3x3x3, rank 2 on im2col, pads 1) -> y
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import assert_equivalent, run_model
+from onnxprune.api import compress
+from onnxprune.pipeline import Recipe
+
+RNG = np.random.default_rng(0)
+
+
+def make(nodes, inits, x_shape, y_shape, name="g"):
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *y_shape])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def low_rank(m, n, k):
+    return RNG.normal(size=(m, k)) @ RNG.normal(size=(k, n))
+
+
+def gemm_lowrank(trans_b=1, alpha=1.0, beta=1.0):
+    w = low_rank(24, 16, 4)
+    return make(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="fc1", transB=trans_b, alpha=alpha, beta=beta),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2", transB=1)],
+        {"W": w if trans_b else w.T, "b": RNG.normal(size=24), "W2": RNG.normal(size=(10, 24))}, [16], [10])
+
+
+def matmul_lowrank():
+    return make(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+         helper.make_node("Add", ["h", "b"], ["y"], name="mm_bias")],
+        {"W": low_rank(16, 24, 4), "b": RNG.normal(size=24)}, [16], [24])
+
+
+def conv_lowrank():
+    w = low_rank(8, 27, 2).reshape(8, 3, 3, 3)
+    return make([helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+                {"W": w, "b": RNG.normal(size=8)}, [3, 8, 8], [8, 8, 8])
+
+
+def run(model, x, passes, **recipe):
+    recipe = Recipe(passes=tuple(passes), **recipe)
+    return compress(model, [{"x": x}], recipe=recipe, progress=False, measure_latency=False)
+
+
+@pytest.mark.parametrize("method", ["svd", "dalr"])
+@pytest.mark.parametrize("build", [gemm_lowrank, lambda: gemm_lowrank(0, 0.5, 2.0), matmul_lowrank, conv_lowrank],
+                         ids=["gemm", "gemm_transB0_alpha_beta", "matmul_add", "conv"])
+def test_exact_rank_splits_losslessly(build, method):
+    model = build()
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = RNG.normal(size=(64, *shape)).astype(np.float32)
+    rank = 2 if build is conv_lowrank else 4
+    layer = {gemm_lowrank: "fc1", conv_lowrank: "conv", matmul_lowrank: "mm"}.get(build, "fc1")
+    options = {"method": method, "rank": rank, "layers": (layer,)}
+    if method == "dalr":
+        options["ridge"] = 1e-9
+    result = run(model, x, [("low-rank-split", options)])
+    split = result.report["passes"][0]["split"]
+    assert split and split[0]["rank"] == rank
+    assert split[0]["error"] < 1e-8
+    assert_equivalent(model, result.model, {"x": x[:8]}, tol=1e-4)
+    names = {n.name for n in result.model.graph.node}
+    layer = split[0]["layer"]
+    assert {f"{layer}/low_rank/A", f"{layer}/low_rank/B"} <= names
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_split_that_saves_nothing_is_skipped():
+    model = gemm_lowrank()
+    x = RNG.normal(size=(32, 16)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "svd", "rank": 12})])
+    report = result.report["passes"][0]
+    assert not report["split"]
+    assert any("would not reduce parameters" in s["reason"] for s in report["skipped"])
+
+
+def test_bias_compensation_zeroes_mean_error_on_calibration_set():
+    w = RNG.normal(size=(24, 16))
+    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
+                 {"W": w, "b": RNG.normal(size=24)}, [16], [24])
+    x = (RNG.normal(size=(200, 16)) + 3.0).astype(np.float32)   # a non-zero input mean
+    recipe = Recipe(passes=(("low-rank-split", {"method": "svd", "rank": 2}), ("bias-compensate", {})), split=0.5)
+    plain = Recipe(passes=(("low-rank-split", {"method": "svd", "rank": 2}),), split=0.5)
+    with_bc = compress(model, [{"x": x}], recipe=recipe, eval_data=[{"x": x}], progress=False, measure_latency=False)
+    without = compress(model, [{"x": x}], recipe=plain, eval_data=[{"x": x}], progress=False, measure_latency=False)
+    ref = run_model(model, {"x": x})[0]
+    err_bc = (run_model(with_bc.model, {"x": x})[0] - ref).mean(axis=0)
+    err = (run_model(without.model, {"x": x})[0] - ref).mean(axis=0)
+    assert np.abs(err).max() > 0.1
+    assert np.abs(err_bc).max() < 1e-3 * np.abs(err).max()
+
+
+def test_dalr_error_never_above_svd_at_same_rank():
+    # Correlated inputs: the input second moment is far from isotropic.
+    mix = RNG.normal(size=(16, 16)) * np.linspace(3, 0.01, 16)
+    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
+                 {"W": RNG.normal(size=(24, 16)), "b": np.zeros(24)}, [16], [24])
+    x = (RNG.normal(size=(400, 16)) @ mix.T).astype(np.float32)
+    for rank in (1, 2, 4, 6):
+        errors = {}
+        for method in ("svd", "dalr"):
+            result = run(model, x, [("low-rank-split", {"method": method, "rank": rank})])
+            errors[method] = result.report["passes"][0]["split"][0]["error"]
+        assert errors["dalr"] <= errors["svd"] + 1e-9, (rank, errors)
+
+
+def test_global_keep_budget_is_respected():
+    model = gemm_lowrank()
+    x = RNG.normal(size=(64, 16)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "svd", "keep": 0.5})])
+    rows = result.report["passes"][0]["split"]
+    total_before = 24 * 16 + 10 * 24
+    total_after = sum(r["rank"] * sum(r["shape"]) for r in rows)
+    untouched = sum(m * n for m, n in [(24, 16), (10, 24)]) - sum(r["shape"][0] * r["shape"][1] for r in rows)
+    assert total_after + untouched <= 0.5 * total_before
+
+
+def test_input_model_is_not_modified():
+    model = gemm_lowrank()
+    before = model.SerializeToString()
+    run(model, RNG.normal(size=(32, 16)).astype(np.float32), [("low-rank-split", {"method": "svd", "rank": 2})])
+    assert model.SerializeToString() == before

@@ -1,0 +1,169 @@
+"""Parameters and MACs per layer: hand-computed counts on tiny graphs, totals on real models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import cost
+from onnxprune.cost import LayerCost, layer_costs, total_macs
+from onnxprune.errors import ModelError
+from onnxprune.model import count_parameters, load_model
+
+
+def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs],
+        [numpy_helper.from_array(np.ones(shape, np.float32), name) for name, shape in inits],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _one(model, op) -> LayerCost:
+    (layer,) = [c for c in layer_costs(model) if c.op == op]
+    return layer
+
+
+# x [N,3,8,8] -> Conv(W [4,3,3,3], b [4], stride 2, pad 1) -> y [N,4,4,4]
+def conv_strided_padded(batch="N"):
+    return _model(
+        [helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1])],
+        [("x", [batch, 3, 8, 8])], [("y", [batch, 4, 4, 4])], [("W", [4, 3, 3, 3]), ("b", [4])])
+
+
+def test_conv_strided_padded():
+    layer = _one(conv_strided_padded(), "Conv")
+    assert layer.name == "conv"
+    assert layer.params == 4 * 3 * 3 * 3 + 4
+    assert layer.macs == (4 * 4 * 4) * 3 * 3 * 3  # out elems * C_in * kh * kw
+
+
+# x [N,4,5,5] -> Conv(W [6,2,3,3], group 2, pad 1) -> y [N,6,5,5]
+def test_conv_grouped():
+    model = _model([helper.make_node("Conv", ["x", "W"], ["y"], group=2, pads=[1, 1, 1, 1])],
+                   [("x", ["N", 4, 5, 5])], [("y", ["N", 6, 5, 5])], [("W", [6, 2, 3, 3])])
+    layer = _one(model, "Conv")
+    assert layer.name == "Conv_0"  # unnamed nodes get op_index
+    assert layer.params == 6 * 2 * 9
+    assert layer.macs == (6 * 5 * 5) * (4 // 2) * 9
+
+
+# x [N,8,6,6] -> depthwise Conv(W [8,1,3,3], group 8) -> y [N,8,4,4]
+def test_conv_depthwise():
+    model = _model([helper.make_node("Conv", ["x", "W"], ["y"], group=8)],
+                   [("x", ["N", 8, 6, 6])], [("y", ["N", 8, 4, 4])], [("W", [8, 1, 3, 3])])
+    assert _one(model, "Conv").macs == (8 * 4 * 4) * 1 * 9
+
+
+# x [N,4,3,3] -> ConvTranspose(W [4,2,2,2], stride 2) -> y [N,2,6,6]
+def test_conv_transpose():
+    model = _model([helper.make_node("ConvTranspose", ["x", "W"], ["y"], strides=[2, 2])],
+                   [("x", ["N", 4, 3, 3])], [("y", ["N", 2, 6, 6])], [("W", [4, 2, 2, 2])])
+    # every output element receives one tap from each of the 4 input channels
+    assert _one(model, "ConvTranspose").macs == (2 * 6 * 6) * 4
+
+
+# x [N,5] -> Gemm(W [3,5], transB) + b [3] -> y [N,3]
+def test_gemm():
+    model = _model([helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1)],
+                   [("x", ["N", 5])], [("y", ["N", 3])], [("W", [3, 5]), ("b", [3])])
+    layer = _one(model, "Gemm")
+    assert (layer.params, layer.macs) == (18, 15)
+
+
+# x [N,5] -> Transpose -> t [5,N] -> Gemm(transA, W [5,3]) -> y [N,3]
+def test_gemm_trans_a():
+    model = _model([helper.make_node("Transpose", ["x"], ["t"]),
+                    helper.make_node("Gemm", ["t", "W"], ["y"], transA=1)],
+                   [("x", ["N", 5])], [("y", ["N", 3])], [("W", [5, 3])])
+    assert _one(model, "Gemm").macs == 15
+
+
+# x [N,7,5] -> MatMul(W [5,3]) -> y [N,7,3]
+def test_matmul_constant():
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                   [("x", ["N", 7, 5])], [("y", ["N", 7, 3])], [("W", [5, 3])])
+    layer = _one(model, "MatMul")
+    assert (layer.params, layer.macs) == (15, 7 * 3 * 5)
+
+
+# a [N,2,4,6] @ b [N,2,6,3] -> y [N,2,4,3]   (both operands dynamic)
+def test_matmul_dynamic():
+    model = _model([helper.make_node("MatMul", ["a", "b"], ["y"])],
+                   [("a", ["N", 2, 4, 6]), ("b", ["N", 2, 6, 3])], [("y", ["N", 2, 4, 3])])
+    layer = _one(model, "MatMul")
+    assert (layer.params, layer.macs) == (0, 2 * 4 * 3 * 6)
+
+
+# x -> MatMul(W) -> Relu -> MatMul(W) -> y     (shared_weight: counted once)
+def test_shared_weight_counted_once():
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                    helper.make_node("Relu", ["h"], ["r"]),
+                    helper.make_node("MatMul", ["r", "W"], ["y"], name="mm")],
+                   [("x", ["N", 4])], [("y", ["N", 4])], [("W", [4, 4])])
+    costs = layer_costs(model)
+    assert [c.name for c in costs] == ["MatMul_0", "Relu_1", "MatMul_2"]  # as graph.node_names: unique
+    assert [c.op for c in costs] == ["MatMul", "Relu", "MatMul"]
+    assert [c.params for c in costs] == [16, 0, 0]
+    assert [c.macs for c in costs] == [16, 0, 16]
+    assert sum(c.params for c in costs) == count_parameters(model)
+    assert total_macs(model) == 32
+
+
+def test_fixed_batch_counts_per_sample():
+    assert total_macs(conv_strided_padded(batch=4)) == total_macs(conv_strided_padded())
+
+
+def test_input_shapes_override():
+    model = _model([helper.make_node("Conv", ["x", "W"], ["y"])],
+                   [("x", ["N", 3, "H", "W_"])], [("y", ["N", 2, "H", "W_"])], [("W", [2, 3, 1, 1])])
+    assert total_macs(model, input_shapes={"x": [1, 3, 10, 20]}) == 2 * 10 * 20 * 3
+    with pytest.raises(ModelError, match="not an input"):
+        total_macs(model, input_shapes={"nope": [1]})
+
+
+def test_falls_back_to_onnxruntime_when_inference_fails(monkeypatch):
+    model = conv_strided_padded()
+    expected = layer_costs(model)
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda m, **kw: m)
+    assert cost._infer_shapes(model, None)[0].get("y") is None  # really not inferred
+    assert layer_costs(model) == expected
+
+
+def test_caller_model_untouched():
+    model = conv_strided_padded()
+    before = model.SerializeToString()
+    layer_costs(model)
+    assert model.SerializeToString() == before
+
+
+# ----------------------------------------------------------------------------- real models
+
+# name: (MACs per sample, parameters); MACs from the layer formulas in onnxprune/cost.py,
+# matching the published figures (MobileNetV2 300M, ResNet-20 41M, LeNet 2.3M).
+REAL = {
+    "lenet_caffe_mnist.onnx": (2_293_000, 431_080),
+    "mnist_cnn_fc3136.onnx": (4_241_152, 421_642),
+    "mnist_extdata/mnist.onnx": (411_008, 216_650),
+    "resnet20_cifar10.onnx": (40_551_040, 269_034),
+    "mobilenetv2_imagenet_fp32.onnx": (300_774_272, 3_487_946),
+}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_model_totals(shared, name):
+    model = load_model(shared / "models" / name)
+    costs = layer_costs(model)
+    macs, params = REAL[name]
+    assert sum(c.macs for c in costs) == macs
+    assert sum(c.params for c in costs) == params == count_parameters(model)
+    heavy = [c for c in costs if c.op in ("Conv", "Gemm", "MatMul")]
+    assert heavy and all(c.macs > 0 for c in heavy)
+    assert all(c.macs == 0 for c in costs if c not in heavy)

@@ -1,0 +1,283 @@
+"""Graph analysis: linear layers and coupled channel groups, on tiny graphs and real models."""
+
+from __future__ import annotations
+
+import json
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxprune.graph import (
+    describe_groups,
+    describe_linear_layers,
+    find_channel_groups,
+    find_linear_layers,
+    node_names,
+)
+from onnxprune.model import load_model
+
+
+def by_name(groups):
+    return {g.name: g for g in groups}
+
+
+# --------------------------------------------------------------------------- linear layers
+
+def test_linear_layers_of_gemm_chain():
+    layers = {layer.name: layer for layer in find_linear_layers(graphs.gemm_chain())}
+    fc1, fc2, fc3 = layers["fc1"], layers["fc2"], layers["fc3"]
+    assert (fc1.op, fc1.out_features, fc1.in_features, fc1.skip) == ("Gemm", 16, 8, None)
+    assert fc1.attrs == {"transA": 0, "transB": 1, "alpha": 1.0, "beta": 1.0}
+    assert (fc1.input, fc1.output, fc1.weight, fc1.bias) == ("x", "fc1.out", "fc1.W", "fc1.B")
+    assert (fc2.out_features, fc2.in_features) == (6, 16)          # transB=0: W is n x m
+    # MatMul + Add: the layer ends at the Add, whose constant is the bias
+    assert (fc3.op, fc3.out_features, fc3.in_features) == ("MatMul", 4, 6)
+    assert (fc3.output, fc3.bias, fc3.bias_node, fc3.skip) == ("fc3_bias.out", "fc3.B", "fc3_bias", None)
+    assert [layer.node_index for layer in layers.values()] == [0, 2, 4, 7]
+
+
+def test_linear_layers_of_convs():
+    layers = {layer.name: layer for layer in find_linear_layers(graphs.depthwise())}
+    expand, dw = layers["expand"], layers["dw"]
+    assert (expand.out_features, expand.in_features, expand.skip) == (12, 4, None)
+    assert expand.attrs == {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0],
+                            "dilations": [1, 1], "group": 1, "auto_pad": "NOTSET"}
+    assert (dw.out_features, dw.in_features) == (12, 9)
+    assert "group=12" in dw.skip
+    conv1 = next(layer for layer in find_linear_layers(graphs.conv_bn_relu()) if layer.name == "conv1")
+    assert (conv1.out_features, conv1.in_features) == (8, 3 * 3 * 3)
+
+
+def test_linear_layer_skips():
+    skips = {layer.name: layer.skip for layer in find_linear_layers(graphs.shared_weight())}
+    assert "shared with fc2" in skips["fc1"] and "shared with fc1" in skips["fc2"] and skips["fc3"] is None
+
+    w = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["W", "x"], ["left"]),                     # weight on the left
+        helper.make_node("Gemm", ["x2", "W2"], ["transposed"], transA=1),
+        helper.make_node("MatMul", ["x3", "x4"], ["dynamic"]),                # no constant weight
+    ]
+    graph = helper.make_graph(
+        nodes, "skips",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+         for n, s in [("x", [3, 2]), ("x2", [4, 2]), ("x3", [2, 4]), ("x4", [4, 2])]],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("left", "transposed", "dynamic")],
+        initializer=[w, onnx.numpy_helper.from_array(np.ones((4, 5), np.float32), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+    layers = find_linear_layers(model)
+    assert [layer.name for layer in layers] == ["MatMul_0", "Gemm_1", "MatMul_2"]   # unnamed: op_index
+    assert "left" in layers[0].skip
+    assert "transA" in layers[1].skip
+    assert "not an initializer" in layers[2].skip
+
+
+def test_node_names_are_unique_and_stable():
+    model = graphs.gemm_chain()
+    model.graph.node[1].name = ""
+    model.graph.node[3].name = "fc1"          # a duplicate name falls back to op_index
+    names = node_names(model)
+    assert names == ["Gemm_0", "Relu_1", "fc2", "Relu_3", "fc3", "fc3_bias", "relu3", "fc4"]
+    assert node_names(model) == names
+
+
+# --------------------------------------------------------------------------- channel groups
+
+def test_gemm_chain_groups():
+    groups = by_name(find_channel_groups(graphs.gemm_chain()))
+    fc1, fc2, fc3, fc4 = groups["fc1"], groups["fc2"], groups["fc3"], groups["fc4"]
+    assert fc1.skip is None and fc1.channels == 16 and fc1.site == "relu1.out"
+    assert [(p.node, p.weight, p.axis, p.bias) for p in fc1.producers] == [("fc1", "fc1.W", 0, "fc1.B")]
+    assert [(c.node, c.weight, c.axis, c.spatial) for c in fc1.consumers] == [("fc2", "fc2.W", 0, 1)]
+    assert fc2.skip is None and fc2.channels == 6
+    assert [(p.node, p.axis) for p in fc2.producers] == [("fc2", 1)]               # transB=0
+    assert [(c.node, c.axis) for c in fc2.consumers] == [("fc3", 0)]               # MatMul
+    assert fc3.skip is None and fc3.site == "relu3.out"
+    assert [(p.node, p.weight, p.axis, p.bias) for p in fc3.producers] == [("fc3", "fc3.W", 1, "fc3.B")]
+    assert [p.node for p in fc3.path] == ["relu3"]                                # the bias Add is absorbed
+    assert "graph output" in fc4.skip
+
+
+def test_conv_bn_relu_group():
+    groups = by_name(find_channel_groups(graphs.conv_bn_relu()))
+    group = groups["conv1"]
+    assert group.skip is None and group.channels == 8 and group.site == "relu.out"
+    assert [p.node for p in group.path] == ["bn", "relu"]
+    assert group.path[0].params == [("bn.scale", 0), ("bn.B", 0), ("bn.mean", 0), ("bn.var", 0)]
+    assert [(c.node, c.axis) for c in group.consumers] == [("conv2", 1)]
+    assert "graph output" in groups["conv2"].skip
+
+
+@pytest.mark.parametrize("reshape", [False, True])
+def test_flatten_to_gemm_group(reshape):
+    group = by_name(find_channel_groups(graphs.flatten_to_gemm(reshape=reshape)))["conv"]
+    assert group.skip is None and group.channels == 4
+    assert group.site == "pool.out"                       # before the Flatten: [N, C, H, W]
+    assert [p.node for p in group.path] == ["relu", "pool", "flat"]
+    assert [(c.node, c.axis, c.spatial) for c in group.consumers] == [("fc", 1, 16)]
+    assert group.reshapes == (["flat"] if reshape else [])
+
+
+def test_residual_add_couples_the_stream_and_leaves_the_inner_group_prunable():
+    groups = by_name(find_channel_groups(graphs.residual_add()))
+    stream = groups["conv0"]
+    assert [p.node for p in stream.producers] == ["conv0", "convB"]
+    assert [c.node for c in stream.consumers] == ["convA", "out"]
+    assert "residual" in stream.skip and "add" in stream.skip
+    inner = groups["convA"]
+    assert inner.skip is None and inner.channels == 6
+    assert [c.node for c in inner.consumers] == ["convB"]
+    assert "convB" not in groups                          # convB belongs to the stream group
+
+
+def test_add_of_two_branches_is_one_prunable_group():
+    groups = by_name(find_channel_groups(graphs.add_branches()))
+    group = groups["convA"]
+    assert group.skip is None and group.site == "relu.out"
+    assert [p.node for p in group.producers] == ["convA", "convB"]
+    assert [p.node for p in group.path] == ["add", "relu"]
+
+
+def test_concat_branches_are_skipped_with_a_reason():
+    groups = by_name(find_channel_groups(graphs.concat_branches()))
+    for name in ("convA", "convB"):
+        assert "Concat concat" in groups[name].skip
+
+
+def test_depthwise_conv_is_on_the_path():
+    groups = by_name(find_channel_groups(graphs.depthwise()))
+    group = groups["expand"]
+    assert group.skip is None and group.channels == 12 and group.site == "clip2.out"
+    assert [p.node for p in group.path] == ["clip1", "dw", "clip2"]
+    assert group.path[1].params == [("dw.W", 0), ("dw.B", 0)]
+    assert [c.node for c in group.consumers] == ["project"]
+    assert "dw" not in groups                              # a depthwise conv starts no group
+
+
+def test_shared_consumer_group_has_two_consumers():
+    group = by_name(find_channel_groups(graphs.shared_consumer()))["conv0"]
+    assert group.skip is None and group.site == "relu.out"
+    assert [c.node for c in group.consumers] == ["convA", "convB"]
+
+
+def test_consumers_of_different_tensors_are_skipped():
+    # relu.out feeds convA; conv0.out (before the Relu) also feeds a new conv: two sites
+    model = graphs.shared_consumer()
+    model.graph.node[3].input[0] = "conv0.out"            # convB reads before the Relu
+    group = by_name(find_channel_groups(model))["conv0"]
+    assert "different tensors" in group.skip
+
+
+def test_grouped_conv_consumer_and_unknown_op_are_skipped():
+    model = graphs.depthwise()
+    dw = next(n for n in model.graph.node if n.name == "dw")
+    dw.op_type = "Softmax"                                # crosses channels
+    del dw.attribute[:]
+    del dw.input[1:]
+    group = by_name(find_channel_groups(model))["expand"]
+    assert "Softmax dw" in group.skip
+
+
+def test_describe_groups_is_json():
+    rows = describe_groups(find_channel_groups(graphs.flatten_to_gemm(reshape=True)))
+    text = json.dumps(rows)
+    assert json.loads(text)[0]["consumers"] == [{"node": "fc", "weight": "fc.W", "axis": 1, "spatial": 16}]
+    assert rows[0]["prunable"] and not rows[1]["prunable"]
+    json.dumps(describe_linear_layers(find_linear_layers(graphs.gemm_chain())))
+
+
+# --------------------------------------------------------------------------- real models
+
+REAL = ["lenet_caffe_mnist.onnx", "mnist_cnn_fc3136.onnx", "mnist_extdata/mnist.onnx",
+        "resnet20_cifar10.onnx", "mobilenetv2_imagenet_fp32.onnx"]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("file", REAL)
+def test_real_models_analyse(shared, file):
+    model = load_model(shared / "models" / file)
+    groups = find_channel_groups(model)
+    assert groups
+    for group in groups:
+        assert group.skip is None or group.skip.strip()
+        if group.skip is None:
+            assert group.producers and group.consumers
+    json.dumps(describe_groups(groups))
+    layers = find_linear_layers(model)
+    assert layers and any(layer.skip is None for layer in layers)
+
+
+@pytest.mark.real
+def test_real_lenet_groups(shared):
+    groups = by_name(find_channel_groups(load_model(shared / "models" / "lenet_caffe_mnist.onnx")))
+    assert groups["conv1"].skip is None and groups["conv1"].channels == 20
+    conv2 = groups["conv2"]
+    assert conv2.skip is None and conv2.channels == 50 and conv2.site == "pool2"
+    assert [(c.node, c.spatial) for c in conv2.consumers] == [("ip1", 16)]
+    assert groups["ip1"].skip is None and groups["ip1"].channels == 500
+    assert "graph output" in groups["ip2"].skip
+
+
+@pytest.mark.real
+def test_real_mnist_cnn_groups(shared):
+    groups = by_name(find_channel_groups(load_model(shared / "models" / "mnist_cnn_fc3136.onnx")))
+    assert groups["/conv1/Conv"].skip is None
+    conv2 = groups["/conv2/Conv"]
+    assert conv2.skip is None and conv2.reshapes == ["/Reshape"]
+    assert [(c.node, c.spatial) for c in conv2.consumers] == [("/fc1/Gemm", 49)]
+    assert groups["/fc1/Gemm"].skip is None and groups["/fc1/Gemm"].channels == 128
+
+
+@pytest.mark.real
+def test_real_resnet20_inner_groups_are_prunable(shared):
+    model = load_model(shared / "models" / "resnet20_cifar10.onnx")
+    groups = find_channel_groups(model)
+    inner = [g for g in groups if g.name.endswith("conv1/Conv") and g.name.startswith("/layer")]
+    assert len(inner) == 9
+    for group in inner:
+        assert group.skip is None, group.skip
+        assert [c.node for c in group.consumers] == [group.name.replace("conv1", "conv2")]
+    streams = [g for g in groups if g not in inner and len(g.producers) > 1]
+    assert len(streams) == 3
+    assert all(g.skip for g in streams)
+    assert any("Slice" in g.skip for g in streams) and any("Pad" in g.skip for g in streams)
+
+
+@pytest.mark.real
+def test_real_mobilenet_expansion_groups_are_prunable(shared):
+    model = load_model(shared / "models" / "mobilenetv2_imagenet_fp32.onnx")
+    groups = find_channel_groups(model)
+    ops = {n.name: n for n in model.graph.node}
+
+    def is_depthwise(name):
+        return any(a.name == "group" and a.i > 1 for a in ops[name].attribute)
+
+    expansions = [g for g in groups if any(ops[p.node].op_type == "Conv" and is_depthwise(p.node) for p in g.path)]
+    assert len(expansions) == 17                          # the stem conv and the 16 expand 1x1 convs
+    for group in expansions:
+        assert group.skip is None, group.skip
+        assert len([p for p in group.path if is_depthwise(p.node)]) == 1
+    residual = [g for g in groups if len(g.producers) > 1]
+    assert len(residual) == 5 and all("residual" in g.skip for g in residual)
+    head = by_name(groups)["Conv_124"]                    # 1280 channels through GAP + Reshape into MatMul
+    assert head.skip is None and head.reshapes == ["Reshape_103"]
+    assert [(c.node, c.axis, c.spatial) for c in head.consumers] == [("MatMul_129", 0, 1)]
+
+
+def test_an_activation_broadcast_along_the_channels_is_not_coupled():
+    # y = relu(conv0) * sigmoid(gate) with gate [N,1,H,W]: the gate does not carry channels
+    model = graphs.add_branches()
+    add = next(n for n in model.graph.node if n.name == "add")
+    add.op_type = "Mul"
+    convB = next(n for n in model.graph.node if n.name == "convB")
+    w = next(t for t in model.graph.initializer if t.name == "convB.W")
+    b = next(t for t in model.graph.initializer if t.name == "convB.B")
+    w.CopyFrom(onnx.numpy_helper.from_array(np.ones((1, 3, 1, 1), np.float32), "convB.W"))
+    b.CopyFrom(onnx.numpy_helper.from_array(np.zeros(1, np.float32), "convB.B"))
+    add.input[:] = [convB.output[0], add.input[0]]          # the broadcast operand first
+    groups = by_name(find_channel_groups(model))
+    assert groups["convA"].skip is None and [p.node for p in groups["convA"].producers] == ["convA"]
+    assert groups["convB"].channels == 1 and "convA" not in [p.node for p in groups["convB"].producers]
