@@ -91,6 +91,11 @@ def common_options(func):
     return func
 
 
+def show_progress(quiet: int) -> bool:
+    """Progress bars only for a person watching a terminal."""
+    return quiet == 0 and sys.stderr.isatty()
+
+
 def user_errors(func):
     """Turn OnnxPruneError into a one-line message and its exit code; bugs keep their traceback."""
 
@@ -207,7 +212,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
     preprocess = preprocess_dict(kw)
     recipe = build_recipe(kw, preprocess)
     result = api.compress(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
-                          eval_data=kw["eval_data"], stats=kw["stats"], device=device, progress=quiet == 0,
+                          eval_data=kw["eval_data"], stats=kw["stats"], device=device, progress=show_progress(quiet),
                           max_drop=kw["max_drop"], min_agreement=kw["min_agreement"],
                           measure_latency=not kw["no_latency"])
     if as_json:
@@ -284,7 +289,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     kw.update(split=0.5, calib_size=None, mode=None)
     recipe = build_recipe(kw, preprocess)
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
-                          device=device, progress=quiet == 0)
+                          device=device, progress=show_progress(quiet))
     sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
     click.echo(f"wrote {output} ({len(stats.header.get('requests', []))} tensors; {sets})")
 
@@ -344,7 +349,7 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
 
     preprocess = preprocess_dict(kw)
     report = api.validate(reference, candidate, data, preprocess=preprocess, batch_size=batch_size, device=device,
-                          measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=quiet == 0)
+                          measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=show_progress(quiet))
     if as_json:
         click.echo(json.dumps(api.jsonable(report.to_dict()), indent=2))
     else:

@@ -198,7 +198,7 @@ class SecondMoment:
         """S = gram / count from an accumulated Gram matrix sum_i x_i x_i^T (n x n)."""
         if not count > 0:
             raise ValueError(f"count={count} must be positive")
-        return cls(matrix=_symmetric(gram, "Gram matrix") / float(count), count=float(count))
+        return cls(matrix=_matrix(gram, "Gram matrix") / float(count), count=float(count))
 
     @classmethod
     def from_rows(cls, rows) -> SecondMoment:
@@ -356,6 +356,17 @@ def _dalr_basis(W: np.ndarray, stats: SecondMoment, k: int, shrink_to: str, lam:
         if math.isinf(lam):
             return truncated_svd(W, k)[0]
         M = stats.quad(W) + lam * (W @ W.T)
+    elif stats.sample_space and k <= stats.count < W.shape[0]:
+        # fewer samples than outputs: left singular vectors of Z = W X^T / sqrt(N) (m x N)
+        # instead of an m x m eigenproblem
+        Z = (W @ stats.rows.T) / math.sqrt(stats.count)
+        try:
+            U = sla.svd(Z, full_matrices=False, check_finite=False)[0]
+        except sla.LinAlgError:
+            U = sla.svd(Z, full_matrices=False, check_finite=False, lapack_driver="gesvd")[0]
+        U = U[:, :k].copy()
+        _fix_signs(U)
+        return U
     else:
         M = stats.quad(W)
     return _top_eigvecs(M, k)[1]
@@ -414,7 +425,13 @@ def output_spectrum(W, stats=None) -> np.ndarray:
         s = sla.svd(W, compute_uv=False, check_finite=False)
         return s**2
     stats = _as_moment(stats)
-    values = sla.eigh(stats.quad(W), eigvals_only=True, check_finite=False)[::-1]
+    if stats.n != W.shape[1]:
+        raise ValueError(f"weight has {W.shape[1]} inputs but the second moment is {stats.n} wide")
+    if stats.sample_space and stats.count < W.shape[0]:
+        Z = (W @ stats.rows.T) / math.sqrt(stats.count)              # (m x N), N < m
+        values = sla.svd(Z, compute_uv=False, check_finite=False) ** 2
+    else:
+        values = sla.eigh(stats.quad(W), eigvals_only=True, check_finite=False)[::-1]
     out = np.zeros(r)
     take = min(r, values.size)
     out[:take] = np.maximum(values[:take], 0.0)
@@ -579,8 +596,8 @@ def bias_correction(W, A, B, mean) -> np.ndarray:
 # spectral channel selection
 
 
-def _check_stop(alpha, count, C: int, *, need_one: bool = True) -> tuple[float | None, int | None]:
-    if alpha is None and count is None and need_one:
+def _check_stop(alpha, count, C: int) -> tuple[float | None, int | None]:
+    if alpha is None and count is None:
         raise ValueError("give alpha (retention target), count (channels to keep), or both")
     if alpha is not None and not 0 < alpha <= 1:
         raise ValueError(f"alpha={alpha} must be in (0, 1]")
@@ -826,7 +843,8 @@ def retention_ratio(sigma, keep, *, ridge: float = SELECT_RIDGE) -> float:
     J = _kept(keep, C)
     total = float(np.trace(S))
     if not math.isfinite(total):
-        raise NumericalError("channel second moment", "contains NaN or Inf", hint="check the calibration data")
+        raise NumericalError("channel second moment", "contains NaN or Inf",
+                             hint="check the calibration data")
     if total <= 0:
         return 1.0
     if J.size == 0:
@@ -838,28 +856,43 @@ def retention_ratio(sigma, keep, *, ridge: float = SELECT_RIDGE) -> float:
     return float(min(max(np.einsum("ij,ij->", G, _finite(Y, "retention")) / total, 0.0), 1.0))
 
 
-def reconstruction_matrix(sigma, keep, *, ridge: float = SELECT_RIDGE) -> np.ndarray:
+def reconstruction_matrix(sigma, keep, *, ridge: float = SELECT_RIDGE, refine: int = 2) -> np.ndarray:
     """A_J (C x k) with phi ~ A_J phi_J: Sigma_FJ (Sigma_JJ + rho I)^-1 via cho_solve.
 
-    sigma (C x C) uncentred second moment; keep (k,) kept channels in any order (A_J's
-    columns follow it); rho = ridge * trace(Sigma) / C (the same ridge as the selection).
-    Rows of kept channels are set to the identity exactly (they pass through). A removed
-    channel that is dead gets a zero row; one that duplicates a kept channel copies it (up
-    to O(rho / its variance)). Fold into the next layer as W_next <- W_next A_J.
+    Parameters
+    ----------
+    sigma : (C x C) uncentred second moment of the site's channels.
+    keep : (k,) kept channels in any order; A_J's columns follow it.
+    ridge : rho = ridge * trace(Sigma) / C, the same ridge as the selection.
+    refine : iterated-Tikhonov steps A <- A + (Sigma_FJ - A Sigma_JJ)(Sigma_JJ + rho I)^-1.
+        Each multiplies the ridge's bias along an eigenvalue mu of Sigma_JJ by
+        rho / (mu + rho): well-determined directions become exact, ill-determined ones stay
+        damped (never amplified). 0 gives the plain ridge solution.
+
+    Rows of kept channels are the identity exactly (they pass through). A removed channel
+    that is dead gets a zero row, one that duplicates (or is a combination of) kept channels
+    copies them, to rounding. Fold into the next layer as W_next <- W_next A_J.
     """
     S = _square(sigma, "channel second moment")
     C = S.shape[0]
     J = _kept(keep, C)
+    if int(refine) != refine or refine < 0:
+        raise ValueError(f"refine={refine} must be a non-negative integer")
     if J.size == 0:
         return np.zeros((C, 0))
     total = float(np.trace(S))
     G = _matrix(S[J], "Sigma_JF")                        # (k x C)
     K = 0.5 * (G[:, J] + G[:, J].T)
-    K[np.diag_indices_from(K)] += ridge * (total / C if total > 0 else 1.0)
-    if not (K.diagonal() > 0).all():
+    shifted = K.copy()
+    shifted[np.diag_indices_from(K)] += ridge * (total / C if total > 0 else 1.0)
+    if not (shifted.diagonal() > 0).all():
         raise NumericalError("Sigma_JJ", "a kept channel has zero variance and ridge=0",
                              hint="use a ridge > 0 or drop dead channels")
-    A = sla.cho_solve(_cho(K, "Sigma_JJ + rho I"), G, check_finite=False).T   # (C x k)
+    factor = _cho(shifted, "Sigma_JJ + rho I")
+    At = sla.cho_solve(factor, G, check_finite=False)    # A^T (k x C)
+    for _ in range(int(refine)):
+        At += sla.cho_solve(factor, G - K @ At, check_finite=False)
+    A = At.T.copy()
     A[J] = np.eye(J.size)
     return _finite(A, "reconstruction matrix")
 

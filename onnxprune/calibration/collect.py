@@ -22,7 +22,7 @@ from tqdm import tqdm
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnxprune import __version__
-from onnxprune.calibration.stats import Moments, StatRequest, Statistics
+from onnxprune.calibration.stats import Moments, StatRequest, Statistics, release_buffers
 from onnxprune.errors import CalibrationError, DataError
 from onnxprune.model import clone, input_specs, model_hash
 from onnxprune.runtime import batch_size_for, make_session, run_batches
@@ -82,6 +82,7 @@ def collect(
     by_tensor: dict[str, list[StatRequest]] = {}
     for r in requests:
         by_tensor.setdefault(r.tensor, []).append(r)
+    keys = {tensor: {r.key for r in rs} for tensor, rs in by_tensor.items()}
 
     for set_name, sample_set in samples.items():
         per_fold = [0] * folds
@@ -102,9 +103,12 @@ def collect(
                 for j, tensor in enumerate(tensors):
                     x = result[j]
                     result[j] = None           # the only reference left is x: freed after use
-                    _check_finite(x, tensor, set_name, indices)
                     for request in by_tensor[tensor]:
                         _fold_in(moments, request, set_name, x, position, folds)
+                    # every value folded in reaches a sum: a NaN or Inf leaves it non-finite
+                    if not all(np.isfinite(m.sum).all() for (s, k, _), m in moments.items()
+                               if s == set_name and k in keys[tensor]):
+                        _raise_non_finite(x, tensor, set_name, indices)
                     del x
                 del result
                 for f in range(folds):
@@ -114,6 +118,7 @@ def collect(
         finally:
             bar.close()
             batches.close()
+            release_buffers()
         header["samples"][set_name] = per_fold
     return Statistics(header, moments)
 
@@ -135,18 +140,15 @@ def _fold_in(moments, request: StatRequest, set_name: str, x: np.ndarray, positi
         elif m.dim != dim:
             raise CalibrationError(request.tensor, f"feature size changed from {m.dim} to {dim} between batches",
                                    "statistics need a fixed feature dimension")
-        for rows in request.rows(part):
-            m.update(rows)
+        with np.errstate(invalid="ignore", over="ignore"):   # non-finite values are reported by the caller
+            for rows in request.rows(part):
+                m.update(rows)
 
 
-def _check_finite(x: np.ndarray, tensor: str, set_name: str, indices) -> None:
-    if not np.issubdtype(x.dtype, np.floating):
-        return
-    with np.errstate(invalid="ignore", over="ignore"):
-        if np.isfinite(np.sum(x, dtype=np.float64)):   # one pass, no temporary; NaN/Inf propagate
-            return
-    bad = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) if x.ndim else np.array([True])
-    which = [int(indices[j]) for j in np.flatnonzero(bad)[:5]] if x.ndim else []
+def _raise_non_finite(x: np.ndarray, tensor: str, set_name: str, indices) -> None:
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    which = [int(indices[j]) for j in np.flatnonzero(bad)[:5]]
     raise CalibrationError(tensor, f"non-finite activation (NaN or Inf) on {set_name} sample(s) {which}",
                            "check the input data and preprocessing")
 

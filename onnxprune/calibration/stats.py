@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -42,6 +44,25 @@ POOLS = ("max", "mean")
 
 # --------------------------------------------------------------------------------------
 # Moments
+
+
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, int]) -> np.ndarray:
+    """A float64 work buffer of ``shape``, reused across updates in this thread: fresh
+    32 MiB buffers would be mapped and faulted in anew for every chunk."""
+    size = shape[0] * shape[1]
+    buf = getattr(_local, "buffer", None)
+    if buf is None or buf.size < size:
+        buf = _local.buffer = np.empty(size, dtype=np.float64)
+    return buf[:size].reshape(shape)
+
+
+def release_buffers() -> None:
+    """Drop this thread's work buffer (``collect`` calls it when done)."""
+    _local.buffer = None
+
 
 
 class Moments:
@@ -70,8 +91,10 @@ class Moments:
     def update(self, rows: np.ndarray) -> None:
         """Fold ``rows`` (k, dim), of any real dtype and memory layout, into the accumulators.
 
-        The float64 cast happens chunk by chunk, so a transposed view (for example one
-        sample of an NCHW activation, ``x[n].reshape(C, -1).T``) costs no full copy.
+        Rows are copied chunk by chunk (about ``CHUNK_BYTES`` each) into a float64 buffer
+        with an extra column of ones, whose symmetric product (one BLAS syrk) gives the
+        Gram and, in its last row, the sum. A transposed view such as one sample of an
+        NCHW activation (``x[n].reshape(C, -1).T``) is copied along its contiguous axis.
         """
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.dim:
@@ -85,11 +108,25 @@ class Moments:
             self.sum += self._chunks[-1].sum(axis=0)
             self._gram_cache = None
             return
-        step = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (8 * self.dim))
+        dim = self.dim
+        # samples contiguous in memory, features strided (e.g. channels of an NCHW sample)
+        by_columns = k > 1 and dim > 1 and rows.strides[0] == rows.itemsize
+        step = max(MIN_CHUNK_ROWS if dim < 4096 else 64, CHUNK_BYTES // (8 * (dim + 1)))
         for start in range(0, k, step):
-            block = np.asarray(rows[start:start + step], dtype=np.float64)   # no copy when float64
-            self.sum += block.sum(axis=0)
-            self._gram += block.T @ block                                     # numpy uses syrk here
+            part = rows[start:start + step]
+            n = part.shape[0]
+            if by_columns:
+                buf = _scratch((dim + 1, n))
+                buf[:dim] = part.T
+                buf[dim] = 1.0
+                product = buf @ buf.T                     # numpy calls syrk for a @ a.T
+            else:
+                buf = _scratch((n, dim + 1))
+                buf[:, :dim] = part
+                buf[:, dim] = 1.0
+                product = buf.T @ buf
+            self._gram += product[:dim, :dim]
+            self.sum += product[dim, :dim]
 
     def __add__(self, other: Moments) -> Moments:
         if not isinstance(other, Moments):
@@ -300,16 +337,28 @@ class StatRequest:
         if self.kind == "pooled":
             yield pooled(x, pool=self.pool)
         elif self.kind == "patches":
-            for n in range(x.shape[0]):
-                yield patches(x[n:n + 1], kernel=self.kernel, strides=self.strides, pads=self.pads,
+            # a few samples at a time: the im2col copy is kh*kw times their size
+            per_sample = math.prod(self.out_spatial(x.shape))
+            group = max(1, MIN_CHUNK_ROWS // max(per_sample, 1))
+            for n in range(0, x.shape[0], group):
+                yield patches(x[n:n + group], kernel=self.kernel, strides=self.strides, pads=self.pads,
                               dilations=self.dilations)
         else:
             yield from feature_rows(x, self.axis)
 
+    def out_spatial(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Output positions per spatial axis of a "patches" request on an input of ``shape``."""
+        nd = len(self.kernel)
+        strides = self.strides or (1,) * nd
+        pads = self.pads or (0,) * (2 * nd)
+        dilations = self.dilations or (1,) * nd
+        return tuple((shape[2 + i] + pads[i] + pads[nd + i] - dilations[i] * (self.kernel[i] - 1) - 1)
+                     // strides[i] + 1 for i in range(nd))
+
     def dim(self, shape: tuple[int, ...]) -> int:
         """The feature dimension this request gives for an activation of ``shape``."""
         if self.kind == "patches":
-            return int(shape[1]) * int(np.prod(self.kernel))
+            return int(shape[1]) * math.prod(self.kernel)
         if self.kind == "pooled":
             return int(shape[1]) if len(shape) > 1 else 1
         return int(shape[self.axis])
@@ -320,6 +369,8 @@ class StatRequest:
         if self.kind == "patches":
             if rank != 2 + len(self.kernel):
                 return f"has shape {list(shape)}; patches of a {len(self.kernel)}-d kernel need rank {2 + len(self.kernel)}"
+            if min(self.out_spatial(shape)) < 1:
+                return f"has shape {list(shape)}; the kernel {list(self.kernel)} does not fit in it"
             return None
         if self.kind == "pooled":
             return None if rank >= 2 else f"has shape {list(shape)}; pooling needs [N, C, ...]"
@@ -331,26 +382,27 @@ class StatRequest:
 def feature_rows(x: np.ndarray, axis: int) -> Iterator[np.ndarray]:
     """Yield (k, C) row blocks of ``x`` with features on ``axis`` and samples on every other.
 
-    Features on the last axis: contiguous row slices, no copy. Otherwise (NCHW: the N*H*W
-    positions of C channels) groups of leading indices are cast to float64 and transposed
-    in one strided copy of about ``CHUNK_BYTES`` into a (C, rows) buffer, and the rows are
-    its transposed view: one large BLAS call per group, and ``Moments.update`` copies
-    nothing more.
+    Features on the last axis: one view, no copy. Otherwise (NCHW: the N*H*W positions of
+    C channels) one transposed view per leading index, ``x[n].reshape(C, H*W).T``, which
+    ``Moments.update`` copies along its contiguous axis; small maps (H*W below
+    ``MIN_CHUNK_ROWS``) are gathered over several samples into one small copy so each BLAS
+    call sees enough rows.
     """
     axis = axis % x.ndim
     channels = x.shape[axis]
-    lead = int(np.prod(x.shape[:axis], dtype=np.int64))
-    trail = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    lead = math.prod(x.shape[:axis])
+    trail = math.prod(x.shape[axis + 1:])
     if trail == 1:
         yield x.reshape(lead, channels)
         return
     blocks = x.reshape(lead, channels, trail)
-    group = max(1, CHUNK_BYTES // (8 * channels * trail))
+    group = max(1, MIN_CHUNK_ROWS // trail)
+    if group == 1:
+        for i in range(lead):
+            yield blocks[i].T
+        return
     for start in range(0, lead, group):
-        part = blocks[start:start + group]
-        buf = np.empty((channels, part.shape[0], trail), dtype=np.float64)
-        buf[...] = part.transpose(1, 0, 2)
-        yield buf.reshape(channels, -1).T
+        yield blocks[start:start + group].transpose(0, 2, 1).reshape(-1, channels)
 
 
 def pooled(x: np.ndarray, *, pool: str = "max") -> np.ndarray:
@@ -397,7 +449,7 @@ def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=()) -> np.n
     out_spatial = window.shape[2:2 + nd]
     # (N, *out_spatial, C, *kernel)
     order = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
-    return window.transpose(order).reshape(n * int(np.prod(out_spatial)), c * int(np.prod(kernel)))
+    return window.transpose(order).reshape(n * math.prod(out_spatial), c * math.prod(kernel))
 
 
 # --------------------------------------------------------------------------------------

@@ -248,15 +248,18 @@ class LowRankSplit(Pass):
         if opts.ridge != "auto":
             a_mat, b_mat = linalg.dalr(w, total, k, ridge=float(opts.ridge))
             return a_mat, b_mat, {"method": "dalr", "ridge": float(opts.ridge)}
+        # Held-out choice among DALR ridges (shrinking B to 0, or the approximation towards
+        # W, whose infinite-ridge end is the SVD) and plain SVD: fit on fold 0, score on fold 1.
         request = layer_request(layer)
         folds = [second_moment(stats.moments(request, "target", fold=f)) for f in (0, 1)]
-        _, _, info = linalg.best_low_rank(w, k, folds[0], folds[1])
-        if info.get("method") == "svd":
+        _, _, info = linalg.best_low_rank(w, k, folds[0], folds[1], methods=("dalr", "dalr-weight", "svd"))
+        if info["method"] == "svd":
             a_mat, b_mat = linalg.truncated_svd(w, k)
             return a_mat, b_mat, {"method": "dalr", "chosen": "svd"}
-        ridge = float(info["ridge"])
-        a_mat, b_mat = linalg.dalr(w, total, k, ridge=ridge)
-        return a_mat, b_mat, {"method": "dalr", "chosen": "dalr", "ridge": ridge}
+        ridge, shrink = float(info["ridge"]), info["shrink_to"]
+        a_mat, b_mat = linalg.dalr(w, total, k, ridge=ridge, shrink_to=shrink)
+        return a_mat, b_mat, {"method": "dalr", "chosen": f"dalr (ridge {ridge:g}, to {shrink})",
+                              "ridge": ridge, "shrink_to": shrink}
 
     def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> None:
         graph = model.graph

@@ -13,14 +13,12 @@ from onnxprune.errors import CalibrationError
 from onnxprune.model import model_hash
 from tests.conftest import run_model
 
-try:  # the real reader once it exists; the stand-in below has the same interface
-    from onnxprune.calibration.readers import open_samples
-except ImportError:  # pragma: no cover - readers.py is written in parallel
-    open_samples = None
+from onnxprune.calibration.readers import open_samples
 
 
 class ArraySamples:
-    """Stand-in SampleSet over in-memory arrays, iterated in ``order``."""
+    """Stand-in SampleSet over in-memory arrays, iterated in ``order`` (the real SampleSet always
+    iterates in index order and refuses to be empty; these tests need both)."""
 
     def __init__(self, feeds: dict[str, np.ndarray], order=None, labels=None):
         self.feeds = feeds
@@ -41,6 +39,11 @@ class ArraySamples:
 
     def subset(self, indices):
         return ArraySamples(self.feeds, self.order[np.asarray(indices)], self.labels)
+
+
+def real(model, x: np.ndarray):
+    """The real SampleSet over already-preprocessed float samples."""
+    return open_samples(x, model)
 
 
 def conv_relu_gemm(batch="N", seed=0) -> onnx.ModelProto:
@@ -128,7 +131,7 @@ def data():
 def test_collect_equals_numpy_on_all_activations(data):
     model = conv_relu_gemm()
     before = model.SerializeToString()
-    stats = collect(model, {"target": ArraySamples({"x": data})}, REQUESTS, batch_size=5, progress=False)
+    stats = collect(model, {"target": real(model, data)}, REQUESTS, batch_size=5, progress=False)
     assert model.SerializeToString() == before                    # the caller's model is untouched
     acts = all_activations(model, data)
     for request in REQUESTS:
@@ -136,14 +139,14 @@ def test_collect_equals_numpy_on_all_activations(data):
         assert m.keep_rows == request.keep_rows
         assert_matches(m, numpy_rows(request, acts[request.tensor]))
     assert stats.header["model_hash"] == model_hash(model)
-    assert stats.header["sets"] == {"target": {"kind": "arrays", "count": 23}}
+    assert stats.header["sets"] == {"target": real(model, data).describe()}
     assert stats.header["folds"] == 1 and stats.header["samples"] == {"target": [23]}
     assert [r["key"] for r in stats.header["requests"]] == [r.key for r in REQUESTS]
 
 
 def test_several_sets_and_a_save_load_round_trip(data, tmp_path):
     model = conv_relu_gemm()
-    samples = {"target": ArraySamples({"x": data[:10]}), "source": ArraySamples({"x": data[10:]})}
+    samples = {"target": real(model, data[:10]), "source": real(model, data[10:])}
     requests = [StatRequest("relu.out"), StatRequest("flat.out", axis=-1)]
     stats = collect(model, samples, requests, batch_size=4, progress=False)
     acts = all_activations(model, data)
@@ -181,7 +184,7 @@ def test_folds_partition_the_samples_in_iteration_order(data):
 def test_fixed_batch_model_with_a_partial_last_batch(data, n):
     fixed = conv_relu_gemm(batch=4)
     requests = [StatRequest("relu.out"), StatRequest("flat.out", axis=-1), StatRequest("x", kind="pooled")]
-    stats = collect(fixed, {"target": ArraySamples({"x": data[:n]})}, requests, batch_size=32, folds=2,
+    stats = collect(fixed, {"target": real(fixed, data[:n])}, requests, batch_size=32, folds=2,
                     progress=False)
     acts = all_activations(conv_relu_gemm(), data[:n])            # same weights, dynamic batch
     for request in requests:
@@ -248,6 +251,32 @@ def test_empty_sample_set_and_bad_options(data):
                 [StatRequest("flat.out", kind="patches", kernel=(3, 3))], progress=False)
 
 
+def relu_only() -> onnx.ModelProto:
+    """x [N,8,32,32] -> Relu -> r -> Relu -> y"""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 32, 32])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+
+
+def test_memory_is_bounded_by_one_batch_not_the_sample_count():
+    import tracemalloc
+
+    model = relu_only()
+    x = np.random.default_rng(0).standard_normal((300, 8, 32, 32)).astype(np.float32)   # 9.4 MiB of "r"
+    samples = ArraySamples({"x": x})
+    requests = [StatRequest("r"), StatRequest("r", kind="pooled"), StatRequest("y", kind="patches", kernel=(3, 3))]
+    tracemalloc.start()
+    try:
+        collect(model, {"target": samples}, requests, batch_size=10, folds=2, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    batch_bytes = 10 * x[0].nbytes
+    assert peak < 0.25 * x.nbytes                    # far below all activations of one tensor
+    assert peak < 12 * batch_bytes + 4 * 2**20      # a few batches' worth of buffers at most
+
+
 def test_progress_bar_is_off_when_stderr_is_not_a_tty(data, capsys):
     collect(conv_relu_gemm(), {"target": ArraySamples({"x": data})}, [StatRequest("relu.out")], progress=True)
     assert capsys.readouterr().err == ""
@@ -265,7 +294,7 @@ def test_lenet_flatten_input_over_1000_mnist_samples(shared):
     flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
     digits = np.load(shared / "data" / "digits" / "mnist_test.npz")
     x = (digits["x"][:1000].astype(np.float32) / 255.0)[:, None]
-    samples = ArraySamples({"data": x})
+    samples = real(model, x)
     requests = [StatRequest(flatten.input[0]),                                  # [N,50,4,4]: 16 N rows of 50
                 StatRequest(flatten.output[0], axis=-1),                        # [N,800]: the Gemm input
                 StatRequest(flatten.output[0], axis=-1, keep_rows=True)]

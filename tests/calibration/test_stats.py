@@ -59,18 +59,6 @@ def test_moments_accept_any_float_dtype_and_layout():
     assert half.gram.dtype == np.float64
 
 
-def test_moments_update_in_chunks_matches_one_shot(monkeypatch):
-    import onnxprune.calibration.stats as stats
-
-    monkeypatch.setattr(stats, "CHUNK_BYTES", 8 * 3 * 10)
-    monkeypatch.setattr(stats, "MIN_CHUNK_ROWS", 7)
-    x = activations(100, 3)
-    m = Moments(3)
-    m.update(x)          # 15 chunks of 7 rows
-    ref = x.astype(np.float64)
-    assert rel(m.gram, ref.T @ ref) < 1e-12 and rel(m.sum, ref.sum(0)) < 1e-12
-
-
 @pytest.mark.parametrize("keep_rows", [False, True])
 def test_shards_merged_in_any_order_give_the_same_result(keep_rows):
     x = activations(301)
@@ -152,30 +140,43 @@ def test_to_arrays_from_arrays_round_trip_exactly(keep_rows):
 # Rows of an activation
 
 
-def test_feature_rows_views():
-    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
-    rows = np.concatenate(list(feature_rows(x, 1)))
-    assert np.array_equal(rows, np.moveaxis(x, 1, -1).reshape(-1, 3))
-    seq = x.reshape(2, 12, 5)     # [N, T, n], axis -1
+def test_feature_rows():
+    x = np.arange(2 * 3 * 40 * 30, dtype=np.float32).reshape(2, 3, 40, 30)
+    blocks = list(feature_rows(x, 1))                                    # large maps: one view per sample
+    assert len(blocks) == 2 and all(np.shares_memory(b, x) for b in blocks)
+    assert np.array_equal(np.concatenate(blocks), np.moveaxis(x, 1, -1).reshape(-1, 3))
+    small = x[:, :, :4, :5].copy()                                       # small maps: gathered
+    blocks = list(feature_rows(small, 1))
+    assert len(blocks) == 1 and np.array_equal(blocks[0], np.moveaxis(small, 1, -1).reshape(-1, 3))
+    seq = x.reshape(2, 400, 9)                                           # [N, T, n], axis -1
     blocks = list(feature_rows(seq, -1))
     assert len(blocks) == 1 and np.shares_memory(blocks[0], seq)
-    assert np.array_equal(blocks[0], seq.reshape(-1, 5))
-    assert all(b.dtype == np.float64 for b in feature_rows(x, 1))      # cast once, in the copy
+    assert np.array_equal(blocks[0], seq.reshape(-1, 9))
 
 
-def test_feature_rows_in_groups(monkeypatch):
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_update_from_either_memory_layout(layout, monkeypatch):
     import onnxprune.calibration.stats as stats
 
-    monkeypatch.setattr(stats, "CHUNK_BYTES", 8 * 3 * 20 * 2)           # two samples per group
-    x = np.random.default_rng(0).standard_normal((5, 3, 4, 5)).astype(np.float32)
-    blocks = list(feature_rows(x, 1))
-    assert [len(b) for b in blocks] == [40, 40, 20]
-    assert np.array_equal(np.concatenate(blocks), np.moveaxis(x, 1, -1).reshape(-1, 3))
-    m = Moments(3)
-    for b in blocks:
-        m.update(b)
-    ref = np.moveaxis(x, 1, -1).reshape(-1, 3).astype(np.float64)
-    assert rel(m.gram, ref.T @ ref) < 1e-12
+    monkeypatch.setattr(stats, "MIN_CHUNK_ROWS", 16)                     # several chunks
+    monkeypatch.setattr(stats, "CHUNK_BYTES", 8 * 6 * 16)
+    x = activations(100, 5)
+    rows = x if layout == "rows" else np.asfortranarray(x)
+    m = Moments(5)
+    m.update(rows)
+    ref = x.astype(np.float64)
+    assert m.count == 100
+    assert rel(m.gram, ref.T @ ref) < 1e-12 and rel(m.sum, ref.sum(0)) < 1e-12
+
+
+def test_non_finite_rows_make_the_sum_non_finite():
+    for bad in (np.nan, np.inf, -np.inf):
+        x = activations(50, 4)
+        x[7, 2] = bad
+        for rows in (x, np.asfortranarray(x)):
+            m = Moments(4)
+            m.update(rows)
+            assert not np.isfinite(m.sum[2])
 
 
 def test_pooled():
@@ -302,6 +303,9 @@ def test_request_validation():
     assert StatRequest("t", axis=0).check((4, 3)) is not None
     assert StatRequest("t", axis=-1).check((4, 3)) is None
     assert StatRequest("t", kind="patches", kernel=(3, 3)).check((4, 3)) is not None
+    assert StatRequest("t", kind="patches", kernel=(3, 3)).check((4, 3, 2, 5)) is not None
+    assert StatRequest("t", kind="patches", kernel=(3, 3), pads=(1, 1, 1, 1)).check((4, 3, 2, 5)) is None
+    assert StatRequest("t", kind="patches", kernel=(3, 3), strides=(2, 2)).out_spatial((1, 1, 7, 8)) == (3, 3)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""Shared benchmark harness: real tasks from ../shared, disjoint splits, cached statistics.
+
+Every task calibrates on the first half of its target data and evaluates on the second
+half (never on calibration samples). One ``Bench`` per task keeps a StatsProvider, so all
+methods run against statistics gathered once on the original model, and caches the
+reference model's predictions on the evaluation half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.calibration.provider import StatsProvider
+from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
+from onnxprune.cost import total_macs
+from onnxprune.model import count_parameters, load_model
+from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.runtime import batch_size_for, make_session, run_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "bench" / "results"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS = SHARED / "data" / "digits"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    model: Path
+    target: Path
+    preprocess: Preprocess
+    source: Path | None = None
+    max_calib: int | None = None      # cap on calibration samples (first half of the target data)
+    max_eval: int | None = None       # cap on evaluation samples (second half)
+
+
+MNIST_CNN = Preprocess(mean=(0.5,), std=(0.5,))
+TASKS = {t.name: t for t in [
+    Task("lenet/usps", SHARED / "models/lenet_caffe_mnist.onnx", DIGITS / "usps_test.npz", Preprocess(),
+         DIGITS / "mnist_test.npz"),
+    Task("lenet/mnist-m", SHARED / "models/lenet_caffe_mnist.onnx", DIGITS / "mnist_m_test.npz", Preprocess(),
+         DIGITS / "mnist_test.npz", max_calib=2000, max_eval=2000),
+    Task("mnist_cnn/usps", SHARED / "models/mnist_cnn_fc3136.onnx", DIGITS / "usps_test.npz", MNIST_CNN,
+         DIGITS / "mnist_test.npz"),
+    Task("mnist_cnn/mnist-m", SHARED / "models/mnist_cnn_fc3136.onnx", DIGITS / "mnist_m_test.npz", MNIST_CNN,
+         DIGITS / "mnist_test.npz", max_calib=2000, max_eval=2000),
+    Task("resnet20/cifar10-jpeg", SHARED / "models/resnet20_cifar10.onnx", SHARED / "data/cifar10/cifar10_test_jpeg.npz",
+         Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD), max_calib=2000, max_eval=2000),
+    Task("mobilenetv2/imagenet", SHARED / "models/mobilenetv2_imagenet_fp32.onnx", SHARED / "data/imagenet_samples",
+         Preprocess(resize=256, center_crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)),
+]}
+
+
+def machine() -> str:
+    """One line naming the machine the numbers come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU, onnxruntime CPU"
+
+
+def halves(samples: SampleSet, max_calib: int | None, max_eval: int | None) -> tuple[SampleSet, SampleSet]:
+    """First half calibrates, second half evaluates (each capped); disjoint by construction."""
+    n = len(samples)
+    calib = np.arange(0, n // 2)
+    evaluation = np.arange(n // 2, n)
+    if max_calib:
+        calib = calib[:max_calib]
+    if max_eval:
+        evaluation = evaluation[:max_eval]
+    return samples.subset(calib), samples.subset(evaluation)
+
+
+def predict(model, samples: SampleSet, *, batch_size: int = 64) -> np.ndarray:
+    """Top-1 class of the first output for every sample."""
+    session = make_session(model)
+    fixed = batch_size_for(model, batch_size)
+    out = np.empty(len(samples), dtype=np.int64)
+    pos = 0
+    for _, outputs in run_batches(session, samples, batch_size=batch_size,
+                                  fixed_batch=fixed if fixed != batch_size else None):
+        logits = outputs[0].reshape(len(outputs[0]), -1)
+        out[pos:pos + len(logits)] = logits.argmax(axis=1)
+        pos += len(logits)
+    return out
+
+
+class Bench:
+    """One task: the model, its calibration/evaluation halves, cached statistics and predictions."""
+
+    def __init__(self, task: str | Task, *, folds: int = 2, batch_size: int = 64, with_source: bool = True):
+        self.task = TASKS[task] if isinstance(task, str) else task
+        t = self.task
+        self.model = load_model(t.model)
+        target = open_samples(t.target, self.model, preprocess=t.preprocess)
+        self.calib, self.eval = halves(target, t.max_calib, t.max_eval)
+        samples = {"target": self.calib}
+        self.source = None
+        if with_source and t.source is not None:
+            source = open_samples(t.source, self.model, preprocess=t.preprocess)
+            self.source = source.subset(np.arange(min(len(source), len(self.calib))))
+            samples["source"] = self.source
+        self.batch_size = batch_size
+        self.folds = folds
+        self.provider = StatsProvider(samples, batch_size=batch_size, folds=folds, progress=False)
+        self.params = count_parameters(self.model)
+        self.macs = total_macs(self.model)
+        self.reference = predict(self.model, self.eval, batch_size=batch_size)
+        self.labels = self.eval.labels
+        self.accuracy = self.score(self.reference)
+
+    def score(self, predictions: np.ndarray) -> float:
+        return float((predictions == self.labels).mean()) if self.labels is not None else float("nan")
+
+    def run(self, passes, *, mode: str = "one-shot", **recipe) -> dict:
+        """Compress with ``passes`` [(name, options), ...]; accuracy, agreement, params and MACs kept."""
+        recipe = Recipe(passes=tuple(passes), mode=mode, folds=self.folds, batch_size=self.batch_size, **recipe)
+        started = time.perf_counter()
+        model, report = run_pipeline(self.model, recipe, self.provider)
+        seconds = time.perf_counter() - started
+        pred = predict(model, self.eval, batch_size=self.batch_size)
+        params, macs = count_parameters(model), total_macs(model)
+        return {
+            "accuracy": self.score(pred), "agreement": float((pred == self.reference).mean()),
+            "params": params, "params_kept": params / self.params, "macs": macs, "macs_kept": macs / self.macs,
+            "seconds": seconds, "report": report, "model": model,
+        }
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "—" if np.isnan(v) else f"{v:.2f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(name: str, text: str) -> Path:
+    """Write ``bench/results/<name>.md`` (the run_all command stitches these into RESULTS.md)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(text.rstrip() + "\n")
+    return path

@@ -1,0 +1,209 @@
+"""The command line end to end on the bundled sample, and every bad input it must refuse.
+
+Each user error exits 1 with one line naming the problem and no traceback, and leaves no
+partial output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onnxprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
+DATA = ROOT / "models" / "usps_test.npz"
+FAST = ["--calib-size", "200", "--no-latency", "-q"]
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def assert_user_error(result, *words, code=1):
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    message = result.stderr.strip()
+    assert message.startswith("error: "), message
+    assert "Traceback" not in result.output + result.stderr
+    assert len(message.splitlines()) == 1, message
+    for word in words:
+        assert word.lower() in message.lower(), (word, message)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "lenet_small.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--keep", "0.2", *FAST)
+    assert result.exit_code == 0, result.output + result.stderr
+    return out, result
+
+
+def test_compress_writes_model_report_and_recipe(compressed):
+    out, result = compressed
+    assert out.exists()
+    report = json.loads(out.with_name("lenet_small.report.json").read_text())
+    recipe = json.loads(out.with_name("lenet_small.recipe.json").read_text())
+    assert report["validation"]["params_candidate"] < 0.3 * report["validation"]["params_reference"]
+    assert report["validation"]["accuracy_candidate"] > 0.5
+    assert [p["name"] for p in recipe["passes"]] == ["low-rank-split", "bias-compensate"]
+    assert "top-1 accuracy" in result.output and "wrote" in result.output
+    assert not list(out.parent.glob(".*"))  # no temporary files left
+
+
+def test_recipe_reruns_to_the_same_model(compressed, tmp_path):
+    out, _ = compressed
+    again = tmp_path / "again.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", again,
+                 "--recipe", out.with_name("lenet_small.recipe.json"), "--no-latency", "-q")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_validate_model_against_itself_agrees_fully(tmp_path):
+    result = cli("validate", MODEL, MODEL, "--data", DATA, "--no-latency", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["agreement"] == 1.0
+    assert abs(report["accuracy_reference"] - 0.754) < 0.005
+
+
+def test_validate_threshold_miss_exits_3(compressed):
+    out, _ = compressed
+    result = cli("validate", MODEL, out, "--data", DATA, "--no-latency", "--min-agreement", "0.9999")
+    assert_user_error(result, "agreement", code=3)
+
+
+def test_max_drop_miss_keeps_no_output(tmp_path):
+    out = tmp_path / "tiny.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--rank", "1", "--max-drop", "0.1", *FAST)
+    assert_user_error(result, "accuracy", code=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_json_lists_methods():
+    result = cli("inspect", MODEL, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["params"] == 431080 and info["macs"] == 2293000
+    assert {g["name"] for g in info["channel_groups"] if not g["skip"]} == {"conv1", "conv2", "ip1"}
+    assert sum(layer["splittable"] for layer in info["low_rank"]) == 4
+
+
+def test_calibrate_then_compress_with_stats(tmp_path):
+    stats = tmp_path / "stats.npz"
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "-q")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "small.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--stats", stats, "--keep", "0.3", *FAST)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.with_name("small.report.json").read_text())
+    assert report["calibration_runs"] == 0  # everything came from the saved statistics
+
+
+def test_stats_for_another_model_are_refused(tmp_path):
+    stats = tmp_path / "stats.npz"
+    assert cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "-q").exit_code == 0
+    other = tmp_path / "other.onnx"
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(MODEL))
+    w = numpy_helper.to_array(model.graph.initializer[0]) * 2
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[0].name))
+    onnx.save(model, str(other))
+    result = cli("compress", other, "--target-data", DATA, "-o", tmp_path / "x.onnx", "--stats", stats, *FAST)
+    assert_user_error(result, "stats.npz")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_model(tmp_path):
+    assert_user_error(cli("inspect", tmp_path / "nope.onnx"), "no such file")
+
+
+def test_corrupt_model(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(5000))
+    assert_user_error(cli("inspect", bad), "bad.onnx")
+
+
+def test_truncated_model(tmp_path):
+    bad = tmp_path / "half.onnx"
+    bad.write_bytes(MODEL.read_bytes()[: MODEL.stat().st_size // 2])
+    assert_user_error(cli("compress", bad, "--target-data", DATA, "-o", tmp_path / "o.onnx", *FAST), "half.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_text_file_is_not_a_model(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("hello, I am not a model\n")
+    assert_user_error(cli("inspect", bad), "notes.onnx")
+
+
+def test_missing_data(tmp_path):
+    result = cli("compress", MODEL, "--target-data", tmp_path / "none.npz", "-o", tmp_path / "o.onnx", *FAST)
+    assert_user_error(result, "none.npz")
+
+
+def test_empty_data(tmp_path):
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 28, 28), np.uint8))
+    assert_user_error(cli("compress", MODEL, "--target-data", empty, "-o", tmp_path / "o.onnx", *FAST), "empty.npz")
+
+
+def test_nan_data(tmp_path):
+    nan = tmp_path / "nan.npy"
+    x = np.random.default_rng(0).normal(size=(20, 1, 28, 28)).astype(np.float32)
+    x[3, 0, 4, 4] = np.nan
+    np.save(nan, x)
+    assert_user_error(cli("compress", MODEL, "--target-data", nan, "-o", tmp_path / "o.onnx", *FAST), "nan")
+
+
+def test_mismatched_data(tmp_path):
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((10, 3, 32, 32), np.float32))
+    assert_user_error(cli("compress", MODEL, "--target-data", wrong, "-o", tmp_path / "o.onnx", *FAST), "wrong.npy")
+
+
+def test_output_over_input_is_refused(tmp_path):
+    copy = tmp_path / "model.onnx"
+    shutil.copy(MODEL, copy)
+    before = copy.read_bytes()
+    assert_user_error(cli("compress", copy, "--target-data", DATA, "-o", copy, *FAST), "input model")
+    assert copy.read_bytes() == before
+
+
+def test_bad_recipe(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"passes": [{"name": "low-rank-split", "rnak": 3}]}))
+    assert_user_error(cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--recipe", recipe,
+                          *FAST), "rnak")
+    recipe.write_text(json.dumps({"passes": [{"name": "shrink-everything"}]}))
+    assert_user_error(cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--recipe", recipe,
+                          *FAST), "shrink-everything")
+
+
+def test_conflicting_budget_options(tmp_path):
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--rank", "4", "--keep", "0.3", *FAST)
+    assert_user_error(result, "only one")
+
+
+def test_momasp_without_source_data(tmp_path):
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--method", "momasp-j", *FAST)
+    assert_user_error(result, "source")
+
+
+def test_cuda_unavailable_is_a_user_error(tmp_path):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    result = cli("validate", MODEL, MODEL, "--data", DATA, "--device", "cuda", "--no-latency")
+    assert_user_error(result, "cuda")
