@@ -197,7 +197,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         if external_data:
             copy = clone(model)
             onnx.save(copy, str(tmp / path.name), save_as_external_data=True,
-                      all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+                      all_tensors_to_one_file=True, location=data_name, size_threshold=0)
             os.replace(tmp / data_name, path.parent / data_name)
         else:
             with open(tmp / path.name, "wb") as fh:

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+from tqdm import tqdm
 
 from onnxprune import __version__
 from onnxprune.calibration.stats import Moments, StatRequest, Statistics, release_buffers
@@ -82,7 +82,6 @@ def collect(
     by_tensor: dict[str, list[StatRequest]] = {}
     for r in requests:
         by_tensor.setdefault(r.tensor, []).append(r)
-    keys = {tensor: {r.key for r in rs} for tensor, rs in by_tensor.items()}
 
     for set_name, sample_set in samples.items():
         per_fold = [0] * folds
@@ -103,11 +102,10 @@ def collect(
                 for j, tensor in enumerate(tensors):
                     x = result[j]
                     result[j] = None           # the only reference left is x: freed after use
-                    for request in by_tensor[tensor]:
-                        _fold_in(moments, request, set_name, x, position, folds)
+                    updated = [m for request in by_tensor[tensor]
+                               for m in _fold_in(moments, request, set_name, x, position, folds)]
                     # every value folded in reaches a sum: a NaN or Inf leaves it non-finite
-                    if not all(np.isfinite(m.sum).all() for (s, k, _), m in moments.items()
-                               if s == set_name and k in keys[tensor]):
+                    if not all(np.isfinite(m.sum).all() for m in updated):
                         _raise_non_finite(x, tensor, set_name, indices)
                     del x
                 del result
@@ -123,11 +121,15 @@ def collect(
     return Statistics(header, moments)
 
 
-def _fold_in(moments, request: StatRequest, set_name: str, x: np.ndarray, position: int, folds: int) -> None:
+def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, position: int,
+             folds: int) -> list[Moments]:
+    """Fold batch ``x`` (first sample at ``position``) into the Moments of ``request``, fold by
+    fold; returns the Moments it updated."""
     problem = request.check(x.shape)
     if problem:
         raise CalibrationError(request.tensor, problem, f"request {request.key} does not fit this tensor")
     dim = request.dim(x.shape)
+    updated = []
     for fold in range(folds):
         # samples at batch offsets j with (position + j) % folds == fold: a strided view
         part = x[(fold - position) % folds::folds] if folds > 1 else x
@@ -143,6 +145,8 @@ def _fold_in(moments, request: StatRequest, set_name: str, x: np.ndarray, positi
         with np.errstate(invalid="ignore", over="ignore"):   # non-finite values are reported by the caller
             for rows in request.rows(part):
                 m.update(rows)
+        updated.append(m)
+    return updated
 
 
 def _raise_non_finite(x: np.ndarray, tensor: str, set_name: str, indices) -> None:

@@ -489,7 +489,8 @@ class Statistics:
         return any(s == set and k == key for s, k, _ in self._moments)
 
     def moments(self, request: StatRequest | str, set: str = "target", fold: int | None = None) -> Moments:
-        """The Moments of ``request`` on sample set ``set``; ``fold=None`` merges every fold."""
+        """The Moments of ``request`` on sample set ``set``; ``fold=None`` merges every fold
+        (a new object; with ``keep_rows`` its rows come fold by fold)."""
         key = request if isinstance(request, str) else request.key
         parts = sorted((f, m) for (s, k, f), m in self._moments.items() if s == set and k == key)
         if not parts:

@@ -1,0 +1,75 @@
+"""Model loading and saving: external data, the >2 GB path, constant folding, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import assert_equivalent
+from onnxprune import model as model_io
+from onnxprune.errors import ModelError
+
+
+def const_gemm():
+    """x[N,4] -> Gemm(W from a Constant node, b) -> y"""
+    w = helper.make_node("Constant", [], ["W"], name="w_const",
+                         value=numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4)))
+    gemm = helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)
+    graph = helper.make_graph([w, gemm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.ones(3, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_constants_fold_into_initializers(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(const_gemm(), str(path))
+    loaded = model_io.load_model(path)
+    assert [n.op_type for n in loaded.graph.node] == ["Gemm"]
+    assert model_io.get_array(loaded, "W").shape == (3, 4)
+    assert_equivalent(const_gemm(), loaded, {"x": np.ones((2, 4), np.float32)})
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    model = const_gemm()
+    model_io.fold_constants(model)
+    monkeypatch.setattr(model_io, "PROTO_LIMIT", 10)   # pretend the model is over 2 GB
+    out = model_io.save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    monkeypatch.undo()
+    again = model_io.load_model(out)
+    assert model_io.model_hash(again) == model_io.model_hash(model)
+    assert_equivalent(model, again, {"x": np.ones((2, 4), np.float32)})
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = const_gemm()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", broken)
+    with pytest.raises(OSError):
+        model_io.save_model(model, tmp_path / "out.onnx", external_data=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_external_data_is_a_model_error(tmp_path):
+    model = const_gemm()
+    model_io.fold_constants(model)
+    path = model_io.save_model(model, tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(ModelError, match="m.onnx"):
+        model_io.load_model(path)
+
+
+@pytest.mark.real
+def test_external_data_model_loads_and_hash_ignores_storage(shared, tmp_path):
+    loaded = model_io.load_model(shared / "models/mnist_extdata/mnist.onnx")
+    assert model_io.count_parameters(loaded) == 216650
+    inline = model_io.save_model(loaded, tmp_path / "inline.onnx", external_data=False)
+    assert model_io.model_hash(model_io.load_model(inline)) == model_io.model_hash(loaded)

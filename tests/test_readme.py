@@ -1,0 +1,47 @@
+"""The README's opening commands work, and CI installs exactly as the README says."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from onnxprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_opens_with_install_run_and_test_commands():
+    first, second = code_blocks()[:2]
+    assert "pip install" in first and "onnxprune compress" in first
+    assert "pytest" in second
+
+
+def test_ci_installs_and_tests_as_the_readme_says():
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = re.search(r"pip install (-e \S+)", code_blocks()[0]).group(1)
+    assert f"pip install -q {install}" in ci
+    test = re.search(r"(python -m pytest\S*( -\S+)*)", code_blocks()[1]).group(1)
+    assert test in ci
+
+
+def test_first_command_compresses_the_bundled_sample(monkeypatch):
+    command = code_blocks()[0].strip().split("&&")[-1].strip()
+    args = shlex.split(command)
+    assert args[0] == "onnxprune"
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(main, args[1:] + ["--no-latency"])
+    assert result.exit_code == 0, result.output
+    out = ROOT / args[args.index("-o") + 1]
+    report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+    validation = report["validation"]
+    assert validation["params_candidate"] <= 0.21 * validation["params_reference"]
+    assert validation["accuracy_candidate"] > validation["accuracy_reference"] - 0.10
