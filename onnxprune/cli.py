@@ -10,12 +10,11 @@ import functools
 import json
 import logging
 import sys
-from pathlib import Path
 
 import click
 
 from onnxprune import __version__
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, RecipeError
 
 log = logging.getLogger("onnxprune")
 
@@ -131,6 +130,10 @@ def build_recipe(kw: dict, preprocess: dict):
     budget = {k: kw[k] for k in ("keep", "rank", "fraction", "energy") if kw.get(k) is not None}
     layers = tuple(v for v in (kw.get("layers") or "").split(",") if v)
     if method in METHODS:
+        for flag in ("alpha", "tau", "flops", "lam"):
+            if kw.get(flag) is not None:
+                raise RecipeError(f"--{flag}", f"applies to channel pruning, not --method {method}",
+                                  "use --keep, --rank, --fraction or --energy")
         passes = [(name, dict(opts)) for name, opts in METHODS[method]]
         lr = passes[0][1]
         lr.update(budget)
@@ -146,16 +149,11 @@ def build_recipe(kw: dict, preprocess: dict):
 
 
 def _pruning_passes(method, budget, layers, kw):
-    from onnxprune.errors import RecipeError
-
-    if "select-nodes" not in __import__("onnxprune.passes", fromlist=["REGISTRY"]).REGISTRY:
-        raise RecipeError(f"--method {method}", "structured pruning is not available in this build")
-    select = {"criterion": method}
-    if "rank" in budget:
-        raise RecipeError("--rank", f"does not apply to --method {method}", "use --keep, --alpha or --tau")
-    for key in ("keep", "fraction"):
-        if key in budget:
-            select[key] = budget[key]
+    for flag in ("rank", "energy"):
+        if flag in budget:
+            raise RecipeError(f"--{flag}", f"does not apply to --method {method}",
+                              "use --keep, --flops, --fraction, --alpha or --tau")
+    select = {"criterion": method, **{k: budget[k] for k in ("keep", "fraction") if k in budget}}
     for key in ("alpha", "tau", "flops", "lam"):
         if kw.get(key) is not None:
             select[key] = kw[key]
