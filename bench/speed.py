@@ -61,8 +61,9 @@ METHODS = {
 # what each pass does, for the stage table (the rewrite and checks are split out)
 PASS_STAGE = {"low-rank-split": "decomposition", "select-nodes": "selection",
               "reconstruct-next-layer": "reconstruction (A_J)", "bias-compensate": "bias compensation"}
+THROUGHPUT_SAMPLES = 512   # calibration samples used for the throughput comparison
 STAGES = ["load", "calibration", "selection", "decomposition", "reconstruction (A_J)", "bias compensation",
-          "rewrite", "graph checks", "validation", "save", "other"]
+          "rewrite", "graph checks", "validation", "latency (in validation)", "save", "other"]
 
 
 def max_rss_bytes() -> int:
@@ -84,6 +85,8 @@ def install_timers(timers: dict) -> None:
     import onnxprune.pipeline as pipeline
     from onnxprune.passes import low_rank_split, reconstruct_next_layer
 
+    validate = sys.modules["onnxprune.validate"]   # the module (the package may shadow the name)
+
     def wrap(owner, attr, key_of):
         fn = getattr(owner, attr)
 
@@ -101,6 +104,7 @@ def install_timers(timers: dict) -> None:
     wrap(low_rank_split.LowRankSplit, "_rewrite", lambda a, k: ("rewrite", "low-rank-split"))
     wrap(reconstruct_next_layer, "prune_channels", lambda a, k: ("rewrite", "reconstruct-next-layer"))
     wrap(api, "_validate", lambda a, k: ("validation", ""))
+    wrap(validate, "_latency", lambda a, k: ("latency", ""))
     wrap(api, "save_model", lambda a, k: ("save", ""))
     wrap(api, "write_text_atomic", lambda a, k: ("save", ""))
     wrap(api, "run_pipeline", lambda a, k: ("pipeline", ""))
@@ -117,7 +121,8 @@ def stage_seconds(report: dict, timers: dict, load: float, total: float) -> dict
         out[PASS_STAGE.get(name, name)] = out.get(PASS_STAGE.get(name, name), 0.0) + max(seconds - inner, 0.0)
         out["rewrite"] += timers.get(("rewrite", name), 0.0)
         out["graph checks"] += timers.get(("check", name), 0.0)
-    out["validation"] = timers.get(("validation", ""), 0.0)
+    out["latency (in validation)"] = timers.get(("latency", ""), 0.0)
+    out["validation"] = timers.get(("validation", ""), 0.0) - out["latency (in validation)"]
     out["save"] = timers.get(("save", ""), 0.0)
     out["other"] = max(total - sum(v for k, v in out.items() if k != "load"), 0.0)
     out["total"] = load + total
@@ -175,7 +180,7 @@ def throughput(model, samples, passes, *, batch_size: int, folds: int, repeats: 
     from onnxprune.cost import total_macs
 
     one = make_session(exposed).run(outputs, data.batch([0]))
-    shapes = dict(zip(outputs, (a.shape for a in one)))
+    shapes = dict(zip(tensors, (a.shape for a in one)))   # outputs follow the order of tensors
     gram_macs = 0
     for r in requests:
         shape = shapes[r.tensor]
@@ -209,7 +214,48 @@ def throughput(model, samples, passes, *, batch_size: int, folds: int, repeats: 
             "best": {k: min(v) for k, v in wall.items()}, "best_cpu": {k: min(v) for k, v in cpu.items()}}
 
 
-def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: int) -> dict:
+def interleaved_latency(sessions, sample_feeds, *, runs: int, budget: float, batches=(1, 32), warmup: int = 3
+                        ) -> dict:
+    """ms per run of each session, A B A B interleaved on the same random input, per batch size.
+
+    Keeps every time; stops early (after at least 5 pairs) once ``budget`` seconds are spent
+    on a batch size. Returns {"reference"|"candidate": {"batch1": {"min", "median", "runs"}}}.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {"reference": {}, "candidate": {}}
+    for batch in batches:
+        feeds = {k: rng.standard_normal((batch, *v.shape[1:])).astype(v.dtype) for k, v in sample_feeds.items()}
+        for _ in range(warmup):
+            for s in sessions:
+                s.run(None, feeds)
+        times = [[], []]
+        start = time.perf_counter()
+        for i in range(runs):
+            for which, s in enumerate(sessions):
+                t = time.perf_counter()
+                s.run(None, feeds)
+                times[which].append(1e3 * (time.perf_counter() - t))
+            if i >= 4 and time.perf_counter() - start > budget:
+                break
+        for which, role in enumerate(("reference", "candidate")):
+            out[role][f"batch{batch}"] = {"min": float(np.min(times[which])),
+                                          "median": float(np.median(times[which])), "runs": len(times[which])}
+    return out
+
+
+def channel_counts(report: dict) -> list[int]:
+    """Kept channel counts of the pruned groups (empty for low-rank runs)."""
+    out = []
+    for p in report.get("passes", []):
+        out += [int(row["kept"]) for row in p.get("pruned", [])]
+        out += [int(row["rank"]) for row in p.get("split", [])]
+    return out
+
+
+def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: int,
+                   latency_budget: float = 60.0) -> dict:
     import numpy as np
 
     from common import TASKS, halves
@@ -217,7 +263,6 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
     from onnxprune.calibration.readers import open_samples
     from onnxprune.model import load_model
     from onnxprune.pipeline import Recipe
-    from onnxprune.validate import validate
 
     rss_imports = rss_now_bytes()
     task = TASKS[task_name]
@@ -244,27 +289,39 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
     stages = stage_seconds(report, timers, load, total)
     v = report["validation"]
 
-    # Latency with more runs than compress's own validation: onnxprune.validate's interleaved
-    # A B A B loop, once with one onnxruntime thread per session (stable on a shared machine)
-    # and once through validate() itself with onnxruntime's default thread pool.
+    # Latency: original and compressed interleaved (A B A B ...) on the same random input, one
+    # onnxruntime thread per session (stable on a shared machine); min and median kept.
+    # compress's own validate() numbers (default thread pool, 10 runs, medians) are kept too.
     from onnxprune.runtime import make_session
-    from onnxprune.validate import _fixed_batch, _latency
 
     first = held_out.batch(np.arange(1))
     sessions = [make_session(model, threads=1), make_session(result.model, threads=1)]
-    lat1 = _latency(sessions, [_fixed_batch(model), _fixed_batch(result.model)], first, runs=latency_runs,
-                    batch=32)
-    del sessions
-    lat = validate(model, result.model, held_out.subset(np.arange(min(32, len(held_out)))),
-                   latency_runs=latency_runs, latency_batch=32).latency_ms
-    tp = throughput(model, calib, passes, batch_size=32, folds=2, repeats=repeats)
+    lat1 = interleaved_latency(sessions, first, runs=latency_runs, budget=latency_budget)
+    # Diagnostic: the same at batch 32 without onnxruntime's layout optimisations (the NCHWc
+    # blocked convolutions, which need channel counts that are multiples of the SIMD block).
+    import onnxruntime as ort
+
+    plain_layout = []
+    for m in (model, result.model):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        plain_layout.append(ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]))
+    lat_ext = interleaved_latency(plain_layout, first, runs=max(5, latency_runs // 3), budget=latency_budget / 3,
+                                  batches=(32,))
+    del sessions, plain_layout
+    # throughput is per sample: a prefix of the calibration half keeps this affordable
+    tp = throughput(model, calib.subset(np.arange(min(len(calib), THROUGHPUT_SAMPLES))), passes, batch_size=32,
+                    folds=2, repeats=repeats)
     return {
         "task": task_name, "method": method, "calib": len(calib), "eval": len(held_out),
         "stages": stages, "pipeline_seconds": report["seconds"], "calibration_runs": report["calibration_runs"],
         "rss_imports": rss_imports, "rss_loaded": rss_loaded, "peak_rss": peak, "file_bytes": file_bytes,
         "params": [v["params_reference"], v["params_candidate"]], "macs": [v["macs_reference"], v["macs_candidate"]],
         "accuracy": [v["accuracy_reference"], v["accuracy_candidate"]], "agreement": v["agreement"],
-        "validation_latency": v["latency_ms"], "latency": lat1, "latency_default_threads": lat,
+        "validation_latency": v["latency_ms"], "latency": lat1, "latency_no_layout_opt": lat_ext,
+        "channels": channel_counts(report),
         "latency_runs": latency_runs,
         "throughput": tp, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
     }
@@ -372,7 +429,8 @@ def render(raw: dict) -> str:
     lines += [
         "## Calibration throughput vs plain inference",
         "",
-        "Same decoded calibration samples in memory for every run (decoding excluded), batch 32; "
+        f"The first {THROUGHPUT_SAMPLES} calibration samples (or all, when fewer), decoded once and held in memory "
+        "for every run (decoding excluded), batch 32; "
         "`collect()` gathers exactly the statistics the recipe requests (float64 moments, 2 folds); "
         "'exposed' is onnxruntime with those tensors as extra outputs but no statistics. Best of "
         f"{raw['repeats']} interleaved repeat(s), each including session creation. Goal: calibration <= 1.5x "
@@ -447,18 +505,23 @@ def render(raw: dict) -> str:
     lines += [
         "## Inference latency vs MAC ratio",
         "",
-        f"Median of {runs[0]['latency_runs'] if runs else '?'} interleaved runs (original, compressed, "
-        "original, ...) per batch size on a random input shaped like the data, after 3 warm-up runs "
-        "(`onnxprune.validate`'s latency loop). Main columns: one onnxruntime thread per session, which "
-        "is stable on this shared machine; 'default threads' is `validate()` as `compress` runs it "
-        "(onnxruntime's default pool), where a busy machine makes medians noisy. 'MAC speedup' = "
-        "original MACs / compressed MACs, the speedup the MAC count promises; 'realised' = measured "
-        "speedup / MAC speedup (goal >= 0.8).",
+        "Original and compressed interleaved (original, compressed, original, ...) on the same random input "
+        "shaped like the data, after 3 warm-up runs, one onnxruntime thread per session; up to "
+        f"{runs[0]['latency_runs'] if runs else '?'} pairs per batch size (fewer when a batch size exceeds "
+        "its time budget; the count is in the raw numbers). Speedups use the **minimum** time of each "
+        "model: on this oversubscribed machine a median is mostly scheduler noise (it is in the raw numbers), "
+        "while the minimum approximates an unloaded run. 'default threads' is what `compress` itself "
+        "reports (`validate()`: onnxruntime's default pool, median of 10) for comparison. "
+        "'MAC speedup' = original MACs / compressed MACs, the speedup the MAC count promises; 'realised' "
+        "= measured speedup / MAC speedup (goal >= 0.8). 'without NCHWc': batch 32 again with "
+        "onnxruntime's graph optimisation at EXTENDED instead of ALL, i.e. without the NCHWc blocked "
+        "layout its CPU convolutions use when channel counts are multiples of the SIMD block (16 with "
+        "AVX-512, 8 with AVX2); 'kept widths': pruned channel counts / low-rank ranks that are multiples of 16.",
         "",
     ]
     header = ["task", "method", "params kept", "MAC speedup", "b1 ms (orig -> comp)", "b1 speedup",
               "b1 realised", "b32 ms (orig -> comp)", "b32 speedup", "b32 realised", "goal >= 0.8",
-              "default threads b1 / b32"]
+              "default threads b1 / b32", "b32 speedup without NCHWc", "kept widths multiple of 16"]
     rows = []
     for r in runs:
         lat = r["latency"]
@@ -471,14 +534,23 @@ def render(raw: dict) -> str:
                 row += ["—", "—", "—"]
                 ok.append(False)
                 continue
-            sp = ref / cand
+            sp = ref["min"] / cand["min"]
             ok.append(sp / mac >= 0.8)
-            row += [f"{ref:.3f} -> {cand:.3f}", f"{sp:.2f}x", f"{sp / mac:.2f}"]
+            row += [f"{ref['min']:.3f} -> {cand['min']:.3f}", f"{sp:.2f}x", f"{sp / mac:.2f}"]
         row.append("both" if all(ok) else "batch 32 only" if ok[1] else "batch 1 only" if ok[0] else "no")
-        d = r.get("latency_default_threads") or {}
-        sp_d = [d.get("reference", {}).get(k, float("nan")) / d.get("candidate", {}).get(k, float("nan"))
-                for k in ("batch1", "batch32")] if d else [float("nan")] * 2
-        row.append(f"{sp_d[0]:.2f}x / {sp_d[1]:.2f}x")
+        d = r.get("validation_latency") or {}
+        try:
+            sp_d = [d["reference"][k] / d["candidate"][k] for k in ("batch1", "batch32")]
+            row.append(f"{sp_d[0]:.2f}x / {sp_d[1]:.2f}x")
+        except (KeyError, ZeroDivisionError):
+            row.append("—")
+        e = (r.get("latency_no_layout_opt") or {})
+        try:
+            row.append(f"{e['reference']['batch32']['min'] / e['candidate']['batch32']['min']:.2f}x")
+        except (KeyError, ZeroDivisionError):
+            row.append("—")
+        widths = r.get("channels") or []
+        row.append(f"{sum(1 for c in widths if c % 16 == 0)} of {len(widths)}" if widths else "—")
         rows.append(row)
     lines += [markdown_table(header, rows), ""]
 
@@ -541,14 +613,15 @@ def plots(raw: dict, results: Path) -> list[Path]:
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for r, marker in zip(runs, "osD^v<>p*h"):
+        for r, marker in zip(runs, "osD^v<>p*hX8"):
             mac = r["macs"][0] / max(r["macs"][1], 1)
             for key, color in (("batch1", "tab:blue"), ("batch32", "tab:orange")):
                 ref, cand = r["latency"]["reference"].get(key), r["latency"]["candidate"].get(key)
                 if ref and cand:
-                    ax.scatter(mac, ref / cand, color=color, marker=marker, s=40)
-            ax.annotate(f"{r['task'].split('/')[0]} {r['method']}", (mac, r["latency"]["reference"]["batch32"]
-                        / r["latency"]["candidate"]["batch32"]), fontsize=6)
+                    ax.scatter(mac, ref["min"] / cand["min"], color=color, marker=marker, s=40)
+                    if key == "batch32":
+                        ax.annotate(f"{r['task'].split('/')[0]} {r['method']}", (mac, ref["min"] / cand["min"]),
+                                    fontsize=6)
         lim = max(max(r["macs"][0] / max(r["macs"][1], 1) for r in runs) * 1.1, 1.5)
         xs = np.linspace(0.8, lim, 10)
         ax.plot(xs, xs, "k-", lw=0.8, label="speedup = MAC ratio")
@@ -625,7 +698,8 @@ def main(argv=None) -> int:
     if args.phase:
         kind, *rest = args.phase
         if kind == "compress":
-            result = phase_compress(rest[0], rest[1], latency_runs=int(rest[2]), repeats=int(rest[3]))
+            result = phase_compress(rest[0], rest[1], latency_runs=int(rest[2]), repeats=int(rest[3]),
+                                    latency_budget=float(rest[4]))
         else:
             result = phase_linalg(json.loads(rest[0]), json.loads(rest[1]))
         print(json.dumps(result))
@@ -638,6 +712,7 @@ def main(argv=None) -> int:
 
         latency_runs = args.latency_runs or (10 if args.quick else 30)
         repeats = args.repeats or (1 if args.quick else 2)
+        budget = 15.0 if args.quick else 45.0     # seconds of latency runs per batch size at most
         widths = args.widths or ([256, 512, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096])
         wide = {"n": 25088, "N": 250, "m": 1024, "rank": 128} if args.quick else \
             {"n": 25088, "N": 500, "m": 4096, "rank": 512}
@@ -653,7 +728,8 @@ def main(argv=None) -> int:
             for method in args.methods:
                 print(f"compress {task} {method} ...", file=sys.stderr, flush=True)
                 try:
-                    r = run_child(["compress", task, method, str(latency_runs), str(repeats)], args.blas_threads)
+                    r = run_child(["compress", task, method, str(latency_runs), str(repeats), str(budget)],
+                                  args.blas_threads)
                     r["model_file"] = TASKS[task].model.stat().st_size
                     print(f"  {r['stages']['total']:.1f} s, peak RSS {mib(r['peak_rss'])} MiB, "
                           f"collect/plain {r['throughput']['best']['collect'] / r['throughput']['best']['plain']:.2f}x",

@@ -9,6 +9,8 @@ After:   y_hat = W_hat x + b + (W - W_hat) x_mean
 
 with x_mean the mean of the layer's input on the target set, so the mean output of the
 approximated layer equals the original's exactly (the SVD + BC baseline of the DALR paper).
+A layer whose bias low-rank-split already shifted (``dalr`` with ridge "auto" fits the bias
+jointly) only gets the difference, which is zero in one-shot mode.
 A layer without a bias gets one (a Gemm C input, a Conv B input, or an Add after a MatMul).
 """
 
@@ -52,6 +54,10 @@ class BiasCompensate(Pass):
                 # One-shot: the mean gathered with the statistics the approximation itself used.
                 mean = entry["mean"]
             delta = (entry["weight"] - entry["approx"]) @ mean
+            if entry.get("bias_shift") is not None:
+                # low-rank-split's affine DALR already added (W - W_hat) x_mean for its own
+                # mean: only the rest (zero in one-shot mode) is added here.
+                delta = delta - entry["bias_shift"]
             self._add_to_bias(model, name, entry, delta)
             entry["compensated"] = True
             rows.append({"layer": name, "bias_shift_norm": float(np.linalg.norm(delta))})

@@ -6,6 +6,11 @@ After:   x -> Gemm(B: k x n) -> Gemm(A: m x k, b) -> y
     svd:  W = U S V^T, A = U_k, B = S_k V_k^T                    (weights only)
     dalr: A = top-k eigenvectors of W S W^T, B = A^T W S (S + lam I)^-1
           with S = E[x x^T] on the target inputs (DALR paper, section 4)
+    dalr, ridge "auto": the affine form (DALR with a free output bias, i.e. DALR + bias
+          compensation done jointly): A = top-k eigenvectors of W (C + lam I) W^T with
+          C = Cov[x], B = A^T W, b += (W - A B) E[x]. lam = 0 is centred DALR + bias,
+          lam = inf is SVD + BC; lam is chosen by cross-validation over the calibration
+          folds (both directions), preferring the largest lam within a small tolerance.
 
 A Conv (M x C x kh x kw) is linear on its im2col patches (n = C kh kw): it becomes a Conv
 with k filters (same kernel, strides, pads, dilations) and a 1x1 Conv with the bias.
@@ -20,16 +25,23 @@ import math
 
 import numpy as np
 import onnx
+import scipy.linalg as sla
 from onnx import helper
 
 from onnxprune import linalg
 from onnxprune.calibration.stats import Moments, StatRequest
+from onnxprune.errors import CalibrationError
 from onnxprune.graph import LinearLayer, find_linear_layers
 from onnxprune.model import get_array, remove_unused_initializers, set_array, unique_name
 from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
 
 # Inputs wider than this keep their raw rows (sample space) instead of an n x n Gram matrix.
 WIDE_INPUT = 8192
+
+#: ridge "auto": relative ridges (lam / (trace(C) / n)) tried by cross-validation; inf is SVD + BC.
+AUTO_GRID = (0.0, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0, math.inf)
+#: ridge "auto": the largest ridge whose cross-validated error is within this fraction of the best.
+AUTO_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +155,111 @@ def global_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, in
     return best
 
 
+def _top(K: np.ndarray, k: int) -> np.ndarray:
+    """Top-k eigenvectors (r x k) of the symmetric r x r matrix K (any orthonormal basis of
+    their span: only the subspace matters here)."""
+    r = K.shape[0]
+    if k >= r:
+        return np.eye(r)
+    K = 0.5 * (K + K.T)
+    try:
+        if 8 * k < r:      # a few vectors: MRRR on the subset; many: divide and conquer, all of them
+            return sla.eigh(K, subset_by_index=[r - k, r - 1], driver="evr", check_finite=False)[1]
+        return sla.eigh(K, driver="evd", check_finite=False)[1][:, r - k:]
+    except (sla.LinAlgError, ValueError):
+        return sla.eigh(K, driver="ev", check_finite=False)[1][:, r - k:]
+
+
+def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMoment, np.ndarray]], *,
+                    grid=AUTO_GRID, tolerance: float = AUTO_TOLERANCE
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Affine DALR, W x ~ A B x + delta, with its ridge chosen by cross-validation.
+
+    For a ridge lam (relative to trace(C)/n, C the centred input covariance):
+    A = top-k eigenvectors of W (C + lam I) W^T, B = A^T W, delta = (W - A B) mu. lam = 0
+    minimises E||W x - A B x - delta||^2 on the data (centred DALR with its optimal bias);
+    lam -> inf gives SVD + bias compensation; in between, C is shrunk towards a multiple
+    of I, which guards against over-fitting few calibration samples.
+
+    ``folds`` are (second moment, mean) of F >= 2 disjoint folds whose union is the whole
+    calibration set. Each fold is held out once (the fit uses the others) and the pooled
+    held-out error E||W x - A B x - delta||^2 / E||W x||^2 scores every ridge of ``grid``.
+    The choice is the largest ridge within ``tolerance`` (relative) of the best error: a
+    less regularised fit must be clearly better to be taken. The factors are then refitted
+    on all folds with that ridge scaled by N_fit / N (a fixed prior's relative weight falls
+    like 1/N).
+
+    Everything runs in an r = min(m, n) dimensional basis U of W's range (W = U P; U = I
+    when m <= n): one r x r projection P S_f P^T per fold, one r x r eigenproblem per fold
+    and ridge and one for the refit; no n x n factorisation.
+
+    Returns (A (m x k), B (k x n), delta (m,), info).
+    """
+    m, n = w.shape
+    if m <= n:
+        U, P = None, w                                     # W = I W
+    else:
+        U, P = sla.qr(w, mode="economic", check_finite=False)          # W = U R, R (n x n)
+    r = P.shape[0]
+    k = min(int(rank), r)
+    G = P @ P.T                                            # W W^T in the basis
+    counts = np.array([moment.count for moment, _ in folds], dtype=np.float64)
+    Ks = np.stack([moment.quad(P) for moment, _ in folds])          # E_f[(P x)(P x)^T]
+    zs = np.stack([P @ mean for _, mean in folds])                   # E_f[P x]
+    mus = np.stack([mean for _, mean in folds])
+    traces = np.array([moment.trace for moment, _ in folds])         # E_f||x||^2
+    F = len(folds)
+
+    def part(weights: np.ndarray):
+        """(centred K, z, scale) of the union of the folds with weight 1."""
+        c = weights * counts
+        nc = c.sum()
+        K = np.tensordot(c, Ks, axes=1) / nc
+        z = c @ zs / nc
+        mu = c @ mus / nc
+        scale = max(float(c @ traces / nc - mu @ mu), 0.0) / n
+        return K - np.outer(z, z), z, scale if scale > 0 else 1.0
+
+    grid = [float(g) for g in grid]
+    svd_basis = _top(G, k) if any(math.isinf(g) for g in grid) else None
+
+    def basis(Kc: np.ndarray, lam: float) -> np.ndarray:
+        return svd_basis if math.isinf(lam) else _top(Kc + lam * G, k)
+
+    num = np.zeros(len(grid))
+    den = 0.0
+    for f in range(F):
+        Kc, z_fit, scale = part(np.arange(F) != f)
+        K_h, z_h = Ks[f], zs[f]
+        energy = float(np.trace(K_h))
+        den += counts[f] * energy
+        for i, ridge in enumerate(grid):
+            Q = basis(Kc, ridge * scale)
+            z_perp = z_fit - Q @ (Q.T @ z_fit)            # delta, in the basis
+            err = (energy - np.einsum("ij,ij->", Q, K_h @ Q)
+                   - 2.0 * float(z_perp @ z_h) + float(z_perp @ z_fit))
+            num[i] += counts[f] * max(err, 0.0)
+    errors = num / den if den > 0 else np.zeros(len(grid))
+    best = float(errors.min())
+    chosen = max(i for i in range(len(grid)) if errors[i] <= best * (1.0 + tolerance) + 1e-15)
+    ridge = grid[chosen] * (F - 1) / F
+
+    Kc, z, scale = part(np.ones(F, dtype=bool))
+    Q = basis(Kc, ridge * scale)
+    B = Q.T @ P
+    A = Q if U is None else U @ Q
+    flip = A[np.argmax(np.abs(A), axis=0), np.arange(k)] < 0     # deterministic signs
+    A[:, flip] *= -1.0
+    B[flip] *= -1.0
+    delta = z - Q @ (Q.T @ z)
+    if U is not None:
+        delta = U @ delta
+    label = "svd+bias" if math.isinf(ridge) else f"dalr+bias (ridge {ridge:.3g})"
+    info = {"chosen": label, "ridge": "inf" if math.isinf(ridge) else ridge,
+            "cv_error": float(errors[chosen]), "cv_best": best,
+            "cv_errors": {("inf" if math.isinf(g) else g): float(e) for g, e in zip(grid, errors)}}
+    return A, B, delta, info
+
 @register
 class LowRankSplit(Pass):
     """Gemm(W: m x n) -> Gemm(B: k x n) -> Gemm(A: m x k); also MatMul(+Add) and Conv.
@@ -205,22 +322,32 @@ class LowRankSplit(Pass):
                 stats = ctx.statistics(model, [layer_request(layer)], ("target",))
                 moments[layer.name] = second_moment(stats.moments(layer_request(layer), "target"))
             total = moments[layer.name]
-            a_mat, b_mat, info = self._factor(layer, w, k, stats, total)
-            self._rewrite(model, layer, a_mat, b_mat, b)
+            a_mat, b_mat, info = self._factor(layer, w, k, stats, total, ctx.folds)
+            delta = info.pop("bias_delta", None)
+            mean = stats.moments(layer_request(layer), "target").mean
+            new_bias = b
+            if delta is not None and (b is not None or np.abs(delta).max() > 1e-12 * max(np.abs(w @ mean).max(), 1e-300)):
+                new_bias = delta if b is None else b + delta
+            else:
+                delta = None
+            self._rewrite(model, layer, a_mat, b_mat, new_bias)
             spectrum = spectra[layer.name]
             rows.append({
                 "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k,
                 "params_before": m * n + (m if b is not None else 0),
                 "params_after": split_params(m, n, k) + (m if b is not None else 0),
                 "energy": float(spectrum[:k].sum() / max(spectrum.sum(), 1e-300)),
-                "error": float(linalg.reconstruction_error(w, a_mat, b_mat, total)),
+                "error": float(linalg.reconstruction_error(w, a_mat, b_mat, total) if delta is None else
+                               linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta)),
                 **info,
             })
             ctx.approximated[layer.name] = {
                 "weight": w, "approx": a_mat @ b_mat, "request": layer_request(layer), "op": layer.op,
-                "mean": stats.moments(layer_request(layer), "target").mean,
+                "mean": mean,
                 "node": f"{layer.name}/low_rank/A",
-                "bias": f"{layer.name}/low_rank/bias" if b is not None else None,
+                "bias": f"{layer.name}/low_rank/bias" if new_bias is not None else None,
+                # bias shift already applied (affine DALR): bias-compensate adds only the rest
+                "bias_shift": delta,
             }
         remove_unused_initializers(model)
         return PassResult(changed=bool(rows), report={"split": rows, "skipped": skipped})
@@ -240,7 +367,7 @@ class LowRankSplit(Pass):
                 ranks[name] = rank_for_energy(spectra[name], opts.energy)
         return ranks
 
-    def _factor(self, layer, w, k, stats, total):
+    def _factor(self, layer, w, k, stats, total, nfolds: int = 2):
         opts = self.options
         if opts.method == "svd":
             a_mat, b_mat = linalg.truncated_svd(w, k)
@@ -248,18 +375,20 @@ class LowRankSplit(Pass):
         if opts.ridge != "auto":
             a_mat, b_mat = linalg.dalr(w, total, k, ridge=float(opts.ridge))
             return a_mat, b_mat, {"method": "dalr", "ridge": float(opts.ridge)}
-        # Held-out choice among DALR ridges (shrinking B to 0, or the approximation towards
-        # W, whose infinite-ridge end is the SVD) and plain SVD: fit on fold 0, score on fold 1.
-        request = layer_request(layer)
-        folds = [second_moment(stats.moments(request, "target", fold=f)) for f in (0, 1)]
-        _, _, info = linalg.best_low_rank(w, k, folds[0], folds[1], methods=("dalr", "dalr-weight", "svd"))
-        if info["method"] == "svd":
-            a_mat, b_mat = linalg.truncated_svd(w, k)
-            return a_mat, b_mat, {"method": "dalr", "chosen": "svd"}
-        ridge, shrink = float(info["ridge"]), info["shrink_to"]
-        a_mat, b_mat = linalg.dalr(w, total, k, ridge=ridge, shrink_to=shrink)
-        return a_mat, b_mat, {"method": "dalr", "chosen": f"dalr (ridge {ridge:g}, to {shrink})",
-                              "ridge": ridge, "shrink_to": shrink}
+        folds = []
+        for f in range(max(int(nfolds), 1)):
+            try:
+                moments = stats.moments(layer_request(layer), "target", fold=f)
+            except CalibrationError:
+                break
+            folds.append((second_moment(moments), moments.mean))
+        if len(folds) < 2:
+            # Nothing held out to choose on: the paper's DALR at the default ridge.
+            a_mat, b_mat = linalg.dalr(w, total, k)
+            return a_mat, b_mat, {"method": "dalr", "chosen": "dalr (no folds to cross-validate)",
+                                  "ridge": linalg.DEFAULT_RIDGE}
+        a_mat, b_mat, delta, info = affine_low_rank(w, k, folds)
+        return a_mat, b_mat, {"method": "dalr", **info, "bias_delta": delta}
 
     def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> None:
         graph = model.graph
@@ -274,6 +403,7 @@ class LowRankSplit(Pass):
         b_name, a_name = f"{base}/low_rank/B/weight", f"{base}/low_rank/A/weight"
         bias_name = f"{base}/low_rank/bias"
         x = layer.input
+        extra = None
         if layer.op == "Gemm":
             set_array(model, b_name, b_mat.astype(dtype))
             set_array(model, a_name, a_mat.astype(dtype))
@@ -289,6 +419,12 @@ class LowRankSplit(Pass):
                 slot = list(add.input).index(layer.bias)
                 set_array(model, bias_name, bias.astype(dtype))
                 add.input[slot] = bias_name
+            elif bias is not None:
+                # a bias the split introduced (affine DALR): y = Add(MatMul(...), bias)
+                set_array(model, bias_name, bias.astype(dtype))
+                hidden = unique_name(model, f"{base}/low_rank/no_bias")
+                second.output[0] = hidden
+                extra = helper.make_node("Add", [hidden, bias_name], [node.output[0]], name=f"{base}/low_rank/add_bias")
         else:
             w = get_array(model, layer.weight)
             set_array(model, b_name, b_mat.reshape((k,) + w.shape[1:]).astype(dtype))
@@ -302,5 +438,7 @@ class LowRankSplit(Pass):
             set_array(model, bias_name, bias.astype(dtype))
             second.input.append(bias_name)
         graph.node.remove(node)
+        if extra is not None:
+            graph.node.insert(index, extra)
         graph.node.insert(index, second)
         graph.node.insert(index, first)

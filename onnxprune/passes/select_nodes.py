@@ -19,6 +19,7 @@ searched so that the touched layers keep ``keep`` of their parameters or ``flops
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ import onnx
 
 from onnxprune import cost, linalg
 from onnxprune.calibration.stats import StatRequest
+from onnxprune.errors import CalibrationError
 from onnxprune.graph import ChannelGroup, find_channel_groups
 from onnxprune.model import get_array
 from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
@@ -83,41 +85,53 @@ def pooled_request(group: ChannelGroup, pool: str) -> StatRequest:
 
 
 class Footprint:
-    """Parameters and MACs of the layers a set of groups touches, as channel counts change.
+    """Parameters and MACs of what a set of groups touches, as channel counts change.
 
-    A node whose output channels belong to group g and input channels to group h scales by
-    (kept_g / C_g) (kept_h / C_h); per-channel ops (depthwise convs) by kept_g / C_g.
+    Parameters are counted per initializer: one that holds the output channels of group g
+    (producer weights and biases, BN and depthwise parameters) and the input channels of
+    group h (consumer weights) scales by (kept_g / C_g) (kept_h / C_h); a bias only by its
+    own group's factor. MACs are counted per node: a node that produces group g and reads
+    group h scales by both factors, a per-channel node (depthwise conv) by g's.
     """
 
     def __init__(self, model: onnx.ModelProto, groups: list[ChannelGroup]):
         costs = {c.name: c for c in cost.layer_costs(model)}
+        sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
         self.channels = {g.name: g.channels for g in groups}
-        self.nodes: dict[str, dict] = {}
+        self.params: dict[str, set[str]] = {}      # initializer -> groups along its axes
+        self.nodes: dict[str, set[str]] = {}       # node -> groups it produces or reads
+        self._sizes = sizes
+        self._macs = {name: c.macs for name, c in costs.items()}
         for g in groups:
             for p in g.producers:
-                self._node(p.node, costs)["out"] = g.name
-            for c in g.consumers:
-                self._node(c.node, costs)["in"] = g.name
+                self._add(self.nodes, p.node, g.name)
+                for name in (p.weight, p.bias):
+                    if name in sizes:
+                        self._add(self.params, name, g.name)
             for op in g.path:
-                if op.node in costs and (costs[op.node].params or costs[op.node].macs):
-                    self._node(op.node, costs)["out"] = g.name
+                if self._macs.get(op.node):
+                    self._add(self.nodes, op.node, g.name)
+                for name, _ in op.params:
+                    if name in sizes:
+                        self._add(self.params, name, g.name)
+            for c in g.consumers:
+                self._add(self.nodes, c.node, g.name)
+                if c.weight in sizes:
+                    self._add(self.params, c.weight, g.name)
 
-    def _node(self, name, costs):
-        if name not in self.nodes:
-            c = costs.get(name)
-            self.nodes[name] = {"params": c.params if c else 0, "macs": c.macs if c else 0}
-        return self.nodes[name]
+    @staticmethod
+    def _add(table, key, group):
+        table.setdefault(key, set()).add(group)
+
+    def _factor(self, groups: set[str], counts: dict[str, int]) -> float:
+        factor = 1.0
+        for g in groups:
+            factor *= counts.get(g, self.channels[g]) / self.channels[g]
+        return factor
 
     def __call__(self, counts: dict[str, int]) -> tuple[float, float]:
-        params = macs = 0.0
-        for node in self.nodes.values():
-            factor = 1.0
-            for side in ("out", "in"):
-                g = node.get(side)
-                if g is not None:
-                    factor *= counts.get(g, self.channels[g]) / self.channels[g]
-            params += node["params"] * factor
-            macs += node["macs"] * factor
+        params = sum(self._sizes[name] * self._factor(gs, counts) for name, gs in self.params.items())
+        macs = sum(self._macs.get(name, 0) * self._factor(gs, counts) for name, gs in self.nodes.items())
         return params, macs
 
     def full(self) -> tuple[float, float]:
@@ -195,7 +209,8 @@ class SelectNodes(Pass):
             sigma = scores[g.name]["sigma"]
             retention = float(linalg.retention_ratio(sigma, keep, ridge=opts.ridge))
             ctx.selections[g.name] = {"group": g, "keep": keep, "sigma": sigma, "applied": False,
-                                      "criterion": opts.criterion, "retention": retention}
+                                      "criterion": opts.criterion, "retention": retention,
+                                      "folds": scores[g.name]["folds"]}
             rows.append({"group": g.name, "channels": g.channels, "kept": k, "retention": retention,
                          "criterion": opts.criterion})
         return PassResult(changed=False, report={"selected": rows, "skipped": skipped})
@@ -206,24 +221,27 @@ class SelectNodes(Pass):
             for s in sets:
                 by_set.setdefault(s, []).append(request)
         views = {s: ctx.statistics(model, reqs, (s,)) for s, reqs in by_set.items()}
-        return {g.name: self._score(model, g, views) for g in groups}
+        scores = {}
+        for g in groups:
+            scores[g.name] = self._score(model, g, views)
+            scores[g.name]["folds"] = fold_moments(views["target"], g, ctx.folds)
+        return scores
 
     def _score(self, model, group: ChannelGroup, views) -> dict:
-        """The greedy order of all channels (best first) and, where defined, retention ratios."""
+        """What ranks the group's channels: a lazy greedy ranking (spectral, momasp, PFA's
+        spectral choice), a fixed order (mean, l1), and PFA's spectrum."""
         opts = self.options
         target = views["target"].moments(site_request(group), "target")
         sigma = target.second_moment
         c = group.channels
-        out = {"sigma": sigma, "ratios": None}
+        out = {"sigma": sigma, "ranking": None}
         if opts.criterion == "spectral" or (opts.criterion.startswith("pfa") and opts.choose == "spectral"):
-            order, ratios = linalg.spectral_select(sigma, count=c, ridge=opts.ridge)
-            out.update(order=order, ratios=ratios)
+            out["ranking"] = Ranking(functools.partial(linalg.spectral_select, sigma, ridge=opts.ridge), c)
         elif opts.criterion.startswith("momasp"):
             source = views["source"].moments(site_request(group), "source")
-            order, ratios = linalg.momasp_select(sigma, mean_s=source.mean, mean_t=target.mean,
-                                                 cov_s=source.covariance, cov_t=target.covariance,
-                                                 reg=opts.criterion[-1], lam=opts.lam, count=c, ridge=opts.ridge)
-            out.update(order=order, ratios=ratios)
+            out["ranking"] = Ranking(functools.partial(
+                linalg.momasp_select, sigma, mean_s=source.mean, mean_t=target.mean, cov_s=source.covariance,
+                cov_t=target.covariance, reg=opts.criterion[-1], lam=opts.lam, ridge=opts.ridge), c)
         elif opts.criterion == "mean":
             out["order"] = np.argsort(-np.abs(target.mean), kind="stable")
         elif opts.criterion == "l1":
@@ -245,44 +263,149 @@ class SelectNodes(Pass):
         if opts.fraction is not None:
             return {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
         if opts.alpha is not None:
-            return {g.name: count_for_ratio(scores[g.name]["ratios"], opts.alpha) for g in groups}
+            return {g.name: scores[g.name]["ranking"].count_for(opts.alpha) for g in groups}
         if opts.criterion == "pfa-kl":
             return {g.name: linalg.pfa_kl_count(scores[g.name]["spectrum"]) for g in groups}
         if opts.tau is not None:
             return {g.name: linalg.pfa_energy_count(scores[g.name]["spectrum"], opts.tau) for g in groups}
-        # Global budget: one threshold for every group, the loosest that fits.
+        return self._budget_counts(model, groups, scores)
+
+    def _budget_counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
+        """Global budget: one threshold t for every group, the loosest whose counts fit.
+
+        t is a retention ratio (spectral, momasp), a PFA energy (pfa-en, pfa-kl), or a
+        fraction of channels (mean, l1). Greedy rankings are extended only as far as the
+        search needs: a group whose ranking has not reached t yet counts as "more than
+        computed" (a lower bound); when the budget is met even so, the ranking is extended
+        and t tried again, so the result is exactly that of full rankings.
+        """
+        opts = self.options
         footprint = Footprint(model, groups)
         full_params, full_macs = footprint.full()
         index, budget = (0, opts.keep * full_params) if opts.keep is not None else (1, opts.flops * full_macs)
+        by_ratio = opts.criterion in ("spectral", "momasp-J", "momasp-j")
 
-        def counts_at(t: float) -> dict[str, int]:
-            out = {}
+        def counts_at(t: float) -> tuple[dict[str, int], list[Ranking]]:
+            out, short = {}, []
             for g in groups:
                 s = scores[g.name]
-                if s.get("ratios") is not None and opts.criterion in ("spectral", "momasp-J", "momasp-j"):
-                    out[g.name] = count_for_ratio(s["ratios"], t)
+                if by_ratio:
+                    count, exact = s["ranking"].count_at(t)
+                    out[g.name] = count
+                    if not exact:
+                        short.append(s["ranking"])
                 elif opts.criterion.startswith("pfa"):
-                    out[g.name] = linalg.pfa_energy_count(s["spectrum"], t)
+                    out[g.name] = linalg.pfa_energy_count(s["spectrum"], t) if t > 0 else 1
                 else:
                     out[g.name] = max(1, math.ceil(t * g.channels))
-            return out
+            return out, short
+
+        def fits(t: float) -> tuple[bool, dict[str, int]]:
+            while True:
+                counts, short = counts_at(t)
+                if footprint(counts)[index] > budget:
+                    return False, counts         # lower bounds already exceed the budget
+                if not short:
+                    return True, counts
+                for ranking in short:
+                    ranking.extend_to(t)
 
         lo, hi = 0.0, 1.0
-        best = counts_at(0.0)
+        best = fits(0.0)[1]
         for _ in range(40):
             mid = (lo + hi) / 2
-            counts = counts_at(mid)
-            if footprint(counts)[index] <= budget:
+            ok, counts = fits(mid)
+            if ok:
                 best, lo = counts, mid
             else:
                 hi = mid
-        return best
+        ok, counts = fits(1.0)
+        return counts if ok else best
+
+
+class Ranking:
+    """A greedy channel ranking computed lazily: ``select(alpha=..., count=...)`` returns
+    (order, ratios) and is called again, further, only when more of it is needed.
+
+    Greedy selection is deterministic, so a longer run extends a shorter one: a prefix
+    computed with a small ``count`` or ``alpha`` is the start of the full ranking. A run
+    with ``alpha`` stops early when no informative channel is left (``complete``). A
+    global budget rarely needs more than 99 % retention, so wide groups (MobileNetV2's 960
+    channels) are ranked only that far unless the budget asks for more.
+    """
+
+    def __init__(self, select, channels: int):
+        self.select = select
+        self.channels = channels
+        self.order = np.zeros(0, dtype=np.int64)
+        self.ratios = np.zeros(0)
+        self.complete = False
+        self.informative = channels          # channels ranked before the greedy ran out (when complete)
+
+    def _run(self, **stop) -> None:
+        order, ratios = self.select(**stop)
+        if len(order) >= len(self.order):
+            self.order, self.ratios = np.asarray(order, dtype=np.int64), np.asarray(ratios, dtype=np.float64)
+
+    def top(self, count: int) -> np.ndarray:
+        """The first ``count`` channels of the ranking (forced picks past the informative ones)."""
+        count = int(min(max(count, 1), self.channels))
+        if len(self.order) < count:
+            self._run(count=count)
+        return self.order[:count]
+
+    def reached(self, alpha: float) -> bool:
+        return len(self.ratios) > 0 and self.ratios[-1] >= alpha - 1e-12
+
+    def extend_to(self, alpha: float) -> None:
+        """Rank until the retention ratio reaches ``alpha``: first to max(alpha, 0.99), then,
+        if that is not enough, every informative channel (each run starts afresh, so few
+        and long runs are cheaper than many short ones)."""
+        if self.complete or self.reached(alpha):
+            return
+        goal = max(alpha, 0.99) if not len(self.ratios) else 1.0
+        self._run(alpha=goal)
+        if not self.reached(goal):           # stopped early: nothing informative left
+            self.complete = True
+            self.informative = len(self.order)
+
+    def count_at(self, alpha: float) -> tuple[int, bool]:
+        """(channels needed for retention ``alpha``, whether that is exact rather than a lower bound)."""
+        if self.reached(alpha):
+            return count_for_ratio(self.ratios, alpha), True
+        if self.complete:
+            return max(self.informative, 1), True
+        if len(self.order) >= self.channels:
+            return self.channels, True
+        return len(self.order) + 1, False
+
+    def count_for(self, alpha: float) -> int:
+        """Fewest channels reaching ``alpha`` (all informative ones when it cannot be reached)."""
+        self.extend_to(alpha)
+        return self.count_at(alpha)[0]
+
+
+def fold_moments(view, group: ChannelGroup, folds: int) -> list[tuple[int, np.ndarray]]:
+    """(sample count, second moment) of the site per calibration fold; [] when the
+    statistics were gathered without folds (reconstruct-next-layer then uses a fixed ridge)."""
+    if folds < 2:
+        return []
+    out = []
+    try:
+        for f in range(folds):
+            m = view.moments(site_request(group), "target", fold=f)
+            out.append((int(m.count), m.second_moment))
+    except CalibrationError:
+        return []
+    return out
 
 
 def kept_channels(score: dict, count: int) -> np.ndarray:
     """The ``count`` best channels, sorted; PFA's correlation rule when it was asked for."""
     if "pooled_cov" in score:
         return np.sort(np.asarray(linalg.pfa_correlation_select(score["pooled_cov"], count), dtype=np.int64))
+    if score.get("ranking") is not None:
+        return np.sort(score["ranking"].top(count))
     return np.sort(np.asarray(score["order"][:count], dtype=np.int64))
 
 

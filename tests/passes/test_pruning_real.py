@@ -1,0 +1,102 @@
+"""Channel pruning on the real models in ../shared (skipped when it is absent).
+
+Calibration and evaluation samples are disjoint (CIFAR-10 and the ImageNet samples are
+stored sorted by class, so their halves are drawn by a seeded permutation). Sample counts
+are small to keep the file well under 90 s on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxprune.calibration.provider import StatsProvider
+from onnxprune.calibration.readers import Preprocess, open_samples
+from onnxprune.cost import total_macs
+from onnxprune.graph import find_channel_groups
+from onnxprune.model import count_parameters, get_array, load_model
+from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.runtime import make_session, run_batches
+
+pytestmark = pytest.mark.real
+
+IMAGENET = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def predict(model, samples) -> np.ndarray:
+    session = make_session(model)
+    out = []
+    for _, outputs in run_batches(session, samples, batch_size=64):
+        out.append(outputs[0].reshape(len(outputs[0]), -1).argmax(axis=1))
+    return np.concatenate(out)
+
+
+def split(samples, n_calib: int, n_eval: int, *, shuffle: bool):
+    n = len(samples)
+    order = np.random.default_rng(0).permutation(n) if shuffle else np.arange(n)
+    return samples.subset(np.sort(order[:n // 2][:n_calib])), samples.subset(np.sort(order[n // 2:][:n_eval]))
+
+
+class Task:
+    def __init__(self, model_path, data_path, preprocess, n_calib, n_eval, *, shuffle):
+        self.model = load_model(model_path)
+        samples = open_samples(data_path, self.model, preprocess=preprocess)
+        self.calib, self.eval = split(samples, n_calib, n_eval, shuffle=shuffle)
+        self.provider = StatsProvider({"target": self.calib}, batch_size=32, folds=2, progress=False)
+        self.reference = predict(self.model, self.eval)
+        self.accuracy = float((self.reference == self.eval.labels).mean())
+
+    def run(self, passes):
+        model, report = run_pipeline(self.model, Recipe(passes=tuple(passes), batch_size=32), self.provider)
+        pred = predict(model, self.eval)
+        return {"accuracy": float((pred == self.eval.labels).mean()),
+                "agreement": float((pred == self.reference).mean()),
+                "params": count_parameters(model) / count_parameters(self.model),
+                "macs": total_macs(model) / total_macs(self.model), "report": report}
+
+
+def passes(criterion, reconstruct=True, **how):
+    return [("select-nodes", {"criterion": criterion, **how}), ("reconstruct-next-layer", {"reconstruct": reconstruct})]
+
+
+def test_lenet_usps_reconstruction_beats_no_reconstruction_and_mean(shared):
+    task = Task(shared / "models/lenet_caffe_mnist.onnx", shared / "data/digits/usps_test.npz", Preprocess(),
+                1003, 1004, shuffle=False)
+    assert task.accuracy > 0.7
+    spectral = task.run(passes("spectral", keep=0.03))
+    dropped = task.run(passes("spectral", reconstruct=False, keep=0.03))
+    mean = task.run(passes("mean", reconstruct=False, keep=0.03))
+    assert spectral["params"] < 0.035 and dropped["params"] == spectral["params"]
+    assert spectral["accuracy"] > dropped["accuracy"] + 0.15
+    assert spectral["accuracy"] > mean["accuracy"] + 0.2
+    assert spectral["accuracy"] > task.accuracy - 0.15
+    rows = [r for p in spectral["report"]["passes"] for r in p.get("pruned", [])]
+    assert {r["group"] for r in rows} == {"conv1", "conv2", "ip1"}
+    assert all(0 < r["error"] < 0.3 and r["heldout_error"] >= 0 for r in rows)
+
+
+def test_resnet20_inner_channels(shared):
+    task = Task(shared / "models/resnet20_cifar10.onnx", shared / "data/cifar10/cifar10_test_jpeg.npz", IMAGENET,
+                256, 400, shuffle=True)
+    groups = [g.name for g in find_channel_groups(task.model) if g.skip is None]
+    assert len(groups) == 9 and all(g.endswith("conv1/Conv") for g in groups)
+    result = task.run(passes("spectral", flops=0.8, groups=groups))
+    assert 0.75 < result["macs"] < 0.9
+    assert result["accuracy"] > task.accuracy - 0.06
+    assert result["agreement"] > 0.85
+
+
+def test_mobilenetv2_expansion_channels(shared):
+    task = Task(shared / "models/mobilenetv2_imagenet_fp32.onnx", shared / "data/imagenet_samples",
+                Preprocess(resize=256, center_crop=224, mean=IMAGENET.mean, std=IMAGENET.std), 32, 32, shuffle=True)
+    ops = {n.name: n.op_type for n in task.model.graph.node}
+    expansion = [g for g in find_channel_groups(task.model) if g.skip is None
+                 and any(ops[p.node] == "Conv" for p in g.path)
+                 and get_array(task.model, g.producers[0].weight).shape[2:] == (1, 1)]
+    assert len(expansion) == 16
+    wide = tuple(g.name for g in expansion if g.channels == 960)
+    result = task.run(passes("spectral", flops=0.8, groups=wide))
+    rows = [r for p in result["report"]["passes"] for r in p.get("pruned", [])]
+    assert {r["group"] for r in rows} == set(wide)
+    assert all(r["kept"] < 960 for r in rows)
+    assert result["agreement"] >= 0.75
