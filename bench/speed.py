@@ -61,7 +61,6 @@ METHODS = {
 # what each pass does, for the stage table (the rewrite and checks are split out)
 PASS_STAGE = {"low-rank-split": "decomposition", "select-nodes": "selection",
               "reconstruct-next-layer": "reconstruction (A_J)", "bias-compensate": "bias compensation"}
-THROUGHPUT_SAMPLES = 512   # calibration samples used for the throughput comparison
 STAGES = ["load", "calibration", "selection", "decomposition", "reconstruction (A_J)", "bias compensation",
           "rewrite", "graph checks", "validation", "latency (in validation)", "save", "other"]
 
@@ -255,7 +254,8 @@ def channel_counts(report: dict) -> list[int]:
 
 
 def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: int,
-                   latency_budget: float = 60.0) -> dict:
+                   latency_budget: float = 60.0, max_samples: int | None = None,
+                   compress_latency: bool = True, throughput_samples: int = 256) -> dict:
     import numpy as np
 
     from common import TASKS, halves
@@ -272,7 +272,9 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
     start = time.perf_counter()
     model = load_model(task.model)
     target = open_samples(task.target, model, preprocess=task.preprocess)
-    calib, held_out = halves(target, task.max_calib, task.max_eval)
+    caps = [c for c in (task.max_calib, max_samples) if c]
+    calib, held_out = halves(target, min(caps) if caps else None,
+                             min(c for c in (task.max_eval, max_samples) if c) if caps else None)
     load = time.perf_counter() - start
     rss_loaded = rss_now_bytes()
 
@@ -281,7 +283,7 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         result = api.compress(model, calib, recipe=recipe, output=Path(tmp) / "out.onnx", eval_data=held_out,
-                              progress=False)
+                              progress=False, measure_latency=compress_latency)
         total = time.perf_counter() - start
         file_bytes = (Path(tmp) / "out.onnx").stat().st_size
     peak = max_rss_bytes()
@@ -312,7 +314,7 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
                                   batches=(32,))
     del sessions, plain_layout
     # throughput is per sample: a prefix of the calibration half keeps this affordable
-    tp = throughput(model, calib.subset(np.arange(min(len(calib), THROUGHPUT_SAMPLES))), passes, batch_size=32,
+    tp = throughput(model, calib.subset(np.arange(min(len(calib), throughput_samples))), passes, batch_size=32,
                     folds=2, repeats=repeats)
     return {
         "task": task_name, "method": method, "calib": len(calib), "eval": len(held_out),
@@ -429,7 +431,8 @@ def render(raw: dict) -> str:
     lines += [
         "## Calibration throughput vs plain inference",
         "",
-        f"The first {THROUGHPUT_SAMPLES} calibration samples (or all, when fewer), decoded once and held in memory "
+        f"The first {raw.get('throughput_samples', '?')} calibration samples (or all, when fewer), decoded once and "
+        "held in memory "
         "for every run (decoding excluded), batch 32; "
         "`collect()` gathers exactly the statistics the recipe requests (float64 moments, 2 folds); "
         "'exposed' is onnxruntime with those tensors as extra outputs but no statistics. Best of "
@@ -685,6 +688,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer latency runs, one throughput repeat, widths up to 2048, smaller wide layer")
     parser.add_argument("--latency-runs", type=int)
+    parser.add_argument("--samples", type=int,
+                        help="cap on calibration and on evaluation samples per task (default 500, quick 128; 0: "
+                             "the harness's own splits)")
     parser.add_argument("--repeats", type=int, help="interleaved throughput repeats (default 2, quick 1)")
     parser.add_argument("--widths", type=int, nargs="+")
     parser.add_argument("--skip-linalg", action="store_true")
@@ -699,7 +705,8 @@ def main(argv=None) -> int:
         kind, *rest = args.phase
         if kind == "compress":
             result = phase_compress(rest[0], rest[1], latency_runs=int(rest[2]), repeats=int(rest[3]),
-                                    latency_budget=float(rest[4]))
+                                    latency_budget=float(rest[4]), max_samples=int(rest[5]) or None,
+                                    compress_latency=rest[6] == "1", throughput_samples=int(rest[7]))
         else:
             result = phase_linalg(json.loads(rest[0]), json.loads(rest[1]))
         print(json.dumps(result))
@@ -713,13 +720,16 @@ def main(argv=None) -> int:
         latency_runs = args.latency_runs or (10 if args.quick else 30)
         repeats = args.repeats or (1 if args.quick else 2)
         budget = 15.0 if args.quick else 45.0     # seconds of latency runs per batch size at most
+        samples = args.samples if args.samples is not None else (128 if args.quick else 500)
+        tp_samples = 64 if args.quick else 256
         widths = args.widths or ([256, 512, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096])
         wide = {"n": 25088, "N": 250, "m": 1024, "rank": 128} if args.quick else \
             {"n": 25088, "N": 500, "m": 4096, "rank": 512}
         started = time.perf_counter()
         raw = {"command": "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": machine(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-               "blas_threads": args.blas_threads, "repeats": repeats, "runs": [],
+               "blas_threads": args.blas_threads, "repeats": repeats, "runs": [], "max_samples": samples,
+               "throughput_samples": tp_samples, "compress_latency": not args.quick,
                "load": [os.getloadavg()[0], None]}
         for task in args.tasks:
             if not TASKS[task].model.exists():
@@ -728,8 +738,8 @@ def main(argv=None) -> int:
             for method in args.methods:
                 print(f"compress {task} {method} ...", file=sys.stderr, flush=True)
                 try:
-                    r = run_child(["compress", task, method, str(latency_runs), str(repeats), str(budget)],
-                                  args.blas_threads)
+                    r = run_child(["compress", task, method, str(latency_runs), str(repeats), str(budget),
+                                   str(samples), "0" if args.quick else "1", str(tp_samples)], args.blas_threads)
                     r["model_file"] = TASKS[task].model.stat().st_size
                     print(f"  {r['stages']['total']:.1f} s, peak RSS {mib(r['peak_rss'])} MiB, "
                           f"collect/plain {r['throughput']['best']['collect'] / r['throughput']['best']['plain']:.2f}x",

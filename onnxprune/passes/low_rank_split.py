@@ -155,6 +155,29 @@ def global_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, in
     return best
 
 
+def gated_metric(gram: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """E[D G D] for D = diag(g), g_i ~ Bernoulli(p_i) independent: the metric a downstream
+    layer with W_next^T W_next = ``gram`` puts on errors that pass a gate (ReLU, clip) open
+    with probability p: G o (p p^T) + diag(diag(G) (p - p^2))."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    M = gram * np.outer(p, p)
+    M[np.diag_indices_from(M)] += np.diag(gram) * (p - p * p)
+    return M
+
+
+def open_probability(mean: np.ndarray, var: np.ndarray, low: float = 0.0, high: float = math.inf) -> np.ndarray:
+    """P(low < y < high) for y ~ N(mean, var), per unit: the chance a ReLU (Clip) passes an error."""
+    from scipy.special import ndtr
+
+    sd = np.sqrt(np.maximum(var, 0.0))
+    tiny = sd <= 1e-12 * np.maximum(np.abs(mean), 1.0)
+    sd = np.where(tiny, 1.0, sd)
+    upper = ndtr((high - mean) / sd) if math.isfinite(high) else 1.0
+    p = upper - ndtr((low - mean) / sd)
+    exact = ((mean > low) & (mean < high)).astype(np.float64)
+    return np.where(tiny, exact, p)
+
+
 def _top(K: np.ndarray, k: int) -> np.ndarray:
     """Top-k eigenvectors (r x k) of the symmetric r x r matrix K (any orthonormal basis of
     their span: only the subspace matters here)."""
@@ -171,7 +194,7 @@ def _top(K: np.ndarray, k: int) -> np.ndarray:
 
 
 def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMoment, np.ndarray]], *,
-                    grid=AUTO_GRID, tolerance: float = AUTO_TOLERANCE
+                    metric: np.ndarray | None = None, grid=AUTO_GRID, tolerance: float = AUTO_TOLERANCE
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Affine DALR, W x ~ A B x + delta, with its ridge chosen by cross-validation.
 
@@ -183,7 +206,9 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
 
     ``folds`` are (second moment, mean) of F >= 2 disjoint folds whose union is the whole
     calibration set. Each fold is held out once (the fit uses the others) and the pooled
-    held-out error E||W x - A B x - delta||^2 / E||W x||^2 scores every ridge of ``grid``.
+    held-out error E||e||_M^2 / E||W x||_M^2, e = W x - A B x - delta, scores every ridge of
+    ``grid``. ``metric`` M (m x m, PSD) weighs output errors by their effect downstream
+    (``downstream_metric``); None is the identity, the plain output error.
     The choice is the largest ridge within ``tolerance`` (relative) of the best error: a
     less regularised fit must be clearly better to be taken. The factors are then refitted
     on all folds with that ridge scaled by N_fit / N (a fixed prior's relative weight falls
@@ -203,6 +228,11 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
     r = P.shape[0]
     k = min(int(rank), r)
     G = P @ P.T                                            # W W^T in the basis
+    if metric is None:
+        M = None
+    else:
+        M = metric if U is None else U.T @ metric @ U
+        M = 0.5 * (M + M.T)
     counts = np.array([moment.count for moment, _ in folds], dtype=np.float64)
     Ks = np.stack([moment.quad(P) for moment, _ in folds])          # E_f[(P x)(P x)^T]
     zs = np.stack([P @ mean for _, mean in folds])                   # E_f[P x]
@@ -231,13 +261,23 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
     for f in range(F):
         Kc, z_fit, scale = part(np.arange(F) != f)
         K_h, z_h = Ks[f], zs[f]
-        energy = float(np.trace(K_h))
+        energy = float(np.einsum("ij,ij->", K_h, M)) if M is not None else float(np.trace(K_h))
         den += counts[f] * energy
         for i, ridge in enumerate(grid):
             Q = basis(Kc, ridge * scale)
             z_perp = z_fit - Q @ (Q.T @ z_fit)            # delta, in the basis
-            err = (energy - np.einsum("ij,ij->", Q, K_h @ Q)
-                   - 2.0 * float(z_perp @ z_h) + float(z_perp @ z_fit))
+            KQ = K_h @ Q
+            if M is None:
+                # E||(I - Q Q^T)(P x) - delta||^2
+                err = (energy - np.einsum("ij,ij->", Q, KQ)
+                       - 2.0 * float(z_perp @ z_h) + float(z_perp @ z_fit))
+            else:
+                # E||(I - Q Q^T)(P x) - delta||_M^2 with tr(M Pq K Pq) expanded, Pq = I - Q Q^T
+                MQ = M @ Q
+                Mz = M @ z_perp
+                Mz_perp_q = Mz - Q @ (Q.T @ Mz)           # Pq M delta
+                err = (energy - 2.0 * np.einsum("ij,ij->", MQ, KQ) + np.einsum("ij,ij->", Q.T @ MQ, Q.T @ KQ)
+                       - 2.0 * float(Mz_perp_q @ z_h) + float(z_perp @ Mz))
             num[i] += counts[f] * max(err, 0.0)
     errors = num / den if den > 0 else np.zeros(len(grid))
     best = float(errors.min())

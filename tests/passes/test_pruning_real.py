@@ -56,7 +56,8 @@ class Task:
 
 
 def passes(criterion, reconstruct=True, **how):
-    return [("select-nodes", {"criterion": criterion, **how}), ("reconstruct-next-layer", {"reconstruct": reconstruct})]
+    return [("select-nodes", {"criterion": criterion, **how}),
+            ("reconstruct-next-layer", {"reconstruct": reconstruct})]
 
 
 def test_lenet_usps_reconstruction_beats_no_reconstruction_and_mean(shared):
@@ -76,27 +77,33 @@ def test_lenet_usps_reconstruction_beats_no_reconstruction_and_mean(shared):
 
 
 def test_resnet20_inner_channels(shared):
-    task = Task(shared / "models/resnet20_cifar10.onnx", shared / "data/cifar10/cifar10_test_jpeg.npz", IMAGENET,
-                256, 400, shuffle=True)
+    task = Task(shared / "models/resnet20_cifar10.onnx", shared / "data/cifar10/cifar10_test_jpeg.npz",
+                IMAGENET, 256, 400, shuffle=True)
     groups = [g.name for g in find_channel_groups(task.model) if g.skip is None]
     assert len(groups) == 9 and all(g.endswith("conv1/Conv") for g in groups)
-    result = task.run(passes("spectral", flops=0.8, groups=groups))
-    assert 0.75 < result["macs"] < 0.9
-    assert result["accuracy"] > task.accuracy - 0.06
-    assert result["agreement"] > 0.85
+    spectral = task.run(passes("spectral", flops=0.8, groups=groups))
+    l1 = task.run(passes("l1", flops=0.8, groups=groups))
+    assert 0.75 < spectral["macs"] < 0.9 and l1["macs"] <= spectral["macs"] + 0.02
+    assert spectral["accuracy"] > task.accuracy - 0.1
+    assert spectral["accuracy"] > l1["accuracy"]
+    assert spectral["agreement"] > 0.8
 
 
 def test_mobilenetv2_expansion_channels(shared):
+    """The three 576-channel expansions (14 x 14 sites) of MobileNetV2 keep 70 % of their
+    channels with 32 calibration images; top-1 agreement with the original stays high."""
     task = Task(shared / "models/mobilenetv2_imagenet_fp32.onnx", shared / "data/imagenet_samples",
-                Preprocess(resize=256, center_crop=224, mean=IMAGENET.mean, std=IMAGENET.std), 32, 32, shuffle=True)
+                Preprocess(resize=256, center_crop=224, mean=IMAGENET.mean, std=IMAGENET.std), 32, 32,
+                shuffle=True)
     ops = {n.name: n.op_type for n in task.model.graph.node}
     expansion = [g for g in find_channel_groups(task.model) if g.skip is None
                  and any(ops[p.node] == "Conv" for p in g.path)
                  and get_array(task.model, g.producers[0].weight).shape[2:] == (1, 1)]
     assert len(expansion) == 16
-    wide = tuple(g.name for g in expansion if g.channels == 960)
-    result = task.run(passes("spectral", flops=0.8, groups=wide))
+    groups = tuple(g.name for g in expansion if g.channels == 576)
+    result = task.run(passes("spectral", fraction=0.7, groups=groups))
     rows = [r for p in result["report"]["passes"] for r in p.get("pruned", [])]
-    assert {r["group"] for r in rows} == set(wide)
-    assert all(r["kept"] < 960 for r in rows)
-    assert result["agreement"] >= 0.75
+    assert {r["group"] for r in rows} == set(groups) and all(r["kept"] == 404 for r in rows)
+    assert all(r["heldout_error"] < 0.1 for r in rows)
+    assert result["macs"] < 0.95
+    assert result["agreement"] >= 0.8

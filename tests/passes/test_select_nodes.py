@@ -120,7 +120,8 @@ LOSSLESS = [
 
 
 @pytest.mark.parametrize("mode", ["one-shot", "sequential"])
-@pytest.mark.parametrize("build, name, dead, dup", LOSSLESS, ids=[c[1] + "-" + c[0].__name__ for c in LOSSLESS])
+@pytest.mark.parametrize("build, name, dead, dup", LOSSLESS,
+                         ids=[c[1] + "-" + c[0].__name__ for c in LOSSLESS])
 def test_dead_and_duplicate_channels_prune_losslessly(build, name, dead, dup, mode):
     model = build()
     kill(model, name, dead)
@@ -208,7 +209,8 @@ def test_output_keeps_names_dynamic_axes_and_passes_the_checker():
     for before, after in ((model.graph.input, out.graph.input), (model.graph.output, out.graph.output)):
         assert [v.name for v in before] == [v.name for v in after]
         for a, b in zip(before, after):
-            assert a.type.tensor_type.shape.dim[0].dim_param == b.type.tensor_type.shape.dim[0].dim_param == "N"
+            dims = a.type.tensor_type.shape.dim, b.type.tensor_type.shape.dim
+            assert dims[0][0].dim_param == dims[1][0].dim_param == "N"
     assert run_model(out, graphs.feeds(model, batch=7))[0].shape == (7, 5)
     assert model.graph.initializer[0].name in {t.name for t in out.graph.initializer}
 
@@ -294,7 +296,8 @@ def test_one_shot_and_sequential_keep_the_same_counts():
     model = graphs.gemm_chain()
     outs = {}
     for mode in ("one-shot", "sequential"):
-        out, report = prune(model, [("select-nodes", {"keep": 0.4}), ("reconstruct-next-layer", {})], mode=mode)
+        out, report = prune(model, [("select-nodes", {"keep": 0.4}), ("reconstruct-next-layer", {})],
+                            mode=mode)
         outs[mode] = ({g: r["kept"] for g, r in pruned_rows(report).items()}, out)
         assert np.isfinite(run_model(out, graphs.feeds(model))[0]).all()
     assert outs["one-shot"][0] == outs["sequential"][0]
