@@ -589,14 +589,15 @@ def main() -> None:
         sections.append(timed_section("h", section_h, (1024, 2048) if quick else (1024, 2048, 4096)))
 
     total = time.perf_counter() - started
+    spent = ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items())
     head = ["# Channel pruning without retraining\n",
             f"Machine: {machine()}; `python bench/pruning.py{' --quick' if quick else ''}` took "
-            f"{total / 60:.1f} min ({', '.join(f'{k}: {v:.0f} s' for k, v in timings.items())}). One BLAS thread "
+            f"{total / 60:.1f} min ({spent}; load average {os.getloadavg()[0]:.1f}). One BLAS thread "
             f"(OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}). All accuracies are top-1 on "
             "held-out target samples that did not calibrate the compression; budgets are global "
             "(`keep`: fraction of the touched layers' parameters, `flops`: of their MACs); "
-            "reconstruct-next-layer runs with its default ridge (chosen on held-out calibration folds) unless "
-            "a row says otherwise.\n"]
+            "reconstruct-next-layer runs with its default ridge (chosen on held-out calibration folds) "
+            "unless a row says otherwise.\n"]
     head += [f"![{p}]({p})\n" for p in plots if p]
     path = write_result("pruning", "\n".join(head + sections))
     log(f"wrote {path} in {total:.0f} s")

@@ -342,10 +342,12 @@ class Ranking:
         self.complete = False
         self.informative = channels          # channels ranked before the greedy ran out (when complete)
 
-    def _run(self, **stop) -> None:
+    def _run(self, **stop) -> tuple[int, float]:
+        """Run the selection; keep the longer ranking; (channels ranked, last ratio) of this run."""
         order, ratios = self.select(**stop)
         if len(order) >= len(self.order):
             self.order, self.ratios = np.asarray(order, dtype=np.int64), np.asarray(ratios, dtype=np.float64)
+        return len(order), float(ratios[-1]) if len(ratios) else 0.0
 
     def top(self, count: int) -> np.ndarray:
         """The first ``count`` channels of the ranking (forced picks past the informative ones)."""
@@ -364,10 +366,10 @@ class Ranking:
         if self.complete or self.reached(alpha):
             return
         goal = max(alpha, 0.99) if not len(self.ratios) else 1.0
-        self._run(alpha=goal)
-        if not self.reached(goal):           # stopped early: nothing informative left
+        ranked, last = self._run(alpha=goal)
+        if last < goal - 1e-12:              # stopped early: nothing informative left
             self.complete = True
-            self.informative = len(self.order)
+            self.informative = ranked
 
     def count_at(self, alpha: float) -> tuple[int, bool]:
         """(channels needed for retention ``alpha``, whether that is exact rather than a lower bound)."""
