@@ -39,9 +39,9 @@ from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, c
 WIDE_INPUT = 8192
 
 #: ridge "auto": relative ridges (lam / (trace(C) / n)) tried by cross-validation; inf is SVD + BC.
-AUTO_GRID = (0.0, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0, math.inf)
+AUTO_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, math.inf)
 #: ridge "auto": the largest ridge whose cross-validated error is within this fraction of the best.
-AUTO_TOLERANCE = 0.02
+AUTO_TOLERANCE = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +178,77 @@ def open_probability(mean: np.ndarray, var: np.ndarray, low: float = 0.0, high: 
     return np.where(tiny, exact, p)
 
 
+def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarray | None):
+    """How the layer's output errors reach the next linear layer, as a function of the output
+    statistics (E[W x], Var[W x]) -> M (m x m), or None (identity: the plain output error).
+
+    Followed: the layer's output through Identity/Dropout and at most one ReLU or Clip to a
+    single Gemm/MatMul/Conv reading it. The error e then costs E||W_next D e||^2 with D the
+    gate's 0/1 mask, each unit open with the Gaussian probability of its pre-activation
+    (``gated_metric``); a Conv reader sums W_next^T W_next over its kernel taps (depthwise:
+    per channel). A graph output, a branch (several readers), or anything else gives None.
+    """
+    from onnxprune.graph import GraphIndex
+
+    index = GraphIndex(model)
+    m = layer.out_features
+    tensor = layer.output
+    gate = None
+    readers = {l.node_index: l for l in find_linear_layers(model)}
+    for _ in range(8):
+        uses = index.uses.get(tensor, [])
+        if tensor in index.graph_outputs or len(uses) != 1 or uses[0][1] != 0:
+            return None
+        node = index.nodes[uses[0][0]]
+        if node.op_type in ("Identity", "Dropout"):
+            tensor = node.output[0]
+            continue
+        if node.op_type in ("Relu", "Clip") and gate is None:
+            low, high = 0.0, math.inf
+            if node.op_type == "Clip":
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                low, high = float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))
+                for slot, name in ((1, "min"), (2, "max")):
+                    if len(node.input) > slot and node.input[slot]:
+                        if index.const(node.input[slot]) is None:
+                            return None
+                        value = float(index.array(node.input[slot]).reshape(-1)[0])
+                        low, high = (value, high) if name == "min" else (low, value)
+            gate = (low, high)
+            tensor = node.output[0]
+            continue
+        nxt = readers.get(uses[0][0])
+        if nxt is None or nxt.input != tensor or index.const(nxt.weight) is None:
+            return None
+        w = get_array(model, nxt.weight).astype(np.float64)
+        if nxt.op == "Conv":
+            group = int(nxt.attrs.get("group", 1))
+            if w.ndim != 4 or w.shape[1] * group != m:
+                return None
+            if group == 1:
+                gram = np.einsum("ocij,odij->cd", w, w)
+            elif group == m and w.shape[0] == m:
+                gram = np.diag(np.einsum("ocij,ocij->o", w, w))
+            else:
+                return None
+        else:
+            w_next, _ = layer_weight(model, nxt)
+            if w_next.shape[1] != m:
+                return None
+            gram = w_next.T @ w_next
+        break
+    else:
+        return None
+    shift = np.zeros(m) if bias is None else bias
+
+    def metric(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        if gate is None:
+            return gram
+        return gated_metric(gram, open_probability(mean + shift, var, *gate))
+
+    return metric
+
+
 def _top(K: np.ndarray, k: int) -> np.ndarray:
     """Top-k eigenvectors (r x k) of the symmetric r x r matrix K (any orthonormal basis of
     their span: only the subspace matters here)."""
@@ -194,7 +265,7 @@ def _top(K: np.ndarray, k: int) -> np.ndarray:
 
 
 def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMoment, np.ndarray]], *,
-                    metric: np.ndarray | None = None, grid=AUTO_GRID, tolerance: float = AUTO_TOLERANCE
+                    metric=None, grid=AUTO_GRID, tolerance: float = AUTO_TOLERANCE
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Affine DALR, W x ~ A B x + delta, with its ridge chosen by cross-validation.
 
@@ -208,7 +279,8 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
     calibration set. Each fold is held out once (the fit uses the others) and the pooled
     held-out error E||e||_M^2 / E||W x||_M^2, e = W x - A B x - delta, scores every ridge of
     ``grid``. ``metric`` M (m x m, PSD) weighs output errors by their effect downstream
-    (``downstream_metric``); None is the identity, the plain output error.
+    (see ``downstream_metric``), or is a function of (E[W x], Var[W x]) (m,) returning it;
+    None is the identity, the plain output error.
     The choice is the largest ridge within ``tolerance`` (relative) of the best error: a
     less regularised fit must be clearly better to be taken. The factors are then refitted
     on all folds with that ridge scaled by N_fit / N (a fixed prior's relative weight falls
@@ -228,17 +300,24 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
     r = P.shape[0]
     k = min(int(rank), r)
     G = P @ P.T                                            # W W^T in the basis
-    if metric is None:
-        M = None
-    else:
-        M = metric if U is None else U.T @ metric @ U
-        M = 0.5 * (M + M.T)
     counts = np.array([moment.count for moment, _ in folds], dtype=np.float64)
     Ks = np.stack([moment.quad(P) for moment, _ in folds])          # E_f[(P x)(P x)^T]
     zs = np.stack([P @ mean for _, mean in folds])                   # E_f[P x]
     mus = np.stack([mean for _, mean in folds])
     traces = np.array([moment.trace for moment, _ in folds])         # E_f||x||^2
     F = len(folds)
+    if callable(metric):
+        z = counts @ zs / counts.sum()
+        Kc = np.tensordot(counts, Ks, axes=1) / counts.sum() - np.outer(z, z)
+        if U is None:
+            metric = metric(z, np.maximum(np.diag(Kc), 0.0))
+        else:
+            metric = metric(U @ z, np.maximum(np.einsum("ij,jk,ik->i", U, Kc, U), 0.0))
+    if metric is None:
+        M = None
+    else:
+        M = metric if U is None else U.T @ metric @ U
+        M = 0.5 * (M + M.T)
 
     def part(weights: np.ndarray):
         """(centred K, z, scale) of the union of the folds with weight 1."""
@@ -362,7 +441,7 @@ class LowRankSplit(Pass):
                 stats = ctx.statistics(model, [layer_request(layer)], ("target",))
                 moments[layer.name] = second_moment(stats.moments(layer_request(layer), "target"))
             total = moments[layer.name]
-            a_mat, b_mat, info = self._factor(layer, w, k, stats, total, ctx.folds)
+            a_mat, b_mat, info = self._factor(model, layer, w, b, k, stats, total, ctx.folds)
             delta = info.pop("bias_delta", None)
             mean = stats.moments(layer_request(layer), "target").mean
             new_bias = b
@@ -407,7 +486,7 @@ class LowRankSplit(Pass):
                 ranks[name] = rank_for_energy(spectra[name], opts.energy)
         return ranks
 
-    def _factor(self, layer, w, k, stats, total, nfolds: int = 2):
+    def _factor(self, model, layer, w, bias, k, stats, total, nfolds: int = 2):
         opts = self.options
         if opts.method == "svd":
             a_mat, b_mat = linalg.truncated_svd(w, k)
@@ -427,7 +506,9 @@ class LowRankSplit(Pass):
             a_mat, b_mat = linalg.dalr(w, total, k)
             return a_mat, b_mat, {"method": "dalr", "chosen": "dalr (no folds to cross-validate)",
                                   "ridge": linalg.DEFAULT_RIDGE}
-        a_mat, b_mat, delta, info = affine_low_rank(w, k, folds)
+        metric = downstream_metric(model, layer, bias)
+        a_mat, b_mat, delta, info = affine_low_rank(w, k, folds, metric=metric)
+        info["metric"] = "downstream" if metric is not None else "output"
         return a_mat, b_mat, {"method": "dalr", **info, "bias_delta": delta}
 
     def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> None:

@@ -7,53 +7,14 @@ are small to keep the file well under 90 s on a 2-core machine.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import Preprocess, open_samples
-from onnxprune.cost import total_macs
+from conftest import IMAGENET, RealTask as Task
+from onnxprune.calibration.readers import Preprocess
 from onnxprune.graph import find_channel_groups
-from onnxprune.model import count_parameters, get_array, load_model
-from onnxprune.pipeline import Recipe, run_pipeline
-from onnxprune.runtime import make_session, run_batches
+from onnxprune.model import get_array
 
 pytestmark = pytest.mark.real
-
-IMAGENET = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-def predict(model, samples) -> np.ndarray:
-    session = make_session(model)
-    out = []
-    for _, outputs in run_batches(session, samples, batch_size=64):
-        out.append(outputs[0].reshape(len(outputs[0]), -1).argmax(axis=1))
-    return np.concatenate(out)
-
-
-def split(samples, n_calib: int, n_eval: int, *, shuffle: bool):
-    n = len(samples)
-    order = np.random.default_rng(0).permutation(n) if shuffle else np.arange(n)
-    return samples.subset(np.sort(order[:n // 2][:n_calib])), samples.subset(np.sort(order[n // 2:][:n_eval]))
-
-
-class Task:
-    def __init__(self, model_path, data_path, preprocess, n_calib, n_eval, *, shuffle):
-        self.model = load_model(model_path)
-        samples = open_samples(data_path, self.model, preprocess=preprocess)
-        self.calib, self.eval = split(samples, n_calib, n_eval, shuffle=shuffle)
-        self.provider = StatsProvider({"target": self.calib}, batch_size=32, folds=2, progress=False)
-        self.reference = predict(self.model, self.eval)
-        self.accuracy = float((self.reference == self.eval.labels).mean())
-
-    def run(self, passes):
-        model, report = run_pipeline(self.model, Recipe(passes=tuple(passes), batch_size=32), self.provider)
-        pred = predict(model, self.eval)
-        return {"accuracy": float((pred == self.eval.labels).mean()),
-                "agreement": float((pred == self.reference).mean()),
-                "params": count_parameters(model) / count_parameters(self.model),
-                "macs": total_macs(model) / total_macs(self.model), "report": report}
-
 
 def passes(criterion, reconstruct=True, **how):
     return [("select-nodes", {"criterion": criterion, **how}),
