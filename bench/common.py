@@ -39,6 +39,7 @@ class Task:
     source: Path | None = None
     max_calib: int | None = None      # cap on calibration samples (first half of the target data)
     max_eval: int | None = None       # cap on evaluation samples (second half)
+    sorted_by_class: bool = False     # stored sorted by class: halves come from a seeded permutation
 
 
 MNIST_CNN = Preprocess(mean=(0.5,), std=(0.5,))
@@ -52,9 +53,9 @@ TASKS = {t.name: t for t in [
     Task("mnist_cnn/mnist-m", SHARED / "models/mnist_cnn_fc3136.onnx", DIGITS / "mnist_m_test.npz", MNIST_CNN,
          DIGITS / "mnist_test.npz", max_calib=2000, max_eval=2000),
     Task("resnet20/cifar10-jpeg", SHARED / "models/resnet20_cifar10.onnx", SHARED / "data/cifar10/cifar10_test_jpeg.npz",
-         Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD), max_calib=2000, max_eval=2000),
+         Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD), max_calib=2000, max_eval=2000, sorted_by_class=True),
     Task("mobilenetv2/imagenet", SHARED / "models/mobilenetv2_imagenet_fp32.onnx", SHARED / "data/imagenet_samples",
-         Preprocess(resize=256, center_crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)),
+         Preprocess(resize=256, center_crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD), sorted_by_class=True),
 ]}
 
 
@@ -71,16 +72,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, no GPU, onnxruntime CPU"
 
 
-def halves(samples: SampleSet, max_calib: int | None, max_eval: int | None) -> tuple[SampleSet, SampleSet]:
-    """First half calibrates, second half evaluates (each capped); disjoint by construction."""
+def halves(samples: SampleSet, max_calib: int | None, max_eval: int | None, *,
+           shuffle: bool = False) -> tuple[SampleSet, SampleSet]:
+    """First half calibrates, second half evaluates (each capped); disjoint by construction.
+    ``shuffle``: the halves of a seeded permutation instead (for sets sorted by class, whose
+    plain halves would calibrate and evaluate on different classes)."""
     n = len(samples)
-    calib = np.arange(0, n // 2)
-    evaluation = np.arange(n // 2, n)
-    if max_calib:
-        calib = calib[:max_calib]
-    if max_eval:
-        evaluation = evaluation[:max_eval]
-    return samples.subset(calib), samples.subset(evaluation)
+    order = np.random.default_rng(0).permutation(n) if shuffle else np.arange(n)
+    calib, evaluation = order[:n // 2][:max_calib or None], order[n // 2:][:max_eval or None]
+    return samples.subset(np.sort(calib)), samples.subset(np.sort(evaluation))
 
 
 def predict(model, samples: SampleSet, *, batch_size: int = 64) -> np.ndarray:
@@ -105,7 +105,7 @@ class Bench:
         t = self.task
         self.model = load_model(t.model)
         target = open_samples(t.target, self.model, preprocess=t.preprocess)
-        self.calib, self.eval = halves(target, t.max_calib, t.max_eval)
+        self.calib, self.eval = halves(target, t.max_calib, t.max_eval, shuffle=t.sorted_by_class)
         samples = {"target": self.calib}
         self.source = None
         if with_source and t.source is not None:

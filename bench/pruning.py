@@ -19,8 +19,7 @@ h. Greedy selection on a 4096-channel covariance keeping 1024.
 
 Every number comes from held-out target samples (the calibration samples are never
 scored). CIFAR-10 and the ImageNet samples are stored sorted by class, so their halves
-are drawn by a seeded permutation here (bench/common.halves takes the first and second
-half, which for CIFAR-10 calibrates on classes 0-4 and evaluates on 5-6 only).
+are drawn by a seeded permutation (bench/common.py, ``Task.sorted_by_class``).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")     # a threaded BLAS next to onnxruntime is many times slower here
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
@@ -66,28 +64,6 @@ def log(*parts) -> None:
 
 # --------------------------------------------------------------------------- benches
 
-def shuffled_halves(samples, max_calib, max_eval):
-    """A seeded random half calibrates, the other evaluates (each capped); disjoint."""
-    n = len(samples)
-    order = np.random.default_rng(0).permutation(n)
-    calib, evaluation = np.sort(order[:n // 2]), np.sort(order[n // 2:])
-    if max_calib:
-        calib = np.sort(order[:n // 2][:max_calib])
-    if max_eval:
-        evaluation = np.sort(order[n // 2:][:max_eval])
-    return samples.subset(calib), samples.subset(evaluation)
-
-
-@contextlib.contextmanager
-def shuffled_split():
-    saved = common.halves
-    common.halves = shuffled_halves
-    try:
-        yield
-    finally:
-        common.halves = saved
-
-
 _BENCHES: dict = {}
 
 
@@ -98,9 +74,7 @@ def bench(name: str, *, max_calib=None, max_eval=None, source=True) -> Bench:
         changes = {k: v for k, v in (("max_calib", max_calib), ("max_eval", max_eval)) if v is not None}
         task = dataclasses.replace(task, **changes)
         started = time.perf_counter()
-        sorted_by_class = name.startswith(("resnet20", "mobilenetv2"))
-        with shuffled_split() if sorted_by_class else contextlib.nullcontext():
-            b = Bench(task, with_source=source)
+        b = Bench(task, with_source=source)
         b.cache = {}
         log(f"[bench] {name}: calib {len(b.calib)}, eval {len(b.eval)}, accuracy {b.accuracy:.4f} "
             f"({time.perf_counter() - started:.0f} s)")

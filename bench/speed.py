@@ -284,7 +284,8 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
         values = [v for v in values if v]
         return min(values) if values else None
 
-    calib, held_out = halves(target, cap(task.max_calib, max_samples), cap(task.max_eval, max_samples))
+    calib, held_out = halves(target, cap(task.max_calib, max_samples), cap(task.max_eval, max_samples),
+                             shuffle=task.sorted_by_class)
     load = time.perf_counter() - start
     rss_loaded = rss_now_bytes()
 

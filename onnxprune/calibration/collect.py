@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -103,7 +104,7 @@ def collect(
                     x = result[j]
                     result[j] = None           # the only reference left is x: freed after use
                     updated = [m for request in by_tensor[tensor]
-                               for m in _fold_in(moments, request, set_name, x, position, folds)]
+                               for m in _fold_in(moments, request, set_name, x, position, folds, seed)]
                     # every value folded in reaches a sum: a NaN or Inf leaves it non-finite
                     if not all(np.isfinite(m.sum).all() for m in updated):
                         _raise_non_finite(x, tensor, set_name, indices)
@@ -122,9 +123,10 @@ def collect(
 
 
 def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, position: int,
-             folds: int) -> list[Moments]:
+             folds: int, seed: int = 0) -> list[Moments]:
     """Fold batch ``x`` (first sample at ``position``) into the Moments of ``request``, fold by
-    fold; returns the Moments it updated."""
+    fold; returns the Moments it updated. Sampled patch positions depend on ``seed``, the
+    request, the set and ``position`` only (not on which other requests are gathered)."""
     problem = request.check(x.shape)
     if problem:
         raise CalibrationError(request.tensor, problem, f"request {request.key} does not fit this tensor")
@@ -142,8 +144,9 @@ def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, 
         elif m.dim != dim:
             raise CalibrationError(request.tensor, f"feature size changed from {m.dim} to {dim} between batches",
                                    "statistics need a fixed feature dimension")
+        rng = np.random.default_rng([seed, zlib.crc32(f"{set_name}/{request.key}".encode()), position, fold])
         with np.errstate(invalid="ignore", over="ignore"):   # non-finite values are reported by the caller
-            for rows in request.rows(part):
+            for rows in request.rows(part, rng):
                 m.update(rows)
         updated.append(m)
     return updated

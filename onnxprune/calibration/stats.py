@@ -37,6 +37,9 @@ from onnxprune.errors import CalibrationError
 CHUNK_BYTES = 32 * 2**20
 # Below this many rows a chunk is not worth a BLAS call of its own.
 MIN_CHUNK_ROWS = 1024
+# Updates of fewer rows than this, on Grams at least this wide, are queued and folded in
+# together: a product of a few rows costs little next to adding the dim^2 result.
+QUEUE_ROWS = 256
 
 KINDS = ("features", "patches", "pooled")
 POOLS = ("max", "mean")
@@ -85,6 +88,8 @@ class Moments:
         self._gram = None if self.keep_rows else np.zeros((self.dim, self.dim), dtype=np.float64)
         self._chunks: list[np.ndarray] = []   # keep_rows: float64 row blocks, joined lazily
         self._gram_cache: np.ndarray | None = None
+        self._queue: list[np.ndarray] = []    # small row blocks not yet in the Gram (sum has them)
+        self._queued = 0
 
     # -- accumulation ------------------------------------------------------------------
 
@@ -95,6 +100,8 @@ class Moments:
         with an extra column of ones, whose symmetric product (one BLAS syrk) gives the
         Gram and, in its last row, the sum. A transposed view such as one sample of an
         NCHW activation (``x[n].reshape(C, -1).T``) is copied along its contiguous axis.
+        Updates of a few rows on a wide Gram (one row per sample of a flattened input) are
+        queued and folded in ``QUEUE_ROWS`` at a time; the sum is always current.
         """
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.dim:
@@ -108,7 +115,25 @@ class Moments:
             self.sum += self._chunks[-1].sum(axis=0)
             self._gram_cache = None
             return
-        dim = self.dim
+        if k < QUEUE_ROWS <= self.dim:
+            block = np.array(rows, dtype=np.float64, order="C")
+            self.sum += block.sum(axis=0)
+            self._queue.append(block)
+            self._queued += k
+            if self._queued >= QUEUE_ROWS:
+                self._flush()
+            return
+        self._fold(rows, with_sum=True)
+
+    def _flush(self) -> None:
+        """Fold the queued rows into the Gram."""
+        if self._queue:
+            rows = np.concatenate(self._queue)
+            self._queue, self._queued = [], 0
+            self._fold(rows, with_sum=False)
+
+    def _fold(self, rows: np.ndarray, *, with_sum: bool) -> None:
+        k, dim = rows.shape
         # samples contiguous in memory, features strided (e.g. channels of an NCHW sample)
         by_columns = k > 1 and dim > 1 and rows.strides[0] == rows.itemsize
         step = max(MIN_CHUNK_ROWS if dim < 4096 else 64, CHUNK_BYTES // (8 * (dim + 1)))
@@ -126,7 +151,8 @@ class Moments:
                 buf[:, dim] = 1.0
                 product = buf.T @ buf
             self._gram += product[:dim, :dim]
-            self.sum += product[dim, :dim]
+            if with_sum:
+                self.sum += product[dim, :dim]
 
     def __add__(self, other: Moments) -> Moments:
         if not isinstance(other, Moments):
@@ -155,7 +181,7 @@ class Moments:
         if self.keep_rows:
             out._chunks = [self.rows.copy()] if self.count else []
         else:
-            out._gram = self._gram.copy()
+            out._gram = self.gram.copy()
         return out
 
     # -- views -------------------------------------------------------------------------
@@ -174,6 +200,7 @@ class Moments:
     def gram(self) -> np.ndarray:
         """sum_i x_i x_i^T (dim, dim); computed from the rows when ``keep_rows``."""
         if not self.keep_rows:
+            self._flush()
             return self._gram
         if self._gram_cache is None:
             rows = self.rows
@@ -206,7 +233,7 @@ class Moments:
 
     @property
     def nbytes(self) -> int:
-        big = self.rows.nbytes if self.keep_rows else self._gram.nbytes
+        big = self.rows.nbytes if self.keep_rows else self.gram.nbytes
         return big + self.sum.nbytes
 
     def __repr__(self) -> str:
@@ -221,7 +248,7 @@ class Moments:
         if self.keep_rows:
             out[f"{prefix}/rows"] = self.rows
         else:
-            out[f"{prefix}/gram"] = self._gram
+            out[f"{prefix}/gram"] = self.gram
         return out
 
     @classmethod
@@ -263,6 +290,10 @@ class StatRequest:
       - "pooled": per-sample spatial pooling of [N, C, ...] -> N rows of C (``pool`` "max"
         or "mean"): the responses PFA reads.
     keep_rows: keep the raw rows instead of the Gram (wide inputs, few samples).
+    positions: for "patches", use only this many output positions of each sample, drawn at
+      random (seeded; 0: every position). Patch Grams cost positions x dim^2 per sample, far
+      more than the convolution itself; a sample of positions estimates the same second
+      moment (He et al. 2017 sample 10 positions per image for channel pruning).
     """
 
     tensor: str
@@ -274,12 +305,16 @@ class StatRequest:
     dilations: tuple[int, ...] = ()
     pool: str = "max"
     keep_rows: bool = False
+    positions: int = 0
 
     def __post_init__(self):
         for name in ("kernel", "strides", "pads", "dilations"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         object.__setattr__(self, "axis", int(self.axis))
         object.__setattr__(self, "keep_rows", bool(self.keep_rows))
+        object.__setattr__(self, "positions", int(self.positions))
+        if self.positions < 0 or (self.positions and self.kind != "patches"):
+            raise ValueError(f"positions={self.positions} must be 0, or positive for patches")
         if not self.tensor:
             raise ValueError("StatRequest needs a tensor name")
         if self.kind not in KINDS:
@@ -312,7 +347,8 @@ class StatRequest:
         else:
             n = len(self.kernel)
             key = (f"patches:{self.tensor}:k{dims(self.kernel)}:s{dims(self.strides or (1,) * n)}"
-                   f":p{dims(self.pads or (0,) * 2 * n)}:d{dims(self.dilations or (1,) * n)}")
+                   f":p{dims(self.pads or (0,) * 2 * n)}:d{dims(self.dilations or (1,) * n)}"
+                   + (f":pos{self.positions}" if self.positions else ""))
         return key + (":rows" if self.keep_rows else "")
 
     def to_dict(self) -> dict:
@@ -328,21 +364,28 @@ class StatRequest:
 
     # -- turning an activation into rows ------------------------------------------------
 
-    def rows(self, x: np.ndarray) -> Iterator[np.ndarray]:
+    def rows(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
         """Row blocks (k, dim) of activation ``x`` (batch first) for this request.
 
         Blocks are views of ``x`` where the layout allows (no copy for "features"), and
-        "patches" are built one sample at a time, so memory stays near one batch.
+        "patches" are built a few samples at a time, so memory stays near one batch.
+        ``rng`` draws the positions of a "patches" request with ``positions`` set.
         """
         if self.kind == "pooled":
             yield pooled(x, pool=self.pool)
         elif self.kind == "patches":
-            # a few samples at a time: the im2col copy is kh*kw times their size
             per_sample = math.prod(self.out_spatial(x.shape))
-            group = max(1, MIN_CHUNK_ROWS // max(per_sample, 1))
+            take = self.positions if 0 < self.positions < per_sample else None
+            # a few samples at a time: the im2col copy is kh*kw times their size
+            group = max(1, MIN_CHUNK_ROWS // (take or per_sample))
             for n in range(0, x.shape[0], group):
-                yield patches(x[n:n + group], kernel=self.kernel, strides=self.strides, pads=self.pads,
-                              dilations=self.dilations)
+                part = x[n:n + group]
+                at = None
+                if take:
+                    rng = rng if rng is not None else np.random.default_rng(0)
+                    at = np.argsort(rng.random((part.shape[0], per_sample)), axis=1)[:, :take]
+                yield patches(part, kernel=self.kernel, strides=self.strides, pads=self.pads,
+                              dilations=self.dilations, at=at)
         else:
             yield from feature_rows(x, self.axis)
 
@@ -417,8 +460,12 @@ def pooled(x: np.ndarray, *, pool: str = "max") -> np.ndarray:
     raise ValueError(f"pool={pool!r} must be 'max' or 'mean'")
 
 
-def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=()) -> np.ndarray:
+def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=(), at: np.ndarray | None = None
+            ) -> np.ndarray:
     """im2col of a Conv input: [N, C, *spatial] -> (N * prod(out_spatial), C * prod(kernel)).
+
+    ``at`` (N, k): only these output positions (flat C-order indices) of each sample, giving
+    (N * k, C * prod(kernel)) rows, sample by sample.
 
     Rows run over samples then output positions in C order (so ``patches @ W.reshape(M, -1).T``
     reshaped to (N, *out_spatial, M) and moved to channel-first is the Conv output); columns
@@ -449,7 +496,12 @@ def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=()) -> np.n
     out_spatial = window.shape[2:2 + nd]
     # (N, *out_spatial, C, *kernel)
     order = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
-    return window.transpose(order).reshape(n * math.prod(out_spatial), c * math.prod(kernel))
+    window = window.transpose(order)
+    if at is not None:
+        at = np.asarray(at, dtype=np.int64)
+        picked = window[(np.arange(n)[:, None],) + np.unravel_index(at, out_spatial)]   # (N, k, C, *kernel)
+        return picked.reshape(n * at.shape[1], c * math.prod(kernel))
+    return window.reshape(n * math.prod(out_spatial), c * math.prod(kernel))
 
 
 # --------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ WIDE_INPUT = 8192
 AUTO_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, math.inf)
 #: ridge "auto": the largest ridge whose cross-validated error is within this fraction of the best.
 AUTO_TOLERANCE = 0.05
+#: Conv layers: output positions per sample whose im2col patches enter the statistics
+#: (0: all). A patch Gram costs positions x (C k^2)^2 per sample, many times the layer.
+PATCH_POSITIONS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,7 @@ class LowRankOptions:
     ridge: float | str = "auto"       # DALR ridge relative to trace(S)/n, or "auto" (chosen on held-out data)
     layers: tuple[str, ...] = ()      # only these layers (node names); empty = every splittable layer
     ops: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
+    positions: int = PATCH_POSITIONS  # Conv: sampled output positions per sample (0: all)
 
     def __post_init__(self):
         check_choice("low-rank-split", "method", self.method, ("svd", "dalr"))
@@ -72,12 +76,15 @@ class LowRankOptions:
             check_choice("low-rank-split", "ridge", self.ridge, ("auto",))
         elif self.ridge < 0:
             raise ValueError(f"ridge={self.ridge} must be >= 0")
+        if int(self.positions) < 0:
+            raise ValueError(f"positions={self.positions} must be >= 0")
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "ops", tuple(self.ops))
 
 
-def layer_request(layer: LinearLayer) -> StatRequest:
-    """The input statistics a layer's split reads: rows for Gemm/MatMul, patches for Conv."""
+def layer_request(layer: LinearLayer, positions: int = PATCH_POSITIONS) -> StatRequest:
+    """The input statistics a layer's split reads: rows for Gemm/MatMul, patches for Conv
+    (``positions`` sampled output positions per sample; 0: all)."""
     attrs = layer.attrs
     if layer.op != "Conv":
         return StatRequest(layer.input, kind="features", axis=-1, keep_rows=layer.in_features > WIDE_INPUT)
@@ -88,7 +95,7 @@ def layer_request(layer: LinearLayer) -> StatRequest:
     if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
         return StatRequest(layer.input, kind="features", axis=1)
     return StatRequest(layer.input, kind="patches", axis=1, kernel=kernel, strides=strides, pads=pads,
-                       dilations=dilations, keep_rows=layer.in_features > WIDE_INPUT)
+                       dilations=dilations, keep_rows=layer.in_features > WIDE_INPUT, positions=int(positions))
 
 
 def second_moment(moments: Moments) -> linalg.SecondMoment:
@@ -409,20 +416,23 @@ class LowRankSplit(Pass):
             skipped.append({"layer": name, "op": "?", "reason": "no such linear layer in the model"})
         return chosen, skipped
 
+    def _request(self, layer: LinearLayer) -> StatRequest:
+        return layer_request(layer, self.options.positions)
+
     def requests(self, model):
         layers, _ = self.layers(model)
-        return [(layer_request(layer), ("target",)) for layer in layers]
+        return [(self._request(layer), ("target",)) for layer in layers]
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts = self.options
         layers, skipped = self.layers(model)
-        stats = ctx.statistics(model, [layer_request(layer) for layer in layers], ("target",)) if layers else None
+        stats = ctx.statistics(model, [self._request(layer) for layer in layers], ("target",)) if layers else None
 
         weights, spectra, moments = {}, {}, {}
         for layer in layers:
             w, b = layer_weight(model, layer)
             weights[layer.name] = (w, b)
-            total = second_moment(stats.moments(layer_request(layer), "target"))
+            total = second_moment(stats.moments(self._request(layer), "target"))
             moments[layer.name] = total
             spectra[layer.name] = linalg.output_spectrum(w, total if opts.method == "dalr" else None)
 
@@ -438,12 +448,12 @@ class LowRankSplit(Pass):
                 continue
             if ctx.mode == "sequential":
                 # This layer's input as the layers already split before it now produce it.
-                stats = ctx.statistics(model, [layer_request(layer)], ("target",))
-                moments[layer.name] = second_moment(stats.moments(layer_request(layer), "target"))
+                stats = ctx.statistics(model, [self._request(layer)], ("target",))
+                moments[layer.name] = second_moment(stats.moments(self._request(layer), "target"))
             total = moments[layer.name]
             a_mat, b_mat, info = self._factor(model, layer, w, b, k, stats, total, ctx.folds)
             delta = info.pop("bias_delta", None)
-            mean = stats.moments(layer_request(layer), "target").mean
+            mean = stats.moments(self._request(layer), "target").mean
             new_bias = b
             if delta is not None and (b is not None or np.abs(delta).max() > 1e-12 * max(np.abs(w @ mean).max(), 1e-300)):
                 new_bias = delta if b is None else b + delta
@@ -461,7 +471,7 @@ class LowRankSplit(Pass):
                 **info,
             })
             ctx.approximated[layer.name] = {
-                "weight": w, "approx": a_mat @ b_mat, "request": layer_request(layer), "op": layer.op,
+                "weight": w, "approx": a_mat @ b_mat, "request": self._request(layer), "op": layer.op,
                 "mean": mean,
                 "node": f"{layer.name}/low_rank/A",
                 "bias": f"{layer.name}/low_rank/bias" if new_bias is not None else None,
@@ -497,7 +507,7 @@ class LowRankSplit(Pass):
         folds = []
         for f in range(max(int(nfolds), 1)):
             try:
-                moments = stats.moments(layer_request(layer), "target", fold=f)
+                moments = stats.moments(self._request(layer), "target", fold=f)
             except CalibrationError:
                 break
             folds.append((second_moment(moments), moments.mean))

@@ -310,3 +310,22 @@ def test_lenet_flatten_input_over_1000_mnist_samples(shared):
     in_fold_order = np.concatenate([after[0::2], after[1::2]]).astype(np.float64)  # folds merge in order
     assert np.array_equal(stats.moments(requests[2]).rows, in_fold_order)
     assert stats.moments(requests[1], fold=0).count == 500
+
+
+def test_sampled_patch_positions_are_seeded_and_independent_of_other_requests(data):
+    model = conv_relu_gemm()
+    sampled = StatRequest("relu.out", kind="patches", kernel=(3, 3), pads=(1, 1, 1, 1), positions=5)
+    alone = collect(model, {"target": real(model, data)}, [sampled], batch_size=5, progress=False, folds=2)
+    mixed = collect(model, {"target": real(model, data)}, [StatRequest("x"), sampled], batch_size=5,
+                    progress=False, folds=2)
+    other_seed = collect(model, {"target": real(model, data)}, [sampled], batch_size=5, progress=False,
+                         folds=2, seed=1)
+    for fold in (0, 1):
+        assert np.array_equal(alone.moments(sampled, fold=fold).gram, mixed.moments(sampled, fold=fold).gram)
+    assert alone.moments(sampled).count == len(data) * 5
+    assert not np.array_equal(alone.moments(sampled).gram, other_seed.moments(sampled).gram)
+    # an estimate of the full patch statistics: close in mean over 23 x 5 of 36 positions
+    full = numpy_rows(StatRequest("relu.out", kind="patches", kernel=(3, 3), pads=(1, 1, 1, 1)),
+                      all_activations(model, data)["relu.out"])
+    spread = full.std(axis=0) / np.sqrt(len(data) * 5)
+    assert (np.abs(alone.moments(sampled).mean - full.mean(axis=0)) < 5 * spread + 1e-9).all()

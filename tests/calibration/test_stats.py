@@ -226,6 +226,36 @@ def test_patches_match_naive_loop(case):
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "k{kernel}s{strides}p{pads}d{dilations}".format(**c))
+def test_patches_at_sampled_positions_are_rows_of_the_full_patches(case):
+    x = np.random.default_rng(0).standard_normal((3, 3, 7, 8)).astype(np.float32)
+    full = patches(x, **case)
+    per_sample = full.shape[0] // 3
+    at = np.random.default_rng(1).integers(0, per_sample, size=(3, 2))
+    got = patches(x, **case, at=at)
+    assert np.array_equal(got, np.concatenate([full[i * per_sample + at[i]] for i in range(3)]))
+
+
+def test_sampled_positions_request():
+    x = np.random.default_rng(0).standard_normal((5, 2, 6, 6)).astype(np.float32)
+    base = dict(kind="patches", kernel=(3, 3), pads=(1, 1, 1, 1))
+    sampled = StatRequest("x", positions=4, **base)
+    assert sampled.key != StatRequest("x", **base).key and sampled.key.endswith(":pos4")
+    rows = np.concatenate(list(sampled.rows(x, np.random.default_rng(3))))
+    again = np.concatenate(list(sampled.rows(x, np.random.default_rng(3))))
+    assert rows.shape == (5 * 4, 18) and np.array_equal(rows, again)       # seeded
+    full = patches(x, **{k: v for k, v in base.items() if k != "kind"})
+    per_sample = full.shape[0] // 5
+    for i in range(5):                                     # distinct positions of sample i
+        block = full[i * per_sample:(i + 1) * per_sample]
+        hits = [np.flatnonzero((block == r).all(axis=1))[0] for r in rows[4 * i:4 * i + 4]]
+        assert len(set(hits)) == 4
+    everything = StatRequest("x", positions=36, **base)  # as many as there are: all, in order
+    assert np.array_equal(np.concatenate(list(everything.rows(x))), full)
+    with pytest.raises(ValueError, match="positions"):
+        StatRequest("x", positions=4)
+
+
 def conv_model(c_in, m, case, w):
     """x [N,c_in,H,W] -> Conv (W: m x c_in x kh x kw, no bias, ``case`` attributes) -> y"""
     node = helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=list(case["kernel"]),
