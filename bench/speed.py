@@ -187,6 +187,7 @@ def throughput(model, samples, passes, *, batch_size: int, folds: int, repeats: 
         dim = r.dim(shape)
         if r.kind == "patches":
             rows = math.prod(r.out_spatial(shape))
+            rows = min(rows, r.positions) if r.positions else rows
         elif r.kind == "pooled":
             rows = 1
         else:
