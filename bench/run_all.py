@@ -59,7 +59,7 @@ STEPS = {
                      "--out", "bench/results/calibration_memory.md"], ["calibration_memory.md"]),
 }
 # Share of the time budget each step may use; time a step leaves unused passes to the next.
-SHARES = {"lowrank": 0.2, "pruning": 0.2, "speed": 0.3, "peer": 0.15, "linalg": 0.05, "calibration": 0.1}
+SHARES = {"lowrank": 0.25, "pruning": 0.2, "speed": 0.25, "peer": 0.2, "linalg": 0.03, "calibration": 0.07}
 ORDER = list(STEPS)
 
 

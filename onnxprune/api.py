@@ -21,7 +21,7 @@ from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import DataError, RecipeError
 from onnxprune.graph import describe_groups, find_channel_groups, find_linear_layers
-from onnxprune.model import count_parameters, input_specs, load_model, model_bytes, output_names, save_model, write_text_atomic
+from onnxprune.model import count_parameters, input_specs, load_model, jsonable, model_bytes, output_names, save_model, write_text_atomic
 from onnxprune.passes import REGISTRY
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.validate import ValidationReport, check_thresholds
@@ -160,20 +160,3 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
                        latency_runs=latency_runs, progress=progress)
     check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)
     return report
-
-
-def jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return value
-

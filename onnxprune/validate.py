@@ -21,7 +21,7 @@ import onnx
 
 from onnxprune.cost import total_macs
 from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
-from onnxprune.model import count_parameters, input_specs, model_bytes
+from onnxprune.model import count_parameters, input_specs, jsonable, model_bytes
 from onnxprune.runtime import make_session, run_batches
 
 # Slack when comparing percentages with thresholds, so 90.0 - 89.0 is not "more than 1.0".
@@ -83,7 +83,7 @@ class ValidationReport:
         data = dataclasses.asdict(self)
         data["accuracy_drop"] = self.accuracy_drop
         data["ratios"] = self.ratios()
-        return _json_safe(data)
+        return jsonable(data)
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines, one metric each, reference -> candidate."""
@@ -389,21 +389,6 @@ def _ratio(num: float, den: float) -> float:
     if den == 0:
         return math.nan if num == 0 else math.inf
     return num / den
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        if math.isfinite(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
 
 
 def _count(value: int) -> str:
