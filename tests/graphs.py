@@ -74,6 +74,18 @@ def gemm_chain(seed: int = 0) -> onnx.ModelProto:
     return b.model([_input(8)], {y: (2,)})
 
 
+def wide_mlp(hidden: int = 100, seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,8] -> Gemm fc1 (W hidden x 8, transB=1) -> Relu -> Gemm fc2 (W 3 x hidden, transB=1) -> y [N,3]
+    groups: fc1 (hidden, prunable), fc2 (graph output)
+    """
+    b = _Builder(seed)
+    h = b.node("Gemm", ["x", b.weight("fc1.W", hidden, 8), b.weight("fc1.B", hidden, scale=0.1)], "fc1", transB=1)
+    h = b.node("Relu", [h], "relu1")
+    y = b.node("Gemm", [h, b.weight("fc2.W", 3, hidden), b.weight("fc2.B", 3, scale=0.1)], "fc2", transB=1)
+    return b.model([_input(8)], {y: (3,)})
+
+
 def conv_bn_relu(seed: int = 0) -> onnx.ModelProto:
     """
     x [N,3,8,8] -> Conv conv1 (8, 3x3) -> BatchNormalization bn -> Relu -> Conv conv2 (4, 3x3) -> y

@@ -33,6 +33,8 @@ from onnxprune.model import get_array
 from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
 
 CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
+#: groups at least this wide keep a multiple of ``SelectOptions.multiple`` channels
+WIDE_GROUP = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class SelectOptions:
     choose: str = "spectral"          # PFA: which channels, "spectral" or "correlation" (PFA's own rule)
     pool: str = "max"                 # PFA: spatial pooling of responses per sample
     groups: tuple[str, ...] = ()      # only these groups (names from `onnxprune inspect`); empty = all
+    multiple: int = 8                 # kept counts of groups >= WIDE_GROUP channels round up to a multiple
 
     def __post_init__(self):
         check_choice("select-nodes", "criterion", self.criterion, CRITERIA)
@@ -67,6 +70,8 @@ class SelectOptions:
             raise ValueError("tau applies to pfa-en only")
         for name in ("alpha", "tau", "fraction", "keep", "flops"):
             check_fraction("select-nodes", name, getattr(self, name))
+        if int(self.multiple) < 1:
+            raise ValueError(f"multiple={self.multiple} must be >= 1")
         if self.lam < 0 or self.ridge < 0:
             raise ValueError("lam and ridge must be >= 0")
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -261,14 +266,26 @@ class SelectNodes(Pass):
     def _counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
         opts = self.options
         if opts.fraction is not None:
-            return {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
-        if opts.alpha is not None:
-            return {g.name: scores[g.name]["ranking"].count_for(opts.alpha) for g in groups}
-        if opts.criterion == "pfa-kl":
-            return {g.name: linalg.pfa_kl_count(scores[g.name]["spectrum"]) for g in groups}
-        if opts.tau is not None:
-            return {g.name: linalg.pfa_energy_count(scores[g.name]["spectrum"], opts.tau) for g in groups}
-        return self._budget_counts(model, groups, scores)
+            counts = {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
+        elif opts.alpha is not None:
+            counts = {g.name: scores[g.name]["ranking"].count_for(opts.alpha) for g in groups}
+        elif opts.criterion == "pfa-kl":
+            counts = {g.name: linalg.pfa_kl_count(scores[g.name]["spectrum"]) for g in groups}
+        elif opts.tau is not None:
+            counts = {g.name: linalg.pfa_energy_count(scores[g.name]["spectrum"], opts.tau) for g in groups}
+        else:
+            return self._budget_counts(model, groups, scores)
+        return {g.name: self._rounded(counts[g.name], g) for g in groups}
+
+    def _rounded(self, count: int, group: ChannelGroup) -> int:
+        """``count`` rounded up to a multiple of ``multiple`` in wide groups (at most all
+        channels): onnxruntime's CPU convolutions work on blocks of 8 or 16 channels, and a
+        MobileNetV2 whose expansions keep counts off those blocks runs slower than the
+        original (bench/results/pruning.md, g)."""
+        m = int(self.options.multiple)
+        if m <= 1 or group.channels < WIDE_GROUP:
+            return int(count)
+        return int(min(group.channels, m * math.ceil(count / m)))
 
     def _budget_counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
         """Global budget: one threshold t for every group, the loosest whose counts fit.
@@ -291,13 +308,13 @@ class SelectNodes(Pass):
                 s = scores[g.name]
                 if by_ratio:
                     count, exact = s["ranking"].count_at(t)
-                    out[g.name] = count
                     if not exact:
                         short.append(s["ranking"])
                 elif opts.criterion.startswith("pfa"):
-                    out[g.name] = linalg.pfa_energy_count(s["spectrum"], t) if t > 0 else 1
+                    count = linalg.pfa_energy_count(s["spectrum"], t) if t > 0 else 1
                 else:
-                    out[g.name] = max(1, math.ceil(t * g.channels))
+                    count = max(1, math.ceil(t * g.channels))
+                out[g.name] = self._rounded(count, g)
             return out, short
 
         def fits(t: float) -> tuple[bool, dict[str, int]]:

@@ -260,6 +260,27 @@ def test_global_budgets_are_met(budget, criterion):
     assert after >= 0.5 * budget[1] * touched[index]     # the loosest threshold that fits, not far below
 
 
+@pytest.mark.parametrize("how", [{"fraction": 0.3}, {"keep": 0.3}, {"alpha": 0.9}])
+def test_wide_groups_keep_a_multiple_of_eight_channels(how):
+    """onnxruntime's CPU kernels work on blocks of 8/16 channels: a wide group keeps a
+    multiple of ``multiple`` (and the global budget still holds); multiple=1 keeps the raw count."""
+    model = graphs.wide_mlp(100)
+    rounded = pruned_rows(prune(model, [("select-nodes", {"criterion": "spectral", **how}),
+                                        ("reconstruct-next-layer", {})])[1])["fc1"]["kept"]
+    raw = pruned_rows(prune(model, [("select-nodes", {"criterion": "spectral", "multiple": 1, **how}),
+                                    ("reconstruct-next-layer", {})])[1])["fc1"]["kept"]
+    assert rounded % 8 == 0
+    if "keep" in how:
+        assert rounded <= raw and rounded * (8 + 1 + 3) <= 0.3 * 100 * (8 + 1 + 3)
+    else:
+        assert raw <= rounded < raw + 8
+    narrow = pruned_rows(prune(graphs.wide_mlp(60), [("select-nodes", {"criterion": "spectral", "fraction": 0.3}),
+                                                      ("reconstruct-next-layer", {})])[1])["fc1"]["kept"]
+    assert narrow == 18                                   # under 64 channels: not rounded
+    with pytest.raises(RecipeError, match="multiple=0 must be >= 1"):
+        prune(model, [("select-nodes", {"criterion": "spectral", "multiple": 0})])
+
+
 def test_footprint_counts_depthwise_biases_and_consumers():
     model = graphs.depthwise()
     groups = [g for g in find_channel_groups(model) if g.skip is None]
