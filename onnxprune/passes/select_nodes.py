@@ -34,7 +34,7 @@ from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, c
 
 CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
 #: groups at least this wide keep a multiple of ``SelectOptions.multiple`` channels
-WIDE_GROUP = 64
+WIDE_GROUP = 32
 
 
 @dataclasses.dataclass(frozen=True)

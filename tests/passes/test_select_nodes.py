@@ -274,9 +274,9 @@ def test_wide_groups_keep_a_multiple_of_eight_channels(how):
         assert rounded <= raw and rounded * (8 + 1 + 3) <= 0.3 * 100 * (8 + 1 + 3)
     else:
         assert raw <= rounded < raw + 8
-    narrow = pruned_rows(prune(graphs.wide_mlp(60), [("select-nodes", {"criterion": "spectral", "fraction": 0.3}),
+    narrow = pruned_rows(prune(graphs.wide_mlp(30), [("select-nodes", {"criterion": "spectral", "fraction": 0.3}),
                                                       ("reconstruct-next-layer", {})])[1])["fc1"]["kept"]
-    assert narrow == 18                                   # under 64 channels: not rounded
+    assert narrow == 9                                    # under 32 channels: not rounded
     with pytest.raises(RecipeError, match="multiple=0 must be >= 1"):
         prune(model, [("select-nodes", {"criterion": "spectral", "multiple": 0})])
 
