@@ -340,8 +340,7 @@ def part_d(bench: Bench, keep: float, out: list[str]) -> list:
     started = time.perf_counter()
     ev = bench.evaluator
     rows, models = [], []
-    for label, passes in (("SVD+BC", [("low-rank-split", {"method": "svd", "keep": keep}), ("bias-compensate", {})]),
-                          ("DALR (ridge auto)", [("low-rank-split", {"method": "dalr", "keep": keep})])):
+    for label, passes in (("DALR (ridge auto)", [("low-rank-split", {"method": "dalr", "keep": keep})]),):
         r = ev.run(passes)
         split = next(p for p in r["report"]["passes"] if p["pass"] == "low-rank-split")
         n_split = len(split["split"])
@@ -455,7 +454,7 @@ def main(argv=None) -> None:
         lat.append((f"mnist_cnn fc1 rank 16 (acc {pct(r['accuracy']):.1f} %)", cnn.model, r["model"], (1, 28, 28)))
         models = part_d(mobile, 0.9, body)
         lat += [(f"MobileNetV2 all 1x1 convs + classifier, keep 0.9, {label}", mobile.model, model, (3, 224, 224))
-                for label, model in models[1:]]
+                for label, model in models]
     part_c(lat, body, rounds=30 if args.quick else 60)
     auto_timing(body)
 
