@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import resource
@@ -41,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 OUTPUT = HERE / "RESULTS.md"
+LEDGER = RESULTS / "run_all.json"     # the last run of every step, and the last full run
 sys.path.insert(0, str(HERE))
 
 # name: (script, arguments, quick arguments, result files it writes (globs in bench/results))
@@ -171,6 +173,26 @@ def strip_raw(text: str) -> str:
     return re.sub(r"<details>.*?</details>\s*", "", text, flags=re.S)
 
 
+def update_ledger(runs: list[dict], *, command: str, started: datetime.datetime, wall: float,
+                  quick: bool) -> dict:
+    """Record this run's steps in bench/results/run_all.json (kept across runs, so RESULTS.md
+    can say when and how long each step last ran, and what the last full run took)."""
+    try:
+        ledger = json.loads(LEDGER.read_text())
+    except (OSError, ValueError):
+        ledger = {}
+    steps = ledger.setdefault("steps", {})
+    for r in runs:
+        if not r["status"].startswith("skipped"):
+            steps[r["step"]] = {**r, "date": started.strftime("%Y-%m-%d %H:%M"), "quick": quick}
+    if {r["step"] for r in runs} >= set(ORDER) and not quick:
+        ledger["last_full_run"] = {"command": command, "date": started.strftime("%Y-%m-%d %H:%M"),
+                                   "wall": wall, "ok": all(r["status"] == "ok" for r in runs)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    LEDGER.write_text(json.dumps(ledger, indent=1) + "\n")
+    return ledger
+
+
 def stitch(runs: list[dict], *, command: str, started: datetime.datetime, wall: float, quick: bool) -> Path:
     from common import machine
 
@@ -191,14 +213,21 @@ def stitch(runs: list[dict], *, command: str, started: datetime.datetime, wall: 
         "| step | command | status | wall time | CPU time (all processes) |",
         "|---|---|---|---:|---:|",
     ]
+    ledger = update_ledger(runs, command=command, started=started, wall=wall, quick=quick)
+    full = ledger.get("last_full_run")
+    if full:
+        lines[5:5] = [f"- Last full run (every step, one command `{full['command']}`): {full['date']}, "
+                      f"{full['wall'] / 60:.1f} min wall, {'all steps ok' if full['ok'] else 'some steps failed'}"]
     for name in ORDER:
         r = next((x for x in runs if x["step"] == name), None)
         if r is None:
-            mine = [p for p in files if owner(p) == name]
-            when = max((p.stat().st_mtime for p in mine), default=None)
-            status = ("not run now; results from "
-                      + datetime.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M")) if when else "not run"
-            lines.append(f"| {name} | python bench/{STEPS[name][0]} | {status} | — | — |")
+            last = ledger.get("steps", {}).get(name)
+            if last:
+                cpu = f"{last['cpu'] / 60:.1f} min" if "cpu" in last else "—"
+                lines.append(f"| {name} | `{last.get('command', 'python bench/' + STEPS[name][0])}` | not run now; "
+                             f"last run {last['date']}: {last['status']} | {last['seconds'] / 60:.1f} min | {cpu} |")
+            else:
+                lines.append(f"| {name} | python bench/{STEPS[name][0]} | not run | — | — |")
         else:
             cpu = f"{r['cpu'] / 60:.1f} min" if "cpu" in r else "—"
             lines.append(f"| {name} | `{r.get('command', 'python bench/' + STEPS[name][0])}` | {r['status']} | "
