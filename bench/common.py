@@ -139,6 +139,18 @@ class Bench:
         }
 
 
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or None without matplotlib
+    (the ``bench`` extra installs it): plots are then skipped."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     def fmt(v):
         if isinstance(v, float):

@@ -43,7 +43,7 @@ import onnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, Bench, machine, markdown_table, write_result  # noqa: E402
+from bench.common import RESULTS, Bench, machine, markdown_table, pyplot, write_result  # noqa: E402
 from onnxprune import linalg  # noqa: E402
 from onnxprune.cost import total_macs  # noqa: E402
 from onnxprune.graph import find_linear_layers  # noqa: E402
@@ -136,10 +136,9 @@ def pruning_methods(layer: str, fraction: float) -> dict[str, list]:
 
 
 def plot(path: Path, title: str, xs: dict, ys: dict, original: float, xlabel: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in ys:
         style = "-o" if "DALR (ridge auto)" == name else ("--." if "paper" in name or "prun" in name.lower()

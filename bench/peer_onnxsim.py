@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from common import RESULTS, TASKS, Bench, machine, markdown_table, predict  # noqa: E402
+from common import RESULTS, TASKS, Bench, machine, markdown_table, predict, pyplot  # noqa: E402
 from onnxprune.cost import total_macs  # noqa: E402
 from onnxprune.model import clone, count_parameters  # noqa: E402
 
@@ -347,12 +347,9 @@ def render(raw: dict) -> str:
 
 
 def plot(raw: dict, path: Path) -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = raw["tasks"]
-    if not tasks:
+    if not tasks or plt is None:
         return None
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False)
     style = {"ours: spectral + reconstruction": ("tab:blue", "o"), "ours: L1 filters + reconstruction":

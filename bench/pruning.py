@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
-from common import TASKS, Bench, machine, markdown_table, write_result  # noqa: E402
+from common import TASKS, Bench, machine, markdown_table, pyplot, write_result  # noqa: E402
 
 from onnxprune.calibration.provider import StatsProvider  # noqa: E402
 from onnxprune.calibration.readers import open_samples  # noqa: E402
@@ -162,11 +162,8 @@ def section_a(tasks, budgets) -> tuple[str, dict]:
 
 
 def plot_a(curves) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     names = list(curves)
     fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.4 * len(names)), squeeze=False)
@@ -293,11 +290,8 @@ def section_d(tasks, budgets) -> tuple[str, dict]:
 
 
 def plot_d(curves) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
     for ax, (name, curve) in zip(axes[0], curves.items()):

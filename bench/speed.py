@@ -673,10 +673,12 @@ def findings(raw: dict, runs: list[dict]) -> list[str]:
 
 
 def plots(raw: dict, results: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from common import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return []
 
     out = []
     runs = [r for r in raw["runs"] if "error" not in r]

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.graph import find_channel_groups
+
 OPSET = 13
 IR_VERSION = 10
 
@@ -217,6 +219,22 @@ def set_init(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
             tensor.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=numpy_helper.to_array(tensor).dtype), name))
             return
     raise KeyError(name)
+
+
+def group_of(model: onnx.ModelProto, name: str):
+    """The channel group called ``name`` in ``model``."""
+    return next(g for g in find_channel_groups(model) if g.name == name)
+
+
+def edit_channel(model: onnx.ModelProto, group, edit) -> None:
+    """Apply ``edit(array, axis)`` to every per-channel array of ``group`` (weights, biases, params)."""
+    for producer in group.producers:
+        set_init(model, producer.weight, edit(get_init(model, producer.weight), producer.axis))
+        if producer.bias:
+            set_init(model, producer.bias, edit(get_init(model, producer.bias), -1))
+    for entry in group.path:
+        for name, axis in entry.params:
+            set_init(model, name, edit(get_init(model, name), axis))
 
 
 def feeds(model: onnx.ModelProto, batch: int = 3, seed: int = 1) -> dict[str, np.ndarray]:

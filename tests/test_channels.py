@@ -32,20 +32,6 @@ IDS = ["gemm_chain-fc1", "gemm_chain-fc2", "gemm_chain-fc3", "conv_bn_relu", "fl
        "residual_add-inner", "add_branches", "depthwise", "shared_consumer", "shared_weight"]
 
 
-def group_of(model, name):
-    return next(g for g in find_channel_groups(model) if g.name == name)
-
-
-def edit_channel(model, group, edit):
-    """Apply ``edit(array, axis)`` to every per-channel array of ``group`` (weights, biases, params)."""
-    for producer in group.producers:
-        graphs.set_init(model, producer.weight, edit(graphs.get_init(model, producer.weight), producer.axis))
-        if producer.bias:
-            graphs.set_init(model, producer.bias, edit(graphs.get_init(model, producer.bias), -1))
-    for entry in group.path:
-        for name, axis in entry.params:
-            graphs.set_init(model, name, edit(graphs.get_init(model, name), axis))
-
 
 def kill_channel(model, group, c):
     """Make channel c zero at the site: zero producer rows and biases, zero BN shift/mean and dw bias."""
@@ -71,7 +57,7 @@ def duplicate_channel(model, group, j, i):
         value[j] = value[i]
         return np.moveaxis(value, 0, axis)
 
-    edit_channel(model, group, copy)
+    graphs.edit_channel(model, group, copy)
 
 
 def initializer_bytes(model):
@@ -95,23 +81,23 @@ def check_interface(reference, candidate):
 @pytest.mark.parametrize("build,name,drop,source", CASES, ids=IDS)
 def test_dead_channel_prunes_exactly(build, name, drop, source):
     reference = build()
-    kill_channel(reference, group_of(reference, name), drop)
+    kill_channel(reference, graphs.group_of(reference, name), drop)
     candidate = clone(reference)
-    group = group_of(candidate, name)
+    group = graphs.group_of(candidate, name)
     keep = np.array([c for c in range(group.channels) if c != drop])
     prune_channels(candidate, group, keep)
     check_interface(reference, candidate)
     assert_equivalent(reference, candidate, graphs.feeds(reference), tol=1e-5)
-    pruned = group_of(candidate, name)
+    pruned = graphs.group_of(candidate, name)
     assert pruned.skip is None and pruned.channels == group.channels - 1
 
 
 @pytest.mark.parametrize("build,name,drop,source", CASES, ids=IDS)
 def test_duplicate_channel_prunes_exactly_with_reconstruction(build, name, drop, source):
     reference = build()
-    duplicate_channel(reference, group_of(reference, name), drop, source)
+    duplicate_channel(reference, graphs.group_of(reference, name), drop, source)
     candidate = clone(reference)
-    group = group_of(candidate, name)
+    group = graphs.group_of(candidate, name)
     keep = np.array([c for c in range(group.channels) if c != drop])
     # phi = A phi_keep: the identity on kept channels, and the dropped copy reads its source
     a = np.zeros((group.channels, len(keep)))
@@ -126,7 +112,7 @@ def test_duplicate_channel_prunes_exactly_with_reconstruction(build, name, drop,
 def test_permuting_channels_is_exact(build, name, drop, source):
     reference = build()
     candidate = clone(reference)
-    group = group_of(candidate, name)
+    group = graphs.group_of(candidate, name)
     prune_channels(candidate, group, np.arange(group.channels)[::-1])
     assert_equivalent(reference, candidate, graphs.feeds(reference), tol=1e-5)
 
@@ -135,7 +121,7 @@ def test_permuting_channels_is_exact(build, name, drop, source):
 def test_other_weights_are_untouched(build, name, drop, source):
     reference = build()
     candidate = clone(reference)
-    group = group_of(candidate, name)
+    group = graphs.group_of(candidate, name)
     prune_channels(candidate, group, np.arange(1, group.channels))
     before, after = initializer_bytes(reference), initializer_bytes(candidate)
     touched = group_initializers(group) | {n for n in after if n.endswith("/prune")}
@@ -149,7 +135,7 @@ def test_other_weights_are_untouched(build, name, drop, source):
 def test_shared_weight_is_copied_not_mutated():
     reference = graphs.shared_weight()
     candidate = clone(reference)
-    group = group_of(candidate, "fc1")
+    group = graphs.group_of(candidate, "fc1")
     prune_channels(candidate, group, np.array([0, 2, 3, 5]))
     fc1, fc2 = (next(n for n in candidate.graph.node if n.name == k) for k in ("fc1", "fc2"))
     assert fc1.input[1] == "fc.W/prune" and fc2.input[1] == "fc.W"
@@ -172,7 +158,7 @@ def test_consumer_weights_follow_the_formula():
     rng = np.random.default_rng(3)
     # Conv consumer: every spatial tap M[:, :, h, w] -> M[:, :, h, w] A
     model = graphs.conv_bn_relu()
-    group = group_of(model, "conv1")
+    group = graphs.group_of(model, "conv1")
     w = graphs.get_init(model, "conv2.W").astype(np.float64)
     keep = np.array([0, 2, 5, 7])
     a = rng.standard_normal((8, 4))
@@ -181,7 +167,7 @@ def test_consumer_weights_follow_the_formula():
     np.testing.assert_allclose(graphs.get_init(model, "conv2.W"), expected, rtol=1e-5, atol=1e-6)
     # Gemm through a Flatten: columns c*16 .. c*16+15 belong to channel c; A per position
     model = graphs.flatten_to_gemm()
-    group = group_of(model, "conv")
+    group = graphs.group_of(model, "conv")
     w = graphs.get_init(model, "fc.W").astype(np.float64)          # (5, 4*16)
     keep = np.array([3, 1])
     a = rng.standard_normal((4, 2))
@@ -193,10 +179,10 @@ def test_consumer_weights_follow_the_formula():
 
 def test_reshape_target_and_depthwise_group_are_rewritten():
     model = graphs.flatten_to_gemm(reshape=True)
-    prune_channels(model, group_of(model, "conv"), np.array([0, 3, 1]))
+    prune_channels(model, graphs.group_of(model, "conv"), np.array([0, 3, 1]))
     assert graphs.get_init(model, "flat.shape").tolist() == [-1, 48]
     model = graphs.depthwise()
-    prune_channels(model, group_of(model, "expand"), np.arange(5))
+    prune_channels(model, graphs.group_of(model, "expand"), np.arange(5))
     dw = next(n for n in model.graph.node if n.name == "dw")
     assert next(a.i for a in dw.attribute if a.name == "group") == 5
     assert graphs.get_init(model, "dw.W").shape == (5, 1, 3, 3)
@@ -207,7 +193,7 @@ def test_value_info_is_refreshed_with_symbolic_batch():
     reference = onnx.shape_inference.infer_shapes(graphs.conv_bn_relu())
     assert any(v.name == "relu.out" for v in reference.graph.value_info)
     model = clone(reference)
-    prune_channels(model, group_of(model, "conv1"), np.arange(5))
+    prune_channels(model, graphs.group_of(model, "conv1"), np.arange(5))
     onnx.checker.check_model(model, full_check=True)
     relu = next(v for v in model.graph.value_info if v.name == "relu.out")
     dims = relu.type.tensor_type.shape.dim

@@ -144,7 +144,8 @@ def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, 
         elif m.dim != dim:
             raise CalibrationError(request.tensor, f"feature size changed from {m.dim} to {dim} between batches",
                                    "statistics need a fixed feature dimension")
-        rng = np.random.default_rng([seed, zlib.crc32(f"{set_name}/{request.key}".encode()), position, fold])
+        rng = (np.random.default_rng([seed, zlib.crc32(f"{set_name}/{request.key}".encode()), position, fold])
+               if request.positions else None)
         with np.errstate(invalid="ignore", over="ignore"):   # non-finite values are reported by the caller
             for rows in request.rows(part, rng):
                 m.update(rows)

@@ -428,12 +428,13 @@ class LowRankSplit(Pass):
         layers, skipped = self.layers(model)
         stats = ctx.statistics(model, [self._request(layer) for layer in layers], ("target",)) if layers else None
 
-        weights, spectra, moments = {}, {}, {}
+        # per layer: its input's Moments over all folds (merging folds sums dim^2 Grams: once)
+        weights, spectra, merged, moments = {}, {}, {}, {}
         for layer in layers:
             w, b = layer_weight(model, layer)
             weights[layer.name] = (w, b)
-            total = second_moment(stats.moments(self._request(layer), "target"))
-            moments[layer.name] = total
+            merged[layer.name] = stats.moments(self._request(layer), "target")
+            total = moments[layer.name] = second_moment(merged[layer.name])
             spectra[layer.name] = linalg.output_spectrum(w, total if opts.method == "dalr" else None)
 
         ranks = self._ranks(weights, spectra)
@@ -449,11 +450,12 @@ class LowRankSplit(Pass):
             if ctx.mode == "sequential":
                 # This layer's input as the layers already split before it now produce it.
                 stats = ctx.statistics(model, [self._request(layer)], ("target",))
-                moments[layer.name] = second_moment(stats.moments(self._request(layer), "target"))
+                merged[layer.name] = stats.moments(self._request(layer), "target")
+                moments[layer.name] = second_moment(merged[layer.name])
             total = moments[layer.name]
             a_mat, b_mat, info = self._factor(model, layer, w, b, k, stats, total, ctx.folds)
             delta = info.pop("bias_delta", None)
-            mean = stats.moments(self._request(layer), "target").mean
+            mean = merged[layer.name].mean
             new_bias = b
             if delta is not None and (b is not None or np.abs(delta).max() > 1e-12 * max(np.abs(w @ mean).max(), 1e-300)):
                 new_bias = delta if b is None else b + delta

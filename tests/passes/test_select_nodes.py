@@ -51,30 +51,16 @@ def prune(model, passes, *, x=None, mode="one-shot", source=None, folds=2):
     return run_pipeline(model, recipe, provider)
 
 
-def group_of(model, name):
-    return next(g for g in find_channel_groups(model) if g.name == name)
-
-
-def channel_edit(model, group, edit):
-    """Apply ``edit(array, axis)`` to every per-channel array of ``group``."""
-    for p in group.producers:
-        graphs.set_init(model, p.weight, edit(graphs.get_init(model, p.weight), p.axis))
-        if p.bias:
-            graphs.set_init(model, p.bias, edit(graphs.get_init(model, p.bias), -1))
-    for entry in group.path:
-        for name, axis in entry.params:
-            graphs.set_init(model, name, edit(graphs.get_init(model, name), axis))
-
 
 def kill(model, group_name, c):
     """Channel c of the group is zero at the site: zero rows, a negative bias before the ReLU."""
-    group = group_of(model, group_name)
+    group = graphs.group_of(model, group_name)
 
     def dead(value, axis):
         value = np.moveaxis(value.copy(), axis, 0)
         value[c] = 0
         return np.moveaxis(value, 0, axis)
-    channel_edit(model, group, dead)
+    graphs.edit_channel(model, group, dead)
     for p in group.producers[:1]:
         if p.bias:
             bias = graphs.get_init(model, p.bias)
@@ -83,13 +69,13 @@ def kill(model, group_name, c):
 
 
 def duplicate(model, group_name, c, of):
-    group = group_of(model, group_name)
+    group = graphs.group_of(model, group_name)
 
     def copy(value, axis):
         value = np.moveaxis(value.copy(), axis, 0)
         value[c] = value[of]
         return np.moveaxis(value, 0, axis)
-    channel_edit(model, group, copy)
+    graphs.edit_channel(model, group, copy)
 
 
 def pruned_rows(report):
@@ -126,7 +112,7 @@ def test_dead_and_duplicate_channels_prune_losslessly(build, name, dead, dup, mo
     model = build()
     kill(model, name, dead)
     duplicate(model, name, *dup)
-    channels = group_of(model, name).channels
+    channels = graphs.group_of(model, name).channels
     out, report = prune(model, spectral_lossless((name,)), mode=mode)
     row = pruned_rows(report)[name]
     assert row["kept"] == channels - 2
