@@ -276,6 +276,10 @@ def verdict_lines(report: dict, output) -> list[str]:
 @click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc")
 @click.option("--layers")
 @click.option("--seed", type=int, default=0)
+@click.option("--shard", help="Only shard I of N (I/N, 1-based: contiguous whole batches); merge with merge-stats.")
+@click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
+@click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
+@click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
 @preprocess_options
 @common_options
 @user_errors
@@ -284,12 +288,42 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     from onnxprune import api
 
     preprocess = preprocess_dict(kw)
+    shard, cluster, workers, shards = (kw.pop(k) for k in ("shard", "cluster", "workers", "shards"))
+    if shards is not None and cluster is None and workers is None:
+        raise click.UsageError("--shards needs --cluster or --workers")
+    if shard is not None and (cluster is not None or workers is not None):
+        raise click.UsageError("--shard runs one shard here: do not combine it with --cluster/--workers")
+    if cluster is not None and workers is not None:
+        raise click.UsageError("give --cluster or --workers, not both")
     kw.update(split=0.5, calib_size=None, mode=None)
     recipe = build_recipe(kw, preprocess)
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
-                          device=device, progress=show_progress(quiet))
+                          device=device, progress=show_progress(quiet), shard=shard, cluster=cluster,
+                          workers=workers, shards=shards)
+    record = stats.header.get("shard")
+    if record:
+        sets = ", ".join(f"{k}: samples {v['start']}-{v['stop'] - 1} of {v['set'].get('count')}"
+                         for k, v in record["sets"].items())
+        click.echo(f"wrote {output} (shard {record['index'] + 1}/{record['count']}; "
+                   f"{len(stats.header.get('requests', []))} tensors; {sets})")
+        return
     sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
     click.echo(f"wrote {output} ({len(stats.header.get('requests', []))} tensors; {sets})")
+
+
+@main.command("merge-stats")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Merged statistics (.npz).")
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output.")
+@user_errors
+def merge_stats(inputs, output, verbose, quiet):
+    """Merge the shard files of `calibrate --shard i/n` (all n of them) into one statistics file."""
+    from onnxprune import api
+
+    stats = api.merge_stats(inputs, output)
+    sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
+    click.echo(f"wrote {output} ({len(inputs)} shards; {len(stats.header.get('requests', []))} tensors; {sets})")
 
 
 @main.command()
