@@ -18,6 +18,7 @@ import onnx
 
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.errors import ModelError, RecipeError
+from onnxprune.linalg import blas_threads
 from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
 from onnxprune.passes import REGISTRY, Pass, PassContext, options_to_dict
 
@@ -124,7 +125,15 @@ def check_graph(model: onnx.ModelProto, *, after: str) -> None:
 
 
 def run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider) -> tuple[onnx.ModelProto, dict]:
-    """Clone ``model``, run the recipe's passes on the clone, check after each; never touches ``model``."""
+    """Clone ``model``, run the recipe's passes on the clone, check after each; never touches ``model``.
+
+    BLAS runs with ``linalg.blas_threads()`` (one thread unless $ONNXPRUNE_BLAS_THREADS says otherwise).
+    """
+    with blas_threads():
+        return _run_pipeline(model, recipe, provider)
+
+
+def _run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider) -> tuple[onnx.ModelProto, dict]:
     passes = recipe.build()
     work = clone(model)
     ctx = PassContext(statistics=provider, folds=recipe.folds, mode=recipe.mode, seed=recipe.seed)

@@ -38,6 +38,7 @@ class SetShard:
     start: int                     # the shard's first position in the whole set
     stop: int
     whole: dict                    # describe() of the whole set
+    fingerprint: str               # content of a few samples of the whole set (see ``fingerprint``)
     requests: list[dict]           # StatRequest.to_dict() of each request
 
 
@@ -83,7 +84,7 @@ def plan(model_source, model: onnx.ModelProto, samples: dict, sources: dict, req
                 data=str(path) if path is not None else part,
                 preprocess=dataclasses.asdict(sample_set._preprocess),
                 rows=part.source_indices if path is not None else None,
-                start=start, stop=stop, whole=sample_set.describe(),
+                start=start, stop=stop, whole=sample_set.describe(), fingerprint=fingerprint(sample_set),
                 requests=[r.to_dict() for r in dict.fromkeys(todo)]))
         tasks.append(ShardTask(model=wire_model, sets=sets, index=int(index), count=int(count), batch_size=size,
                                folds=int(folds), seed=int(seed), device=device, threads=threads,
@@ -120,7 +121,21 @@ def run_shard(task: ShardTask, *, progress: bool = False) -> Statistics:
 def shard_record(task: ShardTask) -> dict:
     """The ``"shard"`` header record of ``task``'s statistics."""
     return {"index": task.index, "count": task.count, "batch_size": task.batch_size,
-            "sets": {p.name: {"start": p.start, "stop": p.stop, "set": p.whole} for p in task.sets}}
+            "sets": {p.name: {"start": p.start, "stop": p.stop, "set": p.whole, "fingerprint": p.fingerprint}
+                     for p in task.sets}}
+
+
+def fingerprint(sample_set) -> str:
+    """A sha256 of the prepared first, middle and last samples: with the set's description
+    (count, rows, inputs, preprocessing) it tells two data files of the same shape apart."""
+    import hashlib
+
+    n = len(sample_set)
+    digest = hashlib.sha256()
+    for name, array in sorted(sample_set.batch(np.array(sorted({0, n // 2, n - 1}))).items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _collect_options(task: ShardTask) -> dict:
@@ -173,11 +188,15 @@ def local_client(workers: int, *, processes: bool = True):
     return distributed.Client(cluster)
 
 
+#: how long ``connect`` waits for a scheduler
+CONNECT_TIMEOUT = "20s"
+
+
 def connect(address: str):
     """A ``distributed.Client`` connected to the scheduler at ``address``."""
     distributed = require_dask()
     try:
-        return distributed.Client(address, timeout="30s")
+        return distributed.Client(address, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         raise CalibrationError(address, f"cannot reach the Dask scheduler ({type(exc).__name__}: {exc})",
                                "check the address (tcp://host:8786) and that `dask scheduler` runs") from None

@@ -9,8 +9,8 @@ positions are drawn from the same seeds as in one process: merged shards equal t
 single-process statistics up to the order of float64 additions.
 
 Each shard's header records ``"shard"``: its index, the shard count, the batch size and,
-per sample set, the shard's range and the description of the *whole* set (its
-``indices_sha`` names exactly which samples it holds). ``merge_shards`` checks that the
+per sample set, the shard's range, the description of the *whole* set (its
+``indices_sha`` names exactly which samples it holds) and a fingerprint of its content. ``merge_shards`` checks that the
 files come from the same model, requests, folds, seed, batch size and sample sets, and that
 their indices are disjoint and complete, then adds them in a fixed tree order.
 """
@@ -147,7 +147,7 @@ def complete(merged: Statistics, record: dict) -> Statistics:
 def _whole_sets(record: dict) -> dict:
     """The whole sets' identity (their rows, counts, inputs and preprocessing), not the path
     each machine opened them at."""
-    return {name: {k: v for k, v in (info.get("set") or {}).items() if k != "name"}
+    return {name: ({k: v for k, v in (info.get("set") or {}).items() if k != "name"}, info.get("fingerprint"))
             for name, info in record.get("sets", {}).items()}
 
 
