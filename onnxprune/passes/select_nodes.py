@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 
 import numpy as np
@@ -28,9 +29,11 @@ import onnx
 from onnxprune import cost, linalg
 from onnxprune.calibration.stats import StatRequest
 from onnxprune.errors import CalibrationError
-from onnxprune.graph import ChannelGroup, find_channel_groups
+from onnxprune.graph import ChannelGroup, find_channel_groups, name_nodes
 from onnxprune.model import get_array
 from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
+
+log = logging.getLogger(__name__)
 
 CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
 #: groups at least this wide keep a multiple of ``SelectOptions.multiple`` channels
@@ -191,9 +194,15 @@ class SelectNodes(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts = self.options
+        name_nodes(model)       # a no-op in the pipeline (named on entry); groups name their nodes
         groups, skipped = self.groups(model)
         groups = [g for g in groups if g.name not in ctx.selections]
         scope = [g for g in groups if ctx.only_group in (None, g.name)]
+        if ctx.only_group is None or ctx.notes.get("select-nodes/counts") is None:
+            log.info("select-nodes: %d prunable channel group(s) (%s), %d skipped; criterion %s", len(groups),
+                     ", ".join(g.name for g in groups) or "none", len(skipped), opts.criterion)
+            for row in skipped:
+                log.info("select-nodes: skip %s: %s", row["group"], row["reason"])
         if not scope:
             return PassResult(changed=False, report={"selected": [], "skipped": skipped})
         counts = ctx.notes.get("select-nodes/counts")
@@ -218,6 +227,8 @@ class SelectNodes(Pass):
                                       "folds": scores[g.name]["folds"]}
             rows.append({"group": g.name, "channels": g.channels, "kept": k, "retention": retention,
                          "criterion": opts.criterion})
+            log.info("select-nodes: %s keeps %d of %d channels (retention %.4f, %s)", g.name, k, g.channels,
+                     retention, opts.criterion)
         return PassResult(changed=False, report={"selected": rows, "skipped": skipped})
 
     def _scores(self, model, groups: list[ChannelGroup], ctx: PassContext) -> dict[str, dict]:
@@ -337,7 +348,11 @@ class SelectNodes(Pass):
             else:
                 hi = mid
         ok, counts = fits(1.0)
-        return counts if ok else best
+        chosen = counts if ok else best
+        log.debug("select-nodes: global %s budget %.4g of %.4g met at threshold %.4f: %s",
+                  "parameter" if index == 0 else "MAC", budget, full_params if index == 0 else full_macs,
+                  1.0 if ok else lo, footprint(chosen)[index])
+        return chosen
 
 
 class Ranking:
