@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from onnxprune import __version__
+from onnxprune import __version__, criteria
 from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, RecipeError
 
 log = logging.getLogger("onnxprune")
@@ -35,7 +35,8 @@ METHODS = {
     "dalr": [("low-rank-split", {"method": "dalr"})],
     "dalr-bc": [("low-rank-split", {"method": "dalr"}), ("bias-compensate", {})],
 }
-PRUNING_CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
+# channel-pruning criteria: every one registered in onnxprune.criteria
+PRUNING_CRITERIA = criteria.names()
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -163,6 +164,8 @@ def user_errors(func):
         except OnnxPruneError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise                   # usage errors (exit 2) and click's own exits
         except Exception as exc:
             command = func.__name__
             try:

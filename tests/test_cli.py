@@ -252,3 +252,10 @@ def test_verbose_logs_each_stage_on_stderr(tmp_path):
         assert words in log, (words, log)
     assert "DEBUG" not in log and "INFO" not in result.stdout
     assert "DEBUG: " in cli(*args, "-vv").stderr
+
+
+def test_a_bad_option_value_inside_a_command_stays_a_usage_error(tmp_path):
+    """click's BadParameter raised while a command runs is exit 2, not an internal error."""
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--resize", "big")
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    assert "internal error" not in result.stderr and "is not a size" in result.stderr
