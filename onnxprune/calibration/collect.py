@@ -13,7 +13,9 @@ to choose ridges on held-out calibration data.
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -27,6 +29,8 @@ from onnxprune.calibration.stats import Moments, StatRequest, Statistics, releas
 from onnxprune.errors import CalibrationError, DataError
 from onnxprune.model import clone, input_specs, model_hash
 from onnxprune.runtime import batch_size_for, make_session, run_batches
+
+log = logging.getLogger(__name__)
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
               ort_state.NotImplemented, ort_state.RuntimeException)
@@ -94,6 +98,9 @@ def collect(
         by_tensor.setdefault(r.tensor, []).append(r)
 
     for set_name, sample_set in samples.items():
+        started = time.perf_counter()
+        log.info("calibration: %d samples of the %s set through %d exposed tensors (%d requests), batches of %d, "
+                 "%d folds", len(sample_set), set_name, len(tensors), len(requests), size, folds)
         per_fold = [0] * folds
         position = int(offset)
         bar = _progress(len(sample_set), f"calibrate {set_name}", progress)
@@ -128,6 +135,8 @@ def collect(
             batches.close()
             release_buffers()
         header["samples"][set_name] = per_fold
+        log.info("calibration: %s set done in %.2f s (samples per fold %s)", set_name, time.perf_counter() - started,
+                 per_fold)
     return Statistics(header, moments)
 
 
