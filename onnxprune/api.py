@@ -105,7 +105,7 @@ def recipe_path(output: Path) -> Path:
 def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, source_data=None,
               device: str = "cpu", progress: bool = True, shard: tuple[int, int] | str | None = None,
               client=None, cluster: str | None = None, workers: int | None = None,
-              shards: int | None = None) -> Statistics:
+              shards: int | None = None, engine: str = "graph") -> Statistics:
     """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``.
 
     shard: ``(i, n)`` (0-based) or ``"i/n"`` (1-based): only shard i of n of each sample
@@ -113,6 +113,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     client / cluster / workers: run ``shards`` shards (default: one per worker) as tasks on
         a Dask ``distributed.Client``, on the scheduler at address ``cluster``, or on a new
         local cluster of ``workers`` processes; the merged result is written.
+    engine: "graph" (statistics computed inside onnxruntime) or "numpy" (see ``collect``).
     """
     from onnxprune.calibration import cluster as tasks_on
     from onnxprune.calibration.shard import parse_shard
@@ -139,7 +140,8 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
                           "use --cluster/--workers alone (every shard runs there)")
     if isinstance(shard, str):
         shard = parse_shard(shard)
-    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device)
+    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device,
+                   stats_options={"engine": engine})
     model_source = _path_or_none(model)
     if shard is not None:
         index, count = int(shard[0]), int(shard[1])
@@ -170,7 +172,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         for set_name, todo in requests.items():
             part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
                            batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
-                           seed=recipe.seed)
+                           seed=recipe.seed, engine=engine)
             stats = part if stats is None else stats.merge(part)
     stats.save(output)
     return stats

@@ -349,6 +349,8 @@ def verdict_lines(report: dict, output) -> list[str]:
 @click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
 @click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
 @click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
+@click.option("--engine", type=click.Choice(["graph", "numpy"]), default="graph", show_default=True,
+              help="graph: onnxruntime computes sums and Grams in-graph; numpy: expose activations, fold in float64.")
 @preprocess_options
 @common_options
 @user_errors
@@ -357,7 +359,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     from onnxprune import api
 
     preprocess = preprocess_dict(kw)
-    shard, cluster, workers, shards = (kw.pop(k) for k in ("shard", "cluster", "workers", "shards"))
+    shard, cluster, workers, shards, engine = (kw.pop(k) for k in ("shard", "cluster", "workers", "shards", "engine"))
     if shards is not None and cluster is None and workers is None:
         raise click.UsageError("--shards needs --cluster or --workers")
     if shard is not None and (cluster is not None or workers is not None):
@@ -368,7 +370,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     recipe = build_recipe(kw, preprocess)
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
                           device=device, progress=show_progress(quiet), shard=shard, cluster=cluster,
-                          workers=workers, shards=shards)
+                          workers=workers, shards=shards, engine=engine)
     record = stats.header.get("shard")
     if record:
         sets = ", ".join(f"{k}: samples {v['start']}-{v['stop'] - 1} of {v['set'].get('count')}"

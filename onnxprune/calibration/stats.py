@@ -154,6 +154,20 @@ class Moments:
             if with_sum:
                 self.sum += product[dim, :dim]
 
+    def add_sums(self, count: int, total: np.ndarray, gram: np.ndarray) -> None:
+        """Fold in ``count`` rows given by their sum (dim,) and Gram (dim, dim) (float64), as
+        computed elsewhere (onnxruntime, another process)."""
+        if self.keep_rows:
+            raise ValueError("keep_rows Moments need the rows themselves")
+        total = np.asarray(total, dtype=np.float64)
+        gram = np.asarray(gram, dtype=np.float64)
+        if total.shape != (self.dim,) or gram.shape != (self.dim, self.dim):
+            raise ValueError(f"sums must have shapes ({self.dim},) and ({self.dim}, {self.dim}), "
+                             f"got {total.shape} and {gram.shape}")
+        self.count += int(count)
+        self.sum += total
+        self._gram += gram
+
     def __add__(self, other: Moments) -> Moments:
         if not isinstance(other, Moments):
             return NotImplemented
@@ -383,7 +397,7 @@ class StatRequest:
                 at = None
                 if take:
                     rng = rng if rng is not None else np.random.default_rng(0)
-                    at = np.argsort(rng.random((part.shape[0], per_sample)), axis=1)[:, :take]
+                    at = sample_positions(rng, part.shape[0], per_sample, take)
                 yield patches(part, kernel=self.kernel, strides=self.strides, pads=self.pads,
                               dilations=self.dilations, at=at)
         else:
@@ -420,6 +434,13 @@ class StatRequest:
         if rank < 2 or not -rank <= self.axis < rank or self.axis % rank == 0:
             return f"has shape {list(shape)}; feature axis {self.axis} must be a non-batch axis"
         return None
+
+
+def sample_positions(rng: np.random.Generator, n: int, per_sample: int, take: int) -> np.ndarray:
+    """(n, take) distinct output positions per sample, increasing: the ``take`` smallest of
+    ``per_sample`` uniform draws per sample (a partial sort, O(per_sample))."""
+    draws = rng.random((n, per_sample))
+    return np.sort(np.argpartition(draws, take - 1, axis=1)[:, :take], axis=1)
 
 
 def feature_rows(x: np.ndarray, axis: int) -> Iterator[np.ndarray]:
