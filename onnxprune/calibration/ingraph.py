@@ -9,12 +9,13 @@ graph gets, for each request and fold, a few nodes that reduce the activation in
                       patches:  Pad + Transpose to NHWC + Flatten, then one Gather of the
                                 rows of every kernel tap at the output positions wanted
                                 (all, or the seeded sample of ``positions``): im2col in-graph
-    shift m (1 x d)   ReduceMean(Y) over the rows: the batch's own mean
-    outputs           G = (Y - m)^T (Y - m)  (Gemm, transA),  s = sum(Y - m),  m,  Shape(Y)
+    shift m (1 x d)   ReduceMean of the first 256 rows: near the mean, cheap
+    outputs           G = (Y - m)^T (Y - m)  (Gemm, transA),  s = sum(Y) (ReduceSum in the
+                      activation's own layout),  m,  Shape(Y)
 
 so only d + d^2 values per request leave the session. Float32 Grams of centred rows keep
 their accuracy (no catastrophic cancellation of a large mean), and the float64 moments of
-the raw rows follow exactly:  sum = s + R m,  Gram = G + m s^T + s m^T + R m m^T.
+the raw rows follow exactly:  Gram = G + m c^T + c m^T + R m m^T  with  c = s - R m.
 Samples of each fold are picked in-graph by a Gather on the batch axis (folds, and the
 padding of fixed-batch models), from index inputs fed per batch.
 
@@ -36,6 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.calibration.stats import StatRequest, sample_positions
 
 PREFIX = "onnxprune/calibrate"
+#: the shift subtracted before each Gram is the mean of this many leading rows
+SHIFT_ROWS = 256
 
 
 @dataclasses.dataclass
@@ -126,12 +129,16 @@ def build(model: onnx.ModelProto, sites: list[tuple[StatRequest, tuple]], folds:
                 axis = request.axis % rank
             for f in range(folds):
                 part = b.node("Gather", [x, fold_inputs[f]], tag, axis=0) if select_folds else x
+                # the sum over every non-feature axis in the tensor's own layout (a fast strided
+                # reduction in onnxruntime), before the rows are laid out for the Gram
+                total = b.reduce("ReduceSum", part, [a for a in range(rank) if a != axis], f"{tag}/f{f}",
+                                 keepdims=0)
                 if axis != rank - 1:
                     part = b.node("Transpose", [part], tag,
                                   perm=[a for a in range(rank) if a != axis] + [axis])
                 if rank > 2:
                     part = b.node("Flatten", [part], tag, axis=rank - 1)
-                site.outputs.append(b.moments(part, f"{tag}/f{f}"))
+                site.outputs.append(b.moments(part, f"{tag}/f{f}", total=total))
         planned.append(site)
     return Plan(model=model, sites=planned, fold_inputs=fold_inputs)
 
@@ -183,13 +190,23 @@ class _Builder:
             return self.node("Pad", [x, self.const(full, tag)], tag, mode="constant")
         return self.node("Pad", [x], tag, mode="constant", pads=full)
 
-    def moments(self, rows: str, tag: str) -> tuple[str, str, str, str]:
-        shift = self.reduce("ReduceMean", rows, [0], tag, keepdims=1)       # (1, d)
+    def moments(self, rows: str, tag: str, total: str | None = None) -> tuple[str, str, str, str]:
+        """Outputs (Gram of centred rows, sum of the rows, shift, Shape(rows)) of ``rows`` (R x d).
+
+        The shift is the mean of the first ``SHIFT_ROWS`` rows (cheap, and close enough to the
+        mean for float32 accuracy: the correction is exact whatever the shift). ``total``:
+        the rows' sum when the caller has it already.
+        """
+        head = self.node("Slice", [rows, self.const([0], tag), self.const([SHIFT_ROWS], tag),
+                                   self.const([0], tag)], tag) if self.opset >= 10 else \
+            self.node("Slice", [rows], tag, starts=[0], ends=[SHIFT_ROWS], axes=[0])
+        shift = self.reduce("ReduceMean", head, [0], tag, keepdims=1)        # (1, d)
         centred = self.node("Sub", [rows, shift], tag)
         # Gemm's C became optional in opset 11
         bias = [] if self.opset >= 11 else [self.zero(tag)]
         gram = self.node("Gemm", [centred, centred, *bias], tag, transA=1)  # (d, d)
-        total = self.reduce("ReduceSum", centred, [0], tag, keepdims=0)      # (d,)
+        if total is None:
+            total = self.reduce("ReduceSum", rows, [0], tag, keepdims=0)     # (d,)
         shape = self.node("Shape", [rows], tag)
         names = (gram, total, shift, shape)
         for name, elem in zip(names, (TensorProto.FLOAT,) * 3 + (TensorProto.INT64,)):
@@ -249,10 +266,11 @@ class Accumulator:
         self.sums: list[np.ndarray] = []
         self.counts: list[int] = []
 
-    def add(self, gram: np.ndarray, centred_sum: np.ndarray, shift: np.ndarray, count: int) -> None:
+    def add(self, gram: np.ndarray, total: np.ndarray, shift: np.ndarray, count: int) -> None:
+        """One batch: Gram of its rows minus ``shift``, the rows' (uncentred) sum, the shift."""
         np.add(self.gram, gram, out=self.gram)
         self.shifts.append(np.asarray(shift, dtype=np.float64).reshape(-1))
-        self.sums.append(np.asarray(centred_sum, dtype=np.float64).reshape(-1))
+        self.sums.append(np.asarray(total, dtype=np.float64).reshape(-1))
         self.counts.append(int(count))
 
     def moments(self):
@@ -262,9 +280,12 @@ class Accumulator:
         if not self.counts:
             return out
         m = np.stack(self.shifts)                       # (B, d) shift of each batch
-        s = np.stack(self.sums)                         # (B, d) centred sums
+        total = np.stack(self.sums)                     # (B, d) sums of the rows
         r = np.asarray(self.counts, dtype=np.float64)   # (B,)
+        s = total - r[:, None] * m                      # sums of the shifted rows
+        # sum_b sum_i y y^T = sum_b [G_b + m_b s_b^T + s_b m_b^T + R_b m_b m_b^T]; a float32 error
+        # in a sum moves the mean and this Gram alike and cancels in the covariance
         cross = m.T @ s
         gram = self.gram + cross + cross.T + (m * r[:, None]).T @ m
-        out.add_sums(int(r.sum()), s.sum(axis=0) + r @ m, gram)
+        out.add_sums(int(r.sum()), total.sum(axis=0), gram)
         return out

@@ -57,7 +57,7 @@ def test_accumulator_corrects_the_shifts_exactly():
     for x in rows:
         shift = x.mean(axis=0)
         centred = x - shift
-        acc.add(centred.T @ centred, centred.sum(axis=0), shift, len(x))
+        acc.add(centred.T @ centred, x.sum(axis=0), shift, len(x))
         direct.update(x)
     m = acc.moments()
     assert m.count == direct.count == 20
