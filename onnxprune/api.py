@@ -105,7 +105,7 @@ def recipe_path(output: Path) -> Path:
 def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, source_data=None,
               device: str = "cpu", progress: bool = True, shard: tuple[int, int] | str | None = None,
               client=None, cluster: str | None = None, workers: int | None = None,
-              shards: int | None = None, engine: str = "graph") -> Statistics:
+              shards: int | None = None, engine: str = "auto") -> Statistics:
     """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``.
 
     shard: ``(i, n)`` (0-based) or ``"i/n"`` (1-based): only shard i of n of each sample
@@ -113,7 +113,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     client / cluster / workers: run ``shards`` shards (default: one per worker) as tasks on
         a Dask ``distributed.Client``, on the scheduler at address ``cluster``, or on a new
         local cluster of ``workers`` processes; the merged result is written.
-    engine: "graph" (statistics computed inside onnxruntime) or "numpy" (see ``collect``).
+    engine: "auto", "graph" or "numpy": how statistics are computed (see ``collect``).
     """
     from onnxprune.calibration import cluster as tasks_on
     from onnxprune.calibration.shard import parse_shard

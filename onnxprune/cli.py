@@ -349,8 +349,8 @@ def verdict_lines(report: dict, output) -> list[str]:
 @click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
 @click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
 @click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
-@click.option("--engine", type=click.Choice(["graph", "numpy"]), default="graph", show_default=True,
-              help="graph: onnxruntime computes sums and Grams in-graph; numpy: expose activations, fold in float64.")
+@click.option("--engine", type=click.Choice(["auto", "graph", "numpy"]), default="auto", show_default=True,
+              help="auto: patches in-graph, features by float32 BLAS; graph: all inside onnxruntime; numpy: float64.")
 @preprocess_options
 @common_options
 @user_errors

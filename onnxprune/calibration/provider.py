@@ -41,14 +41,14 @@ class StatsProvider:
 
     def __init__(self, samples: dict, *, batch_size: int = 32, folds: int = 2, device: str = "cpu",
                  progress: bool = True, seed: int = 0, preloaded: Statistics | None = None,
-                 preloaded_model: onnx.ModelProto | None = None, engine: str = "graph"):
+                 preloaded_model: onnx.ModelProto | None = None, engine: str = "auto"):
         self.samples = samples
         self.batch_size = batch_size
         self.folds = folds
         self.device = device
         self.progress = progress
         self.seed = seed
-        self.engine = engine          # collect(engine=): "graph" (in-onnxruntime statistics) or "numpy"
+        self.engine = engine          # collect(engine=): "auto", "graph" (in onnxruntime) or "numpy"
         self.collections = 0          # onnxruntime passes run (per sample set), for reports
         self._cache: dict[tuple[str, str], tuple[str, Statistics]] = {}
         self._preloaded = preloaded

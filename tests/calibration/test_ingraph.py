@@ -45,8 +45,13 @@ def errors(reference, candidate) -> dict:
 
 
 def both(model, samples, requests, **options):
+    """(graph, numpy) statistics; also checks the default engine ("auto": patches and pooled
+    in-graph, features by float32 BLAS) against the float64 path."""
     graph = collect(model, {"target": samples}, requests, progress=False, engine="graph", **options)
     numpy = collect(model, {"target": samples}, requests, progress=False, engine="numpy", **options)
+    auto = collect(model, {"target": samples}, requests, progress=False, **options)
+    err = errors(numpy, auto)
+    assert err["mean"] < 1e-5 and err["second_moment"] < 1e-5 and err["covariance"] < 1e-4, err
     return graph, numpy
 
 
