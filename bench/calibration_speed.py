@@ -159,27 +159,44 @@ def phase_dask(task_name: str, method: str, *, samples: int, workers: list[int])
         {k: v for k, v in task.preprocess.__dict__.items() if v is not None}))
     out = {"task": task_name, "method": method, "samples": len(calib), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
+        # the calibration half as its own file: workers open it by path, as on a shared file system
+        raw = np.load(task.target)
+        rows = calib.source_indices
+        data = Path(tmp) / "calib.npz"
+        np.savez(data, x=raw["x"][rows], y=raw["y"][rows])
         start = time.perf_counter()
-        onnxprune.calibrate(model, calib, recipe=recipe, output=Path(tmp) / "one.npz", progress=False)
+        onnxprune.calibrate(model, str(data), recipe=recipe, output=Path(tmp) / "one.npz", progress=False)
         out["in_process"] = time.perf_counter() - start
-        out["in_process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         for n in workers:
             start = time.perf_counter()
             client = local_client(n)
             started = time.perf_counter() - start
             try:
-                # the model goes as a path and the data as its store rows: each worker opens both
+                client.run(_reset_peak_rss)
                 t = time.perf_counter()
-                onnxprune.calibrate(str(task.model), calib, recipe=recipe, output=Path(tmp) / f"w{n}.npz",
+                onnxprune.calibrate(str(task.model), str(data), recipe=recipe, output=Path(tmp) / f"w{n}.npz",
                                     client=client, progress=False)
                 seconds = time.perf_counter() - t
-                rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                rss = client.run(_peak_rss)
             finally:
                 client.close()
                 client.cluster.close()
             out["runs"].append({"workers": n, "cluster_start": started, "calibrate": seconds,
                                 "peak_rss_per_worker": sorted(rss.values()), "load": os.getloadavg()[0]})
     return out
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's peak RSS (VmHWM): a worker forked from a big parent starts high."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def render(raw: dict) -> str:
@@ -224,12 +241,14 @@ def render(raw: dict) -> str:
     if raw.get("dask"):
         d = raw["dask"]
         lines += ["## Calibration on a local Dask cluster", "",
-                  f"{d['task']}, {d['method']}, {d['samples']} calibration samples, read from the files by "
-                  "each worker (the model by path, the data by its store rows), `onnxprune.calibrate(..., "
+                  f"{d['task']}, {d['method']}, {d['samples']} calibration samples written to one .npz that each "
+                  "worker opens by path (as on a shared file system), the model by path too, `onnxprune.calibrate(..., "
                   "client=local_client(N))`: N single-threaded worker processes, one shard per worker, merged "
                   "in a fixed tree. 'calibrate' excludes starting the cluster (its own column). In one "
-                  f"process, without Dask: {d['in_process']:.1f} s. With 2 cores shared by other jobs, two "
-                  "workers cannot be expected to halve the time.", ""]
+                  f"process, without Dask: {d['in_process']:.1f} s. Peak RSS per worker: VmHWM, reset before "
+                  "the calibration (a worker forked from this large process would otherwise start at its size). "
+                  "With 2 cores shared by other jobs, two workers cannot be expected to halve the time."
+                  + (f" (This phase re-run with `{raw['dask_command']}`.)" if raw.get("dask_command") else ""), ""]
         rows = [[r["workers"], f"{r['cluster_start']:.1f}", f"{r['calibrate']:.1f}",
                  ", ".join(f"{v / 2**20:.0f}" for v in r["peak_rss_per_worker"]), f"{r['load']:.1f}"]
                 for r in d["runs"]]
@@ -248,6 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tasks", default=",".join(TASK_NAMES))
     parser.add_argument("--no-dask", action="store_true")
+    parser.add_argument("--dask-only", action="store_true",
+                        help="re-run only the Dask phase, keeping the other numbers of --out")
     parser.add_argument("--out", default=str(RESULTS / "calibration_speed.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("ONNXPRUNE_BLAS_THREADS", "1")
@@ -255,7 +276,13 @@ def main(argv=None) -> int:
     raw = {"command": "python bench/calibration_speed.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "samples": samples, "load": [os.getloadavg()[0]], "speed": []}
-    for task in args.tasks.split(","):
+    if args.dask_only:
+        text = Path(args.out).read_text()
+        previous = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
+        raw["speed"], raw["date"], raw["load"] = previous["speed"], previous["date"], previous["load"][:1]
+        raw["command"] = previous["command"]
+        raw["dask_command"] = "python bench/calibration_speed.py --dask-only"
+    for task in ([] if args.dask_only else args.tasks.split(",")):
         for method in METHODS:
             print(f"{task} {method} ...", file=sys.stderr, flush=True)
             raw["speed"].append(phase_speed(task, method, samples=samples, repeats=repeats, batch_size=32, folds=2))

@@ -120,11 +120,10 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
 
     # which requests onnxruntime reduces itself (ingraph.py), which are exposed and folded here
     in_graph: list[tuple[StatRequest, tuple]] = []
-    if engine in ("graph", "auto"):
-        values = _value_types(model, tensors, with_inputs=True)
-        for r in requests:
-            if engine == "auto" and r.kind == "features":
-                continue
+    candidates = [r for r in requests if engine == "graph" or (engine == "auto" and r.kind != "features")]
+    if candidates:
+        values = _value_types(model, [r.tensor for r in candidates], with_inputs=True)
+        for r in candidates:
             shape = ingraph.supported(r, values.get(r.tensor))
             if shape is not None:
                 in_graph.append((r, shape))

@@ -90,7 +90,7 @@ def build(model: onnx.ModelProto, sites: list[tuple[StatRequest, tuple]], folds:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     b = _Builder(graph, opset, taken)
     fold_inputs = []
-    if select_folds:
+    if select_folds and any(request.kind != "patches" for request, _ in sites):   # patches pick by index
         for f in range(folds):
             name = b.name(f"fold{f}")
             graph.input.append(helper.make_tensor_value_info(name, TensorProto.INT64, [None]))
