@@ -212,8 +212,8 @@ def render(raw: dict) -> str:
              "tensor exposed and folded in float64 numpy (the path speed.md measured). **graph**: "
              "`collect(engine=\"graph\")`: onnxruntime computes each request's channel sums and Gram of "
              "shifted rows in-graph (Gemm), im2col patches by an in-graph Gather; only C + C^2 values per "
-             "request leave the session. **auto** (the default): patches and pooled requests in-graph, "
-             "features exposed and multiplied as shifted float32 rows by BLAS ssyrk, accumulated in float64. "
+             "request leave the session. **auto** (the default): pooled requests in-graph; features and "
+             "patches exposed and multiplied as shifted float32 rows by BLAS ssyrk, accumulated in float64. "
              "Goal: auto / plain <= 1.5. 'rel. error': the largest relative error of the second moment or "
              "covariance over every request and fold against the float64 numpy path.", ""]
     rows = []

@@ -58,11 +58,13 @@ def collect(
     """Statistics of ``requests`` on each sample set of ``samples`` ({"target": SampleSet, ...}).
 
     ``engine``: how the statistics are computed (all three agree to float32 rounding, ~1e-6):
-      - "auto" (default): "patches" (im2col in-graph, by a Gather) and "pooled" requests are
-        reduced inside onnxruntime (``ingraph.py``); "features" are exposed and their Grams
-        taken in numpy as float32 BLAS products (ssyrk) of shifted rows, accumulated in
-        float64 -- on CPU the fastest (ssyrk does half the multiply-adds of onnxruntime's
-        Gemm, and ran 2.5-3.7x faster on the MobileNetV2 shapes);
+      - "auto" (default): "pooled" requests are reduced inside onnxruntime (``ingraph.py``:
+        only N x C values leave the session instead of the whole activation); "features" and
+        "patches" are exposed and their Grams taken in numpy as float32 BLAS products (ssyrk)
+        of shifted rows, each corrected exactly and accumulated in float64 -- the fastest on
+        CPU in bench/results/calibration_speed.md (ssyrk does half the multiply-adds of
+        onnxruntime's Gemm and ran 2.5-3.7x faster on MobileNetV2's shapes; sampled patch
+        positions make numpy's im2col cheap);
       - "graph": every supported request reduced inside onnxruntime, only C + C^2 values per
         request leave the session (for a GPU, or where copying activations out is dear);
       - "numpy": every tensor exposed and folded in float64 (exact, slowest).
@@ -120,7 +122,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
 
     # which requests onnxruntime reduces itself (ingraph.py), which are exposed and folded here
     in_graph: list[tuple[StatRequest, tuple]] = []
-    candidates = [r for r in requests if engine == "graph" or (engine == "auto" and r.kind != "features")]
+    candidates = [r for r in requests if engine == "graph" or (engine == "auto" and r.kind == "pooled")]
     if candidates:
         values = _value_types(model, [r.tensor for r in candidates], with_inputs=True)
         for r in candidates:
