@@ -55,6 +55,12 @@ class ValidationReport:
     bytes_candidate: int
     latency_ms: dict = dataclasses.field(default_factory=dict)  # {"reference": {"batch1": ms, ...}, ...}
     outputs: list[OutputError] = dataclasses.field(default_factory=list)  # every output, first first
+    warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. a reference accuracy near chance
+
+    @property
+    def identical(self) -> bool:
+        """Every output of the candidate equals the reference's exactly (zero error)."""
+        return bool(self.outputs) and all(out.relative_error == 0 for out in self.outputs)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -79,8 +85,10 @@ class ValidationReport:
         }
 
     def to_dict(self) -> dict:
-        """Plain types only; non-finite floats become the strings "inf", "-inf", "nan"."""
+        """Plain types only; non-finite floats become null (SQNR of identical outputs:
+        null with ``identical`` true)."""
         data = dataclasses.asdict(self)
+        data["identical"] = self.identical
         data["accuracy_drop"] = self.accuracy_drop
         data["ratios"] = self.ratios()
         return jsonable(data)
@@ -152,10 +160,12 @@ def validate(
     correct = [0, 0]
     seen = 0
     first_feeds = None
+    classes = None
     for indices, feeds in _progress(samples.batches(step), n, progress):
         if first_feeds is None:
             first_feeds = feeds
-        ref_out, cand_out = (_run(session, feeds, fixed_batch=f) for session, f in zip(sessions, fixed))
+        ref_out, cand_out = (_run_checked(session, feeds, f, role)
+                             for session, f, role in zip(sessions, fixed, ("reference", "candidate")))
         for k, (r, c) in enumerate(zip(ref_out, cand_out)):
             if r.shape != c.shape:
                 raise ModelError(names[k], f"output shape differs: reference {r.shape}, candidate {c.shape}")
@@ -170,6 +180,7 @@ def validate(
                                 f"has labels but the first output has shape {ref_out[0].shape}",
                                 "accuracy needs class scores on the last axis of the first output")
             continue
+        classes = ref_out[0].shape[-1]
         top_ref = _top1(ref_out[0])
         top_cand = _top1(cand_out[0])
         agree += int(np.sum(top_ref == top_cand))
@@ -189,9 +200,11 @@ def validate(
     if measure_latency and latency_runs > 0:
         latency = _latency(sessions, fixed, first_feeds, runs=latency_runs, batch=latency_batch)
     macs_reference = total_macs(reference)
+    accuracy_reference = correct[0] / seen if labels is not None else None
+    warnings = reference_warnings(accuracy_reference, labels, classes)
     return ValidationReport(
         samples=seen,
-        accuracy_reference=correct[0] / seen if labels is not None else None,
+        accuracy_reference=accuracy_reference,
         accuracy_candidate=correct[1] / seen if labels is not None else None,
         agreement=agree / compared if compared else float("nan"),
         relative_error=errors[0].relative_error,
@@ -204,7 +217,30 @@ def validate(
         bytes_candidate=model_bytes(candidate),
         latency_ms=latency,
         outputs=errors,
+        warnings=warnings,
     )
+
+
+#: the reference is "near chance" below this multiple of the chance accuracy
+NEAR_CHANCE = 2.0
+
+
+def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classes: int | None) -> list[str]:
+    """Signs that the data, the labels or the preprocessing do not fit the model: the original
+    model itself near chance, or labels the model cannot predict. One sentence each."""
+    if accuracy is None or labels is None or labels.size == 0:
+        return []
+    warnings = []
+    values, counts = np.unique(labels, return_counts=True)
+    if classes is not None and (values.min() < 0 or values.max() >= classes):
+        warnings.append(f"labels range {int(values.min())}..{int(values.max())} but the model has {classes} classes"
+                        " (0..{}): check the labels file".format(classes - 1))
+    chance = max(1.0 / len(values), float(counts.max()) / labels.size)
+    if accuracy < min(NEAR_CHANCE * chance, 0.5):
+        warnings.append(f"the original model scores {100 * accuracy:.1f}% on these samples, near chance "
+                        f"({100 * chance:.1f}% for {len(values)} classes): check the data and the preprocessing "
+                        "(--mean, --std, --scale, --resize, --layout)")
+    return warnings
 
 
 def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
@@ -216,11 +252,7 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
     [0, 1] like ``report.agreement`` (0.99 means 99 %). A threshold exactly met passes;
     NaN metrics fail. Raises RecipeError for a threshold out of range.
     """
-    if max_drop is not None and not 0 <= max_drop <= 100:
-        raise RecipeError("max_drop", f"{max_drop} is not a number of percentage points in [0, 100]")
-    if min_agreement is not None and not 0 <= min_agreement <= 1:
-        raise RecipeError("min_agreement", f"{min_agreement} is not a fraction in [0, 1]",
-                          "give it as a fraction, e.g. 0.99 for 99 %")
+    check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     failures = []
     agreement = 100.0 * report.agreement
     if max_drop is not None:
@@ -243,14 +275,31 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
                                "compress less aggressively or calibrate on more target samples")
 
 
+def check_threshold_values(*, max_drop: float | None = None, min_agreement: float | None = None) -> None:
+    """RecipeError for a threshold out of range; called before any work is done."""
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise RecipeError("max_drop", f"{max_drop} is not a number of percentage points in [0, 100]")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise RecipeError("min_agreement", f"{min_agreement} is not a fraction in [0, 1]",
+                          "give it as a fraction, e.g. 0.99 for 99 %")
+
+
 # --------------------------------------------------------------------------- checks
 
 def _check_compatible(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
-    ref_inputs = {spec.name for spec in input_specs(reference)}
-    cand_inputs = {spec.name for spec in input_specs(candidate)}
-    if ref_inputs != cand_inputs:
-        problem = f"inputs {sorted(cand_inputs)} differ from the reference's {sorted(ref_inputs)}"
+    ref_specs = {spec.name: spec for spec in input_specs(reference)}
+    cand_specs = {spec.name: spec for spec in input_specs(candidate)}
+    if set(ref_specs) != set(cand_specs):
+        problem = f"inputs {sorted(cand_specs)} differ from the reference's {sorted(ref_specs)}"
         raise ModelError("candidate", problem, "compare a compressed model with the model it came from")
+    for name, ref in ref_specs.items():
+        cand = cand_specs[name]
+        # the batch dimension may differ (a fixed-batch export of the same model); the rest may not
+        fixed_differ = any(isinstance(a, int) and isinstance(b, int) and a != b
+                           for a, b in zip(ref.shape[1:], cand.shape[1:]))
+        if ref.rank != cand.rank or fixed_differ or ref.dtype != cand.dtype:
+            raise ModelError("candidate", f"input {name!r} is {_spec_text(cand)}, the reference's is "
+                             f"{_spec_text(ref)}", "compare a compressed model with the model it came from")
     ref_out, cand_out = reference.graph.output, candidate.graph.output
     if len(ref_out) != len(cand_out):
         raise ModelError("candidate", f"{len(cand_out)} outputs, the reference has {len(ref_out)}")
@@ -262,6 +311,10 @@ def _check_compatible(reference: onnx.ModelProto, candidate: onnx.ModelProto) ->
         if len(rs) != len(cs) or fixed_differ:
             raise ModelError(c.name, f"output shape {_shape_text(cs)} differs from the reference's"
                                      f" {_shape_text(rs)}")
+
+
+def _spec_text(spec) -> str:
+    return _shape_text(tuple("?" if d is None else d for d in spec.shape)) + f" {spec.dtype}"
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple | None:
@@ -304,6 +357,18 @@ def _run(session, feeds: dict[str, np.ndarray], *, fixed_batch: int | None) -> l
     if len(parts) == 1:
         return parts[0]
     return [np.concatenate(chunk) for chunk in zip(*parts)]
+
+
+def _run_checked(session, feeds: dict[str, np.ndarray], fixed_batch: int | None, role: str) -> list[np.ndarray]:
+    """``_run`` with onnxruntime's errors (a shape or type the model refuses) as one line."""
+    from onnxprune.runtime import ORT_ERRORS
+
+    try:
+        return _run(session, feeds, fixed_batch=fixed_batch)
+    except ORT_ERRORS as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(role, f"onnxruntime rejected the samples: {first}",
+                         "check that the data and both models have the same inputs") from None
 
 
 def _top1(output: np.ndarray) -> np.ndarray:
