@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,18 @@ from onnxprune.calibration.collect import collect
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
-from onnxprune.errors import DataError, RecipeError
+from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph import describe_groups, find_channel_groups, find_linear_layers
-from onnxprune.model import count_parameters, input_specs, load_model, jsonable, model_bytes, output_names, save_model, write_text_atomic
+from onnxprune.model import (count_parameters, default_mode, input_specs, load_model, jsonable, model_bytes,
+                             model_hash, output_names, save_model, write_text_atomic)
 from onnxprune.passes import REGISTRY
+from onnxprune.paths import check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
+
+log = logging.getLogger(__name__)
+
 
 def as_model(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
@@ -185,7 +191,8 @@ def _is_path(value) -> bool:
 
 def input_paths(model, data: dict[str, Any]) -> dict[str, list | None]:
     """{label: paths} of the inputs that are files or folders (the model with its external data)."""
-    inputs: dict[str, list | None] = {"model": model_files(model) if _is_path(model) else None}
+    files = model_files(model) if _is_path(model) else []
+    inputs: dict[str, list | None] = {"model": files[:1], "model's external data": files[1:]}
     for label, value in data.items():
         inputs[label] = [value] if _is_path(value) else None
     return inputs
@@ -311,6 +318,9 @@ def inspect(model) -> dict[str, Any]:
     for node in m.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     layers = cost.layer_costs(m)
+    # a node is a layer when it computes (MACs) or holds weights: scalar constants such as
+    # Clip's bounds do not make one
+    tensors = {t.name for t in m.graph.initializer if int(np.prod(t.dims, dtype=np.int64)) > 1}
     linear = find_linear_layers(m)
     groups = find_channel_groups(m)
     return {
@@ -322,7 +332,8 @@ def inspect(model) -> dict[str, Any]:
         "params": count_parameters(m),
         "macs": int(sum(layer.macs for layer in layers)),
         "bytes": model_bytes(m),
-        "layers": [dataclasses.asdict(layer) for layer in layers if layer.params or layer.macs],
+        "layers": [dataclasses.asdict(layer) for layer, node in zip(layers, m.graph.node)
+                   if layer.macs or any(name in tensors for name in node.input)],
         "low_rank": [{"layer": layer.name, "op": layer.op, "shape": [layer.out_features, layer.in_features],
                       "splittable": layer.skip is None, "reason": layer.skip} for layer in linear],
         "channel_groups": describe_groups(groups),

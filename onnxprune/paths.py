@@ -76,12 +76,17 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Ite
             given = Path(given)
             for out in outs:
                 if same_file(out, given):
-                    what = f"the {label} file" if label.startswith("-") or label == "model" else label
-                    raise OutputError(str(out), f"is {what} ({given}); writing it would destroy an input",
+                    raise OutputError(str(out), f"is {_describe(label)} {given}; writing it would destroy an input",
                                       f"choose another output path ({flag})")
                 if _inside(out, given):
                     raise OutputError(str(out), f"is inside the {label} folder {given}; writing there would "
                                       "change that input", f"choose an output path outside it ({flag})")
+
+
+def _describe(label: str) -> str:
+    if label.startswith("-"):
+        return f"the {label} input"
+    return f"the input {label}"
 
 
 def check_location(out: Path, *, flag: str = "-o") -> None:
