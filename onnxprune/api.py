@@ -93,7 +93,9 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     compressed, report = run_pipeline(original, recipe, provider)
     report["changed"] = model_hash(compressed) != model_hash(original)
     if not report["changed"]:
-        report["note"] = NOTHING_CHANGED
+        report["note"] = NOTHING_CHANGED + ("" if layer_rows(report) else
+                                            ": this recipe found no layer or channel group it can touch "
+                                            "(`onnxprune inspect MODEL` lists them and why not)")
     report["calibration"] = {name: s.describe() for name, s in samples.items()}
     if preloaded is not None:
         report["statistics"] = statistics_summary(stats, preloaded)

@@ -469,18 +469,23 @@ def test_int64_samples_for_a_float_input_are_refused(tmp_path):
 
 
 def test_fp16_weights_are_reported_as_skipped_not_a_crash(tmp_path):
+    """Every weight stored as fp16 behind a Cast: each layer is skipped with its reason, and
+    the run ends as "no layer changed" (it used to crash like item 1)."""
     model = wide_mlp()
     graph = model.graph
-    w = next(t for t in graph.initializer if t.name == "fc1.W")
-    half = numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float16), "fc1.W16")
-    graph.initializer.append(half)
-    graph.node.insert(0, helper.make_node("Cast", ["fc1.W16"], ["fc1.W"], to=TensorProto.FLOAT, name="cast"))
-    graph.initializer.remove(w)
+    for name in ("fc1.W", "fc2.W"):
+        w = next(t for t in graph.initializer if t.name == name)
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float16), name + "16"))
+        graph.node.insert(0, helper.make_node("Cast", [name + "16"], [name], to=TensorProto.FLOAT, name=name + ".cast"))
+        graph.initializer.remove(w)
     onnx.checker.check_model(model)
     path = save(model, tmp_path / "half.onnx")
     data = tmp_path / "d.npy"
     np.save(data, np.random.default_rng(0).standard_normal((60, 8)).astype(np.float32))
-    result = cli("compress", path, "--target-data", data, "-o", tmp_path / "o.onnx", "--keep", "0.5", "--no-latency")
-    assert result.exit_code == 0, result.output + result.stderr
-    assert "Traceback" not in result.output
-    assert "fc1" in result.output and "skipped" in result.output
+    for method in ("dalr", "spectral"):
+        result = cli("compress", path, "--target-data", data, "-o", tmp_path / "o.onnx", "--method", method,
+                     "--keep", "0.5", "--no-latency")
+        assert result.exit_code == 0, result.output + result.stderr
+        assert "Traceback" not in result.output
+        assert "no layer changed" in result.output
+        assert ("weight is not an initializer" if method == "dalr" else "no layer or channel group") in result.output
