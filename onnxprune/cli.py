@@ -388,8 +388,13 @@ def verdict_lines(report: dict, output) -> list[str]:
                  f"{_number(v.get('relative_error'), '.4f', 'n/a')}, SQNR {sqnr} dB")
     lat = v.get("latency_ms") or {}
     if lat.get("reference") and lat.get("candidate"):
-        parts = [f"{k} {_number(lat['reference'][k], '.2f', '?')} -> {_number(lat['candidate'].get(k), '.2f', '?')} ms"
-                 for k in lat["reference"]]
+        parts = []
+        for k in lat["reference"]:
+            part = f"{k} {_number(lat['reference'][k], '.2f', '?')} -> {_number(lat['candidate'].get(k), '.2f', '?')} ms"
+            quartiles = (lat.get("spread") or {}).get(k, {}).get("speedup")
+            if quartiles:
+                part += f" (speedup {quartiles[0]:.2f}-{quartiles[1]:.2f}x interquartile)"
+            parts.append(part)
         lines.append("latency " + ", ".join(parts))
     from onnxprune.api import report_path
     if report.get("verdict") == "failed":

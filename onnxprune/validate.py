@@ -113,9 +113,12 @@ class ValidationReport:
             lines.append(f"{label:<12} {ref} -> {cand} ({_times(ratio)})")
         ref_ms = self.latency_ms.get("reference", {})
         cand_ms = self.latency_ms.get("candidate", {})
+        spread = self.latency_ms.get("spread", {})
         for key, speed in ratios["speedup"].items():
+            quartiles = spread.get(key, {}).get("speedup")
+            between = f", {quartiles[0]:.2f}-{quartiles[1]:.2f}x interquartile" if quartiles else ""
             lines.append(f"latency      {key}: {ref_ms[key]:.3f} ms -> {cand_ms[key]:.3f} ms"
-                         f" ({speed:.2f}x speedup)")
+                         f" ({speed:.2f}x speedup{between})")
         return lines
 
 
@@ -201,7 +204,7 @@ def validate(
         latency = _latency(sessions, fixed, first_feeds, runs=latency_runs, batch=latency_batch)
     macs_reference = total_macs(reference)
     accuracy_reference = correct[0] / seen if labels is not None else None
-    warnings = reference_warnings(accuracy_reference, labels, classes)
+    warnings = reference_warnings(accuracy_reference, labels, classes) + latency_warnings(latency)
     return ValidationReport(
         samples=seen,
         accuracy_reference=accuracy_reference,
@@ -392,9 +395,10 @@ def _sqnr_db(sum_ref: float, sum_err: float) -> float:
 
 
 def _latency(sessions, fixed, sample_feeds, *, runs: int, batch: int, warmup: int = 3) -> dict:
-    """Median ms per run at batch 1 and ``batch`` (or the fixed batch), A B A B interleaved."""
+    """Median ms per run at batch 1 and ``batch`` (or the fixed batch), A B A B interleaved, and
+    under "spread" the quartiles of each model's times and of the pairwise speedups."""
     rng = np.random.default_rng(0)
-    result = {"reference": {}, "candidate": {}}
+    result = {"reference": {}, "candidate": {}, "spread": {}}
     # a fixed-batch model runs at its own batch only
     for per_model in dict.fromkeys((fixed[0] or size, fixed[1] or size) for size in (1, batch)):
         feeds = [_random_feeds(sample_feeds, b, rng) for b in per_model]
@@ -411,7 +415,32 @@ def _latency(sessions, fixed, sample_feeds, *, runs: int, batch: int, warmup: in
                 times[which].append(1e3 * (time.perf_counter() - start))
         for which, role in enumerate(("reference", "candidate")):
             result[role][f"batch{per_model[which]}"] = float(np.median(times[which]))
+        # the speedup of each interleaved pair: its quartiles say whether the medians can be trusted
+        ratios = np.asarray(times[0]) / np.maximum(np.asarray(times[1]), 1e-9)
+        key = f"batch{per_model[1]}" if per_model[0] == per_model[1] else f"batch{per_model[0]}/{per_model[1]}"
+        result["spread"][key] = {
+            "runs": runs,
+            "reference_ms": [float(q) for q in np.percentile(times[0], [25, 75])],
+            "candidate_ms": [float(q) for q in np.percentile(times[1], [25, 75])],
+            "speedup": [float(q) for q in np.percentile(ratios, [25, 75])],
+        }
     return result
+
+
+#: the interquartile range of the pairwise speedups wider than this ratio is too noisy to conclude
+NOISY_SPREAD = 1.3
+
+
+def latency_warnings(latency: dict) -> list[str]:
+    """One warning per batch size whose interleaved speedups spread too much to conclude."""
+    warnings = []
+    for key, spread in (latency.get("spread") or {}).items():
+        low, high = spread["speedup"]
+        if low > 0 and high / low > NOISY_SPREAD:
+            warnings.append(f"latency at {key} is too noisy to conclude: the speedup of interleaved runs ranges "
+                            f"{low:.2f}x to {high:.2f}x (interquartile, {spread['runs']} runs); rerun on a quiet "
+                            "machine or with more runs (--latency-runs)")
+    return warnings
 
 
 def _random_feeds(sample_feeds: dict[str, np.ndarray], batch: int, rng: np.random.Generator

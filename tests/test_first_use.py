@@ -489,3 +489,29 @@ def test_fp16_weights_are_reported_as_skipped_not_a_crash(tmp_path):
         assert "Traceback" not in result.output
         assert "no layer changed" in result.output
         assert ("weight is not an initializer" if method == "dalr" else "no layer or channel group") in result.output
+
+
+# ------------------------------------------------------------------ 11. latency with its spread
+
+
+def test_latency_reports_the_spread_and_warns_when_too_noisy(monkeypatch):
+    import sys
+
+    from tests.graphs import wide_mlp as model_of
+    from onnxprune.calibration.readers import open_samples
+    from onnxprune.model import input_specs
+
+    validate_module = sys.modules["onnxprune.validate"]  # the package's ``validate`` is the function
+    model = model_of()
+    samples = open_samples({"x": np.zeros((8, 8), np.float32)}, input_specs(model))
+    ticks = iter(np.cumsum(np.random.default_rng(0).choice([1e-3, 9e-3], size=10_000)))
+    monkeypatch.setattr(validate_module.time, "perf_counter", lambda: float(next(ticks)))
+    report = validate_module.validate(model, model, samples, latency_runs=20, latency_batch=4)
+    spread = report.latency_ms["spread"]
+    assert set(spread) == {"batch1", "batch4"}
+    low, high = spread["batch1"]["speedup"]
+    assert low < high and spread["batch1"]["runs"] == 20
+    assert any("too noisy to conclude" in w for w in report.warnings)
+    assert any("interquartile" in line for line in report.summary_lines())
+    quiet = {"spread": {"batch1": {"runs": 10, "speedup": [1.48, 1.52]}}}
+    assert validate_module.latency_warnings(quiet) == []

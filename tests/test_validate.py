@@ -101,7 +101,7 @@ def test_identical_models():
     assert report.params_reference == report.params_candidate == 16 * 8 + 5 * 16
     assert report.macs_reference == report.macs_candidate == 16 * 8 + 5 * 16
     assert report.bytes_reference == report.bytes_candidate > 0
-    assert set(report.latency_ms) == {"reference", "candidate"}
+    assert set(report.latency_ms) == {"reference", "candidate", "spread"}
     assert set(report.latency_ms["reference"]) == {"batch1", "batch4"}
     assert all(v > 0 for v in report.latency_ms["candidate"].values())
     check_thresholds(report, max_drop=0, min_agreement=1)
