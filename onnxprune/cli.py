@@ -13,7 +13,10 @@ import sys
 
 import click
 
-from onnxprune import __version__
+from onnxprune import MISSING_RUNTIME, __version__
+
+if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
+    sys.exit(f"error: {MISSING_RUNTIME}")
 from onnxprune.errors import OnnxPruneError, ValidationFailed
 from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
