@@ -75,6 +75,12 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     check_layer_names(original, recipe)
     target = as_samples(target_data, original, recipe.preprocess)
     if eval_data is not None:
+        from onnxprune.paths import same_file
+
+        if _is_path(eval_data) and _is_path(target_data) and same_file(Path(eval_data), Path(target_data)):
+            raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
+                            "is given: accuracy on it would not be held out",
+                            "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
         calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
     else:
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data

@@ -318,6 +318,14 @@ def test_stats_with_the_same_split_calibrate_disjoint_samples_and_are_recorded(t
     assert "from " + str(stats) in result.output
 
 
+def test_eval_data_that_is_the_target_data_is_refused(tmp_path):
+    model, data = mlp_task(tmp_path, n=100)
+    alias = tmp_path / "same.npz"
+    alias.symlink_to(data)
+    one_line_error(cli("compress", model, "--target-data", data, "--eval-data", alias, "-o", tmp_path / "o.onnx",
+                       *FAST), "--target-data", "held out")
+
+
 def test_recipe_settings_over_a_recipe_file_apply_and_are_recorded(tmp_path):
     model, data = mlp_task(tmp_path, n=300)
     recipe = tmp_path / "r.json"
