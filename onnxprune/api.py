@@ -73,21 +73,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
     check_layer_names(original, recipe)
-    target = as_samples(target_data, original, recipe.preprocess)
-    if eval_data is not None:
-        from onnxprune.paths import same_file
-
-        if _is_path(eval_data) and _is_path(target_data) and same_file(Path(eval_data), Path(target_data)):
-            raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
-                            "is given: accuracy on it would not be held out",
-                            "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
-        calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
-    else:
-        (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
-    samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
-    if source_data is not None:
-        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
-                                seed=recipe.seed)
+    samples, held_out, eval_source = compress_samples(original, recipe, target_data, source_data, eval_data)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
     preloaded = None
@@ -97,18 +83,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                              progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
     compressed, report = run_pipeline(original, recipe, provider)
-    report["changed"] = model_hash(compressed) != model_hash(original)
-    if not report["changed"]:
-        report["note"] = NOTHING_CHANGED + ("" if layer_rows(report) else
-                                            ": this recipe found no layer or channel group it can touch "
-                                            "(`onnxprune inspect MODEL` lists them and why not)")
-    report["calibration"] = {name: s.describe() for name, s in samples.items()}
-    if preloaded is not None:
-        report["statistics"] = statistics_summary(stats, preloaded)
-        if provider.collections == 0:  # every statistic came from the file: that is what calibrated
-            report["calibration"] = report["statistics"]["sets"]
-    report["evaluation"] = held_out.describe()
-    report["layers"] = layer_rows(report)
+    describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
+                 calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                            measure_latency=measure_latency, progress=progress)
     for warning in validation.warnings:
@@ -128,6 +104,51 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     if output is not None:
         write_outputs(compressed, report, recipe, Path(output))
     return CompressResult(compressed, report, None if output is None else Path(output))
+
+
+def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None
+                     ) -> tuple[dict[str, SampleSet], SampleSet, Any]:
+    """({"target": calibration samples[, "source": ...]}, evaluation samples, where those came from).
+
+    Without ``eval_data`` the target data splits by ``recipe.split`` and ``recipe.seed``;
+    calibration sets are capped at ``recipe.calib_size``. An ``eval_data`` file that is the
+    target data file is refused: it would have calibrated in full.
+    """
+    target = as_samples(target_data, original, recipe.preprocess)
+    if eval_data is not None:
+        from onnxprune.paths import same_file
+
+        if _is_path(eval_data) and _is_path(target_data) and same_file(Path(eval_data), Path(target_data)):
+            raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
+                            "is given: accuracy on it would not be held out",
+                            "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
+        calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
+    else:
+        (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
+    samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
+    if source_data is not None:
+        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
+                                seed=recipe.seed)
+    return samples, held_out, eval_source
+
+
+def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.ModelProto, samples: dict,
+                 held_out: SampleSet, *, stats=None, preloaded: Statistics | None = None,
+                 calibration_runs: int = 0) -> None:
+    """Add to ``report`` whether the model changed, what calibrated (the statistics file when
+    every statistic came from it), what evaluates, and the per-layer rows."""
+    report["changed"] = model_hash(compressed) != model_hash(original)
+    if not report["changed"]:
+        report["note"] = NOTHING_CHANGED + ("" if layer_rows(report) else
+                                            ": this recipe found no layer or channel group it can touch "
+                                            "(`onnxprune inspect MODEL` lists them and why not)")
+    report["calibration"] = {name: s.describe() for name, s in samples.items()}
+    if preloaded is not None:
+        report["statistics"] = statistics_summary(stats, preloaded)
+        if calibration_runs == 0:  # every statistic came from the file: that is what calibrated
+            report["calibration"] = report["statistics"]["sets"]
+    report["evaluation"] = held_out.describe()
+    report["layers"] = layer_rows(report)
 
 
 #: the report's note when no pass changed the model (``--keep 1.0``, nothing compressible)
