@@ -25,7 +25,7 @@ from onnxprune.graph import describe_groups, find_channel_groups, find_linear_la
 from onnxprune.model import (count_parameters, default_mode, input_specs, load_model, jsonable, model_bytes,
                              model_hash, output_names, save_model, write_text_atomic)
 from onnxprune.passes import REGISTRY
-from onnxprune.paths import check_outputs, model_files
+from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
@@ -69,6 +69,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     if output is not None:
+        check_output_text(output)
         check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
@@ -308,6 +309,9 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     fraction = recipe.split if split is None else split
     if not 0 < fraction <= 1:
         raise RecipeError("split", f"{fraction} must be in (0, 1]")
+    if "source" in recipe.sets() and source_data is None:
+        raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
+    check_output_text(output)
     check_outputs([output], input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
     original = as_model(model)
     check_layer_names(original, recipe)

@@ -309,7 +309,8 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
     preprocess = preprocess_dict(kw)
     recipe = build_recipe(kw, preprocess)
     if kw.get("recipe"):
-        from onnxprune.paths import check_outputs
+        from onnxprune.paths import check_output_text, check_outputs
+        check_output_text(output)
         check_outputs(api.output_files(output), {"--recipe": [kw["recipe"]]})
     try:
         result = api.compress(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
@@ -444,7 +445,8 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     kw.update(split=0.5 if split >= 1 else split, mode=None)
     recipe = build_recipe(kw, preprocess)
     if kw.get("recipe"):
-        from onnxprune.paths import check_outputs
+        from onnxprune.paths import check_output_text, check_outputs
+        check_output_text(output)
         check_outputs([output], {"--recipe": [kw["recipe"]]})
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
                           device=device, progress=show_progress(quiet), split=split)

@@ -59,6 +59,15 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def check_output_text(output: str | os.PathLike, *, flag: str = "-o") -> None:
+    """The path as given names a file: not empty, no trailing separator (a folder)."""
+    text = os.fspath(output)
+    if not text.strip():
+        raise OutputError(repr(text), "is an empty output path", f"give a file path ({flag})")
+    if text.endswith((os.sep, "/")):
+        raise OutputError(text, "ends with a path separator: that names a folder", f"give a file path ({flag})")
+
+
 def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Iterable[str | os.PathLike] | None],
                   *, flag: str = "-o") -> None:
     """Raise OutputError when an output would overwrite or land inside an input, or its

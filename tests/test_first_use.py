@@ -192,6 +192,25 @@ def test_output_under_a_regular_file_fails_before_any_work(tmp_path, monkeypatch
                    "afile", "not a folder")
 
 
+@pytest.mark.parametrize("output", ["", "newdir/"])
+def test_empty_or_folder_output_paths_are_refused(tmp_path, monkeypatch, output):
+    model, data = mlp_task(tmp_path, n=40)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    one_line_error(cli("compress", model, "--target-data", data, "-o", output, *FAST), "output" if not output
+                   else "folder")
+    one_line_error(cli("calibrate", model, "--target-data", data, "-o", output, "-q"), "output" if not output
+                   else "folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_calibrate_for_momasp_needs_source_data(tmp_path):
+    model, data = mlp_task(tmp_path, n=40)
+    one_line_error(cli("calibrate", model, "--target-data", data, "--method", "momasp-j", "-o", tmp_path / "s.npz",
+                       "-q"), "--source-data")
+    assert not (tmp_path / "s.npz").exists()
+
+
 # ------------------------------------------------------------------ 4. validate, incompatible inputs
 
 
