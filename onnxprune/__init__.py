@@ -9,9 +9,9 @@ except ImportError:
                        "(from a checkout: pip install -e '.[cpu]')")
 else:
     MISSING_RUNTIME = None
-    from onnxprune.api import calibrate, compress, inspect, validate  # noqa: E402
+    from onnxprune.api import calibrate, compress, inspect, merge_stats, validate  # noqa: E402
 
-__all__ = ["__version__", "calibrate", "compress", "inspect", "validate"]
+__all__ = ["__version__", "calibrate", "compress", "inspect", "merge_stats", "validate"]
 
 
 def __getattr__(name):

@@ -80,6 +80,10 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     preloaded = None
     if stats is not None:
         preloaded = Statistics.load(stats, model=original)
+        if preloaded.header.get("shard"):
+            record = preloaded.header["shard"]
+            raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
+                            "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
         check_held_out(preloaded, stats, held_out, eval_source)
     provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                              progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
@@ -298,14 +302,25 @@ def statistics_summary(stats_path, stats: Statistics) -> dict:
 
 
 def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, source_data=None,
-              device: str = "cpu", progress: bool = True, split: float | None = None) -> Statistics:
+              device: str = "cpu", progress: bool = True, split: float | None = None,
+              shard: tuple[int, int] | str | None = None, client=None, cluster: str | None = None,
+              workers: int | None = None, shards: int | None = None) -> Statistics:
     """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``.
 
     Uses the part of the target data that ``compress`` with the same recipe calibrates on:
     ``split`` of it (default ``recipe.split``; 1 = all of it) drawn with ``recipe.seed``,
     then at most ``recipe.calib_size`` samples per set. The header records the file and rows
     of every set, so that ``compress --stats`` can refuse to evaluate on them.
+
+    shard: ``(i, n)`` (0-based) or ``"i/n"`` (1-based): only shard i of n of each sample
+        set (contiguous whole batches); merge the n files with ``merge_stats``.
+    client / cluster / workers: run ``shards`` shards (default: one per worker) as tasks on
+        a Dask ``distributed.Client``, on the scheduler at address ``cluster``, or on a new
+        local cluster of ``workers`` processes; the merged result is written.
     """
+    from onnxprune.calibration import cluster as tasks_on
+    from onnxprune.calibration.shard import parse_shard
+
     fraction = recipe.split if split is None else split
     if not 0 < fraction <= 1:
         raise RecipeError("split", f"{fraction} must be in (0, 1]")
@@ -318,11 +333,11 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     target = as_samples(target_data, original, recipe.preprocess)
     calib = target if fraction >= 1 else target.split(fraction, seed=recipe.seed)[0]
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
-    sources = {"target": target_data}
+    sources = {"target": _path_or_none(target_data)}
     if source_data is not None:
         samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
                                 seed=recipe.seed)
-        sources["source"] = source_data
+        sources["source"] = _path_or_none(source_data)
     requests: dict[str, list] = {}
     for p in recipe.build():
         for request, sets in p.requests(original):
@@ -331,17 +346,83 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
                     requests.setdefault(set_name, []).append(request)
     if not requests:
         raise RecipeError("recipe", "needs no statistics on this model (no compressible layer)")
-    stats = None
-    for set_name, todo in requests.items():
-        part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
-                       batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
-                       seed=recipe.seed)
-        stats = part if stats is None else stats.merge(part)
+    distributed = sum(v is not None for v in (client, cluster, workers))
+    if distributed > 1:
+        raise RecipeError("client/cluster/workers", "give at most one of them")
+    if distributed and shard is not None:
+        raise RecipeError("shard", "runs one shard here; it cannot be combined with a cluster",
+                          "use --cluster/--workers alone (every shard runs there)")
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device)
+    model_source = _path_or_none(model)
+    if shard is not None:
+        index, count = int(shard[0]), int(shard[1])
+        if not 0 <= index < count:
+            raise RecipeError("shard", f"index {index} is not in 0..{count - 1}")
+        options["count"] = count
+        # in this process: the sample sets already open here serve the shard
+        task, = tasks_on.plan(model_source, original, samples, {}, requests, indices=[index], **options)
+        stats = tasks_on.run_shard(task, progress=progress)
+    elif distributed:
+        own = client is None
+        if workers is not None:
+            if int(workers) < 1:
+                raise RecipeError("workers", f"must be >= 1, got {workers}")
+            client = tasks_on.local_client(int(workers))
+        elif cluster is not None:
+            client = tasks_on.connect(cluster)
+        try:
+            count = int(shards) if shards else max(1, len(client.scheduler_info().get("workers", {})))
+            options["count"] = count
+            stats = tasks_on.run_on_dask(tasks_on.plan(model_source, original, samples, sources, requests,
+                                                       **options), client)
+        finally:
+            if own:
+                _close(client)
+    else:
+        stats = None
+        for set_name, todo in requests.items():
+            part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
+                           batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
+                           seed=recipe.seed)
+            stats = part if stats is None else stats.merge(part)
+    # which rows of which file calibrated, for compress --stats (also in a shard's record, so
+    # that merge-stats keeps it)
+    used = {name: {**_record(samples[name], sources[name]), "split": fraction, "seed": recipe.seed}
+            for name in samples}
     for set_name, desc in stats.header.get("sets", {}).items():
-        desc.update(_record(samples[set_name], sources[set_name]), split=fraction, seed=recipe.seed)
+        desc.update(used.get(set_name, {}))
+    for set_name, info in (stats.header.get("shard") or {}).get("sets", {}).items():
+        if isinstance(info.get("set"), dict):
+            info["set"].update(used.get(set_name, {}))
     stats.save(output)
     os.chmod(output, default_mode())
     return stats
+
+
+def merge_stats(inputs, output: str | os.PathLike) -> Statistics:
+    """Merge the shard files ``inputs`` of one ``calibrate --shard`` run into ``output``."""
+    from onnxprune.calibration.shard import merge_shards
+
+    paths = [Path(p) for p in inputs]
+    check_output_text(output)
+    check_outputs([output], {"statistics shard": paths})
+    merged = merge_shards([Statistics.load(p) for p in paths], names=[p.name for p in paths])
+    merged.save(output)
+    os.chmod(output, default_mode())
+    return merged
+
+
+def _path_or_none(source):
+    return str(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+def _close(client) -> None:
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def inspect(model) -> dict[str, Any]:

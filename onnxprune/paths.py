@@ -85,8 +85,8 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Ite
             given = Path(given)
             for out in outs:
                 if same_file(out, given):
-                    raise OutputError(str(out), f"is {_describe(label)} {given}; writing it would destroy an input",
-                                      f"choose another output path ({flag})")
+                    raise OutputError(str(out), f"is one of the inputs ({_describe(label)} {given}): writing it "
+                                      "would destroy it", f"choose another output path ({flag})")
                 if _inside(out, given):
                     raise OutputError(str(out), f"is inside the {label} folder {given}; writing there would "
                                       "change that input", f"choose an output path outside it ({flag})")
@@ -94,7 +94,7 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Ite
 
 def _describe(label: str) -> str:
     if label.startswith("-"):
-        return f"the {label} input"
+        return f"the {label} file"
     return f"the input {label}"
 
 

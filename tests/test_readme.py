@@ -33,6 +33,14 @@ def test_ci_installs_and_tests_as_the_readme_says():
     assert test in ci
 
 
+def test_ci_installs_the_extras_the_readme_documents():
+    ci = (ROOT / ".ci" / "run").read_text()
+    extras = re.findall(r'pip install -e "\.\[(dask)\]"', README)
+    assert extras == ["dask"]
+    for extra in extras:
+        assert f'pip install -q -e ".[{extra}]"' in ci, extra
+
+
 def test_first_command_compresses_the_bundled_sample(monkeypatch, tmp_path):
     """The README's command as written, run from a copy of the files it names, so the test
     writes only under tmp_path (never out/ in the working tree)."""
