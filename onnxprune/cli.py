@@ -356,5 +356,98 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
     check_thresholds(report, max_drop=kw["max_drop"], min_agreement=kw["min_agreement"])
 
 
+def training_options(func):
+    """Options of recovery training (finetune, compress --finetune)."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Training epochs."),
+        click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (cosine schedule)."),
+        click.option("--temperature", type=float, default=4.0, show_default=True,
+                     help="Distillation temperature for classifier outputs."),
+        click.option("--label-weight", type=float, default=0.0, show_default=True,
+                     help="Cross-entropy weight when the data has labels (1 without --teacher)."),
+        click.option("--augment", is_flag=True, help="Random crop with padding (+ horizontal flip for RGB images)."),
+        click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Stop after this many epochs without improvement on the held-out fold."),
+        click.option("--val-fraction", type=float, default=0.1, show_default=True,
+                     help="Fraction of the training samples held out to pick the checkpoint."),
+        click.option("--max-minutes", type=float, help="Stop after the epoch that passes this wall time."),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="torch CPU threads (more can be much slower on a shared machine)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs: int | None = None):
+    from onnxprune.train.distill import TrainConfig
+
+    return TrainConfig(epochs=kw.pop("epochs") if epochs is None else epochs, lr=kw.pop("lr"),
+                       batch_size=batch_size, temperature=kw.pop("temperature"),
+                       label_weight=kw.pop("label_weight"), augment=kw.pop("augment"), patience=kw.pop("patience"),
+                       val_fraction=kw.pop("val_fraction"), seed=seed, progress=progress, threads=kw.pop("threads"),
+                       max_seconds=None if kw.get("max_minutes") is None else 60 * kw.pop("max_minutes"))
+
+
+@main.command()
+@click.argument("student", type=click.Path(dir_okay=False))
+@click.option("--teacher", type=click.Path(dir_okay=False), help="The original model to distil (default: plain fine-tuning on labels).")
+@click.option("--target-data", required=True, help="Training samples from the deployment domain (labels optional).")
+@click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to train).")
+@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@training_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
+@click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@preprocess_options
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output; no progress bar.")
+@user_errors
+def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
+    """Recover STUDENT's accuracy by distilling --teacher on --target-data (needs the [train] extra)."""
+    from onnxprune.train import require_torch
+
+    require_torch()
+    from onnxprune.train.api import finetune_files
+
+    preprocess = preprocess_dict(kw)
+    config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
+    result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
+                            split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
+                            measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
+                            min_agreement=kw["min_agreement"])
+    if as_json:
+        click.echo(json.dumps(api_jsonable(result.report), indent=2))
+        return
+    for line in training_lines(result.report):
+        click.echo(line)
+    click.echo(f"wrote {output} (+ .report.json" + (", .curve.png)" if result.report.get("curve_png") else ")"))
+
+
+def api_jsonable(value):
+    from onnxprune.model import jsonable
+
+    return jsonable(value)
+
+
+def training_lines(report: dict) -> list[str]:
+    ft = report["finetune"]
+    before, after = report["validation_before"], report["validation"]
+    ref = report.get("reference", "teacher")
+    lines = [f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
+             f"(checkpoint: epoch {ft['best_epoch']} on {ft['val_samples']} held-out training samples; "
+             f"stopped: {ft['stopped']})"]
+    if after.get("accuracy_reference") is not None:
+        lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: {ref} "
+                     f"{100 * after['accuracy_reference']:.2f}%, before {100 * before['accuracy_candidate']:.2f}%, "
+                     f"after {100 * after['accuracy_candidate']:.2f}%")
+    lines.append(f"agreement with the {ref}: before {100 * before['agreement']:.2f}%, after {100 * after['agreement']:.2f}%")
+    return lines
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
