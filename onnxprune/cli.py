@@ -200,6 +200,8 @@ def _replace(recipe, **changes):
 @click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--finetune", "finetune_epochs", type=click.IntRange(min=1),
+              help="Then distil the original into the result for this many epochs ([train] extra).")
 @preprocess_options
 @common_options
 @user_errors
@@ -209,10 +211,17 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
 
     preprocess = preprocess_dict(kw)
     recipe = build_recipe(kw, preprocess)
+    finetune = None
+    if kw.get("finetune_epochs"):
+        from onnxprune.train import require_torch
+        from onnxprune.train.distill import TrainConfig
+
+        require_torch()
+        finetune = TrainConfig(epochs=kw["finetune_epochs"], seed=kw["seed"], progress=show_progress(quiet))
     result = api.compress(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
                           eval_data=kw["eval_data"], stats=kw["stats"], device=device, progress=show_progress(quiet),
                           max_drop=kw["max_drop"], min_agreement=kw["min_agreement"],
-                          measure_latency=not kw["no_latency"])
+                          measure_latency=not kw["no_latency"], finetune=finetune)
     if as_json:
         click.echo(json.dumps(api.jsonable(result.report), indent=2))
         return
@@ -259,6 +268,11 @@ def verdict_lines(report: dict, output) -> list[str]:
                      f"on {v['samples']} held-out samples")
     lines.append(f"agreement {100 * v['agreement']:.2f}%, relative error {v['relative_error']:.4f}, "
                  f"SQNR {v['sqnr_db']:.1f} dB")
+    if report.get("finetune"):
+        b, ft = report["validation_before_finetune"], report["finetune"]
+        acc = f"accuracy {100 * b['accuracy_candidate']:.2f}%, " if b.get("accuracy_candidate") is not None else ""
+        lines.append(f"before fine-tuning: {acc}agreement {100 * b['agreement']:.2f}% "
+                     f"({len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s, checkpoint epoch {ft['best_epoch']})")
     lat = v.get("latency_ms") or {}
     if lat.get("reference") and lat.get("candidate"):
         parts = [f"{k} {lat['reference'][k]:.2f} -> {lat['candidate'][k]:.2f} ms" for k in lat["reference"]]
