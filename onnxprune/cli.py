@@ -455,12 +455,97 @@ def training_lines(report: dict) -> list[str]:
     lines = [f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
              f"(checkpoint: epoch {ft['best_epoch']} on {ft['val_samples']} held-out training samples; "
              f"stopped: {ft['stopped']})"]
-    if after.get("accuracy_reference") is not None:
+    if after.get("accuracy_reference") is not None and report.get("teacher"):
         lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: {ref} "
-                     f"{100 * after['accuracy_reference']:.2f}%, before {100 * before['accuracy_candidate']:.2f}%, "
+                     f"{100 * after['accuracy_reference']:.2f}%, student before {100 * before['accuracy_candidate']:.2f}%, "
                      f"after {100 * after['accuracy_candidate']:.2f}%")
+    elif after.get("accuracy_reference") is not None:
+        lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: before "
+                     f"{100 * before['accuracy_candidate']:.2f}%, after {100 * after['accuracy_candidate']:.2f}%")
     lines.append(f"agreement with the {ref}: before {100 * before['agreement']:.2f}%, after {100 * after['agreement']:.2f}%")
     return lines
+
+
+def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        name, sep, value = item.rpartition("=")
+        try:
+            out.append((name, float(value)))
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not NAME=FRACTION") from None
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=FRACTION")
+    return tuple(out)
+
+
+@main.command()
+@click.option("--source-model", required=True, type=click.Path(dir_okay=False), help="Network trained on the source domain.")
+@click.option("--target-model", required=True, type=click.Path(dir_okay=False),
+              help="The same network fine-tuned on the target domain (e.g. with `onnxprune finetune`).")
+@click.option("--source-data", required=True, help="Labelled source-domain samples.")
+@click.option("--target-data", required=True, help="Labelled target-domain samples (training).")
+@click.option("--eval-data", help="Held-out target samples (default: the part of --target-data not used to train).")
+@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
+@click.option("--keep", type=float, required=True, help="Fraction of the Conv/Gemm/MatMul weights kept (non-zero).")
+@click.option("--alpha", default="0.7,0.5,0.3", show_default=True,
+              help="Transfer factor per stage (one value: three stages at it); 0 = target-only magnitude "
+                   "pruning with the same training.")
+@click.option("--allocation", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="One magnitude threshold over all layers, or --keep in every layer.")
+@click.option("--layer-keep", help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate at each stage's start.")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="lr / 10 after this many epochs without a lower training loss.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="At most this many epochs per alpha stage (a stage ends at lr < 1e-6).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Fraction of the target training samples held out to pick the checkpoint.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@preprocess_options
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output; no progress bar.")
+@user_errors
+def coprune(output, as_json, verbose, quiet, **kw):
+    """Co-Prune: prune --target-model to --keep non-zero weights with the source model's help ([train] extra)."""
+    from onnxprune.train import require_torch
+
+    require_torch()
+    from onnxprune.train.api import coprune_files
+    from onnxprune.train.coprune import CoPruneConfig
+
+    preprocess = preprocess_dict(kw)
+    alphas = _floats(kw["alpha"])
+    if len(alphas) == 1:  # one value: the default's three stages, so --alpha 0 trains as long as Co-Prune
+        alphas = alphas * 3
+    config = CoPruneConfig(keep=kw["keep"], alphas=alphas, allocation=kw["allocation"],
+                           layer_keep=_layer_keep(kw["layer_keep"]), lr=kw["lr"], patience=kw["patience"],
+                           max_epochs=kw["max_epochs"], batch_size=kw["batch_size"], val_fraction=kw["val_fraction"],
+                           seed=kw["seed"], threads=kw["threads"], progress=show_progress(quiet))
+    result = coprune_files(kw["source_model"], kw["target_model"], kw["source_data"], kw["target_data"], output,
+                           config=config, eval_data=kw["eval_data"], split=kw["split"], preprocess=preprocess,
+                           measure_latency=not kw["no_latency"])
+    if as_json:
+        click.echo(json.dumps(api_jsonable(result.report), indent=2))
+        return
+    r, v = result.report, result.report["validation"]
+    cp = r["coprune"]
+    click.echo(f"{cp['method']}: kept {cp['kept_weights']:,} of {cp['masked_weights']:,} masked weights "
+               f"({100 * cp['kept_weights'] / cp['masked_weights']:.2f}%); non-zero parameters "
+               f"{r['nonzero_parameters']['target']:,} -> {r['nonzero_parameters']['pruned']:,}")
+    if v.get("accuracy_reference") is not None:
+        click.echo(f"top-1 accuracy on {v['samples']} held-out target samples: dense target "
+                   f"{100 * v['accuracy_reference']:.2f}% -> pruned {100 * v['accuracy_candidate']:.2f}% "
+                   f"(checkpoint: stage {cp['best']['stage']}, epoch {cp['best']['epoch']}; {cp['seconds']:.0f} s)")
+    click.echo("note: " + cp["note"])
+    click.echo(f"wrote {output} (+ .report.json)")
 
 
 if __name__ == "__main__":  # pragma: no cover

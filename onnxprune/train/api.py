@@ -102,3 +102,37 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     report["curve_png"] = None if png is None else str(png)
     return TrainResult(tuned, report, output)
 
+
+
+def coprune_files(source_model, target_model, source_data, target_data, output, *, config, eval_data=None,
+                  split: float = 0.5, preprocess: dict | None = None, device: str = "cpu",
+                  measure_latency: bool = True) -> TrainResult:
+    """``onnxprune coprune``: Co-Prune the target model, validate it against the dense target model on
+    held-out target data, write OUTPUT and ``.report.json``."""
+    require_torch()
+    from onnxprune.api import as_model, as_samples
+    from onnxprune.model import count_parameters
+    from onnxprune.train.coprune import coprune, nonzero_parameters
+    from onnxprune.validate import validate
+
+    output = Path(output)
+    for path in (source_model, target_model):
+        if not isinstance(path, onnx.ModelProto) and Path(path).resolve() == output.resolve():
+            raise RecipeError(str(output), "is an input model", "choose another output path (-o)")
+    source, target = as_model(source_model), as_model(target_model)
+    train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
+    source_samples = as_samples(source_data, source, preprocess)
+    pruned, train_report = coprune(source, target, source_samples, train, config=config)
+    after = validate(target, pruned, held_out, batch_size=max(config.batch_size, 64), device=device,
+                     measure_latency=measure_latency, progress=False)
+    report = {
+        "source_model": str(source_model), "target_model": str(target_model),
+        "coprune": train_report,
+        "evaluation": held_out.describe(),
+        "nonzero_parameters": {"target": nonzero_parameters(target), "pruned": nonzero_parameters(pruned),
+                               "total": count_parameters(pruned)},
+        "validation": after.to_dict(),
+    }
+    save_model(pruned, output)
+    write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
+    return TrainResult(pruned, report, output)
