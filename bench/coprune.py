@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
-from bench.common import DIGITS, RESULTS, SHARED, halves, machine, markdown_table, predict, write_result  # noqa: E402
+from common import DIGITS, RESULTS, SHARED, halves, machine, markdown_table, predict, write_result  # noqa: E402
 from onnxprune.calibration.readers import Preprocess, open_samples  # noqa: E402
 from onnxprune.model import load_model  # noqa: E402
 from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters  # noqa: E402

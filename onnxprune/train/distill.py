@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1  # 2 threads ran 10-25x slower than 1 on the shared 2-core machine (OpenMP spinning)
     progress: bool = True
-    max_seconds: float | None = None  # stop after the epoch that passes this wall time
+    max_seconds: float | None = None  # stop after the epoch that passes this wall time (the cosine fits it)
 
     def __post_init__(self):
         for field, value, low in (("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
@@ -236,8 +236,15 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
         total_steps = max(1, config.epochs * steps_per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+        step = 0
+
+        def set_lr() -> None:
+            """Cosine from lr to 0 over the epochs, or over max_seconds when that comes first."""
+            done = step / total_steps
+            if config.max_seconds is not None:
+                done = max(done, (time.perf_counter() - started) / config.max_seconds)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
         curve = [{"epoch": 0, "train_loss": None, "lr": config.lr, "seconds": 0.0, **evaluate()}]
         best_score, best_epoch = score(curve[0]), 0
@@ -251,11 +258,12 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             running, seen = 0.0, 0
             batches = [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
             for idx in bar(batches, desc=f"epoch {epoch}/{config.epochs}"):
+                set_lr()
                 loss, _, _ = batch_loss(np.sort(idx), True)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                step += 1
                 running += float(loss.detach()) * len(idx)
                 seen += len(idx)
             row = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
