@@ -49,11 +49,14 @@ class CompressResult:
 def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | None = None,
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
-             min_agreement: float | None = None, measure_latency: bool = True) -> CompressResult:
+             min_agreement: float | None = None, measure_latency: bool = True,
+             finetune=None) -> CompressResult:
     """Calibrate on the target data, run the recipe, validate on held-out data, write the output.
 
     With ``max_drop``/``min_agreement`` a failed check raises ValidationFailed and nothing is
     written. The input model file is never modified, and the output never overwrites it.
+    ``finetune`` (an ``onnxprune.train.distill.TrainConfig``, needs the [train] extra) distils the
+    original into the compressed model on the calibration part of the target data before validating.
     """
     source_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None and source_path is not None and Path(output).resolve() == source_path.resolve():
@@ -64,6 +67,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         calib, held_out = target, as_samples(eval_data, original, recipe.preprocess)
     else:
         calib, held_out = target.split(recipe.split, seed=recipe.seed)
+    calib_all = calib
     if recipe.calib_size is not None and recipe.calib_size < len(calib):
         calib = calib.subset(np.arange(recipe.calib_size))
     samples = {"target": calib}
@@ -79,6 +83,12 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                              progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
     compressed, report = run_pipeline(original, recipe, provider)
+    if finetune is not None:
+        from onnxprune.train.api import recover
+
+        train_set = target if eval_data is not None else calib_all
+        compressed, report["finetune"], report["validation_before_finetune"] = recover(
+            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device)
     report["calibration"] = {name: s.describe() for name, s in samples.items()}
     report["evaluation"] = held_out.describe()
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
