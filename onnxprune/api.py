@@ -55,7 +55,8 @@ class CompressResult:
 def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | None = None,
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
-             min_agreement: float | None = None, measure_latency: bool = True) -> CompressResult:
+             min_agreement: float | None = None, measure_latency: bool = True,
+             finetune=None) -> CompressResult:
     """Calibrate on the target data, run the recipe, validate on held-out data, write the output.
 
     Calibration uses ``recipe.split`` of the target data (the rest evaluates, unless
@@ -66,6 +67,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     OUT.report.json, the model and recipe are not. Every output path is checked before any
     work: the input files (model, its external data, samples, statistics) are never
     overwritten.
+    ``finetune`` (an ``onnxprune.train.distill.TrainConfig``, needs the [train] extra) distils the
+    original into the compressed model on the calibration part of the target data before validating.
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     if output is not None:
@@ -74,7 +77,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
     check_layer_names(original, recipe)
-    samples, held_out, eval_source = compress_samples(original, recipe, target_data, source_data, eval_data)
+    samples, held_out, eval_source, train_set = compress_samples(original, recipe, target_data, source_data,
+                                                                 eval_data)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
     preloaded = None
@@ -88,6 +92,11 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                              progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
     compressed, report = run_pipeline(original, recipe, provider)
+    if finetune is not None:
+        from onnxprune.train.api import recover
+
+        compressed, report["finetune"], report["validation_before_finetune"] = recover(
+            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device)
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
@@ -112,8 +121,9 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
 
 
 def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None
-                     ) -> tuple[dict[str, SampleSet], SampleSet, Any]:
-    """({"target": calibration samples[, "source": ...]}, evaluation samples, where those came from).
+                     ) -> tuple[dict[str, SampleSet], SampleSet, Any, SampleSet]:
+    """({"target": calibration samples[, "source": ...]}, evaluation samples, where those came
+    from, and the whole calibration part before the --calib-size cap (what fine-tuning trains on)).
 
     Without ``eval_data`` the target data splits by ``recipe.split`` and ``recipe.seed``;
     calibration sets are capped at ``recipe.calib_size``. An ``eval_data`` file that is the
@@ -134,7 +144,7 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     if source_data is not None:
         samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
                                 seed=recipe.seed)
-    return samples, held_out, eval_source
+    return samples, held_out, eval_source, calib
 
 
 def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.ModelProto, samples: dict,
