@@ -542,3 +542,24 @@ def test_latency_reports_the_spread_and_warns_when_too_noisy(monkeypatch):
     assert any("interquartile" in line for line in report.summary_lines())
     quiet = {"spread": {"batch1": {"runs": 10, "speedup": [1.48, 1.52]}}}
     assert validate_module.latency_warnings(quiet) == []
+
+
+# ------------------------------------------------------------------ 2/3 siblings: finetune and coprune
+
+
+@pytest.mark.parametrize("command", ["finetune", "coprune"])
+def test_training_commands_refuse_outputs_over_inputs_before_any_work(tmp_path, command):
+    pytest.importorskip("torch")
+    model, data = mlp_task(tmp_path, n=40)
+    alias = tmp_path / "alias.npz"
+    os.link(data, alias)  # a hard link to the target data
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    if command == "finetune":
+        args = ["finetune", model, "--teacher", model, "--target-data", data]
+    else:
+        args = ["coprune", "--source-model", model, "--target-model", model, "--source-data", data,
+                "--target-data", data, "--keep", "0.5"]
+    one_line_error(cli(*args, "-o", alias, "-q"), "is one of the inputs", "data.npz")
+    one_line_error(cli(*args, "-o", tmp_path / "afile" / "o.onnx", "-q"), "not a folder")
+    assert snapshot(tmp_path) == before
