@@ -677,7 +677,7 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
                        max_seconds=None if kw.get("max_minutes") is None else 60 * kw.pop("max_minutes"))
 
 
-@main.command()
+@main.command(short_help="Recover a compressed model's accuracy by distilling the original into it.")
 @click.argument("student", type=click.Path(dir_okay=False))
 @click.option("--teacher", type=click.Path(dir_okay=False), help="The original model to distil (default: plain fine-tuning on labels).")
 @click.option("--target-data", required=True, help="Training samples from the deployment domain (labels optional).")
@@ -755,7 +755,7 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-@main.command()
+@main.command(short_help="Co-Prune: unstructured pruning of a target model with a source model's help.")
 @click.option("--source-model", required=True, type=click.Path(dir_okay=False), help="Network trained on the source domain.")
 @click.option("--target-model", required=True, type=click.Path(dir_okay=False),
               help="The same network fine-tuned on the target domain (e.g. with `onnxprune finetune`).")
