@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import graphs
 import numpy as np
 import onnx
 import pytest
-
-import graphs
 from conftest import assert_equivalent
+
 from onnxprune.api import compress
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.readers import open_samples
 from onnxprune.errors import InternalError, OnnxPruneError
-from onnxprune.graph import find_linear_layers, name_nodes, node_names
+from onnxprune.graph import name_nodes, node_names
 from onnxprune.model import load_model
 from onnxprune.passes.base import REGISTRY, Pass, PassResult
 from onnxprune.pipeline import Recipe, run_pipeline

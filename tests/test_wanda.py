@@ -87,7 +87,7 @@ def test_wanda_differs_from_weights_or_activations_alone():
     graphs.set_init(model, "fc2.W", w2)
     keep = expected_keep(model, "fc1", x, 8)
     assert 0 in keep                                             # kept for its column, despite its activation
-    out, report = select(model, "fc1", x, fraction=0.5)
+    out, _ = select(model, "fc1", x, fraction=0.5)
     after = graphs.get_init(out, "fc1.W")
     np.testing.assert_array_equal(after, graphs.get_init(model, "fc1.W")[keep])
 
