@@ -20,6 +20,7 @@ import onnx
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.errors import InternalError, ModelError, OnnxPruneError, RecipeError
 from onnxprune.graph import name_nodes
+from onnxprune.linalg import blas_threads
 from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
 from onnxprune.passes import REGISTRY, Pass, PassContext, options_to_dict
 
@@ -149,8 +150,14 @@ def run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider
     """Clone ``model``, run the recipe's passes on the clone, check after each; never touches ``model``.
 
     An exception that is not an OnnxPruneError, or a pass output failing the checker, is
-    raised as InternalError naming the pass (or "calibration").
+    raised as InternalError naming the pass (or "calibration"). BLAS runs with
+    ``linalg.blas_threads()`` (one thread unless $ONNXPRUNE_BLAS_THREADS says otherwise).
     """
+    with blas_threads():
+        return _run_pipeline(model, recipe, provider)
+
+
+def _run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider) -> tuple[onnx.ModelProto, dict]:
     passes = recipe.build()
     work = clone(model)
     renamed = name_nodes(work)        # stable identity: every later lookup is by name, never by position
