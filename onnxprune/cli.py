@@ -158,7 +158,7 @@ class _Stderr(logging.Handler):
         try:
             sys.stderr.write(self.format(record) + "\n")
             sys.stderr.flush()
-        except Exception:  # pragma: no cover
+        except Exception:  # noqa: BLE001  (logging's own contract)  # pragma: no cover
             self.handleError(record)
 
 
@@ -211,7 +211,7 @@ def user_errors(func):
             sys.exit(exc.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise                   # usage errors (exit 2) and click's own exits
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (every other exception is a bug: reported, exit 4)
             command = func.__name__
             try:
                 where = f"traceback written to {internal_error_log(command, exc)}"
