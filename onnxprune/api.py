@@ -22,8 +22,18 @@ from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph import describe_groups, find_channel_groups, find_linear_layers
-from onnxprune.model import (count_parameters, default_mode, input_specs, load_model, jsonable, model_bytes,
-                             model_hash, output_names, save_model, write_text_atomic)
+from onnxprune.model import (
+    count_parameters,
+    default_mode,
+    input_specs,
+    jsonable,
+    load_model,
+    model_bytes,
+    model_hash,
+    output_names,
+    save_model,
+    write_text_atomic,
+)
 from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline

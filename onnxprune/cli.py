@@ -27,9 +27,9 @@ from onnxprune import MISSING_RUNTIME, __version__
 
 if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
     sys.exit(f"error: {MISSING_RUNTIME}")
-from onnxprune import criteria  # noqa: E402
-from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed  # noqa: E402
-from onnxprune.pipeline import DEFAULT_CALIB_SIZE  # noqa: E402
+from onnxprune import criteria
+from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed
+from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
 log = logging.getLogger("onnxprune")
 
@@ -324,7 +324,8 @@ def calibration_options(func):
                           "(seeded); 'all' uses every one."),
         click.option("--split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
                      show_default=True, help="Fraction of --target-data that calibrates; the rest evaluates."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sampling."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the split and the sampling."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -514,7 +515,8 @@ def _count_of(desc: dict) -> str:
 @click.option("--split", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Fraction of --target-data that calibrates, as in compress (1: all of it, then evaluate on "
                    "other data with compress --eval-data).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split and the sampling.")
 @click.option("--shard", help="Only shard I of N (I/N, 1-based: contiguous whole batches); merge with merge-stats.")
 @click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
 @click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
@@ -686,7 +688,8 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @training_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split, the sampling and the training.")
 @click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
 @click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
@@ -779,7 +782,8 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
               help="Fraction of the target training samples held out to pick the checkpoint.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split, the sampling and the training.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
