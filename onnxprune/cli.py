@@ -464,7 +464,7 @@ def verdict_lines(report: dict, output) -> list[str]:
     counts = ", ".join(f"{_count_of(desc)} {name}" for name, desc in calibration.items())
     where = f" (from {report['statistics']['file']})" if report.get("calibration_runs") == 0 and \
         report.get("statistics") else ""
-    lines.append(f"calibrated on {counts or 'no'} samples{where}; evaluated on {v['samples']} held-out samples")
+    lines.append(f"calibrated on {counts or 'no'} samples{where}; evaluated on {v['samples']:,} held-out samples")
     if v.get("accuracy_reference") is not None:
         lines.append(f"top-1 accuracy {_number(v['accuracy_reference'], '.2%', 'n/a')} -> "
                      f"{_number(v['accuracy_candidate'], '.2%', 'n/a')}")
