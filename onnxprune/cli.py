@@ -1,7 +1,9 @@
 """Command line: parsing and printing only. Results on stdout, logs on stderr.
 
-Exit codes: 0 success; 1 user error (one line naming the problem); 2 usage;
-3 the compressed model failed the requested accuracy check; 4 internal error (a bug in
+Exit codes: 0 success (also a compress that changed nothing, which says so); 1 user error
+(one line naming the problem, nothing written); 2 usage (a bad option value, naming the
+flag); 3 the compressed model failed the requested accuracy check (compress still prints the
+layer table and writes OUT.report.json with "verdict": "failed", but no model); 4 internal error (a bug in
 onnxprune: one line naming the stage or pass, the full traceback written to
 ``onnxprune-internal-<time>-<pid>.log`` in the system temp directory, whose path is printed).
 
