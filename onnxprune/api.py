@@ -219,7 +219,11 @@ def write_outputs(compressed: onnx.ModelProto, report: dict, recipe: Recipe, out
 
 
 def write_failed_report(report: dict, output: Path) -> Path:
-    """OUT.report.json of a run that missed its accuracy check (``verdict`` "failed"); no model."""
+    """OUT.report.json of a run that missed its accuracy check (``verdict`` "failed"); no model.
+    A model or recipe an earlier run left at OUT is not this run's: the report lists them."""
+    earlier = [str(p) for p in (output, recipe_path(output)) if p.exists()]
+    if earlier:
+        report["not_from_this_run"] = earlier
     return write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
 
 

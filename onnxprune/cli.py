@@ -492,6 +492,8 @@ def verdict_lines(report: dict, output) -> list[str]:
     from onnxprune.api import report_path
     if report.get("verdict") == "failed":
         lines.append(f"FAILED the accuracy check: wrote {report_path(output)} only (no model)")
+        if report.get("not_from_this_run"):
+            lines.append(f"left as they were, from an earlier run: {', '.join(report['not_from_this_run'])}")
     else:
         lines.append(f"wrote {output} (+ .report.json, .recipe.json)")
     return lines

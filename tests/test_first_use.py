@@ -308,6 +308,13 @@ def test_missed_accuracy_check_prints_the_table_and_writes_a_failed_report(tmp_p
     report = json.loads((out.parent / "tiny.report.json").read_text())
     assert report["verdict"] == "failed" and "agreement" in report["failure"]
     assert report["layers"][0]["kept"].startswith("rank 1")
+    # a model left by an earlier, passing run is named as not this run's
+    assert cli("compress", model, "--target-data", data, "-o", out, "--keep", "0.9", *FAST).exit_code == 0
+    result = cli("compress", model, "--target-data", data, "-o", out, "--rank", "1", "--min-agreement", "0.999",
+                 "--no-latency")
+    assert result.exit_code == 3 and "from an earlier run" in result.output
+    assert json.loads((out.parent / "tiny.report.json").read_text())["not_from_this_run"] == [
+        str(out), str(out.parent / "tiny.recipe.json")]
 
 
 # ------------------------------------------------------------------ 7. statistics and held-out samples
