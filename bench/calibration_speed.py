@@ -175,7 +175,7 @@ def phase_dask(task_name: str, method: str, *, samples: int, workers: list[int])
                 client.run(_reset_peak_rss)
                 t = time.perf_counter()
                 onnxprune.calibrate(str(task.model), str(data), recipe=recipe, output=Path(tmp) / f"w{n}.npz",
-                                    client=client, progress=False)
+                                    client=client, threads=1, progress=False)
                 seconds = time.perf_counter() - t
                 rss = client.run(_peak_rss)
             finally:
@@ -243,7 +243,8 @@ def render(raw: dict) -> str:
         lines += ["## Calibration on a local Dask cluster", "",
                   f"{d['task']}, {d['method']}, {d['samples']} calibration samples written to one .npz that each "
                   "worker opens by path (as on a shared file system), the model by path too, `onnxprune.calibrate(..., "
-                  "client=local_client(N))`: N single-threaded worker processes, one shard per worker, merged "
+                  "client=local_client(N), threads=1)` (what `calibrate --workers N` does): N single-threaded worker "
+                  "processes with one onnxruntime thread each, one shard per worker, merged "
                   "in a fixed tree. 'calibrate' excludes starting the cluster (its own column). In one "
                   f"process, without Dask: {d['in_process']:.1f} s. Peak RSS per worker: VmHWM, reset before "
                   "the calibration (a worker forked from this large process would otherwise start at its size). "

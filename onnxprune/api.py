@@ -328,7 +328,8 @@ def statistics_summary(stats_path, stats: Statistics) -> dict:
 def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, source_data=None,
               device: str = "cpu", progress: bool = True, split: float | None = None,
               shard: tuple[int, int] | str | None = None, client=None, cluster: str | None = None,
-              workers: int | None = None, shards: int | None = None, engine: str = "auto") -> Statistics:
+              workers: int | None = None, shards: int | None = None, engine: str = "auto",
+              threads: int | None = None) -> Statistics:
     """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``.
 
     Uses the part of the target data that ``compress`` with the same recipe calibrates on:
@@ -342,6 +343,8 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         a Dask ``distributed.Client``, on the scheduler at address ``cluster``, or on a new
         local cluster of ``workers`` processes; the merged result is written.
     engine: "auto", "graph" or "numpy": how statistics are computed (see ``collect``).
+    threads: onnxruntime threads of each shard task (default: 1 on a local ``workers``
+        cluster, whose workers are single-threaded; else onnxruntime's default).
     """
     from onnxprune.calibration import cluster as tasks_on
     from onnxprune.calibration.shard import parse_shard
@@ -380,7 +383,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     if isinstance(shard, str):
         shard = parse_shard(shard)
     options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device,
-                   stats_options={"engine": engine})
+                   stats_options={"engine": engine}, threads=threads)
     model_source = _path_or_none(model)
     if shard is not None:
         index, count = int(shard[0]), int(shard[1])
@@ -396,6 +399,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
             if int(workers) < 1:
                 raise RecipeError("workers", f"must be >= 1, got {workers}")
             client = tasks_on.local_client(int(workers))
+            options["threads"] = threads or 1      # single-threaded workers: one onnxruntime thread each
         elif cluster is not None:
             client = tasks_on.connect(cluster)
         try:
