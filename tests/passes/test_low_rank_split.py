@@ -142,3 +142,24 @@ def test_input_model_is_not_modified():
     before = model.SerializeToString()
     run(model, RNG.normal(size=(32, 16)).astype(np.float32), [("low-rank-split", {"method": "svd", "rank": 2})])
     assert model.SerializeToString() == before
+
+
+def test_round_rank_fills_whole_channel_blocks():
+    from onnxprune.passes.low_rank_split import round_rank
+
+    assert [round_rank(k, 8, 64) for k in (1, 4, 5, 11, 12, 20, 60, 64)] == [8, 8, 8, 8, 16, 24, 64, 64]
+    assert round_rank(13, 1, 64) == 13                    # multiple 1: unchanged
+    assert round_rank(5, 16, 12) == 5                     # layer narrower than one block: unchanged
+    assert round_rank(30, 16, 24) == 24                   # never above min(m, n)
+
+
+def test_ranks_are_rounded_to_the_multiple():
+    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
+                 {"W": RNG.normal(size=(64, 48)), "b": RNG.normal(size=64)}, [48], [64])
+    x = RNG.normal(size=(128, 48)).astype(np.float32)
+    plain = run(model, x, [("low-rank-split", {"method": "svd", "rank": 11})])
+    blocks = run(model, x, [("low-rank-split", {"method": "svd", "rank": 11, "multiple": 8})])
+    assert plain.report["passes"][0]["split"][0]["rank"] == 11
+    assert blocks.report["passes"][0]["split"][0]["rank"] == 8
+    with pytest.raises(Exception, match="multiple"):
+        run(model, x, [("low-rank-split", {"method": "svd", "rank": 11, "multiple": 0})])
