@@ -152,15 +152,19 @@ def rank_for_energy(spectrum: np.ndarray, energy: float) -> int:
     return int(min(np.searchsorted(cumulative, energy - 1e-12) + 1, len(spectrum)))
 
 
-def global_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], keep: float) -> dict[str, int]:
+def global_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], keep: float, *,
+                 multiple: int = 1) -> dict[str, int]:
     """One energy threshold for all layers, the largest whose parameters fit ``keep`` of the total.
 
-    A layer whose split would not save parameters stays dense (its full m n counts).
+    A layer whose split would not save parameters stays dense (its full m n counts). With
+    ``multiple`` the ranks are rounded (``round_rank``) before they are costed, so the
+    rounded ranks fit the budget.
     """
     budget = keep * sum(m * n for m, n in shapes.values())
 
     def cost(threshold: float) -> tuple[int, dict[str, int]]:
-        ranks = {name: rank_for_energy(s, threshold) for name, s in spectra.items()}
+        ranks = {name: round_rank(rank_for_energy(s, threshold), multiple, min(shapes[name]))
+                 for name, s in spectra.items()}
         total = sum(min(split_params(*shapes[name], k), shapes[name][0] * shapes[name][1])
                     for name, k in ranks.items())
         return total, ranks
@@ -530,7 +534,7 @@ class LowRankSplit(Pass):
     def _chosen_ranks(self, shapes, spectra) -> dict[str, int]:
         opts = self.options
         if opts.keep is not None:
-            return global_ranks(spectra, shapes, opts.keep)
+            return global_ranks(spectra, shapes, opts.keep, multiple=int(opts.multiple))
         ranks = {}
         for name, (m, n) in shapes.items():
             if opts.rank is not None:

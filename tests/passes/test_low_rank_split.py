@@ -163,3 +163,18 @@ def test_ranks_are_rounded_to_the_multiple():
     assert blocks.report["passes"][0]["split"][0]["rank"] == 8
     with pytest.raises(Exception, match="multiple"):
         run(model, x, [("low-rank-split", {"method": "svd", "rank": 11, "multiple": 0})])
+
+
+def test_rounded_ranks_still_fit_the_global_budget():
+    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="fc1", transB=1),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2", transB=1)],
+                 {"W": RNG.normal(size=(64, 96)), "b": RNG.normal(size=64), "W2": RNG.normal(size=(80, 64))},
+                 [96], [80])
+    x = RNG.normal(size=(256, 96)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "svd", "keep": 0.5, "multiple": 8})])
+    rows = result.report["passes"][0]["split"]
+    assert rows and all(r["rank"] % 8 == 0 for r in rows)
+    dense = 64 * 96 + 80 * 64
+    after = sum(r["rank"] * sum(r["shape"]) for r in rows) + dense - sum(r["shape"][0] * r["shape"][1] for r in rows)
+    assert after <= 0.5 * dense
