@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -36,10 +35,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
-
-from common import RESULTS, TASKS, halves, machine, markdown_table  # noqa: E402
-from speed import METHODS, TASK_NAMES, decoded_set  # noqa: E402
+import numpy as np
+from common import RESULTS, TASKS, halves, machine, markdown_table
+from speed import METHODS, TASK_NAMES, decoded_set
 
 
 def requests_of(model, passes):

@@ -23,9 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
-
-from common import RESULTS, Bench, machine, markdown_table  # noqa: E402
+import numpy as np
+from common import RESULTS, Bench, machine, markdown_table
 
 MULTIPLES = (1, 8, 16)
 TASKS = ("mobilenetv2/imagenet", "resnet20/cifar10-jpeg")

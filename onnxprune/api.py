@@ -382,8 +382,8 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
                           "use --cluster/--workers alone (every shard runs there)")
     if isinstance(shard, str):
         shard = parse_shard(shard)
-    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device,
-                   stats_options={"engine": engine}, threads=threads)
+    options = {"count": 1, "batch_size": recipe.batch_size, "folds": recipe.folds, "seed": recipe.seed,
+               "device": device, "stats_options": {"engine": engine}, "threads": threads}
     model_source = _path_or_none(model)
     if shard is not None:
         index, count = int(shard[0]), int(shard[1])

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import math
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -92,6 +93,10 @@ _DEAD = 1e-12              # a residual variance below _DEAD * trace / C counts 
 BLAS_THREADS_ENV = "ONNXPRUNE_BLAS_THREADS"
 
 
+_blas_lock = threading.Lock()
+_blas_state = {"depth": 0, "limiter": None}
+
+
 @contextlib.contextmanager
 def blas_threads(limit: int | None = None):
     """Run the enclosed numerics with ``limit`` BLAS threads (default: ``$ONNXPRUNE_BLAS_THREADS``,
@@ -102,6 +107,11 @@ def blas_threads(limit: int | None = None):
     0.23 s with one OpenBLAS thread and 7.6 s with two (2048: 5.8 s against 28 s), and the
     LeNet DALR compress 7 s against 28 s; OpenBLAS's spinning threads lose whenever the cores
     are not idle. On a dedicated many-core machine set ONNXPRUNE_BLAS_THREADS to the core count.
+
+    BLAS's thread count is process-wide: the limit is set when the first of any concurrent
+    users (threads, e.g. Dask workers in one process) enters and restored when the last one
+    leaves, so no computation ever runs with the setting changing under it (a changing
+    thread count changes float rounding, and results must be reproducible).
     """
     if limit is None:
         text = os.environ.get(BLAS_THREADS_ENV, "1").strip()
@@ -117,8 +127,18 @@ def blas_threads(limit: int | None = None):
     except ImportError:             # an optional speed-up: without it BLAS keeps its own setting
         yield
         return
-    with threadpool_limits(limits=int(limit), user_api="blas"):
+    with _blas_lock:
+        if _blas_state["depth"] == 0:
+            _blas_state["limiter"] = threadpool_limits(limits=int(limit), user_api="blas")
+        _blas_state["depth"] += 1
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_state["depth"] -= 1
+            if _blas_state["depth"] == 0:
+                _blas_state["limiter"].restore_original_limits()
+                _blas_state["limiter"] = None
 
 
 def _matrix(a, name: str, *, ndim: int = 2) -> np.ndarray:

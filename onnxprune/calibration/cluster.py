@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from onnxprune.calibration.shard import complete, shard_ranges, tree_reduce, _merge_pair
-from onnxprune.calibration.stats import StatRequest, Statistics
+from onnxprune.calibration.shard import _merge_pair, complete, shard_ranges, tree_reduce
+from onnxprune.calibration.stats import Statistics, StatRequest
 from onnxprune.errors import CalibrationError
 
 log = logging.getLogger(__name__)
