@@ -19,11 +19,12 @@ from onnxprune.calibration.collect import collect
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
-from onnxprune.errors import DataError, RecipeError
+from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph import describe_groups, find_channel_groups, find_linear_layers
 from onnxprune.model import count_parameters, input_specs, load_model, jsonable, model_bytes, output_names, save_model, write_text_atomic
 from onnxprune.passes import REGISTRY
 from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.validate import ValidationReport, check_thresholds
 from onnxprune.validate import validate as _validate
 
@@ -71,23 +72,91 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         samples["source"] = as_samples(source_data, original, recipe.preprocess)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    preloaded = Statistics.load(stats, model=original) if stats is not None else None
-    provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
-                             progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
+    planning = None
+    if recipe.plan is not None:
+        if stats is not None:
+            raise RecipeError("--stats", "cannot be used when the planner chooses the compression",
+                              "give an explicit recipe (--recipe) or per-layer budget with --stats")
+        goal = recipe.plan
+        if goal.get("max_drop") is not None:
+            max_drop = goal["max_drop"] if max_drop is None else min(max_drop, goal["max_drop"])
+        try:
+            original, recipe, provider, planning = plan_recipe(original, samples, recipe, device=device,
+                                                               progress=progress)
+        except ValidationFailed as exc:
+            report = getattr(exc, "report", {})
+            report["evaluation"] = held_out.describe()
+            raise _failed(report, output=output, error=exc) from None
+    else:
+        preloaded = Statistics.load(stats, model=original) if stats is not None else None
+        provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
+                                 progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
     compressed, report = run_pipeline(original, recipe, provider)
+    if planning is not None:
+        report["plan"] = planning
     report["calibration"] = {name: s.describe() for name, s in samples.items()}
     report["evaluation"] = held_out.describe()
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                            measure_latency=measure_latency, progress=progress)
     report["validation"] = validation.to_dict()
     report["recipe"] = recipe.to_dict()
-    check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
+    try:
+        check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
+    except ValidationFailed as exc:
+        raise _failed(report, output=output, error=exc) from None
+    report["verdict"] = {"status": "ok"}
     if output is not None:
         output = Path(output)
         save_model(compressed, output)
         write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
         recipe.save(recipe_path(output))
     return CompressResult(compressed, report, output)
+
+
+def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, device: str = "cpu",
+                progress: bool = True) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict]:
+    """Run the planner that ``recipe.plan`` asks for on the calibration ``samples``.
+
+    Returns the model to compress (the original with every node named), the recipe of the
+    chosen plan (explicit per-site passes, re-runnable without planning), the statistics
+    provider that already holds every statistic the recipe needs, and the plan's report.
+    """
+    goal = recipe.plan
+    planner = Planner(original, samples["target"], options=plan_options(goal), source=samples.get("source"),
+                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress)
+    if goal.get("max_drop") is not None:
+        result = planner.for_max_drop(goal["max_drop"])
+    else:
+        result = planner.for_budget(goal["budget"])
+    passes = tuple(result.pop("passes"))
+    result.pop("plan")
+    planning = {**result, **planner.report()}
+    if not passes:
+        report = {"plan": planning, "calibration": {name: s.describe() for name, s in samples.items()}}
+        raise _failed(report, output=None, error=ValidationFailed(
+            "plan", f"no site can be compressed within {_goal_text(goal)} on the calibration checks",
+            "allow a larger --max-drop, a larger budget, or give more target samples"))
+    recipe = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
+    return planner.original, recipe, planner.provider, planning
+
+
+def _goal_text(goal: dict) -> str:
+    if goal.get("max_drop") is not None:
+        return f"a drop of {goal['max_drop']:g} points"
+    return f"{100 * goal['budget']:g}% of the {goal.get('objective', 'macs')}"
+
+
+def _failed(report: dict, *, output, error: ValidationFailed) -> ValidationFailed:
+    """Mark ``report`` failed, write it as OUT.failed.report.json (no model), return ``error``."""
+    report["verdict"] = {"status": "failed", "reason": str(error)}
+    if output is not None:
+        write_text_atomic(failed_report_path(Path(output)), json.dumps(jsonable(report), indent=2) + "\n")
+    error.report = report
+    return error
+
+
+def failed_report_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".failed.report.json")
 
 
 def report_path(output: Path) -> Path:

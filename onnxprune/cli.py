@@ -129,6 +129,12 @@ def build_recipe(kw: dict, preprocess: dict):
     method = kw["method"]
     budget = {k: kw[k] for k in ("keep", "rank", "fraction", "energy") if kw.get(k) is not None}
     layers = tuple(v for v in (kw.get("layers") or "").split(",") if v)
+    settings = dict(mode=kw.get("mode") or "one-shot", seed=kw["seed"], calib_size=kw.get("calib_size"),
+                    split=kw["split"], batch_size=kw["batch_size"], preprocess=preprocess)
+    if planned(kw):
+        return Recipe(passes=(), plan=plan_request(kw, layers), **settings)
+    if method == "auto":
+        method = "spectral" if any(kw.get(k) is not None for k in ("alpha", "tau", "flops", "lam")) else "dalr-bc"
     if method in METHODS:
         for flag in ("alpha", "tau", "flops", "lam"):
             if kw.get(flag) is not None:
@@ -143,9 +149,49 @@ def build_recipe(kw: dict, preprocess: dict):
             lr["ridge"] = kw["ridge"] if kw["ridge"] == "auto" else float(kw["ridge"])
     else:
         passes = _pruning_passes(method, budget, layers, kw)
-    return Recipe(passes=tuple(passes), mode=kw.get("mode") or "one-shot", seed=kw["seed"],
-                  calib_size=kw.get("calib_size"), split=kw["split"], batch_size=kw["batch_size"],
-                  preprocess=preprocess)
+    return Recipe(passes=tuple(passes), **settings)
+
+
+#: flags that set a per-layer rule or a pass option the planner does not choose: with any of
+#: them, compress runs the one recipe they describe (one global threshold for --keep/--flops)
+RULE_FLAGS = ("rank", "fraction", "energy", "alpha", "tau", "ridge", "mode", "then_low_rank", "lam")
+
+
+def planned(kw: dict) -> bool:
+    """Whether compress plans per site (the default) or runs one fixed recipe."""
+    if kw.get("allocation") == "global" or kw.get("no_reconstruct"):
+        return False
+    if kw["method"] == "pfa-kl":
+        return False
+    return not any(kw.get(flag) is not None for flag in RULE_FLAGS)
+
+
+def plan_request(kw: dict, layers: tuple[str, ...]) -> dict:
+    """The recipe's plan table from the flags: a budget (--flops, --keep) or --max-drop (default 1)."""
+    if kw.get("flops") is not None and kw.get("keep") is not None:
+        raise RecipeError("--flops/--keep", "give one budget", "--flops F (MACs) or --keep F (parameters)")
+    objective = kw.get("objective")
+    plan: dict = {}
+    if kw.get("flops") is not None or kw.get("keep") is not None:
+        flag, implied = ("--flops", "macs") if kw.get("flops") is not None else ("--keep", "params")
+        if objective not in (None, implied):
+            raise RecipeError(f"--objective {objective}", f"contradicts {flag}, a budget of {implied}",
+                              f"drop --objective or use {'--keep' if implied == 'macs' else '--flops'}")
+        objective = implied
+        plan["budget"] = kw["flops"] if kw.get("flops") is not None else kw["keep"]
+    else:
+        plan["max_drop"] = 1.0 if kw.get("max_drop") is None else kw["max_drop"]
+    plan["objective"] = objective or "macs"
+    method = kw["method"]
+    if method in METHODS:
+        plan.update(families=["low-rank"], low_rank=METHODS[method][0][1]["method"], bias=method.endswith("-bc"))
+    elif method != "auto":
+        plan.update(families=["prune"], criterion=method)
+    if layers:
+        plan["sites"] = list(layers)
+    if kw.get("margin") is not None:
+        plan["margin"] = kw["margin"]
+    return plan
 
 
 def _pruning_passes(method, budget, layers, kw):
@@ -177,15 +223,22 @@ def _replace(recipe, **changes):
 @click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to calibrate).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Compressed model path.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe file (JSON or TOML); overrides method flags.")
-@click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc",
-              show_default=True, help="Low-rank (svd, svd-bc, dalr, dalr-bc) or channel pruning criterion.")
-@click.option("--keep", type=float, help="Keep this fraction of the compressible parameters (global budget).")
+@click.option("--method", type=click.Choice(["auto"] + list(METHODS) + list(PRUNING_CRITERIA)), default="auto",
+              show_default=True, help="auto: the planner chooses pruning or low rank per site; or restrict it to "
+                                      "low rank (svd, svd-bc, dalr, dalr-bc) or one pruning criterion.")
+@click.option("--objective", type=click.Choice(["macs", "params"]),
+              help="What 'smaller' means for --max-drop planning (default macs; --keep implies params).")
+@click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
+              help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
+@click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "
+                                                             "in reserve (default 1).")
+@click.option("--keep", type=float, help="Keep this fraction of the model's parameters (budget).")
 @click.option("--rank", type=int, help="Low rank: the same rank for every layer.")
 @click.option("--fraction", type=float, help="Keep this fraction of each layer's parameters.")
 @click.option("--energy", type=float, help="Low rank: smallest rank retaining this energy per layer.")
 @click.option("--alpha", type=float, help="Pruning: information retention ratio per group (spectral, momasp).")
 @click.option("--tau", type=float, help="Pruning: PFA-En energy threshold.")
-@click.option("--flops", type=float, help="Pruning: keep this fraction of the MACs (global budget).")
+@click.option("--flops", type=float, help="Keep this fraction of the model's MACs (budget).")
 @click.option("--lam", type=float, help="MoMaSP regulariser weight (default 1).")
 @click.option("--ridge", help="DALR ridge relative to trace(S)/n, or 'auto' (default: chosen on held-out data).")
 @click.option("--layers", help="Comma-separated layer (or group) names to touch; default all.")
@@ -196,7 +249,9 @@ def _replace(recipe, **changes):
 @click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that calibrates.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stats", type=click.Path(dir_okay=False), help="Reuse statistics saved by `onnxprune calibrate`.")
-@click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
+@click.option("--max-drop", type=float, help="Smallest model within this many points of accuracy (agreement without "
+                                             "labels); the default goal (1) when no budget is given. Exit 3 if "
+                                             "the held-out check misses it.")
 @click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
@@ -284,7 +339,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     from onnxprune import api
 
     preprocess = preprocess_dict(kw)
-    kw.update(split=0.5, calib_size=None, mode=None)
+    kw.update(split=0.5, calib_size=None, mode=None, allocation="global")
     recipe = build_recipe(kw, preprocess)
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
                           device=device, progress=show_progress(quiet))
