@@ -60,16 +60,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     if output is not None and source_path is not None and Path(output).resolve() == source_path.resolve():
         raise RecipeError(str(output), "is the input model", "choose another output path (-o)")
     original = as_model(model)
-    target = as_samples(target_data, original, recipe.preprocess)
-    if eval_data is not None:
-        calib, held_out = target, as_samples(eval_data, original, recipe.preprocess)
-    else:
-        calib, held_out = target.split(recipe.split, seed=recipe.seed)
-    if recipe.calib_size is not None and recipe.calib_size < len(calib):
-        calib = calib.subset(np.arange(recipe.calib_size))
-    samples = {"target": calib}
-    if source_data is not None:
-        samples["source"] = as_samples(source_data, original, recipe.preprocess)
+    samples, held_out = split_samples(original, target_data, recipe, eval_data=eval_data, source_data=source_data)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
     planning = None
@@ -111,6 +102,134 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
         recipe.save(recipe_path(output))
     return CompressResult(compressed, report, output)
+
+
+def split_samples(original: onnx.ModelProto, target_data, recipe: Recipe, *, eval_data=None,
+                  source_data=None) -> tuple[dict[str, SampleSet], SampleSet]:
+    """({"target": calibration samples[, "source": ...]}, held-out evaluation samples), disjoint."""
+    target = as_samples(target_data, original, recipe.preprocess)
+    if eval_data is not None:
+        calib, held_out = target, as_samples(eval_data, original, recipe.preprocess)
+    else:
+        calib, held_out = target.split(recipe.split, seed=recipe.seed)
+    if recipe.calib_size is not None and recipe.calib_size < len(calib):
+        calib = calib.subset(np.arange(recipe.calib_size))
+    samples = {"target": calib}
+    if source_data is not None:
+        source = as_samples(source_data, original, recipe.preprocess)
+        if recipe.calib_size is not None and recipe.calib_size < len(source):
+            source = source.subset(np.arange(recipe.calib_size))
+        samples["source"] = source
+    return samples, held_out
+
+
+def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output: str | os.PathLike | None = None,
+                figure: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Damage of every site compressed alone at each ladder size, on the target samples
+    (``recipe.calib_size`` of them; no evaluation split is needed). With ``source_data``, also
+    how far the source statistics of each site are from the target's (``linalg.domain_shift``).
+    Writes the curves as JSON to ``output`` and a heat map (and a shift chart) as PNG."""
+    from onnxprune.plan import figures
+
+    original = as_model(model)
+    target = as_samples(target_data, original, recipe.preprocess)
+    if recipe.calib_size is not None and recipe.calib_size < len(target):
+        target = target.subset(np.arange(recipe.calib_size))
+    source = None
+    if source_data is not None:
+        source = as_samples(source_data, original, recipe.preprocess)
+        if recipe.calib_size is not None and recipe.calib_size < len(source):
+            source = source.subset(np.arange(recipe.calib_size))
+    planner = Planner(original, target, options=plan_options(recipe.plan or {}), source=source,
+                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress)
+    curves = planner.sensitivity()
+    result = {"model": original.graph.name, "calibration": target.describe(), **planner.report()}
+    if source is not None:
+        result["shift"] = planner.domain_shift()
+        result["source"] = source.describe()
+    if output is not None:
+        write_text_atomic(output, json.dumps(jsonable(result), indent=2) + "\n")
+    if figure is not None:
+        result["figures"] = [str(figures.sensitivity_heatmap(curves, figure))]
+        if source is not None:
+            shift_png = Path(figure).with_name(Path(figure).stem + "_shift.png")
+            result["figures"].append(str(figures.shift_chart(result["shift"], shift_png)))
+    return result
+
+
+def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.PathLike, source_data=None,
+          eval_data=None, device: str = "cpu", progress: bool = True, measure_latency: bool = True) -> dict:
+    """Compress at each budget (fractions of ``recipe.plan['objective']``) from one calibration
+    and one sensitivity run; write every model with its report, and a Pareto table
+    (``pareto.md``, ``pareto.json``) and plot (``pareto.png``) into ``output_dir``."""
+    from onnxprune.plan import figures
+
+    original = as_model(model)
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(str(out_dir), "exists and is not a folder", "give a folder for -o")
+    budgets = sorted({float(b) for b in budgets}, reverse=True)
+    if not budgets or any(not 0 < b < 1 for b in budgets):
+        raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
+    samples, held_out = split_samples(original, target_data, recipe, eval_data=eval_data, source_data=source_data)
+    planner = Planner(original, samples["target"], options=plan_options(recipe.plan or {}),
+                      source=samples.get("source"), batch_size=recipe.batch_size, device=device,
+                      seed=recipe.seed, progress=progress)
+    planner.sensitivity()
+    rows = []
+    stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
+    for budget in budgets:
+        result = planner.for_budget(budget)
+        passes = tuple(result.pop("passes"))
+        result.pop("plan")
+        if not passes:
+            rows.append({"budget": budget, "status": "nothing to compress at this budget"})
+            continue
+        final = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
+        compressed, report = run_pipeline(planner.original, final, planner.provider)
+        validation = _validate(planner.original, compressed, held_out, batch_size=recipe.batch_size, device=device,
+                               measure_latency=measure_latency, progress=progress)
+        report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
+                      evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()})
+        path = out_dir / f"{stem}_{result['objective']}{round(100 * budget)}.onnx"
+        save_model(compressed, path)
+        write_text_atomic(report_path(path), json.dumps(jsonable(report), indent=2) + "\n")
+        v = validation
+        rows.append({
+            "budget": budget, "model": path.name, "macs": v.macs_candidate / max(v.macs_reference, 1),
+            "params": v.params_candidate / max(v.params_reference, 1),
+            "accuracy": v.accuracy_candidate, "accuracy_reference": v.accuracy_reference,
+            "agreement": v.agreement, "checked_drop": result["check"]["drop"],
+            "sites": len(result["sites"]),
+            "speedup": v.speedup() if measure_latency else {},
+        })
+    table = pareto_lines(rows)
+    summary = {"budgets": rows, "planner": planner.report(), "evaluation": held_out.describe()}
+    write_text_atomic(out_dir / "pareto.json", json.dumps(jsonable(summary), indent=2) + "\n")
+    write_text_atomic(out_dir / "pareto.md", "\n".join(table) + "\n")
+    done = [r for r in rows if "macs" in r]
+    if done:
+        key = "accuracy" if done[0]["accuracy"] is not None else "agreement"
+        reference = 100 * done[0]["accuracy_reference"] if key == "accuracy" else 100.0
+        x = planner.options.objective
+        figures.pareto_chart({"planned": [(r[x], 100 * r[key]) for r in done]}, out_dir / "pareto.png",
+                             reference=reference, xlabel=f"{x} (fraction of the original)",
+                             ylabel=f"top-1 {key} (%)", title=str(stem))
+    summary["table"] = table
+    return summary
+
+
+def pareto_lines(rows: list[dict]) -> list[str]:
+    lines = ["| budget | MACs | params | top-1 % | agreement % | checked drop | sites | model |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "macs" not in r:
+            lines.append(f"| {r['budget']:.2f} | | | | | | | {r['status']} |")
+            continue
+        acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
+        lines.append(f"| {r['budget']:.2f} | {100 * r['macs']:.1f}% | {100 * r['params']:.1f}% | {acc} | "
+                     f"{100 * r['agreement']:.2f} | {r['checked_drop']:.2f} | {r['sites']} | {r['model']} |")
+    return lines
 
 
 def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, device: str = "cpu",

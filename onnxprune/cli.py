@@ -347,6 +347,104 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     click.echo(f"wrote {output} ({len(stats.header.get('requests', []))} tensors; {sets})")
 
 
+def plan_flags(func):
+    """What the planner may touch: --method (auto / a family / a criterion), --objective, --layers."""
+    options = [
+        click.option("--method", type=click.Choice(["auto"] + list(METHODS) + list(PRUNING_CRITERIA)), default="auto",
+                     show_default=True, help="auto: pruning and low rank per site; or one family / criterion."),
+        click.option("--objective", type=click.Choice(["macs", "params"]), help="What 'smaller' means (default macs)."),
+        click.option("--layers", help="Comma-separated group / layer names to consider; default all."),
+        click.option("--calib-size", type=click.IntRange(min=8), help="At most this many calibration samples."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def plan_only_recipe(kw: dict, preprocess: dict, **goal):
+    """A recipe whose plan table carries the flags of `sensitivity` / `sweep`."""
+    from onnxprune.pipeline import Recipe
+
+    kw = {**kw, "max_drop": None, "flops": None, "keep": None}
+    layers = tuple(v for v in (kw.get("layers") or "").split(",") if v)
+    plan = plan_request(kw, layers)
+    plan.pop("max_drop", None)
+    plan.update(goal)
+    return Recipe(passes=(), plan=plan, seed=kw["seed"], calib_size=kw.get("calib_size"),
+                  split=kw.get("split") or 0.5, batch_size=kw["batch_size"], preprocess=preprocess)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
+@click.option("--source-data", help="Samples from the training domain: also show where the domains differ.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Curves as JSON (.json).")
+@click.option("--figure", type=click.Path(dir_okay=False), help="Heat map PNG (default: next to -o).")
+@plan_flags
+@preprocess_options
+@common_options
+@user_errors
+def sensitivity(model, output, figure, verbose, quiet, device, **kw):
+    """Damage of compressing each site of MODEL alone, at each size (JSON, table and heat map)."""
+    from pathlib import Path
+
+    from onnxprune import api
+    from onnxprune.plan.figures import sensitivity_table
+
+    preprocess = preprocess_dict(kw)
+    recipe = plan_only_recipe(kw, preprocess, max_drop=1.0)
+    figure = figure or str(Path(output).with_suffix(".png"))
+    result = api.sensitivity(model, kw["target_data"], recipe=recipe, source_data=kw["source_data"], output=output,
+                             figure=figure, device=device, progress=show_progress(quiet))
+    if quiet == 0:
+        for line in sensitivity_table(result["sensitivity"]):
+            click.echo(line)
+        for key, row in (result.get("shift") or {}).items():
+            click.echo(f"shift {key}: mean {row['mean_shift']:.3f}, cov {row['moment_cov']:.3f}, "
+                       f"angle {row['subspace_angle']:.1f} deg")
+    click.echo(f"wrote {output} and {', '.join(result.get('figures', []))} ({len(result['sensitivity'])} sites, "
+               f"{result['seconds'].get('sensitivity', 0):.1f} s)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
+@click.option("--source-data", help="Samples from the training domain (MoMaSP criteria).")
+@click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to calibrate).")
+@click.option("--flops", help="Comma-separated MAC budgets, e.g. 0.9,0.8,0.7 (fractions of the original).")
+@click.option("--keep", help="Comma-separated parameter budgets instead.")
+@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that calibrates.")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@plan_flags
+@preprocess_options
+@common_options
+@user_errors
+def sweep(model, output, verbose, quiet, device, **kw):
+    """Compress MODEL at several budgets from one calibration and sensitivity run; Pareto table + plot."""
+    from onnxprune import api
+
+    if (kw["flops"] is None) == (kw["keep"] is None):
+        raise RecipeError("--flops/--keep", "give one list of budgets", "e.g. --flops 0.9,0.8,0.7")
+    flag, objective = ("--flops", "macs") if kw["flops"] is not None else ("--keep", "params")
+    budgets = _floats(kw["flops"] or kw["keep"])
+    if any(not 0 < b < 1 for b in budgets):
+        raise click.BadParameter(f"budgets must be fractions in (0, 1), got {kw['flops'] or kw['keep']}",
+                                 param_hint=flag)
+    if kw.get("objective") not in (None, objective):
+        raise RecipeError(f"--objective {kw['objective']}", f"contradicts {flag}")
+    preprocess = preprocess_dict(kw)
+    kw["objective"] = objective
+    recipe = plan_only_recipe(kw, preprocess, budget=budgets[0])
+    result = api.sweep(model, kw["target_data"], budgets, recipe=recipe, output_dir=output,
+                       source_data=kw["source_data"], eval_data=kw["eval_data"], device=device,
+                       progress=show_progress(quiet), measure_latency=not kw["no_latency"])
+    for line in result["table"]:
+        click.echo(line)
+    click.echo(f"wrote {output}/ (models, reports, pareto.md, pareto.json, pareto.png)")
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)

@@ -35,7 +35,8 @@ import onnx
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from onnxprune import cost
+from onnxprune import cost, linalg
+from onnxprune.calibration.stats import StatRequest
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.errors import RecipeError
 from onnxprune.graph import ChannelGroup, LinearLayer, find_channel_groups, find_linear_layers, node_names
@@ -463,6 +464,34 @@ class Planner:
                      ", ".join(f"{r['size']}:{r['damage']:.3g}" for r in rows))
         self._timed("sensitivity", started)
         return self.curves
+
+    # ------------------------------------------------------------------ domain shift
+
+    @one_blas_thread
+    def domain_shift(self, max_channels: int = 4096) -> dict[str, dict]:
+        """Per site, how far the source statistics are from the target's (``linalg.domain_shift``)
+        at the site's tensor: the channels a group prunes, or a layer's input channels."""
+        if "source" not in self.provider.samples:
+            raise RecipeError("--source-data", "domain shift needs source samples", "pass --source-data DIR")
+        requests = {}
+        for site in self.sites:
+            if site.family == "prune":
+                tensor, axis, dim = site.group.site, 1, site.group.channels
+            else:
+                layer = site.layer
+                axis = 1 if layer.op == "Conv" else -1
+                dim = layer.in_features // (int(np.prod(layer.attrs.get("kernel_shape") or [1]))
+                                            if layer.op == "Conv" else 1)
+                tensor = layer.input
+            if dim <= max_channels:
+                requests[site.key] = StatRequest(tensor, kind="features", axis=axis)
+        unique = list(dict.fromkeys(requests.values()))
+        views = {s: self.provider(self.original, unique, (s,)) for s in ("target", "source")}
+        out = {}
+        for key, request in requests.items():
+            t, s = views["target"].moments(request, "target"), views["source"].moments(request, "source")
+            out[key] = linalg.domain_shift(s.mean, s.covariance, t.mean, t.covariance)
+        return out
 
     # ------------------------------------------------------------------ allocation
 

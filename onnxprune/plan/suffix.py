@@ -47,11 +47,15 @@ class Suffix:
             self.inputs: list[str] = []
             self.model = None
             return
-        # Only what the output needs: walk back from it through changed tensors.
+        # Only what the output needs: walk back from it through changed tensors. Unchanged
+        # float activations become inputs (one row per sample, cacheable); constants and
+        # shape arithmetic (int tensors, e.g. Pad's pads) are recomputed inside the suffix.
         producer = {o: node for node in graph.node for o in node.output if o}
         needed_nodes: set[int] = set()
         boundary: dict[str, None] = {}
         inits = {t.name for t in graph.initializer}
+        graph_inputs = {v.name for v in graph.input} - inits
+        floats = _float_tensors(model)
         stack = [output]
         seen = set()
         while stack:
@@ -64,7 +68,7 @@ class Suffix:
             for name in node.input:
                 if not name or name in inits:
                     continue
-                if name in changed:
+                if name in changed or (name not in graph_inputs and name not in floats):
                     stack.append(name)
                 else:
                     boundary[name] = None
@@ -150,6 +154,29 @@ class ActivationCache:
     @property
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self.values.values())
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors that hold float activations: the outputs of nodes that read a float graph
+    input or a float activation (not of constant or shape arithmetic), by forward type
+    propagation from the graph's float inputs."""
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.BFLOAT16}
+    inits = {t.name for t in model.graph.initializer}
+    float_inits = {t.name for t in model.graph.initializer if t.data_type in float_types}
+    live = {v.name for v in model.graph.input if v.name not in inits
+            and v.type.tensor_type.elem_type in float_types}
+    non_float_ops = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "TopK"}
+    for node in model.graph.node:         # topological order
+        if node.op_type in non_float_ops or node.op_type.startswith("Cast"):
+            if node.op_type == "Cast" and any(a.name == "to" and a.i in float_types for a in node.attribute) \
+                    and any(i in live for i in node.input):
+                live.update(o for o in node.output if o)
+            continue
+        embedding = node.op_type == "Gather" and node.input[0] in float_inits   # int ids -> float rows
+        if embedding or any(i in live for i in node.input if i):
+            live.update(o for o in node.output if o)
+    return live
 
 
 def fixed_batch_of(model: onnx.ModelProto) -> int | None:
