@@ -250,8 +250,12 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, dev
     passes = tuple(result.pop("passes"))
     result.pop("plan")
     planning = {**result, **planner.report()}
-    if not passes:
+    if not passes or not result.get("budget_met", True):
         report = {"plan": planning, "calibration": {name: s.describe() for name, s in samples.items()}}
+        if passes:
+            raise _failed(report, output=None, error=ValidationFailed(
+                "plan", f"the most compressed plan keeps {100 * result['cost']:.1f}% of the {result['objective']}, "
+                        f"more than the budget {100 * goal['budget']:g}%", "allow a larger budget"))
         raise _failed(report, output=None, error=ValidationFailed(
             "plan", f"no site can be compressed within {_goal_text(goal)} on the calibration checks",
             "allow a larger --max-drop, a larger budget, or give more target samples"))

@@ -275,6 +275,8 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
         for line in layer_table(result.report):
             click.echo(line)
         click.echo()
+        for line in plan_lines(result.report):
+            click.echo(line)
     for line in verdict_lines(result.report, output):
         click.echo(line)
 
@@ -300,6 +302,26 @@ def layer_table(report: dict) -> list[str]:
     for r in rows:
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + str(r[-1]))
     return lines
+
+
+def plan_lines(report: dict) -> list[str]:
+    """What the planner chose and what its cross-fitted check measured (nothing without a plan)."""
+    plan = report.get("plan")
+    if not plan:
+        return []
+    goal = plan["goal"]
+    wanted = (f"within {goal['max_drop']:g} points" if "max_drop" in goal
+              else f"at {100 * goal['budget']:g}% of the {plan['objective']}")
+    check = plan["check"]
+    metric = "accuracy" if check.get("accuracy_reference") is not None else "agreement"
+    seconds = plan.get("seconds", {})
+    return [
+        f"plan: {len(plan['sites'])} of {plan['sites_considered']} sites compressed, {wanted}: "
+        f"{100 * plan['cost']:.1f}% of the {plan['objective']}, step {plan['step']}/{plan['steps']}",
+        f"plan check ({plan['calibration_samples']} calibration samples, cross-fitted): {metric} drop "
+        f"{check['drop']:.2f} +- {check['se']:.2f} points; planning took {sum(seconds.values()):.0f} s",
+        "",
+    ]
 
 
 def verdict_lines(report: dict, output) -> list[str]:

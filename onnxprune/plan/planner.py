@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 FAMILIES = ("prune", "low-rank")
 OBJECTIVES = ("macs", "params")
 #: keep fractions tried per site (channels kept for pruning, parameters kept for low rank)
-LADDER = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+LADDER = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
 FOLDS = 4
 
 
@@ -258,10 +258,11 @@ def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tu
     return kept, skipped
 
 
-def ladder_sizes(site: Site, options: PlanOptions) -> list[int]:
-    """Sizes tried for ``site``, mildest first (rounded to ``multiple`` where wide)."""
+def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
+    """(ladder fraction, size) tried for ``site``, mildest first (rounded to ``multiple``
+    where wide; a fraction whose rounded size repeats an earlier one is left out)."""
     m = int(options.multiple)
-    sizes = []
+    sizes, out = [], []
     for f in options.ladder:
         if site.family == "prune":
             k = max(1, round(f * site.size))
@@ -279,7 +280,8 @@ def ladder_sizes(site: Site, options: PlanOptions) -> list[int]:
                 continue
         if k not in sizes:
             sizes.append(k)
-    return sizes
+            out.append((f, k))
+    return out
 
 
 # --------------------------------------------------------------------------- damage
@@ -447,7 +449,7 @@ class Planner:
         bar = tqdm(self.sites, desc="sensitivity", unit="site", disable=not self.progress, leave=False)
         for site in bar:
             rows = []
-            for size in ladder_sizes(site, self.options):
+            for fraction, size in ladder_sizes(site, self.options):
                 trial = self.apply(site.passes(size, self.options), half=0)
                 outputs = Suffix(trial, hashes, output).run(cache, batch_size=max(self.batch_size, 64),
                                                             device=self.device)
@@ -455,7 +457,7 @@ class Planner:
                 saving = (self.costs.prune_saving(site.group, size) if site.family == "prune"
                           else self.costs.split_saving(site.layer, size))
                 rows.append({"size": size, "of": site.size if site.family == "prune" else _full_rank(site),
-                             "saving": saving, **d})
+                             "keep": fraction, "saving": saving, **d})
                 if d.get("agreement", 1.0) < self.options.stop_agreement:
                     break
             cache.drop()
@@ -627,9 +629,9 @@ class Planner:
 
     def report(self) -> dict[str, Any]:
         return {
-            "sites": len(self.sites), "skipped": self.skipped,
+            "sites_considered": len(self.sites), "skipped": self.skipped,
             "sensitivity": self.curves, "checks": self.checks,
-            "seconds": {k: round(v, 2) for k, v in self.timings.items()},
+            "seconds": {k: round(v, 2) for k, v in self.timings.items() if k != "search"},
         }
 
 
