@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from onnxprune.api import calibrate, compress, inspect, validate  # noqa: E402
+from onnxprune.api import calibrate, compress, inspect, merge_stats, validate  # noqa: E402
 
-__all__ = ["__version__", "calibrate", "compress", "inspect", "validate"]
+__all__ = ["__version__", "calibrate", "compress", "inspect", "merge_stats", "validate"]

@@ -80,6 +80,10 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
             raise _failed(report, output=output, error=exc) from None
     else:
         preloaded = Statistics.load(stats, model=original) if stats is not None else None
+        if preloaded is not None and preloaded.header.get("shard"):
+            record = preloaded.header["shard"]
+            raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
+                            "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
         provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                                  progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
     compressed, report = run_pipeline(original, recipe, provider)
@@ -291,12 +295,26 @@ def recipe_path(output: Path) -> Path:
 
 
 def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, source_data=None,
-              device: str = "cpu", progress: bool = True) -> Statistics:
-    """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``."""
+              device: str = "cpu", progress: bool = True, shard: tuple[int, int] | str | None = None,
+              client=None, cluster: str | None = None, workers: int | None = None,
+              shards: int | None = None) -> Statistics:
+    """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``.
+
+    shard: ``(i, n)`` (0-based) or ``"i/n"`` (1-based): only shard i of n of each sample
+        set (contiguous whole batches); merge the n files with ``merge_stats``.
+    client / cluster / workers: run ``shards`` shards (default: one per worker) as tasks on
+        a Dask ``distributed.Client``, on the scheduler at address ``cluster``, or on a new
+        local cluster of ``workers`` processes; the merged result is written.
+    """
+    from onnxprune.calibration import cluster as tasks_on
+    from onnxprune.calibration.shard import parse_shard
+
     original = as_model(model)
     samples = {"target": as_samples(target_data, original, recipe.preprocess)}
+    sources = {"target": _path_or_none(target_data)}
     if source_data is not None:
         samples["source"] = as_samples(source_data, original, recipe.preprocess)
+        sources["source"] = _path_or_none(source_data)
     requests: dict[str, list] = {}
     for p in recipe.build():
         for request, sets in p.requests(original):
@@ -305,14 +323,72 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
                     requests.setdefault(set_name, []).append(request)
     if not requests:
         raise RecipeError("recipe", "needs no statistics on this model (no compressible layer)")
-    stats = None
-    for set_name, todo in requests.items():
-        part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
-                       batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
-                       seed=recipe.seed)
-        stats = part if stats is None else stats.merge(part)
+    distributed = sum(v is not None for v in (client, cluster, workers))
+    if distributed > 1:
+        raise RecipeError("client/cluster/workers", "give at most one of them")
+    if distributed and shard is not None:
+        raise RecipeError("shard", "runs one shard here; it cannot be combined with a cluster",
+                          "use --cluster/--workers alone (every shard runs there)")
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device)
+    model_source = _path_or_none(model)
+    if shard is not None:
+        index, count = int(shard[0]), int(shard[1])
+        if not 0 <= index < count:
+            raise RecipeError("shard", f"index {index} is not in 0..{count - 1}")
+        options["count"] = count
+        # in this process: the sample sets already open here serve the shard
+        task, = tasks_on.plan(model_source, original, samples, {}, requests, indices=[index], **options)
+        stats = tasks_on.run_shard(task, progress=progress)
+    elif distributed:
+        own = client is None
+        if workers is not None:
+            if int(workers) < 1:
+                raise RecipeError("workers", f"must be >= 1, got {workers}")
+            client = tasks_on.local_client(int(workers))
+        elif cluster is not None:
+            client = tasks_on.connect(cluster)
+        try:
+            count = int(shards) if shards else max(1, len(client.scheduler_info().get("workers", {})))
+            options["count"] = count
+            stats = tasks_on.run_on_dask(tasks_on.plan(model_source, original, samples, sources, requests,
+                                                       **options), client)
+        finally:
+            if own:
+                _close(client)
+    else:
+        stats = None
+        for set_name, todo in requests.items():
+            part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
+                           batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
+                           seed=recipe.seed)
+            stats = part if stats is None else stats.merge(part)
     stats.save(output)
     return stats
+
+
+def merge_stats(inputs, output: str | os.PathLike) -> Statistics:
+    """Merge the shard files ``inputs`` of one ``calibrate --shard`` run into ``output``."""
+    from onnxprune.calibration.shard import merge_shards
+
+    paths = [Path(p) for p in inputs]
+    if Path(output).resolve() in {p.resolve() for p in paths}:
+        raise RecipeError(str(output), "is one of the inputs", "choose another output path (-o)")
+    merged = merge_shards([Statistics.load(p) for p in paths], names=[p.name for p in paths])
+    merged.save(output)
+    return merged
+
+
+def _path_or_none(source):
+    return str(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+def _close(client) -> None:
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def inspect(model) -> dict[str, Any]:

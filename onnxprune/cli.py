@@ -1,20 +1,30 @@
 """Command line: parsing and printing only. Results on stdout, logs on stderr.
 
 Exit codes: 0 success; 1 user error (one line naming the problem); 2 usage;
-3 the compressed model failed the requested accuracy check.
+3 the compressed model failed the requested accuracy check; 4 internal error (a bug in
+onnxprune: one line naming the stage or pass, the full traceback written to
+``onnxprune-internal-<time>-<pid>.log`` in the system temp directory, whose path is printed).
+
+Logging: warnings by default, ``-v`` what each stage and pass does (sites found, skipped and
+why, sizes chosen, timings), ``-vv`` the numbers behind each choice, ``-q`` errors only; on stderr.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import click
 
-from onnxprune import __version__
-from onnxprune.errors import OnnxPruneError, RecipeError
+from onnxprune import __version__, criteria
+from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, RecipeError
 
 log = logging.getLogger("onnxprune")
 
@@ -25,7 +35,8 @@ METHODS = {
     "dalr": [("low-rank-split", {"method": "dalr"})],
     "dalr-bc": [("low-rank-split", {"method": "dalr"}), ("bias-compensate", {})],
 }
-PRUNING_CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
+# channel-pruning criteria: every one registered in onnxprune.criteria
+PRUNING_CRITERIA = criteria.names()
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -95,19 +106,77 @@ def show_progress(quiet: int) -> bool:
     return quiet == 0 and sys.stderr.isatty()
 
 
+class _Stderr(logging.Handler):
+    """Writes records to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def setup_logging(verbose: int, quiet: int) -> None:
+    """The ``onnxprune`` loggers at WARNING, INFO (-v), DEBUG (-vv) or ERROR (-q), on stderr."""
+    level = max(logging.WARNING - 10 * verbose + 10 * quiet, logging.DEBUG)
+    for handler in [h for h in log.handlers if isinstance(h, _Stderr)]:
+        log.removeHandler(handler)
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+
+
+def internal_error_log(command: str, exc: BaseException) -> Path:
+    """Write the full traceback of an internal error to a new file in the temp directory."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(tempfile.gettempdir()) / f"onnxprune-internal-{stamp}-{os.getpid()}.log"
+    text = (f"onnxprune {__version__}, command {command}, python {sys.version.split()[0]}\n"
+            f"argv: {' '.join(sys.argv)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    path.write_text(text)
+    return path
+
+
+def _where(command: str, exc: BaseException) -> str:
+    """The stage an unexpected exception came from: the InternalError's, else the innermost
+    onnxprune frame of its traceback."""
+    if isinstance(exc, InternalError):
+        return exc.stage
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}onnxprune{os.sep}" in f.filename]
+    if not frames:
+        return command
+    frame = frames[-1]
+    module = frame.filename.rsplit(f"{os.sep}onnxprune{os.sep}", 1)[-1]
+    return f"{command} ({module}:{frame.lineno}, {frame.name})"
+
+
 def user_errors(func):
-    """Turn OnnxPruneError into a one-line message and its exit code; bugs keep their traceback."""
+    """OnnxPruneError: a one-line message and its exit code (1, 3). Anything else is a bug:
+    one line naming where, the traceback written to a log file, exit code 4."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        verbose, quiet = kwargs.get("verbose", 0), kwargs.get("quiet", 0)
-        level = logging.WARNING - 10 * verbose + 10 * quiet
-        logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+        setup_logging(kwargs.get("verbose", 0), kwargs.get("quiet", 0))
         try:
             return func(*args, **kwargs)
         except OnnxPruneError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise                   # usage errors (exit 2) and click's own exits
+        except Exception as exc:
+            command = func.__name__
+            try:
+                where = f"traceback written to {internal_error_log(command, exc)}"
+            except OSError as write_error:
+                where = f"the traceback could not be written ({write_error}); rerun with -vv"
+            problem = exc.problem if isinstance(exc, InternalError) else \
+                f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            click.echo(f"internal error in {_where(command, exc)}: {problem}. This is a bug in onnxprune, "
+                       f"not in your input; {where}, please send it to us.", err=True)
+            sys.exit(INTERNAL_EXIT_CODE)
 
     return wrapper
 
@@ -353,6 +422,10 @@ def verdict_lines(report: dict, output) -> list[str]:
 @click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc")
 @click.option("--layers")
 @click.option("--seed", type=int, default=0)
+@click.option("--shard", help="Only shard I of N (I/N, 1-based: contiguous whole batches); merge with merge-stats.")
+@click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
+@click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
+@click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
 @preprocess_options
 @common_options
 @user_errors
@@ -361,10 +434,25 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     from onnxprune import api
 
     preprocess = preprocess_dict(kw)
+    shard, cluster, workers, shards = (kw.pop(k) for k in ("shard", "cluster", "workers", "shards"))
+    if shards is not None and cluster is None and workers is None:
+        raise click.UsageError("--shards needs --cluster or --workers")
+    if shard is not None and (cluster is not None or workers is not None):
+        raise click.UsageError("--shard runs one shard here: do not combine it with --cluster/--workers")
+    if cluster is not None and workers is not None:
+        raise click.UsageError("give --cluster or --workers, not both")
     kw.update(split=0.5, calib_size=None, mode=None, allocation="global")
     recipe = build_recipe(kw, preprocess)
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
-                          device=device, progress=show_progress(quiet))
+                          device=device, progress=show_progress(quiet), shard=shard, cluster=cluster,
+                          workers=workers, shards=shards)
+    record = stats.header.get("shard")
+    if record:
+        sets = ", ".join(f"{k}: samples {v['start']}-{v['stop'] - 1} of {v['set'].get('count')}"
+                         for k, v in record["sets"].items())
+        click.echo(f"wrote {output} (shard {record['index'] + 1}/{record['count']}; "
+                   f"{len(stats.header.get('requests', []))} tensors; {sets})")
+        return
     sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
     click.echo(f"wrote {output} ({len(stats.header.get('requests', []))} tensors; {sets})")
 
@@ -465,6 +553,21 @@ def sweep(model, output, verbose, quiet, device, **kw):
     for line in result["table"]:
         click.echo(line)
     click.echo(f"wrote {output}/ (models, reports, pareto.md, pareto.json, pareto.png)")
+
+
+@main.command("merge-stats")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Merged statistics (.npz).")
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output.")
+@user_errors
+def merge_stats(inputs, output, verbose, quiet):
+    """Merge the shard files of `calibrate --shard i/n` (all n of them) into one statistics file."""
+    from onnxprune import api
+
+    stats = api.merge_stats(inputs, output)
+    sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
+    click.echo(f"wrote {output} ({len(inputs)} shards; {len(stats.header.get('requests', []))} tensors; {sets})")
 
 
 @main.command()

@@ -33,6 +33,14 @@ def test_ci_installs_and_tests_as_the_readme_says():
     assert test in ci
 
 
+def test_ci_installs_the_extras_the_readme_documents():
+    ci = (ROOT / ".ci" / "run").read_text()
+    extras = re.findall(r'pip install -e "\.\[(dask)\]"', README)
+    assert extras == ["dask"]
+    for extra in extras:
+        assert f'pip install -q -e ".[{extra}]"' in ci, extra
+
+
 def test_first_command_compresses_the_bundled_sample(monkeypatch):
     command = code_blocks()[0].strip().split("&&")[-1].strip()
     args = shlex.split(command)

@@ -13,7 +13,9 @@ to choose ridges on held-out calibration data.
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -27,6 +29,8 @@ from onnxprune.calibration.stats import Moments, StatRequest, Statistics, releas
 from onnxprune.errors import CalibrationError, DataError
 from onnxprune.model import clone, input_specs, model_hash
 from onnxprune.runtime import batch_size_for, make_session, run_batches
+
+log = logging.getLogger(__name__)
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
               ort_state.NotImplemented, ort_state.RuntimeException)
@@ -42,14 +46,23 @@ def collect(
     device: str = "cpu",
     progress: bool = True,
     seed: int = 0,
+    offset: int = 0,
+    threads: int | None = None,
 ) -> Statistics:
     """Statistics of ``requests`` on each sample set of ``samples`` ({"target": SampleSet, ...}).
+
+    ``threads``: onnxruntime intra-op threads (None: its default).
+    ``offset``: the position of the first sample in a larger set this one is a shard of
+    (see ``calibration/shard.py``): folds and sampled patch positions follow the position in
+    the whole set, so shards merge to the statistics of the whole set.
 
     Raises CalibrationError for an unknown tensor, a non-finite activation, an empty
     sample set or a tensor whose shape does not fit its request.
     """
     if int(folds) < 1:
         raise CalibrationError("folds", f"must be >= 1, got {folds}")
+    if int(offset) < 0:
+        raise CalibrationError("offset", f"must be >= 0, got {offset}")
     if int(batch_size) < 1:
         raise CalibrationError("batch_size", f"must be >= 1, got {batch_size}")
     folds = int(folds)
@@ -76,7 +89,7 @@ def collect(
         return Statistics(header, moments)
 
     exposed, outputs = expose(model, tensors)
-    session = make_session(exposed, device=device)
+    session = make_session(exposed, device=device, threads=threads)
     size = batch_size_for(model, int(batch_size))
     fixed = {spec.fixed_batch for spec in input_specs(model)} - {None}
     fixed_batch = fixed.pop() if len(fixed) == 1 else None
@@ -85,8 +98,11 @@ def collect(
         by_tensor.setdefault(r.tensor, []).append(r)
 
     for set_name, sample_set in samples.items():
+        started = time.perf_counter()
+        log.info("calibration: %d samples of the %s set through %d exposed tensors (%d requests), batches of %d, "
+                 "%d folds", len(sample_set), set_name, len(tensors), len(requests), size, folds)
         per_fold = [0] * folds
-        position = 0
+        position = int(offset)
         bar = _progress(len(sample_set), f"calibrate {set_name}", progress)
         batches = run_batches(session, sample_set, outputs, batch_size=size, fixed_batch=fixed_batch)
         try:
@@ -119,6 +135,8 @@ def collect(
             batches.close()
             release_buffers()
         header["samples"][set_name] = per_fold
+        log.info("calibration: %s set done in %.2f s (samples per fold %s)", set_name, time.perf_counter() - started,
+                 per_fold)
     return Statistics(header, moments)
 
 

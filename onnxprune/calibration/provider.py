@@ -9,6 +9,7 @@ pruning needs (later layers see the already-compressed upstream).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import onnx
@@ -17,6 +18,8 @@ from onnxprune.calibration.collect import collect
 from onnxprune.calibration.stats import Moments, StatRequest, Statistics
 from onnxprune.errors import CalibrationError
 from onnxprune.model import cone_hashes
+
+log = logging.getLogger(__name__)
 
 
 class StatsView:
@@ -70,7 +73,11 @@ class StatsProvider:
                     entries[(set_name, request.key)] = self._preloaded
                 else:
                     missing.setdefault(set_name, []).append(request)
+        reused = len(entries)
+        if reused:
+            log.debug("statistics: %d request(s) answered from cache or --stats (upstream unchanged)", reused)
         for set_name, todo in missing.items():
+            log.debug("statistics: %d request(s) on the %s set need a new calibration run", len(todo), set_name)
             if set_name not in self.samples:
                 raise CalibrationError(set_name, "statistics file lacks what this recipe needs",
                                        f"pass --{set_name}-data so they can be gathered")

@@ -39,7 +39,7 @@ from onnxprune import cost, linalg
 from onnxprune.calibration.stats import StatRequest
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.errors import RecipeError
-from onnxprune.graph import ChannelGroup, LinearLayer, find_channel_groups, find_linear_layers, node_names
+from onnxprune.graph import ChannelGroup, LinearLayer, find_channel_groups, find_linear_layers, name_nodes
 from onnxprune.model import clone, count_parameters
 from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.low_rank_split import split_params
@@ -188,14 +188,6 @@ def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions) -> li
         if options.bias:
             passes.append(("bias-compensate", {}))
     return passes
-
-
-def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose nodes all have unique names (unnamed ones as ``inspect`` shows them)."""
-    named = clone(model)
-    for node, name in zip(named.graph.node, node_names(model)):
-        node.name = name
-    return named
 
 
 class Costs:
@@ -364,7 +356,8 @@ class Planner:
         if len(calib) < 8:
             raise RecipeError("calibration", f"{len(calib)} samples are too few to plan and check",
                               "give at least 8 (better hundreds of) target samples")
-        self.original = name_nodes(model)
+        self.original = clone(model)
+        name_nodes(self.original)       # sites are addressed by node name
         self.calib = calib
         self.options = options
         self.batch_size = batch_size
