@@ -228,7 +228,7 @@ RULE_FLAGS = ("rank", "fraction", "energy", "alpha", "tau", "ridge", "mode", "th
 
 def planned(kw: dict) -> bool:
     """Whether compress plans per site (the default) or runs one fixed recipe."""
-    if kw.get("allocation") == "global" or kw.get("no_reconstruct"):
+    if kw.get("allocation") == "global" or kw.get("no_reconstruct") or kw.get("stats"):
         return False
     if kw["method"] == "pfa-kl":
         return False

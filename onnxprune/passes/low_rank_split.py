@@ -529,7 +529,7 @@ class LowRankSplit(Pass):
 
     def _budget(self) -> str:
         opts = self.options
-        return next(f"{name}={getattr(opts, name)}" for name in ("rank", "fraction", "energy", "keep")
+        return next(f"{name}={getattr(opts, name)}" for name in ("rank", "fraction", "energy", "keep", "ranks")
                     if getattr(opts, name) is not None)
 
     def _ranks(self, weights, spectra) -> dict[str, int]:
