@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.validate import ValidationReport, check_thresholds
 from onnxprune.validate import validate as _validate
+
+log = logging.getLogger(__name__)
+
 
 def as_model(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
@@ -95,6 +99,9 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                            measure_latency=measure_latency, progress=progress)
     report["validation"] = validation.to_dict()
     report["recipe"] = recipe.to_dict()
+    report["warnings"] = collapse_warnings(validation, held_out)
+    for line in report["warnings"]:
+        log.warning(line)
     try:
         check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
     except ValidationFailed as exc:
@@ -106,6 +113,25 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
         recipe.save(recipe_path(output))
     return CompressResult(compressed, report, output)
+
+
+#: agreement below this on held-out samples is a collapse, whatever the request was
+AGREEMENT_FLOOR = 0.5
+
+
+def collapse_warnings(validation: ValidationReport, held_out: SampleSet) -> list[str]:
+    """Loud lines when the compressed model is broken: near chance, or far from the original."""
+    out = []
+    if validation.agreement == validation.agreement and validation.agreement < AGREEMENT_FLOOR:
+        out.append(f"the compressed model agrees with the original on only {100 * validation.agreement:.1f}% of "
+                   f"{validation.samples} held-out samples: it is broken for this data")
+    labels = held_out.labels
+    if validation.accuracy_candidate is not None and labels is not None:
+        chance = 1.0 / max(len(np.unique(labels)), 1)
+        if validation.accuracy_candidate <= 1.5 * chance < validation.accuracy_reference:
+            out.append(f"the compressed model's accuracy {100 * validation.accuracy_candidate:.1f}% is near chance "
+                       f"({100 * chance:.1f}% for {len(np.unique(labels))} classes)")
+    return out
 
 
 def split_samples(original: onnx.ModelProto, target_data, recipe: Recipe, *, eval_data=None,

@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 FAMILIES = ("prune", "low-rank")
 OBJECTIVES = ("macs", "params")
 #: keep fractions tried per site (channels kept for pruning, parameters kept for low rank)
-LADDER = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
+LADDER = (0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1, 0.05, 0.02)
 FOLDS = 4
+#: sensitivity: cached activations are dropped once they exceed this many bytes
+CACHE_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,7 @@ class PlanOptions:
     ladder: tuple[float, ...] = LADDER
     check_samples: int = 256             # sensitivity: at most this many samples of half 1
     min_share: float = 0.002             # sites that can save less of the objective are left alone
-    stop_agreement: float = 0.5          # a ladder stops once a site alone falls below this agreement
+    stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
     margin: float = 1.0                  # standard errors of the measured drop kept in reserve
     multiple: int = 8                    # wide groups / large ranks keep multiples of this
     low_rank: str = "dalr"               # low-rank-split method for the low-rank family (dalr | svd)
@@ -247,6 +249,9 @@ def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tu
                             "reason": f"saves at most {100 * best / max(costs.total, 1):.2f}% of the {costs.objective}"})
         else:
             kept.append(site)
+    # in graph order, so sites reading the same activation follow each other (one cached fetch)
+    position = {node.name: i for i, node in enumerate(model.graph.node)}
+    kept.sort(key=lambda site: (min(position.get(n, len(position)) for n in site.nodes), site.family))
     return kept, skipped
 
 
@@ -453,7 +458,8 @@ class Planner:
                              "keep": fraction, "saving": saving, **d})
                 if d.get("agreement", 1.0) < self.options.stop_agreement:
                     break
-            cache.drop()
+            if cache.nbytes > CACHE_BYTES:
+                cache.drop()
             self.curves[site.key] = rows
             log.info("sensitivity %s (%s): %s", site.name, site.family,
                      ", ".join(f"{r['size']}:{r['damage']:.3g}" for r in rows))

@@ -146,3 +146,13 @@ def test_cli_sensitivity_and_sweep_write_their_files(tmp_path):
     assert [r["budget"] for r in rows] == [0.6, 0.3]
     assert all(r["macs"] <= r["budget"] * 1.001 for r in rows)
     assert (out / "pareto.png").exists() and (out / "pareto.md").read_text().count("\n") == 4
+
+
+def test_a_collapsed_model_is_reported_loudly(tmp_path):
+    out = tmp_path / "broken.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
+                                       "--calib-size", "200", "--method", "svd", "--rank", "1", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("broken.report.json").read_text())
+    assert any("broken" in w or "chance" in w for w in report["warnings"])
+    assert "WARNING" in result.stderr
