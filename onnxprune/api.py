@@ -54,17 +54,22 @@ class CompressResult:
 def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | None = None,
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
-             min_agreement: float | None = None, measure_latency: bool = True) -> CompressResult:
-    """Calibrate on the target data, run the recipe, validate on held-out data, write the output.
+             min_agreement: float | None = None, measure_latency: bool = True,
+             finetune=None) -> CompressResult:
+    """Calibrate on the target data, plan (``recipe.plan``) or run the recipe, validate on
+    held-out data, write the output.
 
-    With ``max_drop``/``min_agreement`` a failed check raises ValidationFailed and nothing is
-    written. The input model file is never modified, and the output never overwrites it.
+    With ``max_drop``/``min_agreement`` a failed check raises ValidationFailed and writes
+    ``OUT.failed.report.json`` and no model. The input model file is never modified, and the
+    output never overwrites it. ``finetune`` (an ``onnxprune.train.distill.TrainConfig``, needs the [train] extra) distils the
+    original into the compressed model on the calibration part of the target data before validating.
     """
     source_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None and source_path is not None and Path(output).resolve() == source_path.resolve():
         raise RecipeError(str(output), "is the input model", "choose another output path (-o)")
     original = as_model(model)
-    samples, held_out = split_samples(original, target_data, recipe, eval_data=eval_data, source_data=source_data)
+    samples, held_out, train_set = split_samples(original, target_data, recipe, eval_data=eval_data,
+                                                 source_data=source_data)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
     planning = None
@@ -93,6 +98,11 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     compressed, report = run_pipeline(original, recipe, provider)
     if planning is not None:
         report["plan"] = planning
+    if finetune is not None:
+        from onnxprune.train.api import recover
+
+        compressed, report["finetune"], report["validation_before_finetune"] = recover(
+            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device)
     report["calibration"] = {name: s.describe() for name, s in samples.items()}
     report["evaluation"] = held_out.describe()
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
@@ -135,13 +145,15 @@ def collapse_warnings(validation: ValidationReport, held_out: SampleSet) -> list
 
 
 def split_samples(original: onnx.ModelProto, target_data, recipe: Recipe, *, eval_data=None,
-                  source_data=None) -> tuple[dict[str, SampleSet], SampleSet]:
-    """({"target": calibration samples[, "source": ...]}, held-out evaluation samples), disjoint."""
+                  source_data=None) -> tuple[dict[str, SampleSet], SampleSet, SampleSet]:
+    """({"target": calibration samples[, "source": ...]}, held-out evaluation samples, every
+    non-evaluation target sample (what recovery training may use)); evaluation is disjoint."""
     target = as_samples(target_data, original, recipe.preprocess)
     if eval_data is not None:
         calib, held_out = target, as_samples(eval_data, original, recipe.preprocess)
     else:
         calib, held_out = target.split(recipe.split, seed=recipe.seed)
+    calib_all = calib
     if recipe.calib_size is not None and recipe.calib_size < len(calib):
         calib = calib.subset(np.arange(recipe.calib_size))
     samples = {"target": calib}
@@ -150,7 +162,7 @@ def split_samples(original: onnx.ModelProto, target_data, recipe: Recipe, *, eva
         if recipe.calib_size is not None and recipe.calib_size < len(source):
             source = source.subset(np.arange(recipe.calib_size))
         samples["source"] = source
-    return samples, held_out
+    return samples, held_out, calib_all
 
 
 def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output: str | os.PathLike | None = None,
@@ -201,7 +213,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     budgets = sorted({float(b) for b in budgets}, reverse=True)
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
-    samples, held_out = split_samples(original, target_data, recipe, eval_data=eval_data, source_data=source_data)
+    samples, held_out, _ = split_samples(original, target_data, recipe, eval_data=eval_data, source_data=source_data)
     planner = Planner(original, samples["target"], options=plan_options(recipe.plan or {}),
                       source=samples.get("source"), batch_size=recipe.batch_size, device=device,
                       seed=recipe.seed, progress=progress)

@@ -324,6 +324,8 @@ def _replace(recipe, **changes):
 @click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--finetune", "finetune_epochs", type=click.IntRange(min=1),
+              help="Then distil the original into the result for this many epochs ([train] extra).")
 @preprocess_options
 @common_options
 @user_errors
@@ -333,10 +335,17 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
 
     preprocess = preprocess_dict(kw)
     recipe = build_recipe(kw, preprocess)
+    finetune = None
+    if kw.get("finetune_epochs"):
+        from onnxprune.train import require_torch
+        from onnxprune.train.distill import TrainConfig
+
+        require_torch()
+        finetune = TrainConfig(epochs=kw["finetune_epochs"], seed=kw["seed"], progress=show_progress(quiet))
     result = api.compress(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
                           eval_data=kw["eval_data"], stats=kw["stats"], device=device, progress=show_progress(quiet),
                           max_drop=kw["max_drop"], min_agreement=kw["min_agreement"],
-                          measure_latency=not kw["no_latency"])
+                          measure_latency=not kw["no_latency"], finetune=finetune)
     if as_json:
         click.echo(json.dumps(api.jsonable(result.report), indent=2))
         return
@@ -405,6 +414,11 @@ def verdict_lines(report: dict, output) -> list[str]:
                      f"on {v['samples']} held-out samples")
     lines.append(f"agreement {100 * v['agreement']:.2f}%, relative error {v['relative_error']:.4f}, "
                  f"SQNR {v['sqnr_db']:.1f} dB")
+    if report.get("finetune"):
+        b, ft = report["validation_before_finetune"], report["finetune"]
+        acc = f"accuracy {100 * b['accuracy_candidate']:.2f}%, " if b.get("accuracy_candidate") is not None else ""
+        lines.append(f"before fine-tuning: {acc}agreement {100 * b['agreement']:.2f}% "
+                     f"({len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s, checkpoint epoch {ft['best_epoch']})")
     lat = v.get("latency_ms") or {}
     if lat.get("reference") and lat.get("candidate"):
         parts = [f"{k} {lat['reference'][k]:.2f} -> {lat['candidate'][k]:.2f} ms" for k in lat["reference"]]
@@ -632,6 +646,184 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
         for line in report.summary_lines():
             click.echo(line)
     check_thresholds(report, max_drop=kw["max_drop"], min_agreement=kw["min_agreement"])
+
+
+def training_options(func):
+    """Options of recovery training (finetune, compress --finetune)."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Training epochs."),
+        click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (cosine schedule)."),
+        click.option("--temperature", type=float, default=4.0, show_default=True,
+                     help="Distillation temperature for classifier outputs."),
+        click.option("--label-weight", type=float, default=0.0, show_default=True,
+                     help="Cross-entropy weight when the data has labels (1 without --teacher)."),
+        click.option("--augment", is_flag=True, help="Random crop with padding (+ horizontal flip for RGB images)."),
+        click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Stop after this many epochs without improvement on the held-out fold."),
+        click.option("--val-fraction", type=float, default=0.1, show_default=True,
+                     help="Fraction of the training samples held out to pick the checkpoint."),
+        click.option("--max-minutes", type=float, help="Stop after the epoch that passes this wall time."),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="torch CPU threads (more can be much slower on a shared machine)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs: int | None = None):
+    from onnxprune.train.distill import TrainConfig
+
+    return TrainConfig(epochs=kw.pop("epochs") if epochs is None else epochs, lr=kw.pop("lr"),
+                       batch_size=batch_size, temperature=kw.pop("temperature"),
+                       label_weight=kw.pop("label_weight"), augment=kw.pop("augment"), patience=kw.pop("patience"),
+                       val_fraction=kw.pop("val_fraction"), seed=seed, progress=progress, threads=kw.pop("threads"),
+                       max_seconds=None if kw.get("max_minutes") is None else 60 * kw.pop("max_minutes"))
+
+
+@main.command()
+@click.argument("student", type=click.Path(dir_okay=False))
+@click.option("--teacher", type=click.Path(dir_okay=False), help="The original model to distil (default: plain fine-tuning on labels).")
+@click.option("--target-data", required=True, help="Training samples from the deployment domain (labels optional).")
+@click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to train).")
+@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@training_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
+@click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@preprocess_options
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output; no progress bar.")
+@user_errors
+def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
+    """Recover STUDENT's accuracy by distilling --teacher on --target-data (needs the [train] extra)."""
+    from onnxprune.train import require_torch
+
+    require_torch()
+    from onnxprune.train.api import finetune_files
+
+    preprocess = preprocess_dict(kw)
+    config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
+    result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
+                            split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
+                            measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
+                            min_agreement=kw["min_agreement"])
+    if as_json:
+        click.echo(json.dumps(api_jsonable(result.report), indent=2))
+        return
+    for line in training_lines(result.report):
+        click.echo(line)
+    click.echo(f"wrote {output} (+ .report.json" + (", .curve.png)" if result.report.get("curve_png") else ")"))
+
+
+def api_jsonable(value):
+    from onnxprune.model import jsonable
+
+    return jsonable(value)
+
+
+def training_lines(report: dict) -> list[str]:
+    ft = report["finetune"]
+    before, after = report["validation_before"], report["validation"]
+    ref = report.get("reference", "teacher")
+    lines = [f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
+             f"(checkpoint: epoch {ft['best_epoch']} on {ft['val_samples']} held-out training samples; "
+             f"stopped: {ft['stopped']})"]
+    if after.get("accuracy_reference") is not None and report.get("teacher"):
+        lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: {ref} "
+                     f"{100 * after['accuracy_reference']:.2f}%, student before {100 * before['accuracy_candidate']:.2f}%, "
+                     f"after {100 * after['accuracy_candidate']:.2f}%")
+    elif after.get("accuracy_reference") is not None:
+        lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: before "
+                     f"{100 * before['accuracy_candidate']:.2f}%, after {100 * after['accuracy_candidate']:.2f}%")
+    lines.append(f"agreement with the {ref}: before {100 * before['agreement']:.2f}%, after {100 * after['agreement']:.2f}%")
+    return lines
+
+
+def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        name, sep, value = item.rpartition("=")
+        try:
+            out.append((name, float(value)))
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not NAME=FRACTION") from None
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=FRACTION")
+    return tuple(out)
+
+
+@main.command()
+@click.option("--source-model", required=True, type=click.Path(dir_okay=False), help="Network trained on the source domain.")
+@click.option("--target-model", required=True, type=click.Path(dir_okay=False),
+              help="The same network fine-tuned on the target domain (e.g. with `onnxprune finetune`).")
+@click.option("--source-data", required=True, help="Labelled source-domain samples.")
+@click.option("--target-data", required=True, help="Labelled target-domain samples (training).")
+@click.option("--eval-data", help="Held-out target samples (default: the part of --target-data not used to train).")
+@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
+@click.option("--keep", type=float, required=True, help="Fraction of the Conv/Gemm/MatMul weights kept (non-zero).")
+@click.option("--alpha", default="0.7,0.5,0.3", show_default=True,
+              help="Transfer factor per stage (one value: three stages at it); 0 = target-only magnitude "
+                   "pruning with the same training.")
+@click.option("--allocation", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="One magnitude threshold over all layers, or --keep in every layer.")
+@click.option("--layer-keep", help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate at each stage's start.")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="lr / 10 after this many epochs without a lower training loss.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="At most this many epochs per alpha stage (a stage ends at lr < 1e-6).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Fraction of the target training samples held out to pick the checkpoint.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@preprocess_options
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output; no progress bar.")
+@user_errors
+def coprune(output, as_json, verbose, quiet, **kw):
+    """Co-Prune: prune --target-model to --keep non-zero weights with the source model's help ([train] extra)."""
+    from onnxprune.train import require_torch
+
+    require_torch()
+    from onnxprune.train.api import coprune_files
+    from onnxprune.train.coprune import CoPruneConfig
+
+    preprocess = preprocess_dict(kw)
+    alphas = _floats(kw["alpha"])
+    if len(alphas) == 1:  # one value: the default's three stages, so --alpha 0 trains as long as Co-Prune
+        alphas = alphas * 3
+    config = CoPruneConfig(keep=kw["keep"], alphas=alphas, allocation=kw["allocation"],
+                           layer_keep=_layer_keep(kw["layer_keep"]), lr=kw["lr"], patience=kw["patience"],
+                           max_epochs=kw["max_epochs"], batch_size=kw["batch_size"], val_fraction=kw["val_fraction"],
+                           seed=kw["seed"], threads=kw["threads"], progress=show_progress(quiet))
+    result = coprune_files(kw["source_model"], kw["target_model"], kw["source_data"], kw["target_data"], output,
+                           config=config, eval_data=kw["eval_data"], split=kw["split"], preprocess=preprocess,
+                           measure_latency=not kw["no_latency"])
+    if as_json:
+        click.echo(json.dumps(api_jsonable(result.report), indent=2))
+        return
+    r, v = result.report, result.report["validation"]
+    cp = r["coprune"]
+    click.echo(f"{cp['method']}: kept {cp['kept_weights']:,} of {cp['masked_weights']:,} masked weights "
+               f"({100 * cp['kept_weights'] / cp['masked_weights']:.2f}%); non-zero parameters "
+               f"{r['nonzero_parameters']['target']:,} -> {r['nonzero_parameters']['pruned']:,}")
+    if v.get("accuracy_reference") is not None:
+        click.echo(f"top-1 accuracy on {v['samples']} held-out target samples: dense target "
+                   f"{100 * v['accuracy_reference']:.2f}% -> pruned {100 * v['accuracy_candidate']:.2f}% "
+                   f"(checkpoint: stage {cp['best']['stage']}, epoch {cp['best']['epoch']}; {cp['seconds']:.0f} s)")
+    click.echo("note: " + cp["note"])
+    click.echo(f"wrote {output} (+ .report.json)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,9 @@ def test_ci_installs_and_tests_as_the_readme_says():
     ci = (ROOT / ".ci" / "run").read_text()
     install = re.search(r"pip install (-e \S+)", code_blocks()[0]).group(1)
     assert f"pip install -q {install}" in ci
+    for pin in re.findall(r"pip install (\w+==\S+)", code_blocks()[0]):  # e.g. the CPU torch build, installed first
+        assert f"pip install -q {pin}" in ci
+        assert ci.index(f"pip install -q {pin}") < ci.index(f"pip install -q {install}")
     test = re.search(r"(python -m pytest\S*( -\S+)*)", code_blocks()[1]).group(1)
     assert test in ci
 

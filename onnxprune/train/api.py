@@ -1,0 +1,138 @@
+"""File-level entry points behind ``onnxprune finetune``, ``onnxprune coprune`` and
+``compress --finetune``: open the data, split it, train, validate, write the outputs atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxprune.errors import DataError, RecipeError
+from onnxprune.model import jsonable, save_model, write_text_atomic
+from onnxprune.train import require_torch
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    output: Path | None
+
+
+def report_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".report.json")
+
+
+def curve_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".curve.png")
+
+
+def split_data(target, eval_data, split: float, seed: int, model, preprocess):
+    """(train, held-out) SampleSets: --eval-data when given, else a seeded split of the target data."""
+    from onnxprune.api import as_samples
+
+    data = as_samples(target, model, preprocess)
+    if eval_data is not None:
+        return data, as_samples(eval_data, model, preprocess)
+    return data.split(split, seed=seed)
+
+
+def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_out, *, config,
+            batch_size: int = 32, device: str = "cpu", progress: bool = False) -> tuple[onnx.ModelProto, dict, dict]:
+    """Distil ``original`` into ``compressed`` on ``train``; (model, training report, validation before)."""
+    from onnxprune.train.distill import finetune
+    from onnxprune.validate import validate
+
+    require_torch()
+    before = validate(original, compressed, held_out, batch_size=batch_size, device=device,
+                      measure_latency=False, progress=False)
+    tuned, report = finetune(compressed, original, train, config=config)
+    return tuned, report, before.to_dict()
+
+
+def finetune_files(student, output, target_data, *, teacher=None, eval_data=None, split: float = 0.5,
+                   preprocess: dict | None = None, config=None, device: str = "cpu", progress: bool = True,
+                   measure_latency: bool = True, max_drop: float | None = None,
+                   min_agreement: float | None = None) -> TrainResult:
+    """``onnxprune finetune``: train STUDENT on the target data (distilling TEACHER when given),
+    validate against the teacher (or the untrained student) on held-out data, write OUTPUT,
+    ``.report.json`` and ``.curve.png``."""
+    require_torch()
+    from onnxprune.api import as_model
+    from onnxprune.train.distill import TrainConfig, finetune, plot_curve
+    from onnxprune.validate import check_thresholds, validate
+
+    config = config or TrainConfig()
+    output = Path(output)
+    for path in (student, teacher):
+        if path is not None and not isinstance(path, onnx.ModelProto) and Path(path).resolve() == output.resolve():
+            raise RecipeError(str(output), "is an input model", "choose another output path (-o)")
+    student_model = as_model(student)
+    teacher_model = as_model(teacher) if teacher is not None else None
+    if teacher_model is not None:
+        s_in = [(i.name) for i in student_model.graph.input]
+        t_in = [(i.name) for i in teacher_model.graph.input]
+        if [o.name for o in student_model.graph.output] != [o.name for o in teacher_model.graph.output] \
+                or not set(s_in) <= set(t_in) | {t.name for t in teacher_model.graph.initializer}:
+            raise DataError("--teacher", "has other inputs or outputs than the student",
+                            "the teacher must be the model the student was compressed from")
+    train, held_out = split_data(target_data, eval_data, split, config.seed, student_model, preprocess)
+    reference = teacher_model if teacher_model is not None else student_model
+    before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
+                      measure_latency=False, progress=False)
+    tuned, train_report = finetune(student_model, teacher_model, train, config=config)
+    after = validate(reference, tuned, held_out, batch_size=config.batch_size, device=device,
+                     measure_latency=measure_latency, progress=progress)
+    report = {
+        "student": str(student) if not isinstance(student, onnx.ModelProto) else "model",
+        "teacher": None if teacher is None else str(teacher),
+        "reference": "teacher" if teacher_model is not None else "student before training",
+        "finetune": train_report,
+        "evaluation": held_out.describe(),
+        "validation_before": before.to_dict(),
+        "validation": after.to_dict(),
+    }
+    check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement)
+    save_model(tuned, output)
+    write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
+    png = plot_curve(train_report, curve_path(output))
+    report["curve_png"] = None if png is None else str(png)
+    return TrainResult(tuned, report, output)
+
+
+
+def coprune_files(source_model, target_model, source_data, target_data, output, *, config, eval_data=None,
+                  split: float = 0.5, preprocess: dict | None = None, device: str = "cpu",
+                  measure_latency: bool = True) -> TrainResult:
+    """``onnxprune coprune``: Co-Prune the target model, validate it against the dense target model on
+    held-out target data, write OUTPUT and ``.report.json``."""
+    require_torch()
+    from onnxprune.api import as_model, as_samples
+    from onnxprune.model import count_parameters
+    from onnxprune.train.coprune import coprune, nonzero_parameters
+    from onnxprune.validate import validate
+
+    output = Path(output)
+    for path in (source_model, target_model):
+        if not isinstance(path, onnx.ModelProto) and Path(path).resolve() == output.resolve():
+            raise RecipeError(str(output), "is an input model", "choose another output path (-o)")
+    source, target = as_model(source_model), as_model(target_model)
+    train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
+    source_samples = as_samples(source_data, source, preprocess)
+    pruned, train_report = coprune(source, target, source_samples, train, config=config)
+    after = validate(target, pruned, held_out, batch_size=max(config.batch_size, 64), device=device,
+                     measure_latency=measure_latency, progress=False)
+    report = {
+        "source_model": str(source_model), "target_model": str(target_model),
+        "coprune": train_report,
+        "evaluation": held_out.describe(),
+        "nonzero_parameters": {"target": nonzero_parameters(target), "pruned": nonzero_parameters(pruned),
+                               "total": count_parameters(pruned)},
+        "validation": after.to_dict(),
+    }
+    save_model(pruned, output)
+    write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
+    return TrainResult(pruned, report, output)

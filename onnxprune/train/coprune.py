@@ -1,0 +1,289 @@
+"""Co-Prune (Chen, Wang, Pan, IJCAI 2019): cooperative unstructured pruning across domains.
+
+Two networks of one architecture train at once: the source network (W_s) on labelled source
+samples and the target network (W_t, fine-tuned on the target beforehand) on labelled target
+samples. Every iteration recomputes the masks from the current weights (paper eqs. 1-5):
+
+    M_s = top-k(|W_s|)                             (the source mask, from its own weights)
+    M_t = top-k(alpha |W_s| + (1 - alpha) |W_t|)   (the cooperative target mask)
+
+The forward pass uses W * M; the backward pass hands the dense gradient to W (straight-through
+estimator, eq. 9), so pruned weights keep learning and may return. alpha decreases in stages
+(default 0.7, 0.5, 0.3); a stage trains until its optimum: Adam at ``lr``, lr / 10 after
+``patience`` epochs without a lower target training loss, and the stage ends when lr falls below
+``min_lr`` (or after ``max_epochs`` epochs, our cap for a CPU budget). ``alphas=(0,)`` per stage
+is target-only magnitude pruning with the same training (the paper's DNS-like baseline); the source
+network is then not trained, since it cannot change the target mask.
+
+Masks cover the multiplicative weights of Conv/Gemm/MatMul (not biases). ``keep`` is met either
+with one global threshold over all masked weights (``allocation="global"``, default) or by every
+layer keeping that fraction (``"layer"``); ``layer_keep`` fixes chosen layers' ratios. The
+checkpoint is picked on a held-out fold of the target training samples (accuracy of the masked
+target network), never on evaluation data. The result is unstructured sparsity: the target graph
+with the pruned weights at zero, no faster on dense runtimes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import DataError, ModelError, RecipeError
+from onnxprune.train import require_torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoPruneConfig:
+    keep: float
+    alphas: tuple[float, ...] = (0.7, 0.5, 0.3)
+    allocation: str = "global"  # "global": one threshold over all masked weights; "layer": each layer keeps `keep`
+    layer_keep: tuple[tuple[str, float], ...] = ()
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    patience: int = 3
+    max_epochs: int = 30  # per stage
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.keep <= 1:
+            raise RecipeError("--keep", f"must be in (0, 1], not {self.keep!r}")
+        if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
+            raise RecipeError("--alpha", f"each stage's alpha must be in [0, 1], not {self.alphas!r}")
+        if self.allocation not in ("global", "layer"):
+            raise RecipeError("--allocation", f"must be 'global' or 'layer', not {self.allocation!r}")
+        for name, value in self.layer_keep:
+            if not 0 < value <= 1:
+                raise RecipeError("--layer-keep", f"{name}: keep must be in (0, 1], not {value!r}")
+        if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise RecipeError("co-prune", "max_epochs, patience and batch_size must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def keep_counts(sizes: dict[str, int], config: CoPruneConfig) -> dict[str, int] | int:
+    """Weights to keep per layer ({name: k}) for "layer" allocation, or the global total (int)."""
+    fixed = dict(config.layer_keep)
+    unknown = sorted(set(fixed) - set(sizes))
+    if unknown:
+        raise RecipeError("--layer-keep", f"no masked weight named {', '.join(unknown)}",
+                          f"masked weights: {', '.join(sorted(sizes))}")
+    if config.allocation == "layer" or fixed:
+        counts = {name: max(1, int(round(fixed.get(name, config.keep) * n))) for name, n in sizes.items()}
+        if config.allocation == "global":  # fixed layers as given, the rest share one threshold
+            free = {k: v for k, v in sizes.items() if k not in fixed}
+            total = int(round(config.keep * sum(sizes.values()))) - sum(counts[k] for k in fixed)
+            return {**{k: counts[k] for k in fixed}, "__global__": max(len(free), total)}
+        return counts
+    return max(1, int(round(config.keep * sum(sizes.values()))))
+
+
+def masks_from(torch, importance: dict[str, Any], counts) -> dict[str, Any]:
+    """0/1 masks keeping the largest importances: exactly k per layer, or k in total (global).
+
+    ``counts``: {name: k} per layer, an int (one global threshold over all layers), or a dict with
+    a "__global__" entry for the layers it does not name.
+    """
+    masks = {}
+    if isinstance(counts, dict):
+        per_layer = {k: v for k, v in counts.items() if k != "__global__"}
+        shared = [k for k in importance if k not in per_layer] if "__global__" in counts else []
+    else:
+        per_layer, shared = {}, list(importance)
+    for name, k in per_layer.items():
+        imp = importance[name].reshape(-1)
+        m = torch.zeros_like(imp)
+        m[torch.topk(imp, min(k, imp.numel()), sorted=False).indices] = 1.0
+        masks[name] = m.reshape(importance[name].shape)
+    if shared:
+        total = counts if not isinstance(counts, dict) else counts["__global__"]
+        flat = torch.cat([importance[k].reshape(-1) for k in shared])
+        m = torch.zeros_like(flat)
+        m[torch.topk(flat, min(total, flat.numel()), sorted=False).indices] = 1.0
+        start = 0
+        for name in shared:
+            n = importance[name].numel()
+            masks[name] = m[start:start + n].reshape(importance[name].shape)
+            start += n
+    return masks
+
+
+def cooperative_masks(torch, w_s: dict, w_t: dict, alpha: float, counts) -> tuple[dict, dict]:
+    """(M_s, M_t): the source mask from |W_s|; the target mask from alpha |W_s| + (1 - alpha) |W_t|."""
+    with torch.no_grad():
+        m_s = masks_from(torch, {k: w.abs() for k, w in w_s.items()}, counts)
+        m_t = masks_from(torch, {k: alpha * w_s[k].abs() + (1 - alpha) * w_t[k].abs() for k in w_t}, counts)
+    return m_s, m_t
+
+
+def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, target_samples, *,
+            config: CoPruneConfig) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Co-Prune ``target`` with the help of ``source``; returns (pruned target, report)."""
+    torch = require_torch()
+    from onnxprune.train.convert import to_onnx, to_torch, verify
+    from onnxprune.train.distill import _progress, load_arrays
+
+    started = time.perf_counter()
+    for samples, flag in ((source_samples, "--source-data"), (target_samples, "--target-data")):
+        if samples.labels is None:
+            raise DataError(flag, f"{samples.name} has no labels; Co-Prune trains both networks on labels",
+                            "use labelled samples (a y array or class folders)")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    try:
+        net_s, net_t = to_torch(source, name="source"), to_torch(target, name="target")
+        if net_s.maskable != net_t.maskable or any(
+                net_s.weight(k).shape != net_t.weight(k).shape for k in net_t.maskable):
+            raise ModelError("--source-model", "does not have the target model's architecture (weight names and "
+                             "shapes differ)", "Co-Prune needs the target fine-tuned from the source")
+        names = list(net_t.maskable)
+        if not names:
+            raise ModelError("--target-model", "has no Conv/Gemm/MatMul weight to prune")
+        xs, ys = load_arrays(source_samples), source_samples.labels.astype(np.int64)
+        xt, yt = load_arrays(target_samples), target_samples.labels.astype(np.int64)
+        verify(target, net_t, {k: v[:8] for k, v in xt.items()})
+        rng = np.random.default_rng(config.seed)
+        n = len(yt)
+        order = rng.permutation(n)
+        n_val = max(1, int(round(config.val_fraction * n)))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        sizes = {k: net_t.weight(k).numel() for k in names}
+        counts = keep_counts(sizes, config)
+        train_source = any(a > 0 for a in config.alphas)
+        opt_t = torch.optim.Adam(net_t.parameters(), lr=config.lr)
+        opt_s = torch.optim.Adam(net_s.parameters(), lr=config.lr) if train_source else None
+        src_order = rng.permutation(len(ys))
+        src_pos = 0
+
+        def head(outputs):
+            return outputs[0]
+
+        def accuracy(net, arrays, labels, idx) -> float:
+            correct = 0
+            with torch.no_grad():
+                for start in range(0, len(idx), 256):
+                    i = idx[start:start + 256]
+                    pred = head(net(**{k: torch.from_numpy(v[i]) for k, v in arrays.items()})).argmax(1).numpy()
+                    correct += int((pred == labels[i]).sum())
+            return correct / max(len(idx), 1)
+
+        def update_masks(alpha):
+            w_s = {k: net_s.weight(k).detach() for k in names}
+            w_t = {k: net_t.weight(k).detach() for k in names}
+            if not train_source:  # alpha 0: the target mask alone; the source network is idle
+                net_t.masks = masks_from(torch, {k: w.abs() for k, w in w_t.items()}, counts)
+                return net_t.masks
+            m_s, m_t = cooperative_masks(torch, w_s, w_t, alpha, counts)
+            net_s.masks, net_t.masks = m_s, m_t
+            return m_t
+
+        curve: list[dict] = []
+        update_masks(config.alphas[0])
+        best = {"val_accuracy": accuracy(net_t, xt, yt, val_idx), "epoch": 0, "stage": 0, "alpha": config.alphas[0],
+                "state": copy.deepcopy(net_t.state_dict()), "mask": {k: v.clone() for k, v in net_t.masks.items()}}
+        curve.append({"epoch": 0, "stage": 0, "alpha": config.alphas[0], "lr": config.lr, "train_loss": None,
+                      "val_accuracy": best["val_accuracy"]})
+        bar = _progress(config.progress)
+        epoch = 0
+        for stage, alpha in enumerate(config.alphas, start=1):
+            lr = config.lr
+            for opt in (opt_t, opt_s):
+                if opt is not None:
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+            best_loss, stale, stage_epochs = float("inf"), 0, 0
+            while lr >= config.min_lr and stage_epochs < config.max_epochs:
+                epoch += 1
+                stage_epochs += 1
+                perm = rng.permutation(train_idx)
+                running, seen = 0.0, 0
+                batches = [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
+                for idx in bar(batches, desc=f"stage {stage} (alpha {alpha:g}) epoch {stage_epochs}"):
+                    update_masks(alpha)
+                    out = head(net_t(**{k: torch.from_numpy(v[idx]) for k, v in xt.items()}))
+                    loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(yt[idx]))
+                    opt_t.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_t.step()
+                    running += float(loss.detach()) * len(idx)
+                    seen += len(idx)
+                    if train_source:
+                        if src_pos + len(idx) > len(src_order):
+                            src_order, src_pos = rng.permutation(len(ys)), 0
+                        j = np.sort(src_order[src_pos:src_pos + len(idx)])
+                        src_pos += len(idx)
+                        out_s = head(net_s(**{k: torch.from_numpy(v[j]) for k, v in xs.items()}))
+                        loss_s = torch.nn.functional.cross_entropy(out_s, torch.from_numpy(ys[j]))
+                        opt_s.zero_grad(set_to_none=True)
+                        loss_s.backward()
+                        opt_s.step()
+                update_masks(alpha)
+                train_loss = running / max(seen, 1)
+                val = accuracy(net_t, xt, yt, val_idx)
+                curve.append({"epoch": epoch, "stage": stage, "alpha": alpha, "lr": lr, "train_loss": train_loss,
+                              "val_accuracy": val})
+                log.info("stage %d alpha %g epoch %d: loss %.4f, held-out accuracy %.4f, lr %g",
+                         stage, alpha, epoch, train_loss, val, lr)
+                if val > best["val_accuracy"]:
+                    best = {"val_accuracy": val, "epoch": epoch, "stage": stage, "alpha": alpha,
+                            "state": copy.deepcopy(net_t.state_dict()),
+                            "mask": {k: v.clone() for k, v in net_t.masks.items()}}
+                if train_loss < best_loss - 1e-6:
+                    best_loss, stale = train_loss, 0
+                else:
+                    stale += 1
+                    if stale >= config.patience:
+                        lr, stale = lr / 10, 0
+                        for opt in (opt_t, opt_s):
+                            if opt is not None:
+                                for g in opt.param_groups:
+                                    g["lr"] = lr
+        net_t.load_state_dict(best["state"])
+        masks = {k: v.numpy().astype(np.float32) for k, v in best["mask"].items()}
+        pruned = to_onnx(net_t, masks=masks)
+        net_t.masks = {}
+        with torch.no_grad():
+            for k, m in masks.items():
+                net_t.weight(k).mul_(torch.from_numpy(m))
+        verify(pruned, net_t, {k: v[:8] for k, v in xt.items()})
+        layers = []
+        for k in names:
+            kept = int(masks[k].sum())
+            layers.append({"weight": k, "size": sizes[k], "kept": kept, "keep": kept / sizes[k]})
+        report = {
+            "method": "co-prune" if train_source else "target-only magnitude (alpha 0)",
+            "config": config.to_dict(),
+            "source_samples": int(len(ys)), "target_train_samples": int(len(train_idx)),
+            "target_val_samples": int(len(val_idx)),
+            "layers": layers,
+            "masked_weights": int(sum(sizes.values())),
+            "kept_weights": int(sum(layer["kept"] for layer in layers)),
+            "curve": curve,
+            "best": {k: best[k] for k in ("epoch", "stage", "alpha", "val_accuracy")},
+            "seconds": time.perf_counter() - started,
+            "note": "unstructured sparsity: the pruned weights are zeros in dense tensors; dense runtimes "
+                    "(onnxruntime CPU included) run no faster and the file is no smaller unless compressed",
+        }
+        return pruned, report
+    finally:
+        torch.set_num_threads(previous)
+
+
+def nonzero_parameters(model: onnx.ModelProto) -> int:
+    from onnx import numpy_helper
+
+    return int(sum(np.count_nonzero(numpy_helper.to_array(t)) for t in model.graph.initializer
+                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)))

@@ -1,0 +1,364 @@
+"""Recovery training: distil the original (teacher) model's outputs into a compressed student.
+
+``finetune(student, teacher, samples, ...)`` trains the student's weights in PyTorch (the graph,
+its shapes and names stay as they are: see ``convert``) and returns the new ONNX model and a
+report with the training curve. Classifier outputs (2-D, more than one column) are matched with
+KL divergence on temperature-softened logits (times T^2, Hinton et al.); other outputs with the
+mean squared error relative to the teacher's variance. With labels, ``label_weight`` adds
+cross-entropy on the first classifier output; without a teacher it is plain fine-tuning.
+
+A seeded held-out fold of the training samples (``val_fraction``) picks the checkpoint (epoch 0,
+the untrained student, included: training never returns a student worse than it got on that fold)
+and stops early after ``patience`` epochs without improvement. The evaluation split is never seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import DataError, RecipeError
+from onnxprune.train import require_torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Options of one recovery training run (the CLI flags of ``finetune``)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    temperature: float = 4.0
+    label_weight: float = 0.0  # cross-entropy weight when labels exist (plain fine-tuning without a teacher)
+    augment: bool = False
+    val_fraction: float = 0.1
+    patience: int | None = 5  # epochs without improvement on the held-out fold; None: never stop early
+    weight_decay: float = 0.0
+    seed: int = 0
+    threads: int = 1  # 2 threads ran 10-25x slower than 1 on the shared 2-core machine (OpenMP spinning)
+    progress: bool = True
+    max_seconds: float | None = None  # stop after the epoch that passes this wall time (the cosine fits it)
+
+    def __post_init__(self):
+        for field, value, low in (("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
+                                  ("threads", self.threads, 1)):
+            if not isinstance(value, int) or value < low:
+                raise RecipeError(f"--{field.replace('_', '-')}", f"must be an integer >= {low}, not {value!r}")
+        for field, value in (("lr", self.lr), ("temperature", self.temperature)):
+            if not value > 0:
+                raise RecipeError(f"--{field}", f"must be positive, not {value!r}")
+        if self.label_weight < 0:
+            raise RecipeError("--label-weight", f"must be >= 0, not {self.label_weight!r}")
+        if not 0 < self.val_fraction < 1:
+            raise RecipeError("--val-fraction", f"must be between 0 and 1, not {self.val_fraction!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_arrays(samples, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Every sample of a SampleSet as preprocessed arrays {input name: (N, ...)}."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for _, feeds in samples.batches(batch_size):
+        for name, value in feeds.items():
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def is_classifier(shape) -> bool:
+    return len(shape) == 2 and shape[1] > 1
+
+
+def teacher_outputs(teacher: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """The teacher's float outputs on every sample (onnxruntime, 2 threads)."""
+    from onnxprune.runtime import make_session
+
+    session = make_session(teacher, threads=2)
+    n = len(next(iter(arrays.values())))
+    outs: list[list[np.ndarray]] = []
+    for start in range(0, n, batch_size):
+        res = session.run(None, {k: v[start:start + batch_size] for k, v in arrays.items()})
+        outs.append(res)
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def augment_batch(torch, x, rng: np.random.Generator):
+    """Random crop with replicate padding (1/8 of the side up to 64 px, 1/16 above) and, for
+    3-channel images, a horizontal flip with probability 1/2. Non-image inputs pass unchanged."""
+    if x.dim() != 4 or not x.is_floating_point():
+        return x
+    n, c, h, w = x.shape
+    ph = max(1, h // 8 if h <= 64 else h // 16)
+    pw = max(1, w // 8 if w <= 64 else w // 16)
+    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode="replicate")
+    dy = rng.integers(0, 2 * ph + 1, size=n)
+    dx = rng.integers(0, 2 * pw + 1, size=n)
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if c == 3:
+        flip = torch.from_numpy(rng.random(n) < 0.5)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples, *,
+             config: TrainConfig = TrainConfig(), masks: dict[str, np.ndarray] | None = None,
+             name: str = "student") -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Train ``student`` on ``samples`` (a SampleSet for the student's inputs) to match ``teacher``.
+
+    Returns ``(model, report)``: the student graph with new weights (names, shapes, opset and IR
+    version unchanged) and a JSON-able report with the curve per epoch (train loss, held-out loss,
+    agreement with the teacher and accuracy when labels exist), the chosen epoch and the time.
+    ``teacher=None`` with labelled samples is plain fine-tuning on cross-entropy.
+    """
+    torch = require_torch()
+    from onnxprune.train.convert import to_onnx, to_torch, verify
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        labels = samples.labels
+        if teacher is None and labels is None:
+            raise DataError(getattr(samples, "name", "samples"), "has no labels and no teacher was given",
+                            "pass --teacher ORIGINAL.onnx (distillation) or labelled data (fine-tuning)")
+        if teacher is None and config.label_weight == 0:
+            config = dataclasses.replace(config, label_weight=1.0)
+        n = len(samples)
+        if n < 4:
+            raise DataError(samples.name, f"has {n} samples; recovery training needs at least 4")
+        arrays = load_arrays(samples)
+        module = to_torch(student, name=name)
+        feeds0 = {k: v[: min(8, n)] for k, v in arrays.items()}
+        conversion_error = verify(student, module, feeds0)
+        if masks:
+            module.masks = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in masks.items()}
+        targets = teacher_outputs(teacher, arrays, 256) if teacher is not None and not config.augment else None
+        teacher_module = to_torch(teacher, name="teacher").eval() if teacher is not None and config.augment else None
+        if teacher_module is not None:
+            for p in teacher_module.parameters():
+                p.requires_grad_(False)
+        with torch.no_grad():
+            probe = module(**{k: torch.from_numpy(v[:2]) for k, v in arrays.items()})
+        kinds = ["kl" if is_classifier(o.shape) and o.is_floating_point() else "mse" for o in probe]
+        floats = [i for i, o in enumerate(probe) if o.is_floating_point()]
+        head = next((i for i in floats if kinds[i] == "kl"), floats[0] if floats else 0)
+        if labels is not None and config.label_weight > 0 and kinds[head] != "kl":
+            raise RecipeError("--label-weight", "needs a classifier output (N x classes) to apply cross-entropy")
+
+        rng = np.random.default_rng(config.seed)
+        order = rng.permutation(n)
+        n_val = max(1, int(round(config.val_fraction * n)))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        variances = None
+        if targets is not None:
+            variances = [float(np.var(t)) + 1e-12 if np.issubdtype(t.dtype, np.floating) else 1.0 for t in targets]
+
+        def batch_inputs(idx, train: bool):
+            feeds = {k: torch.from_numpy(v[idx]) for k, v in arrays.items()}
+            if train and config.augment:
+                feeds = {k: augment_batch(torch, x, rng) for k, x in feeds.items()}
+            return feeds
+
+        def teacher_batch(idx, feeds):
+            if targets is not None:
+                return [torch.from_numpy(t[idx]) for t in targets]
+            with torch.no_grad():
+                return list(teacher_module(**feeds))
+
+        T = config.temperature
+
+        def distill_loss(outs, t_outs):
+            total = torch.zeros(())
+            for i in floats:
+                s, t = outs[i], t_outs[i].to(outs[i].dtype)
+                if kinds[i] == "kl":
+                    log_p = torch.log_softmax(s / T, dim=1)
+                    q = torch.softmax(t / T, dim=1)
+                    total = total + torch.nn.functional.kl_div(log_p, q, reduction="batchmean") * T * T
+                else:
+                    var = variances[i] if variances is not None else float(t.var()) + 1e-12
+                    total = total + torch.mean((s - t) ** 2) / var
+            return total
+
+        def batch_loss(idx, train: bool):
+            feeds = batch_inputs(idx, train)
+            outs = module(**feeds)
+            loss = torch.zeros(())
+            t_outs = teacher_batch(idx, feeds) if teacher is not None else None
+            if t_outs is not None:
+                loss = loss + distill_loss(outs, t_outs)
+            if labels is not None and config.label_weight > 0:
+                y = torch.from_numpy(labels[idx].astype(np.int64))
+                loss = loss + config.label_weight * torch.nn.functional.cross_entropy(outs[head], y)
+            return loss, outs, t_outs
+
+        def evaluate() -> dict:
+            module.eval()
+            losses, agree, correct, count = 0.0, 0, 0, 0
+            with torch.no_grad():
+                for start in range(0, len(val_idx), max(config.batch_size, 128)):
+                    idx = val_idx[start:start + max(config.batch_size, 128)]
+                    loss, outs, t_outs = batch_loss(idx, False)
+                    losses += float(loss) * len(idx)
+                    count += len(idx)
+                    if kinds[head] == "kl":
+                        pred = outs[head].argmax(1).numpy()
+                        if t_outs is not None:
+                            agree += int((pred == t_outs[head].argmax(1).numpy()).sum())
+                        if labels is not None:
+                            correct += int((pred == labels[idx]).sum())
+            row = {"val_loss": losses / count}
+            if kinds[head] == "kl" and teacher is not None:
+                row["val_agreement"] = agree / count
+            if kinds[head] == "kl" and labels is not None:
+                row["val_accuracy"] = correct / count
+            return row
+
+        def score(row: dict) -> float:
+            if "val_agreement" in row and config.label_weight == 0:
+                return row["val_agreement"] - 1e-6 * row["val_loss"]
+            if "val_accuracy" in row:
+                return row["val_accuracy"] - 1e-6 * row["val_loss"]
+            return -row["val_loss"]
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
+        total_steps = max(1, config.epochs * steps_per_epoch)
+        step = 0
+
+        def set_lr() -> None:
+            """Cosine from lr to 0 over the epochs, or over max_seconds when that comes first."""
+            done = step / total_steps
+            if config.max_seconds is not None:
+                done = max(done, (time.perf_counter() - started) / config.max_seconds)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+        curve = [{"epoch": 0, "train_loss": None, "lr": config.lr, "seconds": 0.0, **evaluate()}]
+        best_score, best_epoch = score(curve[0]), 0
+        best_state = copy.deepcopy(module.state_dict())
+        stale = 0
+        stopped = "epochs"
+        bar = _progress(config.progress)
+        for epoch in range(1, config.epochs + 1):
+            module.train()
+            perm = rng.permutation(train_idx)
+            running, seen = 0.0, 0
+            batches = [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
+            for idx in bar(batches, desc=f"epoch {epoch}/{config.epochs}"):
+                set_lr()
+                loss, _, _ = batch_loss(np.sort(idx), True)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                running += float(loss.detach()) * len(idx)
+                seen += len(idx)
+            row = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - started, **evaluate()}
+            curve.append(row)
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            if score(row) > best_score:
+                best_score, best_epoch, stale = score(row), epoch, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                stale += 1
+            if config.patience is not None and stale >= config.patience:
+                stopped = f"no improvement on the held-out fold for {config.patience} epochs"
+                break
+            if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
+                stopped = f"time limit {config.max_seconds:.0f} s"
+                break
+        module.load_state_dict(best_state)
+        out_masks = None
+        if masks:
+            out_masks = {k: np.asarray(v, dtype=np.float32) for k, v in masks.items()}
+        tuned = to_onnx(module, masks=out_masks)
+        check = {k: v[: min(8, n)] for k, v in arrays.items()}
+        module.masks = {}
+        if out_masks:
+            for k, m in out_masks.items():
+                with torch.no_grad():
+                    module.weight(k).mul_(torch.from_numpy(m))
+        export_error = verify(tuned, module, check)
+        report = {
+            "config": config.to_dict(),
+            "teacher": teacher is not None,
+            "labels": labels is not None,
+            "losses": {"distillation": ("KL(T=%g) on classifier outputs, relative MSE on others" % T)
+                       if teacher is not None else None,
+                       "cross_entropy_weight": config.label_weight if labels is not None else 0.0},
+            "train_samples": int(len(train_idx)),
+            "val_samples": int(len(val_idx)),
+            "data": samples.describe(),
+            "trainable_tensors": len(module.keys),
+            "trainable_weights": int(sum(p.numel() for p in module.params.values())),
+            "curve": curve,
+            "best_epoch": best_epoch,
+            "stopped": stopped,
+            "seconds": time.perf_counter() - started,
+            "conversion_error": conversion_error,
+            "export_error": export_error,
+        }
+        return tuned, report
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _progress(enabled: bool):
+    def wrap(items, desc: str):
+        if not enabled:
+            return items
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return items
+        return tqdm(items, desc=desc, leave=False, unit="batch")
+    return wrap
+
+
+def plot_curve(report: dict, path: str | Path) -> Path | None:
+    """Training curve PNG (loss and held-out agreement/accuracy per epoch); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no training-curve PNG (pip install matplotlib)")
+        return None
+    curve = report["curve"]
+    epochs = [r["epoch"] for r in curve]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(epochs[1:], [r["train_loss"] for r in curve[1:]], "o-", label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in curve], "s-", label="held-out fold")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    for key, label in (("val_agreement", "agreement with teacher"), ("val_accuracy", "accuracy")):
+        if key in curve[0]:
+            ax2.plot(epochs, [100 * r[key] for r in curve], "o-", label=label)
+    ax2.axvline(report["best_epoch"], color="gray", ls=":", label="chosen epoch")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("% on held-out fold")
+    ax2.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

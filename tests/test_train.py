@@ -1,0 +1,269 @@
+"""Recovery training ([train] extra): ONNX <-> torch round trip, distillation, Co-Prune."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.cli import main
+from tests.conftest import run_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def mlp(seed: int, *, hidden: int = 16, classes: int = 4, features: int = 8, noise: float = 0.0,
+        base: int | None = None) -> onnx.ModelProto:
+    """x[N,8] -> Gemm -> Relu -> Gemm -> logits[N,4], opset 13, IR 8; weights from ``base``'s seed
+    plus ``noise`` (a perturbed copy of the same network)."""
+    rng = np.random.default_rng(seed if base is None else base)
+    w1 = rng.standard_normal((hidden, features)).astype(np.float32) / np.sqrt(features)
+    b1 = rng.standard_normal(hidden).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((classes, hidden)).astype(np.float32) / np.sqrt(hidden)
+    b2 = np.zeros(classes, np.float32)
+    if noise:
+        r2 = np.random.default_rng(seed)
+        w1 = w1 + noise * r2.standard_normal(w1.shape).astype(np.float32) / np.sqrt(features)
+        w2 = w2 + noise * r2.standard_normal(w2.shape).astype(np.float32) / np.sqrt(hidden)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1, name="fc2")],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def shared_models():
+    names = ["lenet_caffe_mnist.onnx", "mnist_cnn_fc3136.onnx", "mnist_extdata/mnist.onnx",
+             "resnet20_cifar10.onnx", "mobilenetv2_imagenet_fp32.onnx", "minilm_l3_paraphrase.onnx"]
+    return [pytest.param(n, marks=[pytest.mark.real] + ([pytest.mark.slow] if "minilm" in n or "mobilenet" in n
+                                                         else [])) for n in names]
+
+
+def random_feeds(model, rng, batch=3):
+    from onnxprune.model import input_specs
+
+    feeds = {}
+    for spec in input_specs(model):
+        shape = [batch] + [d if isinstance(d, int) and d > 0 else 12 for d in spec.shape[1:]]
+        if np.issubdtype(spec.dtype, np.integer):
+            feeds[spec.name] = (rng.integers(1, 1000, size=shape) if "ids" in spec.name
+                                else np.ones(shape)).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def assert_round_trip(model: onnx.ModelProto, feeds):
+    torch = pytest.importorskip("torch")
+    from onnxprune.train.convert import to_onnx, to_torch, verify
+
+    module = to_torch(model)
+    assert verify(model, module, feeds) < 1e-4
+    back = to_onnx(module)
+    # unchanged weights: the same graph, byte for byte where the weights are stored inline
+    assert [n.SerializeToString() for n in back.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    for a, b in zip(run_model(model, feeds), run_model(back, feeds)):
+        np.testing.assert_array_equal(a, b)
+    # trained weights: the exported ONNX computes what the torch module computes
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(1.01).add_(0.001)
+    back = to_onnx(module)
+    assert back.ir_version == model.ir_version and list(back.opset_import) == list(model.opset_import)
+    assert [i.name for i in back.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in back.graph.output] == [o.name for o in model.graph.output]
+    assert [n.op_type for n in back.graph.node] == [n.op_type for n in model.graph.node]
+    if back.ByteSize() < 2 ** 31:
+        onnx.checker.check_model(back, full_check=True)
+    assert verify(back, module, feeds) < 1e-4
+
+
+def test_round_trip_tiny_model():
+    pytest.importorskip("torch")
+    assert_round_trip(mlp(0), {"x": np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("name", shared_models())
+def test_round_trip_preserves_outputs_on_shared_models(name, shared):
+    pytest.importorskip("torch")
+    from onnxprune.model import load_model
+
+    model = load_model(shared / "models" / name)
+    assert_round_trip(model, random_feeds(model, np.random.default_rng(0)))
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("method,budget", [("dalr-bc", ["--keep", "0.05"]), ("spectral", ["--flops", "0.5"])])
+def test_round_trip_on_compressed_models(method, budget, shared, tmp_path):
+    """Low-rank split graphs (two thin layers per FC) and channel-pruned graphs convert and export."""
+    pytest.importorskip("torch")
+    from onnxprune.model import load_model
+
+    out = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(shared / "models/mnist_cnn_fc3136.onnx"), "--target-data",
+                                       str(shared / "data/digits/usps_test.npz"), "--calib-size", "200",
+                                       "--method", method, *budget, "--mean", "0.5", "--std", "0.5",
+                                       "--no-latency", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert_round_trip(model, random_feeds(model, np.random.default_rng(1)))
+
+
+def test_distillation_recovers_a_known_teacher():
+    """A perturbed copy of a small network, distilled on unlabelled inputs, comes back to its teacher."""
+    pytest.importorskip("torch")
+    from onnxprune.calibration.readers import open_samples
+    from onnxprune.train.distill import TrainConfig, finetune
+
+    teacher, student = mlp(0), mlp(1, noise=1.5, base=0)
+    x = np.random.default_rng(2).standard_normal((600, 8)).astype(np.float32)
+    samples = open_samples({"x": x[:400]}, student)
+    held = {"x": x[400:]}
+    t_out = run_model(teacher, held)[0]
+
+    def agreement(model):
+        return float((run_model(model, held)[0].argmax(1) == t_out.argmax(1)).mean())
+
+    def error(model):
+        return float(np.linalg.norm(run_model(model, held)[0] - t_out) / np.linalg.norm(t_out))
+
+    before_agreement, before_error = agreement(student), error(student)
+    tuned, report = finetune(student, teacher, samples, config=TrainConfig(epochs=40, lr=3e-2, batch_size=32,
+                                                                           temperature=2.0, patience=None,
+                                                                           progress=False))
+    assert before_agreement < 0.6
+    assert agreement(tuned) > 0.88 and agreement(tuned) > before_agreement + 0.3
+    assert error(tuned) < 0.5 * before_error
+    assert report["curve"][-1]["val_agreement"] >= report["curve"][0]["val_agreement"]
+    assert report["best_epoch"] > 0 and report["export_error"] < 1e-4
+    # the graph is the student's, only the weights changed
+    assert [n.SerializeToString() for n in tuned.graph.node] == [n.SerializeToString() for n in student.graph.node]
+
+
+def test_plain_finetuning_needs_labels_or_teacher(tmp_path):
+    pytest.importorskip("torch")
+    onnx.save(mlp(0), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", np.zeros((20, 8), np.float32))
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path / "m.onnx"), "--target-data", str(tmp_path / "x.npy"),
+                                       "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 1
+    assert "no labels and no teacher" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_commands_name_the_extra_when_torch_is_missing(tmp_path, monkeypatch):
+    onnx.save(mlp(0), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", np.zeros((20, 8), np.float32))
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    for args in (["finetune", str(tmp_path / "m.onnx"), "--teacher", str(tmp_path / "m.onnx")],
+                 ["coprune", "--source-model", str(tmp_path / "m.onnx"), "--target-model", str(tmp_path / "m.onnx"),
+                  "--source-data", str(tmp_path / "x.npy"), "--keep", "0.1"],
+                 ["compress", str(tmp_path / "m.onnx"), "--finetune", "1", "--keep", "0.5"]):
+        result = CliRunner().invoke(main, args + ["--target-data", str(tmp_path / "x.npy"),
+                                                  "-o", str(tmp_path / "out.onnx")])
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and '.[train]' in lines[0], result.output
+        assert not (tmp_path / "out.onnx").exists()
+
+
+def test_coprune_mask_rule_on_constructed_weights():
+    torch = pytest.importorskip("torch")
+    from onnxprune.train.coprune import CoPruneConfig, cooperative_masks, keep_counts, masks_from
+
+    w_s = {"a": torch.tensor([[4.0, 0.1, 3.0, 0.2]]), "b": torch.tensor([0.5, 0.4, 0.3, 0.05])}
+    w_t = {"a": torch.tensor([[0.1, 5.0, 0.2, 2.0]]), "b": torch.tensor([-0.05, 0.1, -0.6, 0.7])}
+    # per layer, keep 2 of 4: source mask from |W_s| alone; target from 0.5|W_s| + 0.5|W_t|
+    counts = keep_counts({"a": 4, "b": 4}, CoPruneConfig(keep=0.5, allocation="layer"))
+    assert counts == {"a": 2, "b": 2}
+    m_s, m_t = cooperative_masks(torch, w_s, w_t, 0.5, counts)
+    assert m_s["a"].tolist() == [[1, 0, 1, 0]] and m_s["b"].tolist() == [1, 1, 0, 0]
+    # fused a: [2.05, 2.55, 1.6, 1.1] -> keep positions 0, 1; fused b: [0.275, 0.25, 0.45, 0.375] -> 2, 3
+    assert m_t["a"].tolist() == [[1, 1, 0, 0]] and m_t["b"].tolist() == [0, 0, 1, 1]
+    # alpha 0: the target's own magnitudes (the baseline); alpha 1: the source mask
+    _, m0 = cooperative_masks(torch, w_s, w_t, 0.0, counts)
+    assert m0["a"].tolist() == [[0, 1, 0, 1]] and m0["b"].tolist() == [0, 0, 1, 1]
+    _, m1 = cooperative_masks(torch, w_s, w_t, 1.0, counts)
+    assert all(torch.equal(m1[k], m_s[k]) for k in m_s)
+    # one global threshold: the 4 largest of all 8 fused values, wherever they are
+    total = keep_counts({"a": 4, "b": 4}, CoPruneConfig(keep=0.5))
+    assert total == 4
+    g = masks_from(torch, {k: 0.5 * w_s[k].abs() + 0.5 * w_t[k].abs() for k in w_s}, total)
+    assert g["a"].tolist() == [[1, 1, 1, 1]] and g["b"].tolist() == [0, 0, 0, 0]
+    # a fixed layer ratio, the rest under one threshold
+    mixed = keep_counts({"a": 4, "b": 4}, CoPruneConfig(keep=0.5, layer_keep=(("b", 0.25),)))
+    assert mixed == {"b": 1, "__global__": 3}
+    m = masks_from(torch, {k: w_t[k].abs() for k in w_t}, mixed)
+    assert m["b"].tolist() == [0, 0, 0, 1] and m["a"].tolist() == [[0, 1, 1, 1]]
+
+
+def test_straight_through_mask_passes_dense_gradients():
+    torch = pytest.importorskip("torch")
+    from onnxprune.train.convert import to_torch
+
+    module = to_torch(mlp(0))
+    w1 = module.weight("w1")
+    mask = torch.zeros_like(w1)
+    mask[:, :4] = 1
+    module.masks = {"w1": mask}
+    x = torch.randn(5, 8)
+    out = module(x)[0]
+    ref = torch.relu(x @ (w1 * mask).T + module.weight("b1")) @ module.weight("w2").T + module.params["w_b2"]
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.sum().backward()
+    assert (w1.grad[:, 4:] != 0).any()  # pruned weights still receive gradient
+
+
+def test_coprune_cli_writes_a_sparse_target(tmp_path):
+    pytest.importorskip("torch")
+    source, target = mlp(0), mlp(1, noise=0.3, base=0)
+    onnx.save(source, str(tmp_path / "s.onnx"))
+    onnx.save(target, str(tmp_path / "t.onnx"))
+    rng = np.random.default_rng(3)
+    xs, xt = rng.standard_normal((200, 8)).astype(np.float32), rng.standard_normal((200, 8)).astype(np.float32) + 0.5
+    np.savez(tmp_path / "src.npz", x=xs, y=run_model(source, {"x": xs})[0].argmax(1))
+    np.savez(tmp_path / "tgt.npz", x=xt, y=run_model(target, {"x": xt})[0].argmax(1))
+    out = tmp_path / "pruned.onnx"
+    for alpha in ("0.7,0.5,0.3", "0"):
+        result = CliRunner().invoke(main, ["coprune", "--source-model", str(tmp_path / "s.onnx"), "--target-model",
+                                           str(tmp_path / "t.onnx"), "--source-data", str(tmp_path / "src.npz"),
+                                           "--target-data", str(tmp_path / "tgt.npz"), "--keep", "0.25",
+                                           "--alpha", alpha, "--max-epochs", "2", "--no-latency", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        pruned = onnx.load(str(out))
+        w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+        assert np.count_nonzero(w["w1"]) + np.count_nonzero(w["w2"]) == round(0.25 * (128 + 64))
+        assert [n.SerializeToString() for n in pruned.graph.node] == [n.SerializeToString() for n in target.graph.node]
+        report = json.loads(out.with_name("pruned.report.json").read_text())
+        assert report["coprune"]["method"].startswith("co-prune" if alpha != "0" else "target-only")
+        assert len({row["stage"] for row in report["coprune"]["curve"][1:]}) == 3
+        assert "no faster" in report["coprune"]["note"]
+
+
+def test_compress_then_finetune_on_the_bundled_sample(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(ROOT / "models/lenet_caffe_mnist.onnx"), "--target-data",
+                                       str(ROOT / "models/usps_test.npz"), "--keep", "0.03", "--calib-size", "150", "--finetune", "2",
+                                       "--no-latency", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("small.report.json").read_text())
+    before, after = report["validation_before_finetune"], report["validation"]
+    # trains on the whole calibration half (--calib-size only caps the statistics), never on the evaluation half
+    ev = report["evaluation"]
+    assert report["finetune"]["train_samples"] + report["finetune"]["val_samples"] == ev["source_count"] - ev["count"]
+    assert report["finetune"]["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
+    assert after["agreement"] >= before["agreement"] - 0.02
+    assert after["params_candidate"] == before["params_candidate"]
