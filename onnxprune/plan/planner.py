@@ -68,7 +68,7 @@ class PlanOptions:
     families: tuple[str, ...] = FAMILIES  # prune (channel groups) and/or low-rank (linear layers)
     criterion: str = "spectral"          # select-nodes criterion for the prune family
     ladder: tuple[float, ...] = LADDER
-    check_samples: int = 256             # sensitivity: at most this many samples of half 1
+    check_samples: int = 128             # sensitivity: at most this many samples of half 1
     min_share: float = 0.002             # sites that can save less of the objective are left alone
     stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
     margin: float = 1.0                  # standard errors of the measured drop kept in reserve
