@@ -47,7 +47,7 @@ from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
 from onnxprune.plan.suffix import ActivationCache, Suffix, reference_hashes
 from onnxprune.runtime import make_session, run_batches
-from onnxprune.plan.suffix import fixed_batch_of
+from onnxprune.plan.suffix import fixed_batch_of, measured_output
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ class Planner:
     def _outputs(self, model: onnx.ModelProto, positions: np.ndarray) -> np.ndarray:
         session = make_session(model, device=self.device)
         fixed_batch = fixed_batch_of(model)
-        name = model.graph.output[0].name
+        name = measured_output(model)
         parts = [out[0] for _, out in run_batches(session, self.calib.subset(positions), [name],
                                                    batch_size=self.batch_size, fixed_batch=fixed_batch)]
         return np.concatenate(parts)
@@ -443,7 +443,7 @@ class Planner:
         cache = ActivationCache(self.original, self.calib.subset(check), batch_size=self.batch_size,
                                 device=self.device)
         hashes = reference_hashes(self.original)
-        output = self.original.graph.output[0].name
+        output = measured_output(self.original)
         bar = tqdm(self.sites, desc="sensitivity", unit="site", disable=not self.progress, leave=False)
         for site in bar:
             rows = []

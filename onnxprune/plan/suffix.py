@@ -121,7 +121,7 @@ class ActivationCache:
         self.samples = samples
         self.batch_size = batch_size
         self.device = device
-        self.output_name = model.graph.output[0].name
+        self.output_name = measured_output(model)
         self.values: dict[str, np.ndarray] = {}
         self.runs = 0
         self.output = self._run([self.output_name])[self.output_name]
@@ -177,6 +177,16 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
         if embedding or any(i in live for i in node.input if i):
             live.update(o for o in node.output if o)
     return live
+
+
+def measured_output(model: onnx.ModelProto) -> str:
+    """The output whose damage the planner measures: the first float output (a model may echo
+    its integer inputs as outputs first, as exported sentence encoders do)."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    for output in model.graph.output:
+        if output.type.tensor_type.elem_type in floats:
+            return output.name
+    return model.graph.output[0].name
 
 
 def fixed_batch_of(model: onnx.ModelProto) -> int | None:
