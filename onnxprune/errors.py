@@ -45,6 +45,10 @@ class RecipeError(OnnxPruneError):
     """A recipe or option is invalid."""
 
 
+class OutputError(OnnxPruneError):
+    """An output path is unusable or would overwrite an input; checked before any work."""
+
+
 class ValidationFailed(OnnxPruneError):
     """The compressed model missed the requested accuracy or agreement."""
 

@@ -352,6 +352,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -359,9 +360,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def default_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give (0666 less the umask): temporary
+    files are created 0600, and every output gets the same, normal permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def jsonable(value):
     """``value`` with numpy scalars/arrays as plain numbers/lists, tuples as lists, keys as
-    strings and non-finite floats as the strings "nan", "inf", "-inf" (strict JSON)."""
+    strings and non-finite floats as null (strict JSON, numbers stay numbers: an infinite
+    SQNR, for outputs that are identical, is null)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -372,7 +382,5 @@ def jsonable(value):
         return int(value)
     if isinstance(value, (float, np.floating)):
         value = float(value)
-        if math.isfinite(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return value if math.isfinite(value) else None
     return value

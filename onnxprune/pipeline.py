@@ -26,6 +26,10 @@ from onnxprune.passes import REGISTRY, Pass, PassContext, options_to_dict
 
 log = logging.getLogger(__name__)
 
+#: calibration samples per set (target, and source) unless a recipe or --calib-size says
+#: otherwise; None ("all" in a recipe file or on the command line) lifts the cap
+DEFAULT_CALIB_SIZE = 1000
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -34,7 +38,7 @@ class Recipe:
     passes: tuple[tuple[str, dict], ...]
     mode: str = "one-shot"           # "one-shot": all sites from one calibration; "sequential": re-gather after each site
     seed: int = 0
-    calib_size: int | None = None    # at most this many calibration samples
+    calib_size: int | None = DEFAULT_CALIB_SIZE  # at most this many calibration samples per set; None: all
     split: float = 0.5               # fraction of the target data that calibrates when no --eval-data is given
     batch_size: int = 32
     folds: int = 2                   # calibration folds (held-out ridge selection)
@@ -59,8 +63,11 @@ class Recipe:
                 raise RecipeError("recipe", f"unknown pass {name!r}", f"known passes: {', '.join(sorted(REGISTRY))}")
         if not 0 < self.split < 1:
             raise RecipeError("recipe", f"split={self.split} must be in (0, 1)")
-        if self.calib_size is not None and self.calib_size < 1:
-            raise RecipeError("recipe", f"calib_size={self.calib_size} must be >= 1")
+        if self.calib_size == "all":
+            object.__setattr__(self, "calib_size", None)
+        if self.calib_size is not None and (isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int)
+                                            or self.calib_size < 1):
+            raise RecipeError("recipe", f"calib_size={self.calib_size!r} must be an integer >= 1 or 'all'")
         if self.folds < 1 or self.batch_size < 1:
             raise RecipeError("recipe", "folds and batch_size must be >= 1")
 
@@ -71,7 +78,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         built = self.build()
         return {
-            "mode": self.mode, "seed": self.seed, "calib_size": self.calib_size, "split": self.split,
+            "mode": self.mode, "seed": self.seed, "calib_size": "all" if self.calib_size is None else self.calib_size,
+            "split": self.split,
             "batch_size": self.batch_size, "folds": self.folds, "preprocess": dict(self.preprocess),
             "passes": [{"name": p.name, **options_to_dict(p.options)} for p in built],
             **({"plan": dict(self.plan)} if self.plan is not None else {}),

@@ -82,11 +82,13 @@ def test_validate_threshold_miss_exits_3(compressed):
     assert_user_error(result, "agreement", code=3)
 
 
-def test_max_drop_miss_keeps_no_output(tmp_path):
+def test_max_drop_miss_writes_the_failed_report_only(tmp_path):
     out = tmp_path / "tiny.onnx"
     result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--rank", "1", "--max-drop", "0.1", *FAST)
     assert_user_error(result, "accuracy", code=3)
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny.failed.report.json"]       # why, but no model
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.report.json"]  # no model, no recipe
+    report = json.loads((tmp_path / "tiny.report.json").read_text())
+    assert report["verdict"] == "failed" and "max drop 0.1" in report["failure"]
 
 
 def test_inspect_json_lists_methods():
@@ -195,7 +197,8 @@ def test_bad_recipe(tmp_path):
 
 def test_conflicting_budget_options(tmp_path):
     result = cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--rank", "4", "--keep", "0.3", *FAST)
-    assert_user_error(result, "only one")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "give only one budget: --keep and --rank" in result.stderr
 
 
 def test_momasp_without_source_data(tmp_path):

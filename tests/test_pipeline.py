@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import graphs
 import numpy as np
 import onnx
 import pytest
-
-import graphs
 from conftest import assert_equivalent
+
 from onnxprune.api import compress
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.readers import open_samples
 from onnxprune.errors import InternalError, OnnxPruneError
-from onnxprune.graph import find_linear_layers, name_nodes, node_names
+from onnxprune.graph import name_nodes, node_names
 from onnxprune.model import load_model
 from onnxprune.passes.base import REGISTRY, Pass, PassResult
 from onnxprune.pipeline import Recipe, run_pipeline
@@ -216,3 +216,22 @@ def test_a_pass_that_breaks_the_graph_is_an_internal_error(monkeypatch, cls, wor
     assert not isinstance(info.value, OnnxPruneError) and info.value.exit_code == 4
     for word in words:
         assert word in str(info.value)
+
+
+def test_an_input_model_that_fails_the_check_stays_a_model_error():
+    """x[2,8] -> Relu -> MatMul(W 7x3): shape inference fails on the input already, so the
+    failure after a pass is the model's, not the pass's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.errors import ModelError
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"], name="relu"), helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.ones((7, 3), np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    provider = StatsProvider({"target": open_samples([{"x": np.ones((4, 8), np.float32)}], model)}, progress=False)
+    with pytest.raises(ModelError, match="Incompatible dimensions") as info:
+        run_pipeline(model, Recipe(passes=(("bias-compensate", {}),)), provider)
+    assert not isinstance(info.value, InternalError)

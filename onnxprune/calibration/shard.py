@@ -147,7 +147,8 @@ def complete(merged: Statistics, record: dict) -> Statistics:
 def _whole_sets(record: dict) -> dict:
     """The whole sets' identity (their rows, counts, inputs and preprocessing), not the path
     each machine opened them at."""
-    return {name: ({k: v for k, v in (info.get("set") or {}).items() if k != "name"}, info.get("fingerprint"))
+    return {name: ({k: v for k, v in (info.get("set") or {}).items() if k not in ("name", "path")},
+                   info.get("fingerprint"))
             for name, info in record.get("sets", {}).items()}
 
 

@@ -26,7 +26,6 @@ from onnx import helper
 from onnxprune.model import get_array, set_array, unique_name
 from onnxprune.passes.base import Pass, PassContext, PassResult, register
 
-
 log = logging.getLogger(__name__)
 
 

@@ -391,10 +391,11 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
     delta = z - Q @ (Q.T @ z)
     if U is not None:
         delta = U @ delta
-    label = "svd+bias" if math.isinf(ridge) else f"dalr+bias (ridge {ridge:.3g})"
-    info = {"chosen": label, "ridge": "inf" if math.isinf(ridge) else ridge,
+    label = "svd+bias" if math.isinf(ridge) else f"dalr+bias (ridge {ridge:.6g})"
+    # ridge inf (the SVD + bias limit) is null in JSON reports, with "chosen" saying so
+    info = {"chosen": label, "ridge": float(ridge),
             "cv_error": float(errors[chosen]), "cv_best": best,
-            "cv_errors": {("inf" if math.isinf(g) else g): float(e) for g, e in zip(grid, errors)}}
+            "cv_errors": {("inf" if math.isinf(g) else f"{g:.6g}"): float(e) for g, e in zip(grid, errors)}}
     return A, B, delta, info
 
 def _cached(ctx: PassContext, key, part, compute):
