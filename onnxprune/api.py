@@ -378,17 +378,15 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, dev
     passes = tuple(result.pop("passes"))
     result.pop("plan")
     planning = {**result, **planner.report()}
-    if not passes or not result.get("budget_met", True):
-        if passes:
-            error = ValidationFailed("plan", f"the most compressed plan keeps {100 * result['cost']:.1f}% of the "
-                                             f"{result['objective']}, more than the budget {100 * goal['budget']:g}%",
-                                     "allow a larger budget")
-        else:
-            error = ValidationFailed("plan", f"no site can be compressed within {_goal_text(goal)} on the "
-                                             "calibration checks",
-                                     "allow a larger --max-drop, a larger budget, or give more target samples")
+    if passes and not result.get("budget_met", True):
+        error = ValidationFailed("plan", f"the most compressed plan keeps {100 * result['cost']:.1f}% of the "
+                                         f"{result['objective']}, more than the budget {100 * goal['budget']:g}%",
+                                 "allow a larger budget")
         error.report = {"plan": planning, "calibration": {name: s.describe() for name, s in samples.items()}}
         raise error
+    if not passes:       # nothing fits the goal: the identity, reported as "no layer changed"
+        log.warning("the planner found no site to compress within %s", _goal_text(goal))
+        passes = (("select-nodes", {"counts": {}}),)
     recipe = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
     return planner.original, recipe, planner.provider, planning
 
@@ -396,7 +394,7 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, dev
 def _goal_text(goal: dict) -> str:
     if goal.get("max_drop") is not None:
         return f"a drop of {goal['max_drop']:g} points"
-    return f"{100 * goal['budget']:g}% of the {goal.get('objective', 'macs')}"
+    return f"a budget of {100 * goal['budget']:g}% of the {goal.get('objective', 'macs')}"
 
 
 def report_path(output: Path) -> Path:
@@ -438,7 +436,17 @@ def cap(samples: SampleSet, size: int | None, *, seed: int) -> SampleSet:
 
 
 def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
-    """Every name in a pass's ``layers`` / ``groups`` must exist (RecipeError listing the valid ones)."""
+    """Every name in a pass's ``layers`` / ``groups``, or a plan's ``sites``, must exist
+    (RecipeError listing the valid ones)."""
+    if recipe.plan is not None and recipe.plan.get("sites"):
+        families = recipe.plan.get("families", ())
+        valid = ([layer.name for layer in find_linear_layers(model)] if "low-rank" in families else []) + \
+                ([group.name for group in find_channel_groups(model)] if "prune" in families else [])
+        missing = [name for name in recipe.plan["sites"] if name not in valid]
+        if missing:
+            raise RecipeError("--layers", f"no channel group or linear layer named {', '.join(map(repr, missing))} "
+                              "in the model", f"valid names (as `onnxprune inspect` prints them): "
+                                              f"{', '.join(dict.fromkeys(valid)) or 'none'}")
     for p in recipe.build():
         for option, finder, what in (("layers", find_linear_layers, "linear layer"),
                                      ("groups", find_channel_groups, "channel group")):

@@ -523,7 +523,8 @@ def plan_lines(report: dict) -> list[str]:
     check = plan["check"]
     metric = "accuracy" if check.get("accuracy_reference") is not None else "agreement"
     seconds = plan.get("seconds", {})
-    return [
+    skipped = [f"  not planned: {row['site']} ({row['family']}): {row['reason']}" for row in plan.get("skipped", [])]
+    return skipped + [
         f"plan: {len(plan['sites'])} of {plan['sites_considered']} sites compressed, {wanted}: "
         f"{100 * plan['cost']:.1f}% of the {plan['objective']}, step {plan['step']}/{plan['steps']}",
         f"plan check ({plan['calibration_samples']} calibration samples, cross-fitted): {metric} drop "

@@ -163,9 +163,10 @@ class SelectNodes(Pass):
     def groups(self, model: onnx.ModelProto) -> tuple[list[ChannelGroup], list[dict]]:
         chosen, skipped = [], []
         wanted = set(self.options.groups) | set(self.options.counts or ())
+        restricted = bool(wanted) or self.options.counts is not None     # counts {}: no group at all
         found = set()
         for group in find_channel_groups(model):
-            if wanted and group.name not in wanted:
+            if restricted and group.name not in wanted:
                 continue
             found.add(group.name)
             if group.skip:

@@ -112,8 +112,8 @@ def plan_settings(plan: dict) -> dict:
         raise RecipeError("plan", f"needs exactly one of {', '.join(GOALS)}, got {goals or 'none'}")
     if plan.get("max_drop") is not None and not 0 <= float(plan["max_drop"]) <= 100:
         raise RecipeError("--max-drop", f"{plan['max_drop']} is not a number of points in [0, 100]")
-    if plan.get("budget") is not None and not 0 < float(plan["budget"]) < 1:
-        raise RecipeError("plan", f"budget={plan['budget']} must be a fraction in (0, 1)")
+    if plan.get("budget") is not None and not 0 < float(plan["budget"]) <= 1:
+        raise RecipeError("plan", f"budget={plan['budget']} must be a fraction in (0, 1]")
     fields = {f.name for f in dataclasses.fields(PlanOptions)}
     unknown = sorted(set(plan) - fields - set(GOALS))
     if unknown:
@@ -198,8 +198,8 @@ class Costs:
     def __init__(self, model: onnx.ModelProto, objective: str):
         self.objective = objective
         self.layers = {c.name: c for c in cost.layer_costs(model)}
-        self.total = float(count_parameters(model) if objective == "params"
-                           else sum(c.macs for c in self.layers.values()))
+        self.total = max(float(count_parameters(model) if objective == "params"
+                               else sum(c.macs for c in self.layers.values())), 1.0)    # 1: nothing to save
         self.model = model
 
     def prune_saving(self, group: ChannelGroup, kept: int) -> float:
