@@ -150,13 +150,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
-    results = []
+    stored = RESULTS / "planner.json"
+    # --only re-measures one model and keeps the other's stored rows
+    results = json.loads(stored.read_text()) if args.only and stored.exists() else []
     with threadpool_limits(limits=1, user_api="blas"):
         for name, spec in MODELS.items():
             if args.only and name != args.only:
                 continue
-            results.append(run(name, spec, args.quick))
-            (RESULTS / "planner.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+            results = [r for r in results if r["name"] != name] + [run(name, spec, args.quick)]
+            results.sort(key=lambda r: list(MODELS).index(r["name"]))
+            stored.write_text(json.dumps(results, indent=2, default=str) + "\n")
             (RESULTS / "planner.md").write_text(markdown(results))
             print(markdown(results), flush=True)
 
