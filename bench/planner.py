@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, SHARED, machine, markdown_table  # noqa: E402
-from onnxprune.api import as_model, split_samples  # noqa: E402
+from onnxprune.api import as_model, compress_samples  # noqa: E402
 from onnxprune.cost import total_macs  # noqa: E402
 from onnxprune.graph import find_channel_groups  # noqa: E402
 from onnxprune.passes.select_nodes import Footprint  # noqa: E402
@@ -66,7 +66,7 @@ def global_threshold(planner: Planner, whole: float) -> Recipe:
 def run(name: str, spec: dict, quick: bool) -> dict:
     model = as_model(spec["model"])
     recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=spec["calib_size"], preprocess=spec["preprocess"])
-    samples, held_out, _ = split_samples(model, spec["data"], recipe)
+    samples, held_out, _, _ = compress_samples(model, recipe, spec["data"])
     started = time.perf_counter()
     planner = Planner(model, samples["target"], options=plan_options(recipe.plan))
     planner.sensitivity()
