@@ -157,7 +157,10 @@ def main(argv=None) -> None:
         for name, spec in MODELS.items():
             if args.only and name != args.only:
                 continue
-            results = [r for r in results if r["name"] != name] + [run(name, spec, args.quick)]
+            fresh = run(name, spec, args.quick)
+            if args.only and stored.exists():     # re-read: another run may have stored its model meanwhile
+                results = json.loads(stored.read_text())
+            results = [r for r in results if r["name"] != name] + [fresh]
             results.sort(key=lambda r: list(MODELS).index(r["name"]))
             stored.write_text(json.dumps(results, indent=2, default=str) + "\n")
             (RESULTS / "planner.md").write_text(markdown(results))
