@@ -209,6 +209,10 @@ class Costs:
         index = 0 if self.objective == "params" else 1
         return float(full[index] - after[index])
 
+    def saving(self, site: Site, size: int) -> float:
+        """What compressing ``site`` alone to ``size`` (channels, or rank) saves."""
+        return self.prune_saving(site.group, size) if site.family == "prune" else self.split_saving(site.layer, size)
+
     def split_saving(self, layer: LinearLayer, rank: int) -> float:
         m, n = layer.out_features, layer.in_features
         ratio = 1.0 - split_params(m, n, rank) / (m * n)
@@ -243,7 +247,7 @@ def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tu
         sites = [site for site in sites if site.name in options.sites]
     kept = []
     for site in sites:
-        best = (costs.prune_saving(site.group, 1) if site.family == "prune" else costs.split_saving(site.layer, 1))
+        best = costs.saving(site, 1)
         if best < options.min_share * costs.total:
             skipped.append({"site": site.name, "family": site.family,
                             "reason": f"saves at most {100 * best / max(costs.total, 1):.2f}% of the {costs.objective}"})
@@ -404,13 +408,10 @@ class Planner:
             self.provider(self.original, list(dict.fromkeys(requests)), (s,))
         self._timed("calibration", started)
 
-    def apply(self, passes: list[tuple[str, dict]], half: int | None) -> onnx.ModelProto:
-        """The original rewritten by ``passes`` with half ``half``'s statistics (None: all)."""
+    def apply(self, passes: list[tuple[str, dict]], half: int) -> onnx.ModelProto:
+        """The original rewritten by ``passes`` with half ``half``'s statistics (folds h, h + 2)."""
         work = clone(self.original)
-        if half is None:
-            ctx = PassContext(statistics=self.provider, folds=FOLDS, seed=self.seed, cache={})
-        else:
-            ctx = PassContext(statistics=self.halves[half], folds=2, seed=self.seed, cache=self.caches[half])
+        ctx = PassContext(statistics=self.halves[half], folds=2, seed=self.seed, cache=self.caches[half])
         for name, opts in passes:
             REGISTRY[name](**opts).run(work, ctx)
         return work
@@ -452,8 +453,7 @@ class Planner:
                 outputs = Suffix(trial, hashes, output).run(cache, batch_size=max(self.batch_size, 64),
                                                             device=self.device)
                 d = damage(cache.output, outputs)
-                saving = (self.costs.prune_saving(site.group, size) if site.family == "prune"
-                          else self.costs.split_saving(site.layer, size))
+                saving = self.costs.saving(site, size)
                 rows.append({"size": size, "of": site.size if site.family == "prune" else _full_rank(site),
                              "keep": fraction, "saving": saving, **d})
                 if d.get("agreement", 1.0) < self.options.stop_agreement:
@@ -585,8 +585,7 @@ class Planner:
                  or k % self.options.multiple == 0 or k == step.size]
 
         def option(size: int) -> Option:
-            saving = (self.costs.prune_saving(site.group, size) if site.family == "prune"
-                      else self.costs.split_saving(site.layer, size))
+            saving = self.costs.saving(site, size)
             known = [(r["size"], r["damage"]) for r in rows] + [(upper, before.damage if before else 0.0)]
             xs, ys = zip(*sorted(known))
             return Option(step.site, step.family, size, saving, float(np.interp(size, xs, ys)), step.layers)
