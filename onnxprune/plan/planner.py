@@ -432,11 +432,16 @@ class Planner:
     # ------------------------------------------------------------------ sensitivity
 
     @one_blas_thread
-    def sensitivity(self) -> dict[str, list[dict]]:
-        """Damage of each site compressed alone, per ladder size (half 0 -> scored on half 1)."""
-        if self.curves:
+    def sensitivity(self, *, stop_agreement: float | None = None) -> dict[str, list[dict]]:
+        """Damage of each site compressed alone, per ladder size (half 0 -> scored on half 1).
+
+        A ladder stops below ``stop_agreement`` (default: the options'); called again with a
+        lower one, it continues the ladders that stopped (a budget the chain cannot reach)."""
+        stop = self.options.stop_agreement if stop_agreement is None else stop_agreement
+        if self.curves and not any(self._stopped(site, stop) for site in self.sites):
             return self.curves
-        self.gather()
+        if not self.curves:
+            self.gather()
         started = time.perf_counter()
         check = self.half_positions[1]
         if len(check) > self.options.check_samples:
@@ -447,8 +452,13 @@ class Planner:
         output = measured_output(self.original)
         bar = tqdm(self.sites, desc="sensitivity", unit="site", disable=not self.progress, leave=False)
         for site in bar:
-            rows = []
+            rows = self.curves.get(site.key, [])
+            done = {r["size"] for r in rows}
+            if rows and not self._stopped(site, stop):
+                continue                       # complete, or stopped for a reason that still holds
             for fraction, size in ladder_sizes(site, self.options):
+                if size in done:
+                    continue
                 trial = self.apply(site.passes(size, self.options), half=0)
                 outputs = Suffix(trial, hashes, output).run(cache, batch_size=max(self.batch_size, 64),
                                                             device=self.device)
@@ -456,7 +466,7 @@ class Planner:
                 saving = self.costs.saving(site, size)
                 rows.append({"size": size, "of": site.size if site.family == "prune" else _full_rank(site),
                              "keep": fraction, "saving": saving, **d})
-                if d.get("agreement", 1.0) < self.options.stop_agreement:
+                if d.get("agreement", 1.0) < stop:
                     break
             if cache.nbytes > CACHE_BYTES:
                 cache.drop()
@@ -465,6 +475,12 @@ class Planner:
                      ", ".join(f"{r['size']}:{r['damage']:.3g}" for r in rows))
         self._timed("sensitivity", started)
         return self.curves
+
+    def _stopped(self, site: Site, stop: float) -> bool:
+        """Whether ``site``'s ladder ended early and would go on with the threshold ``stop``."""
+        rows = self.curves.get(site.key, [])
+        return bool(rows) and len(rows) < len(ladder_sizes(site, self.options)) \
+            and rows[-1].get("agreement", 1.0) >= stop
 
     # ------------------------------------------------------------------ domain shift
 
@@ -497,7 +513,7 @@ class Planner:
     # ------------------------------------------------------------------ allocation
 
     def path(self) -> Path:
-        curves = self.sensitivity()
+        curves = self.curves or self.sensitivity()
         by_name = {s.key: s for s in self.sites}
         options = {name: [Option(name, by_name[name].family, r["size"], r["saving"], r["damage"], by_name[name].nodes)
                           for r in rows] for name, rows in curves.items()}
@@ -562,6 +578,9 @@ class Planner:
         """The least aggressive plan of the chain whose cost is within ``fraction`` of the original."""
         path = self.path()
         budget = fraction * self.costs.total
+        if self.cost_of(path.plan(len(path) - 1)) > budget:
+            self.sensitivity(stop_agreement=0.0)      # go on down the ladders that stopped early
+            path = self.path()
         # cost falls along the chain: the largest t still over budget, plus one
         over = search(path, lambda t: self.cost_of(path.plan(t)) > budget)
         t = min(over + 1, len(path) - 1) if self.cost_of(path.plan(over)) > budget else over
