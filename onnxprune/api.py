@@ -22,8 +22,18 @@ from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph import describe_groups, find_channel_groups, find_linear_layers
-from onnxprune.model import (count_parameters, default_mode, input_specs, load_model, jsonable, model_bytes,
-                             model_hash, output_names, save_model, write_text_atomic)
+from onnxprune.model import (
+    count_parameters,
+    default_mode,
+    input_specs,
+    jsonable,
+    load_model,
+    model_bytes,
+    model_hash,
+    output_names,
+    save_model,
+    write_text_atomic,
+)
 from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
@@ -232,7 +242,11 @@ def write_outputs(compressed: onnx.ModelProto, report: dict, recipe: Recipe, out
 
 
 def write_failed_report(report: dict, output: Path) -> Path:
-    """OUT.report.json of a run that missed its accuracy check (``verdict`` "failed"); no model."""
+    """OUT.report.json of a run that missed its accuracy check (``verdict`` "failed"); no model.
+    A model or recipe an earlier run left at OUT is not this run's: the report lists them."""
+    earlier = [str(p) for p in (output, recipe_path(output)) if p.exists()]
+    if earlier:
+        report["not_from_this_run"] = earlier
     return write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
 
 
@@ -508,7 +522,8 @@ def statistics_summary(stats_path, stats: Statistics) -> dict:
 def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, source_data=None,
               device: str = "cpu", progress: bool = True, split: float | None = None,
               shard: tuple[int, int] | str | None = None, client=None, cluster: str | None = None,
-              workers: int | None = None, shards: int | None = None) -> Statistics:
+              workers: int | None = None, shards: int | None = None, engine: str = "auto",
+              threads: int | None = None) -> Statistics:
     """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``.
 
     Uses the part of the target data that ``compress`` with the same recipe calibrates on:
@@ -521,6 +536,9 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     client / cluster / workers: run ``shards`` shards (default: one per worker) as tasks on
         a Dask ``distributed.Client``, on the scheduler at address ``cluster``, or on a new
         local cluster of ``workers`` processes; the merged result is written.
+    engine: "auto", "graph" or "numpy": how statistics are computed (see ``collect``).
+    threads: onnxruntime threads of each shard task (default: 1 on a local ``workers``
+        cluster, whose workers are single-threaded; else onnxruntime's default).
     """
     from onnxprune.calibration import cluster as tasks_on
     from onnxprune.calibration.shard import parse_shard
@@ -558,7 +576,8 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
                           "use --cluster/--workers alone (every shard runs there)")
     if isinstance(shard, str):
         shard = parse_shard(shard)
-    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device)
+    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device,
+                   stats_options={"engine": engine}, threads=threads)
     model_source = _path_or_none(model)
     if shard is not None:
         index, count = int(shard[0]), int(shard[1])
@@ -574,6 +593,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
             if int(workers) < 1:
                 raise RecipeError("workers", f"must be >= 1, got {workers}")
             client = tasks_on.local_client(int(workers))
+            options["threads"] = threads or 1      # single-threaded workers: one onnxruntime thread each
         elif cluster is not None:
             client = tasks_on.connect(cluster)
         try:
@@ -589,7 +609,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         for set_name, todo in requests.items():
             part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
                            batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
-                           seed=recipe.seed)
+                           seed=recipe.seed, engine=engine)
             stats = part if stats is None else stats.merge(part)
     # which rows of which file calibrated, for compress --stats (also in a shard's record, so
     # that merge-stats keeps it)

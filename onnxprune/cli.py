@@ -1,7 +1,9 @@
 """Command line: parsing and printing only. Results on stdout, logs on stderr.
 
-Exit codes: 0 success; 1 user error (one line naming the problem); 2 usage;
-3 the compressed model failed the requested accuracy check; 4 internal error (a bug in
+Exit codes: 0 success (also a compress that changed nothing, which says so); 1 user error
+(one line naming the problem, nothing written); 2 usage (a bad option value, naming the
+flag); 3 the compressed model failed the requested accuracy check (compress still prints the
+layer table and writes OUT.report.json with "verdict": "failed", but no model); 4 internal error (a bug in
 onnxprune: one line naming the stage or pass, the full traceback written to
 ``onnxprune-internal-<time>-<pid>.log`` in the system temp directory, whose path is printed).
 
@@ -27,9 +29,9 @@ from onnxprune import MISSING_RUNTIME, __version__
 
 if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
     sys.exit(f"error: {MISSING_RUNTIME}")
-from onnxprune import criteria  # noqa: E402
-from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed  # noqa: E402
-from onnxprune.pipeline import DEFAULT_CALIB_SIZE  # noqa: E402
+from onnxprune import criteria
+from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed
+from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
 log = logging.getLogger("onnxprune")
 
@@ -371,7 +373,8 @@ def calibration_options(func):
                           "(seeded); 'all' uses every one."),
         click.option("--split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
                      show_default=True, help="Fraction of --target-data that calibrates; the rest evaluates."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sampling."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the split and the sampling."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -547,7 +550,7 @@ def verdict_lines(report: dict, output) -> list[str]:
     counts = ", ".join(f"{_count_of(desc)} {name}" for name, desc in calibration.items())
     where = f" (from {report['statistics']['file']})" if report.get("calibration_runs") == 0 and \
         report.get("statistics") else ""
-    lines.append(f"calibrated on {counts or 'no'} samples{where}; evaluated on {v['samples']} held-out samples")
+    lines.append(f"calibrated on {counts or 'no'} samples{where}; evaluated on {v['samples']:,} held-out samples")
     if v.get("accuracy_reference") is not None:
         lines.append(f"top-1 accuracy {_number(v['accuracy_reference'], '.2%', 'n/a')} -> "
                      f"{_number(v['accuracy_candidate'], '.2%', 'n/a')}")
@@ -573,6 +576,8 @@ def verdict_lines(report: dict, output) -> list[str]:
     from onnxprune.api import report_path
     if report.get("verdict") == "failed":
         lines.append(f"FAILED the accuracy check: wrote {report_path(output)} only (no model)")
+        if report.get("not_from_this_run"):
+            lines.append(f"left as they were, from an earlier run: {', '.join(report['not_from_this_run'])}")
     else:
         lines.append(f"wrote {output} (+ .report.json, .recipe.json)")
     return lines
@@ -598,11 +603,14 @@ def _count_of(desc: dict) -> str:
 @click.option("--split", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Fraction of --target-data that calibrates, as in compress (1: all of it, then evaluate on "
                    "other data with compress --eval-data).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split and the sampling.")
 @click.option("--shard", help="Only shard I of N (I/N, 1-based: contiguous whole batches); merge with merge-stats.")
 @click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
 @click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
 @click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
+@click.option("--engine", type=click.Choice(["auto", "graph", "numpy"]), default="auto", show_default=True,
+              help="auto: patches in-graph, features by float32 BLAS; graph: all inside onnxruntime; numpy: float64.")
 @preprocess_options
 @common_options
 @user_errors
@@ -615,7 +623,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     from onnxprune import api
 
     preprocess = preprocess_dict(kw)
-    shard, cluster, workers, shards = (kw.pop(k) for k in ("shard", "cluster", "workers", "shards"))
+    shard, cluster, workers, shards, engine = (kw.pop(k) for k in ("shard", "cluster", "workers", "shards", "engine"))
     if shards is not None and cluster is None and workers is None:
         raise click.UsageError("--shards needs --cluster or --workers")
     if shard is not None and (cluster is not None or workers is not None):
@@ -631,7 +639,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
         check_outputs([output], {"--recipe": [kw["recipe"]]})
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
                           device=device, progress=show_progress(quiet), split=split, shard=shard, cluster=cluster,
-                          workers=workers, shards=shards)
+                          workers=workers, shards=shards, engine=engine)
     record = stats.header.get("shard")
     if record:
         sets = ", ".join(f"{k}: samples {v['start']}-{v['stop'] - 1} of {v['set'].get('count')}"
@@ -869,7 +877,8 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @training_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split, the sampling and the training.")
 @click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
 @click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
@@ -962,7 +971,8 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
               help="Fraction of the target training samples held out to pick the checkpoint.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split, the sampling and the training.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")

@@ -26,7 +26,7 @@ def model_files(model: str | os.PathLike) -> list[Path]:
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # an unreadable model is reported by load_model, with its own message
+    except Exception:  # noqa: BLE001  (an unreadable model is reported by load_model, with its own message)
         return files
     tensors = list(proto.graph.initializer)
     for node in proto.graph.node:

@@ -68,6 +68,8 @@ class Recipe:
         if self.calib_size is not None and (isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int)
                                             or self.calib_size < 1):
             raise RecipeError("recipe", f"calib_size={self.calib_size!r} must be an integer >= 1 or 'all'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError("recipe", f"seed={self.seed!r} must be an integer >= 0")
         if self.folds < 1 or self.batch_size < 1:
             raise RecipeError("recipe", "folds and batch_size must be >= 1")
 

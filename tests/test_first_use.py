@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -242,6 +241,7 @@ def test_validate_models_with_incompatible_inputs(tmp_path):
     (["--split", "1"], "--split"),
     (["--calib-size", "0"], "--calib-size"),
     (["--calib-size", "lots"], "--calib-size"),
+    (["--seed", "-1"], "--seed"),
     (["--keep", "0.5", "--flops", "0.8", "--method", "spectral"], "--flops"),
     (["--rank", "4", "--keep", "0.3"], "--rank"),
     (["--method", "dalr", "--alpha", "0.9"], "--alpha"),
@@ -256,6 +256,14 @@ def test_bad_option_values_are_usage_errors_naming_the_flag(tmp_path, monkeypatc
     result = cli("compress", model, "--target-data", data, "-o", tmp_path / "o.onnx", *args, *FAST)
     one_line_error(result, flag, code=2)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_negative_seed_in_a_recipe_file_is_a_user_error(tmp_path):
+    model, data = mlp_task(tmp_path, n=40)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"passes": [{"name": "low-rank-split"}], "seed": -1}))
+    one_line_error(cli("compress", model, "--target-data", data, "-o", tmp_path / "o.onnx", "--recipe", recipe,
+                       *FAST), "seed")
 
 
 def test_threshold_out_of_range_in_the_api_fails_before_any_work(tmp_path, monkeypatch):
@@ -300,6 +308,13 @@ def test_missed_accuracy_check_prints_the_table_and_writes_a_failed_report(tmp_p
     report = json.loads((out.parent / "tiny.report.json").read_text())
     assert report["verdict"] == "failed" and "agreement" in report["failure"]
     assert report["layers"][0]["kept"].startswith("rank 1")
+    # a model left by an earlier, passing run is named as not this run's
+    assert cli("compress", model, "--target-data", data, "-o", out, "--keep", "0.9", *FAST).exit_code == 0
+    result = cli("compress", model, "--target-data", data, "-o", out, "--rank", "1", "--min-agreement", "0.999",
+                 "--no-latency")
+    assert result.exit_code == 3 and "from an earlier run" in result.output
+    assert json.loads((out.parent / "tiny.report.json").read_text())["not_from_this_run"] == [
+        str(out), str(out.parent / "tiny.recipe.json")]
 
 
 # ------------------------------------------------------------------ 7. statistics and held-out samples
@@ -524,9 +539,9 @@ def test_fp16_weights_are_reported_as_skipped_not_a_crash(tmp_path):
 def test_latency_reports_the_spread_and_warns_when_too_noisy(monkeypatch):
     import sys
 
-    from tests.graphs import wide_mlp as model_of
     from onnxprune.calibration.readers import open_samples
     from onnxprune.model import input_specs
+    from tests.graphs import wide_mlp as model_of
 
     validate_module = sys.modules["onnxprune.validate"]  # the package's ``validate`` is the function
     model = model_of()

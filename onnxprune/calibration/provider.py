@@ -41,13 +41,14 @@ class StatsProvider:
 
     def __init__(self, samples: dict, *, batch_size: int = 32, folds: int = 2, device: str = "cpu",
                  progress: bool = True, seed: int = 0, preloaded: Statistics | None = None,
-                 preloaded_model: onnx.ModelProto | None = None):
+                 preloaded_model: onnx.ModelProto | None = None, engine: str = "auto"):
         self.samples = samples
         self.batch_size = batch_size
         self.folds = folds
         self.device = device
         self.progress = progress
         self.seed = seed
+        self.engine = engine          # collect(engine=): "auto", "graph" (in onnxruntime) or "numpy"
         self.collections = 0          # onnxruntime passes run (per sample set), for reports
         self._cache: dict[tuple[str, str], tuple[str, Statistics]] = {}
         self._preloaded = preloaded
@@ -82,7 +83,8 @@ class StatsProvider:
                 raise CalibrationError(set_name, "statistics file lacks what this recipe needs",
                                        f"pass --{set_name}-data so they can be gathered")
             stats = collect(model, {set_name: self.samples[set_name]}, todo, batch_size=self.batch_size,
-                            folds=self.folds, device=self.device, progress=self.progress, seed=self.seed)
+                            folds=self.folds, device=self.device, progress=self.progress, seed=self.seed,
+                            engine=self.engine)
             self.collections += 1
             for request in todo:
                 self._cache[(set_name, request.key)] = (hashes[request.tensor], stats)

@@ -13,8 +13,8 @@ import onnx
 
 from onnxprune.errors import DataError
 from onnxprune.model import jsonable, save_model, write_text_atomic
-from onnxprune.validate import check_threshold_values
 from onnxprune.train import require_torch
+from onnxprune.validate import check_threshold_values
 
 
 @dataclasses.dataclass
