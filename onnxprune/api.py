@@ -37,6 +37,7 @@ from onnxprune.model import (
 from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
 
@@ -67,7 +68,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
              min_agreement: float | None = None, measure_latency: bool = True,
              finetune=None) -> CompressResult:
-    """Calibrate on the target data, run the recipe, validate on held-out data, write the output.
+    """Calibrate on the target data, plan (``recipe.plan``: the planner chooses the passes) or
+    run the recipe, validate on held-out data, write the output.
 
     Calibration uses ``recipe.split`` of the target data (the rest evaluates, unless
     ``eval_data`` is given), at most ``recipe.calib_size`` samples per set (target and
@@ -91,17 +93,37 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                                                                  eval_data)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    preloaded = None
-    if stats is not None:
-        preloaded = Statistics.load(stats, model=original)
-        if preloaded.header.get("shard"):
-            record = preloaded.header["shard"]
-            raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
-                            "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
-        check_held_out(preloaded, stats, held_out, eval_source)
-    provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
-                             progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
+    preloaded = planning = None
+    if recipe.plan is not None:
+        if stats is not None:
+            raise RecipeError("--stats", "cannot be used when the planner chooses the compression",
+                              "give an explicit recipe (--recipe) or a per-layer rule with --stats")
+        goal = recipe.plan
+        if goal.get("max_drop") is not None:
+            max_drop = goal["max_drop"] if max_drop is None else min(max_drop, goal["max_drop"])
+        try:
+            original, recipe, provider, planning = plan_recipe(original, samples, recipe, device=device,
+                                                               progress=progress)
+        except ValidationFailed as exc:
+            report = exc.report
+            report["evaluation"] = held_out.describe()
+            report["verdict"], report["failure"] = "failed", str(exc)
+            if output is not None:
+                write_failed_report(report, Path(output))
+            raise
+    else:
+        if stats is not None:
+            preloaded = Statistics.load(stats, model=original)
+            if preloaded.header.get("shard"):
+                record = preloaded.header["shard"]
+                raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
+                                "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
+            check_held_out(preloaded, stats, held_out, eval_source)
+        provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
+                                 progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
     compressed, report = run_pipeline(original, recipe, provider)
+    if planning is not None:
+        report["plan"] = planning
     if finetune is not None:
         from onnxprune.train.api import recover
 
@@ -111,10 +133,11 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                  calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                            measure_latency=measure_latency, progress=progress)
-    for warning in validation.warnings:
+    warnings = list(validation.warnings) + collapse_warnings(validation, held_out)
+    for warning in warnings:
         log.warning("%s", warning)
     report["validation"] = validation.to_dict()
-    report["warnings"] = list(validation.warnings)
+    report["warnings"] = warnings
     report["recipe"] = recipe.to_dict()
     try:
         check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
@@ -227,6 +250,167 @@ def write_failed_report(report: dict, output: Path) -> Path:
     return write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
 
 
+#: agreement below this on held-out samples is a collapse, whatever the request was
+AGREEMENT_FLOOR = 0.5
+
+
+def collapse_warnings(validation: ValidationReport, held_out: SampleSet) -> list[str]:
+    """Loud lines when the compressed model is broken: near chance, or far from the original."""
+    out = []
+    if validation.agreement == validation.agreement and validation.agreement < AGREEMENT_FLOOR:
+        out.append(f"the compressed model agrees with the original on only {100 * validation.agreement:.1f}% of "
+                   f"{validation.samples} held-out samples: it is broken for this data")
+    labels = held_out.labels
+    if validation.accuracy_candidate is not None and labels is not None:
+        chance = 1.0 / max(len(np.unique(labels)), 1)
+        if validation.accuracy_candidate <= 1.5 * chance < validation.accuracy_reference:
+            out.append(f"the compressed model's accuracy {100 * validation.accuracy_candidate:.1f}% is near chance "
+                       f"({100 * chance:.1f}% for {len(np.unique(labels))} classes)")
+    return out
+
+
+def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output: str | os.PathLike | None = None,
+                figure: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Damage of every site compressed alone at each ladder size, on the target samples
+    (``recipe.calib_size`` of them; no evaluation split is needed). With ``source_data``, also
+    how far the source statistics of each site are from the target's (``linalg.domain_shift``).
+    Writes the curves as JSON to ``output`` and a heat map (and a shift chart) as PNG."""
+    from onnxprune.plan import figures
+
+    original = as_model(model)
+    target = cap(as_samples(target_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
+    source = None
+    if source_data is not None:
+        source = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
+    planner = Planner(original, target, options=plan_options(recipe.plan or {}), source=source,
+                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress)
+    curves = planner.sensitivity()
+    result = {"model": original.graph.name, "calibration": target.describe(), **planner.report()}
+    if source is not None:
+        result["shift"] = planner.domain_shift()
+        result["source"] = source.describe()
+    if output is not None:
+        write_text_atomic(output, json.dumps(jsonable(result), indent=2) + "\n")
+    if figure is not None:
+        result["figures"] = [str(figures.sensitivity_heatmap(curves, figure))]
+        if source is not None:
+            shift_png = Path(figure).with_name(Path(figure).stem + "_shift.png")
+            result["figures"].append(str(figures.shift_chart(result["shift"], shift_png)))
+    return result
+
+
+def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.PathLike, source_data=None,
+          eval_data=None, device: str = "cpu", progress: bool = True, measure_latency: bool = True) -> dict:
+    """Compress at each budget (fractions of ``recipe.plan['objective']``) from one calibration
+    and one sensitivity run; write every model with its report, and a Pareto table
+    (``pareto.md``, ``pareto.json``) and plot (``pareto.png``) into ``output_dir``."""
+    from onnxprune.plan import figures
+
+    original = as_model(model)
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(str(out_dir), "exists and is not a folder", "give a folder for -o")
+    budgets = sorted({float(b) for b in budgets}, reverse=True)
+    if not budgets or any(not 0 < b < 1 for b in budgets):
+        raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
+    samples, held_out, _, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
+    planner = Planner(original, samples["target"], options=plan_options(recipe.plan or {}),
+                      source=samples.get("source"), batch_size=recipe.batch_size, device=device,
+                      seed=recipe.seed, progress=progress)
+    planner.sensitivity()
+    rows = []
+    stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
+    for budget in budgets:
+        result = planner.for_budget(budget)
+        passes = tuple(result.pop("passes"))
+        result.pop("plan")
+        if not passes:
+            rows.append({"budget": budget, "status": "nothing to compress at this budget"})
+            continue
+        final = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
+        compressed, report = run_pipeline(planner.original, final, planner.provider)
+        validation = _validate(planner.original, compressed, held_out, batch_size=recipe.batch_size, device=device,
+                               measure_latency=measure_latency, progress=progress)
+        report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
+                      evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()})
+        path = out_dir / f"{stem}_{result['objective']}{round(100 * budget)}.onnx"
+        save_model(compressed, path)
+        write_text_atomic(report_path(path), json.dumps(jsonable(report), indent=2) + "\n")
+        v = validation
+        rows.append({
+            "budget": budget, "model": path.name, "macs": v.macs_candidate / max(v.macs_reference, 1),
+            "params": v.params_candidate / max(v.params_reference, 1),
+            "accuracy": v.accuracy_candidate, "accuracy_reference": v.accuracy_reference,
+            "agreement": v.agreement, "checked_drop": result["check"]["drop"],
+            "sites": len(result["sites"]),
+            "speedup": v.speedup() if measure_latency else {},
+        })
+    table = pareto_lines(rows)
+    summary = {"budgets": rows, "planner": planner.report(), "evaluation": held_out.describe()}
+    write_text_atomic(out_dir / "pareto.json", json.dumps(jsonable(summary), indent=2) + "\n")
+    write_text_atomic(out_dir / "pareto.md", "\n".join(table) + "\n")
+    done = [r for r in rows if "macs" in r]
+    if done:
+        key = "accuracy" if done[0]["accuracy"] is not None else "agreement"
+        reference = 100 * done[0]["accuracy_reference"] if key == "accuracy" else 100.0
+        x = planner.options.objective
+        figures.pareto_chart({"planned": [(r[x], 100 * r[key]) for r in done]}, out_dir / "pareto.png",
+                             reference=reference, xlabel=f"{x} (fraction of the original)",
+                             ylabel=f"top-1 {key} (%)", title=str(stem))
+    summary["table"] = table
+    return summary
+
+
+def pareto_lines(rows: list[dict]) -> list[str]:
+    lines = ["| budget | MACs | params | top-1 % | agreement % | checked drop | sites | model |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "macs" not in r:
+            lines.append(f"| {r['budget']:.2f} | | | | | | | {r['status']} |")
+            continue
+        acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
+        lines.append(f"| {r['budget']:.2f} | {100 * r['macs']:.1f}% | {100 * r['params']:.1f}% | {acc} | "
+                     f"{100 * r['agreement']:.2f} | {r['checked_drop']:.2f} | {r['sites']} | {r['model']} |")
+    return lines
+
+
+def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, device: str = "cpu",
+                progress: bool = True) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict]:
+    """Run the planner that ``recipe.plan`` asks for on the calibration ``samples``.
+
+    Returns the model to compress (the original with every node named), the recipe of the
+    chosen plan (explicit per-site passes, re-runnable without planning), the statistics
+    provider that already holds every statistic the recipe needs, and the plan's report.
+    """
+    goal = recipe.plan
+    planner = Planner(original, samples["target"], options=plan_options(goal), source=samples.get("source"),
+                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress)
+    if goal.get("max_drop") is not None:
+        result = planner.for_max_drop(goal["max_drop"])
+    else:
+        result = planner.for_budget(goal["budget"])
+    passes = tuple(result.pop("passes"))
+    result.pop("plan")
+    planning = {**result, **planner.report()}
+    if passes and not result.get("budget_met", True):
+        error = ValidationFailed("plan", f"the most compressed plan keeps {100 * result['cost']:.1f}% of the "
+                                         f"{result['objective']}, more than the budget {100 * goal['budget']:g}%",
+                                 "allow a larger budget")
+        error.report = {"plan": planning, "calibration": {name: s.describe() for name, s in samples.items()}}
+        raise error
+    if not passes:       # nothing fits the goal: the identity, reported as "no layer changed"
+        log.warning("the planner found no site to compress within %s", _goal_text(goal))
+        passes = (("select-nodes", {"counts": {}}),)
+    recipe = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
+    return planner.original, recipe, planner.provider, planning
+
+
+def _goal_text(goal: dict) -> str:
+    if goal.get("max_drop") is not None:
+        return f"a drop of {goal['max_drop']:g} points"
+    return f"a budget of {100 * goal['budget']:g}% of the {goal.get('objective', 'macs')}"
+
+
 def report_path(output: Path) -> Path:
     output = Path(output)
     return output.with_name(output.stem + ".report.json")
@@ -266,7 +450,17 @@ def cap(samples: SampleSet, size: int | None, *, seed: int) -> SampleSet:
 
 
 def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
-    """Every name in a pass's ``layers`` / ``groups`` must exist (RecipeError listing the valid ones)."""
+    """Every name in a pass's ``layers`` / ``groups``, or a plan's ``sites``, must exist
+    (RecipeError listing the valid ones)."""
+    if recipe.plan is not None and recipe.plan.get("sites"):
+        families = recipe.plan.get("families", ())
+        valid = ([layer.name for layer in find_linear_layers(model)] if "low-rank" in families else []) + \
+                ([group.name for group in find_channel_groups(model)] if "prune" in families else [])
+        missing = [name for name in recipe.plan["sites"] if name not in valid]
+        if missing:
+            raise RecipeError("--layers", f"no channel group or linear layer named {', '.join(map(repr, missing))} "
+                              "in the model", f"valid names (as `onnxprune inspect` prints them): "
+                                              f"{', '.join(dict.fromkeys(valid)) or 'none'}")
     for p in recipe.build():
         for option, finder, what in (("layers", find_linear_layers, "linear layer"),
                                      ("groups", find_channel_groups, "channel group")):

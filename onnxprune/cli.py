@@ -279,12 +279,17 @@ def build_recipe(kw: dict, preprocess: dict):
     given = [_flag(k) for k in BUDGET_FLAGS if kw.get(k) is not None]
     if len(given) > 1:
         raise click.UsageError(f"give only one budget: {' and '.join(given)} were both given")
-    wrong = LOW_RANK_ONLY if method not in METHODS else PRUNING_ONLY
+    wrong = () if method == "auto" else LOW_RANK_ONLY if method not in METHODS else PRUNING_ONLY
     for flag in wrong:
         if kw.get(flag) not in (None, False):
             kind = "low rank (svd, svd-bc, dalr, dalr-bc)" if flag in LOW_RANK_ONLY else "channel pruning"
             raise click.UsageError(f"{_flag(flag)} applies to {kind}, not --method {method}")
     layers = tuple(v.strip() for v in (kw.get("layers") or "").split(",") if v.strip())
+    if planned(kw):
+        return Recipe(passes=(), plan=plan_request(kw, layers), seed=kw["seed"], calib_size=kw.get("calib_size"),
+                      split=kw["split"], batch_size=kw["batch_size"], preprocess=preprocess)
+    if method == "auto":
+        method = "spectral" if any(kw.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
     if method in METHODS:
         passes = [(name, dict(opts)) for name, opts in METHODS[method]]
         lr = passes[0][1]
@@ -298,6 +303,48 @@ def build_recipe(kw: dict, preprocess: dict):
     return Recipe(passes=tuple(passes), mode=kw.get("mode") or "one-shot", seed=kw["seed"],
                   calib_size=kw.get("calib_size"), split=kw["split"], batch_size=kw["batch_size"],
                   preprocess=preprocess)
+
+
+#: flags that set a per-layer rule or a pass option the planner does not choose: with any of
+#: them, compress runs the one recipe they describe (one global threshold for --keep/--flops)
+RULE_FLAGS = ("rank", "fraction", "energy", "alpha", "tau", "ridge", "mode", "then_low_rank", "lam")
+
+
+def planned(kw: dict) -> bool:
+    """Whether compress plans per site (the default) or runs one fixed recipe."""
+    if kw.get("allocation") == "global" or kw.get("no_reconstruct") or kw.get("stats"):
+        return False
+    if kw["method"] == "pfa-kl":
+        return False
+    return not any(kw.get(flag) is not None for flag in RULE_FLAGS)
+
+
+def plan_request(kw: dict, layers: tuple[str, ...]) -> dict:
+    """The recipe's plan table from the flags: a budget (--flops, --keep) or --max-drop (default 1)."""
+    if kw.get("flops") is not None and kw.get("keep") is not None:
+        raise RecipeError("--flops/--keep", "give one budget", "--flops F (MACs) or --keep F (parameters)")
+    objective = kw.get("objective")
+    plan: dict = {}
+    if kw.get("flops") is not None or kw.get("keep") is not None:
+        flag, implied = ("--flops", "macs") if kw.get("flops") is not None else ("--keep", "params")
+        if objective not in (None, implied):
+            raise RecipeError(f"--objective {objective}", f"contradicts {flag}, a budget of {implied}",
+                              f"drop --objective or use {'--keep' if implied == 'macs' else '--flops'}")
+        objective = implied
+        plan["budget"] = kw["flops"] if kw.get("flops") is not None else kw["keep"]
+    else:
+        plan["max_drop"] = 1.0 if kw.get("max_drop") is None else kw["max_drop"]
+    plan["objective"] = objective or "macs"
+    method = kw["method"]
+    if method in METHODS:
+        plan.update(families=["low-rank"], low_rank=METHODS[method][0][1]["method"], bias=method.endswith("-bc"))
+    elif method != "auto":
+        plan.update(families=["prune"], criterion=method)
+    if layers:
+        plan["sites"] = list(layers)
+    if kw.get("margin") is not None:
+        plan["margin"] = kw["margin"]
+    return plan
 
 
 def _pruning_passes(method, budget, layers, kw):
@@ -343,15 +390,24 @@ def calibration_options(func):
 @click.option("--recipe", type=click.Path(dir_okay=False),
               help="Recipe file (JSON or TOML) instead of the method flags; --calib-size, --split, --seed, --mode, "
                    "--batch-size and preprocessing flags given with it apply over it.")
-@click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc",
-              show_default=True, help="Low-rank (svd, svd-bc, dalr, dalr-bc) or channel pruning criterion.")
-@click.option("--keep", type=FRACTION, help="Keep this fraction of the compressible parameters (global budget).")
+@click.option("--method", type=click.Choice(["auto"] + list(METHODS) + list(PRUNING_CRITERIA)), default="auto",
+              show_default=True, help="auto: the planner chooses pruning or low rank per site; or restrict it to "
+                                      "low rank (svd, svd-bc, dalr, dalr-bc) or one pruning criterion.")
+@click.option("--objective", type=click.Choice(["macs", "params"]),
+              help="What 'smaller' means for --max-drop planning (default macs; --keep implies params).")
+@click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
+              help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
+@click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "
+                                                             "in reserve (default 1).")
+@click.option("--keep", type=FRACTION, help="Keep this fraction of the model's parameters (a budget; with "
+                                            "--allocation global: of the compressible parameters).")
 @click.option("--rank", type=click.IntRange(min=1), help="Low rank: the same rank for every layer.")
 @click.option("--fraction", type=FRACTION, help="Keep this fraction of each layer's parameters.")
 @click.option("--energy", type=FRACTION, help="Low rank: smallest rank retaining this energy per layer.")
 @click.option("--alpha", type=FRACTION, help="Pruning: information retention ratio per group (spectral, momasp).")
 @click.option("--tau", type=FRACTION, help="Pruning: PFA-En energy threshold.")
-@click.option("--flops", type=FRACTION, help="Pruning: keep this fraction of the MACs (global budget).")
+@click.option("--flops", type=FRACTION, help="Keep this fraction of the model's MACs (a budget; with --allocation "
+                                             "global: of the pruned layers' MACs).")
 @click.option("--lam", type=click.FloatRange(min=0), help="MoMaSP regulariser weight (default 1).")
 @click.option("--ridge", type=RidgeType(), help="DALR ridge relative to trace(S)/n, or 'auto' (default: chosen on held-out data).")
 @click.option("--layers", help="Comma-separated layer (or group) names to touch; default all.")
@@ -361,7 +417,8 @@ def calibration_options(func):
 @calibration_options
 @click.option("--stats", type=click.Path(dir_okay=False), help="Reuse statistics saved by `onnxprune calibrate`.")
 @click.option("--max-drop", type=click.FloatRange(0, 100),
-              help="Fail (exit 3, report only, no model) if accuracy drops more than this many points.")
+              help="Smallest model within this many points of accuracy (agreement without labels); the default "
+                   "goal (1) when no budget is given. Exit 3 (report only, no model) if the held-out check misses.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1),
               help="Fail (exit 3, report only, no model) below this top-1 agreement (a fraction, 0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
@@ -415,10 +472,16 @@ def print_report(report: dict, output, *, as_json: bool, quiet: int) -> None:
     if as_json:
         click.echo(json.dumps(api.jsonable(report), indent=2))
         return
+    if "validation" not in report:       # the planner found nothing: say what it measured
+        for line in plan_lines(report):
+            click.echo(line)
+        return
     if quiet == 0:
         for line in layer_table(report):
             click.echo(line)
         click.echo()
+        for line in plan_lines(report):
+            click.echo(line)
     for line in verdict_lines(report, output):
         click.echo(line)
 
@@ -450,6 +513,27 @@ def _number(value, spec: str, missing: str = "") -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return missing
     return format(value, spec)
+
+
+def plan_lines(report: dict) -> list[str]:
+    """What the planner chose and what its cross-fitted check measured (nothing without a plan)."""
+    plan = report.get("plan")
+    if not plan:
+        return []
+    goal = plan["goal"]
+    wanted = (f"within {goal['max_drop']:g} points" if "max_drop" in goal
+              else f"at {100 * goal['budget']:g}% of the {plan['objective']}")
+    check = plan["check"]
+    metric = "accuracy" if check.get("accuracy_reference") is not None else "agreement"
+    seconds = plan.get("seconds", {})
+    skipped = [f"  not planned: {row['site']} ({row['family']}): {row['reason']}" for row in plan.get("skipped", [])]
+    return skipped + [
+        f"plan: {len(plan['sites'])} of {plan['sites_considered']} sites compressed, {wanted}: "
+        f"{100 * plan['cost']:.1f}% of the {plan['objective']}, step {plan['step']}/{plan['steps']}",
+        f"plan check ({plan['calibration_samples']} calibration samples, cross-fitted): {metric} drop "
+        f"{check['drop']:.2f} +- {check['se']:.2f} points; planning took {sum(seconds.values()):.0f} s",
+        "",
+    ]
 
 
 def verdict_lines(report: dict, output) -> list[str]:
@@ -547,7 +631,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     if cluster is not None and workers is not None:
         raise click.UsageError("give --cluster or --workers, not both")
     split = kw.pop("split")
-    kw.update(split=0.5 if split >= 1 else split, mode=None)
+    kw.update(split=0.5 if split >= 1 else split, mode=None, allocation="global")
     recipe = build_recipe(kw, preprocess)
     if kw.get("recipe"):
         from onnxprune.paths import check_output_text, check_outputs
@@ -565,6 +649,105 @@ def calibrate(model, output, verbose, quiet, device, **kw):
         return
     sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
     click.echo(f"wrote {output} ({len(stats.header.get('requests', []))} tensors; {sets})")
+
+
+def plan_flags(func):
+    """What the planner may touch: --method (auto / a family / a criterion), --objective, --layers."""
+    options = [
+        click.option("--method", type=click.Choice(["auto"] + list(METHODS) + list(PRUNING_CRITERIA)), default="auto",
+                     show_default=True, help="auto: pruning and low rank per site; or one family / criterion."),
+        click.option("--objective", type=click.Choice(["macs", "params"]), help="What 'smaller' means (default macs)."),
+        click.option("--layers", help="Comma-separated group / layer names to consider; default all."),
+        click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
+                     help="At most this many calibration samples per set, drawn at random (seeded); 'all' uses all."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sampling."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def plan_only_recipe(kw: dict, preprocess: dict, **goal):
+    """A recipe whose plan table carries the flags of `sensitivity` / `sweep`."""
+    from onnxprune.pipeline import Recipe
+
+    kw = {**kw, "max_drop": None, "flops": None, "keep": None}
+    layers = tuple(v for v in (kw.get("layers") or "").split(",") if v)
+    plan = plan_request(kw, layers)
+    plan.pop("max_drop", None)
+    plan.update(goal)
+    return Recipe(passes=(), plan=plan, seed=kw["seed"], calib_size=kw.get("calib_size"),
+                  split=kw.get("split") or 0.5, batch_size=kw["batch_size"], preprocess=preprocess)
+
+
+@main.command(short_help="Damage of compressing each site alone at each size: JSON, table, heat map.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
+@click.option("--source-data", help="Samples from the training domain: also show where the domains differ.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Curves as JSON (.json).")
+@click.option("--figure", type=click.Path(dir_okay=False), help="Heat map PNG (default: next to -o).")
+@plan_flags
+@preprocess_options
+@common_options
+@user_errors
+def sensitivity(model, output, figure, verbose, quiet, device, **kw):
+    """Damage of compressing each site of MODEL alone, at each size (JSON, table and heat map)."""
+    from pathlib import Path
+
+    from onnxprune import api
+    from onnxprune.plan.figures import sensitivity_table
+
+    preprocess = preprocess_dict(kw)
+    recipe = plan_only_recipe(kw, preprocess, max_drop=1.0)
+    figure = figure or str(Path(output).with_suffix(".png"))
+    result = api.sensitivity(model, kw["target_data"], recipe=recipe, source_data=kw["source_data"], output=output,
+                             figure=figure, device=device, progress=show_progress(quiet))
+    if quiet == 0:
+        for line in sensitivity_table(result["sensitivity"]):
+            click.echo(line)
+        for key, row in (result.get("shift") or {}).items():
+            click.echo(f"shift {key}: mean {row['mean_shift']:.3f}, cov {row['moment_cov']:.3f}, "
+                       f"angle {row['subspace_angle']:.1f} deg")
+    click.echo(f"wrote {output} and {', '.join(result.get('figures', []))} ({len(result['sensitivity'])} sites, "
+               f"{result['seconds'].get('sensitivity', 0):.1f} s)")
+
+
+@main.command(short_help="Compress at several budgets from one planning run; Pareto table and plot.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
+@click.option("--source-data", help="Samples from the training domain (MoMaSP criteria).")
+@click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to calibrate).")
+@click.option("--flops", help="Comma-separated MAC budgets, e.g. 0.9,0.8,0.7 (fractions of the original).")
+@click.option("--keep", help="Comma-separated parameter budgets instead.")
+@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that calibrates.")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@plan_flags
+@preprocess_options
+@common_options
+@user_errors
+def sweep(model, output, verbose, quiet, device, **kw):
+    """Compress MODEL at several budgets from one calibration and sensitivity run; Pareto table + plot."""
+    from onnxprune import api
+
+    if (kw["flops"] is None) == (kw["keep"] is None):
+        raise RecipeError("--flops/--keep", "give one list of budgets", "e.g. --flops 0.9,0.8,0.7")
+    flag, objective = ("--flops", "macs") if kw["flops"] is not None else ("--keep", "params")
+    budgets = _floats(kw["flops"] or kw["keep"])
+    if any(not 0 < b < 1 for b in budgets):
+        raise click.BadParameter(f"budgets must be fractions in (0, 1), got {kw['flops'] or kw['keep']}",
+                                 param_hint=flag)
+    if kw.get("objective") not in (None, objective):
+        raise RecipeError(f"--objective {kw['objective']}", f"contradicts {flag}")
+    preprocess = preprocess_dict(kw)
+    kw["objective"] = objective
+    recipe = plan_only_recipe(kw, preprocess, budget=budgets[0])
+    result = api.sweep(model, kw["target_data"], budgets, recipe=recipe, output_dir=output,
+                       source_data=kw["source_data"], eval_data=kw["eval_data"], device=device,
+                       progress=show_progress(quiet), measure_latency=not kw["no_latency"])
+    for line in result["table"]:
+        click.echo(line)
+    click.echo(f"wrote {output}/ (models, reports, pareto.md, pareto.json, pareto.png)")
 
 
 @main.command("merge-stats", short_help="Merge the shard files of `calibrate --shard` into one statistics file.")

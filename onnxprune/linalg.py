@@ -1042,3 +1042,37 @@ def pfa_correlation_select(cov, count: int) -> np.ndarray:
             corr[:, j] = 0.0
             corr[j] = 0.0
     return np.flatnonzero(alive).astype(np.int64)
+
+
+def domain_shift(mean_s, cov_s, mean_t, cov_t, *, energy: float = 0.9) -> dict[str, float]:
+    """How far the source statistics of a site are from the target's (C channels).
+
+    mean_shift: ||mu_s - mu_t|| / sqrt(tr(C_t)), the mean moved in units of the target's spread.
+    moment_mean, moment_cov: MoMaSP's moment-matching terms over every channel (eq. 3 with
+      J = all): ||mu_s - mu_t|| and ||S * (C_s - C_t)||_F with S_ij = (C_t[i,i] C_t[j,j])^(-1/4).
+    subspace_angle: the largest principal angle (degrees) between the target's and the
+      source's principal subspaces, each of the smallest dimension k holding ``energy`` of the
+      target's variance (k from the target, used for both).
+    """
+    mu_s = np.asarray(mean_s, dtype=np.float64)
+    mu_t = np.asarray(mean_t, dtype=np.float64)
+    Cs = _symmetric(cov_s, "cov_s")
+    Ct = _symmetric(cov_t, "cov_t")
+    dmu = mu_s - mu_t
+    spread = float(np.trace(Ct))
+    d = np.sqrt(np.maximum(np.diag(Ct), 1e-12 * max(spread / len(Ct), 1e-300)))
+    scale = 1.0 / np.sqrt(np.outer(d, d))
+    wt, Ut = sla.eigh(Ct, check_finite=False)
+    ws, Us = sla.eigh(Cs, check_finite=False)
+    wt, Ut, Us = wt[::-1], Ut[:, ::-1], Us[:, ::-1]
+    total = max(float(np.clip(wt, 0, None).sum()), 1e-300)
+    k = int(min(np.searchsorted(np.cumsum(np.clip(wt, 0, None)) / total, energy - 1e-12) + 1, len(wt)))
+    cosines = sla.svdvals(Ut[:, :k].T @ Us[:, :k], check_finite=False)
+    angle = float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
+    return {
+        "mean_shift": float(np.linalg.norm(dmu) / np.sqrt(max(spread, 1e-300))),
+        "moment_mean": float(np.linalg.norm(dmu)),
+        "moment_cov": float(np.linalg.norm(scale * (Cs - Ct))),
+        "subspace_angle": angle,
+        "subspace_dim": k,
+    }

@@ -43,11 +43,20 @@ class Recipe:
     batch_size: int = 32
     folds: int = 2                   # calibration folds (held-out ridge selection)
     preprocess: dict = dataclasses.field(default_factory=dict)
+    # Accuracy-driven planning (onnxprune.plan): the passes are chosen per site by the planner.
+    # Keys: max_drop (points) or budget (fraction of the objective), and PlanOptions fields.
+    plan: dict | None = None
 
     def __post_init__(self):
         if self.mode not in ("one-shot", "sequential"):
             raise RecipeError("recipe", f"mode={self.mode!r} is not one-shot or sequential")
-        if not self.passes:
+        if self.plan is not None:
+            from onnxprune.plan.planner import plan_settings
+
+            object.__setattr__(self, "plan", plan_settings(self.plan))
+            if self.passes:
+                raise RecipeError("recipe", "has both passes and a plan", "give one: the planner chooses the passes")
+        elif not self.passes:
             raise RecipeError("recipe", "has no passes")
         for name, _ in self.passes:
             if name not in REGISTRY:
@@ -75,12 +84,15 @@ class Recipe:
             "split": self.split,
             "batch_size": self.batch_size, "folds": self.folds, "preprocess": dict(self.preprocess),
             "passes": [{"name": p.name, **options_to_dict(p.options)} for p in built],
+            **({"plan": dict(self.plan)} if self.plan is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> Recipe:
         data = dict(data)
         raw = data.pop("passes", None)
+        if raw is None and data.get("plan") is not None:
+            raw = []
         if not isinstance(raw, list):
             raise RecipeError(source, "needs a list 'passes' of {name = ..., options...}")
         passes = []
@@ -120,6 +132,8 @@ class Recipe:
     def sets(self) -> tuple[str, ...]:
         """Sample sets the passes read (target always; source when a pass needs it)."""
         needed = {"target"}
+        if self.plan is not None and str(self.plan.get("criterion", "")).startswith("momasp"):
+            needed.add("source")
         for p in self.build():
             if getattr(p, "needs_source", False):
                 needed.add("source")

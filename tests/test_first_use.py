@@ -244,7 +244,7 @@ def test_validate_models_with_incompatible_inputs(tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--keep", "0.5", "--flops", "0.8", "--method", "spectral"], "--flops"),
     (["--rank", "4", "--keep", "0.3"], "--rank"),
-    (["--alpha", "0.9"], "--alpha"),
+    (["--method", "dalr", "--alpha", "0.9"], "--alpha"),
     (["--method", "spectral", "--ridge", "0.1"], "--ridge"),
     (["--method", "spectral", "--rank", "3"], "--rank"),
 ])

@@ -256,7 +256,8 @@ def test_compress_then_finetune_on_the_bundled_sample(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "small.onnx"
     result = CliRunner().invoke(main, ["compress", str(ROOT / "models/lenet_caffe_mnist.onnx"), "--target-data",
-                                       str(ROOT / "models/usps_test.npz"), "--keep", "0.03", "--calib-size", "150", "--finetune", "2",
+                                       str(ROOT / "models/usps_test.npz"), "--keep", "0.03", "--allocation", "global",
+                                       "--calib-size", "150", "--finetune", "2",
                                        "--no-latency", "-q", "-o", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_name("small.report.json").read_text())

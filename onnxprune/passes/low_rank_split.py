@@ -21,6 +21,7 @@ New nodes are named ``{layer}/low_rank/B`` and ``{layer}/low_rank/A``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -34,7 +35,7 @@ from onnxprune import linalg
 from onnxprune.calibration.stats import Moments, StatRequest
 from onnxprune.errors import CalibrationError
 from onnxprune.graph import LinearLayer, find_linear_layers, name_nodes, node_position
-from onnxprune.model import get_array, opset_version, remove_unused_initializers, set_array, unique_name
+from onnxprune.model import cone_hashes, get_array, opset_version, remove_unused_initializers, set_array, unique_name
 from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,13 @@ class LowRankOptions:
     ops: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
     positions: int = PATCH_POSITIONS  # Conv: sampled output positions per sample (0: all)
     multiple: int = 1                 # round each rank to a multiple of this (onnxruntime's channel blocks)
+    ranks: dict | None = None         # per layer: exactly this rank (a plan); layers not named stay whole
 
     def __post_init__(self):
         check_choice("low-rank-split", "method", self.method, ("svd", "dalr"))
-        given = [n for n in ("rank", "fraction", "energy", "keep") if getattr(self, n) is not None]
+        given = [n for n in ("rank", "fraction", "energy", "keep", "ranks") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(f"give only one of rank, fraction, energy, keep (got {', '.join(given)})")
+            raise ValueError(f"give only one of rank, fraction, energy, keep, ranks (got {', '.join(given)})")
         if not given:
             object.__setattr__(self, "keep", 0.25)
         if self.rank is not None and int(self.rank) < 1:
@@ -87,6 +89,11 @@ class LowRankOptions:
             raise ValueError(f"multiple={self.multiple} must be >= 1")
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "ops", tuple(self.ops))
+        if self.ranks is not None:
+            ranks = dict(self.ranks)
+            if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in ranks.values()):
+                raise ValueError(f"ranks must map layer names to ranks >= 1, got {ranks}")
+            object.__setattr__(self, "ranks", {str(k): int(v) for k, v in ranks.items()})
 
 
 def layer_request(layer: LinearLayer, positions: int = PATCH_POSITIONS) -> StatRequest:
@@ -408,6 +415,16 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
             "cv_errors": {("inf" if math.isinf(g) else f"{g:.6g}"): float(e) for g, e in zip(grid, errors)}}
     return A, B, delta, info
 
+def _cached(ctx: PassContext, key, part, compute):
+    """``compute()``, remembered in ``ctx.cache`` under ``key + part`` (no cache: computed)."""
+    if key is None or ctx.cache is None:
+        return compute()
+    full = key + (part,)
+    if full not in ctx.cache:
+        ctx.cache[full] = compute()
+    return ctx.cache[full]
+
+
 @register
 class LowRankSplit(Pass):
     """Gemm(W: m x n) -> Gemm(B: k x n) -> Gemm(A: m x k); also MatMul(+Add) and Conv.
@@ -422,7 +439,7 @@ class LowRankSplit(Pass):
 
     def layers(self, model: onnx.ModelProto) -> tuple[list[LinearLayer], list[dict]]:
         chosen, skipped = [], []
-        wanted = set(self.options.layers)
+        wanted = set(self.options.layers) | set(self.options.ranks or ())
         found = set()
         for layer in find_linear_layers(model):
             if wanted and layer.name not in wanted:
@@ -456,13 +473,19 @@ class LowRankSplit(Pass):
         stats = ctx.statistics(model, [self._request(layer) for layer in layers], ("target",)) if layers else None
 
         # per layer: its input's Moments over all folds (merging folds sums dim^2 Grams: once)
-        weights, spectra, merged, moments = {}, {}, {}, {}
+        weights, spectra, merged, moments, keys = {}, {}, {}, {}, {}
+        cones = cone_hashes(model, {layer.input for layer in layers}) if ctx.cache is not None else {}
         for layer in layers:
             w, b = layer_weight(model, layer)
             weights[layer.name] = (w, b)
             merged[layer.name] = stats.moments(self._request(layer), "target")
             total = moments[layer.name] = second_moment(merged[layer.name])
-            spectra[layer.name] = linalg.output_spectrum(w, total if opts.method == "dalr" else None)
+            if ctx.cache is not None and ctx.mode == "one-shot":
+                # the same weight on the same statistics factors the same way (planner trials)
+                keys[layer.name] = (self.name, layer.name, cones[layer.input], opts.method, opts.ridge,
+                                    opts.positions, hashlib.sha256(w.tobytes()).hexdigest())
+            spectra[layer.name] = _cached(ctx, keys.get(layer.name), "spectrum", lambda: linalg.output_spectrum(
+                w, total if opts.method == "dalr" else None))
 
         ranks = self._ranks(weights, spectra)
         log.debug("low-rank-split: ranks chosen %s", ranks)
@@ -483,7 +506,9 @@ class LowRankSplit(Pass):
                 merged[layer.name] = stats.moments(self._request(layer), "target")
                 moments[layer.name] = second_moment(merged[layer.name])
             total = moments[layer.name]
-            a_mat, b_mat, info = self._factor(model, layer, w, b, k, stats, total, ctx.folds)
+            a_mat, b_mat, info = _cached(ctx, keys.get(layer.name), ("factor", k, ctx.folds), lambda: self._factor(
+                model, layer, w, b, k, stats, total, ctx.folds))
+            info = dict(info)
             delta = info.pop("bias_delta", None)
             mean = merged[layer.name].mean
             new_bias = b
@@ -522,12 +547,14 @@ class LowRankSplit(Pass):
 
     def _budget(self) -> str:
         opts = self.options
-        return next(f"{name}={getattr(opts, name)}" for name in ("rank", "fraction", "energy", "keep")
+        return next(f"{name}={getattr(opts, name)}" for name in ("rank", "fraction", "energy", "keep", "ranks")
                     if getattr(opts, name) is not None)
 
     def _ranks(self, weights, spectra) -> dict[str, int]:
         opts = self.options
         shapes = {name: w.shape for name, (w, _) in weights.items()}
+        if opts.ranks is not None:
+            return {name: opts.ranks[name] for name in shapes}      # a plan's ranks are used as they are
         chosen = self._chosen_ranks(shapes, spectra)
         return {name: round_rank(k, int(opts.multiple), min(shapes[name])) for name, k in chosen.items()}
 

@@ -52,14 +52,15 @@ class SelectOptions:
     pool: str = "max"                 # PFA: spatial pooling of responses per sample
     groups: tuple[str, ...] = ()      # only these groups (names from `onnxprune inspect`); empty = all
     multiple: int = 8                 # kept counts of groups >= WIDE_GROUP channels round up to a multiple
+    counts: dict | None = None        # per group: exactly this many channels (a plan); groups not named stay whole
 
     def __post_init__(self):
         check_choice("select-nodes", "criterion", self.criterion, CRITERIA)
         check_choice("select-nodes", "choose", self.choose, ("spectral", "correlation"))
         check_choice("select-nodes", "pool", self.pool, ("max", "mean"))
-        given = [n for n in ("alpha", "tau", "fraction", "keep", "flops") if getattr(self, n) is not None]
+        given = [n for n in ("alpha", "tau", "fraction", "keep", "flops", "counts") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(f"give only one of alpha, tau, fraction, keep, flops (got {', '.join(given)})")
+            raise ValueError(f"give only one of alpha, tau, fraction, keep, flops, counts (got {', '.join(given)})")
         kind = criteria.get(self.criterion)
         if not given and kind.default is not None:
             object.__setattr__(self, *kind.default)
@@ -74,6 +75,11 @@ class SelectOptions:
         if self.lam < 0 or self.ridge < 0:
             raise ValueError("lam and ridge must be >= 0")
         object.__setattr__(self, "groups", tuple(self.groups))
+        if self.counts is not None:
+            counts = dict(self.counts)
+            if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in counts.values()):
+                raise ValueError(f"counts must map group names to channel counts >= 1, got {counts}")
+            object.__setattr__(self, "counts", {str(k): int(v) for k, v in counts.items()})
 
     @property
     def needs_source(self) -> bool:
@@ -156,10 +162,11 @@ class SelectNodes(Pass):
 
     def groups(self, model: onnx.ModelProto) -> tuple[list[ChannelGroup], list[dict]]:
         chosen, skipped = [], []
-        wanted = set(self.options.groups)
+        wanted = set(self.options.groups) | set(self.options.counts or ())
+        restricted = bool(wanted) or self.options.counts is not None     # counts {}: no group at all
         found = set()
         for group in find_channel_groups(model):
-            if wanted and group.name not in wanted:
+            if restricted and group.name not in wanted:
                 continue
             found.add(group.name)
             if group.skip:
@@ -217,6 +224,7 @@ class SelectNodes(Pass):
         return PassResult(changed=False, report={"selected": rows, "skipped": skipped})
 
     def _scores(self, model, groups: list[ChannelGroup], ctx: PassContext) -> dict[str, dict]:
+        opts = self.options
         by_set: dict[str, list[StatRequest]] = {}
         for request, sets in self._requests(groups):
             for s in sets:
@@ -224,8 +232,17 @@ class SelectNodes(Pass):
         views = {s: ctx.statistics(model, reqs, (s,)) for s, reqs in by_set.items()}
         scores = {}
         for g in groups:
+            # ctx.cache is shared by runs over the same statistics (the planner's trial
+            # rewrites of the original graph); a lazy Ranking extends in place when reused.
+            key = None if ctx.cache is None or ctx.mode != "one-shot" else (
+                "select-nodes", opts.criterion, opts.lam, opts.ridge, opts.choose, opts.pool, g.name)
+            if key is not None and key in ctx.cache:
+                scores[g.name] = ctx.cache[key]
+                continue
             scores[g.name] = self._score(model, g, views)
             scores[g.name]["folds"] = fold_moments(views["target"], g, ctx.folds)
+            if key is not None:
+                ctx.cache[key] = scores[g.name]
         return scores
 
     def _score(self, model, group: ChannelGroup, views) -> dict:
@@ -234,6 +251,8 @@ class SelectNodes(Pass):
 
     def _counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
         opts = self.options
+        if opts.counts is not None:
+            return {g.name: min(int(opts.counts[g.name]), g.channels) for g in groups}
         if opts.fraction is not None:
             counts = {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
         elif opts.alpha is not None:

@@ -1,0 +1,656 @@
+"""Accuracy-driven compression: per-site sensitivity, allocation, measured correction.
+
+1. **Statistics** are gathered once on the calibration samples in 4 interleaved folds
+   (sample i in fold i % 4). Half h = folds {h, h + 2} = the samples with i % 2 == h; a
+   model compressed with half h's statistics (its two folds still serve the passes'
+   own cross-validation) is scored on the other half, so every check is out of sample
+   while every calibration sample is used (cross-fitting).
+2. **Sensitivity**: every site (prunable channel group, splittable linear layer) is
+   compressed alone at a ladder of sizes, with half 0's statistics, and the damage to the
+   model output is measured on (a subset of) half 1 by running only the changed part of
+   the graph (``suffix.Suffix``) from cached activations. Damage = mean KL divergence of
+   the softmax outputs (classifiers), else the relative squared error.
+3. **Allocation** (``allocate.greedy_path``): increments along each site's hull of (damage,
+   saving), most efficient first, give a chain of plans of growing size reduction.
+4. **Search with measurement**: bisection along the chain; each candidate is built twice
+   (statistics of half 0 / half 1) and scored on the other half, and the measured drop
+   (accuracy points with labels, else 100 - agreement %) plus ``margin`` standard errors
+   must stay within ``max_drop``. With a budget instead, the least aggressive plan of the
+   chain that meets it is taken (maximum predicted accuracy at that cost).
+5. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
+   with per-layer ranks), run on all calibration statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import onnx
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from onnxprune import cost, linalg
+from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.provider import StatsProvider
+from onnxprune.errors import RecipeError
+from onnxprune.graph import ChannelGroup, LinearLayer, find_channel_groups, find_linear_layers, name_nodes
+from onnxprune.model import clone, count_parameters
+from onnxprune.passes import REGISTRY, PassContext
+from onnxprune.passes.low_rank_split import split_params
+from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
+from onnxprune.plan.allocate import Option, Path, greedy_path, search
+from onnxprune.plan.suffix import ActivationCache, Suffix, reference_hashes
+from onnxprune.runtime import make_session, run_batches
+from onnxprune.plan.suffix import fixed_batch_of, measured_output
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("prune", "low-rank")
+OBJECTIVES = ("macs", "params")
+#: keep fractions tried per site (channels kept for pruning, parameters kept for low rank)
+LADDER = (0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1, 0.05, 0.02)
+FOLDS = 4
+#: sensitivity: cached activations are dropped once they exceed this many bytes
+CACHE_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """What the planner may do and what it optimises."""
+
+    objective: str = "macs"              # what "smaller" means: macs | params
+    families: tuple[str, ...] = FAMILIES  # prune (channel groups) and/or low-rank (linear layers)
+    criterion: str = "spectral"          # select-nodes criterion for the prune family
+    ladder: tuple[float, ...] = LADDER
+    check_samples: int = 128             # sensitivity: at most this many samples of half 1
+    min_share: float = 0.002             # sites that can save less of the objective are left alone
+    stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
+    margin: float = 1.0                  # standard errors of the measured drop kept in reserve
+    multiple: int = 8                    # wide groups / large ranks keep multiples of this
+    low_rank: str = "dalr"               # low-rank-split method for the low-rank family (dalr | svd)
+    bias: bool = True                    # bias-compensate after low-rank splits
+    sites: tuple[str, ...] = ()          # only these groups / layers (names from `inspect`); empty = all
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise RecipeError("--objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        object.__setattr__(self, "families", tuple(self.families))
+        object.__setattr__(self, "sites", tuple(self.sites))
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad or not self.families:
+            raise RecipeError("plan", f"families must be among {', '.join(FAMILIES)}, got {list(self.families)}")
+        if any(not 0 < f < 1 for f in self.ladder):
+            raise RecipeError("plan", "ladder fractions must be in (0, 1)")
+        if self.check_samples < 8:
+            raise RecipeError("plan", "check_samples must be >= 8")
+        if self.low_rank not in ("dalr", "svd"):
+            raise RecipeError("plan", f"low_rank={self.low_rank!r} is not dalr or svd")
+        if not self.margin >= 0:
+            raise RecipeError("plan", f"margin={self.margin} must be >= 0")
+        from onnxprune.passes.select_nodes import CRITERIA
+
+        if self.criterion not in CRITERIA:
+            raise RecipeError("plan", f"criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}")
+
+
+#: the goal keys of a recipe's ``plan`` table; everything else is a PlanOptions field
+GOALS = ("max_drop", "budget")
+
+
+def plan_settings(plan: dict) -> dict:
+    """A recipe's ``plan`` table checked and completed: exactly one goal (max_drop in points,
+    or budget as a fraction of the objective) plus PlanOptions fields."""
+    plan = dict(plan)
+    goals = [g for g in GOALS if plan.get(g) is not None]
+    if len(goals) != 1:
+        raise RecipeError("plan", f"needs exactly one of {', '.join(GOALS)}, got {goals or 'none'}")
+    if plan.get("max_drop") is not None and not 0 <= float(plan["max_drop"]) <= 100:
+        raise RecipeError("--max-drop", f"{plan['max_drop']} is not a number of points in [0, 100]")
+    if plan.get("budget") is not None and not 0 < float(plan["budget"]) <= 1:
+        raise RecipeError("plan", f"budget={plan['budget']} must be a fraction in (0, 1]")
+    fields = {f.name for f in dataclasses.fields(PlanOptions)}
+    unknown = sorted(set(plan) - fields - set(GOALS))
+    if unknown:
+        raise RecipeError("plan", f"unknown key(s) {', '.join(unknown)}", f"valid: {', '.join(sorted(fields | set(GOALS)))}")
+    options = PlanOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items() if k in fields})
+    out = {g: float(plan[g]) for g in goals}
+    out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(options).items()})
+    return out
+
+
+def plan_options(plan: dict) -> PlanOptions:
+    fields = {f.name for f in dataclasses.fields(PlanOptions)}
+    return PlanOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items() if k in fields})
+
+
+# --------------------------------------------------------------------------- statistics views
+
+class _HalfView:
+    """Statistics of half ``h`` of 4 interleaved folds, re-indexed as 2 folds."""
+
+    def __init__(self, view, half: int):
+        self._view = view
+        self._half = half
+
+    def moments(self, request, set: str = "target", fold: int | None = None):
+        if fold is None:
+            return (self._view.moments(request, set, fold=self._half)
+                    + self._view.moments(request, set, fold=self._half + 2))
+        if fold not in (0, 1):
+            return self._view.moments(request, set, fold=FOLDS)    # raises: no such fold
+        return self._view.moments(request, set, fold=self._half + 2 * fold)
+
+
+class _HalfProvider:
+    def __init__(self, provider: StatsProvider, half: int):
+        self.provider = provider
+        self.half = half
+
+    def __call__(self, model, requests, sets=("target",)):
+        return _HalfView(self.provider(model, requests, sets), self.half)
+
+
+# --------------------------------------------------------------------------- sites
+
+@dataclasses.dataclass
+class Site:
+    """A channel group (prune) or a linear layer (low-rank); ``key`` = "family:name"."""
+
+    name: str
+    family: str
+    size: int                      # channels or the largest useful rank
+    nodes: frozenset
+    group: ChannelGroup | None = None
+    layer: LinearLayer | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}:{self.name}"
+
+    def passes(self, size: int, options: PlanOptions) -> list[tuple[str, dict]]:
+        return plan_passes({self.key: (self, size)}, options)
+
+
+def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions) -> list[tuple[str, dict]]:
+    """The recipe passes that compress each site to its size: pruning first, then splits."""
+    counts = {site.name: size for site, size in chosen.values() if site.family == "prune"}
+    ranks = {site.name: size for site, size in chosen.values() if site.family == "low-rank"}
+    passes: list[tuple[str, dict]] = []
+    if counts:
+        passes += [("select-nodes", {"criterion": options.criterion, "counts": counts, "multiple": options.multiple}),
+                   ("reconstruct-next-layer", {})]
+    if ranks:
+        passes.append(("low-rank-split", {"method": options.low_rank, "ranks": ranks}))
+        if options.bias:
+            passes.append(("bias-compensate", {}))
+    return passes
+
+
+class Costs:
+    """Objective cost of the model and of each option, from one shape inference."""
+
+    def __init__(self, model: onnx.ModelProto, objective: str):
+        self.objective = objective
+        self.layers = {c.name: c for c in cost.layer_costs(model)}
+        self.total = max(float(count_parameters(model) if objective == "params"
+                               else sum(c.macs for c in self.layers.values())), 1.0)    # 1: nothing to save
+        self.model = model
+
+    def prune_saving(self, group: ChannelGroup, kept: int) -> float:
+        footprint = Footprint(self.model, [group])
+        full = footprint.full()
+        after = footprint({group.name: kept})
+        index = 0 if self.objective == "params" else 1
+        return float(full[index] - after[index])
+
+    def saving(self, site: Site, size: int) -> float:
+        """What compressing ``site`` alone to ``size`` (channels, or rank) saves."""
+        return self.prune_saving(site.group, size) if site.family == "prune" else self.split_saving(site.layer, size)
+
+    def split_saving(self, layer: LinearLayer, rank: int) -> float:
+        m, n = layer.out_features, layer.in_features
+        ratio = 1.0 - split_params(m, n, rank) / (m * n)
+        if self.objective == "params":
+            return m * n * ratio
+        return self.layers[layer.name].macs * ratio
+
+
+def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tuple[list[Site], list[dict]]:
+    sites, skipped = [], []
+    if "prune" in options.families:
+        for g in find_channel_groups(model):
+            if g.skip:
+                skipped.append({"site": g.name, "family": "prune", "reason": g.skip})
+                continue
+            nodes = frozenset([p.node for p in g.producers] + [c.node for c in g.consumers] + [p.node for p in g.path])
+            sites.append(Site(g.name, "prune", g.channels, nodes, group=g))
+    if "low-rank" in options.families:
+        for layer in find_linear_layers(model):
+            if layer.skip:
+                skipped.append({"site": layer.name, "family": "low-rank", "reason": layer.skip})
+                continue
+            m, n = layer.out_features, layer.in_features
+            sites.append(Site(layer.name, "low-rank", max(1, (m * n) // (m + n)), frozenset([layer.name]),
+                              layer=layer))
+    if options.sites:
+        known = {site.name for site in sites} | {row["site"] for row in skipped}
+        unknown = sorted(set(options.sites) - known)
+        if unknown:
+            raise RecipeError("--layers", f"no channel group or linear layer named {', '.join(unknown)}",
+                              "see `onnxprune inspect MODEL` for the names")
+        sites = [site for site in sites if site.name in options.sites]
+    kept = []
+    for site in sites:
+        best = costs.saving(site, 1)
+        if best < options.min_share * costs.total:
+            skipped.append({"site": site.name, "family": site.family,
+                            "reason": f"saves at most {100 * best / max(costs.total, 1):.2f}% of the {costs.objective}"})
+        else:
+            kept.append(site)
+    # in graph order, so sites reading the same activation follow each other (one cached fetch)
+    position = {node.name: i for i, node in enumerate(model.graph.node)}
+    kept.sort(key=lambda site: (min(position.get(n, len(position)) for n in site.nodes), site.family))
+    return kept, skipped
+
+
+def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
+    """(ladder fraction, size) tried for ``site``, mildest first (rounded to ``multiple``
+    where wide; a fraction whose rounded size repeats an earlier one is left out)."""
+    m = int(options.multiple)
+    sizes, out = [], []
+    for f in options.ladder:
+        if site.family == "prune":
+            k = max(1, round(f * site.size))
+            if site.size >= WIDE_GROUP and m > 1:
+                k = min(site.size, m * math.ceil(k / m))
+            if k >= site.size:
+                continue
+        else:
+            layer = site.layer
+            mm, n = layer.out_features, layer.in_features
+            k = max(1, math.floor(f * mm * n / (mm + n)))
+            if k >= 4 * m and m > 1:
+                k = m * round(k / m)
+            if split_params(mm, n, k) >= mm * n:
+                continue
+        if k not in sizes:
+            sizes.append(k)
+            out.append((f, k))
+    return out
+
+
+# --------------------------------------------------------------------------- damage
+
+def is_classifier(output: np.ndarray) -> bool:
+    return output.ndim == 2 and output.shape[1] >= 2
+
+
+def damage(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Additive divergence and agreement of ``candidate`` outputs against ``reference``."""
+    r = reference.astype(np.float64)
+    c = candidate.astype(np.float64)
+    rel = float(np.sum((c - r) ** 2) / max(np.sum(r * r), 1e-300))
+    if not is_classifier(r):
+        return {"damage": rel, "relative_error": rel}
+    lr = r - r.max(axis=1, keepdims=True)
+    lr -= np.log(np.exp(lr).sum(axis=1, keepdims=True))
+    lc = c - c.max(axis=1, keepdims=True)
+    lc -= np.log(np.exp(lc).sum(axis=1, keepdims=True))
+    kl = float(np.mean(np.sum(np.exp(lr) * (lr - lc), axis=1)))
+    agree = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1)))
+    return {"damage": max(kl, 0.0), "kl": kl, "agreement": agree, "relative_error": rel}
+
+
+@dataclasses.dataclass
+class Check:
+    """A measured plan: outputs of the cross-fitted models on every calibration sample."""
+
+    drop: float                    # points: accuracy (labels) or 100 - agreement %
+    se: float                      # standard error of ``drop`` (points)
+    agreement: float | None
+    accuracy_reference: float | None
+    accuracy_candidate: float | None
+    relative_error: float
+    kl: float | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> Check:
+    d = damage(reference, candidate)
+    n = len(reference)
+    if not is_classifier(reference):
+        drop = 100.0 * d["relative_error"]
+        return Check(drop, 0.0, None, None, None, d["relative_error"], None)
+    top_r, top_c = reference.argmax(axis=1), candidate.argmax(axis=1)
+    if labels is not None:
+        diff = (top_r == labels).astype(np.float64) - (top_c == labels)
+        acc_r, acc_c = float(np.mean(top_r == labels)), float(np.mean(top_c == labels))
+        drop = 100.0 * (acc_r - acc_c)
+    else:
+        diff = (top_r != top_c).astype(np.float64)
+        acc_r = acc_c = None
+        drop = 100.0 * float(diff.mean())
+    se = 100.0 * float(np.std(diff, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return Check(drop, se, d["agreement"], acc_r, acc_c, d["relative_error"], d["kl"])
+
+
+# --------------------------------------------------------------------------- the planner
+
+def one_blas_thread(method):
+    """Run ``method`` with BLAS on one thread: the planner's many small eigh/solve calls run
+    several times faster so on a loaded CPU (bench/results/speed.md, BLAS threads)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+class Planner:
+    """Sensitivity, allocation and measured search for one model and calibration set."""
+
+    def __init__(self, model: onnx.ModelProto, calib, *, options: PlanOptions = PlanOptions(),
+                 source=None, batch_size: int = 32, device: str = "cpu", seed: int = 0,
+                 progress: bool = False, provider: StatsProvider | None = None):
+        if len(calib) < 8:
+            raise RecipeError("calibration", f"{len(calib)} samples are too few to plan and check",
+                              "give at least 8 (better hundreds of) target samples")
+        self.original = clone(model)
+        name_nodes(self.original)       # sites are addressed by node name
+        self.calib = calib
+        self.options = options
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        samples = {"target": calib}
+        if source is not None:
+            samples["source"] = source
+        self.provider = provider or StatsProvider(samples, batch_size=batch_size, folds=FOLDS, device=device,
+                                                  progress=progress, seed=seed)
+        self.halves = [_HalfProvider(self.provider, h) for h in (0, 1)]
+        self.caches: list[dict] = [{}, {}]          # per half: select-nodes rankings
+        self.costs = Costs(self.original, options.objective)
+        self.sites, self.skipped = find_sites(self.original, options, self.costs)
+        positions = np.arange(len(calib))
+        self.half_positions = [positions[positions % 2 == h] for h in (0, 1)]
+        self.labels = calib.labels
+        self._reference_outputs: np.ndarray | None = None
+        self.curves: dict[str, list[dict]] = {}
+        self.checks: list[dict] = []
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _timed(self, key: str, started: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
+
+    def gather(self) -> None:
+        """One onnxruntime pass over the calibration samples for every site's statistics."""
+        started = time.perf_counter()
+        wanted: dict[str, list] = {}
+        for site in self.sites:
+            for name, opts in site.passes(1, self.options):
+                for request, sets in REGISTRY[name](**opts).requests(self.original):
+                    for s in sets:
+                        wanted.setdefault(s, []).append(request)
+        for s, requests in wanted.items():
+            self.provider(self.original, list(dict.fromkeys(requests)), (s,))
+        self._timed("calibration", started)
+
+    def apply(self, passes: list[tuple[str, dict]], half: int) -> onnx.ModelProto:
+        """The original rewritten by ``passes`` with half ``half``'s statistics (folds h, h + 2)."""
+        work = clone(self.original)
+        ctx = PassContext(statistics=self.halves[half], folds=2, seed=self.seed, cache=self.caches[half])
+        for name, opts in passes:
+            REGISTRY[name](**opts).run(work, ctx)
+        return work
+
+    def reference_outputs(self) -> np.ndarray:
+        if self._reference_outputs is None:
+            self._reference_outputs = self._outputs(self.original, np.arange(len(self.calib)))
+        return self._reference_outputs
+
+    def _outputs(self, model: onnx.ModelProto, positions: np.ndarray) -> np.ndarray:
+        session = make_session(model, device=self.device)
+        fixed_batch = fixed_batch_of(model)
+        name = measured_output(model)
+        parts = [out[0] for _, out in run_batches(session, self.calib.subset(positions), [name],
+                                                   batch_size=self.batch_size, fixed_batch=fixed_batch)]
+        return np.concatenate(parts)
+
+    # ------------------------------------------------------------------ sensitivity
+
+    @one_blas_thread
+    def sensitivity(self, *, stop_agreement: float | None = None) -> dict[str, list[dict]]:
+        """Damage of each site compressed alone, per ladder size (half 0 -> scored on half 1).
+
+        A ladder stops below ``stop_agreement`` (default: the options'); called again with a
+        lower one, it continues the ladders that stopped (a budget the chain cannot reach)."""
+        stop = self.options.stop_agreement if stop_agreement is None else stop_agreement
+        if self.curves and not any(self._stopped(site, stop) for site in self.sites):
+            return self.curves
+        if not self.curves:
+            self.gather()
+        started = time.perf_counter()
+        check = self.half_positions[1]
+        if len(check) > self.options.check_samples:
+            check = check[np.linspace(0, len(check) - 1, self.options.check_samples).round().astype(int)]
+        cache = ActivationCache(self.original, self.calib.subset(check), batch_size=self.batch_size,
+                                device=self.device)
+        hashes = reference_hashes(self.original)
+        output = measured_output(self.original)
+        bar = tqdm(self.sites, desc="sensitivity", unit="site", disable=not self.progress, leave=False)
+        for site in bar:
+            rows = self.curves.get(site.key, [])
+            done = {r["size"] for r in rows}
+            if rows and not self._stopped(site, stop):
+                continue                       # complete, or stopped for a reason that still holds
+            for fraction, size in ladder_sizes(site, self.options):
+                if size in done:
+                    continue
+                trial = self.apply(site.passes(size, self.options), half=0)
+                outputs = Suffix(trial, hashes, output).run(cache, batch_size=max(self.batch_size, 64),
+                                                            device=self.device)
+                d = damage(cache.output, outputs)
+                saving = self.costs.saving(site, size)
+                rows.append({"size": size, "of": site.size if site.family == "prune" else _full_rank(site),
+                             "keep": fraction, "saving": saving, **d})
+                if d.get("agreement", 1.0) < stop:
+                    break
+            if cache.nbytes > CACHE_BYTES:
+                cache.drop()
+            self.curves[site.key] = rows
+            log.info("sensitivity %s (%s): %s", site.name, site.family,
+                     ", ".join(f"{r['size']}:{r['damage']:.3g}" for r in rows))
+        self._timed("sensitivity", started)
+        return self.curves
+
+    def _stopped(self, site: Site, stop: float) -> bool:
+        """Whether ``site``'s ladder ended early and would go on with the threshold ``stop``."""
+        rows = self.curves.get(site.key, [])
+        return bool(rows) and len(rows) < len(ladder_sizes(site, self.options)) \
+            and rows[-1].get("agreement", 1.0) >= stop
+
+    # ------------------------------------------------------------------ domain shift
+
+    @one_blas_thread
+    def domain_shift(self, max_channels: int = 4096) -> dict[str, dict]:
+        """Per site, how far the source statistics are from the target's (``linalg.domain_shift``)
+        at the site's tensor: the channels a group prunes, or a layer's input channels."""
+        if "source" not in self.provider.samples:
+            raise RecipeError("--source-data", "domain shift needs source samples", "pass --source-data DIR")
+        requests = {}
+        for site in self.sites:
+            if site.family == "prune":
+                tensor, axis, dim = site.group.site, 1, site.group.channels
+            else:
+                layer = site.layer
+                axis = 1 if layer.op == "Conv" else -1
+                dim = layer.in_features // (int(np.prod(layer.attrs.get("kernel_shape") or [1]))
+                                            if layer.op == "Conv" else 1)
+                tensor = layer.input
+            if dim <= max_channels:
+                requests[site.key] = StatRequest(tensor, kind="features", axis=axis)
+        unique = list(dict.fromkeys(requests.values()))
+        views = {s: self.provider(self.original, unique, (s,)) for s in ("target", "source")}
+        out = {}
+        for key, request in requests.items():
+            t, s = views["target"].moments(request, "target"), views["source"].moments(request, "source")
+            out[key] = linalg.domain_shift(s.mean, s.covariance, t.mean, t.covariance)
+        return out
+
+    # ------------------------------------------------------------------ allocation
+
+    def path(self) -> Path:
+        curves = self.curves or self.sensitivity()
+        by_name = {s.key: s for s in self.sites}
+        options = {name: [Option(name, by_name[name].family, r["size"], r["saving"], r["damage"], by_name[name].nodes)
+                          for r in rows] for name, rows in curves.items()}
+        return greedy_path(options)
+
+    def passes_for(self, plan: dict[str, Option]) -> list[tuple[str, dict]]:
+        by_name = {s.key: s for s in self.sites}
+        return plan_passes({name: (by_name[name], o.size) for name, o in plan.items()}, self.options)
+
+    @one_blas_thread
+    def check(self, plan: dict[str, Option]) -> Check:
+        """Cross-fitted measurement of ``plan`` on every calibration sample."""
+        started = time.perf_counter()
+        reference = self.reference_outputs()
+        passes = self.passes_for(plan)
+        candidate = np.empty_like(reference)
+        for h in (0, 1):
+            model = self.apply(passes, half=h) if passes else self.original
+            other = self.half_positions[1 - h]
+            candidate[other] = self._outputs(model, other)
+        labels = None if self.labels is None else np.asarray(self.labels)
+        result = measure(reference, candidate, labels)
+        self._timed("checks", started)
+        return result
+
+    def cost_of(self, plan: dict[str, Option]) -> float:
+        """Exact objective cost of ``plan`` (groups jointly through Footprint, splits apart)."""
+        by_name = {s.key: s for s in self.sites}
+        counts = {by_name[n].name: o.size for n, o in plan.items() if o.family == "prune"}
+        saving = 0.0
+        if counts:
+            footprint = Footprint(self.original, [by_name[n].group for n, o in plan.items() if o.family == "prune"])
+            index = 0 if self.options.objective == "params" else 1
+            saving += footprint.full()[index] - footprint(counts)[index]
+        saving += sum(self.costs.split_saving(by_name[n].layer, o.size) for n, o in plan.items()
+                      if o.family == "low-rank")
+        return self.costs.total - saving
+
+    @one_blas_thread
+    def for_max_drop(self, max_drop: float) -> dict[str, Any]:
+        """The most compressed plan of the chain whose measured drop (+ margin) is within ``max_drop``."""
+        path = self.path()
+        started = time.perf_counter()
+        memo: dict[int, Check] = {}
+
+        def ok(t: int) -> bool:
+            if t not in memo:
+                memo[t] = self.check(path.plan(t))
+                c = memo[t]
+                self.checks.append({"step": t, "cost": self.cost_of(path.plan(t)) / self.costs.total,
+                                    "predicted_damage": path.predicted(t)[1], **c.to_dict()})
+                log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points", t, len(path) - 1,
+                         self.checks[-1]["cost"], c.drop, c.se)
+            c = memo[t]
+            return c.drop + self.options.margin * c.se <= max_drop
+        t = search(path, ok) if len(path) > 1 else 0
+        self._timed("search", started)
+        return self._result(path, t, memo.get(t) or self.check(path.plan(t)), {"max_drop": max_drop})
+
+    @one_blas_thread
+    def for_budget(self, fraction: float) -> dict[str, Any]:
+        """The least aggressive plan of the chain whose cost is within ``fraction`` of the original."""
+        path = self.path()
+        budget = fraction * self.costs.total
+        if self.cost_of(path.plan(len(path) - 1)) > budget:
+            self.sensitivity(stop_agreement=0.0)      # go on down the ladders that stopped early
+            path = self.path()
+        # cost falls along the chain: the largest t still over budget, plus one
+        over = search(path, lambda t: self.cost_of(path.plan(t)) > budget)
+        t = min(over + 1, len(path) - 1) if self.cost_of(path.plan(over)) > budget else over
+        if t > 0:
+            path = self._refine(path, t, lambda plan: self.cost_of(plan) <= budget)
+        met = self.cost_of(path.plan(t)) <= budget * (1 + 1e-9)
+        result = self._result(path, t, self.check(path.plan(t)), {"budget": fraction})
+        result["budget_met"] = bool(met)
+        return result
+
+    def _refine(self, path: Path, t: int, fits) -> Path:
+        """Step t moves one site from its previous size to a smaller one, usually overshooting
+        the budget: give that site the largest size in between with which the plan still fits
+        (its damage interpolated between the sizes measured around it)."""
+        step = path.steps[t - 1]
+        site = next(s for s in self.sites if s.key == step.site)
+        before = path.plan(t - 1).get(step.site)
+        upper = before.size if before else (site.size if site.family == "prune" else _full_rank(site))
+        rows = sorted(self.curves[site.key], key=lambda r: r["size"])
+        sizes = [k for k in range(step.size, upper) if site.family != "prune" or site.size < WIDE_GROUP
+                 or k % self.options.multiple == 0 or k == step.size]
+
+        def option(size: int) -> Option:
+            saving = self.costs.saving(site, size)
+            known = [(r["size"], r["damage"]) for r in rows] + [(upper, before.damage if before else 0.0)]
+            xs, ys = zip(*sorted(known))
+            return Option(step.site, step.family, size, saving, float(np.interp(size, xs, ys)), step.layers)
+
+        def plan_with(size: int) -> dict[str, Option]:
+            plan = path.plan(t - 1)
+            plan[step.site] = option(size)
+            return plan
+        lo, hi = 0, len(sizes) - 1           # sizes[0] = step.size fits; find the largest that fits
+        while hi > lo:
+            mid = (lo + hi + 1) // 2
+            if fits(plan_with(sizes[mid])):
+                lo = mid
+            else:
+                hi = mid - 1
+        if sizes[lo] == step.size:
+            return path
+        return Path(path.steps[:t - 1] + [option(sizes[lo])] + path.steps[t:])
+
+    def _result(self, path: Path, t: int, check: Check, goal: dict) -> dict[str, Any]:
+        plan = path.plan(t)
+        by_name = {s.key: s for s in self.sites}
+        sites = []
+        for name, o in sorted(plan.items()):
+            site = by_name[name]
+            sites.append({"site": site.name, "family": o.family, "size": o.size,
+                          "of": site.size if o.family == "prune" else _full_rank(site),
+                          "saving": o.saving / self.costs.total, "predicted_damage": o.damage})
+        return {
+            "goal": goal, "objective": self.options.objective, "families": list(self.options.families),
+            "step": t, "steps": len(path) - 1, "plan": plan,
+            "passes": self.passes_for(plan),
+            "sites": sites,
+            "cost": self.cost_of(plan) / self.costs.total,
+            "predicted_damage": path.predicted(t)[1],
+            "check": check.to_dict(),
+            "calibration_samples": len(self.calib),
+        }
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "sites_considered": len(self.sites), "skipped": self.skipped,
+            "sensitivity": self.curves, "checks": self.checks,
+            "seconds": {k: round(v, 2) for k, v in self.timings.items() if k != "search"},
+        }
+
+
+def _full_rank(site: Site) -> int:
+    return min(site.layer.out_features, site.layer.in_features)

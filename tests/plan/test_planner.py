@@ -1,0 +1,158 @@
+"""The planner on the bundled real sample (Caffe LeNet, USPS digits): max-drop is met on
+held-out samples, budgets are met, and plans stay consistent with their recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onnxprune.api import as_model, as_samples
+from onnxprune.cli import main
+from onnxprune.cost import total_macs
+from onnxprune.model import count_parameters
+from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.plan.planner import FOLDS, Planner, PlanOptions, damage, measure
+from onnxprune.runtime import make_session
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
+DATA = ROOT / "models" / "usps_test.npz"
+
+
+def top1(model, samples) -> np.ndarray:
+    session = make_session(model)
+    return np.concatenate([session.run(None, feeds)[0].argmax(axis=1) for _, feeds in samples.batches(256)])
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model = as_model(MODEL)
+    calib, held_out = as_samples(DATA, model, None).split(0.5, seed=0)
+    planner = Planner(model, calib.subset(np.arange(400)), options=PlanOptions(check_samples=128))
+    return model, planner, held_out
+
+
+def final_model(planner, result):
+    recipe = Recipe(passes=tuple(result["passes"]), folds=FOLDS)
+    model, _ = run_pipeline(planner.original, recipe, planner.provider)
+    return model
+
+
+def test_sensitivity_grows_with_compression(lenet):
+    _, planner, _ = lenet
+    curves = planner.sensitivity()
+    assert {"prune:ip1", "low-rank:ip1", "prune:conv1"} <= set(curves)
+    for rows in curves.values():
+        damages = [r["damage"] for r in rows]
+        # the mildest rung does far less damage than the most aggressive one
+        assert damages[0] < 0.25 * damages[-1] or damages[-1] < 1e-6
+
+
+def test_max_drop_is_met_on_held_out_samples(lenet):
+    model, planner, held_out = lenet
+    result = planner.for_max_drop(1.0)
+    assert result["sites"], "something is compressible within 1 point"
+    assert result["check"]["drop"] + result["check"]["se"] <= 1.0
+    small = final_model(planner, result)
+    labels = held_out.labels
+    before = np.mean(top1(model, held_out) == labels)
+    after = np.mean(top1(small, held_out) == labels)
+    assert 100 * (before - after) <= 1.5          # held out: a little noise allowed
+    assert total_macs(small) < 0.8 * total_macs(model)
+
+
+def test_budget_is_met_exactly_by_the_plan(lenet):
+    model, planner, _ = lenet
+    result = planner.for_budget(0.3)
+    small = final_model(planner, result)
+    assert total_macs(small) <= 0.3 * total_macs(model) * 1.001
+    assert result["budget_met"] and result["cost"] == pytest.approx(total_macs(small) / total_macs(model), rel=1e-3)
+
+
+def test_whole_model_low_rank_finds_the_big_layer():
+    """One energy threshold over every layer splits the small convs too; the plan puts the
+    parameter budget where it pays (LeNet's ip1 holds 93 % of the weights)."""
+    model = as_model(MODEL)
+    calib, held_out = as_samples(DATA, model, None).split(0.5, seed=0)
+    planner = Planner(model, calib.subset(np.arange(400)),
+                      options=PlanOptions(objective="params", families=("low-rank",), low_rank="svd", bias=False,
+                                          check_samples=128))
+    result = planner.for_budget(0.1)
+    sizes = {s["site"]: s for s in result["sites"]}
+    assert "ip1" in sizes
+    small = final_model(planner, result)
+    assert count_parameters(small) <= 0.1 * count_parameters(model) * 1.001
+    # against the old global energy threshold at the same budget
+    provider = planner.provider
+    old, _ = run_pipeline(planner.original, Recipe(passes=(("low-rank-split", {"method": "svd", "keep": 0.1}),),
+                                                   folds=FOLDS), provider)
+    labels = held_out.labels
+    assert np.mean(top1(small, held_out) == labels) > np.mean(top1(old, held_out) == labels) + 0.05
+
+
+def test_damage_and_measure_on_constructed_outputs():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((50, 10))
+    assert damage(ref, ref)["damage"] == pytest.approx(0.0, abs=1e-12)
+    noisy = ref + 0.1 * rng.standard_normal(ref.shape)
+    assert 0 < damage(ref, noisy)["damage"] < damage(ref, ref + rng.standard_normal(ref.shape))["damage"]
+    labels = ref.argmax(axis=1)
+    swapped = ref.copy()
+    swapped[:5] = -swapped[:5]                   # 5 of 50 now wrong
+    check = measure(ref, swapped, labels)
+    assert check.drop == pytest.approx(10.0) and check.accuracy_reference == 1.0 and check.se > 0
+
+
+def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
+    out = tmp_path / "lenet.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
+                                       "--calib-size", "300", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("lenet.report.json").read_text())
+    plan = report["plan"]
+    assert plan["goal"] == {"max_drop": 1.0} and plan["sites"] and plan["calibration_samples"] == 300
+    v = report["validation"]
+    assert v["macs_candidate"] < v["macs_reference"]
+    recipe = json.loads(out.with_name("lenet.recipe.json").read_text())
+    assert "plan" not in recipe and recipe["passes"]          # re-runnable without planning
+
+
+def test_cli_failed_budget_writes_the_failed_report_and_no_model(tmp_path):
+    out = tmp_path / "tiny.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
+                                       "--calib-size", "200", "--flops", "0.03", "--max-drop", "1", "--no-latency"])
+    assert result.exit_code == 3, result.output
+    assert not out.exists()
+    report = json.loads(out.with_name("tiny.report.json").read_text())
+    assert report["verdict"] == "failed" and report["plan"]["sites"]
+
+
+def test_cli_sensitivity_and_sweep_write_their_files(tmp_path):
+    runner = CliRunner()
+    sens = tmp_path / "sens.json"
+    result = runner.invoke(main, ["sensitivity", str(MODEL), "--target-data", str(DATA), "-o", str(sens),
+                                  "--calib-size", "200", "--method", "spectral"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(sens.read_text())["sensitivity"] and sens.with_suffix(".png").stat().st_size > 1000
+    out = tmp_path / "sweep"
+    result = runner.invoke(main, ["sweep", str(MODEL), "--target-data", str(DATA), "--flops", "0.6,0.3",
+                                  "-o", str(out), "--calib-size", "200", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "pareto.json").read_text())["budgets"]
+    assert [r["budget"] for r in rows] == [0.6, 0.3]
+    assert all(r["macs"] <= r["budget"] * 1.001 for r in rows)
+    assert (out / "pareto.png").exists() and (out / "pareto.md").read_text().count("\n") == 4
+
+
+def test_a_collapsed_model_is_reported_loudly(tmp_path):
+    out = tmp_path / "broken.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
+                                       "--calib-size", "200", "--method", "svd", "--rank", "1", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("broken.report.json").read_text())
+    assert any("broken" in w or "chance" in w for w in report["warnings"])
+    assert "WARNING" in result.stderr
