@@ -277,6 +277,12 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     Writes the curves as JSON to ``output`` and a heat map (and a shift chart) as PNG."""
     from onnxprune.plan import figures
 
+    outputs = [o for o in (output, figure) if o is not None]
+    for o in outputs:
+        check_output_text(o)
+    if figure is not None and source_data is not None:
+        outputs.append(Path(figure).with_name(Path(figure).stem + "_shift.png"))
+    check_outputs(outputs, input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
     original = as_model(model)
     target = cap(as_samples(target_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
     source = None
@@ -306,10 +312,12 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     (``pareto.md``, ``pareto.json``) and plot (``pareto.png``) into ``output_dir``."""
     from onnxprune.plan import figures
 
-    original = as_model(model)
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(str(out_dir), "exists and is not a folder", "give a folder for -o")
+    check_outputs([out_dir / "pareto.json"], input_paths(model, {"--target-data": target_data,
+                                                                 "--source-data": source_data, "--eval-data": eval_data}))
+    original = as_model(model)
     budgets = sorted({float(b) for b in budgets}, reverse=True)
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")

@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from onnxprune.model import default_mode
+
 
 def _pyplot():
     import matplotlib
@@ -26,6 +28,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, default_mode())          # mkstemp makes 0600; outputs get normal permissions
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -156,3 +156,10 @@ def test_a_collapsed_model_is_reported_loudly(tmp_path):
     report = json.loads(out.with_name("broken.report.json").read_text())
     assert any("broken" in w or "chance" in w for w in report["warnings"])
     assert "WARNING" in result.stderr
+
+
+def test_sensitivity_refuses_to_write_over_its_data(tmp_path):
+    data = tmp_path / "usps.npz"
+    data.write_bytes(DATA.read_bytes())
+    result = CliRunner().invoke(main, ["sensitivity", str(MODEL), "--target-data", str(data), "-o", str(data)])
+    assert result.exit_code == 1 and data.read_bytes() == DATA.read_bytes()
