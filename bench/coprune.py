@@ -25,11 +25,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import DIGITS, RESULTS, SHARED, halves, machine, markdown_table, predict, write_result  # noqa: E402
-from onnxprune.calibration.readers import Preprocess, open_samples  # noqa: E402
-from onnxprune.model import load_model  # noqa: E402
-from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters  # noqa: E402
-from onnxprune.train.distill import TrainConfig, finetune  # noqa: E402
+from common import DIGITS, RESULTS, SHARED, halves, machine, markdown_table, predict, write_result
+
+from onnxprune.calibration.readers import Preprocess, open_samples
+from onnxprune.model import load_model
+from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters
+from onnxprune.train.distill import TrainConfig, finetune
 
 
 def main(argv=None) -> int:

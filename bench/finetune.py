@@ -39,9 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import DIGITS, RESULTS, SHARED, machine, markdown_table, pyplot, write_result  # noqa: E402
+from common import DIGITS, RESULTS, SHARED, machine, markdown_table, pyplot, write_result
 
-from onnxprune.cli import main as cli  # noqa: E402
+from onnxprune.cli import main as cli
 
 IMAGENET = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 MOBILENET = ["--resize", "256", "--center-crop", "224", *IMAGENET]

@@ -158,7 +158,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
 
         rng = np.random.default_rng(config.seed)
         order = rng.permutation(n)
-        n_val = max(1, int(round(config.val_fraction * n)))
+        n_val = max(1, round(config.val_fraction * n))
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         variances = None
         if targets is not None:
@@ -297,11 +297,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             "config": config.to_dict(),
             "teacher": teacher is not None,
             "labels": labels is not None,
-            "losses": {"distillation": ("KL(T=%g) on classifier outputs, relative MSE on others" % T)
+            "losses": {"distillation": (f"KL(T={T:g}) on classifier outputs, relative MSE on others")
                        if teacher is not None else None,
                        "cross_entropy_weight": config.label_weight if labels is not None else 0.0},
-            "train_samples": int(len(train_idx)),
-            "val_samples": int(len(val_idx)),
+            "train_samples": len(train_idx),
+            "val_samples": len(val_idx),
             "data": samples.describe(),
             "trainable_tensors": len(module.keys),
             "trainable_weights": int(sum(p.numel() for p in module.params.values())),
