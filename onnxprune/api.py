@@ -67,7 +67,10 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         calib, held_out = target, as_samples(eval_data, original, recipe.preprocess)
     else:
         calib, held_out = target.split(recipe.split, seed=recipe.seed)
-    calib_all = calib
+    val_fold = None
+    if finetune is not None:  # the checkpoint fold must not calibrate: a calibration fold flatters the untrained model
+        val_fold, calib = calib.split(finetune.val_fraction, seed=recipe.seed)
+    train_set = calib
     if recipe.calib_size is not None and recipe.calib_size < len(calib):
         calib = calib.subset(np.arange(recipe.calib_size))
     samples = {"target": calib}
@@ -82,9 +85,9 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     if finetune is not None:
         from onnxprune.train.api import recover
 
-        train_set = target if eval_data is not None else calib_all
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
-            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device)
+            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device,
+            val=val_fold)
     report["calibration"] = {name: s.describe() for name, s in samples.items()}
     report["evaluation"] = held_out.describe()
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,

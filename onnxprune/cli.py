@@ -409,6 +409,8 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 @click.option("--target-data", required=True, help="Training samples from the deployment domain (labels optional).")
 @click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to train).")
 @click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
+@click.option("--val-data", help="Held-out training samples that pick the checkpoint (default: --val-fraction of "
+              "the training samples); best samples that did not calibrate the compression.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @training_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -431,6 +433,7 @@ def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
     preprocess = preprocess_dict(kw)
     config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
     result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
+                            val_data=kw["val_data"],
                             split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
                             measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
                             min_agreement=kw["min_agreement"])
