@@ -50,10 +50,10 @@ from onnxprune.calibration.readers import open_samples  # noqa: E402
 from onnxprune.graph import find_channel_groups  # noqa: E402
 from onnxprune.validate import validate  # noqa: E402
 
-CRITERIA = ("spectral", "momasp-J", "momasp-j", "mean", "l1")
+CRITERIA = ("spectral", "momasp-J", "momasp-j", "mean", "l1", "wanda")
 PFA_TAUS = (0.8, 0.9, 0.95)
 STYLE = {"spectral": ("C0", "o-"), "momasp-J": ("C1", "s--"), "momasp-j": ("C2", "^--"), "mean": ("C3", "v:"),
-         "l1": ("C4", "d:"), "pfa-en": ("C5", "P"), "pfa-kl": ("C6", "X")}
+         "l1": ("C4", "d:"), "pfa-en": ("C5", "P"), "pfa-kl": ("C6", "X"), "wanda": ("C7", "*-.")}
 LOG: list[str] = []
 
 

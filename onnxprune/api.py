@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,28 @@ from onnxprune.calibration.collect import collect
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
-from onnxprune.errors import DataError, RecipeError
+from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph import describe_groups, find_channel_groups, find_linear_layers
-from onnxprune.model import count_parameters, input_specs, load_model, jsonable, model_bytes, output_names, save_model, write_text_atomic
+from onnxprune.model import (
+    count_parameters,
+    default_mode,
+    input_specs,
+    jsonable,
+    load_model,
+    model_bytes,
+    model_hash,
+    output_names,
+    save_model,
+    write_text_atomic,
+)
 from onnxprune.passes import REGISTRY
+from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
-from onnxprune.validate import ValidationReport, check_thresholds
+from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
+
+log = logging.getLogger(__name__)
+
 
 def as_model(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
@@ -53,32 +69,37 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
              finetune=None) -> CompressResult:
     """Calibrate on the target data, run the recipe, validate on held-out data, write the output.
 
-    With ``max_drop``/``min_agreement`` a failed check raises ValidationFailed and nothing is
-    written. The input model file is never modified, and the output never overwrites it.
+    Calibration uses ``recipe.split`` of the target data (the rest evaluates, unless
+    ``eval_data`` is given), at most ``recipe.calib_size`` samples per set (target and
+    source), drawn by a permutation seeded with ``recipe.seed``. With ``max_drop`` /
+    ``min_agreement`` a failed check raises ValidationFailed carrying the report
+    (``exc.report``, ``verdict`` "failed" and the reason); that report is still written to
+    OUT.report.json, the model and recipe are not. Every output path is checked before any
+    work: the input files (model, its external data, samples, statistics) are never
+    overwritten.
     ``finetune`` (an ``onnxprune.train.distill.TrainConfig``, needs the [train] extra) distils the
     original into the compressed model on the calibration part of the target data before validating.
     """
-    source_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    if output is not None and source_path is not None and Path(output).resolve() == source_path.resolve():
-        raise RecipeError(str(output), "is the input model", "choose another output path (-o)")
+    check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
+    if output is not None:
+        check_output_text(output)
+        check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,
+                                                                "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
-    target = as_samples(target_data, original, recipe.preprocess)
-    if eval_data is not None:
-        calib, held_out = target, as_samples(eval_data, original, recipe.preprocess)
-    else:
-        calib, held_out = target.split(recipe.split, seed=recipe.seed)
-    val_fold = None
-    if finetune is not None:  # the checkpoint fold must not calibrate: a calibration fold flatters the untrained model
-        val_fold, calib = calib.split(finetune.val_fraction, seed=recipe.seed)
-    train_set = calib
-    if recipe.calib_size is not None and recipe.calib_size < len(calib):
-        calib = calib.subset(np.arange(recipe.calib_size))
-    samples = {"target": calib}
-    if source_data is not None:
-        samples["source"] = as_samples(source_data, original, recipe.preprocess)
+    check_layer_names(original, recipe)
+    samples, held_out, eval_source, train_set, val_fold = compress_samples(
+        original, recipe, target_data, source_data, eval_data,
+        checkpoint_fraction=None if finetune is None else finetune.val_fraction)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    preloaded = Statistics.load(stats, model=original) if stats is not None else None
+    preloaded = None
+    if stats is not None:
+        preloaded = Statistics.load(stats, model=original)
+        if preloaded.header.get("shard"):
+            record = preloaded.header["shard"]
+            raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
+                            "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
+        check_held_out(preloaded, stats, held_out, eval_source)
     provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                              progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
     compressed, report = run_pipeline(original, recipe, provider)
@@ -88,36 +109,272 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
             original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device,
             val=val_fold)
-    report["calibration"] = {name: s.describe() for name, s in samples.items()}
-    report["evaluation"] = held_out.describe()
+    describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
+                 calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                            measure_latency=measure_latency, progress=progress)
+    for warning in validation.warnings:
+        log.warning("%s", warning)
     report["validation"] = validation.to_dict()
+    report["warnings"] = list(validation.warnings)
     report["recipe"] = recipe.to_dict()
-    check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
+    try:
+        check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
+    except ValidationFailed as exc:
+        report["verdict"], report["failure"] = "failed", str(exc)
+        if output is not None:
+            write_failed_report(report, Path(output))
+        exc.report = report
+        raise
+    report["verdict"] = "passed" if max_drop is not None or min_agreement is not None else "unchecked"
     if output is not None:
-        output = Path(output)
-        save_model(compressed, output)
-        write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
-        recipe.save(recipe_path(output))
-    return CompressResult(compressed, report, output)
+        write_outputs(compressed, report, recipe, Path(output))
+    return CompressResult(compressed, report, None if output is None else Path(output))
+
+
+def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None,
+                     *, checkpoint_fraction: float | None = None
+                     ) -> tuple[dict[str, SampleSet], SampleSet, Any, SampleSet, SampleSet | None]:
+    """({"target": calibration samples[, "source": ...]}, evaluation samples, where those came
+    from, the whole calibration part before the --calib-size cap (what fine-tuning trains on), and
+    the fine-tuning checkpoint fold: with ``checkpoint_fraction`` that seeded fraction of the
+    calibration part is set aside first (it neither calibrates nor trains: a fold of calibration
+    samples flatters the untrained compressed model), else None.
+
+    Without ``eval_data`` the target data splits by ``recipe.split`` and ``recipe.seed``;
+    calibration sets are capped at ``recipe.calib_size``. An ``eval_data`` file that is the
+    target data file is refused: it would have calibrated in full.
+    """
+    target = as_samples(target_data, original, recipe.preprocess)
+    if eval_data is not None:
+        from onnxprune.paths import same_file
+
+        if _is_path(eval_data) and _is_path(target_data) and same_file(Path(eval_data), Path(target_data)):
+            raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
+                            "is given: accuracy on it would not be held out",
+                            "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
+        calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
+    else:
+        (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
+    val_fold = None
+    if checkpoint_fraction is not None:
+        val_fold, calib = calib.split(checkpoint_fraction, seed=recipe.seed)
+    samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
+    if source_data is not None:
+        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
+                                seed=recipe.seed)
+    return samples, held_out, eval_source, calib, val_fold
+
+
+def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.ModelProto, samples: dict,
+                 held_out: SampleSet, *, stats=None, preloaded: Statistics | None = None,
+                 calibration_runs: int = 0) -> None:
+    """Add to ``report`` whether the model changed, what calibrated (the statistics file when
+    every statistic came from it), what evaluates, and the per-layer rows."""
+    report["changed"] = model_hash(compressed) != model_hash(original)
+    if not report["changed"]:
+        report["note"] = NOTHING_CHANGED + ("" if layer_rows(report) else
+                                            ": this recipe found no layer or channel group it can touch "
+                                            "(`onnxprune inspect MODEL` lists them and why not)")
+    report["calibration"] = {name: s.describe() for name, s in samples.items()}
+    if preloaded is not None:
+        report["statistics"] = statistics_summary(stats, preloaded)
+        if calibration_runs == 0:  # every statistic came from the file: that is what calibrated
+            report["calibration"] = report["statistics"]["sets"]
+    report["evaluation"] = held_out.describe()
+    report["layers"] = layer_rows(report)
+
+
+#: the report's note when no pass changed the model (``--keep 1.0``, nothing compressible)
+NOTHING_CHANGED = "no layer changed: the output equals the input"
+
+
+def layer_rows(report: dict) -> list[dict]:
+    """Every split, pruned or skipped layer of a compress report, in one schema:
+
+    name, op, kept ("rank k of m x n" / "k of C ch"), params_removed (parameters this layer or
+    channel group removed from the model), retained (fraction of the signal kept: the
+    spectrum energy of a low-rank split, the retention ratio of a channel selection), error
+    (relative reconstruction error on the calibration data) and note (the method, with the
+    DALR ridge as in the pass's report, or why the layer was skipped).
+    """
+    rows = []
+    for p in report["passes"]:
+        for row in p.get("split", []):
+            note = str(row.get("chosen") or row.get("method", "")).split(" (")[0]
+            ridge = row.get("ridge")
+            if isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and np.isfinite(ridge):
+                note += f" (ridge {ridge:.6g})"
+            m, n = row.get("shape", ("?", "?"))
+            rows.append({"name": row["layer"], "op": row["op"], "kept": f"rank {row['rank']} of {m}x{n}",
+                         "params_removed": row["params_before"] - row["params_after"],
+                         "retained": row.get("energy"), "error": row.get("error"), "note": note})
+        for row in p.get("pruned", []):
+            rows.append({"name": row["group"], "op": "channels", "kept": f"{row['kept']} of {row['channels']} ch",
+                         "params_removed": row["params_before"] - row["params_after"],
+                         "retained": row.get("retention"), "error": row.get("error"),
+                         "note": row.get("criterion", "") + ("" if row.get("reconstructed", True) else ", dropped")})
+        for row in p.get("skipped", []):
+            rows.append({"name": row.get("layer") or row.get("group"), "op": row.get("op", ""), "kept": "skipped",
+                         "params_removed": 0, "retained": None, "error": None, "note": row["reason"]})
+    return rows
+
+
+def write_outputs(compressed: onnx.ModelProto, report: dict, recipe: Recipe, output: Path) -> None:
+    """The model, OUT.report.json and OUT.recipe.json, each written atomically."""
+    save_model(compressed, output)
+    write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
+    recipe.save(recipe_path(output))
+
+
+def write_failed_report(report: dict, output: Path) -> Path:
+    """OUT.report.json of a run that missed its accuracy check (``verdict`` "failed"); no model.
+    A model or recipe an earlier run left at OUT is not this run's: the report lists them."""
+    earlier = [str(p) for p in (output, recipe_path(output)) if p.exists()]
+    if earlier:
+        report["not_from_this_run"] = earlier
+    return write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
 
 
 def report_path(output: Path) -> Path:
+    output = Path(output)
     return output.with_name(output.stem + ".report.json")
 
 
 def recipe_path(output: Path) -> Path:
+    output = Path(output)
     return output.with_name(output.stem + ".recipe.json")
 
 
+def output_files(output) -> list[Path]:
+    """Every file ``compress -o OUTPUT`` may write: the model, its external data, report, recipe."""
+    output = Path(output)
+    return [output, output.with_name(output.name + ".data"), report_path(output), recipe_path(output)]
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def input_paths(model, data: dict[str, Any]) -> dict[str, list | None]:
+    """{label: paths} of the inputs that are files or folders (the model with its external data)."""
+    files = model_files(model) if _is_path(model) else []
+    inputs: dict[str, list | None] = {"model": files[:1], "model's external data": files[1:]}
+    for label, value in data.items():
+        inputs[label] = [value] if _is_path(value) else None
+    return inputs
+
+
+def cap(samples: SampleSet, size: int | None, *, seed: int) -> SampleSet:
+    """At most ``size`` of ``samples`` (None: all), drawn by a permutation seeded with ``seed``
+    and kept in source order, so a cap never takes only the first classes of a sorted set."""
+    if size is None or size >= len(samples):
+        return samples
+    order = np.random.default_rng(seed).permutation(len(samples))
+    return samples.subset(np.sort(order[:size]))
+
+
+def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
+    """Every name in a pass's ``layers`` / ``groups`` must exist (RecipeError listing the valid ones)."""
+    for p in recipe.build():
+        for option, finder, what in (("layers", find_linear_layers, "linear layer"),
+                                     ("groups", find_channel_groups, "channel group")):
+            wanted = getattr(p.options, option, ())
+            if not wanted:
+                continue
+            valid = [item.name for item in finder(model)]
+            missing = [name for name in wanted if name not in valid]
+            if missing:
+                raise RecipeError(f"{p.name} {option}", f"no {what} named {', '.join(map(repr, missing))} in the model",
+                                  f"valid names (as `onnxprune inspect` prints them): {', '.join(valid) or 'none'}")
+
+
+def _record(samples: SampleSet, source) -> dict:
+    """Which rows of which file calibrated: lets ``compress --stats`` check its held-out set."""
+    return {"path": str(Path(source).resolve()) if _is_path(source) else None,
+            "rows": samples.source_indices.tolist()}
+
+
+def check_held_out(stats: Statistics, stats_path, evaluation: SampleSet, eval_source) -> None:
+    """Refuse to evaluate on samples the saved statistics were gathered on (DataError); warn
+    when the statistics do not say which samples they saw."""
+    from onnxprune.paths import same_file
+
+    eval_path = Path(eval_source) if _is_path(eval_source) else None
+    unknown = set()
+    for set_name, desc in stats.header.get("sets", {}).items():
+        for part in desc.get("shards") or [desc]:
+            path, rows = part.get("path"), part.get("rows")
+            if path is None or rows is None or eval_path is None:
+                unknown.add(set_name)
+                continue
+            if not same_file(Path(path), eval_path):
+                continue
+            shared = np.intersect1d(np.asarray(rows, dtype=np.int64), evaluation.source_indices)
+            if shared.size:
+                raise DataError(str(stats_path), f"the {set_name} statistics were gathered on {shared.size} of the "
+                                f"{len(evaluation)} evaluation samples of {eval_source}: accuracy on them would not "
+                                "be held out", "calibrate with the same --split and --seed as compress (the defaults),"
+                                " or evaluate on --eval-data the statistics did not see")
+    if unknown:
+        log.warning("%s: cannot check that the evaluation samples are held out: the %s statistics do not record "
+                    "which samples of which file they were gathered on (recalibrate with `onnxprune calibrate`)",
+                    stats_path, " and ".join(sorted(unknown)))
+
+
+def statistics_summary(stats_path, stats: Statistics) -> dict:
+    """The statistics file and what it was gathered on, for the report (row lists left out)."""
+    def strip(desc: dict) -> dict:
+        out = {k: v for k, v in desc.items() if k != "rows"}
+        if "shards" in out:
+            out["shards"] = [strip(d) for d in out["shards"]]
+        return out
+
+    return {"file": str(stats_path), "model_hash": stats.model_hash,
+            "sets": {name: strip(desc) for name, desc in stats.header.get("sets", {}).items()}}
+
+
 def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, source_data=None,
-              device: str = "cpu", progress: bool = True) -> Statistics:
-    """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``."""
+              device: str = "cpu", progress: bool = True, split: float | None = None,
+              shard: tuple[int, int] | str | None = None, client=None, cluster: str | None = None,
+              workers: int | None = None, shards: int | None = None, engine: str = "auto",
+              threads: int | None = None) -> Statistics:
+    """Gather the statistics ``recipe`` needs and save them to ``output`` (.npz) for ``--stats``.
+
+    Uses the part of the target data that ``compress`` with the same recipe calibrates on:
+    ``split`` of it (default ``recipe.split``; 1 = all of it) drawn with ``recipe.seed``,
+    then at most ``recipe.calib_size`` samples per set. The header records the file and rows
+    of every set, so that ``compress --stats`` can refuse to evaluate on them.
+
+    shard: ``(i, n)`` (0-based) or ``"i/n"`` (1-based): only shard i of n of each sample
+        set (contiguous whole batches); merge the n files with ``merge_stats``.
+    client / cluster / workers: run ``shards`` shards (default: one per worker) as tasks on
+        a Dask ``distributed.Client``, on the scheduler at address ``cluster``, or on a new
+        local cluster of ``workers`` processes; the merged result is written.
+    engine: "auto", "graph" or "numpy": how statistics are computed (see ``collect``).
+    threads: onnxruntime threads of each shard task (default: 1 on a local ``workers``
+        cluster, whose workers are single-threaded; else onnxruntime's default).
+    """
+    from onnxprune.calibration import cluster as tasks_on
+    from onnxprune.calibration.shard import parse_shard
+
+    fraction = recipe.split if split is None else split
+    if not 0 < fraction <= 1:
+        raise RecipeError("split", f"{fraction} must be in (0, 1]")
+    if "source" in recipe.sets() and source_data is None:
+        raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
+    check_output_text(output)
+    check_outputs([output], input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
     original = as_model(model)
-    samples = {"target": as_samples(target_data, original, recipe.preprocess)}
+    check_layer_names(original, recipe)
+    target = as_samples(target_data, original, recipe.preprocess)
+    calib = target if fraction >= 1 else target.split(fraction, seed=recipe.seed)[0]
+    samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
+    sources = {"target": _path_or_none(target_data)}
     if source_data is not None:
-        samples["source"] = as_samples(source_data, original, recipe.preprocess)
+        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
+                                seed=recipe.seed)
+        sources["source"] = _path_or_none(source_data)
     requests: dict[str, list] = {}
     for p in recipe.build():
         for request, sets in p.requests(original):
@@ -126,14 +383,85 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
                     requests.setdefault(set_name, []).append(request)
     if not requests:
         raise RecipeError("recipe", "needs no statistics on this model (no compressible layer)")
-    stats = None
-    for set_name, todo in requests.items():
-        part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
-                       batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
-                       seed=recipe.seed)
-        stats = part if stats is None else stats.merge(part)
+    distributed = sum(v is not None for v in (client, cluster, workers))
+    if distributed > 1:
+        raise RecipeError("client/cluster/workers", "give at most one of them")
+    if distributed and shard is not None:
+        raise RecipeError("shard", "runs one shard here; it cannot be combined with a cluster",
+                          "use --cluster/--workers alone (every shard runs there)")
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    options = dict(count=1, batch_size=recipe.batch_size, folds=recipe.folds, seed=recipe.seed, device=device,
+                   stats_options={"engine": engine}, threads=threads)
+    model_source = _path_or_none(model)
+    if shard is not None:
+        index, count = int(shard[0]), int(shard[1])
+        if not 0 <= index < count:
+            raise RecipeError("shard", f"index {index} is not in 0..{count - 1}")
+        options["count"] = count
+        # in this process: the sample sets already open here serve the shard
+        task, = tasks_on.plan(model_source, original, samples, {}, requests, indices=[index], **options)
+        stats = tasks_on.run_shard(task, progress=progress)
+    elif distributed:
+        own = client is None
+        if workers is not None:
+            if int(workers) < 1:
+                raise RecipeError("workers", f"must be >= 1, got {workers}")
+            client = tasks_on.local_client(int(workers))
+            options["threads"] = threads or 1      # single-threaded workers: one onnxruntime thread each
+        elif cluster is not None:
+            client = tasks_on.connect(cluster)
+        try:
+            count = int(shards) if shards else max(1, len(client.scheduler_info().get("workers", {})))
+            options["count"] = count
+            stats = tasks_on.run_on_dask(tasks_on.plan(model_source, original, samples, sources, requests,
+                                                       **options), client)
+        finally:
+            if own:
+                _close(client)
+    else:
+        stats = None
+        for set_name, todo in requests.items():
+            part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
+                           batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
+                           seed=recipe.seed, engine=engine)
+            stats = part if stats is None else stats.merge(part)
+    # which rows of which file calibrated, for compress --stats (also in a shard's record, so
+    # that merge-stats keeps it)
+    used = {name: {**_record(samples[name], sources[name]), "split": fraction, "seed": recipe.seed}
+            for name in samples}
+    for set_name, desc in stats.header.get("sets", {}).items():
+        desc.update(used.get(set_name, {}))
+    for set_name, info in (stats.header.get("shard") or {}).get("sets", {}).items():
+        if isinstance(info.get("set"), dict):
+            info["set"].update(used.get(set_name, {}))
     stats.save(output)
+    os.chmod(output, default_mode())
     return stats
+
+
+def merge_stats(inputs, output: str | os.PathLike) -> Statistics:
+    """Merge the shard files ``inputs`` of one ``calibrate --shard`` run into ``output``."""
+    from onnxprune.calibration.shard import merge_shards
+
+    paths = [Path(p) for p in inputs]
+    check_output_text(output)
+    check_outputs([output], {"statistics shard": paths})
+    merged = merge_shards([Statistics.load(p) for p in paths], names=[p.name for p in paths])
+    merged.save(output)
+    os.chmod(output, default_mode())
+    return merged
+
+
+def _path_or_none(source):
+    return str(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+def _close(client) -> None:
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def inspect(model) -> dict[str, Any]:
@@ -143,6 +471,9 @@ def inspect(model) -> dict[str, Any]:
     for node in m.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     layers = cost.layer_costs(m)
+    # a node is a layer when it computes (MACs) or holds weights: scalar constants such as
+    # Clip's bounds do not make one
+    tensors = {t.name for t in m.graph.initializer if int(np.prod(t.dims, dtype=np.int64)) > 1}
     linear = find_linear_layers(m)
     groups = find_channel_groups(m)
     return {
@@ -154,7 +485,8 @@ def inspect(model) -> dict[str, Any]:
         "params": count_parameters(m),
         "macs": int(sum(layer.macs for layer in layers)),
         "bytes": model_bytes(m),
-        "layers": [dataclasses.asdict(layer) for layer in layers if layer.params or layer.macs],
+        "layers": [dataclasses.asdict(layer) for layer, node in zip(layers, m.graph.node)
+                   if layer.macs or any(name in tensors for name in node.input)],
         "low_rank": [{"layer": layer.name, "op": layer.op, "shape": [layer.out_features, layer.in_features],
                       "splittable": layer.skip is None, "reason": layer.skip} for layer in linear],
         "channel_groups": describe_groups(groups),
@@ -167,9 +499,12 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
              max_drop: float | None = None, min_agreement: float | None = None,
              progress: bool = False) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data``; raises ValidationFailed on a missed threshold."""
+    check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     ref, cand = as_model(reference), as_model(candidate)
     samples = as_samples(data, ref, preprocess)
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,
                        latency_runs=latency_runs, progress=progress)
+    for warning in report.warnings:
+        log.warning("%s", warning)
     check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)
     return report

@@ -1,20 +1,37 @@
 """Command line: parsing and printing only. Results on stdout, logs on stderr.
 
-Exit codes: 0 success; 1 user error (one line naming the problem); 2 usage;
-3 the compressed model failed the requested accuracy check.
+Exit codes: 0 success (also a compress that changed nothing, which says so); 1 user error
+(one line naming the problem, nothing written); 2 usage (a bad option value, naming the
+flag); 3 the compressed model failed the requested accuracy check (compress still prints the
+layer table and writes OUT.report.json with "verdict": "failed", but no model); 4 internal error (a bug in
+onnxprune: one line naming the stage or pass, the full traceback written to
+``onnxprune-internal-<time>-<pid>.log`` in the system temp directory, whose path is printed).
+
+Logging: warnings by default, ``-v`` what each stage and pass does (sites found, skipped and
+why, sizes chosen, timings), ``-vv`` the numbers behind each choice, ``-q`` errors only; on stderr.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import click
 
-from onnxprune import __version__
-from onnxprune.errors import OnnxPruneError, RecipeError
+from onnxprune import MISSING_RUNTIME, __version__
+
+if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
+    sys.exit(f"error: {MISSING_RUNTIME}")
+from onnxprune import criteria
+from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed
+from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
 log = logging.getLogger("onnxprune")
 
@@ -25,7 +42,8 @@ METHODS = {
     "dalr": [("low-rank-split", {"method": "dalr"})],
     "dalr-bc": [("low-rank-split", {"method": "dalr"}), ("bias-compensate", {})],
 }
-PRUNING_CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
+# channel-pruning criteria: every one registered in onnxprune.criteria
+PRUNING_CRITERIA = criteria.names()
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -35,6 +53,46 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+#: a fraction in (0, 1]: budgets and retention ratios
+FRACTION = click.FloatRange(0, 1, min_open=True)
+
+
+class RidgeType(click.ParamType):
+    """'auto' or a number >= 0."""
+
+    name = "RIDGE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) or value == "auto":
+            return value
+        try:
+            ridge = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not 'auto' or a number >= 0", param, ctx)
+        if not ridge >= 0:
+            self.fail(f"{value!r} is not 'auto' or a number >= 0", param, ctx)
+        return ridge
+
+
+class CalibSizeType(click.ParamType):
+    """A number of samples >= 1, or 'all' (None)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "all":
+            return None
+        try:
+            size = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of samples or 'all'", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r} must be at least 1 (or 'all')", param, ctx)
+        return size
 
 
 def _size(text: str | None):
@@ -95,19 +153,77 @@ def show_progress(quiet: int) -> bool:
     return quiet == 0 and sys.stderr.isatty()
 
 
+class _Stderr(logging.Handler):
+    """Writes records to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001  (logging's own contract)  # pragma: no cover
+            self.handleError(record)
+
+
+def setup_logging(verbose: int, quiet: int) -> None:
+    """The ``onnxprune`` loggers at WARNING, INFO (-v), DEBUG (-vv) or ERROR (-q), on stderr."""
+    level = max(logging.WARNING - 10 * verbose + 10 * quiet, logging.DEBUG)
+    for handler in [h for h in log.handlers if isinstance(h, _Stderr)]:
+        log.removeHandler(handler)
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+
+
+def internal_error_log(command: str, exc: BaseException) -> Path:
+    """Write the full traceback of an internal error to a new file in the temp directory."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(tempfile.gettempdir()) / f"onnxprune-internal-{stamp}-{os.getpid()}.log"
+    text = (f"onnxprune {__version__}, command {command}, python {sys.version.split()[0]}\n"
+            f"argv: {' '.join(sys.argv)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    path.write_text(text)
+    return path
+
+
+def _where(command: str, exc: BaseException) -> str:
+    """The stage an unexpected exception came from: the InternalError's, else the innermost
+    onnxprune frame of its traceback."""
+    if isinstance(exc, InternalError):
+        return exc.stage
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}onnxprune{os.sep}" in f.filename]
+    if not frames:
+        return command
+    frame = frames[-1]
+    module = frame.filename.rsplit(f"{os.sep}onnxprune{os.sep}", 1)[-1]
+    return f"{command} ({module}:{frame.lineno}, {frame.name})"
+
+
 def user_errors(func):
-    """Turn OnnxPruneError into a one-line message and its exit code; bugs keep their traceback."""
+    """OnnxPruneError: a one-line message and its exit code (1, 3). Anything else is a bug:
+    one line naming where, the traceback written to a log file, exit code 4."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        verbose, quiet = kwargs.get("verbose", 0), kwargs.get("quiet", 0)
-        level = logging.WARNING - 10 * verbose + 10 * quiet
-        logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+        setup_logging(kwargs.get("verbose", 0), kwargs.get("quiet", 0))
         try:
             return func(*args, **kwargs)
         except OnnxPruneError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise                   # usage errors (exit 2) and click's own exits
+        except Exception as exc:  # noqa: BLE001  (every other exception is a bug: reported, exit 4)
+            command = func.__name__
+            try:
+                where = f"traceback written to {internal_error_log(command, exc)}"
+            except OSError as write_error:
+                where = f"the traceback could not be written ({write_error}); rerun with -vv"
+            problem = exc.problem if isinstance(exc, InternalError) else \
+                f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            click.echo(f"internal error in {_where(command, exc)}: {problem}. This is a bug in onnxprune, "
+                       f"not in your input; {where}, please send it to us.", err=True)
+            sys.exit(INTERNAL_EXIT_CODE)
 
     return wrapper
 
@@ -118,29 +234,65 @@ def main():
     """Compress ONNX models for a target domain without retraining."""
 
 
+#: flags that choose the method and its budget: a recipe file fixes them, so they cannot go with --recipe
+METHOD_FLAGS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau", "flops", "lam", "ridge", "layers",
+                "no_reconstruct", "then_low_rank")
+#: recipe-level settings a flag given on the command line changes over a --recipe file
+RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size")
+BUDGET_FLAGS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")
+LOW_RANK_ONLY = ("rank", "energy", "ridge")
+PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _given(name: str) -> bool:
+    """The option was given on the command line (not its default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
 def build_recipe(kw: dict, preprocess: dict):
+    """The recipe the flags describe, or the --recipe file with the recipe-level flags given
+    on the command line (--calib-size, --split, --seed, --mode, --batch-size, preprocessing)
+    applied over it. Method flags cannot be combined with --recipe (usage error)."""
     from onnxprune.pipeline import Recipe
 
     if kw.get("recipe"):
+        clash = [_flag(k) for k in METHOD_FLAGS if k in kw and _given(k)]
+        if clash:
+            raise click.UsageError(f"--recipe fixes the method and budget: {', '.join(clash)} cannot be combined "
+                                   "with it (edit the recipe file, or drop --recipe)")
         recipe = Recipe.load(kw["recipe"])
+        changes = {k: kw[k] for k in RECIPE_SETTINGS if k in kw and _given(k)}
         if preprocess:
-            recipe = _replace(recipe, preprocess={**recipe.preprocess, **preprocess})
-        return recipe
+            changes["preprocess"] = {**recipe.preprocess, **preprocess}
+        return _replace(recipe, **changes) if changes else recipe
     method = kw["method"]
     budget = {k: kw[k] for k in ("keep", "rank", "fraction", "energy") if kw.get(k) is not None}
-    layers = tuple(v for v in (kw.get("layers") or "").split(",") if v)
+    given = [_flag(k) for k in BUDGET_FLAGS if kw.get(k) is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"give only one budget: {' and '.join(given)} were both given")
+    wrong = LOW_RANK_ONLY if method not in METHODS else PRUNING_ONLY
+    for flag in wrong:
+        if kw.get(flag) not in (None, False):
+            kind = "low rank (svd, svd-bc, dalr, dalr-bc)" if flag in LOW_RANK_ONLY else "channel pruning"
+            raise click.UsageError(f"{_flag(flag)} applies to {kind}, not --method {method}")
+    layers = tuple(v.strip() for v in (kw.get("layers") or "").split(",") if v.strip())
     if method in METHODS:
-        for flag in ("alpha", "tau", "flops", "lam"):
-            if kw.get(flag) is not None:
-                raise RecipeError(f"--{flag}", f"applies to channel pruning, not --method {method}",
-                                  "use --keep, --rank, --fraction or --energy")
         passes = [(name, dict(opts)) for name, opts in METHODS[method]]
         lr = passes[0][1]
         lr.update(budget)
         if layers:
             lr["layers"] = layers
         if kw.get("ridge") is not None:
-            lr["ridge"] = kw["ridge"] if kw["ridge"] == "auto" else float(kw["ridge"])
+            lr["ridge"] = kw["ridge"]
     else:
         passes = _pruning_passes(method, budget, layers, kw)
     return Recipe(passes=tuple(passes), mode=kw.get("mode") or "one-shot", seed=kw["seed"],
@@ -149,10 +301,6 @@ def build_recipe(kw: dict, preprocess: dict):
 
 
 def _pruning_passes(method, budget, layers, kw):
-    for flag in ("rank", "energy"):
-        if flag in budget:
-            raise RecipeError(f"--{flag}", f"does not apply to --method {method}",
-                              "use --keep, --flops, --fraction, --alpha or --tau")
     select = {"criterion": method, **{k: budget[k] for k in ("keep", "fraction") if k in budget}}
     for key in ("alpha", "tau", "flops", "lam"):
         if kw.get(key) is not None:
@@ -170,34 +318,52 @@ def _replace(recipe, **changes):
     return dataclasses.replace(recipe, **changes)
 
 
-@main.command()
+def calibration_options(func):
+    """--split, --calib-size, --seed: which target samples calibrate (compress and calibrate alike)."""
+    options = [
+        click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
+                     help="At most this many calibration samples per set (target, and source), drawn at random "
+                          "(seeded); 'all' uses every one."),
+        click.option("--split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+                     show_default=True, help="Fraction of --target-data that calibrates; the rest evaluates."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the split and the sampling."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command(short_help="Compress a model for a target domain; writes the model, report and recipe.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
 @click.option("--source-data", help="Samples from the training domain (MoMaSP regulariser).")
 @click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to calibrate).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Compressed model path.")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe file (JSON or TOML); overrides method flags.")
+@click.option("--recipe", type=click.Path(dir_okay=False),
+              help="Recipe file (JSON or TOML) instead of the method flags; --calib-size, --split, --seed, --mode, "
+                   "--batch-size and preprocessing flags given with it apply over it.")
 @click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc",
               show_default=True, help="Low-rank (svd, svd-bc, dalr, dalr-bc) or channel pruning criterion.")
-@click.option("--keep", type=float, help="Keep this fraction of the compressible parameters (global budget).")
-@click.option("--rank", type=int, help="Low rank: the same rank for every layer.")
-@click.option("--fraction", type=float, help="Keep this fraction of each layer's parameters.")
-@click.option("--energy", type=float, help="Low rank: smallest rank retaining this energy per layer.")
-@click.option("--alpha", type=float, help="Pruning: information retention ratio per group (spectral, momasp).")
-@click.option("--tau", type=float, help="Pruning: PFA-En energy threshold.")
-@click.option("--flops", type=float, help="Pruning: keep this fraction of the MACs (global budget).")
-@click.option("--lam", type=float, help="MoMaSP regulariser weight (default 1).")
-@click.option("--ridge", help="DALR ridge relative to trace(S)/n, or 'auto' (default: chosen on held-out data).")
+@click.option("--keep", type=FRACTION, help="Keep this fraction of the compressible parameters (global budget).")
+@click.option("--rank", type=click.IntRange(min=1), help="Low rank: the same rank for every layer.")
+@click.option("--fraction", type=FRACTION, help="Keep this fraction of each layer's parameters.")
+@click.option("--energy", type=FRACTION, help="Low rank: smallest rank retaining this energy per layer.")
+@click.option("--alpha", type=FRACTION, help="Pruning: information retention ratio per group (spectral, momasp).")
+@click.option("--tau", type=FRACTION, help="Pruning: PFA-En energy threshold.")
+@click.option("--flops", type=FRACTION, help="Pruning: keep this fraction of the MACs (global budget).")
+@click.option("--lam", type=click.FloatRange(min=0), help="MoMaSP regulariser weight (default 1).")
+@click.option("--ridge", type=RidgeType(), help="DALR ridge relative to trace(S)/n, or 'auto' (default: chosen on held-out data).")
 @click.option("--layers", help="Comma-separated layer (or group) names to touch; default all.")
 @click.option("--mode", type=click.Choice(["one-shot", "sequential"]), help="Pruning: one calibration, or re-gather after each site.")
 @click.option("--no-reconstruct", is_flag=True, help="Pruning: drop channels without compensating the next layer.")
-@click.option("--then-low-rank", type=float, help="After pruning, DALR-split the FC layers keeping this fraction.")
-@click.option("--calib-size", type=click.IntRange(min=1), help="At most this many calibration samples.")
-@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that calibrates.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--then-low-rank", type=FRACTION, help="After pruning, DALR-split the FC layers keeping this fraction.")
+@calibration_options
 @click.option("--stats", type=click.Path(dir_okay=False), help="Reuse statistics saved by `onnxprune calibrate`.")
-@click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
-@click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
+@click.option("--max-drop", type=click.FloatRange(0, 100),
+              help="Fail (exit 3, report only, no model) if accuracy drops more than this many points.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1),
+              help="Fail (exit 3, report only, no model) below this top-1 agreement (a fraction, 0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--finetune", "finetune_epochs", type=click.IntRange(min=1),
@@ -206,11 +372,21 @@ def _replace(recipe, **changes):
 @common_options
 @user_errors
 def compress(model, output, as_json, verbose, quiet, device, **kw):
-    """Compress MODEL for the domain of --target-data and write -o OUTPUT."""
+    """Compress MODEL for the domain of --target-data and write -o OUTPUT.
+
+    Exit 0 when written (also when no layer changed: then the output equals the input), 1 for
+    a user error (nothing written), 2 for a usage error, 3 when --max-drop/--min-agreement
+    is missed: the per-layer summary is printed and OUTPUT.report.json is written with
+    "verdict": "failed", but no model.
+    """
     from onnxprune import api
 
     preprocess = preprocess_dict(kw)
     recipe = build_recipe(kw, preprocess)
+    if kw.get("recipe"):
+        from onnxprune.paths import check_output_text, check_outputs
+        check_output_text(output)
+        check_outputs(api.output_files(output), {"--recipe": [kw["recipe"]]})
     finetune = None
     if kw.get("finetune_epochs"):
         from onnxprune.train import require_torch
@@ -218,37 +394,46 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
 
         require_torch()
         finetune = TrainConfig(epochs=kw["finetune_epochs"], seed=kw["seed"], progress=show_progress(quiet))
-    result = api.compress(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
-                          eval_data=kw["eval_data"], stats=kw["stats"], device=device, progress=show_progress(quiet),
-                          max_drop=kw["max_drop"], min_agreement=kw["min_agreement"],
-                          measure_latency=not kw["no_latency"], finetune=finetune)
+    try:
+        result = api.compress(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
+                              eval_data=kw["eval_data"], stats=kw["stats"], device=device,
+                              progress=show_progress(quiet), max_drop=kw["max_drop"],
+                              min_agreement=kw["min_agreement"], measure_latency=not kw["no_latency"],
+                              finetune=finetune)
+    except ValidationFailed as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            print_report(report, output, as_json=as_json, quiet=quiet)
+        raise
+    print_report(result.report, output, as_json=as_json, quiet=quiet)
+
+
+def print_report(report: dict, output, *, as_json: bool, quiet: int) -> None:
+    """The layer table and the verdict (or the report as JSON) on stdout."""
+    from onnxprune import api
+
     if as_json:
-        click.echo(json.dumps(api.jsonable(result.report), indent=2))
+        click.echo(json.dumps(api.jsonable(report), indent=2))
         return
     if quiet == 0:
-        for line in layer_table(result.report):
+        for line in layer_table(report):
             click.echo(line)
         click.echo()
-    for line in verdict_lines(result.report, output):
+    for line in verdict_lines(report, output):
         click.echo(line)
 
 
 def layer_table(report: dict) -> list[str]:
+    """One row per layer or channel group, one schema (``api.layer_rows``)."""
+    from onnxprune.api import layer_rows
+
     rows = []
-    for p in report["passes"]:
-        for row in p.get("split", []):
-            rows.append((row["layer"], row["op"], f"rank {row['rank']}", row["params_before"], row["params_after"],
-                         f"{100 * row['energy']:.1f}%", f"{row['error']:.4f}", row.get("chosen", row["method"])))
-        for row in p.get("pruned", []):
-            rows.append((row["group"], "channels", f"{row['kept']}/{row['channels']}", row["params_before"],
-                         row["params_after"], f"{100 * row.get('retention', float('nan')):.1f}%",
-                         f"{row.get('error', float('nan')):.4f}", row.get("criterion", "")))
-        for row in p.get("skipped", []):
-            rows.append((row.get("layer") or row.get("group"), row.get("op", ""), "skipped", "", "", "", "",
-                         row["reason"]))
+    for row in layer_rows(report):
+        rows.append((row["name"], row["op"], row["kept"], _number(row["params_removed"], ","),
+                     _number(row["retained"], ".1%"), _number(row["error"], ".4f"), row["note"]))
     if not rows:
         return ["no layer was changed"]
-    header = ("layer", "op", "kept", "params", "after", "energy", "rel.err", "method / note")
+    header = ("layer", "op", "kept", "params removed", "retained", "rel.err", "method / note")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)) + "  " + header[-1]]
     for r in rows:
@@ -256,62 +441,153 @@ def layer_table(report: dict) -> list[str]:
     return lines
 
 
+def _number(value, spec: str, missing: str = "") -> str:
+    """``value`` formatted with ``spec``, or ``missing`` for None, a string or a non-finite float."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return missing
+    if isinstance(value, float) and not math.isfinite(value):
+        return missing
+    return format(value, spec)
+
+
 def verdict_lines(report: dict, output) -> list[str]:
+    """Size, accuracy, agreement, error, latency, what calibrated, and what was written."""
     v = report["validation"]
     lines = []
+    if not report.get("changed", True):
+        lines.append(report.get("note") or "no layer changed: the output equals the input")
     pb, pa = v["params_reference"], v["params_candidate"]
     mb, ma = v["macs_reference"], v["macs_candidate"]
     lines.append(f"parameters {pb:,} -> {pa:,} ({100 * pa / max(pb, 1):.1f}%), "
                  f"MACs {mb:,} -> {ma:,} ({100 * ma / max(mb, 1):.1f}%)")
+    calibration = report.get("calibration") or {}
+    counts = ", ".join(f"{_count_of(desc)} {name}" for name, desc in calibration.items())
+    where = f" (from {report['statistics']['file']})" if report.get("calibration_runs") == 0 and \
+        report.get("statistics") else ""
+    lines.append(f"calibrated on {counts or 'no'} samples{where}; evaluated on {v['samples']:,} held-out samples")
     if v.get("accuracy_reference") is not None:
-        lines.append(f"top-1 accuracy {100 * v['accuracy_reference']:.2f}% -> {100 * v['accuracy_candidate']:.2f}% "
-                     f"on {v['samples']} held-out samples")
-    lines.append(f"agreement {100 * v['agreement']:.2f}%, relative error {v['relative_error']:.4f}, "
-                 f"SQNR {v['sqnr_db']:.1f} dB")
+        lines.append(f"top-1 accuracy {_number(v['accuracy_reference'], '.2%', 'n/a')} -> "
+                     f"{_number(v['accuracy_candidate'], '.2%', 'n/a')}")
+    sqnr = "inf (outputs identical)" if v.get("identical") else _number(v.get("sqnr_db"), ".1f", "n/a")
+    lines.append(f"agreement {_number(v.get('agreement'), '.2%', 'n/a (no class axis)')}, relative error "
+                 f"{_number(v.get('relative_error'), '.4f', 'n/a')}, SQNR {sqnr} dB")
     if report.get("finetune"):
         b, ft = report["validation_before_finetune"], report["finetune"]
-        acc = f"accuracy {100 * b['accuracy_candidate']:.2f}%, " if b.get("accuracy_candidate") is not None else ""
-        lines.append(f"before fine-tuning: {acc}agreement {100 * b['agreement']:.2f}% "
+        acc = f"accuracy {_number(b.get('accuracy_candidate'), '.2%', 'n/a')}, " \
+            if b.get("accuracy_candidate") is not None else ""
+        lines.append(f"before fine-tuning: {acc}agreement {_number(b.get('agreement'), '.2%', 'n/a')} "
                      f"({len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s, checkpoint epoch {ft['best_epoch']})")
     lat = v.get("latency_ms") or {}
     if lat.get("reference") and lat.get("candidate"):
-        parts = [f"{k} {lat['reference'][k]:.2f} -> {lat['candidate'][k]:.2f} ms" for k in lat["reference"]]
+        parts = []
+        for k in lat["reference"]:
+            part = f"{k} {_number(lat['reference'][k], '.2f', '?')} -> {_number(lat['candidate'].get(k), '.2f', '?')} ms"
+            quartiles = (lat.get("spread") or {}).get(k, {}).get("speedup")
+            if quartiles:
+                part += f" (speedup {quartiles[0]:.2f}-{quartiles[1]:.2f}x interquartile)"
+            parts.append(part)
         lines.append("latency " + ", ".join(parts))
-    lines.append(f"wrote {output} (+ .report.json, .recipe.json)")
+    from onnxprune.api import report_path
+    if report.get("verdict") == "failed":
+        lines.append(f"FAILED the accuracy check: wrote {report_path(output)} only (no model)")
+        if report.get("not_from_this_run"):
+            lines.append(f"left as they were, from an earlier run: {', '.join(report['not_from_this_run'])}")
+    else:
+        lines.append(f"wrote {output} (+ .report.json, .recipe.json)")
     return lines
 
 
-@main.command()
+def _count_of(desc: dict) -> str:
+    count = desc.get("count")
+    return f"{count:,}" if isinstance(count, int) else "?"
+
+
+@main.command(short_help="Gather calibration statistics once, for `compress --stats`.")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--target-data", required=True)
-@click.option("--source-data")
+@click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
+@click.option("--source-data", help="Samples from the training domain (needed by momasp-J/j).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics file (.npz).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Gather what this recipe needs (default: DALR on all layers).")
-@click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc")
-@click.option("--layers")
-@click.option("--seed", type=int, default=0)
+@click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc",
+              show_default=True, help="Gather what this method needs.")
+@click.option("--layers", help="Comma-separated layer (or group) names; default all.")
+@click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
+              help="At most this many samples per set (target, and source), drawn at random (seeded); 'all' "
+                   "uses every one.")
+@click.option("--split", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Fraction of --target-data that calibrates, as in compress (1: all of it, then evaluate on "
+                   "other data with compress --eval-data).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split and the sampling.")
+@click.option("--shard", help="Only shard I of N (I/N, 1-based: contiguous whole batches); merge with merge-stats.")
+@click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
+@click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
+@click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
+@click.option("--engine", type=click.Choice(["auto", "graph", "numpy"]), default="auto", show_default=True,
+              help="auto: patches in-graph, features by float32 BLAS; graph: all inside onnxruntime; numpy: float64.")
 @preprocess_options
 @common_options
 @user_errors
 def calibrate(model, output, verbose, quiet, device, **kw):
-    """Gather target (and source) statistics for MODEL once and save them for `compress --stats`."""
+    """Gather target (and source) statistics for MODEL once and save them for `compress --stats`.
+
+    Uses the same samples `compress` with the same --split, --seed and --calib-size
+    calibrates on, and records which ones, so `compress --stats` refuses to evaluate on them.
+    """
     from onnxprune import api
 
     preprocess = preprocess_dict(kw)
-    kw.update(split=0.5, calib_size=None, mode=None)
+    shard, cluster, workers, shards, engine = (kw.pop(k) for k in ("shard", "cluster", "workers", "shards", "engine"))
+    if shards is not None and cluster is None and workers is None:
+        raise click.UsageError("--shards needs --cluster or --workers")
+    if shard is not None and (cluster is not None or workers is not None):
+        raise click.UsageError("--shard runs one shard here: do not combine it with --cluster/--workers")
+    if cluster is not None and workers is not None:
+        raise click.UsageError("give --cluster or --workers, not both")
+    split = kw.pop("split")
+    kw.update(split=0.5 if split >= 1 else split, mode=None)
     recipe = build_recipe(kw, preprocess)
+    if kw.get("recipe"):
+        from onnxprune.paths import check_output_text, check_outputs
+        check_output_text(output)
+        check_outputs([output], {"--recipe": [kw["recipe"]]})
     stats = api.calibrate(model, kw["target_data"], recipe=recipe, output=output, source_data=kw["source_data"],
-                          device=device, progress=show_progress(quiet))
+                          device=device, progress=show_progress(quiet), split=split, shard=shard, cluster=cluster,
+                          workers=workers, shards=shards, engine=engine)
+    record = stats.header.get("shard")
+    if record:
+        sets = ", ".join(f"{k}: samples {v['start']}-{v['stop'] - 1} of {v['set'].get('count')}"
+                         for k, v in record["sets"].items())
+        click.echo(f"wrote {output} (shard {record['index'] + 1}/{record['count']}; "
+                   f"{len(stats.header.get('requests', []))} tensors; {sets})")
+        return
     sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
     click.echo(f"wrote {output} ({len(stats.header.get('requests', []))} tensors; {sets})")
 
 
-@main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-@common_options
+@main.command("merge-stats", short_help="Merge the shard files of `calibrate --shard` into one statistics file.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Merged statistics (.npz).")
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less output.")
 @user_errors
-def inspect(model, as_json, verbose, quiet, device, batch_size):
+def merge_stats(inputs, output, verbose, quiet):
+    """Merge the shard files of `calibrate --shard i/n` (all n of them) into one statistics file."""
+    from onnxprune import api
+
+    stats = api.merge_stats(inputs, output)
+    sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
+    click.echo(f"wrote {output} ({len(inputs)} shards; {len(stats.header.get('requests', []))} tensors; {sets})")
+
+
+@main.command(short_help="Show inputs, ops, parameters, MACs and what each method can touch.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@user_errors
+def inspect(model, as_json, verbose):
     """Show MODEL's inputs, ops, parameters and MACs per layer, and what each method can touch."""
     from onnxprune import api
 
@@ -319,7 +595,8 @@ def inspect(model, as_json, verbose, quiet, device, batch_size):
     if as_json:
         click.echo(json.dumps(api.jsonable(info), indent=2))
         return
-    click.echo(f"{model}: IR {info['ir_version']}, opset {info['opset']}")
+    opsets = ", ".join(f"{domain} {version}" for domain, version in info["opset"].items())
+    click.echo(f"{model}: IR {info['ir_version']}, opset {opsets}")
     for i in info["inputs"]:
         click.echo(f"  input  {i['name']} {i['shape']} {i['dtype']}")
     for o in info["outputs"]:
@@ -339,18 +616,23 @@ def inspect(model, as_json, verbose, quiet, device, batch_size):
         click.echo(f"  {group['name']:<40} {group['channels']:>5} ch  {status}")
     n_split = sum(1 for layer in info["low_rank"] if layer["splittable"])
     n_groups = sum(1 for g in info["channel_groups"] if not g.get("skip"))
-    click.echo(f"\n{n_split} splittable layers, {n_groups} prunable channel groups")
+    click.echo(f"\n{_plural(n_split, 'splittable layer')}, {_plural(n_groups, 'prunable channel group')}")
 
 
-@main.command()
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+@main.command(short_help="Compare a compressed model with its reference: accuracy, error, size, latency.")
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Evaluation samples (labels enable accuracy).")
-@click.option("--max-drop", type=float, help="Exit 3 if accuracy drops more than this many points.")
-@click.option("--min-agreement", type=float, help="Exit 3 below this top-1 agreement (0-1).")
-@click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--no-latency", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--max-drop", type=click.FloatRange(0, 100), help="Exit 3 if accuracy drops more than this many points.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Exit 3 below this top-1 agreement (a fraction, 0-1).")
+@click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs of each model per batch size (interleaved).")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @preprocess_options
 @common_options
 @user_errors
@@ -403,7 +685,7 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
                        max_seconds=None if kw.get("max_minutes") is None else 60 * kw.pop("max_minutes"))
 
 
-@main.command()
+@main.command(short_help="Recover a compressed model's accuracy by distilling the original into it.")
 @click.argument("student", type=click.Path(dir_okay=False))
 @click.option("--teacher", type=click.Path(dir_okay=False), help="The original model to distil (default: plain fine-tuning on labels).")
 @click.option("--target-data", required=True, help="Training samples from the deployment domain (labels optional).")
@@ -414,7 +696,8 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @training_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split, the sampling and the training.")
 @click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
 @click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
@@ -484,7 +767,7 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-@main.command()
+@main.command(short_help="Co-Prune: unstructured pruning of a target model with a source model's help.")
 @click.option("--source-model", required=True, type=click.Path(dir_okay=False), help="Network trained on the source domain.")
 @click.option("--target-model", required=True, type=click.Path(dir_okay=False),
               help="The same network fine-tuned on the target domain (e.g. with `onnxprune finetune`).")
@@ -508,7 +791,8 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
               help="Fraction of the target training samples held out to pick the checkpoint.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the split, the sampling and the training.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")

@@ -1,8 +1,10 @@
-"""One exception hierarchy for user-facing errors.
+"""One exception hierarchy for user-facing errors, and one class for our own bugs.
 
 Messages read ``<thing> | <problem>. Hint: <what to do>``. The CLI turns an
-``OnnxPruneError`` into a one-line message and its ``exit_code``; any other exception is
-a bug and keeps its traceback.
+``OnnxPruneError`` into a one-line message and its ``exit_code`` (1, 3). Any other exception
+is a bug: ``InternalError`` names the stage it happened in (e.g. a pass whose output fails
+the ONNX checker); the CLI prints one line naming the stage, writes the full traceback to
+a log file and exits with ``INTERNAL_EXIT_CODE`` (4).
 """
 
 from __future__ import annotations
@@ -43,7 +45,27 @@ class RecipeError(OnnxPruneError):
     """A recipe or option is invalid."""
 
 
+class OutputError(OnnxPruneError):
+    """An output path is unusable or would overwrite an input; checked before any work."""
+
+
 class ValidationFailed(OnnxPruneError):
     """The compressed model missed the requested accuracy or agreement."""
 
     exit_code = 3
+
+
+#: Exit code of the command line for an internal error (a bug in onnxprune, not the input).
+INTERNAL_EXIT_CODE = 4
+
+
+class InternalError(Exception):
+    """A bug in onnxprune, not a problem with the user's input: ``stage`` says where
+    (``pass low-rank-split``, ``calibration``...). Not an ``OnnxPruneError`` on purpose."""
+
+    exit_code = INTERNAL_EXIT_CODE
+
+    def __init__(self, stage: str, problem: str):
+        self.stage = stage
+        self.problem = problem
+        super().__init__(f"internal error in {stage}: {problem}")

@@ -131,13 +131,52 @@ class ChannelGroup:
 # --------------------------------------------------------------------------- graph index
 
 def node_names(model: onnx.ModelProto) -> list[str]:
-    """A stable, unique name per top-level node: its own, else ``f"{op}_{index}"``."""
+    """A stable, unique name per top-level node: its own when unique, else ``f"{op}_{index}"``
+    (``_1``, ``_2``... appended in the rare case that name is some other node's own name).
+
+    ``name_nodes`` writes these names into the model once, when it is loaded and when the
+    pipeline clones it, so that later rewrites (which insert and remove nodes) never have to
+    find a node by its position.
+    """
     counts: dict[str, int] = defaultdict(int)
     for node in model.graph.node:
         if node.name:
             counts[node.name] += 1
-    return [node.name if node.name and counts[node.name] == 1 else f"{node.op_type}_{index}"
-            for index, node in enumerate(model.graph.node)]
+    own = {name for name, count in counts.items() if count == 1}
+    names = []
+    taken = set(own)
+    for index, node in enumerate(model.graph.node):
+        if node.name in own:
+            names.append(node.name)
+            continue
+        name, k = f"{node.op_type}_{index}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op_type}_{index}_{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every top-level node of ``model`` its ``node_names`` name, in place (like
+    onnxoptimizer's ``set_unique_name_for_nodes``); returns how many nodes were renamed.
+    Idempotent: a model whose node names are unique and non-empty is left as it is."""
+    renamed = 0
+    for node, name in zip(model.graph.node, node_names(model)):
+        if node.name != name:
+            node.name = name
+            renamed += 1
+    return renamed
+
+
+def node_position(model: onnx.ModelProto, name: str) -> int:
+    """Where the node called ``name`` sits in ``model.graph.node`` now (looked up by name,
+    never remembered: rewrites move nodes). KeyError when there is none."""
+    for i, node in enumerate(model.graph.node):
+        if node.name == name:
+            return i
+    raise KeyError(f"no node named {name!r}")
 
 
 def subgraph_inputs(node: onnx.NodeProto) -> set[str]:

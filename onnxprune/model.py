@@ -2,7 +2,9 @@
 
 Everything that touches a model file goes through here: external-data models and models
 over 2 GB load and save transparently, ``Constant`` nodes are folded into initializers so
-passes see plain weights, and outputs are written atomically (temporary name, then rename).
+passes see plain weights, every node gets a unique name (``graph.name_nodes``: its own, or
+``{op}_{index}`` for unnamed and duplicate names) so that nothing addresses a node by its
+position, and outputs are written atomically (temporary name, then rename).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
+from onnxprune.graph import name_nodes
 
 # Protobuf refuses to serialise a message of 2 GiB or more; stay well clear of it.
 PROTO_LIMIT = 2**31 - 2**26
@@ -50,7 +53,7 @@ class InputSpec:
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load ``path`` with its external data, check it, and fold Constant nodes.
+    """Load ``path`` with its external data, check it, fold Constant nodes and name every node.
 
     Raises ModelError with a one-line message for a missing, unreadable, truncated,
     non-ONNX or invalid file.
@@ -74,7 +77,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if len(model.graph.node) == 0 and len(model.graph.output) == 0:
         raise ModelError(str(path), "not an ONNX model (empty graph)", "the file may be truncated or not an ONNX file")
     check_model(model, name=str(path))
-    return fold_constants(model)
+    fold_constants(model)
+    name_nodes(model)
+    return model
 
 
 def check_model(model: onnx.ModelProto, *, name: str = "model") -> None:
@@ -225,13 +230,41 @@ def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 def set_array(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    """Replace (or add) initializer ``name`` with ``array``."""
+    """Replace (or add) initializer ``name`` with ``array``.
+
+    IR version 3 lists every initializer as a graph input too: a new initializer gets its
+    input entry, a replaced one's entry follows the new shape.
+    """
     new = numpy_helper.from_array(np.ascontiguousarray(array), name)
     for i, tensor in enumerate(model.graph.initializer):
         if tensor.name == name:
             model.graph.initializer[i].CopyFrom(new)
+            break
+    else:
+        model.graph.initializer.append(new)
+    _sync_legacy_input(model, new)
+
+
+def _sync_legacy_input(model: onnx.ModelProto, tensor: onnx.TensorProto) -> None:
+    graph = model.graph
+    entry = next((v for v in graph.input if v.name == tensor.name), None)
+    if entry is None:
+        if model.ir_version >= 4:
             return
-    model.graph.initializer.append(new)
+        entry = graph.input.add()
+        entry.CopyFrom(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        return
+    if entry.type.HasField("tensor_type"):
+        entry.type.tensor_type.elem_type = tensor.data_type
+        entry.type.tensor_type.shape.Clear()
+        for d in tensor.dims:
+            entry.type.tensor_type.shape.dim.add().dim_value = int(d)
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    """The opset version ``model`` imports for ``domain`` ("" and "ai.onnx" are the default one)."""
+    domains = ("", "ai.onnx") if domain in ("", "ai.onnx") else (domain,)
+    return max((int(o.version) for o in model.opset_import if o.domain in domains), default=0)
 
 
 def _used_names(graph: onnx.GraphProto) -> set[str]:
@@ -319,6 +352,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -326,9 +360,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def default_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give (0666 less the umask): temporary
+    files are created 0600, and every output gets the same, normal permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def jsonable(value):
     """``value`` with numpy scalars/arrays as plain numbers/lists, tuples as lists, keys as
-    strings and non-finite floats as the strings "nan", "inf", "-inf" (strict JSON)."""
+    strings and non-finite floats as null (strict JSON, numbers stay numbers: an infinite
+    SQNR, for outputs that are identical, is null)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -339,7 +382,5 @@ def jsonable(value):
         return int(value)
     if isinstance(value, (float, np.floating)):
         value = float(value)
-        if math.isfinite(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return value if math.isfinite(value) else None
     return value

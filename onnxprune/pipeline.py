@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,17 @@ from typing import Any
 import onnx
 
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.errors import ModelError, RecipeError
+from onnxprune.errors import InternalError, ModelError, OnnxPruneError, RecipeError
+from onnxprune.graph import name_nodes
+from onnxprune.linalg import blas_threads
 from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
 from onnxprune.passes import REGISTRY, Pass, PassContext, options_to_dict
+
+log = logging.getLogger(__name__)
+
+#: calibration samples per set (target, and source) unless a recipe or --calib-size says
+#: otherwise; None ("all" in a recipe file or on the command line) lifts the cap
+DEFAULT_CALIB_SIZE = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +38,7 @@ class Recipe:
     passes: tuple[tuple[str, dict], ...]
     mode: str = "one-shot"           # "one-shot": all sites from one calibration; "sequential": re-gather after each site
     seed: int = 0
-    calib_size: int | None = None    # at most this many calibration samples
+    calib_size: int | None = DEFAULT_CALIB_SIZE  # at most this many calibration samples per set; None: all
     split: float = 0.5               # fraction of the target data that calibrates when no --eval-data is given
     batch_size: int = 32
     folds: int = 2                   # calibration folds (held-out ridge selection)
@@ -45,8 +54,13 @@ class Recipe:
                 raise RecipeError("recipe", f"unknown pass {name!r}", f"known passes: {', '.join(sorted(REGISTRY))}")
         if not 0 < self.split < 1:
             raise RecipeError("recipe", f"split={self.split} must be in (0, 1)")
-        if self.calib_size is not None and self.calib_size < 1:
-            raise RecipeError("recipe", f"calib_size={self.calib_size} must be >= 1")
+        if self.calib_size == "all":
+            object.__setattr__(self, "calib_size", None)
+        if self.calib_size is not None and (isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int)
+                                            or self.calib_size < 1):
+            raise RecipeError("recipe", f"calib_size={self.calib_size!r} must be an integer >= 1 or 'all'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError("recipe", f"seed={self.seed!r} must be an integer >= 0")
         if self.folds < 1 or self.batch_size < 1:
             raise RecipeError("recipe", "folds and batch_size must be >= 1")
 
@@ -57,7 +71,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         built = self.build()
         return {
-            "mode": self.mode, "seed": self.seed, "calib_size": self.calib_size, "split": self.split,
+            "mode": self.mode, "seed": self.seed, "calib_size": "all" if self.calib_size is None else self.calib_size,
+            "split": self.split,
             "batch_size": self.batch_size, "folds": self.folds, "preprocess": dict(self.preprocess),
             "passes": [{"name": p.name, **options_to_dict(p.options)} for p in built],
         }
@@ -123,11 +138,44 @@ def check_graph(model: onnx.ModelProto, *, after: str) -> None:
         raise ModelError(f"after {after}", f"shape inference fails: {str(exc).splitlines()[0]}") from None
 
 
+def check_after_pass(work: onnx.ModelProto, original: onnx.ModelProto, label: str) -> None:
+    """``check_graph`` after pass ``label``: a failure is that pass's bug (InternalError),
+    unless the input model itself fails the same check (then it stays a ModelError)."""
+    try:
+        check_graph(work, after=label)
+    except ModelError as exc:
+        try:
+            check_graph(clone(original), after="loading")
+        except ModelError:
+            raise exc from None
+        raise InternalError(f"pass {label}", f"its output fails the check: {exc.problem}") from exc
+
+
+def _internal(stage: str, exc: Exception) -> InternalError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return InternalError(stage, f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+
+
 def run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider) -> tuple[onnx.ModelProto, dict]:
-    """Clone ``model``, run the recipe's passes on the clone, check after each; never touches ``model``."""
+    """Clone ``model``, run the recipe's passes on the clone, check after each; never touches ``model``.
+
+    An exception that is not an OnnxPruneError, or a pass output failing the checker, is
+    raised as InternalError naming the pass (or "calibration"). BLAS runs with
+    ``linalg.blas_threads()`` (one thread unless $ONNXPRUNE_BLAS_THREADS says otherwise).
+    """
+    with blas_threads():
+        return _run_pipeline(model, recipe, provider)
+
+
+def _run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider) -> tuple[onnx.ModelProto, dict]:
     passes = recipe.build()
     work = clone(model)
+    renamed = name_nodes(work)        # stable identity: every later lookup is by name, never by position
+    if renamed:
+        log.info("named %d unnamed or duplicate-named nodes (op_index)", renamed)
     ctx = PassContext(statistics=provider, folds=recipe.folds, mode=recipe.mode, seed=recipe.seed)
+    log.info("recipe: %s, mode %s, %d calibration folds",
+             " -> ".join(p.name for p in passes), recipe.mode, recipe.folds)
 
     # Gather every statistic the passes announce on the original graph in one run per set.
     wanted: dict[str, list] = {}
@@ -137,17 +185,35 @@ def run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider
                 wanted.setdefault(set_name, []).append(request)
     started = time.perf_counter()
     for set_name, requests in wanted.items():
-        provider(work, requests, (set_name,))
+        log.info("calibration: %d tensor statistics on the %s set", len(requests), set_name)
+        try:
+            provider(work, requests, (set_name,))
+        except OnnxPruneError:
+            raise
+        except Exception as exc:
+            raise _internal("calibration", exc) from exc
     timings = {"calibration": time.perf_counter() - started}
+    if wanted:
+        log.info("calibration: done in %.2f s", timings["calibration"])
 
     reports = []
 
     def run_one(p, label=None):
+        label = label or p.name
         started = time.perf_counter()
-        result = p.run(work, ctx)
-        check_graph(work, after=label or p.name)
+        log.info("pass %s: start", label)
+        try:
+            result = p.run(work, ctx)
+        except OnnxPruneError:
+            raise
+        except Exception as exc:
+            raise _internal(f"pass {label}", exc) from exc
+        check_after_pass(work, model, label)
         seconds = time.perf_counter() - started
         timings[p.name] = timings.get(p.name, 0.0) + seconds
+        log.info("pass %s: %s in %.2f s (%d nodes, %d parameters)", label,
+                 "changed the graph" if result.changed else "no change", seconds, len(work.graph.node),
+                 count_parameters(work))
         reports.append({"pass": p.name, "options": options_to_dict(p.options), "changed": result.changed,
                         "seconds": round(seconds, 3), **result.report})
 
@@ -157,7 +223,9 @@ def run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider
         paired = i + 1 < len(passes) and passes[i + 1].name == "reconstruct-next-layer"
         if recipe.mode == "sequential" and p.name == "select-nodes" and paired:
             # Site by site: each selection sees statistics of the graph pruned so far.
-            for group in p.groups(work)[0]:
+            sites = p.groups(work)[0]
+            log.info("sequential: %d channel groups, one at a time", len(sites))
+            for group in sites:
                 ctx.only_group = group.name
                 run_one(p, f"select-nodes ({group.name})")
                 run_one(passes[i + 1], f"reconstruct-next-layer ({group.name})")
@@ -174,4 +242,6 @@ def run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvider
         "calibration_runs": provider.collections,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
+    log.info("parameters %d -> %d, %d calibration run(s)", report["params_before"], report["params_after"],
+             provider.collections)
     return work, report

@@ -23,6 +23,14 @@ PROVIDERS = {
 }
 
 
+# What onnxruntime raises for a graph or a feed it refuses.
+ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
+              ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+              ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+              ort.capi.onnxruntime_pybind11_state.NotImplemented,
+              ort.capi.onnxruntime_pybind11_state.RuntimeException)
+
+
 def providers_for(device: str = "cpu") -> list[str]:
     """Execution providers for ``device`` ('cpu' or 'cuda'); CUDA must be available."""
     if device not in PROVIDERS:

@@ -55,6 +55,12 @@ class ValidationReport:
     bytes_candidate: int
     latency_ms: dict = dataclasses.field(default_factory=dict)  # {"reference": {"batch1": ms, ...}, ...}
     outputs: list[OutputError] = dataclasses.field(default_factory=list)  # every output, first first
+    warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. a reference accuracy near chance
+
+    @property
+    def identical(self) -> bool:
+        """Every output of the candidate equals the reference's exactly (zero error)."""
+        return bool(self.outputs) and all(out.relative_error == 0 for out in self.outputs)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -79,8 +85,10 @@ class ValidationReport:
         }
 
     def to_dict(self) -> dict:
-        """Plain types only; non-finite floats become the strings "inf", "-inf", "nan"."""
+        """Plain types only; non-finite floats become null (SQNR of identical outputs:
+        null with ``identical`` true)."""
         data = dataclasses.asdict(self)
+        data["identical"] = self.identical
         data["accuracy_drop"] = self.accuracy_drop
         data["ratios"] = self.ratios()
         return jsonable(data)
@@ -105,9 +113,12 @@ class ValidationReport:
             lines.append(f"{label:<12} {ref} -> {cand} ({_times(ratio)})")
         ref_ms = self.latency_ms.get("reference", {})
         cand_ms = self.latency_ms.get("candidate", {})
+        spread = self.latency_ms.get("spread", {})
         for key, speed in ratios["speedup"].items():
+            quartiles = spread.get(key, {}).get("speedup")
+            between = f", {quartiles[0]:.2f}-{quartiles[1]:.2f}x interquartile" if quartiles else ""
             lines.append(f"latency      {key}: {ref_ms[key]:.3f} ms -> {cand_ms[key]:.3f} ms"
-                         f" ({speed:.2f}x speedup)")
+                         f" ({speed:.2f}x speedup{between})")
         return lines
 
 
@@ -152,10 +163,12 @@ def validate(
     correct = [0, 0]
     seen = 0
     first_feeds = None
+    classes = None
     for indices, feeds in _progress(samples.batches(step), n, progress):
         if first_feeds is None:
             first_feeds = feeds
-        ref_out, cand_out = (_run(session, feeds, fixed_batch=f) for session, f in zip(sessions, fixed))
+        ref_out, cand_out = (_run_checked(session, feeds, f, role)
+                             for session, f, role in zip(sessions, fixed, ("reference", "candidate")))
         for k, (r, c) in enumerate(zip(ref_out, cand_out)):
             if r.shape != c.shape:
                 raise ModelError(names[k], f"output shape differs: reference {r.shape}, candidate {c.shape}")
@@ -170,6 +183,7 @@ def validate(
                                 f"has labels but the first output has shape {ref_out[0].shape}",
                                 "accuracy needs class scores on the last axis of the first output")
             continue
+        classes = ref_out[0].shape[-1]
         top_ref = _top1(ref_out[0])
         top_cand = _top1(cand_out[0])
         agree += int(np.sum(top_ref == top_cand))
@@ -189,9 +203,11 @@ def validate(
     if measure_latency and latency_runs > 0:
         latency = _latency(sessions, fixed, first_feeds, runs=latency_runs, batch=latency_batch)
     macs_reference = total_macs(reference)
+    accuracy_reference = correct[0] / seen if labels is not None else None
+    warnings = reference_warnings(accuracy_reference, labels, classes) + latency_warnings(latency)
     return ValidationReport(
         samples=seen,
-        accuracy_reference=correct[0] / seen if labels is not None else None,
+        accuracy_reference=accuracy_reference,
         accuracy_candidate=correct[1] / seen if labels is not None else None,
         agreement=agree / compared if compared else float("nan"),
         relative_error=errors[0].relative_error,
@@ -204,7 +220,30 @@ def validate(
         bytes_candidate=model_bytes(candidate),
         latency_ms=latency,
         outputs=errors,
+        warnings=warnings,
     )
+
+
+#: the reference is "near chance" below this multiple of the chance accuracy
+NEAR_CHANCE = 2.0
+
+
+def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classes: int | None) -> list[str]:
+    """Signs that the data, the labels or the preprocessing do not fit the model: the original
+    model itself near chance, or labels the model cannot predict. One sentence each."""
+    if accuracy is None or labels is None or labels.size == 0:
+        return []
+    warnings = []
+    values, counts = np.unique(labels, return_counts=True)
+    if classes is not None and (values.min() < 0 or values.max() >= classes):
+        warnings.append(f"labels range {int(values.min())}..{int(values.max())} but the model has {classes} classes"
+                        " (0..{}): check the labels file".format(classes - 1))
+    chance = max(1.0 / len(values), float(counts.max()) / labels.size)
+    if accuracy < min(NEAR_CHANCE * chance, 0.5):
+        warnings.append(f"the original model scores {100 * accuracy:.1f}% on these samples, near chance "
+                        f"({100 * chance:.1f}% for {len(values)} classes): check the data and the preprocessing "
+                        "(--mean, --std, --scale, --resize, --layout)")
+    return warnings
 
 
 def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
@@ -216,11 +255,7 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
     [0, 1] like ``report.agreement`` (0.99 means 99 %). A threshold exactly met passes;
     NaN metrics fail. Raises RecipeError for a threshold out of range.
     """
-    if max_drop is not None and not 0 <= max_drop <= 100:
-        raise RecipeError("max_drop", f"{max_drop} is not a number of percentage points in [0, 100]")
-    if min_agreement is not None and not 0 <= min_agreement <= 1:
-        raise RecipeError("min_agreement", f"{min_agreement} is not a fraction in [0, 1]",
-                          "give it as a fraction, e.g. 0.99 for 99 %")
+    check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     failures = []
     agreement = 100.0 * report.agreement
     if max_drop is not None:
@@ -243,14 +278,31 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
                                "compress less aggressively or calibrate on more target samples")
 
 
+def check_threshold_values(*, max_drop: float | None = None, min_agreement: float | None = None) -> None:
+    """RecipeError for a threshold out of range; called before any work is done."""
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise RecipeError("max_drop", f"{max_drop} is not a number of percentage points in [0, 100]")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise RecipeError("min_agreement", f"{min_agreement} is not a fraction in [0, 1]",
+                          "give it as a fraction, e.g. 0.99 for 99 %")
+
+
 # --------------------------------------------------------------------------- checks
 
 def _check_compatible(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
-    ref_inputs = {spec.name for spec in input_specs(reference)}
-    cand_inputs = {spec.name for spec in input_specs(candidate)}
-    if ref_inputs != cand_inputs:
-        problem = f"inputs {sorted(cand_inputs)} differ from the reference's {sorted(ref_inputs)}"
+    ref_specs = {spec.name: spec for spec in input_specs(reference)}
+    cand_specs = {spec.name: spec for spec in input_specs(candidate)}
+    if set(ref_specs) != set(cand_specs):
+        problem = f"inputs {sorted(cand_specs)} differ from the reference's {sorted(ref_specs)}"
         raise ModelError("candidate", problem, "compare a compressed model with the model it came from")
+    for name, ref in ref_specs.items():
+        cand = cand_specs[name]
+        # the batch dimension may differ (a fixed-batch export of the same model); the rest may not
+        fixed_differ = any(isinstance(a, int) and isinstance(b, int) and a != b
+                           for a, b in zip(ref.shape[1:], cand.shape[1:]))
+        if ref.rank != cand.rank or fixed_differ or ref.dtype != cand.dtype:
+            raise ModelError("candidate", f"input {name!r} is {_spec_text(cand)}, the reference's is "
+                             f"{_spec_text(ref)}", "compare a compressed model with the model it came from")
     ref_out, cand_out = reference.graph.output, candidate.graph.output
     if len(ref_out) != len(cand_out):
         raise ModelError("candidate", f"{len(cand_out)} outputs, the reference has {len(ref_out)}")
@@ -262,6 +314,10 @@ def _check_compatible(reference: onnx.ModelProto, candidate: onnx.ModelProto) ->
         if len(rs) != len(cs) or fixed_differ:
             raise ModelError(c.name, f"output shape {_shape_text(cs)} differs from the reference's"
                                      f" {_shape_text(rs)}")
+
+
+def _spec_text(spec) -> str:
+    return _shape_text(tuple("?" if d is None else d for d in spec.shape)) + f" {spec.dtype}"
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple | None:
@@ -306,6 +362,18 @@ def _run(session, feeds: dict[str, np.ndarray], *, fixed_batch: int | None) -> l
     return [np.concatenate(chunk) for chunk in zip(*parts)]
 
 
+def _run_checked(session, feeds: dict[str, np.ndarray], fixed_batch: int | None, role: str) -> list[np.ndarray]:
+    """``_run`` with onnxruntime's errors (a shape or type the model refuses) as one line."""
+    from onnxprune.runtime import ORT_ERRORS
+
+    try:
+        return _run(session, feeds, fixed_batch=fixed_batch)
+    except ORT_ERRORS as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(role, f"onnxruntime rejected the samples: {first}",
+                         "check that the data and both models have the same inputs") from None
+
+
 def _top1(output: np.ndarray) -> np.ndarray:
     """Argmax over the last axis, one row per sample: shape (N,) or (N, positions)."""
     top = np.argmax(output, axis=-1).reshape(len(output), -1)
@@ -327,9 +395,10 @@ def _sqnr_db(sum_ref: float, sum_err: float) -> float:
 
 
 def _latency(sessions, fixed, sample_feeds, *, runs: int, batch: int, warmup: int = 3) -> dict:
-    """Median ms per run at batch 1 and ``batch`` (or the fixed batch), A B A B interleaved."""
+    """Median ms per run at batch 1 and ``batch`` (or the fixed batch), A B A B interleaved, and
+    under "spread" the quartiles of each model's times and of the pairwise speedups."""
     rng = np.random.default_rng(0)
-    result = {"reference": {}, "candidate": {}}
+    result = {"reference": {}, "candidate": {}, "spread": {}}
     # a fixed-batch model runs at its own batch only
     for per_model in dict.fromkeys((fixed[0] or size, fixed[1] or size) for size in (1, batch)):
         feeds = [_random_feeds(sample_feeds, b, rng) for b in per_model]
@@ -346,7 +415,32 @@ def _latency(sessions, fixed, sample_feeds, *, runs: int, batch: int, warmup: in
                 times[which].append(1e3 * (time.perf_counter() - start))
         for which, role in enumerate(("reference", "candidate")):
             result[role][f"batch{per_model[which]}"] = float(np.median(times[which]))
+        # the speedup of each interleaved pair: its quartiles say whether the medians can be trusted
+        ratios = np.asarray(times[0]) / np.maximum(np.asarray(times[1]), 1e-9)
+        key = f"batch{per_model[1]}" if per_model[0] == per_model[1] else f"batch{per_model[0]}/{per_model[1]}"
+        result["spread"][key] = {
+            "runs": runs,
+            "reference_ms": [float(q) for q in np.percentile(times[0], [25, 75])],
+            "candidate_ms": [float(q) for q in np.percentile(times[1], [25, 75])],
+            "speedup": [float(q) for q in np.percentile(ratios, [25, 75])],
+        }
     return result
+
+
+#: the interquartile range of the pairwise speedups wider than this ratio is too noisy to conclude
+NOISY_SPREAD = 1.3
+
+
+def latency_warnings(latency: dict) -> list[str]:
+    """One warning per batch size whose interleaved speedups spread too much to conclude."""
+    warnings = []
+    for key, spread in (latency.get("spread") or {}).items():
+        low, high = spread["speedup"]
+        if low > 0 and high / low > NOISY_SPREAD:
+            warnings.append(f"latency at {key} is too noisy to conclude: the speedup of interleaved runs ranges "
+                            f"{low:.2f}x to {high:.2f}x (interquartile, {spread['runs']} runs); rerun on a quiet "
+                            "machine or with more runs (--latency-runs)")
+    return warnings
 
 
 def _random_feeds(sample_feeds: dict[str, np.ndarray], batch: int, rng: np.random.Generator

@@ -248,3 +248,48 @@ def feeds(model: onnx.ModelProto, batch: int = 3, seed: int = 1) -> dict[str, np
         dims = [d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim]
         result[value.name] = rng.standard_normal(dims).astype(np.float32)
     return result
+
+
+# --------------------------------------------------------------------------- exporter quirks
+
+def unnamed_chain(seed: int = 0, *, bias: bool = True) -> onnx.ModelProto:
+    """
+    x [N,8] -> Gemm (W 16x8, transB=1) -> Relu -> Gemm (W 16x16, transB=1) -> Relu
+            -> Gemm (W 4x16, transB=1) -> y [N,4]
+    every node has name "" (as TensorFlow and hand-built exporters emit); tensors are
+    h1..h4; weights fc1.W, fc2.W, fc3.W (+ fc*.B with ``bias``)
+    """
+    b = _Builder(seed)
+    sizes = [(16, 8), (16, 16), (4, 16)]
+    x = "x"
+    for i, (m, n) in enumerate(sizes, 1):
+        inputs = [x, b.weight(f"fc{i}.W", m, n)] + ([b.weight(f"fc{i}.B", m, scale=0.1)] if bias else [])
+        out = "y" if i == len(sizes) else f"h{2 * i - 1}"
+        b.nodes.append(helper.make_node("Gemm", inputs, [out], name="", transB=1))
+        if i < len(sizes):
+            x = f"h{2 * i}"
+            b.nodes.append(helper.make_node("Relu", [out], [x], name=""))
+    return b.model([_input(8)], {"y": (4,)})
+
+
+def opset7_chain(seed: int = 0) -> onnx.ModelProto:
+    """
+    x [N,2,6,6] -> Conv conv (4, 3x3, pads 1) -> Relu -> Flatten [N,144] -> Gemm fc1 (W 24x144)
+                -> Relu -> Gemm fc2 (W 12x24) -> Relu -> Gemm fc3 (W 3x12) -> y [N,3]
+    opset 7 (Gemm needs its C input) and IR version 3 (every initializer is also listed as
+    a graph input); all Gemm have transB=1 and a bias
+    groups: conv (4, spatial 36), fc1 (24), fc2 (12): prunable; fc3 (graph output)
+    """
+    b = _Builder(seed)
+    h = b.conv("x", "conv", 2, 4)
+    h = b.node("Flatten", [b.node("Relu", [h], "relu0")], "flat", axis=1)
+    for i, (m, n) in enumerate([(24, 144), (12, 24), (3, 12)], 1):
+        h = b.node("Gemm", [h, b.weight(f"fc{i}.W", m, n, scale=0.3), b.weight(f"fc{i}.B", m, scale=0.1)],
+                   f"fc{i}", transB=1)
+        if i < 3:
+            h = b.node("Relu", [h], f"relu{i}")
+    inputs = [_input(2, 6, 6)] + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in b.inits]
+    graph = helper.make_graph(b.nodes, "opset7", inputs, [_output(h, (3,))], initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
+    onnx.checker.check_model(model)
+    return model

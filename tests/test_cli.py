@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnxprune.cli import main
+from onnxprune.errors import InternalError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
@@ -80,11 +81,13 @@ def test_validate_threshold_miss_exits_3(compressed):
     assert_user_error(result, "agreement", code=3)
 
 
-def test_max_drop_miss_keeps_no_output(tmp_path):
+def test_max_drop_miss_writes_the_failed_report_only(tmp_path):
     out = tmp_path / "tiny.onnx"
     result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--rank", "1", "--max-drop", "0.1", *FAST)
     assert_user_error(result, "accuracy", code=3)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.report.json"]  # no model, no recipe
+    report = json.loads((tmp_path / "tiny.report.json").read_text())
+    assert report["verdict"] == "failed" and "max drop 0.1" in report["failure"]
 
 
 def test_inspect_json_lists_methods():
@@ -193,7 +196,8 @@ def test_bad_recipe(tmp_path):
 
 def test_conflicting_budget_options(tmp_path):
     result = cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--rank", "4", "--keep", "0.3", *FAST)
-    assert_user_error(result, "only one")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "give only one budget: --keep and --rank" in result.stderr
 
 
 def test_momasp_without_source_data(tmp_path):
@@ -207,3 +211,54 @@ def test_cuda_unavailable_is_a_user_error(tmp_path):
         pytest.skip("CUDA is available here")
     result = cli("validate", MODEL, MODEL, "--data", DATA, "--device", "cuda", "--no-latency")
     assert_user_error(result, "cuda")
+
+
+# --------------------------------------------------------------------------- internal errors, logging
+
+@pytest.mark.parametrize("exc, where", [
+    (RuntimeError("boom\nsecond line"), "internal error in inspect (api.py:"),
+    (InternalError("pass low-rank-split", "its output fails the check: boom"), "internal error in pass low-rank-split:"),
+])
+def test_internal_errors_exit_4_with_one_line_and_a_traceback_file(monkeypatch, tmp_path, exc, where):
+    """A bug is not reported as a user error: one line naming where, the traceback in a file."""
+    import tempfile
+
+    from onnxprune import api
+
+    def broken(model):
+        raise exc
+    monkeypatch.setattr(api, "find_linear_layers", broken)   # called inside api.inspect
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = cli("inspect", MODEL)
+    assert result.exit_code == 4, (result.exit_code, result.output, result.stderr)
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and message.startswith(where), message
+    assert "boom" in message and "Traceback" not in message and "please send it to us" in message
+    logs = list(tmp_path.glob("onnxprune-internal-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in message
+    text = logs[0].read_text()
+    assert "Traceback (most recent call last)" in text and "boom" in text and "command inspect" in text
+
+
+def test_verbose_logs_each_stage_on_stderr(tmp_path):
+    out, data = tmp_path / "small.onnx", tmp_path / "few.npz"
+    with np.load(DATA) as full:
+        np.savez(data, x=full["x"][:160], y=full["y"][:160])
+    args = ("compress", MODEL, "--target-data", data, "-o", out, "--method", "svd-bc", "--keep", "0.2", "--no-latency")
+    quiet = cli(*args)
+    assert quiet.exit_code == 0 and "INFO" not in quiet.stderr
+    result = cli(*args, "-v")
+    assert result.exit_code == 0, result.stderr
+    log = result.stderr
+    for words in ("INFO: recipe: low-rank-split -> bias-compensate", "INFO: calibration:", "INFO: pass low-rank-split:",
+                  "INFO: low-rank-split: ip1 Gemm 500x800 -> rank", "INFO: pass bias-compensate:"):
+        assert words in log, (words, log)
+    assert "DEBUG" not in log and "INFO" not in result.stdout
+    assert "DEBUG: " in cli(*args, "-vv").stderr
+
+
+def test_a_bad_option_value_inside_a_command_stays_a_usage_error(tmp_path):
+    """click's BadParameter raised while a command runs is exit 2, not an internal error."""
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--resize", "big")
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    assert "internal error" not in result.stderr and "is not a size" in result.stderr

@@ -36,14 +36,32 @@ def test_ci_installs_and_tests_as_the_readme_says():
     assert test in ci
 
 
-def test_first_command_compresses_the_bundled_sample(monkeypatch):
+def test_ci_installs_the_extras_the_readme_documents():
+    ci = (ROOT / ".ci" / "run").read_text()
+    extras = re.findall(r'pip install -e "\.\[(dask)\]"', README)
+    assert extras == ["dask"]
+    for extra in extras:
+        assert f'pip install -q -e ".[{extra}]"' in ci, extra
+
+
+def test_first_command_compresses_the_bundled_sample(monkeypatch, tmp_path):
+    """The README's command as written, run from a copy of the files it names, so the test
+    writes only under tmp_path (never out/ in the working tree)."""
     command = code_blocks()[0].strip().split("&&")[-1].strip()
     args = shlex.split(command)
     assert args[0] == "onnxprune"
-    monkeypatch.chdir(ROOT)
+    for arg in args:
+        if (ROOT / arg).is_file():
+            (tmp_path / arg).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / arg).symlink_to(ROOT / arg)
+    monkeypatch.chdir(tmp_path)
+    in_tree = ROOT / args[args.index("-o") + 1]
+    before = in_tree.stat().st_mtime_ns if in_tree.exists() else None
     result = CliRunner().invoke(main, args[1:] + ["--no-latency"])
     assert result.exit_code == 0, result.output
-    out = ROOT / args[args.index("-o") + 1]
+    out = tmp_path / args[args.index("-o") + 1]
+    assert out.is_file()
+    assert (in_tree.stat().st_mtime_ns if in_tree.exists() else None) == before  # the working tree untouched
     report = json.loads(out.with_name(out.stem + ".report.json").read_text())
     validation = report["validation"]
     assert validation["params_candidate"] <= 0.21 * validation["params_reference"]

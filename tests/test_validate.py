@@ -101,7 +101,7 @@ def test_identical_models():
     assert report.params_reference == report.params_candidate == 16 * 8 + 5 * 16
     assert report.macs_reference == report.macs_candidate == 16 * 8 + 5 * 16
     assert report.bytes_reference == report.bytes_candidate > 0
-    assert set(report.latency_ms) == {"reference", "candidate"}
+    assert set(report.latency_ms) == {"reference", "candidate", "spread"}
     assert set(report.latency_ms["reference"]) == {"batch1", "batch4"}
     assert all(v > 0 for v in report.latency_ms["candidate"].values())
     check_thresholds(report, max_drop=0, min_agreement=1)
@@ -181,7 +181,7 @@ def test_report_to_dict_is_strict_json():
     model = gemm_chain()
     report = validate(model, model, _samples(), latency_runs=2, latency_batch=8)
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert data["sqnr_db"] == "inf" and data["agreement"] == 1.0
+    assert data["sqnr_db"] is None and data["identical"] is True and data["agreement"] == 1.0
     assert set(data["ratios"]["speedup"]) == {"batch1", "batch8"}
     assert data["ratios"]["params"] == 1.0
     assert data["outputs"][0]["name"] == "y"

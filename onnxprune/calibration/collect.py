@@ -13,7 +13,10 @@ to choose ridges on held-out calibration data.
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import sys
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -23,10 +26,16 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from tqdm import tqdm
 
 from onnxprune import __version__
+from onnxprune.calibration import ingraph
 from onnxprune.calibration.stats import Moments, StatRequest, Statistics, release_buffers
 from onnxprune.errors import CalibrationError, DataError
+from onnxprune.linalg import blas_threads
 from onnxprune.model import clone, input_specs, model_hash
-from onnxprune.runtime import batch_size_for, make_session, run_batches
+from onnxprune.runtime import batch_size_for, make_session
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "graph", "numpy")
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
               ort_state.NotImplemented, ort_state.RuntimeException)
@@ -42,14 +51,44 @@ def collect(
     device: str = "cpu",
     progress: bool = True,
     seed: int = 0,
+    offset: int = 0,
+    threads: int | None = None,
+    engine: str = "auto",
 ) -> Statistics:
     """Statistics of ``requests`` on each sample set of ``samples`` ({"target": SampleSet, ...}).
 
+    ``engine``: how the statistics are computed (all three agree to float32 rounding, ~1e-6):
+      - "auto" (default): "pooled" requests are reduced inside onnxruntime (``ingraph.py``:
+        only N x C values leave the session instead of the whole activation); "features" and
+        "patches" are exposed and their Grams taken in numpy as float32 BLAS products (ssyrk)
+        of shifted rows, each corrected exactly and accumulated in float64 -- the fastest on
+        CPU in bench/results/calibration_speed.md (ssyrk does half the multiply-adds of
+        onnxruntime's Gemm and ran 2.5-3.7x faster on MobileNetV2's shapes; sampled patch
+        positions make numpy's im2col cheap);
+      - "graph": every supported request reduced inside onnxruntime, only C + C^2 values per
+        request leave the session (for a GPU, or where copying activations out is dear);
+      - "numpy": every tensor exposed and folded in float64 (exact, slowest).
+    Requests the graph cannot take (``keep_rows``, non-float or unknown shapes) use the numpy
+    fold in every engine.
+    ``threads``: onnxruntime intra-op threads (None: its default).
+    ``offset``: the position of the first sample in a larger set this one is a shard of
+    (see ``calibration/shard.py``): folds and sampled patch positions follow the position in
+    the whole set, so shards merge to the statistics of the whole set.
+
     Raises CalibrationError for an unknown tensor, a non-finite activation, an empty
-    sample set or a tensor whose shape does not fit its request.
+    sample set or a tensor whose shape does not fit its request. numpy's BLAS runs with
+    ``linalg.blas_threads()`` (one thread by default: onnxruntime has its own pool).
     """
+    with blas_threads():
+        return _collect(model, samples, requests, batch_size=batch_size, folds=folds, device=device,
+                        progress=progress, seed=seed, offset=offset, threads=threads, engine=engine)
+
+
+def _collect(model, samples, requests, *, batch_size, folds, device, progress, seed, offset, threads, engine):
     if int(folds) < 1:
         raise CalibrationError("folds", f"must be >= 1, got {folds}")
+    if int(offset) < 0:
+        raise CalibrationError("offset", f"must be >= 0, got {offset}")
     if int(batch_size) < 1:
         raise CalibrationError("batch_size", f"must be >= 1, got {batch_size}")
     folds = int(folds)
@@ -75,55 +114,139 @@ def collect(
     if not requests:
         return Statistics(header, moments)
 
-    exposed, outputs = expose(model, tensors)
-    session = make_session(exposed, device=device)
+    if engine not in ENGINES:
+        raise CalibrationError("engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
     size = batch_size_for(model, int(batch_size))
     fixed = {spec.fixed_batch for spec in input_specs(model)} - {None}
     fixed_batch = fixed.pop() if len(fixed) == 1 else None
+
+    # which requests onnxruntime reduces itself (ingraph.py), which are exposed and folded here
+    in_graph: list[tuple[StatRequest, tuple]] = []
+    candidates = [r for r in requests if engine == "graph" or (engine == "auto" and r.kind == "pooled")]
+    if candidates:
+        values = _value_types(model, [r.tensor for r in candidates], with_inputs=True)
+        for r in candidates:
+            shape = ingraph.supported(r, values.get(r.tensor))
+            if shape is not None:
+                in_graph.append((r, shape))
+    products = "float64" if engine == "numpy" else "float32"
+    graph_keys = {r.key for r, _ in in_graph}
+    numpy_requests = [r for r in requests if r.key not in graph_keys]
+    numpy_tensors = list(dict.fromkeys(r.tensor for r in numpy_requests))
+    exposed, outputs = expose(model, numpy_tensors)
+    taken = set(tensor_names(exposed)) | {t.name for t in exposed.graph.initializer} | \
+        {v.name for v in exposed.graph.input}
+    plan = ingraph.build(exposed, in_graph, folds, select_folds=folds > 1 or fixed_batch is not None, taken=taken)
+    session = make_session(plan.model, device=device, threads=threads)
+    site_outputs = [name for site in plan.sites for fold in site.outputs for name in fold]
+    fetch = outputs + site_outputs
+    header["engine"] = {"graph": len(plan.sites), "numpy": len(numpy_requests)}
     by_tensor: dict[str, list[StatRequest]] = {}
-    for r in requests:
+    for r in numpy_requests:
         by_tensor.setdefault(r.tensor, []).append(r)
+    taps_cache: dict = {}
+    pending: dict[tuple[str, str, int], ingraph.Accumulator] = {}
 
     for set_name, sample_set in samples.items():
+        started = time.perf_counter()
+        log.info("calibration: %d samples of the %s set, %d requests reduced by onnxruntime, %d through %d "
+                 "exposed tensors, batches of %d, %d folds", len(sample_set), set_name, len(plan.sites),
+                 len(numpy_requests), len(numpy_tensors), size, folds)
         per_fold = [0] * folds
-        position = 0
+        position = int(offset)
         bar = _progress(len(sample_set), f"calibrate {set_name}", progress)
-        batches = run_batches(session, sample_set, outputs, batch_size=size, fixed_batch=fixed_batch)
         try:
-            while True:
+            for indices, feeds in sample_set.batches(size):
+                n = len(indices)
+                run_feeds = dict(feeds)
+                if fixed_batch and n < fixed_batch:
+                    run_feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - n, axis=0)])
+                                 for k, v in feeds.items()}
+                members = [np.arange((f - position) % folds, n, folds, dtype=np.int64) for f in range(folds)]
+                for f, name in enumerate(plan.fold_inputs):
+                    run_feeds[name] = members[f] if len(members[f]) else np.zeros(1, dtype=np.int64)
+                for k, site in enumerate(plan.sites):
+                    for f, name in enumerate(site.taps):
+                        run_feeds[name] = _taps(site, k, members[f], seed, set_name, position, f, taps_cache)
                 try:
-                    indices, result = next(batches)
-                except StopIteration:
-                    break
+                    result = session.run(fetch, run_feeds)
                 except ORT_ERRORS as exc:
                     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                     raise DataError(set_name, f"onnxruntime rejected a batch: {first}",
                                     "check that the samples match the model's inputs") from None
-                n = len(indices)
-                for j, tensor in enumerate(tensors):
-                    x = result[j]
+                reduced = result[len(outputs):]
+                result = result[:len(outputs)]
+                at = 0
+                for site in plan.sites:
+                    for f, _ in enumerate(site.outputs):
+                        gram, total, shift, shape = reduced[at:at + 4]
+                        at += 4
+                        if not len(members[f]):
+                            continue
+                        if not (np.isfinite(gram).all() and np.isfinite(total).all()):
+                            _diagnose(model, site.request.tensor, run_feeds, n, set_name, indices, device)
+                        key = (set_name, site.request.key, f)
+                        acc = pending.get(key)
+                        if acc is None:
+                            acc = pending[key] = ingraph.Accumulator(gram.shape[0])
+                        acc.add(gram, total, shift, int(shape[0]))
+                del reduced
+                for j, tensor in enumerate(numpy_tensors):
+                    x = result[j][:n] if fixed_batch and n < fixed_batch else result[j]
                     result[j] = None           # the only reference left is x: freed after use
                     updated = [m for request in by_tensor[tensor]
-                               for m in _fold_in(moments, request, set_name, x, position, folds, seed)]
+                               for m in _fold_in(moments, request, set_name, x, position, folds, seed,
+                                                 products=products)]
                     # every value folded in reaches a sum: a NaN or Inf leaves it non-finite
                     if not all(np.isfinite(m.sum).all() for m in updated):
                         _raise_non_finite(x, tensor, set_name, indices)
                     del x
                 del result
                 for f in range(folds):
-                    per_fold[f] += len(range((f - position) % folds, n, folds))
+                    per_fold[f] += len(members[f])
                 position += n
                 bar.update(n)
         finally:
             bar.close()
-            batches.close()
             release_buffers()
+        for key, acc in pending.items():
+            moments[key] = acc.moments()
+        pending.clear()
         header["samples"][set_name] = per_fold
+        log.info("calibration: %s set done in %.2f s (samples per fold %s)", set_name, time.perf_counter() - started,
+                 per_fold)
     return Statistics(header, moments)
 
 
+def _taps(site, k: int, members: np.ndarray, seed: int, set_name: str, position: int, fold: int,
+          cache: dict) -> np.ndarray:
+    """Gather indices of a patches site for one fold of one batch (cached when not sampled)."""
+    if not len(members):
+        members = np.zeros(1, dtype=np.int64)
+    per_sample = math.prod(site.out_spatial)
+    positions = ingraph.draw_positions(site.request, len(members), per_sample, seed, set_name, position, fold)
+    if positions is not None:
+        return ingraph.tap_indices(site, members, positions)
+    key = (k, members.tobytes())
+    if key not in cache:
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = ingraph.tap_indices(site, members, None)
+    return cache[key]
+
+
+def _diagnose(model, tensor: str, feeds: dict, n: int, set_name: str, indices, device: str) -> None:
+    """A reduced statistic came out non-finite: find the samples from the activation itself."""
+    exposed, outputs = expose(model, [tensor])
+    inputs = {v.name for v in exposed.graph.input}
+    x = make_session(exposed, device=device).run(outputs, {k: v for k, v in feeds.items() if k in inputs})[0][:n]
+    _raise_non_finite(x, tensor, set_name, indices)
+    raise CalibrationError(tensor, f"statistics overflow float32 on {set_name} samples {list(indices[:5])}",
+                           "activations are too large for in-graph statistics: use engine='numpy'")
+
+
 def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, position: int,
-             folds: int, seed: int = 0) -> list[Moments]:
+             folds: int, seed: int = 0, *, products: str = "float64") -> list[Moments]:
     """Fold batch ``x`` (first sample at ``position``) into the Moments of ``request``, fold by
     fold; returns the Moments it updated. Sampled patch positions depend on ``seed``, the
     request, the set and ``position`` only (not on which other requests are gathered)."""
@@ -140,7 +263,7 @@ def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, 
         key = (set_name, request.key, fold)
         m = moments.get(key)
         if m is None:
-            m = moments[key] = Moments(dim, keep_rows=request.keep_rows)
+            m = moments[key] = Moments(dim, keep_rows=request.keep_rows, products=products)
         elif m.dim != dim:
             raise CalibrationError(request.tensor, f"feature size changed from {m.dim} to {dim} between batches",
                                    "statistics need a fixed feature dimension")
@@ -236,10 +359,16 @@ def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelPr
     return exposed, outputs
 
 
-def _value_types(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
-    """ValueInfo of ``names`` from shape inference (without weights' data when possible)."""
+def _value_types(model: onnx.ModelProto, names: Sequence[str], *, with_inputs: bool = False
+                 ) -> dict[str, onnx.ValueInfoProto]:
+    """ValueInfo of ``names`` from shape inference (without weights' data when possible);
+    ``with_inputs``: graph inputs too."""
     wanted = set(names)
-    found = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output) if v.name in wanted}
+    known = list(model.graph.value_info) + list(model.graph.output)
+    if with_inputs:
+        # the graph engine needs shapes: an entry without one does not count as known
+        known = [v for v in known + list(model.graph.input) if v.type.tensor_type.HasField("shape")]
+    found = {v.name: v for v in known if v.name in wanted}
     if wanted <= set(found):
         return _known_types(found)
     try:

@@ -9,6 +9,7 @@ pruning needs (later layers see the already-compressed upstream).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import onnx
@@ -17,6 +18,8 @@ from onnxprune.calibration.collect import collect
 from onnxprune.calibration.stats import Moments, StatRequest, Statistics
 from onnxprune.errors import CalibrationError
 from onnxprune.model import cone_hashes
+
+log = logging.getLogger(__name__)
 
 
 class StatsView:
@@ -38,13 +41,14 @@ class StatsProvider:
 
     def __init__(self, samples: dict, *, batch_size: int = 32, folds: int = 2, device: str = "cpu",
                  progress: bool = True, seed: int = 0, preloaded: Statistics | None = None,
-                 preloaded_model: onnx.ModelProto | None = None):
+                 preloaded_model: onnx.ModelProto | None = None, engine: str = "auto"):
         self.samples = samples
         self.batch_size = batch_size
         self.folds = folds
         self.device = device
         self.progress = progress
         self.seed = seed
+        self.engine = engine          # collect(engine=): "auto", "graph" (in onnxruntime) or "numpy"
         self.collections = 0          # onnxruntime passes run (per sample set), for reports
         self._cache: dict[tuple[str, str], tuple[str, Statistics]] = {}
         self._preloaded = preloaded
@@ -70,12 +74,17 @@ class StatsProvider:
                     entries[(set_name, request.key)] = self._preloaded
                 else:
                     missing.setdefault(set_name, []).append(request)
+        reused = len(entries)
+        if reused:
+            log.debug("statistics: %d request(s) answered from cache or --stats (upstream unchanged)", reused)
         for set_name, todo in missing.items():
+            log.debug("statistics: %d request(s) on the %s set need a new calibration run", len(todo), set_name)
             if set_name not in self.samples:
                 raise CalibrationError(set_name, "statistics file lacks what this recipe needs",
                                        f"pass --{set_name}-data so they can be gathered")
             stats = collect(model, {set_name: self.samples[set_name]}, todo, batch_size=self.batch_size,
-                            folds=self.folds, device=self.device, progress=self.progress, seed=self.seed)
+                            folds=self.folds, device=self.device, progress=self.progress, seed=self.seed,
+                            engine=self.engine)
             self.collections += 1
             for request in todo:
                 self._cache[(set_name, request.key)] = (hashes[request.tensor], stats)

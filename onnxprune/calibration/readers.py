@@ -814,6 +814,12 @@ def _prepare_array(raw: np.ndarray, spec: InputSpec, pre: Preprocess, where: str
     """Already-preprocessed numbers -> the model dtype, with a unit channel axis added if missing."""
     if raw.dtype.kind not in "biuf" or not np.can_cast(raw.dtype, spec.dtype, "same_kind"):
         raise DataError(where, f"data of dtype {raw.dtype} cannot be cast to the input's {spec.dtype}")
+    if raw.dtype.kind in "biu" and spec.dtype.kind == "f":
+        # uint8 images went through the image pipeline before this; other integers are most
+        # likely labels, token ids or unscaled pixels, and a silent cast would hide that
+        raise DataError(where, f"{raw.dtype} samples for the {spec.dtype} input {spec.name!r}: integer arrays are "
+                               "taken only as uint8 images or for integer inputs",
+                        f"save preprocessed values as {spec.dtype} (or images as uint8)")
     if raw.ndim == spec.rank - 1 and spec.rank >= 3:
         axis = spec.rank - 1 if (pre.layout == "NHWC" and spec.rank == 4) else 1
         if spec.shape[axis] == 1:

@@ -62,9 +62,19 @@ def _scratch(shape: tuple[int, int]) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
+def _scratch32(shape: tuple[int, int]) -> np.ndarray:
+    """The float32 counterpart of ``_scratch``."""
+    size = shape[0] * shape[1]
+    buf = getattr(_local, "buffer32", None)
+    if buf is None or buf.size < size:
+        buf = _local.buffer32 = np.empty(size, dtype=np.float32)
+    return buf[:size].reshape(shape)
+
+
 def release_buffers() -> None:
-    """Drop this thread's work buffer (``collect`` calls it when done)."""
+    """Drop this thread's work buffers (``collect`` calls it when done)."""
     _local.buffer = None
+    _local.buffer32 = None
 
 
 
@@ -78,11 +88,18 @@ class Moments:
     (4, array([1., 1., 1.]))
     """
 
-    def __init__(self, dim: int, *, keep_rows: bool = False):
+    def __init__(self, dim: int, *, keep_rows: bool = False, products: str = "float64"):
         if int(dim) < 1:
             raise ValueError(f"dim={dim} must be >= 1")
+        if products not in ("float64", "float32"):
+            raise ValueError(f"products={products!r} must be 'float64' or 'float32'")
         self.dim = int(dim)
         self.keep_rows = bool(keep_rows)
+        # "float32": float32 rows (updates of QUEUE_ROWS rows or more) are shifted by the mean of
+        # their first rows and multiplied in float32 (BLAS ssyrk, about 3x faster than dsyrk);
+        # each chunk's product is corrected for the shift exactly and accumulated in float64.
+        # Relative accuracy ~1e-6 instead of ~1e-15. Queued small updates stay float64.
+        self.products = products
         self.count = 0
         self.sum = np.zeros(self.dim, dtype=np.float64)
         self._gram = None if self.keep_rows else np.zeros((self.dim, self.dim), dtype=np.float64)
@@ -116,7 +133,7 @@ class Moments:
             self._gram_cache = None
             return
         if k < QUEUE_ROWS <= self.dim:
-            block = np.array(rows, dtype=np.float64, order="C")
+            block = np.array(rows, dtype=np.float64, order="C")      # queued: float64 products, exact
             self.sum += block.sum(axis=0)
             self._queue.append(block)
             self._queued += k
@@ -132,7 +149,13 @@ class Moments:
             self._queue, self._queued = [], 0
             self._fold(rows, with_sum=False)
 
+    def _single(self, rows: np.ndarray) -> bool:
+        return self.products == "float32" and rows.dtype == np.float32
+
     def _fold(self, rows: np.ndarray, *, with_sum: bool) -> None:
+        if self._single(rows):
+            self._fold32(rows, with_sum=with_sum)
+            return
         k, dim = rows.shape
         # samples contiguous in memory, features strided (e.g. channels of an NCHW sample)
         by_columns = k > 1 and dim > 1 and rows.strides[0] == rows.itemsize
@@ -153,6 +176,47 @@ class Moments:
             self._gram += product[:dim, :dim]
             if with_sum:
                 self.sum += product[dim, :dim]
+
+    def add_sums(self, count: int, total: np.ndarray, gram: np.ndarray) -> None:
+        """Fold in ``count`` rows given by their sum (dim,) and Gram (dim, dim) (float64), as
+        computed elsewhere (onnxruntime, another process)."""
+        if self.keep_rows:
+            raise ValueError("keep_rows Moments need the rows themselves")
+        total = np.asarray(total, dtype=np.float64)
+        gram = np.asarray(gram, dtype=np.float64)
+        if total.shape != (self.dim,) or gram.shape != (self.dim, self.dim):
+            raise ValueError(f"sums must have shapes ({self.dim},) and ({self.dim}, {self.dim}), "
+                             f"got {total.shape} and {gram.shape}")
+        self.count += int(count)
+        self.sum += total
+        self._gram += gram
+
+    def _fold32(self, rows: np.ndarray, *, with_sum: bool) -> None:
+        k, dim = rows.shape
+        # the mean of this update's first rows: near the data (no cancellation in float32), and
+        # a function of this update alone, so shards of a sample set fold each batch identically
+        shift32 = np.asarray(rows[:QUEUE_ROWS], dtype=np.float64).mean(axis=0).astype(np.float32)
+        shift = shift32.astype(np.float64)
+        by_columns = k > 1 and dim > 1 and rows.strides[0] == rows.itemsize
+        step = max(MIN_CHUNK_ROWS if dim < 4096 else 64, CHUNK_BYTES // (4 * dim))
+        for start in range(0, k, step):
+            part = rows[start:start + step]
+            n = part.shape[0]
+            if by_columns:
+                buf = _scratch32((dim, n))
+                np.subtract(part.T, shift32[:, None], out=buf)
+                product = buf @ buf.T                     # ssyrk
+                centred = buf.sum(axis=1, dtype=np.float64)
+            else:
+                buf = _scratch32((n, dim))
+                np.subtract(part, shift32, out=buf)
+                product = buf.T @ buf
+                centred = buf.sum(axis=0, dtype=np.float64)
+            cross = np.outer(shift, centred)
+            self._gram += product
+            self._gram += cross + cross.T + n * np.outer(shift, shift)
+            if with_sum:
+                self.sum += centred + n * shift
 
     def __add__(self, other: Moments) -> Moments:
         if not isinstance(other, Moments):
@@ -383,7 +447,7 @@ class StatRequest:
                 at = None
                 if take:
                     rng = rng if rng is not None else np.random.default_rng(0)
-                    at = np.argsort(rng.random((part.shape[0], per_sample)), axis=1)[:, :take]
+                    at = sample_positions(rng, part.shape[0], per_sample, take)
                 yield patches(part, kernel=self.kernel, strides=self.strides, pads=self.pads,
                               dilations=self.dilations, at=at)
         else:
@@ -420,6 +484,13 @@ class StatRequest:
         if rank < 2 or not -rank <= self.axis < rank or self.axis % rank == 0:
             return f"has shape {list(shape)}; feature axis {self.axis} must be a non-batch axis"
         return None
+
+
+def sample_positions(rng: np.random.Generator, n: int, per_sample: int, take: int) -> np.ndarray:
+    """(n, take) distinct output positions per sample, increasing: the ``take`` smallest of
+    ``per_sample`` uniform draws per sample (a partial sort, O(per_sample))."""
+    draws = rng.random((n, per_sample))
+    return np.sort(np.argpartition(draws, take - 1, axis=1)[:, :take], axis=1)
 
 
 def feature_rows(x: np.ndarray, axis: int) -> Iterator[np.ndarray]:

@@ -17,6 +17,7 @@ A layer without a bias gets one (a Gemm C input, a Conv B input, or an Add after
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import onnx
@@ -24,6 +25,8 @@ from onnx import helper
 
 from onnxprune.model import get_array, set_array, unique_name
 from onnxprune.passes.base import Pass, PassContext, PassResult, register
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,7 @@ class BiasCompensate(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         entries = {name: e for name, e in ctx.approximated.items() if not e.get("compensated")}
         if not entries:
+            log.info("bias-compensate: no approximated layer to compensate")
             return PassResult(changed=False, report={"compensated": []})
         rows = []
         for name, entry in entries.items():
@@ -61,6 +65,8 @@ class BiasCompensate(Pass):
             self._add_to_bias(model, name, entry, delta)
             entry["compensated"] = True
             rows.append({"layer": name, "bias_shift_norm": float(np.linalg.norm(delta))})
+            log.info("bias-compensate: %s bias shifted by |delta| = %.4g (%s input mean)", name,
+                     rows[-1]["bias_shift_norm"], "re-gathered" if ctx.mode == "sequential" else "calibration")
         return PassResult(changed=True, report={"compensated": rows})
 
     @staticmethod

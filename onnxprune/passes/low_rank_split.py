@@ -21,7 +21,9 @@ New nodes are named ``{layer}/low_rank/B`` and ``{layer}/low_rank/A``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import time
 
 import numpy as np
 import onnx
@@ -31,9 +33,11 @@ from onnx import helper
 from onnxprune import linalg
 from onnxprune.calibration.stats import Moments, StatRequest
 from onnxprune.errors import CalibrationError
-from onnxprune.graph import LinearLayer, find_linear_layers
-from onnxprune.model import get_array, remove_unused_initializers, set_array, unique_name
+from onnxprune.graph import LinearLayer, find_linear_layers, name_nodes, node_position
+from onnxprune.model import get_array, opset_version, remove_unused_initializers, set_array, unique_name
 from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
+
+log = logging.getLogger(__name__)
 
 # Inputs wider than this keep their raw rows (sample space) instead of an n x n Gram matrix.
 WIDE_INPUT = 8192
@@ -380,10 +384,11 @@ def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMom
     delta = z - Q @ (Q.T @ z)
     if U is not None:
         delta = U @ delta
-    label = "svd+bias" if math.isinf(ridge) else f"dalr+bias (ridge {ridge:.3g})"
-    info = {"chosen": label, "ridge": "inf" if math.isinf(ridge) else ridge,
+    label = "svd+bias" if math.isinf(ridge) else f"dalr+bias (ridge {ridge:.6g})"
+    # ridge inf (the SVD + bias limit) is null in JSON reports, with "chosen" saying so
+    info = {"chosen": label, "ridge": float(ridge),
             "cv_error": float(errors[chosen]), "cv_best": best,
-            "cv_errors": {("inf" if math.isinf(g) else g): float(e) for g, e in zip(grid, errors)}}
+            "cv_errors": {("inf" if math.isinf(g) else f"{g:.6g}"): float(e) for g, e in zip(grid, errors)}}
     return A, B, delta, info
 
 @register
@@ -425,7 +430,12 @@ class LowRankSplit(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts = self.options
+        name_nodes(model)       # a no-op in the pipeline (named on entry); layers are found by name
         layers, skipped = self.layers(model)
+        log.info("low-rank-split: %d layer(s) to split (%s), %d skipped; method %s, budget %s", len(layers),
+                 ", ".join(layer.name for layer in layers) or "none", len(skipped), opts.method, self._budget())
+        for row in skipped:
+            log.info("low-rank-split: skip %s: %s", row["layer"], row["reason"])
         stats = ctx.statistics(model, [self._request(layer) for layer in layers], ("target",)) if layers else None
 
         # per layer: its input's Moments over all folds (merging folds sums dim^2 Grams: once)
@@ -438,14 +448,17 @@ class LowRankSplit(Pass):
             spectra[layer.name] = linalg.output_spectrum(w, total if opts.method == "dalr" else None)
 
         ranks = self._ranks(weights, spectra)
+        log.debug("low-rank-split: ranks chosen %s", ranks)
         rows = []
         for layer in layers:
+            started = time.perf_counter()
             w, b = weights[layer.name]
             m, n = w.shape
             k = min(ranks[layer.name], m, n)
             if split_params(m, n, k) >= m * n:
                 skipped.append({"layer": layer.name, "op": layer.op,
                                 "reason": f"rank {k} would not reduce parameters ({k}*({m}+{n}) >= {m}*{n})"})
+                log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
                 continue
             if ctx.mode == "sequential":
                 # This layer's input as the layers already split before it now produce it.
@@ -461,7 +474,7 @@ class LowRankSplit(Pass):
                 new_bias = delta if b is None else b + delta
             else:
                 delta = None
-            self._rewrite(model, layer, a_mat, b_mat, new_bias)
+            bias_name = self._rewrite(model, layer, a_mat, b_mat, new_bias)
             spectrum = spectra[layer.name]
             rows.append({
                 "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k,
@@ -472,16 +485,28 @@ class LowRankSplit(Pass):
                                linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta)),
                 **info,
             })
+            row = rows[-1]
+            log.info("low-rank-split: %s %s %dx%d -> rank %d (params %d -> %d, energy %.1f%%, rel. error %.4f, %s) "
+                     "in %.2f s", layer.name, layer.op, m, n, k, row["params_before"], row["params_after"],
+                     100 * row["energy"], row["error"], row.get("chosen", row["method"]), time.perf_counter() - started)
+            if "cv_errors" in info:
+                log.debug("low-rank-split: %s held-out error per ridge %s (%s metric)", layer.name,
+                          {g: round(e, 5) for g, e in info["cv_errors"].items()}, info.get("metric"))
             ctx.approximated[layer.name] = {
                 "weight": w, "approx": a_mat @ b_mat, "request": self._request(layer), "op": layer.op,
                 "mean": mean,
                 "node": f"{layer.name}/low_rank/A",
-                "bias": f"{layer.name}/low_rank/bias" if new_bias is not None else None,
+                "bias": bias_name,
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
                 "bias_shift": delta,
             }
         remove_unused_initializers(model)
         return PassResult(changed=bool(rows), report={"split": rows, "skipped": skipped})
+
+    def _budget(self) -> str:
+        opts = self.options
+        return next(f"{name}={getattr(opts, name)}" for name in ("rank", "fraction", "energy", "keep")
+                    if getattr(opts, name) is not None)
 
     def _ranks(self, weights, spectra) -> dict[str, int]:
         opts = self.options
@@ -523,10 +548,11 @@ class LowRankSplit(Pass):
         info["metric"] = "downstream" if metric is not None else "output"
         return a_mat, b_mat, {"method": "dalr", **info, "bias_delta": delta}
 
-    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> None:
+    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> str | None:
+        """Replace ``layer``'s node by the two thin ones, in its place (topological order kept);
+        returns the name of the bias initializer the second one reads (None: no bias)."""
         graph = model.graph
-        index = next(i for i, node in enumerate(graph.node) if node.name == layer.name or
-                     (not node.name and layer.node_index == i))
+        index = node_position(model, layer.name)
         node = graph.node[index]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(
             next(t.data_type for t in graph.initializer if t.name == layer.weight))
@@ -542,13 +568,20 @@ class LowRankSplit(Pass):
             set_array(model, a_name, a_mat.astype(dtype))
             first = helper.make_node("Gemm", [x, b_name], [mid], name=f"{base}/low_rank/B", transB=1)
             second = helper.make_node("Gemm", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A", transB=1)
+            if opset_version(model) < 11:
+                # Gemm before opset 11 requires its C input: zero biases where there is none.
+                zeros = f"{base}/low_rank/B/bias"
+                set_array(model, zeros, np.zeros(k, dtype=dtype))
+                first.input.append(zeros)
+                if bias is None:
+                    bias = np.zeros(m)
         elif layer.op == "MatMul":
             set_array(model, b_name, np.ascontiguousarray(b_mat.T).astype(dtype))
             set_array(model, a_name, np.ascontiguousarray(a_mat.T).astype(dtype))
             first = helper.make_node("MatMul", [x, b_name], [mid], name=f"{base}/low_rank/B")
             second = helper.make_node("MatMul", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A")
             if layer.bias_node:
-                add = next(n for n in graph.node if n.name == layer.bias_node)
+                add = graph.node[node_position(model, layer.bias_node)]
                 slot = list(add.input).index(layer.bias)
                 set_array(model, bias_name, bias.astype(dtype))
                 add.input[slot] = bias_name
@@ -575,3 +608,4 @@ class LowRankSplit(Pass):
             graph.node.insert(index, extra)
         graph.node.insert(index, second)
         graph.node.insert(index, first)
+        return bias_name if bias is not None else None

@@ -26,6 +26,7 @@ held-out folds for the chosen ridge.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import onnx
@@ -34,6 +35,8 @@ from onnxprune import linalg
 from onnxprune.model import count_parameters, remove_unused_initializers
 from onnxprune.passes.base import Pass, PassContext, PassResult, register
 from onnxprune.passes.channels import prune_channels
+
+log = logging.getLogger(__name__)
 
 # Ridges (relative to trace(S) / C) tried by ridge="auto".
 RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
@@ -94,6 +97,13 @@ class ReconstructNextLayer(Pass):
                         "retention": 1.0 - error, "error": error, "criterion": selection["criterion"],
                         "reconstructed": matrix is not None})
             rows.append(row)
+            log.info("reconstruct-next-layer: %s keeps %d of %d channels, %s, site error %.4f%s (params %d -> %d)",
+                     name, row["kept"], row["channels"],
+                     f"reconstructed (ridge {row['ridge']:.3g})" if matrix is not None else "columns dropped",
+                     error, f", held-out {row['heldout_error']:.4f}" if "heldout_error" in row else "",
+                     before, row["params_after"])
+        if not pending:
+            log.info("reconstruct-next-layer: no pending channel selection")
         remove_unused_initializers(model)
         return PassResult(changed=bool(rows), report={"pruned": rows})
 

@@ -3,14 +3,10 @@
 Before:  producer -> C channels -> per-channel ops -> consumers       (graph unchanged)
 After:   the same; ``ctx.selections[group] = J`` for reconstruct-next-layer to apply
 
-Criteria (METHODS.md):
-    spectral   greedy retention: max Tr(S_FJ S_JJ^-1 S_JF) / Tr(S), S = E[phi phi^T] on the target set
-    momasp-J   spectral + lambda * source/target moment-matching regulariser, Reg J (recomputed per step)
-    momasp-j   the same with Reg j (per channel, computed once); both need --source-data
-    pfa-en     PFA recipe: fewest channels whose pooled-response spectrum holds energy tau
-    pfa-kl     PFA recipe, parameter-free: k = ceil(C (1 - KL(lambda || uniform) / ln C))
-    mean       baseline: channels with the largest mean activation ("pruning (mean)" of DALR)
-    l1         baseline: producer filters with the largest L1 norm
+Criteria are classes registered by name in ``onnxprune.criteria`` (the built-in ones of
+METHODS.md in ``criteria/builtin.py``: spectral, momasp-J, momasp-j, pfa-en, pfa-kl, mean,
+l1; one module each for the others, e.g. ``criteria/wanda.py``). Each says what statistics
+it needs and ranks a group's channels; everything below is the same for all of them.
 
 How many: per group (alpha, tau, fraction, or the pfa-kl rule), or one global threshold
 searched so that the touched layers keep ``keep`` of their parameters or ``flops`` of their MACs.
@@ -19,20 +15,23 @@ searched so that the touched layers keep ``keep`` of their parameters or ``flops
 from __future__ import annotations
 
 import dataclasses
-import functools
+import logging
 import math
 
 import numpy as np
 import onnx
 
-from onnxprune import cost, linalg
+from onnxprune import cost, criteria, linalg
 from onnxprune.calibration.stats import StatRequest
+from onnxprune.criteria import Ranking, count_for_ratio, pooled_request, site_request  # noqa: F401  (re-exported)
 from onnxprune.errors import CalibrationError
-from onnxprune.graph import ChannelGroup, find_channel_groups
-from onnxprune.model import get_array
+from onnxprune.graph import ChannelGroup, find_channel_groups, name_nodes
 from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
 
-CRITERIA = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
+log = logging.getLogger(__name__)
+
+#: every registered criterion (``onnxprune.criteria``), built-in ones first
+CRITERIA = criteria.names()
 #: groups at least this wide keep a multiple of ``SelectOptions.multiple`` channels
 WIDE_GROUP = 32
 
@@ -61,13 +60,13 @@ class SelectOptions:
         given = [n for n in ("alpha", "tau", "fraction", "keep", "flops") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of alpha, tau, fraction, keep, flops (got {', '.join(given)})")
-        if not given and self.criterion != "pfa-kl":
-            default = {"pfa-en": "tau"}.get(self.criterion, "keep")
-            object.__setattr__(self, default, 0.9 if default == "tau" else 0.5)
-        if self.alpha is not None and self.criterion not in ("spectral", "momasp-J", "momasp-j"):
-            raise ValueError(f"alpha applies to spectral and momasp, not {self.criterion}")
-        if self.tau is not None and self.criterion != "pfa-en":
-            raise ValueError("tau applies to pfa-en only")
+        kind = criteria.get(self.criterion)
+        if not given and kind.default is not None:
+            object.__setattr__(self, *kind.default)
+        for option in ("alpha", "tau"):
+            if getattr(self, option) is not None and option not in kind.per_group:
+                accepting = [name for name, c in criteria.registry().items() if option in c.per_group]
+                raise ValueError(f"{option} applies to {', '.join(accepting)} only, not {self.criterion}")
         for name in ("alpha", "tau", "fraction", "keep", "flops"):
             check_fraction("select-nodes", name, getattr(self, name))
         if int(self.multiple) < 1:
@@ -78,15 +77,7 @@ class SelectOptions:
 
     @property
     def needs_source(self) -> bool:
-        return self.criterion.startswith("momasp")
-
-
-def site_request(group: ChannelGroup) -> StatRequest:
-    return StatRequest(group.site, kind="features", axis=1)
-
-
-def pooled_request(group: ChannelGroup, pool: str) -> StatRequest:
-    return StatRequest(group.site, kind="pooled", axis=1, pool=pool)
+        return criteria.get(self.criterion).needs_source()
 
 
 class Footprint:
@@ -155,6 +146,10 @@ class SelectNodes(Pass):
     name = "select-nodes"
     Options = SelectOptions
 
+    def __init__(self, options=None, **kwargs):
+        super().__init__(options, **kwargs)
+        self.criterion = criteria.get(self.options.criterion)(self.options)
+
     @property
     def needs_source(self) -> bool:
         return self.options.needs_source
@@ -176,14 +171,7 @@ class SelectNodes(Pass):
         return chosen, skipped
 
     def _requests(self, groups) -> list[tuple[StatRequest, tuple[str, ...]]]:
-        opts = self.options
-        sets = ("target", "source") if opts.needs_source else ("target",)
-        out = []
-        for g in groups:
-            out.append((site_request(g), sets))
-            if opts.criterion.startswith("pfa"):
-                out.append((pooled_request(g, opts.pool), ("target",)))
-        return out
+        return [request for g in groups for request in self.criterion.requests(g)]
 
     def requests(self, model):
         groups, _ = self.groups(model)
@@ -191,9 +179,15 @@ class SelectNodes(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts = self.options
+        name_nodes(model)       # a no-op in the pipeline (named on entry); groups name their nodes
         groups, skipped = self.groups(model)
         groups = [g for g in groups if g.name not in ctx.selections]
         scope = [g for g in groups if ctx.only_group in (None, g.name)]
+        if ctx.only_group is None or ctx.notes.get("select-nodes/counts") is None:
+            log.info("select-nodes: %d prunable channel group(s) (%s), %d skipped; criterion %s", len(groups),
+                     ", ".join(g.name for g in groups) or "none", len(skipped), opts.criterion)
+            for row in skipped:
+                log.info("select-nodes: skip %s: %s", row["group"], row["reason"])
         if not scope:
             return PassResult(changed=False, report={"selected": [], "skipped": skipped})
         counts = ctx.notes.get("select-nodes/counts")
@@ -218,6 +212,8 @@ class SelectNodes(Pass):
                                       "folds": scores[g.name]["folds"]}
             rows.append({"group": g.name, "channels": g.channels, "kept": k, "retention": retention,
                          "criterion": opts.criterion})
+            log.info("select-nodes: %s keeps %d of %d channels (retention %.4f, %s)", g.name, k, g.channels,
+                     retention, opts.criterion)
         return PassResult(changed=False, report={"selected": rows, "skipped": skipped})
 
     def _scores(self, model, groups: list[ChannelGroup], ctx: PassContext) -> dict[str, dict]:
@@ -233,35 +229,8 @@ class SelectNodes(Pass):
         return scores
 
     def _score(self, model, group: ChannelGroup, views) -> dict:
-        """What ranks the group's channels: a lazy greedy ranking (spectral, momasp, PFA's
-        spectral choice), a fixed order (mean, l1), and PFA's spectrum."""
-        opts = self.options
-        target = views["target"].moments(site_request(group), "target")
-        sigma = target.second_moment
-        c = group.channels
-        out = {"sigma": sigma, "ranking": None}
-        if opts.criterion == "spectral" or (opts.criterion.startswith("pfa") and opts.choose == "spectral"):
-            out["ranking"] = Ranking(functools.partial(linalg.spectral_select, sigma, ridge=opts.ridge), c)
-        elif opts.criterion.startswith("momasp"):
-            source = views["source"].moments(site_request(group), "source")
-            out["ranking"] = Ranking(functools.partial(
-                linalg.momasp_select, sigma, mean_s=source.mean, mean_t=target.mean, cov_s=source.covariance,
-                cov_t=target.covariance, reg=opts.criterion[-1], lam=opts.lam, ridge=opts.ridge), c)
-        elif opts.criterion == "mean":
-            out["order"] = np.argsort(-np.abs(target.mean), kind="stable")
-        elif opts.criterion == "l1":
-            norms = np.zeros(c)
-            for p in group.producers:
-                w = get_array(model, p.weight).astype(np.float64)
-                w = np.moveaxis(w, p.axis, 0).reshape(c, -1)
-                norms += np.abs(w).sum(axis=1)
-            out["order"] = np.argsort(-norms, kind="stable")
-        if opts.criterion.startswith("pfa"):
-            pooled = views["target"].moments(pooled_request(group, opts.pool), "target")
-            out["spectrum"] = linalg.pfa_spectrum(pooled.covariance)
-            if opts.choose == "correlation":
-                out["pooled_cov"] = pooled.covariance
-        return out
+        """What ranks the group's channels (see ``onnxprune.criteria.Criterion.score``)."""
+        return self.criterion.score(model, group, views)
 
     def _counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
         opts = self.options
@@ -269,10 +238,8 @@ class SelectNodes(Pass):
             counts = {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
         elif opts.alpha is not None:
             counts = {g.name: scores[g.name]["ranking"].count_for(opts.alpha) for g in groups}
-        elif opts.criterion == "pfa-kl":
-            counts = {g.name: linalg.pfa_kl_count(scores[g.name]["spectrum"]) for g in groups}
-        elif opts.tau is not None:
-            counts = {g.name: linalg.pfa_energy_count(scores[g.name]["spectrum"], opts.tau) for g in groups}
+        elif groups and self.criterion.count(groups[0], scores[groups[0].name]) is not None:
+            counts = {g.name: self.criterion.count(g, scores[g.name]) for g in groups}
         else:
             return self._budget_counts(model, groups, scores)
         return {g.name: self._rounded(counts[g.name], g) for g in groups}
@@ -300,17 +267,17 @@ class SelectNodes(Pass):
         footprint = Footprint(model, groups)
         full_params, full_macs = footprint.full()
         index, budget = (0, opts.keep * full_params) if opts.keep is not None else (1, opts.flops * full_macs)
-        by_ratio = opts.criterion in ("spectral", "momasp-J", "momasp-j")
+        threshold = self.criterion.threshold
 
         def counts_at(t: float) -> tuple[dict[str, int], list[Ranking]]:
             out, short = {}, []
             for g in groups:
                 s = scores[g.name]
-                if by_ratio:
+                if threshold == "retention":
                     count, exact = s["ranking"].count_at(t)
                     if not exact:
                         short.append(s["ranking"])
-                elif opts.criterion.startswith("pfa"):
+                elif threshold == "energy":
                     count = linalg.pfa_energy_count(s["spectrum"], t) if t > 0 else 1
                 else:
                     count = max(1, math.ceil(t * g.channels))
@@ -337,71 +304,11 @@ class SelectNodes(Pass):
             else:
                 hi = mid
         ok, counts = fits(1.0)
-        return counts if ok else best
-
-
-class Ranking:
-    """A greedy channel ranking computed lazily: ``select(alpha=..., count=...)`` returns
-    (order, ratios) and is called again, further, only when more of it is needed.
-
-    Greedy selection is deterministic, so a longer run extends a shorter one: a prefix
-    computed with a small ``count`` or ``alpha`` is the start of the full ranking. A run
-    with ``alpha`` stops early when no informative channel is left (``complete``). A
-    global budget rarely needs more than 99 % retention, so wide groups (MobileNetV2's 960
-    channels) are ranked only that far unless the budget asks for more.
-    """
-
-    def __init__(self, select, channels: int):
-        self.select = select
-        self.channels = channels
-        self.order = np.zeros(0, dtype=np.int64)
-        self.ratios = np.zeros(0)
-        self.complete = False
-        self.informative = channels          # channels ranked before the greedy ran out (when complete)
-
-    def _run(self, **stop) -> tuple[int, float]:
-        """Run the selection; keep the longer ranking; (channels ranked, last ratio) of this run."""
-        order, ratios = self.select(**stop)
-        if len(order) >= len(self.order):
-            self.order, self.ratios = np.asarray(order, dtype=np.int64), np.asarray(ratios, dtype=np.float64)
-        return len(order), float(ratios[-1]) if len(ratios) else 0.0
-
-    def top(self, count: int) -> np.ndarray:
-        """The first ``count`` channels of the ranking (forced picks past the informative ones)."""
-        count = int(min(max(count, 1), self.channels))
-        if len(self.order) < count:
-            self._run(count=count)
-        return self.order[:count]
-
-    def reached(self, alpha: float) -> bool:
-        return len(self.ratios) > 0 and self.ratios[-1] >= alpha - 1e-12
-
-    def extend_to(self, alpha: float) -> None:
-        """Rank until the retention ratio reaches ``alpha``: first to max(alpha, 0.99), then,
-        if that is not enough, every informative channel (each run starts afresh, so few
-        and long runs are cheaper than many short ones)."""
-        if self.complete or self.reached(alpha):
-            return
-        goal = max(alpha, 0.99) if not len(self.ratios) else 1.0
-        ranked, last = self._run(alpha=goal)
-        if last < goal - 1e-12:              # stopped early: nothing informative left
-            self.complete = True
-            self.informative = ranked
-
-    def count_at(self, alpha: float) -> tuple[int, bool]:
-        """(channels needed for retention ``alpha``, whether that is exact rather than a lower bound)."""
-        if self.reached(alpha):
-            return count_for_ratio(self.ratios, alpha), True
-        if self.complete:
-            return max(self.informative, 1), True
-        if len(self.order) >= self.channels:
-            return self.channels, True
-        return len(self.order) + 1, False
-
-    def count_for(self, alpha: float) -> int:
-        """Fewest channels reaching ``alpha`` (all informative ones when it cannot be reached)."""
-        self.extend_to(alpha)
-        return self.count_at(alpha)[0]
+        chosen = counts if ok else best
+        log.debug("select-nodes: global %s budget %.4g of %.4g met at threshold %.4f: %s",
+                  "parameter" if index == 0 else "MAC", budget, full_params if index == 0 else full_macs,
+                  1.0 if ok else lo, footprint(chosen)[index])
+        return chosen
 
 
 def fold_moments(view, group: ChannelGroup, folds: int) -> list[tuple[int, np.ndarray]]:
@@ -426,9 +333,3 @@ def kept_channels(score: dict, count: int) -> np.ndarray:
     if score.get("ranking") is not None:
         return np.sort(score["ranking"].top(count))
     return np.sort(np.asarray(score["order"][:count], dtype=np.int64))
-
-
-def count_for_ratio(ratios: np.ndarray, alpha: float) -> int:
-    """Fewest channels whose retention ratio reaches ``alpha`` (ratios[i] = after i + 1 picks)."""
-    reached = np.nonzero(np.asarray(ratios) >= alpha - 1e-12)[0]
-    return int(reached[0] + 1) if len(reached) else len(ratios)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from onnxprune.errors import DataError, RecipeError
+from onnxprune.errors import DataError
 from onnxprune.model import jsonable, save_model, write_text_atomic
 from onnxprune.train import require_torch
+from onnxprune.validate import check_threshold_values
 
 
 @dataclasses.dataclass
@@ -38,6 +40,24 @@ def split_data(target, eval_data, split: float, seed: int, model, preprocess):
     if eval_data is not None:
         return data, as_samples(eval_data, model, preprocess)
     return data.split(split, seed=seed)
+
+
+def check_training_outputs(output, companions, model, others: dict) -> Path:
+    """The output, its ``.data``, ``.report.json`` and ``companions`` must not be an input (any
+    model with its external data, sample files or folders) and must have a usable folder;
+    checked before any work (OutputError, exit 1)."""
+    from onnxprune.api import input_paths
+    from onnxprune.paths import check_output_text, check_outputs, model_files
+
+    check_output_text(output)
+    output = Path(output)
+    models = {k: v for k, v in others.items() if k in ("--teacher", "--source-model")}
+    inputs = input_paths(model, {k: v for k, v in others.items() if k not in models})
+    for label, path in models.items():
+        inputs[label] = model_files(path) if isinstance(path, (str, os.PathLike)) else None
+    files = [output, output.with_name(output.name + ".data"), report_path(output)] + [f(output) for f in companions]
+    check_outputs(files, inputs)
+    return output
 
 
 def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_out, *, config,
@@ -68,10 +88,9 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     from onnxprune.validate import check_thresholds, validate
 
     config = config or TrainConfig()
-    output = Path(output)
-    for path in (student, teacher):
-        if path is not None and not isinstance(path, onnx.ModelProto) and Path(path).resolve() == output.resolve():
-            raise RecipeError(str(output), "is an input model", "choose another output path (-o)")
+    check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
+    output = check_training_outputs(output, [curve_path], student, {"--teacher": teacher, "--target-data": target_data,
+                                                                    "--eval-data": eval_data, "--val-data": val_data})
     student_model = as_model(student)
     teacher_model = as_model(teacher) if teacher is not None else None
     if teacher_model is not None:
@@ -122,10 +141,9 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     from onnxprune.train.coprune import coprune, nonzero_parameters
     from onnxprune.validate import validate
 
-    output = Path(output)
-    for path in (source_model, target_model):
-        if not isinstance(path, onnx.ModelProto) and Path(path).resolve() == output.resolve():
-            raise RecipeError(str(output), "is an input model", "choose another output path (-o)")
+    output = check_training_outputs(output, [], target_model, {"--source-model": source_model,
+                                                                "--source-data": source_data,
+                                                                "--target-data": target_data, "--eval-data": eval_data})
     source, target = as_model(source_model), as_model(target_model)
     train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
     source_samples = as_samples(source_data, source, preprocess)

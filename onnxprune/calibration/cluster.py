@@ -1,0 +1,215 @@
+"""Calibration shards as self-contained tasks, run in this process or on a Dask cluster.
+
+A ``ShardTask`` names everything one shard needs: the model (a path the worker reads, or
+the serialised model), each sample set (a path the worker opens with the same
+preprocessing, plus the rows of its shard, or an in-memory SampleSet of the shard), the
+requests, batch size, folds and seed. ``run_shard`` computes its statistics; any process
+that can import onnxprune and read the paths can run it. ``run_on_dask`` submits one task
+per shard to a ``distributed.Client`` and merges the results with tasks in a fixed tree
+(shard 1 + shard 2, shard 3 + shard 4, ...), so the result does not depend on which worker
+finished first. Dask is an optional dependency (``pip install onnxprune[dask]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from onnxprune.calibration.shard import complete, shard_ranges, tree_reduce, _merge_pair
+from onnxprune.calibration.stats import StatRequest, Statistics
+from onnxprune.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SetShard:
+    """One sample set's part of a shard task."""
+
+    name: str                      # "target", "source"
+    data: object                   # a path (str) the worker opens, or a SampleSet of the shard
+    preprocess: dict               # Preprocess fields (used when ``data`` is a path)
+    rows: np.ndarray | None        # store rows of the shard's samples (when ``data`` is a path)
+    start: int                     # the shard's first position in the whole set
+    stop: int
+    whole: dict                    # describe() of the whole set
+    fingerprint: str               # content of a few samples of the whole set (see ``fingerprint``)
+    requests: list[dict]           # StatRequest.to_dict() of each request
+
+
+@dataclasses.dataclass
+class ShardTask:
+    model: str | bytes             # a path the worker loads, or the serialised ModelProto
+    sets: list[SetShard]
+    index: int                     # 0-based
+    count: int
+    batch_size: int
+    folds: int
+    seed: int
+    device: str = "cpu"
+    threads: int | None = None     # onnxruntime threads per worker (None: its default)
+    stats: dict = dataclasses.field(default_factory=dict)   # collect() options (e.g. engine)
+
+
+def plan(model_source, model: onnx.ModelProto, samples: dict, sources: dict, requests: dict[str, list],
+         *, count: int, batch_size: int, folds: int, seed: int, device: str = "cpu",
+         threads: int | None = None, indices: Sequence[int] | None = None,
+         stats_options: dict | None = None) -> list[ShardTask]:
+    """One ShardTask per shard (``indices``: only these, 0-based) of every set in ``requests``.
+
+    ``samples``: {set: SampleSet} as calibrated; ``sources``: {set: path or None}: with a
+    path the worker opens it itself and takes the shard's rows, else the shard's SampleSet
+    is shipped with the task. ``model_source``: a path, or None to ship the model.
+    """
+    from onnxprune.runtime import batch_size_for
+
+    size = batch_size_for(model, int(batch_size))
+    ranges = {name: shard_ranges(len(samples[name]), count, size, name=name) for name in requests}
+    wire_model = str(model_source) if model_source is not None else model.SerializeToString()
+    tasks = []
+    for index in (range(count) if indices is None else indices):
+        sets = []
+        for name, todo in requests.items():
+            sample_set = samples[name]
+            start, stop = ranges[name][index]
+            path = sources.get(name)
+            part = sample_set.subset(np.arange(start, stop))
+            sets.append(SetShard(
+                name=name,
+                data=str(path) if path is not None else part,
+                preprocess=dataclasses.asdict(sample_set._preprocess),
+                rows=part.source_indices if path is not None else None,
+                start=start, stop=stop, whole=sample_set.describe(), fingerprint=fingerprint(sample_set),
+                requests=[r.to_dict() for r in dict.fromkeys(todo)]))
+        tasks.append(ShardTask(model=wire_model, sets=sets, index=int(index), count=int(count), batch_size=size,
+                               folds=int(folds), seed=int(seed), device=device, threads=threads,
+                               stats=dict(stats_options or {})))
+    return tasks
+
+
+def run_shard(task: ShardTask, *, progress: bool = False) -> Statistics:
+    """The statistics of one shard, with its ``"shard"`` header record."""
+    from onnxprune.calibration.collect import collect
+    from onnxprune.calibration.readers import Preprocess, open_samples
+    from onnxprune.model import load_model
+
+    if isinstance(task.model, (bytes, bytearray)):
+        model = onnx.load_from_string(bytes(task.model))
+    else:
+        model = load_model(task.model)
+    stats = None
+    for part in task.sets:
+        if isinstance(part.data, str):
+            whole = open_samples(part.data, model, preprocess=Preprocess(**part.preprocess))
+            sample_set = whole.subset(_positions_of(whole, part.rows, part.data))
+        else:
+            sample_set = part.data
+        requests = [StatRequest.from_dict(r) for r in part.requests]
+        piece = collect(model, {part.name: sample_set}, requests, batch_size=task.batch_size, folds=task.folds,
+                        device=task.device, progress=progress, seed=task.seed, offset=part.start,
+                        **_collect_options(task))
+        stats = piece if stats is None else stats.merge(piece)
+    stats.header["shard"] = shard_record(task)
+    return stats
+
+
+def shard_record(task: ShardTask) -> dict:
+    """The ``"shard"`` header record of ``task``'s statistics."""
+    return {"index": task.index, "count": task.count, "batch_size": task.batch_size,
+            "sets": {p.name: {"start": p.start, "stop": p.stop, "set": p.whole, "fingerprint": p.fingerprint}
+                     for p in task.sets}}
+
+
+def fingerprint(sample_set) -> str:
+    """A sha256 of the prepared first, middle and last samples: with the set's description
+    (count, rows, inputs, preprocessing) it tells two data files of the same shape apart."""
+    import hashlib
+
+    n = len(sample_set)
+    digest = hashlib.sha256()
+    for name, array in sorted(sample_set.batch(np.array(sorted({0, n // 2, n - 1}))).items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _collect_options(task: ShardTask) -> dict:
+    options = dict(task.stats)
+    if task.threads:
+        options["threads"] = task.threads
+    return options
+
+
+def _positions_of(whole, rows: np.ndarray, path: str) -> np.ndarray:
+    """Positions in the freshly opened ``whole`` set of the store ``rows`` (identical when the
+    worker sees the same files as the client)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(whole)):
+        raise CalibrationError(path, f"has {len(whole)} samples on this worker, fewer than the client saw",
+                               "workers must read the same data (a shared path)")
+    return rows
+
+
+def merge_local(parts: Sequence[Statistics]) -> Statistics:
+    """Shards (ordered by index) merged in the fixed tree order, as the whole set's statistics."""
+    ordered = sorted(parts, key=lambda s: s.header["shard"]["index"])
+    record = ordered[0].header["shard"]
+    return complete(tree_reduce(ordered, _merge_pair), record)
+
+
+def run_on_dask(tasks: Sequence[ShardTask], client) -> Statistics:
+    """Run ``tasks`` on the workers of ``client`` and merge them there in a fixed tree order."""
+    tasks = sorted(tasks, key=lambda t: t.index)
+    futures = [client.submit(run_shard, task, key=f"onnxprune-shard-{task.index + 1}-of-{task.count}-{_token(task)}",
+                             pure=False) for task in tasks]
+
+    def combine(a, b):
+        return client.submit(_merge_pair, a, b, pure=False)
+
+    merged = tree_reduce(futures, combine)
+    return complete(merged.result(), shard_record(tasks[0]))
+
+
+def _token(task: ShardTask) -> str:
+    return f"{os.getpid()}-{id(task):x}"
+
+
+def local_client(workers: int, *, processes: bool = True):
+    """A ``distributed.Client`` on a new local cluster of ``workers`` single-threaded workers."""
+    distributed = require_dask()
+    # ":0": any free port, so two local clusters (or another program on 8787) never collide
+    cluster = distributed.LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=processes,
+                                       dashboard_address=":0")
+    return distributed.Client(cluster)
+
+
+#: how long ``connect`` waits for a scheduler
+CONNECT_TIMEOUT = "20s"
+
+
+def connect(address: str):
+    """A ``distributed.Client`` connected to the scheduler at ``address``."""
+    distributed = require_dask()
+    try:
+        return distributed.Client(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise CalibrationError(address, f"cannot reach the Dask scheduler ({type(exc).__name__}: {exc})",
+                               "check the address (tcp://host:8786) and that `dask scheduler` runs") from None
+
+
+def require_dask():
+    try:
+        import distributed
+    except ImportError:
+        raise CalibrationError("--cluster/--workers", "Dask is not installed",
+                               'pip install "onnxprune[dask]"') from None
+    # Dask logs every scheduler/worker event at INFO: show them only when onnxprune is verbose
+    quiet = max(logging.WARNING, logging.getLogger().getEffectiveLevel())
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(quiet)
+    return distributed

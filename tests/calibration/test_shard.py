@@ -1,0 +1,210 @@
+"""Sharded and distributed calibration: shards merge to the single-process statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import onnxprune
+from onnxprune.calibration.shard import parse_shard, shard_ranges, tree_reduce
+from onnxprune.calibration.stats import Statistics
+from onnxprune.cli import main
+from onnxprune.errors import CalibrationError
+from onnxprune.pipeline import Recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
+USPS = ROOT / "models" / "usps_test.npz"
+# DALR on LeNet: 2 Conv inputs as sampled im2col patches (seeded positions) and 2 FC inputs
+RECIPE = Recipe(passes=(("low-rank-split", {"method": "dalr", "keep": 0.2}), ("bias-compensate", {})))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_data(tmp_path_factory):
+    """The first 300 bundled USPS digits (10 batches of 32): enough for 3-4 shards, and fast."""
+    global DATA
+    DATA = tmp_path_factory.mktemp("data") / "usps300.npz"
+    with np.load(USPS) as d:
+        np.savez(DATA, x=d["x"][:300], y=d["y"][:300])
+    yield
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *words):
+    assert result.exit_code == 1, (result.output, result.stderr)
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    for word in words:
+        assert word.lower() in message.lower(), (word, message)
+
+
+def max_relative_difference(a: Statistics, b: Statistics) -> float:
+    assert a.entries() == b.entries()
+    worst = 0.0
+    for set_name, key, fold in a.entries():
+        ma, mb = a.moments(key, set_name, fold), b.moments(key, set_name, fold)
+        assert ma.count == mb.count
+        for x, y in ((ma.sum, mb.sum), (ma.gram, mb.gram)):
+            worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-300)))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Statistics:
+    out = tmp_path_factory.mktemp("whole") / "all.npz"
+    return onnxprune.calibrate(MODEL, DATA, recipe=RECIPE, output=out, progress=False)
+
+
+def test_shard_ranges_are_disjoint_complete_whole_batches():
+    for total, shards, batch in ((2007, 3, 32), (100, 4, 7), (5, 1, 32), (64, 2, 32)):
+        ranges = shard_ranges(total, shards, batch)
+        assert ranges[0][0] == 0 and ranges[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(start % batch == 0 and stop > start for start, stop in ranges)
+    with pytest.raises(CalibrationError, match="cannot cut 40 samples"):
+        shard_ranges(40, 3, 32)
+
+
+def test_parse_shard_is_one_based_and_refuses_nonsense():
+    assert parse_shard("1/4") == (0, 4) and parse_shard(" 4 / 4 ") == (3, 4)
+    for bad in ("0/4", "5/4", "1/0", "a/b", "1-4", "1/4/2"):
+        with pytest.raises(CalibrationError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_tree_order_does_not_depend_on_arrival():
+    assert tree_reduce(list("abcde"), lambda a, b: f"({a}{b})") == "(((ab)(cd))e)"
+
+
+def test_merged_shards_equal_the_single_process_statistics(whole, tmp_path):
+    files = []
+    for i in (3, 1, 2):                                   # any order
+        files.append(tmp_path / f"s{i}.npz")
+        part = onnxprune.calibrate(MODEL, DATA, recipe=RECIPE, output=files[-1], progress=False, shard=f"{i}/3")
+        record = part.header["shard"]
+        assert record["index"] == i - 1 and record["count"] == 3
+        assert record["sets"]["target"]["set"] == whole.header["sets"]["target"]
+    merged = onnxprune.merge_stats(files, tmp_path / "all.npz")
+    assert max_relative_difference(whole, merged) <= 1e-10
+    # the merged header is the single-process one, plus where it came from
+    assert merged.header["sets"] == whole.header["sets"]
+    assert merged.header["samples"] == whole.header["samples"]
+    assert merged.header["merged_shards"] == {"count": 3, "batch_size": 32}
+    assert merged.header["sets"]["target"]["count"] == 150  # the calibration half (split 0.5, as compress)
+    assert "shard" not in Statistics.load(tmp_path / "all.npz").header
+
+
+def test_cli_shards_merge_and_compress_with_them(tmp_path):
+    for i in (1, 2):
+        result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / f"s{i}.npz", "--shard", f"{i}/2", "-q")
+        assert result.exit_code == 0, result.output + result.stderr
+        assert f"shard {i}/2" in result.output
+    result = cli("merge-stats", tmp_path / "s2.npz", tmp_path / "s1.npz", "-o", tmp_path / "all.npz")
+    assert result.exit_code == 0, result.output + result.stderr
+    out = tmp_path / "small.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--stats", tmp_path / "all.npz",
+                 "--keep", "0.3", "--calib-size", "200", "--no-latency", "-q")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(out.with_name("small.report.json").read_text())["calibration_runs"] == 0
+    # a lone shard is not the statistics of the calibration set
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "x.onnx", "--stats", tmp_path / "s1.npz",
+                 "--no-latency", "-q")
+    assert_user_error(result, "shard 1/2", "merge-stats")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_merge_refuses_shards_that_do_not_fit(tmp_path):
+    def shard(name, i, n, *extra, model=MODEL, data=DATA):
+        result = cli("calibrate", model, "--target-data", data, "-o", tmp_path / name, "--shard", f"{i}/{n}",
+                     "-q", *extra)
+        assert result.exit_code == 0, result.output + result.stderr
+        return tmp_path / name
+
+    a, b, c = shard("a.npz", 1, 3), shard("b.npz", 2, 3), shard("c.npz", 3, 3)
+    out = tmp_path / "out.npz"
+
+    def merge(*files):
+        return cli("merge-stats", *files, "-o", out)
+
+    assert_user_error(merge(a, c), "2/3 missing")
+    assert_user_error(merge(a, a, b, c), "repeats shard 1/3")
+    assert_user_error(merge(a, b, shard("half.npz", 2, 2)), "shard count")
+    assert_user_error(merge(a, b, shard("spectral.npz", 3, 3, "--method", "spectral")), "recipe")
+    assert_user_error(merge(a, b, shard("seed.npz", 3, 3, "--batch-size", "16")), "batch size")
+    other = tmp_path / "other.npz"
+    with np.load(USPS) as d:
+        np.savez(other, x=d["x"][1:301], y=d["y"][1:301])
+    assert_user_error(merge(a, b, shard("data.npz", 3, 3, data=other)), "another sample set")
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(MODEL))
+    w = model.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    assert_user_error(merge(a, b, shard("model.npz", 3, 3, model=tmp_path / "other.onnx")), "another model")
+    whole = tmp_path / "whole.npz"
+    assert cli("calibrate", MODEL, "--target-data", DATA, "-o", whole, "-q").exit_code == 0
+    assert_user_error(merge(a, b, whole), "not a shard")
+    assert_user_error(cli("merge-stats", a, b, c, "-o", a), "is one of the inputs")
+    assert not out.exists()
+
+
+def test_shard_usage_errors(tmp_path):
+    out = tmp_path / "s.npz"
+    assert_user_error(cli("calibrate", MODEL, "--target-data", DATA, "-o", out, "--shard", "4/3", "-q"), "--shard")
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", out, "--shard", "1/2", "--workers", "2", "-q")
+    assert result.exit_code == 2
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", out, "--shards", "2", "-q")
+    assert result.exit_code == 2
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------- Dask
+
+
+@pytest.fixture(scope="module")
+def client():
+    pytest.importorskip("distributed")
+    from onnxprune.calibration.cluster import local_client
+
+    client = local_client(2, processes=False)
+    yield client
+    client.close()
+    client.cluster.close()
+
+
+def test_dask_cluster_of_two_equals_one_process(whole, client, tmp_path):
+    first = onnxprune.calibrate(MODEL, DATA, recipe=RECIPE, output=tmp_path / "a.npz", client=client, shards=4,
+                                progress=False)
+    assert max_relative_difference(whole, first) <= 1e-10
+    assert first.header["sets"] == whole.header["sets"]
+    assert first.header["merged_shards"]["count"] == 4
+    # a fixed merge tree: bit for bit the same however the workers were scheduled
+    again = onnxprune.calibrate(MODEL, DATA, recipe=RECIPE, output=tmp_path / "b.npz", client=client, shards=4,
+                                progress=False)
+    assert max_relative_difference(first, again) == 0.0
+
+
+def test_cli_workers_starts_a_local_cluster(whole, tmp_path):
+    pytest.importorskip("distributed")
+    out = tmp_path / "w.npz"
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", out, "--workers", "2", "-q")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert max_relative_difference(whole, Statistics.load(out)) <= 1e-10
+
+
+def test_unreachable_scheduler_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    from onnxprune.calibration import cluster
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "2s")
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster",
+                 "tcp://127.0.0.1:9", "-q")
+    assert_user_error(result, "scheduler")
+    assert not (tmp_path / "c.npz").exists()

@@ -1,0 +1,237 @@
+"""The pipeline on graphs exporters really emit: unnamed nodes, opset 7 with IR version 3.
+
+    unnamed_chain: x[N,8] -> Gemm -> Relu -> Gemm -> Relu -> Gemm -> y   (every name "")
+    opset7_chain:  x[N,2,6,6] -> Conv -> Relu -> Flatten -> Gemm -> Relu -> Gemm -> Relu -> Gemm -> y
+                   (opset 7: Gemm needs C; IR 3: initializers are also graph inputs)
+
+Weights are made exactly low rank (or channels exactly dead) so every rewrite must
+reproduce the original outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_equivalent
+
+from onnxprune.api import compress
+from onnxprune.calibration.provider import StatsProvider
+from onnxprune.calibration.readers import open_samples
+from onnxprune.errors import InternalError, OnnxPruneError
+from onnxprune.graph import name_nodes, node_names
+from onnxprune.model import load_model
+from onnxprune.passes.base import REGISTRY, Pass, PassResult
+from onnxprune.pipeline import Recipe, run_pipeline
+
+METHODS = {
+    "svd": [("low-rank-split", {"method": "svd", "rank": 2})],
+    "dalr": [("low-rank-split", {"method": "dalr", "rank": 2})],
+    "dalr-bc": [("low-rank-split", {"method": "dalr", "rank": 2}), ("bias-compensate", {})],
+}
+
+
+def rank_two(model, *names):
+    """Make each weight ``name`` exactly rank 2 (so a rank-2 split is exact)."""
+    rng = np.random.default_rng(3)
+    for name in names:
+        m, n = graphs.get_init(model, name).shape
+        graphs.set_init(model, name, rng.standard_normal((m, 2)) @ rng.standard_normal((2, n)) / np.sqrt(n))
+
+
+def run(model, passes, *, n=256, mode="one-shot"):
+    x = graphs.feeds(model, batch=n, seed=0)["x"]
+    provider = StatsProvider({"target": open_samples([{"x": x}], model)}, batch_size=64, folds=2, progress=False)
+    return run_pipeline(model, Recipe(passes=tuple(passes), mode=mode, batch_size=64), provider)
+
+
+def split_layers(report):
+    return [row["layer"] for p in report["passes"] for row in p.get("split", [])]
+
+
+# --------------------------------------------------------------------------- unnamed nodes
+
+def test_node_names_fill_in_unnamed_nodes_once_and_avoid_taken_names():
+    model = graphs.unnamed_chain()
+    assert node_names(model) == ["Gemm_0", "Relu_1", "Gemm_2", "Relu_3", "Gemm_4"]
+    model.graph.node[4].name = "Relu_1"          # someone's own name equals a generated one
+    assert node_names(model) == ["Gemm_0", "Relu_1_1", "Gemm_2", "Relu_3", "Relu_1"]
+    assert name_nodes(model) == 4 and name_nodes(model) == 0
+    assert [n.name for n in model.graph.node] == ["Gemm_0", "Relu_1_1", "Gemm_2", "Relu_3", "Relu_1"]
+
+
+def test_load_model_names_every_node(tmp_path):
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(graphs.unnamed_chain(), str(path))
+    loaded = load_model(path)
+    assert [n.name for n in loaded.graph.node] == ["Gemm_0", "Relu_1", "Gemm_2", "Relu_3", "Gemm_4"]
+    assert onnx.load(str(path)).graph.node[0].name == ""          # the file is untouched
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_unnamed_chain_splits_two_layers(method):
+    """The second split used to address its node by a position the first split made stale
+    ("Nodes in a graph must be topologically sorted")."""
+    model = graphs.unnamed_chain()
+    rank_two(model, "fc1.W", "fc2.W")
+    before = model.SerializeToString()
+    passes = [(name, dict(opts)) for name, opts in METHODS[method]]
+    passes[0][1]["layers"] = ("Gemm_0", "Gemm_2")
+    out, report = run(model, passes)
+    assert split_layers(report) == ["Gemm_0", "Gemm_2"]
+    assert model.SerializeToString() == before                    # the caller's model is not renamed
+    assert [n.name for n in out.graph.node] == [
+        "Gemm_0/low_rank/B", "Gemm_0/low_rank/A", "Relu_1", "Gemm_2/low_rank/B", "Gemm_2/low_rank/A", "Relu_3",
+        "Gemm_4"]
+    onnx.checker.check_model(out)
+    assert_equivalent(model, out, graphs.feeds(model, batch=7, seed=5), tol=1e-4)
+
+
+def test_unnamed_chain_through_the_python_api():
+    """A ModelProto handed to api.compress is named on the pipeline's clone, never in place."""
+    model = graphs.unnamed_chain()
+    rank_two(model, "fc1.W", "fc2.W", "fc3.W")
+    before = model.SerializeToString()
+    x = graphs.feeds(model, batch=300, seed=0)["x"]
+    recipe = Recipe(passes=(("low-rank-split", {"method": "dalr", "rank": 2}), ("bias-compensate", {})))
+    result = compress(model, x, recipe=recipe, progress=False, measure_latency=False)
+    assert model.SerializeToString() == before
+    assert split_layers(result.report) == ["Gemm_0", "Gemm_2", "Gemm_4"]
+    assert result.report["validation"]["relative_error"] < 1e-4
+
+
+def test_unnamed_chain_prunes_channels():
+    model = graphs.unnamed_chain()
+    w, b = graphs.get_init(model, "fc1.W"), graphs.get_init(model, "fc1.B")
+    w[3], b[3] = 0.0, -1.0                                          # channel 3 of Gemm_0 is dead
+    graphs.set_init(model, "fc1.W", w)
+    graphs.set_init(model, "fc1.B", b)
+    passes = [("select-nodes", {"criterion": "spectral", "alpha": 1.0, "groups": ("Gemm_0",)}),
+              ("reconstruct-next-layer", {}), ("low-rank-split", {"method": "svd", "rank": 1, "layers": ("Gemm_4",)})]
+    out, report = run(model, passes)
+    pruned = {row["group"]: row["kept"] for p in report["passes"] for row in p.get("pruned", [])}
+    assert pruned == {"Gemm_0": 15}
+    assert split_layers(report) == ["Gemm_4"]
+    onnx.checker.check_model(out)
+
+
+# --------------------------------------------------------------------------- opset 7, IR 3
+
+def assert_ir3_consistent(model):
+    """IR 3: every initializer is a graph input (with its shape), and nothing else is stale."""
+    assert model.ir_version == 3
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    listed = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in model.graph.input}
+    for name, dims in inits.items():
+        assert listed.get(name) == dims, name
+    assert set(listed) - set(inits) == {"x"}
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            assert len(node.input) == 3, node.name                   # Gemm-7 requires C
+    onnx.checker.check_model(model)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_opset7_low_rank_split(method):
+    model = graphs.opset7_chain()
+    rank_two(model, "fc1.W", "fc2.W")
+    passes = [(name, dict(opts)) for name, opts in METHODS[method]]
+    passes[0][1]["layers"] = ("fc1", "fc2", "conv")
+    out, report = run(model, passes)
+    assert split_layers(report) == ["conv", "fc1", "fc2"]
+    assert_ir3_consistent(out)
+    assert [o.version for o in out.opset_import] == [7]
+    # fc1 and fc2 are exact; the 4-filter conv at rank 2 is not: compare with the conv split alone
+    alone, _ = run(model, [(name, {**opts, "layers": ("conv",)} if name == "low-rank-split" else opts)
+                           for name, opts in METHODS[method]])
+    assert_equivalent(alone, out, graphs.feeds(model, batch=7, seed=5), tol=1e-4)
+
+
+def test_opset7_bias_compensate_adds_to_the_zero_bias():
+    """A Gemm-7 split gets explicit zero biases; bias-compensate must add to them, not append a 4th input."""
+    model = graphs.opset7_chain()
+    passes = [("low-rank-split", {"method": "svd", "rank": 2, "layers": ("fc2",)}), ("bias-compensate", {})]
+    out, report = run(model, passes)
+    assert_ir3_consistent(out)
+    rows = report["passes"][1]["compensated"]
+    assert [r["layer"] for r in rows] == ["fc2"] and rows[0]["bias_shift_norm"] > 0
+
+
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_opset7_select_nodes_and_reconstruct(mode):
+    model = graphs.opset7_chain()
+    w, b = graphs.get_init(model, "fc1.W"), graphs.get_init(model, "fc1.B")
+    w[[4, 9]], b[[4, 9]] = 0.0, -1.0                                # two dead channels of fc1
+    graphs.set_init(model, "fc1.W", w)
+    graphs.set_init(model, "fc1.B", b)
+    passes = [("select-nodes", {"criterion": "spectral", "alpha": 1.0, "groups": ("fc1", "conv")}),
+              ("reconstruct-next-layer", {})]
+    out, report = run(model, passes, mode=mode)
+    pruned = {row["group"]: row["kept"] for p in report["passes"] for row in p.get("pruned", [])}
+    assert pruned["fc1"] == 22
+    assert_ir3_consistent(out)
+    assert_equivalent(model, out, graphs.feeds(model, batch=7, seed=5), tol=1e-4)
+
+
+# --------------------------------------------------------------------------- internal errors
+
+@dataclasses.dataclass(frozen=True)
+class _NoOptions:
+    """None."""
+
+
+class _Unsorted(Pass):
+    """Moves the last node first: a rewrite that breaks topological order (a bug to catch)."""
+
+    name = "test-unsorted"
+    Options = _NoOptions
+
+    def run(self, model, ctx):
+        last = onnx.NodeProto()
+        last.CopyFrom(model.graph.node[-1])
+        del model.graph.node[-1]
+        model.graph.node.insert(0, last)
+        return PassResult(changed=True, report={})
+
+
+class _Crash(Pass):
+    """Raises a plain Python exception, as a bug would."""
+
+    name = "test-crash"
+    Options = _NoOptions
+
+    def run(self, model, ctx):
+        return {}["missing"]
+
+
+@pytest.mark.parametrize("cls, words", [(_Unsorted, ("pass test-unsorted", "fails the check", "topologically")),
+                                        (_Crash, ("pass test-crash", "KeyError", "missing"))])
+def test_a_pass_that_breaks_the_graph_is_an_internal_error(monkeypatch, cls, words):
+    monkeypatch.setitem(REGISTRY, cls.name, cls)
+    with pytest.raises(InternalError) as info:
+        run(graphs.unnamed_chain(), [(cls.name, {})])
+    assert not isinstance(info.value, OnnxPruneError) and info.value.exit_code == 4
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_an_input_model_that_fails_the_check_stays_a_model_error():
+    """x[2,8] -> Relu -> MatMul(W 7x3): shape inference fails on the input already, so the
+    failure after a pass is the model's, not the pass's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.errors import ModelError
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"], name="relu"), helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.ones((7, 3), np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    provider = StatsProvider({"target": open_samples([{"x": np.ones((4, 8), np.float32)}], model)}, progress=False)
+    with pytest.raises(ModelError, match="Incompatible dimensions") as info:
+        run_pipeline(model, Recipe(passes=(("bias-compensate", {}),)), provider)
+    assert not isinstance(info.value, InternalError)
