@@ -151,13 +151,14 @@ def digits(work: Path, quick: bool) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], path: Path) -> bool:
-    plt = pyplot()
-    if plt is None:
-        return False
+def plot(rows: list[dict], path: Path) -> str:
+    """The markdown line for the curves of the big models (agreement per training minute)."""
     big = [r for r in rows if not r["task"].startswith(("lenet", "mnist_cnn"))]
     if not big:
-        return False
+        return ""
+    plt = pyplot()
+    if plt is None:
+        return "(no plot: matplotlib is not installed)"
     fig, axes = plt.subplots(1, len(big), figsize=(4.6 * len(big), 3.4), squeeze=False)
     for ax, r in zip(axes[0], big):
         curve = r["curve"]
@@ -172,7 +173,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return f"![curves]({path.name})"
 
 
 def write(rows: list[dict], seconds: float) -> None:
@@ -200,7 +201,7 @@ Splits and options are in the script's docstring.
 {markdown_table(["task", "method", "budget", "MACs %", "params %", "original %", "compressed %", "w/ FT %",
                  "FT − original", "agreement % (before → after)", "epochs (chosen)", "train s"], table)}
 
-{"![curves](finetune_curves.png)" if png else "(no plot: matplotlib is not installed)"}
+{png}
 """
     write_result("finetune", text)
     print(text)
@@ -210,8 +211,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", choices=["resnet20", "mobilenetv2", "digits"])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--stitch-only", action="store_true", help="rebuild finetune.md from the per-step JSON files")
     args = ap.parse_args(argv)
-    steps = args.only or ["resnet20", "mobilenetv2", "digits"]
+    steps = [] if args.stitch_only else args.only or ["resnet20", "mobilenetv2", "digits"]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
         work = Path(tmp)
