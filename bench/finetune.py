@@ -91,11 +91,11 @@ def row(task: str, method: str, model: Path, train: Path, val: Path, calib: Path
 def cifar(work: Path, quick: bool) -> list[dict]:
     d = np.load(SHARED / "data/cifar10/cifar10_test_jpeg.npz")
     order = np.random.default_rng(0).permutation(len(d["y"]))
-    tr, ev = np.sort(order[:5000]), np.sort(order[5000:])
-    tr, val = tr[:4500], tr[4500:]  # val: the checkpoint fold, never calibrates
+    # the file is sorted by class: every part is drawn from the permutation, then sorted
+    tr, val, ev = np.sort(order[:4500]), np.sort(order[4500:5000]), np.sort(order[5000:])
     np.savez(work / "cifar_train_nolabels.npz", x=d["x"][tr])  # distillation never sees labels
-    np.savez(work / "cifar_val_nolabels.npz", x=d["x"][val])
-    np.savez(work / "cifar_calib.npz", x=d["x"][tr[:1000]])
+    np.savez(work / "cifar_val_nolabels.npz", x=d["x"][val])  # the checkpoint fold, never calibrates
+    np.savez(work / "cifar_calib.npz", x=d["x"][np.sort(order[:1000])])
     np.savez(work / "cifar_eval.npz", x=d["x"][ev], y=d["y"][ev])
     ft = ["--epochs", "3" if quick else "30", "--augment", "--max-minutes", "2" if quick else "13.5"]
     return [row("resnet20/cifar10-jpeg", "spectral", SHARED / "models/resnet20_cifar10.onnx",
@@ -188,7 +188,7 @@ def write(rows: list[dict], seconds: float) -> None:
     png = plot(rows, RESULTS / "finetune_curves.png")
     text = f"""# Recovery training: no-training rows against distilled ("w/ FT") rows
 
-`python bench/finetune.py` (last step: {seconds:.0f} s; {machine()}; torch CPU, 1 thread, on a 2-core machine shared
+`python bench/finetune.py` (about 45 min; {machine()}; torch CPU, 1 thread, on a 2-core machine shared
 with four other agents' jobs, load average 5-12: training times are upper bounds).
 
 Every row: `onnxprune compress ORIGINAL --target-data CALIB --eval-data EVAL <budget>` then
