@@ -25,11 +25,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import DIGITS, RESULTS, SHARED, halves, machine, markdown_table, predict, write_result  # noqa: E402
-from onnxprune.calibration.readers import Preprocess, open_samples  # noqa: E402
-from onnxprune.model import load_model  # noqa: E402
-from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters  # noqa: E402
-from onnxprune.train.distill import TrainConfig, finetune  # noqa: E402
+from common import DIGITS, RESULTS, SHARED, halves, machine, markdown_table, predict, write_result
+
+from onnxprune.calibration.readers import Preprocess, open_samples
+from onnxprune.model import load_model
+from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters
+from onnxprune.train.distill import TrainConfig, finetune
 
 
 def main(argv=None) -> int:
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keeps", default="0.05,0.02,0.01")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-epochs", type=int, default=8, help="epochs per alpha stage (cap)")
+    ap.add_argument("--out", default="coprune", help="result name: bench/results/<out>.md and .json")
     args = ap.parse_args(argv)
     keeps = [float(v) for v in args.keeps.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
                                 "best": report["best"], "seconds": time.perf_counter() - t0})
                 print(f"keep {keep:.2%} seed {seed} {method}: {100 * acc:.2f}% "
                       f"({results[-1]['seconds']:.0f} s)", flush=True)
+    cmdline = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     rows = []
     for keep in keeps:
         row = [f"{100 * keep:g} %"]
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     nonzero = {keep: next(r["nonzero"] for r in results if r["keep"] == keep) for keep in keeps}
     text = f"""# Co-Prune against target-only magnitude pruning (LeNet, MNIST -> USPS)
 
-`python bench/coprune.py` ({time.perf_counter() - started:.0f} s; {machine()}, shared with other jobs).
+`python bench/coprune.py{cmdline}` ({time.perf_counter() - started:.0f} s; {machine()}, shared with other jobs).
 
 Source: Caffe LeNet trained on MNIST, MNIST test set (10000) as labelled source data. Target:
 the same LeNet fine-tuned with labels on the first half of USPS (1003 images; plain fine-tuning,
@@ -107,8 +110,8 @@ held-out fold, batch order and source batches.
 Non-zero parameters (weights + biases) after pruning: {", ".join(f"{100 * k:g} %: {v:,}" for k, v in nonzero.items())}
 (431,080 dense). These are zeros in dense tensors: onnxruntime runs the pruned model no faster.
 """
-    write_result("coprune", text)
-    (RESULTS / "coprune.json").write_text(json.dumps({"dense": rows_dense, "runs": results}, indent=2) + "\n")
+    write_result(args.out, text)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"dense": rows_dense, "runs": results}, indent=2) + "\n")
     print(text)
     return 0
 

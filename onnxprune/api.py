@@ -89,8 +89,9 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
     check_layer_names(original, recipe)
-    samples, held_out, eval_source, train_set = compress_samples(original, recipe, target_data, source_data,
-                                                                 eval_data)
+    samples, held_out, eval_source, train_set, val_fold = compress_samples(
+        original, recipe, target_data, source_data, eval_data,
+        checkpoint_fraction=None if finetune is None else finetune.val_fraction)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
     preloaded = planning = None
@@ -128,7 +129,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         from onnxprune.train.api import recover
 
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
-            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device)
+            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device,
+            val=val_fold)
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
@@ -153,10 +155,14 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     return CompressResult(compressed, report, None if output is None else Path(output))
 
 
-def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None
-                     ) -> tuple[dict[str, SampleSet], SampleSet, Any, SampleSet]:
+def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None,
+                     *, checkpoint_fraction: float | None = None
+                     ) -> tuple[dict[str, SampleSet], SampleSet, Any, SampleSet, SampleSet | None]:
     """({"target": calibration samples[, "source": ...]}, evaluation samples, where those came
-    from, and the whole calibration part before the --calib-size cap (what fine-tuning trains on)).
+    from, the whole calibration part before the --calib-size cap (what fine-tuning trains on), and
+    the fine-tuning checkpoint fold: with ``checkpoint_fraction`` that seeded fraction of the
+    calibration part is set aside first (it neither calibrates nor trains: a fold of calibration
+    samples flatters the untrained compressed model), else None.
 
     Without ``eval_data`` the target data splits by ``recipe.split`` and ``recipe.seed``;
     calibration sets are capped at ``recipe.calib_size``. An ``eval_data`` file that is the
@@ -173,11 +179,14 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
         calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
     else:
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
+    val_fold = None
+    if checkpoint_fraction is not None:
+        val_fold, calib = calib.split(checkpoint_fraction, seed=recipe.seed)
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
     if source_data is not None:
         samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
                                 seed=recipe.seed)
-    return samples, held_out, eval_source, calib
+    return samples, held_out, eval_source, calib, val_fold
 
 
 def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.ModelProto, samples: dict,

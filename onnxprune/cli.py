@@ -874,6 +874,8 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 @click.option("--target-data", required=True, help="Training samples from the deployment domain (labels optional).")
 @click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to train).")
 @click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
+@click.option("--val-data", help="Held-out training samples that pick the checkpoint (default: --val-fraction of "
+              "the training samples); best samples that did not calibrate the compression.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @training_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -897,6 +899,7 @@ def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
     preprocess = preprocess_dict(kw)
     config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
     result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
+                            val_data=kw["val_data"],
                             split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
                             measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
                             min_agreement=kw["min_agreement"])
@@ -918,9 +921,9 @@ def training_lines(report: dict) -> list[str]:
     ft = report["finetune"]
     before, after = report["validation_before"], report["validation"]
     ref = report.get("reference", "teacher")
-    lines = [f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
-             f"(checkpoint: epoch {ft['best_epoch']} on {ft['val_samples']} held-out training samples; "
-             f"stopped: {ft['stopped']})"]
+    lines = [(f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
+              f"(checkpoint: epoch {ft['best_epoch']} on {ft['val_samples']} held-out training samples; "
+              f"stopped: {ft['stopped']})")]
     if after.get("accuracy_reference") is not None and report.get("teacher"):
         lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: {ref} "
                      f"{100 * after['accuracy_reference']:.2f}%, student before {100 * before['accuracy_candidate']:.2f}%, "

@@ -268,3 +268,25 @@ def test_compress_then_finetune_on_the_bundled_sample(tmp_path):
     assert report["finetune"]["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
     assert after["agreement"] >= before["agreement"] - 0.02
     assert after["params_candidate"] == before["params_candidate"]
+
+
+def test_finetune_cli_with_an_explicit_checkpoint_fold(tmp_path):
+    """--val-data: the checkpoint fold is exactly those samples (e.g. ones that did not calibrate)."""
+    pytest.importorskip("torch")
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    onnx.save(teacher, str(tmp_path / "t.onnx"))
+    onnx.save(student, str(tmp_path / "s.onnx"))
+    x = np.random.default_rng(4).standard_normal((130, 8)).astype(np.float32)
+    y = run_model(teacher, {"x": x})[0].argmax(1)
+    np.save(tmp_path / "train.npy", x[:80])
+    np.save(tmp_path / "val.npy", x[80:100])
+    np.savez(tmp_path / "eval.npz", x=x[100:], y=y[100:])
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--teacher", str(tmp_path / "t.onnx"),
+                                       "--target-data", str(tmp_path / "train.npy"), "--val-data",
+                                       str(tmp_path / "val.npy"), "--eval-data", str(tmp_path / "eval.npz"),
+                                       "--epochs", "2", "--no-latency", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("out.report.json").read_text())
+    assert report["finetune"]["train_samples"] == 80 and report["finetune"]["val_samples"] == 20
+    assert report["validation"]["samples"] == 30 and "accuracy_reference" in report["validation"]

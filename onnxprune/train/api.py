@@ -61,19 +61,21 @@ def check_training_outputs(output, companions, model, others: dict) -> Path:
 
 
 def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_out, *, config,
-            batch_size: int = 32, device: str = "cpu", progress: bool = False) -> tuple[onnx.ModelProto, dict, dict]:
-    """Distil ``original`` into ``compressed`` on ``train``; (model, training report, validation before)."""
+            batch_size: int = 32, device: str = "cpu", progress: bool = False,
+            val=None) -> tuple[onnx.ModelProto, dict, dict]:
+    """Distil ``original`` into ``compressed`` on ``train`` (checkpoint on ``val`` when given: best
+    samples that did not calibrate the compression); (model, training report, validation before)."""
     from onnxprune.train.distill import finetune
     from onnxprune.validate import validate
 
     require_torch()
     before = validate(original, compressed, held_out, batch_size=batch_size, device=device,
                       measure_latency=False, progress=False)
-    tuned, report = finetune(compressed, original, train, config=config)
+    tuned, report = finetune(compressed, original, train, config=config, val_samples=val)
     return tuned, report, before.to_dict()
 
 
-def finetune_files(student, output, target_data, *, teacher=None, eval_data=None, split: float = 0.5,
+def finetune_files(student, output, target_data, *, teacher=None, eval_data=None, val_data=None, split: float = 0.5,
                    preprocess: dict | None = None, config=None, device: str = "cpu", progress: bool = True,
                    measure_latency: bool = True, max_drop: float | None = None,
                    min_agreement: float | None = None) -> TrainResult:
@@ -88,7 +90,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     config = config or TrainConfig()
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     output = check_training_outputs(output, [curve_path], student, {"--teacher": teacher, "--target-data": target_data,
-                                                                    "--eval-data": eval_data})
+                                                                    "--eval-data": eval_data, "--val-data": val_data})
     student_model = as_model(student)
     teacher_model = as_model(teacher) if teacher is not None else None
     if teacher_model is not None:
@@ -102,7 +104,12 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     reference = teacher_model if teacher_model is not None else student_model
     before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
                       measure_latency=False, progress=False)
-    tuned, train_report = finetune(student_model, teacher_model, train, config=config)
+    val = None
+    if val_data is not None:
+        from onnxprune.api import as_samples
+
+        val = as_samples(val_data, student_model, preprocess)
+    tuned, train_report = finetune(student_model, teacher_model, train, config=config, val_samples=val)
     after = validate(reference, tuned, held_out, batch_size=config.batch_size, device=device,
                      measure_latency=measure_latency, progress=progress)
     report = {

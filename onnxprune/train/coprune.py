@@ -81,13 +81,13 @@ def keep_counts(sizes: dict[str, int], config: CoPruneConfig) -> dict[str, int] 
         raise RecipeError("--layer-keep", f"no masked weight named {', '.join(unknown)}",
                           f"masked weights: {', '.join(sorted(sizes))}")
     if config.allocation == "layer" or fixed:
-        counts = {name: max(1, int(round(fixed.get(name, config.keep) * n))) for name, n in sizes.items()}
+        counts = {name: max(1, round(fixed.get(name, config.keep) * n)) for name, n in sizes.items()}
         if config.allocation == "global":  # fixed layers as given, the rest share one threshold
             free = {k: v for k, v in sizes.items() if k not in fixed}
-            total = int(round(config.keep * sum(sizes.values()))) - sum(counts[k] for k in fixed)
+            total = round(config.keep * sum(sizes.values())) - sum(counts[k] for k in fixed)
             return {**{k: counts[k] for k in fixed}, "__global__": max(len(free), total)}
         return counts
-    return max(1, int(round(config.keep * sum(sizes.values()))))
+    return max(1, round(config.keep * sum(sizes.values())))
 
 
 def masks_from(torch, importance: dict[str, Any], counts) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         rng = np.random.default_rng(config.seed)
         n = len(yt)
         order = rng.permutation(n)
-        n_val = max(1, int(round(config.val_fraction * n)))
+        n_val = max(1, round(config.val_fraction * n))
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         sizes = {k: net_t.weight(k).numel() for k in names}
         counts = keep_counts(sizes, config)
@@ -266,8 +266,8 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         report = {
             "method": "co-prune" if train_source else "target-only magnitude (alpha 0)",
             "config": config.to_dict(),
-            "source_samples": int(len(ys)), "target_train_samples": int(len(train_idx)),
-            "target_val_samples": int(len(val_idx)),
+            "source_samples": len(ys), "target_train_samples": len(train_idx),
+            "target_val_samples": len(val_idx),
             "layers": layers,
             "masked_weights": int(sum(sizes.values())),
             "kept_weights": int(sum(layer["kept"] for layer in layers)),

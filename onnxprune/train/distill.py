@@ -112,13 +112,16 @@ def augment_batch(torch, x, rng: np.random.Generator):
 
 def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples, *,
              config: TrainConfig = TrainConfig(), masks: dict[str, np.ndarray] | None = None,
-             name: str = "student") -> tuple[onnx.ModelProto, dict[str, Any]]:
+             name: str = "student", val_samples=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Train ``student`` on ``samples`` (a SampleSet for the student's inputs) to match ``teacher``.
 
     Returns ``(model, report)``: the student graph with new weights (names, shapes, opset and IR
     version unchanged) and a JSON-able report with the curve per epoch (train loss, held-out loss,
     agreement with the teacher and accuracy when labels exist), the chosen epoch and the time.
-    ``teacher=None`` with labelled samples is plain fine-tuning on cross-entropy.
+    ``teacher=None`` with labelled samples is plain fine-tuning on cross-entropy. ``val_samples``
+    (optional) is the held-out fold itself, e.g. samples that did not calibrate the compression
+    (a fold of calibration samples flatters the untrained student); by default a seeded
+    ``val_fraction`` of ``samples``.
     """
     torch = require_torch()
     from onnxprune.train.convert import to_onnx, to_torch, verify
@@ -129,6 +132,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     torch.set_num_threads(config.threads)
     try:
         labels = samples.labels
+        if val_samples is not None and (labels is None) != (val_samples.labels is None):
+            labels = None  # labels only where both sets have them
         if teacher is None and labels is None:
             raise DataError(getattr(samples, "name", "samples"), "has no labels and no teacher was given",
                             "pass --teacher ORIGINAL.onnx (distillation) or labelled data (fine-tuning)")
@@ -138,6 +143,13 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         if n < 4:
             raise DataError(samples.name, f"has {n} samples; recovery training needs at least 4")
         arrays = load_arrays(samples)
+        n_train_given = n
+        if val_samples is not None:
+            extra = load_arrays(val_samples)
+            arrays = {k: np.concatenate([v, extra[k]]) for k, v in arrays.items()}
+            if labels is not None:
+                labels = np.concatenate([labels, val_samples.labels])
+            n = len(next(iter(arrays.values())))
         module = to_torch(student, name=name)
         feeds0 = {k: v[: min(8, n)] for k, v in arrays.items()}
         conversion_error = verify(student, module, feeds0)
@@ -157,9 +169,12 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             raise RecipeError("--label-weight", "needs a classifier output (N x classes) to apply cross-entropy")
 
         rng = np.random.default_rng(config.seed)
-        order = rng.permutation(n)
-        n_val = max(1, int(round(config.val_fraction * n)))
-        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        if val_samples is not None:
+            train_idx, val_idx = np.arange(n_train_given), np.arange(n_train_given, n)
+        else:
+            order = rng.permutation(n)
+            n_val = max(1, round(config.val_fraction * n))
+            val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         variances = None
         if targets is not None:
             variances = [float(np.var(t)) + 1e-12 if np.issubdtype(t.dtype, np.floating) else 1.0 for t in targets]
@@ -297,12 +312,13 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             "config": config.to_dict(),
             "teacher": teacher is not None,
             "labels": labels is not None,
-            "losses": {"distillation": ("KL(T=%g) on classifier outputs, relative MSE on others" % T)
+            "losses": {"distillation": (f"KL(T={T:g}) on classifier outputs, relative MSE on others")
                        if teacher is not None else None,
                        "cross_entropy_weight": config.label_weight if labels is not None else 0.0},
-            "train_samples": int(len(train_idx)),
-            "val_samples": int(len(val_idx)),
+            "train_samples": len(train_idx),
+            "val_samples": len(val_idx),
             "data": samples.describe(),
+            "val_data": None if val_samples is None else val_samples.describe(),
             "trainable_tensors": len(module.keys),
             "trainable_weights": int(sum(p.numel() for p in module.params.values())),
             "curve": curve,
