@@ -330,7 +330,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     budgets = sorted({float(b) for b in budgets}, reverse=True)
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
-    samples, held_out, _, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
+    samples, held_out, _, _, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
     planner = Planner(original, samples["target"], options=plan_options(recipe.plan or {}),
                       source=samples.get("source"), batch_size=recipe.batch_size, device=device,
                       seed=recipe.seed, progress=progress)
