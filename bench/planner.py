@@ -113,7 +113,9 @@ def markdown(results: list[dict]) -> str:
     lines = ["# Planner: accuracy-driven compression against one global threshold", "",
              f"Machine: {machine()}. Calibration and evaluation samples are disjoint (the split of "
              "`compress`, seed 0); the planner checks itself on the calibration samples only "
-             "(cross-fitted halves). Regenerate: `python bench/planner.py`.", ""]
+             "(cross-fitted halves). Regenerate: `python bench/planner.py` (`--only resnet20|mobilenetv2`); the "
+             "rows below were measured while four other jobs shared the 2 cores (load 8-12), which slows the "
+             "planner's many small runs more than one plain compress.", ""]
     for r in results:
         spec = MODELS[r["name"]]
         d = r["default"]
@@ -122,8 +124,8 @@ def markdown(results: list[dict]) -> str:
                   f"{d['reference']:.2f}% -> {d['accuracy']:.2f}% on the held-out split (drop "
                   f"{d['reference'] - d['accuracy']:.2f} points; the plan's own cross-fitted check said "
                   f"{d['checked_drop']:.2f}), {d['sites']} sites ({', '.join(d['families'])}).",
-                  f"  `onnxprune compress {spec['model'].relative_to(SHARED.parent)} --target-data "
-                  f"{spec['data'].relative_to(SHARED.parent)} {spec['flags']} -o out.onnx`",
+                  f"  `onnxprune compress ../{spec['model'].relative_to(SHARED.parent)} --target-data "
+                  f"../{spec['data'].relative_to(SHARED.parent)} {spec['flags']} -o out.onnx`",
                   f"- Planner cost: {r['plan_seconds']:.0f} s for calibration + sensitivity + checks "
                   f"(seconds: {json.dumps(r['planner']['seconds'])}) against {r['plain_compress_seconds']:.0f} s "
                   f"for one plain global-threshold compress (calibration + rewrite): "
