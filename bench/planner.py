@@ -66,7 +66,7 @@ def global_threshold(planner: Planner, whole: float) -> Recipe:
 def run(name: str, spec: dict, quick: bool) -> dict:
     model = as_model(spec["model"])
     recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=spec["calib_size"], preprocess=spec["preprocess"])
-    samples, held_out, _, _ = compress_samples(model, recipe, spec["data"])
+    samples, held_out, _, _, _ = compress_samples(model, recipe, spec["data"])
     started = time.perf_counter()
     planner = Planner(model, samples["target"], options=plan_options(recipe.plan))
     planner.sensitivity()
