@@ -24,15 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, SHARED, machine, markdown_table  # noqa: E402
-from onnxprune.api import as_model, compress_samples  # noqa: E402
-from onnxprune.cost import total_macs  # noqa: E402
-from onnxprune.graph import find_channel_groups  # noqa: E402
-from onnxprune.passes.select_nodes import Footprint  # noqa: E402
-from onnxprune.pipeline import Recipe, run_pipeline  # noqa: E402
-from onnxprune.plan import figures  # noqa: E402
-from onnxprune.plan.planner import FOLDS, Planner, plan_options  # noqa: E402
-from onnxprune.validate import validate  # noqa: E402
+from bench.common import RESULTS, SHARED, machine, markdown_table
+from onnxprune.api import as_model, compress_samples
+from onnxprune.graph import find_channel_groups
+from onnxprune.passes.select_nodes import Footprint
+from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.plan import figures
+from onnxprune.plan.planner import FOLDS, Planner, plan_options
+from onnxprune.validate import validate
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 MODELS = {

@@ -36,8 +36,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from onnxprune import cost, linalg
-from onnxprune.calibration.stats import StatRequest
 from onnxprune.calibration.provider import StatsProvider
+from onnxprune.calibration.stats import StatRequest
 from onnxprune.errors import RecipeError
 from onnxprune.graph import ChannelGroup, LinearLayer, find_channel_groups, find_linear_layers, name_nodes
 from onnxprune.model import clone, count_parameters
@@ -45,9 +45,8 @@ from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.low_rank_split import split_params
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
-from onnxprune.plan.suffix import ActivationCache, Suffix, reference_hashes
+from onnxprune.plan.suffix import ActivationCache, Suffix, fixed_batch_of, measured_output, reference_hashes
 from onnxprune.runtime import make_session, run_batches
-from onnxprune.plan.suffix import fixed_batch_of, measured_output
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,7 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration.collect import expose
-from onnxprune.model import cone_hashes
-from onnxprune.model import input_specs
+from onnxprune.model import cone_hashes, input_specs
 from onnxprune.runtime import make_session, run_batches
 
 log = logging.getLogger(__name__)
