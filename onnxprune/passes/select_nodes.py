@@ -96,8 +96,11 @@ class Footprint:
     group h scales by both factors, a per-channel node (depthwise conv) by g's.
     """
 
-    def __init__(self, model: onnx.ModelProto, groups: list[ChannelGroup]):
-        costs = {c.name: c for c in cost.layer_costs(model)}
+    def __init__(self, model: onnx.ModelProto, groups: list[ChannelGroup], *,
+                 layer_costs: dict[str, cost.LayerCost] | None = None):
+        """``layer_costs``: ``cost.layer_costs(model)`` by name, when the caller has it already
+        (it runs shape inference)."""
+        costs = layer_costs if layer_costs is not None else {c.name: c for c in cost.layer_costs(model)}
         sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
         self.channels = {g.name: g.channels for g in groups}
         self.params: dict[str, set[str]] = {}      # initializer -> groups along its axes

@@ -201,16 +201,18 @@ class Costs:
                                else sum(c.macs for c in self.layers.values())), 1.0)    # 1: nothing to save
         self.model = model
 
-    def prune_saving(self, group: ChannelGroup, kept: int) -> float:
-        footprint = Footprint(self.model, [group])
-        full = footprint.full()
-        after = footprint({group.name: kept})
+    def prune_saving(self, groups: list[ChannelGroup], counts: dict[str, int]) -> float:
+        """What keeping ``counts[g]`` channels of each group saves, the groups jointly (Footprint,
+        on the layer costs already inferred)."""
+        footprint = Footprint(self.model, groups, layer_costs=self.layers)
         index = 0 if self.objective == "params" else 1
-        return float(full[index] - after[index])
+        return float(footprint.full()[index] - footprint(counts)[index])
 
     def saving(self, site: Site, size: int) -> float:
         """What compressing ``site`` alone to ``size`` (channels, or rank) saves."""
-        return self.prune_saving(site.group, size) if site.family == "prune" else self.split_saving(site.layer, size)
+        if site.family == "prune":
+            return self.prune_saving([site.group], {site.group.name: size})
+        return self.split_saving(site.layer, size)
 
     def split_saving(self, layer: LinearLayer, rank: int) -> float:
         m, n = layer.out_features, layer.in_features
@@ -541,12 +543,11 @@ class Planner:
     def cost_of(self, plan: dict[str, Option]) -> float:
         """Exact objective cost of ``plan`` (groups jointly through Footprint, splits apart)."""
         by_name = {s.key: s for s in self.sites}
-        counts = {by_name[n].name: o.size for n, o in plan.items() if o.family == "prune"}
+        pruned = [by_name[n] for n, o in plan.items() if o.family == "prune"]
         saving = 0.0
-        if counts:
-            footprint = Footprint(self.original, [by_name[n].group for n, o in plan.items() if o.family == "prune"])
-            index = 0 if self.options.objective == "params" else 1
-            saving += footprint.full()[index] - footprint(counts)[index]
+        if pruned:
+            saving += self.costs.prune_saving([site.group for site in pruned],
+                                              {site.name: plan[site.key].size for site in pruned})
         saving += sum(self.costs.split_saving(by_name[n].layer, o.size) for n, o in plan.items()
                       if o.family == "low-rank")
         return self.costs.total - saving
