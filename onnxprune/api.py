@@ -106,12 +106,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
             original, recipe, provider, planning = plan_recipe(original, samples, recipe, device=device,
                                                                progress=progress)
         except ValidationFailed as exc:
-            report = exc.report
-            report["evaluation"] = held_out.describe()
-            report["verdict"], report["failure"] = "failed", str(exc)
-            if output is not None:
-                write_failed_report(report, Path(output))
-            raise
+            exc.report["evaluation"] = held_out.describe()
+            raise fail(exc.report, output, exc) from None
     else:
         if stats is not None:
             preloaded = Statistics.load(stats, model=original)
@@ -144,11 +140,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     try:
         check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
     except ValidationFailed as exc:
-        report["verdict"], report["failure"] = "failed", str(exc)
-        if output is not None:
-            write_failed_report(report, Path(output))
-        exc.report = report
-        raise
+        raise fail(report, output, exc) from None
     report["verdict"] = "passed" if max_drop is not None or min_agreement is not None else "unchecked"
     if output is not None:
         write_outputs(compressed, report, recipe, Path(output))
@@ -248,6 +240,16 @@ def write_outputs(compressed: onnx.ModelProto, report: dict, recipe: Recipe, out
     save_model(compressed, output)
     write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
     recipe.save(recipe_path(output))
+
+
+def fail(report: dict, output, error: ValidationFailed) -> ValidationFailed:
+    """Mark ``report`` failed with ``error``'s reason, attach it to ``error`` and write it to
+    OUT.report.json when there is an output; returns ``error`` for the caller to raise."""
+    report["verdict"], report["failure"] = "failed", str(error)
+    error.report = report
+    if output is not None:
+        write_failed_report(report, Path(output))
+    return error
 
 
 def write_failed_report(report: dict, output: Path) -> Path:
