@@ -117,13 +117,13 @@ def plan_settings(plan: dict) -> dict:
     unknown = sorted(set(plan) - fields - set(GOALS))
     if unknown:
         raise RecipeError("plan", f"unknown key(s) {', '.join(unknown)}", f"valid: {', '.join(sorted(fields | set(GOALS)))}")
-    options = PlanOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items() if k in fields})
     out = {g: float(plan[g]) for g in goals}
-    out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(options).items()})
+    out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan_options(plan)).items()})
     return out
 
 
 def plan_options(plan: dict) -> PlanOptions:
+    """The PlanOptions fields of a ``plan`` table (goal keys ignored; lists as tuples)."""
     fields = {f.name for f in dataclasses.fields(PlanOptions)}
     return PlanOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items() if k in fields})
 
