@@ -13,6 +13,7 @@ every module here is imported when the registry is first read, so nothing else c
 
 from __future__ import annotations
 
+import abc
 import importlib
 import pkgutil
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ def pooled_request(group, pool: str) -> StatRequest:
     return StatRequest(group.site, kind="pooled", axis=1, pool=pool)
 
 
-class Criterion:
+class Criterion(abc.ABC):
     """Base class. ``score`` returns a dict with at least ``sigma`` (the site's C x C second
     moment, which reconstruct-next-layer needs) and one of: ``ranking`` (a lazy ``Ranking``),
     ``order`` (channels best first), ``pooled_cov`` (PFA's correlation choice); PFA criteria
@@ -63,8 +64,9 @@ class Criterion:
     def requests(self, group) -> list[tuple[StatRequest, tuple[str, ...]]]:
         return [(site_request(group), self.sets)]
 
-    def score(self, model: onnx.ModelProto, group, views) -> dict:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def score(self, model: onnx.ModelProto, group, views) -> dict:
+        """What ranks ``group``'s channels on ``model``, from the statistics ``views``."""
 
     def count(self, group, score: dict) -> int | None:
         """The criterion's own channel count for a group (PFA's rules), or None."""
