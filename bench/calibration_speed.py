@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np
 from common import RESULTS, TASKS, halves, machine, markdown_table
+from common import gram_macs as common_gram_macs
 from speed import METHODS, TASK_NAMES, decoded_set
 
 
@@ -59,19 +60,7 @@ def gram_macs(model, requests, data) -> int:
     tensors = list(dict.fromkeys(r.tensor for r in requests))
     exposed, outputs = expose(model, tensors)
     shapes = dict(zip(tensors, (a.shape for a in make_session(exposed).run(outputs, data.batch([0])))))
-    total = 0
-    for r in requests:
-        shape = shapes[r.tensor]
-        dim = r.dim(shape)
-        if r.kind == "patches":
-            rows = math.prod(r.out_spatial(shape))
-            rows = min(rows, r.positions) if r.positions else rows
-        elif r.kind == "pooled":
-            rows = 1
-        else:
-            rows = math.prod(shape[1:]) // dim
-        total += 0 if r.keep_rows else rows * dim * dim
-    return total
+    return common_gram_macs(requests, shapes)
 
 
 def accuracy(reference, candidate) -> dict:

@@ -167,3 +167,38 @@ def write_result(name: str, text: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(text.rstrip() + "\n")
     return path
+
+
+def gram_macs(requests, shapes: dict) -> int:
+    """Multiply-adds per sample of the Gram updates of ``requests`` (rows x dim^2), given the
+    shape of each request's tensor for one sample; raw rows (keep_rows) cost none."""
+    import math
+
+    total = 0
+    for r in requests:
+        shape = shapes[r.tensor]
+        dim = r.dim(shape)
+        if r.kind == "patches":
+            rows = math.prod(r.out_spatial(shape))
+            rows = min(rows, r.positions) if r.positions else rows
+        elif r.kind == "pooled":
+            rows = 1
+        else:
+            rows = math.prod(shape[1:]) // dim
+        total += 0 if r.keep_rows else rows * dim * dim
+    return total
+
+
+def interleaved_times(sessions, feeds: dict, *, runs: int, budget: float) -> list[dict]:
+    """ms per run of each session, A B A B ... on the same ``feeds``; stops early (after at
+    least 5 rounds) once ``budget`` seconds are spent. [{"min", "median", "runs"}] per session."""
+    times = [[] for _ in sessions]
+    start = time.perf_counter()
+    for i in range(runs):
+        for which, s in enumerate(sessions):
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times[which].append(1e3 * (time.perf_counter() - t))
+        if i >= 4 and time.perf_counter() - start > budget:
+            break
+    return [{"min": float(np.min(t)), "median": float(np.median(t)), "runs": len(t)} for t in times]

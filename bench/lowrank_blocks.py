@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import numpy as np
-from common import RESULTS, Bench, machine, markdown_table
+from common import RESULTS, Bench, interleaved_times, machine, markdown_table
 
 MULTIPLES = (1, 8, 16)
 TASKS = ("mobilenetv2/imagenet", "resnet20/cifar10-jpeg")
@@ -39,16 +39,7 @@ def latency(models: list, feeds_like: dict, *, batch: int, runs: int, budget: fl
     for _ in range(3):
         for s in sessions:
             s.run(None, feeds)
-    times = [[] for _ in sessions]
-    start = time.perf_counter()
-    for i in range(runs):
-        for which, s in enumerate(sessions):
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[which].append(1e3 * (time.perf_counter() - t))
-        if i >= 4 and time.perf_counter() - start > budget:
-            break
-    return [{"min": float(np.min(t)), "median": float(np.median(t)), "runs": len(t)} for t in times]
+    return interleaved_times(sessions, feeds, runs=runs, budget=budget)
 
 
 def main() -> int:

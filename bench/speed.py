@@ -35,7 +35,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import os
 import resource
 import subprocess
@@ -181,18 +180,9 @@ def throughput(model, samples, passes, *, batch_size: int, folds: int, repeats: 
     one = make_session(exposed).run(outputs, data.batch([0]))
     shapes = dict(zip(tensors, (a.shape for a in one)))   # outputs follow the order of tensors
     exposed_bytes = sum(a.nbytes for a in one)
-    gram_macs = 0
-    for r in requests:
-        shape = shapes[r.tensor]
-        dim = r.dim(shape)
-        if r.kind == "patches":
-            rows = math.prod(r.out_spatial(shape))
-            rows = min(rows, r.positions) if r.positions else rows
-        elif r.kind == "pooled":
-            rows = 1
-        else:
-            rows = math.prod(shape[1:]) // dim
-        gram_macs += 0 if r.keep_rows else rows * dim * dim
+    from common import gram_macs as count_gram_macs
+
+    gram_macs = count_gram_macs(requests, shapes)
     del one
 
     plain()   # warm-up: page cache, thread pools
@@ -238,18 +228,10 @@ def interleaved_latency(sessions, sample_feeds, *, runs: int, budget: float, bat
         for _ in range(warmup):
             for s in sessions:
                 s.run(None, feeds)
-        times = [[], []]
-        start = time.perf_counter()
-        for i in range(runs):
-            for which, s in enumerate(sessions):
-                t = time.perf_counter()
-                s.run(None, feeds)
-                times[which].append(1e3 * (time.perf_counter() - t))
-            if i >= 4 and time.perf_counter() - start > budget:
-                break
-        for which, role in enumerate(("reference", "candidate")):
-            out[role][f"batch{batch}"] = {"min": float(np.min(times[which])),
-                                          "median": float(np.median(times[which])), "runs": len(times[which])}
+        from common import interleaved_times
+
+        for role, row in zip(("reference", "candidate"), interleaved_times(sessions, feeds, runs=runs, budget=budget)):
+            out[role][f"batch{batch}"] = row
     return out
 
 
