@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -122,6 +122,8 @@ class ChannelGroup:
     consumers: list[Consumer]
     reshapes: list[str]       # Reshape nodes whose constant target shape changes with C
     skip: str | None = None
+    axis: int = CHANNEL_AXIS  # where the channels live in the activations: 1 ([N, C, ...]) or -1 (last)
+    structure: str = "channels"   # the analysis that found the group (``structures()``)
 
     @property
     def prunable(self) -> bool:
@@ -507,24 +509,74 @@ def _matmul_bias(index: GraphIndex, i: int, m: int) -> tuple[int, str] | None:
 
 # --------------------------------------------------------------------------- channel groups
 
+# Structures: each analysis finds the channel groups of one kind, registered by name (like
+# the criteria). "channels" (below) is the channel axis 1 of CNNs and MLPs; the others live
+# in ``onnxprune/structures/`` (one module each, imported when the registry is first read),
+# e.g. ``structures/last_axis.py``: groups along the last axis of [batch, tokens, features].
+_STRUCTURES: dict[str, Callable[[GraphIndex], list[ChannelGroup]]] = {}
+_STRUCTURES_DISCOVERED = False
+
+
+def register_structure(name: str):
+    """Register ``finder(index) -> [ChannelGroup]`` under ``name``."""
+    def wrap(finder):
+        if name in _STRUCTURES and _STRUCTURES[name] is not finder:
+            raise TypeError(f"structure {name!r} is registered twice")
+        _STRUCTURES[name] = finder
+        return finder
+    return wrap
+
+
+def structures() -> dict[str, Callable[[GraphIndex], list[ChannelGroup]]]:
+    """Every registered structure finder: "channels" first, then ``onnxprune.structures.*``."""
+    global _STRUCTURES_DISCOVERED
+    if not _STRUCTURES_DISCOVERED:
+        _STRUCTURES_DISCOVERED = True
+        import importlib
+        import pkgutil
+
+        package = importlib.import_module("onnxprune.structures")
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"onnxprune.structures.{info.name}")
+    return _STRUCTURES
+
+
 def find_channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
-    """Every group of coupled channels that starts at a Conv / Gemm / MatMul with constant
-    weights, in graph order of their first producer; ``skip`` says why a group is left alone."""
+    """Every group of coupled channels of every registered structure, in graph order of
+    their first producer; ``skip`` says why a group is left alone."""
     index = GraphIndex(model)
+    found = []
+    for finder in structures().values():
+        found += finder(index)
+    order = {name: i for i, name in enumerate(index.names)}
+    return sorted(found, key=lambda g: order.get(g.producers[0].node if g.producers else g.name, len(order)))
+
+
+def component_groups(index: GraphIndex, starts: dict, component: type) -> list[ChannelGroup]:
+    """One group per connected component of channels, walked from each unvisited producer of
+    ``starts`` ({node index: _ProducerInfo}) by ``component`` (a ``_Component`` class)."""
     seen: set[int] = set()
     groups = []
+    for i in starts:
+        if i in seen:
+            continue
+        group, members = component(index, starts).build(i)
+        seen |= members
+        groups.append(group)
+    return groups
+
+
+@register_structure("channels")
+def find_axis1_groups(index: GraphIndex) -> list[ChannelGroup]:
+    """Groups along axis 1 ([N, C, ...] and [N, C]): Conv/Gemm/MatMul producers through
+    per-channel ops (BN, pools, depthwise Conv, Flatten) to linear consumers."""
     starts = {}
     for i in range(len(index.nodes)):
         info = _producer(index, i)
         if info is not None:
             starts[i] = info
-    for i in starts:
-        if i in seen:
-            continue
-        group, members = _Component(index, starts).build(i)
-        seen |= members
-        groups.append(group)
-    return groups
+    return component_groups(index, starts, _Component)
 
 
 @dataclasses.dataclass
@@ -572,7 +624,22 @@ def _producer(index: GraphIndex, i: int) -> _ProducerInfo | None:
 
 
 class _Component:
-    """Walks the tensors that carry one set of channels, from one producer outwards."""
+    """Walks the tensors that carry one set of channels, from one producer outwards.
+
+    Channels live on axis 1 here; a structure with channels elsewhere subclasses this and
+    overrides ``channel_axis``, ``reads_rank`` and ``through`` (``structures/last_axis.py``)."""
+
+    axis = CHANNEL_AXIS
+    structure = "channels"
+
+    def channel_axis(self, rank: int) -> int:
+        """The channel axis of an activation of ``rank``."""
+        return CHANNEL_AXIS
+
+    def reads_rank(self, op: str, rank: int | None) -> str | None:
+        """Why a Gemm/MatMul consumer cannot read the group's channels from a tensor of
+        ``rank`` (None: it can): here only [N, C]."""
+        return None if rank == 2 else f"of rank {rank}, not [N, C]"
 
     def __init__(self, index: GraphIndex, starts: dict[int, _ProducerInfo]):
         self.index = index
@@ -667,7 +734,7 @@ class _Component:
         shape, rank = self.index.shape(name), self.index.rank(reference)
         if shape is None or rank is None:
             return None
-        axis = CHANNEL_AXIS - (rank - len(shape))
+        axis = self.channel_axis(rank) - (rank - len(shape))
         return shape[axis] if axis >= 0 else 1
 
     def forward(self, tensor: str) -> None:
@@ -794,8 +861,9 @@ class _Component:
             if len(dims) != 2:
                 self.skip(f"{label} has a {len(dims)}-D weight")
                 return
-            if index.rank(tensor) != 2:
-                self.skip(f"{label} reads {tensor} of rank {index.rank(tensor)}, not [N, C]")
+            problem = self.reads_rank(op, index.rank(tensor))
+            if problem:
+                self.skip(f"{label} reads {tensor} {problem}")
                 return
             if op == "Gemm":
                 if int(attrs.get("transA", 0)):
@@ -897,7 +965,7 @@ class _Component:
             if len(shape) > rank:
                 self.skip(f"{label} broadcasts {tensor} to a higher rank")
                 return False
-            axis = CHANNEL_AXIS - (rank - len(shape))
+            axis = self.channel_axis(rank) - (rank - len(shape))
             size = shape[axis] if axis >= 0 else 1
             if size == 1 and (const is not None or self.channels != 1):
                 continue        # the same value for every channel
@@ -966,9 +1034,10 @@ class _Component:
         end = int(attrs.get("end", rank))
         start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
         start, end = max(0, min(start, rank)), max(0, min(end, rank))
-        if not start <= CHANNEL_AXIS < end:
+        channel = self.channel_axis(rank)
+        if not start <= channel < end:
             return True
-        position = CHANNEL_AXIS - start
+        position = channel - start
         for j, slot in index.uses.get(node.output[0], ()):
             gather = index.nodes[j]
             if gather.op_type != "Gather" or slot != 0 or int(attributes(gather).get("axis", 0)) != 0:
@@ -1023,6 +1092,8 @@ class _Component:
             consumers=[self.consumers[i] for i in sorted(self.consumers)],
             reshapes=[self.reshapes[i] for i in sorted(self.reshapes)],
             skip=skip,
+            axis=self.axis,
+            structure=self.structure,
         )
 
 
@@ -1061,6 +1132,8 @@ def describe_groups(groups: Iterable[ChannelGroup]) -> list[dict]:
     for group in groups:
         rows.append({
             "name": group.name,
+            "structure": group.structure,
+            "axis": group.axis,
             "channels": group.channels,
             "prunable": group.skip is None,
             "skip": group.skip,

@@ -36,6 +36,8 @@ from onnxprune.runtime import batch_size_for, make_session
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "graph", "numpy")
+#: the model input whose zeros mark padded token positions, found by name unless told otherwise
+MASK_INPUT = "attention_mask"
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
               ort_state.NotImplemented, ort_state.RuntimeException)
@@ -54,6 +56,7 @@ def collect(
     offset: int = 0,
     threads: int | None = None,
     engine: str = "auto",
+    mask: str | None = "auto",
 ) -> Statistics:
     """Statistics of ``requests`` on each sample set of ``samples`` ({"target": SampleSet, ...}).
 
@@ -70,6 +73,10 @@ def collect(
       - "numpy": every tensor exposed and folded in float64 (exact, slowest).
     Requests the graph cannot take (``keep_rows``, non-float or unknown shapes) use the numpy
     fold in every engine.
+    ``mask``: the model input whose zeros mark padded token positions ([N, T] beside
+    [N, T, features] activations): those rows never enter a "features" statistic with the
+    features on the last axis, nor a "pooled" one (see ``token_mask_input``). "auto": the
+    input named ``attention_mask`` when the model has one; None: no masking.
     ``threads``: onnxruntime intra-op threads (None: its default).
     ``offset``: the position of the first sample in a larger set this one is a shard of
     (see ``calibration/shard.py``): folds and sampled patch positions follow the position in
@@ -81,10 +88,56 @@ def collect(
     """
     with blas_threads():
         return _collect(model, samples, requests, batch_size=batch_size, folds=folds, device=device,
-                        progress=progress, seed=seed, offset=offset, threads=threads, engine=engine)
+                        progress=progress, seed=seed, offset=offset, threads=threads, engine=engine,
+                        mask=token_mask_input(model, mask))
 
 
-def _collect(model, samples, requests, *, batch_size, folds, device, progress, seed, offset, threads, engine):
+def token_mask_input(model: onnx.ModelProto, mask: str | None = "auto") -> str | None:
+    """The graph input that masks padded tokens: ``mask`` itself (checked), or with "auto"
+    the input named ``MASK_INPUT`` when there is one, else None (nothing is masked)."""
+    names = [spec.name for spec in input_specs(model)]
+    if mask == "auto":
+        return MASK_INPUT if MASK_INPUT in names else None
+    if mask is None or mask == "none":
+        return None
+    if mask not in names:
+        raise CalibrationError(mask, "is not an input of the model, so it cannot mask padded tokens",
+                               f"inputs: {', '.join(names)}")
+    return mask
+
+
+def token_rows(request: StatRequest, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """Which rows of ``x`` a masked request keeps: the (N, T) boolean of real tokens when
+    ``mask`` (N, T) lines up with a token axis of ``x`` ([N, T, features], features last),
+    else None (every row counts)."""
+    if mask is None or request.kind == "patches" or x.ndim < 3 or x.shape[:2] != mask.shape:
+        return None
+    if request.kind == "features" and request.axis % x.ndim != x.ndim - 1:
+        return None
+    if request.kind == "pooled" and request.axis % x.ndim != x.ndim - 1:
+        return None
+    return np.asarray(mask) != 0
+
+
+def _masked_rows(request: StatRequest, x: np.ndarray, real: np.ndarray):
+    """Rows of ``x`` ([N, T, ..., C]) at real tokens only: "features" -> (k, C) for the real
+    positions; "pooled" -> (N, C) max or mean over each sample's real tokens."""
+    if request.kind == "features":
+        yield x[real].reshape(-1, x.shape[-1])
+        return
+    flat = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]) if x.ndim > 3 else x[:, :, None, :]
+    weight = real[:, :, None, None]
+    if request.pool == "max":
+        pooled = np.where(weight, flat, -np.inf).max(axis=(1, 2))
+        pooled[~np.isfinite(pooled)] = 0.0          # a sample without real tokens
+        yield pooled
+    else:
+        count = np.maximum(weight.sum(axis=(1, 2)) * flat.shape[2], 1)
+        yield (flat * weight).sum(axis=(1, 2), dtype=np.float64) / count
+
+
+def _collect(model, samples, requests, *, batch_size, folds, device, progress, seed, offset, threads, engine,
+             mask=None):
     if int(folds) < 1:
         raise CalibrationError("folds", f"must be >= 1, got {folds}")
     if int(offset) < 0:
@@ -110,6 +163,8 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
         "samples": {},
         "onnxprune_version": __version__,
     }
+    if mask is not None:
+        header["mask"] = mask
     moments: dict[tuple[str, str, int], Moments] = {}
     if not requests:
         return Statistics(header, moments)
@@ -127,7 +182,8 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
         values = _value_types(model, [r.tensor for r in candidates], with_inputs=True)
         for r in candidates:
             shape = ingraph.supported(r, values.get(r.tensor))
-            if shape is not None:
+            if shape is not None and mask is not None and len(shape) >= 3 and r.axis % len(shape) == len(shape) - 1:
+                shape = None            # token statistics: padded rows are dropped in numpy
                 in_graph.append((r, shape))
     products = "float64" if engine == "numpy" else "float32"
     graph_keys = {r.key for r, _ in in_graph}
@@ -196,7 +252,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                     result[j] = None           # the only reference left is x: freed after use
                     updated = [m for request in by_tensor[tensor]
                                for m in _fold_in(moments, request, set_name, x, position, folds, seed,
-                                                 products=products)]
+                                                 products=products, mask=feeds.get(mask) if mask else None)]
                     # every value folded in reaches a sum: a NaN or Inf leaves it non-finite
                     if not all(np.isfinite(m.sum).all() for m in updated):
                         _raise_non_finite(x, tensor, set_name, indices)
@@ -246,18 +302,24 @@ def _diagnose(model, tensor: str, feeds: dict, n: int, set_name: str, indices, d
 
 
 def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, position: int,
-             folds: int, seed: int = 0, *, products: str = "float64") -> list[Moments]:
+             folds: int, seed: int = 0, *, products: str = "float64", mask: np.ndarray | None = None
+             ) -> list[Moments]:
     """Fold batch ``x`` (first sample at ``position``) into the Moments of ``request``, fold by
     fold; returns the Moments it updated. Sampled patch positions depend on ``seed``, the
-    request, the set and ``position`` only (not on which other requests are gathered)."""
+    request, the set and ``position`` only (not on which other requests are gathered).
+    ``mask`` (N, T): the batch's token mask; padded rows are left out (``token_rows``)."""
     problem = request.check(x.shape)
     if problem:
         raise CalibrationError(request.tensor, problem, f"request {request.key} does not fit this tensor")
     dim = request.dim(x.shape)
+    real = token_rows(request, x, mask)
+    if real is not None and request.kind == "pooled":
+        dim = int(x.shape[-1])
     updated = []
     for fold in range(folds):
         # samples at batch offsets j with (position + j) % folds == fold: a strided view
         part = x[(fold - position) % folds::folds] if folds > 1 else x
+        part_real = None if real is None else (real[(fold - position) % folds::folds] if folds > 1 else real)
         if part.shape[0] == 0:
             continue
         key = (set_name, request.key, fold)
@@ -270,7 +332,8 @@ def _fold_in(moments: dict, request: StatRequest, set_name: str, x: np.ndarray, 
         rng = (np.random.default_rng([seed, zlib.crc32(f"{set_name}/{request.key}".encode()), position, fold])
                if request.positions else None)
         with np.errstate(invalid="ignore", over="ignore"):   # non-finite values are reported by the caller
-            for rows in request.rows(part, rng):
+            blocks = request.rows(part, rng) if part_real is None else _masked_rows(request, part, part_real)
+            for rows in blocks:
                 m.update(rows)
         updated.append(m)
     return updated

@@ -77,7 +77,7 @@ def supported(request: StatRequest, value: onnx.ValueInfoProto | None) -> tuple 
             return None
         return shape
     if request.kind == "pooled":
-        return shape if rank >= 2 else None
+        return shape if rank >= 2 and request.axis % rank == 1 else None
     if rank < 2 or not -rank <= request.axis < rank or request.axis % rank == 0:
         return None
     return shape

@@ -436,7 +436,7 @@ class StatRequest:
         ``rng`` draws the positions of a "patches" request with ``positions`` set.
         """
         if self.kind == "pooled":
-            yield pooled(x, pool=self.pool)
+            yield pooled(x, pool=self.pool, axis=self.axis)
         elif self.kind == "patches":
             per_sample = math.prod(self.out_spatial(x.shape))
             take = self.positions if 0 < self.positions < per_sample else None
@@ -467,7 +467,7 @@ class StatRequest:
         if self.kind == "patches":
             return int(shape[1]) * math.prod(self.kernel)
         if self.kind == "pooled":
-            return int(shape[1]) if len(shape) > 1 else 1
+            return int(shape[self.axis]) if len(shape) > 1 else 1
         return int(shape[self.axis])
 
     def check(self, shape: tuple[int, ...]) -> str | None:
@@ -519,11 +519,13 @@ def feature_rows(x: np.ndarray, axis: int) -> Iterator[np.ndarray]:
         yield blocks[start:start + group].transpose(0, 2, 1).reshape(-1, channels)
 
 
-def pooled(x: np.ndarray, *, pool: str = "max") -> np.ndarray:
-    """Per-sample pooling of [N, C, ...] over every axis after C -> (N, C)."""
+def pooled(x: np.ndarray, *, pool: str = "max", axis: int = 1) -> np.ndarray:
+    """Per-sample pooling of [N, C, ...] over every axis after C -> (N, C); with ``axis`` the
+    last axis ([N, T, ..., C], token features), over every axis between N and C."""
     if x.ndim == 2:
         return x
-    axes = tuple(range(2, x.ndim))
+    axis = axis % x.ndim
+    axes = tuple(a for a in range(1, x.ndim) if a != axis)
     if pool == "max":
         return x.max(axis=axes)
     if pool == "mean":

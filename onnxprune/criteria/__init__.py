@@ -28,13 +28,14 @@ _DISCOVERED = False
 
 
 def site_request(group) -> StatRequest:
-    """Second moments of the group's site, one row per sample and spatial position."""
-    return StatRequest(group.site, kind="features", axis=1)
+    """Second moments of the group's site, one row per sample and spatial position (per
+    real token for last-axis groups of [N, T, C] activations)."""
+    return StatRequest(group.site, kind="features", axis=getattr(group, "axis", 1))
 
 
 def pooled_request(group, pool: str) -> StatRequest:
-    """Moments of the site pooled over space per sample (PFA's responses)."""
-    return StatRequest(group.site, kind="pooled", axis=1, pool=pool)
+    """Moments of the site pooled over space (over real tokens) per sample (PFA's responses)."""
+    return StatRequest(group.site, kind="pooled", axis=getattr(group, "axis", 1), pool=pool)
 
 
 class Criterion(abc.ABC):
