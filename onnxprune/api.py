@@ -117,7 +117,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                                 "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
             check_held_out(preloaded, stats, held_out, eval_source)
         provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
-                                 progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original)
+                                 progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original,
+                                 mask=recipe.mask)
     compressed, report = run_pipeline(original, recipe, provider)
     if planning is not None:
         report["plan"] = planning
@@ -130,7 +131,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
-                           measure_latency=measure_latency, progress=progress)
+                           measure_latency=measure_latency, progress=progress, metric=recipe.metric)
     warnings = list(validation.warnings) + collapse_warnings(validation, held_out)
     for warning in warnings:
         log.warning("%s", warning)
@@ -300,7 +301,8 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     if source_data is not None:
         source = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
     planner = Planner(original, target, options=plan_options(recipe.plan or {}), source=source,
-                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress)
+                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
+                      metric=recipe.metric, mask=recipe.mask)
     curves = planner.sensitivity()
     result = {"model": original.graph.name, "calibration": target.describe(), **planner.report()}
     if source is not None:
@@ -335,7 +337,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     samples, held_out, _, _, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
     planner = Planner(original, samples["target"], options=plan_options(recipe.plan or {}),
                       source=samples.get("source"), batch_size=recipe.batch_size, device=device,
-                      seed=recipe.seed, progress=progress)
+                      seed=recipe.seed, progress=progress, metric=recipe.metric, mask=recipe.mask)
     planner.sensitivity()
     rows = []
     stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
@@ -349,7 +351,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         final = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
         compressed, report = run_pipeline(planner.original, final, planner.provider)
         validation = _validate(planner.original, compressed, held_out, batch_size=recipe.batch_size, device=device,
-                               measure_latency=measure_latency, progress=progress)
+                               measure_latency=measure_latency, progress=progress, metric=recipe.metric)
         report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
                       evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()})
         path = out_dir / f"{stem}_{result['objective']}{round(100 * budget)}.onnx"
@@ -403,7 +405,8 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, dev
     """
     goal = recipe.plan
     planner = Planner(original, samples["target"], options=plan_options(goal), source=samples.get("source"),
-                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress)
+                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
+                      metric=recipe.metric, mask=recipe.mask)
     if goal.get("max_drop") is not None:
         result = planner.for_max_drop(goal["max_drop"])
     else:
@@ -628,7 +631,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         for set_name, todo in requests.items():
             part = collect(original, {set_name: samples[set_name]}, list(dict.fromkeys(todo)),
                            batch_size=recipe.batch_size, folds=recipe.folds, device=device, progress=progress,
-                           seed=recipe.seed, engine=engine)
+                           seed=recipe.seed, engine=engine, mask=recipe.mask)
             stats = part if stats is None else stats.merge(part)
     # which rows of which file calibrated, for compress --stats (also in a shard's record, so
     # that merge-stats keeps it)
@@ -701,13 +704,14 @@ def inspect(model) -> dict[str, Any]:
 def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None = None, batch_size: int = 32,
              device: str = "cpu", measure_latency: bool = True, latency_runs: int = 10,
              max_drop: float | None = None, min_agreement: float | None = None,
-             progress: bool = False) -> ValidationReport:
-    """Compare ``candidate`` with ``reference`` on ``data``; raises ValidationFailed on a missed threshold."""
+             progress: bool = False, metric: str = "auto") -> ValidationReport:
+    """Compare ``candidate`` with ``reference`` on ``data``; raises ValidationFailed on a missed threshold.
+    ``metric``: "auto", "classes" or "embedding" (cosine, kNN and probe: ``onnxprune.embedding``)."""
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     ref, cand = as_model(reference), as_model(candidate)
     samples = as_samples(data, ref, preprocess)
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,
-                       latency_runs=latency_runs, progress=progress)
+                       latency_runs=latency_runs, progress=progress, metric=metric)
     for warning in report.warnings:
         log.warning("%s", warning)
     check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)

@@ -238,7 +238,7 @@ def main():
 METHOD_FLAGS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau", "flops", "lam", "ridge", "layers",
                 "no_reconstruct", "then_low_rank")
 #: recipe-level settings a flag given on the command line changes over a --recipe file
-RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size")
+RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric")
 BUDGET_FLAGS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")
 LOW_RANK_ONLY = ("rank", "energy", "ridge")
 PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank")
@@ -287,7 +287,7 @@ def build_recipe(kw: dict, preprocess: dict):
     layers = tuple(v.strip() for v in (kw.get("layers") or "").split(",") if v.strip())
     if planned(kw):
         return Recipe(passes=(), plan=plan_request(kw, layers), seed=kw["seed"], calib_size=kw.get("calib_size"),
-                      split=kw["split"], batch_size=kw["batch_size"], preprocess=preprocess)
+                      split=kw["split"], batch_size=kw["batch_size"], preprocess=preprocess, **token_settings(kw))
     if method == "auto":
         method = "spectral" if any(kw.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
     if method in METHODS:
@@ -302,7 +302,7 @@ def build_recipe(kw: dict, preprocess: dict):
         passes = _pruning_passes(method, budget, layers, kw)
     return Recipe(passes=tuple(passes), mode=kw.get("mode") or "one-shot", seed=kw["seed"],
                   calib_size=kw.get("calib_size"), split=kw["split"], batch_size=kw["batch_size"],
-                  preprocess=preprocess)
+                  preprocess=preprocess, **token_settings(kw))
 
 
 #: flags that set a per-layer rule or a pass option the planner does not choose: with any of
@@ -365,6 +365,28 @@ def _replace(recipe, **changes):
     return dataclasses.replace(recipe, **changes)
 
 
+def token_settings(kw: dict) -> dict:
+    """The recipe's token-model settings from --mask-input / --metric (defaults: auto)."""
+    return {key: kw[key] for key in ("mask_input", "metric") if kw.get(key) is not None}
+
+
+METRIC_HELP = ("How outputs are compared: classes (accuracy, agreement), embedding (cosine to the original; "
+               "with labels kNN and linear-probe accuracy), auto: embedding for a token model's (attention_mask "
+               "input) vector output at least 64 wide, else classes.")
+
+
+def token_options(func):
+    """--mask-input, --metric: token models (transformer encoders)."""
+    options = [
+        click.option("--mask-input", help="Model input whose zeros mark padded tokens, left out of the statistics "
+                                          "(default: attention_mask when the model has it; 'none': no masking)."),
+        click.option("--metric", type=click.Choice(["auto", "classes", "embedding"]), help=METRIC_HELP),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def calibration_options(func):
     """--split, --calib-size, --seed: which target samples calibrate (compress and calibrate alike)."""
     options = [
@@ -415,6 +437,7 @@ def calibration_options(func):
 @click.option("--no-reconstruct", is_flag=True, help="Pruning: drop channels without compensating the next layer.")
 @click.option("--then-low-rank", type=FRACTION, help="After pruning, DALR-split the FC layers keeping this fraction.")
 @calibration_options
+@token_options
 @click.option("--stats", type=click.Path(dir_okay=False), help="Reuse statistics saved by `onnxprune calibrate`.")
 @click.option("--max-drop", type=click.FloatRange(0, 100),
               help="Smallest model within this many points of accuracy (agreement without labels); the default "
@@ -525,6 +548,8 @@ def plan_lines(report: dict) -> list[str]:
               else f"at {100 * goal['budget']:g}% of the {plan['objective']}")
     check = plan["check"]
     metric = "accuracy" if check.get("accuracy_reference") is not None else "agreement"
+    if plan.get("output_kind") == "embedding":
+        metric = "kNN accuracy" if check.get("accuracy_reference") is not None else "100 (1 - cosine)"
     seconds = plan.get("seconds", {})
     skipped = [f"  not planned: {row['site']} ({row['family']}): {row['reason']}" for row in plan.get("skipped", [])]
     return skipped + [
@@ -551,12 +576,21 @@ def verdict_lines(report: dict, output) -> list[str]:
     where = f" (from {report['statistics']['file']})" if report.get("calibration_runs") == 0 and \
         report.get("statistics") else ""
     lines.append(f"calibrated on {counts or 'no'} samples{where}; evaluated on {v['samples']:,} held-out samples")
-    if v.get("accuracy_reference") is not None:
+    sqnr = "inf (outputs identical)" if v.get("identical") else _number(v.get("sqnr_db"), ".1f", "n/a")
+    e = v.get("embedding")
+    if e:
+        lines.append(f"embedding {e['output']}: cosine to the original {e['cosine']:.4f} (mean; 5th percentile "
+                     f"{e['cosine_p05']:.4f}), relative error {_number(v.get('relative_error'), '.4f', 'n/a')}")
+        if e.get("knn_reference") is not None:
+            probe = (f", linear probe {_number(e.get('probe_reference'), '.2%', 'n/a')} -> "
+                     f"{_number(e.get('probe_candidate'), '.2%', 'n/a')}") if e.get("probe_reference") is not None else ""
+            lines.append(f"kNN accuracy (k={e['k']}) {e['knn_reference']:.2%} -> {e['knn_candidate']:.2%}{probe}")
+    elif v.get("accuracy_reference") is not None:
         lines.append(f"top-1 accuracy {_number(v['accuracy_reference'], '.2%', 'n/a')} -> "
                      f"{_number(v['accuracy_candidate'], '.2%', 'n/a')}")
-    sqnr = "inf (outputs identical)" if v.get("identical") else _number(v.get("sqnr_db"), ".1f", "n/a")
-    lines.append(f"agreement {_number(v.get('agreement'), '.2%', 'n/a (no class axis)')}, relative error "
-                 f"{_number(v.get('relative_error'), '.4f', 'n/a')}, SQNR {sqnr} dB")
+    if not e:
+        lines.append(f"agreement {_number(v.get('agreement'), '.2%', 'n/a (no class axis)')}, relative error "
+                     f"{_number(v.get('relative_error'), '.4f', 'n/a')}, SQNR {sqnr} dB")
     if report.get("finetune"):
         b, ft = report["validation_before_finetune"], report["finetune"]
         acc = f"accuracy {_number(b.get('accuracy_candidate'), '.2%', 'n/a')}, " \
@@ -611,6 +645,7 @@ def _count_of(desc: dict) -> str:
 @click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
 @click.option("--engine", type=click.Choice(["auto", "graph", "numpy"]), default="auto", show_default=True,
               help="auto: patches in-graph, features by float32 BLAS; graph: all inside onnxruntime; numpy: float64.")
+@token_options
 @preprocess_options
 @common_options
 @user_errors
@@ -677,7 +712,8 @@ def plan_only_recipe(kw: dict, preprocess: dict, **goal):
     plan.pop("max_drop", None)
     plan.update(goal)
     return Recipe(passes=(), plan=plan, seed=kw["seed"], calib_size=kw.get("calib_size"),
-                  split=kw.get("split") or 0.5, batch_size=kw["batch_size"], preprocess=preprocess)
+                  split=kw.get("split") or 0.5, batch_size=kw["batch_size"], preprocess=preprocess,
+                  **token_settings(kw))
 
 
 @main.command(short_help="Damage of compressing each site alone at each size: JSON, table, heat map.")
@@ -687,6 +723,7 @@ def plan_only_recipe(kw: dict, preprocess: dict, **goal):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Curves as JSON (.json).")
 @click.option("--figure", type=click.Path(dir_okay=False), help="Heat map PNG (default: next to -o).")
 @plan_flags
+@token_options
 @preprocess_options
 @common_options
 @user_errors
@@ -723,6 +760,7 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @plan_flags
+@token_options
 @preprocess_options
 @common_options
 @user_errors
@@ -816,6 +854,8 @@ def _plural(n: int, noun: str) -> str:
               help="Timed runs of each model per batch size (interleaved).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--metric", type=click.Choice(["auto", "classes", "embedding"]), default="auto", show_default=True,
+              help=METRIC_HELP)
 @preprocess_options
 @common_options
 @user_errors
@@ -826,7 +866,8 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
 
     preprocess = preprocess_dict(kw)
     report = api.validate(reference, candidate, data, preprocess=preprocess, batch_size=batch_size, device=device,
-                          measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=show_progress(quiet))
+                          measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=show_progress(quiet),
+                          metric=kw["metric"])
     if as_json:
         click.echo(json.dumps(api.jsonable(report.to_dict()), indent=2))
     else:

@@ -46,6 +46,10 @@ class Recipe:
     # Accuracy-driven planning (onnxprune.plan): the passes are chosen per site by the planner.
     # Keys: max_drop (points) or budget (fraction of the objective), and PlanOptions fields.
     plan: dict | None = None
+    # Token models: the input whose zeros mark padding ("auto": attention_mask when present; "none"),
+    # and how outputs are compared ("auto", "classes", "embedding"; see onnxprune.embedding).
+    mask_input: str = "auto"
+    metric: str = "auto"
 
     def __post_init__(self):
         if self.mode not in ("one-shot", "sequential"):
@@ -72,6 +76,16 @@ class Recipe:
             raise RecipeError("recipe", f"seed={self.seed!r} must be an integer >= 0")
         if self.folds < 1 or self.batch_size < 1:
             raise RecipeError("recipe", "folds and batch_size must be >= 1")
+        from onnxprune.embedding import check_metric
+
+        check_metric(self.metric)
+        if not isinstance(self.mask_input, str) or not self.mask_input:
+            raise RecipeError("recipe", f"mask_input={self.mask_input!r} must be an input name, 'auto' or 'none'")
+
+    @property
+    def mask(self) -> str | None:
+        """``mask_input`` as ``collect(mask=)`` takes it."""
+        return None if self.mask_input == "none" else self.mask_input
 
     def build(self) -> list[Pass]:
         """Instantiate (and so validate) every pass."""
@@ -85,6 +99,8 @@ class Recipe:
             "batch_size": self.batch_size, "folds": self.folds, "preprocess": dict(self.preprocess),
             "passes": [{"name": p.name, **options_to_dict(p.options)} for p in built],
             **({"plan": dict(self.plan)} if self.plan is not None else {}),
+            **({"mask_input": self.mask_input} if self.mask_input != "auto" else {}),
+            **({"metric": self.metric} if self.metric != "auto" else {}),
         }
 
     @classmethod

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
+from onnxprune import embedding as emb
 from onnxprune.cost import total_macs
 from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
 from onnxprune.model import count_parameters, input_specs, jsonable, model_bytes
@@ -56,6 +57,9 @@ class ValidationReport:
     latency_ms: dict = dataclasses.field(default_factory=dict)  # {"reference": {"batch1": ms, ...}, ...}
     outputs: list[OutputError] = dataclasses.field(default_factory=list)  # every output, first first
     warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. a reference accuracy near chance
+    # embedding outputs (``onnxprune.embedding``): cosine, kNN and probe accuracy; None for class scores.
+    # Then accuracy_* are the kNN accuracies and agreement is the mean cosine similarity.
+    embedding: dict | None = None
 
     @property
     def identical(self) -> bool:
@@ -96,10 +100,26 @@ class ValidationReport:
     def summary_lines(self) -> list[str]:
         """Human-readable lines, one metric each, reference -> candidate."""
         lines = [f"samples      {self.samples}"]
+        if self.embedding is not None:
+            e = self.embedding
+            lines.append(f"cosine       {e['cosine']:.4f} mean, {e['cosine_p05']:.4f} 5th percentile, "
+                         f"{e['cosine_min']:.4f} min (embedding {e['output']} against the reference)")
+            if "knn_reference" in e:
+                lines.append(f"kNN          {100 * e['knn_reference']:.2f}% -> {100 * e['knn_candidate']:.2f}% "
+                             f"({100 * (e['knn_candidate'] - e['knn_reference']):+.2f} points; k={e['k']}, "
+                             f"index {e['index']}, queries {e['queries']})")
+            if e.get("probe_reference") is not None:
+                lines.append(f"probe        {100 * e['probe_reference']:.2f}% -> {100 * e['probe_candidate']:.2f}% "
+                             f"({100 * (e['probe_candidate'] - e['probe_reference']):+.2f} points, logistic regression)")
+            return lines + self._size_lines()
         if self.accuracy_drop is not None:
             ref, cand = 100 * self.accuracy_reference, 100 * self.accuracy_candidate
             lines.append(f"accuracy     {ref:.2f}% -> {cand:.2f}% ({cand - ref:+.2f} points)")
         lines.append(f"agreement    {100 * self.agreement:.2f}% top-1 with the reference")
+        return lines + self._size_lines()
+
+    def _size_lines(self) -> list[str]:
+        lines = []
         for out in self.outputs if len(self.outputs) > 1 else self.outputs[:1]:
             label = f"error [{out.name}]" if len(self.outputs) > 1 else "error"
             lines.append(f"{label:<12} relative {out.relative_error:.4g}, SQNR {_db(out.sqnr_db)}")
@@ -133,6 +153,7 @@ def validate(
     device: str = "cpu",
     measure_latency: bool = True,
     progress: bool = False,
+    metric: str = "auto",
 ) -> ValidationReport:
     """Run ``reference`` and ``candidate`` over ``samples`` (a SampleSet) and compare them.
 
@@ -141,6 +162,11 @@ def validate(
     with one prediction per sample. Raises
     ModelError when the models' inputs or outputs do not match, DataError for an empty
     sample set or labels that do not fit the outputs.
+
+    ``metric``: "auto", "classes" or "embedding" (``onnxprune.embedding.output_kind``). For an
+    embedding output (a sentence encoder's) the report's ``embedding`` holds the cosine
+    similarity to the reference and, with labels, kNN and linear-probe accuracy of both;
+    ``accuracy_*`` are then the kNN accuracies and ``agreement`` the mean cosine.
     """
     _check_compatible(reference, candidate)
     n = len(samples)
@@ -156,6 +182,9 @@ def validate(
     fixed = [_fixed_batch(reference), _fixed_batch(candidate)]
     names = [o.name for o in reference.graph.output]
     step = fixed[0] if fixed[0] and fixed[0] == fixed[1] else batch_size
+    measured = names.index(emb.measured_output(reference))
+    kind = None
+    vectors: tuple[list, list] = ([], [])
 
     sum_ref = np.zeros(len(names))  # sum of y_r^2 per output, float64
     sum_err = np.zeros(len(names))  # sum of (y_c - y_r)^2 per output
@@ -177,6 +206,12 @@ def validate(
             diff = c.astype(np.float64) - r64
             sum_err[k] += float(np.sum(diff * diff))
         seen += len(indices)
+        if kind is None:
+            kind = emb.output_kind(reference, ref_out[measured], metric)
+        if kind == "embedding":
+            vectors[0].append(np.asarray(ref_out[measured]).reshape(len(indices), -1))
+            vectors[1].append(np.asarray(cand_out[measured]).reshape(len(indices), -1))
+            continue
         if ref_out[0].ndim < 2:  # no class axis (a regression output): errors only
             if labels is not None:
                 raise DataError(_describe(samples),
@@ -204,14 +239,23 @@ def validate(
         latency = _latency(sessions, fixed, first_feeds, runs=latency_runs, batch=latency_batch)
     macs_reference = total_macs(reference)
     accuracy_reference = correct[0] / seen if labels is not None else None
+    accuracy_candidate = correct[1] / seen if labels is not None else None
+    agreement = agree / compared if compared else float("nan")
+    main = errors[0]
+    embedding = None
+    if kind == "embedding":
+        embedding = emb.embedding_metrics(np.concatenate(vectors[0]), np.concatenate(vectors[1]), labels,
+                                          output=names[measured])
+        accuracy_reference, accuracy_candidate = embedding.get("knn_reference"), embedding.get("knn_candidate")
+        agreement, main = embedding["cosine"], errors[measured]
     warnings = reference_warnings(accuracy_reference, labels, classes) + latency_warnings(latency)
     return ValidationReport(
         samples=seen,
         accuracy_reference=accuracy_reference,
-        accuracy_candidate=correct[1] / seen if labels is not None else None,
-        agreement=agree / compared if compared else float("nan"),
-        relative_error=errors[0].relative_error,
-        sqnr_db=errors[0].sqnr_db,
+        accuracy_candidate=accuracy_candidate,
+        agreement=agreement,
+        relative_error=main.relative_error,
+        sqnr_db=main.sqnr_db,
         params_reference=count_parameters(reference),
         params_candidate=count_parameters(candidate),
         macs_reference=macs_reference,
@@ -221,6 +265,7 @@ def validate(
         latency_ms=latency,
         outputs=errors,
         warnings=warnings,
+        embedding=embedding,
     )
 
 

@@ -41,7 +41,8 @@ class StatsProvider:
 
     def __init__(self, samples: dict, *, batch_size: int = 32, folds: int = 2, device: str = "cpu",
                  progress: bool = True, seed: int = 0, preloaded: Statistics | None = None,
-                 preloaded_model: onnx.ModelProto | None = None, engine: str = "auto"):
+                 preloaded_model: onnx.ModelProto | None = None, engine: str = "auto",
+                 mask: str | None = "auto"):
         self.samples = samples
         self.batch_size = batch_size
         self.folds = folds
@@ -49,6 +50,7 @@ class StatsProvider:
         self.progress = progress
         self.seed = seed
         self.engine = engine          # collect(engine=): "auto", "graph" (in onnxruntime) or "numpy"
+        self.mask = mask              # collect(mask=): the token-mask input ("auto": attention_mask if present)
         self.collections = 0          # onnxruntime passes run (per sample set), for reports
         self._cache: dict[tuple[str, str], tuple[str, Statistics]] = {}
         self._preloaded = preloaded
@@ -84,7 +86,7 @@ class StatsProvider:
                                        f"pass --{set_name}-data so they can be gathered")
             stats = collect(model, {set_name: self.samples[set_name]}, todo, batch_size=self.batch_size,
                             folds=self.folds, device=self.device, progress=self.progress, seed=self.seed,
-                            engine=self.engine)
+                            engine=self.engine, mask=self.mask)
             self.collections += 1
             for request in todo:
                 self._cache[(set_name, request.key)] = (hashes[request.tensor], stats)

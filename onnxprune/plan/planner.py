@@ -35,7 +35,7 @@ import onnx
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from onnxprune import cost, linalg
+from onnxprune import cost, embedding, linalg
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.stats import StatRequest
 from onnxprune.errors import RecipeError
@@ -292,11 +292,17 @@ def is_classifier(output: np.ndarray) -> bool:
     return output.ndim == 2 and output.shape[1] >= 2
 
 
-def damage(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Additive divergence and agreement of ``candidate`` outputs against ``reference``."""
+def damage(reference: np.ndarray, candidate: np.ndarray, kind: str = "classes") -> dict[str, float]:
+    """Additive divergence and agreement of ``candidate`` outputs against ``reference``.
+
+    ``kind`` "embedding" (``onnxprune.embedding.output_kind``): damage = mean 1 - cosine of the
+    sample embeddings, and the mean cosine stands for the agreement."""
     r = reference.astype(np.float64)
     c = candidate.astype(np.float64)
     rel = float(np.sum((c - r) ** 2) / max(np.sum(r * r), 1e-300))
+    if kind == "embedding":
+        cos = float(np.mean(embedding.cosine_rows(r, c)))
+        return {"damage": max(1.0 - cos, 0.0), "cosine": cos, "agreement": cos, "relative_error": rel}
     if not is_classifier(r):
         return {"damage": rel, "relative_error": rel}
     lr = r - r.max(axis=1, keepdims=True)
@@ -324,9 +330,12 @@ class Check:
         return dataclasses.asdict(self)
 
 
-def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> Check:
-    d = damage(reference, candidate)
+def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+            kind: str = "classes") -> Check:
+    d = damage(reference, candidate, kind)
     n = len(reference)
+    if kind == "embedding":
+        return measure_embedding(reference, candidate, labels, d)
     if not is_classifier(reference):
         drop = 100.0 * d["relative_error"]
         return Check(drop, 0.0, None, None, None, d["relative_error"], None)
@@ -341,6 +350,22 @@ def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         drop = 100.0 * float(diff.mean())
     se = 100.0 * float(np.std(diff, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     return Check(drop, se, d["agreement"], acc_r, acc_c, d["relative_error"], d["kl"])
+
+
+def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, d: dict) -> Check:
+    """Embedding outputs: with labels the kNN accuracy drop (first half of the samples the index,
+    second half the queries), else 100 (1 - mean cosine); standard errors over queries / samples."""
+    if labels is not None and len(reference) >= 4:
+        right_r = embedding.knn_correct(reference, labels)
+        right_c = embedding.knn_correct(candidate, labels)
+        diff = right_r.astype(np.float64) - right_c
+        acc_r, acc_c = float(right_r.mean()), float(right_c.mean())
+    else:
+        diff = 1.0 - embedding.cosine_rows(reference, candidate)
+        acc_r = acc_c = None
+    n = len(diff)
+    se = 100.0 * float(np.std(diff, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return Check(100.0 * float(diff.mean()), se, d["agreement"], acc_r, acc_c, d["relative_error"], None)
 
 
 # --------------------------------------------------------------------------- the planner
@@ -362,7 +387,10 @@ class Planner:
 
     def __init__(self, model: onnx.ModelProto, calib, *, options: PlanOptions = PlanOptions(),
                  source=None, batch_size: int = 32, device: str = "cpu", seed: int = 0,
-                 progress: bool = False, provider: StatsProvider | None = None):
+                 progress: bool = False, provider: StatsProvider | None = None, metric: str = "auto",
+                 mask: str | None = "auto"):
+        """``metric``: how outputs are compared ("auto", "classes", "embedding": see
+        ``onnxprune.embedding``); ``mask``: the token-mask input of the calibration."""
         if len(calib) < 8:
             raise RecipeError("calibration", f"{len(calib)} samples are too few to plan and check",
                               "give at least 8 (better hundreds of) target samples")
@@ -379,7 +407,8 @@ class Planner:
         if source is not None:
             samples["source"] = source
         self.provider = provider or StatsProvider(samples, batch_size=batch_size, folds=FOLDS, device=device,
-                                                  progress=progress, seed=seed)
+                                                  progress=progress, seed=seed, mask=mask)
+        self.kind = embedding.output_kind(self.original, metric=metric)
         self.halves = [_HalfProvider(self.provider, h) for h in (0, 1)]
         self.caches: list[dict] = [{}, {}]          # per half: select-nodes rankings
         self.costs = Costs(self.original, options.objective)
@@ -463,7 +492,7 @@ class Planner:
                 trial = self.apply(site.passes(size, self.options), half=0)
                 outputs = Suffix(trial, hashes, output).run(cache, batch_size=max(self.batch_size, 64),
                                                             device=self.device)
-                d = damage(cache.output, outputs)
+                d = damage(cache.output, outputs, self.kind)
                 saving = self.costs.saving(site, size)
                 rows.append({"size": size, "of": site.size if site.family == "prune" else _full_rank(site),
                              "keep": fraction, "saving": saving, **d})
@@ -494,7 +523,7 @@ class Planner:
         requests = {}
         for site in self.sites:
             if site.family == "prune":
-                tensor, axis, dim = site.group.site, 1, site.group.channels
+                tensor, axis, dim = site.group.site, site.group.axis, site.group.channels
             else:
                 layer = site.layer
                 axis = 1 if layer.op == "Conv" else -1
@@ -536,7 +565,7 @@ class Planner:
             other = self.half_positions[1 - h]
             candidate[other] = self._outputs(model, other)
         labels = None if self.labels is None else np.asarray(self.labels)
-        result = measure(reference, candidate, labels)
+        result = measure(reference, candidate, labels, self.kind)
         self._timed("checks", started)
         return result
 
@@ -646,7 +675,7 @@ class Planner:
 
     def report(self) -> dict[str, Any]:
         return {
-            "sites_considered": len(self.sites), "skipped": self.skipped,
+            "sites_considered": len(self.sites), "skipped": self.skipped, "output_kind": self.kind,
             "sensitivity": self.curves, "checks": self.checks,
             "seconds": {k: round(v, 2) for k, v in self.timings.items() if k != "search"},
         }

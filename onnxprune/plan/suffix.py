@@ -180,12 +180,11 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 def measured_output(model: onnx.ModelProto) -> str:
     """The output whose damage the planner measures: the first float output (a model may echo
-    its integer inputs as outputs first, as exported sentence encoders do)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    for output in model.graph.output:
-        if output.type.tensor_type.elem_type in floats:
-            return output.name
-    return model.graph.output[0].name
+    its integer inputs as outputs first, as exported sentence encoders do); in a token model
+    the first float output of rank 2 (the sentence embedding), see ``onnxprune.embedding``."""
+    from onnxprune.embedding import measured_output as chosen
+
+    return chosen(model)
 
 
 def fixed_batch_of(model: onnx.ModelProto) -> int | None:
