@@ -293,3 +293,51 @@ def opset7_chain(seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
     onnx.checker.check_model(model)
     return model
+
+
+def token_ffn(seed: int = 0, *, gelu: str = "erf", features: int = 8, hidden: int = 16) -> onnx.ModelProto:
+    """A transformer feed-forward block on token features, with a masked-mean sentence output::
+
+        x [N, T, 8] -> MatMul(ffn1.W: 8 x 16) -> Add(ffn1.B) -> GELU -> MatMul(ffn2.W: 16 x 8)
+          -> Add(ffn2.B) -> tokens [N, T, 8] -> mean over attention_mask -> sentence [N, 8]
+
+    GELU is the exported Erf pattern (Div, Erf, Add, Mul, Mul; ``gelu="erf"``) or one Gelu
+    node (``gelu="op"``, opset 20). ``attention_mask`` [N, T] is int64, 1 on real tokens.
+    """
+    b = _Builder(seed)
+    h = b.node("MatMul", ["x", b.weight("ffn1.W", features, hidden)], "ffn1")
+    h = b.node("Add", [b.weight("ffn1.B", hidden, scale=0.1), h], "ffn1.add")
+    if gelu == "op":
+        a = b.node("Gelu", [h], "gelu")
+    else:
+        d = b.node("Div", [h, b.init("gelu.sqrt2", np.array(1.4142135, dtype=np.float32))], "gelu.div")
+        e = b.node("Erf", [d], "gelu.erf")
+        p = b.node("Add", [e, b.init("gelu.one", np.array(1.0, dtype=np.float32))], "gelu.add")
+        m = b.node("Mul", [h, p], "gelu.mul")
+        a = b.node("Mul", [m, b.init("gelu.half", np.array(0.5, dtype=np.float32))], "gelu.mul1")
+    y = b.node("MatMul", [a, b.weight("ffn2.W", hidden, features)], "ffn2")
+    y = b.node("Add", [y, b.weight("ffn2.B", features, scale=0.1)], "ffn2.add")
+    b.nodes.append(helper.make_node("Identity", [y], ["tokens"], name="tokens"))
+    mask = b.node("Cast", ["attention_mask"], "mask.cast", to=TensorProto.FLOAT)
+    mask = b.node("Unsqueeze", [mask, b.init("mask.axes", np.array([2], dtype=np.int64))], "mask.unsqueeze")
+    total = b.node("ReduceSum", [b.node("Mul", ["tokens", mask], "mask.mul"), b.init("sum.axes", np.array([1]))],
+                   "sum", keepdims=0)
+    count = b.node("ReduceSum", [mask, "sum.axes"], "count", keepdims=0)
+    b.nodes.append(helper.make_node("Div", [total, count], ["sentence"], name="sentence"))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])]
+    outputs = [helper.make_tensor_value_info("sentence", TensorProto.FLOAT, ["N", features]),
+               helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "T", features])]
+    graph = helper.make_graph(b.nodes, "token_ffn", inputs, outputs, initializer=b.inits)
+    opset = 20 if gelu == "op" else OPSET
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def token_feeds(batch: int = 6, tokens: int = 5, features: int = 8, seed: int = 1) -> dict[str, np.ndarray]:
+    """Random token features and a right-padded mask (sample i has tokens - i % tokens... >= 1 real)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array([tokens - (i % tokens) for i in range(batch)])
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"x": rng.standard_normal((batch, tokens, features)).astype(np.float32), "attention_mask": mask}

@@ -184,6 +184,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
             shape = ingraph.supported(r, values.get(r.tensor))
             if shape is not None and mask is not None and len(shape) >= 3 and r.axis % len(shape) == len(shape) - 1:
                 shape = None            # token statistics: padded rows are dropped in numpy
+            if shape is not None:
                 in_graph.append((r, shape))
     products = "float64" if engine == "numpy" else "float32"
     graph_keys = {r.key for r, _ in in_graph}
