@@ -124,6 +124,10 @@ class ChannelGroup:
     skip: str | None = None
     axis: int = CHANNEL_AXIS  # where the channels live in the activations: 1 ([N, C, ...]) or -1 (last)
     structure: str = "channels"   # the analysis that found the group (``structures()``)
+    unit: int = 1             # channels are kept in whole blocks of this many (attention heads: head size)
+    # shape constants that scale with the kept channels: (tensor, offset), the tensor an
+    # initializer or a Constant node's output; entry -> entry * kept / channels
+    shape_entries: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -549,6 +553,9 @@ def find_channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
     found = []
     for finder in structures().values():
         found += finder(index)
+    # a skipped group whose producers another structure prunes (Q, K, V in attention heads) is noise
+    pruned = {p.node for g in found if g.skip is None for p in g.producers}
+    found = [g for g in found if g.skip is None or not g.producers or any(p.node not in pruned for p in g.producers)]
     order = {name: i for i, name in enumerate(index.names)}
     return sorted(found, key=lambda g: order.get(g.producers[0].node if g.producers else g.name, len(order)))
 
@@ -1134,6 +1141,7 @@ def describe_groups(groups: Iterable[ChannelGroup]) -> list[dict]:
             "name": group.name,
             "structure": group.structure,
             "axis": group.axis,
+            "unit": group.unit,
             "channels": group.channels,
             "prunable": group.skip is None,
             "skip": group.skip,

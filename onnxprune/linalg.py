@@ -848,6 +848,55 @@ def spectral_select(sigma, *, alpha: float | None = None, count: int | None = No
     return _greedy(sigma, alpha=alpha, count=count, ridge=ridge, order=order)
 
 
+def block_spectral_select(sigma, unit: int, *, count: int, ridge: float = SELECT_RIDGE,
+                          prefer: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy spectral selection of whole blocks of ``unit`` consecutive channels (attention
+    heads: block b = channels b*unit .. (b+1)*unit - 1).
+
+    Each step adds the block B with the largest retained trace Tr(R_FB (R_BB + rho I)^-1 R_BF)
+    of the residual R (Schur complement of the blocks kept so far), then updates
+    R -= R_FB (R_BB + rho I)^-1 R_BF; rho = ridge * trace(sigma) / C. Exact ties: the block
+    with the larger ``prefer`` score, then the lower index. Solves, no inverses.
+
+    Returns (blocks (count,) in the order chosen, ratios (count,) retention after each pick).
+    """
+    S = np.asarray(sigma, dtype=np.float64)
+    C = S.shape[0]
+    if S.ndim != 2 or C != S.shape[1] or unit < 1 or C % unit:
+        raise ValueError(f"sigma of shape {S.shape} is not square with whole blocks of {unit}")
+    blocks = C // unit
+    if not 1 <= count <= blocks:
+        raise ValueError(f"count={count} must be in [1, {blocks}]")
+    total = float(np.trace(S))
+    rho = ridge * total / C if total > 0 else ridge
+    R = 0.5 * (S + S.T)
+    chosen: list[int] = []
+    ratios = []
+    tie = np.zeros(blocks) if prefer is None else np.asarray(prefer, dtype=np.float64)
+    for _ in range(count):
+        best, best_gain, best_solve = -1, -np.inf, None
+        for b in range(blocks):
+            if b in chosen:
+                continue
+            idx = slice(b * unit, (b + 1) * unit)
+            RB = R[:, idx]
+            K = R[idx, idx] + rho * np.eye(unit)
+            try:
+                solved = sla.solve(K, RB.T, assume_a="pos")
+            except (np.linalg.LinAlgError, sla.LinAlgError):
+                solved = sla.lstsq(K, RB.T)[0]
+            gain = float(np.einsum("ij,ji->", RB, solved))
+            if gain > best_gain + 1e-12 * max(total, 1e-300) or (
+                    abs(gain - best_gain) <= 1e-12 * max(total, 1e-300) and best >= 0 and tie[b] > tie[best]):
+                best, best_gain, best_solve = b, gain, solved
+        idx = slice(best * unit, (best + 1) * unit)
+        R = R - R[:, idx] @ best_solve
+        R = 0.5 * (R + R.T)
+        chosen.append(best)
+        ratios.append(1.0 - float(np.trace(R)) / total if total > 0 else 1.0)
+    return np.asarray(chosen, dtype=np.int64), np.maximum.accumulate(np.asarray(ratios))
+
+
 def momasp_select(sigma_t, *, mean_s, mean_t, cov_s, cov_t, reg: str = "j", lam: float = 1.0,
                   alpha: float | None = None, count: int | None = None,
                   ridge: float = SELECT_RIDGE) -> tuple[np.ndarray, np.ndarray]:

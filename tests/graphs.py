@@ -341,3 +341,50 @@ def token_feeds(batch: int = 6, tokens: int = 5, features: int = 8, seed: int = 
     lengths = np.array([tokens - (i % tokens) for i in range(batch)])
     mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
     return {"x": rng.standard_normal((batch, tokens, features)).astype(np.float32), "attention_mask": mask}
+
+
+def attention(seed: int = 0, *, heads: int = 4, size: int = 2, width: int = 8) -> onnx.ModelProto:
+    """Multi-head self-attention as PyTorch exports it, with a residual and a masked-mean output::
+
+        x [N, T, 8] -> q/k/v: MatMul (8 x H d) + Add -> Reshape [0, 0, H, d] -> Transpose
+          scores = q k^T / sqrt(d) + (1 - mask) * -1e4 -> Softmax -> @ v -> Transpose
+          -> Reshape [0, 0, H d] -> out: MatMul (H d x 8) + Add -> + x -> tokens; sentence = masked mean
+
+    H = ``heads`` heads of ``size``; every Reshape target is its own initializer.
+    """
+    b = _Builder(seed)
+    D = heads * size
+    mask = b.node("Cast", ["attention_mask"], "mask.cast", to=TensorProto.FLOAT)
+    bias = b.node("Mul", [b.node("Sub", [b.init("one", np.array(1.0, dtype=np.float32)), mask], "mask.sub"),
+                          b.init("big", np.array(-1e4, dtype=np.float32))], "mask.mul")
+    bias = b.node("Unsqueeze", [bias, b.init("mask.axes", np.array([1, 2], dtype=np.int64))], "mask.unsqueeze")
+    split = {}
+    for role, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        h = b.node("MatMul", ["x", b.weight(f"{role}.W", width, D)], role)
+        h = b.node("Add", [h, b.weight(f"{role}.B", D, scale=0.1)], f"{role}.add")
+        h = b.node("Reshape", [h, b.init(f"{role}.shape", np.array([0, 0, heads, size], dtype=np.int64))],
+                   f"{role}.reshape")
+        split[role] = b.node("Transpose", [h], f"{role}.transpose", perm=perm)
+    scores = b.node("MatMul", [split["q"], split["k"]], "scores")
+    scores = b.node("Div", [scores, b.init("scale", np.array(np.sqrt(size), dtype=np.float32))], "scores.div")
+    scores = b.node("Add", [scores, bias], "scores.mask")
+    probs = b.node("Softmax", [scores], "softmax", axis=-1)
+    ctx = b.node("MatMul", [probs, split["v"]], "context")
+    ctx = b.node("Transpose", [ctx], "context.transpose", perm=[0, 2, 1, 3])
+    ctx = b.node("Reshape", [ctx, b.init("context.shape", np.array([0, 0, D], dtype=np.int64))], "context.reshape")
+    y = b.node("MatMul", [ctx, b.weight("out.W", D, width)], "out")
+    y = b.node("Add", [y, b.weight("out.B", width, scale=0.1)], "out.add")
+    b.nodes.append(helper.make_node("Add", [y, "x"], ["tokens"], name="residual"))
+    m = b.node("Unsqueeze", [mask, b.init("sum.axes2", np.array([2], dtype=np.int64))], "mask.unsqueeze2")
+    total = b.node("ReduceSum", [b.node("Mul", ["tokens", m], "mean.mul"), b.init("sum.axes", np.array([1]))],
+                   "sum", keepdims=0)
+    count = b.node("ReduceSum", [m, "sum.axes"], "count", keepdims=0)
+    b.nodes.append(helper.make_node("Div", [total, count], ["sentence"], name="sentence"))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", width]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])]
+    outputs = [helper.make_tensor_value_info("sentence", TensorProto.FLOAT, ["N", width]),
+               helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "T", width])]
+    graph = helper.make_graph(b.nodes, "attention", inputs, outputs, initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model

@@ -115,7 +115,14 @@ def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray
                 writes.append((holder, init, value))
             changed.update(out for out in node.output if out)
 
+    for tensor, offset in group.shape_entries:
+        writes.append(_shape_entry_write(editor, group, tensor, offset, len(keep)))
+        changed.update(out for node in editor.readers(tensor) for out in node.output if out)
+
     for node, name, value in writes:
+        if node is None:            # a Constant node's value: ``name`` is the node
+            _set_constant(editor.nodes[name], value)
+            continue
         editor.write(node, name, value)
     for node in depthwise:               # one group per kept channel
         _set_int_attribute(node, "group", len(keep))
@@ -130,7 +137,42 @@ def _check_keep(group: ChannelGroup, keep) -> np.ndarray:
         raise ModelError(group.name, f"keep has indices outside [0, {group.channels})")
     if len(np.unique(keep)) != len(keep):
         raise ModelError(group.name, "keep has repeated channel indices")
+    unit = int(getattr(group, "unit", 1))
+    if unit > 1:
+        blocks = keep.reshape(-1, unit) if keep.size % unit == 0 else None
+        if blocks is None or np.any(blocks % unit != np.arange(unit)) or np.any(blocks // unit != blocks[:, :1] // unit):
+            raise ModelError(group.name, f"keep must hold whole blocks of {unit} channels (attention heads), "
+                                         "each in order")
     return keep.astype(np.int64)
+
+
+def _shape_entry_write(editor: _Editor, group: ChannelGroup, tensor: str, offset: int, kept: int):
+    """The write that scales entry ``offset`` of shape constant ``tensor`` by kept / channels:
+    (reader node, initializer, value), or (None, Constant node name, value)."""
+    constant = editor.constant_node(tensor)
+    if constant is not None:
+        value = numpy_helper.to_array(next(a.t for a in constant.attribute if a.name == "value"))
+    else:
+        readers = editor.readers(tensor)
+        if not readers or tensor not in editor.inits:
+            raise ModelError(group.name, f"shape constant {tensor} is not in the model",
+                             "find the channel groups again on the current model")
+        value = editor.read(readers[0], tensor)
+    flat = value.reshape(-1).copy()
+    old = int(flat[offset])
+    if old * kept % group.channels:
+        raise ModelError(group.name, f"shape entry {old} of {tensor} does not scale to {kept} of "
+                                     f"{group.channels} channels")
+    flat[offset] = old * kept // group.channels
+    new = flat.reshape(value.shape).astype(value.dtype)
+    return (None, constant.name, new) if constant is not None else (readers[0], tensor, new)
+
+
+def _set_constant(node: onnx.NodeProto, value: np.ndarray) -> None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
+            return
 
 
 def _consumer_weight(weight: np.ndarray, axis: int, spatial: int, keep: np.ndarray,
@@ -204,6 +246,16 @@ class _Editor:
                 self.uses[name] = self.uses.get(name, 0) + 1
         for value in graph.output:
             self.uses[value.name] = self.uses.get(value.name, 0) + 1
+
+    def constant_node(self, tensor: str) -> onnx.NodeProto | None:
+        """The Constant node whose output is ``tensor``, if any."""
+        for node in self.model.graph.node:
+            if node.op_type == "Constant" and tensor in node.output:
+                return node
+        return None
+
+    def readers(self, tensor: str) -> list[onnx.NodeProto]:
+        return [node for node in self.model.graph.node if tensor in node.input]
 
     def node(self, name: str) -> onnx.NodeProto:
         if name not in self.nodes:

@@ -214,7 +214,7 @@ class SelectNodes(Pass):
         rows = []
         for g in groups:
             k = int(counts[g.name])
-            keep = kept_channels(scores[g.name], k)
+            keep = kept_channels(scores[g.name], k, group=g, ridge=opts.ridge)
             sigma = scores[g.name]["sigma"]
             retention = float(linalg.retention_ratio(sigma, keep, ridge=opts.ridge))
             ctx.selections[g.name] = {"group": g, "keep": keep, "sigma": sigma, "applied": False,
@@ -255,7 +255,7 @@ class SelectNodes(Pass):
     def _counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
         opts = self.options
         if opts.counts is not None:
-            return {g.name: min(int(opts.counts[g.name]), g.channels) for g in groups}
+            return {g.name: _whole_units(min(int(opts.counts[g.name]), g.channels), g) for g in groups}
         if opts.fraction is not None:
             counts = {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
         elif opts.alpha is not None:
@@ -272,6 +272,8 @@ class SelectNodes(Pass):
         MobileNetV2 whose expansions keep counts off those blocks runs slower than the
         original (bench/results/pruning.md, g)."""
         m = int(self.options.multiple)
+        if group.unit > 1:
+            return _whole_units(count, group)
         if m <= 1 or group.channels < WIDE_GROUP:
             return int(count)
         return int(min(group.channels, m * math.ceil(count / m)))
@@ -348,8 +350,35 @@ def fold_moments(view, group: ChannelGroup, folds: int) -> list[tuple[int, np.nd
     return out
 
 
-def kept_channels(score: dict, count: int) -> np.ndarray:
-    """The ``count`` best channels, sorted; PFA's correlation rule when it was asked for."""
+def _whole_units(count: int, group: ChannelGroup) -> int:
+    """``count`` rounded up to whole units (attention heads) of ``group``; at least one."""
+    unit = max(int(getattr(group, "unit", 1)), 1)
+    return int(min(group.channels, unit * max(1, math.ceil(count / unit))))
+
+
+def kept_units(score: dict, count: int, group: ChannelGroup, *, ridge: float) -> np.ndarray:
+    """The ``count`` channels of the best ``count / unit`` whole units, sorted: units chosen by
+    block spectral retention of the site's second moment when the criterion ranks by retention
+    or energy (spectral, MoMaSP, PFA), else by the sum of the criterion's channel ranks."""
+    unit, blocks = group.unit, group.channels // group.unit
+    n = max(1, count // unit)
+    if score.get("ranking") is not None or "spectrum" in score or "pooled_cov" in score:
+        chosen = linalg.block_spectral_select(score["sigma"], unit, count=n, ridge=ridge)[0]
+    else:
+        points = np.empty(group.channels)
+        points[np.asarray(score["order"], dtype=np.int64)] = np.arange(group.channels, 0, -1)
+        totals = points.reshape(blocks, unit).sum(axis=1)
+        chosen = np.argsort(-totals, kind="stable")[:n]
+    chosen = np.sort(chosen)
+    return (chosen[:, None] * unit + np.arange(unit)[None, :]).reshape(-1).astype(np.int64)
+
+
+def kept_channels(score: dict, count: int, group: ChannelGroup | None = None,
+                  ridge: float = linalg.SELECT_RIDGE) -> np.ndarray:
+    """The ``count`` best channels, sorted; PFA's correlation rule when it was asked for;
+    whole units (``kept_units``) in a group of units (attention heads)."""
+    if group is not None and getattr(group, "unit", 1) > 1:
+        return kept_units(score, count, group, ridge=ridge)
     if "pooled_cov" in score:
         return np.sort(np.asarray(linalg.pfa_correlation_select(score["pooled_cov"], count), dtype=np.int64))
     if score.get("ranking") is not None:

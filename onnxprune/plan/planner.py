@@ -268,7 +268,10 @@ def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
     for f in options.ladder:
         if site.family == "prune":
             k = max(1, round(f * site.size))
-            if site.size >= WIDE_GROUP and m > 1:
+            unit = site.group.unit if site.group is not None else 1
+            if unit > 1:                   # whole attention heads
+                k = min(site.size, unit * max(1, math.ceil(k / unit)))
+            elif site.size >= WIDE_GROUP and m > 1:
                 k = min(site.size, m * math.ceil(k / m))
             if k >= site.size:
                 continue
@@ -629,8 +632,9 @@ class Planner:
         before = path.plan(t - 1).get(step.site)
         upper = before.size if before else (site.size if site.family == "prune" else _full_rank(site))
         rows = sorted(self.curves[site.key], key=lambda r: r["size"])
-        sizes = [k for k in range(step.size, upper) if site.family != "prune" or site.size < WIDE_GROUP
-                 or k % self.options.multiple == 0 or k == step.size]
+        unit = site.group.unit if site.family == "prune" and site.group is not None else 1
+        sizes = [k for k in range(step.size, upper) if (unit == 1 and (site.family != "prune" or site.size < WIDE_GROUP
+                 or k % self.options.multiple == 0)) or (unit > 1 and k % unit == 0) or k == step.size]
 
         def option(size: int) -> Option:
             saving = self.costs.saving(site, size)
