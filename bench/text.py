@@ -34,9 +34,9 @@ its curves: same sites, same statistics). Writes bench/results/text.md and text.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,11 +45,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.calibration.readers import open_samples  # noqa: E402
-from onnxprune.model import jsonable, load_model, write_text_atomic  # noqa: E402
-from onnxprune.pipeline import Recipe, run_pipeline  # noqa: E402
-from onnxprune.plan.planner import FOLDS, Planner, PlanOptions  # noqa: E402
-from onnxprune.validate import validate  # noqa: E402
+from onnxprune.calibration.readers import open_samples
+from onnxprune.model import jsonable, load_model, write_text_atomic
+from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.plan.planner import FOLDS, Planner, PlanOptions
+from onnxprune.validate import validate
 
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
@@ -68,7 +68,7 @@ def splits(domain: str, args) -> tuple[dict, dict, str]:
         calib, held = np.sort(order[:args.ag_calib]), np.sort(order[args.ag_calib:args.ag_calib + args.ag_eval])
         how = (f"seeded permutation (seed 0): {args.ag_calib} calibrate, {args.ag_eval} evaluate, each in file "
                f"order (of {n})")
-    pick = lambda rows: {k: v[rows] for k, v in data.items()}  # noqa: E731
+    pick = lambda rows: {k: v[rows] for k, v in data.items()}
     return pick(calib), pick(held), how
 
 
@@ -92,7 +92,7 @@ def short(name: str) -> str:
 def composition(sites) -> str:
     """How many FFN blocks were pruned and layers split, from a planner row's sites."""
     if not isinstance(sites, list):
-        return "same counts as spectral"
+        return "the unit / head counts of the row above"
     pruned = [s.split(" prune ")[1] for s in sites if " prune " in s]
     split = [s for s in sites if " low-rank " in s]
     parts = []
@@ -110,7 +110,22 @@ def counts_of(passes) -> dict[str, int]:
     return {}
 
 
-def run_domain(domain: str, args, log) -> tuple[list[dict], dict]:
+def planner_rows(label: str, planner: Planner, budget: float, auto: Planner, held, log) -> tuple[dict, tuple]:
+    """One planner plan at ``budget``, run on all calibration statistics and validated."""
+    t0 = time.perf_counter()
+    result = planner.for_budget(budget)
+    passes = tuple(result["passes"])
+    recipe = Recipe(passes=passes or (("select-nodes", {"counts": {}}),), calib_size=None, folds=FOLDS)
+    compressed, _ = run_pipeline(auto.original, recipe, auto.provider)
+    sites = [f"{short(s['site'])} {s['family']} {s['size']}/{s['of']}" for s in result["sites"]]
+    r = row(label, budget, auto.original, compressed, held, sites, time.perf_counter() - t0)
+    r["budget_met"] = bool(result.get("budget_met", True))
+    log(f"{label} {budget}: macs {r['macs']:.3f} cosine {r['cosine']:.4f} knn {r['knn']:.4f} "
+        f"(met {r['budget_met']})")
+    return r, (passes, compressed)
+
+
+def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[list[dict], dict, dict]:
     model = load_model(MODEL)
     calib_data, held_data, how = splits(domain, args)
     calib, held = open_samples(calib_data, model, name=f"{domain} calibration"), \
@@ -120,38 +135,127 @@ def run_domain(domain: str, args, log) -> tuple[list[dict], dict]:
     auto.sensitivity()
     sens_seconds = time.perf_counter() - started
     log(f"{domain}: sensitivity of {len(auto.sites)} sites in {sens_seconds:.0f} s")
-    planners = {"auto": auto}
-    for name, family in (("spectral", "prune"), ("dalr-bc", "low-rank")):
-        p = Planner(model, calib, options=PlanOptions(families=(family,)), batch_size=32, seed=0,
-                    provider=auto.provider)
+    groups = [s for s in auto.sites if s.family == "prune"]
+    ffn = tuple(s.name for s in groups if s.group.structure == "last-axis")
+    heads = tuple(s.name for s in groups if s.group.structure == "heads")
+
+    def restricted(**options) -> Planner:
+        p = Planner(model, calib, options=PlanOptions(**options), batch_size=32, seed=0, provider=auto.provider)
         p.curves = {k: v for k, v in auto.curves.items() if k in {s.key for s in p.sites}}
-        planners[name] = p
-    rows = []
-    base = Recipe(passes=(("select-nodes", {"counts": {}}),), calib_size=None, folds=FOLDS)
+        return p
+
+    planners = {"FFN units: spectral + reconstruction": restricted(families=("prune",), sites=ffn),
+                "heads: spectral + reconstruction": restricted(families=("prune",), sites=heads),
+                "FFN units + heads (pruning planner)": restricted(families=("prune",)),
+                "low rank: DALR + bias (low-rank planner)": restricted(families=("low-rank",)),
+                "planner mix (compress default)": auto}
+    rows, models = [], {}
     for budget in args.budgets:
-        for name in ("spectral", "dalr-bc", "auto"):
-            t0 = time.perf_counter()
-            result = planners[name].for_budget(budget)
-            passes = tuple(result["passes"])
-            recipe = dataclasses.replace(base, passes=passes)
-            compressed, _ = run_pipeline(auto.original, recipe, auto.provider)
-            sites = [f"{short(s['site'])} {s['family']} {s['size']}/{s['of']}" for s in result["sites"]]
-            rows.append(row(name, budget, auto.original, compressed, held, sites, time.perf_counter() - t0))
-            log(f"{domain} {name} {budget}: {json.dumps(jsonable({k: rows[-1][k] for k in ('macs', 'cosine', 'knn', 'probe')}))}")
-            if name == "spectral":
+        for label, planner in planners.items():
+            r, (passes, compressed) = planner_rows(label, planner, budget, auto, held, log)
+            rows.append(r)
+            if keep_models:
+                models[(label, budget)] = compressed
+            if label.startswith(("FFN units:", "heads:")):
                 counts = counts_of(passes)
-                for label, reconstruct in (("wanda (no reconstruction)", False), ("wanda + reconstruction", True)):
+                variants = (("wanda, no reconstruction", "wanda", False), ("wanda + reconstruction", "wanda", True)) \
+                    if label.startswith("FFN") else (("spectral, no reconstruction", "spectral", False),)
+                for name, criterion, reconstruct in variants:
                     t0 = time.perf_counter()
-                    recipe = dataclasses.replace(base, passes=(
-                        ("select-nodes", {"criterion": "wanda", "counts": counts}),
-                        ("reconstruct-next-layer", {"reconstruct": reconstruct})))
+                    recipe = Recipe(passes=(("select-nodes", {"criterion": criterion, "counts": counts}),
+                                            ("reconstruct-next-layer", {"reconstruct": reconstruct})),
+                                    calib_size=None, folds=FOLDS)
                     compressed, _ = run_pipeline(auto.original, recipe, auto.provider)
-                    rows.append(row(label, budget, auto.original, compressed, held, {"counts": counts},
-                                    time.perf_counter() - t0))
-                    log(f"{domain} {label} {budget}: cosine {rows[-1]['cosine']:.4f} knn {rows[-1]['knn']:.4f}")
+                    rows.append(row(f"{label.split(':')[0]}: {name}", budget, auto.original, compressed, held,
+                                    "same counts", time.perf_counter() - t0))
+                    log(f"{rows[-1]['method']} {budget}: cosine {rows[-1]['cosine']:.4f} knn {rows[-1]['knn']:.4f}")
     info = {"split": how, "calibration": len(calib), "evaluation": len(held), "sensitivity_seconds": round(sens_seconds),
             "sites": len(auto.sites)}
-    return rows, info
+    return rows, info, models
+
+
+def macs_at(model, tokens: int) -> int:
+    from onnxprune.cost import layer_costs
+
+    return int(sum(c.macs for c in layer_costs(model, input_shapes={"input_ids": [1, tokens],
+                                                                     "attention_mask": [1, tokens]})))
+
+
+def fusion(models: dict, args, log) -> list[dict]:
+    """onnxruntime's transformer optimizer on the original and every planner model: fused op
+    counts, the optimised graph against the unoptimised one, latency at batch 1 and 32 (L = 128)."""
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from onnxprune.model import save_model
+
+    tokens = 128
+    rng = np.random.default_rng(0)
+    feeds = {b: {"input_ids": np.concatenate([np.full((b, 1), 101), rng.integers(1000, 30000, (b, tokens - 2)),
+                                              np.full((b, 1), 102)], axis=1).astype(np.int64),
+                 "attention_mask": np.ones((b, tokens), dtype=np.int64)} for b in (1, 32)}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.log_severity_level = 3
+    chosen = [("original", None, load_model(MODEL))] + [(label, budget, m) for (label, budget), m in models.items()
+                                                         if "planner" in label or label.startswith(("FFN units:",
+                                                                                                   "heads:"))]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for k, (label, budget, model) in enumerate(chosen):
+            path = Path(tmp) / f"m{k}.onnx"
+            save_model(model, path)
+            optimised = optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384)
+            fused = {op: n for op, n in optimised.get_fused_operator_statistics().items() if n}
+            opt_path = Path(tmp) / f"m{k}_opt.onnx"
+            optimised.save_model_to_file(str(opt_path))
+            plain = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            fast = ort.InferenceSession(str(opt_path), options, providers=["CPUExecutionProvider"])
+            a, b = (sess.run(["461"], feeds[1])[0] for sess in (plain, fast))
+            sessions[k] = fast
+            out.append({"method": label, "budget": budget, "fused": fused,
+                        "optimised_error": float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)),
+                        "macs_seq128": macs_at(model, tokens)})
+            log(f"fusion {label} {budget}: {fused}")
+        for batch, runs in ((1, args.latency_runs), (32, max(3, args.latency_runs // 4))):
+            for sess in sessions.values():
+                sess.run(["461"], feeds[batch])                     # warm-up
+            times = {k: [] for k in sessions}
+            for _ in range(runs):                                   # interleaved: every model once per round
+                for k, sess in sessions.items():
+                    t0 = time.perf_counter()
+                    sess.run(["461"], feeds[batch])
+                    times[k].append(time.perf_counter() - t0)
+            for k, row_ in enumerate(out):
+                row_[f"ms_batch{batch}"] = 1000 * float(np.median(times[k]))
+    base = out[0]
+    for row_ in out:
+        row_["mac_ratio"] = row_["macs_seq128"] / base["macs_seq128"]
+        for batch in (1, 32):
+            row_[f"speedup_batch{batch}"] = base[f"ms_batch{batch}"] / row_[f"ms_batch{batch}"]
+    return out
+
+
+def fusion_table(rows: list[dict]) -> list[str]:
+    lines = ["### onnxruntime transformer optimizer (SST-2 models)", "",
+             "`optimize_model(path, model_type=\"bert\", num_heads=12, hidden_size=384)` on each model (onnxruntime "
+             "detects pruned head counts per layer from the Reshape constants); latency of the optimised graphs, "
+             "batch 1 and 32 at L = 128, interleaved medians, "
+             "on the shared 2-core machine under load (ratios only). MACs at L = 128 include the attention products.",
+             "",
+             "| MACs budget | model | fused ops | optimised vs unoptimised (rel. max error) | MACs at L=128 % | "
+             "batch 1 ms (speedup) | batch 32 ms (speedup) | speedup / MAC saving |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fused = ", ".join(f"{k} {v}" for k, v in sorted(r["fused"].items()))
+        realised = min(r["speedup_batch1"], r["speedup_batch32"]) * r["mac_ratio"]
+        budget = "-" if r["budget"] is None else f"{100 * r['budget']:.0f} %"
+        lines.append(f"| {budget} | {r['method']} | {fused} | {r['optimised_error']:.1e} | {100 * r['mac_ratio']:.1f} | "
+                     f"{r['ms_batch1']:.1f} ({r['speedup_batch1']:.2f}x) | {r['ms_batch32']:.0f} "
+                     f"({r['speedup_batch32']:.2f}x) | {realised:.2f} |")
+    return lines + ["", "Last column: the smaller speedup times the MAC ratio (1.0: the speedup the MAC "
+                        "saving promises; the goal is at least 0.8).", ""]
 
 
 def table(domain: str, rows: list[dict], info: dict) -> list[str]:
@@ -164,7 +268,8 @@ def table(domain: str, rows: list[dict], info: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         probe = "n/a" if r["probe"] is None else f"{100 * r['probe']:.1f} ({100 * r['probe_reference']:.1f})"
-        lines.append(f"| {100 * r['budget']:.0f} % | {r['method']} | {100 * r['macs']:.1f} | {100 * r['params']:.1f} | "
+        method = r["method"] + ("" if r.get("budget_met", True) else " (budget not reachable: most compressed plan)")
+        lines.append(f"| {100 * r['budget']:.0f} % | {method} | {100 * r['macs']:.1f} | {100 * r['params']:.1f} | "
                      f"{r['cosine']:.4f} / {r['cosine_p05']:.4f} | {100 * r['knn']:.1f} ({100 * r['knn_reference']:.1f}) | "
                      f"{probe} | {composition(r['sites'])} |")
     return lines + [""]
@@ -178,6 +283,10 @@ def main() -> None:
     parser.add_argument("--ag-calib", type=int, default=500)
     parser.add_argument("--ag-eval", type=int, default=1000)
     parser.add_argument("--out", default="text")
+    parser.add_argument("--no-fusion", dest="fusion", action="store_false",
+                        help="skip the onnxruntime optimizer fusion and latency check (first domain's models)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the latency runs")
+    parser.add_argument("--latency-runs", type=int, default=20)
     args = parser.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
 
@@ -188,11 +297,21 @@ def main() -> None:
                           "Command: `python bench/text.py " + " ".join(sys.argv[1:]) + "`. See the module docstring for "
                           "the splits and rows.", ""]
     for domain in args.domains.split(","):
-        rows, info = run_domain(domain, args, log)
+        first = domain == args.domains.split(",")[0]
+        rows, info, models = run_domain(domain, args, log, keep_models=args.fusion and first)
         results[domain] = {"rows": rows, **info}
         lines += table(domain, rows, info)
-        write_text_atomic(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
-        write_text_atomic(RESULTS / f"{args.out}.json", json.dumps(jsonable(results), indent=2) + "\n")
+        save(args, lines, results)
+        if models:
+            info["fusion"] = fusion(models, args, log)
+            del models
+            lines += fusion_table(info["fusion"])
+            save(args, lines, results)
+
+
+def save(args, lines: list[str], results: dict) -> None:
+    write_text_atomic(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / f"{args.out}.json", json.dumps(jsonable(results), indent=2) + "\n")
 
 
 if __name__ == "__main__":

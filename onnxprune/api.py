@@ -21,7 +21,8 @@ from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
-from onnxprune.graph import describe_groups, find_channel_groups, find_linear_layers
+from onnxprune.graph import GraphIndex, describe_groups, find_channel_groups, find_linear_layers
+from onnxprune.structures.heads import head_layout_skips
 from onnxprune.model import (
     count_parameters,
     default_mode,
@@ -697,6 +698,8 @@ def inspect(model) -> dict[str, Any]:
         "low_rank": [{"layer": layer.name, "op": layer.op, "shape": [layer.out_features, layer.in_features],
                       "splittable": layer.skip is None, "reason": layer.skip} for layer in linear],
         "channel_groups": describe_groups(groups),
+        "attention_skipped": [{"layer": name, "reason": reason}
+                              for name, reason in head_layout_skips(GraphIndex(m))],
         "passes": sorted(REGISTRY),
     }
 

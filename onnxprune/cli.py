@@ -834,7 +834,14 @@ def inspect(model, as_json, verbose):
     click.echo("\nchannel groups (select-nodes / reconstruct-next-layer):")
     for group in info["channel_groups"]:
         status = "prunable" if not group.get("skip") else f"skipped: {group['skip']}"
-        click.echo(f"  {group['name']:<40} {group['channels']:>5} ch  {status}")
+        size = f"{group['channels']:>5} ch"
+        if group.get("structure") == "heads":
+            size = f"{group['channels'] // group['unit']} heads x {group['unit']}"
+        elif group.get("structure") == "last-axis":
+            size = f"{group['channels']:>5} units (last axis)"
+        click.echo(f"  {group['name']:<40} {size}  {status}")
+    for row in info.get("attention_skipped", []):
+        click.echo(f"  {row['layer']:<40} attention not recognised: {row['reason']}")
     n_split = sum(1 for layer in info["low_rank"] if layer["splittable"])
     n_groups = sum(1 for g in info["channel_groups"] if not g.get("skip"))
     click.echo(f"\n{_plural(n_split, 'splittable layer')}, {_plural(n_groups, 'prunable channel group')}")

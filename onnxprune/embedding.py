@@ -157,7 +157,7 @@ def embedding_metrics(reference: np.ndarray, candidate: np.ndarray, labels: np.n
                       *, output: str, probe: bool = True) -> dict:
     """Cosine (mean, min, 5th percentile) and, with labels, kNN and probe accuracy of both."""
     cos = cosine_rows(reference, candidate)
-    out = {"output": output, "samples": int(len(cos)), "cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+    out = {"output": output, "samples": len(cos), "cosine": float(cos.mean()), "cosine_min": float(cos.min()),
            "cosine_p05": float(np.percentile(cos, 5))}
     if labels is not None and len(cos) >= 2:
         out.update({"k": KNN_K, "index": int(len(cos) // 2), "queries": int(len(cos) - len(cos) // 2),

@@ -258,6 +258,10 @@ def head_layout_skips(index: GraphIndex) -> list[tuple[str, str]]:
     outputs but were not recognised (for ``inspect``)."""
     out = []
     for i, node in enumerate(index.nodes):
+        if node.op_type in ("Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"):
+            out.append((index.names[i], f"fused {node.op_type} op ({node.domain or 'ai.onnx'}): heads inside fused "
+                                        "ops are not pruned (prune the unfused export, then let onnxruntime fuse it)"))
+            continue
         if node.op_type != "MatMul" or len(node.input) < 2 or index.rank(node.input[0]) != 3:
             continue
         j = index.producer.get(node.input[0])
