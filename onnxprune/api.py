@@ -20,6 +20,7 @@ from onnxprune.calibration.collect import collect
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
+from onnxprune.calibration.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph import GraphIndex, describe_groups, find_channel_groups, find_linear_layers
 from onnxprune.structures.heads import head_layout_skips
@@ -50,10 +51,23 @@ def as_model(model) -> onnx.ModelProto:
 
 
 def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None) -> SampleSet:
+    """``data`` as a SampleSet; a ``.txt``/``.tsv`` text file is tokenised with the ``tokenizer``
+    (and ``max_length``) of a ``preprocess`` dict (``calibration/text.py``)."""
     if isinstance(data, SampleSet):
         return data
     if isinstance(preprocess, dict):
+        preprocess = dict(preprocess)
+        tokenizer, max_length = preprocess.pop("tokenizer", None), preprocess.pop("max_length", None)
+        if is_text_file(data):
+            if tokenizer is None:
+                raise DataError(str(data), "is a text file: tokenising it needs the model's tokenizer",
+                                "pass --tokenizer tokenizer.json")
+            arrays = open_text(data, model, tokenizer=tokenizer, max_length=max_length or DEFAULT_MAX_LENGTH)
+            return open_samples(arrays, model, preprocess=Preprocess(**preprocess), name=str(data))
         preprocess = Preprocess(**preprocess)
+    elif is_text_file(data):
+        raise DataError(str(data), "is a text file: tokenising it needs the model's tokenizer",
+                        "pass --tokenizer tokenizer.json")
     return open_samples(data, model, preprocess=preprocess)
 
 

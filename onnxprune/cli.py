@@ -115,6 +115,11 @@ def preprocess_options(func):
         click.option("--mean", help="Per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406."),
         click.option("--std", help="Per-channel std to divide by, e.g. 0.229,0.224,0.225."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None, help="Model input layout."),
+        click.option("--tokenizer", type=click.Path(dir_okay=False),
+                     help="tokenizer.json that turns .txt (a sentence a line) / .tsv (text, label columns) data "
+                          "into token inputs ([text] extra)."),
+        click.option("--max-length", type=click.IntRange(min=2), help="Tokens per sentence with --tokenizer: cut and "
+                                                                       "padded to this (default 128)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -131,7 +136,7 @@ def preprocess_dict(kwargs) -> dict:
         value = _floats(kwargs.pop(key, None))
         if value is not None:
             out[key] = value
-    for key in ("grayscale", "scale", "layout"):
+    for key in ("grayscale", "scale", "layout", "tokenizer", "max_length"):
         value = kwargs.pop(key, None)
         if value is not None:
             out[key] = value

@@ -295,7 +295,8 @@ def opset7_chain(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def token_ffn(seed: int = 0, *, gelu: str = "erf", features: int = 8, hidden: int = 16) -> onnx.ModelProto:
+def token_ffn(seed: int = 0, *, gelu: str = "erf", features: int = 8, hidden: int = 16,
+              vocab: int | None = None) -> onnx.ModelProto:
     """A transformer feed-forward block on token features, with a masked-mean sentence output::
 
         x [N, T, 8] -> MatMul(ffn1.W: 8 x 16) -> Add(ffn1.B) -> GELU -> MatMul(ffn2.W: 16 x 8)
@@ -303,9 +304,11 @@ def token_ffn(seed: int = 0, *, gelu: str = "erf", features: int = 8, hidden: in
 
     GELU is the exported Erf pattern (Div, Erf, Add, Mul, Mul; ``gelu="erf"``) or one Gelu
     node (``gelu="op"``, opset 20). ``attention_mask`` [N, T] is int64, 1 on real tokens.
+    With ``vocab``, the input is ``input_ids`` [N, T] (int64) and x = Gather(embedding, input_ids).
     """
     b = _Builder(seed)
-    h = b.node("MatMul", ["x", b.weight("ffn1.W", features, hidden)], "ffn1")
+    x = "x" if vocab is None else b.node("Gather", [b.weight("embedding", vocab, features), "input_ids"], "embed")
+    h = b.node("MatMul", [x, b.weight("ffn1.W", features, hidden)], "ffn1")
     h = b.node("Add", [b.weight("ffn1.B", hidden, scale=0.1), h], "ffn1.add")
     if gelu == "op":
         a = b.node("Gelu", [h], "gelu")
@@ -324,7 +327,8 @@ def token_ffn(seed: int = 0, *, gelu: str = "erf", features: int = 8, hidden: in
                    "sum", keepdims=0)
     count = b.node("ReduceSum", [mask, "sum.axes"], "count", keepdims=0)
     b.nodes.append(helper.make_node("Div", [total, count], ["sentence"], name="sentence"))
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]) if vocab is None else
+              helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])]
     outputs = [helper.make_tensor_value_info("sentence", TensorProto.FLOAT, ["N", features]),
                helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "T", features])]

@@ -1,0 +1,111 @@
+"""Raw text input: .txt / .tsv sentences tokenised with a tokenizer.json (the tokenizers library)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import onnxprune
+from onnxprune.api import as_samples
+from onnxprune.calibration.text import open_text, read_text
+from onnxprune.errors import DataError
+from onnxprune.pipeline import Recipe
+from tests.graphs import token_ffn
+
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["good", "bad", "movie", "film", "great", "awful", "plot", "the", "a", "was", "is", "not"]
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    """A BERT-like WordPiece tokenizer: lower case, [CLS] text [SEP], [PAD] = 0."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS)}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def _tsv(tmp_path, n: int = 40):
+    rng = np.random.default_rng(0)
+    lines = ["label\tlabel_name\ttext"]
+    for i in range(n):
+        words = rng.choice(WORDS, size=rng.integers(2, 7))
+        lines.append(f"{i % 2}\t{'pos' if i % 2 else 'neg'}\t{' '.join(words).capitalize()}")
+    path = tmp_path / "reviews.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_tsv_sentences_become_padded_token_arrays_with_labels(tmp_path, tokenizer):
+    model = token_ffn(vocab=16)
+    arrays = open_text(_tsv(tmp_path), model, tokenizer=tokenizer, max_length=8)
+    assert set(arrays) == {"input_ids", "attention_mask", "y"}
+    assert arrays["input_ids"].shape == (40, 8) and arrays["input_ids"].dtype == np.int64
+    assert (arrays["input_ids"][:, 0] == 2).all()                   # [CLS]
+    lengths = arrays["attention_mask"].sum(axis=1)
+    assert (arrays["input_ids"][np.arange(40), lengths - 1] == 3).all()   # [SEP] ends every sentence
+    assert (arrays["input_ids"][arrays["attention_mask"] == 0] == 0).all()  # [PAD]
+    np.testing.assert_array_equal(arrays["y"], np.arange(40) % 2)
+
+
+def test_long_sentences_are_cut_to_max_length(tmp_path, tokenizer):
+    path = tmp_path / "one.txt"
+    path.write_text(" ".join(WORDS * 3) + "\n\nthe film\n")
+    arrays = open_text(path, token_ffn(vocab=16), tokenizer=tokenizer, max_length=6)
+    assert arrays["input_ids"].shape == (2, 6) and "y" not in arrays
+    assert arrays["attention_mask"][0].sum() == 6 and arrays["attention_mask"][1].sum() == 4
+
+
+def test_compress_and_validate_from_text(tmp_path, tokenizer):
+    model = token_ffn(vocab=16)
+    data = _tsv(tmp_path, n=60)
+    recipe = Recipe(passes=(("select-nodes", {"criterion": "spectral", "counts": {"ffn1": 8}}),
+                            ("reconstruct-next-layer", {})), calib_size=None,
+                    preprocess={"tokenizer": str(tokenizer), "max_length": 8}, metric="embedding")
+    result = onnxprune.compress(model, data, recipe=recipe, measure_latency=False, progress=False)
+    e = result.report["validation"]["embedding"]
+    assert e["samples"] == 30 and "knn_reference" in e
+    samples = as_samples(data, model, {"tokenizer": str(tokenizer), "max_length": 8})
+    assert len(samples) == 60 and samples.labels is not None
+
+
+def test_text_files_need_a_tokenizer_and_a_text_column(tmp_path, tokenizer):
+    model = token_ffn(vocab=16)
+    with pytest.raises(DataError, match="--tokenizer"):
+        as_samples(_tsv(tmp_path), model, {})
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("label\tsentence_text\n0\thello\n")
+    with pytest.raises(DataError, match="no 'text' column"):
+        read_text(bad)
+    with pytest.raises(DataError, match="tokenizer"):
+        open_text(_tsv(tmp_path), model, tokenizer=tmp_path / "missing.json")
+    with pytest.raises(DataError, match="do not give|does not give|not give"):
+        open_text(_tsv(tmp_path), token_ffn(), tokenizer=tokenizer)   # the model takes float features x
+
+
+def test_cli_validate_and_inspect_a_token_model(tmp_path, tokenizer):
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    path = tmp_path / "model.onnx"
+    onnx.save(token_ffn(vocab=16), path)
+    data = _tsv(tmp_path, n=30)
+    result = CliRunner().invoke(main, ["validate", str(path), str(path), "--data", str(data), "--tokenizer",
+                                       str(tokenizer), "--max-length", "8", "--metric", "embedding", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    assert "cosine       1.0000" in result.output and "kNN" in result.output
+    result = CliRunner().invoke(main, ["validate", str(path), str(path), "--data", str(data), "--no-latency"])
+    assert result.exit_code == 1 and "--tokenizer" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert "16 units (last axis)  prunable" in result.output
