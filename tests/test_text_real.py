@@ -87,3 +87,37 @@ def test_the_original_reproduces_the_shared_baselines(minilm, sst2):
     sentence = np.concatenate([out[0] for _, out in run_batches(session, samples, ["461"], batch_size=64)])
     assert round(100 * embedding.knn_accuracy(sentence, sst2["y"]), 1) == 73.9
     assert round(100 * embedding.probe_accuracy(sentence, sst2["y"]), 1) == 77.4
+
+
+HEADS = "/model/model.0/auto_model/encoder/layer.{}/attention/output/dense/MatMul/heads"
+
+
+@pytest.mark.slow
+def test_head_pruning_reconstructs_and_still_fuses(minilm, sst2, tmp_path):
+    """8 of 12 heads per layer: least squares on the output projection beats dropping its rows,
+    and onnxruntime's transformer optimizer still fuses the three attention blocks."""
+    calib, held = _rows(sst2, slice(0, 150)), _rows(sst2, slice(910, 1010))
+    cosine = {}
+    for reconstruct in (True, False):
+        recipe = Recipe(passes=(("select-nodes", {"counts": {HEADS.format(i): 256 for i in range(3)}}),
+                                ("reconstruct-next-layer", {"reconstruct": reconstruct})), calib_size=None)
+        result = onnxprune.compress(minilm, calib, eval_data=held, recipe=recipe, measure_latency=False,
+                                    progress=False)
+        cosine[reconstruct] = result.report["validation"]["embedding"]["cosine"]
+        if reconstruct:
+            pruned = result.model
+    assert cosine[True] > 0.93 and cosine[True] > cosine[False] + 0.02, cosine
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    from onnxprune.model import save_model
+
+    path = tmp_path / "heads.onnx"
+    save_model(pruned, path)
+    optimised = optimizer.optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384)
+    fused = optimised.get_fused_operator_statistics()
+    assert fused["Attention"] == 3 and fused["SkipLayerNormalization"] == 6 and fused["BiasGelu"] == 3
+    fast_path = tmp_path / "heads_opt.onnx"
+    optimised.save_model_to_file(str(fast_path))
+    feed = {k: sst2[k][:8] for k in ("input_ids", "attention_mask")}
+    a = make_session(pruned).run(["461"], feed)[0]
+    b = make_session(load_model(fast_path)).run(["461"], feed)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
