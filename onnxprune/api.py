@@ -284,7 +284,10 @@ AGREEMENT_FLOOR = 0.5
 def collapse_warnings(validation: ValidationReport, held_out: SampleSet) -> list[str]:
     """Loud lines when the compressed model is broken: near chance, or far from the original."""
     out = []
-    if validation.agreement == validation.agreement and validation.agreement < AGREEMENT_FLOOR:
+    if validation.embedding is not None and validation.agreement < AGREEMENT_FLOOR:
+        out.append(f"the compressed model's embeddings have a mean cosine similarity of only {validation.agreement:.3f} "
+                   f"with the original's on {validation.samples} held-out samples: it is broken for this data")
+    elif validation.agreement == validation.agreement and validation.agreement < AGREEMENT_FLOOR:
         out.append(f"the compressed model agrees with the original on only {100 * validation.agreement:.1f}% of "
                    f"{validation.samples} held-out samples: it is broken for this data")
     labels = held_out.labels
