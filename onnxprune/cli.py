@@ -349,6 +349,8 @@ def plan_request(kw: dict, layers: tuple[str, ...]) -> dict:
         plan["sites"] = list(layers)
     if kw.get("margin") is not None:
         plan["margin"] = kw["margin"]
+    if kw.get("correct_drift") is not None:
+        plan["drift"] = kw["correct_drift"]
     return plan
 
 
@@ -426,6 +428,8 @@ def calibration_options(func):
               help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
 @click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "
                                                              "in reserve (default 1).")
+@click.option("--correct-drift/--no-correct-drift", "correct_drift", default=None,
+              help="Planner: refit the layers after the compressed sites against the original (default on).")
 @click.option("--keep", type=FRACTION, help="Keep this fraction of the model's parameters (a budget; with "
                                             "--allocation global: of the compressible parameters).")
 @click.option("--rank", type=click.IntRange(min=1), help="Low rank: the same rank for every layer.")

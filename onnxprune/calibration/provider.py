@@ -61,6 +61,14 @@ class StatsProvider:
 
     def __call__(self, model: onnx.ModelProto, requests: Sequence[StatRequest],
                  sets: Sequence[str] = ("target",)) -> StatsView:
+        return self._view(model, requests, sets, gather=True)
+
+    def cached(self, model: onnx.ModelProto, requests: Sequence[StatRequest],
+               sets: Sequence[str] = ("target",)) -> StatsView | None:
+        """Like calling the provider, but None instead of a calibration run when anything is missing."""
+        return self._view(model, requests, sets, gather=False)
+
+    def _view(self, model, requests, sets, *, gather: bool) -> StatsView | None:
         hashes = cone_hashes(model, {r.tensor for r in requests})
         missing: dict[str, list[StatRequest]] = {}
         entries: dict[tuple[str, str], Statistics] = {}
@@ -76,6 +84,8 @@ class StatsProvider:
                     entries[(set_name, request.key)] = self._preloaded
                 else:
                     missing.setdefault(set_name, []).append(request)
+        if missing and not gather:
+            return None
         reused = len(entries)
         if reused:
             log.debug("statistics: %d request(s) answered from cache or --stats (upstream unchanged)", reused)

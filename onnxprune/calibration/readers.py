@@ -260,6 +260,25 @@ class SampleSet:
         return SampleSet(name=self.name, store=self._store, specs=self._specs, preprocess=self._preprocess,
                          labels=self._all_labels, rows=self._rows[positions], classes=self._classes)
 
+    def in_memory(self, max_bytes: int = 1 << 30, batch_size: int = 64) -> SampleSet:
+        """The same samples (labels and order too), decoded and preprocessed once and held as
+        arrays: for a set that is read many times (the planner's checks). ``self`` when they
+        are already arrays in the model's form, or would take more than ``max_bytes``."""
+        first = self.batch(np.arange(min(len(self), batch_size)))
+        if isinstance(self._store, _ArrayStore) and all(
+                self._store.arrays[k].dtype == v.dtype for k, v in first.items() if k in self._store.arrays):
+            return self
+        per_sample = sum(v.nbytes for v in first.values()) / len(next(iter(first.values())))
+        if per_sample * len(self) > max_bytes:
+            return self
+        parts = [first] + [self.batch(np.arange(start, min(start + batch_size, len(self))))
+                           for start in range(batch_size, len(self), batch_size)]
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in self.input_names}
+        labels = None if self.labels is None else self.labels.copy()
+        return SampleSet(name=self.name, store=_ArrayStore(arrays, f"{self._store.kind} (decoded)"),
+                         specs=self._specs, preprocess=Preprocess(layout=self._preprocess.layout), labels=labels,
+                         rows=np.arange(len(self), dtype=np.int64), classes=self._classes)
+
     def split(self, fraction: float = 0.5, *, seed: int = 0) -> tuple[SampleSet, SampleSet]:
         """Disjoint (calibration, evaluation) sets from a permutation seeded with ``seed``.
 

@@ -3,6 +3,7 @@
 from onnxprune.passes.base import REGISTRY, Pass, PassContext, PassResult, options_to_dict, register
 from onnxprune.passes import (  # noqa: F401  (registration)
     bias_compensate,
+    correct_drift,
     low_rank_split,
     reconstruct_next_layer,
     select_nodes,

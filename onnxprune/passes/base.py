@@ -43,6 +43,8 @@ class PassContext:
     only_group: str | None = None
     # Anything else passes hand each other (e.g. channel counts fixed before a sequential run).
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The model the pipeline started from (correct-drift fits the compressed model to it).
+    original: onnx.ModelProto | None = None
     # Derived quantities (channel rankings) that stay valid across runs over the same
     # statistics and graph; None: nothing is cached (a single pipeline run needs none).
     cache: dict[Any, Any] | None = None

@@ -55,6 +55,8 @@ OBJECTIVES = ("macs", "params")
 #: keep fractions tried per site (channels kept for pruning, parameters kept for low rank)
 LADDER = (0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1, 0.05, 0.02)
 FOLDS = 4
+#: --max-drop d: a site alone disagreeing on more than GOAL_STOP * d % of the samples ends its ladder
+GOAL_STOP = 8.0
 #: sensitivity: cached activations are dropped once they exceed this many bytes
 CACHE_BYTES = 1 << 30
 
@@ -67,13 +69,14 @@ class PlanOptions:
     families: tuple[str, ...] = FAMILIES  # prune (channel groups) and/or low-rank (linear layers)
     criterion: str = "spectral"          # select-nodes criterion for the prune family
     ladder: tuple[float, ...] = LADDER
-    check_samples: int = 128             # sensitivity: at most this many samples of half 1
+    check_samples: int = 64              # sensitivity: at most this many samples of half 1
     min_share: float = 0.002             # sites that can save less of the objective are left alone
     stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
     margin: float = 1.0                  # standard errors of the measured drop kept in reserve
     multiple: int = 8                    # wide groups / large ranks keep multiples of this
     low_rank: str = "dalr"               # low-rank-split method for the low-rank family (dalr | svd)
     bias: bool = True                    # bias-compensate after low-rank splits
+    drift: bool = True                   # correct-drift after the plan (not in single-site trials)
     sites: tuple[str, ...] = ()          # only these groups / layers (names from `inspect`); empty = all
 
     def __post_init__(self):
@@ -147,12 +150,24 @@ class _HalfView:
 
 
 class _HalfProvider:
-    def __init__(self, provider: StatsProvider, half: int):
+    """Statistics of half ``h``: the plan's (gathered once, in 4 folds) through ``_HalfView``;
+    any other (a rewritten graph's, as correct-drift asks) gathered on half h's samples alone,
+    in 2 folds, so a check's model never sees the samples that score it."""
+
+    def __init__(self, provider: StatsProvider, half: int, samples):
         self.provider = provider
         self.half = half
+        self.own = StatsProvider({"target": samples}, batch_size=provider.batch_size, folds=2,
+                                 device=provider.device, progress=False, seed=provider.seed,
+                                 mask=getattr(provider, "mask", "auto"))
 
     def __call__(self, model, requests, sets=("target",)):
-        return _HalfView(self.provider(model, requests, sets), self.half)
+        view = self.provider.cached(model, requests, sets)
+        if view is not None:
+            return _HalfView(view, self.half)
+        if tuple(sets) != ("target",):
+            return _HalfView(self.provider(model, requests, sets), self.half)
+        return self.own(model, requests, sets)
 
 
 # --------------------------------------------------------------------------- sites
@@ -173,11 +188,14 @@ class Site:
         return f"{self.family}:{self.name}"
 
     def passes(self, size: int, options: PlanOptions) -> list[tuple[str, dict]]:
-        return plan_passes({self.key: (self, size)}, options)
+        """This site alone at ``size`` (a sensitivity trial: no drift correction)."""
+        return plan_passes({self.key: (self, size)}, options, drift=False)
 
 
-def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions) -> list[tuple[str, dict]]:
-    """The recipe passes that compress each site to its size: pruning first, then splits."""
+def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions, *,
+                drift: bool | None = None) -> list[tuple[str, dict]]:
+    """The recipe passes that compress each site to its size: pruning first, then splits,
+    then (``options.drift``) correct-drift for the layers after them."""
     counts = {site.name: size for site, size in chosen.values() if site.family == "prune"}
     ranks = {site.name: size for site, size in chosen.values() if site.family == "low-rank"}
     passes: list[tuple[str, dict]] = []
@@ -188,6 +206,8 @@ def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions) -> li
         passes.append(("low-rank-split", {"method": options.low_rank, "ranks": ranks}))
         if options.bias:
             passes.append(("bias-compensate", {}))
+    if passes and (options.drift if drift is None else drift):
+        passes.append(("correct-drift", {}))
     return passes
 
 
@@ -399,6 +419,7 @@ class Planner:
                               "give at least 8 (better hundreds of) target samples")
         self.original = clone(model)
         name_nodes(self.original)       # sites are addressed by node name
+        calib = calib.in_memory()       # read by every check: decode and preprocess once
         self.calib = calib
         self.options = options
         self.batch_size = batch_size
@@ -408,16 +429,16 @@ class Planner:
         self.timings: dict[str, float] = {}
         samples = {"target": calib}
         if source is not None:
-            samples["source"] = source
+            samples["source"] = source.in_memory()
         self.provider = provider or StatsProvider(samples, batch_size=batch_size, folds=FOLDS, device=device,
                                                   progress=progress, seed=seed, mask=mask)
         self.kind = embedding.output_kind(self.original, metric=metric)
-        self.halves = [_HalfProvider(self.provider, h) for h in (0, 1)]
+        positions = np.arange(len(calib))
+        self.half_positions = [positions[positions % 2 == h] for h in (0, 1)]
+        self.halves = [_HalfProvider(self.provider, h, calib.subset(self.half_positions[h])) for h in (0, 1)]
         self.caches: list[dict] = [{}, {}]          # per half: select-nodes rankings
         self.costs = Costs(self.original, options.objective)
         self.sites, self.skipped = find_sites(self.original, options, self.costs)
-        positions = np.arange(len(calib))
-        self.half_positions = [positions[positions % 2 == h] for h in (0, 1)]
         self.labels = calib.labels
         self._reference_outputs: np.ndarray | None = None
         self.curves: dict[str, list[dict]] = {}
@@ -444,7 +465,8 @@ class Planner:
     def apply(self, passes: list[tuple[str, dict]], half: int) -> onnx.ModelProto:
         """The original rewritten by ``passes`` with half ``half``'s statistics (folds h, h + 2)."""
         work = clone(self.original)
-        ctx = PassContext(statistics=self.halves[half], folds=2, seed=self.seed, cache=self.caches[half])
+        ctx = PassContext(statistics=self.halves[half], folds=2, seed=self.seed, cache=self.caches[half],
+                          original=self.original)
         for name, opts in passes:
             REGISTRY[name](**opts).run(work, ctx)
         return work
@@ -586,7 +608,13 @@ class Planner:
 
     @one_blas_thread
     def for_max_drop(self, max_drop: float) -> dict[str, Any]:
-        """The most compressed plan of the chain whose measured drop (+ margin) is within ``max_drop``."""
+        """The most compressed plan of the chain whose measured drop (+ margin) is within ``max_drop``.
+
+        Without sensitivity curves yet, a site's ladder stops once it alone disagrees with the
+        original on more than ``GOAL_STOP * max_drop`` % of the samples (its smaller sizes
+        cannot be part of a plan within ``max_drop``): fewer trials for small drops."""
+        if not self.curves:
+            self.sensitivity(stop_agreement=max(self.options.stop_agreement, 1 - GOAL_STOP * max_drop / 100))
         path = self.path()
         started = time.perf_counter()
         memo: dict[int, Check] = {}
@@ -608,6 +636,7 @@ class Planner:
     @one_blas_thread
     def for_budget(self, fraction: float) -> dict[str, Any]:
         """The least aggressive plan of the chain whose cost is within ``fraction`` of the original."""
+        self.sensitivity()                             # the ladders a max-drop goal stopped early go on
         path = self.path()
         budget = fraction * self.costs.total
         if self.cost_of(path.plan(len(path) - 1)) > budget:

@@ -1,0 +1,300 @@
+"""correct-drift: refit the linear layers that read activations the compression moved.
+
+Every site is compressed assuming the rest of the model is the original (one-shot); with
+many sites the errors add up downstream: a layer reading tensor t now sees x~ (the
+compressed model's t) instead of x (the original's, restricted to the channels K kept
+there). Each linear reader of t is refitted on the calibration samples to answer x~ as
+it answered x:
+
+    x[K] ~= A x~ + a,   [A a] = E[x[K] z^T] (E[z z^T] + rho I)^-1,   z = [x~; 1]
+    W' = W A (a Conv: at every tap, M[:, :, i, j] A),   b' = b + W a
+
+which for a 1x1 Conv, a Gemm or a MatMul is exactly the least-squares fit of the layer's
+original response W x[K] + b from x~. The joint second moment of (x[K], x~) comes from one
+onnxruntime pass over a graph holding both models side by side (``side_by_side``). The
+intercept a is fitted only where every reader can absorb it exactly (a bias and no zero
+padding); rho is chosen on held-out calibration folds, and a tensor keeps its readers as
+they are unless the refit predicts x[K] better than x~ itself on the held-out folds.
+
+A correction moves the inputs of the layers after it, so fitting every tensor at once
+(one pass) leaves the later fits slightly off, and refitting everything again oscillates.
+``stages`` splits the drifted tensors, in graph order, into that many consecutive groups,
+each fitted on the model the groups before it corrected (one calibration pass per stage;
+as many stages as tensors is fully sequential).
+Depthwise convolutions (group > 1) are left alone (A would mix their channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxprune.calibration.stats import StatRequest
+from onnxprune.errors import RecipeError
+from onnxprune.graph import GraphIndex, LinearLayer, find_linear_layers, node_names
+from onnxprune.model import cone_hashes, get_array, set_array
+from onnxprune.passes.base import Pass, PassContext, PassResult, register
+
+log = logging.getLogger(__name__)
+
+#: ridges (relative to trace(E[z z^T]) / dim) tried on held-out folds
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: a refit is kept when its held-out error is below this share of leaving the readers alone
+GAIN = 0.98
+PREFIX = "correct-drift/"
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectDriftOptions:
+    """stages: groups of drifted tensors fitted one after the other (one calibration pass each)."""
+
+    stages: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.stages, int) or self.stages < 1:
+            raise ValueError(f"stages={self.stages!r} must be an integer >= 1")
+
+
+@dataclasses.dataclass
+class _Tensor:
+    """A drifted tensor t: its kept original channels K (None: all), axis, and linear readers."""
+
+    name: str
+    keep: np.ndarray | None
+    axis: int
+    readers: list[LinearLayer]
+    intercept: bool
+
+
+@register
+class CorrectDrift(Pass):
+    """Readers W of a drifted activation x~ become W A (+ W a in the bias), with
+    [A a] the ridge regression of the original's x[K] on [x~; 1] over the calibration set.
+
+    Needs the original model (``ctx.original``); runs after the compressing passes.
+    """
+
+    name = "correct-drift"
+    Options = CorrectDriftOptions
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        if ctx.original is None:
+            raise RecipeError(self.name, "needs the original model (run it inside a pipeline)")
+        rows = []
+        everything = drifted_tensors(ctx.original, model, ctx.selections)
+        bounds = np.linspace(0, len(everything), min(self.options.stages, max(len(everything), 1)) + 1)
+        for stage, (lo, hi) in enumerate(zip(bounds[:-1].round().astype(int), bounds[1:].round().astype(int))):
+            names = {t.name for t in everything[lo:hi]}
+            # re-derived on the current model: its readers' weights changed in earlier stages
+            tensors = [t for t in drifted_tensors(ctx.original, model, ctx.selections) if t.name in names]
+            if not tensors:
+                continue
+            joint, joined = side_by_side(ctx.original, model, tensors)
+            requests = [StatRequest(joined[t.name], kind="features", axis=t.axis) for t in tensors]
+            view = ctx.statistics(joint, requests, ctx.sets[:1])
+            for t, request in zip(tensors, requests):
+                folds = [view.moments(request, ctx.sets[0], fold=f) for f in range(ctx.folds)]
+                fit = _refit(folds, t.intercept)
+                row = {"stage": stage + 1, "tensor": t.name, "readers": [r.name for r in t.readers],
+                       "channels": int(folds[0].dim // 2), **{k: v for k, v in fit.items() if k != "map"}}
+                if fit["map"] is not None:
+                    A, a = fit["map"]
+                    for layer in t.readers:
+                        _apply(model, layer, A, a)
+                rows.append(row)
+                log.info("correct-drift stage %d: %s (%d channels, %d reader(s)): %s", stage + 1, t.name,
+                         row["channels"], len(t.readers),
+                         f"refit, held-out error {fit['error_before']:.4g} -> {fit['error_after']:.4g}"
+                         if fit["map"] is not None else "left alone")
+        return PassResult(changed=any(r.get("refit") for r in rows), report={"tensors": rows})
+
+
+def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto, selections: dict) -> list[_Tensor]:
+    """Tensors that linear layers of ``model`` read, that the original has too, and whose
+    value the compression changed (their cone differs), with the original channels kept."""
+    keep_of = _kept_channels(model, selections)
+    index_o, index_c = GraphIndex(original), GraphIndex(model)
+    readers: dict[str, list[LinearLayer]] = {}
+    for layer in find_linear_layers(model):
+        if layer.skip:
+            continue            # depthwise and grouped convolutions, shared weights, ...
+        if index_o.const(layer.input) is not None or layer.input not in index_o.producer:
+            continue            # a graph input or a constant: never drifts
+        readers.setdefault(layer.input, []).append(layer)
+    if not readers:
+        return []
+    hashes_o = cone_hashes(original, set(readers))
+    hashes_c = cone_hashes(model, set(readers))
+    out = []
+    for name, layers in readers.items():
+        if hashes_o[name] == hashes_c[name]:
+            continue
+        op = layers[0].op
+        rank = index_c.rank(name) or 2
+        axis = 1 if op in ("Conv", "Gemm") or rank == 2 else rank - 1
+        if any((1 if la.op in ("Conv", "Gemm") or rank == 2 else rank - 1) != axis for la in layers):
+            continue
+        keep = keep_of.get(name)
+        dims_o, dims_c = index_o.shape(name), index_c.shape(name)
+        if not dims_o or not dims_c or len(dims_o) != len(dims_c):
+            continue
+        width_o, width_c = dims_o[axis], dims_c[axis]
+        if not isinstance(width_o, int) or not isinstance(width_c, int):
+            continue
+        if keep is None and width_o != width_c or keep is not None and len(keep) != width_c:
+            continue            # a channel map this pass cannot follow (e.g. through a Flatten)
+        intercept = all(_absorbs_intercept(la) and int(np.prod(index_c.dims(la.bias))) == la.out_features
+                        for la in layers)
+        out.append(_Tensor(name, keep, axis, layers, intercept))
+    return out
+
+
+def _kept_channels(model: onnx.ModelProto, selections: dict) -> dict[str, np.ndarray]:
+    """Tensor -> the original channels it still carries, for the groups select-nodes pruned."""
+    nodes = dict(zip(node_names(model), model.graph.node))
+    out = {}
+    for selection in selections.values():
+        group, keep = selection["group"], np.asarray(selection["keep"], dtype=np.int64)
+        if len(keep) == group.channels:
+            continue
+        names = [p.node for p in group.producers] + [p.node for p in group.path]
+        for name in names:
+            node = nodes.get(name)
+            if node is not None:
+                out.update({o: keep for o in node.output if o})
+        out[group.site] = keep
+    return out
+
+
+def _absorbs_intercept(layer: LinearLayer) -> bool:
+    if layer.op == "Conv":
+        return layer.bias is not None and not any(layer.attrs["pads"]) and layer.attrs["auto_pad"] == "NOTSET"
+    return layer.bias is not None and (layer.op != "Gemm" or layer.attrs["beta"] == 1.0)
+
+
+def side_by_side(original: onnx.ModelProto, model: onnx.ModelProto,
+                 tensors: list[_Tensor]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """One graph computing both models from the same inputs, plus, per drifted tensor t, a
+    tensor ``names[t]`` = Concat(original t[K], compressed t) along t's feature axis."""
+    graph = original.graph
+    inputs = {v.name for v in graph.input}
+    inits = {t.name for t in model.graph.initializer}
+
+    def rename(name: str) -> str:
+        return name if not name or (name in inputs and name not in inits) else PREFIX + "c/" + name
+
+    nodes = list(graph.node)
+    for i, node in enumerate(model.graph.node):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{PREFIX}c/{i}" 
+        copy.input[:] = [rename(i) for i in node.input]
+        copy.output[:] = [rename(o) for o in node.output]
+        nodes.append(copy)
+    initializers = list(graph.initializer)
+    for tensor in model.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        copy.name = rename(tensor.name)
+        initializers.append(copy)
+    names = {}
+    for t in tensors:
+        left = t.name
+        if t.keep is not None:
+            index = PREFIX + "keep/" + t.name
+            initializers.append(onnx.numpy_helper.from_array(t.keep, index))
+            left = PREFIX + "original/" + t.name
+            nodes.append(helper.make_node("Gather", [t.name, index], [left], axis=t.axis,
+                                          name=PREFIX + "gather/" + t.name))
+        names[t.name] = PREFIX + "joint/" + t.name
+        nodes.append(helper.make_node("Concat", [left, rename(t.name)], [names[t.name]], axis=t.axis,
+                                      name=PREFIX + "concat/" + t.name))
+    joint_graph = helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output), initializers)
+    joint = helper.make_model(joint_graph, opset_imports=list(original.opset_import))
+    joint.ir_version = max(original.ir_version, 4)     # IR 3 would want every initializer as an input
+    return joint, names
+
+
+def _refit(folds, intercept: bool) -> dict:
+    """Ridge regression of the first half of the joint features (x[K]) on the second (x~),
+    with the ridge and the decision chosen on held-out folds (each fold left out in turn)."""
+    dim = folds[0].dim // 2
+    parts = []
+    for m in folds:
+        G = m.gram
+        s = m.sum
+        if intercept:
+            Z = np.zeros((dim + 1, dim + 1))
+            Z[:dim, :dim] = G[dim:, dim:]
+            Z[:dim, dim] = Z[dim, :dim] = s[dim:]
+            Z[dim, dim] = m.count
+            C = np.vstack([G[:dim, dim:].T, s[:dim][None]])       # E[z x^T] (dim + 1, dim)
+        else:
+            Z = G[dim:, dim:]
+            C = G[:dim, dim:].T.copy()
+        parts.append((m.count, Z, C, float(np.trace(G[:dim, :dim])), G))
+    total = sum(p[0] for p in parts)
+
+    def error(B, part) -> float:
+        """sum ||x - B^T z||^2 over the fold (B: (dz, dim))."""
+        n, Z, C, yy, _ = part
+        return yy - 2.0 * float(np.einsum("ij,ij->", B, C)) + float(np.einsum("ij,ij->", B, Z @ B))
+
+    def identity_error(part) -> float:
+        n, Z, C, yy, G = part
+        return float(np.trace(G[:dim, :dim]) - 2.0 * np.trace(G[:dim, dim:]) + np.trace(G[dim:, dim:]))
+
+    def solve(Z, C, ridge) -> np.ndarray:
+        unit = float(np.trace(Z[:dim, :dim])) / dim
+        R = Z + ridge * max(unit, 1e-300) * np.eye(len(Z))
+        if intercept:
+            R[dim, dim] = Z[dim, dim] + 1e-12 * max(unit, 1e-300)
+        return np.linalg.solve(R, C)
+
+    before = sum(identity_error(p) for p in parts)
+    scores = np.zeros(len(RIDGE_GRID))
+    usable = len(parts) > 1 and all(p[0] > 0 for p in parts)
+    if usable:
+        for f, held in enumerate(parts):
+            Z = sum(p[1] for i, p in enumerate(parts) if i != f)
+            C = sum(p[2] for i, p in enumerate(parts) if i != f)
+            for g, ridge in enumerate(RIDGE_GRID):
+                scores[g] += max(error(solve(Z, C, ridge), held), 0.0)
+        best = int(np.argmin(scores))
+        after = float(scores[best])
+    else:
+        best, after = 2, 0.0
+    energy = max(sum(p[3] for p in parts), 1e-300)
+    result = {"ridge": RIDGE_GRID[best], "error_before": before / energy, "error_after": after / energy,
+              "intercept": intercept, "samples": int(total), "refit": False, "map": None}
+    if not usable or after >= GAIN * before:
+        return result
+    B = solve(sum(p[1] for p in parts), sum(p[2] for p in parts), RIDGE_GRID[best])
+    A = B[:dim].T                                   # x ~= A x~ + a
+    a = B[dim] if intercept else None
+    result.update(refit=True, map=(A, a))
+    return result
+
+
+def _apply(model: onnx.ModelProto, layer: LinearLayer, A: np.ndarray, a: np.ndarray | None) -> None:
+    """``layer`` reads A x~ + a instead of x~: W -> W A, b -> b + W a."""
+    W = get_array(model, layer.weight)
+    dtype = W.dtype
+    W = W.astype(np.float64)
+    if layer.op == "Conv":
+        shift = np.einsum("mc...,c->m", W, a) if a is not None else None
+        W = np.einsum("mc...,cd->md...", W, A)
+    elif layer.op == "Gemm" and layer.attrs["transB"]:
+        shift = W @ a if a is not None else None
+        W = W @ A
+    else:                                           # Gemm transB=0, MatMul: W is (in, out)
+        shift = a @ W if a is not None else None
+        W = A.T @ W
+    set_array(model, layer.weight, W.astype(dtype))
+    if shift is not None:
+        b = get_array(model, layer.bias)
+        set_array(model, layer.bias, (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype))
