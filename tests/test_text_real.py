@@ -19,6 +19,7 @@ from onnxprune.runtime import make_session, run_batches
 pytestmark = pytest.mark.real
 
 FFN = "/model/model.0/auto_model/encoder/layer.{}/intermediate/dense/MatMul"
+HEADS = "/model/model.0/auto_model/encoder/layer.{}/attention/output/dense/MatMul/heads"
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,12 @@ def _rows(data: dict, rows) -> dict:
     return {k: v[rows] for k, v in data.items()}
 
 
-def test_the_three_ffn_blocks_are_prunable_groups(minilm):
+def test_three_ffn_blocks_and_three_attention_blocks_are_prunable_groups(minilm):
     groups = [g for g in find_channel_groups(minilm) if g.skip is None]
-    assert [(g.name, g.channels, g.axis) for g in groups] == [(FFN.format(i), 1536, -1) for i in range(3)]
+    ffn = [(g.name, g.channels, g.axis) for g in groups if g.structure == "last-axis"]
+    assert ffn == [(FFN.format(i), 1536, -1) for i in range(3)]
+    heads = [(g.name, g.channels, g.unit, len(g.shape_entries)) for g in groups if g.structure == "heads"]
+    assert heads == [(HEADS.format(i), 384, 32, 4) for i in range(3)]
 
 
 def test_padding_is_left_out_of_the_token_statistics(minilm, sst2):
@@ -47,7 +51,7 @@ def test_padding_is_left_out_of_the_token_statistics(minilm, sst2):
     longest = int(data["attention_mask"].sum(axis=1).max())
     assert longest < 64
     cut = {"input_ids": data["input_ids"][:, :longest], "attention_mask": data["attention_mask"][:, :longest]}
-    groups = [g for g in find_channel_groups(minilm) if g.skip is None]
+    groups = [g for g in find_channel_groups(minilm) if g.skip is None and g.structure == "last-axis"]
     requests = [StatRequest(groups[0].site, axis=-1),
                 StatRequest("/model/model.0/auto_model/encoder/layer.0/attention/output/LayerNorm/"
                             "LayerNormalization_output_0", axis=-1)]
@@ -88,8 +92,6 @@ def test_the_original_reproduces_the_shared_baselines(minilm, sst2):
     assert round(100 * embedding.knn_accuracy(sentence, sst2["y"]), 1) == 73.9
     assert round(100 * embedding.probe_accuracy(sentence, sst2["y"]), 1) == 77.4
 
-
-HEADS = "/model/model.0/auto_model/encoder/layer.{}/attention/output/dense/MatMul/heads"
 
 
 @pytest.mark.slow
