@@ -349,6 +349,10 @@ def plan_request(kw: dict, layers: tuple[str, ...]) -> dict:
         plan["sites"] = list(layers)
     if kw.get("margin") is not None:
         plan["margin"] = kw["margin"]
+    if kw.get("latency_batch") is not None:
+        if plan["objective"] != "latency":
+            raise RecipeError("--latency-batch", "only applies to --objective latency")
+        plan["latency_batch"] = kw["latency_batch"]
     if kw.get("correct_drift") is not None:
         plan["drift"] = kw["correct_drift"]
     return plan
@@ -422,8 +426,11 @@ def calibration_options(func):
 @click.option("--method", type=click.Choice(["auto"] + list(METHODS) + list(PRUNING_CRITERIA)), default="auto",
               show_default=True, help="auto: the planner chooses pruning or low rank per site; or restrict it to "
                                       "low rank (svd, svd-bc, dalr, dalr-bc) or one pruning criterion.")
-@click.option("--objective", type=click.Choice(["macs", "params"]),
-              help="What 'smaller' means for --max-drop planning (default macs; --keep implies params).")
+@click.option("--objective", type=click.Choice(["macs", "params", "latency"]),
+              help="What 'smaller' means for --max-drop planning (default macs; --keep implies params; "
+                   "latency: measured onnxruntime time, see --latency-batch).")
+@click.option("--latency-batch", type=click.IntRange(min=1), help="--objective latency: the batch size "
+                                                                  "timed (default 1).")
 @click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
               help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
 @click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "

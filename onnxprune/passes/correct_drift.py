@@ -286,7 +286,7 @@ def _apply(model: onnx.ModelProto, layer: LinearLayer, A: np.ndarray, a: np.ndar
     dtype = W.dtype
     W = W.astype(np.float64)
     if layer.op == "Conv":
-        shift = np.einsum("mc...,c->m", W, a) if a is not None else None
+        shift = W.reshape(W.shape[0], W.shape[1], -1).sum(axis=2) @ a if a is not None else None
         W = np.einsum("mc...,cd->md...", W, A)
     elif layer.op == "Gemm" and layer.attrs["transB"]:
         shift = W @ a if a is not None else None

@@ -45,13 +45,14 @@ from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.low_rank_split import split_params
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
+from onnxprune.plan.latency import LatencyCosts
 from onnxprune.plan.suffix import ActivationCache, Suffix, fixed_batch_of, measured_output, reference_hashes
 from onnxprune.runtime import make_session, run_batches
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("prune", "low-rank")
-OBJECTIVES = ("macs", "params")
+OBJECTIVES = ("macs", "params", "latency")
 #: keep fractions tried per site (channels kept for pruning, parameters kept for low rank)
 LADDER = (0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1, 0.05, 0.02)
 FOLDS = 4
@@ -65,7 +66,8 @@ CACHE_BYTES = 1 << 30
 class PlanOptions:
     """What the planner may do and what it optimises."""
 
-    objective: str = "macs"              # what "smaller" means: macs | params
+    objective: str = "macs"              # what "smaller" means: macs | params | latency (measured)
+    latency_batch: int = 1               # objective latency: the batch size timed
     families: tuple[str, ...] = FAMILIES  # prune (channel groups) and/or low-rank (linear layers)
     criterion: str = "spectral"          # select-nodes criterion for the prune family
     ladder: tuple[float, ...] = LADDER
@@ -89,6 +91,8 @@ class PlanOptions:
             raise RecipeError("plan", f"families must be among {', '.join(FAMILIES)}, got {list(self.families)}")
         if any(not 0 < f < 1 for f in self.ladder):
             raise RecipeError("plan", "ladder fractions must be in (0, 1)")
+        if not isinstance(self.latency_batch, int) or self.latency_batch < 1:
+            raise RecipeError("plan", f"latency_batch={self.latency_batch!r} must be an integer >= 1")
         if self.check_samples < 8:
             raise RecipeError("plan", "check_samples must be >= 8")
         if self.low_rank not in ("dalr", "svd"):
@@ -233,6 +237,16 @@ class Costs:
         if site.family == "prune":
             return self.prune_saving([site.group], {site.group.name: size})
         return self.split_saving(site.layer, size)
+
+    def plan_cost(self, chosen: list[tuple[Site, int]]) -> float:
+        """Exact objective cost with each (site, size) of ``chosen`` applied: channel groups
+        jointly (a layer between two pruned groups loses both ways), splits apart."""
+        pruned = [(site, size) for site, size in chosen if site.family == "prune"]
+        saving = 0.0
+        if pruned:
+            saving += self.prune_saving([site.group for site, _ in pruned], {site.name: size for site, size in pruned})
+        saving += sum(self.split_saving(site.layer, size) for site, size in chosen if site.family == "low-rank")
+        return self.total - saving
 
     def split_saving(self, layer: LinearLayer, rank: int) -> float:
         m, n = layer.out_features, layer.in_features
@@ -437,8 +451,14 @@ class Planner:
         self.half_positions = [positions[positions % 2 == h] for h in (0, 1)]
         self.halves = [_HalfProvider(self.provider, h, calib.subset(self.half_positions[h])) for h in (0, 1)]
         self.caches: list[dict] = [{}, {}]          # per half: select-nodes rankings
-        self.costs = Costs(self.original, options.objective)
+        latency = options.objective == "latency"
+        self.costs = Costs(self.original, "macs" if latency else options.objective)
         self.sites, self.skipped = find_sites(self.original, options, self.costs)
+        if latency:                        # sites are chosen by MACs; their options are timed
+            started = time.perf_counter()
+            self.costs = LatencyCosts(self.original, self.sites, lambda site: [k for _, k in ladder_sizes(site, options)],
+                                      batch=options.latency_batch, device=device, fallback=self.costs)
+            self._timed("latency", started)
         self.labels = calib.labels
         self._reference_outputs: np.ndarray | None = None
         self.curves: dict[str, list[dict]] = {}
@@ -595,16 +615,9 @@ class Planner:
         return result
 
     def cost_of(self, plan: dict[str, Option]) -> float:
-        """Exact objective cost of ``plan`` (groups jointly through Footprint, splits apart)."""
+        """Objective cost of ``plan`` (exact for MACs and parameters; latency: measured per site)."""
         by_name = {s.key: s for s in self.sites}
-        pruned = [by_name[n] for n, o in plan.items() if o.family == "prune"]
-        saving = 0.0
-        if pruned:
-            saving += self.costs.prune_saving([site.group for site in pruned],
-                                              {site.name: plan[site.key].size for site in pruned})
-        saving += sum(self.costs.split_saving(by_name[n].layer, o.size) for n, o in plan.items()
-                      if o.family == "low-rank")
-        return self.costs.total - saving
+        return self.costs.plan_cost([(by_name[n], o.size) for n, o in plan.items()])
 
     @one_blas_thread
     def for_max_drop(self, max_drop: float) -> dict[str, Any]:

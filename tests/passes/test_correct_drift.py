@@ -27,11 +27,12 @@ def linear_chain(seed=0):
     return b.model([graphs._input(8)], {y: (4,)})
 
 
-def conv_chain(seed=0):
+def conv_chain(seed=0, k=3, pads=1):
     b = graphs._Builder(seed)
     h = b.conv("x", "c1", 3, 5, k=1)
-    y = b.conv(h, "c2", 5, 4, k=3)
-    return b.model([graphs._input(3, 6, 6)], {y: (4, 6, 6)})
+    y = b.conv(h, "c2", 5, 4, k=k, pads=[pads] * 4)
+    size = 6 + 2 * pads - k + 1
+    return b.model([graphs._input(3, 6, 6)], {y: (4, size, size)})
 
 
 def correct(original, compressed, n=200, folds=2):
@@ -77,6 +78,19 @@ def test_a_linear_distortion_before_a_padded_conv_is_undone_at_every_tap():
     work, result = correct(original, compressed, n=100)
     row, = result.report["tensors"]
     assert row["refit"] and not row["intercept"]         # zero padding: no exact intercept
+    (y0,), (y2,) = run_model(original, x), run_model(work, x)
+    np.testing.assert_allclose(y2, y0, atol=2e-3)
+
+
+def test_an_affine_distortion_before_an_unpadded_conv_moves_into_its_bias():
+    original = conv_chain(k=3, pads=0)
+    rng = np.random.default_rng(7)
+    compressed = clone(original)
+    distort(compressed, "c1.W", "c1.B", np.eye(5) + 0.3 * rng.standard_normal((5, 5)), rng.standard_normal(5))
+    x = graphs.feeds(original, batch=20, seed=9)
+    work, result = correct(original, compressed, n=100)
+    row, = result.report["tensors"]
+    assert row["refit"] and row["intercept"]
     (y0,), (y2,) = run_model(original, x), run_model(work, x)
     np.testing.assert_allclose(y2, y0, atol=2e-3)
 
