@@ -93,11 +93,15 @@ def composition(sites) -> str:
     """How many FFN blocks were pruned and layers split, from a planner row's sites."""
     if not isinstance(sites, list):
         return "the unit / head counts of the row above"
-    pruned = [s.split(" prune ")[1] for s in sites if " prune " in s]
+    pruned = [s.split(" prune ")[1] for s in sites if " prune " in s and "attention" not in s]
+    heads = [s.split(" prune ")[1] for s in sites if " prune " in s and "attention" in s]
     split = [s for s in sites if " low-rank " in s]
     parts = []
     if pruned:
         parts.append("FFN units kept " + ", ".join(pruned))
+    if heads:
+        parts.append("heads kept " + ", ".join(f"{int(h.split('/')[0]) // 32}/{int(h.split('/')[1]) // 32}"
+                                                for h in heads))
     if split:
         parts.append(f"{len(split)} MatMuls split")
     return "; ".join(parts) or "nothing"
@@ -287,15 +291,23 @@ def main() -> None:
                         help="skip the onnxruntime optimizer fusion and latency check (first domain's models)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the latency runs")
     parser.add_argument("--latency-runs", type=int, default=20)
+    parser.add_argument("--render", action="store_true", help="rewrite the .md from the .json only")
     args = parser.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    if args.render:
+        results = json.loads((RESULTS / f"{args.out}.json").read_text())
+        lines = [HEADER, ""]
+        for domain, info in results.items():
+            lines += table(domain, info["rows"], info)
+            if info.get("fusion"):
+                lines += fusion_table(info["fusion"])
+        write_text_atomic(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
+        return
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    results, lines = {}, ["# Sentence encoder: paraphrase-MiniLM-L3 on SST-2 and AG News", "",
-                          "Command: `python bench/text.py " + " ".join(sys.argv[1:]) + "`. See the module docstring for "
-                          "the splits and rows.", ""]
+    results, lines = {}, [HEADER, ""]
     for domain in args.domains.split(","):
         first = domain == args.domains.split(",")[0]
         rows, info, models = run_domain(domain, args, log, keep_models=args.fusion and first)
@@ -307,6 +319,12 @@ def main() -> None:
             del models
             lines += fusion_table(info["fusion"])
             save(args, lines, results)
+
+
+HEADER = ("# Sentence encoder: paraphrase-MiniLM-L3 on SST-2 and AG News\n\n"
+          "Command: `python bench/text.py` (defaults: both domains, budgets 0.7 and 0.5 of the MACs); the splits "
+          "and rows are described in the module docstring. Run before the correct-drift pass was merged (the "
+          "planner rows have no drift correction).")
 
 
 def save(args, lines: list[str], results: dict) -> None:
