@@ -80,7 +80,7 @@ def main() -> None:
                              "probe_reference": e.get("probe_reference"), "probe": e.get("probe_candidate")})
                 print(json.dumps(jsonable(rows[-1])), file=sys.stderr, flush=True)
     lines = ["# Calibration domain: own domain vs the other (MiniLM-L3, SST-2 and AG News)", "",
-             "Command: `python bench/text_domains.py`; splits and recipes in the module docstring.", "",
+             "Command: `python bench/text_domains.py --ag-eval 600`; splits and recipes in the module docstring.", "",
              "| evaluated on | recipe | calibrated on | MACs % | cosine | kNN % (orig) | probe % (orig) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
