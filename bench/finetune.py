@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import tempfile
 import time
@@ -61,31 +62,45 @@ def report_of(path: Path) -> dict:
 
 
 def row(task: str, method: str, model: Path, train: Path, val: Path, calib: Path, evaluation: Path, pre: list[str],
-        work: Path, compress_budget: list[str], ft: list[str]) -> dict:
-    small, tuned = work / f"{task.replace('/', '_')}_{method}.onnx", work / f"{task.replace('/', '_')}_{method}_ft.onnx"
+        work: Path, compress_budget: list[str], variants: list[tuple[str, list[str]]]) -> list[dict]:
+    """Compress once, then one distillation per variant (name, finetune options): one result row each."""
+    stem = f"{task.replace('/', '_')}_{method}"
+    small = work / f"{stem}.onnx"
     t0 = time.perf_counter()
     run(["compress", str(model), "--target-data", str(calib), "--eval-data", str(evaluation), *compress_budget,
          *pre, "--no-latency", "-q", "-o", str(small)])
-    t1 = time.perf_counter()
-    run(["finetune", str(small), "--teacher", str(model), "--target-data", str(train), "--val-data", str(val),
-         "--eval-data", str(evaluation), *ft, *pre, "--no-latency", "-q", "-o", str(tuned)])
-    t2 = time.perf_counter()
-    c, f = report_of(small), report_of(tuned)
-    v, b = f["validation"], f["validation_before"]
-    out = {"task": task, "method": method, "compress": " ".join(compress_budget), "finetune": " ".join(ft),
-           "params_kept": v["params_candidate"] / v["params_reference"],
-           "macs_kept": v["macs_candidate"] / v["macs_reference"],
-           "accuracy_original": v["accuracy_reference"], "accuracy_compressed": b["accuracy_candidate"],
-           "accuracy_finetuned": v["accuracy_candidate"], "agreement_compressed": b["agreement"],
-           "agreement_finetuned": v["agreement"], "train_samples": f["finetune"]["train_samples"],
-           "val_samples": f["finetune"]["val_samples"], "eval_samples": v["samples"],
-           "epochs": len(f["finetune"]["curve"]) - 1, "best_epoch": f["finetune"]["best_epoch"],
-           "stopped": f["finetune"]["stopped"], "train_seconds": f["finetune"]["seconds"],
-           "finetune_command_seconds": t2 - t1, "compress_seconds": t1 - t0, "curve": f["finetune"]["curve"],
-           "compress_report_accuracy": c["validation"]["accuracy_candidate"]}
-    print(f"{task} {method}: {100 * out['accuracy_original']:.2f} -> {100 * out['accuracy_compressed']:.2f} -> "
-          f"{100 * out['accuracy_finetuned']:.2f} ({out['epochs']} epochs, {out['train_seconds']:.0f} s)", flush=True)
-    return out
+    compress_seconds = time.perf_counter() - t0
+    c = report_of(small)
+    rows = []
+    for variant, ft in variants:
+        tuned = work / f"{stem}_{variant}_ft.onnx"
+        load_before = os.getloadavg()
+        t1 = time.perf_counter()
+        run(["finetune", str(small), "--teacher", str(model), "--target-data", str(train), "--val-data", str(val),
+             "--eval-data", str(evaluation), *ft, *pre, "--no-latency", "-q", "-o", str(tuned)])
+        t2 = time.perf_counter()
+        f = report_of(tuned)
+        v, b = f["validation"], f["validation_before"]
+        out = {"task": task, "method": method, "variant": variant, "compress": " ".join(compress_budget),
+               "finetune": " ".join(ft),
+               "params_kept": v["params_candidate"] / v["params_reference"],
+               "macs_kept": v["macs_candidate"] / v["macs_reference"],
+               "accuracy_original": v["accuracy_reference"], "accuracy_compressed": b["accuracy_candidate"],
+               "accuracy_finetuned": v["accuracy_candidate"], "agreement_compressed": b["agreement"],
+               "agreement_finetuned": v["agreement"], "train_samples": f["finetune"]["train_samples"],
+               "val_samples": f["finetune"]["val_samples"], "eval_samples": v["samples"],
+               "epochs": len(f["finetune"]["curve"]) - 1, "best_epoch": f["finetune"]["best_epoch"],
+               "stopped": f["finetune"]["stopped"], "train_seconds": f["finetune"]["seconds"],
+               "feature_targets": len(f["finetune"].get("feature_targets", [])),
+               "trainable_weights": f["finetune"]["trainable_weights"],
+               "finetune_command_seconds": t2 - t1, "compress_seconds": compress_seconds,
+               "load_average": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()],
+               "curve": f["finetune"]["curve"], "compress_report_accuracy": c["validation"]["accuracy_candidate"]}
+        print(f"{task} {method} {variant}: {100 * out['accuracy_original']:.2f} -> {100 * out['accuracy_compressed']:.2f} -> "
+              f"{100 * out['accuracy_finetuned']:.2f} ({out['epochs']} epochs, {out['train_seconds']:.0f} s, "
+              f"command {t2 - t1:.0f} s, load {out['load_average'][0]:.1f})", flush=True)
+        rows.append(out)
+    return rows
 
 
 def cifar(work: Path, quick: bool) -> list[dict]:
@@ -97,11 +112,10 @@ def cifar(work: Path, quick: bool) -> list[dict]:
     np.savez(work / "cifar_val_nolabels.npz", x=d["x"][val])  # the checkpoint fold, never calibrates
     np.savez(work / "cifar_calib.npz", x=d["x"][np.sort(order[:1000])])
     np.savez(work / "cifar_eval.npz", x=d["x"][ev], y=d["y"][ev])
-    ft = ["--epochs", "3" if quick else "30", "--augment", "--max-minutes", "2" if quick else "13.5"]
-    return [row("resnet20/cifar10-jpeg", "spectral", SHARED / "models/resnet20_cifar10.onnx",
-                work / "cifar_train_nolabels.npz", work / "cifar_val_nolabels.npz", work / "cifar_calib.npz",
-                work / "cifar_eval.npz", IMAGENET, work,
-                ["--method", "spectral", "--flops", "0.5"], ft)]
+    ft = ["--epochs", "200", "--augment", "--patience", "50", "--max-minutes", "2" if quick else "13.5"]
+    return row("resnet20/cifar10-jpeg", "plan", SHARED / "models/resnet20_cifar10.onnx",
+               work / "cifar_train_nolabels.npz", work / "cifar_val_nolabels.npz", work / "cifar_calib.npz",
+               work / "cifar_eval.npz", IMAGENET, work, ["--flops", "0.5"], [("outputs", ft)])
 
 
 def imagenet(work: Path, quick: bool) -> list[dict]:
@@ -146,8 +160,9 @@ def digits(work: Path, quick: bool) -> list[dict]:
             np.savez(evaluation, x=d["x"][second], y=d["y"][second])
             model = SHARED / "models" / f"{model_name}.onnx"
             task = f"{model_name.split('_')[0] if model_name.startswith('lenet') else 'mnist_cnn'}/{domain}"
-            for method, budget in (("dalr-bc", ["--keep", "0.02"]), ("spectral", ["--method", "spectral", "--flops", "0.5"])):
-                out.append(row(task, method, model, train, val, train, evaluation, pre, work, budget, ft))
+            for method, budget in (("dalr-bc", ["--method", "dalr-bc", "--allocation", "global", "--keep", "0.02"]),
+                                   ("spectral", ["--method", "spectral", "--allocation", "global", "--flops", "0.5"])):
+                out += row(task, method, model, train, val, train, evaluation, pre, work, budget, [("outputs", ft)])
     return out
 
 

@@ -368,3 +368,25 @@ def test_feature_distillation_of_the_rewritten_layer_only():
         if t.name != "w1":
             assert np.array_equal(weights[t.name], numpy_helper.to_array(t)), t.name
     assert not np.array_equal(weights["w1"], numpy_helper.to_array(student.graph.initializer[0]))
+
+
+def test_finetune_cli_feature_weight_and_rewritten_layers(tmp_path):
+    """The flags reach the training: the report names the feature target and counts only fc1's weight."""
+    pytest.importorskip("torch")
+    onnx.save(deep_mlp(), str(tmp_path / "t.onnx"))
+    onnx.save(deep_mlp(w1_noise=1.0), str(tmp_path / "s.onnx"))
+    x = np.random.default_rng(5).standard_normal((120, 8)).astype(np.float32)
+    np.save(tmp_path / "train.npy", x[:80])
+    np.save(tmp_path / "eval.npy", x[80:])
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--teacher", str(tmp_path / "t.onnx"),
+                                       "--target-data", str(tmp_path / "train.npy"), "--eval-data",
+                                       str(tmp_path / "eval.npy"), "--epochs", "2", "--feature-weight", "2",
+                                       "--train-layers", "rewritten", "--no-latency", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    ft = json.loads(out.with_name("out.report.json").read_text())["finetune"]
+    assert ft["feature_targets"] == ["h1"] and ft["trainable_weights"] == 16 * 8
+    assert ft["config"]["feature_weight"] == 2.0 and ft["config"]["train_layers"] == "rewritten"
+    bad = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--target-data", str(tmp_path / "train.npy"),
+                                    "--feature-weight", "-1", "-o", str(tmp_path / "bad.onnx")])
+    assert bad.exit_code == 2 and not (tmp_path / "bad.onnx").exists()
