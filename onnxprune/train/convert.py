@@ -478,7 +478,7 @@ def to_onnx(module: OnnxModule, *, masks: dict[str, np.ndarray] | None = None) -
     dtypes = {t.name: numpy_helper.to_array(t).dtype if t.data_location != onnx.TensorProto.EXTERNAL else None
               for t in module.model.graph.initializer}
     for name, param in module.named_weights().items():
-        value = param.detach().cpu().numpy()
+        value = param.detach().cpu().contiguous().numpy()
         if masks and name in masks:
             value = value * masks[name]
         dtype = dtypes.get(name) or np.float32
