@@ -857,6 +857,9 @@ def training_options(func):
                           "outputs of every rewritten layer (same name and shape); 0 matches final outputs only."),
         click.option("--train-layers", type=click.Choice(["all", "rewritten"]), default="all", show_default=True,
                      help="Train every weight, or only those the compression created or changed."),
+        click.option("--checkpoint", type=click.Choice(["auto", "agreement", "loss"]), default="auto",
+                     show_default=True, help="Pick the epoch by held-out top-1 agreement (accuracy without a "
+                     "teacher) or by held-out output loss; auto: loss on a fold under 100 samples."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -871,6 +874,7 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
                        label_weight=kw.pop("label_weight"), augment=kw.pop("augment"), patience=kw.pop("patience"),
                        val_fraction=kw.pop("val_fraction"), seed=seed, progress=progress, threads=kw.pop("threads"),
                        feature_weight=kw.pop("feature_weight"), train_layers=kw.pop("train_layers"),
+                       checkpoint=kw.pop("checkpoint"),
                        max_seconds=None if kw.get("max_minutes") is None else 60 * kw.pop("max_minutes"))
 
 

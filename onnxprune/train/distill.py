@@ -50,6 +50,8 @@ class TrainConfig:
     max_seconds: float | None = None  # stop after the epoch that passes this wall time (the cosine fits it)
     feature_weight: float = 0.0  # relative-MSE weight on the outputs of the rewritten layers (needs a teacher)
     train_layers: str = "all"  # "all" weights, or only the "rewritten" ones (those that differ from the teacher's)
+    checkpoint: str = "auto"  # pick the epoch by "agreement" (or accuracy), by held-out output "loss", or "auto":
+    #                           loss when the fold has fewer than SMALL_FOLD samples, agreement otherwise
 
     def __post_init__(self):
         for field, value, low in (("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
@@ -65,11 +67,16 @@ class TrainConfig:
             raise RecipeError("--feature-weight", f"must be >= 0, not {self.feature_weight!r}")
         if self.train_layers not in ("all", "rewritten"):
             raise RecipeError("--train-layers", f"must be 'all' or 'rewritten', not {self.train_layers!r}")
+        if self.checkpoint not in ("auto", "agreement", "loss"):
+            raise RecipeError("--checkpoint", f"must be 'auto', 'agreement' or 'loss', not {self.checkpoint!r}")
         if not 0 < self.val_fraction < 1:
             raise RecipeError("--val-fraction", f"must be between 0 and 1, not {self.val_fraction!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SMALL_FOLD = 100  # below this many held-out samples one sample moves top-1 agreement by more than 1 %
 
 
 def load_arrays(samples, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -295,25 +302,27 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             feeds = batch_inputs(idx, train)
             outs = module(**feeds)
             loss = torch.zeros(())
-            t_outs = None
+            t_outs, features = None, None
             if teacher is not None:
                 t_outs, t_feats = teacher_batch(idx, feeds)
                 loss = loss + distill_loss(outs, t_outs)
-                if taps:
-                    loss = loss + config.feature_weight * feature_loss(t_feats)
             if labels is not None and config.label_weight > 0:
                 y = torch.from_numpy(labels[idx].astype(np.int64))
                 loss = loss + config.label_weight * torch.nn.functional.cross_entropy(outs[head], y)
-            return loss, outs, t_outs
+            if taps:
+                features = config.feature_weight * feature_loss(t_feats)
+            total = loss if features is None else loss + features
+            return total, outs, t_outs, loss
 
         def evaluate() -> dict:
             module.eval()
-            losses, agree, correct, count = 0.0, 0, 0, 0
+            losses, output_losses, agree, correct, count = 0.0, 0.0, 0, 0, 0
             with torch.no_grad():
                 for start in range(0, len(val_idx), max(config.batch_size, 128)):
                     idx = val_idx[start:start + max(config.batch_size, 128)]
-                    loss, outs, t_outs = batch_loss(idx, False)
+                    loss, outs, t_outs, output_loss = batch_loss(idx, False)
                     losses += float(loss) * len(idx)
+                    output_losses += float(output_loss) * len(idx)
                     count += len(idx)
                     if kinds[head] == "kl":
                         pred = outs[head].argmax(1).numpy()
@@ -321,19 +330,26 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
                             agree += int((pred == t_outs[head].argmax(1).numpy()).sum())
                         if labels is not None:
                             correct += int((pred == labels[idx]).sum())
-            row = {"val_loss": losses / count}
+            row = {"val_loss": losses / count, "val_output_loss": output_losses / count}
             if kinds[head] == "kl" and teacher is not None:
                 row["val_agreement"] = agree / count
             if kinds[head] == "kl" and labels is not None:
                 row["val_accuracy"] = correct / count
             return row
 
+        by_loss = config.checkpoint == "loss" or (config.checkpoint == "auto" and len(val_idx) < SMALL_FOLD)
+
         def score(row: dict) -> float:
+            """Higher is better: top-1 agreement (accuracy without a teacher or with labels weighted),
+            ties broken by the output loss; on a small fold (one sample = more than 1 %) the output
+            loss alone, a far less coarse signal than a count of agreeing samples."""
+            if by_loss:
+                return -row["val_output_loss"]
             if "val_agreement" in row and config.label_weight == 0:
-                return row["val_agreement"] - 1e-6 * row["val_loss"]
+                return row["val_agreement"] - 1e-6 * row["val_output_loss"]
             if "val_accuracy" in row:
-                return row["val_accuracy"] - 1e-6 * row["val_loss"]
-            return -row["val_loss"]
+                return row["val_accuracy"] - 1e-6 * row["val_output_loss"]
+            return -row["val_output_loss"]
 
         for p in module.parameters():
             if p.dim() == 4:
@@ -367,7 +383,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             batches = [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
             for idx in bar(batches, desc=f"epoch {epoch}/{config.epochs}"):
                 set_lr()
-                loss, _, _ = batch_loss(np.sort(idx), True)
+                loss, _, _, _ = batch_loss(np.sort(idx), True)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -418,6 +434,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             "feature_targets": list(taps),
             "curve": curve,
             "best_epoch": best_epoch,
+            "checkpoint_by": "held-out output loss" if by_loss else "held-out agreement/accuracy",
             "stopped": stopped,
             "seconds": time.perf_counter() - started,
             "conversion_error": conversion_error,
