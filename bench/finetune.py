@@ -18,7 +18,8 @@ rest WITHOUT labels (the teacher's outputs only) and every accuracy is on the ev
   issue's 15-minute budget, validation included).
 - MobileNetV2 / 500 ImageNet samples: 225 training + 25 checkpoint fold / 250 evaluation
   (seeded permutation); the planner at `--flops 0.7` calibrated on the 225; three distillations
-  on the same 225 (--augment, lr 2e-4, batch 32, at most 6 minutes each): outputs only,
+  on the same 225 (--augment, lr 2e-4, batch 32, 6 epochs each, the checkpoint picked by the held-out
+  output loss, as `--checkpoint auto` does on a fold under 100 samples): outputs only,
   + feature distillation at the rewritten layers (--feature-weight 1), and the same training only
   the rewritten layers (--train-layers rewritten).
 - Digits (LeNet, MNIST CNN on USPS and MNIST-M): the bench's usual halves (first half trains,
@@ -71,18 +72,32 @@ def row(task: str, method: str, model: Path, train: Path, val: Path, calib: Path
     stem = f"{task.replace('/', '_')}_{method}"
     small = work / f"{stem}.onnx"
     t0 = time.perf_counter()
-    run(["compress", str(model), "--target-data", str(calib), "--eval-data", str(evaluation), *compress_budget,
-         *pre, "--no-latency", "-q", "-o", str(small)])
-    compress_seconds = time.perf_counter() - t0
+    if small.exists() and report_of(small).get("recipe"):  # kept by an earlier run with --work DIR
+        print(f"reusing {small}", flush=True)
+        compress_seconds = json.loads(small.with_name(small.stem + ".seconds.json").read_text())["seconds"]
+    else:
+        run(["compress", str(model), "--target-data", str(calib), "--eval-data", str(evaluation), *compress_budget,
+             *pre, "--no-latency", "-q", "-o", str(small)])
+        compress_seconds = time.perf_counter() - t0
+        small.with_name(small.stem + ".seconds.json").write_text(json.dumps({"seconds": compress_seconds}))
     c = report_of(small)
     rows = []
     for variant, ft in variants:
-        tuned = work / f"{stem}_{variant}_ft.onnx"
-        load_before = os.getloadavg()
-        t1 = time.perf_counter()
-        run(["finetune", str(small), "--teacher", str(model), "--target-data", str(train), "--val-data", str(val),
-             "--eval-data", str(evaluation), *ft, *pre, "--no-latency", "-q", "-o", str(tuned)])
-        t2 = time.perf_counter()
+        tuned = work / f"{stem}_{variant.replace(' ', '_').replace(',', '')}_ft.onnx"
+        timing = tuned.with_name(tuned.stem + ".seconds.json")
+        if tuned.exists() and timing.exists() and json.loads(timing.read_text())["finetune"] == ft:
+            print(f"reusing {tuned}", flush=True)  # kept by an earlier run with --work DIR
+            kept = json.loads(timing.read_text())
+            load_before, t1, t2, load_after = kept["load_average"], 0.0, kept["seconds"], kept["load_average_after"]
+        else:
+            load_before = os.getloadavg()
+            t1 = time.perf_counter()
+            run(["finetune", str(small), "--teacher", str(model), "--target-data", str(train), "--val-data", str(val),
+                 "--eval-data", str(evaluation), *ft, *pre, "--no-latency", "-q", "-o", str(tuned)])
+            t2 = time.perf_counter()
+            load_after = os.getloadavg()
+            timing.write_text(json.dumps({"finetune": ft, "seconds": t2 - t1, "load_average": load_before,
+                                          "load_average_after": load_after}))
         f = report_of(tuned)
         v, b = f["validation"], f["validation_before"]
         out = {"task": task, "method": method, "variant": variant, "compress": " ".join(compress_budget),
@@ -98,7 +113,7 @@ def row(task: str, method: str, model: Path, train: Path, val: Path, calib: Path
                "feature_targets": len(f["finetune"].get("feature_targets", [])),
                "trainable_weights": f["finetune"]["trainable_weights"],
                "finetune_command_seconds": t2 - t1, "compress_seconds": compress_seconds,
-               "load_average": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()],
+               "load_average": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in load_after],
                "curve": f["finetune"]["curve"], "compress_report_accuracy": c["validation"]["accuracy_candidate"]}
         print(f"{task} {method} {variant}: {100 * out['accuracy_original']:.2f} -> {100 * out['accuracy_compressed']:.2f} -> "
               f"{100 * out['accuracy_finetuned']:.2f} ({out['epochs']} epochs, {out['train_seconds']:.0f} s, "
@@ -140,8 +155,7 @@ def imagenet(work: Path, quick: bool) -> list[dict]:
                 link = sub / rows[i][0]
                 if not link.exists():
                     link.symlink_to(folder / rows[i][0])
-    ft = ["--epochs", "200", "--augment", "--lr", "2e-4", "--batch-size", "32", "--patience", "50",
-          "--max-minutes", "1" if quick else "6"]
+    ft = ["--epochs", "1" if quick else "6", "--augment", "--lr", "2e-4", "--batch-size", "32", "--patience", "50"]
     variants = [("outputs", ft), ("features", ft + ["--feature-weight", "1"]),
                 ("features, rewritten layers only", ft + ["--feature-weight", "1", "--train-layers", "rewritten"])]
     return row("mobilenetv2/imagenet", "plan", SHARED / "models/mobilenetv2_imagenet_fp32.onnx",
@@ -237,11 +251,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", choices=["resnet20", "mobilenetv2", "digits"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--stitch-only", action="store_true", help="rebuild finetune.md from the per-step JSON files")
+    ap.add_argument("--work", help="keep the splits, models and reports in this folder and reuse the compressed "
+                    "and distilled models found there (same options) instead of recomputing them")
     args = ap.parse_args(argv)
     steps = [] if args.stitch_only else args.only or ["resnet20", "mobilenetv2", "digits"]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.work is None else Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
         for step, fn in (("resnet20", cifar), ("mobilenetv2", imagenet), ("digits", digits)):
             if step in steps:  # one JSON per step, so steps can run in parallel and be re-run alone
                 step_rows = fn(work, args.quick)
