@@ -40,6 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-epochs", type=int, default=8, help="epochs per alpha stage (cap)")
     ap.add_argument("--out", default="coprune", help="result name: bench/results/<out>.md and .json")
+    ap.add_argument("--alphas", default="0.7,0.5,0.3", help="Co-Prune's stages (the baseline runs as many at 0)")
+    ap.add_argument("--fusion", choices=["abs", "signed"], default="abs", help="Co-Prune's target-mask fusion")
+    ap.add_argument("--allocation", choices=["global", "layer"], default="global")
+    ap.add_argument("--skip-baseline", action="store_true", help="Co-Prune rows only (the alpha 0 rows do not "
+                    "depend on --alphas values or --fusion, only on the number of stages)")
     args = ap.parse_args(argv)
     keeps = [float(v) for v in args.keeps.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -61,11 +66,14 @@ def main(argv=None) -> int:
     rows_dense = [["LeNet (MNIST), no adaptation", f"{100 * accuracy(source_model):.2f}"],
                   [f"LeNet fine-tuned on USPS first half (epoch {ft['best_epoch']} of {len(ft['curve']) - 1})",
                    f"{100 * accuracy(target_model):.2f}"]]
+    alphas = tuple(float(a) for a in args.alphas.split(","))
+    methods = [("co-prune", alphas)] + ([] if args.skip_baseline else [("target-only (alpha 0)", (0.0,) * len(alphas))])
     results = []
     for keep in keeps:
         for seed in seeds:
-            for method, alphas in (("co-prune", (0.7, 0.5, 0.3)), ("target-only (alpha 0)", (0.0, 0.0, 0.0))):
-                config = CoPruneConfig(keep=keep, alphas=alphas, max_epochs=max_epochs, seed=seed, progress=False)
+            for method, alphas in methods:
+                config = CoPruneConfig(keep=keep, alphas=alphas, max_epochs=max_epochs, seed=seed, progress=False,
+                                       fusion=args.fusion, allocation=args.allocation)
                 t0 = time.perf_counter()
                 pruned, report = coprune(source_model, target_model, mnist, train, config=config)
                 acc = accuracy(pruned)
@@ -82,10 +90,13 @@ def main(argv=None) -> int:
         for method in ("co-prune", "target-only (alpha 0)"):
             accs = np.array([r["accuracy"] for r in results if r["keep"] == keep and r["method"] == method]) * 100
             stats[method] = accs
+            if not len(accs):
+                row += ["not run", ""]
+                continue
             row.append(f"{accs.mean():.2f} ± {accs.std(ddof=1) if len(accs) > 1 else 0.0:.2f}")
             row.append(" / ".join(f"{a:.1f}" for a in accs))
-        diff = stats["co-prune"] - stats["target-only (alpha 0)"]
-        row.append(f"{diff.mean():+.2f}")
+        diff = stats["co-prune"] - stats["target-only (alpha 0)"] if len(stats["target-only (alpha 0)"]) else None
+        row.append("" if diff is None else f"{diff.mean():+.2f}")
         rows.append(row)
     nonzero = {keep: next(r["nonzero"] for r in results if r["keep"] == keep) for keep in keeps}
     text = f"""# Co-Prune against target-only magnitude pruning (LeNet, MNIST -> USPS)
@@ -96,11 +107,12 @@ Source: Caffe LeNet trained on MNIST, MNIST test set (10000) as labelled source 
 the same LeNet fine-tuned with labels on the first half of USPS (1003 images; plain fine-tuning,
 as `onnxprune finetune lenet_caffe_mnist.onnx --target-data <first half> --epochs 15`); accuracy
 on the second half (1004 images), never seen in training or checkpoint choice (the checkpoint is
-picked on 10 % of the first half). Keep = fraction of the 430,500 Conv/Gemm weights left non-zero,
-one global magnitude threshold (`--allocation global`); both methods train with the straight-through
+picked on 10 % of the first half). Keep = fraction of the 430,500 Conv/Gemm weights left non-zero
+(`--allocation {args.allocation}`: one magnitude threshold over all layers, or the keep ratio in every layer); both methods train with the straight-through
 estimator, Adam 1e-3, lr / 10 after 3 epochs without a lower loss, at most {max_epochs} epochs per
-stage, three stages (alpha 0.7, 0.5, 0.3 for Co-Prune; 0, 0, 0 for the baseline). Seeds change the
-held-out fold, batch order and source batches.
+stage, {len(alphas)} stages (alpha {", ".join(f"{a:g}" for a in alphas)} for Co-Prune, {args.fusion} fusion,
+{args.allocation} allocation; as many stages at 0 for the baseline). Seeds change the held-out fold, batch
+order and source batches.
 
 {markdown_table(["model (dense)", "USPS accuracy %"], rows_dense)}
 

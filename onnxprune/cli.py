@@ -916,6 +916,14 @@ def training_options(func):
         click.option("--max-minutes", type=float, help="Stop after the epoch that passes this wall time."),
         click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
                      help="torch CPU threads (more can be much slower on a shared machine)."),
+        click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Weight of the feature loss: relative MSE between the student's and the teacher's "
+                          "outputs of every rewritten layer (same name and shape); 0 matches final outputs only."),
+        click.option("--train-layers", type=click.Choice(["all", "rewritten"]), default="all", show_default=True,
+                     help="Train every weight, or only those the compression created or changed."),
+        click.option("--checkpoint", type=click.Choice(["auto", "agreement", "loss"]), default="auto",
+                     show_default=True, help="Pick the epoch by held-out top-1 agreement (accuracy without a "
+                     "teacher) or by held-out output loss; auto: loss on a fold under 100 samples."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -929,6 +937,8 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
                        batch_size=batch_size, temperature=kw.pop("temperature"),
                        label_weight=kw.pop("label_weight"), augment=kw.pop("augment"), patience=kw.pop("patience"),
                        val_fraction=kw.pop("val_fraction"), seed=seed, progress=progress, threads=kw.pop("threads"),
+                       feature_weight=kw.pop("feature_weight"), train_layers=kw.pop("train_layers"),
+                       checkpoint=kw.pop("checkpoint"),
                        max_seconds=None if kw.get("max_minutes") is None else 60 * kw.pop("max_minutes"))
 
 
@@ -1028,6 +1038,9 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
                    "pruning with the same training.")
 @click.option("--allocation", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="One magnitude threshold over all layers, or --keep in every layer.")
+@click.option("--fusion", type=click.Choice(["abs", "signed"]), default="abs", show_default=True,
+              help="Target mask from alpha|W_s| + (1-alpha)|W_t| (abs) or |alpha W_s + (1-alpha) W_t| (signed, "
+                   "the paper's eq. 4).")
 @click.option("--layer-keep", help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate at each stage's start.")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
@@ -1059,7 +1072,7 @@ def coprune(output, as_json, verbose, quiet, **kw):
     alphas = _floats(kw["alpha"])
     if len(alphas) == 1:  # one value: the default's three stages, so --alpha 0 trains as long as Co-Prune
         alphas = alphas * 3
-    config = CoPruneConfig(keep=kw["keep"], alphas=alphas, allocation=kw["allocation"],
+    config = CoPruneConfig(keep=kw["keep"], alphas=alphas, allocation=kw["allocation"], fusion=kw["fusion"],
                            layer_keep=_layer_keep(kw["layer_keep"]), lr=kw["lr"], patience=kw["patience"],
                            max_epochs=kw["max_epochs"], batch_size=kw["batch_size"], val_fraction=kw["val_fraction"],
                            seed=kw["seed"], threads=kw["threads"], progress=show_progress(quiet))

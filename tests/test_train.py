@@ -207,6 +207,12 @@ def test_coprune_mask_rule_on_constructed_weights():
     assert mixed == {"b": 1, "__global__": 3}
     m = masks_from(torch, {k: w_t[k].abs() for k in w_t}, mixed)
     assert m["b"].tolist() == [0, 0, 0, 1] and m["a"].tolist() == [[0, 1, 1, 1]]
+    # signed fusion (the paper's eq. 4), |0.5 W_s + 0.5 W_t|: b's position 2 flipped sign in fine-tuning
+    # (0.3 -> -0.6) and scores |-0.15| = 0.15 instead of 0.45: b [0.225, 0.25, 0.15, 0.375] keeps 1, 3
+    _, m_signed = cooperative_masks(torch, w_s, w_t, 0.5, counts, "signed")
+    assert m_signed["b"].tolist() == [0, 1, 0, 1] and m_signed["a"].tolist() == [[1, 1, 0, 0]]
+    with pytest.raises(Exception, match="--fusion"):
+        CoPruneConfig(keep=0.5, fusion="mean")
 
 
 def test_straight_through_mask_passes_dense_gradients():
@@ -290,3 +296,97 @@ def test_finetune_cli_with_an_explicit_checkpoint_fold(tmp_path):
     report = json.loads(out.with_name("out.report.json").read_text())
     assert report["finetune"]["train_samples"] == 80 and report["finetune"]["val_samples"] == 20
     assert report["validation"]["samples"] == 30 and "accuracy_reference" in report["validation"]
+
+
+def deep_mlp(w1_noise: float = 0.0) -> onnx.ModelProto:
+    """x[N,8] -> fc1 -> Relu -> fc2 -> Relu -> fc3 -> logits[N,4]; ``w1_noise`` perturbs fc1's weight only
+    (a student whose one rewritten layer is fc1)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((16, 8)) / np.sqrt(8)).astype(np.float32)
+    w2 = rng.standard_normal((16, 16)).astype(np.float32) / 4
+    w3 = rng.standard_normal((4, 16)).astype(np.float32) / 4
+    if w1_noise:
+        w1 = (w1 + w1_noise * np.random.default_rng(1).standard_normal(w1.shape) / np.sqrt(8)).astype(np.float32)
+    zeros = [np.zeros(16, np.float32), np.zeros(16, np.float32) + 0.1, np.zeros(4, np.float32)]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1, name="fc1"),
+         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+         helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], transB=1, name="fc2"),
+         helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+         helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], transB=1, name="fc3")],
+        "deep_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (zeros[0], "b1"), (w2, "w2"), (zeros[1], "b2"),
+                                                    (w3, "w3"), (zeros[2], "b3"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_feature_targets_are_the_rewritten_layers_outputs():
+    """Only the weight that differs from the teacher is rewritten; its layer's output is the feature target."""
+    pytest.importorskip("torch")
+    from onnxprune.train.distill import feature_candidates, rewritten_weights
+
+    teacher, student = deep_mlp(), deep_mlp(w1_noise=1.0)
+    assert rewritten_weights(student, teacher) == {"w1"}
+    assert feature_candidates(student, teacher) == ["h1"]
+    assert rewritten_weights(teacher, teacher) == set() and feature_candidates(teacher, teacher) == []
+
+
+def test_feature_distillation_of_the_rewritten_layer_only():
+    """--train-layers rewritten --feature-weight: only fc1 trains, its output comes back to the teacher's,
+    the other weights are bit-identical, and the feature loss beats output-only distillation on fc1's output."""
+    pytest.importorskip("torch")
+    from onnxprune.calibration.readers import open_samples
+    from onnxprune.train.distill import TrainConfig, finetune
+
+    teacher, student = deep_mlp(), deep_mlp(w1_noise=1.0)
+    x = np.random.default_rng(2).standard_normal((400, 8)).astype(np.float32)
+    samples = open_samples({"x": x[:300]}, student)
+    held = {"x": x[300:]}
+
+    def hidden_error(model):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(helper.make_tensor_value_info("h1", TensorProto.FLOAT, None))
+        ref = run_model(teacher_probe, held)[1]
+        return float(np.linalg.norm(run_model(probe, held)[1] - ref) / np.linalg.norm(ref))
+
+    teacher_probe = onnx.ModelProto()
+    teacher_probe.CopyFrom(teacher)
+    teacher_probe.graph.output.append(helper.make_tensor_value_info("h1", TensorProto.FLOAT, None))
+    base = dict(epochs=15, lr=2e-2, batch_size=32, patience=None, progress=False, train_layers="rewritten")
+    feat, report = finetune(student, teacher, samples, config=TrainConfig(feature_weight=10.0, **base))
+    plain, _ = finetune(student, teacher, samples, config=TrainConfig(feature_weight=0.0, **base))
+    assert report["feature_targets"] == ["h1"] and report["trainable_tensors"] == 1
+    before = hidden_error(student)
+    assert hidden_error(feat) < 0.2 * before
+    assert hidden_error(feat) < hidden_error(plain)
+    weights = {t.name: numpy_helper.to_array(t) for t in feat.graph.initializer}
+    for t in student.graph.initializer:
+        if t.name != "w1":
+            assert np.array_equal(weights[t.name], numpy_helper.to_array(t)), t.name
+    assert not np.array_equal(weights["w1"], numpy_helper.to_array(student.graph.initializer[0]))
+
+
+def test_finetune_cli_feature_weight_and_rewritten_layers(tmp_path):
+    """The flags reach the training: the report names the feature target and counts only fc1's weight."""
+    pytest.importorskip("torch")
+    onnx.save(deep_mlp(), str(tmp_path / "t.onnx"))
+    onnx.save(deep_mlp(w1_noise=1.0), str(tmp_path / "s.onnx"))
+    x = np.random.default_rng(5).standard_normal((120, 8)).astype(np.float32)
+    np.save(tmp_path / "train.npy", x[:80])
+    np.save(tmp_path / "eval.npy", x[80:])
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--teacher", str(tmp_path / "t.onnx"),
+                                       "--target-data", str(tmp_path / "train.npy"), "--eval-data",
+                                       str(tmp_path / "eval.npy"), "--epochs", "2", "--feature-weight", "2",
+                                       "--train-layers", "rewritten", "--no-latency", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    ft = json.loads(out.with_name("out.report.json").read_text())["finetune"]
+    assert ft["feature_targets"] == ["h1"] and ft["trainable_weights"] == 16 * 8
+    assert ft["config"]["feature_weight"] == 2.0 and ft["config"]["train_layers"] == "rewritten"
+    bad = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--target-data", str(tmp_path / "train.npy"),
+                                    "--feature-weight", "-1", "-o", str(tmp_path / "bad.onnx")])
+    assert bad.exit_code == 2 and not (tmp_path / "bad.onnx").exists()

@@ -221,61 +221,58 @@ def side_by_side(original: onnx.ModelProto, model: onnx.ModelProto,
 
 def _refit(folds, intercept: bool) -> dict:
     """Ridge regression of the first half of the joint features (x[K]) on the second (x~),
-    with the ridge and the decision chosen on held-out folds (each fold left out in turn)."""
+    with an unpenalised intercept (centred moments) or none; the ridge, and whether to refit
+    at all, chosen on held-out folds (each fold left out in turn). One eigendecomposition per
+    fold scores every ridge of the grid, as ``heldout_ridge`` does for reconstruct-next-layer."""
     dim = folds[0].dim // 2
-    parts = []
-    for m in folds:
-        G = m.gram
-        s = m.sum
-        if intercept:
-            Z = np.zeros((dim + 1, dim + 1))
-            Z[:dim, :dim] = G[dim:, dim:]
-            Z[:dim, dim] = Z[dim, :dim] = s[dim:]
-            Z[dim, dim] = m.count
-            C = np.vstack([G[:dim, dim:].T, s[:dim][None]])       # E[z x^T] (dim + 1, dim)
-        else:
-            Z = G[dim:, dim:]
-            C = G[:dim, dim:].T.copy()
-        parts.append((m.count, Z, C, float(np.trace(G[:dim, :dim])), G))
-    total = sum(p[0] for p in parts)
+    grams = [m.gram for m in folds]
 
-    def error(B, part) -> float:
-        """sum ||x - B^T z||^2 over the fold (B: (dz, dim))."""
-        n, Z, C, yy, _ = part
-        return yy - 2.0 * float(np.einsum("ij,ij->", B, C)) + float(np.einsum("ij,ij->", B, Z @ B))
+    def pooled(parts):
+        n = sum(folds[i].count for i in parts)
+        return n, sum(folds[i].sum for i in parts) / n, sum(grams[i] for i in parts) / n
 
-    def identity_error(part) -> float:
-        n, Z, C, yy, G = part
-        return float(np.trace(G[:dim, :dim]) - 2.0 * np.trace(G[:dim, dim:]) + np.trace(G[dim:, dim:]))
+    def around(second, mean, centre):
+        """E[(v - c)(v - c)^T] from E[v v^T] and E[v]."""
+        return second - np.outer(mean, centre) - np.outer(centre, mean) + np.outer(centre, centre)
 
-    def solve(Z, C, ridge) -> np.ndarray:
-        unit = float(np.trace(Z[:dim, :dim])) / dim
-        R = Z + ridge * max(unit, 1e-300) * np.eye(len(Z))
-        if intercept:
-            R[dim, dim] = Z[dim, dim] + 1e-12 * max(unit, 1e-300)
-        return np.linalg.solve(R, C)
+    def blocks(second, mean, centre):
+        S = around(second, mean, centre) if intercept else second
+        return S[dim:, dim:], S[dim:, :dim], float(np.trace(S[:dim, :dim]))     # E[z z^T], E[z x^T], E||x||^2
 
-    before = sum(identity_error(p) for p in parts)
+    everything = list(range(len(folds)))
+    total = sum(m.count for m in folds)
+    G = sum(grams)
+    before = float(np.trace(G[:dim, :dim]) - 2.0 * np.trace(G[:dim, dim:]) + np.trace(G[dim:, dim:]))
+    energy = max(float(np.trace(G[:dim, :dim])), 1e-300)
     scores = np.zeros(len(RIDGE_GRID))
-    usable = len(parts) > 1 and all(p[0] > 0 for p in parts)
-    if usable:
-        for f, held in enumerate(parts):
-            Z = sum(p[1] for i, p in enumerate(parts) if i != f)
-            C = sum(p[2] for i, p in enumerate(parts) if i != f)
-            for g, ridge in enumerate(RIDGE_GRID):
-                scores[g] += max(error(solve(Z, C, ridge), held), 0.0)
-        best = int(np.argmin(scores))
-        after = float(scores[best])
-    else:
-        best, after = 2, 0.0
-    energy = max(sum(p[3] for p in parts), 1e-300)
+    usable = len(folds) > 1 and all(m.count > 0 for m in folds)
+    for f in everything if usable else ():
+        n, mean, second = pooled([i for i in everything if i != f])
+        Z, C, _ = blocks(second, mean, mean)
+        held = folds[f]
+        Zh, Ch, yy = blocks(grams[f] / held.count, held.sum / held.count, mean)
+        mu, V = np.linalg.eigh(0.5 * (Z + Z.T))
+        mu = np.maximum(mu, 0.0)
+        P, Q = V.T @ C, V.T @ Ch
+        M = V.T @ Zh @ V
+        PQ = np.einsum("ij,ij->i", P, Q)
+        PP = P @ P.T
+        unit = max(float(mu.sum()) / dim, 1e-300)
+        for g, ridge in enumerate(RIDGE_GRID):
+            d = 1.0 / (mu + ridge * unit)          # B = V diag(d) P: z -> x
+            err = yy - 2.0 * float(d @ PQ) + float(np.einsum("ij,ij->", M, (d[:, None] * PP) * d[None, :]))
+            scores[g] += held.count * max(err, 0.0)
+    best = int(np.argmin(scores)) if usable else 2
+    after = float(scores[best])
     result = {"ridge": RIDGE_GRID[best], "error_before": before / energy, "error_after": after / energy,
               "intercept": intercept, "samples": int(total), "refit": False, "map": None}
     if not usable or after >= GAIN * before:
         return result
-    B = solve(sum(p[1] for p in parts), sum(p[2] for p in parts), RIDGE_GRID[best])
-    A = B[:dim].T                                   # x ~= A x~ + a
-    a = B[dim] if intercept else None
+    n, mean, second = pooled(everything)
+    Z, C, _ = blocks(second, mean, mean)
+    unit = max(float(np.trace(Z)) / dim, 1e-300)
+    A = np.linalg.solve(Z + RIDGE_GRID[best] * unit * np.eye(dim), C).T     # x ~= A x~ (+ a)
+    a = mean[:dim] - A @ mean[dim:] if intercept else None
     result.update(refit=True, map=(A, a))
     return result
 

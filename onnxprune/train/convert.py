@@ -104,7 +104,10 @@ class OnnxModule(torch.nn.Module):
         self.input_names = [i.name for i in graph.input if i.name not in init]
         self.output_names = [o.name for o in graph.output]
         self.nodes = [n for n in graph.node if n.op_type != "Constant"]
+        self.node_attrs = [_attrs(n) for n in self.nodes]
         self.masks: dict[str, torch.Tensor] = {}
+        self.taps: tuple[str, ...] = ()  # intermediate tensors kept by forward in ``tapped`` (feature distillation)
+        self.tapped: dict[str, torch.Tensor] = {}
 
     def weight(self, name: str):
         return self.params[self.keys[name]]
@@ -122,10 +125,10 @@ class OnnxModule(torch.nn.Module):
             env[name] = value
         env.update(kwargs)
         env[""] = None
-        for node in self.nodes:
+        for node, attrs in zip(self.nodes, self.node_attrs):
             ins = [env[i] for i in node.input]
             try:
-                outs = OPS[node.op_type](self, node, ins, _attrs(node))
+                outs = OPS[node.op_type](self, node, ins, attrs)
             except (RuntimeError, ValueError, IndexError) as exc:
                 raise ModelError(self.name, f"node {node.name or node.op_type} ({node.op_type}) failed in torch: "
                                  f"{str(exc).splitlines()[0]}") from None
@@ -134,6 +137,7 @@ class OnnxModule(torch.nn.Module):
             for name, value in zip(node.output, outs):
                 if name:
                     env[name] = value
+        self.tapped = {name: env[name] for name in self.taps}
         return tuple(env[name] for name in self.output_names)
 
 
@@ -474,7 +478,7 @@ def to_onnx(module: OnnxModule, *, masks: dict[str, np.ndarray] | None = None) -
     dtypes = {t.name: numpy_helper.to_array(t).dtype if t.data_location != onnx.TensorProto.EXTERNAL else None
               for t in module.model.graph.initializer}
     for name, param in module.named_weights().items():
-        value = param.detach().cpu().numpy()
+        value = param.detach().cpu().contiguous().numpy()
         if masks and name in masks:
             value = value * masks[name]
         dtype = dtypes.get(name) or np.float32

@@ -46,6 +46,7 @@ class CoPruneConfig:
     alphas: tuple[float, ...] = (0.7, 0.5, 0.3)
     allocation: str = "global"  # "global": one threshold over all masked weights; "layer": each layer keeps `keep`
     layer_keep: tuple[tuple[str, float], ...] = ()
+    fusion: str = "abs"  # "abs": alpha |W_s| + (1 - alpha) |W_t|; "signed": |alpha W_s + (1 - alpha) W_t| (paper eq. 4)
     lr: float = 1e-3
     min_lr: float = 1e-6
     patience: int = 3
@@ -61,6 +62,8 @@ class CoPruneConfig:
             raise RecipeError("--keep", f"must be in (0, 1], not {self.keep!r}")
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
             raise RecipeError("--alpha", f"each stage's alpha must be in [0, 1], not {self.alphas!r}")
+        if self.fusion not in ("abs", "signed"):
+            raise RecipeError("--fusion", f"must be 'abs' or 'signed', not {self.fusion!r}")
         if self.allocation not in ("global", "layer"):
             raise RecipeError("--allocation", f"must be 'global' or 'layer', not {self.allocation!r}")
         for name, value in self.layer_keep:
@@ -120,11 +123,17 @@ def masks_from(torch, importance: dict[str, Any], counts) -> dict[str, Any]:
     return masks
 
 
-def cooperative_masks(torch, w_s: dict, w_t: dict, alpha: float, counts) -> tuple[dict, dict]:
-    """(M_s, M_t): the source mask from |W_s|; the target mask from alpha |W_s| + (1 - alpha) |W_t|."""
+def cooperative_masks(torch, w_s: dict, w_t: dict, alpha: float, counts, fusion: str = "abs") -> tuple[dict, dict]:
+    """(M_s, M_t): the source mask from |W_s|; the target mask from alpha |W_s| + (1 - alpha) |W_t|
+    (``fusion="abs"``) or from |alpha W_s + (1 - alpha) W_t| (``"signed"``, the paper's eq. 4: a weight whose
+    fine-tuning flipped its sign scores lower)."""
     with torch.no_grad():
         m_s = masks_from(torch, {k: w.abs() for k, w in w_s.items()}, counts)
-        m_t = masks_from(torch, {k: alpha * w_s[k].abs() + (1 - alpha) * w_t[k].abs() for k in w_t}, counts)
+        if fusion == "signed":
+            fused = {k: (alpha * w_s[k] + (1 - alpha) * w_t[k]).abs() for k in w_t}
+        else:
+            fused = {k: alpha * w_s[k].abs() + (1 - alpha) * w_t[k].abs() for k in w_t}
+        m_t = masks_from(torch, fused, counts)
     return m_s, m_t
 
 
@@ -186,7 +195,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
             if not train_source:  # alpha 0: the target mask alone; the source network is idle
                 net_t.masks = masks_from(torch, {k: w.abs() for k, w in w_t.items()}, counts)
                 return net_t.masks
-            m_s, m_t = cooperative_masks(torch, w_s, w_t, alpha, counts)
+            m_s, m_t = cooperative_masks(torch, w_s, w_t, alpha, counts, config.fusion)
             net_s.masks, net_t.masks = m_s, m_t
             return m_t
 
@@ -264,7 +273,8 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
             kept = int(masks[k].sum())
             layers.append({"weight": k, "size": sizes[k], "kept": kept, "keep": kept / sizes[k]})
         report = {
-            "method": "co-prune" if train_source else "target-only magnitude (alpha 0)",
+            "method": (f"co-prune ({config.fusion} fusion)" if train_source
+                       else "target-only magnitude (alpha 0)"),
             "config": config.to_dict(),
             "source_samples": len(ys), "target_train_samples": len(train_idx),
             "target_val_samples": len(val_idx),
