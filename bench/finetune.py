@@ -231,9 +231,12 @@ with other agents' jobs: the load average at each row's start is in the table; t
 
 Every row: `onnxprune compress ORIGINAL --target-data CALIB --eval-data EVAL <budget>` then
 `onnxprune finetune SMALL --teacher ORIGINAL --target-data TRAIN --eval-data EVAL <options>`;
-TRAIN has no labels (KL to the teacher's softened logits, T = 4), the checkpoint is picked by
-agreement with the teacher on VAL (`--val-data`, a tenth of the training split that neither
-calibrates nor trains), and accuracies are on EVAL, disjoint from all of them.
+TRAIN has no labels (KL to the teacher's softened logits, T = 4), the checkpoint is picked on VAL
+(`--val-data`, a tenth of the training split that neither calibrates nor trains) by agreement with
+the teacher, or by the output loss on VAL when it has fewer than 100 samples (MobileNetV2's 25:
+`--checkpoint auto`), and accuracies are on EVAL, disjoint from all of them. Digit rows: from the
+run before the planner became the default (their budgets ran with one global threshold, as
+`--allocation global` now asks).
 Splits and options are in the script's docstring.
 
 {markdown_table(["task", "method", "budget", "distillation", "MACs %", "params %", "original %", "compressed %",
