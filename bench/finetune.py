@@ -200,7 +200,7 @@ def plot(rows: list[dict], path: Path) -> str:
                 label="agreement (held-out training fold)")
         ax.axhline(100 * r["agreement_compressed"], color="gray", ls=":", label="evaluation split, before")
         ax.axhline(100 * r["agreement_finetuned"], color="C1", ls="--", label="evaluation split, after")
-        ax.set_title(f"{r['task']} ({100 * r['macs_kept']:.0f} % MACs)")
+        ax.set_title(f"{r['task']} ({100 * r['macs_kept']:.0f} % MACs)\n{r.get('variant', 'outputs')}", fontsize=9)
         ax.set_xlabel("training minutes")
         ax.set_ylabel("% top-1 agreement with the original")
         ax.legend(fontsize=7)
