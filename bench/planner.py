@@ -142,7 +142,8 @@ def markdown(results: list[dict]) -> str:
         for b in sorted({row["budget"] for row in r["rows"]}, reverse=True):
             p = next(x for x in r["rows"] if x["budget"] == b and x["label"] == "planned")
             g = next(x for x in r["rows"] if x["budget"] == b and x["label"] == "global threshold")
-            gd = next(x for x in r["rows"] if x["budget"] == b and x["label"] == "global + correct-drift")
+            gd = next((x for x in r["rows"] if x["budget"] == b and x["label"] == "global + correct-drift"),
+                      {"accuracy": float("nan")})
             rows.append([f"{100 * b:.0f}%", f"{100 * p['macs']:.1f}%", f"**{p['accuracy']:.2f}**"
                          if p["accuracy"] >= g["accuracy"] else f"{p['accuracy']:.2f}", f"{p['checked_drop']:.2f}",
                          f"{100 * g['macs']:.1f}%", f"{g['accuracy']:.2f}", f"{gd['accuracy']:.2f}",

@@ -390,3 +390,24 @@ def test_finetune_cli_feature_weight_and_rewritten_layers(tmp_path):
     bad = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--target-data", str(tmp_path / "train.npy"),
                                     "--feature-weight", "-1", "-o", str(tmp_path / "bad.onnx")])
     assert bad.exit_code == 2 and not (tmp_path / "bad.onnx").exists()
+
+
+def test_checkpoint_rule_follows_the_fold_size():
+    """auto: a fold under 100 samples picks the epoch by held-out output loss (the chosen epoch has the
+    lowest one), a larger fold by agreement; the report says which."""
+    pytest.importorskip("torch")
+    from onnxprune.calibration.readers import open_samples
+    from onnxprune.train.distill import SMALL_FOLD, TrainConfig, finetune
+
+    teacher, student = mlp(0), mlp(1, noise=1.5, base=0)
+    x = np.random.default_rng(3).standard_normal((300, 8)).astype(np.float32)
+    config = dict(epochs=4, lr=1e-2, batch_size=32, patience=None, progress=False)
+    _, small = finetune(student, teacher, open_samples({"x": x[:200]}, student), config=TrainConfig(**config))
+    assert small["val_samples"] < SMALL_FOLD and small["checkpoint_by"] == "held-out output loss"
+    losses = [row["val_output_loss"] for row in small["curve"]]
+    assert small["best_epoch"] == int(np.argmin(losses))
+    _, forced = finetune(student, teacher, open_samples({"x": x[:200]}, student),
+                         config=TrainConfig(checkpoint="agreement", **config))
+    assert forced["checkpoint_by"] == "held-out agreement/accuracy"
+    best = max(row["val_agreement"] for row in forced["curve"])
+    assert forced["curve"][forced["best_epoch"]]["val_agreement"] == best

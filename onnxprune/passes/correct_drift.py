@@ -16,11 +16,12 @@ intercept a is fitted only where every reader can absorb it exactly (a bias and 
 padding); rho is chosen on held-out calibration folds, and a tensor keeps its readers as
 they are unless the refit predicts x[K] better than x~ itself on the held-out folds.
 
-A correction moves the inputs of the layers after it, so fitting every tensor at once
-(one pass) leaves the later fits slightly off, and refitting everything again oscillates.
-``stages`` splits the drifted tensors, in graph order, into that many consecutive groups,
-each fitted on the model the groups before it corrected (one calibration pass per stage;
-as many stages as tensors is fully sequential).
+A correction moves the inputs of the layers after it, so the tensors are fitted in graph
+order, each on the model the corrections before it produced (one calibration pass per
+tensor, by default). Fitting them all at once from one pass overshoots where the drift is
+large: ResNet-20 planned to 70 % of its MACs keeps 70.3 % top-1 without this pass, 41.6 %
+with every tensor fitted at once, 69.4 % with 4 stages and 79.3 % fully sequential (19
+stages; original 80.8 %). ``stages`` groups consecutive tensors to save passes.
 Depthwise convolutions (group > 1) are left alone (A would mix their channels).
 """
 
@@ -50,13 +51,14 @@ PREFIX = "correct-drift/"
 
 @dataclasses.dataclass(frozen=True)
 class CorrectDriftOptions:
-    """stages: groups of drifted tensors fitted one after the other (one calibration pass each)."""
+    """stages: groups of drifted tensors fitted one after the other (one calibration pass each);
+    None (default): one tensor per stage, fully sequential."""
 
-    stages: int = 1
+    stages: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.stages, int) or self.stages < 1:
-            raise ValueError(f"stages={self.stages!r} must be an integer >= 1")
+        if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
+            raise ValueError(f"stages={self.stages!r} must be an integer >= 1 or None")
 
 
 @dataclasses.dataclass
@@ -86,7 +88,8 @@ class CorrectDrift(Pass):
             raise RecipeError(self.name, "needs the original model (run it inside a pipeline)")
         rows = []
         everything = drifted_tensors(ctx.original, model, ctx.selections)
-        bounds = np.linspace(0, len(everything), min(self.options.stages, max(len(everything), 1)) + 1)
+        stages = len(everything) if self.options.stages is None else min(self.options.stages, len(everything))
+        bounds = np.linspace(0, len(everything), max(stages, 1) + 1)
         for stage, (lo, hi) in enumerate(zip(bounds[:-1].round().astype(int), bounds[1:].round().astype(int))):
             names = {t.name for t in everything[lo:hi]}
             # re-derived on the current model: its readers' weights changed in earlier stages

@@ -362,6 +362,8 @@ class Check:
     accuracy_candidate: float | None
     relative_error: float
     kl: float | None
+    drift: bool | None = None      # whether correct-drift is part of the plan (measured better), None: not tried
+    drop_without_drift: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -482,14 +484,21 @@ class Planner:
             self.provider(self.original, list(dict.fromkeys(requests)), (s,))
         self._timed("calibration", started)
 
-    def apply(self, passes: list[tuple[str, dict]], half: int) -> onnx.ModelProto:
-        """The original rewritten by ``passes`` with half ``half``'s statistics (folds h, h + 2)."""
+    def apply(self, passes: list[tuple[str, dict]], half: int, *, then: list[tuple[str, dict]] = ()
+              ) -> onnx.ModelProto | tuple[onnx.ModelProto, onnx.ModelProto]:
+        """The original rewritten by ``passes`` with half ``half``'s statistics (folds h, h + 2);
+        with ``then``, also (as a second model) that model rewritten further by ``then``."""
         work = clone(self.original)
         ctx = PassContext(statistics=self.halves[half], folds=2, seed=self.seed, cache=self.caches[half],
                           original=self.original)
         for name, opts in passes:
             REGISTRY[name](**opts).run(work, ctx)
-        return work
+        if not then:
+            return work
+        further = clone(work)
+        for name, opts in then:
+            REGISTRY[name](**opts).run(further, ctx)
+        return work, further
 
     def reference_outputs(self) -> np.ndarray:
         if self._reference_outputs is None:
@@ -599,18 +608,31 @@ class Planner:
         return plan_passes({name: (by_name[name], o.size) for name, o in plan.items()}, self.options)
 
     @one_blas_thread
-    def check(self, plan: dict[str, Option]) -> Check:
-        """Cross-fitted measurement of ``plan`` on every calibration sample."""
+    def check(self, plan: dict[str, Option], *, drift: bool = True) -> Check:
+        """Cross-fitted measurement of ``plan`` on every calibration sample; with ``drift`` (and
+        the options') also with correct-drift, which stays in the plan when it measures better."""
         started = time.perf_counter()
         reference = self.reference_outputs()
         passes = self.passes_for(plan)
-        candidate = np.empty_like(reference)
+        drift = [p for p in passes if p[0] == "correct-drift"] if drift else []
+        passes = [p for p in passes if p[0] != "correct-drift"]
+        candidates = [np.empty_like(reference) for _ in range(2 if drift else 1)]
         for h in (0, 1):
-            model = self.apply(passes, half=h) if passes else self.original
+            models = self.apply(passes, half=h, then=drift) if passes else (self.original,)
+            models = models if isinstance(models, tuple) else (models,)
             other = self.half_positions[1 - h]
-            candidate[other] = self._outputs(model, other)
+            for candidate, model in zip(candidates, models):
+                candidate[other] = self._outputs(model, other)
         labels = None if self.labels is None else np.asarray(self.labels)
-        result = measure(reference, candidate, labels, self.kind)
+        results = [measure(reference, candidate, labels, self.kind) for candidate in candidates]
+        result = results[0]
+        if len(results) == 2:
+            # correct-drift usually helps, but fitting every layer at once can overshoot where the
+            # drift is large: it stays in the plan only when the cross-fitted check says it helps
+            better = results[1].drop < results[0].drop or (results[1].drop == results[0].drop
+                                                           and results[1].relative_error < results[0].relative_error)
+            result = dataclasses.replace(results[1] if better else results[0], drift=bool(better),
+                                         drop_without_drift=results[0].drop)
         self._timed("checks", started)
         return result
 
@@ -630,21 +652,29 @@ class Planner:
             self.sensitivity(stop_agreement=max(self.options.stop_agreement, 1 - GOAL_STOP * max_drop / 100))
         path = self.path()
         started = time.perf_counter()
-        memo: dict[int, Check] = {}
+        memo: dict[tuple[int, bool], Check] = {}
 
-        def ok(t: int) -> bool:
-            if t not in memo:
-                memo[t] = self.check(path.plan(t))
-                c = memo[t]
+        def ok(t: int, drift: bool = False) -> bool:
+            if (t, drift) not in memo:
+                memo[t, drift] = c = self.check(path.plan(t), drift=drift)
                 self.checks.append({"step": t, "cost": self.cost_of(path.plan(t)) / self.costs.total,
                                     "predicted_damage": path.predicted(t)[1], **c.to_dict()})
-                log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points", t, len(path) - 1,
-                         self.checks[-1]["cost"], c.drop, c.se)
-            c = memo[t]
+                log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points%s", t, len(path) - 1,
+                         self.checks[-1]["cost"], c.drop, c.se, "" if c.drift is None else
+                         f" ({'with' if c.drift else 'without'} correct-drift)")
+            c = memo[t, drift]
             return c.drop + self.options.margin * c.se <= max_drop
+        # the search runs without correct-drift (one calibration pass per corrected tensor is too
+        # many for every step); then it is tried on the chosen step and one step further
         t = search(path, ok) if len(path) > 1 else 0
+        if self.options.drift and t > 0:
+            ok(t, drift=True)
+            beyond = t + max(1, (len(path) - 1 - t) // 4)
+            if beyond < len(path) and memo[t, True].drift and ok(beyond, drift=True):
+                t = beyond
         self._timed("search", started)
-        return self._result(path, t, memo.get(t) or self.check(path.plan(t)), {"max_drop": max_drop})
+        check = memo.get((t, True)) or memo.get((t, False)) or self.check(path.plan(t), drift=False)
+        return self._result(path, t, check, {"max_drop": max_drop})
 
     @one_blas_thread
     def for_budget(self, fraction: float) -> dict[str, Any]:
@@ -711,7 +741,7 @@ class Planner:
         return {
             "goal": goal, "objective": self.options.objective, "families": list(self.options.families),
             "step": t, "steps": len(path) - 1, "plan": plan,
-            "passes": self.passes_for(plan),
+            "passes": [p for p in self.passes_for(plan) if p[0] != "correct-drift" or check.drift],
             "sites": sites,
             "cost": self.cost_of(plan) / self.costs.total,
             "predicted_damage": path.predicted(t)[1],

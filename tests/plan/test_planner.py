@@ -57,6 +57,11 @@ def test_max_drop_is_met_on_held_out_samples(lenet):
     result = planner.for_max_drop(1.0)
     assert result["sites"], "something is compressible within 1 point"
     assert result["check"]["drop"] + result["check"]["se"] <= 1.0
+    # correct-drift stays in the plan exactly when the cross-fitted check measured it better
+    drift = result["check"]["drift"]
+    assert drift is not None and drift == any(name == "correct-drift" for name, _ in result["passes"])
+    if drift:
+        assert result["check"]["drop"] <= result["check"]["drop_without_drift"]
     small = final_model(planner, result)
     labels = held_out.labels
     before = np.mean(top1(model, held_out) == labels)
