@@ -66,7 +66,8 @@ def test_padding_is_left_out_of_the_token_statistics(minilm, sst2):
 @pytest.mark.slow
 def test_ffn_pruning_and_low_rank_keep_the_sentence_embedding(minilm, sst2):
     calib, held = _rows(sst2, slice(0, 200)), _rows(sst2, slice(910, 1110))
-    prune = Recipe(passes=(("select-nodes", {"criterion": "spectral", "fraction": 0.5}),
+    prune = Recipe(passes=(("select-nodes", {"criterion": "spectral", "fraction": 0.5,
+                                             "groups": tuple(FFN.format(i) for i in range(3))}),
                            ("reconstruct-next-layer", {})), calib_size=None)
     result = onnxprune.compress(minilm, calib, eval_data=held, recipe=prune, measure_latency=False, progress=False)
     v = result.report["validation"]
