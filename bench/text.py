@@ -45,14 +45,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, SHARED
 from onnxprune.calibration.readers import open_samples
 from onnxprune.model import jsonable, load_model, write_text_atomic
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, PlanOptions
 from onnxprune.validate import validate
 
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "bench" / "results"
 MODEL = SHARED / "models" / "minilm_l3_paraphrase.onnx"
 TEXT = SHARED / "data" / "text"
 

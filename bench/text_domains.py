@@ -28,16 +28,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS
+from bench.text import MODEL, TEXT
 from onnxprune.calibration.readers import open_samples
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.model import jsonable, load_model, write_text_atomic
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.validate import validate
 
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "bench" / "results"
-MODEL = SHARED / "models" / "minilm_l3_paraphrase.onnx"
-TEXT = SHARED / "data" / "text"
 
 RECIPES = {
     "prune": (("select-nodes", {"criterion": "spectral", "fraction": 0.4}), ("reconstruct-next-layer", {})),

@@ -91,9 +91,9 @@ class CorrectDrift(Pass):
         stages = len(everything) if self.options.stages is None else min(self.options.stages, len(everything))
         bounds = np.linspace(0, len(everything), max(stages, 1) + 1)
         for stage, (lo, hi) in enumerate(zip(bounds[:-1].round().astype(int), bounds[1:].round().astype(int))):
-            names = {t.name for t in everything[lo:hi]}
-            # re-derived on the current model: its readers' weights changed in earlier stages
-            tensors = [t for t in drifted_tensors(ctx.original, model, ctx.selections) if t.name in names]
+            # refits rewrite weight values only (same initializer names), so the tensors and
+            # readers found once stay valid; each stage gathers on the model corrected so far
+            tensors = everything[lo:hi]
             if not tensors:
                 continue
             joint, joined = side_by_side(ctx.original, model, tensors)
