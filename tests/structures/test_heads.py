@@ -83,3 +83,23 @@ def test_block_selection_skips_a_duplicated_block():
     sigma = x.T @ x / len(x)
     blocks, ratios = linalg.block_spectral_select(sigma, 2, count=3)
     assert 3 not in blocks and ratios[-1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_planner_leaves_attention_projections_to_head_pruning():
+    """Q/K/V and output-projection splits lose onnxruntime's Attention fusion: with head pruning
+    on, the planner offers heads there and no low-rank site; FFN MatMuls stay offered."""
+    from onnxprune.plan.planner import Costs, PlanOptions, find_sites
+    from tests.graphs import token_ffn
+
+    model = attention(heads=4, size=4, width=16)
+    projections = {"q", "k", "v", "out"}
+    sites, skipped = find_sites(model, PlanOptions(), Costs(model, "macs"))
+    assert [(s.name, s.family) for s in sites] == [(GROUP, "prune")]
+    left = {row["site"] for row in skipped if row["family"] == "low-rank" and "head pruning" in row["reason"]}
+    assert left == projections
+    # low rank alone (no head pruning to leave them to): the projections are offered
+    sites, _ = find_sites(model, PlanOptions(families=("low-rank",)), Costs(model, "macs"))
+    assert {s.name for s in sites} == projections
+    ffn = token_ffn(features=16, hidden=64)
+    sites, _ = find_sites(ffn, PlanOptions(), Costs(ffn, "macs"))
+    assert {s.name for s in sites if s.family == "low-rank"} == {"ffn1", "ffn2"}
