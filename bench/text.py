@@ -23,7 +23,16 @@ Rows, at 70 % and 50 % of the model's MACs (``--flops``; MACs per token of the w
   ``wanda + reconstruction``: the same ranking with the least-squares correction;
 - ``dalr-bc``: the planner restricted to DALR low rank + bias compensation of the 18 projection
   and FFN MatMuls = ``compress --method dalr-bc --flops F``;
-- ``auto``: the planner's mix of FFN pruning and low rank = ``compress --flops F``.
+- ``auto``: the planner's mix = ``compress --flops F``: FFN units, heads, and low rank of the
+  FFN MatMuls (the attention projections are left to head pruning: a split of Q, K, V or the
+  output projection loses onnxruntime's Attention fusion); ``--no-correct-drift``: the same
+  plan without the correct-drift pass, when the planner chose it;
+- ``onnxsim``: onnxsim's structured pruning (L2 weight norm and structured Wanda, no
+  reconstruction) of FFN units and of heads at the same totals as our rows, on the graph
+  onnxruntime's optimizer fuses (the only form of this graph it prunes; see ``onnxsim_rows``);
+- ``--max-drop 1`` (no budget, compress's default goal): the planner mix within 1 point of
+  kNN accuracy (labels) or within 100 (1 - mean cosine) <= 1 (no labels), checked cross-fitted
+  on the calibration samples.
 
 All planner rows come from one sensitivity run per domain (the family-restricted planners reuse
 its curves: same sites, same statistics). Writes bench/results/text.md and text.json.
@@ -90,8 +99,10 @@ def short(name: str) -> str:
 
 def composition(sites) -> str:
     """How many FFN blocks were pruned and layers split, from a planner row's sites."""
-    if not isinstance(sites, list):
+    if sites == "same counts":
         return "the unit / head counts of the row above"
+    if not isinstance(sites, list):
+        return str(sites)
     pruned = [s.split(" prune ")[1] for s in sites if " prune " in s and "attention" not in s]
     heads = [s.split(" prune ")[1] for s in sites if " prune " in s and "attention" in s]
     split = [s for s in sites if " low-rank " in s]
@@ -113,19 +124,96 @@ def counts_of(passes) -> dict[str, int]:
     return {}
 
 
-def planner_rows(label: str, planner: Planner, budget: float, auto: Planner, held, log) -> tuple[dict, tuple]:
-    """One planner plan at ``budget``, run on all calibration statistics and validated."""
+def planner_rows(label: str, planner: Planner, budget: float | None, auto: Planner, held, log,
+                 max_drop: float | None = None) -> tuple[dict, tuple]:
+    """One planner plan at ``budget`` (or within ``max_drop``), run on all calibration
+    statistics and validated."""
     t0 = time.perf_counter()
-    result = planner.for_budget(budget)
+    result = planner.for_budget(budget) if max_drop is None else planner.for_max_drop(max_drop)
     passes = tuple(result["passes"])
     recipe = Recipe(passes=passes or (("select-nodes", {"counts": {}}),), calib_size=None, folds=FOLDS)
     compressed, _ = run_pipeline(auto.original, recipe, auto.provider)
     sites = [f"{short(s['site'])} {s['family']} {s['size']}/{s['of']}" for s in result["sites"]]
     r = row(label, budget, auto.original, compressed, held, sites, time.perf_counter() - t0)
     r["budget_met"] = bool(result.get("budget_met", True))
+    r["drift"] = any(name == "correct-drift" for name, _ in passes)
+    check = result.get("check") or {}
+    r["check_drop"], r["check_drop_without_drift"] = check.get("drop"), check.get("drop_without_drift")
+    if max_drop is not None:
+        r["max_drop"] = max_drop
     log(f"{label} {budget}: macs {r['macs']:.3f} cosine {r['cosine']:.4f} knn {r['knn']:.4f} "
-        f"(met {r['budget_met']})")
+        f"(met {r['budget_met']}, drift {r['drift']})")
     return r, (passes, compressed)
+
+
+def without_drift(label: str, budget: float, passes: tuple, auto: Planner, held, log) -> dict:
+    """The same plan with ``--no-correct-drift`` (in budget mode the planner's plan does not depend
+    on correct-drift: it is checked on the chosen plan and kept when it measures better)."""
+    t0 = time.perf_counter()
+    recipe = Recipe(passes=tuple(p for p in passes if p[0] != "correct-drift"), calib_size=None, folds=FOLDS)
+    compressed, _ = run_pipeline(auto.original, recipe, auto.provider)
+    r = row(f"{label}, --no-correct-drift", budget, auto.original, compressed, held, "same plan, no correct-drift",
+            time.perf_counter() - t0)
+    r["drift"] = False
+    log(f"{r['method']} {budget}: cosine {r['cosine']:.4f} knn {r['knn']:.4f}")
+    return r
+
+
+def onnxsim_rows(budget: float, units: dict[str, int], total: dict[str, int], model, calib_data: dict, held,
+                 log) -> list[dict]:
+    """onnxsim's structured pruning at equal parameters, where it runs on this graph.
+
+    onnxsim 0.8.1 (``onnxsim.pruning``) finds no chain in the PyTorch export (its FFN walker
+    stops at the exported Erf-GELU pattern, whose input fans out to Div and Mul; its head pruning
+    matches fused ``com.microsoft::Attention`` ops): it prunes nothing there. On the graph that
+    onnxruntime's transformer optimizer fuses (Attention, BiasGelu, SkipLayerNormalization)
+    it finds the 3 FFN chains (MatMul -> BiasGelu -> MatMul) and the 3 Attention ops. So these
+    rows run onnxsim on the fused graph, with the same total of FFN units (``units``) or heads
+    kept as our rows (``sparsity`` = 1 - kept / total; onnxsim cuts every block by the same
+    fraction), L2 weight norms or structured Wanda (calibration: our calibration samples in
+    batches of 32), no reconstruction. MACs: the fused original's minus what onnxsim removed
+    (FFN: the cost model on the fused graphs; heads: 4 x 384 x 32 per head per token, the
+    Q/K/V columns and output rows), over the unfused original's MACs."""
+    import onnxsim
+    import onnxsim.pruning as osp
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from onnxprune.cost import total_macs
+
+    fused = optimize_model(str(MODEL), model_type="bert", num_heads=12, hidden_size=384).model
+    base = total_macs(model)
+    batches = [{k: v[i:i + 32] for k, v in calib_data.items() if k != "y"} for i in range(0, len(calib_data["y"]), 32)]
+    out = []
+    for family, (structured, wanda) in (("FFN units", (osp.apply_structured_pruning, osp.apply_structured_wanda_pruning)),
+                                        ("heads", (osp.apply_attention_head_pruning,
+                                                   osp.apply_attention_head_wanda_pruning))):
+        if family not in units:
+            continue
+        sparsity = 1 - units[family] / total[family]
+        for name, fn, kwargs in (("L2 weight norm", structured, {}),
+                                 ("Wanda", wanda, {"calibration_data": batches})):
+            t0 = time.perf_counter()
+            pruned = fn(fused, sparsity=sparsity, **kwargs)
+            if family == "FFN units":
+                macs = 1 - (total_macs(fused) - total_macs(pruned)) / base
+                kept = sum(onnx_shape(pruned, n.input[1])[-1] for n in pruned.graph.node
+                           if n.op_type == "BiasGelu")
+            else:
+                kept = sum(next(a.i for a in n.attribute if a.name == "num_heads") for n in pruned.graph.node
+                           if n.op_type == "Attention")
+                macs = 1 - (total[family] - kept) * 4 * 384 * 32 / base
+            r = row(f"{family}: onnxsim {onnxsim.__version__.lstrip('v')} {name} (fused graph, no reconstruction)", budget,
+                    model, pruned, held, f"{kept}/{total[family]} {family.split()[0].lower()} kept",
+                    time.perf_counter() - t0)
+            r["macs"], r["kept"] = macs, kept
+            out.append(r)
+            log(f"{r['method']} {budget}: kept {kept} macs {macs:.3f} cosine {r['cosine']:.4f} knn {r['knn']:.4f}")
+    return out
+
+
+def onnx_shape(model, name: str) -> tuple[int, ...]:
+    init = next(i for i in model.graph.initializer if i.name == name)
+    return tuple(init.dims)
 
 
 def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[list[dict], dict, dict]:
@@ -145,6 +233,13 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
     def restricted(**options) -> Planner:
         p = Planner(model, calib, options=PlanOptions(**options), batch_size=32, seed=0, provider=auto.provider)
         p.curves = {k: v for k, v in auto.curves.items() if k in {s.key for s in p.sites}}
+        missing = tuple(s.name for s in p.sites if s.key not in p.curves)
+        if missing:   # low rank alone is offered the attention projections the mix leaves to head pruning
+            t0 = time.perf_counter()
+            extra = Planner(model, calib, options=PlanOptions(**{**options, "sites": missing}), batch_size=32,
+                            seed=0, provider=auto.provider)
+            p.curves.update(extra.sensitivity())
+            log(f"{domain}: sensitivity of {len(missing)} more sites ({options}) in {time.perf_counter() - t0:.0f} s")
         return p
 
     planners = {"FFN units: spectral + reconstruction": restricted(families=("prune",), sites=ffn),
@@ -159,8 +254,18 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
             rows.append(r)
             if keep_models:
                 models[(label, budget)] = compressed
+            if label.startswith("planner mix") and r["drift"]:
+                rows.append(without_drift(label, budget, passes, auto, held, log))
             if label.startswith(("FFN units:", "heads:")):
                 counts = counts_of(passes)
+                family = label.split(":")[0]
+                kept = sum(counts.get(s.name, s.size) for s in groups if s.name in (ffn if family == "FFN units" else heads))
+                unit = 1 if family == "FFN units" else 32
+                if args.onnxsim:
+                    rows += onnxsim_rows(budget, {family: kept // unit},
+                                         {family: sum(s.size for s in groups if s.name in
+                                                      (ffn if family == "FFN units" else heads)) // unit},
+                                         auto.original, calib_data, held, log)
                 variants = (("wanda, no reconstruction", "wanda", False), ("wanda + reconstruction", "wanda", True)) \
                     if label.startswith("FFN") else (("spectral, no reconstruction", "spectral", False),)
                 for name, criterion, reconstruct in variants:
@@ -172,6 +277,14 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
                     rows.append(row(f"{label.split(':')[0]}: {name}", budget, auto.original, compressed, held,
                                     "same counts", time.perf_counter() - t0))
                     log(f"{rows[-1]['method']} {budget}: cosine {rows[-1]['cosine']:.4f} knn {rows[-1]['knn']:.4f}")
+    # no budget: compress's default goal (--max-drop 1), with labels (kNN drop in points, cross-fitted
+    # on the calibration samples) and without (100 (1 - mean cosine)); same sites and curves
+    unlabelled = Planner(model, calib, options=PlanOptions(), batch_size=32, seed=0, provider=auto.provider)
+    unlabelled.labels, unlabelled.curves = None, auto.curves
+    for label, planner in (("planner mix, --max-drop 1 with labels (kNN drop)", auto),
+                           ("planner mix, --max-drop 1 without labels (100 (1 - cosine))", unlabelled)):
+        r, _ = planner_rows(label, planner, None, auto, held, log, max_drop=args.max_drop)
+        rows.append(r)
     info = {"split": how, "calibration": len(calib), "evaluation": len(held), "sensitivity_seconds": round(sens_seconds),
             "sites": len(auto.sites)}
     return rows, info, models
@@ -231,7 +344,7 @@ def fusion(models: dict, args, log) -> list[dict]:
                     sess.run(["461"], feeds[batch])
                     times[k].append(time.perf_counter() - t0)
             for k, row_ in enumerate(out):
-                row_[f"ms_batch{batch}"] = 1000 * float(np.median(times[k]))
+                row_[f"ms_batch{batch}"] = 1000 * float(np.min(times[k]))
     base = out[0]
     for row_ in out:
         row_["mac_ratio"] = row_["macs_seq128"] / base["macs_seq128"]
@@ -244,7 +357,7 @@ def fusion_table(rows: list[dict]) -> list[str]:
     lines = ["### onnxruntime transformer optimizer (SST-2 models)", "",
              "`optimize_model(path, model_type=\"bert\", num_heads=12, hidden_size=384)` on each model (onnxruntime "
              "detects pruned head counts per layer from the Reshape constants); latency of the optimised graphs, "
-             "batch 1 and 32 at L = 128, interleaved medians, "
+             "batch 1 and 32 at L = 128, interleaved runs, minimum time, "
              "on the shared 2-core machine under load (ratios only). MACs at L = 128 include the attention products.",
              "",
              "| MACs budget | model | fused ops | optimised vs unoptimised (rel. max error) | MACs at L=128 % | "
@@ -261,20 +374,30 @@ def fusion_table(rows: list[dict]) -> list[str]:
                         "saving promises; the goal is at least 0.8).", ""]
 
 
+def drift_text(r: dict) -> str:
+    if "drift" not in r:
+        return "-"
+    if not r["drift"] or r.get("check_drop") is None or r.get("check_drop_without_drift") is None:
+        return "yes" if r["drift"] else "no"
+    return f"yes (check {r['check_drop_without_drift']:.2f} -> {r['check_drop']:.2f})"
+
+
 def table(domain: str, rows: list[dict], info: dict) -> list[str]:
     ref = rows[0]
     probe_ref = "n/a" if ref["probe_reference"] is None else f"{100 * ref['probe_reference']:.1f}"
     lines = [f"### {domain}", "",
              f"{info['split']}; kNN index / queries = halves of the {info['evaluation']} evaluation sentences. "
              f"Original: kNN {100 * ref['knn_reference']:.1f} %, probe {probe_ref} %.", "",
-             "| MACs budget | method | MACs % | params % | cosine (mean / 5th pct) | kNN % (orig) | probe % (orig) | plan |",
-             "|---|---|---|---|---|---|---|---|"]
+             ("| MACs budget | method | MACs % | params % | cosine (mean / 5th pct) | kNN % (orig) | probe % (orig) | "
+              "correct-drift | plan |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         probe = "n/a" if r["probe"] is None else f"{100 * r['probe']:.1f} ({100 * r['probe_reference']:.1f})"
         method = r["method"] + ("" if r.get("budget_met", True) else " (budget not reachable: most compressed plan)")
-        lines.append(f"| {100 * r['budget']:.0f} % | {method} | {100 * r['macs']:.1f} | {100 * r['params']:.1f} | "
+        budget = f"{100 * r['budget']:.0f} %" if r["budget"] is not None else f"--max-drop {r['max_drop']:g}"
+        lines.append(f"| {budget} | {method} | {100 * r['macs']:.1f} | {100 * r['params']:.1f} | "
                      f"{r['cosine']:.4f} / {r['cosine_p05']:.4f} | {100 * r['knn']:.1f} ({100 * r['knn_reference']:.1f}) | "
-                     f"{probe} | {composition(r['sites'])} |")
+                     f"{probe} | {drift_text(r)} | {composition(r['sites'])} |")
     return lines + [""]
 
 
@@ -288,6 +411,9 @@ def main() -> None:
     parser.add_argument("--out", default="text")
     parser.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="skip the onnxruntime optimizer fusion and latency check (first domain's models)")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="the rows without a budget (compress's default)")
+    parser.add_argument("--no-onnxsim", dest="onnxsim", action="store_false",
+                        help="leave out onnxsim's structured pruning rows (needs onnxsim >= 0.8.1)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the latency runs")
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--render", action="store_true", help="rewrite the .md from the .json only")
@@ -322,8 +448,10 @@ def main() -> None:
 
 HEADER = ("# Sentence encoder: paraphrase-MiniLM-L3 on SST-2 and AG News\n\n"
           "Command: `python bench/text.py` (defaults: both domains, budgets 0.7 and 0.5 of the MACs); the splits "
-          "and rows are described in the module docstring. Run before the correct-drift pass was merged (the "
-          "planner rows have no drift correction).")
+          "and rows are described in the module docstring. Planner rows as `compress` plans them now: the mix "
+          "leaves the attention projections (Q/K/V and output) to head pruning, and correct-drift runs after a "
+          "plan when the planner's cross-fitted check measures it better (column correct-drift: the check's drop "
+          "in points, 100 (1 - cosine) or kNN, without -> with).")
 
 
 def save(args, lines: list[str], results: dict) -> None:
