@@ -124,3 +124,36 @@ def test_head_pruning_reconstructs_and_still_fuses(minilm, sst2, tmp_path):
     a = make_session(pruned).run(["461"], feed)[0]
     b = make_session(load_model(fast_path)).run(["461"], feed)[0]
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compress_without_a_budget_plans_within_max_drop_on_the_embedding(minilm, sst2, shared, tmp_path):
+    """`compress` with no budget (--max-drop 1) and no labels: damage and check are 100 (1 - cosine);
+    the mix leaves the attention projections to head pruning and keeps onnxruntime's fusions."""
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    calib, held = tmp_path / "calib.npz", tmp_path / "held.npz"
+    np.savez(calib, **{k: sst2[k][:64] for k in ("input_ids", "attention_mask")})      # no labels
+    np.savez(held, **{k: sst2[k][910:1070] for k in ("input_ids", "attention_mask")})
+    out = tmp_path / "minilm.onnx"
+    run = CliRunner().invoke(main, ["compress", str(shared / "models" / "minilm_l3_paraphrase.onnx"),
+                                    "--target-data", str(calib), "--eval-data", str(held), "-o", str(out),
+                                    "--no-latency", "--quiet"])
+    assert run.exit_code == 0, run.output
+    import json
+
+    report = json.loads((tmp_path / "minilm.report.json").read_text())
+    plan = report["plan"]
+    assert plan["goal"] == {"max_drop": 1.0} and plan["output_kind"] == "embedding"
+    assert plan["check"]["accuracy_reference"] is None          # no labels: the cosine check
+    assert plan["check"]["drop"] <= 1.0
+    assert plan["sites"] and all("attention" not in s["site"] for s in plan["sites"] if s["family"] == "low-rank")
+    v = report["validation"]
+    assert v["macs_candidate"] < 0.97 * v["macs_reference"]
+    assert v["embedding"]["cosine"] > 0.98, v["embedding"]
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    fused = optimizer.optimize_model(str(out), model_type="bert", num_heads=12,
+                                     hidden_size=384).get_fused_operator_statistics()
+    assert fused["Attention"] == 3 and fused["SkipLayerNormalization"] == 6, fused
