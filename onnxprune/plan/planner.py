@@ -58,6 +58,8 @@ LADDER = (0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1, 0.05, 0.02)
 FOLDS = 4
 #: --max-drop d: a site alone disagreeing on more than GOAL_STOP * d % of the samples ends its ladder
 GOAL_STOP = 8.0
+#: --max-drop: checks with correct-drift bisecting the steps beyond the search's choice
+DRIFT_PROBES = 4
 #: sensitivity: cached activations are dropped once they exceed this many bytes
 CACHE_BYTES = 1 << 30
 
@@ -665,13 +667,21 @@ class Planner:
             c = memo[t, drift]
             return c.drop + self.options.margin * c.se <= max_drop
         # the search runs without correct-drift (one calibration pass per corrected tensor is too
-        # many for every step); then it is tried on the chosen step and one step further
+        # many for every step); then it is tried on the chosen step and, where it helps, the
+        # steps beyond are bisected with it (at most DRIFT_PROBES more checks)
         t = search(path, ok) if len(path) > 1 else 0
         if self.options.drift and t > 0:
             ok(t, drift=True)
-            beyond = t + max(1, (len(path) - 1 - t) // 4)
-            if beyond < len(path) and memo[t, True].drift and ok(beyond, drift=True):
-                t = beyond
+            lo, hi = t, len(path) - 1
+            for _ in range(DRIFT_PROBES if memo[t, True].drift else 0):
+                if hi <= lo:
+                    break
+                mid = (lo + hi + 1) // 2
+                if ok(mid, drift=True) and memo[mid, True].drift:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            t = lo
         self._timed("search", started)
         check = memo.get((t, True)) or memo.get((t, False)) or self.check(path.plan(t), drift=False)
         return self._result(path, t, check, {"max_drop": max_drop})
