@@ -670,18 +670,8 @@ class Planner:
         # many for every step); then it is tried on the chosen step and, where it helps, the
         # steps beyond are bisected with it (at most DRIFT_PROBES more checks)
         t = search(path, ok) if len(path) > 1 else 0
-        if self.options.drift and t > 0:
-            ok(t, drift=True)
-            lo, hi = t, len(path) - 1
-            for _ in range(DRIFT_PROBES if memo[t, True].drift else 0):
-                if hi <= lo:
-                    break
-                mid = (lo + hi + 1) // 2
-                if ok(mid, drift=True) and memo[mid, True].drift:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            t = lo
+        if self.options.drift and t > 0 and ok(t, drift=True) and memo[t, True].drift:
+            t = search(path, lambda s: ok(s, drift=True) and memo[s, True].drift, lo=t, calls=DRIFT_PROBES)
         self._timed("search", started)
         check = memo.get((t, True)) or memo.get((t, False)) or self.check(path.plan(t), drift=False)
         return self._result(path, t, check, {"max_drop": max_drop})
