@@ -76,7 +76,7 @@ class PlanOptions:
     check_samples: int = 64              # sensitivity: at most this many samples of half 1
     min_share: float = 0.002             # sites that can save less of the objective are left alone
     stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
-    margin: float = 1.0                  # standard errors of the measured drop kept in reserve
+    margin: float = 0.5                  # standard errors of the measured drop kept in reserve
     multiple: int = 8                    # wide groups / large ranks keep multiples of this
     low_rank: str = "dalr"               # low-rank-split method for the low-rank family (dalr | svd)
     bias: bool = True                    # bias-compensate after low-rank splits
