@@ -49,13 +49,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from onnxprune.recipes import method_passes
+
 TASK_NAMES = ["lenet/usps", "mnist_cnn/usps", "resnet20/cifar10-jpeg", "mobilenetv2/imagenet"]
 METHODS = {
     "dalr-bc": {"label": "DALR + bias comp., keep 0.25",
-                "passes": [("low-rank-split", {"method": "dalr", "keep": 0.25}), ("bias-compensate", {})]},
+                "passes": method_passes("dalr-bc", keep=0.25)},
     "spectral": {"label": "spectral pruning, keep 0.5",
-                 "passes": [("select-nodes", {"criterion": "spectral", "keep": 0.5}),
-                            ("reconstruct-next-layer", {"reconstruct": True})]},
+                 "passes": method_passes("spectral", keep=0.5)},
 }
 # what each pass does, for the stage table (the rewrite and checks are split out)
 PASS_STAGE = {"low-rank-split": "decomposition", "select-nodes": "selection",

@@ -65,6 +65,8 @@ class Recipe:
         for name, _ in self.passes:
             if name not in REGISTRY:
                 raise RecipeError("recipe", f"unknown pass {name!r}", f"known passes: {', '.join(sorted(REGISTRY))}")
+        # every pass's options validated once, here: a bad option is a RecipeError when the recipe is made
+        object.__setattr__(self, "_options", tuple(REGISTRY[name](**options).options for name, options in self.passes))
         if not 0 < self.split < 1:
             raise RecipeError("recipe", f"split={self.split} must be in (0, 1)")
         if self.calib_size == "all":
@@ -88,8 +90,8 @@ class Recipe:
         return None if self.mask_input == "none" else self.mask_input
 
     def build(self) -> list[Pass]:
-        """Instantiate (and so validate) every pass."""
-        return [REGISTRY[name](**options) for name, options in self.passes]
+        """Fresh instances of the passes, from the options validated when the recipe was made."""
+        return [REGISTRY[name](options) for (name, _), options in zip(self.passes, self._options)]
 
     def to_dict(self) -> dict[str, Any]:
         built = self.build()

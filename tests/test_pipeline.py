@@ -26,12 +26,9 @@ from onnxprune.graph import name_nodes, node_names
 from onnxprune.model import load_model
 from onnxprune.passes.base import REGISTRY, Pass, PassResult
 from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.recipes import method_passes
 
-METHODS = {
-    "svd": [("low-rank-split", {"method": "svd", "rank": 2})],
-    "dalr": [("low-rank-split", {"method": "dalr", "rank": 2})],
-    "dalr-bc": [("low-rank-split", {"method": "dalr", "rank": 2}), ("bias-compensate", {})],
-}
+METHODS = {name: method_passes(name, rank=2) for name in ("svd", "dalr", "dalr-bc")}
 
 
 def rank_two(model, *names):

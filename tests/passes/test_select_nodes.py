@@ -289,13 +289,13 @@ def test_momasp_without_source_data_is_a_clear_error():
 
 def test_bad_options_are_rejected():
     with pytest.raises(RecipeError):
-        Recipe(passes=(("select-nodes", {"criterion": "nope"}),)).build()
+        Recipe(passes=(("select-nodes", {"criterion": "nope"}),))
     with pytest.raises(RecipeError):
-        Recipe(passes=(("select-nodes", {"keep": 0.5, "flops": 0.5}),)).build()
+        Recipe(passes=(("select-nodes", {"keep": 0.5, "flops": 0.5}),))
     with pytest.raises(RecipeError):
-        Recipe(passes=(("select-nodes", {"criterion": "mean", "alpha": 0.9}),)).build()
+        Recipe(passes=(("select-nodes", {"criterion": "mean", "alpha": 0.9}),))
     with pytest.raises(RecipeError):
-        Recipe(passes=(("reconstruct-next-layer", {"ridge": "often"}),)).build()
+        Recipe(passes=(("reconstruct-next-layer", {"ridge": "often"}),))
     assert ReconstructOptions().ridge == "auto" and ReconstructOptions(ridge=0.0).ridge == 0.0
 
 
