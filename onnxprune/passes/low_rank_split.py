@@ -36,7 +36,8 @@ from onnxprune.calibration.stats import Moments, StatRequest
 from onnxprune.errors import CalibrationError
 from onnxprune.graph import LinearLayer, find_linear_layers, name_nodes, node_position
 from onnxprune.model import cone_hashes, get_array, opset_version, remove_unused_initializers, set_array, unique_name
-from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
+from onnxprune.passes.base import (Approximation, Pass, PassContext, PassResult, check_choice, check_fraction,
+                                   register)
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +437,7 @@ class LowRankSplit(Pass):
 
     name = "low-rank-split"
     Options = LowRankOptions
+    produces = (Approximation,)
 
     def layers(self, model: onnx.ModelProto) -> tuple[list[LinearLayer], list[dict]]:
         chosen, skipped = [], []
@@ -534,14 +536,11 @@ class LowRankSplit(Pass):
             if "cv_errors" in info:
                 log.debug("low-rank-split: %s held-out error per ridge %s (%s metric)", layer.name,
                           {g: round(e, 5) for g, e in info["cv_errors"].items()}, info.get("metric"))
-            ctx.approximated[layer.name] = {
-                "weight": w, "approx": a_mat @ b_mat, "request": self._request(layer), "op": layer.op,
-                "mean": mean,
-                "node": f"{layer.name}/low_rank/A",
-                "bias": bias_name,
+            ctx.approximations[layer.name] = Approximation(
+                layer=layer.name, op=layer.op, weight=w, approx=a_mat @ b_mat, request=self._request(layer),
+                mean=mean, node=f"{layer.name}/low_rank/A", bias=bias_name,
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
-                "bias_shift": delta,
-            }
+                bias_shift=delta)
         remove_unused_initializers(model)
         return PassResult(changed=bool(rows), report={"split": rows, "skipped": skipped})
 

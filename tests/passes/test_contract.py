@@ -72,7 +72,7 @@ def test_docstring_and_options_round_trip(name):
 def test_noop_graph_reports_unchanged(name):
     model = relu_only()
     before = model.SerializeToString()
-    out, report = run(model, ((name, {}),), 4)
+    out, report = run(model, pipeline_for(name), 4)
     assert not any(p["changed"] for p in report["passes"])
     assert model.SerializeToString() == before
     assert [n.op_type for n in out.graph.node] == ["Relu"]
