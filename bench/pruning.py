@@ -46,8 +46,8 @@ import common  # noqa: E402
 from common import TASKS, Bench, machine, markdown_table, pyplot, write_result  # noqa: E402
 
 from onnxprune.calibration.provider import StatsProvider  # noqa: E402
-from onnxprune.calibration.readers import open_samples  # noqa: E402
-from onnxprune.graph import find_channel_groups  # noqa: E402
+from onnxprune.data.samples import open_samples  # noqa: E402
+from onnxprune.graph.groups import find_channel_groups  # noqa: E402
 from onnxprune.recipes import method_passes
 from onnxprune.validate import validate  # noqa: E402
 

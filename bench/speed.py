@@ -132,7 +132,7 @@ def decoded_set(model, samples):
     """The same samples decoded once into memory (throughput runs exclude decoding)."""
     import numpy as np
 
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
 
     x = {name: [] for name in samples.input_names}
     for _, feeds in samples.batches(64):
@@ -252,7 +252,7 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
 
     from common import TASKS, halves
     from onnxprune import api
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.model import load_model
     from onnxprune.pipeline import Recipe
 

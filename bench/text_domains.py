@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS
 from bench.text import MODEL, TEXT
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.model import jsonable, load_model, write_text_atomic
 from onnxprune.pipeline import Recipe, run_pipeline

@@ -21,7 +21,7 @@ import onnx
 
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.errors import InternalError, ModelError, OnnxPruneError, RecipeError
-from onnxprune.graph import name_nodes
+from onnxprune.graph.index import name_nodes
 from onnxprune.linalg import blas_threads
 from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
 from onnxprune.passes import REGISTRY, Pass, PassContext, check_order, options_to_dict

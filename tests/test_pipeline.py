@@ -20,9 +20,9 @@ from conftest import assert_equivalent
 
 from onnxprune.api import compress
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.errors import InternalError, OnnxPruneError, RecipeError
-from onnxprune.graph import name_nodes, node_names
+from onnxprune.graph.index import name_nodes, node_names
 from onnxprune.model import load_model
 from onnxprune.passes.base import REGISTRY, Approximation, Pass, PassResult, Selection
 from onnxprune.pipeline import Recipe, run_pipeline

@@ -19,8 +19,8 @@ import pytest
 from conftest import assert_equivalent, run_model
 
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
 from onnxprune.criteria import get
+from onnxprune.data.samples import open_samples
 from onnxprune.passes.select_nodes import CRITERIA
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.recipes import PRUNING_CRITERIA
@@ -128,7 +128,7 @@ def test_lenet_usps_wanda_with_reconstruction(shared):
     original's held-out accuracy; dropping the same channels without it costs 10 points."""
     from conftest import RealTask
 
-    from onnxprune.calibration.readers import Preprocess
+    from onnxprune.data.preprocess import Preprocess
 
     task = RealTask(shared / "models/lenet_caffe_mnist.onnx", shared / "data/digits/usps_test.npz", Preprocess(),
                     1003, 1004, shuffle=False)

@@ -25,9 +25,10 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxprune.calibration.stats import StatRequest, Statistics
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import RecipeError
-from onnxprune.graph import ChannelGroup
+from onnxprune.graph.groups import ChannelGroup
 
 
 @dataclasses.dataclass

@@ -34,9 +34,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import RecipeError
-from onnxprune.graph import GraphIndex, LinearLayer, find_linear_layers, node_names
+from onnxprune.graph.index import GraphIndex, node_names
+from onnxprune.graph.layers import LinearLayer, find_linear_layers
 from onnxprune.model import cone_hashes, get_array, set_array
 from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
 

@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 
 from onnxprune import linalg
+from onnxprune.graph.prune import prune_channels
 from onnxprune.model import count_parameters, remove_unused_initializers
 from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
-from onnxprune.passes.channels import prune_channels
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ import numpy as np
 import onnx
 
 from onnxprune import cost, criteria, linalg
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.criteria import Ranking, count_for_ratio, pooled_request, site_request  # noqa: F401  (re-exported)
 from onnxprune.errors import CalibrationError
-from onnxprune.graph import ChannelGroup, find_channel_groups, name_nodes
+from onnxprune.graph.groups import ChannelGroup, find_channel_groups
+from onnxprune.graph.index import name_nodes
 from onnxprune.passes.base import (
     Pass,
     PassContext,

@@ -10,7 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibration.stats import Moments, StatRequest, Statistics, feature_rows, patches, pooled
+from onnxprune.calibration.moments import Moments
+from onnxprune.calibration.requests import StatRequest, feature_rows, patches, pooled
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import CalibrationError
 from tests.conftest import run_model
 

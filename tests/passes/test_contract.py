@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.passes import REGISTRY, options_to_dict
 from onnxprune.passes.base import options_from_dict
 from onnxprune.pipeline import Recipe, run_pipeline

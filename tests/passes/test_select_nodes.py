@@ -25,9 +25,9 @@ from conftest import assert_equivalent, run_model
 from onnxprune import cost, linalg
 from onnxprune.api import compress
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.errors import DataError, OnnxPruneError, RecipeError
-from onnxprune.graph import find_channel_groups
+from onnxprune.graph.groups import find_channel_groups
 from onnxprune.model import count_parameters
 from onnxprune.passes.reconstruct_next_layer import ReconstructOptions, heldout_ridge, site_error
 from onnxprune.passes.select_nodes import CRITERIA, Footprint, Ranking, SelectNodes, count_for_ratio
