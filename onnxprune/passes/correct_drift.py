@@ -218,10 +218,28 @@ def side_by_side(original: onnx.ModelProto, model: onnx.ModelProto,
         names[t.name] = PREFIX + "joint/" + t.name
         nodes.append(helper.make_node("Concat", [left, rename(t.name)], [names[t.name]], axis=t.axis,
                                       name=PREFIX + "concat/" + t.name))
-    joint_graph = helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output), initializers)
+    nodes, initializers = _cone(nodes, initializers, set(names.values()))
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names.values()]
+    joint_graph = helper.make_graph(nodes, graph.name, list(graph.input), outputs, initializers)
     joint = helper.make_model(joint_graph, opset_imports=list(original.opset_import))
     joint.ir_version = max(original.ir_version, 4)     # IR 3 would want every initializer as an input
     return joint, names
+
+
+def _cone(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], wanted: set[str]
+          ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes (in order) and initializers that ``wanted`` depend on: a stage early in the
+    graph runs only the prefix of both models that it reads."""
+    needed = set(wanted)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:         # names a subgraph reads from the outer scope
+                for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                    needed.update(i for n in sub.node for i in n.input)
+    return keep[::-1], [t for t in initializers if t.name in needed]
 
 
 def _refit(folds, intercept: bool) -> dict:
