@@ -158,7 +158,7 @@ def test_feature_rows():
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_update_from_either_memory_layout(layout, monkeypatch):
-    import onnxprune.calibration.stats as stats
+    from onnxprune.calibration import moments as stats
 
     monkeypatch.setattr(stats, "MIN_CHUNK_ROWS", 16)                     # several chunks
     monkeypatch.setattr(stats, "CHUNK_BYTES", 8 * 6 * 16)
