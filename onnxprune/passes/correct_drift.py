@@ -34,11 +34,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import RecipeError
-from onnxprune.graph import GraphIndex, LinearLayer, find_linear_layers, node_names
+from onnxprune.graph.index import GraphIndex, node_names
+from onnxprune.graph.layers import LinearLayer, find_linear_layers
 from onnxprune.model import cone_hashes, get_array, set_array
-from onnxprune.passes.base import Pass, PassContext, PassResult, register
+from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class CorrectDrift(Pass):
         return PassResult(changed=any(r.get("refit") for r in rows), report={"tensors": rows})
 
 
-def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto, selections: dict) -> list[_Tensor]:
+def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto,
+                    selections: dict[str, Selection]) -> list[_Tensor]:
     """Tensors that linear layers of ``model`` read, that the original has too, and whose
     value the compression changed (their cone differs), with the original channels kept."""
     keep_of = _kept_channels(model, selections)
@@ -156,12 +158,12 @@ def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto, selection
     return out
 
 
-def _kept_channels(model: onnx.ModelProto, selections: dict) -> dict[str, np.ndarray]:
+def _kept_channels(model: onnx.ModelProto, selections: dict[str, Selection]) -> dict[str, np.ndarray]:
     """Tensor -> the original channels it still carries, for the groups select-nodes pruned."""
     nodes = dict(zip(node_names(model), model.graph.node))
     out = {}
     for selection in selections.values():
-        group, keep = selection["group"], np.asarray(selection["keep"], dtype=np.int64)
+        group, keep = selection.group, np.asarray(selection.keep, dtype=np.int64)
         if len(keep) == group.channels:
             continue
         names = [p.node for p in group.producers] + [p.node for p in group.path]

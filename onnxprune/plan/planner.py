@@ -37,12 +37,14 @@ from tqdm import tqdm
 
 from onnxprune import cost, embedding, linalg
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import RecipeError
-from onnxprune.graph import ChannelGroup, LinearLayer, find_channel_groups, find_linear_layers, name_nodes
+from onnxprune.graph.groups import ChannelGroup, find_channel_groups
+from onnxprune.graph.index import name_nodes
+from onnxprune.graph.layers import LinearLayer, find_linear_layers
+from onnxprune.linalg import split_params
 from onnxprune.model import clone, count_parameters
 from onnxprune.passes import REGISTRY, PassContext
-from onnxprune.passes.low_rank_split import split_params
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
 from onnxprune.plan.latency import LatencyCosts
