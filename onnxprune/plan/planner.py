@@ -17,8 +17,13 @@
    (accuracy points with labels, else 100 - agreement %) plus ``margin`` standard errors
    must stay within ``max_drop``. With a budget instead, the least aggressive plan of the
    chain that meets it is taken (maximum predicted accuracy at that cost).
-5. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
-   with per-layer ranks), run on all calibration statistics.
+5. ``correct-drift`` (refitting the layers after the compressed sites against the original)
+   costs one calibration pass per corrected tensor, too many for every step: the search runs
+   without it, the chosen step is checked with and without it, and for ``max_drop`` the
+   steps beyond are bisected with it where it helps (``DRIFT_PROBES`` checks at most).
+6. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
+   with per-layer ranks, correct-drift when it measured better), run on all calibration
+   statistics.
 """
 
 from __future__ import annotations
