@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 def open_images(model, count: int):
     """The first ``count`` images: shorter side 256 (bilinear), center crop 224, /255, ImageNet mean/std."""
-    from onnxprune.calibration.readers import Preprocess, open_samples
+    from onnxprune.data.preprocess import Preprocess
+    from onnxprune.data.samples import open_samples
 
     pre = Preprocess(resize=256, center_crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     samples = open_samples(IMAGES, model, preprocess=pre)
@@ -55,7 +56,7 @@ def open_images(model, count: int):
 
 def decoded(model, samples):
     """The same samples decoded up front (for timing onnxruntime and statistics only)."""
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
 
     x = np.concatenate([feeds[samples.input_names[0]] for _, feeds in samples.batches(50)])
     return open_samples(x, model)
@@ -63,7 +64,7 @@ def decoded(model, samples):
 
 def requests_for(model):
     """"features" at the input of every Conv (channel axis 1) and of the MatMul (last axis)."""
-    from onnxprune.calibration.stats import StatRequest
+    from onnxprune.calibration.requests import StatRequest
 
     out = {}
     for node in model.graph.node:

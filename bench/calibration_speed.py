@@ -80,8 +80,8 @@ def accuracy(reference, candidate) -> dict:
 
 def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batch_size: int, folds: int) -> dict:
     from onnxprune.calibration.collect import collect
-    from onnxprune.calibration.readers import open_samples
     from onnxprune.cost import total_macs
+    from onnxprune.data.samples import open_samples
     from onnxprune.model import load_model
     from onnxprune.runtime import make_session, run_batches
 
@@ -134,7 +134,7 @@ def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batc
 def phase_dask(task_name: str, method: str, *, samples: int, workers: list[int]) -> dict:
     import onnxprune
     from onnxprune.calibration.cluster import local_client
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.model import load_model
     from onnxprune.pipeline import Recipe
 

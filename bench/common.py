@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
 from onnxprune.cost import total_macs
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.model import count_parameters, load_model
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.runtime import batch_size_for, make_session, run_batches

@@ -27,7 +27,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import DIGITS, RESULTS, SHARED, halves, machine, markdown_table, predict, write_result
 
-from onnxprune.calibration.readers import Preprocess, open_samples
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.data.samples import open_samples
 from onnxprune.model import load_model
 from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters
 from onnxprune.train.distill import TrainConfig, finetune

@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, Bench, machine, markdown_table, pyplot, write_result  # noqa: E402
 from onnxprune import linalg  # noqa: E402
 from onnxprune.cost import total_macs  # noqa: E402
-from onnxprune.graph import find_linear_layers  # noqa: E402
+from onnxprune.graph.layers import find_linear_layers  # noqa: E402
 from onnxprune.model import count_parameters  # noqa: E402
-from onnxprune.passes.low_rank_split import layer_request, layer_weight  # noqa: E402
+from onnxprune.passes.low_rank_split import layer_request  # noqa: E402
 from onnxprune.pipeline import Recipe, run_pipeline  # noqa: E402
 from onnxprune.runtime import make_session  # noqa: E402
 
@@ -382,44 +382,6 @@ def part_c(entries, out: list[str], rounds: int) -> None:
     print(f"[c] done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def auto_timing(out: list[str]) -> None:
-    """The auto-ridge path on LeNet ip1 (800->500, rank 16): previous selection
-    (linalg.best_low_rank over dalr / dalr-weight / svd, then refit) against the pass's
-    affine_low_rank, interleaved in this run."""
-    from onnxprune.passes import low_rank_split as lrs
-
-    bench = Bench("lenet/usps", with_source=False)
-    layer = layer_of(bench.model, "ip1")
-    request = layer_request(layer)
-    stats = bench.provider(bench.model, [request], ("target",))
-    w, b = layer_weight(bench.model, layer)
-    folds = [stats.moments(request, "target", fold=f) for f in (0, 1)]
-    sm = [lrs.second_moment(f) for f in folds]
-    total = lrs.second_moment(stats.moments(request, "target"))
-
-    def old():
-        _, _, info = linalg.best_low_rank(w, 16, sm[0], sm[1], methods=("dalr", "dalr-weight", "svd"))
-        if info["shrink_to"]:
-            linalg.dalr(w, total, 16, ridge=info["ridge"], shrink_to=info["shrink_to"])
-
-    def new():
-        lrs.affine_low_rank(w, 16, [(s, f.mean) for s, f in zip(sm, folds)],
-                            metric=lrs.downstream_metric(bench.model, layer, b))
-
-    times = {"old": [], "new": []}
-    for _ in range(3):
-        for name, fn in (("old", old), ("new", new)):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    o, nn = np.median(times["old"]), np.median(times["new"])
-    out.append("## Auto-ridge speed (LeNet ip1 800->500, rank 16, 1003 calibration samples)\n")
-    out.append(f"Median of 3 interleaved runs each, same process: previous selection "
-               f"(`linalg.best_low_rank` over dalr/dalr-weight/svd with a 13-ridge grid, re-factorising per "
-               f"ridge, then refit) {o:.2f} s; the pass's `affine_low_rank` (8 ridges x 2 fold directions, "
-               f"r x r eigenproblems only) {nn:.2f} s; ratio {o / nn:.1f}x. machine: {machine()}.\n")
-
-
 # ------------------------------------------------------------------------------ main
 
 
@@ -455,7 +417,6 @@ def main(argv=None) -> None:
         lat += [(f"MobileNetV2 all 1x1 convs + classifier, keep 0.9, {label}", mobile.model, model, (3, 224, 224))
                 for label, model in models]
     part_c(lat, body, rounds=30 if args.quick else 60)
-    auto_timing(body)
 
     out.append("## Summary checks\n")
     out.append("\n".join(checks) + "\n")

@@ -50,18 +50,18 @@ import numpy as np  # noqa: E402
 from common import RESULTS, TASKS, Bench, machine, markdown_table, predict, pyplot  # noqa: E402
 from onnxprune.cost import total_macs  # noqa: E402
 from onnxprune.model import clone, count_parameters  # noqa: E402
+from onnxprune.recipes import method_passes
 
 TASK_NAMES = ["lenet/usps", "mnist_cnn/usps", "resnet20/cifar10-jpeg", "mobilenetv2/imagenet"]
 MIN_ONNXSIM = "0.8.1"
 
 
 def spectral_passes(keep: float, criterion: str = "spectral"):
-    return [("select-nodes", {"criterion": criterion, "keep": float(keep)}),
-            ("reconstruct-next-layer", {"reconstruct": True})]
+    return list(method_passes(criterion, keep=float(keep)))
 
 
 def dalr_passes(keep: float):
-    return [("low-rank-split", {"method": "dalr", "keep": float(keep)}), ("bias-compensate", {})]
+    return list(method_passes("dalr-bc", keep=float(keep)))
 
 
 OURS = {

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, SHARED, machine, markdown_table
 from onnxprune.api import as_model, compress_samples
-from onnxprune.graph import find_channel_groups
+from onnxprune.graph.groups import find_channel_groups
 from onnxprune.passes.select_nodes import Footprint
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan import figures

@@ -46,8 +46,9 @@ import common  # noqa: E402
 from common import TASKS, Bench, machine, markdown_table, pyplot, write_result  # noqa: E402
 
 from onnxprune.calibration.provider import StatsProvider  # noqa: E402
-from onnxprune.calibration.readers import open_samples  # noqa: E402
-from onnxprune.graph import find_channel_groups  # noqa: E402
+from onnxprune.data.samples import open_samples  # noqa: E402
+from onnxprune.graph.groups import find_channel_groups  # noqa: E402
+from onnxprune.recipes import method_passes
 from onnxprune.validate import validate  # noqa: E402
 
 CRITERIA = ("spectral", "momasp-J", "momasp-j", "mean", "l1", "wanda")
@@ -101,10 +102,7 @@ def run(b: Bench, passes, *, mode="one-shot") -> dict:
 
 
 def select(criterion, *, reconstruct=True, groups=None, **how):
-    opts = {"criterion": criterion, **how}
-    if groups:
-        opts["groups"] = tuple(groups)
-    return [("select-nodes", opts), ("reconstruct-next-layer", {"reconstruct": reconstruct})]
+    return list(method_passes(criterion, reconstruct=reconstruct, layers=tuple(groups or ()), **how))
 
 
 def pct(x: float) -> str:
@@ -432,8 +430,7 @@ def section_f_combined(budgets) -> str:
         rows.append(["low rank (DALR)", f"keep={keep}", pct(r["params_kept"]), pct(r["macs_kept"]),
                      pct(r["accuracy"])])
     for keep, lr in budgets["both"]:
-        r = run(b, select("spectral", keep=keep) + [("low-rank-split", {"method": "dalr", "keep": lr,
-                                                                        "ops": ("Gemm", "MatMul")})])
+        r = run(b, list(method_passes("spectral", keep=keep, then_low_rank=lr)))
         rows.append(["prune + low rank", f"keep={keep}, then {lr}", pct(r["params_kept"]),
                      pct(r["macs_kept"]), pct(r["accuracy"])])
     rows.sort(key=lambda row: -float(row[2]))

@@ -49,13 +49,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from onnxprune.recipes import method_passes
+
 TASK_NAMES = ["lenet/usps", "mnist_cnn/usps", "resnet20/cifar10-jpeg", "mobilenetv2/imagenet"]
 METHODS = {
     "dalr-bc": {"label": "DALR + bias comp., keep 0.25",
-                "passes": [("low-rank-split", {"method": "dalr", "keep": 0.25}), ("bias-compensate", {})]},
+                "passes": method_passes("dalr-bc", keep=0.25)},
     "spectral": {"label": "spectral pruning, keep 0.5",
-                 "passes": [("select-nodes", {"criterion": "spectral", "keep": 0.5}),
-                            ("reconstruct-next-layer", {"reconstruct": True})]},
+                 "passes": method_passes("spectral", keep=0.5)},
 }
 # what each pass does, for the stage table (the rewrite and checks are split out)
 PASS_STAGE = {"low-rank-split": "decomposition", "select-nodes": "selection",
@@ -131,7 +132,7 @@ def decoded_set(model, samples):
     """The same samples decoded once into memory (throughput runs exclude decoding)."""
     import numpy as np
 
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
 
     x = {name: [] for name in samples.input_names}
     for _, feeds in samples.batches(64):
@@ -251,7 +252,7 @@ def phase_compress(task_name: str, method: str, *, latency_runs: int, repeats: i
 
     from common import TASKS, halves
     from onnxprune import api
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.model import load_model
     from onnxprune.pipeline import Recipe
 

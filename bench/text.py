@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, SHARED
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.model import jsonable, load_model, write_text_atomic
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, PlanOptions

@@ -30,16 +30,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS
 from bench.text import MODEL, TEXT
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.model import jsonable, load_model, write_text_atomic
 from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.recipes import method_passes
 from onnxprune.validate import validate
 
 
 RECIPES = {
-    "prune": (("select-nodes", {"criterion": "spectral", "fraction": 0.4}), ("reconstruct-next-layer", {})),
-    "dalr-bc": (("low-rank-split", {"method": "dalr", "fraction": 0.35}), ("bias-compensate", {})),
+    "prune": method_passes("spectral", fraction=0.4),
+    "dalr-bc": method_passes("dalr-bc", fraction=0.35),
 }
 
 

@@ -18,11 +18,14 @@ import onnx
 from onnxprune import cost
 from onnxprune.calibration.collect import collect
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.calibration.stats import Statistics
-from onnxprune.calibration.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
+from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
-from onnxprune.graph import GraphIndex, describe_groups, find_channel_groups, find_linear_layers
+from onnxprune.graph.groups import describe_groups, find_channel_groups
+from onnxprune.graph.index import GraphIndex
+from onnxprune.graph.layers import find_linear_layers
 from onnxprune.structures.heads import head_layout_skips
 from onnxprune.model import (
     count_parameters,
@@ -52,7 +55,7 @@ def as_model(model) -> onnx.ModelProto:
 
 def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None) -> SampleSet:
     """``data`` as a SampleSet; a ``.txt``/``.tsv`` text file is tokenised with the ``tokenizer``
-    (and ``max_length``) of a ``preprocess`` dict (``calibration/text.py``)."""
+    (and ``max_length``) of a ``preprocess`` dict (``data/text.py``)."""
     if isinstance(data, SampleSet):
         return data
     if isinstance(preprocess, dict):

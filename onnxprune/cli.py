@@ -29,22 +29,11 @@ from onnxprune import MISSING_RUNTIME, __version__
 
 if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
     sys.exit(f"error: {MISSING_RUNTIME}")
-from onnxprune import criteria
-from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed
+from onnxprune import recipes
+from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, RecipeError, ValidationFailed
 from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
 log = logging.getLogger("onnxprune")
-
-# --method presets: the recipe each one stands for.
-METHODS = {
-    "svd": [("low-rank-split", {"method": "svd"})],
-    "svd-bc": [("low-rank-split", {"method": "svd"}), ("bias-compensate", {})],
-    "dalr": [("low-rank-split", {"method": "dalr"})],
-    "dalr-bc": [("low-rank-split", {"method": "dalr"}), ("bias-compensate", {})],
-}
-# channel-pruning criteria: every one registered in onnxprune.criteria
-PRUNING_CRITERIA = criteria.names()
-
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
     if text is None:
@@ -239,16 +228,6 @@ def main():
     """Compress ONNX models for a target domain without retraining."""
 
 
-#: flags that choose the method and its budget: a recipe file fixes them, so they cannot go with --recipe
-METHOD_FLAGS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau", "flops", "lam", "ridge", "layers",
-                "no_reconstruct", "then_low_rank")
-#: recipe-level settings a flag given on the command line changes over a --recipe file
-RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric")
-BUDGET_FLAGS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")
-LOW_RANK_ONLY = ("rank", "energy", "ridge")
-PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank")
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -264,121 +243,28 @@ def _given(name: str) -> bool:
 
 
 def build_recipe(kw: dict, preprocess: dict):
-    """The recipe the flags describe, or the --recipe file with the recipe-level flags given
-    on the command line (--calib-size, --split, --seed, --mode, --batch-size, preprocessing)
-    applied over it. Method flags cannot be combined with --recipe (usage error)."""
+    """The recipe the flags describe (``recipes.build_recipe``), or the --recipe file with the
+    recipe-level flags given on the command line (--calib-size, --split, --seed, --mode,
+    --batch-size, preprocessing) applied over it. Method flags cannot be combined with --recipe,
+    nor contradict each other (usage error)."""
+    import dataclasses
+
     from onnxprune.pipeline import Recipe
 
     if kw.get("recipe"):
-        clash = [_flag(k) for k in METHOD_FLAGS if k in kw and _given(k)]
+        clash = [_flag(k) for k in recipes.METHOD_OPTIONS if k in kw and _given(k)]
         if clash:
             raise click.UsageError(f"--recipe fixes the method and budget: {', '.join(clash)} cannot be combined "
                                    "with it (edit the recipe file, or drop --recipe)")
         recipe = Recipe.load(kw["recipe"])
-        changes = {k: kw[k] for k in RECIPE_SETTINGS if k in kw and _given(k)}
+        changes = {k: kw[k] for k in recipes.RECIPE_SETTINGS if k in kw and _given(k)}
         if preprocess:
             changes["preprocess"] = {**recipe.preprocess, **preprocess}
-        return _replace(recipe, **changes) if changes else recipe
-    method = kw["method"]
-    budget = {k: kw[k] for k in ("keep", "rank", "fraction", "energy") if kw.get(k) is not None}
-    given = [_flag(k) for k in BUDGET_FLAGS if kw.get(k) is not None]
-    if len(given) > 1:
-        raise click.UsageError(f"give only one budget: {' and '.join(given)} were both given")
-    wrong = () if method == "auto" else LOW_RANK_ONLY if method not in METHODS else PRUNING_ONLY
-    for flag in wrong:
-        if kw.get(flag) not in (None, False):
-            kind = "low rank (svd, svd-bc, dalr, dalr-bc)" if flag in LOW_RANK_ONLY else "channel pruning"
-            raise click.UsageError(f"{_flag(flag)} applies to {kind}, not --method {method}")
-    layers = tuple(v.strip() for v in (kw.get("layers") or "").split(",") if v.strip())
-    if planned(kw):
-        return Recipe(passes=(), plan=plan_request(kw, layers), seed=kw["seed"], calib_size=kw.get("calib_size"),
-                      split=kw["split"], batch_size=kw["batch_size"], preprocess=preprocess, **token_settings(kw))
-    if method == "auto":
-        method = "spectral" if any(kw.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
-    if method in METHODS:
-        passes = [(name, dict(opts)) for name, opts in METHODS[method]]
-        lr = passes[0][1]
-        lr.update(budget)
-        if layers:
-            lr["layers"] = layers
-        if kw.get("ridge") is not None:
-            lr["ridge"] = kw["ridge"]
-    else:
-        passes = _pruning_passes(method, budget, layers, kw)
-    return Recipe(passes=tuple(passes), mode=kw.get("mode") or "one-shot", seed=kw["seed"],
-                  calib_size=kw.get("calib_size"), split=kw["split"], batch_size=kw["batch_size"],
-                  preprocess=preprocess, **token_settings(kw))
-
-
-#: flags that set a per-layer rule or a pass option the planner does not choose: with any of
-#: them, compress runs the one recipe they describe (one global threshold for --keep/--flops)
-RULE_FLAGS = ("rank", "fraction", "energy", "alpha", "tau", "ridge", "mode", "then_low_rank", "lam")
-
-
-def planned(kw: dict) -> bool:
-    """Whether compress plans per site (the default) or runs one fixed recipe."""
-    if kw.get("allocation") == "global" or kw.get("no_reconstruct") or kw.get("stats"):
-        return False
-    if kw["method"] == "pfa-kl":
-        return False
-    return not any(kw.get(flag) is not None for flag in RULE_FLAGS)
-
-
-def plan_request(kw: dict, layers: tuple[str, ...]) -> dict:
-    """The recipe's plan table from the flags: a budget (--flops, --keep) or --max-drop (default 1)."""
-    if kw.get("flops") is not None and kw.get("keep") is not None:
-        raise RecipeError("--flops/--keep", "give one budget", "--flops F (MACs) or --keep F (parameters)")
-    objective = kw.get("objective")
-    plan: dict = {}
-    if kw.get("flops") is not None or kw.get("keep") is not None:
-        flag, implied = ("--flops", "macs") if kw.get("flops") is not None else ("--keep", "params")
-        if objective not in (None, implied):
-            raise RecipeError(f"--objective {objective}", f"contradicts {flag}, a budget of {implied}",
-                              f"drop --objective or use {'--keep' if implied == 'macs' else '--flops'}")
-        objective = implied
-        plan["budget"] = kw["flops"] if kw.get("flops") is not None else kw["keep"]
-    else:
-        plan["max_drop"] = 1.0 if kw.get("max_drop") is None else kw["max_drop"]
-    plan["objective"] = objective or "macs"
-    method = kw["method"]
-    if method in METHODS:
-        plan.update(families=["low-rank"], low_rank=METHODS[method][0][1]["method"], bias=method.endswith("-bc"))
-    elif method != "auto":
-        plan.update(families=["prune"], criterion=method)
-    if layers:
-        plan["sites"] = list(layers)
-    if kw.get("margin") is not None:
-        plan["margin"] = kw["margin"]
-    if kw.get("latency_batch") is not None:
-        if plan["objective"] != "latency":
-            raise RecipeError("--latency-batch", "only applies to --objective latency")
-        plan["latency_batch"] = kw["latency_batch"]
-    if kw.get("correct_drift") is not None:
-        plan["drift"] = kw["correct_drift"]
-    return plan
-
-
-def _pruning_passes(method, budget, layers, kw):
-    select = {"criterion": method, **{k: budget[k] for k in ("keep", "fraction") if k in budget}}
-    for key in ("alpha", "tau", "flops", "lam"):
-        if kw.get(key) is not None:
-            select[key] = kw[key]
-    if layers:
-        select["groups"] = layers
-    passes = [("select-nodes", select), ("reconstruct-next-layer", {"reconstruct": not kw.get("no_reconstruct")})]
-    if kw.get("then_low_rank") is not None:
-        passes.append(("low-rank-split", {"method": "dalr", "keep": kw["then_low_rank"], "ops": ("Gemm", "MatMul")}))
-    return passes
-
-
-def _replace(recipe, **changes):
-    import dataclasses
-    return dataclasses.replace(recipe, **changes)
-
-
-def token_settings(kw: dict) -> dict:
-    """The recipe's token-model settings from --mask-input / --metric (defaults: auto)."""
-    return {key: kw[key] for key in ("mask_input", "metric") if kw.get(key) is not None}
+        return dataclasses.replace(recipe, **changes) if changes else recipe
+    try:
+        return recipes.build_recipe(kw, preprocess, flag=_flag)
+    except recipes.OptionConflict as exc:
+        raise click.UsageError(exc.problem) from None
 
 
 METRIC_HELP = ("How outputs are compared: classes (accuracy, agreement), embedding (cosine to the original; "
@@ -423,7 +309,7 @@ def calibration_options(func):
 @click.option("--recipe", type=click.Path(dir_okay=False),
               help="Recipe file (JSON or TOML) instead of the method flags; --calib-size, --split, --seed, --mode, "
                    "--batch-size and preprocessing flags given with it apply over it.")
-@click.option("--method", type=click.Choice(["auto"] + list(METHODS) + list(PRUNING_CRITERIA)), default="auto",
+@click.option("--method", type=click.Choice(recipes.method_names(auto=True)), default="auto",
               show_default=True, help="auto: the planner chooses pruning or low rank per site; or restrict it to "
                                       "low rank (svd, svd-bc, dalr, dalr-bc) or one pruning criterion.")
 @click.option("--objective", type=click.Choice(["macs", "params", "latency"]),
@@ -434,7 +320,7 @@ def calibration_options(func):
 @click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
               help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
 @click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "
-                                                             "in reserve (default 1).")
+                                                             "in reserve (default 0.5).")
 @click.option("--correct-drift/--no-correct-drift", "correct_drift", default=None,
               help="Planner: refit the layers after the compressed sites against the original (default on).")
 @click.option("--keep", type=FRACTION, help="Keep this fraction of the model's parameters (a budget; with "
@@ -644,7 +530,7 @@ def _count_of(desc: dict) -> str:
 @click.option("--source-data", help="Samples from the training domain (needed by momasp-J/j).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics file (.npz).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Gather what this recipe needs (default: DALR on all layers).")
-@click.option("--method", type=click.Choice(list(METHODS) + list(PRUNING_CRITERIA)), default="dalr-bc",
+@click.option("--method", type=click.Choice(recipes.method_names()), default="dalr-bc",
               show_default=True, help="Gather what this method needs.")
 @click.option("--layers", help="Comma-separated layer (or group) names; default all.")
 @click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
@@ -705,7 +591,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
 def plan_flags(func):
     """What the planner may touch: --method (auto / a family / a criterion), --objective, --layers."""
     options = [
-        click.option("--method", type=click.Choice(["auto"] + list(METHODS) + list(PRUNING_CRITERIA)), default="auto",
+        click.option("--method", type=click.Choice(recipes.method_names(auto=True)), default="auto",
                      show_default=True, help="auto: pruning and low rank per site; or one family / criterion."),
         click.option("--objective", type=click.Choice(["macs", "params"]), help="What 'smaller' means (default macs)."),
         click.option("--layers", help="Comma-separated group / layer names to consider; default all."),
@@ -720,16 +606,7 @@ def plan_flags(func):
 
 def plan_only_recipe(kw: dict, preprocess: dict, **goal):
     """A recipe whose plan table carries the flags of `sensitivity` / `sweep`."""
-    from onnxprune.pipeline import Recipe
-
-    kw = {**kw, "max_drop": None, "flops": None, "keep": None}
-    layers = tuple(v for v in (kw.get("layers") or "").split(",") if v)
-    plan = plan_request(kw, layers)
-    plan.pop("max_drop", None)
-    plan.update(goal)
-    return Recipe(passes=(), plan=plan, seed=kw["seed"], calib_size=kw.get("calib_size"),
-                  split=kw.get("split") or 0.5, batch_size=kw["batch_size"], preprocess=preprocess,
-                  **token_settings(kw))
+    return recipes.plan_only_recipe(kw, preprocess, flag=_flag, **goal)
 
 
 @main.command(short_help="Damage of compressing each site alone at each size: JSON, table, heat map.")

@@ -8,8 +8,8 @@ MACs are counted per sample (batch 1) for the layers that dominate inference cos
 - MatMul (constant or dynamic operands, broadcast batch dims): ``out_elems * K``
 
 Every other node counts 0 MACs; bias additions are not counted. Shapes come from ONNX
-shape inference (with data propagation) on a light copy of the graph whose symbolic input
-dimensions are set to 1; tensors it cannot infer are measured by running onnxruntime once
+shape inference (``graph/shapes.py``: with data propagation, on a light copy of the graph)
+with the symbolic input dimensions set to 1; tensors it cannot infer are measured by running onnxruntime once
 on a zero input with those tensors exposed as outputs. Nodes inside subgraphs (If, Loop,
 Scan bodies) are not counted.
 """
@@ -23,15 +23,12 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ModelError
-from onnxprune.graph import node_names
+from onnxprune.graph.index import node_names
+from onnxprune.graph.shapes import inferred_value_info
 from onnxprune.model import input_specs
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                onnx.TensorProto.BFLOAT16)
-
-# Initializers at most this large stay in the shape-inference copy (data propagation needs
-# the values of shape tensors); larger ones are replaced by typed graph inputs.
-_KEEP_INITIALIZER_ELEMENTS = 4096
 
 Shape = tuple[int, ...]
 
@@ -50,7 +47,7 @@ def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[i
                 ) -> list[LayerCost]:
     """Parameters and MACs of every top-level node of ``model``, in graph order.
 
-    Layers are named as ``graph.node_names`` names them (the node's own name when unique,
+    Layers are named as ``graph.index.node_names`` names them (the node's own name when unique,
     else ``f"{op}_{index}"``). ``params`` is the number of elements of the float initializers a node reads; an
     initializer shared by several nodes is counted at the first of them only, so the
     column sums to the weights the graph uses. ``macs`` is per sample: symbolic input
@@ -156,48 +153,11 @@ def _infer_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]]
                   ) -> tuple[dict[str, Shape | None], int]:
     """Shapes of every tensor ONNX shape inference can infer (None where a dim is unknown)."""
     fixed, batch = _fixed_input_shapes(model, overrides)
-    light = _light_copy(model, fixed)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False,
-                                                     data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
-        inferred = light  # best effort: the onnxruntime fallback measures what is missing
-    shapes: dict[str, Shape | None] = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        shapes[value.name] = _value_shape(value)
+    infos = inferred_value_info(model, fix_batch=False, input_shapes=fixed)
+    shapes: dict[str, Shape | None] = {name: _value_shape(value) for name, value in infos.items()}
     for tensor in model.graph.initializer:
         shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
     return shapes, batch
-
-
-def _light_copy(model: onnx.ModelProto, fixed: Mapping[str, Shape]) -> onnx.ModelProto:
-    """A copy without large weights (they become typed inputs) and with fixed input shapes,
-    cheap to build and never near the 2 GB protobuf limit."""
-    graph = model.graph
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.graph.name = graph.name
-    light.graph.node.extend(graph.node)
-    inputs = {value.name for value in graph.input}
-    for value in graph.input:
-        copy = light.graph.input.add()
-        copy.CopyFrom(value)
-        if value.name in fixed:
-            _set_shape(copy, fixed[value.name])
-    for tensor in graph.initializer:
-        size = int(np.prod(tensor.dims, dtype=np.int64))
-        if size <= _KEEP_INITIALIZER_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            light.graph.initializer.append(tensor)
-        elif tensor.name not in inputs:
-            light.graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    for value in graph.output:
-        # keep the element type only: stale symbolic output shapes must not fight inference
-        if value.type.HasField("tensor_type"):
-            value = onnx.helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, None)
-        light.graph.output.append(value)
-    return light
 
 
 def _set_shape(value: onnx.ValueInfoProto, shape: Shape) -> None:

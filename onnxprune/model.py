@@ -2,7 +2,7 @@
 
 Everything that touches a model file goes through here: external-data models and models
 over 2 GB load and save transparently, ``Constant`` nodes are folded into initializers so
-passes see plain weights, every node gets a unique name (``graph.name_nodes``: its own, or
+passes see plain weights, every node gets a unique name (``graph.index.name_nodes``: its own, or
 ``{op}_{index}`` for unnamed and duplicate names) so that nothing addresses a node by its
 position, and outputs are written atomically (temporary name, then rename).
 """
@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
-from onnxprune.graph import name_nodes
+from onnxprune.graph.index import name_nodes
 
 # Protobuf refuses to serialise a message of 2 GiB or more; stay well clear of it.
 PROTO_LIMIT = 2**31 - 2**26

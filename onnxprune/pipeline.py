@@ -2,8 +2,10 @@
 
 A recipe is the one description of a compression job: passes with their options, the
 mode (one-shot or sequential), calibration settings and preprocessing. Command-line
-flags and recipe files (JSON or TOML) build the same object, and the recipe actually
-used is written next to the output so a run can be repeated with ``--recipe``.
+flags (through ``onnxprune.recipes``) and recipe files (JSON or TOML) build the same
+object, and the recipe actually used is written next to the output so a run can be
+repeated with ``--recipe``. Making a recipe validates it: pass names, every pass's options,
+and the order (each pass's ``requires`` produced by a pass before it).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import onnx
 
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.errors import InternalError, ModelError, OnnxPruneError, RecipeError
-from onnxprune.graph import name_nodes
+from onnxprune.graph.index import name_nodes
 from onnxprune.linalg import blas_threads
 from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
-from onnxprune.passes import REGISTRY, Pass, PassContext, options_to_dict
+from onnxprune.passes import REGISTRY, Pass, PassContext, check_order, options_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ class Recipe:
         for name, _ in self.passes:
             if name not in REGISTRY:
                 raise RecipeError("recipe", f"unknown pass {name!r}", f"known passes: {', '.join(sorted(REGISTRY))}")
+        check_order([name for name, _ in self.passes])
+        # every pass's options validated once, here: a bad option is a RecipeError when the recipe is made
+        object.__setattr__(self, "_options", tuple(REGISTRY[name](**options).options for name, options in self.passes))
         if not 0 < self.split < 1:
             raise RecipeError("recipe", f"split={self.split} must be in (0, 1)")
         if self.calib_size == "all":
@@ -88,8 +93,8 @@ class Recipe:
         return None if self.mask_input == "none" else self.mask_input
 
     def build(self) -> list[Pass]:
-        """Instantiate (and so validate) every pass."""
-        return [REGISTRY[name](**options) for name, options in self.passes]
+        """Fresh instances of the passes, from the options validated when the recipe was made."""
+        return [REGISTRY[name](options) for (name, _), options in zip(self.passes, self._options)]
 
     def to_dict(self) -> dict[str, Any]:
         built = self.build()
@@ -250,15 +255,17 @@ def _run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvide
     i = 0
     while i < len(passes):
         p = passes[i]
-        paired = i + 1 < len(passes) and passes[i + 1].name == "reconstruct-next-layer"
-        if recipe.mode == "sequential" and p.name == "select-nodes" and paired:
-            # Site by site: each selection sees statistics of the graph pruned so far.
-            sites = p.groups(work)[0]
-            log.info("sequential: %d channel groups, one at a time", len(sites))
-            for group in sites:
-                ctx.only_group = group.name
-                run_one(p, f"select-nodes ({group.name})")
-                run_one(passes[i + 1], f"reconstruct-next-layer ({group.name})")
+        partner = passes[i + 1] if i + 1 < len(passes) else None
+        sites = p.sites(work) if recipe.mode == "sequential" and partner is not None \
+            and set(partner.requires) & set(p.produces) else None
+        if sites is not None:
+            # Site by site: a per-site pass and the next pass that applies its records, each
+            # round on statistics of the graph rewritten so far.
+            log.info("sequential: %d sites of %s, one at a time", len(sites), p.name)
+            for site in sites:
+                ctx.only_group = site
+                run_one(p, f"{p.name} ({site})")
+                run_one(partner, f"{partner.name} ({site})")
             ctx.only_group = None
             i += 2
             continue

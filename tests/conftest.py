@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import Preprocess, open_samples
 from onnxprune.cost import total_macs
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.data.samples import open_samples
 from onnxprune.model import count_parameters, load_model
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.runtime import make_session, run_batches

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.graph import find_channel_groups
+from onnxprune.graph.groups import find_channel_groups
 
 OPSET = 13
 IR_VERSION = 10

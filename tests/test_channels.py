@@ -10,9 +10,9 @@ from conftest import assert_equivalent, run_model
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
-from onnxprune.graph import find_channel_groups
+from onnxprune.graph.groups import find_channel_groups
+from onnxprune.graph.prune import prune_channels
 from onnxprune.model import clone, load_model
-from onnxprune.passes.channels import prune_channels
 
 # (builder, group, channel to drop, channel it duplicates)
 CASES = [

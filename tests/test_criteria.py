@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from onnxprune import criteria
-from onnxprune.cli import PRUNING_CRITERIA
 from onnxprune.errors import RecipeError
 from onnxprune.passes.select_nodes import CRITERIA
 from onnxprune.pipeline import Recipe
+from onnxprune.recipes import PRUNING_CRITERIA
 
 BUILTIN = ("spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1")
 
@@ -48,4 +48,4 @@ def test_a_criterion_is_registered_once_and_needs_a_docstring():
 ])
 def test_options_a_criterion_does_not_take_are_refused(options, words):
     with pytest.raises(RecipeError, match=words):
-        Recipe(passes=(("select-nodes", options),)).build()
+        Recipe(passes=(("select-nodes", options),))

@@ -396,7 +396,7 @@ def test_calibration_is_capped_by_default_and_says_so(tmp_path):
 
 def test_capped_calibration_draws_from_every_class_of_a_sorted_set():
     from onnxprune.api import cap
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.model import input_specs
 
     specs = input_specs(wide_mlp())
@@ -539,7 +539,7 @@ def test_fp16_weights_are_reported_as_skipped_not_a_crash(tmp_path):
 def test_latency_reports_the_spread_and_warns_when_too_noisy(monkeypatch):
     import sys
 
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.model import input_specs
     from tests.graphs import wide_mlp as model_of
 

@@ -10,13 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxprune.graph import (
-    describe_groups,
-    describe_linear_layers,
-    find_channel_groups,
-    find_linear_layers,
-    node_names,
-)
+from onnxprune.graph.groups import describe_groups, find_channel_groups
+from onnxprune.graph.index import node_names
+from onnxprune.graph.layers import describe_linear_layers, find_linear_layers
 from onnxprune.model import load_model
 
 

@@ -200,7 +200,7 @@ def test_reconstruction_error_matches_samples():
     for stats in (gram(X), SecondMoment.from_rows(X)):
         assert math.isclose(linalg.reconstruction_error(W, A, B, stats), sample_error(W, A, B, X),
                             rel_tol=1e-10)
-        delta = linalg.bias_correction(W, A, B, mu)
+        delta = (W - A @ B) @ mu                    # bias compensation: the mean output exact
         centred = linalg.reconstruction_error(W, A, B, stats, mean=mu)
         assert math.isclose(centred, sample_error(W, A, B, X, delta), rel_tol=1e-10)
         assert math.isclose(linalg.reconstruction_error(W, A, B, stats, mean=mu, bias_delta=delta), centred,
@@ -211,18 +211,6 @@ def test_reconstruction_error_matches_samples():
         # compensation is never worse in expectation
         assert centred <= linalg.reconstruction_error(W, A, B, stats)
     assert linalg.reconstruction_error(np.zeros((2, 3)), np.zeros((2, 1)), np.zeros((1, 3)), np.eye(3)) == 0.0
-
-
-def test_bias_correction_zeroes_the_mean_output_error():
-    X = relu_samples(25, 18)(500)
-    W = rng(19).standard_normal((10, 25))
-    for A, B in (linalg.truncated_svd(W, 2), linalg.dalr(W, gram(X), 2)):
-        mu = X.mean(axis=0)
-        delta = linalg.bias_correction(W, A, B, mu)
-        assert delta.shape == (10,)
-        error = X @ W.T - (X @ (A @ B).T + delta)
-        np.testing.assert_allclose(error.mean(axis=0), 0.0, atol=1e-12)
-        assert np.abs((X @ W.T - X @ (A @ B).T).mean(axis=0)).max() > 1e-3   # there was a bias
 
 
 def test_output_spectrum():
@@ -242,51 +230,27 @@ def test_output_spectrum():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_select_ridge_grows_when_the_fit_set_is_tiny(seed):
+def test_affine_low_rank_chooses_a_larger_ridge_for_a_tiny_fit_set_and_keeps_the_mean_exact(seed):
     n, m, k = 120, 60, 10
     sample = relu_samples(n, 30 + seed)
     W = rng(40 + seed).standard_normal((m, n)) / np.sqrt(n)
-    tiny, large = SecondMoment.from_rows(sample(40)), gram(sample(3000))   # N < n, N >> n
-    held = gram(sample(2000))
-    r_tiny = linalg.select_ridge(W, k, tiny, held, shrink_to="weight")
-    r_large = linalg.select_ridge(W, k, large, held, shrink_to="weight")
-    assert r_tiny > r_large
-    svd_error = linalg.reconstruction_error(W, *linalg.truncated_svd(W, k), held)
-    chosen = linalg.dalr(W, tiny, k, ridge=r_tiny, shrink_to="weight")
-    assert linalg.reconstruction_error(W, *chosen, held) <= svd_error
-    # the held-out curve the selection used is the true held-out error
-    for ridge in (1e-3, r_tiny):
-        A, B = linalg.dalr(W, tiny, k, ridge=ridge, shrink_to="weight")
-        curve = linalg._ridge_curve(W, k, tiny, held, [ridge], "weight")[0]
-        assert math.isclose(curve, linalg.reconstruction_error(W, A, B, held), rel_tol=1e-9)
-    A, B = linalg.dalr(W, tiny, k, ridge=1e-2)
-    curve = linalg._ridge_curve(W, k, tiny, held, [1e-2], "zero")[0]
-    assert math.isclose(curve, linalg.reconstruction_error(W, A, B, held), rel_tol=1e-9)
 
+    def folds(count):
+        rows = [sample(count // 2), sample(count - count // 2)]
+        return rows, [(SecondMoment.from_rows(x), x.mean(axis=0)) for x in rows]
 
-def test_best_low_rank_never_worse_than_svd_on_held_out():
-    n, m, k = 100, 50, 8
-    W = rng(50).standard_normal((m, n))
-    for sampler, size in ((relu_samples(n, 51), 30), (relu_samples(n, 52, decay=0.0, offset=0.0), 30),
-                          (relu_samples(n, 53), 2000)):
-        fit, held = SecondMoment.from_rows(sampler(size)), gram(sampler(1500))
-        svd_error = linalg.reconstruction_error(W, *linalg.truncated_svd(W, k), held)
-        for methods in (("dalr", "svd"), ("dalr", "dalr-weight", "svd")):
-            A, B, info = linalg.best_low_rank(W, k, fit, held, methods=methods)
-            assert_finite(A, B)
-            assert set(info) >= {"method", "ridge", "shrink_to", "held_out_error", "errors"}
-            assert info["method"] in methods
-            err = linalg.reconstruction_error(W, A, B, held)
-            assert math.isclose(err, info["held_out_error"], rel_tol=1e-9)
-            assert err <= svd_error * (1 + 1e-12)
-            assert err == pytest.approx(min(info["errors"].values()))
-            if info["method"] == "svd":
-                assert info["ridge"] is None and info["shrink_to"] is None
-            else:
-                A2, B2 = linalg.dalr(W, fit, k, ridge=info["ridge"], shrink_to=info["shrink_to"])
-                np.testing.assert_allclose(A2 @ B2, A @ B)
-    with pytest.raises(ValueError):
-        linalg.best_low_rank(W, k, fit, held, methods=("magic",))
+    (tiny_rows, tiny), (_, large) = folds(40), folds(4000)               # N < n, N >> n
+    A, B, delta, info = linalg.affine_low_rank(W, k, tiny)
+    _, _, _, info_large = linalg.affine_low_rank(W, k, large)
+    assert_finite(A, B, delta)
+    assert A.shape == (m, k) and B.shape == (k, n) and delta.shape == (m,)
+    assert info["ridge"] > info_large["ridge"]
+    # the choice is within the tolerance of the best held-out error, and never worse than SVD + bias
+    assert info["cv_error"] <= info["cv_best"] * (1 + linalg.AUTO_TOLERANCE) + 1e-15
+    assert info["cv_error"] <= info["cv_errors"]["inf"] * (1 + linalg.AUTO_TOLERANCE) + 1e-15
+    # delta = (W - A B) mu: the mean output on the calibration rows is exact
+    X = np.vstack(tiny_rows)
+    np.testing.assert_allclose((X @ W.T - X @ (A @ B).T - delta).mean(axis=0), 0.0, atol=1e-10)
 
 
 # ---------------------------------------------------------------- spectral selection

@@ -20,18 +20,15 @@ from conftest import assert_equivalent
 
 from onnxprune.api import compress
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
-from onnxprune.errors import InternalError, OnnxPruneError
-from onnxprune.graph import name_nodes, node_names
+from onnxprune.data.samples import open_samples
+from onnxprune.errors import InternalError, OnnxPruneError, RecipeError
+from onnxprune.graph.index import name_nodes, node_names
 from onnxprune.model import load_model
-from onnxprune.passes.base import REGISTRY, Pass, PassResult
+from onnxprune.passes.base import REGISTRY, Approximation, Pass, PassResult, Selection
 from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.recipes import method_passes
 
-METHODS = {
-    "svd": [("low-rank-split", {"method": "svd", "rank": 2})],
-    "dalr": [("low-rank-split", {"method": "dalr", "rank": 2})],
-    "dalr-bc": [("low-rank-split", {"method": "dalr", "rank": 2}), ("bias-compensate", {})],
-}
+METHODS = {name: method_passes(name, rank=2) for name in ("svd", "dalr", "dalr-bc")}
 
 
 def rank_two(model, *names):
@@ -233,5 +230,84 @@ def test_an_input_model_that_fails_the_check_stays_a_model_error():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     provider = StatsProvider({"target": open_samples([{"x": np.ones((4, 8), np.float32)}], model)}, progress=False)
     with pytest.raises(ModelError, match="Incompatible dimensions") as info:
-        run_pipeline(model, Recipe(passes=(("bias-compensate", {}),)), provider)
+        run_pipeline(model, Recipe(passes=(("select-nodes", {"counts": {}}),)), provider)
     assert not isinstance(info.value, InternalError)
+
+
+# --------------------------------------------------------------------------- declared hand-offs
+
+@pytest.mark.parametrize("passes, words", [
+    ([("bias-compensate", {})], ("bias-compensate needs approximated layers", "low-rank-split before it")),
+    ([("reconstruct-next-layer", {})], ("reconstruct-next-layer needs channel selections", "select-nodes")),
+    ([("reconstruct-next-layer", {}), ("select-nodes", {})], ("reconstruct-next-layer needs",)),
+    ([("select-nodes", {}), ("bias-compensate", {})], ("bias-compensate needs approximated layers",)),
+])
+def test_a_pass_whose_requirements_no_earlier_pass_produces_is_a_recipe_error(passes, words):
+    """bias-compensate without a low-rank pass before it used to be a silent no-op."""
+    with pytest.raises(RecipeError) as info:
+        Recipe(passes=tuple(passes))
+    for word in words:
+        assert word in str(info.value)
+    with pytest.raises(RecipeError, match="needs approximated layers"):
+        Recipe.from_dict({"passes": [{"name": "bias-compensate"}, {"name": "low-rank-split"}]})
+
+
+def test_declarations_of_the_built_in_passes():
+    assert REGISTRY["low-rank-split"].produces == (Approximation,)
+    assert REGISTRY["bias-compensate"].requires == (Approximation,)
+    assert REGISTRY["select-nodes"].produces == (Selection,)
+    assert REGISTRY["reconstruct-next-layer"].requires == (Selection,)
+    assert not REGISTRY["correct-drift"].requires            # reads selections when there are some
+    Recipe(passes=(("select-nodes", {}), ("reconstruct-next-layer", {}), ("low-rank-split", {}),
+                   ("bias-compensate", {}), ("correct-drift", {})))
+
+
+@dataclasses.dataclass
+class _Mark:
+    """A record of the test passes below."""
+
+    site: str
+
+
+class _PerSite(Pass):
+    """Marks one site per round (a per-site producer)."""
+
+    name = "test-per-site"
+    Options = _NoOptions
+    produces = (_Mark,)
+
+    def sites(self, model):
+        return ["a", "b"]
+
+    def run(self, model, ctx):
+        ctx.cache.setdefault("log", []).append(("mark", ctx.only_group))
+        return PassResult(changed=False, report={})
+
+
+class _Applies(Pass):
+    """Applies the marks (their consumer)."""
+
+    name = "test-applies"
+    Options = _NoOptions
+    requires = (_Mark,)
+
+    def run(self, model, ctx):
+        ctx.cache.setdefault("log", []).append(("apply", ctx.only_group))
+        return PassResult(changed=False, report={})
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("one-shot", [("mark", None), ("apply", None)]),
+    ("sequential", [("mark", "a"), ("apply", "a"), ("mark", "b"), ("apply", "b")]),
+])
+def test_sequential_mode_pairs_a_per_site_pass_with_the_pass_that_requires_its_records(monkeypatch, mode, expected):
+    """No pass names in the pipeline: any per-site producer and its consumer run site by site."""
+    from onnxprune import pipeline
+
+    monkeypatch.setitem(REGISTRY, _PerSite.name, _PerSite)
+    monkeypatch.setitem(REGISTRY, _Applies.name, _Applies)
+    shared = {}
+    real = pipeline.PassContext
+    monkeypatch.setattr(pipeline, "PassContext", lambda **kw: real(**kw, cache=shared))
+    run(graphs.unnamed_chain(), [(_PerSite.name, {}), (_Applies.name, {})], mode=mode)
+    assert shared["log"] == expected

@@ -9,9 +9,9 @@ import pytest
 import onnxprune
 from onnxprune import embedding
 from onnxprune.calibration.collect import collect
-from onnxprune.calibration.readers import open_samples
-from onnxprune.calibration.stats import StatRequest
-from onnxprune.graph import find_channel_groups
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.data.samples import open_samples
+from onnxprune.graph.groups import find_channel_groups
 from onnxprune.model import load_model
 from onnxprune.pipeline import Recipe
 from onnxprune.runtime import make_session, run_batches

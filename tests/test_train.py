@@ -124,7 +124,7 @@ def test_round_trip_on_compressed_models(method, budget, shared, tmp_path):
 def test_distillation_recovers_a_known_teacher():
     """A perturbed copy of a small network, distilled on unlabelled inputs, comes back to its teacher."""
     pytest.importorskip("torch")
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.train.distill import TrainConfig, finetune
 
     teacher, student = mlp(0), mlp(1, noise=1.5, base=0)
@@ -338,7 +338,7 @@ def test_feature_distillation_of_the_rewritten_layer_only():
     """--train-layers rewritten --feature-weight: only fc1 trains, its output comes back to the teacher's,
     the other weights are bit-identical, and the feature loss beats output-only distillation on fc1's output."""
     pytest.importorskip("torch")
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.train.distill import TrainConfig, finetune
 
     teacher, student = deep_mlp(), deep_mlp(w1_noise=1.0)
@@ -396,7 +396,7 @@ def test_checkpoint_rule_follows_the_fold_size():
     """auto: a fold under 100 samples picks the epoch by held-out output loss (the chosen epoch has the
     lowest one), a larger fold by agreement; the report says which."""
     pytest.importorskip("torch")
-    from onnxprune.calibration.readers import open_samples
+    from onnxprune.data.samples import open_samples
     from onnxprune.train.distill import SMALL_FOLD, TrainConfig, finetune
 
     teacher, student = mlp(0), mlp(1, noise=1.5, base=0)

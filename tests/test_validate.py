@@ -17,7 +17,7 @@ from onnxprune.validate import ValidationReport, check_thresholds, validate
 
 
 class ArraySamples:
-    """Stand-in for calibration.readers.SampleSet: in-memory arrays, optional labels."""
+    """Stand-in for data.samples.SampleSet: in-memory arrays, optional labels."""
 
     def __init__(self, feeds: dict[str, np.ndarray], labels=None):
         self.feeds = feeds
@@ -277,7 +277,8 @@ REAL = {
 
 
 def _real(shared, name):
-    from onnxprune.calibration.readers import Preprocess, open_samples
+    from onnxprune.data.preprocess import Preprocess
+    from onnxprune.data.samples import open_samples
 
     model = load_model(shared / "models" / name)
     data, options = REAL[name]

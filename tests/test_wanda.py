@@ -19,11 +19,11 @@ import pytest
 from conftest import assert_equivalent, run_model
 
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
-from onnxprune.cli import PRUNING_CRITERIA
 from onnxprune.criteria import get
+from onnxprune.data.samples import open_samples
 from onnxprune.passes.select_nodes import CRITERIA
 from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.recipes import PRUNING_CRITERIA
 
 N = 128
 
@@ -116,6 +116,9 @@ def test_wanda_with_reconstruction_drops_a_dead_channel_losslessly(mode):
 
 def test_wanda_is_registered_and_offered_by_the_cli():
     assert "wanda" in CRITERIA and "wanda" in PRUNING_CRITERIA
+    from onnxprune.cli import compress
+    method = next(p for p in compress.params if p.name == "method")
+    assert "wanda" in method.type.choices
     assert get("wanda").threshold == "fraction" and not get("wanda").needs_source()
 
 
@@ -125,7 +128,7 @@ def test_lenet_usps_wanda_with_reconstruction(shared):
     original's held-out accuracy; dropping the same channels without it costs 10 points."""
     from conftest import RealTask
 
-    from onnxprune.calibration.readers import Preprocess
+    from onnxprune.data.preprocess import Preprocess
 
     task = RealTask(shared / "models/lenet_caffe_mnist.onnx", shared / "data/digits/usps_test.npz", Preprocess(),
                     1003, 1004, shuffle=False)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.calibration.shard import _merge_pair, complete, shard_ranges, tree_reduce
-from onnxprune.calibration.stats import Statistics, StatRequest
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import CalibrationError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def plan(model_source, model: onnx.ModelProto, samples: dict, sources: dict, req
 def run_shard(task: ShardTask, *, progress: bool = False) -> Statistics:
     """The statistics of one shard, with its ``"shard"`` header record."""
     from onnxprune.calibration.collect import collect
-    from onnxprune.calibration.readers import Preprocess, open_samples
+    from onnxprune.data.preprocess import Preprocess
+    from onnxprune.data.samples import open_samples
     from onnxprune.model import load_model
 
     if isinstance(task.model, (bytes, bytearray)):

@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from onnxprune import __version__
 from onnxprune.calibration import ingraph
-from onnxprune.calibration.stats import Moments, Statistics, StatRequest, release_buffers
+from onnxprune.calibration.moments import Moments, release_buffers
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import CalibrationError, DataError
 from onnxprune.linalg import blas_threads
 from onnxprune.model import clone, input_specs, model_hash

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibration.stats import StatRequest, sample_positions
+from onnxprune.calibration.requests import StatRequest, sample_positions
 
 PREFIX = "onnxprune/calibrate"
 #: the shift subtracted before each Gram is the mean of this many leading rows
@@ -274,7 +274,7 @@ class Accumulator:
         self.counts.append(int(count))
 
     def moments(self):
-        from onnxprune.calibration.stats import Moments
+        from onnxprune.calibration.moments import Moments
 
         out = Moments(self.dim)
         if not self.counts:

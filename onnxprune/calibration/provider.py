@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import onnx
 
 from onnxprune.calibration.collect import collect
-from onnxprune.calibration.stats import Moments, StatRequest, Statistics
+from onnxprune.calibration.moments import Moments
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import CalibrationError
 from onnxprune.model import cone_hashes
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
 
 _REGISTRY: dict[str, type[Criterion]] = {}
 _DISCOVERED = False

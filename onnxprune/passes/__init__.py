@@ -1,6 +1,7 @@
 """Graph-rewriting passes; importing this package registers them all."""
 
-from onnxprune.passes.base import REGISTRY, Pass, PassContext, PassResult, options_to_dict, register
+from onnxprune.passes.base import (REGISTRY, Approximation, Pass, PassContext, PassResult, Selection, check_order,
+                                   options_to_dict, register)
 from onnxprune.passes import (  # noqa: F401  (registration)
     bias_compensate,
     correct_drift,
@@ -9,4 +10,5 @@ from onnxprune.passes import (  # noqa: F401  (registration)
     select_nodes,
 )
 
-__all__ = ["REGISTRY", "Pass", "PassContext", "PassResult", "options_to_dict", "register"]
+__all__ = ["REGISTRY", "Approximation", "Pass", "PassContext", "PassResult", "Selection", "check_order",
+           "options_to_dict", "register"]

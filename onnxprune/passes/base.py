@@ -1,9 +1,19 @@
-"""The pass interface: options, statistics a pass needs, and what it returns.
+"""The pass interface: options, statistics a pass needs, what it hands on, and what it returns.
 
 A pass mutates the graph it is given (the pipeline cloned it once on entry) and returns
 ``PassResult(changed, report)``. It asks ``ctx.statistics(requests)`` for the statistics
 of the *current* graph: the provider answers from what was gathered before the pipeline
 started when the tensors' upstream subgraph is unchanged, and re-gathers otherwise.
+
+Passes hand each other typed records through the context, and declare them (as torch.fx
+passes declare requires/ensures): ``produces`` the record types a pass adds, ``requires``
+those an earlier pass must have added. ``check_order`` refuses a recipe whose pass requires
+what no earlier pass produces (bias-compensate without a low-rank pass before it), and the
+pipeline pairs a per-site pass with the next pass that requires its records (sequential mode).
+
+- ``Approximation`` (low-rank-split -> bias-compensate): a layer's original and approximated weight.
+- ``Selection`` (select-nodes -> reconstruct-next-layer, read by correct-drift): the channels
+  kept in one channel group and the statistics they were chosen on.
 """
 
 from __future__ import annotations
@@ -12,10 +22,13 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx
 
-from onnxprune.calibration.stats import StatRequest, Statistics
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import RecipeError
+from onnxprune.graph.groups import ChannelGroup
 
 
 @dataclasses.dataclass
@@ -25,24 +38,52 @@ class PassResult:
 
 
 @dataclasses.dataclass
+class Approximation:
+    """A layer whose weight a pass replaced by an approximation (low-rank-split), for bias-compensate."""
+
+    layer: str
+    op: str
+    weight: np.ndarray                 # the original W (m x n, float64)
+    approx: np.ndarray                 # W_hat (m x n)
+    request: StatRequest               # the layer's input statistics
+    mean: np.ndarray                   # the input mean the approximation was fitted on
+    node: str                          # the node that now carries the layer's bias input
+    bias: str | None                   # its bias initializer (None: none yet)
+    bias_shift: np.ndarray | None = None   # bias shift already applied (affine DALR)
+    compensated: bool = False
+
+
+@dataclasses.dataclass
+class Selection:
+    """The channels select-nodes keeps in one group, for reconstruct-next-layer to apply."""
+
+    group: ChannelGroup
+    keep: np.ndarray                   # kept channel indices, ascending
+    sigma: np.ndarray                  # the group's second moment (C x C) the choice was made on
+    criterion: str
+    retention: float
+    folds: list                        # per calibration fold: (sample count, second moment)
+    applied: bool = False
+
+
+@dataclasses.dataclass
 class PassContext:
-    """What passes share: a statistics source and notes passed between passes."""
+    """What passes share: a statistics source and the typed records passed between passes."""
 
     statistics: Callable[[onnx.ModelProto, Sequence[StatRequest], Sequence[str]], Statistics]
     sets: tuple[str, ...] = ("target",)
     folds: int = 2
-    # Weights a pass approximated, for bias-compensate: layer name -> dict(original weight
-    # (m x n, float64), input tensor, request, bias initializer name, kind).
-    approximated: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    # Channel selections made by select-nodes, applied by reconstruct-next-layer.
-    selections: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Layers a pass approximated (low-rank-split), by layer name, for bias-compensate.
+    approximations: dict[str, Approximation] = dataclasses.field(default_factory=dict)
+    # Channel selections made by select-nodes, by group name, applied by reconstruct-next-layer.
+    selections: dict[str, Selection] = dataclasses.field(default_factory=dict)
     # Options of the whole pipeline that passes may read (mode, seed).
     mode: str = "one-shot"
     seed: int = 0
-    # Sequential mode: the one channel group a per-site pass handles in this round.
+    # Sequential mode: the one site a per-site pass handles in this round, and the per-group
+    # channel counts fixed (from every group at once) before the first round.
     only_group: str | None = None
-    # Anything else passes hand each other (e.g. channel counts fixed before a sequential run).
-    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] | None = None
     # The model the pipeline started from (correct-drift fits the compressed model to it).
     original: onnx.ModelProto | None = None
     # Derived quantities (channel rankings) that stay valid across runs over the same
@@ -55,6 +96,10 @@ class Pass:
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    #: record types (``Approximation``, ``Selection``) an earlier pass must produce
+    requires: ClassVar[tuple[type, ...]] = ()
+    #: record types this pass adds to the context for later passes
+    produces: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is None:
@@ -67,8 +112,32 @@ class Pass:
         """Statistics this pass will read on ``model``: (request, sample-set names) pairs."""
         return []
 
+    def sites(self, model: onnx.ModelProto) -> list[str] | None:
+        """Per-site passes: the sites one sequential round each handles (``ctx.only_group``);
+        None: the pass handles all its sites in one run."""
+        return None
+
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
+
+
+def check_order(names: Sequence[str], *, owner: str = "recipe") -> None:
+    """Every pass's ``requires`` is produced by a pass before it (else a RecipeError naming both)."""
+    available: set[type] = set()
+    for name in names:
+        cls = REGISTRY[name]
+        missing = [t for t in cls.requires if t not in available]
+        if missing:
+            makers = sorted(n for n, c in REGISTRY.items() if any(t in c.produces for t in missing))
+            raise RecipeError(owner, f"pass {name} needs {' and '.join(_record(t) for t in missing)} from an "
+                                     "earlier pass, and none before it produces them",
+                              f"put {' or '.join(makers)} before it")
+        available.update(cls.produces)
+
+
+def _record(kind: type) -> str:
+    return {"Approximation": "approximated layers", "Selection": "channel selections"}.get(
+        kind.__name__, kind.__name__)
 
 
 REGISTRY: dict[str, type[Pass]] = {}

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper
 
 from onnxprune.model import get_array, set_array, unique_name
-from onnxprune.passes.base import Pass, PassContext, PassResult, register
+from onnxprune.passes.base import Approximation, Pass, PassContext, PassResult, register
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ class BiasCompensate(Pass):
 
     name = "bias-compensate"
     Options = BiasCompensateOptions
+    requires = (Approximation,)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        entries = {name: e for name, e in ctx.approximated.items() if not e.get("compensated")}
+        entries = {name: e for name, e in ctx.approximations.items() if not e.compensated}
         if not entries:
             log.info("bias-compensate: no approximated layer to compensate")
             return PassResult(changed=False, report={"compensated": []})
@@ -53,36 +54,36 @@ class BiasCompensate(Pass):
         for name, entry in entries.items():
             if ctx.mode == "sequential":
                 # The input mean as it is now, after every earlier approximation and compensation.
-                mean = ctx.statistics(model, [entry["request"]], ("target",)).moments(entry["request"], "target").mean
+                mean = ctx.statistics(model, [entry.request], ("target",)).moments(entry.request, "target").mean
             else:
                 # One-shot: the mean gathered with the statistics the approximation itself used.
-                mean = entry["mean"]
-            delta = (entry["weight"] - entry["approx"]) @ mean
-            if entry.get("bias_shift") is not None:
+                mean = entry.mean
+            delta = (entry.weight - entry.approx) @ mean
+            if entry.bias_shift is not None:
                 # low-rank-split's affine DALR already added (W - W_hat) x_mean for its own
                 # mean: only the rest (zero in one-shot mode) is added here.
-                delta = delta - entry["bias_shift"]
+                delta = delta - entry.bias_shift
             self._add_to_bias(model, name, entry, delta)
-            entry["compensated"] = True
+            entry.compensated = True
             rows.append({"layer": name, "bias_shift_norm": float(np.linalg.norm(delta))})
             log.info("bias-compensate: %s bias shifted by |delta| = %.4g (%s input mean)", name,
                      rows[-1]["bias_shift_norm"], "re-gathered" if ctx.mode == "sequential" else "calibration")
         return PassResult(changed=True, report={"compensated": rows})
 
     @staticmethod
-    def _add_to_bias(model: onnx.ModelProto, layer: str, entry: dict, delta: np.ndarray) -> None:
+    def _add_to_bias(model: onnx.ModelProto, layer: str, entry: Approximation, delta: np.ndarray) -> None:
         graph = model.graph
-        node = next(n for n in graph.node if n.name == entry["node"])
+        node = next(n for n in graph.node if n.name == entry.node)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(
             next(t.data_type for t in graph.initializer if t.name == node.input[1]))
-        if entry["bias"]:
-            bias = get_array(model, entry["bias"])
-            set_array(model, entry["bias"], (bias + delta.reshape(bias.shape)).astype(dtype))
+        if entry.bias:
+            bias = get_array(model, entry.bias)
+            set_array(model, entry.bias, (bias + delta.reshape(bias.shape)).astype(dtype))
             return
         name = unique_name(model, f"{layer}/low_rank/bias")
         set_array(model, name, delta.astype(dtype))
-        entry["bias"] = name
-        if entry["op"] in ("Gemm", "Conv"):
+        entry.bias = name
+        if entry.op in ("Gemm", "Conv"):
             node.input.append(name)
             return
         # MatMul without a bias: y = MatMul(...) becomes y = Add(MatMul(...), bias)

@@ -34,11 +34,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import RecipeError
-from onnxprune.graph import GraphIndex, LinearLayer, find_linear_layers, node_names
+from onnxprune.graph.index import GraphIndex, node_names
+from onnxprune.graph.layers import LinearLayer, find_linear_layers
 from onnxprune.model import cone_hashes, get_array, set_array
-from onnxprune.passes.base import Pass, PassContext, PassResult, register
+from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class CorrectDrift(Pass):
         return PassResult(changed=any(r.get("refit") for r in rows), report={"tensors": rows})
 
 
-def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto, selections: dict) -> list[_Tensor]:
+def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto,
+                    selections: dict[str, Selection]) -> list[_Tensor]:
     """Tensors that linear layers of ``model`` read, that the original has too, and whose
     value the compression changed (their cone differs), with the original channels kept."""
     keep_of = _kept_channels(model, selections)
@@ -156,12 +158,12 @@ def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto, selection
     return out
 
 
-def _kept_channels(model: onnx.ModelProto, selections: dict) -> dict[str, np.ndarray]:
+def _kept_channels(model: onnx.ModelProto, selections: dict[str, Selection]) -> dict[str, np.ndarray]:
     """Tensor -> the original channels it still carries, for the groups select-nodes pruned."""
     nodes = dict(zip(node_names(model), model.graph.node))
     out = {}
     for selection in selections.values():
-        group, keep = selection["group"], np.asarray(selection["keep"], dtype=np.int64)
+        group, keep = selection.group, np.asarray(selection.keep, dtype=np.int64)
         if len(keep) == group.channels:
             continue
         names = [p.node for p in group.producers] + [p.node for p in group.path]
@@ -216,10 +218,28 @@ def side_by_side(original: onnx.ModelProto, model: onnx.ModelProto,
         names[t.name] = PREFIX + "joint/" + t.name
         nodes.append(helper.make_node("Concat", [left, rename(t.name)], [names[t.name]], axis=t.axis,
                                       name=PREFIX + "concat/" + t.name))
-    joint_graph = helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output), initializers)
+    nodes, initializers = _cone(nodes, initializers, set(names.values()))
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names.values()]
+    joint_graph = helper.make_graph(nodes, graph.name, list(graph.input), outputs, initializers)
     joint = helper.make_model(joint_graph, opset_imports=list(original.opset_import))
     joint.ir_version = max(original.ir_version, 4)     # IR 3 would want every initializer as an input
     return joint, names
+
+
+def _cone(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], wanted: set[str]
+          ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes (in order) and initializers that ``wanted`` depend on: a stage early in the
+    graph runs only the prefix of both models that it reads."""
+    needed = set(wanted)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:         # names a subgraph reads from the outer scope
+                for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                    needed.update(i for n in sub.node for i in n.input)
+    return keep[::-1], [t for t in initializers if t.name in needed]
 
 
 def _refit(folds, intercept: bool) -> dict:

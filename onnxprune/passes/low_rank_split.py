@@ -28,25 +28,23 @@ import time
 
 import numpy as np
 import onnx
-import scipy.linalg as sla
 from onnx import helper
 
 from onnxprune import linalg
-from onnxprune.calibration.stats import Moments, StatRequest
+from onnxprune.calibration.moments import Moments
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import CalibrationError
-from onnxprune.graph import LinearLayer, find_linear_layers, name_nodes, node_position
+from onnxprune.graph.index import name_nodes, node_position
+from onnxprune.graph.layers import LinearLayer, find_linear_layers
 from onnxprune.model import cone_hashes, get_array, opset_version, remove_unused_initializers, set_array, unique_name
-from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
+from onnxprune.passes.base import (Approximation, Pass, PassContext, PassResult, check_choice, check_fraction,
+                                   register)
 
 log = logging.getLogger(__name__)
 
 # Inputs wider than this keep their raw rows (sample space) instead of an n x n Gram matrix.
 WIDE_INPUT = 8192
 
-#: ridge "auto": relative ridges (lam / (trace(C) / n)) tried by cross-validation; inf is SVD + BC.
-AUTO_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, math.inf)
-#: ridge "auto": the largest ridge whose cross-validated error is within this fraction of the best.
-AUTO_TOLERANCE = 0.05
 #: Conv layers: output positions per sample whose im2col patches enter the statistics
 #: (0: all). A patch Gram costs positions x (C k^2)^2 per sample, many times the layer.
 PATCH_POSITIONS = 16
@@ -136,81 +134,16 @@ def layer_weight(model: onnx.ModelProto, layer: LinearLayer) -> tuple[np.ndarray
     return w, b
 
 
-def split_params(m: int, n: int, k: int) -> int:
-    return k * (m + n)
 
 
-def round_rank(k: int, multiple: int, limit: int) -> int:
-    """``k`` rounded to the nearest multiple of ``multiple`` (at least one multiple), so the
-    two factors' inner width fills whole SIMD channel blocks (onnxruntime's NCHWc convolutions
-    work on 8 or 16 channels at a time); unchanged when ``multiple`` is 1 or the layer is
-    narrower than one block, and never above ``limit`` (min(m, n))."""
-    if multiple <= 1 or limit < multiple:
-        return int(k)
-    return int(min(limit, multiple * max(1, math.floor(k / multiple + 0.5))))   # halves round up
 
 
-def rank_for_energy(spectrum: np.ndarray, energy: float) -> int:
-    """Smallest k whose leading ``spectrum`` entries hold ``energy`` of the total."""
-    total = spectrum.sum()
-    if total <= 0:
-        return 1
-    cumulative = np.cumsum(spectrum) / total
-    return int(min(np.searchsorted(cumulative, energy - 1e-12) + 1, len(spectrum)))
 
 
-def global_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], keep: float, *,
-                 multiple: int = 1) -> dict[str, int]:
-    """One energy threshold for all layers, the largest whose parameters fit ``keep`` of the total.
-
-    A layer whose split would not save parameters stays dense (its full m n counts). With
-    ``multiple`` the ranks are rounded (``round_rank``) before they are costed, so the
-    rounded ranks fit the budget.
-    """
-    budget = keep * sum(m * n for m, n in shapes.values())
-
-    def cost(threshold: float) -> tuple[int, dict[str, int]]:
-        ranks = {name: round_rank(rank_for_energy(s, threshold), multiple, min(shapes[name]))
-                 for name, s in spectra.items()}
-        total = sum(min(split_params(*shapes[name], k), shapes[name][0] * shapes[name][1])
-                    for name, k in ranks.items())
-        return total, ranks
-
-    candidates = np.unique(np.concatenate(
-        [np.cumsum(s) / max(s.sum(), 1e-300) for s in spectra.values()] + [np.array([0.0])]))
-    lo, hi = 0, len(candidates) - 1
-    best = cost(0.0)[1]
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        total, ranks = cost(float(candidates[mid]))
-        if total <= budget:
-            best, lo = ranks, mid + 1
-        else:
-            hi = mid - 1
-    return best
 
 
-def gated_metric(gram: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """E[D G D] for D = diag(g), g_i ~ Bernoulli(p_i) independent: the metric a downstream
-    layer with W_next^T W_next = ``gram`` puts on errors that pass a gate (ReLU, clip) open
-    with probability p: G o (p p^T) + diag(diag(G) (p - p^2))."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    M = gram * np.outer(p, p)
-    M[np.diag_indices_from(M)] += np.diag(gram) * (p - p * p)
-    return M
 
 
-def open_probability(mean: np.ndarray, var: np.ndarray, low: float = 0.0, high: float = math.inf) -> np.ndarray:
-    """P(low < y < high) for y ~ N(mean, var), per unit: the chance a ReLU (Clip) passes an error."""
-    from scipy.special import ndtr
-
-    sd = np.sqrt(np.maximum(var, 0.0))
-    tiny = sd <= 1e-12 * np.maximum(np.abs(mean), 1.0)
-    sd = np.where(tiny, 1.0, sd)
-    upper = ndtr((high - mean) / sd) if math.isfinite(high) else 1.0
-    p = upper - ndtr((low - mean) / sd)
-    exact = ((mean > low) & (mean < high)).astype(np.float64)
-    return np.where(tiny, exact, p)
 
 
 def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarray | None):
@@ -223,7 +156,7 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
     (``gated_metric``); a Conv reader sums W_next^T W_next over its kernel taps (depthwise:
     per channel). A graph output, a branch (several readers), or anything else gives None.
     """
-    from onnxprune.graph import GraphIndex
+    from onnxprune.graph.index import GraphIndex
 
     index = GraphIndex(model)
     m = layer.out_features
@@ -279,141 +212,13 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
     def metric(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
         if gate is None:
             return gram
-        return gated_metric(gram, open_probability(mean + shift, var, *gate))
+        return linalg.gated_metric(gram, linalg.open_probability(mean + shift, var, *gate))
 
     return metric
 
 
-def _top(K: np.ndarray, k: int) -> np.ndarray:
-    """Top-k eigenvectors (r x k) of the symmetric r x r matrix K (any orthonormal basis of
-    their span: only the subspace matters here)."""
-    r = K.shape[0]
-    if k >= r:
-        return np.eye(r)
-    K = 0.5 * (K + K.T)
-    try:
-        if 8 * k < r:      # a few vectors: MRRR on the subset; many: divide and conquer, all of them
-            return sla.eigh(K, subset_by_index=[r - k, r - 1], driver="evr", check_finite=False)[1]
-        return sla.eigh(K, driver="evd", check_finite=False)[1][:, r - k:]
-    except (sla.LinAlgError, ValueError):
-        return sla.eigh(K, driver="ev", check_finite=False)[1][:, r - k:]
 
 
-def affine_low_rank(w: np.ndarray, rank: int, folds: list[tuple[linalg.SecondMoment, np.ndarray]], *,
-                    metric=None, grid=AUTO_GRID, tolerance: float = AUTO_TOLERANCE
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Affine DALR, W x ~ A B x + delta, with its ridge chosen by cross-validation.
-
-    For a ridge lam (relative to trace(C)/n, C the centred input covariance):
-    A = top-k eigenvectors of W (C + lam I) W^T, B = A^T W, delta = (W - A B) mu. lam = 0
-    minimises E||W x - A B x - delta||^2 on the data (centred DALR with its optimal bias);
-    lam -> inf gives SVD + bias compensation; in between, C is shrunk towards a multiple
-    of I, which guards against over-fitting few calibration samples.
-
-    ``folds`` are (second moment, mean) of F >= 2 disjoint folds whose union is the whole
-    calibration set. Each fold is held out once (the fit uses the others) and the pooled
-    held-out error E||e||_M^2 / E||W x||_M^2, e = W x - A B x - delta, scores every ridge of
-    ``grid``. ``metric`` M (m x m, PSD) weighs output errors by their effect downstream
-    (see ``downstream_metric``), or is a function of (E[W x], Var[W x]) (m,) returning it;
-    None is the identity, the plain output error.
-    The choice is the largest ridge within ``tolerance`` (relative) of the best error: a
-    less regularised fit must be clearly better to be taken. The factors are then refitted
-    on all folds with that ridge scaled by N_fit / N (a fixed prior's relative weight falls
-    like 1/N).
-
-    Everything runs in an r = min(m, n) dimensional basis U of W's range (W = U P; U = I
-    when m <= n): one r x r projection P S_f P^T per fold, one r x r eigenproblem per fold
-    and ridge and one for the refit; no n x n factorisation.
-
-    Returns (A (m x k), B (k x n), delta (m,), info).
-    """
-    m, n = w.shape
-    if m <= n:
-        U, P = None, w                                     # W = I W
-    else:
-        U, P = sla.qr(w, mode="economic", check_finite=False)          # W = U R, R (n x n)
-    r = P.shape[0]
-    k = min(int(rank), r)
-    G = P @ P.T                                            # W W^T in the basis
-    counts = np.array([moment.count for moment, _ in folds], dtype=np.float64)
-    Ks = np.stack([moment.quad(P) for moment, _ in folds])          # E_f[(P x)(P x)^T]
-    zs = np.stack([P @ mean for _, mean in folds])                   # E_f[P x]
-    mus = np.stack([mean for _, mean in folds])
-    traces = np.array([moment.trace for moment, _ in folds])         # E_f||x||^2
-    F = len(folds)
-    if callable(metric):
-        z = counts @ zs / counts.sum()
-        Kc = np.tensordot(counts, Ks, axes=1) / counts.sum() - np.outer(z, z)
-        if U is None:
-            metric = metric(z, np.maximum(np.diag(Kc), 0.0))
-        else:
-            metric = metric(U @ z, np.maximum(np.einsum("ij,jk,ik->i", U, Kc, U), 0.0))
-    if metric is None:
-        M = None
-    else:
-        M = metric if U is None else U.T @ metric @ U
-        M = 0.5 * (M + M.T)
-
-    def part(weights: np.ndarray):
-        """(centred K, z, scale) of the union of the folds with weight 1."""
-        c = weights * counts
-        nc = c.sum()
-        K = np.tensordot(c, Ks, axes=1) / nc
-        z = c @ zs / nc
-        mu = c @ mus / nc
-        scale = max(float(c @ traces / nc - mu @ mu), 0.0) / n
-        return K - np.outer(z, z), z, scale if scale > 0 else 1.0
-
-    grid = [float(g) for g in grid]
-    svd_basis = _top(G, k) if any(math.isinf(g) for g in grid) else None
-
-    def basis(Kc: np.ndarray, lam: float) -> np.ndarray:
-        return svd_basis if math.isinf(lam) else _top(Kc + lam * G, k)
-
-    num = np.zeros(len(grid))
-    den = 0.0
-    for f in range(F):
-        Kc, z_fit, scale = part(np.arange(F) != f)
-        K_h, z_h = Ks[f], zs[f]
-        energy = float(np.einsum("ij,ij->", K_h, M)) if M is not None else float(np.trace(K_h))
-        den += counts[f] * energy
-        for i, ridge in enumerate(grid):
-            Q = basis(Kc, ridge * scale)
-            z_perp = z_fit - Q @ (Q.T @ z_fit)            # delta, in the basis
-            KQ = K_h @ Q
-            if M is None:
-                # E||(I - Q Q^T)(P x) - delta||^2
-                err = (energy - np.einsum("ij,ij->", Q, KQ)
-                       - 2.0 * float(z_perp @ z_h) + float(z_perp @ z_fit))
-            else:
-                # E||(I - Q Q^T)(P x) - delta||_M^2 with tr(M Pq K Pq) expanded, Pq = I - Q Q^T
-                MQ = M @ Q
-                Mz = M @ z_perp
-                Mz_perp_q = Mz - Q @ (Q.T @ Mz)           # Pq M delta
-                err = (energy - 2.0 * np.einsum("ij,ij->", MQ, KQ) + np.einsum("ij,ij->", Q.T @ MQ, Q.T @ KQ)
-                       - 2.0 * float(Mz_perp_q @ z_h) + float(z_perp @ Mz))
-            num[i] += counts[f] * max(err, 0.0)
-    errors = num / den if den > 0 else np.zeros(len(grid))
-    best = float(errors.min())
-    chosen = max(i for i in range(len(grid)) if errors[i] <= best * (1.0 + tolerance) + 1e-15)
-    ridge = grid[chosen] * (F - 1) / F
-
-    Kc, z, scale = part(np.ones(F, dtype=bool))
-    Q = basis(Kc, ridge * scale)
-    B = Q.T @ P
-    A = Q if U is None else U @ Q
-    flip = A[np.argmax(np.abs(A), axis=0), np.arange(k)] < 0     # deterministic signs
-    A[:, flip] *= -1.0
-    B[flip] *= -1.0
-    delta = z - Q @ (Q.T @ z)
-    if U is not None:
-        delta = U @ delta
-    label = "svd+bias" if math.isinf(ridge) else f"dalr+bias (ridge {ridge:.6g})"
-    # ridge inf (the SVD + bias limit) is null in JSON reports, with "chosen" saying so
-    info = {"chosen": label, "ridge": float(ridge),
-            "cv_error": float(errors[chosen]), "cv_best": best,
-            "cv_errors": {("inf" if math.isinf(g) else f"{g:.6g}"): float(e) for g, e in zip(grid, errors)}}
-    return A, B, delta, info
 
 def _cached(ctx: PassContext, key, part, compute):
     """``compute()``, remembered in ``ctx.cache`` under ``key + part`` (no cache: computed)."""
@@ -436,6 +241,7 @@ class LowRankSplit(Pass):
 
     name = "low-rank-split"
     Options = LowRankOptions
+    produces = (Approximation,)
 
     def layers(self, model: onnx.ModelProto) -> tuple[list[LinearLayer], list[dict]]:
         chosen, skipped = [], []
@@ -495,7 +301,7 @@ class LowRankSplit(Pass):
             w, b = weights[layer.name]
             m, n = w.shape
             k = min(ranks[layer.name], m, n)
-            if split_params(m, n, k) >= m * n:
+            if linalg.split_params(m, n, k) >= m * n:
                 skipped.append({"layer": layer.name, "op": layer.op,
                                 "reason": f"rank {k} would not reduce parameters ({k}*({m}+{n}) >= {m}*{n})"})
                 log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
@@ -521,7 +327,7 @@ class LowRankSplit(Pass):
             rows.append({
                 "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k,
                 "params_before": m * n + (m if b is not None else 0),
-                "params_after": split_params(m, n, k) + (m if b is not None else 0),
+                "params_after": linalg.split_params(m, n, k) + (m if b is not None else 0),
                 "energy": float(spectrum[:k].sum() / max(spectrum.sum(), 1e-300)),
                 "error": float(linalg.reconstruction_error(w, a_mat, b_mat, total) if delta is None else
                                linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta)),
@@ -534,14 +340,11 @@ class LowRankSplit(Pass):
             if "cv_errors" in info:
                 log.debug("low-rank-split: %s held-out error per ridge %s (%s metric)", layer.name,
                           {g: round(e, 5) for g, e in info["cv_errors"].items()}, info.get("metric"))
-            ctx.approximated[layer.name] = {
-                "weight": w, "approx": a_mat @ b_mat, "request": self._request(layer), "op": layer.op,
-                "mean": mean,
-                "node": f"{layer.name}/low_rank/A",
-                "bias": bias_name,
+            ctx.approximations[layer.name] = Approximation(
+                layer=layer.name, op=layer.op, weight=w, approx=a_mat @ b_mat, request=self._request(layer),
+                mean=mean, node=f"{layer.name}/low_rank/A", bias=bias_name,
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
-                "bias_shift": delta,
-            }
+                bias_shift=delta)
         remove_unused_initializers(model)
         return PassResult(changed=bool(rows), report={"split": rows, "skipped": skipped})
 
@@ -556,12 +359,12 @@ class LowRankSplit(Pass):
         if opts.ranks is not None:
             return {name: opts.ranks[name] for name in shapes}      # a plan's ranks are used as they are
         chosen = self._chosen_ranks(shapes, spectra)
-        return {name: round_rank(k, int(opts.multiple), min(shapes[name])) for name, k in chosen.items()}
+        return {name: linalg.round_rank(k, int(opts.multiple), min(shapes[name])) for name, k in chosen.items()}
 
     def _chosen_ranks(self, shapes, spectra) -> dict[str, int]:
         opts = self.options
         if opts.keep is not None:
-            return global_ranks(spectra, shapes, opts.keep, multiple=int(opts.multiple))
+            return linalg.global_ranks(spectra, shapes, opts.keep, multiple=int(opts.multiple))
         ranks = {}
         for name, (m, n) in shapes.items():
             if opts.rank is not None:
@@ -569,7 +372,7 @@ class LowRankSplit(Pass):
             elif opts.fraction is not None:
                 ranks[name] = max(1, math.floor(opts.fraction * m * n / (m + n)))
             else:
-                ranks[name] = rank_for_energy(spectra[name], opts.energy)
+                ranks[name] = linalg.rank_for_energy(spectra[name], opts.energy)
         return ranks
 
     def _factor(self, model, layer, w, bias, k, stats, total, nfolds: int = 2):
@@ -593,7 +396,7 @@ class LowRankSplit(Pass):
             return a_mat, b_mat, {"method": "dalr", "chosen": "dalr (no folds to cross-validate)",
                                   "ridge": linalg.DEFAULT_RIDGE}
         metric = downstream_metric(model, layer, bias)
-        a_mat, b_mat, delta, info = affine_low_rank(w, k, folds, metric=metric)
+        a_mat, b_mat, delta, info = linalg.affine_low_rank(w, k, folds, metric=metric)
         info["metric"] = "downstream" if metric is not None else "output"
         return a_mat, b_mat, {"method": "dalr", **info, "bias_delta": delta}
 

@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 
 from onnxprune import linalg
+from onnxprune.graph.prune import prune_channels
 from onnxprune.model import count_parameters, remove_unused_initializers
-from onnxprune.passes.base import Pass, PassContext, PassResult, register
-from onnxprune.passes.channels import prune_channels
+from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,14 @@ class ReconstructNextLayer(Pass):
 
     name = "reconstruct-next-layer"
     Options = ReconstructOptions
+    requires = (Selection,)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        pending = {name: s for name, s in ctx.selections.items() if not s["applied"]}
+        pending = {name: s for name, s in ctx.selections.items() if not s.applied}
         rows = []
         for name, selection in pending.items():
-            group, keep = selection["group"], np.asarray(selection["keep"], dtype=np.int64)
-            sigma = selection["sigma"]
+            group, keep = selection.group, np.asarray(selection.keep, dtype=np.int64)
+            sigma = selection.sigma
             before = count_parameters(model)
             matrix = None
             row = {"group": name, "channels": group.channels, "kept": int(len(keep))}
@@ -91,10 +92,10 @@ class ReconstructNextLayer(Pass):
                     row["heldout_error"] = heldout
             if len(keep) < group.channels:
                 prune_channels(model, group, keep, matrix)
-            selection["applied"] = True
+            selection.applied = True
             error = site_error(sigma, keep, matrix)
             row.update({"params_before": before, "params_after": count_parameters(model),
-                        "retention": 1.0 - error, "error": error, "criterion": selection["criterion"],
+                        "retention": 1.0 - error, "error": error, "criterion": selection.criterion,
                         "reconstructed": matrix is not None})
             rows.append(row)
             log.info("reconstruct-next-layer: %s keeps %d of %d channels, %s, site error %.4f%s (params %d -> %d)",
@@ -107,14 +108,14 @@ class ReconstructNextLayer(Pass):
         remove_unused_initializers(model)
         return PassResult(changed=bool(rows), report={"pruned": rows})
 
-    def _ridge(self, selection: dict) -> tuple[float, float | None]:
+    def _ridge(self, selection: Selection) -> tuple[float, float | None]:
         """The ridge to use and, when it was chosen on held-out folds, its held-out error."""
         if not isinstance(self.options.ridge, str):
             return float(self.options.ridge), None
-        folds = selection.get("folds") or []
+        folds = selection.folds or []
         if len(folds) < 2:
             return linalg.SELECT_RIDGE, None
-        return heldout_ridge(folds, selection["keep"])
+        return heldout_ridge(folds, selection.keep)
 
 
 def site_error(sigma: np.ndarray, keep: np.ndarray, matrix: np.ndarray | None) -> float:

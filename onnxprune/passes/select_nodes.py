@@ -1,7 +1,7 @@
 """select-nodes: choose which channels of each prunable channel group to keep.
 
 Before:  producer -> C channels -> per-channel ops -> consumers       (graph unchanged)
-After:   the same; ``ctx.selections[group] = J`` for reconstruct-next-layer to apply
+After:   the same; ``ctx.selections[group] = Selection(J, ...)`` for reconstruct-next-layer to apply
 
 Criteria are classes registered by name in ``onnxprune.criteria`` (the built-in ones of
 METHODS.md in ``criteria/builtin.py``: spectral, momasp-J, momasp-j, pfa-en, pfa-kl, mean,
@@ -22,11 +22,20 @@ import numpy as np
 import onnx
 
 from onnxprune import cost, criteria, linalg
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
 from onnxprune.criteria import Ranking, count_for_ratio, pooled_request, site_request  # noqa: F401  (re-exported)
 from onnxprune.errors import CalibrationError
-from onnxprune.graph import ChannelGroup, find_channel_groups, name_nodes
-from onnxprune.passes.base import Pass, PassContext, PassResult, check_choice, check_fraction, register
+from onnxprune.graph.groups import ChannelGroup, find_channel_groups
+from onnxprune.graph.index import name_nodes
+from onnxprune.passes.base import (
+    Pass,
+    PassContext,
+    PassResult,
+    Selection,
+    check_choice,
+    check_fraction,
+    register,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +163,7 @@ class SelectNodes(Pass):
 
     name = "select-nodes"
     Options = SelectOptions
+    produces = (Selection,)
 
     def __init__(self, options=None, **kwargs):
         super().__init__(options, **kwargs)
@@ -180,6 +190,10 @@ class SelectNodes(Pass):
             skipped.append({"group": name, "reason": "no such channel group (see `onnxprune inspect`)"})
         return chosen, skipped
 
+    def sites(self, model: onnx.ModelProto) -> list[str]:
+        """Sequential mode: one round per channel group to prune."""
+        return [g.name for g in self.groups(model)[0]]
+
     def _requests(self, groups) -> list[tuple[StatRequest, tuple[str, ...]]]:
         return [request for g in groups for request in self.criterion.requests(g)]
 
@@ -193,20 +207,20 @@ class SelectNodes(Pass):
         groups, skipped = self.groups(model)
         groups = [g for g in groups if g.name not in ctx.selections]
         scope = [g for g in groups if ctx.only_group in (None, g.name)]
-        if ctx.only_group is None or ctx.notes.get("select-nodes/counts") is None:
+        if ctx.only_group is None or ctx.counts is None:
             log.info("select-nodes: %d prunable channel group(s) (%s), %d skipped; criterion %s", len(groups),
                      ", ".join(g.name for g in groups) or "none", len(skipped), opts.criterion)
             for row in skipped:
                 log.info("select-nodes: skip %s: %s", row["group"], row["reason"])
         if not scope:
             return PassResult(changed=False, report={"selected": [], "skipped": skipped})
-        counts = ctx.notes.get("select-nodes/counts")
+        counts = ctx.counts
         if counts is None:
             # Counts come from every group at once (a global budget couples them), on this graph.
             scores = self._scores(model, groups, ctx)
             counts = self._counts(model, groups, scores)
             if ctx.only_group is not None:
-                ctx.notes["select-nodes/counts"] = counts
+                ctx.counts = counts
         else:
             # Sequential mode: which channels, from statistics of the partly pruned graph.
             scores = self._scores(model, scope, ctx)
@@ -217,9 +231,8 @@ class SelectNodes(Pass):
             keep = kept_channels(scores[g.name], k, group=g, ridge=opts.ridge)
             sigma = scores[g.name]["sigma"]
             retention = float(linalg.retention_ratio(sigma, keep, ridge=opts.ridge))
-            ctx.selections[g.name] = {"group": g, "keep": keep, "sigma": sigma, "applied": False,
-                                      "criterion": opts.criterion, "retention": retention,
-                                      "folds": scores[g.name]["folds"]}
+            ctx.selections[g.name] = Selection(group=g, keep=keep, sigma=sigma, criterion=opts.criterion,
+                                               retention=retention, folds=scores[g.name]["folds"])
             rows.append({"group": g.name, "channels": g.channels, "kept": k, "retention": retention,
                          "criterion": opts.criterion})
             log.info("select-nodes: %s keeps %d of %d channels (retention %.4f, %s)", g.name, k, g.channels,

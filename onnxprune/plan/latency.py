@@ -22,9 +22,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.graph import find_linear_layers, node_names, tensor_shapes
+from onnxprune.graph.index import node_names
+from onnxprune.graph.layers import find_linear_layers
+from onnxprune.graph.prune import prune_channels
+from onnxprune.graph.shapes import tensor_shapes
 from onnxprune.model import clone
-from onnxprune.passes.channels import prune_channels
 from onnxprune.passes.low_rank_split import LowRankSplit
 from onnxprune.runtime import make_session
 

@@ -29,16 +29,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
-from onnxprune.graph import (
-    ChannelGroup,
-    Consumer,
-    GraphIndex,
-    PerChannel,
-    Producer,
-    _matmul_bias,
-    attributes,
-    register_structure,
-)
+from onnxprune.graph.groups import ChannelGroup, Consumer, PerChannel, Producer, register_structure
+from onnxprune.graph.index import GraphIndex, attributes
+from onnxprune.graph.layers import matmul_bias
 
 # ops allowed between the Q K^T MatMul and the Softmax (scale, mask)
 _SCORE_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Where", "Cast"})
@@ -136,7 +129,7 @@ def _projection(index: GraphIndex, tensor: str, width: int) -> Producer:
             other = node.input[1 - slot] if len(node.input) == 2 else ""
             j = index.producer.get(other)
             if index.is_float_const(name) and j is not None and index.nodes[j].op_type == "MatMul":
-                found = _matmul_bias(index, j, width)
+                found = matmul_bias(index, j, width)
                 if found is not None and found[0] == i:
                     bias, i, node = name, j, index.nodes[j]
                     break

@@ -24,15 +24,15 @@ structure.
 
 from __future__ import annotations
 
-from onnxprune.graph import (
+from onnxprune.graph.groups import (
     ChannelGroup,
-    GraphIndex,
     _Component,
-    _matmul_bias,
     _ProducerInfo,
     component_groups,
     register_structure,
 )
+from onnxprune.graph.index import GraphIndex
+from onnxprune.graph.layers import matmul_bias
 
 # ops that act on axis 1 only: on [N, T, C] they would mix tokens, not keep features apart
 _AXIS1_ONLY = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
@@ -51,7 +51,7 @@ def _producer(index: GraphIndex, i: int) -> _ProducerInfo | None:
     rank = index.rank(node.output[0])
     if len(dims) != 2 or rank is None or rank < 3:
         return None
-    add = _matmul_bias(index, i, dims[1])
+    add = matmul_bias(index, i, dims[1])
     if add is None:
         return _ProducerInfo(weight, 1, None, node.output[0], dims[1], None)
     return _ProducerInfo(weight, 1, add[1], index.nodes[add[0]].output[0], dims[1], add[0])

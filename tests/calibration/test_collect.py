@@ -9,12 +9,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.calibration.collect import collect as _collect
 from onnxprune.calibration.collect import expose
-from onnxprune.calibration.stats import StatRequest, Statistics, patches
+from onnxprune.calibration.requests import StatRequest, patches
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import CalibrationError
 from onnxprune.model import model_hash
 from tests.conftest import run_model
 
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 
 
 # Every test runs on both engines: "numpy" (activations exposed, folded in float64: exact to

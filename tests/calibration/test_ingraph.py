@@ -9,8 +9,10 @@ import pytest
 
 from onnxprune.calibration.collect import collect
 from onnxprune.calibration.ingraph import Accumulator
-from onnxprune.calibration.readers import Preprocess, open_samples
-from onnxprune.calibration.stats import Moments, StatRequest
+from onnxprune.calibration.moments import Moments
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.data.samples import open_samples
 from onnxprune.model import load_model
 from onnxprune.passes import REGISTRY
 from tests.calibration.test_collect import conv_relu_gemm, real

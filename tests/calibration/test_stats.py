@@ -10,7 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibration.stats import Moments, StatRequest, Statistics, feature_rows, patches, pooled
+from onnxprune.calibration.moments import Moments
+from onnxprune.calibration.requests import StatRequest, feature_rows, patches, pooled
+from onnxprune.calibration.stats import Statistics
 from onnxprune.errors import CalibrationError
 from tests.conftest import run_model
 
@@ -156,7 +158,7 @@ def test_feature_rows():
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_update_from_either_memory_layout(layout, monkeypatch):
-    import onnxprune.calibration.stats as stats
+    from onnxprune.calibration import moments as stats
 
     monkeypatch.setattr(stats, "MIN_CHUNK_ROWS", 16)                     # several chunks
     monkeypatch.setattr(stats, "CHUNK_BYTES", 8 * 6 * 16)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from onnxprune.calibration.collect import collect, token_mask_input
-from onnxprune.calibration.readers import open_samples
-from onnxprune.calibration.stats import StatRequest
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.data.samples import open_samples
 from onnxprune.errors import CalibrationError
 from tests.graphs import token_feeds, token_ffn
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.passes import REGISTRY, options_to_dict
 from onnxprune.passes.base import options_from_dict
 from onnxprune.pipeline import Recipe, run_pipeline
@@ -72,7 +72,7 @@ def test_docstring_and_options_round_trip(name):
 def test_noop_graph_reports_unchanged(name):
     model = relu_only()
     before = model.SerializeToString()
-    out, report = run(model, ((name, {}),), 4)
+    out, report = run(model, pipeline_for(name), 4)
     assert not any(p["changed"] for p in report["passes"])
     assert model.SerializeToString() == before
     assert [n.op_type for n in out.graph.node] == ["Relu"]

@@ -13,7 +13,7 @@ import pytest
 import graphs
 from conftest import run_model
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.model import clone
 from onnxprune.passes import PassContext
 from onnxprune.passes.correct_drift import CorrectDrift, CorrectDriftOptions, drifted_tensors

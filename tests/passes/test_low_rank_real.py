@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from conftest import IMAGENET, RealTask
-from onnxprune.calibration.readers import Preprocess
+from onnxprune.data.preprocess import Preprocess
 
 pytestmark = pytest.mark.real
 

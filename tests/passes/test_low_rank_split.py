@@ -145,7 +145,7 @@ def test_input_model_is_not_modified():
 
 
 def test_round_rank_fills_whole_channel_blocks():
-    from onnxprune.passes.low_rank_split import round_rank
+    from onnxprune.linalg import round_rank
 
     assert [round_rank(k, 8, 64) for k in (1, 4, 5, 11, 12, 20, 60, 64)] == [8, 8, 8, 8, 16, 24, 64, 64]
     assert round_rank(13, 1, 64) == 13                    # multiple 1: unchanged

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import IMAGENET, RealTask as Task
-from onnxprune.calibration.readers import Preprocess
-from onnxprune.graph import find_channel_groups
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.graph.groups import find_channel_groups
 from onnxprune.model import get_array
 
 pytestmark = pytest.mark.real

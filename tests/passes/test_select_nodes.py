@@ -25,9 +25,9 @@ from conftest import assert_equivalent, run_model
 from onnxprune import cost, linalg
 from onnxprune.api import compress
 from onnxprune.calibration.provider import StatsProvider
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.errors import DataError, OnnxPruneError, RecipeError
-from onnxprune.graph import find_channel_groups
+from onnxprune.graph.groups import find_channel_groups
 from onnxprune.model import count_parameters
 from onnxprune.passes.reconstruct_next_layer import ReconstructOptions, heldout_ridge, site_error
 from onnxprune.passes.select_nodes import CRITERIA, Footprint, Ranking, SelectNodes, count_for_ratio
@@ -289,13 +289,13 @@ def test_momasp_without_source_data_is_a_clear_error():
 
 def test_bad_options_are_rejected():
     with pytest.raises(RecipeError):
-        Recipe(passes=(("select-nodes", {"criterion": "nope"}),)).build()
+        Recipe(passes=(("select-nodes", {"criterion": "nope"}),))
     with pytest.raises(RecipeError):
-        Recipe(passes=(("select-nodes", {"keep": 0.5, "flops": 0.5}),)).build()
+        Recipe(passes=(("select-nodes", {"keep": 0.5, "flops": 0.5}),))
     with pytest.raises(RecipeError):
-        Recipe(passes=(("select-nodes", {"criterion": "mean", "alpha": 0.9}),)).build()
+        Recipe(passes=(("select-nodes", {"criterion": "mean", "alpha": 0.9}),))
     with pytest.raises(RecipeError):
-        Recipe(passes=(("reconstruct-next-layer", {"ridge": "often"}),)).build()
+        Recipe(passes=(("reconstruct-next-layer", {"ridge": "often"}),))
     assert ReconstructOptions().ridge == "auto" and ReconstructOptions(ridge=0.0).ridge == 0.0
 
 

@@ -11,7 +11,7 @@ import pytest
 import graphs
 from conftest import run_model
 from onnxprune.api import as_model, as_samples
-from onnxprune.graph import tensor_shapes
+from onnxprune.graph.shapes import tensor_shapes
 from onnxprune.plan.latency import LatencyCosts, site_model
 from onnxprune.plan.planner import Costs, Planner, PlanOptions, find_sites
 from onnxprune.calibration.collect import expose

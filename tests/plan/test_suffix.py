@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from graphs import residual_add
-from onnxprune.calibration.readers import open_samples
+from onnxprune.data.samples import open_samples
 from onnxprune.model import clone, load_model
-from onnxprune.passes.channels import prune_channels
-from onnxprune.graph import find_channel_groups
+from onnxprune.graph.prune import prune_channels
+from onnxprune.graph.groups import find_channel_groups
 from onnxprune.plan.suffix import ActivationCache, Suffix, reference_hashes
 from onnxprune.runtime import make_session
 

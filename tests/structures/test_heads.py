@@ -9,8 +9,8 @@ import pytest
 import onnxprune
 from onnxprune import linalg
 from onnxprune.errors import ModelError
-from onnxprune.graph import find_channel_groups
-from onnxprune.passes.channels import prune_channels
+from onnxprune.graph.groups import find_channel_groups
+from onnxprune.graph.prune import prune_channels
 from onnxprune.pipeline import Recipe
 from tests.conftest import assert_equivalent, run_model
 from tests.graphs import attention, get_init, set_init, token_feeds

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import onnxprune
-from onnxprune.graph import describe_groups, find_channel_groups, structures
+from onnxprune.graph.groups import describe_groups, find_channel_groups, structures
 from onnxprune.pipeline import Recipe
 from tests.conftest import assert_equivalent, run_model
 from tests.graphs import conv_bn_relu, gemm_chain, get_init, set_init, token_feeds, token_ffn

@@ -1,48 +1,34 @@
-"""Finding compressible sites: linear layers to split and coupled channel groups to prune.
+"""Channel groups: sets of channels that must be pruned together (spectral pruning, METHODS.md)::
 
-Analysis only: nothing here rewrites a graph. Two questions are answered:
+    producer(s) --(per-channel path)--> site --(Flatten?)--> consumer(s)
+    Conv/Gemm/MatMul    Relu, Clip, BN,        phi: the      Conv/Gemm/MatMul
+    rows (and bias)     pools, depthwise Conv  statistics    columns (W A)
 
-``find_linear_layers``
-    Every Conv / Gemm / MatMul as ``y = W x (+ b)`` with W an initializer, its shape
-    (m out, n in; a Conv is linear on its im2col patches, n = C kh kw) and, when it
-    cannot be split, why.
+Channels are tracked as a connected component of tensors: a per-channel op joins its input
+and output, an elementwise op of two activations (a residual Add) joins all its operands, a
+producer starts the component and a linear consumer ends it. Anything else that reads or
+writes those channels (Concat, Slice, Pad, a graph output, an unknown op) leaves the group
+alone, with the reason in ``skip``.
 
-``find_channel_groups``
-    Sets of channels that must be pruned together (spectral pruning, METHODS.md)::
-
-        producer(s) --(per-channel path)--> site --(Flatten?)--> consumer(s)
-        Conv/Gemm/MatMul    Relu, Clip, BN,        phi: the      Conv/Gemm/MatMul
-        rows (and bias)     pools, depthwise Conv  statistics    columns (W A)
-
-    Channels are tracked as a connected component of tensors: a per-channel op joins
-    its input and output, an elementwise op of two activations (a residual Add) joins
-    all its operands, a producer starts the component and a linear consumer ends it.
-    Anything else that reads or writes those channels (Concat, Slice, Pad, a graph
-    output, an unknown op) leaves the group alone, with the reason in ``skip``.
-
-Shapes come from ONNX shape inference on a light copy of the model (large weights
-become typed inputs, a symbolic batch dimension becomes 1).
+Structures are a registry (``register_structure``): "channels" (axis 1 of CNNs and MLPs)
+is here; the others are modules of ``onnxprune/structures/``. Analysis only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
-
-# Initializers at most this large stay in the shape-inference copy (data propagation needs
-# the values of shape tensors); larger ones become typed graph inputs.
-_KEEP_INITIALIZER_ELEMENTS = 4096
+from onnxprune.graph.index import FLOAT_TYPES, GraphIndex, attributes
+from onnxprune.graph.layers import matmul_bias
 
 # The channel axis of every activation a group tracks ([N, C, ...] and [N, C]).
 CHANNEL_AXIS = 1
+
 
 # Elementwise ops of one activation: channel c of the output depends on channel c only.
 _UNARY = frozenset({
@@ -50,32 +36,18 @@ _UNARY = frozenset({
     "HardSwish", "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Abs", "Neg", "Exp", "Log",
     "Sqrt", "Reciprocal", "Erf", "Identity", "Dropout", "Clip",
 })
+
+
 # Ops that act on each channel's spatial plane separately.
 _POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+
+
 # Elementwise ops of two or more operands (with a constant: per-channel; else coupling).
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu"})
+
+
 # Ops that pass values through unchanged at inference (a site may be read through them).
 _PASS_THROUGH = frozenset({"Identity", "Dropout", "Flatten", "Reshape"})
-
-
-# --------------------------------------------------------------------------- results
-
-@dataclasses.dataclass
-class LinearLayer:
-    """One ``y = W x + b`` layer that a low-rank split could replace."""
-
-    name: str                 # node name (unnamed nodes: f"{op}_{index}")
-    op: str                   # "Gemm" | "MatMul" | "Conv"
-    node_index: int
-    input: str                # the activation entering the layer
-    output: str               # the layer's final output (MatMul + Add: the Add's output)
-    weight: str               # initializer name
-    bias: str | None          # Gemm C, Conv B, or the constant of the Add after a MatMul
-    bias_node: str | None     # the Add node holding a MatMul's bias
-    out_features: int         # m of y = W x (Conv: M)
-    in_features: int          # n of y = W x (Conv: C kh kw)
-    attrs: dict               # Gemm: transA, transB, alpha, beta; Conv: kernel_shape, strides, ...
-    skip: str | None = None   # why it cannot be split (None: splittable)
 
 
 @dataclasses.dataclass
@@ -134,390 +106,13 @@ class ChannelGroup:
         return self.skip is None
 
 
-# --------------------------------------------------------------------------- graph index
-
-def node_names(model: onnx.ModelProto) -> list[str]:
-    """A stable, unique name per top-level node: its own when unique, else ``f"{op}_{index}"``
-    (``_1``, ``_2``... appended in the rare case that name is some other node's own name).
-
-    ``name_nodes`` writes these names into the model once, when it is loaded and when the
-    pipeline clones it, so that later rewrites (which insert and remove nodes) never have to
-    find a node by its position.
-    """
-    counts: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        if node.name:
-            counts[node.name] += 1
-    own = {name for name, count in counts.items() if count == 1}
-    names = []
-    taken = set(own)
-    for index, node in enumerate(model.graph.node):
-        if node.name in own:
-            names.append(node.name)
-            continue
-        name, k = f"{node.op_type}_{index}", 0
-        while name in taken:
-            k += 1
-            name = f"{node.op_type}_{index}_{k}"
-        taken.add(name)
-        names.append(name)
-    return names
-
-
-def name_nodes(model: onnx.ModelProto) -> int:
-    """Give every top-level node of ``model`` its ``node_names`` name, in place (like
-    onnxoptimizer's ``set_unique_name_for_nodes``); returns how many nodes were renamed.
-    Idempotent: a model whose node names are unique and non-empty is left as it is."""
-    renamed = 0
-    for node, name in zip(model.graph.node, node_names(model)):
-        if node.name != name:
-            node.name = name
-            renamed += 1
-    return renamed
-
-
-def node_position(model: onnx.ModelProto, name: str) -> int:
-    """Where the node called ``name`` sits in ``model.graph.node`` now (looked up by name,
-    never remembered: rewrites move nodes). KeyError when there is none."""
-    for i, node in enumerate(model.graph.node):
-        if node.name == name:
-            return i
-    raise KeyError(f"no node named {name!r}")
-
-
-def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name read inside the subgraphs of ``node`` (If/Loop/Scan bodies)."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
-        for sub in graphs:
-            for inner in sub.node:
-                names.update(name for name in inner.input if name)
-                names |= subgraph_inputs(inner)
-    return names
-
-
-def attributes(node: onnx.NodeProto) -> dict:
-    """The node's attributes as python values (bytes decoded to str)."""
-    values = {}
-    for attr in node.attribute:
-        value = onnx.helper.get_attribute_value(attr)
-        if isinstance(value, bytes):
-            value = value.decode()
-        values[attr.name] = value
-    return values
-
-
-class GraphIndex:
-    """Lookups over a model's top-level graph: names, producers, uses, constants, shapes."""
-
-    def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.model = model
-        self.nodes = list(graph.node)
-        self.names = node_names(model)
-        self.index_of = {name: i for i, name in enumerate(self.names)}
-        self.inits = {t.name: t for t in graph.initializer}
-        self.graph_inputs = {v.name for v in graph.input} - set(self.inits)
-        self.graph_outputs = {v.name for v in graph.output}
-        self.producer: dict[str, int] = {}
-        self.uses: dict[str, list[tuple[int, int]]] = defaultdict(list)   # (node, slot); slot -1: subgraph
-        for i, node in enumerate(self.nodes):
-            for out in node.output:
-                if out:
-                    self.producer[out] = i
-            for slot, name in enumerate(node.input):
-                if name:
-                    self.uses[name].append((i, slot))
-            for name in subgraph_inputs(node):
-                self.uses[name].append((i, -1))
-        self._shapes: dict[str, tuple[int | None, ...] | None] | None = None
-
-    # constants --------------------------------------------------------------
-
-    def const(self, name: str) -> onnx.TensorProto | None:
-        return self.inits.get(name) if name else None
-
-    def is_float_const(self, name: str) -> bool:
-        tensor = self.const(name)
-        return tensor is not None and tensor.data_type in FLOAT_TYPES
-
-    def dims(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.inits[name].dims)
-
-    def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
-
-    def use_count(self, name: str) -> int:
-        return len(self.uses.get(name, ())) + (name in self.graph_outputs)
-
-    # shapes -----------------------------------------------------------------
-
-    @property
-    def shapes(self) -> dict[str, tuple[int | None, ...] | None]:
-        if self._shapes is None:
-            self._shapes = tensor_shapes(self.model)
-        return self._shapes
-
-    def shape(self, name: str) -> tuple[int | None, ...] | None:
-        return self.shapes.get(name)
-
-    def rank(self, name: str) -> int | None:
-        shape = self.shape(name)
-        return None if shape is None else len(shape)
-
-    def node(self, name: str) -> onnx.NodeProto:
-        return self.nodes[self.index_of[name]]
-
-
-def inferred_value_info(model: onnx.ModelProto, *, fix_batch: bool = True) -> dict[str, onnx.ValueInfoProto]:
-    """Value infos from ONNX shape inference (with data propagation) on a light copy.
-
-    Large weights become typed inputs so the copy is cheap; with ``fix_batch`` a symbolic
-    first dimension of each graph input is set to 1. Best effort: tensors inference
-    cannot type are absent.
-    """
-    light = _light_copy(model, fix_batch=fix_batch)
-    infos = _infer(light)
-    # Data propagation misses some shape arithmetic (e.g. Unsqueeze before opset 13): fold
-    # the target shapes of Reshapes left untyped ourselves and infer once more.
-    pending = [node for node in light.graph.node if node.op_type == "Reshape" and len(node.input) > 1
-               and node.output[0] not in _known(infos)]
-    if pending:
-        values = _fold_shape_values(light, infos)
-        folded = False
-        for node in pending:
-            value = values.get(node.input[1])
-            if value is not None and node.input[1] not in {t.name for t in light.graph.initializer}:
-                name = f"{node.input[1]}/folded"
-                light.graph.initializer.append(numpy_helper.from_array(value.astype(np.int64), name))
-                node.input[1] = name
-                folded = True
-        if folded:
-            infos = _infer(light)
-    return infos
-
-
-def _infer(light: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
-        inferred = light
-    graph = inferred.graph
-    return {v.name: v for v in [*graph.input, *graph.value_info, *graph.output] if v.type.HasField("tensor_type")}
-
-
-def _known(infos: dict[str, onnx.ValueInfoProto]) -> set[str]:
-    return {name for name, value in infos.items() if value.type.tensor_type.HasField("shape")}
-
-
-def _fold_shape_values(light: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto]) -> dict[str, np.ndarray]:
-    """Values of small integer tensors computed from shapes (Shape, Gather, Unsqueeze, Concat, ...)."""
-    values: dict[str, np.ndarray] = {}
-    for tensor in light.graph.initializer:
-        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(tensor.dims) <= 1:
-            values[tensor.name] = numpy_helper.to_array(tensor).astype(np.int64)
-
-    def static_shape(name: str) -> list[int] | None:
-        value = infos.get(name)
-        if value is None or not value.type.tensor_type.HasField("shape"):
-            return None
-        dims = value.type.tensor_type.shape.dim
-        return [int(d.dim_value) for d in dims] if all(d.HasField("dim_value") for d in dims) else None
-
-    for node in light.graph.node:
-        op, attrs = node.op_type, attributes(node)
-        args = [values.get(name) if name else None for name in node.input]
-        result = None
-        if op == "Shape":
-            shape = static_shape(node.input[0])
-            if shape is not None:
-                result = np.array(shape, dtype=np.int64)[slice(attrs.get("start", 0), attrs.get("end"))]
-        elif any(arg is None for arg in args[:1]):
-            continue
-        elif op in ("Identity", "Cast"):
-            result = args[0]
-        elif op == "Gather" and len(args) > 1 and args[1] is not None:
-            result = np.take(args[0], args[1], axis=int(attrs.get("axis", 0)))
-        elif op in ("Unsqueeze", "Squeeze"):
-            axes = attrs.get("axes") if "axes" in attrs else (args[1] if len(args) > 1 else None)
-            if op == "Unsqueeze" and axes is not None:
-                result = args[0].reshape(-1) if args[0].ndim == 0 else None
-            elif op == "Squeeze":
-                result = args[0].reshape(()) if args[0].size == 1 else None
-        elif op == "Concat" and all(arg is not None for arg in args):
-            result = np.concatenate([np.atleast_1d(arg) for arg in args])
-        elif op in ("Add", "Sub", "Mul", "Div") and len(args) == 2 and args[1] is not None:
-            fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}[op]
-            result = fn(args[0], args[1])
-        if result is not None and node.output and result.size <= 64:
-            values[node.output[0]] = np.asarray(result, dtype=np.int64)
-    return values
-
-
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
-    """Shape of every tensor (batch 1 for symbolic batches; None for unknown dims or rank)."""
-    shapes: dict[str, tuple[int | None, ...] | None] = {}
-    for name, value in inferred_value_info(model, fix_batch=True).items():
-        ttype = value.type.tensor_type
-        if not ttype.HasField("shape"):
-            shapes[name] = None
-            continue
-        shapes[name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in ttype.shape.dim)
-    for tensor in model.graph.initializer:
-        shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
-    return shapes
-
-
-def _light_copy(model: onnx.ModelProto, *, fix_batch: bool) -> onnx.ModelProto:
-    graph = model.graph
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    light.graph.name = graph.name
-    light.graph.node.extend(graph.node)
-    inits = {t.name for t in graph.initializer}
-    listed = set()
-    for value in graph.input:
-        listed.add(value.name)
-        copy = light.graph.input.add()
-        copy.CopyFrom(value)
-        dims = copy.type.tensor_type.shape.dim
-        if fix_batch and value.name not in inits and len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    for tensor in graph.initializer:
-        size = int(np.prod(tensor.dims, dtype=np.int64))
-        if size <= _KEEP_INITIALIZER_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            light.graph.initializer.append(tensor)
-        elif tensor.name not in listed:
-            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    for value in graph.output:
-        # keep the element type only: a stale symbolic output shape must not fight inference
-        if value.type.HasField("tensor_type"):
-            light.graph.output.append(onnx.helper.make_tensor_value_info(
-                value.name, value.type.tensor_type.elem_type, None))
-        else:
-            light.graph.output.append(value)
-    return light
-
-
-# --------------------------------------------------------------------------- linear layers
-
-def find_linear_layers(model: onnx.ModelProto) -> list[LinearLayer]:
-    """Every Conv, Gemm and MatMul of the top-level graph, in graph order, each with the
-    reason it cannot be split (``skip``) or None."""
-    index = GraphIndex(model)
-    layers = []
-    for i, node in enumerate(index.nodes):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        if len(node.input) < 2:
-            continue
-        layers.append(_linear_layer(index, i))
-    return layers
-
-
-def _linear_layer(index: GraphIndex, i: int) -> LinearLayer:
-    node = index.nodes[i]
-    name, op = index.names[i], node.op_type
-    attrs = attributes(node)
-    weight = node.input[1]
-    x = node.input[0]
-    output = node.output[0]
-    bias = bias_node = None
-    skip: str | None = None
-    m = n = 0
-
-    if op == "MatMul" and index.const(x) is not None and index.const(weight) is None:
-        skip = "the weight is the left operand (x W with W on the left is not supported)"
-        weight, x = x, weight
-    if index.const(weight) is None:
-        skip = skip or "weight is not an initializer"
-    elif index.const(weight).data_type not in FLOAT_TYPES:
-        skip = "weight is not floating point"
-
-    dims = index.dims(weight) if index.const(weight) is not None else ()
-    if op == "Gemm":
-        attrs = {"transA": int(attrs.get("transA", 0)), "transB": int(attrs.get("transB", 0)),
-                 "alpha": float(attrs.get("alpha", 1.0)), "beta": float(attrs.get("beta", 1.0))}
-        if len(dims) == 2:
-            m, n = (dims[0], dims[1]) if attrs["transB"] else (dims[1], dims[0])
-        elif dims:
-            skip = skip or f"weight is {len(dims)}-D, not 2-D"
-        if attrs["transA"]:
-            skip = skip or "transA=1 (the input is transposed)"
-        if len(node.input) > 2 and node.input[2]:
-            bias = node.input[2]
-            if index.const(bias) is None:
-                skip = skip or "bias C is not an initializer"
-    elif op == "MatMul":
-        attrs = {}
-        if len(dims) == 2:
-            n, m = dims
-        elif dims:
-            skip = skip or f"weight is {len(dims)}-D, not 2-D"
-        if len(dims) == 2 and not skip:
-            add = _matmul_bias(index, i, m)
-            if add is not None:
-                bias_node, bias = index.names[add[0]], add[1]
-                output = index.nodes[add[0]].output[0]
-    else:  # Conv
-        kernel = list(dims[2:]) if len(dims) >= 3 else list(attrs.get("kernel_shape", []))
-        spatial = len(kernel)
-        attrs = {
-            "kernel_shape": list(attrs.get("kernel_shape", kernel)),
-            "strides": list(attrs.get("strides", [1] * spatial)),
-            "pads": list(attrs.get("pads", [0] * 2 * spatial)),
-            "dilations": list(attrs.get("dilations", [1] * spatial)),
-            "group": int(attrs.get("group", 1)),
-            "auto_pad": attrs.get("auto_pad", "NOTSET"),
-        }
-        if dims:
-            m, n = dims[0], int(np.prod(dims[1:], dtype=np.int64))
-            if len(dims) != 4:
-                skip = skip or f"only 2-D Conv is split (weight is {len(dims)}-D)"
-        if attrs["group"] != 1:
-            skip = skip or f"grouped/depthwise Conv (group={attrs['group']})"
-        if len(node.input) > 2 and node.input[2]:
-            bias = node.input[2]
-            if index.const(bias) is None:
-                skip = skip or "bias B is not an initializer"
-
-    if index.const(weight) is not None and index.use_count(weight) > 1:
-        others = sorted({index.names[j] for j, _ in index.uses.get(weight, ()) if j != i})
-        skip = skip or f"weight {weight} is shared with {', '.join(others) or 'a graph output'}"
-    return LinearLayer(name=name, op=op, node_index=i, input=x, output=output, weight=weight, bias=bias,
-                       bias_node=bias_node, out_features=int(m), in_features=int(n), attrs=attrs, skip=skip)
-
-
-def _matmul_bias(index: GraphIndex, i: int, m: int) -> tuple[int, str] | None:
-    """(Add node index, constant) when MatMul ``i``'s only reader adds a constant bias of m entries."""
-    out = index.nodes[i].output[0]
-    uses = index.uses.get(out, [])
-    if out in index.graph_outputs or len(uses) != 1:
-        return None
-    j, slot = uses[0]
-    add = index.nodes[j]
-    if add.op_type != "Add" or slot < 0 or len(add.input) != 2:
-        return None
-    other = add.input[1 - slot]
-    if not index.is_float_const(other):
-        return None
-    dims = index.dims(other)
-    if len(dims) not in (1, 2) or dims[-1] != m or int(np.prod(dims)) != m:
-        return None
-    return j, other
-
-
-# --------------------------------------------------------------------------- channel groups
-
 # Structures: each analysis finds the channel groups of one kind, registered by name (like
 # the criteria). "channels" (below) is the channel axis 1 of CNNs and MLPs; the others live
 # in ``onnxprune/structures/`` (one module each, imported when the registry is first read),
 # e.g. ``structures/last_axis.py``: groups along the last axis of [batch, tokens, features].
 _STRUCTURES: dict[str, Callable[[GraphIndex], list[ChannelGroup]]] = {}
+
+
 _STRUCTURES_DISCOVERED = False
 
 
@@ -623,7 +218,7 @@ def _producer(index: GraphIndex, i: int) -> _ProducerInfo | None:
     if node.op_type == "MatMul":
         if len(dims) != 2 or index.rank(node.output[0]) != 2:
             return None
-        add = _matmul_bias(index, i, dims[1])
+        add = matmul_bias(index, i, dims[1])
         if add is None:
             return _ProducerInfo(weight, 1, None, node.output[0], dims[1], None)
         return _ProducerInfo(weight, 1, add[1], index.nodes[add[0]].output[0], dims[1], add[0])
@@ -1131,8 +726,6 @@ def reshape_entry(index: GraphIndex, i: int, position: int = CHANNEL_AXIS
     return None
 
 
-# --------------------------------------------------------------------------- reporting
-
 def describe_groups(groups: Iterable[ChannelGroup]) -> list[dict]:
     """JSON-able summaries of channel groups (for ``onnxprune inspect``)."""
     rows = []
@@ -1154,10 +747,3 @@ def describe_groups(groups: Iterable[ChannelGroup]) -> list[dict]:
             "reshapes": list(group.reshapes),
         })
     return rows
-
-
-def describe_linear_layers(layers: Iterable[LinearLayer]) -> list[dict]:
-    """JSON-able summaries of linear layers (for ``onnxprune inspect``)."""
-    return [{"name": layer.name, "op": layer.op, "shape": [layer.out_features, layer.in_features],
-             "splittable": layer.skip is None, "skip": layer.skip, "weight": layer.weight, "bias": layer.bias}
-            for layer in layers]

@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from onnxprune.calibration.readers import Preprocess, SampleSet, open_samples
+from onnxprune.data.preprocess import Preprocess
+from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.errors import DataError
 from onnxprune.model import InputSpec, load_model
 from onnxprune.runtime import make_session, run_batches

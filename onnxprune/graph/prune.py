@@ -1,6 +1,6 @@
 """prune_channels: the rewrite primitive of structured (channel) pruning.
 
-Before (a group of C channels, see ``onnxprune.graph.find_channel_groups``)::
+Before (a group of C channels, see ``onnxprune.graph.groups.find_channel_groups``)::
 
     x -> producer(W_p: C rows, b_p) -> per-channel path (BN, Relu, depthwise Conv, pools)
       -> phi (C channels) [-> Flatten] -> consumer(W_c: C * spatial columns)
@@ -25,15 +25,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
-from onnxprune.graph import (
-    CHANNEL_AXIS,
-    ChannelGroup,
-    GraphIndex,
-    inferred_value_info,
-    node_names,
-    reshape_entry,
-    subgraph_inputs,
-)
+from onnxprune.graph.groups import CHANNEL_AXIS, ChannelGroup, reshape_entry
+from onnxprune.graph.index import GraphIndex, node_names, subgraph_inputs
+from onnxprune.graph.shapes import inferred_value_info
 
 SUFFIX = "/prune"
 

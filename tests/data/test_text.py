@@ -7,7 +7,7 @@ import pytest
 
 import onnxprune
 from onnxprune.api import as_samples
-from onnxprune.calibration.text import open_text, read_text
+from onnxprune.data.text import open_text, read_text
 from onnxprune.errors import DataError
 from onnxprune.pipeline import Recipe
 from tests.graphs import token_ffn

@@ -1,0 +1,75 @@
+"""The statistics file: one .npz written atomically, no pickled objects.
+
+Arrays ``m{i}_*`` hold the i-th Moments (``Moments.to_arrays``); the array ``header`` holds
+the Statistics header as JSON plus ``format`` and ``index`` (set, request key, fold and
+array prefix of every Moments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.calibration.moments import Moments
+from onnxprune.calibration.stats import Statistics
+from onnxprune.errors import CalibrationError
+
+#: version of the file layout
+FORMAT = 1
+
+
+def save(stats: Statistics, path: str | os.PathLike) -> Path:
+    """Write ``stats`` to ``path`` (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    index = []
+    for i, (key, m) in enumerate(sorted(stats._moments.items())):
+        set_name, request_key, fold = key
+        index.append({"set": set_name, "request": request_key, "fold": fold, "prefix": f"m{i}"})
+        arrays.update(m.to_arrays(f"m{i}"))
+    header = dict(stats.header, format=FORMAT, index=index)
+    arrays["header"] = np.array(json.dumps(header, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike, *, model=None) -> Statistics:
+    """Read statistics saved by ``save``; with ``model`` (a ModelProto or its hash), check
+    that they were computed for it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(str(path), "no such statistics file", "create it with `onnxprune calibrate`")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+        header = json.loads(str(arrays.pop("header")))
+        index = header.pop("index")
+    except (OSError, ValueError, KeyError) as exc:
+        raise CalibrationError(str(path), f"not a statistics file ({type(exc).__name__}: {exc})",
+                               "create it with `onnxprune calibrate`") from None
+    if model is not None:
+        if isinstance(model, str):
+            expected = model
+        else:
+            from onnxprune.model import model_hash
+            expected = model_hash(model)
+        if header.get("model_hash") != expected:
+            raise CalibrationError(path.name, f"computed for model {header.get('model_hash')}, "
+                                   f"not this model {expected}",
+                                   "recompute them with `onnxprune calibrate` on this model")
+    header.pop("format", None)
+    moments = {(e["set"], e["request"], int(e["fold"])): Moments.from_arrays(arrays, e["prefix"])
+               for e in index}
+    return Statistics(header, moments)

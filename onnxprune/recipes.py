@@ -1,0 +1,202 @@
+"""Recipe presets: what a ``--method`` name stands for, and the recipe a set of method options
+describes. One source for the command line, the Python API, bench/ and the tests.
+
+- ``METHODS``: the low-rank presets (svd, svd-bc, dalr, dalr-bc) as pass lists;
+  ``PRUNING_CRITERIA``: every channel-pruning criterion registered in ``onnxprune.criteria``.
+- ``method_passes(method, **options)``: the passes of one method with its budget and options
+  (``("low-rank-split", {...}), ("bias-compensate", {})`` for dalr-bc, select-nodes +
+  reconstruct-next-layer for a criterion).
+- ``build_recipe(options, preprocess)``: the whole recipe the command-line options describe
+  (a fixed recipe, or a plan table for the planner). Options that contradict each other raise
+  ``OptionConflict`` (the command line's usage error, exit 2); a bad pass option raises
+  ``RecipeError`` when the recipe is built (``Recipe`` validates every pass's options once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from onnxprune import criteria
+from onnxprune.errors import RecipeError
+from onnxprune.pipeline import Recipe
+
+#: --method presets for low rank: the passes each one stands for (budget options added by method_passes)
+METHODS: dict[str, tuple[tuple[str, dict], ...]] = {
+    "svd": (("low-rank-split", {"method": "svd"}),),
+    "svd-bc": (("low-rank-split", {"method": "svd"}), ("bias-compensate", {})),
+    "dalr": (("low-rank-split", {"method": "dalr"}),),
+    "dalr-bc": (("low-rank-split", {"method": "dalr"}), ("bias-compensate", {})),
+}
+#: channel-pruning criteria: every one registered in onnxprune.criteria
+PRUNING_CRITERIA: tuple[str, ...] = criteria.names()
+
+#: options that choose the method and its budget (a recipe file fixes them)
+METHOD_OPTIONS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau", "flops", "lam", "ridge", "layers",
+                  "no_reconstruct", "then_low_rank")
+#: recipe-level settings (given over a recipe file, they change it)
+RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric")
+BUDGET_OPTIONS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")
+LOW_RANK_ONLY = ("rank", "energy", "ridge")
+PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank")
+#: options that set a per-layer rule or a pass option the planner does not choose: with any of
+#: them, compress runs the one recipe they describe (one global threshold for keep/flops)
+RULE_OPTIONS = ("rank", "fraction", "energy", "alpha", "tau", "ridge", "mode", "then_low_rank", "lam")
+
+
+class OptionConflict(RecipeError):
+    """Options that cannot go together (the command line reports it as a usage error, exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str):
+        super().__init__("", problem)
+
+
+def _same(name: str) -> str:
+    return name
+
+
+def method_names(*, auto: bool = False) -> list[str]:
+    """The ``--method`` choices: the low-rank presets, then every pruning criterion."""
+    return (["auto"] if auto else []) + list(METHODS) + list(PRUNING_CRITERIA)
+
+
+def check_method_options(method: str, options: Mapping[str, Any], flag: Callable[[str], str] = _same) -> None:
+    """Low-rank-only options with a pruning criterion, or pruning-only ones with a low-rank
+    preset, are an ``OptionConflict`` (``method`` "auto" accepts both)."""
+    wrong = () if method == "auto" else LOW_RANK_ONLY if method not in METHODS else PRUNING_ONLY
+    for name in wrong:
+        if options.get(name) not in (None, False):
+            kind = "low rank (svd, svd-bc, dalr, dalr-bc)" if name in LOW_RANK_ONLY else "channel pruning"
+            raise OptionConflict(f"{flag(name)} applies to {kind}, not {flag('method')} {method}")
+
+
+def method_passes(method: str, *, keep: float | None = None, rank: int | None = None, fraction: float | None = None,
+                  energy: float | None = None, alpha: float | None = None, tau: float | None = None,
+                  flops: float | None = None, lam: float | None = None, ridge: Any = None,
+                  layers: tuple[str, ...] = (), reconstruct: bool = True,
+                  then_low_rank: float | None = None) -> tuple[tuple[str, dict], ...]:
+    """The passes of ``method`` (a low-rank preset or a pruning criterion) with these options.
+
+    >>> method_passes("dalr-bc", keep=0.25)
+    (('low-rank-split', {'method': 'dalr', 'keep': 0.25}), ('bias-compensate', {}))
+    """
+    check_method_options(method, {"rank": rank, "energy": energy, "ridge": ridge, "alpha": alpha, "tau": tau,
+                                  "flops": flops, "lam": lam, "no_reconstruct": not reconstruct,
+                                  "then_low_rank": then_low_rank})
+    budget = {k: v for k, v in (("keep", keep), ("rank", rank), ("fraction", fraction), ("energy", energy))
+              if v is not None}
+    if method in METHODS:
+        passes = [(name, dict(opts)) for name, opts in METHODS[method]]
+        split = passes[0][1]
+        split.update(budget)
+        if layers:
+            split["layers"] = tuple(layers)
+        if ridge is not None:
+            split["ridge"] = ridge
+        return tuple(passes)
+    if method not in PRUNING_CRITERIA:
+        raise RecipeError(f"method {method!r}", "is not a known method",
+                          f"known: {', '.join(method_names())}")
+    select = {"criterion": method, **{k: budget[k] for k in ("keep", "fraction") if k in budget}}
+    for key, value in (("alpha", alpha), ("tau", tau), ("flops", flops), ("lam", lam)):
+        if value is not None:
+            select[key] = value
+    if layers:
+        select["groups"] = tuple(layers)
+    passes = [("select-nodes", select), ("reconstruct-next-layer", {"reconstruct": reconstruct})]
+    if then_low_rank is not None:
+        passes.append(("low-rank-split", {"method": "dalr", "keep": then_low_rank, "ops": ("Gemm", "MatMul")}))
+    return tuple(passes)
+
+
+def layer_list(text: str | None) -> tuple[str, ...]:
+    """Comma-separated layer (or group) names -> tuple, blanks dropped."""
+    return tuple(v.strip() for v in (text or "").split(",") if v.strip())
+
+
+def token_settings(options: Mapping[str, Any]) -> dict:
+    """The recipe's token-model settings (mask_input, metric) that were given (default: auto)."""
+    return {key: options[key] for key in ("mask_input", "metric") if options.get(key) is not None}
+
+
+def planned(options: Mapping[str, Any]) -> bool:
+    """Whether compress plans per site (the default) or runs one fixed recipe."""
+    if options.get("allocation") == "global" or options.get("no_reconstruct") or options.get("stats"):
+        return False
+    if options["method"] == "pfa-kl":
+        return False
+    return not any(options.get(name) is not None for name in RULE_OPTIONS)
+
+
+def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
+                 flag: Callable[[str], str] = _same) -> dict:
+    """The recipe's plan table from the options: a budget (flops, keep) or max_drop (default 1)."""
+    if options.get("flops") is not None and options.get("keep") is not None:
+        raise RecipeError(f"{flag('flops')}/{flag('keep')}", "give one budget",
+                          f"{flag('flops')} F (MACs) or {flag('keep')} F (parameters)")
+    objective = options.get("objective")
+    plan: dict = {}
+    if options.get("flops") is not None or options.get("keep") is not None:
+        name, implied = ("flops", "macs") if options.get("flops") is not None else ("keep", "params")
+        if objective not in (None, implied):
+            raise RecipeError(f"{flag('objective')} {objective}", f"contradicts {flag(name)}, a budget of {implied}",
+                              f"drop {flag('objective')} or use {flag('keep') if implied == 'macs' else flag('flops')}")
+        objective = implied
+        plan["budget"] = options[name]
+    else:
+        plan["max_drop"] = 1.0 if options.get("max_drop") is None else options["max_drop"]
+    plan["objective"] = objective or "macs"
+    method = options["method"]
+    if method in METHODS:
+        plan.update(families=["low-rank"], low_rank=METHODS[method][0][1]["method"], bias=method.endswith("-bc"))
+    elif method != "auto":
+        plan.update(families=["prune"], criterion=method)
+    if layers:
+        plan["sites"] = list(layers)
+    if options.get("margin") is not None:
+        plan["margin"] = options["margin"]
+    if options.get("latency_batch") is not None:
+        if plan["objective"] != "latency":
+            raise RecipeError(flag("latency_batch"), f"only applies to {flag('objective')} latency")
+        plan["latency_batch"] = options["latency_batch"]
+    if options.get("correct_drift") is not None:
+        plan["drift"] = options["correct_drift"]
+    return plan
+
+
+def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable[[str], str] = _same) -> Recipe:
+    """The recipe the method options describe: the planner's plan table (compress's default), or
+    the fixed passes of ``method`` with its budget. ``options`` holds the command line's
+    keywords (method, keep, rank, ..., seed, calib_size, split, batch_size, allocation, ...);
+    ``flag`` names an option in messages (the command line passes ``--keep``-style)."""
+    method = options["method"]
+    given = [flag(k) for k in BUDGET_OPTIONS if options.get(k) is not None]
+    if len(given) > 1:
+        raise OptionConflict(f"give only one budget: {' and '.join(given)} were both given")
+    check_method_options(method, options, flag)
+    layers = layer_list(options.get("layers"))
+    settings = dict(seed=options["seed"], calib_size=options.get("calib_size"), split=options["split"],
+                    batch_size=options["batch_size"], preprocess=preprocess, **token_settings(options))
+    if planned(options):
+        return Recipe(passes=(), plan=plan_request(options, layers, flag), **settings)
+    if method == "auto":
+        method = "spectral" if any(options.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
+    passes = method_passes(method, **{k: options.get(k) for k in ("keep", "rank", "fraction", "energy", "alpha",
+                                                                  "tau", "flops", "lam", "ridge")},
+                           layers=layers, reconstruct=not options.get("no_reconstruct"),
+                           then_low_rank=options.get("then_low_rank"))
+    return Recipe(passes=passes, mode=options.get("mode") or "one-shot", **settings)
+
+
+def plan_only_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable[[str], str] = _same,
+                     **goal) -> Recipe:
+    """A recipe whose plan table carries the options of `sensitivity` / `sweep` and ``goal``."""
+    options = {**options, "max_drop": None, "flops": None, "keep": None}
+    plan = plan_request(options, tuple(v for v in (options.get("layers") or "").split(",") if v), flag)
+    plan.pop("max_drop", None)
+    plan.update(goal)
+    return Recipe(passes=(), plan=plan, seed=options["seed"], calib_size=options.get("calib_size"),
+                  split=options.get("split") or 0.5, batch_size=options["batch_size"], preprocess=preprocess,
+                  **token_settings(options))

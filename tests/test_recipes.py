@@ -1,0 +1,85 @@
+"""Recipe presets (onnxprune/recipes.py): one source for the CLI, bench/ and tests; options are
+validated once, when the recipe is made."""
+
+from __future__ import annotations
+
+import pytest
+
+from onnxprune import criteria, recipes
+from onnxprune.errors import RecipeError
+from onnxprune.pipeline import Recipe
+from onnxprune.recipes import OptionConflict, build_recipe, method_passes
+
+#: the command line's keywords with every method option unset
+BLANK = dict(method="auto", keep=None, rank=None, fraction=None, energy=None, alpha=None, tau=None, flops=None,
+             lam=None, ridge=None, layers=None, mode=None, no_reconstruct=False, then_low_rank=None, seed=0,
+             calib_size=200, split=0.5, batch_size=32, allocation="plan", stats=None, max_drop=None)
+
+
+def options(**changes):
+    return {**BLANK, **changes}
+
+
+def test_presets_and_criteria_are_the_method_choices():
+    assert recipes.method_names() == ["svd", "svd-bc", "dalr", "dalr-bc", *criteria.names()]
+    assert recipes.method_names(auto=True)[0] == "auto"
+    assert method_passes("dalr-bc", keep=0.25) == (("low-rank-split", {"method": "dalr", "keep": 0.25}),
+                                                   ("bias-compensate", {}))
+    assert method_passes("svd", rank=4, layers=("fc1",), ridge=0.1) == (
+        ("low-rank-split", {"method": "svd", "rank": 4, "layers": ("fc1",), "ridge": 0.1}),)
+    assert method_passes("l1", keep=0.5, layers=("conv1",), then_low_rank=0.3) == (
+        ("select-nodes", {"criterion": "l1", "keep": 0.5, "groups": ("conv1",)}),
+        ("reconstruct-next-layer", {"reconstruct": True}),
+        ("low-rank-split", {"method": "dalr", "keep": 0.3, "ops": ("Gemm", "MatMul")}))
+    # the presets are copied, never shared
+    method_passes("dalr", keep=0.1)[0][1]["keep"] = 0.9
+    assert recipes.METHODS["dalr"] == (("low-rank-split", {"method": "dalr"}),)
+
+
+def test_unknown_method_and_options_of_the_other_family_are_errors():
+    with pytest.raises(RecipeError, match="not a known method"):
+        method_passes("prune-everything")
+    with pytest.raises(OptionConflict, match="rank applies to low rank"):
+        method_passes("spectral", rank=3)
+    with pytest.raises(OptionConflict, match="alpha applies to channel pruning, not method dalr"):
+        method_passes("dalr", alpha=0.9)
+    with pytest.raises(OptionConflict, match="no_reconstruct applies to channel pruning"):
+        method_passes("svd-bc", reconstruct=False)
+
+
+def test_build_recipe_fixed_and_planned():
+    fixed = build_recipe(options(method="svd-bc", rank=3, layers="fc1, fc2"), {})
+    assert fixed.plan is None and fixed.mode == "one-shot"
+    assert fixed.passes == (("low-rank-split", {"method": "svd", "rank": 3, "layers": ("fc1", "fc2")}),
+                            ("bias-compensate", {}))
+    auto = build_recipe(options(alpha=0.9, mode="sequential"), {"scale": 0.5})
+    assert [name for name, _ in auto.passes] == ["select-nodes", "reconstruct-next-layer"]
+    assert auto.mode == "sequential" and auto.preprocess == {"scale": 0.5}
+    planned = build_recipe(options(method="dalr-bc", keep=0.4), {})
+    assert planned.passes == () and planned.plan["budget"] == 0.4 and planned.plan["objective"] == "params"
+    assert planned.plan["families"] == ["low-rank"] and planned.plan["bias"] is True
+    assert build_recipe(options(), {}).plan["max_drop"] == 1.0
+    glob = build_recipe(options(method="l1", keep=0.5, allocation="global"), {})
+    assert glob.plan is None and glob.passes[0] == ("select-nodes", {"criterion": "l1", "keep": 0.5})
+
+
+def test_build_recipe_conflicts_name_the_options_as_the_caller_spells_them():
+    with pytest.raises(OptionConflict, match="give only one budget: --keep and --rank"):
+        build_recipe(options(keep=0.3, rank=4), {}, flag=lambda k: "--" + k)
+    with pytest.raises(OptionConflict, match="energy applies to low rank"):
+        build_recipe(options(method="mean", energy=0.9), {})
+    with pytest.raises(RecipeError, match="contradicts flops"):
+        build_recipe(options(flops=0.5, objective="params"), {})
+    with pytest.raises(RecipeError, match="only applies to objective latency"):
+        build_recipe(options(latency_batch=4), {})
+
+
+def test_pass_options_are_validated_when_the_recipe_is_made():
+    with pytest.raises(RecipeError, match="rnak"):
+        Recipe(passes=(("low-rank-split", {"rnak": 3}),))
+    with pytest.raises(RecipeError, match="ridge"):
+        build_recipe(options(method="dalr", rank=2, ridge=-1.0), {})
+    recipe = Recipe(passes=method_passes("dalr-bc", keep=0.3))
+    first, second = recipe.build(), recipe.build()
+    assert [p.name for p in first] == ["low-rank-split", "bias-compensate"]
+    assert first[0] is not second[0] and first[0].options == second[0].options
