@@ -112,13 +112,13 @@ class GraphEditor(GraphIndex):
         if not listed and self.model.ir_version < 4 and not any(v.name == tensor.name for v in graph.input):
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
 
-    def write_input(self, node: onnx.NodeProto, name: str, value: np.ndarray, *, copy_suffix: str) -> str:
+    def write_input(self, node: onnx.NodeProto, name: str, value: np.ndarray) -> str:
         """Give ``node`` the new value of its initializer input ``name``; when other nodes read
-        ``name`` too, the node gets a copy ``{name}{copy_suffix}`` instead. Returns the name
+        ``name`` too, the node gets a copy ``{name}/{owner}/copy`` instead. Returns the name
         the node now reads."""
         value = np.ascontiguousarray(value)
         if self.use_count(name) > 1:
-            new_name = self.fresh(f"{name}{copy_suffix}", separator="_")
+            new_name = self.name(name, "copy")
             self.set_array(new_name, value)
             for slot, input_name in enumerate(node.input):
                 if input_name == name:
@@ -157,15 +157,15 @@ class GraphEditor(GraphIndex):
         taken |= {v.name for v in graph.input}
         return taken
 
-    def fresh(self, base: str, *, separator: str = "/") -> str:
+    def fresh(self, base: str) -> str:
         """``base`` if no node, tensor or initializer has that name yet, else ``base/1``, ``base/2``..."""
         taken = self._taken()
         if base not in taken:
             return base
         i = 1
-        while f"{base}{separator}{i}" in taken:
+        while f"{base}/{i}" in taken:
             i += 1
-        return f"{base}{separator}{i}"
+        return f"{base}/{i}"
 
     def name(self, original: str, role: str) -> str:
         """The name of a new node or tensor: ``{original}/{owner}/{role}`` (unique)."""

@@ -29,7 +29,9 @@ from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.groups import CHANNEL_AXIS, ChannelGroup, reshape_entry
 from onnxprune.graph.shapes import inferred_value_info
 
-SUFFIX = "/prune"
+#: owner of the names prune_channels makes: a copy of a shared initializer is ``{name}/prune/copy``
+OWNER = "prune"
+COPY = f"/{OWNER}/copy"
 
 
 def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray,
@@ -39,7 +41,7 @@ def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray
     keep: (k,) distinct channel indices in [0, C); their order is the new channel order.
     reconstruction: (C, k) matrix A with phi ~= A phi_keep, or None for plain column
     selection. Initializers shared with nodes outside the rewrite are copied under
-    ``{name}/prune`` first; graph inputs, outputs, ir_version and opsets are untouched.
+    ``{name}/prune/copy`` first; graph inputs, outputs, ir_version and opsets are untouched.
 
     Raises ModelError for a skipped group, bad ``keep``/``reconstruction``, or a group
     that no longer matches the model (find the groups again after rewriting the graph).
@@ -227,7 +229,7 @@ class _Editor:
     against the model (a group found before an earlier rewrite still applies)."""
 
     def __init__(self, model: onnx.ModelProto, group: str):
-        self.graph = GraphEditor(model, owner="prune")
+        self.graph = GraphEditor(model, owner=OWNER)
         self.group = group
 
     def constant_node(self, tensor: str) -> onnx.NodeProto | None:
@@ -248,20 +250,20 @@ class _Editor:
 
     def holder(self, node: onnx.NodeProto, name: str) -> onnx.NodeProto:
         """The node that reads ``name``: ``node`` itself or the bias Add after a MatMul."""
-        if any(i == name or i.startswith(name + SUFFIX) for i in node.input):
+        if any(i == name or i.startswith(name + COPY) for i in node.input):
             return node
         for other in self.graph.readers(node.output[0]):
-            if other.op_type == "Add" and any(i == name or i.startswith(name + SUFFIX) for i in other.input):
+            if other.op_type == "Add" and any(i == name or i.startswith(name + COPY) for i in other.input):
                 return other
         raise ModelError(self.group, f"bias {name} of {node.name} is not in the model",
                          "find the channel groups again on the current model")
 
     def resolve(self, node: onnx.NodeProto, name: str) -> str:
-        """The input of ``node`` that holds ``name``: itself, or its copy-on-write ``{name}/prune``
+        """The input of ``node`` that holds ``name``: itself, or its copy-on-write ``{name}/prune/copy``
         made by an earlier rewrite (so groups found before a rewrite still apply)."""
         if name in node.input and self.graph.has_initializer(name):
             return name
-        copies = [i for i in node.input if i.startswith(name + SUFFIX) and self.graph.has_initializer(i)]
+        copies = [i for i in node.input if i.startswith(name + COPY) and self.graph.has_initializer(i)]
         if len(copies) == 1:
             return copies[0]
         raise ModelError(self.group, f"{name} is not an initializer read by {node.name or node.op_type}",
@@ -272,4 +274,4 @@ class _Editor:
 
     def write(self, node: onnx.NodeProto, name: str, value: np.ndarray) -> None:
         """Give ``node`` the new value of input ``name``, copying the initializer when others read it."""
-        self.graph.write_input(node, self.resolve(node, name), value, copy_suffix=SUFFIX)
+        self.graph.write_input(node, self.resolve(node, name), value)

@@ -72,14 +72,14 @@ class BiasCompensate(Pass):
 
     @staticmethod
     def _add_to_bias(model: onnx.ModelProto, layer: str, entry: Approximation, delta: np.ndarray) -> None:
-        graph = GraphEditor(model, owner="low_rank")
+        graph = GraphEditor(model, owner=BiasCompensate.name)
         node = graph.node(entry.node)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.inits[node.input[1]].data_type)
         if entry.bias:
             bias = graph.array(entry.bias)
             graph.set_array(entry.bias, (bias + delta.reshape(bias.shape)).astype(dtype))
             return
-        name = graph.fresh(f"{layer}/low_rank/bias")
+        name = graph.name(layer, "bias")
         graph.set_array(name, delta.astype(dtype))
         entry.bias = name
         if entry.op in ("Gemm", "Conv"):
@@ -87,6 +87,6 @@ class BiasCompensate(Pass):
             return
         # MatMul without a bias: y = MatMul(...) becomes y = Add(MatMul(...), bias)
         out = node.output[0]
-        hidden = graph.fresh(f"{layer}/low_rank/no_bias")
+        hidden = graph.name(layer, "unbiased")
         node.output[0] = hidden
-        graph.insert_after(node, helper.make_node("Add", [hidden, name], [out], name=f"{layer}/low_rank/add_bias"))
+        graph.insert_after(node, helper.make_node("Add", [hidden, name], [out], name=graph.name(layer, "add_bias")))

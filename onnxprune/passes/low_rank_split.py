@@ -15,7 +15,7 @@ After:   x -> Gemm(B: k x n) -> Gemm(A: m x k, b) -> y
 A Conv (M x C x kh x kw) is linear on its im2col patches (n = C kh kw): it becomes a Conv
 with k filters (same kernel, strides, pads, dilations) and a 1x1 Conv with the bias.
 A split that would not reduce parameters, k (m + n) >= m n, is skipped and reported.
-New nodes are named ``{layer}/low_rank/B`` and ``{layer}/low_rank/A``.
+New nodes are named ``{layer}/low-rank-split/B`` and ``{layer}/low-rank-split/A`` (``GraphEditor.name``).
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ class LowRankSplit(Pass):
                 new_bias = delta if b is None else b + delta
             else:
                 delta = None
-            bias_name = self._rewrite(model, layer, a_mat, b_mat, new_bias)
+            bias_name, second = self._rewrite(model, layer, a_mat, b_mat, new_bias)
             spectrum = spectra[layer.name]
             rows.append({
                 "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k,
@@ -349,7 +349,7 @@ class LowRankSplit(Pass):
                           {g: round(e, 5) for g, e in info["cv_errors"].items()}, info.get("metric"))
             ctx.approximations[layer.name] = Approximation(
                 layer=layer.name, op=layer.op, weight=w, approx=a_mat @ b_mat, request=self._request(layer),
-                mean=mean, node=f"{layer.name}/low_rank/A", bias=bias_name,
+                mean=mean, node=second, bias=bias_name,
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
                 bias_shift=delta)
         GraphEditor(model).remove_unused()
@@ -407,27 +407,28 @@ class LowRankSplit(Pass):
         info["metric"] = "downstream" if metric is not None else "output"
         return a_mat, b_mat, {"method": "dalr", **info, "bias_delta": delta}
 
-    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> str | None:
+    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> tuple[str | None, str]:
         """Replace ``layer``'s node by the two thin ones, in its place (topological order kept);
-        returns the name of the bias initializer the second one reads (None: no bias)."""
-        graph = GraphEditor(model, owner="low_rank")
+        returns the name of the bias initializer the second one reads (None: no bias) and the
+        second node's name."""
+        graph = GraphEditor(model, owner=self.name)
         node = graph.node(layer.name)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.inits[layer.weight].data_type)
         m, k = a_mat.shape
         base = layer.name
-        mid = graph.fresh(f"{base}/low_rank/hidden")
-        b_name, a_name = f"{base}/low_rank/B/weight", f"{base}/low_rank/A/weight"
-        bias_name = f"{base}/low_rank/bias"
+        mid = graph.name(base, "hidden")
+        b_name, a_name = graph.name(base, "B_weight"), graph.name(base, "A_weight")
+        bias_name = graph.name(base, "bias")
         x = layer.input
         extra = None
         if layer.op == "Gemm":
             graph.set_array(b_name, b_mat.astype(dtype))
             graph.set_array(a_name, a_mat.astype(dtype))
-            first = helper.make_node("Gemm", [x, b_name], [mid], name=f"{base}/low_rank/B", transB=1)
-            second = helper.make_node("Gemm", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A", transB=1)
+            first = helper.make_node("Gemm", [x, b_name], [mid], name=graph.name(base, "B"), transB=1)
+            second = helper.make_node("Gemm", [mid, a_name], [node.output[0]], name=graph.name(base, "A"), transB=1)
             if opset_version(model) < 11:
                 # Gemm before opset 11 requires its C input: zero biases where there is none.
-                zeros = f"{base}/low_rank/B/bias"
+                zeros = graph.name(base, "B_bias")
                 graph.set_array(zeros, np.zeros(k, dtype=dtype))
                 first.input.append(zeros)
                 if bias is None:
@@ -435,8 +436,8 @@ class LowRankSplit(Pass):
         elif layer.op == "MatMul":
             graph.set_array(b_name, np.ascontiguousarray(b_mat.T).astype(dtype))
             graph.set_array(a_name, np.ascontiguousarray(a_mat.T).astype(dtype))
-            first = helper.make_node("MatMul", [x, b_name], [mid], name=f"{base}/low_rank/B")
-            second = helper.make_node("MatMul", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A")
+            first = helper.make_node("MatMul", [x, b_name], [mid], name=graph.name(base, "B"))
+            second = helper.make_node("MatMul", [mid, a_name], [node.output[0]], name=graph.name(base, "A"))
             if layer.bias_node:
                 add = graph.node(layer.bias_node)
                 slot = list(add.input).index(layer.bias)
@@ -445,20 +446,20 @@ class LowRankSplit(Pass):
             elif bias is not None:
                 # a bias the split introduced (affine DALR): y = Add(MatMul(...), bias)
                 graph.set_array(bias_name, bias.astype(dtype))
-                hidden = graph.fresh(f"{base}/low_rank/no_bias")
+                hidden = graph.name(base, "unbiased")
                 second.output[0] = hidden
-                extra = helper.make_node("Add", [hidden, bias_name], [node.output[0]], name=f"{base}/low_rank/add_bias")
+                extra = helper.make_node("Add", [hidden, bias_name], [node.output[0]], name=graph.name(base, "add_bias"))
         else:
             w = graph.array(layer.weight)
             graph.set_array(b_name, b_mat.reshape((k,) + w.shape[1:]).astype(dtype))
             graph.set_array(a_name, a_mat.reshape((m, k) + (1,) * (w.ndim - 2)).astype(dtype))
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             attrs.pop("group", None)
-            first = helper.make_node("Conv", [x, b_name], [mid], name=f"{base}/low_rank/B", **attrs)
+            first = helper.make_node("Conv", [x, b_name], [mid], name=graph.name(base, "B"), **attrs)
             second = helper.make_node("Conv", [mid, a_name], [node.output[0]],
-                                      name=f"{base}/low_rank/A", kernel_shape=[1] * (w.ndim - 2))
+                                      name=graph.name(base, "A"), kernel_shape=[1] * (w.ndim - 2))
         if bias is not None and layer.op != "MatMul":
             graph.set_array(bias_name, bias.astype(dtype))
             second.input.append(bias_name)
         graph.replace(node, [first, second] + ([extra] if extra is not None else []))
-        return bias_name if bias is not None else None
+        return (bias_name if bias is not None else None), second.name

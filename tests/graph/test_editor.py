@@ -80,14 +80,14 @@ def test_ir3_initializers_stay_listed_as_inputs():
 
 def test_write_input_copies_a_shared_initializer():
     model = graphs.shared_weight()
-    graph = GraphEditor(model)
+    graph = GraphEditor(model, owner="prune")
     shared = next(name for name in graph.inits if graph.use_count(name) > 1)
     reader = graph.readers(shared)[0]
     value = graph.array(shared) * 2
-    new = graph.write_input(reader, shared, value, copy_suffix="/prune")
-    assert new == f"{shared}/prune" and new in reader.input and shared not in reader.input
+    new = graph.write_input(reader, shared, value)
+    assert new == f"{shared}/prune/copy" and new in reader.input and shared not in reader.input
     np.testing.assert_array_equal(graph.array(new), value)
     assert graph.use_count(shared) >= 1 and graph.use_count(new) == 1
-    again = graph.write_input(reader, new, value * 3, copy_suffix="/prune")      # no longer shared: in place
+    again = graph.write_input(reader, new, value * 3)      # no longer shared: in place
     assert again == new
     np.testing.assert_array_equal(graph.array(new), value * 3)

@@ -82,7 +82,7 @@ def test_exact_rank_splits_losslessly(build, method):
     assert_equivalent(model, result.model, {"x": x[:8]}, tol=1e-4)
     names = {n.name for n in result.model.graph.node}
     layer = split[0]["layer"]
-    assert {f"{layer}/low_rank/A", f"{layer}/low_rank/B"} <= names
+    assert {f"{layer}/low-rank-split/A", f"{layer}/low-rank-split/B"} <= names
     assert [i.name for i in result.model.graph.input] == ["x"]
     assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
 
