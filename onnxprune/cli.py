@@ -320,7 +320,7 @@ def calibration_options(func):
 @click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
               help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
 @click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "
-                                                             "in reserve (default 1).")
+                                                             "in reserve (default 0.5).")
 @click.option("--correct-drift/--no-correct-drift", "correct_drift", default=None,
               help="Planner: refit the layers after the compressed sites against the original (default on).")
 @click.option("--keep", type=FRACTION, help="Keep this fraction of the model's parameters (a budget; with "

@@ -115,16 +115,18 @@ def greedy_path(options: Mapping[str, list[Option]]) -> Path:
     return Path(steps)
 
 
-def search(path: Path, ok: Callable[[int], bool], *, lo: int = 0, hi: int | None = None) -> int:
+def search(path: Path, ok: Callable[[int], bool], *, lo: int = 0, hi: int | None = None,
+           calls: int | None = None) -> int:
     """The largest t in [lo, hi] with ok(t), assuming ok is monotone (true, then false);
-    ``lo`` must satisfy ok. Bisection: about log2(len(path)) calls."""
-    hi = len(path) - 1 if hi is None else hi
-    if ok(hi):
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
+    ``lo`` must satisfy ok. Bisection: about log2(hi - lo) calls (hi itself is not tried
+    first: a whole chain rarely passes, and bisection reaches it as well); with ``calls``,
+    at most that many, returning the largest t known to pass."""
+    fail = (len(path) - 1 if hi is None else hi) + 1          # treated as failing
+    while fail - lo > 1 and (calls is None or calls > 0):
+        calls = None if calls is None else calls - 1
+        mid = (lo + fail) // 2
         if ok(mid):
             lo = mid
         else:
-            hi = mid
+            fail = mid
     return lo

@@ -17,8 +17,13 @@
    (accuracy points with labels, else 100 - agreement %) plus ``margin`` standard errors
    must stay within ``max_drop``. With a budget instead, the least aggressive plan of the
    chain that meets it is taken (maximum predicted accuracy at that cost).
-5. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
-   with per-layer ranks), run on all calibration statistics.
+5. ``correct-drift`` (refitting the layers after the compressed sites against the original)
+   costs one calibration pass per corrected tensor, too many for every step: the search runs
+   without it, the chosen step is checked with and without it, and for ``max_drop`` the
+   steps beyond are bisected with it where it helps (``DRIFT_PROBES`` checks at most).
+6. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
+   with per-layer ranks, correct-drift when it measured better), run on all calibration
+   statistics.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ LADDER = (0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1, 0.05, 0.02)
 FOLDS = 4
 #: --max-drop d: a site alone disagreeing on more than GOAL_STOP * d % of the samples ends its ladder
 GOAL_STOP = 8.0
+#: --max-drop: checks with correct-drift bisecting the steps beyond the search's choice
+DRIFT_PROBES = 4
 #: sensitivity: cached activations are dropped once they exceed this many bytes
 CACHE_BYTES = 1 << 30
 
@@ -76,7 +83,7 @@ class PlanOptions:
     check_samples: int = 64              # sensitivity: at most this many samples of half 1
     min_share: float = 0.002             # sites that can save less of the objective are left alone
     stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
-    margin: float = 1.0                  # standard errors of the measured drop kept in reserve
+    margin: float = 0.5                  # standard errors of the measured drop kept in reserve
     multiple: int = 8                    # wide groups / large ranks keep multiples of this
     low_rank: str = "dalr"               # low-rank-split method for the low-rank family (dalr | svd)
     bias: bool = True                    # bias-compensate after low-rank splits
@@ -667,13 +674,11 @@ class Planner:
             c = memo[t, drift]
             return c.drop + self.options.margin * c.se <= max_drop
         # the search runs without correct-drift (one calibration pass per corrected tensor is too
-        # many for every step); then it is tried on the chosen step and one step further
+        # many for every step); then it is tried on the chosen step and, where it helps, the
+        # steps beyond are bisected with it (at most DRIFT_PROBES more checks)
         t = search(path, ok) if len(path) > 1 else 0
-        if self.options.drift and t > 0:
-            ok(t, drift=True)
-            beyond = t + max(1, (len(path) - 1 - t) // 4)
-            if beyond < len(path) and memo[t, True].drift and ok(beyond, drift=True):
-                t = beyond
+        if self.options.drift and t > 0 and ok(t, drift=True) and memo[t, True].drift:
+            t = search(path, lambda s: ok(s, drift=True) and memo[s, True].drift, lo=t, calls=DRIFT_PROBES)
         self._timed("search", started)
         check = memo.get((t, True)) or memo.get((t, False)) or self.check(path.plan(t), drift=False)
         return self._result(path, t, check, {"max_drop": max_drop})

@@ -75,3 +75,17 @@ def test_search_finds_the_last_true_of_a_monotone_predicate():
     assert len(calls) <= 7
     assert search(path, lambda t: True) == 20
     assert search(path, lambda t: t == 0) == 0
+
+
+def test_search_with_few_calls_returns_the_largest_step_known_to_pass():
+    path = Path([Option(f"s{i}", "prune", 1, 1.0, 1.0) for i in range(20)])
+    calls = []
+
+    def ok(t):
+        calls.append(t)
+        return t <= 13
+    found = search(path, ok, lo=4, calls=2)
+    assert len(calls) == 2 and ok(found) and found >= 4
+    assert found == max([4] + [t for t in calls[:2] if t <= 13])
+    assert search(path, ok, lo=4, calls=0) == 4
+    assert search(path, ok, lo=4, calls=10) == 13
