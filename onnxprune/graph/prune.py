@@ -58,7 +58,7 @@ def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray
         if not np.all(np.isfinite(reconstruction)):
             raise ModelError(group.name, "reconstruction has non-finite entries")
 
-    editor = _Editor(model, group.name)
+    editor = _GroupView(model, group.name)
     # Plan every write first (reading the current values and checking their sizes), so a
     # group that does not match the model raises before anything changes.
     writes: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
@@ -142,7 +142,7 @@ def _check_keep(group: ChannelGroup, keep) -> np.ndarray:
     return keep.astype(np.int64)
 
 
-def _shape_entry_write(editor: _Editor, group: ChannelGroup, tensor: str, offset: int, kept: int):
+def _shape_entry_write(editor: _GroupView, group: ChannelGroup, tensor: str, offset: int, kept: int):
     """The write that scales entry ``offset`` of shape constant ``tensor`` by kept / channels:
     (reader node, initializer, value), or (None, Constant node name, value)."""
     constant = editor.constant_node(tensor)
@@ -224,7 +224,7 @@ def _refresh_value_info(model: onnx.ModelProto, changed: set[str]) -> None:
             graph.value_info.append(inferred[value.name])
 
 
-class _Editor:
+class _GroupView:
     """The group's view of a ``GraphEditor``: nodes and initializers the group names, checked
     against the model (a group found before an earlier rewrite still applies)."""
 
