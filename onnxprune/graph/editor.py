@@ -101,15 +101,13 @@ class GraphEditor(GraphIndex):
 
     def _sync_entries(self, tensor: onnx.TensorProto) -> None:
         graph = self.model.graph
-        listed = False
         for entry in [*graph.input, *graph.value_info]:
             if entry.name == tensor.name and entry.type.HasField("tensor_type"):
-                listed = listed or any(entry is v for v in graph.input)
                 entry.type.tensor_type.elem_type = tensor.data_type
                 entry.type.tensor_type.shape.Clear()
                 for d in tensor.dims:
                     entry.type.tensor_type.shape.dim.add().dim_value = int(d)
-        if not listed and self.model.ir_version < 4 and not any(v.name == tensor.name for v in graph.input):
+        if self.model.ir_version < 4 and not any(v.name == tensor.name for v in graph.input):
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
 
     def write_input(self, node: onnx.NodeProto, name: str, value: np.ndarray) -> str:
