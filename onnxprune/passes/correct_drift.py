@@ -36,9 +36,10 @@ from onnx import helper
 
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import RecipeError
+from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.index import GraphIndex, node_names
 from onnxprune.graph.layers import LinearLayer, find_linear_layers
-from onnxprune.model import cone_hashes, get_array, set_array
+from onnxprune.model import cone_hashes
 from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class CorrectDrift(Pass):
         if ctx.original is None:
             raise RecipeError(self.name, "needs the original model (run it inside a pipeline)")
         rows = []
+        graph = GraphEditor(model, owner=self.name)
         everything = drifted_tensors(ctx.original, model, ctx.selections)
         stages = len(everything) if self.options.stages is None else min(self.options.stages, len(everything))
         bounds = np.linspace(0, len(everything), max(stages, 1) + 1)
@@ -108,7 +110,7 @@ class CorrectDrift(Pass):
                 if fit["map"] is not None:
                     A, a = fit["map"]
                     for layer in t.readers:
-                        _apply(model, layer, A, a)
+                        _apply(graph, layer, A, a)
                 rows.append(row)
                 log.info("correct-drift stage %d: %s (%d channels, %d reader(s)): %s", stage + 1, t.name,
                          row["channels"], len(t.readers),
@@ -300,9 +302,9 @@ def _refit(folds, intercept: bool) -> dict:
     return result
 
 
-def _apply(model: onnx.ModelProto, layer: LinearLayer, A: np.ndarray, a: np.ndarray | None) -> None:
+def _apply(graph: GraphEditor, layer: LinearLayer, A: np.ndarray, a: np.ndarray | None) -> None:
     """``layer`` reads A x~ + a instead of x~: W -> W A, b -> b + W a."""
-    W = get_array(model, layer.weight)
+    W = graph.array(layer.weight)
     dtype = W.dtype
     W = W.astype(np.float64)
     if layer.op == "Conv":
@@ -314,7 +316,7 @@ def _apply(model: onnx.ModelProto, layer: LinearLayer, A: np.ndarray, a: np.ndar
     else:                                           # Gemm transB=0, MatMul: W is (in, out)
         shift = a @ W if a is not None else None
         W = A.T @ W
-    set_array(model, layer.weight, W.astype(dtype))
+    graph.set_array(layer.weight, W.astype(dtype))
     if shift is not None:
-        b = get_array(model, layer.bias)
-        set_array(model, layer.bias, (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype))
+        b = graph.array(layer.bias)
+        graph.set_array(layer.bias, (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype))

@@ -15,7 +15,7 @@ After:   x -> Gemm(B: k x n) -> Gemm(A: m x k, b) -> y
 A Conv (M x C x kh x kw) is linear on its im2col patches (n = C kh kw): it becomes a Conv
 with k filters (same kernel, strides, pads, dilations) and a 1x1 Conv with the bias.
 A split that would not reduce parameters, k (m + n) >= m n, is skipped and reported.
-New nodes are named ``{layer}/low_rank/B`` and ``{layer}/low_rank/A``.
+New nodes are named ``{layer}/low-rank-split/B`` and ``{layer}/low-rank-split/A`` (``GraphEditor.name``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,19 @@ from onnxprune import linalg
 from onnxprune.calibration.moments import Moments
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import CalibrationError
-from onnxprune.graph.index import name_nodes, node_position
+from onnxprune.graph.editor import GraphEditor
+from onnxprune.graph.index import GraphIndex, name_nodes
 from onnxprune.graph.layers import LinearLayer, find_linear_layers
-from onnxprune.model import cone_hashes, get_array, opset_version, remove_unused_initializers, set_array, unique_name
-from onnxprune.passes.base import (Approximation, Pass, PassContext, PassResult, check_choice, check_fraction,
-                                   register)
+from onnxprune.model import cone_hashes, opset_version
+from onnxprune.passes.base import (
+    Approximation,
+    Pass,
+    PassContext,
+    PassResult,
+    check_choice,
+    check_fraction,
+    register,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +124,10 @@ def second_moment(moments: Moments) -> linalg.SecondMoment:
     return linalg.SecondMoment.from_gram(moments.gram, moments.count)
 
 
-def layer_weight(model: onnx.ModelProto, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:
+def layer_weight(index: GraphIndex, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:
     """(W: m x n, b: m or None) in float64 with y = W x + b, whatever the op's layout."""
-    w = get_array(model, layer.weight).astype(np.float64)
-    b = get_array(model, layer.bias).astype(np.float64) if layer.bias else None
+    w = index.array(layer.weight).astype(np.float64)
+    b = index.array(layer.bias).astype(np.float64) if layer.bias else None
     if layer.op == "Gemm":
         alpha, beta = layer.attrs.get("alpha", 1.0), layer.attrs.get("beta", 1.0)
         w = alpha * (w if layer.attrs.get("transB", 0) else w.T)
@@ -156,8 +164,6 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
     (``gated_metric``); a Conv reader sums W_next^T W_next over its kernel taps (depthwise:
     per channel). A graph output, a branch (several readers), or anything else gives None.
     """
-    from onnxprune.graph.index import GraphIndex
-
     index = GraphIndex(model)
     m = layer.out_features
     tensor = layer.output
@@ -188,7 +194,7 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
         nxt = readers.get(uses[0][0])
         if nxt is None or nxt.input != tensor or index.const(nxt.weight) is None:
             return None
-        w = get_array(model, nxt.weight).astype(np.float64)
+        w = index.array(nxt.weight).astype(np.float64)
         if nxt.op == "Conv":
             group = int(nxt.attrs.get("group", 1))
             if w.ndim != 4 or w.shape[1] * group != m:
@@ -200,7 +206,7 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
             else:
                 return None
         else:
-            w_next, _ = layer_weight(model, nxt)
+            w_next, _ = layer_weight(index, nxt)
             if w_next.shape[1] != m:
                 return None
             gram = w_next.T @ w_next
@@ -281,8 +287,9 @@ class LowRankSplit(Pass):
         # per layer: its input's Moments over all folds (merging folds sums dim^2 Grams: once)
         weights, spectra, merged, moments, keys = {}, {}, {}, {}, {}
         cones = cone_hashes(model, {layer.input for layer in layers}) if ctx.cache is not None else {}
+        index = GraphIndex(model)
         for layer in layers:
-            w, b = layer_weight(model, layer)
+            w, b = layer_weight(index, layer)
             weights[layer.name] = (w, b)
             merged[layer.name] = stats.moments(self._request(layer), "target")
             total = moments[layer.name] = second_moment(merged[layer.name])
@@ -322,7 +329,7 @@ class LowRankSplit(Pass):
                 new_bias = delta if b is None else b + delta
             else:
                 delta = None
-            bias_name = self._rewrite(model, layer, a_mat, b_mat, new_bias)
+            bias_name, second = self._rewrite(model, layer, a_mat, b_mat, new_bias)
             spectrum = spectra[layer.name]
             rows.append({
                 "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k,
@@ -342,10 +349,10 @@ class LowRankSplit(Pass):
                           {g: round(e, 5) for g, e in info["cv_errors"].items()}, info.get("metric"))
             ctx.approximations[layer.name] = Approximation(
                 layer=layer.name, op=layer.op, weight=w, approx=a_mat @ b_mat, request=self._request(layer),
-                mean=mean, node=f"{layer.name}/low_rank/A", bias=bias_name,
+                mean=mean, node=second, bias=bias_name,
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
                 bias_shift=delta)
-        remove_unused_initializers(model)
+        GraphEditor(model).remove_unused()
         return PassResult(changed=bool(rows), report={"split": rows, "skipped": skipped})
 
     def _budget(self) -> str:
@@ -400,64 +407,59 @@ class LowRankSplit(Pass):
         info["metric"] = "downstream" if metric is not None else "output"
         return a_mat, b_mat, {"method": "dalr", **info, "bias_delta": delta}
 
-    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> str | None:
+    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> tuple[str | None, str]:
         """Replace ``layer``'s node by the two thin ones, in its place (topological order kept);
-        returns the name of the bias initializer the second one reads (None: no bias)."""
-        graph = model.graph
-        index = node_position(model, layer.name)
-        node = graph.node[index]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(
-            next(t.data_type for t in graph.initializer if t.name == layer.weight))
+        returns the name of the bias initializer the second one reads (None: no bias) and the
+        second node's name."""
+        graph = GraphEditor(model, owner=self.name)
+        node = graph.node(layer.name)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.inits[layer.weight].data_type)
         m, k = a_mat.shape
         base = layer.name
-        mid = unique_name(model, f"{base}/low_rank/hidden")
-        b_name, a_name = f"{base}/low_rank/B/weight", f"{base}/low_rank/A/weight"
-        bias_name = f"{base}/low_rank/bias"
+        mid = graph.name(base, "hidden")
+        b_name, a_name = graph.name(base, "B_weight"), graph.name(base, "A_weight")
+        bias_name = graph.name(base, "bias")
         x = layer.input
         extra = None
         if layer.op == "Gemm":
-            set_array(model, b_name, b_mat.astype(dtype))
-            set_array(model, a_name, a_mat.astype(dtype))
-            first = helper.make_node("Gemm", [x, b_name], [mid], name=f"{base}/low_rank/B", transB=1)
-            second = helper.make_node("Gemm", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A", transB=1)
+            graph.set_array(b_name, b_mat.astype(dtype))
+            graph.set_array(a_name, a_mat.astype(dtype))
+            first = helper.make_node("Gemm", [x, b_name], [mid], name=graph.name(base, "B"), transB=1)
+            second = helper.make_node("Gemm", [mid, a_name], [node.output[0]], name=graph.name(base, "A"), transB=1)
             if opset_version(model) < 11:
                 # Gemm before opset 11 requires its C input: zero biases where there is none.
-                zeros = f"{base}/low_rank/B/bias"
-                set_array(model, zeros, np.zeros(k, dtype=dtype))
+                zeros = graph.name(base, "B_bias")
+                graph.set_array(zeros, np.zeros(k, dtype=dtype))
                 first.input.append(zeros)
                 if bias is None:
                     bias = np.zeros(m)
         elif layer.op == "MatMul":
-            set_array(model, b_name, np.ascontiguousarray(b_mat.T).astype(dtype))
-            set_array(model, a_name, np.ascontiguousarray(a_mat.T).astype(dtype))
-            first = helper.make_node("MatMul", [x, b_name], [mid], name=f"{base}/low_rank/B")
-            second = helper.make_node("MatMul", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A")
+            graph.set_array(b_name, np.ascontiguousarray(b_mat.T).astype(dtype))
+            graph.set_array(a_name, np.ascontiguousarray(a_mat.T).astype(dtype))
+            first = helper.make_node("MatMul", [x, b_name], [mid], name=graph.name(base, "B"))
+            second = helper.make_node("MatMul", [mid, a_name], [node.output[0]], name=graph.name(base, "A"))
             if layer.bias_node:
-                add = graph.node[node_position(model, layer.bias_node)]
+                add = graph.node(layer.bias_node)
                 slot = list(add.input).index(layer.bias)
-                set_array(model, bias_name, bias.astype(dtype))
+                graph.set_array(bias_name, bias.astype(dtype))
                 add.input[slot] = bias_name
             elif bias is not None:
                 # a bias the split introduced (affine DALR): y = Add(MatMul(...), bias)
-                set_array(model, bias_name, bias.astype(dtype))
-                hidden = unique_name(model, f"{base}/low_rank/no_bias")
+                graph.set_array(bias_name, bias.astype(dtype))
+                hidden = graph.name(base, "unbiased")
                 second.output[0] = hidden
-                extra = helper.make_node("Add", [hidden, bias_name], [node.output[0]], name=f"{base}/low_rank/add_bias")
+                extra = helper.make_node("Add", [hidden, bias_name], [node.output[0]], name=graph.name(base, "add_bias"))
         else:
-            w = get_array(model, layer.weight)
-            set_array(model, b_name, b_mat.reshape((k,) + w.shape[1:]).astype(dtype))
-            set_array(model, a_name, a_mat.reshape((m, k) + (1,) * (w.ndim - 2)).astype(dtype))
+            w = graph.array(layer.weight)
+            graph.set_array(b_name, b_mat.reshape((k,) + w.shape[1:]).astype(dtype))
+            graph.set_array(a_name, a_mat.reshape((m, k) + (1,) * (w.ndim - 2)).astype(dtype))
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             attrs.pop("group", None)
-            first = helper.make_node("Conv", [x, b_name], [mid], name=f"{base}/low_rank/B", **attrs)
+            first = helper.make_node("Conv", [x, b_name], [mid], name=graph.name(base, "B"), **attrs)
             second = helper.make_node("Conv", [mid, a_name], [node.output[0]],
-                                      name=f"{base}/low_rank/A", kernel_shape=[1] * (w.ndim - 2))
+                                      name=graph.name(base, "A"), kernel_shape=[1] * (w.ndim - 2))
         if bias is not None and layer.op != "MatMul":
-            set_array(model, bias_name, bias.astype(dtype))
+            graph.set_array(bias_name, bias.astype(dtype))
             second.input.append(bias_name)
-        graph.node.remove(node)
-        if extra is not None:
-            graph.node.insert(index, extra)
-        graph.node.insert(index, second)
-        graph.node.insert(index, first)
-        return bias_name if bias is not None else None
+        graph.replace(node, [first, second] + ([extra] if extra is not None else []))
+        return (bias_name if bias is not None else None), second.name
