@@ -54,13 +54,18 @@ PREFIX = "correct-drift/"
 @dataclasses.dataclass(frozen=True)
 class CorrectDriftOptions:
     """stages: groups of drifted tensors fitted one after the other (one calibration pass each);
-    None (default): one tensor per stage, fully sequential."""
+    None (default): one tensor per stage, fully sequential. max_channels: wider tensors are
+    left alone (their joint second moment has (2 C)^2 entries and an eigendecomposition per
+    fold: 3136 channels, a flattened 64 x 7 x 7 map, would hold GBs and take minutes)."""
 
     stages: int | None = None
+    max_channels: int = 2048
 
     def __post_init__(self):
         if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
             raise ValueError(f"stages={self.stages!r} must be an integer >= 1 or None")
+        if not isinstance(self.max_channels, int) or self.max_channels < 1:
+            raise ValueError(f"max_channels={self.max_channels!r} must be an integer >= 1")
 
 
 @dataclasses.dataclass
@@ -72,6 +77,7 @@ class _Tensor:
     axis: int
     readers: list[LinearLayer]
     intercept: bool
+    width: int
 
 
 @register
@@ -90,7 +96,15 @@ class CorrectDrift(Pass):
             raise RecipeError(self.name, "needs the original model (run it inside a pipeline)")
         rows = []
         graph = GraphEditor(model, owner=self.name)
-        everything = drifted_tensors(ctx.original, model, ctx.selections)
+        everything = []
+        for t in drifted_tensors(ctx.original, model, ctx.selections):
+            if t.width <= self.options.max_channels:
+                everything.append(t)
+                continue
+            rows.append({"stage": None, "tensor": t.name, "readers": [r.name for r in t.readers],
+                         "channels": t.width, "refit": False, "skipped": f"wider than max_channels={self.options.max_channels}"})
+            log.info("correct-drift: %s left alone (%d channels > max_channels %d)", t.name, t.width,
+                     self.options.max_channels)
         stages = len(everything) if self.options.stages is None else min(self.options.stages, len(everything))
         bounds = np.linspace(0, len(everything), max(stages, 1) + 1)
         for stage, (lo, hi) in enumerate(zip(bounds[:-1].round().astype(int), bounds[1:].round().astype(int))):
@@ -156,7 +170,7 @@ def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto,
             continue            # a channel map this pass cannot follow (e.g. through a Flatten)
         intercept = all(_absorbs_intercept(la) and int(np.prod(index_c.dims(la.bias))) == la.out_features
                         for la in layers)
-        out.append(_Tensor(name, keep, axis, layers, intercept))
+        out.append(_Tensor(name, keep, axis, layers, intercept, width_c))
     return out
 
 

@@ -149,3 +149,19 @@ def test_it_needs_the_original_model():
     ctx = PassContext(statistics=None, folds=2)
     with pytest.raises(Exception, match="original"):
         CorrectDrift(CorrectDriftOptions()).run(clone(model), ctx)
+
+
+def test_tensors_wider_than_max_channels_are_left_alone():
+    original = linear_chain()
+    rng = np.random.default_rng(5)
+    compressed = clone(original)
+    distort(compressed, "fc1.W", "fc1.B", np.eye(6) + 0.3 * rng.standard_normal((6, 6)), rng.standard_normal(6))
+    x = graphs.feeds(original, batch=200, seed=0)["x"]
+    provider = StatsProvider({"target": open_samples([{"x": x}], original)}, batch_size=64, folds=2, progress=False)
+    ctx = PassContext(statistics=provider, folds=2, original=original)
+    work = clone(compressed)
+    result = CorrectDrift(CorrectDriftOptions(max_channels=5)).run(work, ctx)
+    row, = result.report["tensors"]
+    assert not result.changed and not row["refit"] and "max_channels" in row["skipped"]
+    assert graphs.get_init(work, "fc2.W").tobytes() == graphs.get_init(compressed, "fc2.W").tobytes()
+    assert CorrectDrift(CorrectDriftOptions(max_channels=6)).run(clone(compressed), ctx).changed
