@@ -36,7 +36,7 @@ from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import CalibrationError
 from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.index import GraphIndex, name_nodes
-from onnxprune.graph.layers import LinearLayer, find_linear_layers
+from onnxprune.graph.layers import LinearLayer, find_linear_layers, layer_weight
 from onnxprune.model import cone_hashes, opset_version
 from onnxprune.passes.base import (
     Approximation,
@@ -122,24 +122,6 @@ def second_moment(moments: Moments) -> linalg.SecondMoment:
     if moments.rows is not None:
         return linalg.SecondMoment.from_rows(moments.rows)
     return linalg.SecondMoment.from_gram(moments.gram, moments.count)
-
-
-def layer_weight(index: GraphIndex, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:
-    """(W: m x n, b: m or None) in float64 with y = W x + b, whatever the op's layout."""
-    w = index.array(layer.weight).astype(np.float64)
-    b = index.array(layer.bias).astype(np.float64) if layer.bias else None
-    if layer.op == "Gemm":
-        alpha, beta = layer.attrs.get("alpha", 1.0), layer.attrs.get("beta", 1.0)
-        w = alpha * (w if layer.attrs.get("transB", 0) else w.T)
-        if b is not None:
-            b = beta * np.broadcast_to(b.reshape(-1), (w.shape[0],)).copy()
-    elif layer.op == "MatMul":
-        w = w.T
-        if b is not None:
-            b = np.broadcast_to(b.reshape(-1), (w.shape[0],)).copy()
-    else:
-        w = w.reshape(w.shape[0], -1)
-    return w, b
 
 
 
