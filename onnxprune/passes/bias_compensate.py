@@ -2,7 +2,9 @@
 
 In one-shot mode the input means are those gathered before any rewrite (no extra pass over
 the data); in sequential mode they are re-gathered layer by layer on the approximated graph,
-so each layer also compensates the mean shift its approximated predecessors caused.
+so each layer's correction is for the inputs it actually receives: its mean output becomes
+W E[x~] + b, what the original weights give on the drifted input, not the original mean
+W E[x] + b (undoing the drift itself is what the correct-drift pass does).
 
 Before:  y_hat = W_hat x + b          (W_hat = A B from low-rank-split)
 After:   y_hat = W_hat x + b + (W - W_hat) x_mean
