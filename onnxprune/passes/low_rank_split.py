@@ -15,6 +15,17 @@ After:   x -> Gemm(B: k x n) -> Gemm(A: m x k, b) -> y
 A Conv (M x C x kh x kw) is linear on its im2col patches (n = C kh kw): it becomes a Conv
 with k filters (same kernel, strides, pads, dilations) and a 1x1 Conv with the bias.
 A split that would not reduce parameters, k (m + n) >= m n, is skipped and reported.
+
+``latency=True`` (latency-aware splits): each layer is cut out as a model of its own at the
+shapes it has in the model (batch ``latency_batch``; ``plan.latency.site_model``) and timed
+as it is and split at its rank (random factors: values do not change the time), and at its
+rank shrunk to the channel block below it (``multiple``, or 8 when that is 1), interleaved,
+the fastest of several runs, one onnxruntime thread (``plan.latency.time_models``). The split
+is kept at its rank when it saves at least ``latency_saving`` (default 5 %) of the layer's
+time, else at the shrunk rank when that does, else skipped (the layer is left whole; splits
+near the parameter break-even time within a few per cent of the layer, which noise decides). Timings are cached in ``ctx.cache`` per (layer,
+rank, batch). The report gives per layer the ideal MAC ratio, the measured times,
+realised/ideal and the decision.
 New nodes are named ``{layer}/low-rank-split/B`` and ``{layer}/low-rank-split/A`` (``GraphEditor.name``).
 """
 
@@ -72,6 +83,9 @@ class LowRankOptions:
     ops: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
     positions: int = PATCH_POSITIONS  # Conv: sampled output positions per sample (0: all)
     multiple: int = 1                 # round each rank to a multiple of this (onnxruntime's channel blocks)
+    latency: bool = False             # time each split against its layer; skip or shrink splits that are not faster
+    latency_batch: int = 1            # latency: the batch size the layers are timed at
+    latency_saving: float = 0.05      # latency: keep a split only if it saves at least this fraction of the layer's time
     ranks: dict | None = None         # per layer: exactly this rank (a plan); layers not named stay whole
 
     def __post_init__(self):
@@ -93,6 +107,12 @@ class LowRankOptions:
             raise ValueError(f"positions={self.positions} must be >= 0")
         if int(self.multiple) < 1:
             raise ValueError(f"multiple={self.multiple} must be >= 1")
+        if not isinstance(self.latency, (bool, np.bool_)):
+            raise ValueError(f"latency={self.latency!r} must be true or false")
+        if isinstance(self.latency_batch, bool) or int(self.latency_batch) < 1:
+            raise ValueError(f"latency_batch={self.latency_batch} must be >= 1")
+        if not 0 <= float(self.latency_saving) < 1:
+            raise ValueError(f"latency_saving={self.latency_saving} must be in [0, 1)")
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "ops", tuple(self.ops))
         if self.ranks is not None:
@@ -284,6 +304,7 @@ class LowRankSplit(Pass):
 
         ranks = self._ranks(weights, spectra)
         log.debug("low-rank-split: ranks chosen %s", ranks)
+        timed = self._latency(model, layers, ranks, weights, ctx) if opts.latency and layers else {}
         rows = []
         for layer in layers:
             started = time.perf_counter()
@@ -295,6 +316,15 @@ class LowRankSplit(Pass):
                                 "reason": f"rank {k} would not reduce parameters ({k}*({m}+{n}) >= {m}*{n})"})
                 log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
                 continue
+            timing = timed.get(layer.name)
+            if timing is not None and timing["decision"] == "skipped":
+                skipped.append({"layer": layer.name, "op": layer.op, "rank": k, **timing,
+                                "reason": f"split not {100 * opts.latency_saving:g} % faster at batch {timing['batch']}: "
+                                          f"{timing['ms_before']:.3f} ms -> {timing['ms_after']:.3f} ms at rank {k}"})
+                log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
+                continue
+            if timing is not None:
+                k = timing["rank"]
             if ctx.mode == "sequential":
                 # This layer's input as the layers already split before it now produce it.
                 stats = ctx.statistics(model, [self._request(layer)], ("target",))
@@ -321,6 +351,7 @@ class LowRankSplit(Pass):
                 "error": float(linalg.reconstruction_error(w, a_mat, b_mat, total) if delta is None else
                                linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta)),
                 **info,
+                **(timing or {}),
             })
             row = rows[-1]
             log.info("low-rank-split: %s %s %dx%d -> rank %d (params %d -> %d, energy %.1f%%, rel. error %.4f, %s) "
@@ -335,7 +366,80 @@ class LowRankSplit(Pass):
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
                 bias_shift=delta)
         GraphEditor(model).remove_unused()
-        return PassResult(changed=bool(rows), report={"split": rows, "skipped": skipped})
+        report = {"split": rows, "skipped": skipped}
+        if timed:
+            report["latency"] = [{"layer": name, **timing} for name, timing in timed.items()]
+        return PassResult(changed=bool(rows), report=report)
+
+    def _latency(self, model, layers, ranks, weights, ctx: PassContext) -> dict[str, dict]:
+        """Per layer that would be split: its rank after timing it against its split(s), the
+        times and the decision (``kept``, ``shrunk`` or ``skipped``); see the module docstring."""
+        from onnxprune.graph.shapes import tensor_shapes
+        from onnxprune.plan.latency import site_model, time_models
+
+        opts = self.options
+        batch = int(opts.latency_batch)
+        block = int(opts.multiple) if int(opts.multiple) > 1 else 8
+        shapes = tensor_shapes(model)
+        out = {}
+        for layer in layers:
+            m, n = weights[layer.name][0].shape
+            k = min(ranks[layer.name], m, n)
+            if linalg.split_params(m, n, k) >= m * n:
+                continue                       # skipped for parameters in run()
+            shrunk = (k - 1) // block * block
+            candidates = [k] + ([shrunk] if shrunk >= 1 and linalg.split_params(m, n, shrunk) < m * n else [])
+            signature = (self.name, "latency", layer.name, layer.op, (m, n), repr(sorted(layer.attrs.items())),
+                         shapes.get(layer.input), batch)
+            cache = ctx.cache if ctx.cache is not None else {}
+            if any(signature + (r,) not in cache for r in [None] + candidates):
+                try:
+                    measured = self._time_split(model, layer, candidates, shapes, batch, site_model, time_models)
+                except Exception as exc:          # a layer this cannot cut out: split it as chosen
+                    log.info("low-rank-split: %s not timed alone (%s: %s); split as chosen", layer.name,
+                             type(exc).__name__, exc)
+                    continue
+                for r, seconds in zip([None] + candidates, measured):
+                    cache[signature + (r,)] = seconds
+            before = cache[signature + (None,)]
+            after = {r: cache[signature + (r,)] for r in candidates}
+            limit = (1 - float(opts.latency_saving)) * before
+            if after[k] < limit:
+                rank, decision = k, "kept"
+            elif shrunk in after and after[shrunk] < limit:
+                rank, decision = shrunk, "shrunk"
+            else:
+                rank, decision = k, "skipped"
+            ideal = m * n / linalg.split_params(m, n, rank)
+            out[layer.name] = {
+                "rank_chosen": k, "rank": rank, "decision": decision, "batch": batch,
+                "ideal_mac_ratio": ideal, "ms_before": 1e3 * before, "ms_after": 1e3 * after[rank],
+                "realised": (before / after[rank]) / ideal,
+                **({"ms_shrunk": 1e3 * after[shrunk], "rank_shrunk": shrunk} if shrunk in after else {}),
+            }
+            log.info("low-rank-split: %s at batch %d: %.3f ms whole, %.3f ms at rank %d%s -> %s (ideal %.2fx, "
+                     "realised/ideal %.2f)", layer.name, batch, 1e3 * before, 1e3 * after[k], k,
+                     f", {1e3 * after[shrunk]:.3f} ms at rank {shrunk}" if shrunk in after else "", decision,
+                     ideal, out[layer.name]["realised"])
+        return out
+
+    def _time_split(self, model, layer: LinearLayer, ranks, shapes, batch, site_model, time_models) -> list[float]:
+        """Seconds of ``layer`` alone, then split at each of ``ranks`` (random factors)."""
+        nodes = {layer.name} | ({layer.bias_node} if layer.bias_node else set())
+        base = site_model(model, nodes, shapes, batch)
+        variants = []
+        rng = np.random.default_rng(0)
+        for rank in ranks:
+            variant = onnx.ModelProto()
+            variant.CopyFrom(base)
+            here = next(la for la in find_linear_layers(variant) if la.name == layer.name)
+            a = rng.standard_normal((here.out_features, rank))
+            b = rng.standard_normal((rank, here.in_features))
+            bias = np.zeros(here.out_features) if here.bias is not None else None
+            self._rewrite(variant, here, a, b, bias)
+            GraphEditor(variant).remove_unused()
+            variants.append(variant)
+        return time_models([base] + variants)
 
     def _budget(self) -> str:
         opts = self.options
