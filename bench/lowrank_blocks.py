@@ -10,7 +10,8 @@ latency-aware (``latency = true``: each layer timed alone against its split, at 
 set of statistics per task. The original and the candidates run interleaved (A B C D A B C D
 ...) on the same random input, one onnxruntime thread each, full graph optimisation (NCHWc
 included); minimum ms of the runs. 'realised' = measured speedup / MAC speedup (goal >= 0.8);
-'split/shrunk/skipped': layers split at their rank, at a block less, left whole for latency.
+'split/shrunk/skipped': layers split at their rank, at a block less, left whole for latency;
+'layer realised': each split layer's own measured speedup (timed alone) / its MAC ratio.
 The CPU is shared with other jobs: minima approximate an unloaded run, ratios come from one
 process.
 """
@@ -72,7 +73,7 @@ def main() -> int:
                          "layers": timed})
         feeds_like = bench.calib.batch(np.arange(1))
         models = [bench.model] + [r["model"] for r in runs]
-        lat = {f"batch{b}": latency(models, feeds_like, batch=b, runs=30 if b == 1 else 10,
+        lat = {f"batch{b}": latency(models, feeds_like, batch=b, runs=60 if b == 1 else 10,
                                     budget=30 if b == 1 else 120) for b in (1, 32)}
         for r in runs:
             r.pop("model")
@@ -96,8 +97,10 @@ def render(raw: dict) -> str:
             mac_speedup = t["macs"] / r["macs"]
             timed = r.get("latency_batch")
             decisions = r.get("decisions")
+            layers = [row["realised"] for row in r.get("layers") or [] if row["decision"] != "skipped"]
             cells = [t["task"], r["multiple"], "off" if timed is None else f"batch {timed}",
                      "-" if not decisions else f"{decisions['kept']}/{decisions['shrunk']}/{decisions['skipped']}",
+                     "-" if not layers else f"{np.median(layers):.2f} ({min(layers):.2f}-{max(layers):.2f})",
                      f"{r['params'] / t['params']:.2f}", f"{mac_speedup:.2f}x"]
             for b in ("batch1", "batch32"):
                 ref, cand = t["latency"][b][0]["min"], t["latency"][b][i + 1]["min"]
@@ -106,7 +109,8 @@ def render(raw: dict) -> str:
             cells += [f"{multiples16} of {len(r['ranks'])}",
                       f"{100 * t['accuracy']:.1f} -> {100 * r['accuracy']:.1f} %"]
             rows.append(cells)
-    lines.append(markdown_table(["task", "multiple", "latency-aware", "split/shrunk/skipped", "params kept",
+    lines.append(markdown_table(["task", "multiple", "latency-aware", "split/shrunk/skipped",
+                                 "layer realised, median (range)", "params kept",
                                  "MAC speedup", "b1 ms (orig -> comp)",
                                  "b1 realised", "b32 ms (orig -> comp)", "b32 realised",
                                  "ranks multiple of 16", "top-1"], rows))

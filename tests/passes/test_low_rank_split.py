@@ -221,3 +221,31 @@ def test_latency_timings_are_cached_per_layer_rank_and_batch(monkeypatch):
         assert calls == expected, (batch, calls)         # layer, rank 20 and rank 16, timed once per batch
     with pytest.raises(Exception, match="latency_batch"):
         LowRankSplit(method="svd", rank=20, latency=True, latency_batch=0)
+
+
+@pytest.mark.parametrize("times, saving, decision, rank", [
+    ((1.0, 0.5, 0.4), 0.05, "kept", 20),          # the chosen rank pays: kept (the smaller one is not taken)
+    ((1.0, 0.99, 0.6), 0.05, "shrunk", 16),       # only one block less pays: shrunk
+    ((1.0, 0.97, 0.96), 0.05, "skipped", 20),     # neither saves 5 %: the layer stays whole
+    ((1.0, 0.97, 0.96), 0.0, "kept", 20),         # latency_saving 0: any saving keeps it
+])
+def test_latency_decision_follows_the_measured_times(monkeypatch, times, saving, decision, rank):
+    from onnxprune.plan import latency
+
+    monkeypatch.setattr(latency, "time_models", lambda models, **kw: list(times[:len(models)]))
+    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
+                 {"W": RNG.normal(size=(64, 64)), "b": RNG.normal(size=64)}, [64], [64])
+    x = RNG.normal(size=(32, 64)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "svd", "rank": 20, "latency": True,
+                                                "latency_saving": saving})])
+    report = result.report["passes"][0]
+    row = report["latency"][0]
+    assert (row["decision"], row["rank"], row["rank_chosen"], row["rank_shrunk"]) == (decision, rank, 20, 16)
+    assert row["ms_before"] == pytest.approx(1e3) and row["ideal_mac_ratio"] == pytest.approx(64 * 64 / (rank * 128))
+    assert row["realised"] == pytest.approx(1.0 / times[1 if rank == 20 else 2] / row["ideal_mac_ratio"])
+    nodes = {n.name for n in result.model.graph.node}
+    if decision == "skipped":
+        assert nodes == {"fc"} and not report["split"] and report["skipped"][0]["decision"] == "skipped"
+    else:
+        assert "fc/low-rank-split/A" in nodes and report["split"][0]["rank"] == rank
+        assert report["split"][0]["decision"] == decision
