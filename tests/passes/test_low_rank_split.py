@@ -232,7 +232,8 @@ def test_latency_timings_are_cached_per_layer_rank_and_batch(monkeypatch):
 def test_latency_decision_follows_the_measured_times(monkeypatch, times, saving, decision, rank):
     from onnxprune.plan import latency
 
-    monkeypatch.setattr(latency, "time_models", lambda models, **kw: list(times[:len(models)]))
+    calls = []
+    monkeypatch.setattr(latency, "time_models", lambda models, **kw: calls.append(1) or list(times[:len(models)]))
     model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
                  {"W": RNG.normal(size=(64, 64)), "b": RNG.normal(size=64)}, [64], [64])
     x = RNG.normal(size=(32, 64)).astype(np.float32)
@@ -243,6 +244,7 @@ def test_latency_decision_follows_the_measured_times(monkeypatch, times, saving,
     assert (row["decision"], row["rank"], row["rank_chosen"], row["rank_shrunk"]) == (decision, rank, 20, 16)
     assert row["ms_before"] == pytest.approx(1e3) and row["ideal_mac_ratio"] == pytest.approx(64 * 64 / (rank * 128))
     assert row["realised"] == pytest.approx(1.0 / times[1 if rank == 20 else 2] / row["ideal_mac_ratio"])
+    assert len(calls) == (2 if decision == "skipped" else 1)     # a skip is confirmed by a second timing
     nodes = {n.name for n in result.model.graph.node}
     if decision == "skipped":
         assert nodes == {"fc"} and not report["split"] and report["skipped"][0]["decision"] == "skipped"
