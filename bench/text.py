@@ -242,11 +242,14 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
             log(f"{domain}: sensitivity of {len(missing)} more sites ({options}) in {time.perf_counter() - t0:.0f} s")
         return p
 
-    planners = {"FFN units: spectral + reconstruction": restricted(families=("prune",), sites=ffn),
-                "heads: spectral + reconstruction": restricted(families=("prune",), sites=heads),
-                "FFN units + heads (pruning planner)": restricted(families=("prune",)),
-                "low rank: DALR + bias (low-rank planner)": restricted(families=("low-rank",)),
-                "planner mix (compress default)": auto}
+    planners = {"FFN units: spectral + reconstruction": lambda: restricted(families=("prune",), sites=ffn),
+                "heads: spectral + reconstruction": lambda: restricted(families=("prune",), sites=heads),
+                "FFN units + heads (pruning planner)": lambda: restricted(families=("prune",)),
+                "low rank: DALR + bias (low-rank planner)": lambda: restricted(families=("low-rank",)),
+                "planner mix (compress default)": lambda: auto}
+    if args.rows == "mix":
+        planners = {k: v for k, v in planners.items() if k.startswith("planner mix")}
+    planners = {k: make() for k, make in planners.items()}
     rows, models = [], {}
     for budget in args.budgets:
         for label, planner in planners.items():
@@ -411,6 +414,8 @@ def main() -> None:
     parser.add_argument("--out", default="text")
     parser.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="skip the onnxruntime optimizer fusion and latency check (first domain's models)")
+    parser.add_argument("--rows", choices=("all", "mix"), default="all",
+                        help="mix: only the planner mix rows (budgets, --no-correct-drift, --max-drop)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="the rows without a budget (compress's default)")
     parser.add_argument("--no-onnxsim", dest="onnxsim", action="store_false",
                         help="leave out onnxsim's structured pruning rows (needs onnxsim >= 0.8.1)")
