@@ -454,7 +454,7 @@ def main() -> None:
 
     def update(domain: str, rows: list[dict], info: dict) -> None:
         results[domain] = {"rows": rows, **info}
-        lines = [HEADER, ""]
+        lines = [HEADER.replace("@ARGS@", "".join(f" {a}" for a in sys.argv[1:])), ""]
         for name, got in results.items():
             lines += table(name, got["rows"], got)
             if got.get("fusion"):
@@ -468,7 +468,7 @@ def main() -> None:
 
 
 HEADER = ("# Sentence encoder: paraphrase-MiniLM-L3 on SST-2 and AG News\n\n"
-          "Command: `python bench/text.py` (defaults: both domains, budgets 0.7 and 0.5 of the MACs); the splits "
+          "Command: `python bench/text.py@ARGS@` (default: both domains, budgets 0.7 and 0.5 of the MACs); the splits "
           "and rows are described in the module docstring. Planner rows as `compress` plans them now: the mix "
           "leaves the attention projections (Q/K/V and output) to head pruning, and correct-drift runs after a "
           "plan when the planner's cross-fitted check measures it better (column correct-drift: the check's drop "

@@ -91,7 +91,7 @@ def main() -> None:
                 r[f"ms_batch{batch}"] = 1000 * min(times[k])
                 r[f"rounds_batch{batch}"] = rounds
     lines = [f"# MiniLM-L3 latency of the {args.results} planner structures ({args.domain})", "",
-             f"Command: `python bench/text_latency.py --results {args.results} --rounds {args.rounds}`; "
+             f"Command: `python bench/text_latency.py --results {args.results} --rounds {args.rounds} --threads {args.threads}`; "
              "optimised graphs, interleaved, minimum time, onnxruntime "
              f"{ort.__version__}, {args.threads} threads, on the shared 2-core machine under load.", "",
              "| budget | model | fused ops | MACs at L=128 % | batch 1 ms (speedup) | batch 32 ms (speedup) | "
