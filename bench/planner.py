@@ -10,7 +10,7 @@ compress` and `onnxprune sweep` do with the flags printed in the results):
   (d) sensitivity heat maps.
 Writes bench/results/planner.md and planner_*.png.
 
-    python bench/planner.py [--only resnet20|mobilenetv2] [--quick]
+    python bench/planner.py [--only resnet20|mobilenetv2] [--quick | --budgets 0.8,0.75]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def global_threshold(planner: Planner, whole: float, drift: bool = False) -> Rec
     return Recipe(passes=passes + ((("correct-drift", {}),) if drift else ()), folds=2)
 
 
-def run(name: str, spec: dict, quick: bool) -> dict:
+def run(name: str, spec: dict, quick: bool, budgets: tuple[float, ...] = ()) -> dict:
     model = as_model(spec["model"])
     recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=spec["calib_size"], preprocess=spec["preprocess"])
     samples, held_out, _, _, _ = compress_samples(model, recipe, spec["data"])
@@ -87,7 +87,7 @@ def run(name: str, spec: dict, quick: bool) -> dict:
     out["plan_seconds"] = time.perf_counter() - started
     out["default"] = finish(result, "planned, --max-drop 1")
     out["default"]["families"] = sorted({s["family"] for s in result["sites"]})
-    budgets = spec["budgets"][:2] if quick else spec["budgets"]
+    budgets = budgets or (spec["budgets"][:2] if quick else spec["budgets"])
     for b in budgets:
         out["rows"].append(finish(planner.for_budget(b), "planned", b))
         for label, drift in (("global threshold", False), ("global + correct-drift", True)):
@@ -123,6 +123,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         spec = MODELS[r["name"]]
         d = r["default"]
+        measured = sorted({row["budget"] for row in r["rows"]}, reverse=True)
         load = "-".join(str(x) for x in r.get("load", []))
         lines += [f"## {r['name']} ({r['calibration']} calibration / {r['evaluation']} evaluation samples, "
                   f"load average {load or 'not recorded'})", "",
@@ -136,7 +137,7 @@ def markdown(results: list[dict]) -> str:
                   f"(seconds: {json.dumps(r['planner']['seconds'])}) against {r['plain_compress_seconds']:.0f} s "
                   f"for one plain global-threshold compress (calibration + rewrite): "
                   f"**{r['plan_seconds'] / max(r['plain_compress_seconds'], 1e-9):.1f}x**.", "",
-                  f"At equal MACs, `onnxprune sweep ... --flops {','.join(str(b) for b in spec['budgets'])}` "
+                  f"At equal MACs, `onnxprune sweep ... --flops {','.join(str(b) for b in measured)}` "
                   "against `--allocation global --method spectral` (top-1 % on the held-out split):", ""]
         rows = []
         for b in sorted({row["budget"] for row in r["rows"]}, reverse=True):
@@ -158,6 +159,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(MODELS))
     parser.add_argument("--quick", action="store_true", help="two budgets per model")
+    parser.add_argument("--budgets", type=lambda s: tuple(float(x) for x in s.split(",")), default=(),
+                        help="comma-separated MAC fractions instead of the model's list")
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
@@ -168,7 +171,7 @@ def main(argv=None) -> None:
         for name, spec in MODELS.items():
             if args.only and name != args.only:
                 continue
-            fresh = run(name, spec, args.quick)
+            fresh = run(name, spec, args.quick, args.budgets)
             if args.only and stored.exists():     # re-read: another run may have stored its model meanwhile
                 results = json.loads(stored.read_text())
             results = [r for r in results if r["name"] != name] + [fresh]

@@ -409,10 +409,10 @@ def section_f(resnet_flops, mobilenet_flops, resnet_kwargs, mobilenet_kwargs) ->
 
 def mb_expansion(model, group) -> bool:
     """A group whose path holds a depthwise conv and whose producer is a 1x1 conv (not the stem)."""
-    from onnxprune.model import get_array
+    from onnxprune.graph.index import GraphIndex
     ops = {n.name: n.op_type for n in model.graph.node}
     depthwise = any(ops.get(p.node) == "Conv" for p in group.path)
-    return depthwise and get_array(model, group.producers[0].weight).shape[2:] == (1, 1)
+    return depthwise and GraphIndex(model).dims(group.producers[0].weight)[2:] == (1, 1)
 
 
 def section_f_combined(budgets) -> str:

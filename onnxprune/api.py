@@ -18,15 +18,14 @@ import onnx
 from onnxprune import cost
 from onnxprune.calibration.collect import collect
 from onnxprune.calibration.provider import StatsProvider
+from onnxprune.calibration.stats import Statistics
 from onnxprune.data.preprocess import Preprocess
 from onnxprune.data.samples import SampleSet, open_samples
-from onnxprune.calibration.stats import Statistics
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.layers import find_linear_layers
-from onnxprune.structures.heads import head_layout_skips
 from onnxprune.model import (
     count_parameters,
     default_mode,
@@ -43,6 +42,7 @@ from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
+from onnxprune.structures.heads import head_layout_skips
 from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
 

@@ -315,8 +315,12 @@ def calibration_options(func):
 @click.option("--objective", type=click.Choice(["macs", "params", "latency"]),
               help="What 'smaller' means for --max-drop planning (default macs; --keep implies params; "
                    "latency: measured onnxruntime time, see --latency-batch).")
-@click.option("--latency-batch", type=click.IntRange(min=1), help="--objective latency: the batch size "
-                                                                  "timed (default 1).")
+@click.option("--latency-batch", type=click.IntRange(min=1), help="--objective latency or --latency-aware-splits: "
+                                                                  "the batch size timed (default 1).")
+@click.option("--latency-aware-splits", is_flag=True,
+              help="Low rank: time each layer against its split on onnxruntime (1 thread, --latency-batch) and "
+                   "skip the split, or shrink it by one channel block, unless it saves >= 5 % of the layer's time. "
+                   "Runs the one recipe the flags describe (no planning).")
 @click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
               help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
 @click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "

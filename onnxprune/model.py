@@ -221,88 +221,10 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer) + 4096
 
 
-def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    """The value of initializer ``name`` as a numpy array (a copy)."""
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            return numpy_helper.to_array(tensor).copy()
-    raise KeyError(name)
-
-
-def set_array(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    """Replace (or add) initializer ``name`` with ``array``.
-
-    IR version 3 lists every initializer as a graph input too: a new initializer gets its
-    input entry, a replaced one's entry follows the new shape.
-    """
-    new = numpy_helper.from_array(np.ascontiguousarray(array), name)
-    for i, tensor in enumerate(model.graph.initializer):
-        if tensor.name == name:
-            model.graph.initializer[i].CopyFrom(new)
-            break
-    else:
-        model.graph.initializer.append(new)
-    _sync_legacy_input(model, new)
-
-
-def _sync_legacy_input(model: onnx.ModelProto, tensor: onnx.TensorProto) -> None:
-    graph = model.graph
-    entry = next((v for v in graph.input if v.name == tensor.name), None)
-    if entry is None:
-        if model.ir_version >= 4:
-            return
-        entry = graph.input.add()
-        entry.CopyFrom(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        return
-    if entry.type.HasField("tensor_type"):
-        entry.type.tensor_type.elem_type = tensor.data_type
-        entry.type.tensor_type.shape.Clear()
-        for d in tensor.dims:
-            entry.type.tensor_type.shape.dim.add().dim_value = int(d)
-
-
 def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
     """The opset version ``model`` imports for ``domain`` ("" and "ai.onnx" are the default one)."""
     domains = ("", "ai.onnx") if domain in ("", "ai.onnx") else (domain,)
     return max((int(o.version) for o in model.opset_import if o.domain in domains), default=0)
-
-
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    used = {o.name for o in graph.output}
-    for node in graph.node:
-        used.update(node.input)
-        for attr in node.attribute:
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                used |= _used_names(sub)
-    return used
-
-
-def remove_unused_initializers(model: onnx.ModelProto) -> None:
-    """Drop initializers no node (nor subgraph) reads, and their legacy graph-input entries."""
-    used = _used_names(model.graph)
-    dropped = {t.name for t in model.graph.initializer if t.name not in used}
-    if not dropped:
-        return
-    keep = [t for t in model.graph.initializer if t.name not in dropped]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    inputs = [v for v in model.graph.input if v.name not in dropped]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-
-
-def unique_name(model: onnx.ModelProto, base: str) -> str:
-    """``base`` if no node, tensor or initializer has that name yet, else ``base/1``, ``base/2``..."""
-    taken = {n.name for n in model.graph.node}
-    taken |= {o for n in model.graph.node for o in n.output}
-    taken |= {t.name for t in model.graph.initializer}
-    taken |= {v.name for v in model.graph.input}
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}/{i}" in taken:
-        i += 1
-    return f"{base}/{i}"
 
 
 def cone_hashes(model: onnx.ModelProto, tensors) -> dict[str, str]:

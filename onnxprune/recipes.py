@@ -33,11 +33,11 @@ PRUNING_CRITERIA: tuple[str, ...] = criteria.names()
 
 #: options that choose the method and its budget (a recipe file fixes them)
 METHOD_OPTIONS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau", "flops", "lam", "ridge", "layers",
-                  "no_reconstruct", "then_low_rank")
+                  "no_reconstruct", "then_low_rank", "latency_aware_splits")
 #: recipe-level settings (given over a recipe file, they change it)
 RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric")
 BUDGET_OPTIONS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")
-LOW_RANK_ONLY = ("rank", "energy", "ridge")
+LOW_RANK_ONLY = ("rank", "energy", "ridge", "latency_aware_splits")
 PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank")
 #: options that set a per-layer rule or a pass option the planner does not choose: with any of
 #: them, compress runs the one recipe they describe (one global threshold for keep/flops)
@@ -76,7 +76,8 @@ def method_passes(method: str, *, keep: float | None = None, rank: int | None = 
                   energy: float | None = None, alpha: float | None = None, tau: float | None = None,
                   flops: float | None = None, lam: float | None = None, ridge: Any = None,
                   layers: tuple[str, ...] = (), reconstruct: bool = True,
-                  then_low_rank: float | None = None) -> tuple[tuple[str, dict], ...]:
+                  then_low_rank: float | None = None, latency: bool = False,
+                  latency_batch: int | None = None) -> tuple[tuple[str, dict], ...]:
     """The passes of ``method`` (a low-rank preset or a pruning criterion) with these options.
 
     >>> method_passes("dalr-bc", keep=0.25)
@@ -84,7 +85,7 @@ def method_passes(method: str, *, keep: float | None = None, rank: int | None = 
     """
     check_method_options(method, {"rank": rank, "energy": energy, "ridge": ridge, "alpha": alpha, "tau": tau,
                                   "flops": flops, "lam": lam, "no_reconstruct": not reconstruct,
-                                  "then_low_rank": then_low_rank})
+                                  "then_low_rank": then_low_rank, "latency_aware_splits": latency})
     budget = {k: v for k, v in (("keep", keep), ("rank", rank), ("fraction", fraction), ("energy", energy))
               if v is not None}
     if method in METHODS:
@@ -95,6 +96,11 @@ def method_passes(method: str, *, keep: float | None = None, rank: int | None = 
             split["layers"] = tuple(layers)
         if ridge is not None:
             split["ridge"] = ridge
+        if latency:
+            # time each split against its layer; skip or shrink those that do not pay
+            split["latency"] = True
+            if latency_batch is not None:
+                split["latency_batch"] = int(latency_batch)
         return tuple(passes)
     if method not in PRUNING_CRITERIA:
         raise RecipeError(f"method {method!r}", "is not a known method",
@@ -125,7 +131,7 @@ def planned(options: Mapping[str, Any]) -> bool:
     """Whether compress plans per site (the default) or runs one fixed recipe."""
     if options.get("allocation") == "global" or options.get("no_reconstruct") or options.get("stats"):
         return False
-    if options["method"] == "pfa-kl":
+    if options["method"] == "pfa-kl" or options.get("latency_aware_splits"):
         return False
     return not any(options.get(name) is not None for name in RULE_OPTIONS)
 
@@ -183,10 +189,15 @@ def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable
         return Recipe(passes=(), plan=plan_request(options, layers, flag), **settings)
     if method == "auto":
         method = "spectral" if any(options.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
+    latency = bool(options.get("latency_aware_splits"))
+    if options.get("latency_batch") is not None and not latency:
+        raise RecipeError(flag("latency_batch"), f"only applies to {flag('objective')} latency or "
+                                                 f"{flag('latency_aware_splits')}")
     passes = method_passes(method, **{k: options.get(k) for k in ("keep", "rank", "fraction", "energy", "alpha",
                                                                   "tau", "flops", "lam", "ridge")},
                            layers=layers, reconstruct=not options.get("no_reconstruct"),
-                           then_low_rank=options.get("then_low_rank"))
+                           then_low_rank=options.get("then_low_rank"), latency=latency,
+                           latency_batch=options.get("latency_batch"))
     return Recipe(passes=passes, mode=options.get("mode") or "one-shot", **settings)
 
 

@@ -272,3 +272,21 @@ def test_plan_flag_contradictions_are_user_errors(tmp_path):
     assert_user_error(result, "--objective params", "contradicts --flops")
     result = cli("sweep", MODEL, "--target-data", DATA, "-o", tmp_path / "sweep", "--calib-size", "50")
     assert_user_error(result, "--flops/--keep", "give one list of budgets")
+
+
+def test_latency_aware_splits_flag_reports_per_layer_timings(tmp_path):
+    out, data = tmp_path / "small.onnx", tmp_path / "few.npz"
+    with np.load(DATA) as full:
+        np.savez(data, x=full["x"][:64], y=full["y"][:64])
+    result = cli("compress", MODEL, "--target-data", data, "-o", out, "--method", "svd", "--keep", "0.2",
+                 "--latency-aware-splits", "--latency-batch", "2", "--no-latency", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.with_suffix(".report.json").read_text()) if out.with_suffix(".report.json").exists() \
+        else json.loads(result.stdout)
+    split = next(p for p in report["passes"] if p["pass"] == "low-rank-split") if "passes" in report else None
+    assert split is not None and split["latency"], report.keys()
+    for row in split["latency"]:
+        assert row["batch"] == 2 and row["decision"] in ("kept", "shrunk", "skipped")
+        assert {"ideal_mac_ratio", "ms_before", "ms_after", "realised"} <= set(row)
+    skipped = {row["layer"] for row in split["skipped"]}
+    assert {row["layer"] for row in split["latency"] if row["decision"] == "skipped"} <= skipped

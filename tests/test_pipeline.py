@@ -81,7 +81,8 @@ def test_unnamed_chain_splits_two_layers(method):
     assert split_layers(report) == ["Gemm_0", "Gemm_2"]
     assert model.SerializeToString() == before                    # the caller's model is not renamed
     assert [n.name for n in out.graph.node] == [
-        "Gemm_0/low_rank/B", "Gemm_0/low_rank/A", "Relu_1", "Gemm_2/low_rank/B", "Gemm_2/low_rank/A", "Relu_3",
+        "Gemm_0/low-rank-split/B", "Gemm_0/low-rank-split/A", "Relu_1", "Gemm_2/low-rank-split/B",
+        "Gemm_2/low-rank-split/A", "Relu_3",
         "Gemm_4"]
     onnx.checker.check_model(out)
     assert_equivalent(model, out, graphs.feeds(model, batch=7, seed=5), tol=1e-4)

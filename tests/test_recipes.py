@@ -83,3 +83,16 @@ def test_pass_options_are_validated_when_the_recipe_is_made():
     first, second = recipe.build(), recipe.build()
     assert [p.name for p in first] == ["low-rank-split", "bias-compensate"]
     assert first[0] is not second[0] and first[0].options == second[0].options
+
+
+def test_latency_aware_splits_make_a_fixed_low_rank_recipe():
+    recipe = build_recipe(options(method="dalr-bc", keep=0.25, latency_aware_splits=True, latency_batch=8), {})
+    assert recipe.plan is None
+    assert recipe.passes == (("low-rank-split", {"method": "dalr", "keep": 0.25, "latency": True, "latency_batch": 8}),
+                             ("bias-compensate", {}))
+    assert build_recipe(options(method="svd", rank=4, latency_aware_splits=True), {}).passes[0][1]["latency"] is True
+    assert "latency" not in build_recipe(options(method="svd", rank=4), {}).passes[0][1]
+    with pytest.raises(OptionConflict, match="latency_aware_splits applies to low rank"):
+        build_recipe(options(method="l1", keep=0.5, latency_aware_splits=True), {})
+    with pytest.raises(RecipeError, match="latency_batch.*only applies to objective latency or latency_aware_splits"):
+        build_recipe(options(method="svd", rank=4, latency_batch=4), {})

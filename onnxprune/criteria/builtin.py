@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxprune import linalg
 from onnxprune.criteria import Criterion, Ranking, pooled_request, register, site_request
-from onnxprune.model import get_array
+from onnxprune.graph.index import GraphIndex
 
 
 def _site(group, views):
@@ -141,8 +141,9 @@ class L1(Criterion):
     def score(self, model, group, views):
         c = group.channels
         norms = np.zeros(c)
+        index = GraphIndex(model)
         for p in group.producers:
-            w = get_array(model, p.weight).astype(np.float64)
+            w = index.array(p.weight).astype(np.float64)
             w = np.moveaxis(w, p.axis, 0).reshape(c, -1)
             norms += np.abs(w).sum(axis=1)
         return {"sigma": _site(group, views).second_moment, "ranking": None,

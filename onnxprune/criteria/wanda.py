@@ -21,15 +21,16 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.criteria import Criterion, register, site_request
-from onnxprune.model import get_array
+from onnxprune.graph.index import GraphIndex
 
 
 def consumer_column_norms(model, group) -> np.ndarray:
     """||W_:j||_2 over every consumer weight entry that multiplies channel j, (C,)."""
     c = group.channels
     squares = np.zeros(c)
+    index = GraphIndex(model)
     for consumer in group.consumers:
-        w = np.moveaxis(get_array(model, consumer.weight).astype(np.float64), consumer.axis, 0)
+        w = np.moveaxis(index.array(consumer.weight).astype(np.float64), consumer.axis, 0)
         # channel j owns rows j*spatial .. (j+1)*spatial - 1 of the moved axis (channel-major)
         squares += np.square(w.reshape(c, -1)).sum(axis=1)
     return np.sqrt(squares)

@@ -36,13 +36,6 @@ from PIL import Image
 from onnxprune.errors import DataError
 from onnxprune.model import InputSpec
 
-LABEL_KEYS = ("y", "labels")
-ARRAY_SUFFIXES = (".npy", ".npz")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-LABELS_CSV = "labels.csv"
-LAYOUTS = ("NCHW", "NHWC")
-
-
 LAYOUTS = ("NCHW", "NHWC")
 
 

@@ -48,25 +48,13 @@ import numpy as np
 import onnx
 from PIL import Image
 
+from onnxprune.data.preprocess import Preprocess, dims_text, is_int, prepare
 from onnxprune.errors import DataError
 from onnxprune.model import InputSpec, input_specs
 
 LABEL_KEYS = ("y", "labels")
 ARRAY_SUFFIXES = (".npy", ".npz")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-LABELS_CSV = "labels.csv"
-LAYOUTS = ("NCHW", "NHWC")
-from onnxprune.data.preprocess import Preprocess, dims_text, is_int, prepare
-
-LABEL_KEYS = ("y", "labels")
-
-
-ARRAY_SUFFIXES = (".npy", ".npz")
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-
-
 LABELS_CSV = "labels.csv"
 
 

@@ -155,9 +155,15 @@ def find_channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
     return sorted(found, key=lambda g: order.get(g.producers[0].node if g.producers else g.name, len(order)))
 
 
-def component_groups(index: GraphIndex, starts: dict, component: type) -> list[ChannelGroup]:
-    """One group per connected component of channels, walked from each unvisited producer of
-    ``starts`` ({node index: _ProducerInfo}) by ``component`` (a ``_Component`` class)."""
+def component_groups(index: GraphIndex, producer: Callable, component: type) -> list[ChannelGroup]:
+    """One group per connected component of channels, walked by ``component`` (a ``_Component``
+    class) from each unvisited producer, i.e. node i with ``producer(index, i)`` not None
+    (a ``_ProducerInfo``)."""
+    starts = {}
+    for i in range(len(index.nodes)):
+        info = producer(index, i)
+        if info is not None:
+            starts[i] = info
     seen: set[int] = set()
     groups = []
     for i in starts:
@@ -173,12 +179,7 @@ def component_groups(index: GraphIndex, starts: dict, component: type) -> list[C
 def find_axis1_groups(index: GraphIndex) -> list[ChannelGroup]:
     """Groups along axis 1 ([N, C, ...] and [N, C]): Conv/Gemm/MatMul producers through
     per-channel ops (BN, pools, depthwise Conv, Flatten) to linear consumers."""
-    starts = {}
-    for i in range(len(index.nodes)):
-        info = _producer(index, i)
-        if info is not None:
-            starts[i] = info
-    return component_groups(index, starts, _Component)
+    return component_groups(index, _producer, _Component)
 
 
 @dataclasses.dataclass

@@ -56,15 +56,6 @@ def name_nodes(model: onnx.ModelProto) -> int:
     return renamed
 
 
-def node_position(model: onnx.ModelProto, name: str) -> int:
-    """Where the node called ``name`` sits in ``model.graph.node`` now (looked up by name,
-    never remembered: rewrites move nodes). KeyError when there is none."""
-    for i, node in enumerate(model.graph.node):
-        if node.name == name:
-            return i
-    raise KeyError(f"no node named {name!r}")
-
-
 def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Every tensor name read inside the subgraphs of ``node`` (If/Loop/Scan bodies)."""
     names: set[str] = set()

@@ -1,7 +1,8 @@
 """Linear layers: every Conv / Gemm / MatMul as ``y = W x (+ b)`` with W an initializer.
 
 ``find_linear_layers`` gives each one's shape (m out, n in; a Conv is linear on its im2col
-patches, n = C kh kw) and, when it cannot be split, why. Analysis only.
+patches, n = C kh kw) and, when it cannot be split, why; ``layer_weight`` reads a layer's
+(W, b) in float64 whatever the op's layout. Analysis only.
 """
 
 from __future__ import annotations
@@ -118,6 +119,24 @@ def _linear_layer(index: GraphIndex, i: int) -> LinearLayer:
         skip = skip or f"weight {weight} is shared with {', '.join(others) or 'a graph output'}"
     return LinearLayer(name=name, op=op, node_index=i, input=x, output=output, weight=weight, bias=bias,
                        bias_node=bias_node, out_features=int(m), in_features=int(n), attrs=attrs, skip=skip)
+
+
+def layer_weight(index: GraphIndex, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W: m x n, b: m or None) in float64 with y = W x + b, whatever the op's layout."""
+    w = index.array(layer.weight).astype(np.float64)
+    b = index.array(layer.bias).astype(np.float64) if layer.bias else None
+    if layer.op == "Gemm":
+        alpha, beta = layer.attrs.get("alpha", 1.0), layer.attrs.get("beta", 1.0)
+        w = alpha * (w if layer.attrs.get("transB", 0) else w.T)
+        if b is not None:
+            b = beta * np.broadcast_to(b.reshape(-1), (w.shape[0],)).copy()
+    elif layer.op == "MatMul":
+        w = w.T
+        if b is not None:
+            b = np.broadcast_to(b.reshape(-1), (w.shape[0],)).copy()
+    else:
+        w = w.reshape(w.shape[0], -1)
+    return w, b
 
 
 def matmul_bias(index: GraphIndex, i: int, m: int) -> tuple[int, str] | None:

@@ -25,11 +25,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
+from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.groups import CHANNEL_AXIS, ChannelGroup, reshape_entry
-from onnxprune.graph.index import GraphIndex, node_names, subgraph_inputs
 from onnxprune.graph.shapes import inferred_value_info
 
-SUFFIX = "/prune"
+#: owner of the names prune_channels makes: a copy of a shared initializer is ``{name}/prune/copy``
+OWNER = "prune"
+COPY = f"/{OWNER}/copy"
 
 
 def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray,
@@ -39,7 +41,7 @@ def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray
     keep: (k,) distinct channel indices in [0, C); their order is the new channel order.
     reconstruction: (C, k) matrix A with phi ~= A phi_keep, or None for plain column
     selection. Initializers shared with nodes outside the rewrite are copied under
-    ``{name}/prune`` first; graph inputs, outputs, ir_version and opsets are untouched.
+    ``{name}/prune/copy`` first; graph inputs, outputs, ir_version and opsets are untouched.
 
     Raises ModelError for a skipped group, bad ``keep``/``reconstruction``, or a group
     that no longer matches the model (find the groups again after rewriting the graph).
@@ -56,7 +58,7 @@ def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray
         if not np.all(np.isfinite(reconstruction)):
             raise ModelError(group.name, "reconstruction has non-finite entries")
 
-    editor = _Editor(model, group.name)
+    editor = _GroupView(model, group.name)
     # Plan every write first (reading the current values and checking their sizes), so a
     # group that does not match the model raises before anything changes.
     writes: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
@@ -96,7 +98,7 @@ def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray
                        _consumer_weight(weight, consumer.axis, consumer.spatial, keep, reconstruction)))
 
     if group.reshapes:
-        index = GraphIndex(model)
+        index = editor.graph
         for name in group.reshapes:
             node = editor.node(name)
             found = reshape_entry(index, index.index_of[name], CHANNEL_AXIS)
@@ -111,11 +113,11 @@ def prune_channels(model: onnx.ModelProto, group: ChannelGroup, keep: np.ndarray
 
     for tensor, offset in group.shape_entries:
         writes.append(_shape_entry_write(editor, group, tensor, offset, len(keep)))
-        changed.update(out for node in editor.readers(tensor) for out in node.output if out)
+        changed.update(out for node in editor.graph.readers(tensor) for out in node.output if out)
 
     for node, name, value in writes:
         if node is None:            # a Constant node's value: ``name`` is the node
-            _set_constant(editor.nodes[name], value)
+            _set_constant(editor.node(name), value)
             continue
         editor.write(node, name, value)
     for node in depthwise:               # one group per kept channel
@@ -140,15 +142,15 @@ def _check_keep(group: ChannelGroup, keep) -> np.ndarray:
     return keep.astype(np.int64)
 
 
-def _shape_entry_write(editor: _Editor, group: ChannelGroup, tensor: str, offset: int, kept: int):
+def _shape_entry_write(editor: _GroupView, group: ChannelGroup, tensor: str, offset: int, kept: int):
     """The write that scales entry ``offset`` of shape constant ``tensor`` by kept / channels:
     (reader node, initializer, value), or (None, Constant node name, value)."""
     constant = editor.constant_node(tensor)
     if constant is not None:
         value = numpy_helper.to_array(next(a.t for a in constant.attribute if a.name == "value"))
     else:
-        readers = editor.readers(tensor)
-        if not readers or tensor not in editor.inits:
+        readers = editor.graph.readers(tensor)
+        if not readers or not editor.graph.has_initializer(tensor):
             raise ModelError(group.name, f"shape constant {tensor} is not in the model",
                              "find the channel groups again on the current model")
         value = editor.read(readers[0], tensor)
@@ -222,40 +224,24 @@ def _refresh_value_info(model: onnx.ModelProto, changed: set[str]) -> None:
             graph.value_info.append(inferred[value.name])
 
 
-class _Editor:
-    """Reads and writes initializers as node inputs; copies shared ones before writing."""
+class _GroupView:
+    """The group's view of a ``GraphEditor``: nodes and initializers the group names, checked
+    against the model (a group found before an earlier rewrite still applies)."""
 
     def __init__(self, model: onnx.ModelProto, group: str):
-        self.model = model
+        self.graph = GraphEditor(model, owner=OWNER)
         self.group = group
-        graph = model.graph
-        self.nodes = dict(zip(node_names(model), graph.node))
-        self.inits = {t.name: t for t in graph.initializer}
-        self.uses: dict[str, int] = {}
-        for node in graph.node:
-            for name in node.input:
-                if name:
-                    self.uses[name] = self.uses.get(name, 0) + 1
-            for name in subgraph_inputs(node):
-                self.uses[name] = self.uses.get(name, 0) + 1
-        for value in graph.output:
-            self.uses[value.name] = self.uses.get(value.name, 0) + 1
 
     def constant_node(self, tensor: str) -> onnx.NodeProto | None:
         """The Constant node whose output is ``tensor``, if any."""
-        for node in self.model.graph.node:
-            if node.op_type == "Constant" and tensor in node.output:
-                return node
-        return None
-
-    def readers(self, tensor: str) -> list[onnx.NodeProto]:
-        return [node for node in self.model.graph.node if tensor in node.input]
+        node = self.graph.producer_of(tensor)
+        return node if node is not None and node.op_type == "Constant" else None
 
     def node(self, name: str) -> onnx.NodeProto:
-        if name not in self.nodes:
+        if not self.graph.has_node(name):
             raise ModelError(self.group, f"node {name} is not in the model",
                              "find the channel groups again on the current model")
-        return self.nodes[name]
+        return self.graph.node(name)
 
     def expect(self, ok: bool, what: str) -> None:
         if not ok:
@@ -264,62 +250,28 @@ class _Editor:
 
     def holder(self, node: onnx.NodeProto, name: str) -> onnx.NodeProto:
         """The node that reads ``name``: ``node`` itself or the bias Add after a MatMul."""
-        if any(i == name or i.startswith(name + SUFFIX) for i in node.input):
+        if any(i == name or i.startswith(name + COPY) for i in node.input):
             return node
-        for other in self.model.graph.node:
-            if other.op_type == "Add" and node.output[0] in other.input and \
-                    any(i == name or i.startswith(name + SUFFIX) for i in other.input):
+        for other in self.graph.readers(node.output[0]):
+            if other.op_type == "Add" and any(i == name or i.startswith(name + COPY) for i in other.input):
                 return other
         raise ModelError(self.group, f"bias {name} of {node.name} is not in the model",
                          "find the channel groups again on the current model")
 
     def resolve(self, node: onnx.NodeProto, name: str) -> str:
-        """The input of ``node`` that holds ``name``: itself, or its copy-on-write ``{name}/prune``
+        """The input of ``node`` that holds ``name``: itself, or its copy-on-write ``{name}/prune/copy``
         made by an earlier rewrite (so groups found before a rewrite still apply)."""
-        if name in node.input and name in self.inits:
+        if name in node.input and self.graph.has_initializer(name):
             return name
-        copies = [i for i in node.input if i.startswith(name + SUFFIX) and i in self.inits]
+        copies = [i for i in node.input if i.startswith(name + COPY) and self.graph.has_initializer(i)]
         if len(copies) == 1:
             return copies[0]
         raise ModelError(self.group, f"{name} is not an initializer read by {node.name or node.op_type}",
                          "find the channel groups again on the current model")
 
     def read(self, node: onnx.NodeProto, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[self.resolve(node, name)])
+        return self.graph.array(self.resolve(node, name))
 
     def write(self, node: onnx.NodeProto, name: str, value: np.ndarray) -> None:
         """Give ``node`` the new value of input ``name``, copying the initializer when others read it."""
-        graph = self.model.graph
-        name = self.resolve(node, name)
-        value = np.ascontiguousarray(value)
-        if self.uses.get(name, 0) > 1:
-            new_name = self._fresh(f"{name}{SUFFIX}")
-            tensor = numpy_helper.from_array(value, new_name)
-            graph.initializer.append(tensor)
-            self.inits[new_name] = graph.initializer[-1]
-            count = 0
-            for slot, input_name in enumerate(node.input):
-                if input_name == name:
-                    node.input[slot] = new_name
-                    count += 1
-            self.uses[name] -= count
-            self.uses[new_name] = count
-            if self.model.ir_version < 4:   # IR 3: every initializer is also a graph input
-                graph.input.append(onnx.helper.make_tensor_value_info(new_name, tensor.data_type, value.shape))
-            return
-        tensor = numpy_helper.from_array(value, name)
-        self.inits[name].CopyFrom(tensor)
-        # a legacy graph-input entry, or a value_info typing the initializer, follows its shape
-        for entry in [*graph.input, *graph.value_info]:
-            if entry.name == name and entry.type.HasField("tensor_type"):
-                entry.type.tensor_type.shape.Clear()
-                for d in value.shape:
-                    entry.type.tensor_type.shape.dim.add().dim_value = int(d)
-
-    def _fresh(self, base: str) -> str:
-        taken = set(self.inits) | {out for node in self.model.graph.node for out in node.output} \
-            | {v.name for v in self.model.graph.input}
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        return name
+        self.graph.write_input(node, self.resolve(node, name), value)

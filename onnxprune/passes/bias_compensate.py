@@ -2,7 +2,9 @@
 
 In one-shot mode the input means are those gathered before any rewrite (no extra pass over
 the data); in sequential mode they are re-gathered layer by layer on the approximated graph,
-so each layer also compensates the mean shift its approximated predecessors caused.
+so each layer's correction is for the inputs it actually receives: its mean output becomes
+W E[x~] + b, what the original weights give on the drifted input, not the original mean
+W E[x] + b (undoing the drift itself is what the correct-drift pass does).
 
 Before:  y_hat = W_hat x + b          (W_hat = A B from low-rank-split)
 After:   y_hat = W_hat x + b + (W - W_hat) x_mean
@@ -23,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.model import get_array, set_array, unique_name
+from onnxprune.graph.editor import GraphEditor
 from onnxprune.passes.base import Approximation, Pass, PassContext, PassResult, register
 
 log = logging.getLogger(__name__)
@@ -72,23 +74,21 @@ class BiasCompensate(Pass):
 
     @staticmethod
     def _add_to_bias(model: onnx.ModelProto, layer: str, entry: Approximation, delta: np.ndarray) -> None:
-        graph = model.graph
-        node = next(n for n in graph.node if n.name == entry.node)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(
-            next(t.data_type for t in graph.initializer if t.name == node.input[1]))
+        graph = GraphEditor(model, owner=BiasCompensate.name)
+        node = graph.node(entry.node)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.inits[node.input[1]].data_type)
         if entry.bias:
-            bias = get_array(model, entry.bias)
-            set_array(model, entry.bias, (bias + delta.reshape(bias.shape)).astype(dtype))
+            bias = graph.array(entry.bias)
+            graph.set_array(entry.bias, (bias + delta.reshape(bias.shape)).astype(dtype))
             return
-        name = unique_name(model, f"{layer}/low_rank/bias")
-        set_array(model, name, delta.astype(dtype))
+        name = graph.name(layer, "bias")
+        graph.set_array(name, delta.astype(dtype))
         entry.bias = name
         if entry.op in ("Gemm", "Conv"):
             node.input.append(name)
             return
         # MatMul without a bias: y = MatMul(...) becomes y = Add(MatMul(...), bias)
         out = node.output[0]
-        hidden = unique_name(model, f"{layer}/low_rank/no_bias")
+        hidden = graph.name(layer, "unbiased")
         node.output[0] = hidden
-        index = list(graph.node).index(node)
-        graph.node.insert(index + 1, helper.make_node("Add", [hidden, name], [out], name=f"{layer}/low_rank/add_bias"))
+        graph.insert_after(node, helper.make_node("Add", [hidden, name], [out], name=graph.name(layer, "add_bias")))

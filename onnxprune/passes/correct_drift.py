@@ -36,9 +36,10 @@ from onnx import helper
 
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import RecipeError
+from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.index import GraphIndex, node_names
 from onnxprune.graph.layers import LinearLayer, find_linear_layers
-from onnxprune.model import cone_hashes, get_array, set_array
+from onnxprune.model import cone_hashes
 from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,18 @@ PREFIX = "correct-drift/"
 @dataclasses.dataclass(frozen=True)
 class CorrectDriftOptions:
     """stages: groups of drifted tensors fitted one after the other (one calibration pass each);
-    None (default): one tensor per stage, fully sequential."""
+    None (default): one tensor per stage, fully sequential. max_channels: wider tensors are
+    left alone (their joint second moment has (2 C)^2 entries and an eigendecomposition per
+    fold: 3136 channels, a flattened 64 x 7 x 7 map, would hold GBs and take minutes)."""
 
     stages: int | None = None
+    max_channels: int = 2048
 
     def __post_init__(self):
         if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
             raise ValueError(f"stages={self.stages!r} must be an integer >= 1 or None")
+        if not isinstance(self.max_channels, int) or self.max_channels < 1:
+            raise ValueError(f"max_channels={self.max_channels!r} must be an integer >= 1")
 
 
 @dataclasses.dataclass
@@ -71,6 +77,7 @@ class _Tensor:
     axis: int
     readers: list[LinearLayer]
     intercept: bool
+    width: int
 
 
 @register
@@ -88,7 +95,16 @@ class CorrectDrift(Pass):
         if ctx.original is None:
             raise RecipeError(self.name, "needs the original model (run it inside a pipeline)")
         rows = []
-        everything = drifted_tensors(ctx.original, model, ctx.selections)
+        graph = GraphEditor(model, owner=self.name)
+        everything = []
+        for t in drifted_tensors(ctx.original, model, ctx.selections):
+            if t.width <= self.options.max_channels:
+                everything.append(t)
+                continue
+            rows.append({"stage": None, "tensor": t.name, "readers": [r.name for r in t.readers],
+                         "channels": t.width, "refit": False, "skipped": f"wider than max_channels={self.options.max_channels}"})
+            log.info("correct-drift: %s left alone (%d channels > max_channels %d)", t.name, t.width,
+                     self.options.max_channels)
         stages = len(everything) if self.options.stages is None else min(self.options.stages, len(everything))
         bounds = np.linspace(0, len(everything), max(stages, 1) + 1)
         for stage, (lo, hi) in enumerate(zip(bounds[:-1].round().astype(int), bounds[1:].round().astype(int))):
@@ -108,7 +124,7 @@ class CorrectDrift(Pass):
                 if fit["map"] is not None:
                     A, a = fit["map"]
                     for layer in t.readers:
-                        _apply(model, layer, A, a)
+                        _apply(graph, layer, A, a)
                 rows.append(row)
                 log.info("correct-drift stage %d: %s (%d channels, %d reader(s)): %s", stage + 1, t.name,
                          row["channels"], len(t.readers),
@@ -154,7 +170,7 @@ def drifted_tensors(original: onnx.ModelProto, model: onnx.ModelProto,
             continue            # a channel map this pass cannot follow (e.g. through a Flatten)
         intercept = all(_absorbs_intercept(la) and int(np.prod(index_c.dims(la.bias))) == la.out_features
                         for la in layers)
-        out.append(_Tensor(name, keep, axis, layers, intercept))
+        out.append(_Tensor(name, keep, axis, layers, intercept, width_c))
     return out
 
 
@@ -300,9 +316,9 @@ def _refit(folds, intercept: bool) -> dict:
     return result
 
 
-def _apply(model: onnx.ModelProto, layer: LinearLayer, A: np.ndarray, a: np.ndarray | None) -> None:
+def _apply(graph: GraphEditor, layer: LinearLayer, A: np.ndarray, a: np.ndarray | None) -> None:
     """``layer`` reads A x~ + a instead of x~: W -> W A, b -> b + W a."""
-    W = get_array(model, layer.weight)
+    W = graph.array(layer.weight)
     dtype = W.dtype
     W = W.astype(np.float64)
     if layer.op == "Conv":
@@ -314,7 +330,7 @@ def _apply(model: onnx.ModelProto, layer: LinearLayer, A: np.ndarray, a: np.ndar
     else:                                           # Gemm transB=0, MatMul: W is (in, out)
         shift = a @ W if a is not None else None
         W = A.T @ W
-    set_array(model, layer.weight, W.astype(dtype))
+    graph.set_array(layer.weight, W.astype(dtype))
     if shift is not None:
-        b = get_array(model, layer.bias)
-        set_array(model, layer.bias, (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype))
+        b = graph.array(layer.bias)
+        graph.set_array(layer.bias, (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype))

@@ -15,7 +15,19 @@ After:   x -> Gemm(B: k x n) -> Gemm(A: m x k, b) -> y
 A Conv (M x C x kh x kw) is linear on its im2col patches (n = C kh kw): it becomes a Conv
 with k filters (same kernel, strides, pads, dilations) and a 1x1 Conv with the bias.
 A split that would not reduce parameters, k (m + n) >= m n, is skipped and reported.
-New nodes are named ``{layer}/low_rank/B`` and ``{layer}/low_rank/A``.
+
+``latency=True`` (latency-aware splits): each layer is cut out as a model of its own at the
+shapes it has in the model (batch ``latency_batch``; ``plan.latency.site_model``) and timed
+as it is and split at its rank (random factors: values do not change the time), and at its
+rank shrunk to the channel block below it (``multiple``, or 8 when that is 1), interleaved,
+the fastest of several runs, one onnxruntime thread (``plan.latency.time_models``; a split
+about to be skipped is timed a second time and the fastest of both taken). The split is
+kept at its rank when it saves at least ``latency_saving`` (default 5 %) of the layer's time,
+else at the shrunk rank when that does, else skipped (the layer is left whole; splits near
+the parameter break-even time within a few per cent of the layer, which noise decides).
+Timings are cached in ``ctx.cache`` per (layer, rank, batch). The report gives per layer the ideal MAC ratio, the measured times,
+realised/ideal and the decision.
+New nodes are named ``{layer}/low-rank-split/B`` and ``{layer}/low-rank-split/A`` (``GraphEditor.name``).
 """
 
 from __future__ import annotations
@@ -34,11 +46,19 @@ from onnxprune import linalg
 from onnxprune.calibration.moments import Moments
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.errors import CalibrationError
-from onnxprune.graph.index import name_nodes, node_position
-from onnxprune.graph.layers import LinearLayer, find_linear_layers
-from onnxprune.model import cone_hashes, get_array, opset_version, remove_unused_initializers, set_array, unique_name
-from onnxprune.passes.base import (Approximation, Pass, PassContext, PassResult, check_choice, check_fraction,
-                                   register)
+from onnxprune.graph.editor import GraphEditor
+from onnxprune.graph.index import GraphIndex, name_nodes
+from onnxprune.graph.layers import LinearLayer, find_linear_layers, layer_weight
+from onnxprune.model import cone_hashes, opset_version
+from onnxprune.passes.base import (
+    Approximation,
+    Pass,
+    PassContext,
+    PassResult,
+    check_choice,
+    check_fraction,
+    register,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +84,9 @@ class LowRankOptions:
     ops: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
     positions: int = PATCH_POSITIONS  # Conv: sampled output positions per sample (0: all)
     multiple: int = 1                 # round each rank to a multiple of this (onnxruntime's channel blocks)
+    latency: bool = False             # time each split against its layer; skip or shrink splits that are not faster
+    latency_batch: int = 1            # latency: the batch size the layers are timed at
+    latency_saving: float = 0.05      # latency: keep a split only if it saves at least this fraction of the layer's time
     ranks: dict | None = None         # per layer: exactly this rank (a plan); layers not named stay whole
 
     def __post_init__(self):
@@ -85,6 +108,12 @@ class LowRankOptions:
             raise ValueError(f"positions={self.positions} must be >= 0")
         if int(self.multiple) < 1:
             raise ValueError(f"multiple={self.multiple} must be >= 1")
+        if not isinstance(self.latency, (bool, np.bool_)):
+            raise ValueError(f"latency={self.latency!r} must be true or false")
+        if isinstance(self.latency_batch, bool) or int(self.latency_batch) < 1:
+            raise ValueError(f"latency_batch={self.latency_batch} must be >= 1")
+        if not 0 <= float(self.latency_saving) < 1:
+            raise ValueError(f"latency_saving={self.latency_saving} must be in [0, 1)")
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "ops", tuple(self.ops))
         if self.ranks is not None:
@@ -116,24 +145,6 @@ def second_moment(moments: Moments) -> linalg.SecondMoment:
     return linalg.SecondMoment.from_gram(moments.gram, moments.count)
 
 
-def layer_weight(model: onnx.ModelProto, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:
-    """(W: m x n, b: m or None) in float64 with y = W x + b, whatever the op's layout."""
-    w = get_array(model, layer.weight).astype(np.float64)
-    b = get_array(model, layer.bias).astype(np.float64) if layer.bias else None
-    if layer.op == "Gemm":
-        alpha, beta = layer.attrs.get("alpha", 1.0), layer.attrs.get("beta", 1.0)
-        w = alpha * (w if layer.attrs.get("transB", 0) else w.T)
-        if b is not None:
-            b = beta * np.broadcast_to(b.reshape(-1), (w.shape[0],)).copy()
-    elif layer.op == "MatMul":
-        w = w.T
-        if b is not None:
-            b = np.broadcast_to(b.reshape(-1), (w.shape[0],)).copy()
-    else:
-        w = w.reshape(w.shape[0], -1)
-    return w, b
-
-
 
 
 
@@ -156,8 +167,6 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
     (``gated_metric``); a Conv reader sums W_next^T W_next over its kernel taps (depthwise:
     per channel). A graph output, a branch (several readers), or anything else gives None.
     """
-    from onnxprune.graph.index import GraphIndex
-
     index = GraphIndex(model)
     m = layer.out_features
     tensor = layer.output
@@ -188,7 +197,7 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
         nxt = readers.get(uses[0][0])
         if nxt is None or nxt.input != tensor or index.const(nxt.weight) is None:
             return None
-        w = get_array(model, nxt.weight).astype(np.float64)
+        w = index.array(nxt.weight).astype(np.float64)
         if nxt.op == "Conv":
             group = int(nxt.attrs.get("group", 1))
             if w.ndim != 4 or w.shape[1] * group != m:
@@ -200,7 +209,7 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
             else:
                 return None
         else:
-            w_next, _ = layer_weight(model, nxt)
+            w_next, _ = layer_weight(index, nxt)
             if w_next.shape[1] != m:
                 return None
             gram = w_next.T @ w_next
@@ -281,8 +290,9 @@ class LowRankSplit(Pass):
         # per layer: its input's Moments over all folds (merging folds sums dim^2 Grams: once)
         weights, spectra, merged, moments, keys = {}, {}, {}, {}, {}
         cones = cone_hashes(model, {layer.input for layer in layers}) if ctx.cache is not None else {}
+        index = GraphIndex(model)
         for layer in layers:
-            w, b = layer_weight(model, layer)
+            w, b = layer_weight(index, layer)
             weights[layer.name] = (w, b)
             merged[layer.name] = stats.moments(self._request(layer), "target")
             total = moments[layer.name] = second_moment(merged[layer.name])
@@ -295,6 +305,7 @@ class LowRankSplit(Pass):
 
         ranks = self._ranks(weights, spectra)
         log.debug("low-rank-split: ranks chosen %s", ranks)
+        timed = self._latency(model, layers, ranks, weights, ctx) if opts.latency and layers else {}
         rows = []
         for layer in layers:
             started = time.perf_counter()
@@ -306,6 +317,15 @@ class LowRankSplit(Pass):
                                 "reason": f"rank {k} would not reduce parameters ({k}*({m}+{n}) >= {m}*{n})"})
                 log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
                 continue
+            timing = timed.get(layer.name)
+            if timing is not None and timing["decision"] == "skipped":
+                skipped.append({"layer": layer.name, "op": layer.op, "rank": k, **timing,
+                                "reason": f"split not {100 * opts.latency_saving:g} % faster at batch {timing['batch']}: "
+                                          f"{timing['ms_before']:.3f} ms -> {timing['ms_after']:.3f} ms at rank {k}"})
+                log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
+                continue
+            if timing is not None:
+                k = timing["rank"]
             if ctx.mode == "sequential":
                 # This layer's input as the layers already split before it now produce it.
                 stats = ctx.statistics(model, [self._request(layer)], ("target",))
@@ -322,7 +342,7 @@ class LowRankSplit(Pass):
                 new_bias = delta if b is None else b + delta
             else:
                 delta = None
-            bias_name = self._rewrite(model, layer, a_mat, b_mat, new_bias)
+            bias_name, second = self._rewrite(model, layer, a_mat, b_mat, new_bias)
             spectrum = spectra[layer.name]
             rows.append({
                 "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k,
@@ -332,6 +352,7 @@ class LowRankSplit(Pass):
                 "error": float(linalg.reconstruction_error(w, a_mat, b_mat, total) if delta is None else
                                linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta)),
                 **info,
+                **(timing or {}),
             })
             row = rows[-1]
             log.info("low-rank-split: %s %s %dx%d -> rank %d (params %d -> %d, energy %.1f%%, rel. error %.4f, %s) "
@@ -342,11 +363,89 @@ class LowRankSplit(Pass):
                           {g: round(e, 5) for g, e in info["cv_errors"].items()}, info.get("metric"))
             ctx.approximations[layer.name] = Approximation(
                 layer=layer.name, op=layer.op, weight=w, approx=a_mat @ b_mat, request=self._request(layer),
-                mean=mean, node=f"{layer.name}/low_rank/A", bias=bias_name,
+                mean=mean, node=second, bias=bias_name,
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
                 bias_shift=delta)
-        remove_unused_initializers(model)
-        return PassResult(changed=bool(rows), report={"split": rows, "skipped": skipped})
+        GraphEditor(model).remove_unused()
+        report = {"split": rows, "skipped": skipped}
+        if timed:
+            report["latency"] = [{"layer": name, **timing} for name, timing in timed.items()]
+        return PassResult(changed=bool(rows), report=report)
+
+    def _latency(self, model, layers, ranks, weights, ctx: PassContext) -> dict[str, dict]:
+        """Per layer that would be split: its rank after timing it against its split(s), the
+        times and the decision (``kept``, ``shrunk`` or ``skipped``); see the module docstring."""
+        from onnxprune.graph.shapes import tensor_shapes
+        from onnxprune.plan.latency import site_model, time_models
+
+        opts = self.options
+        batch = int(opts.latency_batch)
+        block = int(opts.multiple) if int(opts.multiple) > 1 else 8
+        shapes = tensor_shapes(model)
+        out = {}
+        for layer in layers:
+            m, n = weights[layer.name][0].shape
+            k = min(ranks[layer.name], m, n)
+            if linalg.split_params(m, n, k) >= m * n:
+                continue                       # skipped for parameters in run()
+            shrunk = (k - 1) // block * block
+            candidates = [k] + ([shrunk] if shrunk >= 1 and linalg.split_params(m, n, shrunk) < m * n else [])
+            signature = (self.name, "latency", layer.name, layer.op, (m, n), repr(sorted(layer.attrs.items())),
+                         shapes.get(layer.input), batch)
+            cache = ctx.cache if ctx.cache is not None else {}
+            if any(signature + (r,) not in cache for r in [None] + candidates):
+                try:
+                    measured = self._time_split(model, layer, candidates, shapes, batch, site_model, time_models)
+                    if not any(t < (1 - float(opts.latency_saving)) * measured[0] for t in measured[1:]):
+                        # about to skip: confirm on a second interleaved measurement (fastest of both),
+                        # a loaded machine's single measurement can invert a real saving
+                        again = self._time_split(model, layer, candidates, shapes, batch, site_model, time_models)
+                        measured = [min(a, b) for a, b in zip(measured, again)]
+                except Exception as exc:          # a layer this cannot cut out: split it as chosen
+                    log.info("low-rank-split: %s not timed alone (%s: %s); split as chosen", layer.name,
+                             type(exc).__name__, exc)
+                    continue
+                for r, seconds in zip([None] + candidates, measured):
+                    cache[signature + (r,)] = seconds
+            before = cache[signature + (None,)]
+            after = {r: cache[signature + (r,)] for r in candidates}
+            limit = (1 - float(opts.latency_saving)) * before
+            if after[k] < limit:
+                rank, decision = k, "kept"
+            elif shrunk in after and after[shrunk] < limit:
+                rank, decision = shrunk, "shrunk"
+            else:
+                rank, decision = k, "skipped"
+            ideal = m * n / linalg.split_params(m, n, rank)
+            out[layer.name] = {
+                "rank_chosen": k, "rank": rank, "decision": decision, "batch": batch,
+                "ideal_mac_ratio": ideal, "ms_before": 1e3 * before, "ms_after": 1e3 * after[rank],
+                "realised": (before / after[rank]) / ideal,
+                **({"ms_shrunk": 1e3 * after[shrunk], "rank_shrunk": shrunk} if shrunk in after else {}),
+            }
+            log.info("low-rank-split: %s at batch %d: %.3f ms whole, %.3f ms at rank %d%s -> %s (ideal %.2fx, "
+                     "realised/ideal %.2f)", layer.name, batch, 1e3 * before, 1e3 * after[k], k,
+                     f", {1e3 * after[shrunk]:.3f} ms at rank {shrunk}" if shrunk in after else "", decision,
+                     ideal, out[layer.name]["realised"])
+        return out
+
+    def _time_split(self, model, layer: LinearLayer, ranks, shapes, batch, site_model, time_models) -> list[float]:
+        """Seconds of ``layer`` alone, then split at each of ``ranks`` (random factors)."""
+        nodes = {layer.name} | ({layer.bias_node} if layer.bias_node else set())
+        base = site_model(model, nodes, shapes, batch)
+        variants = []
+        rng = np.random.default_rng(0)
+        for rank in ranks:
+            variant = onnx.ModelProto()
+            variant.CopyFrom(base)
+            here = next(la for la in find_linear_layers(variant) if la.name == layer.name)
+            a = rng.standard_normal((here.out_features, rank))
+            b = rng.standard_normal((rank, here.in_features))
+            bias = np.zeros(here.out_features) if here.bias is not None else None
+            self._rewrite(variant, here, a, b, bias)
+            GraphEditor(variant).remove_unused()
+            variants.append(variant)
+        return time_models([base] + variants)
 
     def _budget(self) -> str:
         opts = self.options
@@ -400,64 +499,59 @@ class LowRankSplit(Pass):
         info["metric"] = "downstream" if metric is not None else "output"
         return a_mat, b_mat, {"method": "dalr", **info, "bias_delta": delta}
 
-    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> str | None:
+    def _rewrite(self, model, layer: LinearLayer, a_mat, b_mat, bias) -> tuple[str | None, str]:
         """Replace ``layer``'s node by the two thin ones, in its place (topological order kept);
-        returns the name of the bias initializer the second one reads (None: no bias)."""
-        graph = model.graph
-        index = node_position(model, layer.name)
-        node = graph.node[index]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(
-            next(t.data_type for t in graph.initializer if t.name == layer.weight))
+        returns the name of the bias initializer the second one reads (None: no bias) and the
+        second node's name."""
+        graph = GraphEditor(model, owner=self.name)
+        node = graph.node(layer.name)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.inits[layer.weight].data_type)
         m, k = a_mat.shape
         base = layer.name
-        mid = unique_name(model, f"{base}/low_rank/hidden")
-        b_name, a_name = f"{base}/low_rank/B/weight", f"{base}/low_rank/A/weight"
-        bias_name = f"{base}/low_rank/bias"
+        mid = graph.name(base, "hidden")
+        b_name, a_name = graph.name(base, "B_weight"), graph.name(base, "A_weight")
+        bias_name = graph.name(base, "bias")
         x = layer.input
         extra = None
         if layer.op == "Gemm":
-            set_array(model, b_name, b_mat.astype(dtype))
-            set_array(model, a_name, a_mat.astype(dtype))
-            first = helper.make_node("Gemm", [x, b_name], [mid], name=f"{base}/low_rank/B", transB=1)
-            second = helper.make_node("Gemm", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A", transB=1)
+            graph.set_array(b_name, b_mat.astype(dtype))
+            graph.set_array(a_name, a_mat.astype(dtype))
+            first = helper.make_node("Gemm", [x, b_name], [mid], name=graph.name(base, "B"), transB=1)
+            second = helper.make_node("Gemm", [mid, a_name], [node.output[0]], name=graph.name(base, "A"), transB=1)
             if opset_version(model) < 11:
                 # Gemm before opset 11 requires its C input: zero biases where there is none.
-                zeros = f"{base}/low_rank/B/bias"
-                set_array(model, zeros, np.zeros(k, dtype=dtype))
+                zeros = graph.name(base, "B_bias")
+                graph.set_array(zeros, np.zeros(k, dtype=dtype))
                 first.input.append(zeros)
                 if bias is None:
                     bias = np.zeros(m)
         elif layer.op == "MatMul":
-            set_array(model, b_name, np.ascontiguousarray(b_mat.T).astype(dtype))
-            set_array(model, a_name, np.ascontiguousarray(a_mat.T).astype(dtype))
-            first = helper.make_node("MatMul", [x, b_name], [mid], name=f"{base}/low_rank/B")
-            second = helper.make_node("MatMul", [mid, a_name], [node.output[0]], name=f"{base}/low_rank/A")
+            graph.set_array(b_name, np.ascontiguousarray(b_mat.T).astype(dtype))
+            graph.set_array(a_name, np.ascontiguousarray(a_mat.T).astype(dtype))
+            first = helper.make_node("MatMul", [x, b_name], [mid], name=graph.name(base, "B"))
+            second = helper.make_node("MatMul", [mid, a_name], [node.output[0]], name=graph.name(base, "A"))
             if layer.bias_node:
-                add = graph.node[node_position(model, layer.bias_node)]
+                add = graph.node(layer.bias_node)
                 slot = list(add.input).index(layer.bias)
-                set_array(model, bias_name, bias.astype(dtype))
+                graph.set_array(bias_name, bias.astype(dtype))
                 add.input[slot] = bias_name
             elif bias is not None:
                 # a bias the split introduced (affine DALR): y = Add(MatMul(...), bias)
-                set_array(model, bias_name, bias.astype(dtype))
-                hidden = unique_name(model, f"{base}/low_rank/no_bias")
+                graph.set_array(bias_name, bias.astype(dtype))
+                hidden = graph.name(base, "unbiased")
                 second.output[0] = hidden
-                extra = helper.make_node("Add", [hidden, bias_name], [node.output[0]], name=f"{base}/low_rank/add_bias")
+                extra = helper.make_node("Add", [hidden, bias_name], [node.output[0]], name=graph.name(base, "add_bias"))
         else:
-            w = get_array(model, layer.weight)
-            set_array(model, b_name, b_mat.reshape((k,) + w.shape[1:]).astype(dtype))
-            set_array(model, a_name, a_mat.reshape((m, k) + (1,) * (w.ndim - 2)).astype(dtype))
+            w = graph.array(layer.weight)
+            graph.set_array(b_name, b_mat.reshape((k,) + w.shape[1:]).astype(dtype))
+            graph.set_array(a_name, a_mat.reshape((m, k) + (1,) * (w.ndim - 2)).astype(dtype))
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             attrs.pop("group", None)
-            first = helper.make_node("Conv", [x, b_name], [mid], name=f"{base}/low_rank/B", **attrs)
+            first = helper.make_node("Conv", [x, b_name], [mid], name=graph.name(base, "B"), **attrs)
             second = helper.make_node("Conv", [mid, a_name], [node.output[0]],
-                                      name=f"{base}/low_rank/A", kernel_shape=[1] * (w.ndim - 2))
+                                      name=graph.name(base, "A"), kernel_shape=[1] * (w.ndim - 2))
         if bias is not None and layer.op != "MatMul":
-            set_array(model, bias_name, bias.astype(dtype))
+            graph.set_array(bias_name, bias.astype(dtype))
             second.input.append(bias_name)
-        graph.node.remove(node)
-        if extra is not None:
-            graph.node.insert(index, extra)
-        graph.node.insert(index, second)
-        graph.node.insert(index, first)
-        return bias_name if bias is not None else None
+        graph.replace(node, [first, second] + ([extra] if extra is not None else []))
+        return (bias_name if bias is not None else None), second.name

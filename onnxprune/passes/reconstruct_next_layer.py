@@ -32,8 +32,9 @@ import numpy as np
 import onnx
 
 from onnxprune import linalg
+from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.prune import prune_channels
-from onnxprune.model import count_parameters, remove_unused_initializers
+from onnxprune.model import count_parameters
 from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class ReconstructNextLayer(Pass):
                      before, row["params_after"])
         if not pending:
             log.info("reconstruct-next-layer: no pending channel selection")
-        remove_unused_initializers(model)
+        GraphEditor(model).remove_unused()
         return PassResult(changed=bool(rows), report={"pruned": rows})
 
     def _ridge(self, selection: Selection) -> tuple[float, float | None]:

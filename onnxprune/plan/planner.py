@@ -53,7 +53,8 @@ from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
 from onnxprune.plan.latency import LatencyCosts
-from onnxprune.plan.suffix import ActivationCache, Suffix, fixed_batch_of, measured_output, reference_hashes
+from onnxprune.plan.suffix import (ActivationCache, Suffix, fixed_batch_of, measured_output, reference_hashes,
+                                   upstream_inputs)
 from onnxprune.runtime import make_session, run_batches
 
 log = logging.getLogger(__name__)
@@ -566,12 +567,15 @@ class Planner:
                                 device=self.device)
         hashes = reference_hashes(self.original)
         output = measured_output(self.original)
-        bar = tqdm(self.sites, desc="sensitivity", unit="site", disable=not self.progress, leave=False)
+        todo = [site for site in self.sites if not self.curves.get(site.key) or self._stopped(site, stop)]
+        bar = tqdm(todo, desc="sensitivity", unit="site", disable=not self.progress, leave=False)
+        fetch = _prefetch_windows(self.original, todo, cache)
         for site in bar:
+            if site.key in fetch:                # the next sites' inputs in one onnxruntime run
+                cache.drop()
+                cache.prefetch(fetch[site.key])
             rows = self.curves.get(site.key, [])
             done = {r["size"] for r in rows}
-            if rows and not self._stopped(site, stop):
-                continue                       # complete, or stopped for a reason that still holds
             for fraction, size in ladder_sizes(site, self.options):
                 if size in done:
                     continue
@@ -584,8 +588,6 @@ class Planner:
                              "keep": fraction, "saving": saving, **d})
                 if d.get("agreement", 1.0) < stop:
                     break
-            if cache.nbytes > CACHE_BYTES:
-                cache.drop()
             self.curves[site.key] = rows
             log.info("sensitivity %s (%s): %s", site.name, site.family,
                      ", ".join(f"{r['size']}:{r['damage']:.3g}" for r in rows))
@@ -785,6 +787,32 @@ class Planner:
             "sensitivity": self.curves, "checks": self.checks,
             "seconds": {k: round(v, 2) for k, v in self.timings.items() if k != "search"},
         }
+
+
+def _prefetch_windows(model: onnx.ModelProto, sites: list[Site], cache: ActivationCache) -> dict[str, list[str]]:
+    """Site key -> the activations to fetch before it: consecutive sites are grouped while
+    the activations their trials read from the unchanged graph (``suffix.upstream_inputs``)
+    fit in ``CACHE_BYTES`` on the cached samples; each group is fetched in one run."""
+    reads = {site.key: upstream_inputs(model, site.nodes) for site in sites}
+    size = cache.sample_bytes([t for tensors in reads.values() for t in tensors])
+    samples = len(cache.output)
+    windows: dict[str, list[str]] = {}
+    first, wanted, total = None, {}, 0
+    for site in sites:
+        tensors = [t for t in reads[site.key] if t not in wanted]
+        extra = samples * sum(size[t] for t in tensors)
+        if first is not None and total + extra > CACHE_BYTES:
+            windows[first] = list(wanted)
+            first = None
+        if first is None:
+            first, wanted, total = site.key, {}, 0
+            tensors = reads[site.key]
+            extra = samples * sum(size[t] for t in tensors)
+        wanted.update(dict.fromkeys(tensors))
+        total += extra
+    if first is not None:
+        windows[first] = list(wanted)
+    return windows
 
 
 def _full_rank(site: Site) -> int:

@@ -108,6 +108,21 @@ class Suffix:
         return np.concatenate(parts)
 
 
+def upstream_inputs(model: onnx.ModelProto, nodes) -> list[str]:
+    """The float activations a rewrite of ``nodes`` (node names) reads from the part of the
+    graph it leaves unchanged: inputs of those nodes, and of every node downstream of them,
+    that none of these produces. A superset of the ``Suffix`` inputs of such a rewrite (which
+    also leaves out what the measured output does not need), for fetching them ahead."""
+    floats = _float_tensors(model)
+    changed: set[str] = set()
+    out: dict[str, None] = {}
+    for node in model.graph.node:          # topological order
+        if node.name in nodes or any(i in changed for i in node.input if i):
+            changed.update(o for o in node.output if o)
+            out.update((i, None) for i in node.input if i and i not in changed and i in floats)
+    return [t for t in out if t not in changed]
+
+
 class ActivationCache:
     """Values of the original model's tensors on a fixed set of samples, fetched on demand.
 
@@ -135,6 +150,17 @@ class ActivationCache:
                 parts[tensor].append(value)
         self.runs += 1
         return {t: np.concatenate(v) for t, v in parts.items()}
+
+    def sample_bytes(self, tensors: Sequence[str]) -> dict[str, int]:
+        """Bytes one sample of each of ``tensors`` takes (from one sample run through the model)."""
+        tensors = list(dict.fromkeys(tensors))
+        if not tensors:
+            return {}
+        exposed, names = expose(self.model, tensors)
+        session = make_session(exposed, device=self.device)
+        _, result = next(run_batches(session, self.samples.subset(np.arange(1)), names, batch_size=1,
+                                     fixed_batch=fixed_batch_of(self.model)))
+        return {t: int(v.nbytes) for t, v in zip(tensors, result)}
 
     def prefetch(self, tensors: Sequence[str]) -> None:
         missing = [t for t in dict.fromkeys(tensors) if t not in self.values]

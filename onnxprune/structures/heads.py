@@ -229,10 +229,9 @@ def _head_group(index: GraphIndex, o: int) -> ChannelGroup:
         structure="heads", unit=d, shape_entries=shape_entries)
 
 
-@register_structure("heads")
-def find_head_groups(index: GraphIndex) -> list[ChannelGroup]:
-    """One group per recognised multi-head attention block (see the module docstring)."""
-    groups = []
+def _attention_outputs(index: GraphIndex):
+    """(position, its head group, or the ``_NotHeads`` saying why not) for every MatMul that
+    reads a rank-3 Reshape output, the shape of an attention output projection's input."""
     for i, node in enumerate(index.nodes):
         if node.op_type != "MatMul" or len(node.input) < 2 or index.rank(node.input[0]) != 3:
             continue
@@ -240,28 +239,23 @@ def find_head_groups(index: GraphIndex) -> list[ChannelGroup]:
         if j is None or index.nodes[j].op_type != "Reshape":
             continue
         try:
-            groups.append(_head_group(index, i))
-        except _NotHeads:
-            continue
-    return groups
+            yield i, _head_group(index, i)
+        except _NotHeads as exc:
+            yield i, exc
+
+
+@register_structure("heads")
+def find_head_groups(index: GraphIndex) -> list[ChannelGroup]:
+    """One group per recognised multi-head attention block (see the module docstring)."""
+    return [found for _, found in _attention_outputs(index) if not isinstance(found, _NotHeads)]
 
 
 def head_layout_skips(index: GraphIndex) -> list[tuple[str, str]]:
     """(output projection, why not) for MatMuls after a Reshape that look like attention
-    outputs but were not recognised (for ``inspect``)."""
-    out = []
-    for i, node in enumerate(index.nodes):
-        if node.op_type in ("Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"):
-            out.append((index.names[i], f"fused {node.op_type} op ({node.domain or 'ai.onnx'}): heads inside fused "
-                                        "ops are not pruned (prune the unfused export, then let onnxruntime fuse it)"))
-            continue
-        if node.op_type != "MatMul" or len(node.input) < 2 or index.rank(node.input[0]) != 3:
-            continue
-        j = index.producer.get(node.input[0])
-        if j is None or index.nodes[j].op_type != "Reshape":
-            continue
-        try:
-            _head_group(index, i)
-        except _NotHeads as exc:
-            out.append((index.names[i], str(exc)))
-    return out
+    outputs but were not recognised, and fused attention ops (for ``inspect``)."""
+    out = [(i, f"fused {node.op_type} op ({node.domain or 'ai.onnx'}): heads inside fused ops are not pruned "
+               "(prune the unfused export, then let onnxruntime fuse it)")
+           for i, node in enumerate(index.nodes)
+           if node.op_type in ("Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention")]
+    out += [(i, str(found)) for i, found in _attention_outputs(index) if isinstance(found, _NotHeads)]
+    return [(index.names[i], why) for i, why in sorted(out, key=lambda row: row[0])]

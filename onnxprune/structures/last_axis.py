@@ -84,9 +84,4 @@ class _LastAxisComponent(_Component):
 @register_structure("last-axis")
 def find_last_axis_groups(index: GraphIndex) -> list[ChannelGroup]:
     """Groups of features along the last axis of [N, T, C] activations (FFN hidden units)."""
-    starts = {}
-    for i in range(len(index.nodes)):
-        info = _producer(index, i)
-        if info is not None:
-            starts[i] = info
-    return component_groups(index, starts, _LastAxisComponent)
+    return component_groups(index, _producer, _LastAxisComponent)

@@ -26,7 +26,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
-from onnxprune.model import clone, set_array
+from onnxprune.graph.editor import GraphEditor
+from onnxprune.model import clone
 from onnxprune.train import require_torch
 
 log = logging.getLogger(__name__)
@@ -475,6 +476,7 @@ def to_onnx(module: OnnxModule, *, masks: dict[str, np.ndarray] | None = None) -
     ``masks`` zero the pruned weights (Co-Prune). Dtypes of the original initializers are kept.
     """
     out = clone(module.model)
+    graph = GraphEditor(out)
     dtypes = {t.name: numpy_helper.to_array(t).dtype if t.data_location != onnx.TensorProto.EXTERNAL else None
               for t in module.model.graph.initializer}
     for name, param in module.named_weights().items():
@@ -482,7 +484,7 @@ def to_onnx(module: OnnxModule, *, masks: dict[str, np.ndarray] | None = None) -
         if masks and name in masks:
             value = value * masks[name]
         dtype = dtypes.get(name) or np.float32
-        set_array(out, name, value.astype(dtype))
+        graph.set_array(name, value.astype(dtype))
     return out
 
 

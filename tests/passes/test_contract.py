@@ -87,3 +87,12 @@ def test_graph_io_names_kept(name):
     assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert out.ir_version == model.ir_version
     onnx.checker.check_model(out)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_requirement_has_a_producer_and_the_smallest_recipe_is_in_order(name):
+    """What a pass requires, some registered pass produces; ``pipeline_for`` puts it first."""
+    cls = REGISTRY[name]
+    for kind in cls.requires:
+        assert any(kind in other.produces for other in REGISTRY.values()), (name, kind)
+    Recipe(passes=pipeline_for(name))                      # check_order accepts it

@@ -8,6 +8,7 @@ invertible affine (or linear) distortion of the original's is corrected exactly.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import graphs
@@ -16,7 +17,7 @@ from onnxprune.calibration.provider import StatsProvider
 from onnxprune.data.samples import open_samples
 from onnxprune.model import clone
 from onnxprune.passes import PassContext
-from onnxprune.passes.correct_drift import CorrectDrift, CorrectDriftOptions, drifted_tensors
+from onnxprune.passes.correct_drift import CorrectDrift, CorrectDriftOptions, drifted_tensors, side_by_side
 from onnxprune.pipeline import Recipe, run_pipeline
 
 
@@ -67,6 +68,28 @@ def test_an_affine_distortion_before_a_gemm_is_undone_exactly():
     row, = result.report["tensors"]
     assert row["refit"] and row["intercept"] and row["readers"] == ["fc2"]
     assert row["error_after"] < 1e-4 < row["error_before"]
+
+
+def test_the_joint_graph_runs_only_what_the_fitted_tensor_depends_on():
+    original = linear_chain()
+    compressed = clone(original)
+    distort(compressed, "fc1.W", "fc1.B", 2.0 * np.eye(6), np.ones(6))
+    tensor, = drifted_tensors(original, compressed, {})
+    joint, names = side_by_side(original, compressed, [tensor])
+    # both copies of fc1 and the Concat; neither copy of fc2 (downstream of the fitted tensor)
+    assert sorted(n.op_type for n in joint.graph.node) == ["Concat", "Gemm", "Gemm"]
+    assert [o.name for o in joint.graph.output] == [names[tensor.name]]
+    x = graphs.feeds(original, batch=5, seed=1)
+    (both,) = run_model(joint, x)
+    (h,) = run_model(_exposing(original, tensor.name), x)
+    np.testing.assert_allclose(both, np.concatenate([h, 2.0 * h + 1.0], axis=1), rtol=1e-5, atol=1e-5)
+
+
+def _exposing(model, name):
+    out = clone(model)
+    del out.graph.output[:]
+    out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
 
 
 def test_a_linear_distortion_before_a_padded_conv_is_undone_at_every_tap():
@@ -126,3 +149,19 @@ def test_it_needs_the_original_model():
     ctx = PassContext(statistics=None, folds=2)
     with pytest.raises(Exception, match="original"):
         CorrectDrift(CorrectDriftOptions()).run(clone(model), ctx)
+
+
+def test_tensors_wider_than_max_channels_are_left_alone():
+    original = linear_chain()
+    rng = np.random.default_rng(5)
+    compressed = clone(original)
+    distort(compressed, "fc1.W", "fc1.B", np.eye(6) + 0.3 * rng.standard_normal((6, 6)), rng.standard_normal(6))
+    x = graphs.feeds(original, batch=200, seed=0)["x"]
+    provider = StatsProvider({"target": open_samples([{"x": x}], original)}, batch_size=64, folds=2, progress=False)
+    ctx = PassContext(statistics=provider, folds=2, original=original)
+    work = clone(compressed)
+    result = CorrectDrift(CorrectDriftOptions(max_channels=5)).run(work, ctx)
+    row, = result.report["tensors"]
+    assert not result.changed and not row["refit"] and "max_channels" in row["skipped"]
+    assert graphs.get_init(work, "fc2.W").tobytes() == graphs.get_init(compressed, "fc2.W").tobytes()
+    assert CorrectDrift(CorrectDriftOptions(max_channels=6)).run(clone(compressed), ctx).changed

@@ -27,7 +27,7 @@ def check_output(task: RealTask, result: dict, layer: str) -> None:
     onnx.checker.check_model(model)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
     names = {n.name for n in model.graph.node}
-    assert {f"{layer}/low_rank/A", f"{layer}/low_rank/B"} <= names
+    assert {f"{layer}/low-rank-split/A", f"{layer}/low-rank-split/B"} <= names
     assert [i.name for i in model.graph.input] == [i.name for i in task.model.graph.input]
     assert [o.name for o in model.graph.output] == [o.name for o in task.model.graph.output]
     assert model.ir_version == task.model.ir_version

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_equivalent
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_equivalent, run_model
 from onnxprune.api import compress
 from onnxprune.pipeline import Recipe
 
@@ -82,7 +82,7 @@ def test_exact_rank_splits_losslessly(build, method):
     assert_equivalent(model, result.model, {"x": x[:8]}, tol=1e-4)
     names = {n.name for n in result.model.graph.node}
     layer = split[0]["layer"]
-    assert {f"{layer}/low_rank/A", f"{layer}/low_rank/B"} <= names
+    assert {f"{layer}/low-rank-split/A", f"{layer}/low-rank-split/B"} <= names
     assert [i.name for i in result.model.graph.input] == ["x"]
     assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
 
@@ -94,22 +94,6 @@ def test_split_that_saves_nothing_is_skipped():
     report = result.report["passes"][0]
     assert not report["split"]
     assert any("would not reduce parameters" in s["reason"] for s in report["skipped"])
-
-
-def test_bias_compensation_zeroes_mean_error_on_calibration_set():
-    w = RNG.normal(size=(24, 16))
-    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
-                 {"W": w, "b": RNG.normal(size=24)}, [16], [24])
-    x = (RNG.normal(size=(200, 16)) + 3.0).astype(np.float32)   # a non-zero input mean
-    recipe = Recipe(passes=(("low-rank-split", {"method": "svd", "rank": 2}), ("bias-compensate", {})), split=0.5)
-    plain = Recipe(passes=(("low-rank-split", {"method": "svd", "rank": 2}),), split=0.5)
-    with_bc = compress(model, [{"x": x}], recipe=recipe, eval_data=[{"x": x}], progress=False, measure_latency=False)
-    without = compress(model, [{"x": x}], recipe=plain, eval_data=[{"x": x}], progress=False, measure_latency=False)
-    ref = run_model(model, {"x": x})[0]
-    err_bc = (run_model(with_bc.model, {"x": x})[0] - ref).mean(axis=0)
-    err = (run_model(without.model, {"x": x})[0] - ref).mean(axis=0)
-    assert np.abs(err).max() > 0.1
-    assert np.abs(err_bc).max() < 1e-3 * np.abs(err).max()
 
 
 def test_dalr_error_never_above_svd_at_same_rank():
@@ -178,3 +162,92 @@ def test_rounded_ranks_still_fit_the_global_budget():
     dense = 64 * 96 + 80 * 64
     after = sum(r["rank"] * sum(r["shape"]) for r in rows) + dense - sum(r["shape"][0] * r["shape"][1] for r in rows)
     assert after <= 0.5 * dense
+
+
+def test_latency_aware_split_skips_a_split_that_cannot_pay_and_keeps_one_that_does():
+    """x[N,64] -> Gemm tiny (64x64) -> Relu -> Gemm wide (1024x64... 1024x1024 via up) -> y at batch 1:
+
+        x -> tiny (64x64, rank 31: ideal 1.03x) -> Relu -> up (1024x64, whole) -> wide (1024x1024, rank 4)
+    """
+    model = make([helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="tiny", transB=1),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("Gemm", ["r", "W2"], ["u"], name="up", transB=1),
+                  helper.make_node("Gemm", ["u", "W3", "b3"], ["y"], name="wide", transB=1)],
+                 {"W1": RNG.normal(size=(64, 64)), "b1": RNG.normal(size=64), "W2": RNG.normal(size=(1024, 64)),
+                  "W3": RNG.normal(size=(1024, 1024)), "b3": RNG.normal(size=1024)}, [64], [1024])
+    x = RNG.normal(size=(64, 64)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "svd", "ranks": {"tiny": 31, "wide": 4}, "latency": True})])
+    report = result.report["passes"][0]
+    timed = {row["layer"]: row for row in report["latency"]}
+    assert set(timed) == {"tiny", "wide"}
+    for row in timed.values():
+        assert {"ideal_mac_ratio", "ms_before", "ms_after", "realised", "decision", "batch", "rank"} <= set(row)
+        assert row["batch"] == 1 and row["ms_before"] > 0 and row["ms_after"] > 0
+    # tiny: two products of nearly the same work as one: skipped, the layer left intact
+    assert timed["tiny"]["decision"] == "skipped", timed["tiny"]
+    assert timed["tiny"]["ideal_mac_ratio"] == pytest.approx(64 * 64 / (31 * 128))
+    assert timed["tiny"]["rank_shrunk"] == 24
+    assert any(s["layer"] == "tiny" and "faster" in s["reason"] and "ms_before" in s for s in report["skipped"])
+    nodes = {n.name: n for n in result.model.graph.node}
+    assert "tiny" in nodes and "tiny/low-rank-split/B" not in nodes
+    kept = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert np.array_equal(kept[nodes["tiny"].input[1]], numpy_helper.to_array(model.graph.initializer[0]))
+    # wide: 1024x1024 at rank 4 (ideal 128x fewer MACs): kept, and clearly faster
+    assert timed["wide"]["decision"] == "kept", timed["wide"]
+    assert timed["wide"]["ms_after"] < 0.5 * timed["wide"]["ms_before"]
+    split = {row["layer"]: row for row in report["split"]}
+    assert set(split) == {"wide"} and split["wide"]["rank"] == 4 and "realised" in split["wide"]
+    assert "wide/low-rank-split/A" in nodes and "wide" not in nodes
+
+
+def test_latency_timings_are_cached_per_layer_rank_and_batch(monkeypatch):
+    from onnxprune.calibration.provider import StatsProvider
+    from onnxprune.data.samples import open_samples
+    from onnxprune.model import clone
+    from onnxprune.passes.base import PassContext
+    from onnxprune.passes.low_rank_split import LowRankSplit
+    from onnxprune.plan import latency
+
+    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
+                 {"W": RNG.normal(size=(256, 256)), "b": RNG.normal(size=256)}, [256], [256])
+    calls = []
+    real = latency.time_models
+    monkeypatch.setattr(latency, "time_models", lambda models, **kw: calls.append(len(models)) or real(models, **kw))
+    provider = StatsProvider({"target": open_samples([{"x": RNG.normal(size=(32, 256)).astype(np.float32)}], model)},
+                             folds=2, progress=False)
+    ctx = PassContext(statistics=provider, folds=2, cache={})
+    for batch, expected in ((1, [3]), (1, [3]), (4, [3, 3])):
+        LowRankSplit(method="svd", rank=20, latency=True, latency_batch=batch).run(clone(model), ctx)
+        assert calls == expected, (batch, calls)         # layer, rank 20 and rank 16, timed once per batch
+    with pytest.raises(Exception, match="latency_batch"):
+        LowRankSplit(method="svd", rank=20, latency=True, latency_batch=0)
+
+
+@pytest.mark.parametrize("times, saving, decision, rank", [
+    ((1.0, 0.5, 0.4), 0.05, "kept", 20),          # the chosen rank pays: kept (the smaller one is not taken)
+    ((1.0, 0.99, 0.6), 0.05, "shrunk", 16),       # only one block less pays: shrunk
+    ((1.0, 0.97, 0.96), 0.05, "skipped", 20),     # neither saves 5 %: the layer stays whole
+    ((1.0, 0.97, 0.96), 0.0, "kept", 20),         # latency_saving 0: any saving keeps it
+])
+def test_latency_decision_follows_the_measured_times(monkeypatch, times, saving, decision, rank):
+    from onnxprune.plan import latency
+
+    calls = []
+    monkeypatch.setattr(latency, "time_models", lambda models, **kw: calls.append(1) or list(times[:len(models)]))
+    model = make([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)],
+                 {"W": RNG.normal(size=(64, 64)), "b": RNG.normal(size=64)}, [64], [64])
+    x = RNG.normal(size=(32, 64)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "svd", "rank": 20, "latency": True,
+                                                "latency_saving": saving})])
+    report = result.report["passes"][0]
+    row = report["latency"][0]
+    assert (row["decision"], row["rank"], row["rank_chosen"], row["rank_shrunk"]) == (decision, rank, 20, 16)
+    assert row["ms_before"] == pytest.approx(1e3) and row["ideal_mac_ratio"] == pytest.approx(64 * 64 / (rank * 128))
+    assert row["realised"] == pytest.approx(1.0 / times[1 if rank == 20 else 2] / row["ideal_mac_ratio"])
+    assert len(calls) == (2 if decision == "skipped" else 1)     # a skip is confirmed by a second timing
+    nodes = {n.name for n in result.model.graph.node}
+    if decision == "skipped":
+        assert nodes == {"fc"} and not report["split"] and report["skipped"][0]["decision"] == "skipped"
+    else:
+        assert "fc/low-rank-split/A" in nodes and report["split"][0]["rank"] == rank
+        assert report["split"][0]["decision"] == decision

@@ -8,11 +8,12 @@ are small to keep the file well under 90 s on a 2-core machine.
 from __future__ import annotations
 
 import pytest
+from conftest import IMAGENET
+from conftest import RealTask as Task
 
-from conftest import IMAGENET, RealTask as Task
 from onnxprune.data.preprocess import Preprocess
 from onnxprune.graph.groups import find_channel_groups
-from onnxprune.model import get_array
+from onnxprune.graph.index import GraphIndex
 
 pytestmark = pytest.mark.real
 
@@ -59,7 +60,7 @@ def test_mobilenetv2_expansion_channels(shared):
     ops = {n.name: n.op_type for n in task.model.graph.node}
     expansion = [g for g in find_channel_groups(task.model) if g.skip is None
                  and any(ops[p.node] == "Conv" for p in g.path)
-                 and get_array(task.model, g.producers[0].weight).shape[2:] == (1, 1)]
+                 and GraphIndex(task.model).dims(g.producers[0].weight)[2:] == (1, 1)]
     assert len(expansion) == 16
     groups = tuple(g.name for g in expansion if g.channels == 576)
     result = task.run(passes("spectral", fraction=0.7, groups=groups))

@@ -29,7 +29,7 @@ from onnxprune.data.samples import open_samples
 from onnxprune.errors import DataError, OnnxPruneError, RecipeError
 from onnxprune.graph.groups import find_channel_groups
 from onnxprune.model import count_parameters
-from onnxprune.passes.reconstruct_next_layer import ReconstructOptions, heldout_ridge, site_error
+from onnxprune.passes.reconstruct_next_layer import ReconstructOptions
 from onnxprune.passes.select_nodes import CRITERIA, Footprint, Ranking, SelectNodes, count_for_ratio
 from onnxprune.pipeline import Recipe, run_pipeline
 
@@ -321,63 +321,6 @@ def test_sequential_selects_on_the_pruned_upstream():
     assert pruned_rows(one)["fc1"]["error"] == pytest.approx(pruned_rows(seq)["fc1"]["error"])
     assert pruned_rows(one)["fc2"]["error"] != pytest.approx(pruned_rows(seq)["fc2"]["error"], abs=1e-12)
     assert len([p for p in seq["passes"] if p["pass"] == "select-nodes"]) == 3
-
-
-# --------------------------------------------------------------------------- report rows
-
-def test_report_rows_give_the_error_with_and_without_reconstruction():
-    model = graphs.gemm_chain()
-    x = data(model)
-    passes = [("select-nodes", {"criterion": "spectral", "fraction": 0.5, "groups": ("fc1",)})]
-    _, rec = prune(model, passes + [("reconstruct-next-layer", {"ridge": 1e-6})], x=x)
-    _, drop = prune(model, passes + [("reconstruct-next-layer", {"reconstruct": False})], x=x)
-    r, d = pruned_rows(rec)["fc1"], pruned_rows(drop)["fc1"]
-    selected = rec["passes"][0]["selected"][0]
-    assert r["error"] == pytest.approx(1 - selected["retention"], abs=1e-6)
-    assert r["reconstructed"] and not d["reconstructed"]
-    assert d["error"] > r["error"] > 0
-    for row in (r, d):
-        assert row["params_after"] < row["params_before"] and row["kept"] == 8 and row["channels"] == 16
-
-
-def test_auto_ridge_reports_its_choice_and_heldout_error():
-    model = graphs.gemm_chain()
-    _, report = prune(model, [("select-nodes", {"fraction": 0.5}), ("reconstruct-next-layer", {})])
-    for row in pruned_rows(report).values():
-        assert row["ridge"] > 0 and 0 <= row["heldout_error"] <= 1
-    _, single = prune(model, [("select-nodes", {"fraction": 0.5}), ("reconstruct-next-layer", {})], folds=1)
-    for row in pruned_rows(single).values():
-        assert row["ridge"] == linalg.SELECT_RIDGE and "heldout_error" not in row
-
-
-# --------------------------------------------------------------------------- numerics of the helpers
-
-def test_site_error_matches_its_definition():
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
-    S = X.T @ X / len(X)
-    keep = np.array([0, 2, 5])
-    A = linalg.reconstruction_matrix(S, keep)
-    direct = np.sum((X.T - A @ X[:, keep].T) ** 2) / np.sum(X ** 2)
-    assert site_error(S, keep, A) == pytest.approx(direct, rel=1e-9)
-    assert site_error(S, keep, None) == pytest.approx(1 - np.sum(X[:, keep] ** 2) / np.sum(X ** 2))
-    assert site_error(S, np.arange(6), None) == 0.0
-
-
-def test_heldout_ridge_prefers_small_ridges_for_exact_copies_and_large_for_noise():
-    rng = np.random.default_rng(1)
-    Z = rng.standard_normal((400, 5))
-    exact = np.hstack([Z, Z[:, :2]])                                   # channels 5, 6 copy 0, 1
-    folds = [(200, exact[:200].T @ exact[:200] / 200), (200, exact[200:].T @ exact[200:] / 200)]
-    ridge, err = heldout_ridge(folds, np.arange(5))
-    assert ridge == 1e-6 and err < 1e-9
-    # 60 kept channels seen 80 times: the unregularised fit overfits the noise
-    W = rng.standard_normal((80, 60))
-    X = W + 0.05 * rng.standard_normal((80, 60))
-    X = np.hstack([X, (X @ rng.standard_normal(60))[:, None] / 8 + rng.standard_normal((80, 1))])
-    folds = [(40, X[:40].T @ X[:40] / 40), (40, X[40:].T @ X[40:] / 40)]
-    ridge, err = heldout_ridge(folds, np.arange(60))
-    assert ridge > 1e-6
 
 
 def test_lazy_ranking_gives_the_counts_of_the_full_ranking():

@@ -12,7 +12,8 @@ from onnxprune.data.samples import open_samples
 from onnxprune.model import clone, load_model
 from onnxprune.graph.prune import prune_channels
 from onnxprune.graph.groups import find_channel_groups
-from onnxprune.plan.suffix import ActivationCache, Suffix, reference_hashes
+from onnxprune.plan.suffix import ActivationCache, Suffix, reference_hashes, upstream_inputs
+from onnxprune.passes import REGISTRY
 from onnxprune.runtime import make_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,3 +73,26 @@ def test_suffix_through_a_residual_add_reads_both_branches():
     cache = ActivationCache(model, Samples())
     expected = make_session(trial).run(None, {"x": x.astype(np.float32)})[0]
     np.testing.assert_allclose(suffix.run(cache), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_upstream_inputs_cover_what_every_trial_suffix_reads():
+    """What the planner fetches ahead for a site includes every input of the site's suffix."""
+    import graphs
+    from onnxprune.calibration.provider import StatsProvider
+    from onnxprune.passes import PassContext
+    from onnxprune.plan.planner import Costs, PlanOptions, find_sites, ladder_sizes
+
+    options = PlanOptions(min_share=0.0, low_rank="svd", bias=False)
+    for model in (residual_add(), load_model(ROOT / "models" / "lenet_caffe_mnist.onnx")):
+        feeds = graphs.feeds(model, batch=20, seed=0)
+        provider = StatsProvider({"target": open_samples([feeds], model)}, folds=2, progress=False)
+        sites, _ = find_sites(model, options, Costs(model, "macs"))
+        assert {s.family for s in sites} == {"prune", "low-rank"}
+        hashes = reference_hashes(model)
+        for site in sites:
+            trial = clone(model)
+            ctx = PassContext(statistics=provider, folds=2)
+            for name, opts in site.passes(ladder_sizes(site, options)[-1][1], options):
+                REGISTRY[name](**opts).run(trial, ctx)
+            suffix = Suffix(trial, hashes, model.graph.output[0].name)
+            assert suffix.inputs and set(suffix.inputs) <= set(upstream_inputs(model, site.nodes)), site.key

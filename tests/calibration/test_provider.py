@@ -1,0 +1,51 @@
+"""calibration/provider.py: statistics on demand, reused while a tensor's upstream is unchanged."""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import pytest
+
+from onnxprune.calibration.provider import StatsProvider
+from onnxprune.calibration.requests import StatRequest
+from onnxprune.data.samples import open_samples
+from onnxprune.errors import CalibrationError
+from onnxprune.graph.editor import GraphEditor
+from onnxprune.model import clone
+
+
+def provider_for(model, n=64):
+    x = graphs.feeds(model, batch=n, seed=0)["x"]
+    return StatsProvider({"target": open_samples([{"x": x}], model)}, batch_size=32, folds=2, progress=False)
+
+
+def test_reuses_statistics_while_the_upstream_is_unchanged():
+    model = graphs.gemm_chain()
+    provider = provider_for(model)
+    early, late = StatRequest("fc1.out", axis=1), StatRequest("fc3.out", axis=1)
+    first = provider(model, [early, late])
+    assert provider.collections == 1
+    again = provider(clone(model), [early, late])          # same graph: no new run
+    assert provider.collections == 1
+    np.testing.assert_array_equal(first.moments(early).second_moment, again.moments(early).second_moment)
+    # a weight after fc1 changes: fc1's statistics stay valid, fc3's are gathered again
+    changed = clone(model)
+    graph = GraphEditor(changed)
+    graph.set_array("fc2.W", graph.array("fc2.W") * 2.0)
+    assert provider.cached(changed, [early]) is not None
+    assert provider.cached(changed, [late]) is None
+    view = provider(changed, [early, late])
+    assert provider.collections == 2
+    np.testing.assert_array_equal(view.moments(early).second_moment, first.moments(early).second_moment)
+    assert not np.allclose(view.moments(late).second_moment, first.moments(late).second_moment)
+    assert view.moments(late, fold=0).count + view.moments(late, fold=1).count == view.moments(late).count
+
+
+def test_unknown_sets_and_requests_are_calibration_errors():
+    model = graphs.gemm_chain()
+    provider = provider_for(model)
+    with pytest.raises(CalibrationError, match="--source-data"):
+        provider(model, [StatRequest("fc1.out", axis=1)], ("source",))
+    view = provider(model, [StatRequest("fc1.out", axis=1)])
+    with pytest.raises(CalibrationError, match="no target statistics"):
+        view.moments(StatRequest("fc2.out", axis=1))

@@ -1,0 +1,68 @@
+"""api.py, the Python API behind each subcommand: compress, calibrate + compress --stats,
+validate and inspect on in-memory models and arrays (the CLI tests cover files and exit codes)."""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import pytest
+
+import onnxprune
+from onnxprune.calibration.stats import Statistics
+from onnxprune.errors import DataError, ValidationFailed
+from onnxprune.pipeline import Recipe
+from onnxprune.recipes import method_passes
+
+
+def data(model, n=400):
+    return graphs.feeds(model, batch=n, seed=0)["x"]
+
+
+def test_compress_validates_on_the_held_out_part_and_never_touches_the_input(tmp_path):
+    model = graphs.gemm_chain()
+    before = model.SerializeToString()
+    recipe = Recipe(passes=method_passes("spectral", fraction=0.5), calib_size=150)
+    result = onnxprune.compress(model, data(model), recipe=recipe, output=tmp_path / "out.onnx", progress=False,
+                                measure_latency=False)
+    assert model.SerializeToString() == before
+    report = result.report
+    assert report["calibration"]["target"]["count"] == 150                 # split 0.5 of 400, capped at 150
+    assert report["validation"]["samples"] == 200                          # the other half
+    assert report["params_after"] < report["params_before"]
+    assert result.output == tmp_path / "out.onnx" and result.output.is_file()
+    written = Recipe.load(tmp_path / "out.recipe.json")
+    assert written.build()[0].options == recipe.build()[0].options and written.calib_size == 150
+
+
+def test_calibrate_then_compress_with_the_statistics(tmp_path):
+    model = graphs.gemm_chain()
+    x = data(model)
+    recipe = Recipe(passes=method_passes("dalr-bc", rank=2), calib_size=None)
+    stats = onnxprune.calibrate(model, x, recipe=recipe, output=tmp_path / "s.npz", progress=False)
+    assert isinstance(stats, Statistics) and Statistics.load(tmp_path / "s.npz", model=model).sets() == ["target"]
+    direct = onnxprune.compress(model, x, recipe=recipe, progress=False, measure_latency=False)
+    reused = onnxprune.compress(model, x, recipe=recipe, stats=tmp_path / "s.npz", progress=False,
+                                measure_latency=False)
+    assert reused.report["calibration_runs"] == 0
+    assert reused.model.SerializeToString() == direct.model.SerializeToString()
+
+
+def test_validate_and_its_thresholds():
+    model = graphs.gemm_chain()
+    x = data(model, 64)
+    same = onnxprune.validate(model, model, x, measure_latency=False)
+    assert same.agreement == 1.0
+    broken = graphs.gemm_chain(seed=7)
+    with pytest.raises(ValidationFailed):
+        onnxprune.validate(model, broken, x, measure_latency=False, min_agreement=0.999)
+    with pytest.raises(DataError):
+        onnxprune.validate(model, model, np.zeros((4, 3), np.float32), measure_latency=False)
+
+
+def test_inspect_lists_sites_and_passes():
+    info = onnxprune.inspect(graphs.gemm_chain())
+    assert info["passes"] == ["bias-compensate", "correct-drift", "low-rank-split", "reconstruct-next-layer",
+                              "select-nodes"]
+    assert [g["name"] for g in info["channel_groups"] if g["prunable"]] == ["fc1", "fc2", "fc3"]
+    assert {row["layer"] for row in info["low_rank"]} >= {"fc1", "fc2", "fc3", "fc4"}
+    assert info["params"] > 0 and info["macs"] > 0

@@ -1,0 +1,52 @@
+"""runtime.py: sessions for in-memory models and batched runs (fixed-batch padding)."""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from conftest import run_model
+
+from onnxprune.data.samples import open_samples
+from onnxprune.errors import ModelError
+from onnxprune.runtime import batch_size_for, make_session, providers_for, run_batches
+
+
+def fixed_batch(model, batch):
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in list(fixed.graph.input) + list(fixed.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = batch
+    return fixed
+
+
+def test_batches_cover_every_sample_once_in_order():
+    model = graphs.gemm_chain()
+    x = graphs.feeds(model, batch=10, seed=0)["x"]
+    session = make_session(model)
+    got = list(run_batches(session, open_samples([{"x": x}], model), batch_size=4))
+    assert [list(i) for i, _ in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    np.testing.assert_allclose(np.concatenate([out[0] for _, out in got]), run_model(model, {"x": x})[0], rtol=1e-6)
+
+
+def test_a_fixed_batch_model_sees_full_batches_and_callers_one_row_per_sample():
+    model = fixed_batch(graphs.gemm_chain(), 4)
+    assert batch_size_for(model, 32) == 4 and batch_size_for(graphs.gemm_chain(), 32) == 32
+    x = graphs.feeds(graphs.gemm_chain(), batch=6, seed=1)["x"]
+    session = make_session(model)
+    rows = [out[0] for _, out in run_batches(session, open_samples([{"x": x}], model), batch_size=4, fixed_batch=4)]
+    assert [len(r) for r in rows] == [4, 2]
+    np.testing.assert_allclose(np.concatenate(rows), run_model(graphs.gemm_chain(), {"x": x})[0], rtol=1e-6)
+
+
+def test_unknown_devices_and_broken_models_are_model_errors():
+    with pytest.raises(ModelError, match="unknown device"):
+        providers_for("tpu")
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+    broken = graphs.gemm_chain()
+    broken.graph.node[0].input[1] = "missing.W"
+    with pytest.raises(ModelError, match="onnxruntime cannot load it"):
+        make_session(broken)
