@@ -216,7 +216,11 @@ def onnx_shape(model, name: str) -> tuple[int, ...]:
     return tuple(init.dims)
 
 
-def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[list[dict], dict, dict]:
+def run_domain(domain: str, args, log, *, fusion_models: bool = False, update=lambda rows, info: None
+               ) -> tuple[list[dict], dict]:
+    """All rows of one domain; ``update(rows, info)`` after every row (the results are saved as
+    they come); with ``fusion_models``, the fusion and latency check of the budget rows' models
+    runs right after them (info["fusion"])."""
     model = load_model(MODEL)
     calib_data, held_data, how = splits(domain, args)
     calib, held = open_samples(calib_data, model, name=f"{domain} calibration"), \
@@ -242,20 +246,27 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
             log(f"{domain}: sensitivity of {len(missing)} more sites ({options}) in {time.perf_counter() - t0:.0f} s")
         return p
 
-    planners = {"FFN units: spectral + reconstruction": restricted(families=("prune",), sites=ffn),
-                "heads: spectral + reconstruction": restricted(families=("prune",), sites=heads),
-                "FFN units + heads (pruning planner)": restricted(families=("prune",)),
-                "low rank: DALR + bias (low-rank planner)": restricted(families=("low-rank",)),
-                "planner mix (compress default)": auto}
+    planners = {"FFN units: spectral + reconstruction": lambda: restricted(families=("prune",), sites=ffn),
+                "heads: spectral + reconstruction": lambda: restricted(families=("prune",), sites=heads),
+                "FFN units + heads (pruning planner)": lambda: restricted(families=("prune",)),
+                "low rank: DALR + bias (low-rank planner)": lambda: restricted(families=("low-rank",)),
+                "planner mix (compress default)": lambda: auto}
+    if args.rows == "mix":
+        planners = {k: v for k, v in planners.items() if k.startswith("planner mix")}
+    planners = {k: make() for k, make in planners.items()}
     rows, models = [], {}
+    info = {"split": how, "calibration": len(calib), "evaluation": len(held), "sensitivity_seconds": round(sens_seconds),
+            "sites": len(auto.sites)}
     for budget in args.budgets:
         for label, planner in planners.items():
             r, (passes, compressed) = planner_rows(label, planner, budget, auto, held, log)
             rows.append(r)
-            if keep_models:
+            update(rows, info)
+            if fusion_models:
                 models[(label, budget)] = compressed
             if label.startswith("planner mix") and r["drift"]:
                 rows.append(without_drift(label, budget, passes, auto, held, log))
+                update(rows, info)
             if label.startswith(("FFN units:", "heads:")):
                 counts = counts_of(passes)
                 family = label.split(":")[0]
@@ -266,6 +277,7 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
                                          {family: sum(s.size for s in groups if s.name in
                                                       (ffn if family == "FFN units" else heads)) // unit},
                                          auto.original, calib_data, held, log)
+                    update(rows, info)
                 variants = (("wanda, no reconstruction", "wanda", False), ("wanda + reconstruction", "wanda", True)) \
                     if label.startswith("FFN") else (("spectral, no reconstruction", "spectral", False),)
                 for name, criterion, reconstruct in variants:
@@ -277,6 +289,11 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
                     rows.append(row(f"{label.split(':')[0]}: {name}", budget, auto.original, compressed, held,
                                     "same counts", time.perf_counter() - t0))
                     log(f"{rows[-1]['method']} {budget}: cosine {rows[-1]['cosine']:.4f} knn {rows[-1]['knn']:.4f}")
+                    update(rows, info)
+    if models:
+        info["fusion"] = fusion(models, args, log)
+        del models
+        update(rows, info)
     # no budget: compress's default goal (--max-drop 1), with labels (kNN drop in points, cross-fitted
     # on the calibration samples) and without (100 (1 - mean cosine)); same sites and curves
     unlabelled = Planner(model, calib, options=PlanOptions(), batch_size=32, seed=0, provider=auto.provider)
@@ -285,9 +302,8 @@ def run_domain(domain: str, args, log, *, keep_models: bool = False) -> tuple[li
                            ("planner mix, --max-drop 1 without labels (100 (1 - cosine))", unlabelled)):
         r, _ = planner_rows(label, planner, None, auto, held, log, max_drop=args.max_drop)
         rows.append(r)
-    info = {"split": how, "calibration": len(calib), "evaluation": len(held), "sensitivity_seconds": round(sens_seconds),
-            "sites": len(auto.sites)}
-    return rows, info, models
+        update(rows, info)
+    return rows, info
 
 
 def macs_at(model, tokens: int) -> int:
@@ -411,6 +427,8 @@ def main() -> None:
     parser.add_argument("--out", default="text")
     parser.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="skip the onnxruntime optimizer fusion and latency check (first domain's models)")
+    parser.add_argument("--rows", choices=("all", "mix"), default="all",
+                        help="mix: only the planner mix rows (budgets, --no-correct-drift, --max-drop)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="the rows without a budget (compress's default)")
     parser.add_argument("--no-onnxsim", dest="onnxsim", action="store_false",
                         help="leave out onnxsim's structured pruning rows (needs onnxsim >= 0.8.1)")
@@ -432,22 +450,25 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    results, lines = {}, [HEADER, ""]
+    results = {}
+
+    def update(domain: str, rows: list[dict], info: dict) -> None:
+        results[domain] = {"rows": rows, **info}
+        lines = [HEADER.replace("@ARGS@", "".join(f" {a}" for a in sys.argv[1:])), ""]
+        for name, got in results.items():
+            lines += table(name, got["rows"], got)
+            if got.get("fusion"):
+                lines += fusion_table(got["fusion"])
+        save(args, lines, results)
+
     for domain in args.domains.split(","):
         first = domain == args.domains.split(",")[0]
-        rows, info, models = run_domain(domain, args, log, keep_models=args.fusion and first)
-        results[domain] = {"rows": rows, **info}
-        lines += table(domain, rows, info)
-        save(args, lines, results)
-        if models:
-            info["fusion"] = fusion(models, args, log)
-            del models
-            lines += fusion_table(info["fusion"])
-            save(args, lines, results)
+        run_domain(domain, args, log, fusion_models=args.fusion and first,
+                   update=lambda rows, info, domain=domain: update(domain, rows, info))
 
 
 HEADER = ("# Sentence encoder: paraphrase-MiniLM-L3 on SST-2 and AG News\n\n"
-          "Command: `python bench/text.py` (defaults: both domains, budgets 0.7 and 0.5 of the MACs); the splits "
+          "Command: `python bench/text.py@ARGS@` (default: both domains, budgets 0.7 and 0.5 of the MACs); the splits "
           "and rows are described in the module docstring. Planner rows as `compress` plans them now: the mix "
           "leaves the attention projections (Q/K/V and output) to head pruning, and correct-drift runs after a "
           "plan when the planner's cross-fitted check measures it better (column correct-drift: the check's drop "
