@@ -796,20 +796,19 @@ def _prefetch_windows(model: onnx.ModelProto, sites: list[Site], cache: Activati
     reads = {site.key: upstream_inputs(model, site.nodes) for site in sites}
     size = cache.sample_bytes([t for tensors in reads.values() for t in tensors])
     samples = len(cache.output)
+
+    def nbytes(tensors) -> int:
+        return samples * sum(size[t] for t in tensors)
     windows: dict[str, list[str]] = {}
     first, wanted, total = None, {}, 0
     for site in sites:
-        tensors = [t for t in reads[site.key] if t not in wanted]
-        extra = samples * sum(size[t] for t in tensors)
-        if first is not None and total + extra > CACHE_BYTES:
-            windows[first] = list(wanted)
-            first = None
-        if first is None:
-            first, wanted, total = site.key, {}, 0
-            tensors = reads[site.key]
-            extra = samples * sum(size[t] for t in tensors)
-        wanted.update(dict.fromkeys(tensors))
-        total += extra
+        new = [t for t in reads[site.key] if t not in wanted]
+        if first is not None and total + nbytes(new) > CACHE_BYTES:
+            windows[first], first = list(wanted), None
+        if first is None:                          # a new window: this site's reads from scratch
+            first, wanted, total, new = site.key, {}, 0, reads[site.key]
+        wanted.update(dict.fromkeys(new))
+        total += nbytes(new)
     if first is not None:
         windows[first] = list(wanted)
     return windows
