@@ -78,7 +78,8 @@ def accuracy(reference, candidate) -> dict:
     return worst
 
 
-def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batch_size: int, folds: int) -> dict:
+def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batch_size: int, folds: int,
+                device: str = "cpu") -> dict:
     from onnxprune.calibration.collect import collect
     from onnxprune.cost import total_macs
     from onnxprune.data.samples import open_samples
@@ -96,7 +97,7 @@ def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batc
         kinds[r.kind] += 1
 
     def plain():
-        session = make_session(model)
+        session = make_session(model, device=device)
         for _ in run_batches(session, data, None, batch_size=batch_size):
             pass
 
@@ -105,7 +106,7 @@ def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batc
     def engine(name):
         def run():
             results[name] = collect(model, {"target": data}, requests, batch_size=batch_size, folds=folds,
-                                    progress=False, engine=name)
+                                    progress=False, engine=name, device=device)
         return run
 
     plain()

@@ -17,9 +17,15 @@ import onnxruntime as ort
 from onnxprune.errors import ModelError
 from onnxprune.model import input_specs, needs_external_data
 
+# CUDA: TF32 off (its 10-bit mantissa would put ~1e-3 relative errors into the in-graph
+# statistics, calibration/ingraph.py, and into validation's comparison of two models); cuDNN's
+# convolution algorithm by heuristic, not by exhaustive timing at session start: onnxprune makes
+# many short-lived sessions (the planner's suffix and drift models), and the exhaustive search
+# made a ResNet-20 `compress --flops 0.7` 2.8x slower on an H200 (bench/results/cuda.md).
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cuda": [("CUDAExecutionProvider", {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}),
+             "CPUExecutionProvider"],
 }
 
 
@@ -31,14 +37,31 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
               ort.capi.onnxruntime_pybind11_state.RuntimeException)
 
 
-def providers_for(device: str = "cpu") -> list[str]:
+def providers_for(device: str = "cpu") -> list:
     """Execution providers for ``device`` ('cpu' or 'cuda'); CUDA must be available."""
     if device not in PROVIDERS:
         raise ModelError(device, "unknown device", "use 'cpu' or 'cuda'")
-    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ModelError("cuda", "the CUDA execution provider is not available",
-                         "install onnxprune[gpu] (onnxruntime-gpu) on a machine with CUDA")
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ModelError("cuda", "the CUDA execution provider is not available",
+                             "install onnxprune[gpu] (onnxruntime-gpu) on a machine with CUDA")
+        _preload_cuda()
     return PROVIDERS[device]
+
+
+_CUDA_PRELOADED = False
+
+
+def _preload_cuda() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages when they are installed (onnxruntime's
+    own ``preload_dlls``), so a pip-installed CUDA works without LD_LIBRARY_PATH; once."""
+    global _CUDA_PRELOADED
+    if not _CUDA_PRELOADED and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:       # noqa: BLE001 - nothing to preload: the system's libraries are used
+            pass
+    _CUDA_PRELOADED = True
 
 
 def make_session(model: onnx.ModelProto, *, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
@@ -50,17 +73,24 @@ def make_session(model: onnx.ModelProto, *, device: str = "cpu", threads: int | 
     providers = providers_for(device)
     try:
         if not needs_external_data(model):
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-        with tempfile.TemporaryDirectory() as tmp:
-            file = Path(tmp) / "model.onnx"
-            onnx.save(model, str(file), save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(str(file), options, providers=providers)
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                file = Path(tmp) / "model.onnx"
+                onnx.save(model, str(file), save_as_external_data=True, location="model.onnx.data")
+                session = ort.InferenceSession(str(file), options, providers=providers)
     except (ort.capi.onnxruntime_pybind11_state.Fail,
             ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise ModelError(model.graph.name or "model", f"onnxruntime cannot load it: {first}") from None
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime falls back to the CPU, with a log line only, when CUDA or cuDNN fails to load
+        raise ModelError("cuda", "the CUDA execution provider failed to start (CUDA or cuDNN libraries missing?)",
+                         "check `python -c \"import onnxruntime as ort; ort.preload_dlls()\"` and the versions "
+                         "onnxruntime-gpu needs")
+    return session
 
 
 def batch_size_for(model: onnx.ModelProto, requested: int) -> int:

@@ -69,7 +69,7 @@ def collect(
         of shifted rows, each corrected exactly and accumulated in float64 -- the fastest on
         CPU in bench/results/calibration_speed.md (ssyrk does half the multiply-adds of
         onnxruntime's Gemm and ran 2.5-3.7x faster on MobileNetV2's shapes; sampled patch
-        positions make numpy's im2col cheap);
+        positions make numpy's im2col cheap); on ``device="cuda"`` "auto" is "graph";
       - "graph": every supported request reduced inside onnxruntime, only C + C^2 values per
         request leave the session (for a GPU, or where copying activations out is dear);
       - "numpy": every tensor exposed and folded in float64 (exact, slowest).
@@ -179,7 +179,9 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
 
     # which requests onnxruntime reduces itself (ingraph.py), which are exposed and folded here
     in_graph: list[tuple[StatRequest, tuple]] = []
-    candidates = [r for r in requests if engine == "graph" or (engine == "auto" and r.kind == "pooled")]
+    # "auto" on a GPU reduces everything it can in-graph: the products run on the device
+    candidates = [r for r in requests
+                  if engine == "graph" or (engine == "auto" and (r.kind == "pooled" or device == "cuda"))]
     if candidates:
         values = _value_types(model, [r.tensor for r in candidates], with_inputs=True)
         for r in candidates:
