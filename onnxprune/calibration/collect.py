@@ -59,6 +59,7 @@ def collect(
     threads: int | None = None,
     engine: str = "auto",
     mask: str | None = "auto",
+    keep: Sequence[str] = (),
 ) -> Statistics:
     """Statistics of ``requests`` on each sample set of ``samples`` ({"target": SampleSet, ...}).
 
@@ -80,6 +81,8 @@ def collect(
     features on the last axis, nor a "pooled" one (see ``token_mask_input``). "auto": the
     input named ``attention_mask`` when the model has one; None: no masking.
     ``threads``: onnxruntime intra-op threads (None: its default).
+    ``keep``: tensors whose values on every sample are also returned, in sample order, as
+    ``Statistics.activations`` (one sample set only; the statistics provider's activation store).
     ``offset``: the position of the first sample in a larger set this one is a shard of
     (see ``calibration/shard.py``): folds and sampled patch positions follow the position in
     the whole set, so shards merge to the statistics of the whole set.
@@ -91,7 +94,7 @@ def collect(
     with blas_threads():
         return _collect(model, samples, requests, batch_size=batch_size, folds=folds, device=device,
                         progress=progress, seed=seed, offset=offset, threads=threads, engine=engine,
-                        mask=token_mask_input(model, mask))
+                        mask=token_mask_input(model, mask), keep=keep)
 
 
 def token_mask_input(model: onnx.ModelProto, mask: str | None = "auto") -> str | None:
@@ -139,7 +142,7 @@ def _masked_rows(request: StatRequest, x: np.ndarray, real: np.ndarray):
 
 
 def _collect(model, samples, requests, *, batch_size, folds, device, progress, seed, offset, threads, engine,
-             mask=None):
+             mask=None, keep=()):
     if int(folds) < 1:
         raise CalibrationError("folds", f"must be >= 1, got {folds}")
     if int(offset) < 0:
@@ -168,7 +171,10 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
     if mask is not None:
         header["mask"] = mask
     moments: dict[tuple[str, str, int], Moments] = {}
-    if not requests:
+    keep = list(dict.fromkeys(keep))
+    if keep and len(samples) != 1:
+        raise CalibrationError("keep", "activations are kept for one sample set at a time")
+    if not requests and not keep:
         return Statistics(header, moments)
 
     if engine not in ENGINES:
@@ -194,7 +200,9 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
     graph_keys = {r.key for r, _ in in_graph}
     numpy_requests = [r for r in requests if r.key not in graph_keys]
     numpy_tensors = list(dict.fromkeys(r.tensor for r in numpy_requests))
-    exposed, outputs = expose(model, numpy_tensors)
+    exposed_tensors = numpy_tensors + [t for t in keep if t not in numpy_tensors]
+    exposed, outputs = expose(model, exposed_tensors)
+    kept: dict[str, list[np.ndarray]] = {t: [] for t in keep}
     taken = set(tensor_names(exposed)) | {t.name for t in exposed.graph.initializer} | \
         {v.name for v in exposed.graph.input}
     plan = ingraph.build(exposed, in_graph, folds, select_folds=folds > 1 or fixed_batch is not None, taken=taken)
@@ -237,6 +245,8 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                                     "check that the samples match the model's inputs") from None
                 reduced = result[len(outputs):]
                 result = result[:len(outputs)]
+                for tensor in keep:
+                    kept[tensor].append(result[exposed_tensors.index(tensor)][:n])
                 at = 0
                 for site in plan.sites:
                     for f, _ in enumerate(site.outputs):
@@ -276,7 +286,9 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
         header["samples"][set_name] = per_fold
         log.info("calibration: %s set done in %.2f s (samples per fold %s)", set_name, time.perf_counter() - started,
                  per_fold)
-    return Statistics(header, moments)
+    stats = Statistics(header, moments)
+    stats.activations = {t: np.concatenate(v) for t, v in kept.items()}
+    return stats
 
 
 def _taps(site, k: int, members: np.ndarray, seed: int, set_name: str, position: int, fold: int,

@@ -27,6 +27,8 @@ class Statistics:
     def __init__(self, header: dict, moments: dict[tuple[str, str, int], Moments] | None = None):
         self.header = header
         self._moments: dict[tuple[str, str, int], Moments] = dict(moments or {})
+        #: values ``collect(keep=...)`` returned with these statistics (in memory only, never saved)
+        self.activations: dict = {}
 
     @property
     def folds(self) -> int:

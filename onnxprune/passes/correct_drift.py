@@ -113,7 +113,10 @@ class CorrectDrift(Pass):
             tensors = everything[lo:hi]
             if not tensors:
                 continue
-            joint, joined = side_by_side(ctx.original, model, tensors)
+            # a provider that stores activations gets the whole joint graph and computes only
+            # what lies between the activations it kept from the last stage and these tensors
+            joint, joined = side_by_side(ctx.original, model, tensors,
+                                         whole=getattr(ctx.statistics, "stores_activations", False))
             requests = [StatRequest(joined[t.name], kind="features", axis=t.axis) for t in tensors]
             view = ctx.statistics(joint, requests, ctx.sets[:1])
             for t, request in zip(tensors, requests):
@@ -198,9 +201,10 @@ def _absorbs_intercept(layer: LinearLayer) -> bool:
 
 
 def side_by_side(original: onnx.ModelProto, model: onnx.ModelProto,
-                 tensors: list[_Tensor]) -> tuple[onnx.ModelProto, dict[str, str]]:
+                 tensors: list[_Tensor], *, whole: bool = False) -> tuple[onnx.ModelProto, dict[str, str]]:
     """One graph computing both models from the same inputs, plus, per drifted tensor t, a
-    tensor ``names[t]`` = Concat(original t[K], compressed t) along t's feature axis."""
+    tensor ``names[t]`` = Concat(original t[K], compressed t) along t's feature axis; only
+    the nodes these need, or (``whole``) every node of both models."""
     graph = original.graph
     inputs = {v.name for v in graph.input}
     inits = {t.name for t in model.graph.initializer}
@@ -234,7 +238,8 @@ def side_by_side(original: onnx.ModelProto, model: onnx.ModelProto,
         names[t.name] = PREFIX + "joint/" + t.name
         nodes.append(helper.make_node("Concat", [left, rename(t.name)], [names[t.name]], axis=t.axis,
                                       name=PREFIX + "concat/" + t.name))
-    nodes, initializers = _cone(nodes, initializers, set(names.values()))
+    if not whole:
+        nodes, initializers = _cone(nodes, initializers, set(names.values()))
     outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names.values()]
     joint_graph = helper.make_graph(nodes, graph.name, list(graph.input), outputs, initializers)
     joint = helper.make_model(joint_graph, opset_imports=list(original.opset_import))

@@ -175,6 +175,10 @@ class _HalfProvider:
                                  device=provider.device, progress=False, seed=provider.seed,
                                  mask=getattr(provider, "mask", "auto"))
 
+    @property
+    def stores_activations(self) -> bool:
+        return self.own.stores_activations
+
     def __call__(self, model, requests, sets=("target",)):
         view = self.provider.cached(model, requests, sets)
         if view is not None:

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration.collect import expose
+from onnxprune.graph.segment import float_tensors, segment
 from onnxprune.model import cone_hashes, input_specs
 from onnxprune.runtime import make_session, run_batches
 
@@ -46,48 +47,16 @@ class Suffix:
             self.inputs: list[str] = []
             self.model = None
             return
-        # Only what the output needs: walk back from it through changed tensors. Unchanged
-        # float activations become inputs (one row per sample, cacheable); constants and
-        # shape arithmetic (int tensors, e.g. Pad's pads) are recomputed inside the suffix.
-        producer = {o: node for node in graph.node for o in node.output if o}
-        needed_nodes: set[int] = set()
-        boundary: dict[str, None] = {}
-        inits = {t.name for t in graph.initializer}
-        graph_inputs = {v.name for v in graph.input} - inits
-        floats = _float_tensors(model)
-        stack = [output]
-        seen = set()
-        while stack:
-            tensor = stack.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            node = producer[tensor]
-            needed_nodes.add(id(node))
-            for name in node.input:
-                if not name or name in inits:
-                    continue
-                if name in changed or (name not in graph_inputs and name not in floats):
-                    stack.append(name)
-                else:
-                    boundary[name] = None
-        nodes = [node for node in graph.node if id(node) in needed_nodes]
-        used = {name for node in nodes for name in node.input}
-        self.inputs = sorted(boundary)
-        suffix = onnx.ModelProto()
-        suffix.ir_version = model.ir_version
-        suffix.opset_import.extend(model.opset_import)
-        g = suffix.graph
-        g.name = f"{graph.name}/suffix"
-        g.node.extend(nodes)
-        g.initializer.extend(t for t in graph.initializer if t.name in used)
-        for name in self.inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        if model.ir_version < 4:       # IR 3: initializers are graph inputs too
-            g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                           for t in g.initializer)
-        out = next((o for o in graph.output if o.name == output), None)
-        g.output.append(out if out is not None else onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+        # Only what the output needs: walk back from it through changed tensors; unchanged
+        # float activations become inputs (one row per sample, cacheable), constants and shape
+        # arithmetic are recomputed inside the suffix
+        cut = segment(model, names - changed, [output])
+        self.inputs = cut.inputs
+        suffix = cut.model
+        del suffix.graph.output[1:]                    # the output only, not the frontier
+        suffix.graph.name = f"{graph.name}/suffix"
+        for value_info in suffix.graph.input[:len(self.inputs)]:
+            value_info.type.tensor_type.ClearField("shape")   # typed from the cached values in run()
         self.model = suffix
 
     def run(self, cache: ActivationCache, *, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
@@ -113,7 +82,7 @@ def upstream_inputs(model: onnx.ModelProto, nodes) -> list[str]:
     graph it leaves unchanged: inputs of those nodes, and of every node downstream of them,
     that none of these produces. A superset of the ``Suffix`` inputs of such a rewrite (which
     also leaves out what the measured output does not need), for fetching them ahead."""
-    floats = _float_tensors(model)
+    floats = float_tensors(model)
     changed: set[str] = set()
     out: dict[str, None] = {}
     for node in model.graph.node:          # topological order
@@ -179,29 +148,6 @@ class ActivationCache:
     @property
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self.values.values())
-
-
-def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Tensors that hold float activations: the outputs of nodes that read a float graph
-    input or a float activation (not of constant or shape arithmetic), by forward type
-    propagation from the graph's float inputs."""
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                   onnx.TensorProto.BFLOAT16}
-    inits = {t.name for t in model.graph.initializer}
-    float_inits = {t.name for t in model.graph.initializer if t.data_type in float_types}
-    live = {v.name for v in model.graph.input if v.name not in inits
-            and v.type.tensor_type.elem_type in float_types}
-    non_float_ops = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "TopK"}
-    for node in model.graph.node:         # topological order
-        if node.op_type in non_float_ops or node.op_type.startswith("Cast"):
-            if node.op_type == "Cast" and any(a.name == "to" and a.i in float_types for a in node.attribute) \
-                    and any(i in live for i in node.input):
-                live.update(o for o in node.output if o)
-            continue
-        embedding = node.op_type == "Gather" and node.input[0] in float_inits   # int ids -> float rows
-        if embedding or any(i in live for i in node.input if i):
-            live.update(o for o in node.output if o)
-    return live
 
 
 def measured_output(model: onnx.ModelProto) -> str:
