@@ -163,8 +163,8 @@ class StatsProvider:
         return any(store.usable for store in self._stores.values())
 
     def _collect(self, model: onnx.ModelProto, set_name: str, requests: list[StatRequest]) -> Statistics:
-        options = dict(batch_size=self.batch_size, folds=self.folds, device=self.device, progress=self.progress,
-                       seed=self.seed, engine=self.engine)
+        options = {"batch_size": self.batch_size, "folds": self.folds, "device": self.device,
+                   "progress": self.progress, "seed": self.seed, "engine": self.engine}
         store = self._stores.get(set_name)
         if store is None or not store.usable or not self._segmentable(model):
             return collect(model, {set_name: self.samples[set_name]}, requests, mask=self.mask, **options)

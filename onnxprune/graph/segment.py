@@ -26,7 +26,7 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 class Segment:
     """``model`` computes ``outputs`` from ``inputs`` (known tensors or graph inputs);
     ``produced``: the tensors its nodes compute; ``frontier``: the float ones of those that
-    nodes outside it (or graph outputs) read, which it also outputs."""
+    nodes outside it (or graph outputs) read, which it also outputs (after ``outputs``)."""
 
     model: onnx.ModelProto
     inputs: list[str]
@@ -67,7 +67,7 @@ def segment(model: onnx.ModelProto, known: Iterable[str], outputs: Sequence[str]
     produced = {o for node in nodes for o in node.output if o}
     read_outside = {i for node in graph.node if id(node) not in needed for i in node.input if i}
     read_outside |= {o.name for o in graph.output}
-    frontier = sorted((produced & read_outside & floats) - set(outputs))
+    frontier = sorted(produced & read_outside & floats)
     used = {name for node in nodes for name in node.input}
     out = onnx.ModelProto()
     out.ir_version = model.ir_version
@@ -84,7 +84,7 @@ def segment(model: onnx.ModelProto, known: Iterable[str], outputs: Sequence[str]
     if model.ir_version < 4:       # IR 3: initializers are graph inputs too
         g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer)
     declared_out = {o.name: o for o in graph.output}
-    for name in list(dict.fromkeys(outputs)) + frontier:
+    for name in list(dict.fromkeys([*outputs, *frontier])):
         g.output.append(declared_out.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return Segment(out, inputs, list(dict.fromkeys(outputs)), produced, frontier)
 

@@ -53,8 +53,14 @@ from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
 from onnxprune.plan.latency import LatencyCosts
-from onnxprune.plan.suffix import (ActivationCache, Suffix, fixed_batch_of, measured_output, reference_hashes,
-                                   upstream_inputs)
+from onnxprune.plan.suffix import (
+    ActivationCache,
+    Suffix,
+    fixed_batch_of,
+    measured_output,
+    reference_hashes,
+    upstream_inputs,
+)
 from onnxprune.runtime import make_session, run_batches
 
 log = logging.getLogger(__name__)
@@ -502,6 +508,7 @@ class Planner:
         self._reference_outputs: np.ndarray | None = None
         self.curves: dict[str, list[dict]] = {}
         self.checks: list[dict] = []
+        self._trials: tuple[ActivationCache, dict[str, str], str] | None = None
 
     # ------------------------------------------------------------------ building blocks
 
@@ -557,52 +564,88 @@ class Planner:
         """Damage of each site compressed alone, per ladder size (half 0 -> scored on half 1).
 
         A ladder stops below ``stop_agreement`` (default: the options'); called again with a
-        lower one, it continues the ladders that stopped (a budget the chain cannot reach)."""
+        lower one, it continues the ladders that stopped (a budget the chain cannot reach).
+        The goals (``for_max_drop``, ``for_budget``) measure only what their chain needs
+        (``_settle``); this measures every ladder, for the ``sensitivity`` command and sweeps."""
         stop = self.options.stop_agreement if stop_agreement is None else stop_agreement
-        if self.curves and not any(self._stopped(site, stop) for site in self.sites):
-            return self.curves
-        if not self.curves:
-            self.gather()
+        self._measure(self.sites, stop=stop)
+        return self.curves
+
+    def _measure(self, sites: list[Site], *, stop: float, limit: int | None = None) -> int:
+        """Measure the next ladder sizes of ``sites`` (in graph order): down to the first size
+        whose agreement falls below ``stop``, or at most ``limit`` more per site. Returns how
+        many trials ran."""
         started = time.perf_counter()
-        check = self.half_positions[1]
-        if len(check) > self.options.check_samples:
-            check = check[np.linspace(0, len(check) - 1, self.options.check_samples).round().astype(int)]
-        cache = ActivationCache(self.original, self.calib.subset(check), batch_size=self.batch_size,
-                                device=self.device)
-        hashes = reference_hashes(self.original)
-        output = measured_output(self.original)
-        todo = [site for site in self.sites if not self.curves.get(site.key) or self._stopped(site, stop)]
+        if not self.curves and not self.timings.get("calibration"):
+            self.gather()
+            started = time.perf_counter()
+        todo = [site for site in sites if self._next_size(site, stop) is not None]
+        if not todo:
+            return 0
+        cache, hashes, output = self._trial_cache()
         bar = tqdm(todo, desc="sensitivity", unit="site", disable=not self.progress, leave=False)
         fetch = _prefetch_windows(self.original, todo, cache)
+        trials = 0
         for site in bar:
             if site.key in fetch:                # the next sites' inputs in one onnxruntime run
                 cache.drop()
                 cache.prefetch(fetch[site.key])
-            rows = self.curves.get(site.key, [])
-            done = {r["size"] for r in rows}
-            for fraction, size in ladder_sizes(site, self.options):
-                if size in done:
-                    continue
+            rows = self.curves.setdefault(site.key, [])
+            measured = 0
+            while (limit is None or measured < limit) and (nxt := self._next_size(site, stop)) is not None:
+                fraction, size = nxt
                 trial = self.apply(site.passes(size, self.options), half=0)
                 outputs = Suffix(trial, hashes, output).run(cache, batch_size=max(self.batch_size, 64),
                                                             device=self.device)
                 d = damage(cache.output, outputs, self.kind)
-                saving = self.costs.saving(site, size)
                 rows.append({"size": size, "of": site.size if site.family == "prune" else _full_rank(site),
-                             "keep": fraction, "saving": saving, **d})
-                if d.get("agreement", 1.0) < stop:
-                    break
-            self.curves[site.key] = rows
+                             "keep": fraction, "saving": self.costs.saving(site, size), **d})
+                measured += 1
+            trials += measured
             log.info("sensitivity %s (%s): %s", site.name, site.family,
                      ", ".join(f"{r['size']}:{r['damage']:.3g}" for r in rows))
         self._timed("sensitivity", started)
-        return self.curves
+        return trials
 
-    def _stopped(self, site: Site, stop: float) -> bool:
-        """Whether ``site``'s ladder ended early and would go on with the threshold ``stop``."""
+    def _next_size(self, site: Site, stop: float) -> tuple[float, int] | None:
+        """The next (fraction, size) of ``site``'s ladder to measure; None when the ladder is
+        done or its last size fell below the agreement ``stop``."""
         rows = self.curves.get(site.key, [])
-        return bool(rows) and len(rows) < len(ladder_sizes(site, self.options)) \
-            and rows[-1].get("agreement", 1.0) >= stop
+        if rows and rows[-1].get("agreement", 1.0) < stop:
+            return None
+        done = {r["size"] for r in rows}
+        return next(((f, k) for f, k in ladder_sizes(site, self.options) if k not in done), None)
+
+    def _trial_cache(self) -> tuple[ActivationCache, dict[str, str], str]:
+        """The activations single-site trials run from: (a subset of) half 1, once."""
+        if self._trials is None:
+            check = self.half_positions[1]
+            if len(check) > self.options.check_samples:
+                check = check[np.linspace(0, len(check) - 1, self.options.check_samples).round().astype(int)]
+            cache = ActivationCache(self.original, self.calib.subset(check), batch_size=self.batch_size,
+                                    device=self.device)
+            self._trials = (cache, reference_hashes(self.original), measured_output(self.original))
+        return self._trials
+
+    def _settle(self, needed, *, stop: float) -> Path:
+        """The chain, with every ladder measured as far as its first ``needed(path)`` steps need.
+
+        Increments of a site along its hull lose efficiency (the hull is concave), so a site
+        whose last measured size is not in those steps cannot add to them: only the sites
+        that reach their last measured size within them get their next size measured, round
+        after round, until none does. Most sites keep short ladders: the chain's first steps
+        are settled with a fraction of the trials of a full sensitivity run."""
+        if not self.curves:
+            self._measure(self.sites, stop=stop, limit=1)
+        while True:
+            path = self.path()
+            t = min(needed(path) + 1, len(path) - 1)
+            plan = path.plan(t)
+            by_key = {site.key: site for site in self.sites}
+            grow = {key for key, option in plan.items()
+                    if option.size == self.curves[key][-1]["size"] and self._next_size(by_key[key], stop) is not None}
+            if not grow or not self._measure([s for s in self.sites if s.key in grow], stop=stop, limit=1):
+                return path
 
     # ------------------------------------------------------------------ domain shift
 
@@ -683,47 +726,77 @@ class Planner:
     def for_max_drop(self, max_drop: float) -> dict[str, Any]:
         """The most compressed plan of the chain whose measured drop (+ margin) is within ``max_drop``.
 
-        Without sensitivity curves yet, a site's ladder stops once it alone disagrees with the
-        original on more than ``GOAL_STOP * max_drop`` % of the samples (its smaller sizes
-        cannot be part of a plan within ``max_drop``): fewer trials for small drops."""
-        if not self.curves:
-            self.sensitivity(stop_agreement=max(self.options.stop_agreement, 1 - GOAL_STOP * max_drop / 100))
-        path = self.path()
+        The chain is settled as the search needs it (``_settle``): plans are checked at a
+        predicted damage that doubles, starting where the sites' own disagreements add up to
+        ``max_drop`` points, until one fails; then bisection between the last plan that passed
+        and the one that failed. A site's ladder ends once it alone disagrees with the original
+        on more than ``GOAL_STOP * max_drop`` % of the samples (its smaller sizes cannot be part
+        of a plan within ``max_drop``)."""
+        stop = max(self.options.stop_agreement, 1 - GOAL_STOP * max_drop / 100)
         started = time.perf_counter()
-        memo: dict[tuple[int, bool], Check] = {}
+        memo: dict[tuple, Check] = {}
 
-        def ok(t: int, drift: bool = False) -> bool:
-            if (t, drift) not in memo:
-                memo[t, drift] = c = self.check(path.plan(t), drift=drift)
-                self.checks.append({"step": t, "cost": self.cost_of(path.plan(t)) / self.costs.total,
+        def passes(path: Path, t: int, drift: bool = False) -> bool:
+            plan = path.plan(t)
+            key = (_plan_key(plan), drift)
+            if key not in memo:
+                memo[key] = c = self.check(plan, drift=drift)
+                self.checks.append({"step": t, "cost": self.cost_of(plan) / self.costs.total,
                                     "predicted_damage": path.predicted(t)[1], **c.to_dict()})
                 log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points%s", t, len(path) - 1,
                          self.checks[-1]["cost"], c.drop, c.se, "" if c.drift is None else
                          f" ({'with' if c.drift else 'without'} correct-drift)")
-            c = memo[t, drift]
+            c = memo[key]
             return c.drop + self.options.margin * c.se <= max_drop
-        # the search runs without correct-drift (one calibration pass per corrected tensor is too
-        # many for every step); then it is tried on the chosen step and, where it helps, the
-        # steps beyond are bisected with it (at most DRIFT_PROBES more checks)
-        t = search(path, ok) if len(path) > 1 else 0
-        if self.options.drift and t > 0 and ok(t, drift=True) and memo[t, True].drift:
-            t = search(path, lambda s: ok(s, drift=True) and memo[s, True].drift, lo=t, calls=DRIFT_PROBES)
+
+        # gallop: checks at doubling predicted damage until one fails (or the chain ends); each
+        # round settles the chain twice as far as it checks, so the steps checked stay put
+        self._settle(lambda p: 1, stop=stop)
+        target = _start_damage(self.curves, max_drop)
+        passed = 0.0
+        while True:
+            path = self._settle(functools.partial(_step_at, damage=2 * target), stop=stop)
+            t = _step_at(path, target)
+            if t == 0 or not passes(path, t):
+                failed = t
+                break
+            passed = path.predicted(t)[1]
+            if t >= len(path) - 1:
+                failed = len(path)
+                break
+            target = 2 * max(target, passed)
+        # bisect between the last plan that passed and the one that failed (memoised by content)
+        lo = _step_at(path, passed) if passed else 0
+        while lo > 0 and not passes(path, lo):
+            lo = _step_at(path, path.predicted(lo)[1] / 2)
+        t = search(path, lambda s: passes(path, s), lo=lo, hi=max(lo, failed - 1)) if failed > lo + 1 else lo
+        # correct-drift is tried on the chosen plan (one calibration pass per corrected tensor is
+        # too many for every check); where it helps by at least half a standard error, the steps
+        # beyond (as far as the chain is settled) are bisected with it, DRIFT_PROBES checks at most
+        key = _plan_key(path.plan(t))
+        if self.options.drift and t > 0 and passes(path, t, drift=True) and memo[key, True].drift \
+                and memo[key, False].drop - memo[key, True].drop >= 0.5 * memo[key, False].se:
+            horizon = _step_at(path, 2 * target)
+            t = search(path, lambda s: passes(path, s, drift=True) and memo[_plan_key(path.plan(s)), True].drift,
+                       lo=t, hi=horizon, calls=DRIFT_PROBES)
         self._timed("search", started)
-        check = memo.get((t, True)) or memo.get((t, False)) or self.check(path.plan(t), drift=False)
+        key = _plan_key(path.plan(t))
+        check = memo.get((key, True)) or memo.get((key, False)) or self.check(path.plan(t), drift=False)
         return self._result(path, t, check, {"max_drop": max_drop})
 
     @one_blas_thread
     def for_budget(self, fraction: float) -> dict[str, Any]:
         """The least aggressive plan of the chain whose cost is within ``fraction`` of the original."""
-        self.sensitivity()                             # the ladders a max-drop goal stopped early go on
-        path = self.path()
         budget = fraction * self.costs.total
+
+        def within(p: Path) -> int:          # the first step within the budget (the chain's end if none)
+            over = search(p, lambda t: self.cost_of(p.plan(t)) > budget)
+            return min(over + 1, len(p) - 1) if self.cost_of(p.plan(over)) > budget else over
+
+        path = self._settle(within, stop=self.options.stop_agreement)
         if self.cost_of(path.plan(len(path) - 1)) > budget:
-            self.sensitivity(stop_agreement=0.0)      # go on down the ladders that stopped early
-            path = self.path()
-        # cost falls along the chain: the largest t still over budget, plus one
-        over = search(path, lambda t: self.cost_of(path.plan(t)) > budget)
-        t = min(over + 1, len(path) - 1) if self.cost_of(path.plan(over)) > budget else over
+            path = self._settle(within, stop=0.0)      # go on down the ladders that stopped early
+        t = within(path)
         if t > 0:
             path = self._refine(path, t, lambda plan: self.cost_of(plan) <= budget)
         met = self.cost_of(path.plan(t)) <= budget * (1 + 1e-9)
@@ -791,6 +864,32 @@ class Planner:
             "sensitivity": self.curves, "checks": self.checks,
             "seconds": {k: round(v, 2) for k, v in self.timings.items() if k != "search"},
         }
+
+
+def _plan_key(plan: dict[str, Option]) -> tuple:
+    return tuple(sorted((name, o.size) for name, o in plan.items()))
+
+
+def _step_at(path: Path, damage: float) -> int:
+    """The last step whose predicted damage is within ``damage`` (at least step 1)."""
+    t = search(path, lambda s: path.predicted(s)[1] <= damage)
+    return min(max(t, 1), len(path) - 1)
+
+
+def _start_damage(curves: dict[str, list[dict]], max_drop: float) -> float:
+    """Where the ``--max-drop`` search checks first: the predicted damage at which the sites,
+    measured alone, would disagree with the original on ``GOAL_STOP / 2 * max_drop`` % of the
+    samples, with disagreement taken proportional to damage (least squares over every measured
+    size; 1 - cosine for embeddings and the relative error otherwise are the damage itself)."""
+    xs, ys = [], []
+    for rows in curves.values():
+        for r in rows:
+            if r["damage"] > 0:
+                xs.append(r["damage"])
+                ys.append(1.0 - r["agreement"] if "agreement" in r else r["damage"])
+    x, y = np.asarray(xs), np.asarray(ys)
+    slope = float(x @ y / (x @ x)) if len(x) and float(x @ y) > 0 else 1.0
+    return GOAL_STOP / 2 * max_drop / 100 / slope
 
 
 def _prefetch_windows(model: onnx.ModelProto, sites: list[Site], cache: ActivationCache) -> dict[str, list[str]]:

@@ -49,3 +49,45 @@ def test_unknown_sets_and_requests_are_calibration_errors():
     view = provider(model, [StatRequest("fc1.out", axis=1)])
     with pytest.raises(CalibrationError, match="no target statistics"):
         view.moments(StatRequest("fc2.out", axis=1))
+
+
+def test_stored_activations_serve_later_requests_with_the_same_statistics():
+    """With an activation store a later request runs only the graph after the activations the
+    earlier run kept; the statistics equal those of a full run, also once a weight between
+    them changed (the stored values are keyed by cone hash, so a changed upstream is recomputed)."""
+    model = graphs.gemm_chain()
+    x = graphs.feeds(model, batch=64, seed=0)["x"]
+    stored = StatsProvider({"target": open_samples([{"x": x}], model)}, batch_size=16, folds=2, progress=False)
+    plain = StatsProvider({"target": open_samples([{"x": x}], model)}, batch_size=16, folds=2, progress=False,
+                          activation_bytes=0)
+    assert stored.stores_activations and not plain.stores_activations
+    early, late = StatRequest("fc1.out", axis=1), StatRequest("fc3.out", axis=1)
+    stored(model, [early])
+    store = stored._stores["target"]
+    assert len(store.values) > 0                       # the frontier after fc1 was kept
+    changed = clone(model)
+    graph = GraphEditor(changed)
+    graph.set_array("fc2.W", graph.array("fc2.W") * 2.0)
+    for m in (model, changed):
+        a, b = stored(m, [late]).moments(late), plain(m, [late]).moments(late)
+        np.testing.assert_allclose(a.second_moment, b.second_moment, rtol=1e-6)
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, atol=1e-9)
+        for fold in (0, 1):
+            assert stored(m, [late]).moments(late, fold=fold).count == plain(m, [late]).moments(late, fold=fold).count
+
+
+def test_the_store_stays_within_its_byte_budget():
+    model = graphs.gemm_chain()
+    x = graphs.feeds(model, batch=64, seed=0)["x"]
+    samples = open_samples([{"x": x}], model)
+    inputs = x.nbytes
+    provider = StatsProvider({"target": samples}, batch_size=16, folds=2, progress=False,
+                             activation_bytes=inputs * 2 + 64 * 16 * 4)     # inputs, plus one fc1-sized tensor
+    provider(model, [StatRequest("fc1.out", axis=1)])
+    provider(model, [StatRequest("fc2.out", axis=1)])
+    store = provider._stores["target"]
+    assert sum(v.nbytes for v in store.values.values()) + inputs <= store.max_bytes
+    # inputs over half the budget: no store, plain runs
+    tiny = StatsProvider({"target": samples}, batch_size=16, folds=2, progress=False, activation_bytes=inputs)
+    tiny(model, [StatRequest("fc3.out", axis=1)])
+    assert not tiny.stores_activations

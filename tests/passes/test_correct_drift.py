@@ -165,3 +165,26 @@ def test_tensors_wider_than_max_channels_are_left_alone():
     assert not result.changed and not row["refit"] and "max_channels" in row["skipped"]
     assert graphs.get_init(work, "fc2.W").tobytes() == graphs.get_init(compressed, "fc2.W").tobytes()
     assert CorrectDrift(CorrectDriftOptions(max_channels=6)).run(clone(compressed), ctx).changed
+
+
+def test_the_activation_store_fits_the_same_corrections():
+    """A provider that stores activations gets the whole joint graph and computes each stage
+    from the last one's frontier: the same refits as stage-by-stage full runs (float32
+    rounding apart)."""
+    original = graphs.conv_bn_relu(seed=3)
+    pruned, _ = run_pipeline(original, Recipe(passes=(("select-nodes", {"criterion": "spectral", "keep": 0.5}),
+                                                       ("reconstruct-next-layer", {})), folds=2),
+                             StatsProvider({"target": open_samples([graphs.feeds(original, batch=120, seed=0)],
+                                                                   original)}, batch_size=32, folds=2, progress=False))
+    x = graphs.feeds(original, batch=120, seed=4)["x"]
+    results = []
+    for budget in (0, 1 << 28):
+        provider = StatsProvider({"target": open_samples([{"x": x}], original)}, batch_size=32, folds=2,
+                                 progress=False, activation_bytes=budget)
+        ctx = PassContext(statistics=provider, folds=2, original=original)
+        work = clone(pruned)
+        CorrectDrift(CorrectDriftOptions()).run(work, ctx)
+        results.append({t.name: onnx.numpy_helper.to_array(t) for t in work.graph.initializer})
+    assert results[0].keys() == results[1].keys()
+    for name, value in results[0].items():
+        np.testing.assert_allclose(results[1][name], value, rtol=1e-5, atol=1e-6 * np.abs(value).max())

@@ -168,3 +168,24 @@ def test_sensitivity_refuses_to_write_over_its_data(tmp_path):
     data.write_bytes(DATA.read_bytes())
     result = CliRunner().invoke(main, ["sensitivity", str(MODEL), "--target-data", str(data), "-o", str(data)])
     assert result.exit_code == 1 and data.read_bytes() == DATA.read_bytes()
+
+
+def test_a_goal_measures_only_the_ladders_its_chain_needs():
+    """``for_max_drop`` settles the chain as far as its checks go: fewer single-site trials than
+    every ladder, every site measured at least once, and the ladders it left short are those
+    of sites the chosen plan does not take to their last measured size."""
+    model = as_model(MODEL)
+    calib, _ = as_samples(DATA, model, None).split(0.5, seed=0)
+    lazy = Planner(model, calib.subset(np.arange(400)), options=PlanOptions(check_samples=128))
+    result = lazy.for_max_drop(1.0)
+    trials = {key: len(rows) for key, rows in lazy.curves.items()}
+    assert set(trials) == {site.key for site in lazy.sites}
+    full = Planner(model, calib.subset(np.arange(400)), options=PlanOptions(check_samples=128))
+    complete = {key: len(rows) for key, rows in full.sensitivity(stop_agreement=0.92).items()}
+    assert sum(trials.values()) < sum(complete.values())
+    # a site compressed by the plan has been measured beyond its chosen size (or to its end)
+    for name, option in result["plan"].items():
+        rows = lazy.curves[name]
+        assert rows[-1]["size"] != option.size or lazy._next_size(
+            next(s for s in lazy.sites if s.key == name), 0.92) is None
+    assert result["check"]["drop"] + 0.5 * result["check"]["se"] <= 1.0
