@@ -9,10 +9,11 @@
    compressed alone at a ladder of sizes, with half 0's statistics, and the damage to the
    model output is measured on (a subset of) half 1 by running only the changed part of
    the graph (``suffix.Suffix``) from cached activations. Damage = mean KL divergence of
-   the softmax outputs (classifiers), else the relative squared error.
+   the softmax outputs (classifiers), else the relative squared error. A goal measures the
+   ladders only as far as its chain needs them (``Planner._settle``).
 3. **Allocation** (``allocate.greedy_path``): increments along each site's hull of (damage,
    saving), most efficient first, give a chain of plans of growing size reduction.
-4. **Search with measurement**: bisection along the chain; each candidate is built twice
+4. **Search with measurement**: galloping, then bisection along the chain; each candidate is built twice
    (statistics of half 0 / half 1) and scored on the other half, and the measured drop
    (accuracy points with labels, else 100 - agreement %) plus ``margin`` standard errors
    must stay within ``max_drop``. With a budget instead, the least aggressive plan of the
@@ -635,8 +636,7 @@ class Planner:
         that reach their last measured size within them get their next size measured, round
         after round, until none does. Most sites keep short ladders: the chain's first steps
         are settled with a fraction of the trials of a full sensitivity run."""
-        if not self.curves:
-            self._measure(self.sites, stop=stop, limit=1)
+        self._measure([site for site in self.sites if not self.curves.get(site.key)], stop=stop, limit=1)
         while True:
             path = self.path()
             t = min(needed(path) + 1, len(path) - 1)
@@ -727,9 +727,8 @@ class Planner:
         """The most compressed plan of the chain whose measured drop (+ margin) is within ``max_drop``.
 
         The chain is settled as the search needs it (``_settle``): plans are checked at a
-        predicted damage that doubles, starting where the sites' own disagreements add up to
-        ``max_drop`` points, until one fails; then bisection between the last plan that passed
-        and the one that failed. A site's ladder ends once it alone disagrees with the original
+        predicted damage that doubles (from ``_start_damage``) until one fails; then bisection
+        between the last plan that passed and the one that failed. A site's ladder ends once it alone disagrees with the original
         on more than ``GOAL_STOP * max_drop`` % of the samples (its smaller sizes cannot be part
         of a plan within ``max_drop``)."""
         stop = max(self.options.stop_agreement, 1 - GOAL_STOP * max_drop / 100)
@@ -786,17 +785,18 @@ class Planner:
 
     @one_blas_thread
     def for_budget(self, fraction: float) -> dict[str, Any]:
-        """The least aggressive plan of the chain whose cost is within ``fraction`` of the original."""
+        """The least aggressive plan of the chain whose cost is within ``fraction`` of the original.
+
+        Every ladder is measured (a budget reaches far along the chain, where a lazily settled
+        one missed sites whose damage flattens after their first size: ResNet-20 at 70 % of
+        the MACs kept 77.9 % top-1 on held-out images against 79.3 % with every ladder)."""
         budget = fraction * self.costs.total
-
-        def within(p: Path) -> int:          # the first step within the budget (the chain's end if none)
-            over = search(p, lambda t: self.cost_of(p.plan(t)) > budget)
-            return min(over + 1, len(p) - 1) if self.cost_of(p.plan(over)) > budget else over
-
-        path = self._settle(within, stop=self.options.stop_agreement)
-        if self.cost_of(path.plan(len(path) - 1)) > budget:
-            path = self._settle(within, stop=0.0)      # go on down the ladders that stopped early
-        t = within(path)
+        self.sensitivity()
+        if self.cost_of(self.path().plan(len(self.path()) - 1)) > budget:
+            self.sensitivity(stop_agreement=0.0)      # go on down the ladders that stopped early
+        path = self.path()
+        over = search(path, lambda t: self.cost_of(path.plan(t)) > budget)
+        t = min(over + 1, len(path) - 1) if self.cost_of(path.plan(over)) > budget else over
         if t > 0:
             path = self._refine(path, t, lambda plan: self.cost_of(plan) <= budget)
         met = self.cost_of(path.plan(t)) <= budget * (1 + 1e-9)
