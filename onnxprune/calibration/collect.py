@@ -60,6 +60,7 @@ def collect(
     engine: str = "auto",
     mask: str | None = "auto",
     keep: Sequence[str] = (),
+    keep_bytes: int | None = None,
 ) -> Statistics:
     """Statistics of ``requests`` on each sample set of ``samples`` ({"target": SampleSet, ...}).
 
@@ -82,7 +83,8 @@ def collect(
     input named ``attention_mask`` when the model has one; None: no masking.
     ``threads``: onnxruntime intra-op threads (None: its default).
     ``keep``: tensors whose values on every sample are also returned, in sample order, as
-    ``Statistics.activations`` (one sample set only; the statistics provider's activation store).
+    ``Statistics.activations`` (one sample set only; the statistics provider's activation store);
+    once they would take more than ``keep_bytes``, none are kept.
     ``offset``: the position of the first sample in a larger set this one is a shard of
     (see ``calibration/shard.py``): folds and sampled patch positions follow the position in
     the whole set, so shards merge to the statistics of the whole set.
@@ -94,7 +96,7 @@ def collect(
     with blas_threads():
         return _collect(model, samples, requests, batch_size=batch_size, folds=folds, device=device,
                         progress=progress, seed=seed, offset=offset, threads=threads, engine=engine,
-                        mask=token_mask_input(model, mask), keep=keep)
+                        mask=token_mask_input(model, mask), keep=keep, keep_bytes=keep_bytes)
 
 
 def token_mask_input(model: onnx.ModelProto, mask: str | None = "auto") -> str | None:
@@ -142,7 +144,7 @@ def _masked_rows(request: StatRequest, x: np.ndarray, real: np.ndarray):
 
 
 def _collect(model, samples, requests, *, batch_size, folds, device, progress, seed, offset, threads, engine,
-             mask=None, keep=()):
+             mask=None, keep=(), keep_bytes=None):
     if int(folds) < 1:
         raise CalibrationError("folds", f"must be >= 1, got {folds}")
     if int(offset) < 0:
@@ -247,6 +249,8 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                 result = result[:len(outputs)]
                 for tensor in keep:
                     kept[tensor].append(result[exposed_tensors.index(tensor)][:n])
+                if keep and keep_bytes is not None and sum(a.nbytes for v in kept.values() for a in v) > keep_bytes:
+                    keep, kept = [], {}         # over budget: keep nothing (memory stays bounded)
                 at = 0
                 for site in plan.sites:
                     for f, _ in enumerate(site.outputs):

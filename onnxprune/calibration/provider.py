@@ -80,8 +80,12 @@ class ActivationStore:
         self.values.move_to_end(key)
         return self.values[key]
 
+    def room(self) -> int:
+        """Bytes the stored activations may take (the budget less the decoded inputs)."""
+        return max(self.max_bytes - sum(v.nbytes for v in (self._inputs or {}).values()), 0)
+
     def put(self, key: str, value: np.ndarray) -> None:
-        budget = self.max_bytes - sum(v.nbytes for v in (self._inputs or {}).values())
+        budget = self.room()
         if value.nbytes > budget:
             return
         self.values[key] = value
@@ -187,7 +191,8 @@ class StatsProvider:
         part = open_samples(feeds, cut.model, name=self.samples[set_name].name)
         log.debug("statistics: %d request(s) from %d stored tensor(s) and %d node(s) of %d",
                   len(requests), len(cut.inputs), len(cut.model.graph.node), len(model.graph.node))
-        stats = collect(cut.model, {set_name: part}, requests, mask=None, keep=cut.frontier, **options)
+        stats = collect(cut.model, {set_name: part}, requests, mask=None, keep=cut.frontier,
+                        keep_bytes=store.room(), **options)
         for name, value in stats.activations.items():
             store.put(hashes[name], value)
         stats.activations = {}

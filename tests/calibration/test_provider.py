@@ -91,3 +91,18 @@ def test_the_store_stays_within_its_byte_budget():
     tiny = StatsProvider({"target": samples}, batch_size=16, folds=2, progress=False, activation_bytes=inputs)
     tiny(model, [StatRequest("fc3.out", axis=1)])
     assert not tiny.stores_activations
+
+
+def test_collect_keeps_activations_within_a_byte_budget():
+    from onnxprune.calibration.collect import collect, expose
+    from onnxprune.runtime import make_session
+
+    model = graphs.gemm_chain()
+    x = graphs.feeds(model, batch=40, seed=0)["x"]
+    samples = {"target": open_samples([{"x": x}], model)}
+    request = StatRequest("fc2.out", axis=1)
+    stats = collect(model, samples, [request], batch_size=16, progress=False, keep=["fc1.out"])
+    exposed, names = expose(model, ["fc1.out"])
+    np.testing.assert_array_equal(stats.activations["fc1.out"], make_session(exposed).run(names, {"x": x})[0])
+    assert collect(model, samples, [request], batch_size=16, progress=False, keep=["fc1.out"],
+                   keep_bytes=40 * 16 * 4 - 1).activations == {}
