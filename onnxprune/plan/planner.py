@@ -764,10 +764,17 @@ class Planner:
                 failed = len(path)
                 break
             target = 2 * max(target, passed)
-        # bisect between the last plan that passed and the one that failed (memoised by content)
-        lo = _step_at(path, passed) if passed else 0
+        # bisect between the last plan that passed and the one that failed (memoised by content);
+        # when the first check failed, halve the predicted damage until one passes
+        if passed:
+            lo = _step_at(path, passed)
+        else:
+            lo = _step_at(path, path.predicted(failed)[1] / 2) if failed > 1 else 0
+            lo = lo if lo < failed else 0
         while lo > 0 and not passes(path, lo):
-            lo = _step_at(path, path.predicted(lo)[1] / 2)
+            failed = lo
+            lower = _step_at(path, path.predicted(lo)[1] / 2)
+            lo = lower if lower < lo else 0
         t = search(path, lambda s: passes(path, s), lo=lo, hi=max(lo, failed - 1)) if failed > lo + 1 else lo
         # correct-drift is tried on the chosen plan (one calibration pass per corrected tensor is
         # too many for every check); where it helps by at least half a standard error, the steps
