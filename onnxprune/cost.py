@@ -23,12 +23,9 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ModelError
-from onnxprune.graph.index import node_names
+from onnxprune.graph.index import FLOAT_TENSOR_TYPES, node_names
 from onnxprune.graph.shapes import inferred_value_info
 from onnxprune.model import input_specs
-
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-               onnx.TensorProto.BFLOAT16)
 
 Shape = tuple[int, ...]
 
@@ -65,7 +62,7 @@ def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[i
         shapes.update(_measure_shapes(model, missing, input_shapes))
 
     weights = {t.name: int(np.prod(t.dims, dtype=np.int64))
-               for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+               for t in model.graph.initializer if t.data_type in FLOAT_TENSOR_TYPES}
     seen: set[str] = set()
     costs = []
     for name, node in zip(node_names(model), model.graph.node):

@@ -13,7 +13,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+#: weights the passes can read and rewrite as numpy arrays
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
+#: every floating-point tensor type (parameters counted, activations followed)
+FLOAT_TENSOR_TYPES = FLOAT_TYPES | {onnx.TensorProto.BFLOAT16}
 
 
 def node_names(model: onnx.ModelProto) -> list[str]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import onnx
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+from onnxprune.graph.index import FLOAT_TENSOR_TYPES
 
 
 @dataclasses.dataclass
@@ -94,13 +94,13 @@ def float_tensors(model: onnx.ModelProto) -> set[str]:
     input or a float activation (not of constant or shape arithmetic), by forward type
     propagation from the graph's float inputs."""
     inits = {t.name for t in model.graph.initializer}
-    float_inits = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    float_inits = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TENSOR_TYPES}
     live = {v.name for v in model.graph.input if v.name not in inits
-            and v.type.tensor_type.elem_type in FLOAT_TYPES}
+            and v.type.tensor_type.elem_type in FLOAT_TENSOR_TYPES}
     non_float_ops = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "TopK"}
     for node in model.graph.node:         # topological order
         if node.op_type in non_float_ops or node.op_type.startswith("Cast"):
-            if node.op_type == "Cast" and any(a.name == "to" and a.i in FLOAT_TYPES for a in node.attribute) \
+            if node.op_type == "Cast" and any(a.name == "to" and a.i in FLOAT_TENSOR_TYPES for a in node.attribute) \
                     and any(i in live for i in node.input):
                 live.update(o for o in node.output if o)
             continue
