@@ -763,7 +763,8 @@ class Planner:
             if t >= len(path) - 1:
                 failed = len(path)
                 break
-            target = 2 * max(target, passed)
+            # t is the last step within target, so step t + 1 lies beyond it: always progress
+            target = max(2 * max(target, passed), path.predicted(t + 1)[1])
         # bisect between the last plan that passed and the one that failed (memoised by content);
         # when the first check failed, halve the predicted damage until one passes
         if passed:

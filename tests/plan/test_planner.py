@@ -189,3 +189,14 @@ def test_a_goal_measures_only_the_ladders_its_chain_needs():
         assert rows[-1]["size"] != option.size or lazy._next_size(
             next(s for s in lazy.sites if s.key == name), 0.92) is None
     assert result["check"]["drop"] + 0.5 * result["check"]["se"] <= 1.0
+
+
+def test_max_drop_zero_ends_with_a_plan_that_measured_no_drop():
+    """Steps that predict no damage at all do not stall the search: with --max-drop 0 it
+    still ends, after a few checks, on a plan whose check shows no drop."""
+    model = as_model(MODEL)
+    calib, _ = as_samples(DATA, model, None).split(0.5, seed=0)
+    planner = Planner(model, calib.subset(np.arange(200)), options=PlanOptions(check_samples=64, drift=False))
+    result = planner.for_max_drop(0.0)
+    assert len(planner.checks) < 12
+    assert result["check"]["drop"] + 0.5 * result["check"]["se"] <= 0.0
