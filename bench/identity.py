@@ -73,6 +73,9 @@ def run(key, model, provider, recipes):
 print("onnxprune from", onnxprune.__file__, file=sys.stderr)
 only = [a for a in sys.argv[1:] if not a.startswith("--")]
 CRITERIA = ["spectral", "momasp-J", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1"]
+SPECTRAL = [("select-nodes", {"criterion": "spectral", "keep": 0.5}), ("reconstruct-next-layer", {})]
+SVD_BC = [("low-rank-split", {"method": "svd", "keep": 0.3}), ("bias-compensate", {})]
+DALR_BC = [("low-rank-split", {"method": "dalr", "keep": 0.3}), ("bias-compensate", {})]
 DIGITS = {"lenet": (f"{SHARED}/models/lenet_caffe_mnist.onnx", Preprocess()),
           "mnist_cnn": (f"{SHARED}/models/mnist_cnn_fc3136.onnx", Preprocess(mean=(0.5,), std=(0.5,)))}
 for key, (path, pre) in DIGITS.items():
@@ -85,9 +88,9 @@ for key, (path, pre) in DIGITS.items():
     recipes = {c: [("select-nodes", {"criterion": c, **({} if c in ("pfa-kl", "pfa-en") else {"keep": 0.5})}),
                    ("reconstruct-next-layer", {})] for c in CRITERIA + ["wanda"]}
     recipes["spectral-seq"] = recipes["spectral"]
-    recipes["svd-bc"] = [("low-rank-split", {"method": "svd", "keep": 0.3}), ("bias-compensate", {})]
+    recipes["svd-bc"] = SVD_BC
     if key == "lenet":
-        recipes["dalr-bc"] = [("low-rank-split", {"method": "dalr", "keep": 0.3}), ("bias-compensate", {})]
+        recipes["dalr-bc"] = DALR_BC
     run(key, model, provider, recipes)
 
 if not only or "mnist_extdata" in only:
@@ -96,9 +99,9 @@ if not only or "mnist_extdata" in only:
                           preprocess=Preprocess(mean=(0.5,), std=(0.5,))).subset(np.arange(200))
     provider = StatsProvider({"target": target}, batch_size=50, folds=2, progress=False)
     run("mnist_extdata", model, provider, {
-        "spectral": [("select-nodes", {"criterion": "spectral", "keep": 0.5}), ("reconstruct-next-layer", {})],
-        "svd-bc": [("low-rank-split", {"method": "svd", "keep": 0.3}), ("bias-compensate", {})],
-        "dalr-bc": [("low-rank-split", {"method": "dalr", "keep": 0.3}), ("bias-compensate", {})]})
+        "spectral": SPECTRAL,
+        "svd-bc": SVD_BC,
+        "dalr-bc": DALR_BC})
 
 if not only or "resnet20" in only:
     model = load_model(f"{SHARED}/models/resnet20_cifar10.onnx")
@@ -107,9 +110,9 @@ if not only or "resnet20" in only:
     target = target.subset(np.random.default_rng(0).permutation(10000)[:300])
     provider = StatsProvider({"target": target}, batch_size=50, folds=2, progress=False)
     run("resnet20", model, provider, {
-        "spectral": [("select-nodes", {"criterion": "spectral", "keep": 0.5}), ("reconstruct-next-layer", {})],
+        "spectral": SPECTRAL,
         "spectral-flops": [("select-nodes", {"criterion": "spectral", "flops": 0.5}), ("reconstruct-next-layer", {})],
-        "dalr-bc": [("low-rank-split", {"method": "dalr", "keep": 0.3}), ("bias-compensate", {})]})
+        "dalr-bc": DALR_BC})
 
 if not only or "mobilenetv2" in only:
     model = load_model(f"{SHARED}/models/mobilenetv2_imagenet_fp32.onnx")
@@ -117,8 +120,8 @@ if not only or "mobilenetv2" in only:
     target = open_samples(f"{SHARED}/data/imagenet_samples", model, preprocess=pre).subset(np.arange(48))
     provider = StatsProvider({"target": target}, batch_size=16, folds=2, progress=False)
     run("mobilenetv2", model, provider, {
-        "spectral": [("select-nodes", {"criterion": "spectral", "keep": 0.5}), ("reconstruct-next-layer", {})],
-        "dalr-bc": [("low-rank-split", {"method": "dalr", "keep": 0.3}), ("bias-compensate", {})]})
+        "spectral": SPECTRAL,
+        "dalr-bc": DALR_BC})
 
 if not only or "minilm" in only:
     model = load_model(f"{SHARED}/models/minilm_l3_paraphrase.onnx")

@@ -205,6 +205,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
     exposed_tensors = numpy_tensors + [t for t in keep if t not in numpy_tensors]
     exposed, outputs = expose(model, exposed_tensors)
     kept: dict[str, list[np.ndarray]] = {t: [] for t in keep}
+    kept_bytes = 0
     taken = set(tensor_names(exposed)) | {t.name for t in exposed.graph.initializer} | \
         {v.name for v in exposed.graph.input}
     plan = ingraph.build(exposed, in_graph, folds, select_folds=folds > 1 or fixed_batch is not None, taken=taken)
@@ -249,7 +250,8 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                 result = result[:len(outputs)]
                 for tensor in keep:
                     kept[tensor].append(result[exposed_tensors.index(tensor)][:n])
-                if keep and keep_bytes is not None and sum(a.nbytes for v in kept.values() for a in v) > keep_bytes:
+                    kept_bytes += kept[tensor][-1].nbytes
+                if keep and keep_bytes is not None and kept_bytes > keep_bytes:
                     keep, kept = [], {}         # over budget: keep nothing (memory stays bounded)
                 at = 0
                 for site in plan.sites:

@@ -60,6 +60,7 @@ class ActivationStore:
         self.samples = samples
         self.max_bytes = int(max_bytes)
         self.values: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.nbytes = 0                 # of ``values``
         self._inputs: dict[str, np.ndarray] | None = None
         self.usable = self.max_bytes > 0
 
@@ -88,10 +89,12 @@ class ActivationStore:
         budget = self.room()
         if value.nbytes > budget:
             return
+        if key in self.values:
+            self.nbytes -= self.values.pop(key).nbytes
         self.values[key] = value
-        self.values.move_to_end(key)
-        while sum(v.nbytes for v in self.values.values()) > budget:
-            self.values.popitem(last=False)
+        self.nbytes += value.nbytes
+        while self.nbytes > budget:
+            self.nbytes -= self.values.popitem(last=False)[1].nbytes
 
 
 class StatsProvider:

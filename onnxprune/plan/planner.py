@@ -800,9 +800,10 @@ class Planner:
         the MACs kept 77.9 % top-1 on held-out images against 79.3 % with every ladder)."""
         budget = fraction * self.costs.total
         self.sensitivity()
-        if self.cost_of(self.path().plan(len(self.path()) - 1)) > budget:
-            self.sensitivity(stop_agreement=0.0)      # go on down the ladders that stopped early
         path = self.path()
+        if self.cost_of(path.plan(len(path) - 1)) > budget:
+            self.sensitivity(stop_agreement=0.0)      # go on down the ladders that stopped early
+            path = self.path()
         over = search(path, lambda t: self.cost_of(path.plan(t)) > budget)
         t = min(over + 1, len(path) - 1) if self.cost_of(path.plan(over)) > budget else over
         if t > 0:
