@@ -227,15 +227,16 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
     return max((int(o.version) for o in model.opset_import if o.domain in domains), default=0)
 
 
-def cone_hashes(model: onnx.ModelProto, tensors) -> dict[str, str]:
+def cone_hashes(model: onnx.ModelProto, tensors, *, memo: dict[str, str] | None = None) -> dict[str, str]:
     """For each tensor, a hash of the subgraph that computes it (nodes, attributes, weights).
 
     Two models give a tensor the same hash exactly when it is computed the same way from
-    the same graph inputs, so statistics gathered on one stay valid on the other.
+    the same graph inputs, so statistics gathered on one stay valid on the other. ``memo``:
+    the hashes of an earlier call on the same, unchanged model (filled in as they are found).
     """
     producer = {out: node for node in model.graph.node for out in node.output}
     inits = {t.name: t for t in model.graph.initializer}
-    memo: dict[str, str] = {}
+    memo = {} if memo is None else memo
 
     def tensor_hash(name: str) -> str:
         if name in memo:

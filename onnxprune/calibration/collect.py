@@ -30,6 +30,7 @@ from onnxprune.calibration import ingraph
 from onnxprune.calibration.moments import Moments, release_buffers
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.calibration.stats import Statistics
+from onnxprune.data.samples import Parts
 from onnxprune.errors import CalibrationError, DataError
 from onnxprune.linalg import blas_threads
 from onnxprune.model import clone, input_specs, model_hash
@@ -293,7 +294,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
         log.info("calibration: %s set done in %.2f s (samples per fold %s)", set_name, time.perf_counter() - started,
                  per_fold)
     stats = Statistics(header, moments)
-    stats.activations = {t: np.concatenate(v) for t, v in kept.items()}
+    stats.activations = {t: Parts(v) for t, v in kept.items() if v}      # the batches, not joined
     return stats
 
 

@@ -26,7 +26,7 @@ from onnxprune.calibration.collect import collect, token_mask_input
 from onnxprune.calibration.moments import Moments
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.calibration.stats import Statistics
-from onnxprune.data.samples import open_samples
+from onnxprune.data.samples import Feeds
 from onnxprune.errors import CalibrationError
 from onnxprune.graph.segment import float_tensors, segment
 from onnxprune.model import cone_hashes, input_specs
@@ -131,7 +131,8 @@ class StatsProvider:
         return self._view(model, requests, sets, gather=False)
 
     def _view(self, model, requests, sets, *, gather: bool) -> StatsView | None:
-        hashes = cone_hashes(model, {r.tensor for r in requests})
+        memo: dict[str, str] = {}           # shared with _collect: the weights are hashed once
+        hashes = cone_hashes(model, {r.tensor for r in requests}, memo=memo)
         missing: dict[str, list[StatRequest]] = {}
         entries: dict[tuple[str, str], Statistics] = {}
         for set_name in sets:
@@ -156,7 +157,7 @@ class StatsProvider:
             if set_name not in self.samples:
                 raise CalibrationError(set_name, "statistics file lacks what this recipe needs",
                                        f"pass --{set_name}-data so they can be gathered")
-            stats = self._collect(model, set_name, todo)
+            stats = self._collect(model, set_name, todo, memo)
             self.collections += 1
             for request in todo:
                 self._cache[(set_name, request.key)] = (hashes[request.tensor], stats)
@@ -169,14 +170,15 @@ class StatsProvider:
         graph and let each request compute only its part)."""
         return any(store.usable for store in self._stores.values())
 
-    def _collect(self, model: onnx.ModelProto, set_name: str, requests: list[StatRequest]) -> Statistics:
+    def _collect(self, model: onnx.ModelProto, set_name: str, requests: list[StatRequest],
+                 memo: dict[str, str]) -> Statistics:
         options = {"batch_size": self.batch_size, "folds": self.folds, "device": self.device,
                    "progress": self.progress, "seed": self.seed, "engine": self.engine}
         store = self._stores.get(set_name)
         if store is None or not store.usable or not self._segmentable(model):
             return collect(model, {set_name: self.samples[set_name]}, requests, mask=self.mask, **options)
         floats = float_tensors(model)
-        hashes = cone_hashes(model, floats | {r.tensor for r in requests})
+        hashes = cone_hashes(model, floats | {r.tensor for r in requests}, memo=memo)
         cut = segment(model, {t for t in floats if hashes[t] in store}, [r.tensor for r in requests], floats=floats)
         graph_inputs = {spec.name for spec in input_specs(model)}
         inputs = store.inputs() if graph_inputs & set(cut.inputs) else {}
@@ -191,7 +193,7 @@ class StatsProvider:
             dims.add().dim_param = "N"
             for d in array.shape[1:]:
                 dims.add().dim_value = int(d)
-        part = open_samples(feeds, cut.model, name=self.samples[set_name].name)
+        part = Feeds(feeds, name=self.samples[set_name].name)
         log.debug("statistics: %d request(s) from %d stored tensor(s) and %d node(s) of %d",
                   len(requests), len(cut.inputs), len(cut.model.graph.node), len(model.graph.node))
         stats = collect(cut.model, {set_name: part}, requests, mask=None, keep=cut.frontier,

@@ -228,6 +228,66 @@ class SampleSet:
         return positions
 
 
+class Parts:
+    """Rows of several arrays (the batches of one run, in order) addressed as one, without
+    joining them: rows within one part come back as a view of it, no copy."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise ValueError("Parts needs at least one array")
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.starts[-1]),) + tuple(self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+        self.nbytes = sum(p.nbytes for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.rows(0, len(self))
+        return whole if dtype is None else whole.astype(dtype)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` (exclusive): a view when one part holds them all."""
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.starts, stop, side="left")) - 1
+        if first == last:
+            offset = self.starts[first]
+            return self.parts[first][start - offset:stop - offset]
+        return np.concatenate([self.parts[k][max(start - self.starts[k], 0):stop - self.starts[k]]
+                               for k in range(first, last + 1)])
+
+
+class Feeds:
+    """Model inputs already in the model's form, e.g. activations an earlier run computed
+    (``calibration/provider.py``'s store), read batch by batch as views: no decoding, copy
+    or re-check. Offers what ``collect`` reads of a SampleSet (``len``, ``batches``,
+    ``describe``)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray | Parts], name: str):
+        counts = {len(a) for a in arrays.values()}
+        if len(counts) != 1:
+            raise DataError(name, f"inputs have different sample counts {sorted(counts)}")
+        self.arrays = dict(arrays)
+        self.name = name
+        self.labels = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "count": len(self), "labelled": False, "kind": "stored activations",
+                "inputs": [{"name": k, "shape": ["N", *a.shape[1:]], "dtype": str(a.dtype)}
+                           for k, a in self.arrays.items()]}
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield (np.arange(start, stop, dtype=np.int64),
+                   {k: a.rows(start, stop) if isinstance(a, Parts) else a[start:stop] for k, a in self.arrays.items()})
+
+
 def open_samples(source, model_or_specs, *, preprocess: Preprocess | None = None,
                  name: str | None = None) -> SampleSet:
     """Open ``source`` as a SampleSet for the inputs of ``model_or_specs``.

@@ -20,7 +20,8 @@
    chain that meets it is taken (maximum predicted accuracy at that cost).
 5. ``correct-drift`` (refitting the layers after the compressed sites against the original)
    costs one calibration pass per corrected tensor, too many for every step: the search runs
-   without it, the chosen step is checked with and without it, and for ``max_drop`` the
+   without it, the chosen step is checked with and without it (the second half's model only
+   with it where it helped the first half's), and for ``max_drop`` the
    steps beyond are bisected with it where it helps (``DRIFT_PROBES`` checks at most).
 6. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
    with per-layer ranks, correct-drift when it measured better), run on all calibration
@@ -697,22 +698,29 @@ class Planner:
         passes = self.passes_for(plan)
         drift = [p for p in passes if p[0] == "correct-drift"] if drift else []
         passes = [p for p in passes if p[0] != "correct-drift"]
+        tried = bool(drift)
         candidates = [np.empty_like(reference) for _ in range(2 if drift else 1)]
+        labels = None if self.labels is None else np.asarray(self.labels)
         for h in (0, 1):
             models = self.apply(passes, half=h, then=drift) if passes else (self.original,)
             models = models if isinstance(models, tuple) else (models,)
             other = self.half_positions[1 - h]
             for candidate, model in zip(candidates, models):
                 candidate[other] = self._outputs(model, other)
-        labels = None if self.labels is None else np.asarray(self.labels)
+            if h == 0 and len(candidates) == 2:
+                # correct-drift costs a calibration pass per corrected tensor: where it does not
+                # help the first half's model, the second half's is built without it
+                first = [measure(reference[other], c[other], None if labels is None else labels[other], self.kind)
+                         for c in candidates]
+                if not _better(first[1], first[0]):
+                    drift, candidates = [], candidates[:1]
         results = [measure(reference, candidate, labels, self.kind) for candidate in candidates]
         result = results[0]
-        if len(results) == 2:
+        if tried:
             # correct-drift usually helps, but fitting every layer at once can overshoot where the
             # drift is large: it stays in the plan only when the cross-fitted check says it helps
-            better = results[1].drop < results[0].drop or (results[1].drop == results[0].drop
-                                                           and results[1].relative_error < results[0].relative_error)
-            result = dataclasses.replace(results[1] if better else results[0], drift=bool(better),
+            better = len(results) == 2 and _better(results[1], results[0])
+            result = dataclasses.replace(results[1] if better else results[0], drift=better,
                                          drop_without_drift=results[0].drop)
         self._timed("checks", started)
         return result
@@ -873,6 +881,11 @@ class Planner:
             "sensitivity": self.curves, "checks": self.checks,
             "seconds": {k: round(v, 2) for k, v in self.timings.items() if k != "search"},
         }
+
+
+def _better(a: Check, b: Check) -> bool:
+    """Whether ``a`` measured better than ``b``: a smaller drop, or the same and closer outputs."""
+    return a.drop < b.drop or (a.drop == b.drop and a.relative_error < b.relative_error)
 
 
 def _plan_key(plan: dict[str, Option]) -> tuple:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from onnxprune.data.preprocess import Preprocess
-from onnxprune.data.samples import SampleSet, open_samples
+from onnxprune.data.samples import Feeds, Parts, SampleSet, open_samples
 from onnxprune.errors import DataError
 from onnxprune.model import InputSpec, load_model
 from onnxprune.runtime import make_session, run_batches
@@ -571,3 +571,28 @@ def test_real_split_is_disjoint_and_labelled(shared):
     assert not set(calibration.source_indices) & set(evaluation.source_indices)
     assert calibration.describe()["indices_sha"] != evaluation.describe()["indices_sha"]
     assert calibration.batch([0])["data"].shape == (1, 1, 28, 28)
+
+
+def test_parts_read_rows_as_one_array_and_views_within_a_part():
+    rng = np.random.default_rng(0)
+    whole = rng.normal(size=(70, 3, 2)).astype(np.float32)
+    parts = Parts([whole[:32], whole[32:64], whole[64:]])
+    assert len(parts) == 70 and parts.shape == whole.shape and parts.nbytes == whole.nbytes
+    inside = parts.rows(32, 64)
+    assert np.shares_memory(inside, parts.parts[1])
+    np.testing.assert_array_equal(inside, whole[32:64])
+    np.testing.assert_array_equal(parts.rows(10, 69), whole[10:69])      # across all three parts
+    np.testing.assert_array_equal(np.asarray(parts), whole)
+
+
+def test_feeds_batches_follow_the_stored_order():
+    a = np.arange(50, dtype=np.float32).reshape(25, 2)
+    parts = Parts([a[:10], a[10:20], a[20:]])
+    feeds = Feeds({"x": parts, "y": a * 2}, name="stored")
+    assert len(feeds) == 25 and feeds.describe()["count"] == 25
+    seen = list(feeds.batches(10))
+    assert [list(i) for i, _ in seen] == [list(range(0, 10)), list(range(10, 20)), list(range(20, 25))]
+    np.testing.assert_array_equal(np.concatenate([f["x"] for _, f in seen]), a)
+    np.testing.assert_array_equal(np.concatenate([f["y"] for _, f in seen]), a * 2)
+    with pytest.raises(DataError, match="different sample counts"):
+        Feeds({"x": a, "y": a[:3]}, name="bad")
