@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from onnx import numpy_helper
 
 from onnxprune.api import as_model, as_samples
 from onnxprune.cli import main
 from onnxprune.cost import total_macs
 from onnxprune.model import count_parameters
+from onnxprune.passes import REGISTRY
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, PlanOptions, damage, measure
 from onnxprune.runtime import make_session
@@ -200,3 +202,36 @@ def test_max_drop_zero_ends_with_a_plan_that_measured_no_drop():
     result = planner.for_max_drop(0.0)
     assert len(planner.checks) < 12
     assert result["check"]["drop"] + 0.5 * result["check"]["se"] <= 0.0
+
+
+def test_drift_check_builds_the_second_half_with_correct_drift_only_where_it_helped_the_first(lenet, monkeypatch):
+    """correct-drift costs a calibration pass per tensor: the check tries it on the first
+    half's model, and builds the second half's with it only where it measured better there."""
+    _, planner, _ = lenet
+    path = planner.path()
+    plan = path.plan(len(path) - 1)            # the whole chain: a large drop to correct
+    runs = []
+
+    def fake(effect):
+        class Drift:
+            def __init__(self, **options):
+                pass
+
+            def run(self, model, ctx):
+                runs.append(effect)
+                if effect == "restore":         # a perfect correction: the original outputs
+                    model.CopyFrom(ctx.original)
+                else:                           # a harmful one: every weight zero
+                    for tensor in model.graph.initializer:
+                        tensor.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(tensor)),
+                                                                tensor.name))
+        return Drift
+
+    monkeypatch.setitem(REGISTRY, "correct-drift", fake("harm"))
+    harmed = planner.check(plan, drift=True)
+    assert runs == ["harm"] and harmed.drift is False and harmed.drop == harmed.drop_without_drift
+    runs.clear()
+    monkeypatch.setitem(REGISTRY, "correct-drift", fake("restore"))
+    restored = planner.check(plan, drift=True)
+    assert runs == ["restore", "restore"] and restored.drift is True
+    assert restored.drop == 0.0 and restored.agreement == 1.0 and restored.drop_without_drift == harmed.drop
