@@ -269,32 +269,40 @@ def _refit(folds, intercept: bool) -> dict:
     at all, chosen on held-out folds (each fold left out in turn). One eigendecomposition per
     fold scores every ridge of the grid, as ``heldout_ridge`` does for reconstruct-next-layer."""
     dim = folds[0].dim // 2
+    # of each fold's joint Gram of v = (x, z) only the z z^T and z x^T blocks and the traces are
+    # used (the x x^T block, a quarter of it, only by its trace)
     grams = [m.gram for m in folds]
+    zz = [g[dim:, dim:] for g in grams]
+    zx = [g[dim:, :dim] for g in grams]
+    xx = [float(np.trace(g[:dim, :dim])) for g in grams]
 
     def pooled(parts):
+        """(E[z z^T], E[z x^T], E||x||^2, E[v]) over the folds ``parts``."""
         n = sum(folds[i].count for i in parts)
-        return n, sum(folds[i].sum for i in parts) / n, sum(grams[i] for i in parts) / n
+        return (sum(zz[i] for i in parts) / n, sum(zx[i] for i in parts) / n, sum(xx[i] for i in parts) / n,
+                sum(folds[i].sum for i in parts) / n)
 
-    def around(second, mean, centre):
-        """E[(v - c)(v - c)^T] from E[v v^T] and E[v]."""
-        return second - np.outer(mean, centre) - np.outer(centre, mean) + np.outer(centre, centre)
-
-    def blocks(second, mean, centre):
-        S = around(second, mean, centre) if intercept else second
-        return S[dim:, dim:], S[dim:, :dim], float(np.trace(S[:dim, :dim]))     # E[z z^T], E[z x^T], E||x||^2
+    def blocks(second_zz, second_zx, second_xx, mean, centre):
+        """(E[z z^T], E[z x^T], E||x||^2) about ``centre`` with an intercept, else as they are."""
+        if not intercept:
+            return second_zz, second_zx, second_xx
+        mx, mz, cx, cz = mean[:dim], mean[dim:], centre[:dim], centre[dim:]
+        return (second_zz - np.outer(mz, cz) - np.outer(cz, mz) + np.outer(cz, cz),
+                second_zx - np.outer(mz, cx) - np.outer(cz, mx) + np.outer(cz, cx),
+                second_xx - 2.0 * float(mx @ cx) + float(cx @ cx))
 
     everything = list(range(len(folds)))
     total = sum(m.count for m in folds)
-    G = sum(grams)
-    before = float(np.trace(G[:dim, :dim]) - 2.0 * np.trace(G[:dim, dim:]) + np.trace(G[dim:, dim:]))
-    energy = max(float(np.trace(G[:dim, :dim])), 1e-300)
+    trace_xx, trace_zz = sum(xx), sum(float(np.trace(z)) for z in zz)
+    before = float(trace_xx - 2.0 * sum(float(np.trace(c)) for c in zx) + trace_zz)
+    energy = max(trace_xx, 1e-300)
     scores = np.zeros(len(RIDGE_GRID))
     usable = len(folds) > 1 and all(m.count > 0 for m in folds)
     for f in everything if usable else ():
-        n, mean, second = pooled([i for i in everything if i != f])
-        Z, C, _ = blocks(second, mean, mean)
+        *second, mean = pooled([i for i in everything if i != f])
+        Z, C, _ = blocks(*second, mean, mean)
         held = folds[f]
-        Zh, Ch, yy = blocks(grams[f] / held.count, held.sum / held.count, mean)
+        Zh, Ch, yy = blocks(*pooled([f])[:3], held.sum / held.count, mean)
         mu, V = np.linalg.eigh(0.5 * (Z + Z.T))
         mu = np.maximum(mu, 0.0)
         P, Q = V.T @ C, V.T @ Ch
@@ -312,8 +320,8 @@ def _refit(folds, intercept: bool) -> dict:
               "intercept": intercept, "samples": int(total), "refit": False, "map": None}
     if not usable or after >= GAIN * before:
         return result
-    n, mean, second = pooled(everything)
-    Z, C, _ = blocks(second, mean, mean)
+    *second, mean = pooled(everything)
+    Z, C, _ = blocks(*second, mean, mean)
     unit = max(float(np.trace(Z)) / dim, 1e-300)
     A = np.linalg.solve(Z + RIDGE_GRID[best] * unit * np.eye(dim), C).T     # x ~= A x~ (+ a)
     a = mean[:dim] - A @ mean[dim:] if intercept else None
