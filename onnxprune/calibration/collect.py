@@ -250,6 +250,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                 reduced = result[len(outputs):]
                 result = result[:len(outputs)]
                 for tensor in keep:
+                    # a copy: onnxruntime's outputs are views of its arena, which grows while they are held
                     kept[tensor].append(np.array(result[exposed_tensors.index(tensor)][:n]))
                     kept_bytes += kept[tensor][-1].nbytes
                 if keep and keep_bytes is not None and kept_bytes > keep_bytes:

@@ -113,6 +113,7 @@ class StatsProvider:
         self.engine = engine          # collect(engine=): "auto", "graph" (in onnxruntime) or "numpy"
         self.mask = mask              # collect(mask=): the token-mask input ("auto": attention_mask if present)
         self.collections = 0          # onnxruntime passes run (per sample set), for reports
+        self.activation_bytes = int(activation_bytes)     # the store's budget per sample set
         self._cache: dict[tuple[str, str], tuple[str, Statistics]] = {}
         self._stores = {name: ActivationStore(sample_set, activation_bytes) for name, sample_set in samples.items()}
         self._preloaded = preloaded

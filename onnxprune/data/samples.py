@@ -271,7 +271,6 @@ class Feeds:
             raise DataError(name, f"inputs have different sample counts {sorted(counts)}")
         self.arrays = dict(arrays)
         self.name = name
-        self.labels = None
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))

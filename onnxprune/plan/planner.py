@@ -174,14 +174,16 @@ class _HalfView:
 class _HalfProvider:
     """Statistics of half ``h``: the plan's (gathered once, in 4 folds) through ``_HalfView``;
     any other (a rewritten graph's, as correct-drift asks) gathered on half h's samples alone,
-    in 2 folds, so a check's model never sees the samples that score it."""
+    in 2 folds, so a check's model never sees the samples that score it. The two halves'
+    activation stores share the budget of the whole set's (each holds half the samples)."""
 
     def __init__(self, provider: StatsProvider, half: int, samples):
         self.provider = provider
         self.half = half
         self.own = StatsProvider({"target": samples}, batch_size=provider.batch_size, folds=2,
                                  device=provider.device, progress=False, seed=provider.seed,
-                                 mask=getattr(provider, "mask", "auto"))
+                                 mask=getattr(provider, "mask", "auto"),
+                                 activation_bytes=provider.activation_bytes // 2)
 
     @property
     def stores_activations(self) -> bool:
