@@ -2,6 +2,7 @@
 
     python bench/coprune.py              # keep 5/2/1 %, seeds 0,1,2 -> bench/results/coprune.md
     python bench/coprune.py --quick      # one seed, 4 epochs per stage
+    python bench/coprune.py --pool coprune coprune_keep1_seeds3to7 --out NAME   # stored runs, seeds pooled
 
 Source: the Caffe LeNet (trained on MNIST) with the MNIST test set as labelled source data.
 Target: the same LeNet fine-tuned on the first half of USPS with labels (plain fine-tuning,
@@ -46,7 +47,12 @@ def main(argv=None) -> int:
     ap.add_argument("--allocation", choices=["global", "layer"], default="global")
     ap.add_argument("--skip-baseline", action="store_true", help="Co-Prune rows only (the alpha 0 rows do not "
                     "depend on --alphas values or --fusion, only on the number of stages)")
+    ap.add_argument("--pool", nargs="+", metavar="NAME",
+                    help="no training: pool the runs stored in bench/results/<NAME>.json (runs of the same "
+                         "options with different seeds) into one table per keep, paired by seed")
     args = ap.parse_args(argv)
+    if args.pool:
+        return pool(args.pool, args.out, argv)
     keeps = [float(v) for v in args.keeps.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
     max_epochs = args.max_epochs
@@ -72,8 +78,8 @@ def main(argv=None) -> int:
     results = []
     for keep in keeps:
         for seed in seeds:
-            for method, alphas in methods:
-                config = CoPruneConfig(keep=keep, alphas=alphas, max_epochs=max_epochs, seed=seed, progress=False,
+            for method, schedule in methods:
+                config = CoPruneConfig(keep=keep, alphas=schedule, max_epochs=max_epochs, seed=seed, progress=False,
                                        fusion=args.fusion, allocation=args.allocation)
                 t0 = time.perf_counter()
                 pruned, report = coprune(source_model, target_model, mnist, train, config=config)
@@ -125,6 +131,42 @@ Non-zero parameters (weights + biases) after pruning: {", ".join(f"{100 * k:g} %
 """
     write_result(args.out, text)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"dense": rows_dense, "runs": results}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+def pool(names: list[str], out: str, argv) -> int:
+    """Runs of several result files, by keep: mean and spread per method over every seed, and
+    the paired difference (same seed) with its standard error."""
+    runs: dict[tuple, float] = {}
+    for name in names:
+        for r in json.loads((RESULTS / f"{name}.json").read_text())["runs"]:
+            key = (r["keep"], r["method"], r["seed"])
+            if key in runs:
+                raise SystemExit(f"{name}: keep {r['keep']}, {r['method']}, seed {r['seed']} is already in an earlier file")
+            runs[key] = 100 * r["accuracy"]
+    rows = []
+    for keep in sorted({k for k, _, _ in runs}, reverse=True):
+        co = {s: a for (k, m, s), a in runs.items() if k == keep and m == "co-prune"}
+        base = {s: a for (k, m, s), a in runs.items() if k == keep and m == "target-only (alpha 0)"}
+        seeds = sorted(set(co) & set(base))
+        if len(seeds) < 2:
+            continue
+        c, b = np.array([co[s] for s in seeds]), np.array([base[s] for s in seeds])
+        d = c - b
+        rows.append([f"{100 * keep:g} %", ",".join(map(str, seeds)), f"{c.mean():.2f} ± {c.std(ddof=1):.2f}",
+                     f"{b.mean():.2f} ± {b.std(ddof=1):.2f}",
+                     f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}", f"{int((d > 0).sum())} of {len(d)}"])
+    cmdline = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    text = f"""# Co-Prune against target-only magnitude pruning, seeds pooled
+
+`python bench/coprune.py{cmdline}`: the runs stored in {", ".join(f"[{n}.md]({n}.md)" for n in names)},
+by keep; only seeds with both methods count. 'difference': Co-Prune − alpha 0 on the same seed, mean ±
+standard error over the seeds.
+
+{markdown_table(["keep", "seeds", "Co-Prune mean ± sd", "alpha 0 mean ± sd", "difference", "Co-Prune ahead"], rows)}
+"""
+    write_result(out, text)
     print(text)
     return 0
 
