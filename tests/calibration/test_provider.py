@@ -104,5 +104,9 @@ def test_collect_keeps_activations_within_a_byte_budget():
     stats = collect(model, samples, [request], batch_size=16, progress=False, keep=["fc1.out"])
     exposed, names = expose(model, ["fc1.out"])
     np.testing.assert_array_equal(stats.activations["fc1.out"], make_session(exposed).run(names, {"x": x})[0])
+    # kept batch by batch (40 = 16 + 16 + 8), each its own memory: onnxruntime's outputs are views of
+    # its arena, which would grow while they are held
+    assert [len(p) for p in stats.activations["fc1.out"].parts] == [16, 16, 8]
+    assert all(p.flags.owndata for p in stats.activations["fc1.out"].parts)
     assert collect(model, samples, [request], batch_size=16, progress=False, keep=["fc1.out"],
                    keep_bytes=40 * 16 * 4 - 1).activations == {}
