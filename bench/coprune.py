@@ -34,6 +34,9 @@ from onnxprune.model import load_model
 from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters
 from onnxprune.train.distill import TrainConfig, finetune
 
+#: the two methods' names in the stored runs
+COPRUNE, BASELINE = "co-prune", "target-only (alpha 0)"
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
                   [f"LeNet fine-tuned on USPS first half (epoch {ft['best_epoch']} of {len(ft['curve']) - 1})",
                    f"{100 * accuracy(target_model):.2f}"]]
     alphas = tuple(float(a) for a in args.alphas.split(","))
-    methods = [("co-prune", alphas)] + ([] if args.skip_baseline else [("target-only (alpha 0)", (0.0,) * len(alphas))])
+    methods = [(COPRUNE, alphas)] + ([] if args.skip_baseline else [(BASELINE, (0.0,) * len(alphas))])
     results = []
     for keep in keeps:
         for seed in seeds:
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     for keep in keeps:
         row = [f"{100 * keep:g} %"]
         stats = {}
-        for method in ("co-prune", "target-only (alpha 0)"):
+        for method in (COPRUNE, BASELINE):
             accs = np.array([r["accuracy"] for r in results if r["keep"] == keep and r["method"] == method]) * 100
             stats[method] = accs
             if not len(accs):
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
                 continue
             row.append(f"{accs.mean():.2f} ± {accs.std(ddof=1) if len(accs) > 1 else 0.0:.2f}")
             row.append(" / ".join(f"{a:.1f}" for a in accs))
-        diff = stats["co-prune"] - stats["target-only (alpha 0)"] if len(stats["target-only (alpha 0)"]) else None
+        diff = stats[COPRUNE] - stats[BASELINE] if len(stats[BASELINE]) else None
         row.append("" if diff is None else f"{diff.mean():+.2f}")
         rows.append(row)
     nonzero = {keep: next(r["nonzero"] for r in results if r["keep"] == keep) for keep in keeps}
@@ -147,8 +150,8 @@ def pool(names: list[str], out: str, argv) -> int:
             runs[key] = 100 * r["accuracy"]
     rows = []
     for keep in sorted({k for k, _, _ in runs}, reverse=True):
-        co = {s: a for (k, m, s), a in runs.items() if k == keep and m == "co-prune"}
-        base = {s: a for (k, m, s), a in runs.items() if k == keep and m == "target-only (alpha 0)"}
+        co = {s: a for (k, m, s), a in runs.items() if k == keep and m == COPRUNE}
+        base = {s: a for (k, m, s), a in runs.items() if k == keep and m == BASELINE}
         seeds = sorted(set(co) & set(base))
         if len(seeds) < 2:
             continue

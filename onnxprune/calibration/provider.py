@@ -62,6 +62,7 @@ class ActivationStore:
         self.values: OrderedDict[str, np.ndarray] = OrderedDict()
         self.nbytes = 0                 # of ``values``
         self._inputs: dict[str, np.ndarray] | None = None
+        self._input_bytes = 0           # of ``_inputs``
         self.usable = self.max_bytes > 0
 
     def inputs(self) -> dict[str, np.ndarray] | None:
@@ -72,6 +73,7 @@ class ActivationStore:
                 self.usable = False
                 return None
             self._inputs = self.samples.batch(np.arange(len(self.samples)))
+            self._input_bytes = sum(v.nbytes for v in self._inputs.values())
         return self._inputs
 
     def __contains__(self, key: str) -> bool:
@@ -83,7 +85,7 @@ class ActivationStore:
 
     def room(self) -> int:
         """Bytes the stored activations may take (the budget less the decoded inputs)."""
-        return max(self.max_bytes - sum(v.nbytes for v in (self._inputs or {}).values()), 0)
+        return max(self.max_bytes - self._input_bytes, 0)
 
     def put(self, key: str, value: np.ndarray) -> None:
         budget = self.room()

@@ -301,8 +301,8 @@ def _refit(folds, intercept: bool) -> dict:
     for f in everything if usable else ():
         *second, mean = pooled([i for i in everything if i != f])
         Z, C, _ = blocks(*second, mean, mean)
-        held = folds[f]
-        Zh, Ch, yy = blocks(*pooled([f])[:3], held.sum / held.count, mean)
+        *second_held, mean_held = pooled([f])
+        Zh, Ch, yy = blocks(*second_held, mean_held, mean)
         mu, V = np.linalg.eigh(0.5 * (Z + Z.T))
         mu = np.maximum(mu, 0.0)
         P, Q = V.T @ C, V.T @ Ch
@@ -313,7 +313,7 @@ def _refit(folds, intercept: bool) -> dict:
         for g, ridge in enumerate(RIDGE_GRID):
             d = 1.0 / (mu + ridge * unit)          # B = V diag(d) P: z -> x
             err = yy - 2.0 * float(d @ PQ) + float(np.einsum("ij,ij->", M, (d[:, None] * PP) * d[None, :]))
-            scores[g] += held.count * max(err, 0.0)
+            scores[g] += folds[f].count * max(err, 0.0)
     best = int(np.argmin(scores)) if usable else 2
     after = float(scores[best])
     result = {"ridge": RIDGE_GRID[best], "error_before": before / energy, "error_after": after / energy,
