@@ -76,6 +76,8 @@ FOLDS = 4
 GOAL_STOP = 8.0
 #: --max-drop: checks with correct-drift bisecting the steps beyond the search's choice
 DRIFT_PROBES = 4
+#: --max-drop: correct-drift joins the plan when it lowers the checked drop by this many standard errors
+DRIFT_GAIN = 0.5
 #: sensitivity: cached activations are dropped once they exceed this many bytes
 CACHE_BYTES = 1 << 30
 
@@ -692,9 +694,14 @@ class Planner:
         return plan_passes({name: (by_name[name], o.size) for name, o in plan.items()}, self.options)
 
     @one_blas_thread
-    def check(self, plan: dict[str, Option], *, drift: bool = True) -> Check:
+    def check(self, plan: dict[str, Option], *, drift: bool = True, min_gain: float = 0.0) -> Check:
         """Cross-fitted measurement of ``plan`` on every calibration sample; with ``drift`` (and
-        the options') also with correct-drift, which stays in the plan when it measures better."""
+        the options') also with correct-drift, which stays in the plan when it measures better.
+
+        correct-drift costs a calibration pass per corrected tensor: the second half's model
+        is built with it only where it helped the first half's, by at least ``min_gain``
+        standard errors of the whole check (estimated from the half: se / sqrt 2) when
+        ``min_gain`` > 0, at all (``_better``) when it is 0."""
         started = time.perf_counter()
         reference = self.reference_outputs()
         passes = self.passes_for(plan)
@@ -710,11 +717,11 @@ class Planner:
             for candidate, model in zip(candidates, models):
                 candidate[other] = self._outputs(model, other)
             if h == 0 and len(candidates) == 2:
-                # correct-drift costs a calibration pass per corrected tensor: where it does not
-                # help the first half's model, the second half's is built without it
                 first = [measure(reference[other], c[other], None if labels is None else labels[other], self.kind)
                          for c in candidates]
-                if not _better(first[1], first[0]):
+                helped = _better(first[1], first[0]) if min_gain <= 0 else \
+                    first[0].drop - first[1].drop >= max(min_gain * first[0].se / math.sqrt(2), 1e-9)
+                if not helped:
                     drift, candidates = [], candidates[:1]
         results = [measure(reference, candidate, labels, self.kind) for candidate in candidates]
         result = results[0]
@@ -745,11 +752,11 @@ class Planner:
         started = time.perf_counter()
         memo: dict[tuple, Check] = {}
 
-        def passes(path: Path, t: int, drift: bool = False) -> bool:
+        def passes(path: Path, t: int, drift: bool = False, min_gain: float = 0.0) -> bool:
             plan = path.plan(t)
             key = (_plan_key(plan), drift)
             if key not in memo:
-                memo[key] = c = self.check(plan, drift=drift)
+                memo[key] = c = self.check(plan, drift=drift, min_gain=min_gain)
                 self.checks.append({"step": t, "cost": self.cost_of(plan) / self.costs.total,
                                     "predicted_damage": path.predicted(t)[1], **c.to_dict()})
                 log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points%s", t, len(path) - 1,
@@ -788,11 +795,12 @@ class Planner:
             lo = lower if lower < lo else 0
         t = search(path, lambda s: passes(path, s), lo=lo, hi=max(lo, failed - 1)) if failed > lo + 1 else lo
         # correct-drift is tried on the chosen plan (one calibration pass per corrected tensor is
-        # too many for every check); where it helps by at least half a standard error, the steps
-        # beyond (as far as the chain is settled) are bisected with it, DRIFT_PROBES checks at most
+        # too many for every check; the second half's model only when the first half's gained
+        # enough); where it helps by at least DRIFT_GAIN standard errors, the steps beyond (as
+        # far as the chain is settled) are bisected with it, DRIFT_PROBES checks at most
         key = _plan_key(path.plan(t))
-        if self.options.drift and t > 0 and passes(path, t, drift=True) and memo[key, True].drift \
-                and memo[key, False].drop - memo[key, True].drop >= 0.5 * memo[key, False].se:
+        if self.options.drift and t > 0 and passes(path, t, drift=True, min_gain=DRIFT_GAIN) and memo[key, True].drift \
+                and memo[key, False].drop - memo[key, True].drop >= DRIFT_GAIN * memo[key, False].se:
             horizon = _step_at(path, 2 * target)
             t = search(path, lambda s: passes(path, s, drift=True) and memo[_plan_key(path.plan(s)), True].drift,
                        lo=t, hi=horizon, calls=DRIFT_PROBES)

@@ -235,3 +235,10 @@ def test_drift_check_builds_the_second_half_with_correct_drift_only_where_it_hel
     restored = planner.check(plan, drift=True)
     assert runs == ["restore", "restore"] and restored.drift is True
     assert restored.drop == 0.0 and restored.agreement == 1.0 and restored.drop_without_drift == harmed.drop
+    # with a required gain (--max-drop's first drift check): the second half is built with
+    # correct-drift only when the first half gained that many standard errors
+    runs.clear()
+    assert planner.check(plan, drift=True, min_gain=0.5).drift is True and runs == ["restore", "restore"]
+    runs.clear()
+    unmet = planner.check(plan, drift=True, min_gain=1e6)
+    assert runs == ["restore"] and unmet.drift is False and unmet.drop == harmed.drop
