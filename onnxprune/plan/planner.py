@@ -728,8 +728,7 @@ class Planner:
         check's top-1 said correct-drift costs 1.6 points on either half, the 250 held-out
         images that it gains 4.0 and 0.4, KL to the original fell on both halves). It costs a
         calibration pass per corrected tensor: the second half's model is built with it only
-        where it brought the first half's closer (by ``min_gain`` / sqrt 2 standard errors:
-        one half holds half the samples)."""
+        where it helped the first half's (``_drift_helped``)."""
         started = time.perf_counter()
         reference = self.reference_outputs()
         passes = self.passes_for(plan)
@@ -744,8 +743,7 @@ class Planner:
             other = self.half_positions[1 - h]
             for candidate, model in zip(candidates, models):
                 candidate[other] = self._outputs(model, other)
-            if h == 0 and len(candidates) == 2 and not closer(
-                    reference[other], candidates[0][other], candidates[1][other], self.kind, min_gain / math.sqrt(2)):
+            if h == 0 and len(candidates) == 2 and not self._drift_helped(reference, candidates, other, labels, min_gain):
                 drift, candidates = [], candidates[:1]
         results = [measure(reference, candidate, labels, self.kind) for candidate in candidates]
         result = results[0]
@@ -757,6 +755,20 @@ class Planner:
                                          drop_without_drift=results[0].drop)
         self._timed("checks", started)
         return result
+
+    def _drift_helped(self, reference, candidates, positions, labels, min_gain: float) -> bool:
+        """Whether correct-drift brought the first half's model closer to the original on the
+        other half (``positions``); with ``min_gain`` > 0 by that many standard errors of the
+        whole check (sqrt 2 of the half's), and with a smaller measured drop: a search
+        (``for_max_drop``) only gains from it where it lets more steps pass."""
+        without, with_drift = (c[positions] for c in candidates)
+        if not closer(reference[positions], without, with_drift, self.kind, min_gain / math.sqrt(2)):
+            return False
+        if min_gain <= 0:
+            return True
+        half = None if labels is None else labels[positions]
+        return measure(reference[positions], with_drift, half, self.kind).drop < \
+            measure(reference[positions], without, half, self.kind).drop
 
     def cost_of(self, plan: dict[str, Option]) -> float:
         """Objective cost of ``plan`` (exact for MACs and parameters; latency: measured per site)."""
