@@ -471,7 +471,8 @@ HEADER = ("# Sentence encoder: paraphrase-MiniLM-L3 on SST-2 and AG News\n\n"
           "Command: `python bench/text.py@ARGS@` (default: both domains, budgets 0.7 and 0.5 of the MACs); the splits "
           "and rows are described in the module docstring. Planner rows as `compress` plans them now: the mix "
           "leaves the attention projections (Q/K/V and output) to head pruning, and correct-drift runs after a "
-          "plan when the planner's cross-fitted check measures it better (column correct-drift: the check's drop "
+          "plan when the planner's cross-fitted check finds the outputs closer with it (mean 1 - cosine per "
+          "sentence, paired; column correct-drift: the check's drop "
           "in points, 100 (1 - cosine) or kNN, without -> with).")
 
 

@@ -20,11 +20,12 @@
    chain that meets it is taken (maximum predicted accuracy at that cost).
 5. ``correct-drift`` (refitting the layers after the compressed sites against the original)
    costs one calibration pass per corrected tensor, too many for every step: the search runs
-   without it, the chosen step is checked with and without it (the second half's model only
+   without it, the chosen step is checked with and without it, and it stays where it brings
+   the outputs closer to the original's (per-sample KL, paired; the second half's model only
    with it where it helped the first half's), and for ``max_drop`` the
    steps beyond are bisected with it where it helps (``DRIFT_PROBES`` checks at most).
 6. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
-   with per-layer ranks, correct-drift when it measured better), run on all calibration
+   with per-layer ranks, correct-drift when it brought the outputs closer), run on all calibration
    statistics.
 """
 
@@ -434,7 +435,7 @@ class Check:
     accuracy_candidate: float | None
     relative_error: float
     kl: float | None
-    drift: bool | None = None      # whether correct-drift is part of the plan (measured better), None: not tried
+    drift: bool | None = None      # whether correct-drift is part of the plan (brought the outputs closer), None: not tried
     drop_without_drift: float | None = None
 
     def to_dict(self) -> dict:
