@@ -21,11 +21,12 @@
 5. ``correct-drift`` (refitting the layers after the compressed sites against the original)
    costs one calibration pass per corrected tensor, too many for every step: the search runs
    without it, the chosen step is checked with and without it, and it stays where it brings
-   the outputs closer to the original's (per-sample KL, paired; the second half's model only
-   with it where it helped the first half's), and for ``max_drop`` the
-   steps beyond are bisected with it where it helps (``DRIFT_PROBES`` checks at most).
+   the outputs closer to the original's (per-sample KL, paired; for ``max_drop`` where it
+   lowers the checked drop; the second half's model only with it where it helped the first
+   half's), and for ``max_drop`` the steps beyond are bisected with it where it helps
+   (``DRIFT_PROBES`` checks at most).
 6. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
-   with per-layer ranks, correct-drift when it brought the outputs closer), run on all calibration
+   with per-layer ranks, correct-drift when it helped), run on all calibration
    statistics.
 """
 
@@ -77,7 +78,7 @@ FOLDS = 4
 GOAL_STOP = 8.0
 #: --max-drop: checks with correct-drift bisecting the steps beyond the search's choice
 DRIFT_PROBES = 4
-#: --max-drop: correct-drift joins the plan when it brings the outputs closer by this many standard errors
+#: --max-drop: correct-drift joins the plan when it lowers the checked drop by this many standard errors
 DRIFT_GAIN = 0.5
 #: sensitivity: cached activations are dropped once they exceed this many bytes
 CACHE_BYTES = 1 << 30
@@ -435,7 +436,7 @@ class Check:
     accuracy_candidate: float | None
     relative_error: float
     kl: float | None
-    drift: bool | None = None      # whether correct-drift is part of the plan (brought the outputs closer), None: not tried
+    drift: bool | None = None      # whether correct-drift is part of the plan (helped, see ``check``), None: not tried
     drop_without_drift: float | None = None
 
     def to_dict(self) -> dict:
@@ -718,18 +719,21 @@ class Planner:
         return plan_passes({name: (by_name[name], o.size) for name, o in plan.items()}, self.options)
 
     @one_blas_thread
-    def check(self, plan: dict[str, Option], *, drift: bool = True, min_gain: float = 0.0) -> Check:
+    def check(self, plan: dict[str, Option], *, drift: bool = True, min_gain: float = 0.0,
+              judge: str = "divergence") -> Check:
         """Cross-fitted measurement of ``plan`` on every calibration sample; with ``drift`` (and
-        the options') also with correct-drift, which stays in the plan when it brings the
-        outputs closer to the original's (``closer``; by at least ``min_gain`` standard errors).
+        the options') also with correct-drift, which stays in the plan where it helps
+        (``_drift_helped``: by ``judge``, at least ``min_gain`` standard errors).
 
         correct-drift refits layers to reproduce the original's activations, so output
-        divergence is what it moves; the label accuracy of half the calibration samples is too
-        noisy to judge it (MobileNetV2 planned to 75 % of the MACs, half-calibrated models: the
-        check's top-1 said correct-drift costs 1.6 points on either half, the 250 held-out
-        images that it gains 4.0 and 0.4, KL to the original fell on both halves). It costs a
-        calibration pass per corrected tensor: the second half's model is built with it only
-        where it helped the first half's (``_drift_helped``)."""
+        divergence is what it moves, and what a plan for a budget judges it by: the label
+        accuracy of half the calibration samples is too noisy for that (MobileNetV2 planned to
+        75 % of the MACs, half-calibrated models: the check's top-1 said correct-drift costs 1.6
+        points on either half, the 250 held-out images that it gains 4.0 and 0.4, KL to the
+        original fell on both halves). A search for ``max_drop`` judges it by the drop, since
+        it only gains from it where it lets more steps pass. It costs a calibration pass per
+        corrected tensor: the second half's model is built with it only where it helped the
+        first half's."""
         started = time.perf_counter()
         reference = self.reference_outputs()
         passes = self.passes_for(plan)
@@ -744,32 +748,34 @@ class Planner:
             other = self.half_positions[1 - h]
             for candidate, model in zip(candidates, models):
                 candidate[other] = self._outputs(model, other)
-            if h == 0 and len(candidates) == 2 and not self._drift_helped(reference, candidates, other, labels, min_gain):
+            if h == 0 and len(candidates) == 2 and not self._drift_helped(
+                    reference[other], *(c[other] for c in candidates), None if labels is None else labels[other],
+                    min_gain, judge, scale=1 / math.sqrt(2)):
                 drift, candidates = [], candidates[:1]
         results = [measure(reference, candidate, labels, self.kind) for candidate in candidates]
         result = results[0]
         if tried:
             # correct-drift usually helps, but fitting every layer at once can overshoot where the
             # drift is large: it stays in the plan only when the cross-fitted check says it helps
-            better = len(results) == 2 and closer(reference, candidates[0], candidates[1], self.kind, min_gain)
+            better = len(results) == 2 and self._drift_helped(reference, *candidates, labels, min_gain, judge)
             result = dataclasses.replace(results[1] if better else results[0], drift=better,
                                          drop_without_drift=results[0].drop)
         self._timed("checks", started)
         return result
 
-    def _drift_helped(self, reference, candidates, positions, labels, min_gain: float) -> bool:
-        """Whether correct-drift brought the first half's model closer to the original on the
-        other half (``positions``); with ``min_gain`` > 0 by that many standard errors of the
-        whole check (sqrt 2 of the half's), and with a smaller measured drop: a search
-        (``for_max_drop``) only gains from it where it lets more steps pass."""
-        without, with_drift = (c[positions] for c in candidates)
-        if not closer(reference[positions], without, with_drift, self.kind, min_gain / math.sqrt(2)):
-            return False
-        if min_gain <= 0:
-            return True
-        half = None if labels is None else labels[positions]
-        return measure(reference[positions], with_drift, half, self.kind).drop < \
-            measure(reference[positions], without, half, self.kind).drop
+    def _drift_helped(self, reference, without, with_drift, labels, min_gain: float, judge: str,
+                      scale: float = 1.0) -> bool:
+        """Whether correct-drift helped: ``judge`` "divergence", the outputs came closer to the
+        original's (``closer``) by ``min_gain`` standard errors; "drop", the measured drop fell
+        by ``min_gain`` standard errors of it (with ``min_gain`` 0: fell, or stayed and the
+        outputs came closer). ``scale`` multiplies the standard errors (1 / sqrt 2 to judge one
+        half for the whole check)."""
+        if judge == "divergence":
+            return closer(reference, without, with_drift, self.kind, scale * min_gain)
+        before, after = (measure(reference, c, labels, self.kind) for c in (without, with_drift))
+        if min_gain > 0:
+            return before.drop - after.drop >= max(scale * min_gain * before.se, 1e-9)
+        return after.drop < before.drop or (after.drop == before.drop and closer(reference, without, with_drift, self.kind))
 
     def cost_of(self, plan: dict[str, Option]) -> float:
         """Objective cost of ``plan`` (exact for MACs and parameters; latency: measured per site)."""
@@ -793,7 +799,7 @@ class Planner:
             plan = path.plan(t)
             key = (_plan_key(plan), drift)
             if key not in memo:
-                memo[key] = c = self.check(plan, drift=drift, min_gain=min_gain)
+                memo[key] = c = self.check(plan, drift=drift, min_gain=min_gain, judge="drop")
                 self.checks.append({"step": t, "cost": self.cost_of(plan) / self.costs.total,
                                     "predicted_damage": path.predicted(t)[1], **c.to_dict()})
                 log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points%s", t, len(path) - 1,
@@ -832,9 +838,9 @@ class Planner:
             lo = lower if lower < lo else 0
         t = search(path, lambda s: passes(path, s), lo=lo, hi=max(lo, failed - 1)) if failed > lo + 1 else lo
         # correct-drift is tried on the chosen plan (one calibration pass per corrected tensor is
-        # too many for every check); where it brings the outputs closer by at least DRIFT_GAIN
-        # standard errors and the plan still passes with it, the steps beyond (as far as the
-        # chain is settled) are bisected with it, DRIFT_PROBES checks at most
+        # too many for every check); where it lowers the drop by at least DRIFT_GAIN standard
+        # errors, the steps beyond (as far as the chain is settled) are bisected with it,
+        # DRIFT_PROBES checks at most
         def with_drift(s: int, min_gain: float = 0.0) -> bool:
             return passes(path, s, drift=True, min_gain=min_gain) and memo[_plan_key(path.plan(s)), True].drift
 

@@ -240,6 +240,9 @@ def test_drift_check_builds_the_second_half_with_correct_drift_only_where_it_hel
     runs.clear()
     unmet = planner.check(plan, drift=True, min_gain=1e6)
     assert runs == ["restore"] and unmet.drift is False and unmet.drop == harmed.drop
+    # judged by the drop (--max-drop's search): the restored outputs lose nothing
+    runs.clear()
+    assert planner.check(plan, drift=True, min_gain=0.5, judge="drop").drift is True and len(runs) == 2
 
 
 def test_closer_compares_per_sample_divergences_paired():
