@@ -406,7 +406,7 @@ def damage(reference: np.ndarray, candidate: np.ndarray, kind: str = "classes") 
     c = candidate.astype(np.float64)
     rel = float(np.sum((c - r) ** 2) / max(np.sum(r * r), 1e-300))
     if kind == "embedding":
-        cos = 1.0 - float(np.mean(divergences(r, c, kind)))
+        cos = float(np.mean(embedding.cosine_rows(r, c)))
         return {"damage": max(1.0 - cos, 0.0), "cosine": cos, "agreement": cos, "relative_error": rel}
     if not is_classifier(r):
         return {"damage": rel, "relative_error": rel}
@@ -421,8 +421,13 @@ def closer(reference: np.ndarray, without: np.ndarray, candidate: np.ndarray, ki
     paired differences when ``z`` > 0."""
     d = divergences(reference, without, kind) - divergences(reference, candidate, kind)
     gain = float(d.mean())
-    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    return gain > 0 and gain >= z * se
+    return gain > 0 and gain >= z * standard_error(d)
+
+
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean of ``values`` (0 for fewer than two)."""
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
 @dataclasses.dataclass
@@ -446,7 +451,6 @@ class Check:
 def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
             kind: str = "classes") -> Check:
     d = damage(reference, candidate, kind)
-    n = len(reference)
     if kind == "embedding":
         return measure_embedding(reference, candidate, labels, d)
     if not is_classifier(reference):
@@ -461,8 +465,7 @@ def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         diff = (top_r != top_c).astype(np.float64)
         acc_r = acc_c = None
         drop = 100.0 * float(diff.mean())
-    se = 100.0 * float(np.std(diff, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return Check(drop, se, d["agreement"], acc_r, acc_c, d["relative_error"], d["kl"])
+    return Check(drop, 100.0 * standard_error(diff), d["agreement"], acc_r, acc_c, d["relative_error"], d["kl"])
 
 
 def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, d: dict) -> Check:
@@ -474,11 +477,9 @@ def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.n
         diff = right_r.astype(np.float64) - right_c
         acc_r, acc_c = float(right_r.mean()), float(right_c.mean())
     else:
-        diff = 1.0 - embedding.cosine_rows(reference, candidate)
+        diff = divergences(reference, candidate, "embedding")
         acc_r = acc_c = None
-    n = len(diff)
-    se = 100.0 * float(np.std(diff, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return Check(100.0 * float(diff.mean()), se, d["agreement"], acc_r, acc_c, d["relative_error"], None)
+    return Check(100.0 * float(diff.mean()), 100.0 * standard_error(diff), d["agreement"], acc_r, acc_c, d["relative_error"], None)
 
 
 # --------------------------------------------------------------------------- the planner
