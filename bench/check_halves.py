@@ -1,6 +1,6 @@
 """Is the planner's cross-fitted check biased by calibrating its models on half the samples?
 
-    python bench/check_halves.py [--model resnet20] [--budget 0.8]   # bench/results/check_halves.md
+    python bench/check_halves.py [--model resnet20] [--budget 0.8] [--out check_halves]   # bench/results/OUT.md
 
 The plan for ``--budget`` (of the MACs) on the calibration split of bench/planner.py; each check
 model (statistics of calibration half h, with and without correct-drift) is scored twice: on the
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet20")
     ap.add_argument("--budget", type=float, default=0.8)
+    ap.add_argument("--out", default="check_halves", help="bench/results/OUT.md")
     args = ap.parse_args(argv)
     spec = MODELS[args.model]
     model = as_model(spec["model"])
@@ -55,22 +56,23 @@ def main(argv=None) -> int:
         for label, candidate in zip(("without correct-drift", "with correct-drift"),
                                     planner.apply(passes, half=h, then=drift)):
             c = measure(reference[other], planner._outputs(candidate, other), labels[other], planner.kind)
-            rows.append([f"calibration half {h}", label, f"{c.drop:.2f} ± {c.se:.2f}",
+            rows.append([f"calibration half {h}", label, f"{c.drop:.2f} ± {c.se:.2f}", f"{c.kl:.4f}",
                          f"{held_out_drop(candidate):.2f}"])
     for label, chosen in (("without correct-drift", passes), ("with correct-drift", passes + drift)):
         final, _ = run_pipeline(planner.original, Recipe(passes=tuple(chosen), folds=FOLDS), planner.provider)
-        rows.append(["every calibration sample (final)", label, "-", f"{held_out_drop(final):.2f}"])
+        rows.append(["every calibration sample (final)", label, "-", "-", f"{held_out_drop(final):.2f}"])
     original = validate(planner.original, planner.original, held_out, measure_latency=False)
     text = "\n".join([
         "# The planner's check against held-out data", "",
-        f"`python bench/check_halves.py --model {args.model} --budget {args.budget}` on {machine()}, "
+        f"`python bench/check_halves.py --model {args.model} --budget {args.budget} --out {args.out}` on {machine()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Plan for {100 * args.budget:g} % of the MACs "
         f"({100 * result['cost']:.1f} % reached), {len(samples['target'])} calibration samples (the original scores "
         f"{100 * float(np.mean(reference.argmax(1) == labels)):.1f} % on them), {len(held_out)} held-out "
         f"(original {100 * original.accuracy_reference:.1f} %). Drops in accuracy points; 'check' scores a model on "
-        "the calibration half it did not see (± standard error), 'held out' on samples that calibrated nothing.", "",
-        markdown_table(["model calibrated on", "", "check drop", "held-out drop"], rows), ""])
-    (RESULTS / "check_halves.md").write_text(text)
+        "the calibration half it did not see (± standard error; 'check KL': mean KL divergence from the original's "
+        "outputs there), 'held out' on samples that calibrated nothing.", "",
+        markdown_table(["model calibrated on", "", "check drop", "check KL", "held-out drop"], rows), ""])
+    (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
     return 0
 
