@@ -121,8 +121,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         if goal.get("max_drop") is not None:
             max_drop = goal["max_drop"] if max_drop is None else min(max_drop, goal["max_drop"])
         try:
-            original, recipe, provider, planning = plan_recipe(original, samples, recipe, device=device,
-                                                               progress=progress)
+            original, recipe, provider, planning = plan_recipe(original, samples, recipe, uncapped=train_set,
+                                                               device=device, progress=progress)
         except ValidationFailed as exc:
             exc.report["evaluation"] = held_out.describe()
             raise fail(exc.report, output, exc) from None
@@ -355,10 +355,12 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     budgets = sorted({float(b) for b in budgets}, reverse=True)
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
-    samples, held_out, _, _, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
-    planner = Planner(original, samples["target"], options=plan_options(recipe.plan or {}),
-                      source=samples.get("source"), batch_size=recipe.batch_size, device=device,
-                      seed=recipe.seed, progress=progress, metric=recipe.metric, mask=recipe.mask)
+    samples, held_out, _, calib, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
+    options = plan_options(recipe.plan or {})
+    planner = Planner(original, samples["target"], options=options, source=samples.get("source"),
+                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
+                      metric=recipe.metric, mask=recipe.mask,
+                      extra=spare(calib, recipe.calib_size, options.check_extra, seed=recipe.seed))
     planner.sensitivity()
     rows = []
     stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
@@ -416,18 +418,22 @@ def pareto_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, device: str = "cpu",
-                progress: bool = True) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict]:
-    """Run the planner that ``recipe.plan`` asks for on the calibration ``samples``.
+def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
+                device: str = "cpu", progress: bool = True) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict]:
+    """Run the planner that ``recipe.plan`` asks for on the calibration ``samples``; ``uncapped``:
+    the calibration part before the --calib-size cap: the samples the cap left out, the
+    checks score too (``PlanOptions.check_extra`` of them at most).
 
     Returns the model to compress (the original with every node named), the recipe of the
     chosen plan (explicit per-site passes, re-runnable without planning), the statistics
     provider that already holds every statistic the recipe needs, and the plan's report.
     """
     goal = recipe.plan
-    planner = Planner(original, samples["target"], options=plan_options(goal), source=samples.get("source"),
+    options = plan_options(goal)
+    extra = None if uncapped is None else spare(uncapped, recipe.calib_size, options.check_extra, seed=recipe.seed)
+    planner = Planner(original, samples["target"], options=options, source=samples.get("source"),
                       batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
-                      metric=recipe.metric, mask=recipe.mask)
+                      metric=recipe.metric, mask=recipe.mask, extra=extra)
     if goal.get("max_drop") is not None:
         result = planner.for_max_drop(goal["max_drop"])
     else:
@@ -490,6 +496,15 @@ def cap(samples: SampleSet, size: int | None, *, seed: int) -> SampleSet:
         return samples
     order = np.random.default_rng(seed).permutation(len(samples))
     return samples.subset(np.sort(order[:size]))
+
+
+def spare(samples: SampleSet, size: int | None, count: int, *, seed: int) -> SampleSet | None:
+    """At most ``count`` of the samples that ``cap(samples, size, seed=seed)`` leaves out (the
+    next ones of its permutation, in source order); None when it leaves none out."""
+    if size is None or size >= len(samples) or count <= 0:
+        return None
+    order = np.random.default_rng(seed).permutation(len(samples))
+    return samples.subset(np.sort(order[size:size + count]))
 
 
 def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:

@@ -161,8 +161,9 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
         plan.update(families=["prune"], criterion=method)
     if layers:
         plan["sites"] = list(layers)
-    if options.get("margin") is not None:
-        plan["margin"] = options["margin"]
+    for name in ("margin", "check_extra"):
+        if options.get(name) is not None:
+            plan[name] = options[name]
     if options.get("latency_batch") is not None:
         if plan["objective"] != "latency":
             raise RecipeError(flag("latency_batch"), f"only applies to {flag('objective')} latency")

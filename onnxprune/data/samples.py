@@ -152,6 +152,15 @@ class SampleSet:
         return SampleSet(name=self.name, store=self._store, specs=self._specs, preprocess=self._preprocess,
                          labels=self._all_labels, rows=self._rows[positions], classes=self._classes)
 
+    def join(self, other: SampleSet) -> SampleSet:
+        """This set's samples followed by ``other``'s; both must be sets over one storage
+        (``subset``/``split`` of one opened set)."""
+        if other._store is not self._store or other._specs != self._specs or other._preprocess != self._preprocess:
+            raise DataError(self.name, f"cannot join {other.name!r}: not a part of the same opened samples")
+        return SampleSet(name=self.name, store=self._store, specs=self._specs, preprocess=self._preprocess,
+                         labels=self._all_labels, rows=np.concatenate([self._rows, other._rows]),
+                         classes=self._classes)
+
     def in_memory(self, max_bytes: int = 1 << 30, batch_size: int = 64) -> SampleSet:
         """The same samples (labels and order too), decoded and preprocessed once and held as
         arrays: for a set that is read many times (the planner's checks). ``self`` when they

@@ -16,15 +16,18 @@
 4. **Search with measurement**: galloping, then bisection along the chain; each candidate is built twice
    (statistics of half 0 / half 1) and scored on the other half, and the measured drop
    (accuracy points with labels, else 100 - agreement %) plus ``margin`` standard errors
-   must stay within ``max_drop``. With a budget instead, the least aggressive plan of the
+   must stay within ``max_drop``. Target samples that calibrate nothing (what the
+   --calib-size cap left of the calibration part, ``PlanOptions.check_extra`` at most) are
+   scored too, half by each model: the check's standard error shrinks, the calibration
+   cost does not grow. With a budget instead, the least aggressive plan of the
    chain that meets it is taken (maximum predicted accuracy at that cost).
 5. ``correct-drift`` (refitting the layers after the compressed sites against the original)
    costs one calibration pass per corrected tensor, too many for every step: the search runs
-   without it, the chosen step is checked with and without it, and it stays where it brings
-   the outputs closer to the original's (per-sample KL, paired; for ``max_drop`` where it
-   lowers the checked drop; the second half's model only with it where it helped the first
-   half's), and for ``max_drop`` the steps beyond are bisected with it where it helps
-   (``DRIFT_PROBES`` checks at most).
+   without it. For a budget, the chosen step is checked with and without it, and it stays
+   where it brings the outputs closer to the original's (per-sample KL, paired). For
+   ``max_drop`` it is tried on the first step that failed without it: where that passes with
+   it, the search gallops on with it (the second half's model is built with it only where it
+   lowered the first half's drop).
 6. The chosen plan becomes a recipe (select-nodes with per-group counts, low-rank-split
    with per-layer ranks, correct-drift when it helped), run on all calibration
    statistics.
@@ -76,10 +79,6 @@ LADDER = (0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1, 0.05, 0.02)
 FOLDS = 4
 #: --max-drop d: a site alone disagreeing on more than GOAL_STOP * d % of the samples ends its ladder
 GOAL_STOP = 8.0
-#: --max-drop: checks with correct-drift bisecting the steps beyond the search's choice
-DRIFT_PROBES = 4
-#: --max-drop: correct-drift joins the plan when it lowers the checked drop by this many standard errors
-DRIFT_GAIN = 0.5
 #: sensitivity: cached activations are dropped once they exceed this many bytes
 CACHE_BYTES = 1 << 30
 
@@ -94,6 +93,7 @@ class PlanOptions:
     criterion: str = "spectral"          # select-nodes criterion for the prune family
     ladder: tuple[float, ...] = LADDER
     check_samples: int = 64              # sensitivity: at most this many samples of half 1
+    check_extra: int = 4000              # checks: at most this many more samples (``Planner(extra=)``)
     min_share: float = 0.002             # sites that can save less of the objective are left alone
     stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
     margin: float = 0.5                  # standard errors of the measured drop kept in reserve
@@ -117,6 +117,8 @@ class PlanOptions:
             raise RecipeError("plan", f"latency_batch={self.latency_batch!r} must be an integer >= 1")
         if self.check_samples < 8:
             raise RecipeError("plan", "check_samples must be >= 8")
+        if isinstance(self.check_extra, bool) or not isinstance(self.check_extra, int) or self.check_extra < 0:
+            raise RecipeError("--check-extra", f"{self.check_extra!r} must be an integer >= 0")
         if self.low_rank not in ("dalr", "svd"):
             raise RecipeError("plan", f"low_rank={self.low_rank!r} is not dalr or svd")
         if not self.margin >= 0:
@@ -432,7 +434,7 @@ def standard_error(values: np.ndarray) -> float:
 
 @dataclasses.dataclass
 class Check:
-    """A measured plan: outputs of the cross-fitted models on every calibration sample."""
+    """A measured plan: outputs of the cross-fitted models on every checked sample."""
 
     drop: float                    # points: accuracy (labels) or 100 - agreement %
     se: float                      # standard error of ``drop`` (points)
@@ -502,15 +504,21 @@ class Planner:
     def __init__(self, model: onnx.ModelProto, calib, *, options: PlanOptions = PlanOptions(),
                  source=None, batch_size: int = 32, device: str = "cpu", seed: int = 0,
                  progress: bool = False, provider: StatsProvider | None = None, metric: str = "auto",
-                 mask: str | None = "auto"):
+                 mask: str | None = "auto", extra=None):
         """``metric``: how outputs are compared ("auto", "classes", "embedding": see
-        ``onnxprune.embedding``); ``mask``: the token-mask input of the calibration."""
+        ``onnxprune.embedding``); ``mask``: the token-mask input of the calibration; ``extra``:
+        target samples that calibrate nothing (of the same opened set as ``calib``, e.g. what
+        the --calib-size cap left out): the checks score them too, half by each cross-fitted
+        model, for a check with a smaller standard error at the same calibration cost."""
         if len(calib) < 8:
             raise RecipeError("calibration", f"{len(calib)} samples are too few to plan and check",
                               "give at least 8 (better hundreds of) target samples")
         self.original = clone(model)
         name_nodes(self.original)       # sites are addressed by node name
-        calib = calib.in_memory()       # read by every check: decode and preprocess once
+        n = len(calib)
+        # the checked samples, read by every check: decoded and preprocessed once; calibration first
+        self.checked = (calib if extra is None else calib.join(extra)).in_memory()
+        calib = self.checked.subset(np.arange(n))
         self.calib = calib
         self.options = options
         self.batch_size = batch_size
@@ -524,8 +532,11 @@ class Planner:
         self.provider = provider or StatsProvider(samples, batch_size=batch_size, folds=FOLDS, device=device,
                                                   progress=progress, seed=seed, mask=mask)
         self.kind = embedding.output_kind(self.original, metric=metric)
-        positions = np.arange(len(calib))
+        positions = np.arange(n)
         self.half_positions = [positions[positions % 2 == h] for h in (0, 1)]
+        spare = np.arange(n, len(self.checked))
+        # what the model calibrated on half h scores: the other half, and every other extra sample
+        self.scored = [np.concatenate([self.half_positions[1 - h], spare[spare % 2 == h]]) for h in (0, 1)]
         self.halves = [_HalfProvider(self.provider, h, calib.subset(self.half_positions[h])) for h in (0, 1)]
         self.caches: list[dict] = [{}, {}]          # per half: select-nodes rankings
         latency = options.objective == "latency"
@@ -536,7 +547,7 @@ class Planner:
             self.costs = LatencyCosts(self.original, self.sites, lambda site: [k for _, k in ladder_sizes(site, options)],
                                       batch=options.latency_batch, device=device, fallback=self.costs)
             self._timed("latency", started)
-        self.labels = calib.labels
+        self.labels = self.checked.labels
         self._reference_outputs: np.ndarray | None = None
         self.curves: dict[str, list[dict]] = {}
         self.checks: list[dict] = []
@@ -578,14 +589,14 @@ class Planner:
 
     def reference_outputs(self) -> np.ndarray:
         if self._reference_outputs is None:
-            self._reference_outputs = self._outputs(self.original, np.arange(len(self.calib)))
+            self._reference_outputs = self._outputs(self.original, np.arange(len(self.checked)))
         return self._reference_outputs
 
     def _outputs(self, model: onnx.ModelProto, positions: np.ndarray) -> np.ndarray:
         session = make_session(model, device=self.device)
         fixed_batch = fixed_batch_of(model)
         name = measured_output(model)
-        parts = [out[0] for _, out in run_batches(session, self.calib.subset(positions), [name],
+        parts = [out[0] for _, out in run_batches(session, self.checked.subset(positions), [name],
                                                    batch_size=self.batch_size, fixed_batch=fixed_batch)]
         return np.concatenate(parts)
 
@@ -720,11 +731,10 @@ class Planner:
         return plan_passes({name: (by_name[name], o.size) for name, o in plan.items()}, self.options)
 
     @one_blas_thread
-    def check(self, plan: dict[str, Option], *, drift: bool = True, min_gain: float = 0.0,
-              judge: str = "divergence") -> Check:
-        """Cross-fitted measurement of ``plan`` on every calibration sample; with ``drift`` (and
+    def check(self, plan: dict[str, Option], *, drift: bool = True, judge: str = "divergence") -> Check:
+        """Cross-fitted measurement of ``plan`` on every checked sample; with ``drift`` (and
         the options') also with correct-drift, which stays in the plan where it helps
-        (``_drift_helped``: by ``judge``, at least ``min_gain`` standard errors).
+        (``_drift_helped``, by ``judge``).
 
         correct-drift refits layers to reproduce the original's activations, so output
         divergence is what it moves, and what a plan for a budget judges it by: the label
@@ -746,36 +756,30 @@ class Planner:
         for h in (0, 1):
             models = self.apply(passes, half=h, then=drift) if passes else (self.original,)
             models = models if isinstance(models, tuple) else (models,)
-            other = self.half_positions[1 - h]
+            other = self.scored[h]
             for candidate, model in zip(candidates, models):
                 candidate[other] = self._outputs(model, other)
             if h == 0 and len(candidates) == 2 and not self._drift_helped(
-                    reference[other], *(c[other] for c in candidates), None if labels is None else labels[other],
-                    min_gain, judge, scale=1 / math.sqrt(2)):
+                    reference[other], *(c[other] for c in candidates), None if labels is None else labels[other], judge):
                 drift, candidates = [], candidates[:1]
         results = [measure(reference, candidate, labels, self.kind) for candidate in candidates]
         result = results[0]
         if tried:
             # correct-drift usually helps, but fitting every layer at once can overshoot where the
             # drift is large: it stays in the plan only when the cross-fitted check says it helps
-            better = len(results) == 2 and self._drift_helped(reference, *candidates, labels, min_gain, judge)
+            better = len(results) == 2 and self._drift_helped(reference, *candidates, labels, judge)
             result = dataclasses.replace(results[1] if better else results[0], drift=better,
                                          drop_without_drift=results[0].drop)
         self._timed("checks", started)
         return result
 
-    def _drift_helped(self, reference, without, with_drift, labels, min_gain: float, judge: str,
-                      scale: float = 1.0) -> bool:
+    def _drift_helped(self, reference, without, with_drift, labels, judge: str) -> bool:
         """Whether correct-drift helped: ``judge`` "divergence", the outputs came closer to the
-        original's (``closer``) by ``min_gain`` standard errors; "drop", the measured drop fell
-        by ``min_gain`` standard errors of it (with ``min_gain`` 0: fell, or stayed and the
-        outputs came closer). ``scale`` multiplies the standard errors (1 / sqrt 2 to judge one
-        half for the whole check)."""
+        original's (``closer``); "drop", the measured drop fell, or stayed and the outputs came
+        closer."""
         if judge == "divergence":
-            return closer(reference, without, with_drift, self.kind, scale * min_gain)
+            return closer(reference, without, with_drift, self.kind)
         before, after = (measure(reference, c, labels, self.kind) for c in (without, with_drift))
-        if min_gain > 0:
-            return before.drop - after.drop >= max(scale * min_gain * before.se, 1e-9)
         return after.drop < before.drop or (after.drop == before.drop and closer(reference, without, with_drift, self.kind))
 
     def cost_of(self, plan: dict[str, Option]) -> float:
@@ -794,68 +798,77 @@ class Planner:
         of a plan within ``max_drop``)."""
         stop = max(self.options.stop_agreement, 1 - GOAL_STOP * max_drop / 100)
         started = time.perf_counter()
-        memo: dict[tuple, Check] = {}
+        memo: dict[tuple, Check] = {}            # (plan content, drift tried) -> check
+        passed_at: dict[tuple, tuple[Path, int]] = {}   # the same keys, for the checks that passed
 
-        def passes(path: Path, t: int, drift: bool = False, min_gain: float = 0.0) -> bool:
+        def passes(path: Path, t: int, drift: bool = False) -> bool:
             plan = path.plan(t)
             key = (_plan_key(plan), drift)
             if key not in memo:
-                memo[key] = c = self.check(plan, drift=drift, min_gain=min_gain, judge="drop")
+                memo[key] = c = self.check(plan, drift=drift, judge="drop")
                 self.checks.append({"step": t, "cost": self.cost_of(plan) / self.costs.total,
                                     "predicted_damage": path.predicted(t)[1], **c.to_dict()})
                 log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points%s", t, len(path) - 1,
                          self.checks[-1]["cost"], c.drop, c.se, "" if c.drift is None else
                          f" ({'with' if c.drift else 'without'} correct-drift)")
             c = memo[key]
-            return c.drop + self.options.margin * c.se <= max_drop
+            ok = c.drop + self.options.margin * c.se <= max_drop
+            if ok:
+                passed_at[key] = (path, t)
+            return ok
 
-        # gallop: checks at doubling predicted damage until one fails (or the chain ends); each
-        # round settles the chain twice as far as it checks, so the steps checked stay put
+        def gallop(ok, target: float, passed: float = 0.0) -> tuple[Path, float, int]:
+            """Checks at doubling predicted damage until one fails (or the chain ends); each round
+            settles the chain twice as far as it checks, so the steps checked stay put. Returns
+            the chain, the predicted damage of the last step that passed (0: none) and the step
+            that failed (len(path): none)."""
+            while True:
+                path = self._settle(functools.partial(_step_at, damage=2 * target), stop=stop)
+                t = _step_at(path, target)
+                if t == 0 or not ok(path, t):
+                    return path, passed, t
+                passed = path.predicted(t)[1]
+                if t >= len(path) - 1:
+                    return path, passed, len(path)
+                # t is the last step within target, so step t + 1 lies beyond it: always progress
+                target = max(2 * max(target, passed), path.predicted(t + 1)[1])
+
+        def bisect(ok, path: Path, lo: int, failed: int) -> int:
+            """The last step that passes between ``lo`` (passed) and ``failed``."""
+            return search(path, functools.partial(ok, path), lo=lo, hi=failed - 1) if failed > lo + 1 else lo
+
         self._settle(lambda p: 1, stop=stop)
-        target = _start_damage(self.curves, max_drop)
-        passed = 0.0
-        while True:
-            path = self._settle(functools.partial(_step_at, damage=2 * target), stop=stop)
-            t = _step_at(path, target)
-            if t == 0 or not passes(path, t):
-                failed = t
-                break
-            passed = path.predicted(t)[1]
-            if t >= len(path) - 1:
-                failed = len(path)
-                break
-            # t is the last step within target, so step t + 1 lies beyond it: always progress
-            target = max(2 * max(target, passed), path.predicted(t + 1)[1])
-        # bisect between the last plan that passed and the one that failed (memoised by content);
-        # when the first check failed, halve the predicted damage until one passes
+        path, passed, failed = gallop(passes, _start_damage(self.curves, max_drop))
         if passed:
             lo = _step_at(path, passed)
-        else:
+        else:       # the first check failed: halve the predicted damage until one passes
             lo = _step_at(path, path.predicted(failed)[1] / 2) if failed > 1 else 0
             lo = lo if lo < failed else 0
-        while lo > 0 and not passes(path, lo):
-            failed = lo
-            lower = _step_at(path, path.predicted(lo)[1] / 2)
-            lo = lower if lower < lo else 0
-        t = search(path, lambda s: passes(path, s), lo=lo, hi=max(lo, failed - 1)) if failed > lo + 1 else lo
-        # correct-drift is tried on the chosen plan (one calibration pass per corrected tensor is
-        # too many for every check); where it lowers the drop by at least DRIFT_GAIN standard
-        # errors, the steps beyond (as far as the chain is settled) are bisected with it,
-        # DRIFT_PROBES checks at most
-        def with_drift(s: int, min_gain: float = 0.0) -> bool:
-            return passes(path, s, drift=True, min_gain=min_gain) and memo[_plan_key(path.plan(s)), True].drift
+            while lo > 0 and not passes(path, lo):
+                failed = lo
+                lower = _step_at(path, path.predicted(lo)[1] / 2)
+                lo = lower if lower < lo else 0
+        t = bisect(passes, path, lo, failed)
 
-        if self.options.drift and t > 0 and with_drift(t, DRIFT_GAIN):
-            t = search(path, with_drift, lo=t, hi=_step_at(path, 2 * target), calls=DRIFT_PROBES)
+        # correct-drift costs a calibration pass per corrected tensor, too many for every check:
+        # it is tried on the first step that failed without it, where it matters most; where that
+        # step passes with it, the search gallops on with it
+        def with_drift(p: Path, s: int) -> bool:
+            return passes(p, s, drift=True) and memo[_plan_key(p.plan(s)), True].drift
+
+        if self.options.drift and 0 < t < len(path) - 1 and with_drift(path, t + 1):
+            passed = path.predicted(t + 1)[1]
+            path, passed, failed = gallop(with_drift, max(2 * passed, path.predicted(min(t + 2, len(path) - 1))[1]),
+                                          passed)
+            bisect(with_drift, path, _step_at(path, passed), failed)
         self._timed("search", started)
-        key = _plan_key(path.plan(t))
-        if (key, True) in memo and with_drift(t):
-            check = memo[key, True]
-        else:
-            check = memo.get((key, False)) or self.check(path.plan(t), drift=False)
-            if (key, True) in memo:         # tried, and left out
-                check = dataclasses.replace(check, drift=False, drop_without_drift=check.drop)
-        return self._result(path, t, check, {"max_drop": max_drop})
+        # the cheapest plan that passed (with correct-drift where it was tried, on a tie): settling
+        # the chain can reorder its steps, so a plan is known by its content, not by its step
+        if not passed_at:
+            return self._result(path, 0, self.check(path.plan(0), drift=False), {"max_drop": max_drop})
+        key, drift = min(passed_at, key=lambda k: (self.cost_of(passed_at[k][0].plan(passed_at[k][1])), not k[1]))
+        path, t = passed_at[key, drift]
+        return self._result(path, t, memo[key, drift], {"max_drop": max_drop})
 
     @one_blas_thread
     def for_budget(self, fraction: float) -> dict[str, Any]:
@@ -931,6 +944,7 @@ class Planner:
             "predicted_damage": path.predicted(t)[1],
             "check": check.to_dict(),
             "calibration_samples": len(self.calib),
+            "checked_samples": len(self.checked),
         }
 
     def report(self) -> dict[str, Any]:

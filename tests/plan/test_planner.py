@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from onnxprune.api import as_model, as_samples
+from onnxprune.api import as_model, as_samples, cap, spare
 from onnxprune.cli import main
 from onnxprune.cost import total_macs
 from onnxprune.model import count_parameters
@@ -59,15 +59,44 @@ def test_max_drop_is_met_on_held_out_samples(lenet):
     result = planner.for_max_drop(1.0)
     assert result["sites"], "something is compressible within 1 point"
     assert result["check"]["drop"] + result["check"]["se"] <= 1.0
-    # correct-drift was tried, and is in the plan exactly when the check says it stays
-    drift = result["check"]["drift"]
-    assert drift is not None and drift == any(name == "correct-drift" for name, _ in result["passes"])
+    # correct-drift is in the plan exactly when the check says it stays (None: not tried there)
+    assert bool(result["check"]["drift"]) == any(name == "correct-drift" for name, _ in result["passes"])
     small = final_model(planner, result)
     labels = held_out.labels
     before = np.mean(top1(model, held_out) == labels)
     after = np.mean(top1(small, held_out) == labels)
     assert 100 * (before - after) <= 1.5          # held out: a little noise allowed
     assert total_macs(small) < 0.8 * total_macs(model)
+
+
+def test_extra_samples_are_checked_but_calibrate_nothing(lenet):
+    """Samples the --calib-size cap left out are scored by the checks, each by one cross-fitted
+    model, and change no statistic."""
+    model, planner, _ = lenet
+    calib, _ = as_samples(DATA, model, None).split(0.5, seed=0)
+    wide = Planner(model, calib.subset(np.arange(400)), options=PlanOptions(check_samples=128),
+                   extra=calib.subset(np.arange(400, 700)))
+    assert sorted(np.concatenate(wide.scored)) == list(range(700))
+    for h in (0, 1):                # never scored by the model its statistics built
+        assert not set(wide.scored[h]) & set(wide.half_positions[h])
+    assert np.array_equal(wide.labels, calib.labels[:700])
+    path = planner.path()
+    passes = planner.passes_for(path.plan(len(path) // 2))
+    alone = Planner(model, calib.subset(np.arange(400)), options=PlanOptions(check_samples=128))
+    probe = calib.subset(np.arange(700, 764)).batch(np.arange(64))
+    for h in (0, 1):                # the same statistics: the same model
+        a, b = (make_session(p.apply(passes, half=h)).run(None, probe)[0] for p in (wide, alone))
+        assert np.array_equal(a, b)
+    check = wide.check(path.plan(len(path) // 2), drift=False)
+    assert len(wide.reference_outputs()) == 700 and 0 < check.se
+
+
+def test_spare_is_what_the_cap_leaves_out():
+    samples = as_samples(DATA, as_model(MODEL), None)
+    kept, rest = cap(samples, 300, seed=3), spare(samples, 300, 500, seed=3)
+    assert len(rest) == 500 and not set(kept.source_indices) & set(rest.source_indices)
+    assert len(spare(samples, 300, 10_000, seed=3)) == len(samples) - 300
+    assert spare(samples, None, 10, seed=3) is None and spare(samples, 300, 0, seed=3) is None
 
 
 def test_budget_is_met_exactly_by_the_plan(lenet):
@@ -120,6 +149,8 @@ def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
     report = json.loads(out.with_name("lenet.report.json").read_text())
     plan = report["plan"]
     assert plan["goal"] == {"max_drop": 1.0} and plan["sites"] and plan["calibration_samples"] == 300
+    # the check also scored what the --calib-size cap left of the calibration half (1004 of 2007)
+    assert plan["checked_samples"] == 1004 and "300 calibration samples and 704 more" in result.output
     v = report["validation"]
     assert v["macs_candidate"] < v["macs_reference"]
     recipe = json.loads(out.with_name("lenet.recipe.json").read_text())
@@ -233,16 +264,14 @@ def test_drift_check_builds_the_second_half_with_correct_drift_only_where_it_hel
     restored = planner.check(plan, drift=True)
     assert runs == ["restore", "restore"] and restored.drift is True
     assert restored.drop == 0.0 and restored.agreement == 1.0 and restored.drop_without_drift == harmed.drop
-    # with a required gain (--max-drop's first drift check): the second half is built with
-    # correct-drift only when the first half gained that many standard errors
+    # judged by the drop (--max-drop's search): the restored outputs lose nothing; the harmful
+    # correction raises the first half's drop, so the second half is built without it
     runs.clear()
-    assert planner.check(plan, drift=True, min_gain=0.5).drift is True and runs == ["restore", "restore"]
+    assert planner.check(plan, drift=True, judge="drop").drift is True and len(runs) == 2
     runs.clear()
-    unmet = planner.check(plan, drift=True, min_gain=1e6)
-    assert runs == ["restore"] and unmet.drift is False and unmet.drop == harmed.drop
-    # judged by the drop (--max-drop's search): the restored outputs lose nothing
-    runs.clear()
-    assert planner.check(plan, drift=True, min_gain=0.5, judge="drop").drift is True and len(runs) == 2
+    monkeypatch.setitem(REGISTRY, "correct-drift", fake("harm"))
+    harmed = planner.check(plan, drift=True, judge="drop")
+    assert runs == ["harm"] and harmed.drift is False and harmed.drop == harmed.drop_without_drift
 
 
 def test_closer_compares_per_sample_divergences_paired():
