@@ -421,8 +421,8 @@ def pareto_lines(rows: list[dict]) -> list[str]:
 def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
                 device: str = "cpu", progress: bool = True) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict]:
     """Run the planner that ``recipe.plan`` asks for on the calibration ``samples``; ``uncapped``:
-    the calibration part before the --calib-size cap: the samples the cap left out, the
-    checks score too (``PlanOptions.check_extra`` of them at most).
+    the calibration part before the --calib-size cap, whose samples the cap left out the checks
+    also score (``PlanOptions.check_extra`` of them at most).
 
     Returns the model to compress (the original with every node named), the recipe of the
     chosen plan (explicit per-site passes, re-runnable without planning), the statistics

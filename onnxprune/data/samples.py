@@ -95,6 +95,14 @@ def _decode_image(path: Path) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def _bytes_per_sample(feeds: dict[str, np.ndarray]) -> float:
+    return sum(v.nbytes for v in feeds.values()) / len(next(iter(feeds.values())))
+
+
+#: ``SampleSet.in_memory`` holds at most this many bytes of decoded samples
+IN_MEMORY_BYTES = 1 << 30
+
+
 class SampleSet:
     """A finite set of model input samples with optional integer labels.
 
@@ -161,7 +169,11 @@ class SampleSet:
                          labels=self._all_labels, rows=np.concatenate([self._rows, other._rows]),
                          classes=self._classes)
 
-    def in_memory(self, max_bytes: int = 1 << 30, batch_size: int = 64) -> SampleSet:
+    def bytes_per_sample(self) -> float:
+        """Bytes one sample takes as the model's input (decoded and preprocessed)."""
+        return _bytes_per_sample(self.batch(np.arange(min(len(self), 8))))
+
+    def in_memory(self, max_bytes: int = IN_MEMORY_BYTES, batch_size: int = 64) -> SampleSet:
         """The same samples (labels and order too), decoded and preprocessed once and held as
         arrays: for a set that is read many times (the planner's checks). ``self`` when they
         are already arrays in the model's form, or would take more than ``max_bytes``."""
@@ -169,8 +181,7 @@ class SampleSet:
         if isinstance(self._store, _ArrayStore) and all(
                 self._store.arrays[k].dtype == v.dtype for k, v in first.items() if k in self._store.arrays):
             return self
-        per_sample = sum(v.nbytes for v in first.values()) / len(next(iter(first.values())))
-        if per_sample * len(self) > max_bytes:
+        if _bytes_per_sample(first) * len(self) > max_bytes:
             return self
         parts = [first] + [self.batch(np.arange(start, min(start + batch_size, len(self))))
                            for start in range(batch_size, len(self), batch_size)]

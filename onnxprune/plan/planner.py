@@ -51,6 +51,7 @@ from tqdm import tqdm
 from onnxprune import cost, embedding, linalg
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.calibration.requests import StatRequest
+from onnxprune.data.samples import IN_MEMORY_BYTES
 from onnxprune.errors import RecipeError
 from onnxprune.graph.groups import ChannelGroup, find_channel_groups
 from onnxprune.graph.index import name_nodes
@@ -513,13 +514,17 @@ class Planner:
         ``onnxprune.embedding``); ``mask``: the token-mask input of the calibration; ``extra``:
         target samples that calibrate nothing (of the same opened set as ``calib``, e.g. what
         the --calib-size cap left out): the checks score them too, half by each cross-fitted
-        model, for a check with a smaller standard error at the same calibration cost."""
+        model, for a check with a smaller standard error at the same calibration cost (as many
+        as fit in memory, decoded, with the calibration samples: ``IN_MEMORY_BYTES``)."""
         if len(calib) < 8:
             raise RecipeError("calibration", f"{len(calib)} samples are too few to plan and check",
                               "give at least 8 (better hundreds of) target samples")
         self.original = clone(model)
         name_nodes(self.original)       # sites are addressed by node name
         n = len(calib)
+        if extra is not None:          # as many as stay in memory with the calibration samples
+            room = int(IN_MEMORY_BYTES // calib.bytes_per_sample()) - n
+            extra = extra.subset(np.arange(min(len(extra), room))) if room > 0 else None
         # the checked samples, read by every check: decoded and preprocessed once; calibration first
         self.checked = (calib if extra is None else calib.join(extra)).in_memory()
         calib = self.checked.subset(np.arange(n))
@@ -538,9 +543,9 @@ class Planner:
         self.kind = embedding.output_kind(self.original, metric=metric)
         positions = np.arange(n)
         self.half_positions = [positions[positions % 2 == h] for h in (0, 1)]
-        spare = np.arange(n, len(self.checked))
+        extras = np.arange(n, len(self.checked))
         # what the model calibrated on half h scores: the other half, and every other extra sample
-        self.scored = [np.concatenate([self.half_positions[1 - h], spare[spare % 2 == h]]) for h in (0, 1)]
+        self.scored = [np.concatenate([self.half_positions[1 - h], extras[extras % 2 == h]]) for h in (0, 1)]
         self.halves = [_HalfProvider(self.provider, h, calib.subset(self.half_positions[h])) for h in (0, 1)]
         self.caches: list[dict] = [{}, {}]          # per half: select-nodes rankings
         latency = options.objective == "latency"

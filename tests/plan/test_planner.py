@@ -91,6 +91,17 @@ def test_extra_samples_are_checked_but_calibrate_nothing(lenet):
     assert len(wide.reference_outputs()) == 700 and 0 < check.se
 
 
+def test_extra_samples_stop_where_memory_ends(monkeypatch):
+    """Checked samples are held decoded: extras beyond the memory budget are left out."""
+    from onnxprune.plan import planner as planner_module
+
+    model = as_model(MODEL)
+    calib, _ = as_samples(DATA, model, None).split(0.5, seed=0)
+    monkeypatch.setattr(planner_module, "IN_MEMORY_BYTES", int(450 * calib.bytes_per_sample()))
+    planner = Planner(model, calib.subset(np.arange(400)), extra=calib.subset(np.arange(400, 700)))
+    assert len(planner.checked) == 450 and len(planner.calib) == 400
+
+
 def test_spare_is_what_the_cap_leaves_out():
     samples = as_samples(DATA, as_model(MODEL), None)
     kept, rest = cap(samples, 300, seed=3), spare(samples, 300, 500, seed=3)
