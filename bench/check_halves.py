@@ -3,9 +3,10 @@
     python bench/check_halves.py [--model resnet20] [--budget 0.8] [--out check_halves]   # bench/results/OUT.md
 
 The plan for ``--budget`` (of the MACs) on the calibration split of bench/planner.py; each check
-model (statistics of calibration half h, with and without correct-drift) is scored twice: on the
-other calibration half (what ``Planner.check`` measures) and on the held-out split (samples that
-never calibrated anything), next to the final model calibrated on every calibration sample.
+model (statistics of calibration half h, with and without correct-drift) is scored on the other
+calibration half and on its share of the extra checked samples (together what ``Planner.check``
+measures), and on the held-out split (samples that never calibrated anything), next to the final
+model calibrated on every calibration sample.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from bench.common import RESULTS, machine, markdown_table
 from bench.planner import MODELS
-from onnxprune.api import as_model, compress_samples
+from onnxprune.api import as_model, compress_samples, spare
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, measure, plan_options
 from onnxprune.validate import validate
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
     model = as_model(spec["model"])
     recipe = Recipe(passes=(), plan={"budget": args.budget}, calib_size=spec["calib_size"],
                     preprocess=spec["preprocess"])
-    samples, held_out, _, _, _ = compress_samples(model, recipe, spec["data"])
-    planner = Planner(model, samples["target"], options=plan_options({}))
+    samples, held_out, _, calib, _ = compress_samples(model, recipe, spec["data"])
+    options = plan_options({})
+    planner = Planner(model, samples["target"], options=options,
+                      extra=spare(calib, recipe.calib_size, options.check_extra, seed=recipe.seed))
+    n = len(planner.calib)
     result = planner.for_budget(args.budget)
     passes = [p for p in result["passes"] if p[0] != "correct-drift"]
     drift = [p for p in planner.passes_for(result["plan"]) if p[0] == "correct-drift"]
@@ -50,14 +54,19 @@ def main(argv=None) -> int:
         v = validate(planner.original, candidate, held_out, measure_latency=False)
         return 100 * (v.accuracy_reference - v.accuracy_candidate)
 
+    def check(candidate, positions) -> str:
+        if not len(positions):
+            return "-"
+        c = measure(reference[positions], planner._outputs(candidate, positions), labels[positions], planner.kind)
+        return f"{c.drop:.2f} ± {c.se:.2f} (KL {c.kl:.4f})"
+
     rows = []
     for h in (0, 1):
-        other = planner.half_positions[1 - h]
+        scored = planner.scored[h]
         for label, candidate in zip(("without correct-drift", "with correct-drift"),
                                     planner.apply(passes, half=h, then=drift)):
-            c = measure(reference[other], planner._outputs(candidate, other), labels[other], planner.kind)
-            rows.append([f"calibration half {h}", label, f"{c.drop:.2f} ± {c.se:.2f}", f"{c.kl:.4f}",
-                         f"{held_out_drop(candidate):.2f}"])
+            rows.append([f"calibration half {h}", label, check(candidate, scored[scored < n]),
+                         check(candidate, scored[scored >= n]), f"{held_out_drop(candidate):.2f}"])
     for label, chosen in (("without correct-drift", passes), ("with correct-drift", passes + drift)):
         final, _ = run_pipeline(planner.original, Recipe(passes=tuple(chosen), folds=FOLDS), planner.provider)
         rows.append(["every calibration sample (final)", label, "-", "-", f"{held_out_drop(final):.2f}"])
@@ -66,12 +75,15 @@ def main(argv=None) -> int:
         "# The planner's check against held-out data", "",
         f"`python bench/check_halves.py --model {args.model} --budget {args.budget} --out {args.out}` on {machine()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Plan for {100 * args.budget:g} % of the MACs "
-        f"({100 * result['cost']:.1f} % reached), {len(samples['target'])} calibration samples (the original scores "
-        f"{100 * float(np.mean(reference.argmax(1) == labels)):.1f} % on them), {len(held_out)} held-out "
-        f"(original {100 * original.accuracy_reference:.1f} %). Drops in accuracy points; 'check' scores a model on "
-        "the calibration half it did not see (± standard error; 'check KL': mean KL divergence from the original's "
-        "outputs there), 'held out' on samples that calibrated nothing.", "",
-        markdown_table(["model calibrated on", "", "check drop", "check KL", "held-out drop"], rows), ""])
+        f"({100 * result['cost']:.1f} % reached), {n} calibration samples (the original scores "
+        f"{100 * float(np.mean(reference[:n].argmax(1) == labels[:n])):.1f} % on them), {len(reference) - n} extra "
+        f"checked samples (the original: {100 * float(np.mean(reference[n:].argmax(1) == labels[n:])):.1f} %), "
+        f"{len(held_out)} held-out (original {100 * original.accuracy_reference:.1f} %). Drops in accuracy points; "
+        "'check' scores a model on the calibration half it did not see, and on its half of the extra samples "
+        "(± standard error; KL: mean KL divergence from the original's outputs there), 'held out' on samples that "
+        "calibrated nothing.", "",
+        markdown_table(["model calibrated on", "", "check drop: calibration half", "check drop: extra samples",
+                        "held-out drop"], rows), ""])
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
     return 0
