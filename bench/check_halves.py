@@ -71,14 +71,16 @@ def main(argv=None) -> int:
         final, _ = run_pipeline(planner.original, Recipe(passes=tuple(chosen), folds=FOLDS), planner.provider)
         rows.append(["every calibration sample (final)", label, "-", "-", f"{held_out_drop(final):.2f}"])
     original = validate(planner.original, planner.original, held_out, measure_latency=False)
+    extra_score = (f" (the original: {100 * float(np.mean(reference[n:].argmax(1) == labels[n:])):.1f} %)"
+                   if len(reference) > n else "")
     text = "\n".join([
         "# The planner's check against held-out data", "",
         f"`python bench/check_halves.py --model {args.model} --budget {args.budget} --out {args.out}` on {machine()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Plan for {100 * args.budget:g} % of the MACs "
         f"({100 * result['cost']:.1f} % reached), {n} calibration samples (the original scores "
         f"{100 * float(np.mean(reference[:n].argmax(1) == labels[:n])):.1f} % on them), {len(reference) - n} extra "
-        f"checked samples (the original: {100 * float(np.mean(reference[n:].argmax(1) == labels[n:])):.1f} %), "
-        f"{len(held_out)} held-out (original {100 * original.accuracy_reference:.1f} %). Drops in accuracy points; "
+        f"checked samples{extra_score}, {len(held_out)} held-out (original {100 * original.accuracy_reference:.1f} %). "
+        "Drops in accuracy points; "
         "'check' scores a model on the calibration half it did not see, and on its half of the extra samples "
         "(± standard error; KL: mean KL divergence from the original's outputs there), 'held out' on samples that "
         "calibrated nothing.", "",
