@@ -23,9 +23,9 @@ import numpy as np
 
 from bench.common import RESULTS, machine, markdown_table
 from bench.planner import MODELS
-from onnxprune.api import as_model, compress_samples, spare
+from onnxprune.api import as_model, compress_samples, make_planner
 from onnxprune.pipeline import Recipe, run_pipeline
-from onnxprune.plan.planner import FOLDS, Planner, measure, plan_options
+from onnxprune.plan.planner import FOLDS, measure
 from onnxprune.validate import validate
 
 
@@ -40,9 +40,7 @@ def main(argv=None) -> int:
     recipe = Recipe(passes=(), plan={"budget": args.budget}, calib_size=spec["calib_size"],
                     preprocess=spec["preprocess"])
     samples, held_out, _, calib, _ = compress_samples(model, recipe, spec["data"])
-    options = plan_options({})
-    planner = Planner(model, samples["target"], options=options,
-                      extra=spare(calib, recipe.calib_size, options.check_extra, seed=recipe.seed))
+    planner = make_planner(model, samples, recipe, uncapped=calib, progress=False)
     n = len(planner.calib)
     result = planner.for_budget(args.budget)
     passes = [p for p in result["passes"] if p[0] != "correct-drift"]
@@ -54,19 +52,25 @@ def main(argv=None) -> int:
         v = validate(planner.original, candidate, held_out, measure_latency=False)
         return 100 * (v.accuracy_reference - v.accuracy_candidate)
 
-    def check(candidate, positions) -> str:
+    def check(outputs, positions) -> str:
         if not len(positions):
             return "-"
-        c = measure(reference[positions], planner._outputs(candidate, positions), labels[positions], planner.kind)
+        c = measure(reference[positions], outputs[positions], labels[positions], planner.kind)
         return f"{c.drop:.2f} ± {c.se:.2f} (KL {c.kl:.4f})"
 
+    calibration, extras = np.arange(n), np.arange(n, len(reference))
+    kinds = ("without correct-drift", "with correct-drift")
+    pooled = {label: np.empty_like(reference) for label in kinds}     # what Planner.check measures
     rows = []
     for h in (0, 1):
         scored = planner.scored[h]
-        for label, candidate in zip(("without correct-drift", "with correct-drift"),
-                                    planner.apply(passes, half=h, then=drift)):
-            rows.append([f"calibration half {h}", label, check(candidate, scored[scored < n]),
-                         check(candidate, scored[scored >= n]), f"{held_out_drop(candidate):.2f}"])
+        for label, candidate in zip(kinds, planner.apply(passes, half=h, then=drift)):
+            pooled[label][scored] = planner._outputs(candidate, scored)
+            rows.append([f"calibration half {h}", label, check(pooled[label], scored[scored < n]),
+                         check(pooled[label], scored[scored >= n]), f"{held_out_drop(candidate):.2f}"])
+    for label in kinds:
+        rows.append(["both halves (the planner's check)", label, check(pooled[label], calibration),
+                     check(pooled[label], extras), "-"])
     for label, chosen in (("without correct-drift", passes), ("with correct-drift", passes + drift)):
         final, _ = run_pipeline(planner.original, Recipe(passes=tuple(chosen), folds=FOLDS), planner.provider)
         rows.append(["every calibration sample (final)", label, "-", "-", f"{held_out_drop(final):.2f}"])

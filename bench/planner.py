@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, SHARED, machine, markdown_table
-from onnxprune.api import as_model, compress_samples, spare
+from onnxprune.api import as_model, compress_samples, make_planner
 from onnxprune.graph.groups import find_channel_groups
 from onnxprune.passes.select_nodes import Footprint
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan import figures
-from onnxprune.plan.planner import FOLDS, Planner, plan_options
+from onnxprune.plan.planner import FOLDS, Planner
 from onnxprune.validate import validate
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -68,9 +68,7 @@ def run(name: str, spec: dict, quick: bool, budgets: tuple[float, ...] = ()) -> 
     recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=spec["calib_size"], preprocess=spec["preprocess"])
     samples, held_out, _, calib, _ = compress_samples(model, recipe, spec["data"])
     started = time.perf_counter()
-    options = plan_options(recipe.plan)          # as compress: the cap's leftovers are checked too
-    planner = Planner(model, samples["target"], options=options,
-                      extra=spare(calib, recipe.calib_size, options.check_extra, seed=recipe.seed))
+    planner = make_planner(model, samples, recipe, uncapped=calib, progress=False)   # as compress plans
     out = {"name": name, "calibration": len(samples["target"]), "checked": len(planner.checked),
            "evaluation": len(held_out), "rows": [],
            "load": [round(os.getloadavg()[0], 1)]}

@@ -321,9 +321,7 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     source = None
     if source_data is not None:
         source = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
-    planner = Planner(original, target, options=plan_options(recipe.plan or {}), source=source,
-                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
-                      metric=recipe.metric, mask=recipe.mask)
+    planner = make_planner(original, {"target": target, "source": source}, recipe, device=device, progress=progress)
     curves = planner.sensitivity()
     result = {"model": original.graph.name, "calibration": target.describe(), **planner.report()}
     if source is not None:
@@ -356,11 +354,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
     samples, held_out, _, calib, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
-    options = plan_options(recipe.plan or {})
-    planner = Planner(original, samples["target"], options=options, source=samples.get("source"),
-                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
-                      metric=recipe.metric, mask=recipe.mask,
-                      extra=spare(calib, recipe.calib_size, options.check_extra, seed=recipe.seed))
+    planner = make_planner(original, samples, recipe, uncapped=calib, device=device, progress=progress)
     planner.sensitivity()
     rows = []
     stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
@@ -418,22 +412,29 @@ def pareto_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def make_planner(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
+                 device: str = "cpu", progress: bool = True) -> Planner:
+    """The planner for ``recipe`` (its ``plan`` table's options, batch size, seed, metric and mask)
+    on the calibration ``samples`` ({"target": ..., "source": ... or None}). ``uncapped``: the
+    calibration part before the --calib-size cap; the checks also score the samples the cap
+    left out of it (``PlanOptions.check_extra`` at most)."""
+    options = plan_options(recipe.plan or {})
+    extra = None if uncapped is None else spare(uncapped, recipe.calib_size, options.check_extra, seed=recipe.seed)
+    return Planner(original, samples["target"], options=options, source=samples.get("source"),
+                   batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
+                   metric=recipe.metric, mask=recipe.mask, extra=extra)
+
+
 def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
                 device: str = "cpu", progress: bool = True) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict]:
-    """Run the planner that ``recipe.plan`` asks for on the calibration ``samples``; ``uncapped``:
-    the calibration part before the --calib-size cap, whose samples the cap left out the checks
-    also score (``PlanOptions.check_extra`` of them at most).
+    """Run the planner that ``recipe.plan`` asks for on the calibration ``samples`` (``make_planner``).
 
     Returns the model to compress (the original with every node named), the recipe of the
     chosen plan (explicit per-site passes, re-runnable without planning), the statistics
     provider that already holds every statistic the recipe needs, and the plan's report.
     """
     goal = recipe.plan
-    options = plan_options(goal)
-    extra = None if uncapped is None else spare(uncapped, recipe.calib_size, options.check_extra, seed=recipe.seed)
-    planner = Planner(original, samples["target"], options=options, source=samples.get("source"),
-                      batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
-                      metric=recipe.metric, mask=recipe.mask, extra=extra)
+    planner = make_planner(original, samples, recipe, uncapped=uncapped, device=device, progress=progress)
     if goal.get("max_drop") is not None:
         result = planner.for_max_drop(goal["max_drop"])
     else:
@@ -494,8 +495,7 @@ def cap(samples: SampleSet, size: int | None, *, seed: int) -> SampleSet:
     and kept in source order, so a cap never takes only the first classes of a sorted set."""
     if size is None or size >= len(samples):
         return samples
-    order = np.random.default_rng(seed).permutation(len(samples))
-    return samples.subset(np.sort(order[:size]))
+    return _drawn(samples, 0, size, seed)
 
 
 def spare(samples: SampleSet, size: int | None, count: int, *, seed: int) -> SampleSet | None:
@@ -503,8 +503,12 @@ def spare(samples: SampleSet, size: int | None, count: int, *, seed: int) -> Sam
     next ones of its permutation, in source order); None when it leaves none out."""
     if size is None or size >= len(samples) or count <= 0:
         return None
-    order = np.random.default_rng(seed).permutation(len(samples))
-    return samples.subset(np.sort(order[size:size + count]))
+    return _drawn(samples, size, size + count, seed)
+
+
+def _drawn(samples: SampleSet, start: int, stop: int, seed: int) -> SampleSet:
+    """Positions start..stop of a permutation of ``samples`` seeded with ``seed``, in source order."""
+    return samples.subset(np.sort(np.random.default_rng(seed).permutation(len(samples))[start:stop]))
 
 
 def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:

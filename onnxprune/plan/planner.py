@@ -807,26 +807,26 @@ class Planner:
         (its smaller sizes cannot be part of a plan within ``max_drop``)."""
         stop = max(self.options.stop_agreement, 1 - GOAL_STOP * max_drop / 100)
         started = time.perf_counter()
-        memo: dict[tuple, Check] = {}            # (plan content, drift tried) -> check
-        passed_at: dict[tuple, tuple[Path, int]] = {}   # the same keys, for the checks that passed
+        # (plan content, drift tried) -> its check, and where on which chain it was found
+        memo: dict[tuple, tuple[Check, Path, int]] = {}
+
+        def ok(c: Check) -> bool:
+            return c.drop + self.options.margin * c.se <= max_drop
 
         def passes(path: Path, t: int, drift: bool = False) -> bool:
             plan = path.plan(t)
             key = (_plan_key(plan), drift)
             if key not in memo:
-                memo[key] = c = self.check(plan, drift=drift, judge="drop")
+                c = self.check(plan, drift=drift, judge="drop")
+                memo[key] = (c, path, t)
                 self.checks.append({"step": t, "cost": self.cost_of(plan) / self.costs.total,
                                     "predicted_damage": path.predicted(t)[1], **c.to_dict()})
                 log.info("check step %d/%d: cost %.3f, drop %.2f +- %.2f points%s", t, len(path) - 1,
                          self.checks[-1]["cost"], c.drop, c.se, "" if c.drift is None else
                          f" ({'with' if c.drift else 'without'} correct-drift)")
-            c = memo[key]
-            ok = c.drop + self.options.margin * c.se <= max_drop
-            if ok:
-                passed_at[key] = (path, t)
-            return ok
+            return ok(memo[key][0])
 
-        def gallop(ok, target: float, passed: float = 0.0) -> tuple[Path, float, int]:
+        def gallop(test, target: float, passed: float = 0.0) -> tuple[Path, float, int]:
             """Checks at doubling predicted damage until one fails (or the chain ends); each round
             settles the chain twice as far as it checks, so the steps checked stay put. Returns
             the chain, the predicted damage of the last step that passed (0: none) and the step
@@ -834,7 +834,7 @@ class Planner:
             while True:
                 path = self._settle(functools.partial(_step_at, damage=2 * target), stop=stop)
                 t = _step_at(path, target)
-                if t == 0 or not ok(path, t):
+                if t == 0 or not test(path, t):
                     return path, passed, t
                 passed = path.predicted(t)[1]
                 if t >= len(path) - 1:
@@ -842,9 +842,9 @@ class Planner:
                 # t is the last step within target, so step t + 1 lies beyond it: always progress
                 target = max(2 * max(target, passed), path.predicted(t + 1)[1])
 
-        def bisect(ok, path: Path, lo: int, failed: int) -> int:
+        def bisect(test, path: Path, lo: int, failed: int) -> int:
             """The last step that passes between ``lo`` (passed) and ``failed``."""
-            return search(path, functools.partial(ok, path), lo=lo, hi=failed - 1) if failed > lo + 1 else lo
+            return search(path, functools.partial(test, path), lo=lo, hi=failed - 1) if failed > lo + 1 else lo
 
         self._settle(lambda p: 1, stop=stop)
         path, passed, failed = gallop(passes, _start_damage(self.curves, max_drop))
@@ -863,23 +863,22 @@ class Planner:
         # it is tried on the first step that failed without it, where it matters most, unless its
         # drop is beyond DRIFT_REACH; where that step passes with it, the search gallops on with it
         def with_drift(p: Path, s: int) -> bool:
-            return passes(p, s, drift=True) and memo[_plan_key(p.plan(s)), True].drift
+            return passes(p, s, drift=True) and memo[_plan_key(p.plan(s)), True][0].drift
 
-        if (self.options.drift and 0 < t < len(path) - 1
-                and getattr(memo.get((_plan_key(path.plan(t + 1)), False)), "drop", math.inf) <= DRIFT_REACH * max_drop
-                and with_drift(path, t + 1)):
+        beyond = memo.get((_plan_key(path.plan(t + 1)), False)) if 0 < t < len(path) - 1 else None
+        if self.options.drift and beyond and beyond[0].drop <= DRIFT_REACH * max_drop and with_drift(path, t + 1):
             passed = path.predicted(t + 1)[1]
             path, passed, failed = gallop(with_drift, max(2 * passed, path.predicted(min(t + 2, len(path) - 1))[1]),
                                           passed)
             bisect(with_drift, path, _step_at(path, passed), failed)
         self._timed("search", started)
-        if not passed_at:
-            return self._result(path, 0, self.check(path.plan(0), drift=False), {"max_drop": max_drop})
         # the cheapest plan that passed (with correct-drift where it was tried, on a tie): settling
         # the chain can reorder its steps, so a plan is known by its content, not by its step
-        key, drift = min(passed_at, key=lambda k: (self.cost_of(passed_at[k][0].plan(passed_at[k][1])), not k[1]))
-        path, t = passed_at[key, drift]
-        return self._result(path, t, memo[key, drift], {"max_drop": max_drop})
+        good = [(self.cost_of(p.plan(s)), not key[1], c, p, s) for key, (c, p, s) in memo.items() if ok(c)]
+        if not good:
+            return self._result(path, 0, self.check(path.plan(0), drift=False), {"max_drop": max_drop})
+        *_, check, path, t = min(good, key=lambda x: x[:2])
+        return self._result(path, t, check, {"max_drop": max_drop})
 
     @one_blas_thread
     def for_budget(self, fraction: float) -> dict[str, Any]:
