@@ -17,7 +17,17 @@ from onnxprune.cost import total_macs
 from onnxprune.model import count_parameters
 from onnxprune.passes import REGISTRY
 from onnxprune.pipeline import Recipe, run_pipeline
-from onnxprune.plan.planner import FOLDS, Planner, PlanOptions, closer, damage, divergences, measure
+from onnxprune.plan.planner import (
+    FOLDS,
+    Check,
+    Planner,
+    PlanOptions,
+    _starting_with,
+    closer,
+    damage,
+    divergences,
+    measure,
+)
 from onnxprune.runtime import make_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,6 +241,46 @@ def test_a_goal_measures_only_the_ladders_its_chain_needs():
         assert rows[-1]["size"] != option.size or lazy._next_size(
             next(s for s in lazy.sites if s.key == name), 0.92) is None
     assert result["check"]["drop"] + 0.5 * result["check"]["se"] <= 1.0
+
+
+def test_a_chain_can_start_with_a_plan_and_freeze_a_site(lenet):
+    """``_starting_with`` reaches the given plan first, then moves only sites further than the
+    plan has them; ``path(frozen=...)`` keeps a site at its size (None: out of the chain)."""
+    _, planner, _ = lenet
+    planner.sensitivity()
+    path = planner.path()
+    base = path.plan(3)
+    chain = _starting_with(base, path)
+    assert chain.plan(len(base)) == base
+    assert all(o.site not in base or o.size < base[o.site].size for o in chain.steps[len(base):])
+    assert chain.plan(len(chain) - 1) == path.plan(len(path) - 1)
+    site = path.steps[0].site
+    assert all(o.site != site for o in planner.path({site: None}).steps)
+    kept = path.plan(1)[site].size
+    assert min(o.size for o in planner.path({site: kept}).steps if o.site == site) == kept
+
+
+def test_max_drop_backs_off_the_site_whose_step_failed(lenet, monkeypatch):
+    """A site that does far more damage with the others than alone fails the step after the
+    best plan: the search freezes it and goes on along the chain without it, to a smaller
+    model than the chain itself allowed."""
+    _, planner, _ = lenet
+    planner.sensitivity()
+    path = planner.path()
+    j = next(j for j in range(2, len(path) - 5) if path.steps[j].site not in path.plan(j))
+    poison, limit = path.steps[j].site, path.predicted(j + 4)[1]
+    checked = []
+
+    def fake(plan, *, drift=True, judge="divergence"):
+        damage = sum(max(o.damage, 0.0) for o in plan.values())
+        drop = 10.0 if poison in plan or damage > limit else 0.0
+        checked.append((planner.cost_of(plan), drop))
+        return Check(drop, 0.0, 1.0, None, None, 0.0, None)
+    monkeypatch.setattr(planner, "check", fake)
+    result = planner.for_max_drop(1.0)
+    assert poison not in result["plan"]
+    assert result["cost"] * planner.costs.total < planner.cost_of(path.plan(j))
+    assert result["cost"] * planner.costs.total == min(c for c, drop in checked if drop == 0.0)
 
 
 def test_max_drop_zero_ends_with_a_plan_that_measured_no_drop():
