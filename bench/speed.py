@@ -604,9 +604,11 @@ def findings(raw: dict, runs: list[dict]) -> list[str]:
                    for r, x in heavy) + ". With Gram/model MACs above ~0.5 the float64 statistics cost more than the "
                   "whole float32 inference by arithmetic alone: DALR on Conv layers gathers im2col patch Grams "
                   "((C k^2)^2 per output position), spectral pruning on MobileNetV2 gathers the Grams of its wide "
-                  "expanded tensors. Closing the gap needs less arithmetic (float32 accumulation into float64 per "
-                  "batch, or patch Grams assembled from (2k-1)^2 shifted channel correlations instead of k^4 "
-                  "blocks), not faster glue." if heavy else ""))
+                  "expanded tensors. The default engine already multiplies shifted float32 rows (BLAS ssyrk) and "
+                  "accumulates per batch in float64, and onnxruntime can compute the Grams in-graph "
+                  "(calibration_speed.md compares the engines): what is left is the Gram arithmetic itself, which "
+                  "only fewer products would cut (sampled positions, or patch Grams assembled from (2k-1)^2 shifted "
+                  "channel correlations instead of k^4 blocks)." if heavy else ""))
     lat = []
     for r in runs:
         mac = r["macs"][0] / max(r["macs"][1], 1)
@@ -624,9 +626,11 @@ def findings(raw: dict, runs: list[dict]) -> list[str]:
                "onnxruntime runs convolutions in a blocked NCHWc layout (blocks of 8 or 16 channels); "
                "select-nodes therefore keeps a multiple of 8 channels in groups of 32 or more (its `multiple` "
                "option), which turned MobileNetV2's expansion pruning from 0.53x to 1.28x at batch 1 "
-               "(pruning.md, g). Low ranks are not rounded yet, and every low-rank split adds a node (for a "
-               "Conv, a 1x1 convolution over the full feature map), so low rank realises the least of its MAC "
-               "ratio.")
+               "(pruning.md, g). The dalr-bc rows here keep low-rank-split's default `multiple` 1 (ranks as "
+               "chosen), and every low-rank split adds a node (for a Conv, a 1x1 convolution over the full feature "
+               "map), so low rank realises the least of its MAC ratio; ranks rounded to multiples of 16 realise "
+               "0.80-0.83 on MobileNetV2 and ResNet-20 at batch 1 and 32, at a smaller MAC ratio "
+               "(lowrank_blocks.md).")
     worst = max(runs, key=lambda r: r["peak_rss"])
     per = worst["throughput"].get("exposed_bytes_per_sample")
     out.append(f"- **Peak memory**: at most {mib(worst['peak_rss'])} MiB ({worst['task']} {worst['method']}), "
@@ -648,9 +652,9 @@ def findings(raw: dict, runs: list[dict]) -> list[str]:
         "(`--no-latency` skips it).")
     out.append("- **BLAS threads** (measured once by hand on this machine at load ~10, not re-run here): the "
                "lenet/usps DALR pipeline took 197 s with OpenBLAS's default 2 threads and 35 s with "
-               "`OPENBLAS_NUM_THREADS=1`; a 500 x 500 `eigh` took 2-5 s vs 0.07-0.3 s. The library does not limit "
-               "BLAS threads; every benchmark here sets one thread. A `threadpoolctl` limit inside `compress` (or "
-               "a documented `OPENBLAS_NUM_THREADS=1`) would spare users the same trap.")
+               "`OPENBLAS_NUM_THREADS=1`; a 500 x 500 `eigh` took 2-5 s vs 0.07-0.3 s. The library therefore runs "
+               "its numerics with one BLAS thread (threadpoolctl; `ONNXPRUNE_BLAS_THREADS` sets another count), "
+               "as every run here does.")
     out.append("")
     return out
 

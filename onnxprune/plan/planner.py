@@ -88,7 +88,7 @@ GOAL_STOP = 8.0
 DRIFT_REACH = 2.0
 #: --max-drop: rounds of backing off the site whose step failed after the best plan (one took
 #: MobileNetV2 from 90.2 to 88.7 % of the MACs, ResNet-20 from 85.5 to 82.6 %; a second found
-#: nothing on either, for 1 and 5 more checks)
+#: nothing cheaper on either)
 BACKOFF = 1
 #: sensitivity: cached activations are dropped once they exceed this many bytes
 CACHE_BYTES = 1 << 30
@@ -895,9 +895,8 @@ class Planner:
         # with the others than alone; that site stays where it is, and the search goes on along
         # the chain without its further steps (BACKOFF times at most)
         for _ in range(BACKOFF):
-            found = best()
-            if found is None or found[3] >= len(found[2]) - 1:
-                break
+            if (found := best()) is None or found[3] >= len(found[2]) - 1:
+                break                    # nothing passed, or the whole chain did
             drift, _, path, t = found
             test = with_drift if drift else passes
             if test(path, t + 1):
