@@ -93,7 +93,7 @@ def main() -> None:
     lines = [f"# MiniLM-L3 latency of the {args.results} planner structures ({args.domain})", "",
              f"Command: `python bench/text_latency.py --results {args.results} --rounds {args.rounds} --threads {args.threads}`; "
              "optimised graphs, interleaved, minimum time, onnxruntime "
-             f"{ort.__version__}, {args.threads} threads, on the shared 2-core machine under load.", "",
+             f"{ort.__version__}, {args.threads} thread{'s' if args.threads != 1 else ''}, on the shared 2-core machine under load.", "",
              "| budget | model | fused ops | MACs at L=128 % | batch 1 ms (speedup) | batch 32 ms (speedup) | "
              "speedup / MAC saving (batch 1, batch 32) |", "|---|---|---|---|---|---|---|"]
     base = out[0]
