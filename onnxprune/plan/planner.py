@@ -61,7 +61,7 @@ from onnxprune.graph.layers import LinearLayer, find_linear_layers
 from onnxprune.linalg import split_params
 from onnxprune.model import clone, count_parameters
 from onnxprune.passes import REGISTRY, PassContext
-from onnxprune.passes.select_nodes import Footprint
+from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
 from onnxprune.plan.latency import LatencyCosts
 from onnxprune.plan.suffix import (
@@ -108,7 +108,7 @@ class PlanOptions:
     min_share: float = 0.002             # sites that can save less of the objective are left alone
     stop_agreement: float = 0.7          # a ladder stops once a site alone falls below this agreement
     margin: float = 0.5                  # standard errors of the measured drop kept in reserve
-    multiple: int = 8                    # channel block: groups of 2+ blocks and ranks of 1+ keep multiples (aligned)
+    multiple: int = 8                    # wide groups / large ranks keep multiples of this
     low_rank: str = "dalr"               # low-rank-split method for the low-rank family (dalr | svd)
     bias: bool = True                    # bias-compensate after low-rank splits
     drift: bool = True                   # correct-drift after the plan (not in single-site trials)
@@ -359,8 +359,8 @@ def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tu
 
 
 def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
-    """(ladder fraction, size) tried for ``site``, mildest first, rounded as ``aligned`` asks
-    (a fraction whose rounded size repeats an earlier one is left out)."""
+    """(ladder fraction, size) tried for ``site``, mildest first (rounded to ``multiple``
+    where wide; a fraction whose rounded size repeats an earlier one is left out)."""
     m = int(options.multiple)
     sizes, out = [], []
     for f in options.ladder:
@@ -369,7 +369,7 @@ def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
             unit = site.group.unit if site.group is not None else 1
             if unit > 1:                   # whole attention heads
                 k = min(site.size, unit * max(1, math.ceil(k / unit)))
-            elif site.size >= 2 * m and m > 1:         # aligned()
+            elif site.size >= WIDE_GROUP and m > 1:
                 k = min(site.size, m * math.ceil(k / m))
             if k >= site.size:
                 continue
@@ -377,7 +377,7 @@ def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
             layer = site.layer
             mm, n = layer.out_features, layer.in_features
             k = max(1, math.floor(f * mm * n / (mm + n)))
-            if k >= m > 1:                             # aligned()
+            if k >= 4 * m and m > 1:
                 k = m * round(k / m)
             if split_params(mm, n, k) >= mm * n:
                 continue
@@ -385,19 +385,6 @@ def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
             sizes.append(k)
             out.append((f, k))
     return out
-
-
-def aligned(site: Site, size: int, multiple: int) -> bool:
-    """Whether the planner offers ``size`` (channels kept, or rank) for ``site``: whole attention
-    heads, and multiples of ``multiple`` (onnxruntime's convolution channel blocks) for groups
-    of at least two blocks and ranks of at least one. Unaligned widths run no faster: ResNet-20's
-    plan for --max-drop 1 with ranks 9-25 and 10 of 16 channels kept ran at 0.96x the original
-    at batch 32 for 82.6 % of its MACs, aligned 1.08x for 82.5 %."""
-    unit = site.group.unit if site.family == "prune" and site.group is not None else 1
-    if unit > 1:
-        return size % unit == 0
-    block = site.size >= 2 * multiple if site.family == "prune" else size >= multiple
-    return multiple <= 1 or not block or size % multiple == 0
 
 
 # --------------------------------------------------------------------------- damage
@@ -962,7 +949,9 @@ class Planner:
         before = path.plan(t - 1).get(step.site)
         upper = before.size if before else (site.size if site.family == "prune" else _full_rank(site))
         rows = sorted(self.curves[site.key], key=lambda r: r["size"])
-        sizes = [k for k in range(step.size, upper) if k == step.size or aligned(site, k, self.options.multiple)]
+        unit = site.group.unit if site.family == "prune" and site.group is not None else 1
+        sizes = [k for k in range(step.size, upper) if (unit == 1 and (site.family != "prune" or site.size < WIDE_GROUP
+                 or k % self.options.multiple == 0)) or (unit > 1 and k % unit == 0) or k == step.size]
 
         def option(size: int) -> Option:
             saving = self.costs.saving(site, size)

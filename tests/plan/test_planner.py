@@ -23,11 +23,9 @@ from onnxprune.plan.planner import (
     Planner,
     PlanOptions,
     _starting_with,
-    aligned,
     closer,
     damage,
     divergences,
-    ladder_sizes,
     measure,
 )
 from onnxprune.runtime import make_session
@@ -243,22 +241,6 @@ def test_a_goal_measures_only_the_ladders_its_chain_needs():
         assert rows[-1]["size"] != option.size or lazy._next_size(
             next(s for s in lazy.sites if s.key == name), 0.92) is None
     assert result["check"]["drop"] + 0.5 * result["check"]["se"] <= 1.0
-
-
-def test_ladders_offer_widths_in_channel_blocks(lenet):
-    """Groups of two blocks or more and ranks of one block or more keep multiples of the block
-    (onnxruntime's blocked convolutions run other widths no faster); the budget refinement
-    offers the same sizes."""
-    _, planner, _ = lenet
-    m = planner.options.multiple
-    for site in planner.sites:
-        for _, k in ladder_sizes(site, planner.options):
-            assert aligned(site, k, m)
-            if (site.family == "prune" and site.size >= 2 * m) or (site.family == "low-rank" and k >= m):
-                assert k % m == 0, (site.key, k)
-    conv1 = next(s for s in planner.sites if s.key == "prune:conv1")        # 20 channels
-    assert [k for _, k in ladder_sizes(conv1, planner.options)] == [16, 8]
-    assert aligned(conv1, 16, 8) and not aligned(conv1, 12, 8) and aligned(conv1, 12, 1)
 
 
 def test_a_chain_can_start_with_a_plan_and_freeze_a_site(lenet):
