@@ -477,7 +477,8 @@ NOISY_SPREAD = 1.3
 
 
 def latency_warnings(latency: dict) -> list[str]:
-    """One warning per batch size whose interleaved speedups spread too much to conclude."""
+    """One warning per batch size whose interleaved speedups spread too much to conclude, and
+    one where the compressed model was slower in most runs (the upper quartile below 1)."""
     warnings = []
     for key, spread in (latency.get("spread") or {}).items():
         low, high = spread["speedup"]
@@ -485,6 +486,11 @@ def latency_warnings(latency: dict) -> list[str]:
             warnings.append(f"latency at {key} is too noisy to conclude: the speedup of interleaved runs ranges "
                             f"{low:.2f}x to {high:.2f}x (interquartile, {spread['runs']} runs); rerun on a quiet "
                             "machine or with more runs (--latency-runs)")
+        if 0 < high < 1:
+            warnings.append(f"the compressed model ran slower than the original at {key} (speedup {low:.2f}x to "
+                            f"{high:.2f}x, interquartile, {spread['runs']} runs): fewer MACs or parameters are not "
+                            "less time on this runtime (widths off its channel blocks, the extra node of a "
+                            "low-rank split); --objective latency plans for measured time")
     return warnings
 
 

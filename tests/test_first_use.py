@@ -557,6 +557,10 @@ def test_latency_reports_the_spread_and_warns_when_too_noisy(monkeypatch):
     assert any("interquartile" in line for line in report.summary_lines())
     quiet = {"spread": {"batch1": {"runs": 10, "speedup": [1.48, 1.52]}}}
     assert validate_module.latency_warnings(quiet) == []
+    slower = {"spread": {"batch1": {"runs": 10, "speedup": [1.02, 1.10]},
+                         "batch32": {"runs": 10, "speedup": [0.89, 0.98]}}}
+    (warning,) = validate_module.latency_warnings(slower)
+    assert "slower than the original at batch32" in warning and "--objective latency" in warning
 
 
 # ------------------------------------------------------------------ 2/3 siblings: finetune and coprune
