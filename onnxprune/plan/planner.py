@@ -692,14 +692,16 @@ class Planner:
         whose last measured size is not in those steps cannot add to them: only the sites
         that reach their last measured size within them get their next size measured, round
         after round, until none does. Most sites keep short ladders: the chain's first steps
-        are settled with a fraction of the trials of a full sensitivity run."""
+        are settled with a fraction of the trials of a full sensitivity run. A site in
+        ``frozen`` stays at its size there (``path``): its ladder is not measured further."""
+        frozen = frozen or {}
         self._measure([site for site in self.sites if not self.curves.get(site.key)], stop=stop, limit=1)
         while True:
             path = self.path(frozen)
             t = min(needed(path) + 1, len(path) - 1)
             plan = path.plan(t)
             by_key = {site.key: site for site in self.sites}
-            grow = {key for key, option in plan.items() if key not in (frozen or {})
+            grow = {key for key, option in plan.items() if key not in frozen
                     and option.size == self.curves[key][-1]["size"] and self._next_size(by_key[key], stop) is not None}
             if not grow or not self._measure([s for s in self.sites if s.key in grow], stop=stop, limit=1):
                 return path
