@@ -29,6 +29,10 @@ CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_ROWS = 1024
 
 
+# Shift corrections of float32 products wait until this many are pending (dim x SHIFTS each).
+SHIFTS = 64
+
+
 # Updates of fewer rows than this, on Grams at least this wide, are queued and folded in
 # together: a product of a few rows costs little next to adding the dim^2 result.
 QUEUE_ROWS = 256
@@ -62,6 +66,52 @@ def release_buffers() -> None:
     _local.buffer32 = None
 
 
+def _as_rows(rows: np.ndarray, dim: int) -> np.ndarray:
+    """``rows`` as (k, dim), or as (g, t, dim) when that is a view whose rows are strided
+    and its t positions contiguous (an NCHW batch): flattening it would copy."""
+    if rows.ndim not in (2, 3) or rows.shape[-1] != dim:
+        raise ValueError(f"rows must have shape (k, {dim}) or (g, t, {dim}), got {rows.shape}")
+    if rows.ndim == 2:
+        return rows
+    g, t, _ = rows.shape
+    if g == 1 or t == 1 or rows.strides[0] == t * rows.strides[1]:
+        return rows.reshape(-1, dim)                 # a view
+    if rows.strides[1] == rows.itemsize:
+        return rows
+    return np.ascontiguousarray(rows).reshape(-1, dim)
+
+
+def _by_columns(rows: np.ndarray) -> bool:
+    """Whether the rows are strided and their features contiguous along the other axis
+    (samples contiguous in memory, features strided, e.g. channels of NCHW)."""
+    if rows.ndim == 3:
+        return True
+    return rows.shape[0] > 1 and rows.shape[1] > 1 and rows.strides[0] == rows.itemsize
+
+
+def _count(part: np.ndarray) -> int:
+    return part.shape[0] * (part.shape[1] if part.ndim == 3 else 1)
+
+
+def _chunks(rows: np.ndarray, step: int):
+    """Pieces of ``rows`` of about ``step`` rows (whole blocks of a (g, t, dim) array)."""
+    size = rows.shape[0]
+    if rows.ndim == 3:
+        step = max(1, step // max(rows.shape[1], 1))
+    for start in range(0, size, step):
+        yield rows[start:start + step]
+
+
+def _transposed(part: np.ndarray) -> np.ndarray:
+    """The features-first view of a piece: (dim, n) or (dim, g, t)."""
+    return part.T if part.ndim == 2 else part.transpose(2, 0, 1)
+
+
+def _columns(buf: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """``buf`` (dim, n) shaped like ``_transposed(part)`` (a view)."""
+    return buf if part.ndim == 2 else buf.reshape(buf.shape[0], part.shape[0], part.shape[1])
+
+
 class Moments:
     """count, sum (dim,) and Gram (dim, dim) of rows (samples x dim), float64, merged by ``+``.
 
@@ -91,33 +141,35 @@ class Moments:
         self._gram_cache: np.ndarray | None = None
         self._queue: list[np.ndarray] = []    # small row blocks not yet in the Gram (sum has them)
         self._queued = 0
+        self._shifts: list[np.ndarray] = []   # float32 products' shifts s and u = c + n s / 2, pending
+        self._shifted: list[np.ndarray] = []
 
     # -- accumulation ------------------------------------------------------------------
 
     def update(self, rows: np.ndarray) -> None:
         """Fold ``rows`` (k, dim), of any real dtype and memory layout, into the accumulators.
 
+        ``rows`` may also be (g, t, dim): g blocks of t rows, such as a whole NCHW batch seen
+        as ``x.reshape(N, C, -1).transpose(0, 2, 1)`` (every position of every sample a row).
         Rows are copied chunk by chunk (about ``CHUNK_BYTES`` each) into a float64 buffer
         with an extra column of ones, whose symmetric product (one BLAS syrk) gives the
-        Gram and, in its last row, the sum. A transposed view such as one sample of an
-        NCHW activation (``x[n].reshape(C, -1).T``) is copied along its contiguous axis.
+        Gram and, in its last row, the sum. A transposed view such as that NCHW batch is
+        copied along its contiguous axis, several samples per chunk.
         Updates of a few rows on a wide Gram (one row per sample of a flattened input) are
         queued and folded in ``QUEUE_ROWS`` at a time; the sum is always current.
         """
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise ValueError(f"rows must have shape (k, {self.dim}), got {rows.shape}")
-        k = rows.shape[0]
+        rows = _as_rows(np.asarray(rows), self.dim)
+        k = rows.shape[0] * (rows.shape[1] if rows.ndim == 3 else 1)
         if k == 0:
             return
         self.count += k
         if self.keep_rows:
-            self._chunks.append(np.array(rows, dtype=np.float64, order="C"))
+            self._chunks.append(np.array(rows, dtype=np.float64, order="C").reshape(k, self.dim))
             self.sum += self._chunks[-1].sum(axis=0)
             self._gram_cache = None
             return
         if k < QUEUE_ROWS <= self.dim:
-            block = np.array(rows, dtype=np.float64, order="C")      # queued: float64 products, exact
+            block = np.array(rows, dtype=np.float64, order="C").reshape(k, self.dim)   # queued: exact float64
             self.sum += block.sum(axis=0)
             self._queue.append(block)
             self._queued += k
@@ -127,7 +179,13 @@ class Moments:
         self._fold(rows, with_sum=True)
 
     def _flush(self) -> None:
-        """Fold the queued rows into the Gram."""
+        """Fold the queued rows and the pending shift corrections into the Gram."""
+        if self._shifts:
+            shifts, shifted = np.stack(self._shifts, axis=1), np.stack(self._shifted, axis=1)
+            self._shifts, self._shifted = [], []
+            correction = shifts @ shifted.T
+            self._gram += correction
+            self._gram += correction.T
         if self._queue:
             rows = np.concatenate(self._queue)
             self._queue, self._queued = [], 0
@@ -140,16 +198,14 @@ class Moments:
         if self._single(rows):
             self._fold32(rows, with_sum=with_sum)
             return
-        k, dim = rows.shape
-        # samples contiguous in memory, features strided (e.g. channels of an NCHW sample)
-        by_columns = k > 1 and dim > 1 and rows.strides[0] == rows.itemsize
+        dim = self.dim
+        by_columns = _by_columns(rows)
         step = max(MIN_CHUNK_ROWS if dim < 4096 else 64, CHUNK_BYTES // (8 * (dim + 1)))
-        for start in range(0, k, step):
-            part = rows[start:start + step]
-            n = part.shape[0]
+        for part in _chunks(rows, step):
+            n = _count(part)
             if by_columns:
                 buf = _scratch((dim + 1, n))
-                buf[:dim] = part.T
+                _columns(buf[:dim], part)[...] = _transposed(part)
                 buf[dim] = 1.0
                 product = buf @ buf.T                     # numpy calls syrk for a @ a.T
             else:
@@ -176,19 +232,20 @@ class Moments:
         self._gram += gram
 
     def _fold32(self, rows: np.ndarray, *, with_sum: bool) -> None:
-        k, dim = rows.shape
+        dim = self.dim
         # the mean of this update's first rows: near the data (no cancellation in float32), and
         # a function of this update alone, so shards of a sample set fold each batch identically
-        shift32 = np.asarray(rows[:QUEUE_ROWS], dtype=np.float64).mean(axis=0).astype(np.float32)
+        first = rows[0] if rows.ndim == 3 else rows
+        shift32 = np.asarray(first[:QUEUE_ROWS], dtype=np.float64).mean(axis=0).astype(np.float32)
         shift = shift32.astype(np.float64)
-        by_columns = k > 1 and dim > 1 and rows.strides[0] == rows.itemsize
+        by_columns = _by_columns(rows)
         step = max(MIN_CHUNK_ROWS if dim < 4096 else 64, CHUNK_BYTES // (4 * dim))
-        for start in range(0, k, step):
-            part = rows[start:start + step]
-            n = part.shape[0]
+        for part in _chunks(rows, step):
+            n = _count(part)
             if by_columns:
                 buf = _scratch32((dim, n))
-                np.subtract(part.T, shift32[:, None], out=buf)
+                np.subtract(_transposed(part), shift32.reshape((dim,) + (1,) * (part.ndim - 1)),
+                            out=_columns(buf, part))
                 product = buf @ buf.T                     # ssyrk
                 centred = buf.sum(axis=1, dtype=np.float64)
             else:
@@ -196,9 +253,13 @@ class Moments:
                 np.subtract(part, shift32, out=buf)
                 product = buf.T @ buf
                 centred = buf.sum(axis=0, dtype=np.float64)
-            cross = np.outer(shift, centred)
             self._gram += product
-            self._gram += cross + cross.T + n * np.outer(shift, shift)
+            # the shift's share, s c^T + c s^T + n s s^T = s u^T + u s^T with u = c + n s / 2,
+            # is added for many chunks at once by ``_flush`` (one product instead of dim^2 work each)
+            self._shifts.append(shift)
+            self._shifted.append(centred + 0.5 * n * shift)
+            if len(self._shifts) >= SHIFTS:
+                self._flush()
             if with_sum:
                 self.sum += centred + n * shift
 

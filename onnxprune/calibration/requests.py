@@ -174,13 +174,11 @@ def sample_positions(rng: np.random.Generator, n: int, per_sample: int, take: in
 
 
 def feature_rows(x: np.ndarray, axis: int) -> Iterator[np.ndarray]:
-    """Yield (k, C) row blocks of ``x`` with features on ``axis`` and samples on every other.
+    """Yield the rows of ``x`` with features on ``axis`` and samples on every other.
 
-    Features on the last axis: one view, no copy. Otherwise (NCHW: the N*H*W positions of
-    C channels) one transposed view per leading index, ``x[n].reshape(C, H*W).T``, which
-    ``Moments.update`` copies along its contiguous axis; small maps (H*W below
-    ``MIN_CHUNK_ROWS``) are gathered over several samples into one small copy so each BLAS
-    call sees enough rows.
+    Features on the last axis: one (k, C) view, no copy. Otherwise (NCHW: the N*H*W
+    positions of C channels) one (N, H*W, C) view ``x.reshape(N, C, H*W).transpose(0, 2, 1)``,
+    which ``Moments.update`` copies along its contiguous axis, several samples per BLAS call.
     """
     axis = axis % x.ndim
     channels = x.shape[axis]
@@ -189,14 +187,7 @@ def feature_rows(x: np.ndarray, axis: int) -> Iterator[np.ndarray]:
     if trail == 1:
         yield x.reshape(lead, channels)
         return
-    blocks = x.reshape(lead, channels, trail)
-    group = max(1, MIN_CHUNK_ROWS // trail)
-    if group == 1:
-        for i in range(lead):
-            yield blocks[i].T
-        return
-    for start in range(0, lead, group):
-        yield blocks[start:start + group].transpose(0, 2, 1).reshape(-1, channels)
+    yield x.reshape(lead, channels, trail).transpose(0, 2, 1)
 
 
 def pooled(x: np.ndarray, *, pool: str = "max", axis: int = 1) -> np.ndarray:
@@ -236,7 +227,10 @@ def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=(), at: np.
     if len(strides) != nd or len(dilations) != nd or len(pads) != 2 * nd:
         raise ValueError(f"strides {strides}, dilations {dilations}, pads {pads} do not fit kernel {kernel}")
     if any(pads):
-        x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+        padded = np.zeros(x.shape[:2] + tuple(x.shape[2 + i] + pads[i] + pads[nd + i] for i in range(nd)),
+                          dtype=x.dtype)
+        padded[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nd))] = x
+        x = padded
     extent = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilations))
     if any(e > s for e, s in zip(extent, x.shape[2:])):
         raise ValueError(f"kernel {kernel} (dilated {extent}) is larger than the padded input {x.shape[2:]}")

@@ -217,6 +217,37 @@ def test_fixed_batch_model_with_a_partial_last_batch(data, n):
     assert sum(stats.header["samples"]["target"]) == n
 
 
+def test_parallel_folding_gives_the_same_statistics_bit_for_bit(data, monkeypatch, engine):
+    """Folding a batch's tensors in threads (large batches) changes neither a value nor the order."""
+    import onnxprune.calibration.collect as collect_module
+
+    model = conv_relu_gemm()
+    requests = [StatRequest("relu.out"), StatRequest("conv.out"), StatRequest("flat.out", axis=-1),
+                StatRequest("relu.out", kind="pooled")]
+    samples = {"target": real(model, data[:12]), "source": real(model, data[12:])}
+    alone = collect(model, samples, requests, batch_size=4, folds=2, threads=1, progress=False)
+    monkeypatch.setattr(collect_module, "PARALLEL_BYTES", 0)
+    pools = []
+
+    class Pool(collect_module.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(collect_module, "ThreadPoolExecutor", Pool)
+    threaded = collect(model, samples, requests, batch_size=4, folds=2, threads=3, progress=False)
+    if engine != "graph":                       # the graph engine exposes nothing to fold
+        assert len(pools) == 1 and pools[0]._max_workers == 3 and pools[0]._shutdown
+    assert list(threaded.entries()) == list(alone.entries())
+    for set_name, key, fold in alone.entries():
+        a, b = alone.moments(key, set_name, fold), threaded.moments(key, set_name, fold)
+        assert a.count == b.count and np.array_equal(a.sum, b.sum) and np.array_equal(a.gram, b.gram)
+    x = data[:6].copy()
+    x[4, 0, 2, 2] = np.inf
+    with pytest.raises(CalibrationError, match=r"non-finite activation .* \[4\]"):
+        collect(model, {"target": ArraySamples({"x": x})}, requests, batch_size=4, threads=3, progress=False)
+
+
 def test_exposed_model_keeps_versions_and_exposes_each_tensor_once():
     model = conv_relu_gemm()
     model.opset_import[0].version = 13

@@ -144,16 +144,35 @@ def test_to_arrays_from_arrays_round_trip_exactly(keep_rows):
 
 def test_feature_rows():
     x = np.arange(2 * 3 * 40 * 30, dtype=np.float32).reshape(2, 3, 40, 30)
-    blocks = list(feature_rows(x, 1))                                    # large maps: one view per sample
-    assert len(blocks) == 2 and all(np.shares_memory(b, x) for b in blocks)
-    assert np.array_equal(np.concatenate(blocks), np.moveaxis(x, 1, -1).reshape(-1, 3))
-    small = x[:, :, :4, :5].copy()                                       # small maps: gathered
-    blocks = list(feature_rows(small, 1))
-    assert len(blocks) == 1 and np.array_equal(blocks[0], np.moveaxis(small, 1, -1).reshape(-1, 3))
+    blocks = list(feature_rows(x, 1))                                    # NCHW: one (N, H*W, C) view
+    assert len(blocks) == 1 and blocks[0].shape == (2, 1200, 3) and np.shares_memory(blocks[0], x)
+    assert np.array_equal(blocks[0].reshape(-1, 3), np.moveaxis(x, 1, -1).reshape(-1, 3))
     seq = x.reshape(2, 400, 9)                                           # [N, T, n], axis -1
     blocks = list(feature_rows(seq, -1))
     assert len(blocks) == 1 and np.shares_memory(blocks[0], seq)
     assert np.array_equal(blocks[0], seq.reshape(-1, 9))
+
+
+@pytest.mark.parametrize("products", ["float64", "float32"])
+@pytest.mark.parametrize("samples", [1, 3, 40])
+def test_update_from_an_nchw_batch_view(products, samples, monkeypatch):
+    """A whole NCHW batch as (N, H*W, C) rows gives the statistics of its rows taken one by one,
+    also when the chunks split it (several samples per BLAS call, the last chunk shorter)."""
+    import onnxprune.calibration.moments as moments_module
+
+    monkeypatch.setattr(moments_module, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(moments_module, "MIN_CHUNK_ROWS", 64)            # chunks of 2-4 samples
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((samples, 5, 6, 7)) + 3).astype(np.float32)
+    batch = next(feature_rows(x, 1))
+    m = Moments(5, products=products)
+    m.update(batch[::2])                                                 # a fold: strided samples
+    rows = np.moveaxis(x[::2], 1, -1).reshape(-1, 5).astype(np.float64)
+    assert m.count == len(rows)
+    assert np.allclose(m.sum, rows.sum(axis=0), rtol=1e-6)
+    assert np.allclose(m.gram, rows.T @ rows, rtol=1e-6)
+    with pytest.raises(ValueError, match="must have shape"):
+        m.update(batch[..., :4])
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
