@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from onnxprune import cost, embedding, linalg
@@ -498,12 +497,13 @@ def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.n
 # --------------------------------------------------------------------------- the planner
 
 def one_blas_thread(method):
-    """Run ``method`` with BLAS on one thread: the planner's many small eigh/solve calls run
-    several times faster so on a loaded CPU (bench/results/speed.md, BLAS threads)."""
+    """Run ``method`` with BLAS on one thread (``linalg.blas_threads``: ONNXPRUNE_BLAS_THREADS sets
+    another count): the planner's many small eigh/solve calls run several times faster so on a
+    loaded CPU (bench/results/speed.md, BLAS threads)."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with threadpool_limits(limits=1, user_api="blas"):
+        with linalg.blas_threads():
             return method(*args, **kwargs)
 
     return wrapper
