@@ -601,14 +601,15 @@ def findings(raw: dict, runs: list[dict]) -> list[str]:
                    f"{r['task'].split('/')[0]} {r['method']} {x:.1f}x (Gram/model MACs "
                    f"{r['throughput']['gram_macs_per_sample'] / max(r['throughput']['model_macs_per_sample'], 1):.1f}, "
                    f"exposing the tensors alone {r['throughput']['best']['exposed'] / r['throughput']['best']['plain']:.1f}x)"
-                   for r, x in heavy) + ". With Gram/model MACs above ~0.5 the float64 statistics cost more than the "
-                  "whole float32 inference by arithmetic alone: DALR on Conv layers gathers im2col patch Grams "
+                   for r, x in heavy) + ". With Gram/model MACs near or above 1 the statistics cost about as much "
+                  "as the whole inference by arithmetic alone: DALR on Conv layers gathers im2col patch Grams "
                   "((C k^2)^2 per output position), spectral pruning on MobileNetV2 gathers the Grams of its wide "
-                  "expanded tensors. The default engine already multiplies shifted float32 rows (BLAS ssyrk) and "
-                  "accumulates per batch in float64, and onnxruntime can compute the Grams in-graph "
-                  "(calibration_speed.md compares the engines): what is left is the Gram arithmetic itself, which "
-                  "only fewer products would cut (sampled positions, or patch Grams assembled from (2k-1)^2 shifted "
-                  "channel correlations instead of k^4 blocks)." if heavy else ""))
+                  "expanded tensors. The default engine multiplies shifted float32 rows (BLAS ssyrk, one call per "
+                  "batch, fold and tensor; a large batch's tensors in parallel threads) and accumulates in float64; "
+                  "calibration_speed.md measures each row's floor (plain inference + the products alone, shared by "
+                  "the cores) and how far each engine is from it. Beyond the floor is copying (im2col patches, "
+                  "shifted rows) and per-batch work, which weighs most where the model itself takes milliseconds "
+                  "(the digit models) or the Grams are many and small (ResNet-20's 19 patch Grams)." if heavy else ""))
     lat = []
     for r in runs:
         mac = r["macs"][0] / max(r["macs"][1], 1)
