@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -439,7 +440,10 @@ def main() -> None:
     args.budgets = [float(b) for b in args.budgets.split(",")]
     if args.render:
         results = json.loads((RESULTS / f"{args.out}.json").read_text())
-        lines = [HEADER, ""]
+        # the command of the run that made the .json, as the .md it replaces names it
+        before = RESULTS / f"{args.out}.md"
+        ran = re.search(r"Command: `python bench/text\.py([^`]*)`", before.read_text()) if before.exists() else None
+        lines = [HEADER.replace("@ARGS@", ran.group(1) if ran else " (command not recorded)"), ""]
         for domain, info in results.items():
             lines += table(domain, info["rows"], info)
             if info.get("fusion"):

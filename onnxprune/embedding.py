@@ -131,6 +131,28 @@ def knn_correct(embeddings: np.ndarray, labels: np.ndarray, *, k: int = KNN_K) -
     return correct
 
 
+def knn_correct_loo(embeddings: np.ndarray, labels: np.ndarray, *, k: int = KNN_K) -> np.ndarray:
+    """(n,) whether each row is classified right by its ``k`` nearest other rows (leave one out:
+    every row a query against all the others; cosine, one vote each, ties to the smallest label).
+    Twice the queries and index of ``knn_correct`` on the same rows: the planner's check of a
+    kNN goal has a smaller standard error (AG News, 500 sentences: 500 queries against 250)."""
+    x = normalised(embeddings)
+    labels = np.asarray(labels).astype(np.int64)
+    if len(x) < 2:
+        raise ValueError(f"kNN needs at least 2 samples, got {len(x)}")
+    k = min(k, len(x) - 1)
+    classes = np.unique(labels)
+    correct = np.zeros(len(x), dtype=bool)
+    for start in range(0, len(x), 1024):
+        sims = x[start:start + 1024] @ x.T
+        rows = np.arange(len(sims))
+        sims[rows, start + rows] = -np.inf                  # a row is not its own neighbour
+        nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        votes = (labels[nearest][:, :, None] == classes[None, None, :]).sum(axis=1)
+        correct[start:start + len(sims)] = classes[np.argmax(votes, axis=1)] == labels[start:start + len(sims)]
+    return correct
+
+
 def knn_accuracy(embeddings: np.ndarray, labels: np.ndarray, *, k: int = KNN_K) -> float:
     return float(np.mean(knn_correct(embeddings, labels, k=k)))
 

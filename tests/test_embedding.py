@@ -46,6 +46,19 @@ def test_knn_matches_scikit_learn():
     assert embedding.knn_accuracy(x, y) == pytest.approx(expected)
 
 
+def test_leave_one_out_knn_matches_scikit_learn_on_each_row():
+    sklearn = pytest.importorskip("sklearn.neighbors")
+    x, y = _clusters(seed=2)
+    x = x + 2.0 * np.random.default_rng(5).standard_normal(x.shape)    # overlapping clusters
+    correct = embedding.knn_correct_loo(x, y, k=5)
+    expected = [sklearn.KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute").fit(
+        np.delete(x, i, axis=0), np.delete(y, i)).predict(x[i:i + 1])[0] == y[i] for i in range(len(x))]
+    np.testing.assert_array_equal(correct, expected)
+    assert 0 < correct.mean() < 1                                # neither trivial nor hopeless
+    twins = np.repeat(x[:3], 2, axis=0)                          # each row's twin is its nearest other row
+    np.testing.assert_array_equal(embedding.knn_correct_loo(twins, np.array([0, 0, 1, 1, 2, 2]), k=1), True)
+
+
 def test_probe_is_logistic_regression_on_normalised_rows():
     linear = pytest.importorskip("sklearn.linear_model")
     x, y = _clusters(seed=1)
@@ -92,4 +105,4 @@ def test_planner_damage_of_embeddings_is_one_minus_cosine():
     assert check.drop == pytest.approx(100 * d["damage"]) and check.se > 0
     labels = (r[:, 0] > 0).astype(np.int64)
     labelled = measure(r, r, labels, "embedding")
-    assert labelled.drop == 0 and labelled.accuracy_reference == embedding.knn_accuracy(r, labels)
+    assert labelled.drop == 0 and labelled.accuracy_reference == embedding.knn_correct_loo(r, labels).mean()

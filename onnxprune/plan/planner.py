@@ -481,11 +481,11 @@ def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
 
 
 def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, d: dict) -> Check:
-    """Embedding outputs: with labels the kNN accuracy drop (first half of the samples the index,
-    second half the queries), else 100 (1 - mean cosine); standard errors over queries / samples."""
+    """Embedding outputs: with labels the kNN accuracy drop (leave one out: every sample a query
+    against all the others), else 100 (1 - mean cosine); standard errors over samples."""
     if labels is not None and len(reference) >= 4:
-        right_r = embedding.knn_correct(reference, labels)
-        right_c = embedding.knn_correct(candidate, labels)
+        right_r = embedding.knn_correct_loo(reference, labels)
+        right_c = embedding.knn_correct_loo(candidate, labels)
         diff = right_r.astype(np.float64) - right_c
         acc_r, acc_c = float(right_r.mean()), float(right_c.mean())
     else:
