@@ -13,9 +13,9 @@ to choose ridges on held-out calibration data.
 from __future__ import annotations
 
 import difflib
-import os
 import logging
 import math
+import os
 import sys
 import time
 import zlib
@@ -46,9 +46,9 @@ ENGINES = ("auto", "graph", "numpy")
 MASK_INPUT = "attention_mask"
 
 #: fold the exposed tensors of a batch in parallel threads (one per tensor at a time, up to
-#: onnxruntime's thread count) from this many bytes of activations on: MobileNetV2's batches
-#: (hundreds of MiB) folded in 0.6 of the time on 2 cores, while LeNet's (under 1 MiB) took
-#: 1.5x longer, the hand-offs costing more than the products (bench/results/calibration_speed.md)
+#: onnxruntime's thread count) from this many bytes of activations on. Measured by hand on 2
+#: cores: MobileNetV2's calibration (batches of hundreds of MiB) took 3.7 s instead of 4.9 s for
+#: 250 images; LeNet's (under 1 MiB) 36 ms instead of 24, the hand-offs costing more than the products
 PARALLEL_BYTES = 16 * 2**20
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
@@ -232,95 +232,91 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
     # cores are free (numpy's copies and BLAS release the GIL): onnxruntime is idle meanwhile
     folded: dict[str, dict[tuple[str, str, int], Moments]] = {t: {} for t in numpy_tensors}
     workers = min(int(threads or os.cpu_count() or 1), len(numpy_tensors))
-    pool = None                         # started for the first batch that exposes PARALLEL_BYTES
 
-    try:
-        for set_name, sample_set in samples.items():
-            started = time.perf_counter()
-            log.info("calibration: %d samples of the %s set, %d requests reduced by onnxruntime, %d through %d "
-                     "exposed tensors, batches of %d, %d folds", len(sample_set), set_name, len(plan.sites),
-                     len(numpy_requests), len(numpy_tensors), size, folds)
-            per_fold = [0] * folds
-            position = int(offset)
-            bar = _progress(len(sample_set), f"calibrate {set_name}", progress)
-            try:
-                for indices, feeds in sample_set.batches(size):
-                    n = len(indices)
-                    run_feeds = dict(feeds)
-                    if fixed_batch and n < fixed_batch:
-                        run_feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - n, axis=0)])
-                                     for k, v in feeds.items()}
-                    members = [np.arange((f - position) % folds, n, folds, dtype=np.int64) for f in range(folds)]
-                    for f, name in enumerate(plan.fold_inputs):
-                        run_feeds[name] = members[f] if len(members[f]) else np.zeros(1, dtype=np.int64)
-                    for k, site in enumerate(plan.sites):
-                        for f, name in enumerate(site.taps):
-                            run_feeds[name] = _taps(site, k, members[f], seed, set_name, position, f, taps_cache)
-                    try:
-                        result = session.run(fetch, run_feeds)
-                    except ORT_ERRORS as exc:
-                        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                        raise DataError(set_name, f"onnxruntime rejected a batch: {first}",
-                                        "check that the samples match the model's inputs") from None
-                    reduced = result[len(outputs):]
-                    result = result[:len(outputs)]
-                    for tensor in keep:
-                        # a copy: onnxruntime's outputs are views of its arena, which grows while they are held
-                        kept[tensor].append(np.array(result[exposed_tensors.index(tensor)][:n]))
-                        kept_bytes += kept[tensor][-1].nbytes
-                    if keep and keep_bytes is not None and kept_bytes > keep_bytes:
-                        keep, kept = [], {}         # over budget: keep nothing (memory stays bounded)
-                    at = 0
-                    for site in plan.sites:
-                        for f, _ in enumerate(site.outputs):
-                            gram, total, shift, shape = reduced[at:at + 4]
-                            at += 4
-                            if not len(members[f]):
-                                continue
-                            if not (np.isfinite(gram).all() and np.isfinite(total).all()):
-                                _diagnose(model, site.request.tensor, run_feeds, n, set_name, indices, device)
-                            key = (set_name, site.request.key, f)
-                            acc = pending.get(key)
-                            if acc is None:
-                                acc = pending[key] = ingraph.Accumulator(gram.shape[0])
-                            acc.add(gram, total, shift, int(shape[0]))
-                    del reduced
-                    # the exposed activations, each folded into its requests' Moments and then freed
-                    jobs = [partial(_fold_tensor, folded[tensor], by_tensor[tensor], set_name,
-                                    result[j][:n] if fixed_batch and n < fixed_batch else result[j], position,
-                                    folds, seed, products=products, mask=feeds.get(mask) if mask else None,
-                                    indices=indices)
-                            for j, tensor in enumerate(numpy_tensors)]
-                    exposed_bytes = sum(a.nbytes for a in result)
-                    del result
-                    if pool is None and workers > 1 and exposed_bytes >= PARALLEL_BYTES:
-                        pool = ThreadPoolExecutor(workers, thread_name_prefix="onnxprune-fold")
-                    if pool is None or exposed_bytes < PARALLEL_BYTES:
-                        while jobs:
-                            jobs.pop(0)()
-                    else:
-                        for done in [pool.submit(job) for job in jobs]:
-                            done.result()
-                    del jobs
-                    for f in range(folds):
-                        per_fold[f] += len(members[f])
-                    position += n
-                    bar.update(n)
-            finally:
-                bar.close()
-                release_buffers()
-            for tensor in numpy_tensors:                  # a fixed order, whatever the threads did
-                moments.update(folded[tensor])
-                folded[tensor].clear()
-            for key, acc in pending.items():
-                moments[key] = acc.moments()
-            pending.clear()
-            header["samples"][set_name] = per_fold
-            log.info("calibration: %s set done in %.2f s (samples per fold %s)", set_name, time.perf_counter() - started,
-                     per_fold)
-    finally:
-        if pool is not None:
-            pool.shutdown()             # its threads end, and their work buffers with them
+    for set_name, sample_set in samples.items():
+        started = time.perf_counter()
+        log.info("calibration: %d samples of the %s set, %d requests reduced by onnxruntime, %d through %d "
+                 "exposed tensors, batches of %d, %d folds", len(sample_set), set_name, len(plan.sites),
+                 len(numpy_requests), len(numpy_tensors), size, folds)
+        per_fold = [0] * folds
+        position = int(offset)
+        bar = _progress(len(sample_set), f"calibrate {set_name}", progress)
+        pool = None                         # started for the first batch that exposes PARALLEL_BYTES
+        try:
+            for indices, feeds in sample_set.batches(size):
+                n = len(indices)
+                run_feeds = dict(feeds)
+                if fixed_batch and n < fixed_batch:
+                    run_feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - n, axis=0)])
+                                 for k, v in feeds.items()}
+                members = [np.arange((f - position) % folds, n, folds, dtype=np.int64) for f in range(folds)]
+                for f, name in enumerate(plan.fold_inputs):
+                    run_feeds[name] = members[f] if len(members[f]) else np.zeros(1, dtype=np.int64)
+                for k, site in enumerate(plan.sites):
+                    for f, name in enumerate(site.taps):
+                        run_feeds[name] = _taps(site, k, members[f], seed, set_name, position, f, taps_cache)
+                try:
+                    result = session.run(fetch, run_feeds)
+                except ORT_ERRORS as exc:
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                    raise DataError(set_name, f"onnxruntime rejected a batch: {first}",
+                                    "check that the samples match the model's inputs") from None
+                reduced = result[len(outputs):]
+                result = result[:len(outputs)]
+                for tensor in keep:
+                    # a copy: onnxruntime's outputs are views of its arena, which grows while they are held
+                    kept[tensor].append(np.array(result[exposed_tensors.index(tensor)][:n]))
+                    kept_bytes += kept[tensor][-1].nbytes
+                if keep and keep_bytes is not None and kept_bytes > keep_bytes:
+                    keep, kept = [], {}         # over budget: keep nothing (memory stays bounded)
+                at = 0
+                for site in plan.sites:
+                    for f, _ in enumerate(site.outputs):
+                        gram, total, shift, shape = reduced[at:at + 4]
+                        at += 4
+                        if not len(members[f]):
+                            continue
+                        if not (np.isfinite(gram).all() and np.isfinite(total).all()):
+                            _diagnose(model, site.request.tensor, run_feeds, n, set_name, indices, device)
+                        key = (set_name, site.request.key, f)
+                        acc = pending.get(key)
+                        if acc is None:
+                            acc = pending[key] = ingraph.Accumulator(gram.shape[0])
+                        acc.add(gram, total, shift, int(shape[0]))
+                del reduced
+                # the exposed activations, each folded into its requests' Moments and then freed
+                jobs = [partial(_fold_tensor, folded[tensor], by_tensor[tensor], set_name,
+                                result[j][:n] if fixed_batch and n < fixed_batch else result[j], position,
+                                folds, seed, products=products, mask=feeds.get(mask) if mask else None,
+                                indices=indices)
+                        for j, tensor in enumerate(numpy_tensors)]
+                parallel = workers > 1 and sum(a.nbytes for a in result) >= PARALLEL_BYTES
+                del result
+                if parallel:
+                    pool = pool or ThreadPoolExecutor(workers, thread_name_prefix="onnxprune-fold")
+                    for done in [pool.submit(job) for job in jobs]:
+                        done.result()
+                    jobs.clear()
+                while jobs:                         # one at a time: each activation freed once folded
+                    jobs.pop(0)()
+                for f in range(folds):
+                    per_fold[f] += len(members[f])
+                position += n
+                bar.update(n)
+        finally:
+            bar.close()
+            release_buffers()
+            if pool is not None:
+                pool.shutdown()             # its threads end, and their work buffers with them
+        for tensor in numpy_tensors:                  # a fixed order, whatever the threads did
+            moments.update(folded[tensor])
+            folded[tensor].clear()
+        for key, acc in pending.items():
+            moments[key] = acc.moments()
+        pending.clear()
+        header["samples"][set_name] = per_fold
+        log.info("calibration: %s set done in %.2f s (samples per fold %s)", set_name, time.perf_counter() - started,
+                 per_fold)
     stats = Statistics(header, moments)
     stats.activations = {t: Parts(v) for t, v in kept.items() if v}      # the batches, not joined
     return stats
