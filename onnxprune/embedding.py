@@ -122,11 +122,7 @@ def knn_correct(embeddings: np.ndarray, labels: np.ndarray, *, k: int = KNN_K) -
     classes = np.unique(labels[:half])
     correct = np.zeros(len(queries), dtype=bool)
     for start in range(0, len(queries), 1024):
-        sims = queries[start:start + 1024] @ index.T
-        # the k largest similarities, ties broken by the lower index row (a stable sort of -sims)
-        nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        votes = (labels[:half][nearest][:, :, None] == classes[None, None, :]).sum(axis=1)
-        predicted = classes[np.argmax(votes, axis=1)]        # argmax: the first (smallest) label on ties
+        predicted = _vote(queries[start:start + 1024] @ index.T, labels[:half], classes, k)
         correct[start:start + 1024] = predicted == labels[half + start:half + start + len(predicted)]
     return correct
 
@@ -147,10 +143,17 @@ def knn_correct_loo(embeddings: np.ndarray, labels: np.ndarray, *, k: int = KNN_
         sims = x[start:start + 1024] @ x.T
         rows = np.arange(len(sims))
         sims[rows, start + rows] = -np.inf                  # a row is not its own neighbour
-        nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        votes = (labels[nearest][:, :, None] == classes[None, None, :]).sum(axis=1)
-        correct[start:start + len(sims)] = classes[np.argmax(votes, axis=1)] == labels[start:start + len(sims)]
+        correct[start:start + len(sims)] = _vote(sims, labels, classes, k) == labels[start:start + len(sims)]
     return correct
+
+
+def _vote(sims: np.ndarray, index_labels: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+    """The label most of each query's ``k`` most similar index rows have (``sims``: queries x
+    index); ties among rows go to the lower index row (a stable sort of -sims), among labels to
+    the smallest (argmax takes the first)."""
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    votes = (index_labels[nearest][:, :, None] == classes[None, None, :]).sum(axis=1)
+    return classes[np.argmax(votes, axis=1)]
 
 
 def knn_accuracy(embeddings: np.ndarray, labels: np.ndarray, *, k: int = KNN_K) -> float:
