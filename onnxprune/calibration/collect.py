@@ -228,9 +228,8 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
         by_tensor.setdefault(r.tensor, []).append(r)
     taps_cache: dict = {}
     pending: dict[tuple[str, str, int], ingraph.Accumulator] = {}
-    # the Moments of each exposed tensor, folded by one thread per tensor at a time when several
-    # cores are free (numpy's copies and BLAS release the GIL): onnxruntime is idle meanwhile
-    folded: dict[str, dict[tuple[str, str, int], Moments]] = {t: {} for t in numpy_tensors}
+    # a large batch's exposed tensors are folded one per thread (numpy's copies and BLAS release
+    # the GIL; onnxruntime is idle meanwhile): each job adds only its own requests' Moments
     workers = min(int(threads or os.cpu_count() or 1), len(numpy_tensors))
 
     for set_name, sample_set in samples.items():
@@ -285,7 +284,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                         acc.add(gram, total, shift, int(shape[0]))
                 del reduced
                 # the exposed activations, each folded into its requests' Moments and then freed
-                jobs = [partial(_fold_tensor, folded[tensor], by_tensor[tensor], set_name,
+                jobs = [partial(_fold_tensor, moments, by_tensor[tensor], set_name,
                                 result[j][:n] if fixed_batch and n < fixed_batch else result[j], position,
                                 folds, seed, products=products, mask=feeds.get(mask) if mask else None,
                                 indices=indices)
@@ -308,9 +307,6 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
             release_buffers()
             if pool is not None:
                 pool.shutdown()             # its threads end, and their work buffers with them
-        for tensor in numpy_tensors:                  # a fixed order, whatever the threads did
-            moments.update(folded[tensor])
-            folded[tensor].clear()
         for key, acc in pending.items():
             moments[key] = acc.moments()
         pending.clear()

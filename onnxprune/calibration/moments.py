@@ -89,10 +89,6 @@ def _by_columns(rows: np.ndarray) -> bool:
     return rows.shape[0] > 1 and rows.shape[1] > 1 and rows.strides[0] == rows.itemsize
 
 
-def _count(part: np.ndarray) -> int:
-    return part.shape[0] * (part.shape[1] if part.ndim == 3 else 1)
-
-
 def _chunks(rows: np.ndarray, step: int):
     """Pieces of ``rows`` of about ``step`` rows (whole blocks of a (g, t, dim) array)."""
     size = rows.shape[0]
@@ -102,14 +98,12 @@ def _chunks(rows: np.ndarray, step: int):
         yield rows[start:start + step]
 
 
-def _transposed(part: np.ndarray) -> np.ndarray:
-    """The features-first view of a piece: (dim, n) or (dim, g, t)."""
-    return part.T if part.ndim == 2 else part.transpose(2, 0, 1)
-
-
-def _columns(buf: np.ndarray, part: np.ndarray) -> np.ndarray:
-    """``buf`` (dim, n) shaped like ``_transposed(part)`` (a view)."""
-    return buf if part.ndim == 2 else buf.reshape(buf.shape[0], part.shape[0], part.shape[1])
+def _columns(part: np.ndarray, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The features-first view of a piece, (dim, n) or (dim, g, t), and ``buf`` (dim, n) shaped
+    like it: copying the one into the other lays the piece out channel-major."""
+    if part.ndim == 2:
+        return part.T, buf
+    return part.transpose(2, 0, 1), buf.reshape(buf.shape[0], part.shape[0], part.shape[1])
 
 
 class Moments:
@@ -159,7 +153,7 @@ class Moments:
         queued and folded in ``QUEUE_ROWS`` at a time; the sum is always current.
         """
         rows = _as_rows(np.asarray(rows), self.dim)
-        k = rows.shape[0] * (rows.shape[1] if rows.ndim == 3 else 1)
+        k = rows.size // self.dim
         if k == 0:
             return
         self.count += k
@@ -202,10 +196,11 @@ class Moments:
         by_columns = _by_columns(rows)
         step = max(MIN_CHUNK_ROWS if dim < 4096 else 64, CHUNK_BYTES // (8 * (dim + 1)))
         for part in _chunks(rows, step):
-            n = _count(part)
+            n = part.size // dim
             if by_columns:
                 buf = _scratch((dim + 1, n))
-                _columns(buf[:dim], part)[...] = _transposed(part)
+                source, target = _columns(part, buf[:dim])
+                target[...] = source
                 buf[dim] = 1.0
                 product = buf @ buf.T                     # numpy calls syrk for a @ a.T
             else:
@@ -241,11 +236,11 @@ class Moments:
         by_columns = _by_columns(rows)
         step = max(MIN_CHUNK_ROWS if dim < 4096 else 64, CHUNK_BYTES // (4 * dim))
         for part in _chunks(rows, step):
-            n = _count(part)
+            n = part.size // dim
             if by_columns:
                 buf = _scratch32((dim, n))
-                np.subtract(_transposed(part), shift32.reshape((dim,) + (1,) * (part.ndim - 1)),
-                            out=_columns(buf, part))
+                source, target = _columns(part, buf)
+                np.subtract(source, shift32.reshape((dim,) + (1,) * (part.ndim - 1)), out=target)
                 product = buf @ buf.T                     # ssyrk
                 centred = buf.sum(axis=1, dtype=np.float64)
             else:
