@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np
 from common import RESULTS, TASKS, halves, machine, markdown_table
-from common import gram_macs as common_gram_macs
+from common import gram_macs, rows_per_sample
 from speed import METHODS, TASK_NAMES, decoded_set
 
 
@@ -56,47 +56,35 @@ def requests_of(model, passes):
     return list(dict.fromkeys(out))
 
 
-def gram_macs(model, requests, data) -> int:
-    """Multiply-adds of the Gram updates per sample (rows x dim^2)."""
+def tensor_shapes(model, requests, data) -> dict:
+    """The shape of each requested tensor for one sample (one run of the exposed model)."""
     from onnxprune.calibration.collect import expose
     from onnxprune.runtime import make_session
 
     tensors = list(dict.fromkeys(r.tensor for r in requests))
     exposed, outputs = expose(model, tensors)
-    shapes = dict(zip(tensors, (a.shape for a in make_session(exposed).run(outputs, data.batch([0])))))
-    return common_gram_macs(requests, shapes)
+    return dict(zip(tensors, (a.shape for a in make_session(exposed).run(outputs, data.batch([0])))))
 
 
-def products_seconds(model, requests, data, *, batch_size: int) -> float:
+def products_seconds(requests, shapes: dict, samples: int, *, batch_size: int) -> float:
     """Seconds of the Gram arithmetic alone, one BLAS thread: for each request folded in numpy
     ("features", "patches"), one float32 ssyrk (``a @ a.T``) per batch on a random (dim, rows)
-    array shaped like that batch's rows (sampled patch positions counted as the library samples
-    them; at least ``QUEUE_ROWS`` rows, as the library queues narrow batches), no copies or conversions. Pooled requests (N x C rows) cost next to nothing."""
-    from onnxprune.calibration.collect import expose
+    array shaped like that batch's rows (``rows_per_sample``; at least ``QUEUE_ROWS`` rows, as
+    the library queues narrow batches), no copies or conversions. Pooled requests (N x C rows)
+    cost next to nothing."""
     from onnxprune.calibration.moments import QUEUE_ROWS
     from onnxprune.linalg import blas_threads
-    from onnxprune.runtime import make_session
 
-    tensors = list(dict.fromkeys(r.tensor for r in requests))
-    exposed, outputs = expose(model, tensors)
-    shapes = dict(zip(tensors, (a.shape for a in make_session(exposed).run(outputs, data.batch([0])))))
     rng = np.random.default_rng(0)
     total = 0.0
     with blas_threads(1):
         for r in requests:
             if r.kind == "pooled" or r.keep_rows:
                 continue
-            shape = shapes[r.tensor]
-            dim = r.dim(shape)
-            if r.kind == "patches":
-                rows = math.prod(r.out_spatial(shape))
-                rows = min(rows, r.positions) if r.positions else rows
-            else:
-                rows = math.prod(shape[1:]) // dim
-            # a batch's rows, or QUEUE_ROWS rows at a time when a batch has fewer (as the library folds)
+            dim, rows = r.dim(shapes[r.tensor]), rows_per_sample(r, shapes[r.tensor])
             per_call = max(rows * batch_size, QUEUE_ROWS)
-            for start in range(0, rows * len(data), per_call):
-                a = rng.standard_normal((dim, min(per_call, rows * len(data) - start)), dtype=np.float32)
+            for start in range(0, rows * samples, per_call):
+                a = rng.standard_normal((dim, min(per_call, rows * samples - start)), dtype=np.float32)
                 t = time.perf_counter()
                 a @ a.T
                 total += time.perf_counter() - t
@@ -150,7 +138,8 @@ def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batc
         return run
 
     plain()
-    products = [products_seconds(model, requests, data, batch_size=batch_size) for _ in range(2)]
+    shapes = tensor_shapes(model, requests, data)
+    products = [products_seconds(requests, shapes, len(data), batch_size=batch_size) for _ in range(2)]
     wall, cpu = defaultdict(list), defaultdict(list)
     load = [os.getloadavg()[0]]
     started = time.perf_counter()
@@ -167,7 +156,7 @@ def phase_speed(task_name: str, method: str, *, samples: int, repeats: int, batc
         load.append(os.getloadavg()[0])
     return {"task": task_name, "method": method, "samples": len(data), "requests": len(requests),
             "kinds": dict(kinds), "engine": {k: results[k].header.get("engine") for k in ("auto", "graph")},
-            "gram_macs_per_sample": gram_macs(model, requests, data), "model_macs_per_sample": total_macs(model),
+            "gram_macs_per_sample": gram_macs(requests, shapes), "model_macs_per_sample": total_macs(model),
             "products": min(products), "cores": os.cpu_count(),
             "wall": dict(wall), "cpu": dict(cpu), "load_average": load,
             "best": {k: min(v) for k, v in wall.items()}, "best_cpu": {k: min(v) for k, v in cpu.items()},

@@ -170,24 +170,24 @@ def write_result(name: str, text: str) -> Path:
     return path
 
 
+def rows_per_sample(request, shape) -> int:
+    """Rows one sample adds to ``request``'s Gram, given its tensor's shape for one sample
+    (sampled patch positions counted as the library samples them)."""
+    import math
+
+    if request.kind == "patches":
+        rows = math.prod(request.out_spatial(shape))
+        return min(rows, request.positions) if request.positions else rows
+    if request.kind == "pooled":
+        return 1
+    return math.prod(shape[1:]) // request.dim(shape)
+
+
 def gram_macs(requests, shapes: dict) -> int:
     """Multiply-adds per sample of the Gram updates of ``requests`` (rows x dim^2), given the
     shape of each request's tensor for one sample; raw rows (keep_rows) cost none."""
-    import math
-
-    total = 0
-    for r in requests:
-        shape = shapes[r.tensor]
-        dim = r.dim(shape)
-        if r.kind == "patches":
-            rows = math.prod(r.out_spatial(shape))
-            rows = min(rows, r.positions) if r.positions else rows
-        elif r.kind == "pooled":
-            rows = 1
-        else:
-            rows = math.prod(shape[1:]) // dim
-        total += 0 if r.keep_rows else rows * dim * dim
-    return total
+    return sum(0 if r.keep_rows else rows_per_sample(r, shapes[r.tensor]) * r.dim(shapes[r.tensor]) ** 2
+               for r in requests)
 
 
 def interleaved_times(sessions, feeds: dict, *, runs: int, budget: float) -> list[dict]:
