@@ -90,6 +90,19 @@ class PassContext:
     # statistics and graph; None: nothing is cached (a single pipeline run needs none).
     cache: dict[Any, Any] | None = None
 
+    def remembered(self, key: tuple | None, compute: Callable[[], Any], *, on: tuple = ()) -> Any:
+        """``compute()``, remembered in ``cache`` under ``key`` in one-shot mode (the planner's
+        trial and check rewrites of the original share one cache per statistics). ``on``: the
+        objects the result is computed from, matched by identity (the entry holds them, so their
+        ids stay theirs); ``key`` None or no cache: computed."""
+        if key is None or self.cache is None or self.mode != "one-shot":
+            return compute()
+        full = key + tuple(id(o) for o in on)
+        hit = self.cache.get(full)
+        if hit is None or any(a is not b for a, b in zip(hit[0], on)):
+            hit = self.cache[full] = (on, compute())
+        return hit[1]
+
 
 class Pass:
     """Base class; subclasses set ``name``, ``Options`` and implement ``requests`` and ``run``."""

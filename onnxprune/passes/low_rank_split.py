@@ -226,17 +226,10 @@ def downstream_metric(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarr
     return metric
 
 
-
-
-
-def _cached(ctx: PassContext, key, part, compute):
-    """``compute()``, remembered in ``ctx.cache`` under ``key + part`` (no cache: computed)."""
-    if key is None or ctx.cache is None:
-        return compute()
-    full = key + (part,)
-    if full not in ctx.cache:
-        ctx.cache[full] = compute()
-    return ctx.cache[full]
+def _part(keys: dict, layer, part) -> tuple | None:
+    """The cache key of ``part`` of ``layer``'s computation (None: not cached)."""
+    key = keys.get(layer.name)
+    return None if key is None else key + (part,)
 
 
 @register
@@ -300,7 +293,7 @@ class LowRankSplit(Pass):
                 # the same weight on the same statistics factors the same way (planner trials)
                 keys[layer.name] = (self.name, layer.name, cones[layer.input], opts.method, opts.ridge,
                                     opts.positions, hashlib.sha256(w.tobytes()).hexdigest())
-            spectra[layer.name] = _cached(ctx, keys.get(layer.name), "spectrum", lambda: linalg.output_spectrum(
+            spectra[layer.name] = ctx.remembered(_part(keys, layer, "spectrum"), lambda: linalg.output_spectrum(
                 w, total if opts.method == "dalr" else None))
 
         ranks = self._ranks(weights, spectra)
@@ -332,7 +325,7 @@ class LowRankSplit(Pass):
                 merged[layer.name] = stats.moments(self._request(layer), "target")
                 moments[layer.name] = second_moment(merged[layer.name])
             total = moments[layer.name]
-            a_mat, b_mat, info = _cached(ctx, keys.get(layer.name), ("factor", k, ctx.folds), lambda: self._factor(
+            a_mat, b_mat, info = ctx.remembered(_part(keys, layer, ("factor", k, ctx.folds)), lambda: self._factor(
                 model, layer, w, b, k, stats, total, ctx.folds))
             info = dict(info)
             delta = info.pop("bias_delta", None)

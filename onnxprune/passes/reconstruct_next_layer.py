@@ -86,8 +86,7 @@ class ReconstructNextLayer(Pass):
             matrix = None
             row = {"group": name, "channels": group.channels, "kept": int(len(keep))}
             if self.options.reconstruct and len(keep) < group.channels:
-                ridge, heldout = self._ridge(selection)
-                matrix = linalg.reconstruction_matrix(sigma, keep, ridge=ridge, refine=REFINE)
+                ridge, heldout, matrix = self._fit(selection, keep, ctx)
                 row["ridge"] = ridge
                 if heldout is not None:
                     row["heldout_error"] = heldout
@@ -108,6 +107,17 @@ class ReconstructNextLayer(Pass):
             log.info("reconstruct-next-layer: no pending channel selection")
         GraphEditor(model).remove_unused()
         return PassResult(changed=bool(rows), report={"pruned": rows})
+
+    def _fit(self, selection: Selection, keep: np.ndarray, ctx: PassContext) -> tuple[float, float | None, np.ndarray]:
+        """(ridge, its held-out error or None, A_J) for ``selection``. Remembered in ``ctx.cache``
+        for the statistics the selection was made on (the same objects: select-nodes caches its
+        scores there), since the planner rebuilds the same selections in its trials and checks."""
+        def fit():
+            ridge, heldout = self._ridge(selection)
+            matrix = linalg.reconstruction_matrix(selection.sigma, keep, ridge=ridge, refine=REFINE)
+            matrix.flags.writeable = False          # shared by every model rebuilt from the cache
+            return ridge, heldout, matrix
+        return ctx.remembered((self.name, self.options, keep.tobytes()), fit, on=(selection.sigma, selection.folds))
 
     def _ridge(self, selection: Selection) -> tuple[float, float | None]:
         """The ridge to use and, when it was chosen on held-out folds, its held-out error."""

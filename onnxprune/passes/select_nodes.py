@@ -230,7 +230,8 @@ class SelectNodes(Pass):
             k = int(counts[g.name])
             keep = kept_channels(scores[g.name], k, group=g, ridge=opts.ridge)
             sigma = scores[g.name]["sigma"]
-            retention = float(linalg.retention_ratio(sigma, keep, ridge=opts.ridge))
+            retention = ctx.remembered((self.name, "retention", opts.ridge, np.asarray(keep).tobytes()),
+                                       lambda: float(linalg.retention_ratio(sigma, keep, ridge=opts.ridge)), on=(sigma,))
             ctx.selections[g.name] = Selection(group=g, keep=keep, sigma=sigma, criterion=opts.criterion,
                                                retention=retention, folds=scores[g.name]["folds"])
             rows.append({"group": g.name, "channels": g.channels, "kept": k, "retention": retention,

@@ -86,6 +86,32 @@ def test_auto_ridge_reports_its_choice_and_heldout_error():
         assert row["ridge"] == linalg.SELECT_RIDGE and "heldout_error" not in row
 
 
+def test_a_shared_cache_fits_each_selection_once(monkeypatch):
+    """The planner rebuilds the same selections on the same statistics (one cache per half):
+    the second rewrite reuses the fit and gives the same model; another count fits again."""
+    import onnxprune.passes.reconstruct_next_layer as module
+    from onnxprune.model import clone
+    from onnxprune.passes import REGISTRY, PassContext
+
+    fits = []
+    monkeypatch.setattr(module, "heldout_ridge", lambda folds, keep: fits.append(len(keep)) or (1e-3, 0.5))
+    model = graphs.gemm_chain()
+    provider = StatsProvider({"target": open_samples([{"x": data(model)}], model)}, batch_size=64, folds=2,
+                             progress=False)
+    cache = {}
+
+    def rewrite(count):
+        work = clone(model)
+        ctx = PassContext(statistics=provider, folds=2, cache=cache, original=model)
+        REGISTRY["select-nodes"](counts={"fc1": count}, groups=("fc1",)).run(work, ctx)
+        REGISTRY["reconstruct-next-layer"]().run(work, ctx)
+        return work
+    first, again, other = rewrite(10), rewrite(10), rewrite(6)
+    assert fits == [10, 6]
+    assert first.SerializeToString() == again.SerializeToString()
+    assert first.SerializeToString() != other.SerializeToString()
+
+
 # --------------------------------------------------------------------------- numerics of the helpers
 
 def test_site_error_matches_its_definition():
