@@ -88,13 +88,19 @@ def test_auto_ridge_reports_its_choice_and_heldout_error():
 
 def test_a_shared_cache_fits_each_selection_once(monkeypatch):
     """The planner rebuilds the same selections on the same statistics (one cache per half):
-    the second rewrite reuses the fit and gives the same model; another count fits again."""
+    the second rewrite reuses the fit (and select-nodes its retention) and gives the same
+    model; another count fits again."""
     import onnxprune.passes.reconstruct_next_layer as module
     from onnxprune.model import clone
     from onnxprune.passes import REGISTRY, PassContext
 
-    fits = []
+    import onnxprune.passes.select_nodes as select
+
+    fits, retentions = [], []
     monkeypatch.setattr(module, "heldout_ridge", lambda folds, keep: fits.append(len(keep)) or (1e-3, 0.5))
+    ratio = select.linalg.retention_ratio
+    monkeypatch.setattr(select.linalg, "retention_ratio",
+                        lambda sigma, keep, **kw: retentions.append(len(keep)) or ratio(sigma, keep, **kw))
     model = graphs.gemm_chain()
     provider = StatsProvider({"target": open_samples([{"x": data(model)}], model)}, batch_size=64, folds=2,
                              progress=False)
@@ -107,7 +113,7 @@ def test_a_shared_cache_fits_each_selection_once(monkeypatch):
         REGISTRY["reconstruct-next-layer"]().run(work, ctx)
         return work
     first, again, other = rewrite(10), rewrite(10), rewrite(6)
-    assert fits == [10, 6]
+    assert fits == [10, 6] and retentions == [10, 6]
     assert first.SerializeToString() == again.SerializeToString()
     assert first.SerializeToString() != other.SerializeToString()
 
