@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 from conftest import assert_equivalent
 
+import onnxprune.passes.reconstruct_next_layer as reconstruct_module
 from onnxprune import linalg
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.data.samples import open_samples
 from onnxprune.errors import RecipeError
+from onnxprune.model import clone
+from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.reconstruct_next_layer import heldout_ridge, site_error
 from onnxprune.pipeline import Recipe, run_pipeline
 
@@ -90,16 +93,10 @@ def test_a_shared_cache_fits_each_selection_once(monkeypatch):
     """The planner rebuilds the same selections on the same statistics (one cache per half):
     the second rewrite reuses the fit (and select-nodes its retention) and gives the same
     model; another count fits again."""
-    import onnxprune.passes.reconstruct_next_layer as module
-    from onnxprune.model import clone
-    from onnxprune.passes import REGISTRY, PassContext
-
-    import onnxprune.passes.select_nodes as select
-
     fits, retentions = [], []
-    monkeypatch.setattr(module, "heldout_ridge", lambda folds, keep: fits.append(len(keep)) or (1e-3, 0.5))
-    ratio = select.linalg.retention_ratio
-    monkeypatch.setattr(select.linalg, "retention_ratio",
+    monkeypatch.setattr(reconstruct_module, "heldout_ridge", lambda folds, keep: fits.append(len(keep)) or (1e-3, 0.5))
+    ratio = linalg.retention_ratio
+    monkeypatch.setattr(linalg, "retention_ratio",
                         lambda sigma, keep, **kw: retentions.append(len(keep)) or ratio(sigma, keep, **kw))
     model = graphs.gemm_chain()
     provider = StatsProvider({"target": open_samples([{"x": data(model)}], model)}, batch_size=64, folds=2,
