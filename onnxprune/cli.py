@@ -502,8 +502,11 @@ def verdict_lines(report: dict, output) -> list[str]:
                      f"{_number(e.get('probe_candidate'), '.2%', 'n/a')}") if e.get("probe_reference") is not None else ""
             lines.append(f"kNN accuracy (k={e['k']}) {e['knn_reference']:.2%} -> {e['knn_candidate']:.2%}{probe}")
     elif v.get("accuracy_reference") is not None:
+        drop = v.get("accuracy_drop")
+        noise = f" +- {v['accuracy_drop_se']:.2f}" if v.get("accuracy_drop_se") is not None else ""
         lines.append(f"top-1 accuracy {_number(v['accuracy_reference'], '.2%', 'n/a')} -> "
-                     f"{_number(v['accuracy_candidate'], '.2%', 'n/a')}")
+                     f"{_number(v['accuracy_candidate'], '.2%', 'n/a')}"
+                     + (f" (drop {drop:.2f}{noise} points)" if drop is not None else ""))
     if not e:
         lines.append(f"agreement {_number(v.get('agreement'), '.2%', 'n/a (no class axis)')}, relative error "
                      f"{_number(v.get('relative_error'), '.4f', 'n/a')}, SQNR {sqnr} dB")

@@ -136,6 +136,12 @@ def test_accuracy_and_agreement_on_constructed_labels():
     assert report.accuracy_candidate == pytest.approx(np.mean(predicted == labels))
     assert report.agreement == pytest.approx(np.mean(predicted == truth))  # only class-2 rows agree
     assert report.accuracy_drop == pytest.approx(100 * (0.7 - np.mean(predicted == labels)))
+    # the drop's standard error: of the mean of the per-sample differences of correctness
+    differences = (truth == labels).astype(float) - (predicted == labels)
+    assert report.accuracy_drop_se == pytest.approx(100 * np.std(differences, ddof=1) / np.sqrt(10))
+    assert report.accuracy_drop_se > 0
+    assert validate(identity, identity, samples, measure_latency=False).accuracy_drop_se == 0.0
+    assert validate(identity, swapped, ArraySamples({"x": x}), measure_latency=False).accuracy_drop_se is None
 
 
 def test_fixed_batch_model_pads_the_last_batch():
@@ -220,22 +226,35 @@ def test_empty_samples_raise():
 
 # ----------------------------------------------------------------------------- thresholds
 
-def _report(acc_ref=None, acc_cand=None, agreement=1.0) -> ValidationReport:
-    return ValidationReport(samples=100, accuracy_reference=acc_ref, accuracy_candidate=acc_cand,
+def _report(acc_ref=None, acc_cand=None, agreement=1.0, drop_se=None, samples=100) -> ValidationReport:
+    return ValidationReport(samples=samples, accuracy_reference=acc_ref, accuracy_candidate=acc_cand,
                             agreement=agreement, relative_error=0.1, sqnr_db=20.0, params_reference=10,
                             params_candidate=5, macs_reference=10, macs_candidate=5, bytes_reference=100,
-                            bytes_candidate=50, latency_ms={})
+                            bytes_candidate=50, latency_ms={}, accuracy_drop_se=drop_se)
 
 
 def test_max_drop_with_labels():
     report = _report(acc_ref=0.90, acc_cand=0.89, agreement=0.5)
     check_thresholds(report, max_drop=1.0)  # exactly met: passes (no float slip)
     check_thresholds(report)  # no thresholds, nothing to miss
-    expected = r"accuracy \| dropped 1.00 points \(90.00% -> 89.00%\)"
+    expected = r"accuracy \| dropped 1.00 points \(90.00% -> 89.00% on 100 samples\)"
     with pytest.raises(ValidationFailed, match=expected) as info:
         check_thresholds(report, max_drop=0.99)
     assert info.value.exit_code == 3
     check_thresholds(_report(acc_ref=0.80, acc_cand=0.85), max_drop=0)  # gains pass
+
+
+def test_missed_max_drop_says_whether_it_is_within_the_noise():
+    # 250 samples, 3.6 points lost +- 1.8: the excess over 1 point is 1.4 standard errors
+    noisy = _report(acc_ref=0.856, acc_cand=0.820, drop_se=1.82, samples=250)
+    with pytest.raises(ValidationFailed, match=r"dropped 3.60 \+- 1.82 points \(85.60% -> 82.00% on 250 samples\)") \
+            as info:
+        check_thresholds(noisy, max_drop=1)
+    assert "within 2 standard errors" in info.value.hint and "--eval-data" in info.value.hint
+    # the same drop measured on many samples is beyond its noise: no such hint
+    with pytest.raises(ValidationFailed) as info:
+        check_thresholds(_report(acc_ref=0.856, acc_cand=0.820, drop_se=0.3, samples=10000), max_drop=1)
+    assert "standard errors" not in info.value.hint
 
 
 def test_max_drop_without_labels_applies_to_agreement():

@@ -176,6 +176,20 @@ def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
     assert v["macs_candidate"] < v["macs_reference"]
     recipe = json.loads(out.with_name("lenet.recipe.json").read_text())
     assert "plan" not in recipe and recipe["passes"]          # re-runnable without planning
+    assert plan["check"]["se"] <= 0.5 and not any("too coarse" in w for w in report["warnings"])
+
+
+def test_a_check_too_noisy_for_its_goal_is_said(tmp_path):
+    # 150 checked samples read the drop of a plan within 3 points to about +- 1.6: too coarse for it
+    out = tmp_path / "lenet.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
+                                       "--calib-size", "150", "--check-extra", "0", "--max-drop", "3",
+                                       "--no-latency"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("lenet.report.json").read_text())
+    assert report["plan"]["check"]["se"] > 1.5
+    assert any("too coarse for --max-drop 3" in w for w in report["warnings"])
+    assert "WARNING" in result.stderr
 
 
 def test_cli_failed_budget_writes_the_failed_report_and_no_model(tmp_path):
