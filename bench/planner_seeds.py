@@ -69,7 +69,8 @@ def markdown(results: dict, argv: list[str], flags: str) -> str:
              "evaluated on different samples (calibration and evaluation disjoint in each). 'checked "
              "drop': the planner's cross-fitted check, which must stay within 1 point with half a "
              "standard error in reserve (`--margin`, default 0.5); 'held-out drop': the final model on the "
-             "evaluation split."), ""]
+             "evaluation split (± its paired standard error); 'seconds': the whole command's wall time "
+             "on a shared machine (other jobs may run alongside)."), ""]
     for name, rows in results.items():
         first = rows[0]
         lines += [(f"## {name} ({first['calibration']} calibration samples, {first['checked']} checked, "
