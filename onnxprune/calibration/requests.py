@@ -215,7 +215,10 @@ def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=(), at: np.
     reshaped to (N, *out_spatial, M) and moved to channel-first is the Conv output); columns
     follow ``W.reshape(M, C * kh * kw)``: channel-major, then kernel taps. ``pads`` are in
     ONNX order (all begins, then all ends); group 1 only. Built with a sliding-window view,
-    then one copy: no Python loop over positions.
+    then one copy: no Python loop over positions. Without ``at`` the copy is laid out feature by
+    feature (the result is the transpose of a C-contiguous (C * prod(kernel), rows) array): each
+    feature's values then come from one channel's contiguous rows, 3-6x faster than copying
+    position by position, and ``Moments.update`` folds that layout as it folds NCHW features.
     """
     kernel = tuple(int(k) for k in kernel)
     nd = len(kernel)
@@ -241,11 +244,13 @@ def patches(x: np.ndarray, *, kernel, strides=(), pads=(), dilations=(), at: np.
     window = window[index]
     n, c = window.shape[:2]
     out_spatial = window.shape[2:2 + nd]
-    # (N, *out_spatial, C, *kernel)
-    order = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
-    window = window.transpose(order)
     if at is not None:
+        # (N, *out_spatial, C, *kernel)
+        order = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+        window = window.transpose(order)
         at = np.asarray(at, dtype=np.int64)
         picked = window[(np.arange(n)[:, None],) + np.unravel_index(at, out_spatial)]   # (N, k, C, *kernel)
         return picked.reshape(n * at.shape[1], c * math.prod(kernel))
-    return window.reshape(n * math.prod(out_spatial), c * math.prod(kernel))
+    # (C, *kernel, N, *out_spatial): copied with the last spatial axis innermost, then transposed back
+    order = (1,) + tuple(range(2 + nd, 2 + 2 * nd)) + (0,) + tuple(range(2, 2 + nd))
+    return window.transpose(order).reshape(c * math.prod(kernel), n * math.prod(out_spatial)).T
