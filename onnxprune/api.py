@@ -396,7 +396,8 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
             "budget": budget, "model": path.name, "macs": v.macs_candidate / max(v.macs_reference, 1),
             "params": v.params_candidate / max(v.params_reference, 1),
             "accuracy": v.accuracy_candidate, "accuracy_reference": v.accuracy_reference,
-            "agreement": v.agreement, "checked_drop": result["check"]["drop"],
+            "agreement": v.agreement, "drop": v.accuracy_drop, "drop_se": v.accuracy_drop_se,
+            "checked_drop": result["check"]["drop"], "checked_se": result["check"]["se"],
             "sites": len(result["sites"]),
             "speedup": v.speedup() if measure_latency else {},
         })
@@ -417,15 +418,22 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
 
 
 def pareto_lines(rows: list[dict]) -> list[str]:
-    lines = ["| budget | MACs | params | top-1 % | agreement % | checked drop | sites | model |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The sweep's Pareto table: per budget the held-out top-1 and drop (+- its standard error, what
+    the evaluation samples alone make it vary by) next to the plan's own check."""
+    lines = ["| budget | MACs | params | top-1 % | held-out drop | agreement % | checked drop | sites | model |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def points(value, se) -> str:
+        return "" if value is None else f"{value:.2f}" + ("" if se is None else f" +- {se:.2f}")
+
     for r in rows:
         if "macs" not in r:
-            lines.append(f"| {r['budget']:.2f} | | | | | | | {r['status']} |")
+            lines.append(f"| {r['budget']:.2f} | | | | | | | | {r['status']} |")
             continue
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
         lines.append(f"| {r['budget']:.2f} | {100 * r['macs']:.1f}% | {100 * r['params']:.1f}% | {acc} | "
-                     f"{100 * r['agreement']:.2f} | {r['checked_drop']:.2f} | {r['sites']} | {r['model']} |")
+                     f"{points(r['drop'], r['drop_se'])} | {100 * r['agreement']:.2f} | "
+                     f"{points(r['checked_drop'], r['checked_se'])} | {r['sites']} | {r['model']} |")
     return lines
 
 

@@ -217,6 +217,9 @@ def test_cli_sensitivity_and_sweep_write_their_files(tmp_path):
     assert [r["budget"] for r in rows] == [0.6, 0.3]
     assert all(r["macs"] <= r["budget"] * 1.001 for r in rows)
     assert (out / "pareto.png").exists() and (out / "pareto.md").read_text().count("\n") == 4
+    # each row: the held-out drop with its standard error, beside the plan's check with its own
+    assert all(r["drop_se"] > 0 and r["checked_se"] >= 0 for r in rows)
+    assert (out / "pareto.md").read_text().splitlines()[2].count(" +- ") == 2
 
 
 def test_a_collapsed_model_is_reported_loudly(tmp_path):
