@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -170,13 +171,34 @@ def model_hash(model: onnx.ModelProto) -> str:
     """A sha256 of the graph and its weights, independent of where the weights are stored."""
     digest = hashlib.sha256()
     graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
-    del graph.initializer[:]
+    for field, value in model.graph.ListFields():      # every field but the weights, not copying them
+        if field.name == "initializer":
+            continue
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
+            getattr(graph, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(graph, field.name).CopyFrom(value)
+        else:
+            setattr(graph, field.name, value)
     digest.update(graph.SerializeToString(deterministic=True))
     for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
         digest.update(tensor.name.encode())
-        digest.update(numpy_helper.to_array(tensor).tobytes())
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()[:16]
+
+
+#: element types whose raw_data (little-endian) are exactly the bytes numpy_helper.to_array gives
+_RAW_AS_IS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
+              onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The tensor's values as ``numpy_helper.to_array(tensor).tobytes()`` gives them, without the
+    conversion where its raw_data already are those bytes."""
+    if (sys.byteorder == "little" and tensor.data_type in _RAW_AS_IS and tensor.HasField("raw_data")
+            and tensor.data_location != onnx.TensorProto.EXTERNAL):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
 
 
 def clone(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 import pytest
@@ -45,6 +47,35 @@ def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
     again = model_io.load_model(out)
     assert model_io.model_hash(again) == model_io.model_hash(model)
     assert_equivalent(model, again, {"x": np.ones((2, 4), np.float32)})
+
+
+def test_model_hash_is_what_it_was_for_every_weight_type():
+    # the hash names the model in statistics files: its value must not change with how it is computed
+    def reference(model):
+        digest = hashlib.sha256()
+        graph = onnx.GraphProto()
+        graph.CopyFrom(model.graph)
+        del graph.initializer[:]
+        digest.update(graph.SerializeToString(deterministic=True))
+        for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
+            digest.update(tensor.name.encode())
+            digest.update(numpy_helper.to_array(tensor).tobytes())
+        return digest.hexdigest()[:16]
+
+    model = const_gemm()
+    model.graph.doc_string = "documented"
+    rng = np.random.default_rng(0)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal(5).astype(np.float16), "half"),
+        numpy_helper.from_array(np.arange(4, dtype=np.int64), "steps"),
+        numpy_helper.from_array(rng.standard_normal((2, 3)), "double"),
+        helper.make_tensor("listed", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),          # float_data, no raw_data
+        helper.make_tensor("brain", TensorProto.BFLOAT16, [2], [1.0, -2.0]),
+    ])
+    model.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 3]))
+    assert model_io.model_hash(model) == reference(model)
+    model.graph.initializer[-2].float_data[0] = 4.0
+    assert model_io.model_hash(model) == reference(model)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

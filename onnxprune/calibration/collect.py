@@ -487,6 +487,8 @@ def _value_types(model: onnx.ModelProto, names: Sequence[str], *, with_inputs: b
         # the graph engine needs shapes: an entry without one does not count as known
         known = [v for v in known + list(model.graph.input) if v.type.tensor_type.HasField("shape")]
     found = {v.name: v for v in known if v.name in wanted}
+    if not with_inputs:
+        found.update({name: v for name, v in _reader_types(model, wanted - set(found)).items()})
     if wanted <= set(found):
         return _known_types(found)
     try:
@@ -497,6 +499,25 @@ def _value_types(model: onnx.ModelProto, names: Sequence[str], *, with_inputs: b
         if v.name in wanted:
             found.setdefault(v.name, v)
     return _known_types(found)
+
+
+#: operators whose first input has the element type of their constant second input (the weight)
+_TYPED_BY_WEIGHT = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _reader_types(model: onnx.ModelProto, names: set[str]) -> dict[str, onnx.ValueInfoProto]:
+    """Element type (no shape) of each of ``names`` that a Conv, Gemm or MatMul reads with a
+    weight initializer: the weight's, as the operator requires. What calibration exposes is
+    mostly such inputs, typed so without a shape inference of the whole model."""
+    if not names:
+        return {}
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type in _TYPED_BY_WEIGHT and len(node.input) > 1 and node.input[0] in names \
+                and node.input[1] in weights and node.input[0] not in out:
+            out[node.input[0]] = onnx.helper.make_tensor_value_info(node.input[0], weights[node.input[1]], None)
+    return out
 
 
 def _known_types(values: dict[str, onnx.ValueInfoProto]) -> dict[str, onnx.ValueInfoProto]:

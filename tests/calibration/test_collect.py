@@ -276,6 +276,24 @@ def test_tensor_without_inferred_type_is_exposed_as_float():
     assert out.type.tensor_type.elem_type == TensorProto.FLOAT and not out.type.tensor_type.HasField("shape")
 
 
+def test_a_linear_layers_input_is_typed_by_its_weight_without_shape_inference(monkeypatch):
+    model = conv_relu_gemm()
+    expected = collect(model, {"target": ArraySamples({"x": np.ones((2, 2, 6, 6), np.float32)})},
+                       [StatRequest("flat.out")], progress=False)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("shape inference ran")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", refused)
+    exposed, _ = expose(model, ["flat.out"])                     # read by the Gemm: its weight's type
+    out = {o.name: o for o in exposed.graph.output}["flat.out"]
+    assert out.type.tensor_type.elem_type == TensorProto.FLOAT
+    stats = collect(model, {"target": ArraySamples({"x": np.ones((2, 2, 6, 6), np.float32)})},
+                    [StatRequest("flat.out")], progress=False)
+    key = StatRequest("flat.out").key
+    assert np.array_equal(stats.moments(key, "target", fold=0).gram, expected.moments(key, "target", fold=0).gram)
+
+
 def test_unknown_tensor_lists_valid_names():
     model = conv_relu_gemm()
     with pytest.raises(CalibrationError, match=r"relu\.outt \| no such tensor.*relu\.out") as info:
