@@ -311,12 +311,13 @@ def plan_warnings(planning: dict | None) -> list[str]:
     chosen plan's checked drop above ``NOISY_CHECK`` times --max-drop (MobileNetV2 on 250 images:
     +- 1.4 points against 1; across split seeds its held-out drop then ranged -1.2 to 3.6)."""
     goal = (planning or {}).get("goal", {}).get("max_drop")
-    if goal is None or not planning["check"]["se"] > NOISY_CHECK * goal:
+    se = None if goal is None else planning["check"]["se"]
+    if se is None or not se > NOISY_CHECK * goal:
         return []
-    se, samples = planning["check"]["se"], planning["checked_samples"]
-    return [f"the plan's check measured its drop to +- {se:.2f} points on {samples} samples, too coarse for "
-            f"--max-drop {goal:g}: on other samples the result may well miss it (give more target samples "
-            "for a sharper check and evaluation)"]
+    samples = planning["checked_samples"]
+    return [(f"the plan's check measured its drop to +- {se:.2f} points on {samples} samples, too coarse for "
+             f"--max-drop {goal:g}: on other samples the result may well miss it (give more target samples "
+             "for a sharper check and evaluation)")]
 
 
 def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output: str | os.PathLike | None = None,

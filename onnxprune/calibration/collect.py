@@ -488,7 +488,7 @@ def _value_types(model: onnx.ModelProto, names: Sequence[str], *, with_inputs: b
         known = [v for v in known + list(model.graph.input) if v.type.tensor_type.HasField("shape")]
     found = {v.name: v for v in known if v.name in wanted}
     if not with_inputs:
-        found.update({name: v for name, v in _reader_types(model, wanted - set(found)).items()})
+        found.update(_reader_types(model, wanted - set(found)))
     if wanted <= set(found):
         return _known_types(found)
     try:
