@@ -6,6 +6,7 @@ The CLI only parses options and prints what these functions return.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -85,7 +86,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
              min_agreement: float | None = None, measure_latency: bool = True,
-             finetune=None) -> CompressResult:
+             finetune=None, recovery_trials: int = 3) -> CompressResult:
     """Calibrate on the target data, plan (``recipe.plan``: the planner chooses the passes) or
     run the recipe, validate on held-out data, write the output.
 
@@ -99,6 +100,9 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     overwritten.
     ``finetune`` (an ``onnxprune.train.distill.TrainConfig``, needs the [train] extra) distils the
     original into the compressed model on the calibration part of the target data before validating.
+    With a planner's ``max_drop`` goal as well, the plan is the most compressed whose *distilled*
+    model is within the drop on the checkpoint fold (``plan.recovery``: at most ``recovery_trials``
+    distilled candidates).
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     if output is not None:
@@ -112,7 +116,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         checkpoint_fraction=None if finetune is None else finetune.val_fraction)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    preloaded = planning = None
+    preloaded = planning = trained = None
     if recipe.plan is not None:
         if stats is not None:
             raise RecipeError("--stats", "cannot be used when the planner chooses the compression",
@@ -120,9 +124,13 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         goal = recipe.plan
         if goal.get("max_drop") is not None:
             max_drop = goal["max_drop"] if max_drop is None else min(max_drop, goal["max_drop"])
+        recovery = None
+        if finetune is not None and goal.get("max_drop") is not None:
+            recovery = functools.partial(recovery_search, teacher=original, train=train_set, fold=val_fold,
+                                         config=finetune, trials=recovery_trials)
         try:
-            original, recipe, provider, planning = plan_recipe(original, samples, recipe, uncapped=train_set,
-                                                               device=device, progress=progress)
+            original, recipe, provider, planning, trained = plan_recipe(
+                original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=recovery)
         except ValidationFailed as exc:
             exc.report["evaluation"] = held_out.describe()
             raise fail(exc.report, output, exc) from None
@@ -137,7 +145,10 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                                  progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original,
                                  mask=recipe.mask)
-    compressed, report = run_pipeline(original, recipe, provider)
+    if trained is not None:         # the recovery search built and distilled the chosen plan
+        compressed, report = trained.compressed, trained.pipeline
+    else:
+        compressed, report = run_pipeline(original, recipe, provider)
     if planning is not None:
         report["plan"] = planning
     if finetune is not None:
@@ -145,7 +156,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
 
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
             original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device,
-            val=val_fold)
+            val=val_fold, trained=None if trained is None else (trained.model, trained.training))
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
@@ -452,17 +463,24 @@ def make_planner(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, un
 
 
 def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
-                device: str = "cpu", progress: bool = True) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict]:
+                device: str = "cpu", progress: bool = True, recovery=None
+                ) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict, Any]:
     """Run the planner that ``recipe.plan`` asks for on the calibration ``samples`` (``make_planner``).
 
     Returns the model to compress (the original with every node named), the recipe of the
     chosen plan (explicit per-site passes, re-runnable without planning), the statistics
-    provider that already holds every statistic the recipe needs, and the plan's report.
+    provider that already holds every statistic the recipe needs, the plan's report, and the
+    chosen plan's distilled candidate (``plan.recovery.Trained``) or None. ``recovery(planner,
+    recipe)``, for a ``max_drop`` goal, makes the ``RecoverySearch`` that goes on from the
+    planner's plan with distillation (``recovery_search``).
     """
     goal = recipe.plan
     planner = make_planner(original, samples, recipe, uncapped=uncapped, device=device, progress=progress)
+    trained = None
     if goal.get("max_drop") is not None:
         result = planner.for_max_drop(goal["max_drop"])
+        if recovery is not None:
+            result, trained = recovery(planner, recipe).run(result, goal["max_drop"])
     else:
         result = planner.for_budget(goal["budget"])
     passes = tuple(result.pop("passes"))
@@ -478,7 +496,25 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
         log.warning("the planner found no site to compress within %s", _goal_text(goal))
         passes = (("select-nodes", {"counts": {}}),)
     recipe = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
-    return planner.original, recipe, planner.provider, planning
+    return planner.original, recipe, planner.provider, planning, trained
+
+
+def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProto, train: SampleSet, fold: SampleSet,
+                    config, trials: int):
+    """The ``RecoverySearch`` of ``compress --max-drop --finetune``: candidates compressed on every
+    calibration statistic of ``planner`` by ``recipe`` (its passes replaced), distilled from
+    ``teacher`` on ``train`` (checkpoint and search scored on ``fold``)."""
+    from onnxprune.plan.recovery import RecoverySearch
+    from onnxprune.train.distill import finetune
+
+    def build(passes):
+        return run_pipeline(planner.original, dataclasses.replace(recipe, passes=tuple(passes), plan=None, folds=FOLDS),
+                            planner.provider)
+
+    def distil(model):
+        return finetune(model, teacher, train, config=config, val_samples=fold)
+
+    return RecoverySearch(planner, build=build, train=distil, fold=fold, trials=trials)
 
 
 def _goal_text(goal: dict) -> str:

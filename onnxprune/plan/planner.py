@@ -494,6 +494,14 @@ def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.n
     return Check(100.0 * float(diff.mean()), 100.0 * standard_error(diff), d["agreement"], acc_r, acc_c, d["relative_error"], None)
 
 
+def model_outputs(model: onnx.ModelProto, samples, *, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
+    """The output the planner measures (``measured_output``) of ``model`` on every sample."""
+    session = make_session(model, device=device)
+    parts = [out[0] for _, out in run_batches(session, samples, [measured_output(model)], batch_size=batch_size,
+                                              fixed_batch=fixed_batch_of(model))]
+    return np.concatenate(parts)
+
+
 # --------------------------------------------------------------------------- the planner
 
 def one_blas_thread(method):
@@ -608,12 +616,7 @@ class Planner:
         return self._reference_outputs
 
     def _outputs(self, model: onnx.ModelProto, positions: np.ndarray) -> np.ndarray:
-        session = make_session(model, device=self.device)
-        fixed_batch = fixed_batch_of(model)
-        name = measured_output(model)
-        parts = [out[0] for _, out in run_batches(session, self.checked.subset(positions), [name],
-                                                   batch_size=self.batch_size, fixed_batch=fixed_batch)]
-        return np.concatenate(parts)
+        return model_outputs(model, self.checked.subset(positions), batch_size=self.batch_size, device=self.device)
 
     # ------------------------------------------------------------------ sensitivity
 

@@ -62,16 +62,17 @@ def check_training_outputs(output, companions, model, others: dict) -> Path:
 
 def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_out, *, config,
             batch_size: int = 32, device: str = "cpu", progress: bool = False,
-            val=None) -> tuple[onnx.ModelProto, dict, dict]:
+            val=None, trained: tuple[onnx.ModelProto, dict] | None = None) -> tuple[onnx.ModelProto, dict, dict]:
     """Distil ``original`` into ``compressed`` on ``train`` (checkpoint on ``val`` when given: best
-    samples that did not calibrate the compression); (model, training report, validation before)."""
+    samples that did not calibrate the compression); (model, training report, validation before).
+    ``trained``: (model, training report) of a distillation already run (``plan.recovery``)."""
     from onnxprune.train.distill import finetune
     from onnxprune.validate import validate
 
     require_torch()
     before = validate(original, compressed, held_out, batch_size=batch_size, device=device,
                       measure_latency=False, progress=False)
-    tuned, report = finetune(compressed, original, train, config=config, val_samples=val)
+    tuned, report = trained or finetune(compressed, original, train, config=config, val_samples=val)
     return tuned, report, before.to_dict()
 
 

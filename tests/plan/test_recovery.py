@@ -1,0 +1,115 @@
+"""--max-drop with recovery training (plan/recovery.py): the search along the planner's chain
+with distilled candidates, and `compress --max-drop --finetune` end to end on the bundled LeNet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxprune.api import as_model, as_samples
+from onnxprune.cli import main
+from onnxprune.cost import total_macs
+from onnxprune.plan.planner import Check, Planner, PlanOptions
+from onnxprune.plan.recovery import RecoverySearch, Trained
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
+DATA = ROOT / "models" / "usps_test.npz"
+
+
+@pytest.fixture(scope="module")
+def planner():
+    model = as_model(MODEL)
+    calib, _ = as_samples(DATA, model, None).split(0.5, seed=0)
+    return Planner(model, calib.subset(np.arange(300)), options=PlanOptions(check_samples=64)), calib
+
+
+def identity_found() -> dict:
+    check = Check(0.0, 0.0, 1.0, 0.7, 0.7, 0.0, 0.0)
+    return {"plan": {}, "step": 0, "cost": 1.0, "check": check.to_dict(), "goal": {"max_drop": 1.0}}
+
+
+def search_with(planner, calib, passes_up_to: int, trials: int) -> tuple[RecoverySearch, list[int]]:
+    """A search whose distilled candidates meet the goal exactly up to step ``passes_up_to``."""
+    search = RecoverySearch(planner, build=None, train=None, fold=calib.subset(np.arange(300, 340)), trials=trials)
+    attempted = []
+
+    def attempt(path, t):
+        attempted.append(t)
+        drop = 0.5 if t <= passes_up_to else 1.5
+        check = Check(drop, 0.1, 0.99, 0.7, 0.7 - drop / 100, 0.0, 0.0)
+        return Trained(path, t, planner.cost_of(path.plan(t)) / planner.costs.total, path.predicted(t)[1],
+                       check, check, None, {}, None, {"curve": [{}], "best_epoch": 0}, 0.0)
+
+    search.attempt = attempt
+    return search, attempted
+
+
+@pytest.mark.parametrize("boundary", [1, 3, 5])
+def test_the_search_finds_the_last_step_that_passes_when_trials_allow(planner, boundary):
+    planner, calib = planner
+    search, attempted = search_with(planner, calib, boundary, trials=20)
+    result, best = search.run(identity_found(), 1.0)
+    assert best is not None and best.step == boundary
+    assert result["recovery"]["chosen"] == boundary and result["step"] == boundary
+    assert result["cost"] == pytest.approx(best.cost) and result["cost"] < 1.0
+    # galloping: the steps tried grow while they pass; after a failure, only steps between the
+    # last that passed and the first that failed (bisection)
+    passed, failed = 0, None
+    for t in attempted:
+        assert t > passed and (failed is None or t < failed)
+        passed, failed = (t, failed) if t <= boundary else (passed, t)
+    assert [r["passed"] for r in result["recovery"]["trials"]] == [t <= boundary for t in attempted]
+
+
+def test_the_search_stops_at_its_trials_and_keeps_the_best_that_passed(planner):
+    planner, calib = planner
+    search, attempted = search_with(planner, calib, 100, trials=2)
+    result, best = search.run(identity_found(), 1.0)
+    assert len(attempted) == 2 and best.step == max(attempted)
+    search, attempted = search_with(planner, calib, 0, trials=3)   # nothing passes: no candidate
+    result, best = search.run(identity_found(), 1.0)
+    assert best is None and result["recovery"]["chosen"] is None and result["step"] == 0
+    assert attempted == [1]                                          # failed at the first step: nothing between
+
+
+def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "--max-drop", "1",
+                                       "--finetune", "2", "--finetune-trials", "2", "--val-fraction", "0.3",
+                                       "--no-latency", "-o", str(out)])
+    assert result.exit_code in (0, 3), result.output
+    report = json.loads(out.with_name("small.report.json").read_text())
+    plan, recovery = report["plan"], report["plan"]["recovery"]
+    assert 1 <= len(recovery["trials"]) <= 2
+    for trial in recovery["trials"]:
+        assert trial["passed"] == (trial["drop"] + 0.5 * trial["se"] <= 1.0)
+        assert trial["cost"] < recovery["without_training"]["cost"]        # beyond the plan without training
+    ft = report["finetune"]
+    assert recovery["checkpoint_samples"] == ft["val_samples"]
+    assert ft["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
+    if recovery["chosen"] is not None:
+        chosen = next(t for t in recovery["trials"] if t["passed"] and t["cost"] == plan["cost"])
+        assert chosen["epochs"] == len(ft["curve"]) - 1
+    else:
+        assert plan["cost"] == recovery["without_training"]["cost"]
+    assert "distilled plans" in result.output
+    if result.exit_code == 0:
+        model = onnx.load(str(out))
+        assert total_macs(model) == report["validation"]["macs_candidate"]
+        assert report["validation"]["macs_candidate"] == pytest.approx(plan["cost"] * report["validation"]["macs_reference"],
+                                                                       rel=1e-6)
+
+
+def test_training_options_without_finetune_are_refused(tmp_path):
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "--augment",
+                                       "--finetune-trials", "2", "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2
+    assert "--augment, --finetune-trials: training options, given without --finetune EPOCHS" in result.output
+    assert not list(tmp_path.iterdir())
