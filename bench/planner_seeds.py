@@ -54,6 +54,8 @@ def run(name: str, spec: dict, seed: int, flags: str = "") -> dict:
             "sites": len(plan["sites"]), "checked_drop": plan["check"]["drop"], "checked_se": plan["check"]["se"],
             "drift": plan["check"].get("drift"), "reference": reference, "candidate": candidate,
             "held_out_drop": reference - candidate, "held_out_se": validation.get("accuracy_drop_se"),
+            "untrained_macs": 100 * plan["recovery"]["without_training"]["cost"] if plan.get("recovery") else None,
+            "trials": len(plan["recovery"]["trials"]) if plan.get("recovery") else None,
             "calibration": plan["calibration_samples"],
             "checked": plan["checked_samples"], "evaluated": validation["samples"], "seconds": seconds}
 
@@ -70,17 +72,24 @@ def markdown(results: dict, argv: list[str], flags: str) -> str:
              "drop': the planner's cross-fitted check, which must stay within 1 point with half a "
              "standard error in reserve (`--margin`, default 0.5); 'held-out drop': the final model on the "
              "evaluation split (± its paired standard error); 'seconds': the whole command's wall time "
-             "on a shared machine (other jobs may run alongside)."), ""]
+             "on a shared machine (other jobs may run alongside)."
+             + (" With `--finetune`, 'checked drop' is the chosen distilled plan's drop on the checkpoint fold "
+                "(calibration-part samples that neither calibrate nor train), 'MACs without training' where the "
+                "planner's own search stopped, 'distilled plans' how many were trained."
+                if "--finetune" in flags else "")), ""]
     for name, rows in results.items():
         first = rows[0]
         lines += [(f"## {name} ({first['calibration']} calibration samples, {first['checked']} checked, "
                    f"{first['evaluated']} evaluated)"), ""]
+        trained = any(r.get("untrained_macs") is not None for r in rows)
         table = [[r["seed"], f"{r['macs']:.1f}%", f"{r['params']:.1f}%", r["sites"],
                   f"{r['checked_drop']:.2f} ± {r['checked_se']:.2f}", f"{r['reference']:.2f} -> {r['candidate']:.2f}",
                   f"{r['held_out_drop']:.2f}" + (f" ± {r['held_out_se']:.2f}" if r.get("held_out_se") is not None else ""),
-                  r["verdict"], f"{r['seconds']:.0f}"] for r in rows]
+                  r["verdict"], f"{r['seconds']:.0f}"]
+                 + ([f"{r['untrained_macs']:.1f}%", r["trials"]] if trained else []) for r in rows]
         lines += [markdown_table(["seed", "MACs", "params", "sites", "checked drop", "held-out top-1 %",
-                                  "held-out drop", "verdict", "seconds"], table), ""]
+                                  "held-out drop", "verdict", "seconds"]
+                                 + (["MACs without training", "distilled plans"] if trained else []), table), ""]
         macs = [r["macs"] for r in rows]
         checked = statistics.mean(r["checked_drop"] for r in rows)
         held = statistics.mean(r["held_out_drop"] for r in rows)

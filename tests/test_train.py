@@ -271,6 +271,7 @@ def test_compress_then_finetune_on_the_bundled_sample(tmp_path):
     # trains on the whole calibration half (--calib-size only caps the statistics), never on the evaluation half
     ev = report["evaluation"]
     assert report["finetune"]["train_samples"] + report["finetune"]["val_samples"] == ev["source_count"] - ev["count"]
+    assert report["finetune"]["val_samples"] == round(0.1 * (ev["source_count"] - ev["count"]))  # a budget: a tenth
     assert report["finetune"]["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
     assert after["agreement"] >= before["agreement"] - 0.02
     assert after["params_candidate"] == before["params_candidate"]

@@ -43,7 +43,7 @@ def search_with(planner, calib, passes_up_to: int, trials: int) -> tuple[Recover
         attempted.append(t)
         drop = 0.5 if t <= passes_up_to else 1.5
         check = Check(drop, 0.1, 0.99, 0.7, 0.7 - drop / 100, 0.0, 0.0)
-        return Trained(path, t, planner.cost_of(path.plan(t)) / planner.costs.total, path.predicted(t)[1],
+        return Trained(t, planner.cost_of(path.plan(t)) / planner.costs.total, path.predicted(t)[1],
                        check, check, None, {}, None, {"curve": [{}], "best_epoch": 0}, 0.0)
 
     search.attempt = attempt
@@ -82,8 +82,7 @@ def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "small.onnx"
     result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "--max-drop", "1",
-                                       "--finetune", "2", "--finetune-trials", "2", "--val-fraction", "0.3",
-                                       "--no-latency", "-o", str(out)])
+                                       "--finetune", "2", "--finetune-trials", "2", "--no-latency", "-o", str(out)])
     assert result.exit_code in (0, 3), result.output
     report = json.loads(out.with_name("small.report.json").read_text())
     plan, recovery = report["plan"], report["plan"]["recovery"]
@@ -91,8 +90,9 @@ def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
     for trial in recovery["trials"]:
         assert trial["passed"] == (trial["drop"] + 0.5 * trial["se"] <= 1.0)
         assert trial["cost"] < recovery["without_training"]["cost"]        # beyond the plan without training
-    ft = report["finetune"]
-    assert recovery["checkpoint_samples"] == ft["val_samples"]
+    ft, ev = report["finetune"], report["evaluation"]
+    # the fold that decides the plan: half of the calibration part by default, never evaluated on
+    assert recovery["checkpoint_samples"] == ft["val_samples"] == round(0.5 * (ev["source_count"] - ev["count"]))
     assert ft["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
     if recovery["chosen"] is not None:
         chosen = next(t for t in recovery["trials"] if t["passed"] and t["cost"] == plan["cost"])
