@@ -277,11 +277,11 @@ METRIC_HELP = ("How outputs are compared: classes (accuracy, agreement), embeddi
 #: 79.30 % untrained, original 80.84 %: in 5 epochs 1e-3 never beat the untrained student; in 10,
 #: 5e-4 reached 80.60 %, 2e-4 79.94 %)
 COMPRESS_LR = 5e-4
-#: compress --max-drop --finetune's checkpoint fold (of the calibration part) also decides which
-#: distilled plan is kept: half of it (ResNet-20: 2500 images read the chosen plan's drop to +- 0.55
-#: points and let the search reach 74.6 % of the MACs; 1000 read it to +- 0.6-0.8 and stopped at
-#: 83.1 %, for about the same training: 16 epochs of 2500 images, 10 of 4000). With a budget it
-#: only picks the epoch: 0.1
+#: compress --max-drop --finetune's checkpoint fold (of the calibration part) decides which
+#: distilled plan is kept (and then does not pick epochs: the last is kept): half of it (ResNet-20:
+#: 2500 images read the chosen plan's drop to +- 0.55 points and let the search reach 74.6 % of the
+#: MACs; 1000 read it to +- 0.6-0.8 and stopped at 83.1 %, for about the same training: 16 epochs
+#: of 2500 images, 10 of 4000). With a budget it only picks the epoch: 0.1
 SEARCH_FOLD = 0.5
 #: the options of ``training_options`` besides --epochs (their parameter names)
 TRAINING_FLAGS = ("lr", "temperature", "label_weight", "augment", "patience", "val_fraction", "max_minutes", "threads",
@@ -289,10 +289,11 @@ TRAINING_FLAGS = ("lr", "temperature", "label_weight", "augment", "patience", "v
 
 
 def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fraction: float | None = 0.1,
-                     patience: int | None = 5):
+                     patience: int | None = 5, checkpoint: str | None = "auto"):
     """Options of recovery training (finetune; compress --finetune, which gives the epochs itself,
     starts from a model near the original: a smaller ``lr``, no early stop, and decides its plan
-    on the checkpoint fold: a larger ``val_fraction``)."""
+    on the checkpoint fold: a larger ``val_fraction``, the last epoch kept; None: set by the
+    command)."""
     options = [
         click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Training epochs."),
     ] if epochs else []
@@ -318,9 +319,12 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
                           "outputs of every rewritten layer (same name and shape); 0 matches final outputs only."),
         click.option("--train-layers", type=click.Choice(["all", "rewritten"]), default="all", show_default=True,
                      help="Train every weight, or only those the compression created or changed."),
-        click.option("--checkpoint", type=click.Choice(["auto", "agreement", "loss"]), default="auto",
-                     show_default=True, help="Pick the epoch by held-out top-1 agreement (accuracy without a "
-                     "teacher) or by held-out output loss; auto: loss on a fold under 100 samples."),
+        click.option("--checkpoint", type=click.Choice(["auto", "agreement", "loss", "last"]), default=checkpoint,
+                     show_default=checkpoint is not None,
+                     help="Pick the epoch by held-out top-1 agreement (accuracy without a teacher) or by held-out "
+                          "output loss; auto: loss on a fold under 100 samples; last: the last epoch"
+                          + ("." if checkpoint is not None else
+                             " (default: last with --max-drop, where the fold decides the plan; else auto).")),
     ]
     for option in reversed(options):
         func = option(func)
@@ -420,7 +424,8 @@ def calibration_options(func):
 # no early stop: compress's students first move away from the original, and the cosine schedule's
 # last epochs are where they gain (ResNet-20, 2500 training images, 16 epochs planned at 5e-4 with
 # --patience 5: every candidate stopped after 5 epochs, keeping epoch 0's weights)
-@functools.partial(training_options, epochs=False, lr=COMPRESS_LR, val_fraction=None, patience=None)
+@functools.partial(training_options, epochs=False, lr=COMPRESS_LR, val_fraction=None, patience=None,
+                   checkpoint=None)
 @preprocess_options
 @common_options
 @user_errors
@@ -446,9 +451,11 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
         from onnxprune.train.distill import TrainConfig
 
         require_torch()
+        searching = (recipe.plan or {}).get("max_drop") is not None   # the fold decides the plan
         if kw["val_fraction"] is None:
-            kw["val_fraction"] = SEARCH_FOLD if (recipe.plan or {}).get("max_drop") is not None \
-                else TrainConfig.val_fraction
+            kw["val_fraction"] = SEARCH_FOLD if searching else TrainConfig.val_fraction
+        if kw["checkpoint"] is None:
+            kw["checkpoint"] = "last" if searching else TrainConfig.checkpoint
         finetune = train_config(kw, batch_size=TrainConfig.batch_size, seed=kw["seed"], progress=show_progress(quiet),
                                 epochs=kw["finetune_epochs"])
     else:

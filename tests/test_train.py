@@ -412,3 +412,8 @@ def test_checkpoint_rule_follows_the_fold_size():
     assert forced["checkpoint_by"] == "held-out agreement/accuracy"
     best = max(row["val_agreement"] for row in forced["curve"])
     assert forced["curve"][forced["best_epoch"]]["val_agreement"] == best
+    # last: the fold only reports (compress --max-drop --finetune decides its plan on it)
+    last_model, last = finetune(student, teacher, open_samples({"x": x[:200]}, student),
+                                config=TrainConfig(checkpoint="last", **config))
+    assert last["checkpoint_by"] == "last epoch" and last["best_epoch"] == 4 == len(last["curve"]) - 1
+    assert forced["best_epoch"] != 4 or forced["curve"][4]["val_agreement"] == best

@@ -9,7 +9,8 @@ cross-entropy on the first classifier output; without a teacher it is plain fine
 
 A seeded held-out fold of the training samples (``val_fraction``) picks the checkpoint (epoch 0,
 the untrained student, included: training never returns a student worse than it got on that fold)
-and stops early after ``patience`` epochs without improvement. The evaluation split is never seen.
+and stops early after ``patience`` epochs without improvement; with ``checkpoint="last"`` the last
+epoch is kept and the fold only reports. The evaluation split is never seen.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class TrainConfig:
     feature_weight: float = 0.0  # relative-MSE weight on the outputs of the rewritten layers (needs a teacher)
     train_layers: str = "all"  # "all" weights, or only the "rewritten" ones (those that differ from the teacher's)
     checkpoint: str = "auto"  # pick the epoch by "agreement" (or accuracy), by held-out output "loss", or "auto":
-    #                           loss when the fold has fewer than SMALL_FOLD samples, agreement otherwise
+    #                           loss when the fold has fewer than SMALL_FOLD samples, agreement otherwise; "last":
+    #                           keep the last epoch (the fold only reports: it stays an unbiased test)
 
     def __post_init__(self):
         for field, value, low in (("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
@@ -67,8 +69,8 @@ class TrainConfig:
             raise RecipeError("--feature-weight", f"must be >= 0, not {self.feature_weight!r}")
         if self.train_layers not in ("all", "rewritten"):
             raise RecipeError("--train-layers", f"must be 'all' or 'rewritten', not {self.train_layers!r}")
-        if self.checkpoint not in ("auto", "agreement", "loss"):
-            raise RecipeError("--checkpoint", f"must be 'auto', 'agreement' or 'loss', not {self.checkpoint!r}")
+        if self.checkpoint not in ("auto", "agreement", "loss", "last"):
+            raise RecipeError("--checkpoint", f"must be 'auto', 'agreement', 'loss' or 'last', not {self.checkpoint!r}")
         if not 0 < self.val_fraction < 1:
             raise RecipeError("--val-fraction", f"must be between 0 and 1, not {self.val_fraction!r}")
 
@@ -394,7 +396,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
                    "seconds": time.perf_counter() - started, **evaluate()}
             curve.append(row)
             log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-            if score(row) > best_score:
+            if config.checkpoint == "last" or score(row) > best_score:
                 best_score, best_epoch, stale = score(row), epoch, 0
                 best_state = copy.deepcopy(module.state_dict())
             else:
@@ -434,7 +436,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             "feature_targets": list(taps),
             "curve": curve,
             "best_epoch": best_epoch,
-            "checkpoint_by": "held-out output loss" if by_loss else "held-out agreement/accuracy",
+            "checkpoint_by": "last epoch" if config.checkpoint == "last" else
+                             "held-out output loss" if by_loss else "held-out agreement/accuracy",
             "stopped": stopped,
             "seconds": time.perf_counter() - started,
             "conversion_error": conversion_error,

@@ -94,6 +94,8 @@ def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
     # the fold that decides the plan: half of the calibration part by default, never evaluated on
     assert recovery["checkpoint_samples"] == ft["val_samples"] == round(0.5 * (ev["source_count"] - ev["count"]))
     assert ft["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
+    # the fold decides the plan, so it does not also pick the epoch: every distilled plan keeps its last
+    assert ft["checkpoint_by"] == "last epoch" and all(t["best_epoch"] == t["epochs"] for t in recovery["trials"])
     if recovery["chosen"] is not None:
         chosen = next(t for t in recovery["trials"] if t["passed"] and t["cost"] == plan["cost"])
         assert chosen["epochs"] == len(ft["curve"]) - 1
