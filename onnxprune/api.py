@@ -43,6 +43,7 @@ from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
+from onnxprune.plan.recovery import TRIALS
 from onnxprune.structures.heads import head_layout_skips
 from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
@@ -86,7 +87,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
              min_agreement: float | None = None, measure_latency: bool = True,
-             finetune=None, recovery_trials: int = 3) -> CompressResult:
+             finetune=None, recovery_trials: int = TRIALS) -> CompressResult:
     """Calibrate on the target data, plan (``recipe.plan``: the planner chooses the passes) or
     run the recipe, validate on held-out data, write the output.
 

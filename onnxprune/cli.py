@@ -279,9 +279,9 @@ METRIC_HELP = ("How outputs are compared: classes (accuracy, agreement), embeddi
 COMPRESS_LR = 5e-4
 #: compress --max-drop --finetune's checkpoint fold (of the calibration part) decides which
 #: distilled plan is kept (and then does not pick epochs: the last is kept): half of it (ResNet-20:
-#: 2500 images read the chosen plan's drop to +- 0.55 points and let the search reach 74.6 % of the
-#: MACs; 1000 read it to +- 0.6-0.8 and stopped at 83.1 %, for about the same training: 16 epochs
-#: of 2500 images, 10 of 4000). With a budget it only picks the epoch: 0.1
+#: 2500 images read a candidate's drop to +- 0.5-0.65 points and let the search go below 80 % of
+#: the MACs, 77.5 % at split seed 0; 1000 read it to +- 0.6-0.8 and stopped at 83.1 %, for about the
+#: same training: 16 epochs of 2500 images, 10 of 4000). With a budget it only picks the epoch: 0.1
 SEARCH_FOLD = 0.5
 #: the options of ``training_options`` besides --epochs (their parameter names)
 TRAINING_FLAGS = ("lr", "temperature", "label_weight", "augment", "patience", "val_fraction", "max_minutes", "threads",
