@@ -52,12 +52,13 @@ class Trained:
     model: onnx.ModelProto         # distilled
     training: dict                 # the distillation's report
     seconds: float
+    passed: bool = False           # within the goal on the fold
 
-    def record(self, passed: bool) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         return {"step": self.step, "cost": self.cost, "predicted_damage": self.predicted_damage,
                 "drop_before": self.before.drop, "se_before": self.before.se,
                 "drop": self.after.drop, "se": self.after.se, "agreement": self.after.agreement,
-                "passed": passed, "epochs": len(self.training["curve"]) - 1,
+                "passed": self.passed, "epochs": len(self.training["curve"]) - 1,
                 "best_epoch": self.training["best_epoch"], "seconds": round(self.seconds, 1)}
 
 
@@ -81,7 +82,7 @@ class RecoverySearch:
         self.labels = None if self.fold.labels is None else np.asarray(self.fold.labels)
         self.reference = model_outputs(planner.original, self.fold, batch_size=planner.batch_size,
                                        device=planner.device)
-        self.tried: list[tuple[Trained, bool]] = []
+        self.tried: list[Trained] = []
 
     def score(self, model: onnx.ModelProto) -> Check:
         candidate = model_outputs(model, self.fold, batch_size=self.planner.batch_size, device=self.planner.device)
@@ -114,33 +115,32 @@ class RecoverySearch:
         planner = self.planner
         planner.sensitivity()
         path = _starting_with(found["plan"], planner.path())
-        lo = len(found["plan"])
-        passed, failed, best = lo, None, None
+        passed_step, failed_step, best = len(found["plan"]), None, None
         for _ in range(self.trials):
-            saved = path.predicted(passed)[0]
-            if failed is None:          # gallop: the square of the fraction the last plan that passed keeps
+            saved = path.predicted(passed_step)[0]
+            if failed_step is None:     # gallop: the square of the fraction the last plan that passed keeps
                 kept = 1 - saved / planner.costs.total
-                target = planner.costs.total * (1 - kept ** 2) if saved > 0 else path.predicted(passed + 1)[0]
+                target = planner.costs.total * (1 - kept ** 2) if saved > 0 else path.predicted(passed_step + 1)[0]
             else:                       # bisect: half way (in saving) to the first that failed
-                target = (saved + path.predicted(failed)[0]) / 2
-            end = len(path) - 1 if failed is None else failed - 1
-            if passed >= end:
+                target = (saved + path.predicted(failed_step)[0]) / 2
+            end = len(path) - 1 if failed_step is None else failed_step - 1
+            if passed_step >= end:
                 break
-            t = min(max(_step_saving(path, target), passed + 1), end)
+            t = min(max(_step_saving(path, target), passed_step + 1), end)
             trained = self.attempt(path, t)
-            good = self.ok(trained.after, max_drop)
-            self.tried.append((trained, good))
-            if good:
-                passed, best = t, trained
+            trained.passed = self.ok(trained.after, max_drop)
+            self.tried.append(trained)
+            if trained.passed:
+                passed_step, best = t, trained
             else:
-                failed = t
+                failed_step = t
         planner._timed("recovery", started)
         result = found
         if best is not None:
             drift = any(p[0] == "correct-drift" for p in planner.passes_for(path.plan(best.step)))
             result = planner._result(path, best.step, dataclasses.replace(best.after, drift=drift), found["goal"])
         result["recovery"] = {
-            "trials": [trained.record(good) for trained, good in self.tried],
+            "trials": [trained.record() for trained in self.tried],
             "checkpoint_samples": len(self.fold),
             "chosen": None if best is None else best.step,
             "without_training": {"step": found["step"], "cost": found["cost"], "check": found["check"]},
