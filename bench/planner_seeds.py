@@ -56,6 +56,8 @@ def run(name: str, spec: dict, seed: int, flags: str = "") -> dict:
             "held_out_drop": reference - candidate, "held_out_se": validation.get("accuracy_drop_se"),
             "untrained_macs": 100 * plan["recovery"]["without_training"]["cost"] if plan.get("recovery") else None,
             "trials": len(plan["recovery"]["trials"]) if plan.get("recovery") else None,
+            "recovery": ({k: plan["recovery"][k] for k in ("trials", "margin", "chosen", "checkpoint_samples")
+                          if k in plan["recovery"]} if plan.get("recovery") else None),
             "calibration": plan["calibration_samples"],
             "checked": plan["checked_samples"], "evaluated": validation["samples"], "seconds": seconds}
 

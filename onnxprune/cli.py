@@ -421,6 +421,9 @@ def calibration_options(func):
                    "The training options below apply.")
 @click.option("--finetune-trials", type=click.IntRange(min=1), default=3, show_default=True,
               help="With --finetune and --max-drop: plans distilled at most (each a whole training).")
+@click.option("--finetune-margin", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --finetune and --max-drop: standard errors of a distilled plan's checkpoint-fold drop kept "
+                   "in reserve (the search keeps the most compressed plan that passed, the likeliest lucky read).")
 # no early stop: compress's students first move away from the original, and the cosine schedule's
 # last epochs are where they gain (ResNet-20, 2500 training images, 16 epochs planned at 5e-4 with
 # --patience 5: every candidate stopped after 5 epochs, keeping epoch 0's weights)
@@ -459,7 +462,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
         finetune = train_config(kw, batch_size=TrainConfig.batch_size, seed=kw["seed"], progress=show_progress(quiet),
                                 epochs=kw["finetune_epochs"])
     else:
-        given = [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS + ("finetune_trials",)
+        given = [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS + ("finetune_trials", "finetune_margin")
                  if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{', '.join(given)}: training options, given without --finetune EPOCHS")
@@ -468,7 +471,8 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
                               eval_data=kw["eval_data"], stats=kw["stats"], device=device,
                               progress=show_progress(quiet), max_drop=kw["max_drop"],
                               min_agreement=kw["min_agreement"], measure_latency=not kw["no_latency"],
-                              finetune=finetune, recovery_trials=kw["finetune_trials"])
+                              finetune=finetune, recovery_trials=kw["finetune_trials"],
+                              recovery_margin=kw["finetune_margin"])
     except ValidationFailed as exc:
         report = getattr(exc, "report", None)
         if report is not None:
