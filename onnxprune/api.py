@@ -43,7 +43,7 @@ from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
-from onnxprune.plan.recovery import MARGIN, TRIALS
+from onnxprune.plan.recovery import TRIALS
 from onnxprune.structures.heads import head_layout_skips
 from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
@@ -87,7 +87,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
              min_agreement: float | None = None, measure_latency: bool = True,
-             finetune=None, recovery_trials: int = TRIALS, recovery_margin: float = MARGIN) -> CompressResult:
+             finetune=None, recovery_trials: int = TRIALS, recovery_margin: float | None = None) -> CompressResult:
     """Calibrate on the target data, plan (``recipe.plan``: the planner chooses the passes) or
     run the recipe, validate on held-out data, write the output.
 
@@ -103,8 +103,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     original into the compressed model on the calibration part of the target data before validating.
     With a planner's ``max_drop`` goal as well, the plan is the most compressed whose *distilled*
     model is within the drop on the checkpoint fold (``plan.recovery``: at most ``recovery_trials``
-    distilled candidates, each passing when its fold drop + ``recovery_margin`` standard errors is
-    within ``max_drop``).
+    distilled candidates, each passing when its fold drop + ``recovery_margin`` standard errors,
+    by default the planner's margin, is within ``max_drop``).
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     if output is not None:
@@ -502,7 +502,7 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
 
 
 def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProto, train: SampleSet, fold: SampleSet,
-                    config, trials: int, margin: float):
+                    config, trials: int, margin: float | None):
     """The ``RecoverySearch`` of ``compress --max-drop --finetune``: candidates compressed on every
     calibration statistic of ``planner`` by ``recipe`` (its passes replaced), distilled from
     ``teacher`` on ``train`` (checkpoint and search scored on ``fold``)."""

@@ -421,9 +421,9 @@ def calibration_options(func):
                    "The training options below apply.")
 @click.option("--finetune-trials", type=click.IntRange(min=1), default=3, show_default=True,
               help="With --finetune and --max-drop: plans distilled at most (each a whole training).")
-@click.option("--finetune-margin", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--finetune-margin", type=click.FloatRange(min=0),
               help="With --finetune and --max-drop: standard errors of a distilled plan's checkpoint-fold drop kept "
-                   "in reserve (the search keeps the most compressed plan that passed, the likeliest lucky read).")
+                   "in reserve (default: --margin's).")
 # no early stop: compress's students first move away from the original, and the cosine schedule's
 # last epochs are where they gain (ResNet-20, 2500 training images, 16 epochs planned at 5e-4 with
 # --patience 5: every candidate stopped after 5 epochs, keeping epoch 0's weights)

@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 
 #: trained candidates at most (each is a whole distillation)
 TRIALS = 3
-#: standard errors of a distilled candidate's fold drop kept in reserve: more than the planner's
-#: 0.5, since the search keeps the most compressed candidate that passed, the likeliest lucky read
-#: (ResNet-20, split seeds 0-3 at 0.5: fold drops read 0.39 on average against 0.82 held out, and
-#: seed 1's 0.64 +- 0.65 lost 2.44 held out)
-MARGIN = 1.0
 
 
 @dataclasses.dataclass
@@ -75,7 +70,7 @@ class RecoverySearch:
     report)``; ``fold`` is the checkpoint fold the candidates are scored on."""
 
     def __init__(self, planner: Planner, *, build: Callable, train: Callable, fold, trials: int = TRIALS,
-                 margin: float = MARGIN):
+                 margin: float | None = None):
         if trials < 1:
             raise ValueError(f"trials must be >= 1, not {trials}")
         self.planner = planner
@@ -83,7 +78,7 @@ class RecoverySearch:
         self.train = train
         self.fold = fold.in_memory()
         self.trials = trials
-        self.margin = float(margin)
+        self.margin = planner.options.margin if margin is None else float(margin)
         self.labels = None if self.fold.labels is None else np.asarray(self.fold.labels)
         self.reference = model_outputs(planner.original, self.fold, batch_size=planner.batch_size,
                                        device=planner.device)

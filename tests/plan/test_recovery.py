@@ -82,9 +82,9 @@ def test_a_candidate_passes_with_its_margin_of_standard_errors_in_reserve(planne
     planner, calib = planner
     fold = calib.subset(np.arange(300, 340))
     check = Check(0.5, 0.6, 0.95, 0.7, 0.695, 0.0, 0.0)       # 0.5 + 0.5 * 0.6 = 0.8, 0.5 + 1.0 * 0.6 = 1.1
-    assert RecoverySearch(planner, build=None, train=None, fold=fold, margin=0.5).ok(check, 1.0)
-    assert not RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.0)   # default: one SE
-    assert RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.1)
+    assert RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.0)   # the planner's 0.5
+    assert not RecoverySearch(planner, build=None, train=None, fold=fold, margin=1.0).ok(check, 1.0)
+    assert RecoverySearch(planner, build=None, train=None, fold=fold, margin=1.0).ok(check, 1.1)
 
 
 def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
@@ -95,9 +95,9 @@ def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
     assert result.exit_code in (0, 3), result.output
     report = json.loads(out.with_name("small.report.json").read_text())
     plan, recovery = report["plan"], report["plan"]["recovery"]
-    assert 1 <= len(recovery["trials"]) <= 2 and recovery["margin"] == 1.0
+    assert 1 <= len(recovery["trials"]) <= 2 and recovery["margin"] == 0.5     # the planner's margin
     for trial in recovery["trials"]:
-        assert trial["passed"] == (trial["drop"] + 1.0 * trial["se"] <= 1.0)
+        assert trial["passed"] == (trial["drop"] + 0.5 * trial["se"] <= 1.0)
         assert trial["cost"] < recovery["without_training"]["cost"]        # beyond the plan without training
     ft, ev = report["finetune"], report["evaluation"]
     # the fold that decides the plan: half of the calibration part by default, never evaluated on
