@@ -629,9 +629,9 @@ def findings(raw: dict, runs: list[dict]) -> list[str]:
                "option), which turned MobileNetV2's expansion pruning from 0.53x to 1.28x at batch 1 "
                "(pruning.md, g). The dalr-bc rows here keep low-rank-split's default `multiple` 1 (ranks as "
                "chosen), and every low-rank split adds a node (for a Conv, a 1x1 convolution over the full feature "
-               "map), so low rank realises the least of its MAC ratio; ranks rounded to multiples of 16 realise "
-               "0.80-0.83 on MobileNetV2 and ResNet-20 at batch 1 and 32, at a smaller MAC ratio "
-               "(lowrank_blocks.md).")
+               "map), so low rank realises the least of its MAC ratio; ranks rounded to onnxruntime's channel "
+               "blocks (`multiple` 8 or 16) realise more of a smaller MAC ratio (lowrank_blocks.md measures "
+               "both on this machine).")
     worst = max(runs, key=lambda r: r["peak_rss"])
     per = worst["throughput"].get("exposed_bytes_per_sample")
     out.append(f"- **Peak memory**: at most {mib(worst['peak_rss'])} MiB ({worst['task']} {worst['method']}), "
