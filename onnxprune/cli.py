@@ -537,7 +537,7 @@ def plan_lines(report: dict) -> list[str]:
     if not plan:
         return []
     goal = plan["goal"]
-    wanted = (f"within {goal['max_drop']:g} points" if "max_drop" in goal
+    wanted = (f"within {goal['max_drop']:g} point{'' if goal['max_drop'] == 1 else 's'}" if "max_drop" in goal
               else f"at {100 * goal['budget']:g}% of the {plan['objective']}")
     check = plan["check"]
     metric = "accuracy" if check.get("accuracy_reference") is not None else "agreement"
