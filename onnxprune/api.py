@@ -45,7 +45,7 @@ from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import TRIALS
 from onnxprune.structures.heads import head_layout_skips
-from onnxprune.validate import ValidationReport, check_threshold_values, check_thresholds
+from onnxprune.validate import REMEDY, ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     report["warnings"] = warnings
     report["recipe"] = recipe.to_dict()
     try:
-        check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement)
+        check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement, remedy=plan_remedy(planning))
     except ValidationFailed as exc:
         raise fail(report, output, exc) from None
     report["verdict"] = "passed" if max_drop is not None or min_agreement is not None else "unchecked"
@@ -331,6 +331,20 @@ def plan_warnings(planning: dict | None) -> list[str]:
     return [(f"the plan's check measured its drop to +- {se:.2f} points on {samples} samples, too coarse for "
              f"--max-drop {goal:g}: on other samples the result may well miss it (give more target samples "
              "for a sharper check and evaluation)")]
+
+
+def plan_remedy(planning: dict | None) -> str:
+    """The first hint of a missed threshold: for a plan of the planner, the option that makes it
+    less compressed (its search kept the most compressed plan its check passed)."""
+    if not planning or planning.get("goal", {}).get("max_drop") is None:
+        return REMEDY
+    recovery = planning.get("recovery")
+    if recovery:
+        return (f"a larger --finetune-margin (now {recovery['margin']:g}: standard errors of a distilled plan's drop "
+                "kept in reserve) or a smaller --max-drop keeps a less compressed plan; more target samples "
+                "sharpen the checkpoint fold")
+    return (f"a larger --margin (now {planning['margin']:g}: standard errors of the plan check's drop kept in "
+            "reserve) or a smaller --max-drop keeps a less compressed plan; more target samples sharpen the check")
 
 
 def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output: str | os.PathLike | None = None,

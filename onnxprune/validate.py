@@ -314,14 +314,19 @@ def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classe
     return warnings
 
 
+#: what to do about a missed threshold, unless the caller knows better (``check_thresholds(remedy=)``)
+REMEDY = "compress less aggressively or calibrate on more target samples"
+
+
 def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
-                     min_agreement: float | None = None) -> None:
+                     min_agreement: float | None = None, remedy: str = REMEDY) -> None:
     """Raise ValidationFailed (exit code 3) when ``report`` misses a threshold.
 
     ``max_drop`` is in percentage points: of top-1 accuracy when the report has labels,
     otherwise of agreement (``100 - agreement%``). ``min_agreement`` is a fraction in
     [0, 1] like ``report.agreement`` (0.99 means 99 %). A threshold exactly met passes;
-    NaN metrics fail. Raises RecipeError for a threshold out of range.
+    NaN metrics fail. Raises RecipeError for a threshold out of range. ``remedy`` is the
+    error's first hint.
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     failures = []
@@ -350,7 +355,7 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
     if failures:
         thing = " and ".join(dict.fromkeys(metric for metric, _ in failures))
         raise ValidationFailed(thing, "; ".join(problem for _, problem in failures),
-                               "; ".join(["compress less aggressively or calibrate on more target samples", *hints]))
+                               "; ".join([remedy, *hints]))
 
 
 def check_threshold_values(*, max_drop: float | None = None, min_agreement: float | None = None) -> None:

@@ -989,7 +989,8 @@ class Planner:
                           "of": site.size if o.family == "prune" else _full_rank(site),
                           "saving": o.saving / self.costs.total, "predicted_damage": o.damage})
         return {
-            "goal": goal, "objective": self.options.objective, "families": list(self.options.families),
+            "goal": goal, "margin": self.options.margin, "objective": self.options.objective,
+            "families": list(self.options.families),
             "step": t, "steps": len(path) - 1, "plan": plan,
             "passes": [p for p in self.passes_for(plan) if p[0] != "correct-drift" or check.drift],
             "sites": sites,

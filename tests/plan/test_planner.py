@@ -11,9 +11,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from onnxprune.api import as_model, as_samples, cap, spare
+import onnxprune
+from onnxprune.api import as_model, as_samples, cap, plan_remedy, spare
 from onnxprune.cli import main
 from onnxprune.cost import total_macs
+from onnxprune.errors import ValidationFailed
 from onnxprune.model import count_parameters
 from onnxprune.passes import REGISTRY
 from onnxprune.pipeline import Recipe, run_pipeline
@@ -29,6 +31,7 @@ from onnxprune.plan.planner import (
     measure,
 )
 from onnxprune.runtime import make_session
+from onnxprune.validate import REMEDY
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
@@ -200,6 +203,19 @@ def test_cli_failed_budget_writes_the_failed_report_and_no_model(tmp_path):
     assert not out.exists()
     report = json.loads(out.with_name("tiny.report.json").read_text())
     assert report["verdict"] == "failed" and report["plan"]["sites"]
+
+
+def test_a_missed_drop_after_planning_names_the_options_that_plan_less(tmp_path):
+    # the plan is searched for 1 point; the held-out check asks for no drop at all, and misses
+    recipe = Recipe(passes=(), plan={"max_drop": 1.0, "margin": 0.7}, calib_size=300)
+    with pytest.raises(ValidationFailed) as failed:
+        onnxprune.compress(MODEL, DATA, recipe=recipe, max_drop=0.0, output=tmp_path / "o.onnx", progress=False,
+                           measure_latency=False)
+    assert failed.value.hint.startswith("a larger --margin (now 0.7: standard errors of the plan check's drop")
+    assert not (tmp_path / "o.onnx").exists()
+    recovery = {"goal": {"max_drop": 1.0}, "margin": 0.5, "recovery": {"margin": 2.0}}
+    assert plan_remedy(recovery).startswith("a larger --finetune-margin (now 2: ")
+    assert plan_remedy(None) == plan_remedy({"goal": {"budget": 0.5}}) == REMEDY
 
 
 def test_cli_sensitivity_and_sweep_write_their_files(tmp_path):
