@@ -43,7 +43,7 @@ from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
-from onnxprune.plan.recovery import TRIALS
+from onnxprune.plan.recovery import RecoveryOptions
 from onnxprune.structures.heads import head_layout_skips
 from onnxprune.validate import REMEDY, ValidationReport, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
@@ -87,7 +87,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
              min_agreement: float | None = None, measure_latency: bool = True,
-             finetune=None, recovery_trials: int = TRIALS, recovery_margin: float | None = None) -> CompressResult:
+             finetune=None, recovery: RecoveryOptions = RecoveryOptions()) -> CompressResult:
     """Calibrate on the target data, plan (``recipe.plan``: the planner chooses the passes) or
     run the recipe, validate on held-out data, write the output.
 
@@ -102,9 +102,9 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     ``finetune`` (an ``onnxprune.train.distill.TrainConfig``, needs the [train] extra) distils the
     original into the compressed model on the calibration part of the target data before validating.
     With a planner's ``max_drop`` goal as well, the plan is the most compressed whose *distilled*
-    model is within the drop on the checkpoint fold (``plan.recovery``: at most ``recovery_trials``
-    distilled candidates, each passing when its fold drop + ``recovery_margin`` standard errors,
-    by default the planner's margin, is within ``max_drop``).
+    model is within the drop on the checkpoint fold (``plan.recovery``; ``recovery``: how many
+    distilled candidates at most, the margin each must pass with, and whether the chosen plan is
+    then distilled again on the training samples and the fold together).
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     if output is not None:
@@ -126,13 +126,13 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         goal = recipe.plan
         if goal.get("max_drop") is not None:
             max_drop = goal["max_drop"] if max_drop is None else min(max_drop, goal["max_drop"])
-        recovery = None
+        search = None
         if finetune is not None and goal.get("max_drop") is not None:
-            recovery = functools.partial(recovery_search, teacher=original, train=train_set, fold=val_fold,
-                                         config=finetune, trials=recovery_trials, margin=recovery_margin)
+            search = functools.partial(recovery_search, teacher=original, train=train_set, fold=val_fold,
+                                       config=finetune, trials=recovery.trials, margin=recovery.margin)
         try:
             original, recipe, provider, planning, trained = plan_recipe(
-                original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=recovery)
+                original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=search)
         except ValidationFailed as exc:
             exc.report["evaluation"] = held_out.describe()
             raise fail(exc.report, output, exc) from None
@@ -156,9 +156,13 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     if finetune is not None:
         from onnxprune.train.api import recover
 
+        # the fold has decided the plan: with refit it trains the final model as well
+        refit = recovery.refit and (planning or {}).get("recovery") is not None
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
-            original, compressed, train_set, held_out, config=finetune, batch_size=recipe.batch_size, device=device,
-            val=val_fold, trained=None if trained is None else (trained.model, trained.training))
+            original, compressed, train_set.join(val_fold) if refit else train_set, held_out, config=finetune,
+            batch_size=recipe.batch_size, device=device, val=val_fold,
+            trained=None if trained is None or refit else (trained.model, trained.training))
+        report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,

@@ -424,6 +424,9 @@ def calibration_options(func):
 @click.option("--finetune-margin", type=click.FloatRange(min=0),
               help="With --finetune and --max-drop: standard errors of a distilled plan's checkpoint-fold drop kept "
                    "in reserve (default: --margin's).")
+@click.option("--finetune-refit/--no-finetune-refit", default=True, show_default=True,
+              help="With --finetune and --max-drop: distil the chosen plan again on the training samples and the "
+                   "checkpoint fold together (one more training; the fold has decided), or keep its search weights.")
 # no early stop: compress's students first move away from the original, and the cosine schedule's
 # last epochs are where they gain (ResNet-20, 2500 training images, 16 epochs planned at 5e-4 with
 # --patience 5: every candidate stopped after 5 epochs, keeping epoch 0's weights)
@@ -462,7 +465,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
         finetune = train_config(kw, batch_size=TrainConfig.batch_size, seed=kw["seed"], progress=show_progress(quiet),
                                 epochs=kw["finetune_epochs"])
     else:
-        given = [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS + ("finetune_trials", "finetune_margin")
+        given = [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS + ("finetune_trials", "finetune_margin", "finetune_refit")
                  if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{', '.join(given)}: training options, given without --finetune EPOCHS")
@@ -471,8 +474,8 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
                               eval_data=kw["eval_data"], stats=kw["stats"], device=device,
                               progress=show_progress(quiet), max_drop=kw["max_drop"],
                               min_agreement=kw["min_agreement"], measure_latency=not kw["no_latency"],
-                              finetune=finetune, recovery_trials=kw["finetune_trials"],
-                              recovery_margin=kw["finetune_margin"])
+                              finetune=finetune, recovery=api.RecoveryOptions(kw["finetune_trials"], kw["finetune_margin"],
+                                                                          kw["finetune_refit"]))
     except ValidationFailed as exc:
         report = getattr(exc, "report", None)
         if report is not None:
@@ -559,6 +562,10 @@ def plan_lines(report: dict) -> list[str]:
                   + ("within the goal" if t["passed"] else "missed") for t in recovery["trials"]]
         if recovery["chosen"] is None:
             lines.append("  none met the goal: the plan without training is distilled")
+        finetune = report.get("finetune") or {}
+        if finetune.get("refit"):
+            lines.append(f"  the output: that plan distilled again on {finetune['train_samples']} samples, the training "
+                         "ones and the checkpoint fold (--no-finetune-refit: keep the search's weights)")
         lines.append(f"planning took {sum(seconds.values()):.0f} s, {seconds.get('recovery', 0):.0f} s of it the "
                      "distilled plans")
     else:

@@ -87,11 +87,13 @@ def test_a_candidate_passes_with_its_margin_of_standard_errors_in_reserve(planne
     assert RecoverySearch(planner, build=None, train=None, fold=fold, margin=1.0).ok(check, 1.1)
 
 
-def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
+@pytest.mark.parametrize("refit", [True, False])
+def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path, refit):
     pytest.importorskip("torch")
     out = tmp_path / "small.onnx"
     result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "--max-drop", "1",
-                                       "--finetune", "2", "--finetune-trials", "2", "--no-latency", "-o", str(out)])
+                                       "--finetune", "2", "--finetune-trials", "2", "--no-latency", "-o", str(out)]
+                                + ([] if refit else ["--no-finetune-refit"]))
     assert result.exit_code in (0, 3), result.output
     report = json.loads(out.with_name("small.report.json").read_text())
     plan, recovery = report["plan"], report["plan"]["recovery"]
@@ -103,6 +105,10 @@ def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path):
     # the fold that decides the plan: half of the calibration part by default, never evaluated on
     assert recovery["checkpoint_samples"] == ft["val_samples"] == round(0.5 * (ev["source_count"] - ev["count"]))
     assert ft["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
+    # the fold has decided: with refit the output is distilled on the training samples and the fold
+    part = ev["source_count"] - ev["count"]
+    assert ft["refit"] is refit and ft["train_samples"] == (part if refit else part - recovery["checkpoint_samples"])
+    assert ("distilled again on" in result.output) is refit
     # the fold decides the plan, so it does not also pick the epoch: every distilled plan keeps its last
     assert ft["checkpoint_by"] == "last epoch" and all(t["best_epoch"] == t["epochs"] for t in recovery["trials"])
     if recovery["chosen"] is not None:
