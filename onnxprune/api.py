@@ -129,7 +129,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         search = None
         if finetune is not None and goal.get("max_drop") is not None:
             search = functools.partial(recovery_search, teacher=original, train=train_set, fold=val_fold,
-                                       config=finetune, trials=recovery.trials, margin=recovery.margin)
+                                       config=finetune, options=recovery)
         try:
             original, recipe, provider, planning, trained = plan_recipe(
                 original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=search)
@@ -520,7 +520,7 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
 
 
 def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProto, train: SampleSet, fold: SampleSet,
-                    config, trials: int, margin: float | None):
+                    config, options: RecoveryOptions):
     """The ``RecoverySearch`` of ``compress --max-drop --finetune``: candidates compressed on every
     calibration statistic of ``planner`` by ``recipe`` (its passes replaced), distilled from
     ``teacher`` on ``train`` (checkpoint and search scored on ``fold``)."""
@@ -534,7 +534,7 @@ def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProt
     def distil(model):
         return finetune(model, teacher, train, config=config, val_samples=fold)
 
-    return RecoverySearch(planner, build=build, train=distil, fold=fold, trials=trials, margin=margin)
+    return RecoverySearch(planner, build=build, train=distil, fold=fold, options=options)
 
 
 def _goal_text(goal: dict) -> str:

@@ -465,7 +465,8 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
         finetune = train_config(kw, batch_size=TrainConfig.batch_size, seed=kw["seed"], progress=show_progress(quiet),
                                 epochs=kw["finetune_epochs"])
     else:
-        given = [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS + ("finetune_trials", "finetune_margin", "finetune_refit")
+        search_flags = ("finetune_trials", "finetune_margin", "finetune_refit")
+        given = [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS + search_flags
                  if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{', '.join(given)}: training options, given without --finetune EPOCHS")

@@ -88,16 +88,14 @@ class RecoverySearch:
     passes on every calibration statistic; ``train(model)`` returns ``(distilled model, training
     report)``; ``fold`` is the checkpoint fold the candidates are scored on."""
 
-    def __init__(self, planner: Planner, *, build: Callable, train: Callable, fold, trials: int = TRIALS,
-                 margin: float | None = None):
-        if trials < 1:
-            raise ValueError(f"trials must be >= 1, not {trials}")
+    def __init__(self, planner: Planner, *, build: Callable, train: Callable, fold,
+                 options: RecoveryOptions = RecoveryOptions()):
         self.planner = planner
         self.build = build
         self.train = train
         self.fold = fold.in_memory()
-        self.trials = trials
-        self.margin = planner.options.margin if margin is None else float(margin)
+        self.trials = int(options.trials)
+        self.margin = planner.options.margin if options.margin is None else float(options.margin)
         self.labels = None if self.fold.labels is None else np.asarray(self.fold.labels)
         self.reference = model_outputs(planner.original, self.fold, batch_size=planner.batch_size,
                                        device=planner.device)

@@ -15,7 +15,7 @@ from onnxprune.api import as_model, as_samples
 from onnxprune.cli import main
 from onnxprune.cost import total_macs
 from onnxprune.plan.planner import Check, Planner, PlanOptions
-from onnxprune.plan.recovery import RecoverySearch, Trained
+from onnxprune.plan.recovery import RecoveryOptions, RecoverySearch, Trained
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
@@ -36,7 +36,8 @@ def identity_found() -> dict:
 
 def search_with(planner, calib, passes_up_to: int, trials: int) -> tuple[RecoverySearch, list[int]]:
     """A search whose distilled candidates meet the goal exactly up to step ``passes_up_to``."""
-    search = RecoverySearch(planner, build=None, train=None, fold=calib.subset(np.arange(300, 340)), trials=trials)
+    search = RecoverySearch(planner, build=None, train=None, fold=calib.subset(np.arange(300, 340)),
+                            options=RecoveryOptions(trials=trials))
     attempted = []
 
     def attempt(path, t):
@@ -82,9 +83,12 @@ def test_a_candidate_passes_with_its_margin_of_standard_errors_in_reserve(planne
     planner, calib = planner
     fold = calib.subset(np.arange(300, 340))
     check = Check(0.5, 0.6, 0.95, 0.7, 0.695, 0.0, 0.0)       # 0.5 + 0.5 * 0.6 = 0.8, 0.5 + 1.0 * 0.6 = 1.1
+    one = RecoveryOptions(margin=1.0)
     assert RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.0)   # the planner's 0.5
-    assert not RecoverySearch(planner, build=None, train=None, fold=fold, margin=1.0).ok(check, 1.0)
-    assert RecoverySearch(planner, build=None, train=None, fold=fold, margin=1.0).ok(check, 1.1)
+    assert not RecoverySearch(planner, build=None, train=None, fold=fold, options=one).ok(check, 1.0)
+    assert RecoverySearch(planner, build=None, train=None, fold=fold, options=one).ok(check, 1.1)
+    with pytest.raises(ValueError):
+        RecoveryOptions(trials=0)
 
 
 @pytest.mark.parametrize("refit", [True, False])
