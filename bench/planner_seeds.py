@@ -55,7 +55,6 @@ def run(name: str, spec: dict, seed: int, flags: str = "") -> dict:
             "drift": plan["check"].get("drift"), "reference": reference, "candidate": candidate,
             "held_out_drop": reference - candidate, "held_out_se": validation.get("accuracy_drop_se"),
             "untrained_macs": 100 * plan["recovery"]["without_training"]["cost"] if plan.get("recovery") else None,
-            "trials": len(plan["recovery"]["trials"]) if plan.get("recovery") else None,
             "recovery": ({k: plan["recovery"][k] for k in ("trials", "margin", "chosen", "checkpoint_samples")
                           if k in plan["recovery"]} if plan.get("recovery") else None),
             "calibration": plan["calibration_samples"],
@@ -88,7 +87,7 @@ def markdown(results: dict, argv: list[str], flags: str) -> str:
                   f"{r['checked_drop']:.2f} ± {r['checked_se']:.2f}", f"{r['reference']:.2f} -> {r['candidate']:.2f}",
                   f"{r['held_out_drop']:.2f}" + (f" ± {r['held_out_se']:.2f}" if r.get("held_out_se") is not None else ""),
                   r["verdict"], f"{r['seconds']:.0f}"]
-                 + ([f"{r['untrained_macs']:.1f}%", r["trials"]] if trained else []) for r in rows]
+                 + ([f"{r['untrained_macs']:.1f}%", len(r["recovery"]["trials"])] if trained else []) for r in rows]
         lines += [markdown_table(["seed", "MACs", "params", "sites", "checked drop", "held-out top-1 %",
                                   "held-out drop", "verdict", "seconds"]
                                  + (["MACs without training", "distilled plans"] if trained else []), table), ""]

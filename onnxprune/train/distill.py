@@ -398,7 +398,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             if config.checkpoint == "last" or score(row) > best_score:
                 best_score, best_epoch, stale = score(row), epoch, 0
-                best_state = copy.deepcopy(module.state_dict())
+                # "last": the module is the checkpoint, no copy
+                best_state = None if config.checkpoint == "last" else copy.deepcopy(module.state_dict())
             else:
                 stale += 1
             if config.patience is not None and stale >= config.patience:
@@ -407,7 +408,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
                 stopped = f"time limit {config.max_seconds:.0f} s"
                 break
-        module.load_state_dict(best_state)
+        if best_state is not None:
+            module.load_state_dict(best_state)
         out_masks = None
         if masks:
             out_masks = {k: np.asarray(v, dtype=np.float32) for k, v in masks.items()}
