@@ -2,7 +2,7 @@
 
 A package in the scipy.linalg manner: the functions live in ``common`` (checks, ridge
 defaults, ``blas_threads``), ``moments`` (``SecondMoment``), ``lowrank`` (splits and rank
-choice), ``selection`` (channel selection and reconstruction) and ``pfa``; this namespace
+choice), ``spatial`` (the spatial split of a 2-D Conv), ``selection`` (channel selection and reconstruction) and ``pfa``; this namespace
 is their public API (``from onnxprune import linalg; linalg.dalr(...)``).
 
 scipy.linalg style: pure functions, arrays in and arrays out, float64 inside, options
@@ -26,6 +26,8 @@ output_spectrum         eigenvalues of W S W^T (or W W^T): the energy curve that
 reconstruction_error    E||W x - A B x - delta||^2 / E||W x||^2
 affine_low_rank         W x ~ A B x + delta with the ridge chosen by cross-validation (the pass's DALR)
 rank_for_energy, global_ranks, round_rank, split_params: how ranks are chosen and costed
+spatial_split           a kh x kw Conv as kh x 1 then 1 x kw, fitted on the patch covariance
+spatial_params, spatial_rank_limit: its weights at a rank, its largest useful rank
 spectral_select         greedy channel subset maximising the retained trace (spectral pruning)
 momasp_select           the same with the MoMaSP source/target moment-matching regulariser
 retention_ratio         Tr(Sigma_FJ (Sigma_JJ + rho I)^-1 Sigma_JF) / Tr(Sigma)
@@ -53,6 +55,7 @@ from onnxprune.linalg.lowrank import (
     truncated_svd,
 )
 from onnxprune.linalg.moments import SecondMoment
+from onnxprune.linalg.spatial import spatial_params, spatial_rank_limit, spatial_split
 from onnxprune.linalg.pfa import (
     domain_shift,
     pfa_correlation_select,
@@ -73,5 +76,6 @@ __all__ = [
     "affine_low_rank", "blas_threads", "block_spectral_select", "dalr", "domain_shift", "gated_metric",
     "global_ranks", "momasp_select", "open_probability", "output_spectrum", "pfa_correlation_select",
     "pfa_energy_count", "pfa_kl_count", "pfa_spectrum", "rank_for_energy", "reconstruction_error",
-    "reconstruction_matrix", "retention_ratio", "round_rank", "spectral_select", "split_params", "truncated_svd",
+    "reconstruction_matrix", "retention_ratio", "round_rank", "spatial_params", "spatial_rank_limit", "spatial_split",
+    "spectral_select", "split_params", "truncated_svd",
 ]

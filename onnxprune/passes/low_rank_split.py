@@ -69,6 +69,58 @@ WIDE_INPUT = 8192
 #: (0: all). A patch Gram costs positions x (C k^2)^2 per sample, many times the layer.
 PATCH_POSITIONS = 16
 
+#: how a 2-D Conv is split (``linalg/spatial.py``): "channel" (the kernel into k channels, then
+#: a 1x1) or "spatial" (kh x 1 into k channels, then 1 x kw)
+CONV_FORMS = ("channel", "spatial")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitShape:
+    """What splitting one layer at rank k costs, in the form it is split: per unit of rank,
+    ``per_rank`` weights and ``per_rank_macs`` multiply-adds per output position (the layer
+    itself: m n of each); ``limit``: the largest useful rank."""
+
+    form: str
+    m: int
+    n: int
+    per_rank: int
+    per_rank_macs: int
+    limit: int
+
+    def params(self, k: int) -> int:
+        return int(k) * self.per_rank
+
+    def pays(self, k: int) -> bool:
+        """Whether rank ``k`` has fewer weights than the layer."""
+        return self.params(k) < self.m * self.n
+
+    def macs_ratio(self, k: int) -> float:
+        return int(k) * self.per_rank_macs / (self.m * self.n)
+
+    def rank_for(self, fraction: float) -> int:
+        """The rank keeping about ``fraction`` of the layer's weights."""
+        return max(1, math.floor(fraction * self.m * self.n / self.per_rank))
+
+
+def split_shape(layer: LinearLayer, conv: str = "channel") -> SplitShape:
+    """How ``layer`` is split under ``conv`` (``CONV_FORMS``): "spatial" applies to a 2-D Conv
+    whose kernel is wider than 1 both ways (group 1, explicit pads, not a wide input); every
+    other layer, and every layer with "channel", is split into k channels (k (m + n) weights).
+    The spatial form's first Conv keeps the input's columns (stride 1 across), so a stride s
+    across costs it s times the multiply-adds per output position."""
+    m, n = layer.out_features, layer.in_features
+    kernel = tuple(int(k) for k in layer.attrs.get("kernel_shape") or ())
+    auto_pad = layer.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if conv == "spatial" and layer.op == "Conv" and len(kernel) == 2 and min(kernel) > 1 \
+            and int(layer.attrs.get("group", 1)) == 1 and auto_pad == "NOTSET" and n <= WIDE_INPUT:
+        kh, kw = kernel
+        channels = n // (kh * kw)
+        stride = int((layer.attrs.get("strides") or (1, 1))[1])
+        return SplitShape("spatial", m, n, channels * kh + m * kw, channels * kh * stride + m * kw,
+                          linalg.spatial_rank_limit(channels, m, kernel))
+    return SplitShape("channel", m, n, m + n, m + n, min(m, n))
+
 
 @dataclasses.dataclass(frozen=True)
 class LowRankOptions:
@@ -88,14 +140,20 @@ class LowRankOptions:
     latency_batch: int = 1            # latency: the batch size the layers are timed at
     latency_saving: float = 0.05      # latency: keep a split only if it saves at least this fraction of the layer's time
     ranks: dict | None = None         # per layer: exactly this rank (a plan); layers not named stay whole
+    conv: str = "channel"             # 2-D Convs: "channel" (k x k Conv into k channels, 1x1) or "spatial" (k x 1, 1 x k)
 
     def __post_init__(self):
         check_choice("low-rank-split", "method", self.method, ("svd", "dalr"))
+        check_choice("low-rank-split", "conv", self.conv, CONV_FORMS)
         given = [n for n in ("rank", "fraction", "energy", "keep", "ranks") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of rank, fraction, energy, keep, ranks (got {', '.join(given)})")
         if not given:
-            object.__setattr__(self, "keep", 0.25)
+            object.__setattr__(self, "keep" if self.conv == "channel" else "fraction", 0.25)
+        if self.conv == "spatial" and (self.keep is not None or self.energy is not None):
+            raise ValueError("conv='spatial' takes rank, fraction or ranks (keep and energy rank the channel form's spectrum)")
+        if self.conv == "spatial" and self.latency:
+            raise ValueError("latency-aware splits time the channel form only: use conv='channel' with latency")
         if self.rank is not None and int(self.rank) < 1:
             raise ValueError(f"rank={self.rank} must be >= 1")
         for name in ("fraction", "energy", "keep"):
@@ -296,7 +354,8 @@ class LowRankSplit(Pass):
             spectra[layer.name] = ctx.remembered(_part(keys, layer, "spectrum"), lambda: linalg.output_spectrum(
                 w, total if opts.method == "dalr" else None))
 
-        ranks = self._ranks(weights, spectra)
+        forms = {layer.name: split_shape(layer, opts.conv) for layer in layers}
+        ranks = self._ranks(weights, spectra, forms)
         log.debug("low-rank-split: ranks chosen %s", ranks)
         timed = self._latency(model, layers, ranks, weights, ctx) if opts.latency and layers else {}
         rows = []
@@ -304,10 +363,11 @@ class LowRankSplit(Pass):
             started = time.perf_counter()
             w, b = weights[layer.name]
             m, n = w.shape
-            k = min(ranks[layer.name], m, n)
-            if linalg.split_params(m, n, k) >= m * n:
+            form = forms[layer.name]
+            k = min(ranks[layer.name], form.limit)
+            if not form.pays(k):
                 skipped.append({"layer": layer.name, "op": layer.op,
-                                "reason": f"rank {k} would not reduce parameters ({k}*({m}+{n}) >= {m}*{n})"})
+                                "reason": f"rank {k} would not reduce parameters ({form.params(k)} >= {m}*{n})"})
                 log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
                 continue
             timing = timed.get(layer.name)
@@ -325,23 +385,36 @@ class LowRankSplit(Pass):
                 merged[layer.name] = stats.moments(self._request(layer), "target")
                 moments[layer.name] = second_moment(merged[layer.name])
             total = moments[layer.name]
-            a_mat, b_mat, info = ctx.remembered(_part(keys, layer, ("factor", k, ctx.folds)), lambda: self._factor(
-                model, layer, w, b, k, stats, total, ctx.folds))
+            mean = merged[layer.name].mean
+            if form.form == "spatial":
+                factors = ctx.remembered(_part(keys, layer, ("spatial", k)), lambda: self._factor_spatial(
+                    layer, w, k, merged[layer.name]))
+                first, second_weight, a_mat, info = factors
+                b_mat = np.eye(n)
+            else:
+                a_mat, b_mat, info = ctx.remembered(_part(keys, layer, ("factor", k, ctx.folds)), lambda: self._factor(
+                    model, layer, w, b, k, stats, total, ctx.folds))
             info = dict(info)
             delta = info.pop("bias_delta", None)
-            mean = merged[layer.name].mean
             new_bias = b
             if delta is not None and (b is not None or np.abs(delta).max() > 1e-12 * max(np.abs(w @ mean).max(), 1e-300)):
                 new_bias = delta if b is None else b + delta
             else:
                 delta = None
-            bias_name, second = self._rewrite(model, layer, a_mat, b_mat, new_bias)
-            spectrum = spectra[layer.name]
+            if form.form == "spatial":
+                bias_name, second = self._rewrite_spatial(model, layer, first, second_weight, new_bias)
+                approx = a_mat
+                energy = 1.0 - float(np.sum((w - approx) ** 2) / max(np.sum(w ** 2), 1e-300))
+            else:
+                bias_name, second = self._rewrite(model, layer, a_mat, b_mat, new_bias)
+                approx = a_mat @ b_mat
+                spectrum = spectra[layer.name]
+                energy = float(spectrum[:k].sum() / max(spectrum.sum(), 1e-300))
             rows.append({
-                "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k,
+                "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k, "form": form.form,
                 "params_before": m * n + (m if b is not None else 0),
-                "params_after": linalg.split_params(m, n, k) + (m if b is not None else 0),
-                "energy": float(spectrum[:k].sum() / max(spectrum.sum(), 1e-300)),
+                "params_after": form.params(k) + (m if b is not None else 0),
+                "energy": energy,
                 "error": float(linalg.reconstruction_error(w, a_mat, b_mat, total) if delta is None else
                                linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta)),
                 **info,
@@ -355,7 +428,7 @@ class LowRankSplit(Pass):
                 log.debug("low-rank-split: %s held-out error per ridge %s (%s metric)", layer.name,
                           {g: round(e, 5) for g, e in info["cv_errors"].items()}, info.get("metric"))
             ctx.approximations[layer.name] = Approximation(
-                layer=layer.name, op=layer.op, weight=w, approx=a_mat @ b_mat, request=self._request(layer),
+                layer=layer.name, op=layer.op, weight=w, approx=approx, request=self._request(layer),
                 mean=mean, node=second, bias=bias_name,
                 # bias shift already applied (affine DALR): bias-compensate adds only the rest
                 bias_shift=delta)
@@ -445,27 +518,70 @@ class LowRankSplit(Pass):
         return next(f"{name}={getattr(opts, name)}" for name in ("rank", "fraction", "energy", "keep", "ranks")
                     if getattr(opts, name) is not None)
 
-    def _ranks(self, weights, spectra) -> dict[str, int]:
+    def _ranks(self, weights, spectra, forms: dict[str, SplitShape]) -> dict[str, int]:
         opts = self.options
-        shapes = {name: w.shape for name, (w, _) in weights.items()}
         if opts.ranks is not None:
-            return {name: opts.ranks[name] for name in shapes}      # a plan's ranks are used as they are
-        chosen = self._chosen_ranks(shapes, spectra)
-        return {name: linalg.round_rank(k, int(opts.multiple), min(shapes[name])) for name, k in chosen.items()}
+            return {name: opts.ranks[name] for name in forms}      # a plan's ranks are used as they are
+        chosen = self._chosen_ranks(forms, spectra)
+        return {name: linalg.round_rank(k, int(opts.multiple), forms[name].limit) for name, k in chosen.items()}
 
-    def _chosen_ranks(self, shapes, spectra) -> dict[str, int]:
+    def _chosen_ranks(self, forms: dict[str, SplitShape], spectra) -> dict[str, int]:
         opts = self.options
         if opts.keep is not None:
+            shapes = {name: (form.m, form.n) for name, form in forms.items()}
             return linalg.global_ranks(spectra, shapes, opts.keep, multiple=int(opts.multiple))
         ranks = {}
-        for name, (m, n) in shapes.items():
+        for name, form in forms.items():
             if opts.rank is not None:
                 ranks[name] = int(opts.rank)
             elif opts.fraction is not None:
-                ranks[name] = max(1, math.floor(opts.fraction * m * n / (m + n)))
+                ranks[name] = form.rank_for(opts.fraction)
             else:
                 ranks[name] = linalg.rank_for_energy(spectra[name], opts.energy)
         return ranks
+
+    def _factor_spatial(self, layer: LinearLayer, w: np.ndarray, k: int, moments: Moments):
+        """The spatial split of the Conv (weight ``w`` as (M, C kh kw)) at rank ``k``
+        (``linalg.spatial_split``): dalr fits it on the centred patch covariance and the bias takes
+        the mean error, b += (W - W_hat) mu; svd: the weights alone."""
+        kh, kw = layer.attrs["kernel_shape"]
+        m, n = w.shape
+        dalr = self.options.method == "dalr"
+        first, second, approx = linalg.spatial_split(w.reshape(m, n // (kh * kw), kh, kw),
+                                                     moments.covariance if dalr else None, k)
+        info = {"method": f"{self.options.method}-spatial"}
+        if dalr:
+            info["bias_delta"] = (w - approx) @ moments.mean
+        return first, second, approx, info
+
+    def _rewrite_spatial(self, model, layer: LinearLayer, first: np.ndarray, second: np.ndarray, bias
+                         ) -> tuple[str | None, str]:
+        """Replace the Conv by a kh x 1 Conv (vertical stride, pads and dilation) into k channels
+        and a 1 x kw Conv (horizontal ones) with the bias; returns (bias name or None, second node)."""
+        graph = GraphEditor(model, owner=self.name)
+        node = graph.node(layer.name)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.inits[layer.weight].data_type)
+        base = layer.name
+        attrs = layer.attrs
+        strides = list(attrs.get("strides") or (1, 1))
+        pads = list(attrs.get("pads") or (0, 0, 0, 0))
+        dilations = list(attrs.get("dilations") or (1, 1))
+        mid, v_name, h_name = graph.name(base, "hidden"), graph.name(base, "V_weight"), graph.name(base, "H_weight")
+        graph.set_array(v_name, first.astype(dtype))
+        graph.set_array(h_name, second.astype(dtype))
+        vertical = helper.make_node("Conv", [layer.input, v_name], [mid], name=graph.name(base, "V"),
+                                    kernel_shape=[first.shape[2], 1], strides=[strides[0], 1],
+                                    pads=[pads[0], 0, pads[2], 0], dilations=[dilations[0], 1])
+        horizontal = helper.make_node("Conv", [mid, h_name], [node.output[0]], name=graph.name(base, "H"),
+                                      kernel_shape=[1, second.shape[3]], strides=[1, strides[1]],
+                                      pads=[0, pads[1], 0, pads[3]], dilations=[1, dilations[1]])
+        bias_name = None
+        if bias is not None:
+            bias_name = graph.name(base, "bias")
+            graph.set_array(bias_name, bias.astype(dtype))
+            horizontal.input.append(bias_name)
+        graph.replace(node, [vertical, horizontal])
+        return bias_name, horizontal.name
 
     def _factor(self, model, layer, w, bias, k, stats, total, nfolds: int = 2):
         opts = self.options

@@ -251,3 +251,54 @@ def test_latency_decision_follows_the_measured_times(monkeypatch, times, saving,
     else:
         assert "fc/low-rank-split/A" in nodes and report["split"][0]["rank"] == rank
         assert report["split"][0]["decision"] == decision
+
+
+def conv_spatial(k=2, strides=(1, 1)):
+    """x[N,4,9,10] -> Conv(6x4x3x3, exactly rank k in the spatial form, pads 1, b) -> y."""
+    v = RNG.normal(size=(k, 12))
+    h = RNG.normal(size=(3, 6, k))
+    w = np.einsum("jmr,rn->mnj", h, v).reshape(6, 4, 3, 3)
+    out = [(9 + 2 - 3) // strides[0] + 1, (10 + 2 - 3) // strides[1] + 1]
+    return make([helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                  strides=list(strides))],
+                {"W": w, "b": RNG.normal(size=6)}, [4, 9, 10], [6, *out])
+
+
+@pytest.mark.parametrize("method", ["svd", "dalr"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 1), (1, 2)])
+def test_spatial_split_of_a_spatially_low_rank_conv_is_lossless(method, strides):
+    model = conv_spatial(2, strides)
+    x = RNG.normal(size=(64, 4, 9, 10)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": method, "rank": 2, "conv": "spatial"})])
+    split = result.report["passes"][0]["split"]
+    assert split[0]["form"] == "spatial" and split[0]["method"] == f"{method}-spatial"
+    assert split[0]["params_after"] == 2 * (4 * 3 + 6 * 3) + 6
+    assert split[0]["error"] < 1e-6
+    assert_equivalent(model, result.model, {"x": x[:8]}, tol=1e-4)
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert [n.name for n in convs] == ["conv/low-rank-split/V", "conv/low-rank-split/H"]
+    assert [list(helper.get_attribute_value(a) for a in n.attribute if a.name == "kernel_shape")[0] for n in convs] \
+        == [[3, 1], [1, 3]]
+    onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
+
+
+def test_spatial_form_applies_only_to_kernels_wider_than_one_both_ways():
+    """A 1x1 Conv and a Gemm keep the channel form under conv='spatial'."""
+    model = make([helper.make_node("Conv", ["x", "W1"], ["h"], name="pointwise", kernel_shape=[1, 1]),
+                  helper.make_node("Conv", ["h", "W3"], ["y"], name="conv3", kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+                 {"W1": RNG.normal(size=(12, 8, 1, 1)), "W3": RNG.normal(size=(8, 12, 3, 3))}, [8, 6, 6], [8, 6, 6])
+    x = RNG.normal(size=(64, 8, 6, 6)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "dalr", "rank": 3, "conv": "spatial"})])
+    forms = {row["layer"]: row["form"] for row in result.report["passes"][0]["split"]}
+    assert forms == {"pointwise": "channel", "conv3": "spatial"}
+
+
+def test_spatial_options_are_checked():
+    from onnxprune.errors import RecipeError
+    from onnxprune.passes.low_rank_split import LowRankOptions
+
+    assert LowRankOptions(conv="spatial").fraction == 0.25
+    for bad in ({"conv": "spatial", "keep": 0.5}, {"conv": "spatial", "energy": 0.9},
+                {"conv": "spatial", "latency": True}, {"conv": "diagonal"}):
+        with pytest.raises((ValueError, RecipeError)):
+            LowRankOptions(**bad)
