@@ -38,6 +38,8 @@ class LayerCost:
     op: str
     params: int
     macs: int
+    input: Shape | None = None    # the shape of the node's first input, where known
+    output: Shape | None = None   # of its first output
 
 
 def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[int]] | None = None
@@ -74,7 +76,8 @@ def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[i
         macs = _node_macs(node, shapes)
         if batch > 1:
             macs = round(macs / batch)
-        costs.append(LayerCost(name, node.op_type, params, macs))
+        costs.append(LayerCost(name, node.op_type, params, macs, shapes.get(node.input[0]) if node.input else None,
+                               shapes.get(node.output[0]) if node.output else None))
     return costs
 
 

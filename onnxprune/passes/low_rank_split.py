@@ -77,25 +77,32 @@ CONV_FORMS = ("channel", "spatial")
 @dataclasses.dataclass(frozen=True)
 class SplitShape:
     """What splitting one layer at rank k costs, in the form it is split: per unit of rank,
-    ``per_rank`` weights and ``per_rank_macs`` multiply-adds per output position (the layer
-    itself: m n of each); ``limit``: the largest useful rank."""
+    ``first`` weights in the first factor and ``second`` in the second (the layer: m n);
+    ``limit``: the largest useful rank; ``widen``: the first factor's output positions over
+    the layer's (the spatial form's first Conv keeps every input column; ``spatial_widen``)."""
 
     form: str
     m: int
     n: int
-    per_rank: int
-    per_rank_macs: int
+    first: int
+    second: int
     limit: int
+    widen: float = 1.0
+
+    @property
+    def per_rank(self) -> int:
+        return self.first + self.second
 
     def params(self, k: int) -> int:
         return int(k) * self.per_rank
 
     def pays(self, k: int) -> bool:
-        """Whether rank ``k`` has fewer weights than the layer."""
-        return self.params(k) < self.m * self.n
+        """Whether rank ``k`` has fewer weights and multiply-adds than the layer."""
+        return self.params(k) < self.m * self.n and self.macs_ratio(k) < 1.0
 
     def macs_ratio(self, k: int) -> float:
-        return int(k) * self.per_rank_macs / (self.m * self.n)
+        """Multiply-adds of the split over the layer's."""
+        return int(k) * (self.first * self.widen + self.second) / (self.m * self.n)
 
     def rank_for(self, fraction: float) -> int:
         """The rank keeping about ``fraction`` of the layer's weights."""
@@ -105,9 +112,7 @@ class SplitShape:
 def split_shape(layer: LinearLayer, conv: str = "channel") -> SplitShape:
     """How ``layer`` is split under ``conv`` (``CONV_FORMS``): "spatial" applies to a 2-D Conv
     whose kernel is wider than 1 both ways (group 1, explicit pads, not a wide input); every
-    other layer, and every layer with "channel", is split into k channels (k (m + n) weights).
-    The spatial form's first Conv keeps the input's columns (stride 1 across), so a stride s
-    across costs it s times the multiply-adds per output position."""
+    other layer, and every layer with "channel", is split into k channels (k (m + n) weights)."""
     m, n = layer.out_features, layer.in_features
     kernel = tuple(int(k) for k in layer.attrs.get("kernel_shape") or ())
     auto_pad = layer.attrs.get("auto_pad", "NOTSET")
@@ -116,10 +121,16 @@ def split_shape(layer: LinearLayer, conv: str = "channel") -> SplitShape:
             and int(layer.attrs.get("group", 1)) == 1 and auto_pad == "NOTSET" and n <= WIDE_INPUT:
         kh, kw = kernel
         channels = n // (kh * kw)
-        stride = int((layer.attrs.get("strides") or (1, 1))[1])
-        return SplitShape("spatial", m, n, channels * kh + m * kw, channels * kh * stride + m * kw,
-                          linalg.spatial_rank_limit(channels, m, kernel))
-    return SplitShape("channel", m, n, m + n, m + n, min(m, n))
+        return SplitShape("spatial", m, n, channels * kh, m * kw, linalg.spatial_rank_limit(channels, m, kernel))
+    return SplitShape("channel", m, n, n, m, min(m, n))
+
+
+def spatial_widen(split: SplitShape, layer_cost) -> SplitShape:
+    """``split`` with its ``widen`` from the layer's shapes (``cost.LayerCost``): a spatial
+    split's first Conv runs at the layer's output rows and at every input column."""
+    if split.form != "spatial" or layer_cost is None or not layer_cost.input or not layer_cost.output:
+        return split
+    return dataclasses.replace(split, widen=layer_cost.input[-1] / max(layer_cost.output[-1], 1))
 
 
 @dataclasses.dataclass(frozen=True)

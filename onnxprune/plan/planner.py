@@ -57,9 +57,9 @@ from onnxprune.errors import RecipeError
 from onnxprune.graph.groups import ChannelGroup, find_channel_groups
 from onnxprune.graph.index import name_nodes
 from onnxprune.graph.layers import LinearLayer, find_linear_layers
-from onnxprune.linalg import split_params
 from onnxprune.model import clone, count_parameters
 from onnxprune.passes import REGISTRY, PassContext
+from onnxprune.passes.low_rank_split import CONV_FORMS, SplitShape, spatial_widen, split_shape
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
 from onnxprune.plan.latency import LatencyCosts
@@ -109,6 +109,7 @@ class PlanOptions:
     margin: float = 0.5                  # standard errors of the measured drop kept in reserve
     multiple: int = 8                    # wide groups / large ranks keep multiples of this
     low_rank: str = "dalr"               # low-rank-split method for the low-rank family (dalr | svd)
+    conv: str = "spatial"                # how 2-D Convs are split (low-rank-split's conv); latency: channel
     bias: bool = True                    # bias-compensate after low-rank splits
     drift: bool = True                   # correct-drift after the plan (not in single-site trials)
     sites: tuple[str, ...] = ()          # only these groups / layers (names from `inspect`); empty = all
@@ -131,12 +132,20 @@ class PlanOptions:
             raise RecipeError("--check-extra", f"{self.check_extra!r} must be an integer >= 0")
         if self.low_rank not in ("dalr", "svd"):
             raise RecipeError("plan", f"low_rank={self.low_rank!r} is not dalr or svd")
+        if self.conv not in CONV_FORMS:
+            raise RecipeError("plan", f"conv={self.conv!r} is not one of {', '.join(CONV_FORMS)}")
         if not self.margin >= 0:
             raise RecipeError("plan", f"margin={self.margin} must be >= 0")
         from onnxprune.passes.select_nodes import CRITERIA
 
         if self.criterion not in CRITERIA:
             raise RecipeError("plan", f"criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}")
+
+    @property
+    def conv_form(self) -> str:
+        """The split form of 2-D Convs: ``conv``, except for the latency objective, which times
+        its options in the channel form (``plan.latency``)."""
+        return "channel" if self.objective == "latency" else self.conv
 
 
 #: the goal keys of a recipe's ``plan`` table; everything else is a PlanOptions field
@@ -226,6 +235,7 @@ class Site:
     nodes: frozenset
     group: ChannelGroup | None = None
     layer: LinearLayer | None = None
+    split: SplitShape | None = None  # low-rank: the form and cost of its splits
 
     @property
     def key(self) -> str:
@@ -247,7 +257,7 @@ def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions, *,
         passes += [("select-nodes", {"criterion": options.criterion, "counts": counts, "multiple": options.multiple}),
                    ("reconstruct-next-layer", {})]
     if ranks:
-        passes.append(("low-rank-split", {"method": options.low_rank, "ranks": ranks}))
+        passes.append(("low-rank-split", {"method": options.low_rank, "ranks": ranks, "conv": options.conv_form}))
         if options.bias:
             passes.append(("bias-compensate", {}))
     if passes and (options.drift if drift is None else drift):
@@ -276,7 +286,7 @@ class Costs:
         """What compressing ``site`` alone to ``size`` (channels, or rank) saves."""
         if site.family == "prune":
             return self.prune_saving([site.group], {site.group.name: size})
-        return self.split_saving(site.layer, size)
+        return self.split_saving(site, size)
 
     def plan_cost(self, chosen: list[tuple[Site, int]]) -> float:
         """Exact objective cost with each (site, size) of ``chosen`` applied: channel groups
@@ -285,15 +295,14 @@ class Costs:
         saving = 0.0
         if pruned:
             saving += self.prune_saving([site.group for site, _ in pruned], {site.name: size for site, size in pruned})
-        saving += sum(self.split_saving(site.layer, size) for site, size in chosen if site.family == "low-rank")
+        saving += sum(self.split_saving(site, size) for site, size in chosen if site.family == "low-rank")
         return self.total - saving
 
-    def split_saving(self, layer: LinearLayer, rank: int) -> float:
-        m, n = layer.out_features, layer.in_features
-        ratio = 1.0 - split_params(m, n, rank) / (m * n)
+    def split_saving(self, site: Site, rank: int) -> float:
+        split = site.split
         if self.objective == "params":
-            return m * n * ratio
-        return self.layers[layer.name].macs * ratio
+            return split.m * split.n - split.params(rank)
+        return self.layers[site.layer.name].macs * (1.0 - split.macs_ratio(rank))
 
 
 def attention_matmuls(groups: list[ChannelGroup]) -> dict[str, str]:
@@ -333,9 +342,9 @@ def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tu
                                 "reason": f"projection of attention heads {attention[layer.name]}: left to head "
                                           "pruning (a split loses onnxruntime's Attention fusion)"})
                 continue
-            m, n = layer.out_features, layer.in_features
-            sites.append(Site(layer.name, "low-rank", max(1, (m * n) // (m + n)), frozenset([layer.name]),
-                              layer=layer))
+            split = spatial_widen(split_shape(layer, options.conv_form), costs.layers.get(layer.name))
+            sites.append(Site(layer.name, "low-rank", max(1, (split.m * split.n) // split.per_rank),
+                              frozenset([layer.name]), layer=layer, split=split))
     if options.sites:
         known = {site.name for site in sites} | {row["site"] for row in skipped}
         unknown = sorted(set(options.sites) - known)
@@ -373,12 +382,10 @@ def ladder_sizes(site: Site, options: PlanOptions) -> list[tuple[float, int]]:
             if k >= site.size:
                 continue
         else:
-            layer = site.layer
-            mm, n = layer.out_features, layer.in_features
-            k = max(1, math.floor(f * mm * n / (mm + n)))
+            k = site.split.rank_for(f)
             if k >= 4 * m and m > 1:
                 k = m * round(k / m)
-            if split_params(mm, n, k) >= mm * n:
+            if not site.split.pays(k):
                 continue
         if k not in sizes:
             sizes.append(k)
@@ -1068,4 +1075,4 @@ def _prefetch_windows(model: onnx.ModelProto, sites: list[Site], cache: Activati
 
 
 def _full_rank(site: Site) -> int:
-    return min(site.layer.out_features, site.layer.in_features)
+    return site.split.limit
