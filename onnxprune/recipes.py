@@ -37,7 +37,7 @@ METHOD_OPTIONS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau"
 #: recipe-level settings (given over a recipe file, they change it)
 RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric")
 BUDGET_OPTIONS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")
-LOW_RANK_ONLY = ("rank", "energy", "ridge", "latency_aware_splits")
+LOW_RANK_ONLY = ("rank", "energy", "ridge", "latency_aware_splits", "conv_split")
 PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank")
 #: options that set a per-layer rule or a pass option the planner does not choose: with any of
 #: them, compress runs the one recipe they describe (one global threshold for keep/flops)
@@ -77,7 +77,7 @@ def method_passes(method: str, *, keep: float | None = None, rank: int | None = 
                   flops: float | None = None, lam: float | None = None, ridge: Any = None,
                   layers: tuple[str, ...] = (), reconstruct: bool = True,
                   then_low_rank: float | None = None, latency: bool = False,
-                  latency_batch: int | None = None) -> tuple[tuple[str, dict], ...]:
+                  latency_batch: int | None = None, conv_split: str | None = None) -> tuple[tuple[str, dict], ...]:
     """The passes of ``method`` (a low-rank preset or a pruning criterion) with these options.
 
     >>> method_passes("dalr-bc", keep=0.25)
@@ -85,7 +85,8 @@ def method_passes(method: str, *, keep: float | None = None, rank: int | None = 
     """
     check_method_options(method, {"rank": rank, "energy": energy, "ridge": ridge, "alpha": alpha, "tau": tau,
                                   "flops": flops, "lam": lam, "no_reconstruct": not reconstruct,
-                                  "then_low_rank": then_low_rank, "latency_aware_splits": latency})
+                                  "then_low_rank": then_low_rank, "latency_aware_splits": latency,
+                                  "conv_split": conv_split})
     budget = {k: v for k, v in (("keep", keep), ("rank", rank), ("fraction", fraction), ("energy", energy))
               if v is not None}
     if method in METHODS:
@@ -96,6 +97,8 @@ def method_passes(method: str, *, keep: float | None = None, rank: int | None = 
             split["layers"] = tuple(layers)
         if ridge is not None:
             split["ridge"] = ridge
+        if conv_split is not None:
+            split["conv"] = conv_split
         if latency:
             # time each split against its layer; skip or shrink those that do not pay
             split["latency"] = True
@@ -164,6 +167,8 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
     for name in ("margin", "check_extra"):
         if options.get(name) is not None:
             plan[name] = options[name]
+    if options.get("conv_split") is not None:
+        plan["conv"] = options["conv_split"]
     if options.get("latency_batch") is not None:
         if plan["objective"] != "latency":
             raise RecipeError(flag("latency_batch"), f"only applies to {flag('objective')} latency")
@@ -198,7 +203,7 @@ def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable
                                                                   "tau", "flops", "lam", "ridge")},
                            layers=layers, reconstruct=not options.get("no_reconstruct"),
                            then_low_rank=options.get("then_low_rank"), latency=latency,
-                           latency_batch=options.get("latency_batch"))
+                           latency_batch=options.get("latency_batch"), conv_split=options.get("conv_split"))
     return Recipe(passes=passes, mode=options.get("mode") or "one-shot", **settings)
 
 

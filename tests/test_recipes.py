@@ -96,3 +96,19 @@ def test_latency_aware_splits_make_a_fixed_low_rank_recipe():
         build_recipe(options(method="l1", keep=0.5, latency_aware_splits=True), {})
     with pytest.raises(RecipeError, match="latency_batch.*only applies to objective latency or latency_aware_splits"):
         build_recipe(options(method="svd", rank=4, latency_batch=4), {})
+
+
+def test_conv_split_reaches_the_planner_and_fixed_low_rank_recipes():
+    from onnxprune.plan.planner import PlanOptions
+
+    assert PlanOptions().conv == "spatial" and PlanOptions(objective="latency").conv_form == "channel"
+    assert build_recipe(options(), {}).plan["conv"] == "spatial"            # the plan table, defaults filled in
+    assert build_recipe(options(conv_split="channel"), {}).plan["conv"] == "channel"
+    fixed = build_recipe(options(method="dalr-bc", fraction=0.5, conv_split="spatial"), {})
+    assert fixed.passes[0] == ("low-rank-split", {"method": "dalr", "fraction": 0.5, "conv": "spatial"})
+    with pytest.raises(OptionConflict, match="conv_split applies to low rank"):
+        build_recipe(options(method="spectral", keep=0.5, conv_split="spatial"), {})
+    with pytest.raises(RecipeError, match="takes rank, fraction or ranks"):
+        build_recipe(options(method="dalr", keep=0.3, allocation="global", conv_split="spatial"), {})
+    with pytest.raises(RecipeError, match="conv='diagonal'"):
+        PlanOptions(conv="diagonal")
