@@ -46,14 +46,15 @@ def spatial_params(channels: int, outputs: int, kernel: tuple[int, int], rank: i
     return int(rank) * (channels * kernel[0] + outputs * kernel[1])
 
 
-def spatial_split(weight: np.ndarray, covariance: np.ndarray | None, rank: int, *,
-                  rounds: int = ROUNDS, cg_steps: int = CG_STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def spatial_split(weight: np.ndarray, covariance: np.ndarray | None, rank: int, *, rounds: int = ROUNDS,
+                  cg_steps: int = CG_STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Factor a Conv weight (M, C, kh, kw) as a (k, C, kh, 1) Conv followed by an (M, k, 1, kw)
     Conv, minimising the output error under ``covariance`` (n x n, n = C kh kw, columns in the
     weight's (c, i, j) order); ``covariance`` None: the weights' own spatial SVD (data-free).
 
-    Returns (V (k, C, kh, 1), H (M, k, 1, kw), the approximation (M, n) in the weight's column
-    order), float64.
+    Returns the two Conv weights V (k, C, kh, 1) and H (M, k, 1, kw), and the approximation of
+    the (M, n) weight matrix as a product A B, A = H (M, k kw), B = I_kw (x) V (k kw, n) with its
+    columns in the weight's order, as ``low-rank-split`` takes a channel split's factors; float64.
     """
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim != 4:
@@ -80,12 +81,11 @@ def spatial_split(weight: np.ndarray, covariance: np.ndarray | None, rank: int, 
             h = _fit_h(v, cov, wc, kw, lam)
             v = _fit_v(v, h, wc, blocks, kw, lam, cg_steps)
         h = _fit_h(v, cov, wc, kw, lam)
-    approx_j = h @ _taps(v, kw)
-    approx = np.empty_like(approx_j)
-    approx[:, order] = approx_j
+    right = np.empty((k * kw, c * kh * kw))
+    right[:, order] = _taps(v, kw)
     first = v.reshape(k, c, kh, 1)
     second = h.reshape(m, kw, k).transpose(0, 2, 1).reshape(m, k, 1, kw)
-    return first, second, approx
+    return first, second, h, right
 
 
 def _taps(v: np.ndarray, kw: int) -> np.ndarray:

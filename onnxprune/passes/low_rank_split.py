@@ -398,10 +398,8 @@ class LowRankSplit(Pass):
             total = moments[layer.name]
             mean = merged[layer.name].mean
             if form.form == "spatial":
-                factors = ctx.remembered(_part(keys, layer, ("spatial", k)), lambda: self._factor_spatial(
-                    layer, w, k, merged[layer.name]))
-                first, second_weight, a_mat, info = factors
-                b_mat = np.eye(n)
+                first, second_weight, a_mat, b_mat, info = ctx.remembered(
+                    _part(keys, layer, ("spatial", k)), lambda: self._factor_spatial(layer, w, k, merged[layer.name]))
             else:
                 a_mat, b_mat, info = ctx.remembered(_part(keys, layer, ("factor", k, ctx.folds)), lambda: self._factor(
                     model, layer, w, b, k, stats, total, ctx.folds))
@@ -412,13 +410,12 @@ class LowRankSplit(Pass):
                 new_bias = delta if b is None else b + delta
             else:
                 delta = None
+            approx = a_mat @ b_mat
             if form.form == "spatial":
                 bias_name, second = self._rewrite_spatial(model, layer, first, second_weight, new_bias)
-                approx = a_mat
-                energy = 1.0 - float(np.sum((w - approx) ** 2) / max(np.sum(w ** 2), 1e-300))
+                energy = 1.0 - float(np.sum((w - approx) ** 2) / max(np.sum(w ** 2), 1e-300))   # of the weights
             else:
                 bias_name, second = self._rewrite(model, layer, a_mat, b_mat, new_bias)
-                approx = a_mat @ b_mat
                 spectrum = spectra[layer.name]
                 energy = float(spectrum[:k].sum() / max(spectrum.sum(), 1e-300))
             rows.append({
@@ -558,12 +555,12 @@ class LowRankSplit(Pass):
         kh, kw = layer.attrs["kernel_shape"]
         m, n = w.shape
         dalr = self.options.method == "dalr"
-        first, second, approx = linalg.spatial_split(w.reshape(m, n // (kh * kw), kh, kw),
-                                                     moments.covariance if dalr else None, k)
+        first, second, a_mat, b_mat = linalg.spatial_split(w.reshape(m, n // (kh * kw), kh, kw),
+                                                           moments.covariance if dalr else None, k)
         info = {"method": f"{self.options.method}-spatial"}
         if dalr:
-            info["bias_delta"] = (w - approx) @ moments.mean
-        return first, second, approx, info
+            info["bias_delta"] = w @ moments.mean - a_mat @ (b_mat @ moments.mean)
+        return first, second, a_mat, b_mat, info
 
     def _rewrite_spatial(self, model, layer: LinearLayer, first: np.ndarray, second: np.ndarray, bias
                          ) -> tuple[str | None, str]:
