@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE))
 # name: (script, arguments, quick arguments, result files it writes (globs in bench/results))
 STEPS = {
     "lowrank": ("lowrank.py", [], ["--quick"], ["lowrank*.md"]),
+    "spatial": ("spatial_split.py", [], ["--quick"], ["spatial_split*.md"]),
     "pruning": ("pruning.py", [], ["--quick"], ["pruning*.md"]),
     "speed": ("speed.py", [], ["--quick"], ["speed.md"]),
     "peer": ("peer_onnxsim.py", [], ["--quick"], ["peer.md"]),
@@ -62,7 +63,7 @@ STEPS = {
                      "--out", "bench/results/calibration_memory.md"], ["calibration_memory.md"]),
 }
 # Share of the time budget each step may use; time a step leaves unused passes to the next.
-SHARES = {"lowrank": 0.20, "pruning": 0.17, "speed": 0.17, "peer": 0.17, "planner": 0.23, "linalg": 0.02,
+SHARES = {"lowrank": 0.17, "spatial": 0.03, "pruning": 0.17, "speed": 0.17, "peer": 0.17, "planner": 0.23, "linalg": 0.02,
           "calibration": 0.04}
 ORDER = list(STEPS)
 

@@ -5,7 +5,7 @@ Every k x k Conv of the model split by DALR + bias compensation at ``--fractions
 weights (`low-rank-split` with `fraction`, `ops = ["Conv"]`, `conv` = channel | spatial); both
 forms from the same statistics (calibration half), top-1 on the held-out half.
 
-    python bench/spatial_split.py [--fractions 0.8,0.6,0.4]
+    python bench/spatial_split.py [--fractions 0.8,0.6,0.4] [--quick]
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def passes(fraction: float, form: str):
             ("bias-compensate", {})]
 
 
-def run(fractions) -> dict:
-    out = {"command": "python bench/spatial_split.py", "machine": machine(),
+def run(fractions, tasks=TASKS, command: str = "python bench/spatial_split.py") -> dict:
+    out = {"command": command, "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tasks": {}}
-    for name in TASKS:
+    for name in tasks:
         bench = Bench(name, with_source=False)
         rows = []
         for fraction in fractions:
@@ -83,10 +83,15 @@ def render(raw: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.8, 0.6, 0.4))
+    parser.add_argument("--quick", action="store_true", help="one fraction (0.6), the digit models only")
     args = parser.parse_args(argv)
-    raw = run(args.fractions)
-    (RESULTS / "spatial_split.json").write_text(json.dumps(raw, indent=1) + "\n")
-    print(write_result("spatial_split", render(raw)))
+    if args.quick:
+        raw = run((0.6,), TASKS[:2], "python bench/spatial_split.py --quick")
+    else:
+        raw = run(args.fractions)
+    name = "spatial_split_quick" if args.quick else "spatial_split"
+    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(write_result(name, render(raw)))
     return 0
 
 
