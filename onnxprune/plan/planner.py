@@ -236,10 +236,11 @@ class Site:
     group: ChannelGroup | None = None
     layer: LinearLayer | None = None
     split: SplitShape | None = None  # low-rank: the form and cost of its splits
+    variant: str = ""                # a second site of the same layer ("channel": its channel-form splits)
 
     @property
     def key(self) -> str:
-        return f"{self.family}:{self.name}"
+        return f"{self.family}:{self.name}" + (f":{self.variant}" if self.variant else "")
 
     def passes(self, size: int, options: PlanOptions) -> list[tuple[str, dict]]:
         """This site alone at ``size`` (a sensitivity trial: no drift correction)."""
@@ -251,13 +252,17 @@ def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions, *,
     """The recipe passes that compress each site to its size: pruning first, then splits,
     then (``options.drift``) correct-drift for the layers after them."""
     counts = {site.name: size for site, size in chosen.values() if site.family == "prune"}
-    ranks = {site.name: size for site, size in chosen.values() if site.family == "low-rank"}
+    forms: dict[str, dict[str, int]] = {}             # a layer's chosen form: one low-rank-split per form
+    for site, size in chosen.values():
+        if site.family == "low-rank":
+            forms.setdefault(site.split.form, {})[site.name] = size
     passes: list[tuple[str, dict]] = []
     if counts:
         passes += [("select-nodes", {"criterion": options.criterion, "counts": counts, "multiple": options.multiple}),
                    ("reconstruct-next-layer", {})]
-    if ranks:
-        passes.append(("low-rank-split", {"method": options.low_rank, "ranks": ranks, "conv": options.conv_form}))
+    for form in sorted(forms):
+        passes.append(("low-rank-split", {"method": options.low_rank, "ranks": forms[form], "conv": form}))
+    if forms:
         if options.bias:
             passes.append(("bias-compensate", {}))
     if passes and (options.drift if drift is None else drift):
@@ -342,9 +347,16 @@ def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tu
                                 "reason": f"projection of attention heads {attention[layer.name]}: left to head "
                                           "pruning (a split loses onnxruntime's Attention fusion)"})
                 continue
-            split = spatial_widen(split_shape(layer, options.conv_form), costs.layers.get(layer.name))
-            sites.append(Site(layer.name, "low-rank", max(1, (split.m * split.n) // split.per_rank),
-                              frozenset([layer.name]), layer=layer, split=split))
+            # a k x k Conv under conv "spatial" is two sites, one per form (they conflict: one node);
+            # the allocation keeps the form whose options pay better (the spatial form loses where
+            # C kh is small: a first layer of one input channel is at most rank kh)
+            splits = [spatial_widen(split_shape(layer, options.conv_form), costs.layers.get(layer.name))]
+            if splits[0].form == "spatial":
+                splits.append(split_shape(layer, "channel"))
+            for split in splits:
+                sites.append(Site(layer.name, "low-rank", max(1, (split.m * split.n) // split.per_rank),
+                                  frozenset([layer.name]), layer=layer, split=split,
+                                  variant="channel" if split is not splits[0] else ""))
     if options.sites:
         known = {site.name for site in sites} | {row["site"] for row in skipped}
         unknown = sorted(set(options.sites) - known)
@@ -993,6 +1005,7 @@ class Planner:
         for name, o in sorted(plan.items()):
             site = by_name[name]
             sites.append({"site": site.name, "family": o.family, "size": o.size,
+                          **({"form": site.split.form} if site.split is not None else {}),
                           "of": site.size if o.family == "prune" else _full_rank(site),
                           "saving": o.saving / self.costs.total, "predicted_damage": o.damage})
         return {
