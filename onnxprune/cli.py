@@ -343,6 +343,14 @@ def token_options(func):
     return func
 
 
+#: how low rank splits k x k Convs (compress, sensitivity, sweep)
+CONV_SPLIT = click.option(
+    "--conv-split", type=click.Choice(["spatial", "channel"]),
+    help="Low rank of k x k Convs. spatial: k x 1 into r channels, then 1 x k; the planner offers it beside the "
+         "channel form and keeps per layer the one that pays (its default), a fixed recipe applies it to every "
+         "k x k Conv. channel: k x k into r channels, then 1 x 1 only (fixed recipes' default).")
+
+
 def calibration_options(func):
     """--split, --calib-size, --seed: which target samples calibrate (compress and calibrate alike)."""
     options = [
@@ -401,9 +409,7 @@ def calibration_options(func):
                                              "global: of the pruned layers' MACs).")
 @click.option("--lam", type=click.FloatRange(min=0), help="MoMaSP regulariser weight (default 1).")
 @click.option("--ridge", type=RidgeType(), help="DALR ridge relative to trace(S)/n, or 'auto' (default: chosen on held-out data).")
-@click.option("--conv-split", type=click.Choice(["spatial", "channel"]),
-              help="Low rank of k x k Convs: spatial (k x 1 into r channels, then 1 x k; the planner's default) or "
-                   "channel (k x k into r channels, then 1 x 1; fixed recipes' default).")
+@CONV_SPLIT
 @click.option("--layers", help="Comma-separated layer (or group) names to touch; default all.")
 @click.option("--mode", type=click.Choice(["one-shot", "sequential"]), help="Pruning: one calibration, or re-gather after each site.")
 @click.option("--no-reconstruct", is_flag=True, help="Pruning: drop channels without compensating the next layer.")
@@ -719,9 +725,7 @@ def plan_flags(func):
                      show_default=True, help="auto: pruning and low rank per site; or one family / criterion."),
         click.option("--objective", type=click.Choice(["macs", "params"]), help="What 'smaller' means (default macs)."),
         click.option("--layers", help="Comma-separated group / layer names to consider; default all."),
-        click.option("--conv-split", type=click.Choice(["spatial", "channel"]),
-                     help="Low rank of k x k Convs: spatial (k x 1 into r channels, then 1 x k; the planner's default) or "
-                          "channel (k x k into r channels, then 1 x 1; fixed recipes' default)."),
+        CONV_SPLIT,
         click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
                      help="At most this many calibration samples per set, drawn at random (seeded); 'all' uses all."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sampling."),
