@@ -59,6 +59,8 @@ def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[i
     """
     shapes, batch = _infer_shapes(model, input_shapes)
     needed = {name for node in model.graph.node for name in _shape_inputs(node)}
+    # a Conv's input too: what a split of it costs depends on its input width (``LayerCost.input``)
+    needed |= {node.input[0] for node in model.graph.node if node.op_type == "Conv" and node.input}
     missing = sorted(name for name in needed if shapes.get(name) is None)
     if missing:
         shapes.update(_measure_shapes(model, missing, input_shapes))

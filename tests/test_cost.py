@@ -42,6 +42,22 @@ def test_conv_strided_padded():
     assert layer.name == "conv"
     assert layer.params == 4 * 3 * 3 * 3 + 4
     assert layer.macs == (4 * 4 * 4) * 3 * 3 * 3  # out elems * C_in * kh * kw
+    assert layer.input == (1, 3, 8, 8) and layer.output == (1, 4, 4, 4)      # what a spatial split costs reads
+
+
+def test_conv_input_shape_is_measured_where_inference_cannot_tell():
+    """A Conv reading a tensor shape inference leaves unknown (here: a Pad by amounts computed at
+    run time) still gets its input shape: a spatial split's first Conv runs at every input column."""
+    graph = helper.make_graph(
+        [helper.make_node("Abs", ["p"], ["pads"], name="abs"),
+         helper.make_node("Pad", ["x", "pads"], ["r"], name="pad"),
+         helper.make_node("Conv", ["r", "W"], ["y"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "W"),
+         numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "p")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+    assert _one(model, "Conv").input == (1, 3, 10, 10)
 
 
 # x [N,4,5,5] -> Conv(W [6,2,3,3], group 2, pad 1) -> y [N,6,5,5]
