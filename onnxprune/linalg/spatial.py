@@ -11,9 +11,9 @@ and the split computes
 i.e. the first Conv applies V at every column, the second mixes kw neighbouring columns of
 its k channels. Parameters k (C kh + M kw) against k (C kh kw + M) for the channel split
 (a kh x kw Conv into k channels, then a 1 x 1): for C = M and a 3 x 3 kernel the spatial
-form gets 9 C^2 / 6 C = 1.5 C ranks where the channel form gets 0.9 C at the same cost,
-and its output error on ResNet-20's convolutions was 2-20x lower at equal MACs (held-out
-calibration fold; METHODS.md has no section on it: the choice is ours).
+form keeps 10/6 times the rank at equal weights, and its output error on ResNet-20's
+convolutions was about 3x lower at equal weights (bench/results/spatial_split.md; METHODS.md
+has no section on it: the choice is ours).
 
 Fit: minimise tr((W - H K) C (W - H K)^T), K = I (x) V, C the centred patch covariance (the
 bias takes the mean: b += (W - H K) mu). No closed form (V is shared by every tap), so
@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, cg
 
-#: alternating rounds and conjugate-gradient steps per V update: on ResNet-20 the held-out error
-#: of 8 rounds x 15 steps was within 1 % of 40 x 100 (converged) at a twentieth of the time
+#: alternating rounds and conjugate-gradient steps per V update: on ResNet-20's layers the held-out
+#: error of 8 rounds x 15 steps was within 1 % of 40 x 100 (converged) at a twentieth of the time (by hand)
 ROUNDS = 8
 CG_STEPS = 15
 #: ridge on both least-squares steps, relative to trace(C) / n (numerical guard only)
