@@ -49,6 +49,17 @@ def run(fractions, tasks=TASKS, command: str = "python bench/spatial_split.py") 
     return out
 
 
+def _layer_error(row: dict) -> float:
+    """Mean relative output error over the layers ``row`` split."""
+    return float(np.mean([layer["error"] for layer in row["layers"]])) if row["layers"] else float("nan")
+
+
+def _top1(row: dict, other: dict) -> str:
+    """Top-1 % of ``row``, bold when above ``other``'s."""
+    text = f"{100 * row['accuracy']:.2f}"
+    return f"**{text}**" if row["accuracy"] > other["accuracy"] else text
+
+
 def render(raw: dict) -> str:
     lines = ["# Low rank of k x k convolutions: spatial against channel form", "",
              f"`{raw['command']}` on {raw['machine']}, {raw['date']}. Every k x k Conv split by DALR + bias "
@@ -65,16 +76,8 @@ def render(raw: dict) -> str:
         by_key = {(r["fraction"], r["form"]): r for r in task["rows"]}
         for fraction in sorted({r["fraction"] for r in task["rows"]}, reverse=True):
             ch, sp = by_key[(fraction, "channel")], by_key[(fraction, "spatial")]
-
-            def err(r):
-                return float(np.mean([layer["error"] for layer in r["layers"]])) if r["layers"] else float("nan")
-
-            def top1(r, other):
-                text = f"{100 * r['accuracy']:.2f}"
-                return f"**{text}**" if r["accuracy"] > other["accuracy"] else text
-
-            table.append([f"{fraction:g}", f"{100 * ch['macs_kept']:.1f} %", top1(ch, sp), f"{err(ch):.4f}",
-                          f"{100 * sp['macs_kept']:.1f} %", top1(sp, ch), f"{err(sp):.4f}",
+            table.append([f"{fraction:g}", f"{100 * ch['macs_kept']:.1f} %", _top1(ch, sp), f"{_layer_error(ch):.4f}",
+                          f"{100 * sp['macs_kept']:.1f} %", _top1(sp, ch), f"{_layer_error(sp):.4f}",
                           f"{100 * (sp['accuracy'] - ch['accuracy']):+.2f}"])
         lines += [markdown_table(["weights kept per layer", "channel: MACs", "channel: top-1", "channel: layer error",
                                   "spatial: MACs", "spatial: top-1", "spatial: layer error", "spatial - channel"],

@@ -353,6 +353,7 @@ class LowRankSplit(Pass):
         weights, spectra, merged, moments, keys = {}, {}, {}, {}, {}
         cones = cone_hashes(model, {layer.input for layer in layers}) if ctx.cache is not None else {}
         index = GraphIndex(model)
+        forms = {layer.name: split_shape(layer, opts.conv) for layer in layers}
         for layer in layers:
             w, b = layer_weight(index, layer)
             weights[layer.name] = (w, b)
@@ -362,10 +363,10 @@ class LowRankSplit(Pass):
                 # the same weight on the same statistics factors the same way (planner trials)
                 keys[layer.name] = (self.name, layer.name, cones[layer.input], opts.method, opts.ridge,
                                     opts.positions, hashlib.sha256(w.tobytes()).hexdigest())
-            spectra[layer.name] = ctx.remembered(_part(keys, layer, "spectrum"), lambda: linalg.output_spectrum(
-                w, total if opts.method == "dalr" else None))
+            if forms[layer.name].form == "channel":     # the spatial form neither ranks nor reports by it
+                spectra[layer.name] = ctx.remembered(_part(keys, layer, "spectrum"), lambda: linalg.output_spectrum(
+                    w, total if opts.method == "dalr" else None))
 
-        forms = {layer.name: split_shape(layer, opts.conv) for layer in layers}
         ranks = self._ranks(weights, spectra, forms)
         log.debug("low-rank-split: ranks chosen %s", ranks)
         timed = self._latency(model, layers, ranks, weights, ctx) if opts.latency and layers else {}
