@@ -167,4 +167,5 @@ class LatencyCosts:
 
 
 def full_size(site) -> int:
-    return site.size if site.family == "prune" else min(site.layer.out_features, site.layer.in_features)
+    """A site uncompressed: all its channels, or the largest useful rank of its split's form."""
+    return site.size if site.family == "prune" else site.split.limit

@@ -62,7 +62,7 @@ from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.low_rank_split import CONV_FORMS, SplitShape, spatial_widen, split_shape
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
-from onnxprune.plan.latency import LatencyCosts
+from onnxprune.plan.latency import LatencyCosts, full_size
 from onnxprune.plan.suffix import (
     ActivationCache,
     Suffix,
@@ -678,7 +678,7 @@ class Planner:
                 outputs = Suffix(trial, hashes, output).run(cache, batch_size=max(self.batch_size, 64),
                                                             device=self.device)
                 d = damage(cache.output, outputs, self.kind)
-                rows.append({"size": size, "of": site.size if site.family == "prune" else _full_rank(site),
+                rows.append({"size": size, "of": full_size(site),
                              "keep": fraction, "saving": self.costs.saving(site, size), **d})
                 measured += 1
             trials += measured
@@ -971,7 +971,7 @@ class Planner:
         step = path.steps[t - 1]
         site = next(s for s in self.sites if s.key == step.site)
         before = path.plan(t - 1).get(step.site)
-        upper = before.size if before else (site.size if site.family == "prune" else _full_rank(site))
+        upper = before.size if before else full_size(site)
         rows = sorted(self.curves[site.key], key=lambda r: r["size"])
         unit = site.group.unit if site.family == "prune" and site.group is not None else 1
         sizes = [k for k in range(step.size, upper) if (unit == 1 and (site.family != "prune" or site.size < WIDE_GROUP
@@ -1006,7 +1006,7 @@ class Planner:
             site = by_name[name]
             sites.append({"site": site.name, "family": o.family, "size": o.size,
                           **({"form": site.split.form} if site.split is not None else {}),
-                          "of": site.size if o.family == "prune" else _full_rank(site),
+                          "of": full_size(site),
                           "saving": o.saving / self.costs.total, "predicted_damage": o.damage})
         return {
             "goal": goal, "margin": self.options.margin, "objective": self.options.objective,
@@ -1085,7 +1085,3 @@ def _prefetch_windows(model: onnx.ModelProto, sites: list[Site], cache: Activati
     if first is not None:
         windows[first] = list(wanted)
     return windows
-
-
-def _full_rank(site: Site) -> int:
-    return site.split.limit
