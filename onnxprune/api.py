@@ -132,7 +132,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                                        config=finetune, options=recovery)
         try:
             original, recipe, provider, planning, trained = plan_recipe(
-                original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=search)
+                original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=search,
+                evaluated=len(held_out))
         except ValidationFailed as exc:
             exc.report["evaluation"] = held_out.describe()
             raise fail(exc.report, output, exc) from None
@@ -344,11 +345,11 @@ def plan_remedy(planning: dict | None) -> str:
         return REMEDY
     recovery = planning.get("recovery")
     if recovery:
-        return (f"a larger --finetune-margin (now {recovery['margin']:g}: standard errors of a distilled plan's drop "
-                "kept in reserve) or a smaller --max-drop keeps a less compressed plan; more target samples "
+        return (f"a larger --finetune-margin (now {recovery['margin']:g}: standard errors kept in reserve below "
+                "--max-drop) or a smaller --max-drop keeps a less compressed plan; more target samples "
                 "sharpen the checkpoint fold")
-    return (f"a larger --margin (now {planning['margin']:g}: standard errors of the plan check's drop kept in "
-            "reserve) or a smaller --max-drop keeps a less compressed plan; more target samples sharpen the check")
+    return (f"a larger --margin (now {planning['margin']:g}: standard errors kept in reserve below --max-drop, "
+            f"{planning.get('reserve') or 0:.2f} points here) or a smaller --max-drop keeps a less compressed plan; more target samples sharpen the check")
 
 
 def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output: str | os.PathLike | None = None,
@@ -470,20 +471,21 @@ def pareto_lines(rows: list[dict]) -> list[str]:
 
 
 def make_planner(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
-                 device: str = "cpu", progress: bool = True) -> Planner:
+                 device: str = "cpu", progress: bool = True, evaluated: int | None = None) -> Planner:
     """The planner for ``recipe`` (its ``plan`` table's options, batch size, seed, metric and mask)
     on the calibration ``samples`` ({"target": ..., "source": ... or None}). ``uncapped``: the
     calibration part before the --calib-size cap; the checks also score the samples the cap
-    left out of it (``PlanOptions.check_extra`` at most)."""
+    left out of it (``PlanOptions.check_extra`` at most). ``evaluated``: the number of held-out
+    samples that will evaluate the result (``Planner``)."""
     options = plan_options(recipe.plan or {})
     extra = None if uncapped is None else spare(uncapped, recipe.calib_size, options.check_extra, seed=recipe.seed)
     return Planner(original, samples["target"], options=options, source=samples.get("source"),
                    batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
-                   metric=recipe.metric, mask=recipe.mask, extra=extra)
+                   metric=recipe.metric, mask=recipe.mask, extra=extra, evaluated=evaluated)
 
 
 def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
-                device: str = "cpu", progress: bool = True, recovery=None
+                device: str = "cpu", progress: bool = True, recovery=None, evaluated: int | None = None
                 ) -> tuple[onnx.ModelProto, Recipe, StatsProvider, dict, Any]:
     """Run the planner that ``recipe.plan`` asks for on the calibration ``samples`` (``make_planner``).
 
@@ -495,7 +497,8 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
     planner's plan with distillation (``recovery_search``).
     """
     goal = recipe.plan
-    planner = make_planner(original, samples, recipe, uncapped=uncapped, device=device, progress=progress)
+    planner = make_planner(original, samples, recipe, uncapped=uncapped, device=device, progress=progress,
+                           evaluated=evaluated)
     trained = None
     if goal.get("max_drop") is not None:
         result = planner.for_max_drop(goal["max_drop"])

@@ -390,8 +390,9 @@ def calibration_options(func):
                    "Runs the one recipe the flags describe (no planning).")
 @click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
               help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
-@click.option("--margin", type=click.FloatRange(min=0), help="Planner: standard errors of the checked drop kept "
-                                                             "in reserve (default 0.5).")
+@click.option("--margin", type=click.FloatRange(min=0),
+              help="Planner: standard errors kept in reserve below --max-drop, of the difference between the plan's "
+                   "check and the evaluation on the held-out samples (default 1).")
 @click.option("--check-extra", type=click.IntRange(min=0),
               help="Planner: the checks also score at most this many target samples that calibrate nothing (what "
                    "--calib-size left of the calibration part; default 4000, 0: none): a smaller standard error "
@@ -431,8 +432,9 @@ def calibration_options(func):
 @click.option("--finetune-trials", type=click.IntRange(min=1), default=3, show_default=True,
               help="With --finetune and --max-drop: plans distilled at most (each a whole training).")
 @click.option("--finetune-margin", type=click.FloatRange(min=0),
-              help="With --finetune and --max-drop: standard errors of a distilled plan's checkpoint-fold drop kept "
-                   "in reserve (default: --margin's).")
+              help="With --finetune and --max-drop: standard errors kept in reserve below --max-drop, of the "
+                   "difference between a distilled plan's checkpoint-fold drop and the held-out evaluation "
+                   "(default: --margin's).")
 @click.option("--finetune-refit/--no-finetune-refit", default=True, show_default=True,
               help="With --finetune and --max-drop: distil the chosen plan again on the training samples and the "
                    "checkpoint fold together (one more training; the fold has decided), or keep its search weights.")
@@ -579,8 +581,12 @@ def plan_lines(report: dict) -> list[str]:
         lines.append(f"planning took {sum(seconds.values()):.0f} s, {seconds.get('recovery', 0):.0f} s of it the "
                      "distilled plans")
     else:
+        reserve = ""
+        if plan.get("goal", {}).get("max_drop") is not None and plan.get("reserve") is not None:
+            against = f"the {plan['evaluated']} held-out samples' noise" if plan.get("evaluated") else "its noise"
+            reserve = f" (+ {plan['reserve']:.2f} in reserve against {against})"
         lines.append(f"plan check ({checked_samples(plan)}, cross-fitted): {metric} drop "
-                     f"{check['drop']:.2f} +- {check['se']:.2f} points; planning took {sum(seconds.values()):.0f} s")
+                     f"{check['drop']:.2f} +- {check['se']:.2f} points{reserve}; planning took {sum(seconds.values()):.0f} s")
     return lines + [""]
 
 

@@ -41,7 +41,8 @@ TRIALS = 3
 @dataclasses.dataclass(frozen=True)
 class RecoveryOptions:
     """How ``compress --max-drop --finetune`` searches: distilled candidates at most (``trials``),
-    standard errors of a candidate's fold drop kept in reserve (``margin``; None: the planner's),
+    standard errors kept in reserve below the goal (``margin``, see ``Check.reserve``: of the
+    fold drop and the held-out evaluation the planner expects; None: the planner's),
     and whether the chosen plan is distilled again on the training samples *and* the fold
     (``refit``): the fold has decided, so it can train the final model too (ResNet-20 split seeds
     0-3, held-out drops -0.32 -> -0.14, 2.44 -> 2.10, 0.26 -> 0.16, 0.90 -> 0.58 for one more
@@ -107,7 +108,7 @@ class RecoverySearch:
         return measure(self.reference, candidate, self.labels, self.planner.kind)
 
     def ok(self, check: Check, max_drop: float) -> bool:
-        return check.drop + self.margin * check.se <= max_drop
+        return check.within(max_drop, self.margin, self.planner.evaluated)
 
     def attempt(self, path: Path, t: int) -> Trained:
         started = time.perf_counter()
@@ -161,6 +162,7 @@ class RecoverySearch:
             "trials": [trained.record() for trained in self.tried],
             "checkpoint_samples": len(self.fold),
             "margin": self.margin,
+            "reserve": None if best is None else best.after.reserve(self.margin, planner.evaluated),
             "chosen": None if best is None else best.step,
             "without_training": {"step": found["step"], "cost": found["cost"], "check": found["check"]},
         }

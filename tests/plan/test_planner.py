@@ -71,7 +71,9 @@ def test_max_drop_is_met_on_held_out_samples(lenet):
     model, planner, held_out = lenet
     result = planner.for_max_drop(1.0)
     assert result["sites"], "something is compressible within 1 point"
-    assert result["check"]["drop"] + planner.options.margin * result["check"]["se"] <= 1.0
+    check = Check(**result["check"])
+    assert result["reserve"] == check.reserve(planner.options.margin, planner.evaluated)
+    assert check.drop + result["reserve"] <= 1.0
     # correct-drift is in the plan exactly when the check says it stays (None: not tried there)
     assert bool(result["check"]["drift"]) == any(name == "correct-drift" for name, _ in result["passes"])
     small = final_model(planner, result)
@@ -165,6 +167,16 @@ def test_damage_and_measure_on_constructed_outputs():
     assert check.drop == pytest.approx(10.0) and check.accuracy_reference == 1.0 and check.se > 0
 
 
+def test_the_reserve_covers_the_noise_of_the_check_and_of_the_evaluation():
+    check = Check(0.4, 0.3, 0.95, 0.8, 0.796, 0.0, 0.0, samples=1000)
+    assert check.reserve(1.0) == pytest.approx(0.3)                  # the check's own error
+    # the evaluation reads the same per-sample spread on its own count: 0.3 sqrt(1000 / 250) = 0.6
+    assert check.reserve(1.0, evaluated=250) == pytest.approx(np.hypot(0.3, 0.6))
+    assert check.reserve(0.5, evaluated=1000) == pytest.approx(0.5 * 0.3 * np.sqrt(2))
+    assert check.within(1.0, 1.0, evaluated=1000) and not check.within(1.0, 1.0, evaluated=250)
+    assert measure(np.eye(4), np.eye(4), np.arange(4)).samples == 4
+
+
 def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
     out = tmp_path / "lenet.onnx"
     result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
@@ -180,13 +192,17 @@ def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
     recipe = json.loads(out.with_name("lenet.recipe.json").read_text())
     assert "plan" not in recipe and recipe["passes"]          # re-runnable without planning
     assert plan["check"]["se"] <= 0.5 and not any("too coarse" in w for w in report["warnings"])
+    # the reserve counts the noise of the 1003 held-out samples too
+    assert plan["evaluated"] == v["samples"] == 1003
+    assert plan["reserve"] == pytest.approx(plan["check"]["se"] * np.sqrt(1 + 1004 / 1003))
+    assert f"+ {plan['reserve']:.2f} in reserve against the 1003 held-out samples' noise" in result.output
 
 
 def test_a_check_too_noisy_for_its_goal_is_said(tmp_path):
     # 150 checked samples read the drop of a plan within 2 points to about +- 1.3: too coarse for it
     out = tmp_path / "lenet.onnx"
     result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
-                                       "--calib-size", "150", "--check-extra", "0", "--max-drop", "2",
+                                       "--calib-size", "150", "--check-extra", "0", "--max-drop", "2", "--margin", "0",
                                        "--no-latency"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_name("lenet.report.json").read_text())
@@ -211,7 +227,7 @@ def test_a_missed_drop_after_planning_names_the_options_that_plan_less(tmp_path)
     with pytest.raises(ValidationFailed) as failed:
         onnxprune.compress(MODEL, DATA, recipe=recipe, max_drop=0.0, output=tmp_path / "o.onnx", progress=False,
                            measure_latency=False)
-    assert failed.value.hint.startswith("a larger --margin (now 0.7: standard errors of the plan check's drop")
+    assert failed.value.hint.startswith("a larger --margin (now 0.7: standard errors kept in reserve below --max-drop, ")
     assert not (tmp_path / "o.onnx").exists()
     recovery = {"goal": {"max_drop": 1.0}, "margin": 0.5, "recovery": {"margin": 2.0}}
     assert plan_remedy(recovery).startswith("a larger --finetune-margin (now 2: ")

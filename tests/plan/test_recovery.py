@@ -83,10 +83,11 @@ def test_a_candidate_passes_with_its_margin_of_standard_errors_in_reserve(planne
     planner, calib = planner
     fold = calib.subset(np.arange(300, 340))
     check = Check(0.5, 0.6, 0.95, 0.7, 0.695, 0.0, 0.0)       # 0.5 + 0.5 * 0.6 = 0.8, 0.5 + 1.0 * 0.6 = 1.1
-    one = RecoveryOptions(margin=1.0)
-    assert RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.0)   # the planner's 0.5
-    assert not RecoverySearch(planner, build=None, train=None, fold=fold, options=one).ok(check, 1.0)
-    assert RecoverySearch(planner, build=None, train=None, fold=fold, options=one).ok(check, 1.1)
+    half = RecoveryOptions(margin=0.5)
+    assert planner.options.margin == 1.0 and planner.evaluated is None     # the planner's margin, its check alone
+    assert RecoverySearch(planner, build=None, train=None, fold=fold, options=half).ok(check, 1.0)
+    assert not RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.0)
+    assert RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.1)
     with pytest.raises(ValueError):
         RecoveryOptions(trials=0)
 
@@ -101,9 +102,12 @@ def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path, r
     assert result.exit_code in (0, 3), result.output
     report = json.loads(out.with_name("small.report.json").read_text())
     plan, recovery = report["plan"], report["plan"]["recovery"]
-    assert 1 <= len(recovery["trials"]) <= 2 and recovery["margin"] == 0.5     # the planner's margin
-    for trial in recovery["trials"]:
-        assert trial["passed"] == (trial["drop"] + 0.5 * trial["se"] <= 1.0)
+    assert 1 <= len(recovery["trials"]) <= 2 and recovery["margin"] == 1.0     # the planner's margin
+    evaluated, fold = report["validation"]["samples"], recovery["checkpoint_samples"]
+    assert plan["evaluated"] == evaluated
+    for trial in recovery["trials"]:     # one standard error of the fold's drop minus the evaluation's
+        reserve = trial["se"] * (1 + fold / evaluated) ** 0.5
+        assert trial["passed"] == (trial["drop"] + reserve <= 1.0)
         assert trial["cost"] < recovery["without_training"]["cost"]        # beyond the plan without training
     ft, ev = report["finetune"], report["evaluation"]
     # the fold that decides the plan: half of the calibration part by default, never evaluated on
