@@ -332,6 +332,26 @@ def test_max_drop_backs_off_the_site_whose_step_failed(lenet, monkeypatch):
     assert result["cost"] * planner.costs.total == min(c for c, drop in checked if drop == 0.0)
 
 
+@pytest.mark.parametrize("drop, se, tried", [(1.5, 0.0, True), (2.5, 0.0, False), (0.0, 1.2, False)])
+def test_correct_drift_is_tried_only_where_halving_the_drop_could_pass(lenet, monkeypatch, drop, se, tried):
+    """The first failed step is retried with correct-drift (a calibration pass per corrected
+    tensor) only where cutting its drop to 1 / DRIFT_REACH, the reserve unchanged, would pass:
+    not where the step failed on its reserve alone (a check too noisy for the goal)."""
+    _, planner, _ = lenet
+    planner.sensitivity()
+    path = planner.path()
+    limit = path.predicted(3)[1]
+    asked = []
+
+    def fake(plan, *, drift=True, judge="divergence"):
+        asked.append(drift)
+        beyond = sum(max(o.damage, 0.0) for o in plan.values()) > limit
+        return Check(drop if beyond else 0.0, se if beyond else 0.0, 1.0, None, None, 0.0, None, samples=100)
+    monkeypatch.setattr(planner, "check", fake)
+    planner.for_max_drop(1.0)            # the reserve: margin 1 x se (no evaluation size given)
+    assert any(asked) == tried
+
+
 def test_max_drop_zero_ends_with_a_plan_that_measured_no_drop():
     """Steps that predict no damage at all do not stall the search: with --max-drop 0 it
     still ends, after a few checks, on a plan whose check shows no drop."""
