@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     original = as_model(spec["model"])
     recipe = recipe_at(spec, 0, plan={"max_drop": 1.0})
-    samples, *_ = compress_samples(original, recipe, USPS)
-    named, planned, *_ = plan_recipe(original, samples, recipe, progress=False)
+    samples, held_out, *_ = compress_samples(original, recipe, USPS)
+    named, planned, *_ = plan_recipe(original, samples, recipe, progress=False, evaluated=len(held_out))
     passes = [p for p in planned.passes]
     rows, differences = [], []
     for seed in range(1, args.seeds + 1):

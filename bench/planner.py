@@ -68,7 +68,8 @@ def run(name: str, spec: dict, quick: bool, budgets: tuple[float, ...] = ()) -> 
     recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=spec["calib_size"], preprocess=spec["preprocess"])
     samples, held_out, _, calib, _ = compress_samples(model, recipe, spec["data"])
     started = time.perf_counter()
-    planner = make_planner(model, samples, recipe, uncapped=calib, progress=False)   # as compress plans
+    planner = make_planner(model, samples, recipe, uncapped=calib, progress=False,   # as compress plans
+                           evaluated=len(held_out))
     out = {"name": name, "calibration": len(samples["target"]), "checked": len(planner.checked),
            "evaluation": len(held_out), "rows": [],
            "load": [round(os.getloadavg()[0], 1)]}
