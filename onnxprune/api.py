@@ -349,7 +349,8 @@ def plan_remedy(planning: dict | None) -> str:
                 "--max-drop) or a smaller --max-drop keeps a less compressed plan; more target samples "
                 "sharpen the checkpoint fold")
     return (f"a larger --margin (now {planning['margin']:g}: standard errors kept in reserve below --max-drop, "
-            f"{planning.get('reserve') or 0:.2f} points here) or a smaller --max-drop keeps a less compressed plan; more target samples sharpen the check")
+            f"{planning.get('reserve') or 0:.2f} points here) or a smaller --max-drop keeps a less compressed plan; "
+            "more target samples sharpen the check")
 
 
 def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output: str | os.PathLike | None = None,

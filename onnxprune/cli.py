@@ -585,8 +585,8 @@ def plan_lines(report: dict) -> list[str]:
         if plan.get("goal", {}).get("max_drop") is not None and plan.get("reserve") is not None:
             against = f"the {plan['evaluated']} held-out samples' noise" if plan.get("evaluated") else "its noise"
             reserve = f" (+ {plan['reserve']:.2f} in reserve against {against})"
-        lines.append(f"plan check ({checked_samples(plan)}, cross-fitted): {metric} drop "
-                     f"{check['drop']:.2f} +- {check['se']:.2f} points{reserve}; planning took {sum(seconds.values()):.0f} s")
+        lines.append(f"plan check ({checked_samples(plan)}, cross-fitted): {metric} drop {check['drop']:.2f} "
+                     f"+- {check['se']:.2f} points{reserve}; planning took {sum(seconds.values()):.0f} s")
     return lines + [""]
 
 

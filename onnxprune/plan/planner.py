@@ -17,13 +17,13 @@
    (statistics of half 0 / half 1) and scored on the other half, and the measured drop
    (accuracy points with labels, else 100 - agreement %) plus ``margin`` standard errors
    must stay within ``max_drop``: errors of the difference between the check and the
-   held-out evaluation when its size is known (``Check.reserve``). Target samples that calibrate nothing (what the
-   --calib-size cap left of the calibration part, ``PlanOptions.check_extra`` at most) are
-   scored too, half by each model: the check's standard error shrinks, the calibration
-   cost does not grow. Where the step after the best plan fails, the site it moves is backed
-   off (kept at its size) and the search goes on along the chain without it (``BACKOFF``).
-   With a budget instead, the least aggressive plan of the chain that meets it is taken
-   (maximum predicted accuracy at that cost).
+   held-out evaluation when its size is known (``Check.reserve``). Target samples that
+   calibrate nothing (what the --calib-size cap left of the calibration part,
+   ``PlanOptions.check_extra`` at most) are scored too, half by each model: the check's
+   standard error shrinks, the calibration cost does not grow. Where the step after the best
+   plan fails, the site it moves is backed off (kept at its size) and the search goes on
+   along the chain without it (``BACKOFF``). With a budget instead, the least aggressive
+   plan of the chain that meets it is taken (maximum predicted accuracy at that cost).
 5. ``correct-drift`` (refitting the layers after the compressed sites against the original)
    costs one calibration pass per corrected tensor, too many for every step: the search runs
    without it. For a budget, the chosen step is checked with and without it, and it stays
@@ -491,8 +491,9 @@ class Check:
 
         The evaluation judges the result on samples of its own, with noise of its own: a plan
         checked within the limit by less than that noise misses it there about as often as not
-        (LeNet on USPS, default goal at margin 0.5 on the check's error alone: held-out drops
-        1.10, 1.20 and 1.60 on three split seeds of four, their checks 0.10-0.70)."""
+        (LeNet on USPS, the default goal over 20 split seeds: within 1 point on 11 with half a
+        standard error of the check alone in reserve, on 16 with one of the difference;
+        bench/results/planner_seeds_*digits20.md)."""
         if not evaluated or not self.samples:
             return margin * self.se
         return margin * self.se * math.sqrt(1.0 + self.samples / evaluated)
@@ -570,12 +571,13 @@ class Planner:
                  mask: str | None = "auto", extra=None, evaluated: int | None = None):
         """``evaluated``: how many samples will evaluate the result (``compress``'s held-out split):
         a ``max_drop`` check keeps its reserve against the noise of that evaluation too
-        (``Check.reserve``); None: against the check's own. ``metric``: how outputs are compared ("auto", "classes", "embedding": see
-        ``onnxprune.embedding``); ``mask``: the token-mask input of the calibration; ``extra``:
-        target samples that calibrate nothing (of the same opened set as ``calib``, e.g. what
-        the --calib-size cap left out): the checks score them too, half by each cross-fitted
-        model, for a check with a smaller standard error at the same calibration cost (as many
-        as fit in memory, decoded, with the calibration samples: ``IN_MEMORY_BYTES``)."""
+        (``Check.reserve``); None: against the check's own. ``metric``: how outputs are compared
+        ("auto", "classes", "embedding": see ``onnxprune.embedding``); ``mask``: the token-mask
+        input of the calibration; ``extra``: target samples that calibrate nothing (of the same
+        opened set as ``calib``, e.g. what the --calib-size cap left out): the checks score them
+        too, half by each cross-fitted model, for a check with a smaller standard error at the same
+        calibration cost (as many as fit in memory, decoded, with the calibration samples:
+        ``IN_MEMORY_BYTES``)."""
         if len(calib) < 8:
             raise RecipeError("calibration", f"{len(calib)} samples are too few to plan and check",
                               "give at least 8 (better hundreds of) target samples")
