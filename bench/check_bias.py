@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     se = statistics.stdev(differences) / len(differences) ** 0.5
     text = "\n".join([
         f"# Is the check biased for a fixed plan? ({args.model}, USPS)", "",
-        f"`python bench/check_bias.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {machine()}, "
+        f"`{' '.join(['python bench/check_bias.py', *(sys.argv[1:] if argv is None else argv)])}` on {machine()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.perf_counter() - started:.0f} s. The default goal's "
         f"plan at split seed 0 ({', '.join(name for name, _ in passes)}), built at each split seed below by the "
         "planner's cross-fitted halves: 'check' is its drop as `Planner.check` measures it (each half's model on "
