@@ -154,15 +154,17 @@ class RecoverySearch:
             else:
                 failed_step = t
         planner._timed("recovery", started)
-        result = found
+        result, reserve = found, None
         if best is not None:
             drift = any(p[0] == "correct-drift" for p in planner.passes_for(path.plan(best.step)))
             result = planner._result(path, best.step, dataclasses.replace(best.after, drift=drift), found["goal"])
+            # the plan's reserve is the one that decided: this search's margin, not the planner's
+            result["reserve"] = reserve = best.after.reserve(self.margin, planner.evaluated)
         result["recovery"] = {
             "trials": [trained.record() for trained in self.tried],
             "checkpoint_samples": len(self.fold),
             "margin": self.margin,
-            "reserve": None if best is None else best.after.reserve(self.margin, planner.evaluated),
+            "reserve": reserve,
             "chosen": None if best is None else best.step,
             "without_training": {"step": found["step"], "cost": found["cost"], "check": found["check"]},
         }
