@@ -23,15 +23,16 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
-from bench.common import RESULTS, SHARED, machine, markdown_table
+from bench.common import RESULTS, machine, markdown_table
+from bench.planner_seeds import SEEDED, USPS
 from onnxprune.api import as_model, compress_samples, make_planner, plan_recipe
 from onnxprune.pipeline import Recipe
 from onnxprune.plan.planner import measure, model_outputs
 
-USPS = SHARED / "data/digits/usps_test.npz"
+#: planner_seeds' digit models, with their --mean/--std flags as a recipe's preprocessing
 MODELS = {
-    "lenet": dict(model=SHARED / "models/lenet_caffe_mnist.onnx", preprocess={}),
-    "mnist_cnn": dict(model=SHARED / "models/mnist_cnn_fc3136.onnx", preprocess={"mean": [0.5], "std": [0.5]}),
+    "lenet": dict(model=SEEDED["lenet"]["model"], preprocess={}),
+    "mnist_cnn": dict(model=SEEDED["mnist_cnn"]["model"], preprocess={"mean": [0.5], "std": [0.5]}),
 }
 
 
