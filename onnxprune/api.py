@@ -145,6 +145,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                 raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
                                 "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
             check_held_out(preloaded, stats, held_out, eval_source)
+            check_stats_fit(preloaded, stats, recipe, original, samples)
         provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                                  progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original,
                                  mask=recipe.mask)
@@ -175,7 +176,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     report["warnings"] = warnings
     report["recipe"] = recipe.to_dict()
     try:
-        check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement, remedy=plan_remedy(planning))
+        check_thresholds(validation, max_drop=max_drop, min_agreement=min_agreement,
+                         remedy=plan_remedy(planning) if stats is None else STATS_REMEDY)
     except ValidationFailed as exc:
         raise fail(report, output, exc) from None
     report["verdict"] = "passed" if max_drop is not None or min_agreement is not None else "unchecked"
@@ -336,6 +338,12 @@ def plan_warnings(planning: dict | None) -> list[str]:
     return [(f"the plan's check measured its drop to +- {se:.2f} points on {samples} samples, too coarse for "
              f"--max-drop {goal:g}: on other samples the result may well miss it (give more target samples "
              "for a sharper check and evaluation)")]
+
+
+#: the first hint of a missed threshold with --stats (one fixed recipe, no planning)
+STATS_REMEDY = ("with --stats compress runs one fixed recipe: give it a milder budget (--keep, --rank, ...: the "
+                "statistics of a method serve every budget of it), or drop --stats and let the planner find the "
+                "smallest model within --max-drop")
 
 
 def plan_remedy(planning: dict | None) -> str:
@@ -655,6 +663,44 @@ def check_held_out(stats: Statistics, stats_path, evaluation: SampleSet, eval_so
                     stats_path, " and ".join(sorted(unknown)))
 
 
+def check_stats_fit(stats: Statistics, stats_path, recipe: Recipe, original: onnx.ModelProto,
+                    samples: dict[str, SampleSet]) -> None:
+    """Refuse saved statistics that are not what this run would gather itself (DataError):
+    gathered with other preprocessing, on other calibration samples (another --split, --seed,
+    --calib-size or data), or without a statistic the recipe's passes need on the original model
+    (gathered for another recipe). Anything else would be calibrated anew or mixed in silently."""
+    gathered = stats.header.get("sets", {})
+    for name, sample_set in samples.items():
+        desc = gathered.get(name)
+        if desc is None:
+            continue
+        mine = json.loads(json.dumps(sample_set.describe()))
+        if "preprocess" in desc and desc["preprocess"] != mine["preprocess"]:
+            raise DataError(str(stats_path), f"the {name} statistics were gathered with preprocessing "
+                            f"{_preprocess_text(desc['preprocess'])}, this run uses {_preprocess_text(mine['preprocess'])}",
+                            "give compress the preprocessing flags `calibrate` was given")
+        if "indices_sha" in desc and desc["indices_sha"] != mine["indices_sha"]:
+            raise DataError(str(stats_path), f"the {name} statistics were gathered on other samples ({desc.get('count')}) "
+                            f"than the {len(sample_set)} this run calibrates on",
+                            "give compress the --split, --seed and --calib-size `calibrate` was given (the command "
+                            "line takes them from the file when they are left out), or drop --stats")
+    missing = [request for p in recipe.build() for request, sets in p.requests(original)
+               for name in sets if name in gathered and not stats.has(request, set=name)]
+    if missing:
+        what = stats.header.get("recipe", {}).get("passes")
+        made_for = f" (gathered for {', '.join(p['name'] for p in what)})" if what else ""
+        raise DataError(str(stats_path), f"holds no statistics for {missing[0].key}, one of {len(missing)} this recipe "
+                        f"needs{made_for}",
+                        "run `onnxprune calibrate` with the method flags (or --recipe) given to compress, or give "
+                        "compress no method flags to run the recipe the file was gathered for")
+
+
+def _preprocess_text(preprocess: dict) -> str:
+    """The preprocessing settings that differ from none, for a message."""
+    given = {k: v for k, v in preprocess.items() if v not in (None, [], (), False)}
+    return json.dumps(given, sort_keys=True) if given else "none"
+
+
 def statistics_summary(stats_path, stats: Statistics) -> dict:
     """The statistics file and what it was gathered on, for the report (row lists left out)."""
     def strip(desc: dict) -> dict:
@@ -768,6 +814,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     for set_name, info in (stats.header.get("shard") or {}).get("sets", {}).items():
         if isinstance(info.get("set"), dict):
             info["set"].update(used.get(set_name, {}))
+    stats.header["recipe"] = recipe.to_dict()      # what `compress --stats` runs when given no method flags
     stats.save(output)
     os.chmod(output, default_mode())
     return stats

@@ -13,6 +13,7 @@ why, sizes chosen, timings), ``-vv`` the numbers behind each choice, ``-q`` erro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -456,8 +457,11 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
     """
     from onnxprune import api
 
+    given = {name for name in kw if click.get_current_context().get_parameter_source(name)
+             == click.core.ParameterSource.COMMANDLINE}
+    saved = stats_recipe(kw, given, quiet=quiet) if kw["stats"] and not kw.get("recipe") else None
     preprocess = preprocess_dict(kw)
-    recipe = build_recipe(kw, preprocess)
+    recipe = saved or build_recipe(kw, preprocess)
     if kw.get("recipe"):
         from onnxprune.paths import check_output_text, check_outputs
         check_output_text(output)
@@ -494,6 +498,61 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
             print_report(report, output, as_json=as_json, quiet=quiet)
         raise
     print_report(result.report, output, as_json=as_json, quiet=quiet)
+
+
+#: compress flags that choose the method or its budget: without any, `compress --stats` runs the
+#: recipe the statistics were gathered for
+METHOD_FLAGS = ("method", "objective", "allocation", "layers", "no_reconstruct", "then_low_rank", "conv_split",
+                "latency_aware_splits", *recipes.BUDGET_OPTIONS, *recipes.RULE_OPTIONS)
+PREPROCESS_FLAGS = ("resize", "center_crop", "mean", "std", "grayscale", "scale", "layout", "tokenizer", "max_length")
+
+
+def stats_recipe(kw: dict, given: set[str], *, quiet: int):
+    """``compress --stats`` (no --recipe): the file fixes which samples calibrated, so --seed,
+    --split and --calib-size left out are taken from it (``kw`` updated). With no method flag at
+    all, the recipe is the one the file was gathered for (``calibrate``'s default: dalr-bc keep
+    0.25), with its preprocessing unless flags give one, checked against the default goal
+    (--max-drop 1) unless a threshold is given: returned. Else None (the flags' recipe)."""
+    from onnxprune.calibration.stats import Statistics
+    from onnxprune.pipeline import Recipe
+
+    header = Statistics.load(kw["stats"]).header
+    saved = header.get("recipe")
+    if saved is None:                  # a file from before recipes were recorded: the flags decide
+        return None
+    target = header.get("sets", {}).get("target", {})
+    defaults = {"seed": saved.get("seed"), "calib_size": saved.get("calib_size")}
+    if isinstance(target.get("split"), (int, float)) and target["split"] < 1:
+        defaults["split"] = target["split"]
+    for name, value in defaults.items():
+        if name not in given and value is not None:
+            kw[name] = None if value == "all" else value
+    if any(name in given for name in METHOD_FLAGS):
+        return None
+    recipe = Recipe.from_dict({**saved, "seed": kw["seed"], "split": kw["split"],
+                               "calib_size": "all" if kw["calib_size"] is None else kw["calib_size"],
+                               "batch_size": kw["batch_size"],
+                               **({} if any(name in given for name in PREPROCESS_FLAGS)
+                                  else {"preprocess": saved.get("preprocess", {})})},
+                              source=str(kw["stats"]))
+    if any(name in given for name in PREPROCESS_FLAGS):
+        recipe = dataclasses.replace(recipe, preprocess=preprocess_dict(dict(kw)))
+    passes = ", ".join(f"{name} {_options_text(options)}".strip() for name, options in recipe.passes)
+    goal = ""
+    if kw["max_drop"] is None and kw["min_agreement"] is None:
+        kw["max_drop"] = 1.0
+        goal = ", checked against the default goal --max-drop 1 (exit 3 if missed)"
+    if not quiet:
+        click.echo(f"--stats without method flags: running the recipe the statistics were gathered for ({passes}; "
+                   f"a budget flag such as --keep changes it; the planner does not take saved statistics){goal}",
+                   err=True)
+    return recipe
+
+
+def _options_text(options: dict) -> str:
+    """A pass's budget options, for one line."""
+    return " ".join(f"{k} {v}" for k, v in options.items() if k in ("method", "criterion", *recipes.BUDGET_OPTIONS)
+                    and v is not None)
 
 
 def print_report(report: dict, output, *, as_json: bool, quiet: int) -> None:

@@ -103,13 +103,42 @@ def test_inspect_json_lists_methods():
 
 def test_calibrate_then_compress_with_stats(tmp_path):
     stats = tmp_path / "stats.npz"
-    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "-q")
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "--calib-size", "200", "-q")
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "small.onnx"
     result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--stats", stats, "--keep", "0.3", *FAST)
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.with_name("small.report.json").read_text())
     assert report["calibration_runs"] == 0  # everything came from the saved statistics
+
+
+def test_stats_without_method_flags_run_the_recipe_they_were_gathered_for(tmp_path):
+    """No method flag: the file's recipe (not dalr-bc 0.25), its samples, and the default goal's check."""
+    stats = tmp_path / "stats.npz"
+    assert cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "--method", "spectral",
+               "--calib-size", "150", "--seed", "3", "-q").exit_code == 0
+    out = tmp_path / "small.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--stats", stats, "--no-latency")
+    assert result.exit_code in (0, 3), result.stderr
+    assert "running the recipe the statistics were gathered for" in result.stderr
+    report = json.loads(out.with_name("small.report.json").read_text())
+    assert [p["name"] for p in report["recipe"]["passes"]] == ["select-nodes", "reconstruct-next-layer"]
+    assert report["recipe"]["calib_size"] == 150 and report["recipe"]["seed"] == 3
+    assert report["verdict"] in ("passed", "failed") and report["calibration_runs"] == 0
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--mean", "0.5", "--std", "0.5"], "gathered with preprocessing"),
+    (["--method", "spectral", "--keep", "0.5"], "holds no statistics for"),
+    (["--calib-size", "120"], "gathered on other samples (200) than the 120"),
+])
+def test_stats_that_do_not_fit_the_run_are_refused(tmp_path, flags, problem):
+    stats = tmp_path / "stats.npz"
+    assert cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "--calib-size", "200", "-q").exit_code == 0
+    out = tmp_path / "small.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--stats", stats, "--no-latency", "-q", *flags)
+    assert result.exit_code == 1 and problem in result.stderr, result.stderr
+    assert not list(tmp_path.glob("small*"))
 
 
 def test_stats_for_another_model_are_refused(tmp_path):
