@@ -118,6 +118,12 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         checkpoint_fraction=None if finetune is None else finetune.val_fraction)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
+    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
+    if note:
+        log.warning("%s", note)
+        samples["target"], held_out = samples["target"].without_labels(), held_out.without_labels()
+        train_set = train_set.without_labels()
+        val_fold = None if val_fold is None else val_fold.without_labels()
     preloaded = planning = trained = None
     if recipe.plan is not None:
         if stats is not None:
@@ -172,6 +178,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     warnings = list(validation.warnings) + collapse_warnings(validation, held_out) + plan_warnings(planning)
     for warning in warnings:
         log.warning("%s", warning)
+    warnings = label_notes + warnings
     report["validation"] = validation.to_dict()
     report["warnings"] = warnings
     report["recipe"] = recipe.to_dict()
@@ -184,6 +191,45 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     if output is not None:
         write_outputs(compressed, report, recipe, Path(output))
     return CompressResult(compressed, report, None if output is None else Path(output))
+
+
+#: the original's accuracy on at most this many calibration samples decides whether labels fit
+LABEL_PROBE = 256
+
+
+def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSet, recipe: Recipe, *,
+                 device: str = "cpu") -> str | None:
+    """Why the labels cannot measure this classifier, or None: the original scores near chance on
+    the calibration samples (on at most ``LABEL_PROBE`` of them), so the labels are in another
+    class order or the model does not read the data as it should; every goal is then better
+    judged by agreement with the original. Labels outside the model's classes are a DataError:
+    no answer of the model can match them."""
+    from onnxprune import embedding
+    from onnxprune.plan.planner import model_outputs
+    from onnxprune.validate import chance_accuracy, near_chance
+
+    if calib.labels is None or embedding.output_kind(original, metric=recipe.metric) != "classes":
+        return None
+    probe = calib.subset(np.linspace(0, len(calib) - 1, min(len(calib), LABEL_PROBE)).round().astype(int))
+    outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device)
+    classes = outputs.shape[-1] if outputs.ndim == 2 else None
+    for sample_set in (calib, held_out):
+        labels = sample_set.labels
+        if classes is not None and labels is not None and (labels.min() < 0 or labels.max() >= classes):
+            raise DataError(sample_set.name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model "
+                            f"answers with {classes} classes (0..{classes - 1})",
+                            "check the labels (y, labels.csv, class folders), or leave them out to measure "
+                            "agreement with the original")
+    if classes is None:
+        return None
+    accuracy = float(np.mean(outputs.argmax(axis=1) == probe.labels))
+    if not near_chance(accuracy, probe.labels):
+        return None
+    chance = chance_accuracy(probe.labels)
+    return (f"the original model scores {100 * accuracy:.1f}% on the labels of {calib.name}, "
+            f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
+            "or data it does not read as it should: check --mean, --std, --scale, --resize, --layout); they are "
+            "set aside and every goal is judged by agreement with the original")
 
 
 def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None,

@@ -302,16 +302,26 @@ def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classe
     if accuracy is None or labels is None or labels.size == 0:
         return []
     warnings = []
-    values, counts = np.unique(labels, return_counts=True)
+    values = np.unique(labels)
     if classes is not None and (values.min() < 0 or values.max() >= classes):
         warnings.append(f"labels range {int(values.min())}..{int(values.max())} but the model has {classes} classes"
                         " (0..{}): check the labels file".format(classes - 1))
-    chance = max(1.0 / len(values), float(counts.max()) / labels.size)
-    if accuracy < min(NEAR_CHANCE * chance, 0.5):
+    if near_chance(accuracy, labels):
         warnings.append(f"the original model scores {100 * accuracy:.1f}% on these samples, near chance "
-                        f"({100 * chance:.1f}% for {len(values)} classes): check the data and the preprocessing "
-                        "(--mean, --std, --scale, --resize, --layout)")
+                        f"({100 * chance_accuracy(labels):.1f}% for {len(values)} classes): check the data and the "
+                        "preprocessing (--mean, --std, --scale, --resize, --layout)")
     return warnings
+
+
+def chance_accuracy(labels: np.ndarray) -> float:
+    """The accuracy of guessing: one class of several, or always the most frequent one."""
+    values, counts = np.unique(labels, return_counts=True)
+    return max(1.0 / len(values), float(counts.max()) / labels.size)
+
+
+def near_chance(accuracy: float, labels: np.ndarray) -> bool:
+    """Whether ``accuracy`` on ``labels`` is too close to guessing to measure anything by."""
+    return accuracy < min(NEAR_CHANCE * chance_accuracy(labels), 0.5)
 
 
 #: what to do about a missed threshold, unless the caller knows better (``check_thresholds(remedy=)``)

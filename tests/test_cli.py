@@ -141,6 +141,32 @@ def test_stats_that_do_not_fit_the_run_are_refused(tmp_path, flags, problem):
     assert not list(tmp_path.glob("small*"))
 
 
+def relabelled(tmp_path, shift: int) -> Path:
+    """The bundled digits with every label moved by ``shift`` (modulo 10 for shifts below 10)."""
+    with np.load(DATA) as d:
+        x, y = d["x"], d["y"]
+    path = tmp_path / f"labels{shift}.npz"
+    np.savez(path, x=x, y=(y + shift) % 10 if shift < 10 else y + shift)
+    return path
+
+
+def test_labels_the_model_cannot_answer_are_refused(tmp_path):
+    out = tmp_path / "small.onnx"
+    result = cli("compress", MODEL, "--target-data", relabelled(tmp_path, 100), "-o", out, *FAST)
+    assert result.exit_code == 1 and "has labels 100..109, but the model answers with 10 classes" in result.stderr
+    assert not list(tmp_path.glob("small*"))
+
+
+def test_labels_the_original_scores_near_chance_on_are_set_aside(tmp_path):
+    """Labels in another class order: the planner would see no drop at any size; agreement decides."""
+    out = tmp_path / "small.onnx"
+    result = cli("compress", MODEL, "--target-data", relabelled(tmp_path, 3), "-o", out, *FAST)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.with_name("small.report.json").read_text())
+    assert "than guessing" in report["warnings"][0] and "set aside" in report["warnings"][0]
+    assert report["validation"]["accuracy_reference"] is None and report["validation"]["agreement"] > 0.97
+
+
 def test_stats_for_another_model_are_refused(tmp_path):
     stats = tmp_path / "stats.npz"
     assert cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "-q").exit_code == 0

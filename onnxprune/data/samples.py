@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import logging
 import os
 import zipfile
 import zlib
@@ -51,6 +52,8 @@ from PIL import Image
 from onnxprune.data.preprocess import Preprocess, dims_text, is_int, prepare
 from onnxprune.errors import DataError
 from onnxprune.model import InputSpec, input_specs
+
+log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("y", "labels")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -190,6 +193,11 @@ class SampleSet:
         return SampleSet(name=self.name, store=_ArrayStore(arrays, f"{self._store.kind} (decoded)"),
                          specs=self._specs, preprocess=Preprocess(layout=self._preprocess.layout), labels=labels,
                          rows=np.arange(len(self), dtype=np.int64), classes=self._classes)
+
+    def without_labels(self) -> SampleSet:
+        """The same samples, unlabelled (labels that do not fit the model are set aside)."""
+        return SampleSet(name=self.name, store=self._store, specs=self._specs, preprocess=self._preprocess,
+                         labels=None, rows=self._rows, classes=self._classes)
 
     def split(self, fraction: float = 0.5, *, seed: int = 0) -> tuple[SampleSet, SampleSet]:
         """Disjoint (calibration, evaluation) sets from a permutation seeded with ``seed``.
@@ -522,13 +530,30 @@ def _pick_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], name: st
         raise DataError(name, "has both 'y' and 'labels'; which are the labels?", "keep one")
     labels = arrays[label_keys[0]] if label_keys else None
     if len(specs) == 1:
-        return {names[0]: _as_array(arrays[_single_input_key(arrays, specs[0], label_keys, name)],
-                                    name, names[0])}, labels
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise DataError(name, f"has arrays {sorted(arrays)} but the model's inputs are {names} "
-                              f"(missing {missing})", "key the arrays by input name")
-    return {n: _as_array(arrays[n], name, n) for n in names}, labels
+        key = _single_input_key(arrays, specs[0], label_keys, name)
+        picked, read = {names[0]: _as_array(arrays[key], name, names[0])}, {key}
+    else:
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise DataError(name, f"has arrays {sorted(arrays)} but the model's inputs are {names} "
+                                  f"(missing {missing})", "key the arrays by input name")
+        picked, read = {n: _as_array(arrays[n], name, n) for n in names}, set(names)
+    if labels is None:
+        _warn_unread_labels({k: a for k, a in arrays.items() if k not in read}, len(next(iter(picked.values()))), name)
+    return picked, labels
+
+
+def _warn_unread_labels(unread: dict[str, np.ndarray], count: int, name: str) -> None:
+    """A warning for an unread array that looks like labels under another name (one whole number
+    for each of the ``count`` samples, such as 'label' or 'targets'): without labels there is no
+    accuracy to measure."""
+    for key, array in unread.items():
+        if np.ndim(array) != 1 or len(array) != count or array.dtype.kind not in "biuf":
+            continue
+        if array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0):
+            continue
+        log.warning("%s: array '%s' looks like labels but is not read as them (only %s are): rename it to 'y' "
+                    "to measure accuracy", name, key, " or ".join(f"'{k}'" for k in LABEL_KEYS))
 
 
 def _single_input_key(arrays: dict[str, np.ndarray], spec: InputSpec, label_keys: list[str],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -134,6 +135,15 @@ def test_npz_with_labels_ignores_class_names(tmp_path):
     samples = open_samples(tmp_path / "d.npz", flatten_model())
     np.testing.assert_array_equal(samples.labels, labels)
     assert samples.labels.dtype == np.int64
+
+
+@pytest.mark.parametrize("key", ["label", "targets"])
+def test_labels_under_another_name_are_warned_about(tmp_path, caplog, key):
+    caplog.set_level(logging.WARNING, logger="onnxprune")
+    np.savez(tmp_path / "d.npz", x=floats(4), **{key: np.array([3, 1, 0, 2])})
+    samples = open_samples(tmp_path / "d.npz", flatten_model())
+    assert samples.labels is None
+    assert f"array '{key}' looks like labels" in caplog.text
 
 
 def test_npz_picks_the_only_plausible_array(tmp_path):
