@@ -459,6 +459,10 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
     samples, held_out, _, calib, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
+    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
+    if note:
+        log.warning("%s", note)
+        samples["target"], held_out, calib = (s.without_labels() for s in (samples["target"], held_out, calib))
     planner = make_planner(original, samples, recipe, uncapped=calib, device=device, progress=progress)
     planner.sensitivity()
     rows = []
@@ -470,12 +474,18 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         if not passes:
             rows.append({"budget": budget, "status": "nothing to compress at this budget"})
             continue
+        if not result.get("budget_met", True):       # as compress --keep/--flops: exit 3 there, no model here
+            rows.append({"budget": budget, "status": f"not reached: the most compressed plan keeps "
+                                                     f"{100 * result['cost']:.1f}% of the {result['objective']}"})
+            continue
         final = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
         compressed, report = run_pipeline(planner.original, final, planner.provider)
         validation = _validate(planner.original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                                measure_latency=measure_latency, progress=progress, metric=recipe.metric)
+        warnings = label_notes + list(validation.warnings) + collapse_warnings(validation, held_out)
         report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
-                      evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()})
+                      evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()},
+                      warnings=warnings, verdict="unchecked")
         path = out_dir / f"{stem}_{result['objective']}{round(100 * budget)}.onnx"
         save_model(compressed, path)
         write_text_atomic(report_path(path), json.dumps(jsonable(report), indent=2) + "\n")

@@ -254,6 +254,20 @@ def test_cli_sensitivity_and_sweep_write_their_files(tmp_path):
     assert (out / "pareto.md").read_text().splitlines()[2].count(" +- ") == 2
 
 
+def test_sweep_writes_no_model_for_a_budget_it_cannot_reach(tmp_path):
+    """As `compress --keep 0.001` exits 3, the sweep's row says so and writes no model for it."""
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", str(MODEL), "--target-data", str(DATA), "--keep", "0.5,0.001",
+                                       "-o", str(out), "--calib-size", "200", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "pareto.json").read_text())["budgets"]
+    assert rows[1]["budget"] == 0.001 and rows[1]["status"].startswith("not reached: the most compressed plan keeps")
+    models = sorted(out.glob("*.onnx"))
+    assert [m.name for m in models] == [rows[0]["model"]]
+    report = json.loads(models[0].with_name(models[0].stem + ".report.json").read_text())
+    assert report["verdict"] == "unchecked" and isinstance(report["warnings"], list)
+
+
 def test_a_collapsed_model_is_reported_loudly(tmp_path):
     out = tmp_path / "broken.onnx"
     result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
