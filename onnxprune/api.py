@@ -273,9 +273,14 @@ def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.Model
     every statistic came from it), what evaluates, and the per-layer rows."""
     report["changed"] = model_hash(compressed) != model_hash(original)
     if not report["changed"]:
-        report["note"] = NOTHING_CHANGED + ("" if layer_rows(report) else
-                                            ": this recipe found no layer or channel group it can touch "
-                                            "(`onnxprune inspect MODEL` lists them and why not)")
+        if layer_rows(report):
+            why = ""
+        elif (report.get("plan") or {}).get("sites_considered"):
+            why = ": the planner kept every site whole (the goal needs no compression)"
+        else:
+            why = (": this recipe found no layer or channel group it can touch (`onnxprune inspect MODEL` lists "
+                   "them and why not)")
+        report["note"] = NOTHING_CHANGED + why
     report["calibration"] = {name: s.describe() for name, s in samples.items()}
     if preloaded is not None:
         report["statistics"] = statistics_summary(stats, preloaded)

@@ -167,6 +167,19 @@ def test_labels_the_original_scores_near_chance_on_are_set_aside(tmp_path):
     assert report["validation"]["accuracy_reference"] is None and report["validation"]["agreement"] > 0.97
 
 
+@pytest.mark.parametrize("allocation, why", [("global", ""), ("plan", "the planner kept every site whole")])
+def test_keep_everything_changes_nothing(tmp_path, allocation, why):
+    """--keep 1.0 is the identity, also where 100 samples span fewer directions than a layer's input
+    (low rank would otherwise split ip1 at the data's rank)."""
+    out = tmp_path / "same.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--keep", "1.0", "--allocation", allocation,
+                 "--calib-size", "100", "--no-latency", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.with_name("same.report.json").read_text())
+    assert report["changed"] is False and why in report["note"]
+    assert report["params_after"] == report["params_before"]
+
+
 def test_stats_for_another_model_are_refused(tmp_path):
     stats = tmp_path / "stats.npz"
     assert cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "-q").exit_code == 0

@@ -208,6 +208,8 @@ def global_ranks(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, in
     ``multiple`` the ranks are rounded (``round_rank``) before they are costed, so the
     rounded ranks fit the budget.
     """
+    if keep >= 1:                      # everything kept: no layer is split (the data's rank is not a budget)
+        return {name: min(shape) for name, shape in shapes.items()}
     budget = keep * sum(m * n for m, n in shapes.values())
 
     def cost(threshold: float) -> tuple[int, dict[str, int]]:
