@@ -194,7 +194,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
 
 
 #: the original's accuracy on at most this many calibration samples decides whether labels fit
-LABEL_PROBE = 256
+LABEL_PROBE = 128
 
 
 def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSet, recipe: Recipe, *,
