@@ -459,13 +459,14 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
 
     given = {name for name in kw if click.get_current_context().get_parameter_source(name)
              == click.core.ParameterSource.COMMANDLINE}
+    if kw.get("recipe") or kw["stats"]:        # before either file is read
+        from onnxprune.paths import check_output_text, check_outputs
+        check_output_text(output)
+        check_outputs(api.output_files(output), {name: [kw[key]] for name, key in (("--recipe", "recipe"),
+                                                                                   ("--stats", "stats")) if kw.get(key)})
     saved = stats_recipe(kw, given, quiet=quiet) if kw["stats"] and not kw.get("recipe") else None
     preprocess = preprocess_dict(kw)
     recipe = saved or build_recipe(kw, preprocess)
-    if kw.get("recipe"):
-        from onnxprune.paths import check_output_text, check_outputs
-        check_output_text(output)
-        check_outputs(api.output_files(output), {"--recipe": [kw["recipe"]]})
     finetune = None
     if kw["finetune_epochs"]:
         from onnxprune.train import require_torch
