@@ -29,7 +29,6 @@ from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.layers import find_linear_layers
 from onnxprune.model import (
     count_parameters,
-    default_mode,
     input_specs,
     jsonable,
     load_model,
@@ -37,8 +36,8 @@ from onnxprune.model import (
     model_hash,
     output_names,
     save_model,
-    write_text_atomic,
 )
+from onnxprune.outputs import text, write_all
 from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
@@ -326,10 +325,10 @@ def layer_rows(report: dict) -> list[dict]:
 
 
 def write_outputs(compressed: onnx.ModelProto, report: dict, recipe: Recipe, output: Path) -> None:
-    """The model, OUT.report.json and OUT.recipe.json, each written atomically."""
-    save_model(compressed, output)
-    write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
-    recipe.save(recipe_path(output))
+    """The model, OUT.report.json and OUT.recipe.json, all or none of them (``outputs.write_all``)."""
+    write_all([(output, functools.partial(save_model, compressed)),
+               (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n")),
+               (recipe_path(output), recipe.save)])
 
 
 def fail(report: dict, output, error: ValidationFailed) -> ValidationFailed:
@@ -348,7 +347,9 @@ def write_failed_report(report: dict, output: Path) -> Path:
     earlier = [str(p) for p in (output, recipe_path(output)) if p.exists()]
     if earlier:
         report["not_from_this_run"] = earlier
-    return write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
+    path = report_path(output)
+    write_all([(path, text(json.dumps(jsonable(report), indent=2) + "\n"))])
+    return path
 
 
 #: agreement below this on held-out samples is a collapse, whatever the request was
@@ -424,8 +425,9 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     for o in outputs:
         check_output_text(o)
     if figure is not None and source_data is not None:
-        outputs.append(Path(figure).with_name(Path(figure).stem + "_shift.png"))
-    check_outputs(outputs, input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
+        outputs.append(shift_path(figure))
+    check_outputs(outputs, input_paths(model, {"--target-data": target_data, "--source-data": source_data}),
+                  flag="-o, --figure")
     original = as_model(model)
     target = cap(as_samples(target_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
     source = None
@@ -437,14 +439,20 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     if source is not None:
         result["shift"] = planner.domain_shift()
         result["source"] = source.describe()
-    if output is not None:
-        write_text_atomic(output, json.dumps(jsonable(result), indent=2) + "\n")
+    files = [] if output is None else [(output, text(json.dumps(jsonable(result), indent=2) + "\n"))]
     if figure is not None:
-        result["figures"] = [str(figures.sensitivity_heatmap(curves, figure))]
+        pictures = [(figure, functools.partial(figures.sensitivity_heatmap, curves))]
         if source is not None:
-            shift_png = Path(figure).with_name(Path(figure).stem + "_shift.png")
-            result["figures"].append(str(figures.shift_chart(result["shift"], shift_png)))
+            pictures.append((shift_path(figure), functools.partial(figures.shift_chart, result["shift"])))
+        result["figures"] = [str(path) for path, _ in pictures]
+        files += pictures
+    write_all(files)
     return result
+
+
+def shift_path(figure) -> Path:
+    """The domain-shift chart written beside the sensitivity heat map ``figure``."""
+    return Path(figure).with_name(Path(figure).stem + "_shift.png")
 
 
 def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.PathLike, source_data=None,
@@ -457,12 +465,17 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(str(out_dir), "exists and is not a folder", "give a folder for -o")
-    check_outputs([out_dir / "pareto.json"], input_paths(model, {"--target-data": target_data,
-                                                                 "--source-data": source_data, "--eval-data": eval_data}))
-    original = as_model(model)
     budgets = sorted({float(b) for b in budgets}, reverse=True)
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
+    stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
+    objective = plan_options(recipe.plan or {}).objective
+    models = {budget: out_dir / f"{stem}_{objective}{round(100 * budget)}.onnx" for budget in budgets}
+    check_outputs([out_dir / name for name in ("pareto.json", "pareto.md", "pareto.png")]
+                  + [file for path in models.values() for file in (path, report_path(path))],
+                  input_paths(model, {"--target-data": target_data, "--source-data": source_data,
+                                      "--eval-data": eval_data}), flag="-o, --flops/--keep")
+    original = as_model(model)
     samples, held_out, _, calib, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
     label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
     if note:
@@ -470,8 +483,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         samples["target"], held_out, calib = (s.without_labels() for s in (samples["target"], held_out, calib))
     planner = make_planner(original, samples, recipe, uncapped=calib, device=device, progress=progress)
     planner.sensitivity()
-    rows = []
-    stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
+    rows, files = [], []
     for budget in budgets:
         result = planner.for_budget(budget)
         passes = tuple(result.pop("passes"))
@@ -491,9 +503,9 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
                       evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()},
                       warnings=warnings, verdict="unchecked")
-        path = out_dir / f"{stem}_{result['objective']}{round(100 * budget)}.onnx"
-        save_model(compressed, path)
-        write_text_atomic(report_path(path), json.dumps(jsonable(report), indent=2) + "\n")
+        path = models[budget]
+        files += [(path, functools.partial(save_model, compressed)),
+                  (report_path(path), text(json.dumps(jsonable(report), indent=2) + "\n"))]
         v = validation
         rows.append({
             "budget": budget, "model": path.name, "macs": v.macs_candidate / max(v.macs_reference, 1),
@@ -506,16 +518,17 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         })
     table = pareto_lines(rows)
     summary = {"budgets": rows, "planner": planner.report(), "evaluation": held_out.describe()}
-    write_text_atomic(out_dir / "pareto.json", json.dumps(jsonable(summary), indent=2) + "\n")
-    write_text_atomic(out_dir / "pareto.md", "\n".join(table) + "\n")
+    files += [(out_dir / "pareto.json", text(json.dumps(jsonable(summary), indent=2) + "\n")),
+              (out_dir / "pareto.md", text("\n".join(table) + "\n"))]
     done = [r for r in rows if "macs" in r]
     if done:
         key = "accuracy" if done[0]["accuracy"] is not None else "agreement"
         reference = 100 * done[0]["accuracy_reference"] if key == "accuracy" else 100.0
         x = planner.options.objective
-        figures.pareto_chart({"planned": [(r[x], 100 * r[key]) for r in done]}, out_dir / "pareto.png",
-                             reference=reference, xlabel=f"{x} (fraction of the original)",
-                             ylabel=f"top-1 {key} (%)", title=str(stem))
+        files.append((out_dir / "pareto.png", functools.partial(
+            figures.pareto_chart, {"planned": [(r[x], 100 * r[key]) for r in done]}, reference=reference,
+            xlabel=f"{x} (fraction of the original)", ylabel=f"top-1 {key} (%)", title=str(stem))))
+    write_all(files)
     summary["table"] = table
     return summary
 
@@ -876,8 +889,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         if isinstance(info.get("set"), dict):
             info["set"].update(used.get(set_name, {}))
     stats.header["recipe"] = recipe.to_dict()      # what `compress --stats` runs when given no method flags
-    stats.save(output)
-    os.chmod(output, default_mode())
+    write_all([(output, stats.save)])
     return stats
 
 
@@ -889,8 +901,7 @@ def merge_stats(inputs, output: str | os.PathLike) -> Statistics:
     check_output_text(output)
     check_outputs([output], {"statistics shard": paths})
     merged = merge_shards([Statistics.load(p) for p in paths], names=[p.name for p in paths])
-    merged.save(output)
-    os.chmod(output, default_mode())
+    write_all([(output, merged.save)])
     return merged
 
 

@@ -201,6 +201,7 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         setup_logging(kwargs.get("verbose", 0), kwargs.get("quiet", 0))
+        stdout, sys.stdout = sys.stdout, ClosedPipeSafe(sys.stdout)
         try:
             return func(*args, **kwargs)
         except OnnxPruneError as exc:
@@ -219,8 +220,44 @@ def user_errors(func):
             click.echo(f"internal error in {_where(command, exc)}: {problem}. This is a bug in onnxprune, "
                        f"not in your input; {where}, please send it to us.", err=True)
             sys.exit(INTERNAL_EXIT_CODE)
+        finally:
+            sys.stdout = stdout
 
     return wrapper
+
+
+class ClosedPipeSafe:
+    """stdout for a command: once its reader has gone (``| head``), the rest of what it prints
+    goes to os.devnull, so that the command still finishes and exits with its own code (a
+    closed pipe is no error of the command, and no bug)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        """Point the stream's file descriptor at os.devnull: what it still holds, and writes
+        after this, are dropped without another error (also at exit)."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

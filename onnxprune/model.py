@@ -66,11 +66,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(str(path), "is a directory, not an ONNX file")
     try:
         model = onnx.load(str(path), load_external_data=True)
-    except FileNotFoundError as exc:
-        raise ModelError(str(path), f"external data file missing ({exc.filename or exc})") from None
     except PermissionError:
         raise ModelError(str(path), "cannot be read (permission denied)") from None
-    except Exception as exc:  # protobuf raises DecodeError and friends
+    except Exception as exc:  # protobuf raises DecodeError and friends; onnx a ValidationError for missing data
+        missing = missing_external_data(path)
+        if missing is not None:
+            raise ModelError("", f"external data file {missing.name} not found next to {path}",
+                             "keep the model's .data file(s) in its folder, under the names it gives them") from None
         raise ModelError(
             str(path), f"not a readable ONNX model ({type(exc).__name__})",
             "the file may be truncated or not an ONNX file",
@@ -81,6 +83,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     fold_constants(model)
     name_nodes(model)
     return model
+
+
+def missing_external_data(path: Path) -> Path | None:
+    """The first external data file the model at ``path`` names that does not exist, else None."""
+    from onnxprune.paths import model_files
+
+    return next((data for data in model_files(path)[1:] if not data.is_file()), None)
 
 
 def check_model(model: onnx.ModelProto, *, name: str = "model") -> None:

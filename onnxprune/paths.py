@@ -4,12 +4,14 @@ and never fails at the end because the output location is unusable.
 An output is refused when it is one of the inputs (the model, its external data files,
 sample files or folders, the recipe, the statistics), spelled any way at all: through
 symlinks, hard links or ``..``. It is also refused inside an input sample folder (writing
-there would change that input) and where a parent is a regular file or not writable.
+there would change that input), where a parent is a regular file or not writable (a file is
+created and removed there to find out), and when two outputs are one file.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from onnxprune.errors import OutputError
 
 
 def model_files(model: str | os.PathLike) -> list[Path]:
-    """The model file and every external data file it references (those that exist)."""
+    """The model file and every external data file it references (present or missing)."""
     path = Path(model)
     files = [path]
     if not path.is_file():
@@ -76,6 +78,7 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Ite
     outs = [Path(o) for o in outputs]
     for out in outs:
         check_location(out, flag=flag)
+    check_distinct(outs, flag=flag)
     for label, paths in inputs.items():
         if paths is None:
             continue
@@ -90,6 +93,15 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Ite
                 if _inside(out, given):
                     raise OutputError(str(out), f"is inside the {label} folder {given}; writing there would "
                                       "change that input", f"choose an output path outside it ({flag})")
+
+
+def check_distinct(outs: list[Path], *, flag: str = "-o") -> None:
+    """No two outputs are one file (spelled any way): the one written last would replace the other."""
+    for i, out in enumerate(outs):
+        for earlier in outs[:i]:
+            if same_file(out, earlier):
+                raise OutputError(str(out), f"is the same file as the other output {earlier}: one would "
+                                  "overwrite the other", f"give the outputs different paths ({flag})")
 
 
 def _describe(label: str) -> str:
@@ -112,5 +124,17 @@ def check_location(out: Path, *, flag: str = "-o") -> None:
         ancestor = ancestor.parent
     if ancestor.exists() and not ancestor.is_dir():
         raise OutputError(str(out), f"{ancestor} is a file, not a folder", f"choose another output path ({flag})")
-    if ancestor.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputError(str(out), f"folder {ancestor} is not writable", f"choose another output path ({flag})")
+    if ancestor.exists():
+        probe_writable(out, ancestor, flag=flag)
+
+
+def probe_writable(out: Path, folder: Path, *, flag: str = "-o") -> None:
+    """Create and remove a file in ``folder``: permission bits say nothing for root, nor about
+    a read-only mount or a folder such as /proc, where the write would only fail at the end."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnxprune-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(str(out), f"folder {folder} is not writable ({exc.strerror or exc})",
+                          f"choose another output path ({flag})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,10 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
     if not path.is_file():
         raise CalibrationError(str(path), "no such statistics file", "create it with `onnxprune calibrate`")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
+        arrays = _arrays(path)
         header = json.loads(str(arrays.pop("header")))
         index = header.pop("index")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CalibrationError(str(path), f"not a statistics file ({type(exc).__name__}: {exc})",
                                "create it with `onnxprune calibrate`") from None
     if model is not None:
@@ -73,3 +73,13 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
     moments = {(e["set"], e["request"], int(e["fold"])): Moments.from_arrays(arrays, e["prefix"])
                for e in index}
     return Statistics(header, moments)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz at ``path``. A file that is no zip, a truncated one (BadZipFile,
+    EOFError) or a single .npy array (ValueError) is not a statistics file: the caller says so."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("one array, not an .npz archive of arrays")
+    with data:
+        return {name: data[name] for name in data.files}

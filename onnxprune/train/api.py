@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 import onnx
 
 from onnxprune.errors import DataError
-from onnxprune.model import jsonable, save_model, write_text_atomic
+from onnxprune.model import jsonable, save_model
+from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
 from onnxprune.validate import check_threshold_values
 
@@ -123,10 +125,10 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
         "validation": after.to_dict(),
     }
     check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement)
-    save_model(tuned, output)
-    write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
-    png = plot_curve(train_report, curve_path(output))
-    report["curve_png"] = None if png is None else str(png)
+    written = write_all([(output, functools.partial(save_model, tuned)),
+                         (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n")),
+                         (curve_path(output), functools.partial(plot_curve, train_report))])
+    report["curve_png"] = str(curve_path(output)) if curve_path(output) in written else None   # no matplotlib: none
     return TrainResult(tuned, report, output)
 
 
@@ -159,6 +161,6 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
                                "total": count_parameters(pruned)},
         "validation": after.to_dict(),
     }
-    save_model(pruned, output)
-    write_text_atomic(report_path(output), json.dumps(jsonable(report), indent=2) + "\n")
+    write_all([(output, functools.partial(save_model, pruned)),
+               (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n"))])
     return TrainResult(pruned, report, output)
