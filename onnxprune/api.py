@@ -85,7 +85,7 @@ class CompressResult:
 def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | None = None,
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
-             min_agreement: float | None = None, measure_latency: bool = True,
+             min_agreement: float | None = None, measure_latency: bool = True, latency_runs: int = 10,
              finetune=None, recovery: RecoveryOptions = RecoveryOptions()) -> CompressResult:
     """Calibrate on the target data, plan (``recipe.plan``: the planner chooses the passes) or
     run the recipe, validate on held-out data, write the output.
@@ -97,7 +97,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     (``exc.report``, ``verdict`` "failed" and the reason); that report is still written to
     OUT.report.json, the model and recipe are not. Every output path is checked before any
     work: the input files (model, its external data, samples, statistics) are never
-    overwritten.
+    overwritten. ``latency_runs``: timed runs of each model per batch size when validating.
     ``finetune`` (an ``onnxprune.train.distill.TrainConfig``, needs the [train] extra) distils the
     original into the compressed model on the calibration part of the target data before validating.
     With a planner's ``max_drop`` goal as well, the plan is the most compressed whose *distilled*
@@ -173,7 +173,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
-                           measure_latency=measure_latency, progress=progress, metric=recipe.metric)
+                           measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
+                           metric=recipe.metric)
     warnings = list(validation.warnings) + collapse_warnings(validation, held_out) + plan_warnings(planning)
     for warning in warnings:
         log.warning("%s", warning)

@@ -5,7 +5,8 @@ Exit codes: 0 success (also a compress that changed nothing, which says so); 1 u
 flag); 3 the compressed model failed the requested accuracy check (compress still prints the
 layer table and writes OUT.report.json with "verdict": "failed", but no model); 4 internal error (a bug in
 onnxprune: one line naming the stage or pass, the full traceback written to
-``onnxprune-internal-<time>-<pid>.log`` in the system temp directory, whose path is printed).
+``onnxprune-internal-<time>-<pid>.log`` in the system temp directory, whose path is printed);
+130 interrupted (Ctrl-C).
 
 Logging: warnings by default, ``-v`` what each stage and pass does (sites found, skipped and
 why, sizes chosen, timings), ``-vv`` the numbers behind each choice, ``-q`` errors only; on stderr.
@@ -31,22 +32,96 @@ from onnxprune import MISSING_RUNTIME, __version__
 if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
     sys.exit(f"error: {MISSING_RUNTIME}")
 from onnxprune import recipes
-from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, RecipeError, ValidationFailed
+from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed
 from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
 log = logging.getLogger("onnxprune")
-
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
-
+#: exit code after Ctrl-C (128 + SIGINT, as shells report it)
+INTERRUPTED_EXIT_CODE = 130
 
 #: a fraction in (0, 1]: budgets and retention ratios
 FRACTION = click.FloatRange(0, 1, min_open=True)
+#: a fraction in (0, 1): splits of the data, held-out folds
+OPEN_FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
+#: a number > 0: learning rates, temperatures, times
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+class NumberList(click.ParamType):
+    """Comma-separated numbers, each one checked by ``item`` (a click type such as FloatRange)."""
+
+    name = "X,..."
+
+    def __init__(self, item: click.ParamType = click.FLOAT):
+        self.item = item
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        return tuple(self.item.convert(v.strip(), param, ctx) for v in str(value).split(","))
+
+
+#: sweep's budgets: fractions in (0, 1)
+BUDGETS = NumberList(OPEN_FRACTION)
+
+
+class SizeType(click.ParamType):
+    """An image size: N (int) or HxW / H,W (a pair), each >= 1."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            sizes = tuple(int(v) for v in value.lower().replace("x", ",").split(","))
+        except ValueError:
+            sizes = ()
+        if len(sizes) not in (1, 2) or min(sizes) < 1:
+            self.fail(f"{value!r} is not a size like 224 or 224x224 (each at least 1)", param, ctx)
+        return sizes[0] if len(sizes) == 1 else sizes
+
+
+class ShardType(click.ParamType):
+    """``I/N`` (1-based) -> (I - 1, N), as ``calibration.shard.parse_shard`` reads it."""
+
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        from onnxprune.calibration.shard import parse_shard
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shard(value)
+        except OnnxPruneError as exc:
+            self.fail(exc.problem + (f" ({exc.hint})" if exc.hint else ""), param, ctx)
+
+
+class BadFile(click.ClickException):
+    """A path that cannot be the file it should be: a user error (exit 1), one ``error:`` line."""
+
+    exit_code = 1
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+class FilePath(click.Path):
+    """A file path (it need not exist); an existing directory is a bad file (exit 1), not a usage error."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        if os.path.isdir(value):
+            where = f" (for {param.get_error_hint(ctx)})" if param is not None else ""
+            raise BadFile(f"{value} | is a directory, not a file{where}")
+        return super().convert(value, param, ctx)
+
+
+#: a file argument or option (model, output, recipe, statistics...)
+FILE = FilePath()
 
 
 class RidgeType(click.ParamType):
@@ -85,27 +160,17 @@ class CalibSizeType(click.ParamType):
         return size
 
 
-def _size(text: str | None):
-    if text is None:
-        return None
-    try:
-        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 224 or 224x224") from None
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
 def preprocess_options(func):
     """Options that turn image data into model input (ignored for float arrays)."""
     options = [
-        click.option("--resize", help="Resize images: N (shorter side) or HxW; default: the model's input size."),
-        click.option("--center-crop", help="Center-crop images to N or HxW after resizing."),
+        click.option("--resize", type=SizeType(), help="Resize images: N (shorter side) or HxW; default: the model's input size."),
+        click.option("--center-crop", type=SizeType(), help="Center-crop images to N or HxW after resizing."),
         click.option("--grayscale/--color", default=None, help="Convert to gray (default: when the model has 1 channel)."),
-        click.option("--scale", type=float, default=None, help="Multiply pixel values by this (default 1/255)."),
-        click.option("--mean", help="Per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406."),
-        click.option("--std", help="Per-channel std to divide by, e.g. 0.229,0.224,0.225."),
+        click.option("--scale", type=POSITIVE, default=None, help="Multiply pixel values by this (default 1/255)."),
+        click.option("--mean", type=NumberList(), help="Per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406."),
+        click.option("--std", type=NumberList(POSITIVE), help="Per-channel std to divide by, e.g. 0.229,0.224,0.225."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None, help="Model input layout."),
-        click.option("--tokenizer", type=click.Path(dir_okay=False),
+        click.option("--tokenizer", type=FILE,
                      help="tokenizer.json that turns .txt (a sentence a line) / .tsv (text, label columns) data "
                           "into token inputs ([text] extra)."),
         click.option("--max-length", type=click.IntRange(min=2), help="Tokens per sentence with --tokenizer: cut and "
@@ -117,19 +182,17 @@ def preprocess_options(func):
 
 
 def preprocess_dict(kwargs) -> dict:
+    """The preprocessing flags given (popped from ``kwargs``); --mean and --std of different
+    lengths are a usage error."""
     out = {}
-    for key in ("resize", "center_crop"):
-        value = _size(kwargs.pop(key, None))
-        if value is not None:
-            out[key] = value
-    for key in ("mean", "std"):
-        value = _floats(kwargs.pop(key, None))
-        if value is not None:
-            out[key] = value
-    for key in ("grayscale", "scale", "layout", "tokenizer", "max_length"):
+    for key in ("resize", "center_crop", "mean", "std", "grayscale", "scale", "layout", "tokenizer", "max_length"):
         value = kwargs.pop(key, None)
         if value is not None:
             out[key] = value
+    mean, std = out.get("mean"), out.get("std")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise click.UsageError(f"--mean has {len(mean)} values but --std has {len(std)}: give one "
+                               "value, or one per channel, for both")
     return out
 
 
@@ -195,8 +258,9 @@ def _where(command: str, exc: BaseException) -> str:
 
 
 def user_errors(func):
-    """OnnxPruneError: a one-line message and its exit code (1, 3). Anything else is a bug:
-    one line naming where, the traceback written to a log file, exit code 4."""
+    """OnnxPruneError: a one-line message and its exit code (1, 3); Ctrl-C: "interrupted", exit
+    code 130. Anything else is a bug: one line naming where, the traceback written to a log
+    file, exit code 4."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -207,6 +271,9 @@ def user_errors(func):
         except OnnxPruneError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise                   # usage errors (exit 2) and click's own exits
         except Exception as exc:  # noqa: BLE001  (every other exception is a bug: reported, exit 4)
@@ -336,20 +403,20 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
         click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Training epochs."),
     ] if epochs else []
     options += [
-        click.option("--lr", type=float, default=lr, show_default=True, help="Adam learning rate (cosine schedule)."),
-        click.option("--temperature", type=float, default=4.0, show_default=True,
+        click.option("--lr", type=POSITIVE, default=lr, show_default=True, help="Adam learning rate (cosine schedule)."),
+        click.option("--temperature", type=POSITIVE, default=4.0, show_default=True,
                      help="Distillation temperature for classifier outputs."),
-        click.option("--label-weight", type=float, default=0.0, show_default=True,
+        click.option("--label-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Cross-entropy weight when the data has labels (1 without --teacher)."),
         click.option("--augment", is_flag=True, help="Random crop with padding (+ horizontal flip for RGB images)."),
         click.option("--patience", type=click.IntRange(min=1), default=patience, show_default=patience is not None,
                      help="Stop after this many epochs without improvement on the held-out fold"
                           + ("." if patience is not None else " (default: never stop early).")),
-        click.option("--val-fraction", type=float, default=val_fraction, show_default=val_fraction is not None,
+        click.option("--val-fraction", type=OPEN_FRACTION, default=val_fraction, show_default=val_fraction is not None,
                      help="Fraction of the training samples held out to pick the checkpoint"
                           + ("." if val_fraction is not None else
                              " (default: 0.5 with --max-drop, where it also decides the plan; else 0.1).")),
-        click.option("--max-minutes", type=float, help="Stop after the epoch that passes this wall time."),
+        click.option("--max-minutes", type=POSITIVE, help="Stop after the epoch that passes this wall time."),
         click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
                      help="torch CPU threads (more can be much slower on a shared machine)."),
         click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -395,7 +462,7 @@ def calibration_options(func):
         click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
                      help="At most this many calibration samples per set (target, and source), drawn at random "
                           "(seeded); 'all' uses every one."),
-        click.option("--split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+        click.option("--split", type=OPEN_FRACTION, default=0.5,
                      show_default=True, help="Fraction of --target-data that calibrates; the rest evaluates."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the split and the sampling."),
@@ -406,12 +473,12 @@ def calibration_options(func):
 
 
 @main.command(short_help="Compress a model for a target domain; writes the model, report and recipe.")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=FILE)
 @click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
 @click.option("--source-data", help="Samples from the training domain (MoMaSP regulariser).")
 @click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to calibrate).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Compressed model path.")
-@click.option("--recipe", type=click.Path(dir_okay=False),
+@click.option("-o", "--output", required=True, type=FILE, help="Compressed model path.")
+@click.option("--recipe", type=FILE,
               help="Recipe file (JSON or TOML) instead of the method flags; --calib-size, --split, --seed, --mode, "
                    "--batch-size and preprocessing flags given with it apply over it.")
 @click.option("--method", type=click.Choice(recipes.method_names(auto=True)), default="auto",
@@ -455,12 +522,14 @@ def calibration_options(func):
 @click.option("--then-low-rank", type=FRACTION, help="After pruning, DALR-split the FC layers keeping this fraction.")
 @calibration_options
 @token_options
-@click.option("--stats", type=click.Path(dir_okay=False), help="Reuse statistics saved by `onnxprune calibrate`.")
+@click.option("--stats", type=FILE, help="Reuse statistics saved by `onnxprune calibrate`.")
 @click.option("--max-drop", type=click.FloatRange(0, 100),
               help="Smallest model within this many points of accuracy (agreement without labels); the default "
                    "goal (1) when no budget is given. Exit 3 (report only, no model) if the held-out check misses.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1),
               help="Fail (exit 3, report only, no model) below this top-1 agreement (a fraction, 0-1).")
+@click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Validation: timed runs of each model per batch size (interleaved).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--finetune", "finetune_epochs", type=click.IntRange(min=1),
@@ -509,8 +578,14 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
         from onnxprune.train import require_torch
         from onnxprune.train.distill import TrainConfig
 
-        require_torch()
         searching = (recipe.plan or {}).get("max_drop") is not None   # the fold decides the plan
+        search_only = [_flag(name) for name in ("finetune_trials", "finetune_margin", "finetune_refit")
+                       if _given(name)]
+        if search_only and not searching:
+            raise click.UsageError(f"{', '.join(search_only)} appl{'ies' if len(search_only) == 1 else 'y'} only "
+                                   "to --finetune's search for the smallest plan within --max-drop (not with a "
+                                   "--keep/--flops budget or a fixed recipe)")
+        require_torch()
         if kw["val_fraction"] is None:
             kw["val_fraction"] = SEARCH_FOLD if searching else TrainConfig.val_fraction
         if kw["checkpoint"] is None:
@@ -528,7 +603,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
                               eval_data=kw["eval_data"], stats=kw["stats"], device=device,
                               progress=show_progress(quiet), max_drop=kw["max_drop"],
                               min_agreement=kw["min_agreement"], measure_latency=not kw["no_latency"],
-                              finetune=finetune, recovery=api.RecoveryOptions(kw["finetune_trials"], kw["finetune_margin"],
+                              latency_runs=kw["latency_runs"], finetune=finetune, recovery=api.RecoveryOptions(kw["finetune_trials"], kw["finetune_margin"],
                                                                           kw["finetune_refit"]))
     except ValidationFailed as exc:
         report = getattr(exc, "report", None)
@@ -656,7 +731,8 @@ def plan_lines(report: dict) -> list[str]:
     if plan.get("output_kind") == "embedding":
         metric = "kNN accuracy" if check.get("accuracy_reference") is not None else "100 (1 - cosine)"
     seconds = plan.get("seconds", {})
-    skipped = [f"  not planned: {row['site']} ({row['family']}): {row['reason']}" for row in plan.get("skipped", [])]
+    skipped = [f"  not planned: {row['site']} ({', '.join(filter(None, (row['family'], row.get('form'))))}): "
+               f"{row['reason']}" for row in plan.get("skipped", [])]
     chosen = (f"plan: {len(plan['sites'])} of {plan['sites_considered']} sites compressed, {wanted}: "
               f"{100 * plan['cost']:.1f}% of the {plan['objective']}, step {plan['step']}/{plan['steps']}")
     lines = [*skipped, chosen]
@@ -758,11 +834,11 @@ def _count_of(desc: dict) -> str:
 
 
 @main.command(short_help="Gather calibration statistics once, for `compress --stats`.")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=FILE)
 @click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
 @click.option("--source-data", help="Samples from the training domain (needed by momasp-J/j).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics file (.npz).")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="Gather what this recipe needs (default: DALR on all layers).")
+@click.option("-o", "--output", required=True, type=FILE, help="Statistics file (.npz).")
+@click.option("--recipe", type=FILE, help="Gather what this recipe needs (default: DALR on all layers).")
 @click.option("--method", type=click.Choice(recipes.method_names()), default="dalr-bc",
               show_default=True, help="Gather what this method needs.")
 @click.option("--layers", help="Comma-separated layer (or group) names; default all.")
@@ -774,7 +850,7 @@ def _count_of(desc: dict) -> str:
                    "other data with compress --eval-data).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the split and the sampling.")
-@click.option("--shard", help="Only shard I of N (I/N, 1-based: contiguous whole batches); merge with merge-stats.")
+@click.option("--shard", type=ShardType(), help="Only shard I of N (I/N, 1-based: contiguous whole batches); merge with merge-stats.")
 @click.option("--cluster", help="Run the shards on the Dask scheduler at this address (tcp://host:8786).")
 @click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
 @click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
@@ -831,7 +907,8 @@ def plan_flags(func):
         CONV_SPLIT,
         click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
                      help="At most this many calibration samples per set, drawn at random (seeded); 'all' uses all."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sampling."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the split and the sampling."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -840,15 +917,18 @@ def plan_flags(func):
 
 def plan_only_recipe(kw: dict, preprocess: dict, **goal):
     """A recipe whose plan table carries the flags of `sensitivity` / `sweep`."""
-    return recipes.plan_only_recipe(kw, preprocess, flag=_flag, **goal)
+    try:
+        return recipes.plan_only_recipe(kw, preprocess, flag=_flag, **goal)
+    except recipes.OptionConflict as exc:
+        raise click.UsageError(exc.problem) from None
 
 
 @main.command(short_help="Damage of compressing each site alone at each size: JSON, table, heat map.")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=FILE)
 @click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
 @click.option("--source-data", help="Samples from the training domain: also show where the domains differ.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Curves as JSON (.json).")
-@click.option("--figure", type=click.Path(dir_okay=False), help="Heat map PNG (default: next to -o).")
+@click.option("-o", "--output", required=True, type=FILE, help="Curves as JSON (.json).")
+@click.option("--figure", type=FILE, help="Heat map PNG (default: next to -o).")
 @plan_flags
 @token_options
 @preprocess_options
@@ -877,13 +957,14 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
 
 
 @main.command(short_help="Compress at several budgets from one planning run; Pareto table and plot.")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=FILE)
 @click.option("--target-data", required=True, help="Samples from the deployment domain (file or folder).")
 @click.option("--source-data", help="Samples from the training domain (MoMaSP criteria).")
 @click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to calibrate).")
-@click.option("--flops", help="Comma-separated MAC budgets, e.g. 0.9,0.8,0.7 (fractions of the original).")
-@click.option("--keep", help="Comma-separated parameter budgets instead.")
-@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that calibrates.")
+@click.option("--flops", type=BUDGETS, help="Comma-separated MAC budgets, e.g. 0.9,0.8,0.7 (fractions of the original).")
+@click.option("--keep", type=BUDGETS, help="Comma-separated parameter budgets instead.")
+@click.option("--split", type=OPEN_FRACTION, default=0.5, show_default=True,
+              help="Fraction of --target-data that calibrates.")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @plan_flags
@@ -896,14 +977,12 @@ def sweep(model, output, verbose, quiet, device, **kw):
     from onnxprune import api
 
     if (kw["flops"] is None) == (kw["keep"] is None):
-        raise RecipeError("--flops/--keep", "give one list of budgets", "e.g. --flops 0.9,0.8,0.7")
+        raise click.UsageError("give one list of budgets: --flops (MACs) or --keep (parameters), e.g. "
+                               "--flops 0.9,0.8,0.7")
     flag, objective = ("--flops", "macs") if kw["flops"] is not None else ("--keep", "params")
-    budgets = _floats(kw["flops"] or kw["keep"])
-    if any(not 0 < b < 1 for b in budgets):
-        raise click.BadParameter(f"budgets must be fractions in (0, 1), got {kw['flops'] or kw['keep']}",
-                                 param_hint=flag)
+    budgets = kw["flops"] or kw["keep"]
     if kw.get("objective") not in (None, objective):
-        raise RecipeError(f"--objective {kw['objective']}", f"contradicts {flag}")
+        raise click.UsageError(f"--objective {kw['objective']} contradicts {flag}, budgets of {objective}")
     preprocess = preprocess_dict(kw)
     kw["objective"] = objective
     recipe = plan_only_recipe(kw, preprocess, budget=budgets[0])
@@ -916,8 +995,8 @@ def sweep(model, output, verbose, quiet, device, **kw):
 
 
 @main.command("merge-stats", short_help="Merge the shard files of `calibrate --shard` into one statistics file.")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Merged statistics (.npz).")
+@click.argument("inputs", nargs=-1, required=True, type=FILE)
+@click.option("-o", "--output", required=True, type=FILE, help="Merged statistics (.npz).")
 @click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less output.")
 @user_errors
@@ -931,7 +1010,7 @@ def merge_stats(inputs, output, verbose, quiet):
 
 
 @main.command(short_help="Show inputs, ops, parameters, MACs and what each method can touch.")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=FILE)
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
 @user_errors
@@ -979,8 +1058,8 @@ def _plural(n: int, noun: str) -> str:
 
 
 @main.command(short_help="Compare a compressed model with its reference: accuracy, error, size, latency.")
-@click.argument("reference", type=click.Path(dir_okay=False))
-@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.argument("reference", type=FILE)
+@click.argument("candidate", type=FILE)
 @click.option("--data", required=True, help="Evaluation samples (labels enable accuracy).")
 @click.option("--max-drop", type=click.FloatRange(0, 100), help="Exit 3 if accuracy drops more than this many points.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="Exit 3 below this top-1 agreement (a fraction, 0-1).")
@@ -1024,20 +1103,23 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 
 
 @main.command(short_help="Recover a compressed model's accuracy by distilling the original into it.")
-@click.argument("student", type=click.Path(dir_okay=False))
-@click.option("--teacher", type=click.Path(dir_okay=False), help="The original model to distil (default: plain fine-tuning on labels).")
+@click.argument("student", type=FILE)
+@click.option("--teacher", type=FILE, help="The original model to distil (default: plain fine-tuning on labels).")
 @click.option("--target-data", required=True, help="Training samples from the deployment domain (labels optional).")
 @click.option("--eval-data", help="Held-out evaluation samples (default: the part of --target-data not used to train).")
-@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
+@click.option("--split", type=OPEN_FRACTION, default=0.5, show_default=True,
+              help="Fraction of --target-data that trains.")
 @click.option("--val-data", help="Held-out training samples that pick the checkpoint (default: --val-fraction of "
               "the training samples); best samples that did not calibrate the compression.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=FILE)
 @training_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the split, the sampling and the training.")
-@click.option("--max-drop", type=float, help="Fail (exit 3, no output) if accuracy drops more than this many points.")
-@click.option("--min-agreement", type=float, help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
+@click.option("--max-drop", type=click.FloatRange(0, 100),
+              help="Fail (exit 3, no output) if accuracy drops more than this many points.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1),
+              help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @preprocess_options
@@ -1106,15 +1188,16 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
 
 
 @main.command(short_help="Co-Prune: unstructured pruning of a target model with a source model's help.")
-@click.option("--source-model", required=True, type=click.Path(dir_okay=False), help="Network trained on the source domain.")
-@click.option("--target-model", required=True, type=click.Path(dir_okay=False),
+@click.option("--source-model", required=True, type=FILE, help="Network trained on the source domain.")
+@click.option("--target-model", required=True, type=FILE,
               help="The same network fine-tuned on the target domain (e.g. with `onnxprune finetune`).")
 @click.option("--source-data", required=True, help="Labelled source-domain samples.")
 @click.option("--target-data", required=True, help="Labelled target-domain samples (training).")
 @click.option("--eval-data", help="Held-out target samples (default: the part of --target-data not used to train).")
-@click.option("--split", type=float, default=0.5, show_default=True, help="Fraction of --target-data that trains.")
-@click.option("--keep", type=float, required=True, help="Fraction of the Conv/Gemm/MatMul weights kept (non-zero).")
-@click.option("--alpha", default="0.7,0.5,0.3", show_default=True,
+@click.option("--split", type=OPEN_FRACTION, default=0.5, show_default=True,
+              help="Fraction of --target-data that trains.")
+@click.option("--keep", type=FRACTION, required=True, help="Fraction of the Conv/Gemm/MatMul weights kept (non-zero).")
+@click.option("--alpha", type=NumberList(click.FloatRange(0, 1)), default="0.7,0.5,0.3", show_default=True,
               help="Transfer factor per stage (one value: three stages at it); 0 = target-only magnitude "
                    "pruning with the same training.")
 @click.option("--allocation", type=click.Choice(["global", "layer"]), default="global", show_default=True,
@@ -1123,18 +1206,18 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
               help="Target mask from alpha|W_s| + (1-alpha)|W_t| (abs) or |alpha W_s + (1-alpha) W_t| (signed, "
                    "the paper's eq. 4).")
 @click.option("--layer-keep", help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate at each stage's start.")
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Adam learning rate at each stage's start.")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="lr / 10 after this many epochs without a lower training loss.")
 @click.option("--max-epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="At most this many epochs per alpha stage (a stage ends at lr < 1e-6).")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+@click.option("--val-fraction", type=OPEN_FRACTION, default=0.1, show_default=True,
               help="Fraction of the target training samples held out to pick the checkpoint.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the split, the sampling and the training.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=FILE)
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @preprocess_options
@@ -1150,7 +1233,7 @@ def coprune(output, as_json, verbose, quiet, **kw):
     from onnxprune.train.coprune import CoPruneConfig
 
     preprocess = preprocess_dict(kw)
-    alphas = _floats(kw["alpha"])
+    alphas = kw["alpha"]
     if len(alphas) == 1:  # one value: the default's three stages, so --alpha 0 trains as long as Co-Prune
         alphas = alphas * 3
     config = CoPruneConfig(keep=kw["keep"], alphas=alphas, allocation=kw["allocation"], fusion=kw["fusion"],

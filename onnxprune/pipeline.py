@@ -110,6 +110,9 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(source, f"top level must be a table/object, not {type(data).__name__} {data!r:.40}",
+                              'e.g. {"passes": [{"name": "low-rank-split", "keep": 0.5}]}')
         data = dict(data)
         raw = data.pop("passes", None)
         if raw is None and data.get("plan") is not None:

@@ -42,6 +42,8 @@ PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank
 #: options that set a per-layer rule or a pass option the planner does not choose: with any of
 #: them, compress runs the one recipe they describe (one global threshold for keep/flops)
 RULE_OPTIONS = ("rank", "fraction", "energy", "alpha", "tau", "ridge", "mode", "then_low_rank", "lam")
+#: options of the planner only: with a fixed recipe they would do nothing (a usage error)
+PLANNER_OPTIONS = ("objective", "margin", "check_extra", "correct_drift")
 
 
 class OptionConflict(RecipeError):
@@ -130,13 +132,17 @@ def token_settings(options: Mapping[str, Any]) -> dict:
     return {key: options[key] for key in ("mask_input", "metric") if options.get(key) is not None}
 
 
-def planned(options: Mapping[str, Any]) -> bool:
-    """Whether compress plans per site (the default) or runs one fixed recipe."""
-    if options.get("allocation") == "global" or options.get("no_reconstruct") or options.get("stats"):
-        return False
-    if options["method"] == "pfa-kl" or options.get("latency_aware_splits"):
-        return False
-    return not any(options.get(name) is not None for name in RULE_OPTIONS)
+def fixed_by(options: Mapping[str, Any], flag: Callable[[str], str] = _same) -> str | None:
+    """The option that makes compress run one fixed recipe instead of planning per site (the
+    default), as ``flag`` spells it; None: compress plans."""
+    if options.get("allocation") == "global":
+        return f"{flag('allocation')} global"
+    for name in ("no_reconstruct", "stats", "latency_aware_splits"):
+        if options.get(name):
+            return flag(name)
+    if options["method"] == "pfa-kl":
+        return f"{flag('method')} pfa-kl"
+    return next((flag(name) for name in RULE_OPTIONS if options.get(name) is not None), None)
 
 
 def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
@@ -150,8 +156,8 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
     if options.get("flops") is not None or options.get("keep") is not None:
         name, implied = ("flops", "macs") if options.get("flops") is not None else ("keep", "params")
         if objective not in (None, implied):
-            raise RecipeError(f"{flag('objective')} {objective}", f"contradicts {flag(name)}, a budget of {implied}",
-                              f"drop {flag('objective')} or use {flag('keep') if implied == 'macs' else flag('flops')}")
+            raise OptionConflict(f"{flag('objective')} {objective} contradicts {flag(name)}, a budget of {implied}: "
+                                 f"drop {flag('objective')} or use {flag('keep') if implied == 'macs' else flag('flops')}")
         objective = implied
         plan["budget"] = options[name]
     else:
@@ -171,7 +177,7 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
         plan["conv"] = options["conv_split"]
     if options.get("latency_batch") is not None:
         if plan["objective"] != "latency":
-            raise RecipeError(flag("latency_batch"), f"only applies to {flag('objective')} latency")
+            raise OptionConflict(f"{flag('latency_batch')} only applies to {flag('objective')} latency")
         plan["latency_batch"] = options["latency_batch"]
     if options.get("correct_drift") is not None:
         plan["drift"] = options["correct_drift"]
@@ -191,14 +197,20 @@ def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable
     layers = layer_list(options.get("layers"))
     settings = dict(seed=options["seed"], calib_size=options.get("calib_size"), split=options["split"],
                     batch_size=options["batch_size"], preprocess=preprocess, **token_settings(options))
-    if planned(options):
+    fixed = fixed_by(options, flag)
+    if fixed is None:
         return Recipe(passes=(), plan=plan_request(options, layers, flag), **settings)
+    ignored = [flag(name if options[name] is not False else f"no_{name}") for name in PLANNER_OPTIONS
+               if options.get(name) is not None]
+    if ignored:
+        raise OptionConflict(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} only to planning, and "
+                             f"{fixed} makes compress run one fixed recipe (drop {fixed} to plan)")
     if method == "auto":
         method = "spectral" if any(options.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
     latency = bool(options.get("latency_aware_splits"))
     if options.get("latency_batch") is not None and not latency:
-        raise RecipeError(flag("latency_batch"), f"only applies to {flag('objective')} latency or "
-                                                 f"{flag('latency_aware_splits')}")
+        raise OptionConflict(f"{flag('latency_batch')} only applies to {flag('objective')} latency or "
+                             f"{flag('latency_aware_splits')}")
     passes = method_passes(method, **{k: options.get(k) for k in ("keep", "rank", "fraction", "energy", "alpha",
                                                                   "tau", "flops", "lam", "ridge")},
                            layers=layers, reconstruct=not options.get("no_reconstruct"),
@@ -215,5 +227,5 @@ def plan_only_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Call
     plan.pop("max_drop", None)
     plan.update(goal)
     return Recipe(passes=(), plan=plan, seed=options["seed"], calib_size=options.get("calib_size"),
-                  split=options.get("split") or 0.5, batch_size=options["batch_size"], preprocess=preprocess,
+                  split=options.get("split", 0.5), batch_size=options["batch_size"], preprocess=preprocess,
                   **token_settings(options))

@@ -19,6 +19,10 @@ pipeline pairs a per-site pass with the next pass that requires its records (seq
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
+import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -187,6 +191,43 @@ def options_to_dict(options: Any) -> dict[str, Any]:
         value = getattr(options, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+#: what a field's annotated type means in a recipe file's words
+_KINDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string", tuple: "a list",
+          dict: "a table"}
+
+
+@functools.cache
+def _field_kinds(options_cls: type) -> dict[str, tuple[type, ...]]:
+    """Per field of an options dataclass, the types its annotation allows (``float | None``: float, NoneType)."""
+    hints = typing.get_type_hints(options_cls)
+    return {name: typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            for name, hint in hints.items()}
+
+
+def _holds(kind: Any, value: Any) -> bool:
+    kind = typing.get_origin(kind) or kind
+    if isinstance(value, (bool, np.bool_)):          # bool is an int in Python, never a number here
+        return kind is bool
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+
+def check_types(owner: str, options: Any) -> None:
+    """Every field of an options dataclass holds what its annotation says: a number (never a
+    bool) for float, an integer for int, true/false for bool, a list for a tuple, a table for a
+    dict; else a RecipeError naming the field and the value."""
+    for name, kinds in _field_kinds(type(options)).items():
+        value = getattr(options, name)
+        if not any(_holds(kind, value) for kind in kinds):
+            wanted = " or ".join(_KINDS[typing.get_origin(k) or k] for k in kinds if k is not type(None))
+            raise RecipeError(owner, f"{name} must be {wanted}, got {value!r}")
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:

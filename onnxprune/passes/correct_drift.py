@@ -40,7 +40,7 @@ from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.index import GraphIndex, node_names
 from onnxprune.graph.layers import LinearLayer, find_linear_layers
 from onnxprune.model import cone_hashes
-from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
+from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, check_types, register
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ class CorrectDriftOptions:
     max_channels: int = 2048
 
     def __post_init__(self):
-        if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
+        check_types("correct-drift", self)
+        if self.stages is not None and self.stages < 1:
             raise ValueError(f"stages={self.stages!r} must be an integer >= 1 or None")
-        if not isinstance(self.max_channels, int) or self.max_channels < 1:
+        if self.max_channels < 1:
             raise ValueError(f"max_channels={self.max_channels!r} must be an integer >= 1")
 
 

@@ -57,6 +57,7 @@ from onnxprune.passes.base import (
     PassResult,
     check_choice,
     check_fraction,
+    check_types,
     register,
 )
 
@@ -154,6 +155,7 @@ class LowRankOptions:
     conv: str = "channel"             # 2-D Convs: "channel" (k x k Conv into k channels, 1x1) or "spatial" (k x 1, 1 x k)
 
     def __post_init__(self):
+        check_types("low-rank-split", self)
         check_choice("low-rank-split", "method", self.method, ("svd", "dalr"))
         check_choice("low-rank-split", "conv", self.conv, CONV_FORMS)
         given = [n for n in ("rank", "fraction", "energy", "keep", "ranks") if getattr(self, n) is not None]
@@ -165,7 +167,7 @@ class LowRankOptions:
             raise ValueError("conv='spatial' takes rank, fraction or ranks (keep and energy rank the channel form's spectrum)")
         if self.conv == "spatial" and self.latency:
             raise ValueError("latency-aware splits time the channel form only: use conv='channel' with latency")
-        if self.rank is not None and int(self.rank) < 1:
+        if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank={self.rank} must be >= 1")
         for name in ("fraction", "energy", "keep"):
             check_fraction("low-rank-split", name, getattr(self, name))
@@ -173,15 +175,13 @@ class LowRankOptions:
             check_choice("low-rank-split", "ridge", self.ridge, ("auto",))
         elif self.ridge < 0:
             raise ValueError(f"ridge={self.ridge} must be >= 0")
-        if int(self.positions) < 0:
+        if self.positions < 0:
             raise ValueError(f"positions={self.positions} must be >= 0")
-        if int(self.multiple) < 1:
+        if self.multiple < 1:
             raise ValueError(f"multiple={self.multiple} must be >= 1")
-        if not isinstance(self.latency, (bool, np.bool_)):
-            raise ValueError(f"latency={self.latency!r} must be true or false")
-        if isinstance(self.latency_batch, bool) or int(self.latency_batch) < 1:
+        if self.latency_batch < 1:
             raise ValueError(f"latency_batch={self.latency_batch} must be >= 1")
-        if not 0 <= float(self.latency_saving) < 1:
+        if not 0 <= self.latency_saving < 1:
             raise ValueError(f"latency_saving={self.latency_saving} must be in [0, 1)")
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "ops", tuple(self.ops))

@@ -35,7 +35,7 @@ from onnxprune import linalg
 from onnxprune.graph.editor import GraphEditor
 from onnxprune.graph.prune import prune_channels
 from onnxprune.model import count_parameters
-from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, register
+from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, check_types, register
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class ReconstructOptions:
     ridge: float | str = "auto"
 
     def __post_init__(self):
+        check_types("reconstruct-next-layer", self)
         if isinstance(self.ridge, str):
             if self.ridge != "auto":
                 raise ValueError(f"ridge={self.ridge!r} must be a number >= 0 or 'auto'")

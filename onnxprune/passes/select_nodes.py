@@ -34,6 +34,7 @@ from onnxprune.passes.base import (
     Selection,
     check_choice,
     check_fraction,
+    check_types,
     register,
 )
 
@@ -64,6 +65,7 @@ class SelectOptions:
     counts: dict | None = None        # per group: exactly this many channels (a plan); groups not named stay whole
 
     def __post_init__(self):
+        check_types("select-nodes", self)
         check_choice("select-nodes", "criterion", self.criterion, CRITERIA)
         check_choice("select-nodes", "choose", self.choose, ("spectral", "correlation"))
         check_choice("select-nodes", "pool", self.pool, ("max", "mean"))
@@ -79,7 +81,7 @@ class SelectOptions:
                 raise ValueError(f"{option} applies to {', '.join(accepting)} only, not {self.criterion}")
         for name in ("alpha", "tau", "fraction", "keep", "flops"):
             check_fraction("select-nodes", name, getattr(self, name))
-        if int(self.multiple) < 1:
+        if self.multiple < 1:
             raise ValueError(f"multiple={self.multiple} must be >= 1")
         if self.lam < 0 or self.ridge < 0:
             raise ValueError("lam and ridge must be >= 0")

@@ -371,7 +371,9 @@ def find_sites(model: onnx.ModelProto, options: PlanOptions, costs: Costs) -> tu
     for site in sites:
         best = costs.saving(site, 1)
         if best < options.min_share * costs.total:
-            skipped.append({"site": site.name, "family": site.family,
+            # a k x k Conv offered in both forms is two sites of one name: the row says which form
+            form = {"form": site.split.form} if site.variant or (site.split and site.split.form == "spatial") else {}
+            skipped.append({"site": site.name, "family": site.family, **form,
                             "reason": f"saves at most {100 * best / max(costs.total, 1):.2f}% of the {costs.objective}"})
         else:
             kept.append(site)

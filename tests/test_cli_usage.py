@@ -1,0 +1,209 @@
+"""Bad flag values and combinations: exit 2 (usage) naming the flag, exit 1 for a bad file
+(also a directory where a file belongs, a malformed recipe), 130 after Ctrl-C; no output in
+any case. The README's "Exit codes (every command)" table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onnxprune.cli import main, plan_lines
+from onnxprune.errors import RecipeError
+from onnxprune.passes.low_rank_split import LowRankOptions
+from onnxprune.passes.select_nodes import SelectOptions
+from onnxprune.recipes import OptionConflict, build_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
+DATA = ROOT / "models" / "usps_test.npz"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_usage_error(result, *words):
+    """Exit 2, click's usage message naming ``words`` (the flag), no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    assert "Traceback" not in result.output + result.stderr and "internal error" not in result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+
+
+def assert_one_line_error(result, *words, code=1):
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def compress(tmp_path, *args):
+    return cli("compress", MODEL, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--no-latency", "-q", *args)
+
+
+TRAIN = ("--target-data", DATA, "-o", "OUT")
+COPRUNE = ("coprune", "--source-model", MODEL, "--target-model", MODEL, "--source-data", DATA, "--target-data", DATA,
+           "-o", "OUT")
+
+
+@pytest.mark.parametrize("args, flag", [
+    (("finetune", MODEL, *TRAIN, "--split", "1.5"), "--split"),
+    (("finetune", MODEL, *TRAIN, "--val-fraction", "1.5"), "--val-fraction"),
+    (("finetune", MODEL, *TRAIN, "--lr", "0"), "--lr"),
+    (("finetune", MODEL, *TRAIN, "--temperature", "0"), "--temperature"),
+    (("finetune", MODEL, *TRAIN, "--max-drop", "-5"), "--max-drop"),
+    (("finetune", MODEL, *TRAIN, "--min-agreement", "95"), "--min-agreement"),
+    (("finetune", MODEL, *TRAIN, "--max-minutes", "-1"), "--max-minutes"),
+    ((*COPRUNE, "--keep", "1.5"), "--keep"),
+    ((*COPRUNE, "--keep", "0.5", "--alpha", "0.7,2"), "--alpha"),
+    (("sensitivity", MODEL, *TRAIN, "--seed", "-1"), "--seed"),
+    (("sweep", MODEL, *TRAIN, "--flops", "0.5", "--split", "1.5"), "--split"),
+    (("sweep", MODEL, *TRAIN, "--flops", "0.5", "--split", "0"), "--split"),
+    (("sweep", MODEL, *TRAIN, "--flops", "0.5,1.2"), "--flops"),
+    (("calibrate", MODEL, *TRAIN, "--shard", "0/3"), "--shard"),
+    (("compress", MODEL, *TRAIN, "--split", "0"), "--split"),
+    (("compress", MODEL, *TRAIN, "--std", "0"), "--std"),
+    (("compress", MODEL, *TRAIN, "--std", "0.5,abc"), "--std"),
+    (("compress", MODEL, *TRAIN, "--resize", "0"), "--resize"),
+    (("compress", MODEL, *TRAIN, "--center-crop", "2x3x4"), "--center-crop"),
+    (("compress", MODEL, *TRAIN, "--scale", "0"), "--scale"),
+    (("compress", MODEL, *TRAIN, "--latency-runs", "0"), "--latency-runs"),
+    (("validate", MODEL, MODEL, "--data", DATA, "--mean", "x"), "--mean"),
+])
+def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(tmp_path, args, flag):
+    out = tmp_path / "out"
+    result = cli(*[out if a == "OUT" else a for a in args])
+    assert_usage_error(result, f"'{flag}'")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("budgets", [(), ("--flops", "0.5", "--keep", "0.5")])
+def test_sweep_needs_exactly_one_list_of_budgets(tmp_path, budgets):
+    result = cli("sweep", MODEL, "--target-data", DATA, "-o", tmp_path / "sweep", *budgets)
+    assert_usage_error(result, "give one list of budgets: --flops")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_mean_and_std_of_different_lengths_are_a_usage_error(tmp_path):
+    assert_usage_error(compress(tmp_path, "--mean", "0.5,0.5", "--std", "0.5"), "--mean has 2 values but --std has 1")
+
+
+def test_an_objective_that_contradicts_the_budget_is_a_usage_error(tmp_path):
+    """--flops is a budget of MACs: --objective params cannot be what it meets."""
+    assert_usage_error(compress(tmp_path, "--objective", "params", "--flops", "0.5"),
+                       "--objective params contradicts --flops")
+    assert_usage_error(cli("sweep", MODEL, "--target-data", DATA, "-o", tmp_path / "s", "--keep", "0.5",
+                           "--objective", "macs"), "--objective macs contradicts --keep")
+
+
+def test_a_directory_where_a_file_belongs_is_a_user_error(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert_one_line_error(cli("compress", folder, "--target-data", DATA, "-o", tmp_path / "o.onnx"),
+                          f"error: {folder} | is a directory", "MODEL")
+    assert_one_line_error(cli("compress", MODEL, "--target-data", DATA, "-o", folder),
+                          f"error: {folder} | is a directory", "--output")
+    assert_one_line_error(cli("inspect", folder), "is a directory")
+    assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())
+
+
+@pytest.mark.parametrize("planner_flag", [("--margin", "2"), ("--check-extra", "10"), ("--no-correct-drift",),
+                                          ("--correct-drift",), ("--objective", "params")])
+@pytest.mark.parametrize("fixed", [("--rank", "5"), ("--allocation", "global", "--keep", "0.5"),
+                                   ("--method", "svd", "--keep", "0.5", "--latency-aware-splits")])
+def test_planner_flags_with_a_fixed_recipe_are_usage_errors(tmp_path, planner_flag, fixed):
+    result = compress(tmp_path, *fixed, *planner_flag)
+    assert_usage_error(result, f"{planner_flag[0]} applies only to planning", "makes compress run one fixed recipe")
+    assert not list(tmp_path.iterdir())
+
+
+def options(**given):
+    base = dict(method="auto", seed=0, calib_size=100, split=0.5, batch_size=32, allocation="plan")
+    return {**base, **given}
+
+
+def test_planner_flags_still_reach_the_plan_where_it_plans():
+    for goal in ({}, {"keep": 0.5}, {"max_drop": 2.0}):
+        plan = build_recipe(options(margin=2.0, check_extra=10, correct_drift=False, objective=None, **goal), {}).plan
+        assert (plan["margin"], plan["check_extra"], plan["drift"]) == (2.0, 10, False), plan
+    with pytest.raises(OptionConflict, match="--margin applies only to planning, and --rank"):
+        build_recipe(options(rank=5, margin=2.0), {}, flag=lambda k: "--" + k.replace("_", "-"))
+
+
+def test_finetune_search_flags_need_the_max_drop_search(tmp_path):
+    """--finetune-trials/-margin/-refit steer the search of --finetune with --max-drop: with a
+    budget there is no search, so they are refused (before torch is needed)."""
+    result = compress(tmp_path, "--keep", "0.5", "--finetune", "1", "--finetune-margin", "1", "--finetune-trials", "2")
+    assert_usage_error(result, "--finetune-trials, --finetune-margin apply only to --finetune's search")
+    assert not list(tmp_path.iterdir())
+
+
+def test_compress_latency_runs_reaches_validation(tmp_path):
+    data = tmp_path / "few.npz"
+    with np.load(DATA) as full:
+        np.savez(data, x=full["x"][:64], y=full["y"][:64])
+    out = tmp_path / "o.onnx"
+    result = cli("compress", MODEL, "--target-data", data, "-o", out, "--method", "svd", "--rank", "8",
+                 "--latency-runs", "3", "--calib-size", "32", "-q")
+    assert result.exit_code == 0, result.stderr
+    spread = json.loads(out.with_suffix(".report.json").read_text())["validation"]["latency_ms"]["spread"]
+    assert spread and {row["runs"] for row in spread.values()} == {3}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[1, 2, 3]", ("recipe.json | top level must be a table/object",)),
+    ('{"passes": [{"name": "select-nodes", "keep": "half"}, {"name": "reconstruct-next-layer"}]}',
+     ("select-nodes | keep must be a number, got 'half'",)),
+    ('{"passes": [{"name": "select-nodes", "keep": true}, {"name": "reconstruct-next-layer"}]}',
+     ("select-nodes | keep must be a number, got True",)),
+    ('{"passes": [{"name": "low-rank-split", "rank": 2.5}]}', ("low-rank-split | rank must be an integer",)),
+])
+def test_a_malformed_recipe_is_one_line_naming_the_key(tmp_path, text, words):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(text)
+    assert_one_line_error(compress(tmp_path, "--recipe", recipe), *words)
+    assert list(tmp_path.iterdir()) == [recipe]
+
+
+def test_pass_options_check_their_types():
+    """One shared check, from the annotations: a bool is no number, a list is a tuple."""
+    assert SelectOptions(keep=1, groups=["a"]).groups == ("a",)
+    assert LowRankOptions(rank=np.int64(3), ridge="auto").rank == 3
+    with pytest.raises(RecipeError, match="latency must be true or false, got 1"):
+        LowRankOptions(latency=1)
+    with pytest.raises(RecipeError, match="ridge must be a number or a string, got None"):
+        LowRankOptions(ridge=None)
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch):
+    from onnxprune import api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "inspect", interrupted)
+    result = cli("inspect", MODEL)
+    assert result.exit_code == 130 and result.stderr.strip() == "interrupted", (result.exit_code, result.stderr)
+
+
+def test_not_planned_rows_name_the_form_of_a_conv_offered_twice():
+    """A k x k Conv is two planner sites (spatial and channel form): each row says which."""
+    import onnx
+
+    from onnxprune.plan.planner import Costs, PlanOptions, find_sites
+
+    model = onnx.load(str(MODEL))
+    _, skipped = find_sites(model, PlanOptions(min_share=1.0, families=("low-rank",)), Costs(model, "params"))
+    rows = [row for row in skipped if row["site"] == "conv1"]
+    assert sorted(row["form"] for row in rows) == ["channel", "spatial"]
+    assert "form" not in next(row for row in skipped if row["site"] == "ip1")
+    plan = {"goal": {"budget": 0.5}, "objective": "params", "check": {"drop": 0.1, "se": 0.1}, "sites": [], "cost": 0.5,
+            "sites_considered": 0, "step": 0, "steps": 0, "calibration_samples": 10, "skipped": rows + skipped[:1]}
+    lines = plan_lines({"plan": plan})
+    assert any(line.startswith("  not planned: conv1 (low-rank, spatial): saves at most") for line in lines), lines
+    assert any(line.startswith("  not planned: conv1 (low-rank, channel): saves at most") for line in lines), lines
