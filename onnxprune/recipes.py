@@ -158,6 +158,9 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
         if objective not in (None, implied):
             raise OptionConflict(f"{flag('objective')} {objective} contradicts {flag(name)}, a budget of {implied}: "
                                  f"drop {flag('objective')} or use {flag('keep') if implied == 'macs' else flag('flops')}")
+        if options.get("margin") is not None:      # the reserve is the --max-drop search's
+            raise OptionConflict(f"{flag('margin')} applies only to the search for the smallest model within "
+                                 f"--max-drop; with {flag(name)} the planner meets a budget: drop {flag('margin')}")
         objective = implied
         plan["budget"] = options[name]
     else:

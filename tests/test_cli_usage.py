@@ -129,10 +129,15 @@ def options(**given):
 
 def test_planner_flags_still_reach_the_plan_where_it_plans():
     for goal in ({}, {"keep": 0.5}, {"max_drop": 2.0}):
-        plan = build_recipe(options(margin=2.0, check_extra=10, correct_drift=False, objective=None, **goal), {}).plan
-        assert (plan["margin"], plan["check_extra"], plan["drift"]) == (2.0, 10, False), plan
+        margin = {} if "keep" in goal else {"margin": 2.0}
+        plan = build_recipe(options(check_extra=10, correct_drift=False, objective=None, **margin, **goal), {}).plan
+        assert (plan["margin"], plan["check_extra"], plan["drift"]) == (margin.get("margin", 1.0), 10, False), plan
+    flag = lambda k: "--" + k.replace("_", "-")    # noqa: E731
     with pytest.raises(OptionConflict, match="--margin applies only to planning, and --rank"):
-        build_recipe(options(rank=5, margin=2.0), {}, flag=lambda k: "--" + k.replace("_", "-"))
+        build_recipe(options(rank=5, margin=2.0), {}, flag=flag)
+    # the reserve is the --max-drop search's: a budget has no use for it
+    with pytest.raises(OptionConflict, match="--margin applies only to the search for the smallest model"):
+        build_recipe(options(keep=0.5, margin=2.0), {}, flag=flag)
 
 
 def test_finetune_search_flags_need_the_max_drop_search(tmp_path):
