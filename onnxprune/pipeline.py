@@ -25,6 +25,7 @@ from onnxprune.graph.index import name_nodes
 from onnxprune.linalg import blas_threads
 from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
 from onnxprune.passes import REGISTRY, Pass, PassContext, check_order, options_to_dict
+from onnxprune.passes.base import check_types
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class Recipe:
     metric: str = "auto"
 
     def __post_init__(self):
+        if self.calib_size == "all":
+            object.__setattr__(self, "calib_size", None)
+        check_types("recipe", self)
         if self.mode not in ("one-shot", "sequential"):
             raise RecipeError("recipe", f"mode={self.mode!r} is not one-shot or sequential")
         if self.plan is not None:
@@ -72,8 +76,6 @@ class Recipe:
         object.__setattr__(self, "_options", tuple(REGISTRY[name](**options).options for name, options in self.passes))
         if not 0 < self.split < 1:
             raise RecipeError("recipe", f"split={self.split} must be in (0, 1)")
-        if self.calib_size == "all":
-            object.__setattr__(self, "calib_size", None)
         if self.calib_size is not None and (isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int)
                                             or self.calib_size < 1):
             raise RecipeError("recipe", f"calib_size={self.calib_size!r} must be an integer >= 1 or 'all'")

@@ -312,3 +312,12 @@ def test_sequential_mode_pairs_a_per_site_pass_with_the_pass_that_requires_its_r
     monkeypatch.setattr(pipeline, "PassContext", lambda **kw: real(**kw, cache=shared))
     run(graphs.unnamed_chain(), [(_PerSite.name, {}), (_Applies.name, {})], mode=mode)
     assert shared["log"] == expected
+
+
+@pytest.mark.parametrize("key, value, words", [("split", "half", "split must be a number, got 'half'"),
+                                               ("seed", True, "seed must be an integer, got True"),
+                                               ("batch_size", 2.5, "batch_size must be an integer"),
+                                               ("preprocess", [], "preprocess must be a table")])
+def test_recipe_top_level_values_of_the_wrong_type_name_their_key(key, value, words):
+    with pytest.raises(RecipeError, match=words):
+        Recipe.from_dict({"passes": [{"name": "low-rank-split", "keep": 0.5}], key: value})
