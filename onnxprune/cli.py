@@ -14,7 +14,6 @@ why, sizes chosen, timings), ``-vv`` the numbers behind each choice, ``-q`` erro
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import json
@@ -181,11 +180,15 @@ def preprocess_options(func):
     return func
 
 
+#: the preprocessing options (``preprocess_options``), as keywords
+PREPROCESS_KEYS = ("resize", "center_crop", "mean", "std", "grayscale", "scale", "layout", "tokenizer", "max_length")
+
+
 def preprocess_dict(kwargs) -> dict:
     """The preprocessing flags given (popped from ``kwargs``); --mean and --std of different
     lengths are a usage error."""
     out = {}
-    for key in ("resize", "center_crop", "mean", "std", "grayscale", "scale", "layout", "tokenizer", "max_length"):
+    for key in PREPROCESS_KEYS:
         value = kwargs.pop(key, None)
         if value is not None:
             out[key] = value
@@ -617,7 +620,6 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
 #: recipe the statistics were gathered for
 METHOD_FLAGS = ("method", "objective", "allocation", "layers", "no_reconstruct", "then_low_rank", "conv_split",
                 "latency_aware_splits", *recipes.BUDGET_OPTIONS, *recipes.RULE_OPTIONS)
-PREPROCESS_FLAGS = ("resize", "center_crop", "mean", "std", "grayscale", "scale", "layout", "tokenizer", "max_length")
 
 
 def stats_recipe(kw: dict, given: set[str], *, quiet: int):
@@ -642,14 +644,12 @@ def stats_recipe(kw: dict, given: set[str], *, quiet: int):
             kw[name] = None if value == "all" else value
     if any(name in given for name in METHOD_FLAGS):
         return None
+    flags = any(name in given for name in PREPROCESS_KEYS)
     recipe = Recipe.from_dict({**saved, "seed": kw["seed"], "split": kw["split"],
                                "calib_size": "all" if kw["calib_size"] is None else kw["calib_size"],
                                "batch_size": kw["batch_size"],
-                               **({} if any(name in given for name in PREPROCESS_FLAGS)
-                                  else {"preprocess": saved.get("preprocess", {})})},
+                               "preprocess": preprocess_dict(dict(kw)) if flags else saved.get("preprocess", {})},
                               source=str(kw["stats"]))
-    if any(name in given for name in PREPROCESS_FLAGS):
-        recipe = dataclasses.replace(recipe, preprocess=preprocess_dict(dict(kw)))
     passes = ", ".join(f"{name} {_options_text(options)}".strip() for name, options in recipe.passes)
     goal = ""
     if kw["max_drop"] is None and kw["min_agreement"] is None:
