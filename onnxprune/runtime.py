@@ -84,7 +84,10 @@ def make_session(model: onnx.ModelProto, *, device: str = "cpu", threads: int | 
             ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
         first = str(exc).strip().splitlines()[0][:300]
-        raise ModelError(model.graph.name or "model", f"onnxruntime cannot load it: {first}") from None
+        graph = f" (graph {model.graph.name!r})" if model.graph.name else ""
+        raise ModelError("onnxruntime", f"cannot load the model{graph}: {first}",
+                         "check that this onnxruntime supports the model's opset and ops (`onnxprune inspect`)"
+                         ) from None
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime falls back to the CPU, with a log line only, when CUDA or cuDNN fails to load
         raise ModelError("cuda", "the CUDA execution provider failed to start (CUDA or cuDNN libraries missing?)",
