@@ -457,10 +457,12 @@ def shift_path(figure) -> Path:
 
 
 def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.PathLike, source_data=None,
-          eval_data=None, device: str = "cpu", progress: bool = True, measure_latency: bool = True) -> dict:
+          eval_data=None, device: str = "cpu", progress: bool = True, measure_latency: bool = True,
+          latency_runs: int = 10) -> dict:
     """Compress at each budget (fractions of ``recipe.plan['objective']``) from one calibration
     and one sensitivity run; write every model with its report, and a Pareto table
-    (``pareto.md``, ``pareto.json``) and plot (``pareto.png``) into ``output_dir``."""
+    (``pareto.md``, ``pareto.json``) and plot (``pareto.png``) into ``output_dir``
+    (``latency_runs``: timed runs of each model per batch size when validating)."""
     from onnxprune.plan import figures
 
     out_dir = Path(output_dir)
@@ -499,7 +501,8 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         final = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
         compressed, report = run_pipeline(planner.original, final, planner.provider)
         validation = _validate(planner.original, compressed, held_out, batch_size=recipe.batch_size, device=device,
-                               measure_latency=measure_latency, progress=progress, metric=recipe.metric)
+                               measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
+                               metric=recipe.metric)
         warnings = label_notes + list(validation.warnings) + collapse_warnings(validation, held_out)
         report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
                       evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()},

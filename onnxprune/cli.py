@@ -965,6 +965,8 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
 @click.option("--keep", type=BUDGETS, help="Comma-separated parameter budgets instead.")
 @click.option("--split", type=OPEN_FRACTION, default=0.5, show_default=True,
               help="Fraction of --target-data that calibrates.")
+@click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs of each model per batch size (interleaved).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @plan_flags
@@ -988,7 +990,8 @@ def sweep(model, output, verbose, quiet, device, **kw):
     recipe = plan_only_recipe(kw, preprocess, budget=budgets[0])
     result = api.sweep(model, kw["target_data"], budgets, recipe=recipe, output_dir=output,
                        source_data=kw["source_data"], eval_data=kw["eval_data"], device=device,
-                       progress=show_progress(quiet), measure_latency=not kw["no_latency"])
+                       progress=show_progress(quiet), measure_latency=not kw["no_latency"],
+                       latency_runs=kw["latency_runs"])
     for line in result["table"]:
         click.echo(line)
     click.echo(f"wrote {output}/ (models, reports, pareto.md, pareto.json, pareto.png)")
