@@ -10,8 +10,11 @@ except ImportError:
 else:
     MISSING_RUNTIME = None
     from onnxprune.api import calibrate, compress, inspect, merge_stats, validate  # noqa: E402
+    from onnxprune.errors import OnnxPruneError, ValidationFailed  # noqa: E402
+    from onnxprune.pipeline import Recipe  # noqa: E402
 
-__all__ = ["__version__", "calibrate", "compress", "inspect", "merge_stats", "validate"]
+__all__ = ["__version__", "calibrate", "compress", "inspect", "merge_stats", "validate", "Recipe", "OnnxPruneError",
+           "ValidationFailed"]
 
 
 def __getattr__(name):

@@ -54,6 +54,19 @@ def as_model(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
+def as_recipe(recipe) -> Recipe:
+    """``recipe`` as a Recipe: one already, a dict as a recipe file holds it, or the path of a
+    JSON/TOML recipe file; anything else is a RecipeError."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.load(recipe)
+    raise RecipeError("recipe", f"must be a Recipe, a dict or a recipe file's path, not {type(recipe).__name__}",
+                      "e.g. recipe=Recipe(passes=(), plan={\"max_drop\": 1.0})")
+
+
 def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None) -> SampleSet:
     """``data`` as a SampleSet; a ``.txt``/``.tsv`` text file is tokenised with the ``tokenizer``
     (and ``max_length``) of a ``preprocess`` dict (``data/text.py``)."""
@@ -82,7 +95,7 @@ class CompressResult:
     output: Path | None
 
 
-def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | None = None,
+def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, output: str | os.PathLike | None = None,
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
              min_agreement: float | None = None, measure_latency: bool = True, latency_runs: int = 10,
@@ -106,6 +119,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     then distilled again on the training samples and the fold together).
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
+    recipe = as_recipe(recipe)
     if output is not None:
         check_output_text(output)
         check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,
@@ -213,15 +227,9 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     probe = calib.subset(np.linspace(0, len(calib) - 1, min(len(calib), LABEL_PROBE)).round().astype(int))
     outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device)
     classes = outputs.shape[-1] if outputs.ndim == 2 else None
-    for sample_set in (calib, held_out):
-        labels = sample_set.labels
-        if classes is not None and labels is not None and (labels.min() < 0 or labels.max() >= classes):
-            raise DataError(sample_set.name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model "
-                            f"answers with {classes} classes (0..{classes - 1})",
-                            "check the labels (y, labels.csv, class folders), or leave them out to measure "
-                            "agreement with the original")
     if classes is None:
         return None
+    check_label_range((calib, held_out), classes)
     accuracy = float(np.mean(outputs.argmax(axis=1) == probe.labels))
     if not near_chance(accuracy, probe.labels):
         return None
@@ -230,6 +238,17 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
             f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
             "or data it does not read as it should: check --mean, --std, --scale, --resize, --layout); they are "
             "set aside and every goal is judged by agreement with the original")
+
+
+def check_label_range(sample_sets, classes: int) -> None:
+    """Labels outside the model's ``classes`` are a DataError: no answer of the model can match them."""
+    for sample_set in sample_sets:
+        labels = sample_set.labels
+        if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= classes):
+            raise DataError(sample_set.name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model "
+                            f"answers with {classes} classes (0..{classes - 1})",
+                            "check the labels (y, labels.csv, class folders), or leave them out to measure "
+                            "agreement with the original")
 
 
 def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None,
@@ -422,6 +441,7 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     Writes the curves as JSON to ``output`` and a heat map (and a shift chart) as PNG."""
     from onnxprune.plan import figures
 
+    recipe = as_recipe(recipe)
     outputs = [o for o in (output, figure) if o is not None]
     for o in outputs:
         check_output_text(o)
@@ -465,6 +485,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     (``latency_runs``: timed runs of each model per batch size when validating)."""
     from onnxprune.plan import figures
 
+    recipe = as_recipe(recipe)
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(str(out_dir), "exists and is not a folder", "give a folder for -o")
@@ -815,6 +836,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     from onnxprune.calibration import cluster as tasks_on
     from onnxprune.calibration.shard import parse_shard
 
+    recipe = as_recipe(recipe)
     fraction = recipe.split if split is None else split
     if not 0 < fraction <= 1:
         raise RecipeError("split", f"{fraction} must be in (0, 1]")
@@ -957,10 +979,19 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
              max_drop: float | None = None, min_agreement: float | None = None,
              progress: bool = False, metric: str = "auto") -> ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data``; raises ValidationFailed on a missed threshold.
-    ``metric``: "auto", "classes" or "embedding" (cosine, kNN and probe: ``onnxprune.embedding``)."""
+    ``metric``: "auto", "classes" or "embedding" (cosine, kNN and probe: ``onnxprune.embedding``).
+    Labels outside the reference's classes are a DataError."""
+    from onnxprune import embedding
+    from onnxprune.plan.planner import model_outputs
+
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     ref, cand = as_model(reference), as_model(candidate)
     samples = as_samples(data, ref, preprocess)
+    if samples.labels is not None and embedding.output_kind(ref, metric=metric) == "classes":
+        first = model_outputs(ref, samples.subset(np.arange(min(len(samples), batch_size))), batch_size=batch_size,
+                              device=device)
+        if first.ndim == 2:
+            check_label_range([samples], first.shape[-1])
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,
                        latency_runs=latency_runs, progress=progress, metric=metric)
     for warning in report.warnings:

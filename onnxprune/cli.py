@@ -350,7 +350,7 @@ def _given(name: str) -> bool:
     return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
-def build_recipe(kw: dict, preprocess: dict):
+def build_recipe(kw: dict, preprocess: dict, *, sized: bool = True):
     """The recipe the flags describe (``recipes.build_recipe``), or the --recipe file with the
     recipe-level flags given on the command line (--calib-size, --split, --seed, --mode,
     --batch-size, preprocessing) applied over it. Method flags cannot be combined with --recipe,
@@ -370,7 +370,7 @@ def build_recipe(kw: dict, preprocess: dict):
             changes["preprocess"] = {**recipe.preprocess, **preprocess}
         return dataclasses.replace(recipe, **changes) if changes else recipe
     try:
-        return recipes.build_recipe(kw, preprocess, flag=_flag)
+        return recipes.build_recipe(kw, preprocess, flag=_flag, sized=sized)
     except recipes.OptionConflict as exc:
         raise click.UsageError(exc.problem) from None
 
@@ -644,6 +644,11 @@ def stats_recipe(kw: dict, given: set[str], *, quiet: int):
             kw[name] = None if value == "all" else value
     if any(name in given for name in METHOD_FLAGS):
         return None
+    planner_only = [_flag(name if kw[name] is not False else f"no_{name}") for name in recipes.PLANNER_OPTIONS
+                    if name in given]
+    if planner_only:
+        raise click.UsageError(f"{', '.join(planner_only)} appl{'ies' if len(planner_only) == 1 else 'y'} only to "
+                               "planning, and --stats makes compress run one fixed recipe (drop --stats to plan)")
     flags = any(name in given for name in PREPROCESS_KEYS)
     recipe = Recipe.from_dict({**saved, "seed": kw["seed"], "split": kw["split"],
                                "calib_size": "all" if kw["calib_size"] is None else kw["calib_size"],
@@ -878,7 +883,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
         raise click.UsageError("give --cluster or --workers, not both")
     split = kw.pop("split")
     kw.update(split=0.5 if split >= 1 else split, mode=None, allocation="global")
-    recipe = build_recipe(kw, preprocess)
+    recipe = build_recipe(kw, preprocess, sized=False)
     if kw.get("recipe"):
         from onnxprune.paths import check_output_text, check_outputs
         check_output_text(output)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,20 @@ log = logging.getLogger(__name__)
 #: calibration samples per set (target, and source) unless a recipe or --calib-size says
 #: otherwise; None ("all" in a recipe file or on the command line) lifts the cap
 DEFAULT_CALIB_SIZE = 1000
+
+
+def pass_entry(entry) -> tuple[str, dict]:
+    """One pass of a recipe as (name, options): also a bare name, or a dict with "name" as the
+    recipe files write it; anything else is a RecipeError."""
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+        return entry["name"], {k: v for k, v in entry.items() if k != "name"}
+    if (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], Mapping)):
+        return entry[0], dict(entry[1])
+    raise RecipeError("recipe", f"pass {entry!r:.60} is not (name, options)",
+                      'e.g. ("low-rank-split", {"method": "dalr", "keep": 0.5})')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +72,9 @@ class Recipe:
     def __post_init__(self):
         if self.calib_size == "all":
             object.__setattr__(self, "calib_size", None)
+        if not isinstance(self.passes, (list, tuple)):
+            raise RecipeError("recipe", f"passes must be a list of (name, options) pairs, got {self.passes!r:.60}")
+        object.__setattr__(self, "passes", tuple(pass_entry(entry) for entry in self.passes))
         check_types("recipe", self)
         if self.mode not in ("one-shot", "sequential"):
             raise RecipeError("recipe", f"mode={self.mode!r} is not one-shot or sequential")

@@ -42,6 +42,8 @@ PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank
 #: options that set a per-layer rule or a pass option the planner does not choose: with any of
 #: them, compress runs the one recipe they describe (one global threshold for keep/flops)
 RULE_OPTIONS = ("rank", "fraction", "energy", "alpha", "tau", "ridge", "mode", "then_low_rank", "lam")
+#: options that only some pruning criteria read (``Criterion.per_group``, ``Criterion.reads``)
+CRITERION_OPTIONS = ("alpha", "tau", "lam")
 #: options of the planner only: with a fixed recipe they would do nothing (a usage error)
 PLANNER_OPTIONS = ("objective", "margin", "check_extra", "correct_drift")
 
@@ -65,13 +67,20 @@ def method_names(*, auto: bool = False) -> list[str]:
 
 
 def check_method_options(method: str, options: Mapping[str, Any], flag: Callable[[str], str] = _same) -> None:
-    """Low-rank-only options with a pruning criterion, or pruning-only ones with a low-rank
-    preset, are an ``OptionConflict`` (``method`` "auto" accepts both)."""
+    """Low-rank-only options with a pruning criterion, pruning-only ones with a low-rank preset,
+    or a criterion's own options (alpha, tau, lam) with a criterion that does not read them, are
+    an ``OptionConflict`` (``method`` "auto" accepts both families)."""
     wrong = () if method == "auto" else LOW_RANK_ONLY if method not in METHODS else PRUNING_ONLY
     for name in wrong:
         if options.get(name) not in (None, False):
             kind = "low rank (svd, svd-bc, dalr, dalr-bc)" if name in LOW_RANK_ONLY else "channel pruning"
             raise OptionConflict(f"{flag(name)} applies to {kind}, not {flag('method')} {method}")
+    if method not in PRUNING_CRITERIA:
+        return
+    for name in CRITERION_OPTIONS:
+        readers = [c for c in PRUNING_CRITERIA if name in criteria.get(c).per_group + criteria.get(c).reads]
+        if options.get(name) is not None and method not in readers:
+            raise OptionConflict(f"{flag(name)} applies to {flag('method')} {', '.join(readers)}, not {method}")
 
 
 def method_passes(method: str, *, keep: float | None = None, rank: int | None = None, fraction: float | None = None,
@@ -155,6 +164,10 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
     plan: dict = {}
     if options.get("flops") is not None or options.get("keep") is not None:
         name, implied = ("flops", "macs") if options.get("flops") is not None else ("keep", "params")
+        if objective == "latency":
+            raise OptionConflict(f"{flag('objective')} latency takes no budget ({flag(name)} is a budget of {implied}): "
+                                 f"drop {flag(name)} for the fastest model within --max-drop, or drop "
+                                 f"{flag('objective')} to meet {flag(name)}")
         if objective not in (None, implied):
             raise OptionConflict(f"{flag('objective')} {objective} contradicts {flag(name)}, a budget of {implied}: "
                                  f"drop {flag('objective')} or use {flag('keep') if implied == 'macs' else flag('flops')}")
@@ -177,6 +190,9 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
         if options.get(name) is not None:
             plan[name] = options[name]
     if options.get("conv_split") is not None:
+        if plan["objective"] == "latency" and options["conv_split"] == "spatial":
+            raise OptionConflict(f"{flag('objective')} latency times the channel form of Conv splits only: drop "
+                                 f"{flag('conv_split')} spatial (or use {flag('conv_split')} channel)")
         plan["conv"] = options["conv_split"]
     if options.get("latency_batch") is not None:
         if plan["objective"] != "latency":
@@ -187,11 +203,14 @@ def plan_request(options: Mapping[str, Any], layers: tuple[str, ...],
     return plan
 
 
-def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable[[str], str] = _same) -> Recipe:
+def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable[[str], str] = _same,
+                 sized: bool = True) -> Recipe:
     """The recipe the method options describe: the planner's plan table (compress's default), or
     the fixed passes of ``method`` with its budget. ``options`` holds the command line's
     keywords (method, keep, rank, ..., seed, calib_size, split, batch_size, allocation, ...);
-    ``flag`` names an option in messages (the command line passes ``--keep``-style)."""
+    ``flag`` names an option in messages (the command line passes ``--keep``-style). A fixed
+    recipe needs a size (keep, rank, ...) unless its criterion has its own rule (pfa-kl) or
+    ``sized`` is False (`calibrate`: the statistics serve every size)."""
     method = options["method"]
     given = [flag(k) for k in BUDGET_OPTIONS if options.get(k) is not None]
     if len(given) > 1:
@@ -210,6 +229,11 @@ def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable
                              f"{fixed} makes compress run one fixed recipe (drop {fixed} to plan)")
     if method == "auto":
         method = "spectral" if any(options.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
+    if sized and not given and not (method in PRUNING_CRITERIA and criteria.get(method).default is None):
+        sizes = ("keep", "rank", "fraction", "energy") if method in METHODS else ("keep", "flops", "fraction",
+                                                                                  *criteria.get(method).per_group)
+        raise OptionConflict(f"{fixed} makes compress run one fixed recipe ({method}), which needs a size: give one "
+                             f"of {', '.join(flag(k) for k in sizes)} (or drop {fixed} to let the planner choose)")
     latency = bool(options.get("latency_aware_splits"))
     if options.get("latency_batch") is not None and not latency:
         raise OptionConflict(f"{flag('latency_batch')} only applies to {flag('objective')} latency or "

@@ -66,3 +66,28 @@ def test_inspect_lists_sites_and_passes():
     assert [g["name"] for g in info["channel_groups"] if g["prunable"]] == ["fc1", "fc2", "fc3"]
     assert {row["layer"] for row in info["low_rank"]} >= {"fc1", "fc2", "fc3", "fc4"}
     assert info["params"] > 0 and info["macs"] > 0
+
+
+def test_a_recipe_may_be_a_dict_or_a_file_and_bad_ones_are_recipe_errors(tmp_path):
+    """recipe= takes what a recipe file holds; malformed passes and plans are RecipeErrors naming what is wrong."""
+    from onnxprune.errors import RecipeError
+
+    model = graphs.gemm_chain()
+    x = data(model)
+    as_dict = {"passes": [{"name": "select-nodes", "criterion": "spectral", "fraction": 0.5},
+                          {"name": "reconstruct-next-layer"}], "calib_size": 150}
+    (tmp_path / "r.json").write_text(__import__("json").dumps(as_dict))
+    by_dict = onnxprune.compress(model, x, recipe=as_dict, progress=False, measure_latency=False)
+    by_file = onnxprune.compress(model, x, recipe=tmp_path / "r.json", progress=False, measure_latency=False)
+    assert by_dict.model.SerializeToString() == by_file.model.SerializeToString()
+    named = Recipe(passes=(("low-rank-split", {"rank": 2}), "bias-compensate", {"name": "correct-drift"}))
+    assert named.passes[1:] == (("bias-compensate", {}), ("correct-drift", {}))
+    with pytest.raises(RecipeError, match="is not \\(name, options\\)"):
+        Recipe(passes=(("low-rank-split", 0.5, 1),))
+    with pytest.raises(RecipeError, match="unknown key\\(s\\) budgt"):
+        Recipe(passes=(), plan={"budgt": 0.5})
+    with pytest.raises(RecipeError, match="max_drop=200"):
+        Recipe(passes=(), plan={"max_drop": 200})
+    with pytest.raises(RecipeError, match="must be a Recipe, a dict or a recipe file's path"):
+        onnxprune.compress(model, x, recipe=3, progress=False)
+    assert onnxprune.ValidationFailed is ValidationFailed and issubclass(DataError, onnxprune.OnnxPruneError)

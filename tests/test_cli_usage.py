@@ -212,3 +212,49 @@ def test_not_planned_rows_name_the_form_of_a_conv_offered_twice():
     lines = plan_lines({"plan": plan})
     assert any(line.startswith("  not planned: conv1 (low-rank, spatial): saves at most") for line in lines), lines
     assert any(line.startswith("  not planned: conv1 (low-rank, channel): saves at most") for line in lines), lines
+
+
+@pytest.mark.parametrize("fixed, words", [
+    (("--allocation", "global"), ("--allocation global makes compress run one fixed recipe (dalr-bc), which needs a "
+                                  "size: give one of --keep",)),
+    (("--method", "dalr-bc", "--mode", "sequential"), ("--mode makes compress run one fixed recipe",)),
+    (("--method", "spectral", "--no-reconstruct"), ("fixed recipe (spectral), which needs a size", "--alpha")),
+])
+def test_a_fixed_recipe_without_a_size_is_a_usage_error(tmp_path, fixed, words):
+    """No hidden default budget: a fixed recipe is told how much to keep (pfa-kl has its own rule)."""
+    assert_usage_error(compress(tmp_path, *fixed), *words)
+    assert not list(tmp_path.iterdir())
+    assert build_recipe(options(method="pfa-kl", allocation="global"), {}).passes[0][1]["criterion"] == "pfa-kl"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--method", "spectral", "--tau", "0.9"), "--tau applies to --method pfa-en, not spectral"),
+    (("--method", "pfa-en", "--alpha", "0.9"), "--alpha applies to --method spectral, momasp-J, momasp-j, not pfa-en"),
+    (("--method", "spectral", "--alpha", "0.9", "--lam", "0.5"), "--lam applies to --method momasp-J, momasp-j, not"),
+])
+def test_an_option_the_criterion_does_not_read_is_a_usage_error(tmp_path, flags, words):
+    assert_usage_error(compress(tmp_path, *flags), words)
+
+
+def test_objective_latency_with_a_budget_or_the_spatial_form_is_a_usage_error(tmp_path):
+    assert_usage_error(compress(tmp_path, "--objective", "latency", "--flops", "0.5"),
+                       "--objective latency takes no budget", "drop --flops for the fastest model")
+    assert_usage_error(compress(tmp_path, "--objective", "latency", "--conv-split", "spatial"),
+                       "--objective latency times the channel form")
+
+
+@pytest.mark.parametrize("planner_flag", [("--margin", "1"), ("--check-extra", "10"), ("--no-correct-drift",)])
+def test_planner_flags_with_stats_and_no_method_flags_are_usage_errors(tmp_path, planner_flag):
+    stats = tmp_path / "stats.npz"
+    assert cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "--calib-size", "64", "-q").exit_code == 0
+    result = compress(tmp_path, "--stats", stats, *planner_flag)
+    assert_usage_error(result, f"{planner_flag[0]} applies only to planning, and --stats")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
+
+
+def test_validate_refuses_labels_outside_the_models_classes(tmp_path):
+    data = tmp_path / "bad.npz"
+    with np.load(DATA) as full:
+        np.savez(data, x=full["x"][:40], y=full["y"][:40] % 10 + 5)
+    assert_one_line_error(cli("validate", MODEL, MODEL, "--data", data, "--no-latency"),
+                          "has labels 5..14, but the model answers with 10 classes")

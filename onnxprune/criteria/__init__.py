@@ -52,6 +52,8 @@ class Criterion(abc.ABC):
     threshold: ClassVar[str] = "fraction"
     #: per-group count options this criterion accepts besides fraction: "alpha", "tau"
     per_group: ClassVar[tuple[str, ...]] = ()
+    #: select-nodes options besides the count that this criterion reads ("lam": MoMaSP's weight)
+    reads: ClassVar[tuple[str, ...]] = ()
     #: (option, value) set when no count option is given; None: ``count`` decides
     default: ClassVar[tuple[str, float] | None] = ("keep", 0.5)
 

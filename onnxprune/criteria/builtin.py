@@ -44,6 +44,7 @@ class _Momasp(Criterion):
     sets = ("target", "source")
     threshold = "retention"
     per_group = ("alpha",)
+    reads = ("lam",)
     reg = "J"
 
     def score(self, model, group, views):

@@ -159,17 +159,17 @@ def plan_settings(plan: dict) -> dict:
     """A recipe's ``plan`` table checked and completed: exactly one goal (max_drop in points,
     or budget as a fraction of the objective) plus PlanOptions fields."""
     plan = dict(plan)
-    goals = [g for g in GOALS if plan.get(g) is not None]
-    if len(goals) != 1:
-        raise RecipeError("plan", f"needs exactly one of {', '.join(GOALS)}, got {goals or 'none'}")
-    if plan.get("max_drop") is not None and not 0 <= float(plan["max_drop"]) <= 100:
-        raise RecipeError("--max-drop", f"{plan['max_drop']} is not a number of points in [0, 100]")
-    if plan.get("budget") is not None and not 0 < float(plan["budget"]) <= 1:
-        raise RecipeError("plan", f"budget={plan['budget']} must be a fraction in (0, 1]")
     fields = {f.name for f in dataclasses.fields(PlanOptions)}
     unknown = sorted(set(plan) - fields - set(GOALS))
     if unknown:
         raise RecipeError("plan", f"unknown key(s) {', '.join(unknown)}", f"valid: {', '.join(sorted(fields | set(GOALS)))}")
+    goals = [g for g in GOALS if plan.get(g) is not None]
+    if len(goals) != 1:
+        raise RecipeError("plan", f"needs exactly one of {', '.join(GOALS)}, got {goals or 'none'}")
+    if plan.get("max_drop") is not None and not 0 <= float(plan["max_drop"]) <= 100:
+        raise RecipeError("plan", f"max_drop={plan['max_drop']} is not a number of points in [0, 100]")
+    if plan.get("budget") is not None and not 0 < float(plan["budget"]) <= 1:
+        raise RecipeError("plan", f"budget={plan['budget']} must be a fraction in (0, 1]")
     out = {g: float(plan[g]) for g in goals}
     out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan_options(plan)).items()})
     return out
