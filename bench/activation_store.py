@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 from onnx import numpy_helper
 
-from bench.common import RESULTS, machine, markdown_table
+from bench.common import RESULTS, machine, markdown_table, no_options
 from bench.planner import MODELS
 from onnxprune.api import as_model, compress_samples
 from onnxprune.calibration.provider import ACTIVATION_BYTES, StatsProvider
@@ -52,6 +52,7 @@ def run(name: str) -> list:
 
 
 def main() -> None:
+    no_options(__doc__)
     rows = [run(name) for name in ("resnet20", "mobilenetv2")]
     text = "\n".join([
         "# correct-drift with the activation store", "",

@@ -8,6 +8,7 @@ reference model's predictions on the evaluation half.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -203,3 +204,9 @@ def interleaved_times(sessions, feeds: dict, *, runs: int, budget: float) -> lis
         if i >= 4 and time.perf_counter() - start > budget:
             break
     return [{"min": float(np.min(t)), "median": float(np.median(t)), "runs": len(t)} for t in times]
+
+
+def no_options(doc: str | None) -> None:
+    """The command line of a bench that takes no options: ``-h``/``--help`` prints ``doc`` and
+    exits (instead of starting a run that writes into bench/results/)."""
+    argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

@@ -28,6 +28,9 @@ from onnxprune.model import load_model
 from onnxprune.pipeline import Recipe, run_pipeline
 
 SHARED = str(Path(__file__).resolve().parents[2] / "shared")     # not via bench.common: PYTHONPATH picks onnxprune
+if {"-h", "--help"} & set(sys.argv[1:]):
+    print(__doc__)
+    sys.exit(0)
 NORMALISE = "--names" in sys.argv
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import numpy as np
-from common import RESULTS, Bench, interleaved_times, machine, markdown_table
+from common import RESULTS, Bench, interleaved_times, machine, markdown_table, no_options
 
 #: (multiple, latency batch or None)
 VARIANTS = ((1, None), (8, None), (16, None), (1, 1), (8, 1), (8, 32))
@@ -49,6 +49,7 @@ def latency(models: list, feeds_like: dict, *, batch: int, runs: int, budget: fl
 
 
 def main() -> int:
+    no_options(__doc__)
     os.environ.setdefault("ONNXPRUNE_BLAS_THREADS", "1")
     raw = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "load": [os.getloadavg()[0]], "tasks": []}

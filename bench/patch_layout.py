@@ -24,7 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from bench.calibration_speed import TASKS, decoded_set
-from bench.common import RESULTS, halves, machine, markdown_table
+from bench.common import RESULTS, halves, machine, markdown_table, no_options
 from onnxprune.calibration import requests as requests_module
 from onnxprune.calibration.collect import collect
 from onnxprune.data.samples import open_samples
@@ -72,6 +72,7 @@ def best(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    no_options(__doc__)
     rng = np.random.default_rng(0)
     copy_rows = []
     with threadpool_limits(1):
