@@ -525,9 +525,9 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
                                measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                                metric=recipe.metric)
         warnings = label_notes + list(validation.warnings) + collapse_warnings(validation, held_out)
-        report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
-                      evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()},
-                      warnings=warnings, verdict="unchecked")
+        report["plan"] = result
+        describe_run(report, planner.original, compressed, samples, held_out)
+        report.update(validation=validation.to_dict(), recipe=final.to_dict(), warnings=warnings, verdict="unchecked")
         path = models[budget]
         files += [(path, functools.partial(save_model, compressed)),
                   (report_path(path), text(json.dumps(jsonable(report), indent=2) + "\n"))]

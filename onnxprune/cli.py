@@ -1021,8 +1021,9 @@ def merge_stats(inputs, output, verbose, quiet):
 @click.argument("model", type=FILE)
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less logging (warnings off).")
 @user_errors
-def inspect(model, as_json, verbose):
+def inspect(model, as_json, verbose, quiet):
     """Show MODEL's inputs, ops, parameters and MACs per layer, and what each method can touch."""
     from onnxprune import api
 

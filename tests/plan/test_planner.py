@@ -252,6 +252,9 @@ def test_cli_sensitivity_and_sweep_write_their_files(tmp_path):
     # each row: the held-out drop with its standard error, beside the plan's check with its own
     assert all(r["drop_se"] > 0 and r["checked_se"] >= 0 for r in rows)
     assert (out / "pareto.md").read_text().splitlines()[2].count(" +- ") == 2
+    # each model's report as compress writes it: what changed, per layer
+    report = json.loads(next(out.glob("*_macs60.report.json")).read_text())
+    assert report["changed"] and report["layers"] and report["verdict"] == "unchecked"
 
 
 def test_sweep_writes_no_model_for_a_budget_it_cannot_reach(tmp_path):
