@@ -401,7 +401,11 @@ NOISY_CHECK = 0.5
 def plan_warnings(planning: dict | None) -> list[str]:
     """A line when the planner's check could not tell its goal apart: the standard error of the
     chosen plan's checked drop above ``NOISY_CHECK`` times --max-drop (MobileNetV2 on 250 images:
-    +- 1.4 points against 1; across split seeds its held-out drop then ranged -1.2 to 3.6)."""
+    +- 1.4 points against 1; across split seeds its held-out drop then ranged -1.2 to 3.6), and
+    one when the planner compressed no site."""
+    if planning is not None and not planning.get("sites"):
+        goal = {"objective": planning.get("objective", "macs"), **planning["goal"]}
+        return [f"the planner found no site to compress within {_goal_text(goal)}"]
     goal = (planning or {}).get("goal", {}).get("max_drop")
     se = None if goal is None else planning["check"]["se"]
     if se is None or not se > NOISY_CHECK * goal:
@@ -424,12 +428,12 @@ def plan_remedy(planning: dict | None) -> str:
     if not planning or planning.get("goal", {}).get("max_drop") is None:
         return REMEDY
     recovery = planning.get("recovery")
+    smaller = " or a smaller --max-drop" if planning["goal"]["max_drop"] > 0 else ""
     if recovery:
         return (f"a larger --finetune-margin (now {recovery['margin']:g}: standard errors kept in reserve below "
-                "--max-drop) or a smaller --max-drop keeps a less compressed plan; more target samples "
-                "sharpen the checkpoint fold")
+                f"--max-drop){smaller} keeps a less compressed plan; more target samples sharpen the checkpoint fold")
     return (f"a larger --margin (now {planning['margin']:g}: standard errors kept in reserve below --max-drop, "
-            f"{planning.get('reserve') or 0:.2f} points here) or a smaller --max-drop keeps a less compressed plan; "
+            f"{planning.get('reserve') or 0:.2f} points here){smaller} keeps a less compressed plan; "
             "more target samples sharpen the check")
 
 
@@ -623,8 +627,7 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
                                  "allow a larger budget")
         error.report = {"plan": planning, "calibration": {name: s.describe() for name, s in samples.items()}}
         raise error
-    if not passes:       # nothing fits the goal: the identity, reported as "no layer changed"
-        log.warning("the planner found no site to compress within %s", _goal_text(goal))
+    if not passes:       # nothing fits the goal: the identity, reported as "no layer changed" (plan_warnings)
         passes = (("select-nodes", {"counts": {}}),)
     recipe = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
     return planner.original, recipe, planner.provider, planning, trained
@@ -650,7 +653,7 @@ def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProt
 
 def _goal_text(goal: dict) -> str:
     if goal.get("max_drop") is not None:
-        return f"a drop of {goal['max_drop']:g} points"
+        return f"a drop of {goal['max_drop']:g} point{'' if goal['max_drop'] == 1 else 's'}"
     return f"a budget of {100 * goal['budget']:g}% of the {goal.get('objective', 'macs')}"
 
 

@@ -702,8 +702,8 @@ def layer_table(report: dict) -> list[str]:
     for row in layer_rows(report):
         rows.append((row["name"], row["op"], row["kept"], _number(row["params_removed"], ","),
                      _number(row["retained"], ".1%"), _number(row["error"], ".4f"), row["note"]))
-    if not rows:
-        return ["no layer was changed"]
+    if not rows:                         # the verdict's note says why, when nothing changed
+        return [] if report.get("note") else ["no layer was changed"]
     header = ("layer", "op", "kept", "params removed", "retained", "rel.err", "method / note")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)) + "  " + header[-1]]
@@ -789,7 +789,8 @@ def verdict_lines(report: dict, output) -> list[str]:
     where = f" (from {report['statistics']['file']})" if report.get("calibration_runs") == 0 and \
         report.get("statistics") else ""
     lines.append(f"calibrated on {counts or 'no'} samples{where}; evaluated on {v['samples']:,} held-out samples")
-    sqnr = "inf (outputs identical)" if v.get("identical") else _number(v.get("sqnr_db"), ".1f", "n/a")
+    sqnr = ("inf dB (outputs identical)" if v.get("identical") else
+            "n/a" if v.get("sqnr_db") is None else f"{v['sqnr_db']:.1f} dB")
     e = v.get("embedding")
     if e:
         lines.append(f"embedding {e['output']}: cosine to the original {e['cosine']:.4f} (mean; 5th percentile "
@@ -806,7 +807,7 @@ def verdict_lines(report: dict, output) -> list[str]:
                      + (f" (drop {drop:.2f}{noise} points)" if drop is not None else ""))
     if not e:
         lines.append(f"agreement {_number(v.get('agreement'), '.2%', 'n/a (no class axis)')}, relative error "
-                     f"{_number(v.get('relative_error'), '.4f', 'n/a')}, SQNR {sqnr} dB")
+                     f"{_number(v.get('relative_error'), '.4f', 'n/a')}, SQNR {sqnr}")
     if report.get("finetune"):
         b, ft = report["validation_before_finetune"], report["finetune"]
         acc = f"accuracy {_number(b.get('accuracy_candidate'), '.2%', 'n/a')}, " \

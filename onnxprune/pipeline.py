@@ -72,6 +72,8 @@ class Recipe:
     def __post_init__(self):
         if self.calib_size == "all":
             object.__setattr__(self, "calib_size", None)
+        elif isinstance(self.calib_size, str):
+            raise RecipeError("recipe", f"calib_size={self.calib_size!r} must be an integer >= 1 or 'all'")
         if not isinstance(self.passes, (list, tuple)):
             raise RecipeError("recipe", f"passes must be a list of (name, options) pairs, got {self.passes!r:.60}")
         object.__setattr__(self, "passes", tuple(pass_entry(entry) for entry in self.passes))

@@ -355,7 +355,7 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
                 if se is not None and drop - max_drop <= NOISE_SE * se:
                     hints.append(f"the excess is within {NOISE_SE:g} standard errors of the drop on these "
                                  f"{report.samples} samples, so it may be their noise: evaluate on more samples "
-                                 "(--eval-data) to tell; more target samples also sharpen the planner's check")
+                                 "(--eval-data) to tell")
         elif not 100.0 - agreement <= max_drop + _THRESHOLD_EPS:
             problem = (f"{agreement:.2f}% is {100 - agreement:.2f} points below the reference (no labels),"
                        f" more than max drop {max_drop:g}")

@@ -95,7 +95,7 @@ def test_model_without_weights_exits_0_with_a_note(tmp_path):
     out = tmp_path / "o.onnx"
     result = cli("compress", model, "--target-data", data, "-o", out, *FAST)
     assert result.exit_code == 0, result.output + result.stderr
-    assert "no layer changed" in result.output and "SQNR inf (outputs identical)" in result.output
+    assert "no layer changed" in result.output and "SQNR inf dB (outputs identical)" in result.output
 
 
 # ------------------------------------------------------------------ 2. outputs over inputs
@@ -483,8 +483,9 @@ def test_inspect_prints_plain_text_and_takes_no_dead_options(tmp_path):
     assert "1 prunable channel group\n" in result.output or "prunable channel groups" in result.output
     layers = result.output.split("layers (params, MACs per sample):")[1].split("\n\n")[0]
     assert "Clip" not in layers  # scalar bounds are not a layer's weights
-    for dead in (["--device", "cpu"], ["--batch-size", "4"], ["-q"]):
+    for dead in (["--device", "cpu"], ["--batch-size", "4"]):
         assert cli("inspect", model, *dead).exit_code == 2
+    assert cli("inspect", model, "-q").output == result.output     # -q/-v, as every command: logging only
 
 
 def test_help_shows_whole_command_descriptions():

@@ -208,7 +208,7 @@ def _match_channels(images: np.ndarray, channels: int | None, grayscale: bool | 
     if channels is not None and images.shape[-1] != channels:
         if hint is None and channels == 1:
             hint = "set preprocess grayscale=True"
-        raise DataError(where, f"images have {images.shape[-1]} channels but the input wants {channels}",
+        raise DataError(where, f"images have {images.shape[-1]} channel{'s' if images.shape[-1] != 1 else ''} but the input wants {channels}",
                         hint)
     return images
 

@@ -64,7 +64,9 @@ def blas_threads(limit: int | None = None):
         try:
             limit = int(text)
         except ValueError:
-            raise NumericalError(BLAS_THREADS_ENV, f"must be an integer, not {text!r}") from None
+            limit = -1
+        if limit < 0:
+            raise NumericalError(BLAS_THREADS_ENV, f"must be an integer >= 0 (0: leave BLAS as it is), not {text!r}")
     if limit <= 0:
         yield
         return
