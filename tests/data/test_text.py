@@ -109,3 +109,37 @@ def test_cli_validate_and_inspect_a_token_model(tmp_path, tokenizer):
     assert result.exit_code == 1 and "--tokenizer" in result.output
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert "16 units (last axis)  prunable" in result.output
+
+
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    for header, row in (("label\ttext", "1\tgood movie"), ("text\tlabel", "good movie\t1")):
+        path = tmp_path / "bom.tsv"
+        path.write_bytes(("\ufeff" + header + "\n" + row + "\n").encode("utf-8"))
+        sentences, labels = read_text(path)
+        assert sentences == ["good movie"] and labels.tolist() == [1]
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffgood movie\n".encode("utf-8"))
+    assert read_text(path) == (["good movie"], None)
+
+
+def test_lines_break_at_newlines_only(tmp_path):
+    """U+2028, U+0085, \\x0b, \\x0c and \\x1c-\\x1e are line breaks to str.splitlines, not to a text file."""
+    odd = "\u2028\x85\x0b\x0c\x1c\x1d\x1e"
+    path = tmp_path / "odd.txt"
+    path.write_bytes(f"good{odd}movie\r\nbad film\n".encode("utf-8"))
+    sentences, _ = read_text(path)
+    assert sentences == [f"good{odd}movie", "bad film"]
+    path = tmp_path / "odd.tsv"
+    path.write_bytes(f"label\ttext\r\n1\tgood{odd}movie\r\n0\tbad film\r\n".encode("utf-8"))
+    sentences, labels = read_text(path)
+    assert sentences == [f"good{odd}movie", "bad film"] and labels.tolist() == [1, 0]
+
+
+def test_a_row_with_more_or_fewer_columns_than_the_header_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "tab.tsv"
+    path.write_text("label\ttext\n0\tbad\n1\tgreat film\tand actors\n")
+    with pytest.raises(DataError, match=r"tab.tsv \| line 3 has 3 columns, the header 2\. Hint: .*tab"):
+        read_text(path)
+    path.write_text("label\tlabel_name\ttext\n0\tneg\tbad\n1\tgreat film\n")
+    with pytest.raises(DataError, match="line 3 has 2 columns, the header 3"):
+        read_text(path)
