@@ -23,6 +23,7 @@ from onnxprune.calibration.stats import Statistics
 from onnxprune.data.preprocess import Preprocess
 from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
+from onnxprune.data.tokens import check_flags, check_token_samples
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
@@ -54,25 +55,34 @@ def as_model(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
-def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None) -> SampleSet:
+def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None, *,
+               mask: str | None = "auto") -> SampleSet:
     """``data`` as a SampleSet; a ``.txt``/``.tsv`` text file is tokenised with the ``tokenizer``
-    (and ``max_length``) of a ``preprocess`` dict (``data/text.py``)."""
+    (and ``max_length``) of a ``preprocess`` dict (``data/text.py``). Preprocessing flags that
+    would do nothing with this model are a UsageError, token rows it cannot take (longer than its
+    positions, none of their tokens real by the ``mask`` input: "auto", "none" or a name) a
+    DataError (``data/tokens.py``)."""
     if isinstance(data, SampleSet):
         return data
+    text = is_text_file(data)
+    samples = None
     if isinstance(preprocess, dict):
+        check_flags(model, preprocess)
         preprocess = dict(preprocess)
         tokenizer, max_length = preprocess.pop("tokenizer", None), preprocess.pop("max_length", None)
-        if is_text_file(data):
+        if text:
             if tokenizer is None:
                 raise DataError(str(data), "is a text file: tokenising it needs the model's tokenizer",
                                 "pass --tokenizer tokenizer.json")
             arrays = open_text(data, model, tokenizer=tokenizer, max_length=max_length or DEFAULT_MAX_LENGTH)
-            return open_samples(arrays, model, preprocess=Preprocess(**preprocess), name=str(data))
+            samples = open_samples(arrays, model, preprocess=Preprocess(**preprocess), name=str(data))
         preprocess = Preprocess(**preprocess)
-    elif is_text_file(data):
+    elif text:
         raise DataError(str(data), "is a text file: tokenising it needs the model's tokenizer",
                         "pass --tokenizer tokenizer.json")
-    return open_samples(data, model, preprocess=preprocess)
+    samples = samples or open_samples(data, model, preprocess=preprocess)
+    check_token_samples(samples, model, mask=mask, text=text)
+    return samples
 
 
 @dataclasses.dataclass
@@ -245,7 +255,7 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     calibration sets are capped at ``recipe.calib_size``. An ``eval_data`` file that is the
     target data file is refused: it would have calibrated in full.
     """
-    target = as_samples(target_data, original, recipe.preprocess)
+    target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
     if eval_data is not None:
         from onnxprune.paths import same_file
 
@@ -253,7 +263,8 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
             raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
                             "is given: accuracy on it would not be held out",
                             "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
-        calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
+        calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess,
+                                                          mask=recipe.mask_input), eval_data
     else:
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
     val_fold = None
@@ -261,8 +272,8 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
         val_fold, calib = calib.split(checkpoint_fraction, seed=recipe.seed)
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
     if source_data is not None:
-        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
-                                seed=recipe.seed)
+        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input),
+                                recipe.calib_size, seed=recipe.seed)
     return samples, held_out, eval_source, calib, val_fold
 
 
@@ -430,10 +441,12 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     check_outputs(outputs, input_paths(model, {"--target-data": target_data, "--source-data": source_data}),
                   flag="-o, --figure")
     original = as_model(model)
-    target = cap(as_samples(target_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
+    target = cap(as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input), recipe.calib_size,
+                 seed=recipe.seed)
     source = None
     if source_data is not None:
-        source = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
+        source = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input), recipe.calib_size,
+                     seed=recipe.seed)
     planner = make_planner(original, {"target": target, "source": source}, recipe, device=device, progress=progress)
     curves = planner.sensitivity()
     result = {"model": original.graph.name, "calibration": target.describe(), **planner.report()}
@@ -753,7 +766,7 @@ def check_stats_fit(stats: Statistics, stats_path, recipe: Recipe, original: onn
         if desc is None:
             continue
         mine = json.loads(json.dumps(sample_set.describe()))
-        if "preprocess" in desc and desc["preprocess"] != mine["preprocess"]:
+        if "preprocess" in desc and "preprocess" in mine and desc["preprocess"] != mine["preprocess"]:
             raise DataError(str(stats_path), f"the {name} statistics were gathered with preprocessing "
                             f"{_preprocess_text(desc['preprocess'])}, this run uses {_preprocess_text(mine['preprocess'])}",
                             "give compress the preprocessing flags `calibrate` was given")
@@ -824,13 +837,13 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     check_outputs([output], input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
     original = as_model(model)
     check_layer_names(original, recipe)
-    target = as_samples(target_data, original, recipe.preprocess)
+    target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
     calib = target if fraction >= 1 else target.split(fraction, seed=recipe.seed)[0]
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
     sources = {"target": _path_or_none(target_data)}
     if source_data is not None:
-        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
-                                seed=recipe.seed)
+        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input),
+                                recipe.calib_size, seed=recipe.seed)
         sources["source"] = _path_or_none(source_data)
     requests: dict[str, list] = {}
     for p in recipe.build():

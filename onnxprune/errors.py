@@ -45,6 +45,16 @@ class RecipeError(OnnxPruneError):
     """A recipe or option is invalid."""
 
 
+class UsageError(RecipeError):
+    """A flag that does not apply (to the method, the model or the data) or contradicts another:
+    the command line's usage error, exit code 2; the message names the flag."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, hint: str | None = None):
+        super().__init__("", problem, hint)
+
+
 class OutputError(OnnxPruneError):
     """An output path is unusable or would overwrite an input; checked before any work."""
 

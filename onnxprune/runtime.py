@@ -38,6 +38,11 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
               ort.capi.onnxruntime_pybind11_state.RuntimeException)
 
 
+def feeds_text(feeds: dict[str, np.ndarray]) -> str:
+    """The shape of each fed array, for a message: 'input_ids 32x600, attention_mask 32x600'."""
+    return ", ".join(f"{name} {'x'.join(str(d) for d in np.shape(value))}" for name, value in feeds.items())
+
+
 def providers_for(device: str = "cpu") -> list:
     """Execution providers for ``device`` ('cpu' or 'cuda'); CUDA must be available."""
     if device not in PROVIDERS:
