@@ -186,12 +186,13 @@ PREPROCESS_KEYS = ("resize", "center_crop", "mean", "std", "grayscale", "scale",
 
 def preprocess_dict(kwargs) -> dict:
     """The preprocessing flags given (popped from ``kwargs``); --mean and --std of different
-    lengths are a usage error."""
+    lengths are a usage error. The --tokenizer path is made absolute: the recipe written next to
+    an output keeps it, and a --recipe run from another folder must find the same file."""
     out = {}
     for key in PREPROCESS_KEYS:
         value = kwargs.pop(key, None)
         if value is not None:
-            out[key] = value
+            out[key] = os.path.abspath(value) if key == "tokenizer" else value
     mean, std = out.get("mean"), out.get("std")
     if mean is not None and std is not None and len(mean) != len(std):
         raise click.UsageError(f"--mean has {len(mean)} values but --std has {len(std)}: give one "

@@ -143,3 +143,31 @@ def test_a_row_with_more_or_fewer_columns_than_the_header_is_refused_with_its_li
     path.write_text("label\tlabel_name\ttext\n0\tneg\tbad\n1\tgreat film\n")
     with pytest.raises(DataError, match="line 3 has 2 columns, the header 3"):
         read_text(path)
+
+
+def test_a_recipe_keeps_the_tokenizer_path_absolute_for_runs_from_other_folders(tmp_path, tokenizer, monkeypatch):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir()
+    other.mkdir()
+    onnx.save(token_ffn(vocab=16), tmp_path / "model.onnx")
+    data = _tsv(tmp_path, n=40)
+    (first / "tok.json").write_bytes(tokenizer.read_bytes())
+    monkeypatch.chdir(first)
+    args = ["--target-data", str(data), "--metric", "embedding", "--no-latency", "-q"]
+    result = CliRunner().invoke(main, ["compress", str(tmp_path / "model.onnx"), *args, "--method", "dalr-bc",
+                                       "--rank", "4", "--tokenizer", "tok.json", "--max-length", "8",
+                                       "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out.recipe.json").read_text())["preprocess"]
+    assert saved["tokenizer"] == str(first / "tok.json")
+    monkeypatch.chdir(other)
+    result = CliRunner().invoke(main, ["compress", str(tmp_path / "model.onnx"), *args,
+                                       "--recipe", str(tmp_path / "out.recipe.json"), "-o", str(tmp_path / "again.onnx")])
+    assert result.exit_code == 0, result.output
