@@ -533,7 +533,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
             "sites": len(result["sites"]),
             "speedup": v.speedup() if measure_latency else {},
         })
-    table = pareto_lines(rows)
+    table = pareto_lines(rows, embedding=planner.kind == "embedding")
     summary = {"budgets": rows, "planner": planner.report(), "evaluation": held_out.describe()}
     files += [(out_dir / "pareto.json", text(json.dumps(jsonable(summary), indent=2) + "\n")),
               (out_dir / "pareto.md", text("\n".join(table) + "\n"))]
@@ -542,18 +542,23 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         key = "accuracy" if done[0]["accuracy"] is not None else "agreement"
         reference = 100 * done[0]["accuracy_reference"] if key == "accuracy" else 100.0
         x = planner.options.objective
+        ylabel = f"top-1 {key} (%)"
+        if planner.kind == "embedding":
+            ylabel = "kNN accuracy (%)" if key == "accuracy" else "mean cosine to the original x 100"
         files.append((out_dir / "pareto.png", functools.partial(
             figures.pareto_chart, {"planned": [(r[x], 100 * r[key]) for r in done]}, reference=reference,
-            xlabel=f"{x} (fraction of the original)", ylabel=f"top-1 {key} (%)", title=str(stem))))
+            xlabel=f"{x} (fraction of the original)", ylabel=ylabel, title=str(stem))))
     write_all(files)
     summary["table"] = table
     return summary
 
 
-def pareto_lines(rows: list[dict]) -> list[str]:
+def pareto_lines(rows: list[dict], *, embedding: bool = False) -> list[str]:
     """The sweep's Pareto table: per budget the held-out top-1 and drop (+- its standard error, what
-    the evaluation samples alone make it vary by) next to the plan's own check."""
-    lines = ["| budget | MACs | params | top-1 % | held-out drop | agreement % | checked drop | sites | model |",
+    the evaluation samples alone make it vary by) next to the plan's own check. ``embedding``: the
+    outputs are embeddings, whose accuracy is kNN's and whose agreement is the mean cosine."""
+    accuracy, agreement = ("kNN %", "cosine x 100") if embedding else ("top-1 %", "agreement %")
+    lines = [f"| budget | MACs | params | {accuracy} | held-out drop | {agreement} | checked drop | sites | model |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def points(value, se) -> str:

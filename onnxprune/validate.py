@@ -334,7 +334,8 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
 
     ``max_drop`` is in percentage points: of top-1 accuracy when the report has labels,
     otherwise of agreement (``100 - agreement%``). ``min_agreement`` is a fraction in
-    [0, 1] like ``report.agreement`` (0.99 means 99 %). A threshold exactly met passes;
+    [0, 1] like ``report.agreement`` (0.99 means 99 %). For embeddings the accuracy is kNN's and
+    the agreement the mean cosine, and the messages say so. A threshold exactly met passes;
     NaN metrics fail. Raises RecipeError for a threshold out of range. ``remedy`` is the
     error's first hint.
     """
@@ -342,6 +343,7 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
     failures = []
     hints = []
     agreement = 100.0 * report.agreement
+    embedding = report.embedding is not None    # accuracy: kNN; agreement: the mean cosine
     if max_drop is not None:
         drop = report.accuracy_drop
         if drop is not None:
@@ -351,17 +353,25 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
                 noise = f" +- {se:.2f}" if se is not None else ""
                 problem = (f"dropped {drop:.2f}{noise} points ({ref:.2f}% -> {cand:.2f}% on {report.samples} samples),"
                            f" more than max drop {max_drop:g}")
-                failures.append(("accuracy", problem))
+                failures.append(("kNN accuracy" if embedding else "accuracy", problem))
                 if se is not None and drop - max_drop <= NOISE_SE * se:
                     hints.append(f"the excess is within {NOISE_SE:g} standard errors of the drop on these "
                                  f"{report.samples} samples, so it may be their noise: evaluate on more samples "
                                  "(--eval-data) to tell; more target samples also sharpen the planner's check")
         elif not 100.0 - agreement <= max_drop + _THRESHOLD_EPS:
-            problem = (f"{agreement:.2f}% is {100 - agreement:.2f} points below the reference (no labels),"
-                       f" more than max drop {max_drop:g}")
-            failures.append(("agreement", problem))
+            if embedding:
+                problem = (f"mean {report.agreement:.4f} to the reference's embeddings: 100 (1 - cosine) = "
+                           f"{100 - agreement:.2f} points (no labels), more than max drop {max_drop:g}")
+            else:
+                problem = (f"{agreement:.2f}% is {100 - agreement:.2f} points below the reference (no labels),"
+                           f" more than max drop {max_drop:g}")
+            failures.append(("cosine" if embedding else "agreement", problem))
     if min_agreement is not None and not agreement >= 100.0 * min_agreement - _THRESHOLD_EPS:
-        failures.append(("agreement", f"{agreement:.2f}% is below min agreement {100 * min_agreement:.2f}%"))
+        if embedding:
+            failures.append(("cosine", f"mean {report.agreement:.4f} to the reference's embeddings is below min "
+                                       f"agreement {min_agreement:g} (for embeddings a minimum mean cosine)"))
+        else:
+            failures.append(("agreement", f"{agreement:.2f}% is below min agreement {100 * min_agreement:.2f}%"))
     if failures:
         thing = " and ".join(dict.fromkeys(metric for metric, _ in failures))
         raise ValidationFailed(thing, "; ".join(problem for _, problem in failures),
