@@ -216,7 +216,7 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     no answer of the model can match them."""
     from onnxprune import embedding
     from onnxprune.plan.planner import model_outputs
-    from onnxprune.validate import chance_accuracy, near_chance
+    from onnxprune.validate import chance_accuracy, data_flags, near_chance
 
     if calib.labels is None or embedding.output_kind(original, metric=recipe.metric) != "classes":
         return None
@@ -238,7 +238,7 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     chance = chance_accuracy(probe.labels)
     return (f"the original model scores {100 * accuracy:.1f}% on the labels of {calib.name}, "
             f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
-            "or data it does not read as it should: check --mean, --std, --scale, --resize, --layout); they are "
+            f"or data it does not read as it should: check {data_flags(original)}); they are "
             "set aside and every goal is judged by agreement with the original")
 
 

@@ -259,7 +259,8 @@ def validate(
                                           output=names[measured])
         accuracy_reference, accuracy_candidate = embedding.get("knn_reference"), embedding.get("knn_candidate")
         agreement, main = embedding["cosine"], errors[measured]
-    warnings = reference_warnings(accuracy_reference, labels, classes) + latency_warnings(latency)
+    warnings = reference_warnings(accuracy_reference, labels, classes, flags=data_flags(reference)) + \
+        latency_warnings(latency)
     return ValidationReport(
         samples=seen,
         accuracy_reference=accuracy_reference,
@@ -296,9 +297,24 @@ def paired_standard_error(lost: int, gained: int, n: int) -> float | None:
 NEAR_CHANCE = 2.0
 
 
-def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classes: int | None) -> list[str]:
+#: what to check when the original scores near chance: the flags that turn data into model input
+IMAGE_FLAGS = "--mean, --std, --scale, --resize, --layout"
+TOKEN_FLAGS = "--tokenizer, --max-length, and the labels: the .tsv's label column or the y array"
+
+
+def data_flags(model: onnx.ModelProto) -> str:
+    """The flags that decide how the data reaches ``model``: image preprocessing, or for a model of
+    integer (token id) inputs the tokenisation and the labels' source."""
+    if any(spec.dtype.kind in "iu" for spec in input_specs(model)):
+        return TOKEN_FLAGS
+    return IMAGE_FLAGS
+
+
+def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classes: int | None, *,
+                       flags: str = IMAGE_FLAGS) -> list[str]:
     """Signs that the data, the labels or the preprocessing do not fit the model: the original
-    model itself near chance, or labels the model cannot predict. One sentence each."""
+    model itself near chance, or labels the model cannot predict. One sentence each; ``flags``:
+    what to check (``data_flags``)."""
     if accuracy is None or labels is None or labels.size == 0:
         return []
     warnings = []
@@ -309,7 +325,7 @@ def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classe
     if near_chance(accuracy, labels):
         warnings.append(f"the original model scores {100 * accuracy:.1f}% on these samples, near chance "
                         f"({100 * chance_accuracy(labels):.1f}% for {len(values)} classes): check the data and the "
-                        "preprocessing (--mean, --std, --scale, --resize, --layout)")
+                        f"preprocessing ({flags})")
     return warnings
 
 
