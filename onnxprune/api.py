@@ -182,6 +182,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
+    record_paths(report["calibration"], {"target": target_data, "source": source_data})
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                            measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                            metric=recipe.metric)
@@ -299,6 +300,40 @@ def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.Model
             report["calibration"] = report["statistics"]["sets"]
     report["evaluation"] = held_out.describe()
     report["layers"] = layer_rows(report)
+
+
+def record_paths(calibration: dict, sources: dict) -> None:
+    """Add the resolved file of each calibration set (``sources``: {set: data given}) to the
+    report's ``calibration`` entries that do not name one yet, so that ``validate`` can tell when
+    it is given the samples that calibrated the model."""
+    for name, source in sources.items():
+        desc = calibration.get(name)
+        if isinstance(desc, dict) and "path" not in desc and _is_path(source):
+            desc["path"] = str(Path(source).resolve())
+
+
+def calibration_overlap(candidate, data) -> str | None:
+    """A warning when the report beside ``candidate`` (``CANDIDATE.report.json`` of compress or
+    sweep) says it was calibrated on samples of the file ``data``: validate scores every sample of
+    ``data``, those too, so its scores are not held out. None otherwise (no paths, no report)."""
+    from onnxprune.paths import same_file
+
+    if not (_is_path(candidate) and _is_path(data)):
+        return None
+    path = report_path(Path(candidate))
+    try:
+        calibration = json.loads(path.read_text()).get("calibration") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    for name, desc in calibration.items():
+        source = desc.get("path") if isinstance(desc, dict) else None
+        if isinstance(source, str) and same_file(Path(source), Path(data)):
+            count = desc.get("count")
+            return (f"{candidate} was calibrated on {count if isinstance(count, int) else 'some'} samples of {data} "
+                    f"(its {path.name}, {name} set): validate scores every sample of it, those too, so these scores "
+                    "are not held out; validate on samples that did not calibrate it (compress --eval-data FILE, "
+                    "then validate --data FILE)")
+    return None
 
 
 #: the report's note when no pass changed the model (``--keep 1.0``, nothing compressible)
@@ -520,6 +555,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         report.update(plan=result, validation=validation.to_dict(), recipe=final.to_dict(),
                       evaluation=held_out.describe(), calibration={k: v.describe() for k, v in samples.items()},
                       warnings=warnings, verdict="unchecked")
+        record_paths(report["calibration"], {"target": target_data, "source": source_data})
         path = models[budget]
         files += [(path, functools.partial(save_model, compressed)),
                   (report_path(path), text(json.dumps(jsonable(report), indent=2) + "\n"))]
@@ -981,6 +1017,9 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
     samples = as_samples(data, ref, preprocess)
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,
                        latency_runs=latency_runs, progress=progress, metric=metric)
+    overlap = calibration_overlap(candidate, data)
+    if overlap:
+        report.warnings.insert(0, overlap)
     for warning in report.warnings:
         log.warning("%s", warning)
     check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)
