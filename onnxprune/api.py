@@ -925,7 +925,9 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         try:
             count = int(shards) if shards else max(1, len(client.scheduler_info().get("workers", {})))
             options["count"] = count
-            stats = tasks_on.run_on_dask(tasks_on.plan(model_source, original, samples, sources, requests,
+            # a worker opens a data file itself, but not a text file (no tokenizer there): its tokens are shipped
+            shipped = {name: None if is_text_file(path) else path for name, path in sources.items()}
+            stats = tasks_on.run_on_dask(tasks_on.plan(model_source, original, samples, shipped, requests,
                                                        **options), client)
         finally:
             if own:

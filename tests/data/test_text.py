@@ -17,9 +17,8 @@ tokenizers = pytest.importorskip("tokenizers")
 WORDS = ["good", "bad", "movie", "film", "great", "awful", "plot", "the", "a", "was", "is", "not"]
 
 
-@pytest.fixture
-def tokenizer(tmp_path):
-    """A BERT-like WordPiece tokenizer: lower case, [CLS] text [SEP], [PAD] = 0."""
+def build_tokenizer(path):
+    """A BERT-like WordPiece tokenizer of WORDS saved at ``path``: lower case, [CLS] text [SEP], [PAD] = 0."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
 
@@ -29,9 +28,13 @@ def tokenizer(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return build_tokenizer(tmp_path / "tokenizer.json")
 
 
 def _tsv(tmp_path, n: int = 40):
