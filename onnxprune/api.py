@@ -325,6 +325,8 @@ def calibration_overlap(candidate, data) -> str | None:
         calibration = json.loads(path.read_text()).get("calibration") or {}
     except (OSError, ValueError, AttributeError):
         return None
+    if not isinstance(calibration, dict):
+        return None
     for name, desc in calibration.items():
         source = desc.get("path") if isinstance(desc, dict) else None
         if isinstance(source, str) and same_file(Path(source), Path(data)):
