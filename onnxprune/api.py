@@ -23,6 +23,7 @@ from onnxprune.calibration.stats import Statistics
 from onnxprune.data.preprocess import Preprocess
 from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
+from onnxprune.data.tokens import check_flags, check_token_samples
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
@@ -67,25 +68,34 @@ def as_recipe(recipe) -> Recipe:
                       "e.g. recipe=Recipe(passes=(), plan={\"max_drop\": 1.0})")
 
 
-def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None) -> SampleSet:
+def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None, *,
+               mask: str | None = "auto") -> SampleSet:
     """``data`` as a SampleSet; a ``.txt``/``.tsv`` text file is tokenised with the ``tokenizer``
-    (and ``max_length``) of a ``preprocess`` dict (``data/text.py``)."""
+    (and ``max_length``) of a ``preprocess`` dict (``data/text.py``). Preprocessing flags that
+    would do nothing with this model are a UsageError, token rows it cannot take (longer than its
+    positions, none of their tokens real by the ``mask`` input: "auto", "none" or a name) a
+    DataError (``data/tokens.py``)."""
     if isinstance(data, SampleSet):
         return data
+    text = is_text_file(data)
+    samples = None
     if isinstance(preprocess, dict):
+        check_flags(model, preprocess)
         preprocess = dict(preprocess)
         tokenizer, max_length = preprocess.pop("tokenizer", None), preprocess.pop("max_length", None)
-        if is_text_file(data):
+        if text:
             if tokenizer is None:
                 raise DataError(str(data), "is a text file: tokenising it needs the model's tokenizer",
                                 "pass --tokenizer tokenizer.json")
             arrays = open_text(data, model, tokenizer=tokenizer, max_length=max_length or DEFAULT_MAX_LENGTH)
-            return open_samples(arrays, model, preprocess=Preprocess(**preprocess), name=str(data))
+            samples = open_samples(arrays, model, preprocess=Preprocess(**preprocess), name=str(data))
         preprocess = Preprocess(**preprocess)
-    elif is_text_file(data):
+    elif text:
         raise DataError(str(data), "is a text file: tokenising it needs the model's tokenizer",
                         "pass --tokenizer tokenizer.json")
-    return open_samples(data, model, preprocess=preprocess)
+    samples = samples or open_samples(data, model, preprocess=preprocess)
+    check_token_samples(samples, model, mask=mask, text=text)
+    return samples
 
 
 @dataclasses.dataclass
@@ -186,6 +196,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
+    record_paths(report["calibration"], {"target": target_data, "source": source_data})
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                            measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                            metric=recipe.metric)
@@ -220,7 +231,7 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     no answer of the model can match them."""
     from onnxprune import embedding
     from onnxprune.plan.planner import model_outputs
-    from onnxprune.validate import chance_accuracy, near_chance
+    from onnxprune.validate import chance_accuracy, data_flags, near_chance
 
     if calib.labels is None or embedding.output_kind(original, metric=recipe.metric) != "classes":
         return None
@@ -236,7 +247,7 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     chance = chance_accuracy(probe.labels)
     return (f"the original model scores {100 * accuracy:.1f}% on the labels of {calib.name}, "
             f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
-            "or data it does not read as it should: check --mean, --std, --scale, --resize, --layout); they are "
+            f"or data it does not read as it should: check {data_flags(original)}); they are "
             "set aside and every goal is judged by agreement with the original")
 
 
@@ -264,7 +275,7 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     calibration sets are capped at ``recipe.calib_size``. An ``eval_data`` file that is the
     target data file is refused: it would have calibrated in full.
     """
-    target = as_samples(target_data, original, recipe.preprocess)
+    target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
     if eval_data is not None:
         from onnxprune.paths import same_file
 
@@ -272,7 +283,8 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
             raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
                             "is given: accuracy on it would not be held out",
                             "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
-        calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
+        calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess,
+                                                          mask=recipe.mask_input), eval_data
     else:
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
     val_fold = None
@@ -280,8 +292,8 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
         val_fold, calib = calib.split(checkpoint_fraction, seed=recipe.seed)
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
     if source_data is not None:
-        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
-                                seed=recipe.seed)
+        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input),
+                                recipe.calib_size, seed=recipe.seed)
     return samples, held_out, eval_source, calib, val_fold
 
 
@@ -307,6 +319,42 @@ def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.Model
             report["calibration"] = report["statistics"]["sets"]
     report["evaluation"] = held_out.describe()
     report["layers"] = layer_rows(report)
+
+
+def record_paths(calibration: dict, sources: dict) -> None:
+    """Add the resolved file of each calibration set (``sources``: {set: data given}) to the
+    report's ``calibration`` entries that do not name one yet, so that ``validate`` can tell when
+    it is given the samples that calibrated the model."""
+    for name, source in sources.items():
+        desc = calibration.get(name)
+        if isinstance(desc, dict) and "path" not in desc and _is_path(source):
+            desc["path"] = str(Path(source).resolve())
+
+
+def calibration_overlap(candidate, data) -> str | None:
+    """A warning when the report beside ``candidate`` (``CANDIDATE.report.json`` of compress or
+    sweep) says it was calibrated on samples of the file ``data``: validate scores every sample of
+    ``data``, those too, so its scores are not held out. None otherwise (no paths, no report)."""
+    from onnxprune.paths import same_file
+
+    if not (_is_path(candidate) and _is_path(data)):
+        return None
+    path = report_path(Path(candidate))
+    try:
+        calibration = json.loads(path.read_text()).get("calibration") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(calibration, dict):
+        return None
+    for name, desc in calibration.items():
+        source = desc.get("path") if isinstance(desc, dict) else None
+        if isinstance(source, str) and same_file(Path(source), Path(data)):
+            count = desc.get("count")
+            return (f"{candidate} was calibrated on {count if isinstance(count, int) else 'some'} samples of {data} "
+                    f"(its {path.name}, {name} set): validate scores every sample of it, those too, so these scores "
+                    "are not held out; validate on samples that did not calibrate it (compress --eval-data FILE, "
+                    "then validate --data FILE)")
+    return None
 
 
 #: the report's note when no pass changed the model (``--keep 1.0``, nothing compressible)
@@ -454,10 +502,12 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     check_outputs(outputs, input_paths(model, {"--target-data": target_data, "--source-data": source_data}),
                   flag="-o, --figure")
     original = as_model(model)
-    target = cap(as_samples(target_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
+    target = cap(as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input), recipe.calib_size,
+                 seed=recipe.seed)
     source = None
     if source_data is not None:
-        source = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size, seed=recipe.seed)
+        source = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input), recipe.calib_size,
+                     seed=recipe.seed)
     planner = make_planner(original, {"target": target, "source": source}, recipe, device=device, progress=progress)
     curves = planner.sensitivity()
     result = {"model": original.graph.name, "calibration": target.describe(), **planner.report()}
@@ -532,6 +582,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         report["plan"] = result
         describe_run(report, planner.original, compressed, samples, held_out)
         report.update(validation=validation.to_dict(), recipe=final.to_dict(), warnings=warnings, verdict="unchecked")
+        record_paths(report["calibration"], {"target": target_data, "source": source_data})
         path = models[budget]
         files += [(path, functools.partial(save_model, compressed)),
                   (report_path(path), text(json.dumps(jsonable(report), indent=2) + "\n"))]
@@ -545,7 +596,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
             "sites": len(result["sites"]),
             "speedup": v.speedup() if measure_latency else {},
         })
-    table = pareto_lines(rows)
+    table = pareto_lines(rows, embedding=planner.kind == "embedding")
     summary = {"budgets": rows, "planner": planner.report(), "evaluation": held_out.describe()}
     files += [(out_dir / "pareto.json", text(json.dumps(jsonable(summary), indent=2) + "\n")),
               (out_dir / "pareto.md", text("\n".join(table) + "\n"))]
@@ -554,18 +605,23 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         key = "accuracy" if done[0]["accuracy"] is not None else "agreement"
         reference = 100 * done[0]["accuracy_reference"] if key == "accuracy" else 100.0
         x = planner.options.objective
+        ylabel = f"top-1 {key} (%)"
+        if planner.kind == "embedding":
+            ylabel = "kNN accuracy (%)" if key == "accuracy" else "mean cosine to the original x 100"
         files.append((out_dir / "pareto.png", functools.partial(
             figures.pareto_chart, {"planned": [(r[x], 100 * r[key]) for r in done]}, reference=reference,
-            xlabel=f"{x} (fraction of the original)", ylabel=f"top-1 {key} (%)", title=str(stem))))
+            xlabel=f"{x} (fraction of the original)", ylabel=ylabel, title=str(stem))))
     write_all(files)
     summary["table"] = table
     return summary
 
 
-def pareto_lines(rows: list[dict]) -> list[str]:
+def pareto_lines(rows: list[dict], *, embedding: bool = False) -> list[str]:
     """The sweep's Pareto table: per budget the held-out top-1 and drop (+- its standard error, what
-    the evaluation samples alone make it vary by) next to the plan's own check."""
-    lines = ["| budget | MACs | params | top-1 % | held-out drop | agreement % | checked drop | sites | model |",
+    the evaluation samples alone make it vary by) next to the plan's own check. ``embedding``: the
+    outputs are embeddings, whose accuracy is kNN's and whose agreement is the mean cosine."""
+    accuracy, agreement = ("kNN %", "cosine x 100") if embedding else ("top-1 %", "agreement %")
+    lines = [f"| budget | MACs | params | {accuracy} | held-out drop | {agreement} | checked drop | sites | model |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def points(value, se) -> str:
@@ -777,7 +833,7 @@ def check_stats_fit(stats: Statistics, stats_path, recipe: Recipe, original: onn
         if desc is None:
             continue
         mine = json.loads(json.dumps(sample_set.describe()))
-        if "preprocess" in desc and desc["preprocess"] != mine["preprocess"]:
+        if "preprocess" in desc and "preprocess" in mine and desc["preprocess"] != mine["preprocess"]:
             raise DataError(str(stats_path), f"the {name} statistics were gathered with preprocessing "
                             f"{_preprocess_text(desc['preprocess'])}, this run uses {_preprocess_text(mine['preprocess'])}",
                             "give compress the preprocessing flags `calibrate` was given")
@@ -849,13 +905,13 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     check_outputs([output], input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
     original = as_model(model)
     check_layer_names(original, recipe)
-    target = as_samples(target_data, original, recipe.preprocess)
+    target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
     calib = target if fraction >= 1 else target.split(fraction, seed=recipe.seed)[0]
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
     sources = {"target": _path_or_none(target_data)}
     if source_data is not None:
-        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
-                                seed=recipe.seed)
+        samples["source"] = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input),
+                                recipe.calib_size, seed=recipe.seed)
         sources["source"] = _path_or_none(source_data)
     requests: dict[str, list] = {}
     for p in recipe.build():
@@ -896,7 +952,9 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         try:
             count = int(shards) if shards else max(1, len(client.scheduler_info().get("workers", {})))
             options["count"] = count
-            stats = tasks_on.run_on_dask(tasks_on.plan(model_source, original, samples, sources, requests,
+            # a worker opens a data file itself, but not a text file (no tokenizer there): its tokens are shipped
+            shipped = {name: None if is_text_file(path) else path for name, path in sources.items()}
+            stats = tasks_on.run_on_dask(tasks_on.plan(model_source, original, samples, shipped, requests,
                                                        **options), client)
         finally:
             if own:
@@ -997,6 +1055,9 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
             check_label_range([samples], first.shape[-1])
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,
                        latency_runs=latency_runs, progress=progress, metric=metric)
+    overlap = calibration_overlap(candidate, data)
+    if overlap:
+        report.warnings.insert(0, overlap)
     for warning in report.warnings:
         log.warning("%s", warning)
     check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)

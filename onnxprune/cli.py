@@ -186,12 +186,13 @@ PREPROCESS_KEYS = ("resize", "center_crop", "mean", "std", "grayscale", "scale",
 
 def preprocess_dict(kwargs) -> dict:
     """The preprocessing flags given (popped from ``kwargs``); --mean and --std of different
-    lengths are a usage error."""
+    lengths are a usage error. The --tokenizer path is made absolute: the recipe written next to
+    an output keeps it, and a --recipe run from another folder must find the same file."""
     out = {}
     for key in PREPROCESS_KEYS:
         value = kwargs.pop(key, None)
         if value is not None:
-            out[key] = value
+            out[key] = os.path.abspath(value) if key == "tokenizer" else value
     mean, std = out.get("mean"), out.get("std")
     if mean is not None and std is not None and len(mean) != len(std):
         raise click.UsageError(f"--mean has {len(mean)} values but --std has {len(std)}: give one "
@@ -527,10 +528,12 @@ def calibration_options(func):
 @token_options
 @click.option("--stats", type=FILE, help="Reuse statistics saved by `onnxprune calibrate`.")
 @click.option("--max-drop", type=click.FloatRange(0, 100),
-              help="Smallest model within this many points of accuracy (agreement without labels); the default "
-                   "goal (1) when no budget is given. Exit 3 (report only, no model) if the held-out check misses.")
+              help="Smallest model within this many points of accuracy (agreement without labels; embeddings: "
+                   "kNN accuracy, 100 (1 - mean cosine) without labels); the default goal (1) when no budget is "
+                   "given. Exit 3 (report only, no model) if the held-out check misses.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1),
-              help="Fail (exit 3, report only, no model) below this top-1 agreement (a fraction, 0-1).")
+              help="Fail (exit 3, report only, no model) below this top-1 agreement (embeddings: mean cosine to "
+                   "the original's; a fraction, 0-1).")
 @click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Validation: timed runs of each model per batch size (interleaved).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
@@ -1071,8 +1074,11 @@ def _plural(n: int, noun: str) -> str:
 @click.argument("reference", type=FILE)
 @click.argument("candidate", type=FILE)
 @click.option("--data", required=True, help="Evaluation samples (labels enable accuracy).")
-@click.option("--max-drop", type=click.FloatRange(0, 100), help="Exit 3 if accuracy drops more than this many points.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Exit 3 below this top-1 agreement (a fraction, 0-1).")
+@click.option("--max-drop", type=click.FloatRange(0, 100),
+              help="Exit 3 if accuracy drops more than this many points (agreement without labels; embeddings: "
+                   "kNN accuracy, 100 (1 - mean cosine) without labels).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1),
+              help="Exit 3 below this top-1 agreement (embeddings: mean cosine; a fraction, 0-1).")
 @click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed runs of each model per batch size (interleaved).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")

@@ -185,7 +185,9 @@ def embedding_metrics(reference: np.ndarray, candidate: np.ndarray, labels: np.n
     out = {"output": output, "samples": len(cos), "cosine": float(cos.mean()), "cosine_min": float(cos.min()),
            "cosine_p05": float(np.percentile(cos, 5))}
     if labels is not None and len(cos) >= 2:
-        out.update({"k": KNN_K, "index": int(len(cos) // 2), "queries": int(len(cos) - len(cos) // 2),
+        # k as knn_correct uses it: at most the index's size
+        out.update({"k": min(KNN_K, len(cos) // 2), "index": int(len(cos) // 2),
+                    "queries": int(len(cos) - len(cos) // 2),
                     "knn_reference": knn_accuracy(reference, labels), "knn_candidate": knn_accuracy(candidate, labels)})
         if probe:
             out["probe_reference"] = probe_accuracy(reference, labels)

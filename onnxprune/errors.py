@@ -1,7 +1,8 @@
 """One exception hierarchy for user-facing errors, and one class for our own bugs.
 
 Messages read ``<thing> | <problem>. Hint: <what to do>``. The CLI turns an
-``OnnxPruneError`` into a one-line message and its ``exit_code`` (1, 3). Any other exception
+``OnnxPruneError`` into a one-line message and its ``exit_code`` (1; 2 for a
+``UsageError``; 3). Any other exception
 is a bug: ``InternalError`` names the stage it happened in (e.g. a pass whose output fails
 the ONNX checker); the CLI prints one line naming the stage, writes the full traceback to
 a log file and exits with ``INTERNAL_EXIT_CODE`` (4).
@@ -43,6 +44,16 @@ class NumericalError(OnnxPruneError):
 
 class RecipeError(OnnxPruneError):
     """A recipe or option is invalid."""
+
+
+class UsageError(RecipeError):
+    """A flag that does not apply (to the method, the model or the data) or contradicts another:
+    the command line's usage error, exit code 2; the message names the flag."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, hint: str | None = None):
+        super().__init__("", problem, hint)
 
 
 class OutputError(OnnxPruneError):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from onnxprune import criteria
-from onnxprune.errors import RecipeError
+from onnxprune.errors import RecipeError, UsageError
 from onnxprune.pipeline import Recipe
 
 #: --method presets for low rank: the passes each one stands for (budget options added by method_passes)
@@ -48,13 +48,11 @@ CRITERION_OPTIONS = ("alpha", "tau", "lam")
 PLANNER_OPTIONS = ("objective", "margin", "check_extra", "correct_drift")
 
 
-class OptionConflict(RecipeError):
+class OptionConflict(UsageError):
     """Options that cannot go together (the command line reports it as a usage error, exit 2)."""
 
-    exit_code = 2
-
     def __init__(self, problem: str):
-        super().__init__("", problem)
+        super().__init__(problem)
 
 
 def _same(name: str) -> str:

@@ -6,6 +6,7 @@ models, execution providers and models over 2 GB are handled alike everywhere.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,11 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
               ort.capi.onnxruntime_pybind11_state.RuntimeException)
 
 
+def feeds_text(feeds: dict[str, np.ndarray]) -> str:
+    """The shape of each fed array, for a message: 'input_ids 32x600, attention_mask 32x600'."""
+    return ", ".join(f"{name} {'x'.join(str(d) for d in np.shape(value))}" for name, value in feeds.items())
+
+
 def providers_for(device: str = "cpu") -> list:
     """Execution providers for ``device`` ('cpu' or 'cuda'); CUDA must be available."""
     if device not in PROVIDERS:
@@ -64,10 +70,19 @@ def _preload_cuda() -> None:
     _CUDA_PRELOADED = True
 
 
+def log_severity() -> int:
+    """onnxruntime's own log level for a session: fatal only (4), since every error it logs (a
+    kernel that fails on a batch: an ANSI-coloured ``[E:onnxruntime:...]`` line) also raises, and
+    onnxprune reports that as its one line; with ``-vv`` (the ``onnxprune`` logger at DEBUG) its
+    warnings and errors show too (2). Nothing relies on them: a CUDA provider that fails to start is
+    found by the providers the session reports."""
+    return 2 if logging.getLogger("onnxprune").isEnabledFor(logging.DEBUG) else 4
+
+
 def make_session(model: onnx.ModelProto, *, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession for an in-memory model (via a temporary file when it is over 2 GB)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = log_severity()
     if threads:
         options.intra_op_num_threads = threads
     providers = providers_for(device)

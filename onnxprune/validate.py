@@ -259,7 +259,8 @@ def validate(
                                           output=names[measured])
         accuracy_reference, accuracy_candidate = embedding.get("knn_reference"), embedding.get("knn_candidate")
         agreement, main = embedding["cosine"], errors[measured]
-    warnings = reference_warnings(accuracy_reference, labels, classes) + latency_warnings(latency)
+    warnings = reference_warnings(accuracy_reference, labels, classes, flags=data_flags(reference)) + \
+        latency_warnings(latency)
     return ValidationReport(
         samples=seen,
         accuracy_reference=accuracy_reference,
@@ -296,9 +297,24 @@ def paired_standard_error(lost: int, gained: int, n: int) -> float | None:
 NEAR_CHANCE = 2.0
 
 
-def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classes: int | None) -> list[str]:
+#: what to check when the original scores near chance: the flags that turn data into model input
+IMAGE_FLAGS = "--mean, --std, --scale, --resize, --layout"
+TOKEN_FLAGS = "--tokenizer, --max-length, and the labels: the .tsv's label column or the y array"
+
+
+def data_flags(model: onnx.ModelProto) -> str:
+    """The flags that decide how the data reaches ``model``: image preprocessing, or for a model of
+    integer (token id) inputs the tokenisation and the labels' source."""
+    if any(spec.dtype.kind in "iu" for spec in input_specs(model)):
+        return TOKEN_FLAGS
+    return IMAGE_FLAGS
+
+
+def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classes: int | None, *,
+                       flags: str = IMAGE_FLAGS) -> list[str]:
     """Signs that the data, the labels or the preprocessing do not fit the model: the original
-    model itself near chance, or labels the model cannot predict. One sentence each."""
+    model itself near chance, or labels the model cannot predict. One sentence each; ``flags``:
+    what to check (``data_flags``)."""
     if accuracy is None or labels is None or labels.size == 0:
         return []
     warnings = []
@@ -309,7 +325,7 @@ def reference_warnings(accuracy: float | None, labels: np.ndarray | None, classe
     if near_chance(accuracy, labels):
         warnings.append(f"the original model scores {100 * accuracy:.1f}% on these samples, near chance "
                         f"({100 * chance_accuracy(labels):.1f}% for {len(values)} classes): check the data and the "
-                        "preprocessing (--mean, --std, --scale, --resize, --layout)")
+                        f"preprocessing ({flags})")
     return warnings
 
 
@@ -334,7 +350,8 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
 
     ``max_drop`` is in percentage points: of top-1 accuracy when the report has labels,
     otherwise of agreement (``100 - agreement%``). ``min_agreement`` is a fraction in
-    [0, 1] like ``report.agreement`` (0.99 means 99 %). A threshold exactly met passes;
+    [0, 1] like ``report.agreement`` (0.99 means 99 %). For embeddings the accuracy is kNN's and
+    the agreement the mean cosine, and the messages say so. A threshold exactly met passes;
     NaN metrics fail. Raises RecipeError for a threshold out of range. ``remedy`` is the
     error's first hint.
     """
@@ -342,6 +359,7 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
     failures = []
     hints = []
     agreement = 100.0 * report.agreement
+    embedding = report.embedding is not None    # accuracy: kNN; agreement: the mean cosine
     if max_drop is not None:
         drop = report.accuracy_drop
         if drop is not None:
@@ -351,17 +369,25 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
                 noise = f" +- {se:.2f}" if se is not None else ""
                 problem = (f"dropped {drop:.2f}{noise} points ({ref:.2f}% -> {cand:.2f}% on {report.samples} samples),"
                            f" more than max drop {max_drop:g}")
-                failures.append(("accuracy", problem))
+                failures.append(("kNN accuracy" if embedding else "accuracy", problem))
                 if se is not None and drop - max_drop <= NOISE_SE * se:
                     hints.append(f"the excess is within {NOISE_SE:g} standard errors of the drop on these "
                                  f"{report.samples} samples, so it may be their noise: evaluate on more samples "
                                  "(--eval-data) to tell")
         elif not 100.0 - agreement <= max_drop + _THRESHOLD_EPS:
-            problem = (f"{agreement:.2f}% is {100 - agreement:.2f} points below the reference (no labels),"
-                       f" more than max drop {max_drop:g}")
-            failures.append(("agreement", problem))
+            if embedding:
+                problem = (f"mean {report.agreement:.4f} to the reference's embeddings: 100 (1 - cosine) = "
+                           f"{100 - agreement:.2f} points (no labels), more than max drop {max_drop:g}")
+            else:
+                problem = (f"{agreement:.2f}% is {100 - agreement:.2f} points below the reference (no labels),"
+                           f" more than max drop {max_drop:g}")
+            failures.append(("cosine" if embedding else "agreement", problem))
     if min_agreement is not None and not agreement >= 100.0 * min_agreement - _THRESHOLD_EPS:
-        failures.append(("agreement", f"{agreement:.2f}% is below min agreement {100 * min_agreement:.2f}%"))
+        if embedding:
+            failures.append(("cosine", f"mean {report.agreement:.4f} to the reference's embeddings is below min "
+                                       f"agreement {min_agreement:g} (for embeddings a minimum mean cosine)"))
+        else:
+            failures.append(("agreement", f"{agreement:.2f}% is below min agreement {100 * min_agreement:.2f}%"))
     if failures:
         thing = " and ".join(dict.fromkeys(metric for metric, _ in failures))
         raise ValidationFailed(thing, "; ".join(problem for _, problem in failures),
@@ -454,14 +480,15 @@ def _run(session, feeds: dict[str, np.ndarray], *, fixed_batch: int | None) -> l
 
 def _run_checked(session, feeds: dict[str, np.ndarray], fixed_batch: int | None, role: str) -> list[np.ndarray]:
     """``_run`` with onnxruntime's errors (a shape or type the model refuses) as one line."""
-    from onnxprune.runtime import ORT_ERRORS
+    from onnxprune.runtime import ORT_ERRORS, feeds_text
 
     try:
         return _run(session, feeds, fixed_batch=fixed_batch)
     except ORT_ERRORS as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(role, f"onnxruntime rejected the samples: {first}",
-                         "check that the data and both models have the same inputs") from None
+        raise ModelError(role, f"onnxruntime rejected the samples ({feeds_text(feeds)}): {first}",
+                         "check that the data and both models have the same inputs (and, for token ids, "
+                         "that the rows are no longer than the model's positions)") from None
 
 
 def _top1(output: np.ndarray) -> np.ndarray:

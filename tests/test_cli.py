@@ -77,9 +77,26 @@ def test_validate_model_against_itself_agrees_fully(tmp_path):
     assert abs(report["accuracy_reference"] - 0.754) < 0.005
 
 
-def test_validate_threshold_miss_exits_3(compressed):
+def test_validate_warns_when_the_candidate_calibrated_on_the_data_it_scores(compressed, tmp_path):
+    """compress calibrated on part of DATA (its report says which file): validate --data DATA scores
+    those samples too. Another file gets no warning."""
     out, _ = compressed
-    result = cli("validate", MODEL, out, "--data", DATA, "--no-latency", "--min-agreement", "0.9999")
+    report = json.loads(out.with_name("lenet_small.report.json").read_text())
+    assert report["calibration"]["target"]["path"] == str(DATA.resolve())
+    result = cli("validate", MODEL, out, "--data", DATA, "--no-latency")
+    assert result.exit_code == 0, result.stderr
+    assert "not held out" in result.stderr and "compress --eval-data" in result.stderr
+    other = tmp_path / "other.npz"
+    shutil.copy(DATA, other)
+    result = cli("validate", MODEL, out, "--data", other, "--no-latency")
+    assert result.exit_code == 0 and "not held out" not in result.stderr, result.stderr
+
+
+def test_validate_threshold_miss_exits_3(compressed, tmp_path):
+    out, _ = compressed
+    held_out = tmp_path / "usps.npz"         # not the file that calibrated it: no warning before the error
+    shutil.copy(DATA, held_out)
+    result = cli("validate", MODEL, out, "--data", held_out, "--no-latency", "--min-agreement", "0.9999")
     assert_user_error(result, "agreement", code=3)
 
 

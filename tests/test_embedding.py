@@ -106,3 +106,31 @@ def test_planner_damage_of_embeddings_is_one_minus_cosine():
     labels = (r[:, 0] > 0).astype(np.int64)
     labelled = measure(r, r, labels, "embedding")
     assert labelled.drop == 0 and labelled.accuracy_reference == embedding.knn_correct_loo(r, labels).mean()
+
+
+def test_the_knn_k_reported_is_the_one_used_with_a_small_index():
+    """With 12 samples the index holds 6: k is capped to 6, and the report and its line say 6."""
+    model = token_ffn()
+    data = token_feeds(batch=12, tokens=5, seed=2)
+    data["y"] = (data["x"][:, 0, 0] > 0).astype(np.int64)
+    report = onnxprune.validate(model, model, data, measure_latency=False, metric="embedding")
+    assert report.embedding["k"] == 6 and report.embedding["index"] == 6
+    assert any("k=6, index 6" in line for line in report.summary_lines())
+
+
+def test_a_near_chance_original_on_token_data_names_the_flags_of_token_data():
+    from onnxprune.validate import IMAGE_FLAGS, TOKEN_FLAGS, data_flags, reference_warnings
+
+    assert data_flags(token_ffn(vocab=16)) == TOKEN_FLAGS and data_flags(gemm_chain()) == IMAGE_FLAGS
+    labels = np.arange(40) % 4
+    warning, = reference_warnings(0.25, labels, None, flags=TOKEN_FLAGS)
+    assert "--tokenizer, --max-length" in warning and "--mean" not in warning
+    model = token_ffn(vocab=16)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(2, 7, size=40)
+    data = {"input_ids": rng.integers(0, 16, size=(40, 6)).astype(np.int64),
+            "attention_mask": (np.arange(6)[None] < lengths[:, None]).astype(np.int64),
+            "y": rng.integers(0, 4, size=40)}
+    report = onnxprune.validate(model, model, data, measure_latency=False, metric="embedding")
+    assert report.accuracy_reference < 0.5              # random labels of 4 classes: near chance
+    assert "--tokenizer" in report.warnings[0] and all("--mean" not in w for w in report.warnings)

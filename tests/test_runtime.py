@@ -50,3 +50,25 @@ def test_unknown_devices_and_broken_models_are_model_errors():
     broken.graph.node[0].input[1] = "missing.W"
     with pytest.raises(ModelError, match="cannot load the model"):
         make_session(broken)
+
+
+def test_onnxruntime_logs_nothing_of_its_own_when_a_run_fails(capfd):
+    """A kernel that fails on a batch raises (onnxprune reports it in one line); onnxruntime's own
+    coloured '[E:onnxruntime:...]' log line must not come before that line on stderr."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    from onnxprune.runtime import ORT_ERRORS
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    shape = onnx.numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "shape")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Expand", ["x", "shape"], ["y"])], "expand", [x], [y],
+                                   initializer=[shape])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = make_session(model)
+    capfd.readouterr()
+    with pytest.raises(ORT_ERRORS) as info:
+        session.run(None, {"x": np.zeros((5, 3), dtype=np.float32)})
+    assert isinstance(info.value, InvalidArgument)
+    assert "onnxruntime" not in capfd.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -278,6 +279,28 @@ def test_min_agreement_as_fraction():
         check_thresholds(report, min_agreement=99)  # a percentage by mistake
     with pytest.raises(RecipeError):
         check_thresholds(report, max_drop=-1)
+
+
+def test_missed_thresholds_of_embeddings_name_the_cosine_and_knn():
+    """For an embedding output agreement is the mean cosine and accuracy kNN's: the messages say so."""
+    report = dataclasses.replace(_report(agreement=0.9911), embedding={"output": "sentence", "cosine": 0.9911})
+    with pytest.raises(ValidationFailed, match=r"^cosine \| mean 0.9911 to the reference's embeddings is below min "
+                                               r"agreement 0.999 \(for embeddings a minimum mean cosine\)"):
+        check_thresholds(report, min_agreement=0.999)
+    with pytest.raises(ValidationFailed, match=r"^cosine \| mean 0.9911 .*100 \(1 - cosine\) = 0.89 points"):
+        check_thresholds(report, max_drop=0.5)
+    labelled = dataclasses.replace(report, accuracy_reference=0.74, accuracy_candidate=0.72)
+    with pytest.raises(ValidationFailed, match=r"^kNN accuracy \| dropped 2.00 points"):
+        check_thresholds(labelled, max_drop=1)
+
+
+def test_the_sweep_table_names_knn_and_cosine_for_embeddings():
+    from onnxprune.api import pareto_lines
+
+    row = {"budget": 0.7, "macs": 0.7, "params": 0.8, "accuracy": 0.73, "agreement": 0.99, "drop": 0.5,
+           "drop_se": 0.3, "checked_drop": 0.4, "checked_se": 0.2, "sites": 3, "model": "m.onnx"}
+    assert "| kNN % | held-out drop | cosine x 100 |" in pareto_lines([row], embedding=True)[0]
+    assert "| top-1 % | held-out drop | agreement % |" in pareto_lines([row])[0]
 
 
 # ----------------------------------------------------------------------------- real models

@@ -37,7 +37,7 @@ from onnxprune.data.samples import Parts
 from onnxprune.errors import CalibrationError, DataError
 from onnxprune.linalg import blas_threads
 from onnxprune.model import clone, input_specs, model_hash
-from onnxprune.runtime import batch_size_for, make_session
+from onnxprune.runtime import batch_size_for, feeds_text, make_session
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,9 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                     result = session.run(fetch, run_feeds)
                 except ORT_ERRORS as exc:
                     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                    raise DataError(set_name, f"onnxruntime rejected a batch: {first}",
-                                    "check that the samples match the model's inputs") from None
+                    raise DataError(set_name, f"onnxruntime rejected a batch ({feeds_text(feeds)}): {first}",
+                                    "check that the samples match the model's inputs (and, for token ids, that the "
+                                    "rows are no longer than the model's positions)") from None
                 reduced = result[len(outputs):]
                 result = result[:len(outputs)]
                 for tensor in keep:

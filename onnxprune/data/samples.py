@@ -172,6 +172,13 @@ class SampleSet:
                          labels=self._all_labels, rows=np.concatenate([self._rows, other._rows]),
                          classes=self._classes)
 
+    def stored(self, name: str) -> np.ndarray | None:
+        """The array of input ``name`` as stored (before preprocessing), one row per sample of this
+        set, when the samples are arrays in memory; None for image files or another input."""
+        if isinstance(self._store, _ArrayStore) and name in self._store.arrays:
+            return self._store.arrays[name][self._rows]
+        return None
+
     def bytes_per_sample(self) -> float:
         """Bytes one sample takes as the model's input (decoded and preprocessed)."""
         return _bytes_per_sample(self.batch(np.arange(min(len(self), 8))))
@@ -227,8 +234,9 @@ class SampleSet:
             "kind": self._store.kind,
             "source_count": self._store.count,
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self._specs],
-            "preprocess": dataclasses.asdict(self._preprocess),
         }
+        if any(np.issubdtype(s.dtype, np.floating) for s in self._specs):   # image preprocessing: never for token ids
+            info["preprocess"] = dataclasses.asdict(self._preprocess)
         if self.labels is not None:
             info["num_classes_seen"] = int(len(np.unique(self.labels)))
         if self._classes is not None:

@@ -5,7 +5,12 @@ file into the token arrays a transformer encoder takes:
 
 - ``.txt``: one sentence per line (empty lines are skipped), no labels;
 - ``.tsv``: a header row with a ``text`` (or ``sentence``) column and optionally a ``label``
-  column of integers, tab-separated, no quoting (the layout of ``../shared/data/text/*.tsv``).
+  column of integers, tab-separated, no quoting (the layout of ``../shared/data/text/*.tsv``);
+  every row has as many columns as the header (a tab inside a sentence is an error, not a cut).
+
+Files are UTF-8 (a leading byte-order mark is dropped); lines end at ``\n`` or ``\r\n`` only,
+so the other characters Python counts as line breaks (U+2028, U+0085, form feed, ...) stay
+inside their sentence.
 
 Every sentence is encoded with the tokenizer's own normalisation and special tokens
 (``[CLS] ... [SEP]`` for BERT), cut to ``max_length`` tokens and padded on the right to
@@ -16,7 +21,6 @@ named after the model's inputs: ``input_ids``, ``attention_mask`` (1 on real tok
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +45,16 @@ def read_text(path: str | Path) -> tuple[list[str], np.ndarray | None]:
     if not path.is_file():
         raise DataError(str(path), "no such text file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(str(path), f"cannot be read as UTF-8 text ({exc})") from None
+    lines = _lines(text)
     if path.suffix.lower() == ".txt":
-        sentences = [line.strip() for line in text.splitlines() if line.strip()]
+        sentences = [line.strip() for line in lines if line.strip()]
         if not sentences:
             raise DataError(str(path), "holds no sentences")
         return sentences, None
-    rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = [line.split("\t") for line in lines]
     if not rows:
         raise DataError(str(path), "is empty")
     header = [h.strip().lower() for h in rows[0]]
@@ -62,8 +67,10 @@ def read_text(path: str | Path) -> tuple[list[str], np.ndarray | None]:
     for number, row in enumerate(rows[1:], start=2):
         if not row or not any(cell.strip() for cell in row):
             continue
-        if len(row) <= max(column, label if label is not None else 0):
-            raise DataError(str(path), f"line {number} has {len(row)} columns, the header {len(header)}")
+        if len(row) != len(header):
+            raise DataError(str(path), f"line {number} has {len(row)} columns, the header {len(header)}",
+                            "columns are separated by tabs and cannot hold one (there is no quoting): "
+                            "replace tabs inside the text by spaces" if len(row) > len(header) else None)
         sentences.append(row[column])
         if label is not None:
             try:
@@ -73,6 +80,15 @@ def read_text(path: str | Path) -> tuple[list[str], np.ndarray | None]:
     if not sentences:
         raise DataError(str(path), "holds no sentences")
     return sentences, (np.asarray(labels, dtype=np.int64) if label is not None else None)
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text``, split at ``\n`` and ``\r\n`` only (not at the other characters
+    ``str.splitlines`` breaks at); no trailing empty line for a final line break."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def load_tokenizer(path: str | Path):

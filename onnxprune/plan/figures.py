@@ -35,12 +35,23 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def damage_measure(curves: dict[str, list[dict]]) -> str:
+    """What the damage of these curves measures (``planner.damage``: its rows carry "cosine" for
+    embeddings, "kl" for classifiers, only "relative_error" otherwise)."""
+    rows = [r for rows in curves.values() for r in rows]
+    if any("cosine" in r for r in rows):
+        return "1 - cosine of the embeddings"
+    if any("kl" in r for r in rows):
+        return "KL divergence of the softmax"
+    return "relative squared error"
+
+
 def sensitivity_table(curves: dict[str, list[dict]]) -> list[str]:
     """One line per site: damage at each ladder point, as 'size:damage' pairs."""
     if not curves:
         return ["no site to compress"]
     width = max(len(k) for k in curves)
-    lines = [f"{'site':<{width}}  damage (KL, or relative error) at each size kept"]
+    lines = [f"{'site':<{width}}  damage ({damage_measure(curves)}) at each size kept"]
     for key, rows in curves.items():
         cells = "  ".join(f"{r['size']}/{r['of']}:{r['damage']:.2g}" for r in rows)
         lines.append(f"{key:<{width}}  {cells}")
@@ -63,7 +74,7 @@ def sensitivity_heatmap(curves: dict[str, list[dict]], path, *, title: str = "")
     ax.set_yticks(range(len(keys)), keys, fontsize=7)
     ax.set_xticks(range(len(fractions)), [f"{f:.2f}" for f in fractions], rotation=90, fontsize=7)
     ax.set_xlabel("fraction kept (channels pruned to; parameters of a low-rank split)")
-    fig.colorbar(image, ax=ax, label="log10 damage (KL of outputs), site alone")
+    fig.colorbar(image, ax=ax, label=f"log10 damage ({damage_measure(curves)}), site alone")
     ax.set_title(title or "sensitivity per site", fontsize=9)
     out = _save(fig, path)
     plt.close(fig)

@@ -196,6 +196,26 @@ def test_dask_cluster_of_two_equals_one_process(whole, client, tmp_path):
     assert max_relative_difference(first, again) == 0.0
 
 
+def test_a_text_file_calibrates_on_a_cluster_as_in_one_process(client, tmp_path):
+    """The workers cannot tokenise (no tokenizer there): a .tsv's tokens are shipped with the tasks,
+    not its path."""
+    pytest.importorskip("tokenizers")
+    import onnx
+
+    from tests.data.test_text import _tsv, build_tokenizer
+    from tests.graphs import token_ffn
+
+    data = _tsv(tmp_path, n=40)
+    recipe = Recipe(passes=(("low-rank-split", {"method": "dalr", "rank": 4}),),
+                    batch_size=8, preprocess={"tokenizer": str(build_tokenizer(tmp_path / "tok.json")), "max_length": 8})
+    model = tmp_path / "model.onnx"
+    onnx.save(token_ffn(vocab=16), model)
+    here = onnxprune.calibrate(model, data, recipe=recipe, output=tmp_path / "a.npz", progress=False)
+    there = onnxprune.calibrate(model, data, recipe=recipe, output=tmp_path / "b.npz", client=client, shards=2,
+                                progress=False)
+    assert max_relative_difference(here, there) <= 1e-10
+
+
 def test_cli_workers_starts_a_local_cluster(whole, tmp_path):
     pytest.importorskip("distributed")
     out = tmp_path / "w.npz"

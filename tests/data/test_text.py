@@ -17,9 +17,8 @@ tokenizers = pytest.importorskip("tokenizers")
 WORDS = ["good", "bad", "movie", "film", "great", "awful", "plot", "the", "a", "was", "is", "not"]
 
 
-@pytest.fixture
-def tokenizer(tmp_path):
-    """A BERT-like WordPiece tokenizer: lower case, [CLS] text [SEP], [PAD] = 0."""
+def build_tokenizer(path):
+    """A BERT-like WordPiece tokenizer of WORDS saved at ``path``: lower case, [CLS] text [SEP], [PAD] = 0."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
 
@@ -29,9 +28,13 @@ def tokenizer(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return build_tokenizer(tmp_path / "tokenizer.json")
 
 
 def _tsv(tmp_path, n: int = 40):
@@ -109,3 +112,65 @@ def test_cli_validate_and_inspect_a_token_model(tmp_path, tokenizer):
     assert result.exit_code == 1 and "--tokenizer" in result.output
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert "16 units (last axis)  prunable" in result.output
+
+
+def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    for header, row in (("label\ttext", "1\tgood movie"), ("text\tlabel", "good movie\t1")):
+        path = tmp_path / "bom.tsv"
+        path.write_bytes(("\ufeff" + header + "\n" + row + "\n").encode("utf-8"))
+        sentences, labels = read_text(path)
+        assert sentences == ["good movie"] and labels.tolist() == [1]
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffgood movie\n".encode("utf-8"))
+    assert read_text(path) == (["good movie"], None)
+
+
+def test_lines_break_at_newlines_only(tmp_path):
+    """U+2028, U+0085, \\x0b, \\x0c and \\x1c-\\x1e are line breaks to str.splitlines, not to a text file."""
+    odd = "\u2028\x85\x0b\x0c\x1c\x1d\x1e"
+    path = tmp_path / "odd.txt"
+    path.write_bytes(f"good{odd}movie\r\nbad film\n".encode("utf-8"))
+    sentences, _ = read_text(path)
+    assert sentences == [f"good{odd}movie", "bad film"]
+    path = tmp_path / "odd.tsv"
+    path.write_bytes(f"label\ttext\r\n1\tgood{odd}movie\r\n0\tbad film\r\n".encode("utf-8"))
+    sentences, labels = read_text(path)
+    assert sentences == [f"good{odd}movie", "bad film"] and labels.tolist() == [1, 0]
+
+
+def test_a_row_with_more_or_fewer_columns_than_the_header_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "tab.tsv"
+    path.write_text("label\ttext\n0\tbad\n1\tgreat film\tand actors\n")
+    with pytest.raises(DataError, match=r"tab.tsv \| line 3 has 3 columns, the header 2\. Hint: .*tab"):
+        read_text(path)
+    path.write_text("label\tlabel_name\ttext\n0\tneg\tbad\n1\tgreat film\n")
+    with pytest.raises(DataError, match="line 3 has 2 columns, the header 3"):
+        read_text(path)
+
+
+def test_a_recipe_keeps_the_tokenizer_path_absolute_for_runs_from_other_folders(tmp_path, tokenizer, monkeypatch):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir()
+    other.mkdir()
+    onnx.save(token_ffn(vocab=16), tmp_path / "model.onnx")
+    data = _tsv(tmp_path, n=40)
+    (first / "tok.json").write_bytes(tokenizer.read_bytes())
+    monkeypatch.chdir(first)
+    args = ["--target-data", str(data), "--metric", "embedding", "--no-latency", "-q"]
+    result = CliRunner().invoke(main, ["compress", str(tmp_path / "model.onnx"), *args, "--method", "dalr-bc",
+                                       "--rank", "4", "--tokenizer", "tok.json", "--max-length", "8",
+                                       "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out.recipe.json").read_text())["preprocess"]
+    assert saved["tokenizer"] == str(first / "tok.json")
+    monkeypatch.chdir(other)
+    result = CliRunner().invoke(main, ["compress", str(tmp_path / "model.onnx"), *args,
+                                       "--recipe", str(tmp_path / "out.recipe.json"), "-o", str(tmp_path / "again.onnx")])
+    assert result.exit_code == 0, result.output
