@@ -18,6 +18,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -38,12 +39,26 @@ log = logging.getLogger("onnxprune")
 #: exit code after Ctrl-C (128 + SIGINT, as shells report it)
 INTERRUPTED_EXIT_CODE = 130
 
+
+class FiniteRange(click.FloatRange):
+    """A click.FloatRange that refuses nan and inf as well (nan compares false with every bound,
+    so click.FloatRange lets it through; inf passes a range open above)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 #: a fraction in (0, 1]: budgets and retention ratios
-FRACTION = click.FloatRange(0, 1, min_open=True)
+FRACTION = FiniteRange(0, 1, min_open=True)
 #: a fraction in (0, 1): splits of the data, held-out folds
-OPEN_FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
+OPEN_FRACTION = FiniteRange(0, 1, min_open=True, max_open=True)
 #: a number > 0: learning rates, temperatures, times
-POSITIVE = click.FloatRange(min=0, min_open=True)
+POSITIVE = FiniteRange(min=0, min_open=True)
+#: a number >= 0: loss weights, reserves
+NON_NEGATIVE = FiniteRange(min=0)
 
 
 class NumberList(click.ParamType):
@@ -409,7 +424,7 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
         click.option("--lr", type=POSITIVE, default=lr, show_default=True, help="Adam learning rate (cosine schedule)."),
         click.option("--temperature", type=POSITIVE, default=4.0, show_default=True,
                      help="Distillation temperature for classifier outputs."),
-        click.option("--label-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--label-weight", type=NON_NEGATIVE, default=0.0, show_default=True,
                      help="Cross-entropy weight when the data has labels (1 without --teacher)."),
         click.option("--augment", is_flag=True, help="Random crop with padding (+ horizontal flip for RGB images)."),
         click.option("--patience", type=click.IntRange(min=1), default=patience, show_default=patience is not None,
@@ -422,7 +437,7 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
         click.option("--max-minutes", type=POSITIVE, help="Stop after the epoch that passes this wall time."),
         click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
                      help="torch CPU threads (more can be much slower on a shared machine)."),
-        click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--feature-weight", type=NON_NEGATIVE, default=0.0, show_default=True,
                      help="Weight of the feature loss: relative MSE between the student's and the teacher's "
                           "outputs of every rewritten layer (same name and shape); 0 matches final outputs only."),
         click.option("--train-layers", type=click.Choice(["all", "rewritten"]), default="all", show_default=True,
@@ -541,7 +556,7 @@ def calibration_options(func):
                    "The training options below apply.")
 @click.option("--finetune-trials", type=click.IntRange(min=1), default=3, show_default=True,
               help="With --finetune and --max-drop: plans distilled at most (each a whole training).")
-@click.option("--finetune-margin", type=click.FloatRange(min=0),
+@click.option("--finetune-margin", type=NON_NEGATIVE,
               help="With --finetune and --max-drop: standard errors kept in reserve below --max-drop, of the "
                    "difference between a distilled plan's checkpoint-fold drop and the held-out evaluation "
                    "(default: --margin's).")
@@ -1119,9 +1134,9 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the split, the sampling and the training.")
-@click.option("--max-drop", type=click.FloatRange(0, 100),
+@click.option("--max-drop", type=FiniteRange(0, 100),
               help="Fail (exit 3, no output) if accuracy drops more than this many points.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1),
+@click.option("--min-agreement", type=FiniteRange(0, 1),
               help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
@@ -1175,19 +1190,21 @@ def training_lines(report: dict) -> list[str]:
     return lines
 
 
-def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
-    if not text:
-        return ()
-    out = []
-    for item in text.split(","):
-        name, sep, value = item.rpartition("=")
-        try:
-            out.append((name, float(value)))
-        except ValueError:
-            raise click.BadParameter(f"{item!r} is not NAME=FRACTION") from None
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r} is not NAME=FRACTION")
-    return tuple(out)
+class LayerKeepType(click.ParamType):
+    """NAME=F,NAME=F: a keep fraction in (0, 1] per named weight."""
+
+    name = "NAME=F,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        out = []
+        for item in str(value).split(","):
+            name, sep, fraction = item.rpartition("=")
+            if not sep or not name:
+                self.fail(f"{item!r} is not NAME=FRACTION", param, ctx)
+            out.append((name, FRACTION.convert(fraction, param, ctx)))
+        return tuple(out)
 
 
 @main.command(short_help="Co-Prune: unstructured pruning of a target model with a source model's help.")
@@ -1200,7 +1217,7 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
 @click.option("--split", type=OPEN_FRACTION, default=0.5, show_default=True,
               help="Fraction of --target-data that trains.")
 @click.option("--keep", type=FRACTION, required=True, help="Fraction of the Conv/Gemm/MatMul weights kept (non-zero).")
-@click.option("--alpha", type=NumberList(click.FloatRange(0, 1)), default="0.7,0.5,0.3", show_default=True,
+@click.option("--alpha", type=NumberList(FiniteRange(0, 1)), default="0.7,0.5,0.3", show_default=True,
               help="Transfer factor per stage (one value: three stages at it); 0 = target-only magnitude "
                    "pruning with the same training.")
 @click.option("--allocation", type=click.Choice(["global", "layer"]), default="global", show_default=True,
@@ -1208,7 +1225,8 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
 @click.option("--fusion", type=click.Choice(["abs", "signed"]), default="abs", show_default=True,
               help="Target mask from alpha|W_s| + (1-alpha)|W_t| (abs) or |alpha W_s + (1-alpha) W_t| (signed, "
                    "the paper's eq. 4).")
-@click.option("--layer-keep", help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
+@click.option("--layer-keep", type=LayerKeepType(),
+              help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
 @click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Adam learning rate at each stage's start.")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="lr / 10 after this many epochs without a lower training loss.")
@@ -1240,7 +1258,7 @@ def coprune(output, as_json, verbose, quiet, **kw):
     if len(alphas) == 1:  # one value: the default's three stages, so --alpha 0 trains as long as Co-Prune
         alphas = alphas * 3
     config = CoPruneConfig(keep=kw["keep"], alphas=alphas, allocation=kw["allocation"], fusion=kw["fusion"],
-                           layer_keep=_layer_keep(kw["layer_keep"]), lr=kw["lr"], patience=kw["patience"],
+                           layer_keep=kw["layer_keep"] or (), lr=kw["lr"], patience=kw["patience"],
                            max_epochs=kw["max_epochs"], batch_size=kw["batch_size"], val_fraction=kw["val_fraction"],
                            seed=kw["seed"], threads=kw["threads"], progress=show_progress(quiet))
     result = coprune_files(kw["source_model"], kw["target_model"], kw["source_data"], kw["target_data"], output,

@@ -417,3 +417,27 @@ def test_checkpoint_rule_follows_the_fold_size():
                                 config=TrainConfig(checkpoint="last", **config))
     assert last["checkpoint_by"] == "last epoch" and last["best_epoch"] == 4 == len(last["curve"]) - 1
     assert forced["best_epoch"] != 4 or forced["curve"][4]["val_agreement"] == best
+
+
+@pytest.mark.parametrize("options, flag", [
+    (dict(patience=0), "--patience"), (dict(max_seconds=-5.0), "--max-minutes"),
+    (dict(max_seconds=float("nan")), "--max-minutes"), (dict(lr=float("inf")), "--lr"),
+    (dict(temperature=float("nan")), "--temperature"), (dict(label_weight=float("nan")), "--label-weight"),
+    (dict(feature_weight=float("inf")), "--feature-weight"),
+])
+def test_train_config_refuses_values_out_of_range(options, flag):
+    """The Python API's options fail as the flags do: onnxprune's RecipeError naming the flag."""
+    from onnxprune.errors import RecipeError
+    from onnxprune.train.distill import TrainConfig
+
+    with pytest.raises(RecipeError, match=flag):
+        TrainConfig(**options)
+
+
+def test_coprune_config_refuses_a_learning_rate_that_is_not_finite():
+    from onnxprune.errors import RecipeError
+    from onnxprune.train.coprune import CoPruneConfig
+
+    for lr in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(RecipeError, match="--lr"):
+            CoPruneConfig(keep=0.5, lr=lr)

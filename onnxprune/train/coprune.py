@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -71,6 +72,11 @@ class CoPruneConfig:
                 raise RecipeError("--layer-keep", f"{name}: keep must be in (0, 1], not {value!r}")
         if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise RecipeError("co-prune", "max_epochs, patience and batch_size must be >= 1")
+        for field, value in (("lr", self.lr), ("min_lr", self.min_lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise RecipeError(f"--{field.replace('_', '-')}", f"must be a finite number > 0, not {value!r}")
+        if not 0 < self.val_fraction < 1:
+            raise RecipeError("--val-fraction", f"must be between 0 and 1, not {self.val_fraction!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -60,13 +60,17 @@ class TrainConfig:
                                   ("threads", self.threads, 1)):
             if not isinstance(value, int) or value < low:
                 raise RecipeError(f"--{field.replace('_', '-')}", f"must be an integer >= {low}, not {value!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise RecipeError("--patience", f"must be an integer >= 1 (or None: never stop early), not {self.patience!r}")
         for field, value in (("lr", self.lr), ("temperature", self.temperature)):
-            if not value > 0:
-                raise RecipeError(f"--{field}", f"must be positive, not {value!r}")
-        if self.label_weight < 0:
-            raise RecipeError("--label-weight", f"must be >= 0, not {self.label_weight!r}")
-        if self.feature_weight < 0:
-            raise RecipeError("--feature-weight", f"must be >= 0, not {self.feature_weight!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise RecipeError(f"--{field}", f"must be a finite number > 0, not {value!r}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise RecipeError("--max-minutes", f"must be a finite time > 0, not {self.max_seconds!r} seconds")
+        for field, value in (("label_weight", self.label_weight), ("feature_weight", self.feature_weight),
+                             ("weight_decay", self.weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise RecipeError(f"--{field.replace('_', '-')}", f"must be a finite number >= 0, not {value!r}")
         if self.train_layers not in ("all", "rewritten"):
             raise RecipeError("--train-layers", f"must be 'all' or 'rewritten', not {self.train_layers!r}")
         if self.checkpoint not in ("auto", "agreement", "loss", "last"):
