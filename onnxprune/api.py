@@ -117,7 +117,8 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         checkpoint_fraction=None if finetune is None else finetune.val_fraction)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
+    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device,
+                                                  others=(train_set, val_fold))) else []
     if note:
         log.warning("%s", note)
         samples["target"], held_out = samples["target"].without_labels(), held_out.without_labels()
@@ -198,28 +199,23 @@ LABEL_PROBE = 128
 
 
 def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSet, recipe: Recipe, *,
-                 device: str = "cpu") -> str | None:
+                 device: str = "cpu", others: tuple[SampleSet | None, ...] = ()) -> str | None:
     """Why the labels cannot measure this classifier, or None: the original scores near chance on
     the calibration samples (on at most ``LABEL_PROBE`` of them), so the labels are in another
     class order or the model does not read the data as it should; every goal is then better
-    judged by agreement with the original. Labels outside the model's classes are a DataError:
-    no answer of the model can match them."""
+    judged by agreement with the original. Labels outside the model's classes (in ``calib``,
+    ``held_out`` or ``others``, e.g. the training samples) are a DataError: no answer of the
+    model can match them."""
     from onnxprune import embedding
     from onnxprune.plan.planner import model_outputs
     from onnxprune.validate import chance_accuracy, near_chance
 
     if calib.labels is None or embedding.output_kind(original, metric=recipe.metric) != "classes":
         return None
-    probe = calib.subset(np.linspace(0, len(calib) - 1, min(len(calib), LABEL_PROBE)).round().astype(int))
+    probe = label_probe(calib)
     outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device)
     classes = outputs.shape[-1] if outputs.ndim == 2 else None
-    for sample_set in (calib, held_out):
-        labels = sample_set.labels
-        if classes is not None and labels is not None and (labels.min() < 0 or labels.max() >= classes):
-            raise DataError(sample_set.name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model "
-                            f"answers with {classes} classes (0..{classes - 1})",
-                            "check the labels (y, labels.csv, class folders), or leave them out to measure "
-                            "agreement with the original")
+    check_label_range((calib, held_out, *others), classes)
     if classes is None:
         return None
     accuracy = float(np.mean(outputs.argmax(axis=1) == probe.labels))
@@ -230,6 +226,24 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
             f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
             "or data it does not read as it should: check --mean, --std, --scale, --resize, --layout); they are "
             "set aside and every goal is judged by agreement with the original")
+
+
+def label_probe(samples: SampleSet) -> SampleSet:
+    """At most ``LABEL_PROBE`` samples spread over ``samples``: the original runs on them to learn
+    its classes (and, in ``label_misfit``, how well it scores on the labels)."""
+    return samples.subset(np.linspace(0, len(samples) - 1, min(len(samples), LABEL_PROBE)).round().astype(int))
+
+
+def check_label_range(sample_sets, classes: int | None) -> None:
+    """A DataError naming the first of ``sample_sets`` (None: skipped) whose labels lie outside
+    the model's ``classes`` (0..classes-1; None: the model has no class axis, nothing to check)."""
+    for sample_set in sample_sets:
+        labels = None if sample_set is None else sample_set.labels
+        if classes is not None and labels is not None and (labels.min() < 0 or labels.max() >= classes):
+            raise DataError(sample_set.name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model "
+                            f"answers with {classes} classes (0..{classes - 1})",
+                            "check the labels (y, labels.csv, class folders), or leave them out to measure "
+                            "agreement with the original")
 
 
 def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None,

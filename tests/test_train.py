@@ -441,3 +441,56 @@ def test_coprune_config_refuses_a_learning_rate_that_is_not_finite():
     for lr in (float("nan"), float("inf"), 0.0):
         with pytest.raises(RecipeError, match="--lr"):
             CoPruneConfig(keep=0.5, lr=lr)
+
+
+LENET = ROOT / "models/lenet_caffe_mnist.onnx"
+USPS = ROOT / "models/usps_test.npz"
+
+
+def usps_files(folder: Path, **parts) -> dict[str, Path]:
+    """Small .npz files of the bundled USPS digits: ``name=(start, stop)`` for x and y, ``name=(start, stop,
+    "nolabels")`` for x alone, ``name=(start, stop, bad)`` with label 12 at row ``bad`` (LeNet has 10 classes)."""
+    with np.load(USPS) as full:
+        x, y = full["x"], full["y"]
+    files = {}
+    for name, (start, stop, *how) in parts.items():
+        path = folder / f"{name}.npz"
+        labels = y[start:stop].copy()
+        if how and how[0] == "nolabels":
+            np.savez(path, x=x[start:stop])
+        else:
+            if how:
+                labels[how[0]] = 12
+            np.savez(path, x=x[start:stop], y=labels)
+        files[name] = path
+    return files
+
+
+def one_line_error(result, *words, code=1):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("where", ["target", "target+teacher", "eval", "val", "coprune target", "coprune source",
+                                   "coprune eval"])
+def test_labels_outside_the_models_classes_are_a_data_error(tmp_path, where):
+    """compress's check: labels outside 0..classes-1 anywhere a training reads or is scored are one line naming
+    the file, exit 1, nothing written (not an IndexError in the loss, nor misses in the accuracy)."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, good=(0, 60), other=(60, 120), bad=(120, 180, 7))
+    target = f["bad"] if where in ("target", "target+teacher", "coprune target") else f["good"]
+    out = tmp_path / "out" / "o.onnx"
+    if where.startswith("coprune"):
+        args = ["coprune", "--source-model", LENET, "--target-model", LENET, "--keep", "0.5", "--max-epochs", "1",
+                "--source-data", f["bad"] if where == "coprune source" else f["other"], "--target-data", target]
+        args += ["--eval-data", f["bad"]] if where == "coprune eval" else []
+    else:
+        args = ["finetune", LENET, "--target-data", target, "--epochs", "1"]
+        args += ["--teacher", LENET] if where != "target" else []
+        args += {"eval": ["--eval-data", f["bad"]], "val": ["--val-data", f["bad"]]}.get(where, [])
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--no-latency", "-q", "-o", str(out)])
+    one_line_error(result, f"{f['bad']} | has labels 0..12, but the model answers with 10 classes")
+    assert not out.parent.exists()

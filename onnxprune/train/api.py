@@ -44,6 +44,21 @@ def split_data(target, eval_data, split: float, seed: int, model, preprocess):
     return data.split(split, seed=seed)
 
 
+def check_labels(model: onnx.ModelProto, sample_sets, *, batch_size: int, device: str = "cpu") -> None:
+    """compress's check of the labels (``api.label_misfit``) for every set a training reads or is
+    scored on (None: skipped): labels outside the model's classes are a DataError naming the set,
+    before they reach a loss (an IndexError) or an accuracy (counted wrong)."""
+    from onnxprune import embedding
+    from onnxprune.api import check_label_range, label_probe
+    from onnxprune.plan.planner import model_outputs
+
+    labelled = [s for s in sample_sets if s is not None and s.labels is not None]
+    if not labelled or embedding.output_kind(model) != "classes":
+        return
+    outputs = model_outputs(model, label_probe(labelled[0]), batch_size=batch_size, device=device)
+    check_label_range(labelled, outputs.shape[-1] if outputs.ndim == 2 else None)
+
+
 def check_training_outputs(output, companions, model, others: dict) -> Path:
     """The output, its ``.data``, ``.report.json`` and ``companions`` must not be an input (any
     model with its external data, sample files or folders) and must have a usable folder;
@@ -104,14 +119,15 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
             raise DataError("--teacher", "has other inputs or outputs than the student",
                             "the teacher must be the model the student was compressed from")
     train, held_out = split_data(target_data, eval_data, split, config.seed, student_model, preprocess)
-    reference = teacher_model if teacher_model is not None else student_model
-    before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
-                      measure_latency=False, progress=False)
     val = None
     if val_data is not None:
         from onnxprune.api import as_samples
 
         val = as_samples(val_data, student_model, preprocess)
+    check_labels(student_model, (train, val, held_out), batch_size=config.batch_size, device=device)
+    reference = teacher_model if teacher_model is not None else student_model
+    before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
+                      measure_latency=False, progress=False)
     tuned, train_report = finetune(student_model, teacher_model, train, config=config, val_samples=val)
     after = validate(reference, tuned, held_out, batch_size=config.batch_size, device=device,
                      measure_latency=measure_latency, progress=progress)
@@ -150,6 +166,8 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     source, target = as_model(source_model), as_model(target_model)
     train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
     source_samples = as_samples(source_data, source, preprocess)
+    check_labels(target, (train, held_out), batch_size=config.batch_size, device=device)
+    check_labels(source, (source_samples,), batch_size=config.batch_size, device=device)
     pruned, train_report = coprune(source, target, source_samples, train, config=config)
     after = validate(target, pruned, held_out, batch_size=max(config.batch_size, 64), device=device,
                      measure_latency=measure_latency, progress=False)
