@@ -261,12 +261,9 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     """
     target = as_samples(target_data, original, recipe.preprocess)
     if eval_data is not None:
-        from onnxprune.paths import same_file
-
-        if _is_path(eval_data) and _is_path(target_data) and same_file(Path(eval_data), Path(target_data)):
-            raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
-                            "is given: accuracy on it would not be held out",
-                            "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
+        refuse_same_file(eval_data, target_data, "--target-data", "which calibrates in full when --eval-data is "
+                         "given: accuracy on it would not be held out",
+                         "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
         calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess), eval_data
     else:
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
@@ -278,6 +275,16 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
         samples["source"] = cap(as_samples(source_data, original, recipe.preprocess), recipe.calib_size,
                                 seed=recipe.seed)
     return samples, held_out, eval_source, calib, val_fold
+
+
+def refuse_same_file(data, other, other_flag: str, problem: str, hint: str) -> None:
+    """A DataError when the file or folder ``data`` is ``other`` (given as ``other_flag``), however
+    spelled (links, ``..``): e.g. --eval-data that is the --target-data file, so its samples would not
+    be held out. Data given as arrays or readers is not compared."""
+    from onnxprune.paths import same_file
+
+    if _is_path(data) and _is_path(other) and same_file(Path(data), Path(other)):
+        raise DataError(str(data), f"is the {other_flag} file, {problem}", hint)
 
 
 def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.ModelProto, samples: dict,

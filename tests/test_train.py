@@ -494,3 +494,26 @@ def test_labels_outside_the_models_classes_are_a_data_error(tmp_path, where):
     result = CliRunner().invoke(main, [str(a) for a in args] + ["--no-latency", "-q", "-o", str(out)])
     one_line_error(result, f"{f['bad']} | has labels 0..12, but the model answers with 10 classes")
     assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("command, flags, words", [
+    ("finetune", ("--eval-data", "TARGET"), "is the --target-data file, which trains in full"),
+    ("finetune", ("--val-data", "TARGET"), "is the --target-data file, which trains: a checkpoint picked on it"),
+    ("finetune", ("--val-data", "OTHER", "--eval-data", "OTHER"), "is the --eval-data file, so the checkpoint"),
+    ("coprune", ("--eval-data", "TARGET"), "is the --target-data file, which trains in full"),
+])
+def test_held_out_data_that_is_the_training_file_is_refused(tmp_path, command, flags, words):
+    """As compress refuses --eval-data equal to --target-data: evaluating (or picking the checkpoint) on samples
+    that trained is not held out. The same file under another spelling too."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, target=(0, 60), other=(60, 120))
+    spelled = {"TARGET": tmp_path / ".." / tmp_path.name / "target.npz", "OTHER": f["other"]}
+    out = tmp_path / "out" / "o.onnx"
+    if command == "finetune":
+        args = ["finetune", LENET, "--teacher", LENET, "--epochs", "1"]
+    else:
+        args = ["coprune", "--source-model", LENET, "--target-model", LENET, "--source-data", f["other"], "--keep",
+                "0.5", "--max-epochs", "1"]
+    args += ["--target-data", f["target"], *[spelled.get(a, a) for a in flags], "--no-latency", "-q", "-o", out]
+    one_line_error(CliRunner().invoke(main, [str(a) for a in args]), words)
+    assert not out.parent.exists()

@@ -59,6 +59,16 @@ def check_labels(model: onnx.ModelProto, sample_sets, *, batch_size: int, device
     check_label_range(labelled, outputs.shape[-1] if outputs.ndim == 2 else None)
 
 
+def refuse_held_out_training(target_data, eval_data) -> None:
+    """--eval-data that is the --target-data file: it trains in full, so accuracy on it would not be
+    held out (a DataError, as compress refuses it)."""
+    from onnxprune.api import refuse_same_file
+
+    refuse_same_file(eval_data, target_data, "--target-data", "which trains in full when --eval-data is given: "
+                     "accuracy on it would not be held out",
+                     "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
+
+
 def check_training_outputs(output, companions, model, others: dict) -> Path:
     """The output, its ``.data``, ``.report.json`` and ``companions`` must not be an input (any
     model with its external data, sample files or folders) and must have a usable folder;
@@ -101,7 +111,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     validate against the teacher (or the untrained student) on held-out data, write OUTPUT,
     ``.report.json`` and ``.curve.png``."""
     require_torch()
-    from onnxprune.api import as_model
+    from onnxprune.api import as_model, refuse_same_file
     from onnxprune.train.distill import TrainConfig, finetune, plot_curve
     from onnxprune.validate import check_thresholds, validate
 
@@ -109,6 +119,12 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     output = check_training_outputs(output, [curve_path], student, {"--teacher": teacher, "--target-data": target_data,
                                                                     "--eval-data": eval_data, "--val-data": val_data})
+    refuse_held_out_training(target_data, eval_data)
+    refuse_same_file(val_data, target_data, "--target-data", "which trains: a checkpoint picked on it would not "
+                     "be held out", "drop --val-data (then --val-fraction of the training samples picks it) or pass "
+                     "other samples")
+    refuse_same_file(val_data, eval_data, "--eval-data", "so the checkpoint would be picked on the evaluation "
+                     "samples, which are then no longer held out", "pass other samples as --val-data, or drop it")
     student_model = as_model(student)
     teacher_model = as_model(teacher) if teacher is not None else None
     if teacher_model is not None:
@@ -163,6 +179,7 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     output = check_training_outputs(output, [], target_model, {"--source-model": source_model,
                                                                 "--source-data": source_data,
                                                                 "--target-data": target_data, "--eval-data": eval_data})
+    refuse_held_out_training(target_data, eval_data)
     source, target = as_model(source_model), as_model(target_model)
     train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
     source_samples = as_samples(source_data, source, preprocess)
