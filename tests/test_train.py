@@ -517,3 +517,22 @@ def test_held_out_data_that_is_the_training_file_is_refused(tmp_path, command, f
     args += ["--target-data", f["target"], *[spelled.get(a, a) for a in flags], "--no-latency", "-q", "-o", out]
     one_line_error(CliRunner().invoke(main, [str(a) for a in args]), words)
     assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "coprune"])
+def test_too_few_samples_left_to_train_after_the_checkpoint_fold_are_refused(tmp_path, command):
+    """--val-fraction 0.9 of 4 samples leaves none to train: refused with the minimum the whole set must meet."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, tiny=(0, 4), other=(60, 120))
+    out = tmp_path / "out" / "o.onnx"
+    if command == "finetune":
+        args = ["finetune", LENET, "--epochs", "1"]
+    else:
+        args = ["coprune", "--source-model", LENET, "--target-model", LENET, "--source-data", f["other"], "--keep",
+                "0.5", "--max-epochs", "1"]
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--target-data", str(f["tiny"]), "--eval-data",
+                                                                 str(f["other"]), "--val-fraction", "0.9",
+                                                                 "--no-latency", "-q", "-o", str(out)])
+    one_line_error(result, f"{f['tiny']} | leaves 0 of its 4 samples to train once --val-fraction 0.9 is held out",
+                   "needs at least 4")
+    assert not out.parent.exists()

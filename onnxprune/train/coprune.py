@@ -148,13 +148,18 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
     """Co-Prune ``target`` with the help of ``source``; returns (pruned target, report)."""
     torch = require_torch()
     from onnxprune.train.convert import to_onnx, to_torch, verify
-    from onnxprune.train.distill import _progress, load_arrays
+    from onnxprune.train.distill import MIN_TRAIN_SAMPLES, _progress, fold_size, load_arrays
 
     started = time.perf_counter()
     for samples, flag in ((source_samples, "--source-data"), (target_samples, "--target-data")):
         if samples.labels is None:
             raise DataError(flag, f"{samples.name} has no labels; Co-Prune trains both networks on labels",
                             "use labelled samples (a y array or class folders)")
+    n = len(target_samples)
+    if n - fold_size(n, config.val_fraction) < MIN_TRAIN_SAMPLES:
+        raise DataError(target_samples.name, f"leaves {n - fold_size(n, config.val_fraction)} of its {n} samples "
+                        f"to train once --val-fraction {config.val_fraction:g} is held out to pick the checkpoint; "
+                        f"Co-Prune needs at least {MIN_TRAIN_SAMPLES}", "lower --val-fraction or train on more samples")
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -173,7 +178,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         rng = np.random.default_rng(config.seed)
         n = len(yt)
         order = rng.permutation(n)
-        n_val = max(1, round(config.val_fraction * n))
+        n_val = fold_size(n, config.val_fraction)
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         sizes = {k: net_t.weight(k).numel() for k in names}
         counts = keep_counts(sizes, config)

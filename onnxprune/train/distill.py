@@ -83,6 +83,12 @@ class TrainConfig:
 
 
 SMALL_FOLD = 100  # below this many held-out samples one sample moves top-1 agreement by more than 1 %
+MIN_TRAIN_SAMPLES = 4  # fewer training samples (after the checkpoint fold) are refused
+
+
+def fold_size(n: int, val_fraction: float) -> int:
+    """Samples of ``n`` held out to pick the checkpoint: ``val_fraction`` of them, at least one."""
+    return max(1, round(val_fraction * n))
 
 
 def load_arrays(samples, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -213,8 +219,14 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         if teacher is None and config.label_weight == 0:
             config = dataclasses.replace(config, label_weight=1.0)
         n = len(samples)
-        if n < 4:
-            raise DataError(samples.name, f"has {n} samples; recovery training needs at least 4")
+        if n < MIN_TRAIN_SAMPLES:
+            raise DataError(samples.name, f"has {n} samples; recovery training needs at least {MIN_TRAIN_SAMPLES}")
+        if val_samples is None and n - fold_size(n, config.val_fraction) < MIN_TRAIN_SAMPLES:
+            raise DataError(samples.name, f"leaves {n - fold_size(n, config.val_fraction)} of its {n} samples to "
+                            f"train once --val-fraction {config.val_fraction:g} is held out to pick the checkpoint; "
+                            f"recovery training needs at least {MIN_TRAIN_SAMPLES}",
+                            "lower --val-fraction, give the checkpoint samples apart (--val-data), or train on more "
+                            "samples")
         arrays = load_arrays(samples)
         n_train_given = n
         if val_samples is not None:
@@ -262,7 +274,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             train_idx, val_idx = np.arange(n_train_given), np.arange(n_train_given, n)
         else:
             order = rng.permutation(n)
-            n_val = max(1, round(config.val_fraction * n))
+            n_val = fold_size(n, config.val_fraction)
             val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         variances = None
         if targets is not None:
