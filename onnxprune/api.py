@@ -179,7 +179,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
     warnings = list(validation.warnings) + collapse_warnings(validation, held_out) + plan_warnings(planning)
     for warning in warnings:
         log.warning("%s", warning)
-    warnings = label_notes + warnings
+    warnings = label_notes + (report.get("finetune") or {}).get("warnings", []) + warnings   # logged already
     report["validation"] = validation.to_dict()
     report["warnings"] = warnings
     report["recipe"] = recipe.to_dict()

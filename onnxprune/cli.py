@@ -608,6 +608,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
             kw["val_fraction"] = SEARCH_FOLD if searching else TrainConfig.val_fraction
         if kw["checkpoint"] is None:
             kw["checkpoint"] = "last" if searching else TrainConfig.checkpoint
+        refuse_idle_training_flags(kw, held_out=False)   # compress's --split beside --eval-data is its own matter
         finetune = train_config(kw, batch_size=TrainConfig.batch_size, seed=kw["seed"], progress=show_progress(quiet),
                                 epochs=kw["finetune_epochs"])
     else:
@@ -1107,6 +1108,24 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
     check_thresholds(report, max_drop=kw["max_drop"], min_agreement=kw["min_agreement"])
 
 
+def refuse_idle_training_flags(kw: dict, *, held_out: bool = True) -> None:
+    """Training flags given on the command line that could not act (usage errors): --patience when
+    the last epoch is kept (it stops nothing); with ``held_out`` (finetune, coprune) also --split
+    beside --eval-data (all of --target-data trains) and --val-fraction beside --val-data (those
+    samples pick the checkpoint)."""
+    if _given("patience") and kw.get("checkpoint") == "last":
+        raise click.UsageError("--patience stops training early when the checkpoint fold stops improving; with "
+                               "--checkpoint last (compress --finetune's default with --max-drop) the last epoch "
+                               "is kept, so it would do nothing: drop it, or pick the epoch on the fold "
+                               "(--checkpoint auto)")
+    if held_out and _given("split") and kw.get("eval_data") is not None:
+        raise click.UsageError("--split does not apply with --eval-data: all of --target-data trains and --eval-data "
+                               "evaluates")
+    if held_out and _given("val_fraction") and kw.get("val_data") is not None:
+        raise click.UsageError("--val-fraction does not apply with --val-data: the --val-data samples pick the "
+                               "checkpoint and every training sample trains")
+
+
 def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs: int | None = None):
     """The TrainConfig of ``training_options`` (popped from ``kw``); ``epochs``: instead of --epochs."""
     from onnxprune.train.distill import TrainConfig
@@ -1151,6 +1170,17 @@ def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
     require_torch()
     from onnxprune.train.api import finetune_files
 
+    if kw["teacher"] is None:   # plain fine-tuning on the labels: nothing to distil
+        if kw["feature_weight"] > 0:
+            raise click.UsageError("--feature-weight needs --teacher: the feature loss matches the teacher's outputs "
+                                   "of the rewritten layers")
+        if kw["train_layers"] == "rewritten":
+            raise click.UsageError("--train-layers rewritten needs --teacher: the rewritten weights are those that "
+                                   "differ from the teacher's")
+        if _given("label_weight") and kw["label_weight"] == 0:
+            raise click.UsageError("--label-weight 0 needs --teacher: without one the labels are all there is to "
+                                   "train on")
+    refuse_idle_training_flags(kw)
     preprocess = preprocess_dict(kw)
     config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
     result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
@@ -1253,6 +1283,7 @@ def coprune(output, as_json, verbose, quiet, **kw):
     from onnxprune.train.api import coprune_files
     from onnxprune.train.coprune import CoPruneConfig
 
+    refuse_idle_training_flags(kw)
     preprocess = preprocess_dict(kw)
     alphas = kw["alpha"]
     if len(alphas) == 1:  # one value: the default's three stages, so --alpha 0 trains as long as Co-Prune

@@ -229,3 +229,26 @@ def test_not_planned_rows_name_the_form_of_a_conv_offered_twice():
     lines = plan_lines({"plan": plan})
     assert any(line.startswith("  not planned: conv1 (low-rank, spatial): saves at most") for line in lines), lines
     assert any(line.startswith("  not planned: conv1 (low-rank, channel): saves at most") for line in lines), lines
+
+
+@pytest.mark.parametrize("args, words", [
+    (("finetune", MODEL, *TRAIN, "--feature-weight", "1"), ("--feature-weight needs --teacher",)),
+    (("finetune", MODEL, *TRAIN, "--train-layers", "rewritten"), ("--train-layers rewritten needs --teacher",)),
+    (("finetune", MODEL, *TRAIN, "--label-weight", "0"), ("--label-weight 0 needs --teacher",)),
+    (("finetune", MODEL, *TRAIN, "--teacher", MODEL, "--checkpoint", "last", "--patience", "3"),
+     ("--patience stops training early", "--checkpoint last")),
+    (("compress", MODEL, *TRAIN, "--finetune", "1", "--patience", "3"), ("--patience stops training early",)),
+    (("finetune", MODEL, *TRAIN, "--eval-data", MODEL.with_name("x.npz"), "--split", "0.3"),
+     ("--split does not apply with --eval-data",)),
+    (("finetune", MODEL, *TRAIN, "--val-data", MODEL.with_name("x.npz"), "--val-fraction", "0.2"),
+     ("--val-fraction does not apply with --val-data",)),
+    ((*COPRUNE, "--keep", "0.5", "--eval-data", MODEL.with_name("x.npz"), "--split", "0.3"),
+     ("--split does not apply with --eval-data",)),
+])
+def test_training_flags_that_cannot_act_are_usage_errors(tmp_path, args, words):
+    """A flag that would be ignored (no teacher to distil, no early stop when the last epoch is kept, no split
+    or fold beside the samples given for it) is a usage error naming it, before any work."""
+    pytest.importorskip("torch")
+    result = cli(*[tmp_path / "out" if a == "OUT" else a for a in args])
+    assert_usage_error(result, *words)
+    assert not list(tmp_path.iterdir())

@@ -536,3 +536,21 @@ def test_too_few_samples_left_to_train_after_the_checkpoint_fold_are_refused(tmp
     one_line_error(result, f"{f['tiny']} | leaves 0 of its 4 samples to train once --val-fraction 0.9 is held out",
                    "needs at least 4")
     assert not out.parent.exists()
+
+
+def test_unlabelled_checkpoint_samples_are_named(tmp_path):
+    """Without a teacher the labels are all there is: an unlabelled --val-data is the file named (not the labelled
+    --target-data); with a teacher, --label-weight on samples without labels is a warning in the output and report."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, train=(0, 60), val=(60, 90, "nolabels"), other=(90, 150))
+    out = tmp_path / "out" / "o.onnx"
+    base = ["finetune", str(LENET), "--target-data", str(f["train"]), "--val-data", str(f["val"]), "--eval-data",
+            str(f["other"]), "--epochs", "1", "--no-latency", "-o", str(out)]
+    one_line_error(CliRunner().invoke(main, base + ["-q"]), f"{f['val']} | has no labels and no teacher was given")
+    assert not out.parent.exists()
+    result = CliRunner().invoke(main, base + ["--teacher", str(LENET), "--label-weight", "1"])
+    assert result.exit_code == 0, result.output
+    warning = f"--label-weight 1: {f['val']} has no labels, so no cross-entropy is added"
+    assert warning in result.stderr
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert any(w.startswith(warning) for w in report["warnings"]) and report["finetune"]["labels"] is False

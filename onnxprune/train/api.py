@@ -155,6 +155,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
         "evaluation": held_out.describe(),
         "validation_before": before.to_dict(),
         "validation": after.to_dict(),
+        "warnings": list(train_report["warnings"]),
     }
     check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement)
     written = write_all([(output, functools.partial(save_model, tuned)),

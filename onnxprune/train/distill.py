@@ -210,12 +210,32 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
+        warnings: list[str] = []
         labels = samples.labels
+        # the set without labels when only one of the training samples and the checkpoint fold has them
+        unlabelled = None if labels is not None else samples
         if val_samples is not None and (labels is None) != (val_samples.labels is None):
             labels = None  # labels only where both sets have them
+            unlabelled = unlabelled or val_samples
         if teacher is None and labels is None:
+            if unlabelled is val_samples:
+                raise DataError(val_samples.name, "has no labels and no teacher was given: without a teacher the "
+                                "checkpoint fold (--val-data) is scored on labels",
+                                "pass --teacher ORIGINAL.onnx, labelled --val-data, or drop --val-data "
+                                "(--val-fraction of the training samples picks the checkpoint)")
             raise DataError(getattr(samples, "name", "samples"), "has no labels and no teacher was given",
                             "pass --teacher ORIGINAL.onnx (distillation) or labelled data (fine-tuning)")
+        if teacher is None and config.feature_weight > 0:
+            raise RecipeError("--feature-weight", "needs --teacher: the feature loss matches the teacher's outputs of "
+                              "the rewritten layers")
+        if teacher is None and config.train_layers == "rewritten":
+            raise RecipeError("--train-layers", "rewritten needs --teacher (the model the student came from)")
+        if labels is None and config.label_weight > 0:
+            warnings.append(f"--label-weight {config.label_weight:g}: {unlabelled.name} has no labels, so no "
+                            "cross-entropy is added (distillation only)"
+                            + (": labels count only where the checkpoint fold has them too"
+                               if unlabelled is val_samples else ""))
+            log.warning("%s", warnings[-1])
         if teacher is None and config.label_weight == 0:
             config = dataclasses.replace(config, label_weight=1.0)
         n = len(samples)
@@ -258,8 +278,6 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             if not taps:
                 log.warning("--feature-weight: no rewritten layer's output has the teacher's shape; outputs only")
         if config.train_layers == "rewritten":
-            if teacher is None:
-                raise RecipeError("--train-layers", "rewritten needs --teacher (the model the student came from)")
             changed = rewritten_weights(student, teacher)
             for name, param in module.named_weights().items():
                 param.requires_grad_(name in changed)
@@ -460,6 +478,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             "seconds": time.perf_counter() - started,
             "conversion_error": conversion_error,
             "export_error": export_error,
+            "warnings": warnings,
         }
         return tuned, report
     finally:
