@@ -1206,8 +1206,9 @@ def training_lines(report: dict) -> list[str]:
     ft = report["finetune"]
     before, after = report["validation_before"], report["validation"]
     ref = report.get("reference", "teacher")
+    untrained = ", the untrained student," if ft["best_epoch"] == 0 else ""
     lines = [(f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
-              f"(checkpoint: epoch {ft['best_epoch']} on {ft['val_samples']} held-out training samples; "
+              f"(checkpoint: epoch {ft['best_epoch']}{untrained} on {ft['val_samples']} held-out training samples; "
               f"stopped: {ft['stopped']})")]
     if after.get("accuracy_reference") is not None and report.get("teacher"):
         lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: {ref} "

@@ -554,3 +554,104 @@ def test_unlabelled_checkpoint_samples_are_named(tmp_path):
     assert warning in result.stderr
     report = json.loads(out.with_name("o.report.json").read_text())
     assert any(w.startswith(warning) for w in report["warnings"]) and report["finetune"]["labels"] is False
+
+
+@pytest.mark.parametrize("checkpoint", ["last", "auto"])
+def test_training_that_diverges_keeps_the_last_finite_weights(monkeypatch, checkpoint):
+    """A weight turned NaN in epoch 2 (the first step of it, here by hand) stops training there: the result is the
+    checkpoint so far (epoch 1 with "last"), finite, and the report and a warning say what happened."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.data.samples import open_samples
+    from onnxprune.train.distill import TrainConfig, finetune
+
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    x = np.random.default_rng(2).standard_normal((100, 8)).astype(np.float32)   # 90 train: 6 steps of 16
+    adam_step, steps = torch.optim.Adam.step, []
+
+    def step(self, *args, **kwargs):
+        result = adam_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 7:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    tuned, report = finetune(student, teacher, open_samples({"x": x}, student),
+                             config=TrainConfig(epochs=4, lr=1e-2, batch_size=16, patience=None, progress=False,
+                                                checkpoint=checkpoint))
+    assert report["diverged"] == 2 and len(report["curve"]) == 2 and len(steps) == 7
+    assert report["stopped"].startswith("diverged in epoch 2") and report["warnings"][0].startswith("training diverged")
+    if checkpoint == "last":
+        assert report["best_epoch"] == 1
+    weights = [numpy_helper.to_array(t) for t in tuned.graph.initializer]
+    assert all(np.isfinite(w).all() for w in weights)
+    assert np.isfinite(run_model(tuned, {"x": x})[0]).all()
+
+
+def test_a_diverged_finetune_writes_the_untrained_student_and_says_so(tmp_path):
+    """--lr 1e30: the first steps overflow; the output is the student as it came (finite), with a warning in the
+    output and the report instead of an all-NaN model that verify let through (max(0.0, nan) is 0.0)."""
+    pytest.importorskip("torch")
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    onnx.save(teacher, str(tmp_path / "t.onnx"))
+    onnx.save(student, str(tmp_path / "s.onnx"))
+    x = np.random.default_rng(4).standard_normal((130, 8)).astype(np.float32)
+    np.save(tmp_path / "train.npy", x[:100])
+    np.save(tmp_path / "eval.npy", x[100:])
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--teacher", str(tmp_path / "t.onnx"),
+                                       "--target-data", str(tmp_path / "train.npy"), "--eval-data",
+                                       str(tmp_path / "eval.npy"), "--epochs", "2", "--lr", "1e30", "--checkpoint",
+                                       "last", "--no-latency", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: training diverged in epoch 1" in result.stderr and "stopped: diverged in epoch 1" in result.stdout
+    report = json.loads(out.with_name("out.report.json").read_text())
+    assert report["finetune"]["diverged"] == 1 and report["warnings"][0].startswith("training diverged in epoch 1")
+    tuned = onnx.load(str(out))
+    for a, b in zip(tuned.graph.initializer, student.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_verify_fails_on_outputs_that_are_not_finite():
+    """NaN differences are failures, not 0 (max(0.0, nan) is 0.0): in onnxruntime (the model) or in torch only."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.errors import ModelError
+    from onnxprune.train.convert import to_torch, verify
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)}
+    model = mlp(0)
+    module = to_torch(model)
+    with torch.no_grad():
+        module.weight("w2").fill_(float("nan"))
+    with pytest.raises(ModelError, match="NaN or inf in the torch conversion"):
+        verify(model, module, feeds)
+    broken = mlp(0)
+    broken.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.full((4, 16), np.nan, np.float32), "w2"))
+    with pytest.raises(ModelError, match="NaN or inf in onnxruntime"):
+        verify(broken, to_torch(broken), feeds)
+
+
+def test_a_diverged_coprune_stops_and_says_so(tmp_path):
+    """Co-Prune at --lr 1e30: the weights overflow within two epochs; training stops there, keeps the checkpoint so
+    far and warns, instead of training every stage on NaN weights."""
+    pytest.importorskip("torch")
+    source, target = mlp(0), mlp(1, noise=0.3, base=0)
+    onnx.save(source, str(tmp_path / "s.onnx"))
+    onnx.save(target, str(tmp_path / "t.onnx"))
+    rng = np.random.default_rng(3)
+    xs, xt = rng.standard_normal((100, 8)).astype(np.float32), rng.standard_normal((100, 8)).astype(np.float32)
+    np.savez(tmp_path / "src.npz", x=xs, y=run_model(source, {"x": xs})[0].argmax(1))
+    np.savez(tmp_path / "tgt.npz", x=xt, y=run_model(target, {"x": xt})[0].argmax(1))
+    out = tmp_path / "pruned.onnx"
+    result = CliRunner().invoke(main, ["coprune", "--source-model", str(tmp_path / "s.onnx"), "--target-model",
+                                       str(tmp_path / "t.onnx"), "--source-data", str(tmp_path / "src.npz"),
+                                       "--target-data", str(tmp_path / "tgt.npz"), "--keep", "0.25", "--lr", "1e30",
+                                       "--max-epochs", "2", "--no-latency", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: training diverged in epoch" in result.stderr
+    report = json.loads(out.with_name("pruned.report.json").read_text())
+    diverged = report["coprune"]["diverged"]
+    assert diverged and len(report["coprune"]["curve"]) == diverged    # epochs 0 .. diverged - 1
+    assert report["warnings"][0].startswith(f"training diverged in epoch {diverged}")
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in onnx.load(str(out)).graph.initializer)

@@ -196,6 +196,7 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
         "nonzero_parameters": {"target": nonzero_parameters(target), "pruned": nonzero_parameters(pruned),
                                "total": count_parameters(pruned)},
         "validation": after.to_dict(),
+        "warnings": list(train_report["warnings"]),
     }
     write_all([(output, functools.partial(save_model, pruned)),
                (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n"))])

@@ -505,6 +505,12 @@ def verify(model: onnx.ModelProto, module: OnnxModule, feeds: dict[str, np.ndarr
             if not np.array_equal(r, o):
                 raise ModelError(module.name, f"output {name} differs between torch and onnxruntime")
             continue
+        if not np.isfinite(r).all():   # NaN compares false with every bound: never a passing difference
+            raise ModelError(module.name, f"output {name} is NaN or inf in onnxruntime on the training samples",
+                             "check the model's weights and the data's preprocessing (--mean, --std, --scale)")
+        if not np.isfinite(o).all():
+            raise ModelError(module.name, f"output {name} is NaN or inf in the torch conversion, finite in "
+                             "onnxruntime", "please report this model: an op is converted incorrectly")
         scale = max(float(np.abs(r).max()), 1e-6)
         worst = max(worst, float(np.abs(r.astype(np.float64) - o).max()) / scale)
     if worst > tol:

@@ -218,7 +218,11 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                       "val_accuracy": best["val_accuracy"]})
         bar = _progress(config.progress)
         epoch = 0
+        diverged = None  # the epoch in which a loss or a weight became NaN or inf
+        warnings: list[str] = []
         for stage, alpha in enumerate(config.alphas, start=1):
+            if diverged is not None:
+                break
             lr = config.lr
             for opt in (opt_t, opt_s):
                 if opt is not None:
@@ -235,6 +239,9 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                     update_masks(alpha)
                     out = head(net_t(**{k: torch.from_numpy(v[idx]) for k, v in xt.items()}))
                     loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(yt[idx]))
+                    if not torch.isfinite(loss):
+                        diverged = epoch
+                        break
                     opt_t.zero_grad(set_to_none=True)
                     loss.backward()
                     opt_t.step()
@@ -247,9 +254,21 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                         src_pos += len(idx)
                         out_s = head(net_s(**{k: torch.from_numpy(v[j]) for k, v in xs.items()}))
                         loss_s = torch.nn.functional.cross_entropy(out_s, torch.from_numpy(ys[j]))
+                        if not torch.isfinite(loss_s):
+                            diverged = epoch
+                            break
                         opt_s.zero_grad(set_to_none=True)
                         loss_s.backward()
                         opt_s.step()
+                nets = (net_t, net_s) if train_source else (net_t,)
+                if diverged is not None or not all(bool(torch.isfinite(p).all()) for net in nets
+                                                   for p in net.parameters()):
+                    diverged = epoch   # the best checkpoint so far (or the dense target's mask) is kept
+                    warnings.append(f"training diverged in epoch {epoch} (a loss or weight became NaN or inf; --lr "
+                                    f"{config.lr:g} may be too high): kept stage {best['stage']}, epoch "
+                                    f"{best['epoch']}")
+                    log.warning("%s", warnings[-1])
+                    break
                 update_masks(alpha)
                 train_loss = running / max(seen, 1)
                 val = accuracy(net_t, xt, yt, val_idx)
@@ -294,6 +313,8 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
             "kept_weights": int(sum(layer["kept"] for layer in layers)),
             "curve": curve,
             "best": {k: best[k] for k in ("epoch", "stage", "alpha", "val_accuracy")},
+            "diverged": diverged,
+            "warnings": warnings,
             "seconds": time.perf_counter() - started,
             "note": "unstructured sparsity: the pruned weights are zeros in dense tensors; dense runtimes "
                     "(onnxruntime CPU included) run no faster and the file is no smaller unless compressed",

@@ -411,6 +411,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         best_state = copy.deepcopy(module.state_dict())
         stale = 0
         stopped = "epochs"
+        diverged = None  # the epoch in which a loss or a weight became NaN or inf
         bar = _progress(config.progress)
         for epoch in range(1, config.epochs + 1):
             module.train()
@@ -420,20 +421,34 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             for idx in bar(batches, desc=f"epoch {epoch}/{config.epochs}"):
                 set_lr()
                 loss, _, _, _ = batch_loss(np.sort(idx), True)
+                if not torch.isfinite(loss):
+                    diverged = epoch
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 running += float(loss.detach()) * len(idx)
                 seen += len(idx)
-            row = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - started, **evaluate()}
+            if diverged is None and all(bool(torch.isfinite(p).all()) for p in params):
+                row = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - started, **evaluate()}
+                if not math.isfinite(row["val_loss"]):
+                    diverged = epoch
+            else:
+                diverged = epoch
+            if diverged is not None:   # the checkpoint so far (or the untrained student) is what is kept
+                stopped = (f"diverged in epoch {epoch} (a loss or weight became NaN or inf; --lr {config.lr:g} may be "
+                           f"too high): kept epoch {best_epoch}")
+                warnings.append(f"training {stopped}" + (", the untrained student" if best_epoch == 0 else ""))
+                log.warning("%s", warnings[-1])
+                break
             curve.append(row)
             log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             if config.checkpoint == "last" or score(row) > best_score:
                 best_score, best_epoch, stale = score(row), epoch, 0
-                # "last": the module is the checkpoint, no copy
-                best_state = None if config.checkpoint == "last" else copy.deepcopy(module.state_dict())
+                # "last" copies every epoch too: a later epoch that diverges falls back to it
+                best_state = copy.deepcopy(module.state_dict())
             else:
                 stale += 1
             if config.patience is not None and stale >= config.patience:
@@ -442,8 +457,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
                 stopped = f"time limit {config.max_seconds:.0f} s"
                 break
-        if best_state is not None:
-            module.load_state_dict(best_state)
+        module.load_state_dict(best_state)
         out_masks = None
         if masks:
             out_masks = {k: np.asarray(v, dtype=np.float32) for k, v in masks.items()}
@@ -475,6 +489,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             "checkpoint_by": "last epoch" if config.checkpoint == "last" else
                              "held-out output loss" if by_loss else "held-out agreement/accuracy",
             "stopped": stopped,
+            "diverged": diverged,
             "seconds": time.perf_counter() - started,
             "conversion_error": conversion_error,
             "export_error": export_error,
