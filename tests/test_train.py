@@ -655,3 +655,55 @@ def test_a_diverged_coprune_stops_and_says_so(tmp_path):
     assert diverged and len(report["coprune"]["curve"]) == diverged    # epochs 0 .. diverged - 1
     assert report["warnings"][0].startswith(f"training diverged in epoch {diverged}")
     assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in onnx.load(str(out)).graph.initializer)
+
+
+def with_fixed_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """``model`` with its batch dimension (inputs and outputs) fixed at ``batch``, as some exporters write it."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    return fixed
+
+
+def test_a_fixed_batch_model_trains_in_batches_of_its_size():
+    """A model whose batch dimension is fixed (3 here) trains, and is checked, in batches of 3: the last one filled
+    up by repeating a sample whose copies are cut off, so the result is the free-batch model's at --batch-size 3."""
+    pytest.importorskip("torch")
+    from onnxprune.data.samples import open_samples
+    from onnxprune.train.distill import TrainConfig, finetune
+
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    x = np.random.default_rng(2).standard_normal((41, 8)).astype(np.float32)    # 37 train, 4 in the fold: 1 left over
+    config = dict(epochs=2, lr=1e-2, patience=None, progress=False, checkpoint="last", augment=True)
+    free, free_report = finetune(student, teacher, open_samples({"x": x}, student),
+                                 config=TrainConfig(batch_size=3, **config))
+    fixed_student = with_fixed_batch(student, 3)
+    fixed, report = finetune(fixed_student, with_fixed_batch(teacher, 3), open_samples({"x": x}, fixed_student),
+                             config=TrainConfig(**config))
+    assert report["config"]["batch_size"] == 3 and report["train_samples"] == 37
+    for a, b in zip(fixed.graph.initializer, free.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
+    assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    assert [row["val_agreement"] for row in report["curve"]] == [row["val_agreement"] for row in free_report["curve"]]
+
+
+@pytest.mark.parametrize("command", ["finetune", "coprune"])
+def test_fixed_batch_lenet_trains_from_the_command_line(tmp_path, command):
+    """LeNet exported with input [1, 1, 28, 28]: the conversion check and the training run one sample a batch
+    (an internal error before: the check fed 8)."""
+    pytest.importorskip("torch")
+    model = tmp_path / "lenet_b1.onnx"
+    onnx.save(with_fixed_batch(onnx.load(str(LENET)), 1), str(model))
+    f = usps_files(tmp_path, train=(0, 20), other=(20, 40))
+    out = tmp_path / "o.onnx"
+    if command == "finetune":
+        args = ["finetune", model, "--teacher", model, "--epochs", "1"]
+    else:
+        args = ["coprune", "--source-model", model, "--target-model", model, "--source-data", f["other"],
+                "--keep", "0.5", "--max-epochs", "1", "--alpha", "0.5"]
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--target-data", str(f["train"]), "--eval-data",
+                                                                 str(f["other"]), "--no-latency", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert report[command]["config"]["batch_size"] == 1 and report["validation"]["samples"] == 20

@@ -489,9 +489,14 @@ def to_onnx(module: OnnxModule, *, masks: dict[str, np.ndarray] | None = None) -
 
 
 def verify(model: onnx.ModelProto, module: OnnxModule, feeds: dict[str, np.ndarray], *, tol: float = 1e-4) -> float:
-    """Max relative error of ``module`` against onnxruntime on ``feeds``; ModelError above ``tol``."""
-    from onnxprune.runtime import make_session
+    """Max relative error of ``module`` against onnxruntime on ``feeds``; ModelError above ``tol``.
+    A model with a fixed batch size is checked on that many of them (the last repeated when fewer)."""
+    from onnxprune.plan.suffix import fixed_batch_of
+    from onnxprune.runtime import fill_batch, make_session
 
+    fixed = fixed_batch_of(model)
+    if fixed is not None:
+        feeds = fill_batch({k: v[:fixed] for k, v in feeds.items()}, fixed)
     session = make_session(model, threads=2)
     ref = session.run(None, feeds)
     with torch.no_grad():

@@ -148,7 +148,8 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
     """Co-Prune ``target`` with the help of ``source``; returns (pruned target, report)."""
     torch = require_torch()
     from onnxprune.train.convert import to_onnx, to_torch, verify
-    from onnxprune.train.distill import MIN_TRAIN_SAMPLES, _progress, fold_size, load_arrays
+    from onnxprune.plan.suffix import fixed_batch_of
+    from onnxprune.train.distill import MIN_TRAIN_SAMPLES, _progress, fill_indices, fold_size, load_arrays
 
     started = time.perf_counter()
     for samples, flag in ((source_samples, "--source-data"), (target_samples, "--target-data")):
@@ -172,6 +173,10 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         names = list(net_t.maskable)
         if not names:
             raise ModelError("--target-model", "has no Conv/Gemm/MatMul weight to prune")
+        fixed = fixed_batch_of(target)   # a fixed batch dimension: every batch has exactly that many samples
+        if fixed is not None and fixed != config.batch_size:
+            log.info("--target-model takes batches of %d samples only: training in batches of %d", fixed, fixed)
+            config = dataclasses.replace(config, batch_size=fixed)
         xs, ys = load_arrays(source_samples), source_samples.labels.astype(np.int64)
         xt, yt = load_arrays(target_samples), target_samples.labels.astype(np.int64)
         verify(target, net_t, {k: v[:8] for k, v in xt.items()})
@@ -188,15 +193,18 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         src_order = rng.permutation(len(ys))
         src_pos = 0
 
-        def head(outputs):
-            return outputs[0]
+        def head(net, arrays, idx):
+            """``net``'s first output on the samples ``idx``; a fixed-batch model runs full batches (the
+            last sample repeated, the copies' outputs cut off)."""
+            full = fill_indices(idx, fixed)
+            return net(**{k: torch.from_numpy(v[full]) for k, v in arrays.items()})[0][:len(idx)]
 
         def accuracy(net, arrays, labels, idx) -> float:
             correct = 0
             with torch.no_grad():
-                for start in range(0, len(idx), 256):
-                    i = idx[start:start + 256]
-                    pred = head(net(**{k: torch.from_numpy(v[i]) for k, v in arrays.items()})).argmax(1).numpy()
+                for start in range(0, len(idx), fixed or 256):
+                    i = idx[start:start + (fixed or 256)]
+                    pred = head(net, arrays, i).argmax(1).numpy()
                     correct += int((pred == labels[i]).sum())
             return correct / max(len(idx), 1)
 
@@ -237,7 +245,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                 batches = [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
                 for idx in bar(batches, desc=f"stage {stage} (alpha {alpha:g}) epoch {stage_epochs}"):
                     update_masks(alpha)
-                    out = head(net_t(**{k: torch.from_numpy(v[idx]) for k, v in xt.items()}))
+                    out = head(net_t, xt, idx)
                     loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(yt[idx]))
                     if not torch.isfinite(loss):
                         diverged = epoch
@@ -252,7 +260,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                             src_order, src_pos = rng.permutation(len(ys)), 0
                         j = np.sort(src_order[src_pos:src_pos + len(idx)])
                         src_pos += len(idx)
-                        out_s = head(net_s(**{k: torch.from_numpy(v[j]) for k, v in xs.items()}))
+                        out_s = head(net_s, xs, j)
                         loss_s = torch.nn.functional.cross_entropy(out_s, torch.from_numpy(ys[j]))
                         if not torch.isfinite(loss_s):
                             diverged = epoch

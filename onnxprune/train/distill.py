@@ -106,15 +106,20 @@ def is_classifier(shape) -> bool:
 
 def teacher_outputs(teacher: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
     """The teacher's float outputs on every sample (onnxruntime, 2 threads)."""
-    from onnxprune.runtime import make_session
+    from onnxprune.plan.suffix import fixed_batch_of
+    from onnxprune.runtime import make_session, run_arrays
 
     session = make_session(teacher, threads=2)
-    n = len(next(iter(arrays.values())))
-    outs: list[list[np.ndarray]] = []
-    for start in range(0, n, batch_size):
-        res = session.run(None, {k: v[start:start + batch_size] for k, v in arrays.items()})
-        outs.append(res)
-    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+    return run_arrays(session, arrays, batch_size=batch_size, fixed_batch=fixed_batch_of(teacher))
+
+
+def fill_indices(idx: np.ndarray, size: int | None) -> np.ndarray:
+    """``idx`` with its last sample repeated up to ``size`` (a model's fixed batch; None: as it is).
+    The model computes every sample alone (normalisation in inference form), so the copies' outputs
+    are cut off and change nothing."""
+    if size is None or len(idx) >= size:
+        return idx
+    return np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))])
 
 
 def rewritten_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> set[str]:
@@ -156,10 +161,12 @@ class Teacher:
 
     def __init__(self, model: onnx.ModelProto, taps: list[str], threads: int):
         from onnxprune.model import clone
+        from onnxprune.plan.suffix import fixed_batch_of
         from onnxprune.runtime import make_session
 
         self.n_outputs = len(model.graph.output)
         self.taps = list(taps)
+        self.fixed_batch = fixed_batch_of(model)
         if taps:
             model = clone(model)
             for name in taps:
@@ -167,7 +174,10 @@ class Teacher:
         self.session = make_session(model, threads=threads)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        res = self.session.run(None, feeds)
+        from onnxprune.runtime import run_arrays
+
+        n = len(next(iter(feeds.values())))
+        res = run_arrays(self.session, feeds, batch_size=n, fixed_batch=self.fixed_batch)
         return res[:self.n_outputs], dict(zip(self.taps, res[self.n_outputs:]))
 
 
@@ -203,6 +213,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     ``val_fraction`` of ``samples``.
     """
     torch = require_torch()
+    from onnxprune.plan.suffix import fixed_batch_of
     from onnxprune.train.convert import to_onnx, to_torch, verify
 
     started = time.perf_counter()
@@ -238,6 +249,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             log.warning("%s", warnings[-1])
         if teacher is None and config.label_weight == 0:
             config = dataclasses.replace(config, label_weight=1.0)
+        fixed = fixed_batch_of(student)   # a fixed batch dimension: every batch has exactly that many samples
+        if fixed is not None and fixed != config.batch_size:
+            log.info("%s takes batches of %d samples only: training in batches of %d (not %d)", name, fixed, fixed,
+                     config.batch_size)
+            config = dataclasses.replace(config, batch_size=fixed)
         n = len(samples)
         if n < MIN_TRAIN_SAMPLES:
             raise DataError(samples.name, f"has {n} samples; recovery training needs at least {MIN_TRAIN_SAMPLES}")
@@ -267,10 +283,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         targets = teacher_outputs(teacher, arrays, 256) if teacher is not None and not per_step else None
         run_teacher = Teacher(teacher, taps, config.threads) if per_step else None
         module.taps = tuple(taps)
+        first = fill_indices(np.arange(min(fixed or 2, n)), fixed)
         with torch.no_grad():
-            probe = module(**{k: torch.from_numpy(v[:2]) for k, v in arrays.items()})
+            probe = module(**{k: torch.from_numpy(v[first]) for k, v in arrays.items()})
         if taps:  # keep the tensors whose shapes agree (a pruned layer's own output has fewer channels)
-            _, t_feats = run_teacher({k: v[:2] for k, v in arrays.items()})
+            _, t_feats = run_teacher({k: v[first] for k, v in arrays.items()})
             taps = [t for t in taps if tuple(module.tapped[t].shape) == t_feats[t].shape]
             module.taps = tuple(taps)
             run_teacher = Teacher(teacher, taps, config.threads)
@@ -314,10 +331,10 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
 
         T = config.temperature
 
-        def feature_loss(t_feats):
+        def feature_loss(t_feats, real: int):
             total = torch.zeros(())
             for name in taps:
-                s, t = module.tapped[name], t_feats[name]
+                s, t = module.tapped[name][:real], t_feats[name][:real]
                 total = total + torch.mean((s - t) ** 2) / (float(t.var()) + 1e-12)
             return total / max(len(taps), 1)
 
@@ -335,27 +352,31 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             return total
 
         def batch_loss(idx, train: bool):
+            real = len(idx)   # a fixed-batch model runs full batches: the copies filling one up are cut off
+            idx = fill_indices(idx, fixed)
             feeds = batch_inputs(idx, train)
-            outs = module(**feeds)
+            outs = [o[:real] for o in module(**feeds)]
             loss = torch.zeros(())
             t_outs, features = None, None
             if teacher is not None:
                 t_outs, t_feats = teacher_batch(idx, feeds)
+                t_outs = [t[:real] for t in t_outs]
                 loss = loss + distill_loss(outs, t_outs)
             if labels is not None and config.label_weight > 0:
-                y = torch.from_numpy(labels[idx].astype(np.int64))
+                y = torch.from_numpy(labels[idx[:real]].astype(np.int64))
                 loss = loss + config.label_weight * torch.nn.functional.cross_entropy(outs[head], y)
             if taps:
-                features = config.feature_weight * feature_loss(t_feats)
+                features = config.feature_weight * feature_loss(t_feats, real)
             total = loss if features is None else loss + features
             return total, outs, t_outs, loss
 
         def evaluate() -> dict:
             module.eval()
             losses, output_losses, agree, correct, count = 0.0, 0.0, 0, 0, 0
+            size = fixed or max(config.batch_size, 128)
             with torch.no_grad():
-                for start in range(0, len(val_idx), max(config.batch_size, 128)):
-                    idx = val_idx[start:start + max(config.batch_size, 128)]
+                for start in range(0, len(val_idx), size):
+                    idx = val_idx[start:start + size]
                     loss, outs, t_outs, output_loss = batch_loss(idx, False)
                     losses += float(loss) * len(idx)
                     output_losses += float(output_loss) * len(idx)
