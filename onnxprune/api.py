@@ -177,6 +177,16 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                            measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                            metric=recipe.metric)
     warnings = list(validation.warnings) + collapse_warnings(validation, held_out) + plan_warnings(planning)
+    if finetune is not None:
+        from onnxprune.train.api import worse_after_training
+
+        refit = report["finetune"]["refit"]
+        worse = worse_after_training(report["validation_before_finetune"], validation.to_dict(),
+                                     "the output is the distilled model all the same, since the plan was chosen "
+                                     "(and the epoch kept) without looking at these samples; fewer --finetune "
+                                     "epochs or a lower --lr may do better"
+                                     + (", or --no-finetune-refit" if refit else ""))
+        warnings += [worse] if worse else []
     for warning in warnings:
         log.warning("%s", warning)
     warnings = label_notes + (report.get("finetune") or {}).get("warnings", []) + warnings   # logged already

@@ -707,3 +707,26 @@ def test_fixed_batch_lenet_trains_from_the_command_line(tmp_path, command):
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_name("o.report.json").read_text())
     assert report[command]["config"]["batch_size"] == 1 and report["validation"]["samples"] == 20
+
+
+def test_training_that_ends_below_the_untrained_model_is_a_warning(tmp_path):
+    """compress --finetune whose distilled model scores below the untrained plan on the held-out samples says so
+    (here an --lr of 1 wrecks the weights); the output stays the distilled model: the held-out samples only judge."""
+    pytest.importorskip("torch")
+    from onnxprune.train.api import worse_after_training
+
+    assert worse_after_training({"accuracy_candidate": 0.75, "agreement": 0.99}, {"accuracy_candidate": 0.74,
+                                "agreement": 0.995, "samples": 100}, "R").startswith(
+        "training did not help on the 100 held-out samples: top-1 accuracy 74.00% after, 75.00% before it; R")
+    assert worse_after_training({"accuracy_candidate": None, "agreement": 0.9},
+                                {"accuracy_candidate": None, "agreement": 0.9, "samples": 100}, "R") is None
+    f = usps_files(tmp_path, data=(0, 300))
+    out = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(LENET), "--target-data", str(f["data"]), "--keep", "0.5",
+                                       "--allocation", "global", "--calib-size", "100", "--finetune", "1", "--lr", "1",
+                                       "--checkpoint", "last", "--no-latency", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: training did not help on the 150 held-out samples: top-1 accuracy" in result.stderr
+    report = json.loads(out.with_name("small.report.json").read_text())
+    assert any(w.startswith("training did not help") for w in report["warnings"])
+    assert report["validation"]["accuracy_candidate"] < report["validation_before_finetune"]["accuracy_candidate"]

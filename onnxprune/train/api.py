@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from onnxprune.model import jsonable, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
 from onnxprune.validate import check_threshold_values
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -85,6 +88,19 @@ def check_training_outputs(output, companions, model, others: dict) -> Path:
     files = [output, output.with_name(output.name + ".data"), report_path(output)] + [f(output) for f in companions]
     check_outputs(files, inputs)
     return output
+
+
+def worse_after_training(before: dict, after: dict, remedy: str) -> str | None:
+    """A warning when the trained model scores below the untrained one on the held-out samples
+    (validation dicts against the same reference: top-1 accuracy with labels, else agreement with
+    the reference), or None. They are not picked between: the held-out samples only evaluate."""
+    key, what = ("accuracy_candidate", "top-1 accuracy") if after.get("accuracy_candidate") is not None \
+        and before.get("accuracy_candidate") is not None else ("agreement", "agreement")
+    b, a = before.get(key), after.get(key)
+    if a is None or b is None or not a < b:
+        return None
+    return (f"training did not help on the {after['samples']} held-out samples: {what} {100 * a:.2f}% after, "
+            f"{100 * b:.2f}% before it; {remedy}")
 
 
 def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_out, *, config,
@@ -157,6 +173,12 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
         "validation": after.to_dict(),
         "warnings": list(train_report["warnings"]),
     }
+    worse = worse_after_training(report["validation_before"], report["validation"],
+                                 "the checkpoint fold picked this epoch: fewer epochs, a lower --lr or a larger fold "
+                                 "(--val-fraction, --val-data) may do better")
+    if worse:
+        log.warning("%s", worse)
+        report["warnings"].append(worse)
     check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement)
     written = write_all([(output, functools.partial(save_model, tuned)),
                          (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n")),
