@@ -112,6 +112,10 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
     check_layer_names(original, recipe)
+    if finetune is not None:
+        from onnxprune.train.api import model_name
+
+        trained_name = model_name(model, "model")   # an op training cannot convert is the original's
     samples, held_out, eval_source, train_set, val_fold = compress_samples(
         original, recipe, target_data, source_data, eval_data,
         checkpoint_fraction=None if finetune is None else finetune.val_fraction)
@@ -135,7 +139,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         search = None
         if finetune is not None and goal.get("max_drop") is not None:
             search = functools.partial(recovery_search, teacher=original, train=train_set, fold=val_fold,
-                                       config=finetune, options=recovery)
+                                       config=finetune, options=recovery, name=trained_name)
         try:
             original, recipe, provider, planning, trained = plan_recipe(
                 original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=search,
@@ -169,7 +173,7 @@ def compress(model, target_data, *, recipe: Recipe, output: str | os.PathLike | 
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
             original, compressed, train_set.join(val_fold) if refit else train_set, held_out, config=finetune,
             batch_size=recipe.batch_size, device=device, val=val_fold,
-            trained=None if trained is None or refit else (trained.model, trained.training))
+            trained=None if trained is None or refit else (trained.model, trained.training), name=trained_name)
         report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
@@ -641,10 +645,11 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
 
 
 def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProto, train: SampleSet, fold: SampleSet,
-                    config, options: RecoveryOptions):
+                    config, options: RecoveryOptions, name: str = "student"):
     """The ``RecoverySearch`` of ``compress --max-drop --finetune``: candidates compressed on every
     calibration statistic of ``planner`` by ``recipe`` (its passes replaced), distilled from
-    ``teacher`` on ``train`` (checkpoint and search scored on ``fold``)."""
+    ``teacher`` on ``train`` (checkpoint and search scored on ``fold``); ``name``: what errors call
+    a candidate."""
     from onnxprune.plan.recovery import RecoverySearch
     from onnxprune.train.distill import finetune
 
@@ -653,7 +658,7 @@ def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProt
                             planner.provider)
 
     def distil(model):
-        return finetune(model, teacher, train, config=config, val_samples=fold)
+        return finetune(model, teacher, train, config=config, val_samples=fold, name=name)
 
     return RecoverySearch(planner, build=build, train=distil, fold=fold, options=options)
 

@@ -1183,11 +1183,20 @@ def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
     refuse_idle_training_flags(kw)
     preprocess = preprocess_dict(kw)
     config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
-    result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
-                            val_data=kw["val_data"],
-                            split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
-                            measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
-                            min_agreement=kw["min_agreement"])
+    try:
+        result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
+                                val_data=kw["val_data"],
+                                split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
+                                measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
+                                min_agreement=kw["min_agreement"])
+    except ValidationFailed as exc:     # exit 3: what training did (as on success), then the one-line verdict
+        report = getattr(exc, "report", None)
+        if report is not None and as_json:
+            click.echo(json.dumps(api_jsonable(report), indent=2))
+        elif report is not None:
+            for line in training_lines(report):
+                click.echo(line)
+        raise
     if as_json:
         click.echo(json.dumps(api_jsonable(result.report), indent=2))
         return

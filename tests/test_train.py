@@ -730,3 +730,51 @@ def test_training_that_ends_below_the_untrained_model_is_a_warning(tmp_path):
     report = json.loads(out.with_name("small.report.json").read_text())
     assert any(w.startswith("training did not help") for w in report["warnings"])
     assert report["validation"]["accuracy_candidate"] < report["validation_before_finetune"]["accuracy_candidate"]
+
+
+def with_softplus(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with Relu replaced by Softplus, an op the training converter lacks."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    for node in changed.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Softplus"
+    return changed
+
+
+def test_finetune_report_exit_3_and_unsupported_ops_name_what_the_user_gave(tmp_path):
+    """The written report holds curve_png; exit 3 prints the training summary and a training hint (not compress's);
+    an op the converter lacks is named with the model file, not "student"/"source"."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    for name, model in (("t", teacher), ("s", student), ("soft", with_softplus(student))):
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+    x = np.random.default_rng(4).standard_normal((130, 8)).astype(np.float32)
+    np.savez(tmp_path / "train.npz", x=x[:100], y=run_model(teacher, {"x": x[:100]})[0].argmax(1))
+    np.savez(tmp_path / "eval.npz", x=x[100:], y=run_model(teacher, {"x": x[100:]})[0].argmax(1))
+    out = tmp_path / "out" / "o.onnx"
+
+    def finetune(model, *flags):
+        return CliRunner().invoke(main, ["finetune", str(tmp_path / model), "--teacher", str(tmp_path / "t.onnx"),
+                                         "--target-data", str(tmp_path / "train.npz"), "--eval-data",
+                                         str(tmp_path / "eval.npz"), "--epochs", "1", "--no-latency", "-o", str(out),
+                                         *flags])
+
+    result = finetune("s.onnx")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert report["curve_png"] == str(out.with_name("o.curve.png")) and out.with_name("o.curve.png").exists()
+    missed = finetune("s.onnx", "--max-drop", "0", "-o", str(tmp_path / "missed.onnx"))
+    assert missed.exit_code == 3, missed.output
+    assert missed.stdout.startswith("trained 1 epochs") and "top-1 accuracy on 30 evaluation samples" in missed.stdout
+    assert "Hint: train longer (--epochs)" in missed.stderr and "compress less aggressively" not in missed.stderr
+    assert not list(tmp_path.glob("missed*"))
+    one_line_error(finetune("soft.onnx", "-q", "-o", str(tmp_path / "soft_out.onnx")),
+                   f"{tmp_path / 'soft.onnx'} | op(s) Softplus are not supported by the training converter")
+    coprune = CliRunner().invoke(main, ["coprune", "--source-model", str(tmp_path / "soft.onnx"), "--target-model",
+                                        str(tmp_path / "soft.onnx"), "--source-data", str(tmp_path / "eval.npz"),
+                                        "--target-data", str(tmp_path / "train.npz"), "--keep", "0.5", "-q",
+                                        "-o", str(tmp_path / "soft_out.onnx")])
+    one_line_error(coprune, f"{tmp_path / 'soft.onnx'} | op(s) Softplus are not supported")
+    assert not list(tmp_path.glob("soft_out*"))

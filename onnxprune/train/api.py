@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from onnxprune.errors import DataError
+from onnxprune.errors import DataError, ValidationFailed
 from onnxprune.model import jsonable, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
@@ -27,6 +28,15 @@ class TrainResult:
     model: onnx.ModelProto
     report: dict[str, Any]
     output: Path | None
+
+
+#: the hint of finetune's exit 3
+TRAINING_REMEDY = "train longer (--epochs) or on more samples, or start from a less compressed student"
+
+
+def model_name(model, default: str) -> str:
+    """What errors call a model: its file, or ``default`` for a model given in memory."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else default
 
 
 def report_path(output: Path) -> Path:
@@ -105,17 +115,19 @@ def worse_after_training(before: dict, after: dict, remedy: str) -> str | None:
 
 def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_out, *, config,
             batch_size: int = 32, device: str = "cpu", progress: bool = False,
-            val=None, trained: tuple[onnx.ModelProto, dict] | None = None) -> tuple[onnx.ModelProto, dict, dict]:
+            val=None, trained: tuple[onnx.ModelProto, dict] | None = None,
+            name: str = "student") -> tuple[onnx.ModelProto, dict, dict]:
     """Distil ``original`` into ``compressed`` on ``train`` (checkpoint on ``val`` when given: best
     samples that did not calibrate the compression); (model, training report, validation before).
-    ``trained``: (model, training report) of a distillation already run (``plan.recovery``)."""
+    ``trained``: (model, training report) of a distillation already run (``plan.recovery``);
+    ``name``: what errors call the model (the file it came from)."""
     from onnxprune.train.distill import finetune
     from onnxprune.validate import validate
 
     require_torch()
     before = validate(original, compressed, held_out, batch_size=batch_size, device=device,
                       measure_latency=False, progress=False)
-    tuned, report = trained or finetune(compressed, original, train, config=config, val_samples=val)
+    tuned, report = trained or finetune(compressed, original, train, config=config, val_samples=val, name=name)
     return tuned, report, before.to_dict()
 
 
@@ -160,7 +172,8 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     reference = teacher_model if teacher_model is not None else student_model
     before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
                       measure_latency=False, progress=False)
-    tuned, train_report = finetune(student_model, teacher_model, train, config=config, val_samples=val)
+    tuned, train_report = finetune(student_model, teacher_model, train, config=config, val_samples=val,
+                                   name=model_name(student, "student"))
     after = validate(reference, tuned, held_out, batch_size=config.batch_size, device=device,
                      measure_latency=measure_latency, progress=progress)
     report = {
@@ -179,11 +192,15 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     if worse:
         log.warning("%s", worse)
         report["warnings"].append(worse)
-    check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement)
-    written = write_all([(output, functools.partial(save_model, tuned)),
-                         (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n")),
-                         (curve_path(output), functools.partial(plot_curve, train_report))])
-    report["curve_png"] = str(curve_path(output)) if curve_path(output) in written else None   # no matplotlib: none
+    try:
+        check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement, remedy=TRAINING_REMEDY)
+    except ValidationFailed as exc:
+        exc.report = report     # the command prints what training did; nothing is written
+        raise
+    report["curve_png"] = str(curve_path(output)) if importlib.util.find_spec("matplotlib") else None  # no figure
+    write_all([(output, functools.partial(save_model, tuned)),
+               (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n")),
+               (curve_path(output), functools.partial(plot_curve, train_report))])
     return TrainResult(tuned, report, output)
 
 
@@ -208,7 +225,9 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     source_samples = as_samples(source_data, source, preprocess)
     check_labels(target, (train, held_out), batch_size=config.batch_size, device=device)
     check_labels(source, (source_samples,), batch_size=config.batch_size, device=device)
-    pruned, train_report = coprune(source, target, source_samples, train, config=config)
+    pruned, train_report = coprune(source, target, source_samples, train, config=config,
+                                   names=(model_name(source_model, "--source-model"),
+                                          model_name(target_model, "--target-model")))
     after = validate(target, pruned, held_out, batch_size=max(config.batch_size, 64), device=device,
                      measure_latency=measure_latency, progress=False)
     report = {
