@@ -720,6 +720,10 @@ def test_training_that_ends_below_the_untrained_model_is_a_warning(tmp_path):
         "training did not help on the 100 held-out samples: top-1 accuracy 74.00% after, 75.00% before it; R")
     assert worse_after_training({"accuracy_candidate": None, "agreement": 0.9},
                                 {"accuracy_candidate": None, "agreement": 0.9, "samples": 100}, "R") is None
+    # agreement with the untrained student itself (finetune without a teacher) is 100 % before by definition
+    assert worse_after_training({"accuracy_candidate": None, "agreement": 1.0},
+                                {"accuracy_candidate": None, "agreement": 0.8, "samples": 100}, "R",
+                                agreement=False) is None
     f = usps_files(tmp_path, data=(0, 300))
     out = tmp_path / "small.onnx"
     result = CliRunner().invoke(main, ["compress", str(LENET), "--target-data", str(f["data"]), "--keep", "0.5",

@@ -100,12 +100,17 @@ def check_training_outputs(output, companions, model, others: dict) -> Path:
     return output
 
 
-def worse_after_training(before: dict, after: dict, remedy: str) -> str | None:
+def worse_after_training(before: dict, after: dict, remedy: str, *, agreement: bool = True) -> str | None:
     """A warning when the trained model scores below the untrained one on the held-out samples
     (validation dicts against the same reference: top-1 accuracy with labels, else agreement with
-    the reference), or None. They are not picked between: the held-out samples only evaluate."""
-    key, what = ("accuracy_candidate", "top-1 accuracy") if after.get("accuracy_candidate") is not None \
-        and before.get("accuracy_candidate") is not None else ("agreement", "agreement")
+    the reference unless ``agreement`` is False: a reference that is the untrained model itself), or
+    None. They are not picked between: the held-out samples only evaluate."""
+    if after.get("accuracy_candidate") is not None and before.get("accuracy_candidate") is not None:
+        key, what = "accuracy_candidate", "top-1 accuracy"
+    elif agreement:
+        key, what = "agreement", "agreement"
+    else:
+        return None
     b, a = before.get(key), after.get(key)
     if a is None or b is None or not a < b:
         return None
@@ -188,7 +193,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     }
     worse = worse_after_training(report["validation_before"], report["validation"],
                                  "the checkpoint fold picked this epoch: fewer epochs, a lower --lr or a larger fold "
-                                 "(--val-fraction, --val-data) may do better")
+                                 "(--val-fraction, --val-data) may do better", agreement=teacher_model is not None)
     if worse:
         log.warning("%s", worse)
         report["warnings"].append(worse)
@@ -226,8 +231,8 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     check_labels(target, (train, held_out), batch_size=config.batch_size, device=device)
     check_labels(source, (source_samples,), batch_size=config.batch_size, device=device)
     pruned, train_report = coprune(source, target, source_samples, train, config=config,
-                                   names=(model_name(source_model, "--source-model"),
-                                          model_name(target_model, "--target-model")))
+                                   model_names=(model_name(source_model, "--source-model"),
+                                                model_name(target_model, "--target-model")))
     after = validate(target, pruned, held_out, batch_size=max(config.batch_size, 64), device=device,
                      measure_latency=measure_latency, progress=False)
     report = {

@@ -144,9 +144,10 @@ def cooperative_masks(torch, w_s: dict, w_t: dict, alpha: float, counts, fusion:
 
 
 def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, target_samples, *,
-            config: CoPruneConfig, names: tuple[str, str] = ("source", "target")) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Co-Prune ``target`` with the help of ``source``; returns (pruned target, report). ``names``:
-    what errors call the two models (their files)."""
+            config: CoPruneConfig, model_names: tuple[str, str] = ("source", "target")
+            ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Co-Prune ``target`` with the help of ``source``; returns (pruned target, report).
+    ``model_names``: what errors call the two models (their files)."""
     torch = require_torch()
     from onnxprune.train.convert import to_onnx, to_torch, verify
     from onnxprune.plan.suffix import fixed_batch_of
@@ -166,7 +167,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     try:
-        net_s, net_t = to_torch(source, name=names[0]), to_torch(target, name=names[1])
+        net_s, net_t = to_torch(source, name=model_names[0]), to_torch(target, name=model_names[1])
         if net_s.maskable != net_t.maskable or any(
                 net_s.weight(k).shape != net_t.weight(k).shape for k in net_t.maskable):
             raise ModelError("--source-model", "does not have the target model's architecture (weight names and "
