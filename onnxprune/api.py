@@ -136,12 +136,17 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
     check_layer_names(original, recipe)
+    if finetune is not None:
+        from onnxprune.train.api import model_name
+
+        trained_name = model_name(model, "model")   # an op training cannot convert is the original's
     samples, held_out, eval_source, train_set, val_fold = compress_samples(
         original, recipe, target_data, source_data, eval_data,
         checkpoint_fraction=None if finetune is None else finetune.val_fraction)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
+    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device,
+                                                  others=(train_set, val_fold))) else []
     if note:
         log.warning("%s", note)
         samples["target"], held_out = samples["target"].without_labels(), held_out.without_labels()
@@ -158,7 +163,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         search = None
         if finetune is not None and goal.get("max_drop") is not None:
             search = functools.partial(recovery_search, teacher=original, train=train_set, fold=val_fold,
-                                       config=finetune, options=recovery)
+                                       config=finetune, options=recovery, name=trained_name)
         try:
             original, recipe, provider, planning, trained = plan_recipe(
                 original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=search,
@@ -192,7 +197,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
             original, compressed, train_set.join(val_fold) if refit else train_set, held_out, config=finetune,
             batch_size=recipe.batch_size, device=device, val=val_fold,
-            trained=None if trained is None or refit else (trained.model, trained.training))
+            trained=None if trained is None or refit else (trained.model, trained.training), name=trained_name)
         report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections)
@@ -201,9 +206,19 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
                            measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                            metric=recipe.metric)
     warnings = list(validation.warnings) + collapse_warnings(validation, held_out) + plan_warnings(planning)
+    if finetune is not None:
+        from onnxprune.train.api import worse_after_training
+
+        refit = report["finetune"]["refit"]
+        worse = worse_after_training(report["validation_before_finetune"], validation.to_dict(),
+                                     "the output is the distilled model all the same, since the plan was chosen "
+                                     "(and the epoch kept) without looking at these samples; fewer --finetune "
+                                     "epochs or a lower --lr may do better"
+                                     + (", or --no-finetune-refit" if refit else ""))
+        warnings += [worse] if worse else []
     for warning in warnings:
         log.warning("%s", warning)
-    warnings = label_notes + warnings
+    warnings = label_notes + (report.get("finetune") or {}).get("warnings", []) + warnings   # logged already
     report["validation"] = validation.to_dict()
     report["warnings"] = warnings
     report["recipe"] = recipe.to_dict()
@@ -223,24 +238,25 @@ LABEL_PROBE = 128
 
 
 def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSet, recipe: Recipe, *,
-                 device: str = "cpu") -> str | None:
+                 device: str = "cpu", others: tuple[SampleSet | None, ...] = ()) -> str | None:
     """Why the labels cannot measure this classifier, or None: the original scores near chance on
     the calibration samples (on at most ``LABEL_PROBE`` of them), so the labels are in another
     class order or the model does not read the data as it should; every goal is then better
-    judged by agreement with the original. Labels outside the model's classes are a DataError:
-    no answer of the model can match them."""
+    judged by agreement with the original. Labels outside the model's classes (in ``calib``,
+    ``held_out`` or ``others``, e.g. the training samples) are a DataError: no answer of the
+    model can match them."""
     from onnxprune import embedding
     from onnxprune.plan.planner import model_outputs
     from onnxprune.validate import chance_accuracy, data_flags, near_chance
 
     if calib.labels is None or embedding.output_kind(original, metric=recipe.metric) != "classes":
         return None
-    probe = calib.subset(np.linspace(0, len(calib) - 1, min(len(calib), LABEL_PROBE)).round().astype(int))
+    probe = label_probe(calib)
     outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device)
     classes = outputs.shape[-1] if outputs.ndim == 2 else None
+    check_label_range((calib, held_out, *others), classes)
     if classes is None:
         return None
-    check_label_range((calib, held_out), classes)
     accuracy = float(np.mean(outputs.argmax(axis=1) == probe.labels))
     if not near_chance(accuracy, probe.labels):
         return None
@@ -251,11 +267,18 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
             "set aside and every goal is judged by agreement with the original")
 
 
-def check_label_range(sample_sets, classes: int) -> None:
-    """Labels outside the model's ``classes`` are a DataError: no answer of the model can match them."""
+def label_probe(samples: SampleSet) -> SampleSet:
+    """At most ``LABEL_PROBE`` samples spread over ``samples``: the original runs on them to learn
+    its classes (and, in ``label_misfit``, how well it scores on the labels)."""
+    return samples.subset(np.linspace(0, len(samples) - 1, min(len(samples), LABEL_PROBE)).round().astype(int))
+
+
+def check_label_range(sample_sets, classes: int | None) -> None:
+    """A DataError naming the first of ``sample_sets`` (None: skipped) whose labels lie outside
+    the model's ``classes`` (0..classes-1; None: the model has no class axis, nothing to check)."""
     for sample_set in sample_sets:
-        labels = sample_set.labels
-        if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        labels = None if sample_set is None else sample_set.labels
+        if classes is not None and labels is not None and (labels.min() < 0 or labels.max() >= classes):
             raise DataError(sample_set.name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model "
                             f"answers with {classes} classes (0..{classes - 1})",
                             "check the labels (y, labels.csv, class folders), or leave them out to measure "
@@ -277,12 +300,9 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     """
     target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
     if eval_data is not None:
-        from onnxprune.paths import same_file
-
-        if _is_path(eval_data) and _is_path(target_data) and same_file(Path(eval_data), Path(target_data)):
-            raise DataError(str(eval_data), "is the --target-data file, which calibrates in full when --eval-data "
-                            "is given: accuracy on it would not be held out",
-                            "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
+        refuse_same_file(eval_data, target_data, "--target-data", "which calibrates in full when --eval-data is "
+                         "given: accuracy on it would not be held out",
+                         "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
         calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess,
                                                           mask=recipe.mask_input), eval_data
     else:
@@ -295,6 +315,16 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
         samples["source"] = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input),
                                 recipe.calib_size, seed=recipe.seed)
     return samples, held_out, eval_source, calib, val_fold
+
+
+def refuse_same_file(data, other, other_flag: str, problem: str, hint: str) -> None:
+    """A DataError when the file or folder ``data`` is ``other`` (given as ``other_flag``), however
+    spelled (links, ``..``): e.g. --eval-data that is the --target-data file, so its samples would not
+    be held out. Data given as arrays or readers is not compared."""
+    from onnxprune.paths import same_file
+
+    if _is_path(data) and _is_path(other) and same_file(Path(data), Path(other)):
+        raise DataError(str(data), f"is the {other_flag} file, {problem}", hint)
 
 
 def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.ModelProto, samples: dict,
@@ -690,10 +720,11 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
 
 
 def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProto, train: SampleSet, fold: SampleSet,
-                    config, options: RecoveryOptions):
+                    config, options: RecoveryOptions, name: str = "student"):
     """The ``RecoverySearch`` of ``compress --max-drop --finetune``: candidates compressed on every
     calibration statistic of ``planner`` by ``recipe`` (its passes replaced), distilled from
-    ``teacher`` on ``train`` (checkpoint and search scored on ``fold``)."""
+    ``teacher`` on ``train`` (checkpoint and search scored on ``fold``); ``name``: what errors call
+    a candidate."""
     from onnxprune.plan.recovery import RecoverySearch
     from onnxprune.train.distill import finetune
 
@@ -702,7 +733,7 @@ def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProt
                             planner.provider)
 
     def distil(model):
-        return finetune(model, teacher, train, config=config, val_samples=fold)
+        return finetune(model, teacher, train, config=config, val_samples=fold, name=name)
 
     return RecoverySearch(planner, build=build, train=distil, fold=fold, options=options)
 

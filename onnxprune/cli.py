@@ -18,6 +18,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -38,12 +39,26 @@ log = logging.getLogger("onnxprune")
 #: exit code after Ctrl-C (128 + SIGINT, as shells report it)
 INTERRUPTED_EXIT_CODE = 130
 
+
+class FiniteRange(click.FloatRange):
+    """A click.FloatRange that refuses nan and inf as well (nan compares false with every bound,
+    so click.FloatRange lets it through; inf passes a range open above)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 #: a fraction in (0, 1]: budgets and retention ratios
-FRACTION = click.FloatRange(0, 1, min_open=True)
+FRACTION = FiniteRange(0, 1, min_open=True)
 #: a fraction in (0, 1): splits of the data, held-out folds
-OPEN_FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
+OPEN_FRACTION = FiniteRange(0, 1, min_open=True, max_open=True)
 #: a number > 0: learning rates, temperatures, times
-POSITIVE = click.FloatRange(min=0, min_open=True)
+POSITIVE = FiniteRange(min=0, min_open=True)
+#: a number >= 0: loss weights, reserves
+NON_NEGATIVE = FiniteRange(min=0)
 
 
 class NumberList(click.ParamType):
@@ -410,7 +425,7 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
         click.option("--lr", type=POSITIVE, default=lr, show_default=True, help="Adam learning rate (cosine schedule)."),
         click.option("--temperature", type=POSITIVE, default=4.0, show_default=True,
                      help="Distillation temperature for classifier outputs."),
-        click.option("--label-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--label-weight", type=NON_NEGATIVE, default=0.0, show_default=True,
                      help="Cross-entropy weight when the data has labels (1 without --teacher)."),
         click.option("--augment", is_flag=True, help="Random crop with padding (+ horizontal flip for RGB images)."),
         click.option("--patience", type=click.IntRange(min=1), default=patience, show_default=patience is not None,
@@ -423,7 +438,7 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
         click.option("--max-minutes", type=POSITIVE, help="Stop after the epoch that passes this wall time."),
         click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
                      help="torch CPU threads (more can be much slower on a shared machine)."),
-        click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--feature-weight", type=NON_NEGATIVE, default=0.0, show_default=True,
                      help="Weight of the feature loss: relative MSE between the student's and the teacher's "
                           "outputs of every rewritten layer (same name and shape); 0 matches final outputs only."),
         click.option("--train-layers", type=click.Choice(["all", "rewritten"]), default="all", show_default=True,
@@ -544,7 +559,7 @@ def calibration_options(func):
                    "The training options below apply.")
 @click.option("--finetune-trials", type=click.IntRange(min=1), default=3, show_default=True,
               help="With --finetune and --max-drop: plans distilled at most (each a whole training).")
-@click.option("--finetune-margin", type=click.FloatRange(min=0),
+@click.option("--finetune-margin", type=NON_NEGATIVE,
               help="With --finetune and --max-drop: standard errors kept in reserve below --max-drop, of the "
                    "difference between a distilled plan's checkpoint-fold drop and the held-out evaluation "
                    "(default: --margin's).")
@@ -596,6 +611,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
             kw["val_fraction"] = SEARCH_FOLD if searching else TrainConfig.val_fraction
         if kw["checkpoint"] is None:
             kw["checkpoint"] = "last" if searching else TrainConfig.checkpoint
+        refuse_idle_training_flags(kw, held_out=False)   # compress's --split beside --eval-data is its own matter
         finetune = train_config(kw, batch_size=TrainConfig.batch_size, seed=kw["seed"], progress=show_progress(quiet),
                                 epochs=kw["finetune_epochs"])
     else:
@@ -1105,6 +1121,24 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
     check_thresholds(report, max_drop=kw["max_drop"], min_agreement=kw["min_agreement"])
 
 
+def refuse_idle_training_flags(kw: dict, *, held_out: bool = True) -> None:
+    """Training flags given on the command line that could not act (usage errors): --patience when
+    the last epoch is kept (it stops nothing); with ``held_out`` (finetune, coprune) also --split
+    beside --eval-data (all of --target-data trains) and --val-fraction beside --val-data (those
+    samples pick the checkpoint)."""
+    if _given("patience") and kw.get("checkpoint") == "last":
+        raise click.UsageError("--patience stops training early when the checkpoint fold stops improving; with "
+                               "--checkpoint last (compress --finetune's default with --max-drop) the last epoch "
+                               "is kept, so it would do nothing: drop it, or pick the epoch on the fold "
+                               "(--checkpoint auto)")
+    if held_out and _given("split") and kw.get("eval_data") is not None:
+        raise click.UsageError("--split does not apply with --eval-data: all of --target-data trains and --eval-data "
+                               "evaluates")
+    if held_out and _given("val_fraction") and kw.get("val_data") is not None:
+        raise click.UsageError("--val-fraction does not apply with --val-data: the --val-data samples pick the "
+                               "checkpoint and every training sample trains")
+
+
 def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs: int | None = None):
     """The TrainConfig of ``training_options`` (popped from ``kw``); ``epochs``: instead of --epochs."""
     from onnxprune.train.distill import TrainConfig
@@ -1132,9 +1166,9 @@ def train_config(kw: dict, *, batch_size: int, seed: int, progress: bool, epochs
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the split, the sampling and the training.")
-@click.option("--max-drop", type=click.FloatRange(0, 100),
+@click.option("--max-drop", type=FiniteRange(0, 100),
               help="Fail (exit 3, no output) if accuracy drops more than this many points.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1),
+@click.option("--min-agreement", type=FiniteRange(0, 1),
               help="Fail (exit 3, no output) below this top-1 agreement (0-1).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement during validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
@@ -1149,13 +1183,33 @@ def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
     require_torch()
     from onnxprune.train.api import finetune_files
 
+    if kw["teacher"] is None:   # plain fine-tuning on the labels: nothing to distil
+        if kw["feature_weight"] > 0:
+            raise click.UsageError("--feature-weight needs --teacher: the feature loss matches the teacher's outputs "
+                                   "of the rewritten layers")
+        if kw["train_layers"] == "rewritten":
+            raise click.UsageError("--train-layers rewritten needs --teacher: the rewritten weights are those that "
+                                   "differ from the teacher's")
+        if _given("label_weight") and kw["label_weight"] == 0:
+            raise click.UsageError("--label-weight 0 needs --teacher: without one the labels are all there is to "
+                                   "train on")
+    refuse_idle_training_flags(kw)
     preprocess = preprocess_dict(kw)
     config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
-    result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
-                            val_data=kw["val_data"],
-                            split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
-                            measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
-                            min_agreement=kw["min_agreement"])
+    try:
+        result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
+                                val_data=kw["val_data"],
+                                split=kw["split"], preprocess=preprocess, config=config, progress=show_progress(quiet),
+                                measure_latency=not kw["no_latency"], max_drop=kw["max_drop"],
+                                min_agreement=kw["min_agreement"])
+    except ValidationFailed as exc:     # exit 3: what training did (as on success), then the one-line verdict
+        report = getattr(exc, "report", None)
+        if report is not None and as_json:
+            click.echo(json.dumps(api_jsonable(report), indent=2))
+        elif report is not None:
+            for line in training_lines(report):
+                click.echo(line)
+        raise
     if as_json:
         click.echo(json.dumps(api_jsonable(result.report), indent=2))
         return
@@ -1174,8 +1228,9 @@ def training_lines(report: dict) -> list[str]:
     ft = report["finetune"]
     before, after = report["validation_before"], report["validation"]
     ref = report.get("reference", "teacher")
+    untrained = ", the untrained student," if ft["best_epoch"] == 0 else ""
     lines = [(f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
-              f"(checkpoint: epoch {ft['best_epoch']} on {ft['val_samples']} held-out training samples; "
+              f"(checkpoint: epoch {ft['best_epoch']}{untrained} on {ft['val_samples']} held-out training samples; "
               f"stopped: {ft['stopped']})")]
     if after.get("accuracy_reference") is not None and report.get("teacher"):
         lines.append(f"top-1 accuracy on {after['samples']} evaluation samples: {ref} "
@@ -1188,19 +1243,21 @@ def training_lines(report: dict) -> list[str]:
     return lines
 
 
-def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
-    if not text:
-        return ()
-    out = []
-    for item in text.split(","):
-        name, sep, value = item.rpartition("=")
-        try:
-            out.append((name, float(value)))
-        except ValueError:
-            raise click.BadParameter(f"{item!r} is not NAME=FRACTION") from None
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r} is not NAME=FRACTION")
-    return tuple(out)
+class LayerKeepType(click.ParamType):
+    """NAME=F,NAME=F: a keep fraction in (0, 1] per named weight."""
+
+    name = "NAME=F,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        out = []
+        for item in str(value).split(","):
+            name, sep, fraction = item.rpartition("=")
+            if not sep or not name:
+                self.fail(f"{item!r} is not NAME=FRACTION", param, ctx)
+            out.append((name, FRACTION.convert(fraction, param, ctx)))
+        return tuple(out)
 
 
 @main.command(short_help="Co-Prune: unstructured pruning of a target model with a source model's help.")
@@ -1213,7 +1270,7 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
 @click.option("--split", type=OPEN_FRACTION, default=0.5, show_default=True,
               help="Fraction of --target-data that trains.")
 @click.option("--keep", type=FRACTION, required=True, help="Fraction of the Conv/Gemm/MatMul weights kept (non-zero).")
-@click.option("--alpha", type=NumberList(click.FloatRange(0, 1)), default="0.7,0.5,0.3", show_default=True,
+@click.option("--alpha", type=NumberList(FiniteRange(0, 1)), default="0.7,0.5,0.3", show_default=True,
               help="Transfer factor per stage (one value: three stages at it); 0 = target-only magnitude "
                    "pruning with the same training.")
 @click.option("--allocation", type=click.Choice(["global", "layer"]), default="global", show_default=True,
@@ -1221,7 +1278,8 @@ def _layer_keep(text: str | None) -> tuple[tuple[str, float], ...]:
 @click.option("--fusion", type=click.Choice(["abs", "signed"]), default="abs", show_default=True,
               help="Target mask from alpha|W_s| + (1-alpha)|W_t| (abs) or |alpha W_s + (1-alpha) W_t| (signed, "
                    "the paper's eq. 4).")
-@click.option("--layer-keep", help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
+@click.option("--layer-keep", type=LayerKeepType(),
+              help="Fixed keep ratios for chosen weights: NAME=F,NAME=F (initializer names).")
 @click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Adam learning rate at each stage's start.")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="lr / 10 after this many epochs without a lower training loss.")
@@ -1248,12 +1306,13 @@ def coprune(output, as_json, verbose, quiet, **kw):
     from onnxprune.train.api import coprune_files
     from onnxprune.train.coprune import CoPruneConfig
 
+    refuse_idle_training_flags(kw)
     preprocess = preprocess_dict(kw)
     alphas = kw["alpha"]
     if len(alphas) == 1:  # one value: the default's three stages, so --alpha 0 trains as long as Co-Prune
         alphas = alphas * 3
     config = CoPruneConfig(keep=kw["keep"], alphas=alphas, allocation=kw["allocation"], fusion=kw["fusion"],
-                           layer_keep=_layer_keep(kw["layer_keep"]), lr=kw["lr"], patience=kw["patience"],
+                           layer_keep=kw["layer_keep"] or (), lr=kw["lr"], patience=kw["patience"],
                            max_epochs=kw["max_epochs"], batch_size=kw["batch_size"], val_fraction=kw["val_fraction"],
                            seed=kw["seed"], threads=kw["threads"], progress=show_progress(quiet))
     result = coprune_files(kw["source_model"], kw["target_model"], kw["source_data"], kw["target_data"], output,

@@ -137,8 +137,31 @@ def run_batches(
     for indices, feeds in samples.batches(size):
         n = len(indices)
         if fixed_batch and n < fixed_batch:
-            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - n, axis=0)]) for k, v in feeds.items()}
+            feeds = fill_batch(feeds, fixed_batch)
         result = session.run(list(outputs) if outputs is not None else None, feeds)
         if fixed_batch and n < fixed_batch:
             result = [r[:n] for r in result]
         yield indices, result
+
+
+def fill_batch(feeds: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """``feeds`` with their last sample repeated up to ``size`` rows: a fixed-batch model runs
+    full batches only (the caller cuts the copies' outputs off)."""
+    n = len(next(iter(feeds.values())))
+    if n >= size:
+        return feeds
+    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in feeds.items()}
+
+
+def run_arrays(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, batch_size: int,
+               fixed_batch: int | None = None) -> list[np.ndarray]:
+    """Every output of ``session`` on in-memory ``feeds`` (arrays of N samples), ``batch_size``
+    samples a run; with ``fixed_batch`` that many a run, the last filled up (``fill_batch``) and
+    the copies cut off. One array per output, N rows each."""
+    n = len(next(iter(feeds.values())))
+    size = fixed_batch or batch_size
+    parts = []
+    for start in range(0, n, size):
+        chunk = {k: v[start:start + size] for k, v in feeds.items()}
+        parts.append(session.run(None, fill_batch(chunk, fixed_batch) if fixed_batch else chunk))
+    return [np.concatenate([part[i] for part in parts])[:n] for i in range(len(parts[0]))]

@@ -61,6 +61,23 @@ COPRUNE = ("coprune", "--source-model", MODEL, "--target-model", MODEL, "--sourc
     (("finetune", MODEL, *TRAIN, "--max-minutes", "-1"), "--max-minutes"),
     ((*COPRUNE, "--keep", "1.5"), "--keep"),
     ((*COPRUNE, "--keep", "0.5", "--alpha", "0.7,2"), "--alpha"),
+    # nan compares false with every bound and inf passes a range open above: both refused, naming the flag
+    (("finetune", MODEL, *TRAIN, "--lr", "nan"), "--lr"),
+    (("finetune", MODEL, *TRAIN, "--lr", "inf"), "--lr"),
+    (("finetune", MODEL, *TRAIN, "--temperature", "nan"), "--temperature"),
+    (("finetune", MODEL, *TRAIN, "--temperature", "inf"), "--temperature"),
+    (("finetune", MODEL, *TRAIN, "--label-weight", "nan"), "--label-weight"),
+    (("finetune", MODEL, *TRAIN, "--label-weight", "inf"), "--label-weight"),
+    (("finetune", MODEL, *TRAIN, "--feature-weight", "nan"), "--feature-weight"),
+    (("finetune", MODEL, *TRAIN, "--max-minutes", "nan"), "--max-minutes"),
+    (("finetune", MODEL, *TRAIN, "--val-fraction", "nan"), "--val-fraction"),
+    (("finetune", MODEL, *TRAIN, "--max-drop", "nan"), "--max-drop"),
+    (("compress", MODEL, *TRAIN, "--finetune", "1", "--lr", "nan"), "--lr"),
+    ((*COPRUNE, "--keep", "0.5", "--lr", "nan"), "--lr"),
+    ((*COPRUNE, "--keep", "nan"), "--keep"),
+    ((*COPRUNE, "--keep", "0.5", "--alpha", "nan"), "--alpha"),
+    ((*COPRUNE, "--keep", "0.5", "--layer-keep", "conv1_w=0"), "--layer-keep"),
+    ((*COPRUNE, "--keep", "0.5", "--layer-keep", "conv1_w"), "--layer-keep"),
     (("sensitivity", MODEL, *TRAIN, "--seed", "-1"), "--seed"),
     (("sweep", MODEL, *TRAIN, "--flops", "0.5", "--split", "1.5"), "--split"),
     (("sweep", MODEL, *TRAIN, "--flops", "0.5", "--split", "0"), "--split"),
@@ -258,3 +275,26 @@ def test_validate_refuses_labels_outside_the_models_classes(tmp_path):
         np.savez(data, x=full["x"][:40], y=full["y"][:40] % 10 + 5)
     assert_one_line_error(cli("validate", MODEL, MODEL, "--data", data, "--no-latency"),
                           "has labels 5..14, but the model answers with 10 classes")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("finetune", MODEL, *TRAIN, "--feature-weight", "1"), ("--feature-weight needs --teacher",)),
+    (("finetune", MODEL, *TRAIN, "--train-layers", "rewritten"), ("--train-layers rewritten needs --teacher",)),
+    (("finetune", MODEL, *TRAIN, "--label-weight", "0"), ("--label-weight 0 needs --teacher",)),
+    (("finetune", MODEL, *TRAIN, "--teacher", MODEL, "--checkpoint", "last", "--patience", "3"),
+     ("--patience stops training early", "--checkpoint last")),
+    (("compress", MODEL, *TRAIN, "--finetune", "1", "--patience", "3"), ("--patience stops training early",)),
+    (("finetune", MODEL, *TRAIN, "--eval-data", MODEL.with_name("x.npz"), "--split", "0.3"),
+     ("--split does not apply with --eval-data",)),
+    (("finetune", MODEL, *TRAIN, "--val-data", MODEL.with_name("x.npz"), "--val-fraction", "0.2"),
+     ("--val-fraction does not apply with --val-data",)),
+    ((*COPRUNE, "--keep", "0.5", "--eval-data", MODEL.with_name("x.npz"), "--split", "0.3"),
+     ("--split does not apply with --eval-data",)),
+])
+def test_training_flags_that_cannot_act_are_usage_errors(tmp_path, args, words):
+    """A flag that would be ignored (no teacher to distil, no early stop when the last epoch is kept, no split
+    or fold beside the samples given for it) is a usage error naming it, before any work."""
+    pytest.importorskip("torch")
+    result = cli(*[tmp_path / "out" if a == "OUT" else a for a in args])
+    assert_usage_error(result, *words)
+    assert not list(tmp_path.iterdir())

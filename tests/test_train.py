@@ -417,3 +417,368 @@ def test_checkpoint_rule_follows_the_fold_size():
                                 config=TrainConfig(checkpoint="last", **config))
     assert last["checkpoint_by"] == "last epoch" and last["best_epoch"] == 4 == len(last["curve"]) - 1
     assert forced["best_epoch"] != 4 or forced["curve"][4]["val_agreement"] == best
+
+
+@pytest.mark.parametrize("options, flag", [
+    (dict(patience=0), "--patience"), (dict(max_seconds=-5.0), "--max-minutes"),
+    (dict(max_seconds=float("nan")), "--max-minutes"), (dict(lr=float("inf")), "--lr"),
+    (dict(temperature=float("nan")), "--temperature"), (dict(label_weight=float("nan")), "--label-weight"),
+    (dict(feature_weight=float("inf")), "--feature-weight"),
+])
+def test_train_config_refuses_values_out_of_range(options, flag):
+    """The Python API's options fail as the flags do: onnxprune's RecipeError naming the flag."""
+    from onnxprune.errors import RecipeError
+    from onnxprune.train.distill import TrainConfig
+
+    with pytest.raises(RecipeError, match=flag):
+        TrainConfig(**options)
+
+
+def test_coprune_config_refuses_a_learning_rate_that_is_not_finite():
+    from onnxprune.errors import RecipeError
+    from onnxprune.train.coprune import CoPruneConfig
+
+    for lr in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(RecipeError, match="--lr"):
+            CoPruneConfig(keep=0.5, lr=lr)
+
+
+LENET = ROOT / "models/lenet_caffe_mnist.onnx"
+USPS = ROOT / "models/usps_test.npz"
+
+
+def usps_files(folder: Path, **parts) -> dict[str, Path]:
+    """Small .npz files of the bundled USPS digits: ``name=(start, stop)`` for x and y, ``name=(start, stop,
+    "nolabels")`` for x alone, ``name=(start, stop, bad)`` with label 12 at row ``bad`` (LeNet has 10 classes)."""
+    with np.load(USPS) as full:
+        x, y = full["x"], full["y"]
+    files = {}
+    for name, (start, stop, *how) in parts.items():
+        path = folder / f"{name}.npz"
+        labels = y[start:stop].copy()
+        if how and how[0] == "nolabels":
+            np.savez(path, x=x[start:stop])
+        else:
+            if how:
+                labels[how[0]] = 12
+            np.savez(path, x=x[start:stop], y=labels)
+        files[name] = path
+    return files
+
+
+def one_line_error(result, *words, code=1):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("where", ["target", "target+teacher", "eval", "val", "coprune target", "coprune source",
+                                   "coprune eval"])
+def test_labels_outside_the_models_classes_are_a_data_error(tmp_path, where):
+    """compress's check: labels outside 0..classes-1 anywhere a training reads or is scored are one line naming
+    the file, exit 1, nothing written (not an IndexError in the loss, nor misses in the accuracy)."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, good=(0, 60), other=(60, 120), bad=(120, 180, 7))
+    target = f["bad"] if where in ("target", "target+teacher", "coprune target") else f["good"]
+    out = tmp_path / "out" / "o.onnx"
+    if where.startswith("coprune"):
+        args = ["coprune", "--source-model", LENET, "--target-model", LENET, "--keep", "0.5", "--max-epochs", "1",
+                "--source-data", f["bad"] if where == "coprune source" else f["other"], "--target-data", target]
+        args += ["--eval-data", f["bad"]] if where == "coprune eval" else []
+    else:
+        args = ["finetune", LENET, "--target-data", target, "--epochs", "1"]
+        args += ["--teacher", LENET] if where != "target" else []
+        args += {"eval": ["--eval-data", f["bad"]], "val": ["--val-data", f["bad"]]}.get(where, [])
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--no-latency", "-q", "-o", str(out)])
+    one_line_error(result, f"{f['bad']} | has labels 0..12, but the model answers with 10 classes")
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("command, flags, words", [
+    ("finetune", ("--eval-data", "TARGET"), "is the --target-data file, which trains in full"),
+    ("finetune", ("--val-data", "TARGET"), "is the --target-data file, which trains: a checkpoint picked on it"),
+    ("finetune", ("--val-data", "OTHER", "--eval-data", "OTHER"), "is the --eval-data file, so the checkpoint"),
+    ("coprune", ("--eval-data", "TARGET"), "is the --target-data file, which trains in full"),
+])
+def test_held_out_data_that_is_the_training_file_is_refused(tmp_path, command, flags, words):
+    """As compress refuses --eval-data equal to --target-data: evaluating (or picking the checkpoint) on samples
+    that trained is not held out. The same file under another spelling too."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, target=(0, 60), other=(60, 120))
+    spelled = {"TARGET": tmp_path / ".." / tmp_path.name / "target.npz", "OTHER": f["other"]}
+    out = tmp_path / "out" / "o.onnx"
+    if command == "finetune":
+        args = ["finetune", LENET, "--teacher", LENET, "--epochs", "1"]
+    else:
+        args = ["coprune", "--source-model", LENET, "--target-model", LENET, "--source-data", f["other"], "--keep",
+                "0.5", "--max-epochs", "1"]
+    args += ["--target-data", f["target"], *[spelled.get(a, a) for a in flags], "--no-latency", "-q", "-o", out]
+    one_line_error(CliRunner().invoke(main, [str(a) for a in args]), words)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "coprune"])
+def test_too_few_samples_left_to_train_after_the_checkpoint_fold_are_refused(tmp_path, command):
+    """--val-fraction 0.9 of 4 samples leaves none to train: refused with the minimum the whole set must meet."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, tiny=(0, 4), other=(60, 120))
+    out = tmp_path / "out" / "o.onnx"
+    if command == "finetune":
+        args = ["finetune", LENET, "--epochs", "1"]
+    else:
+        args = ["coprune", "--source-model", LENET, "--target-model", LENET, "--source-data", f["other"], "--keep",
+                "0.5", "--max-epochs", "1"]
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--target-data", str(f["tiny"]), "--eval-data",
+                                                                 str(f["other"]), "--val-fraction", "0.9",
+                                                                 "--no-latency", "-q", "-o", str(out)])
+    one_line_error(result, f"{f['tiny']} | leaves 0 of its 4 samples to train once --val-fraction 0.9 is held out",
+                   "needs at least 4")
+    assert not out.parent.exists()
+
+
+def test_unlabelled_checkpoint_samples_are_named(tmp_path):
+    """Without a teacher the labels are all there is: an unlabelled --val-data is the file named (not the labelled
+    --target-data); with a teacher, --label-weight on samples without labels is a warning in the output and report."""
+    pytest.importorskip("torch")
+    f = usps_files(tmp_path, train=(0, 60), val=(60, 90, "nolabels"), other=(90, 150))
+    out = tmp_path / "out" / "o.onnx"
+    base = ["finetune", str(LENET), "--target-data", str(f["train"]), "--val-data", str(f["val"]), "--eval-data",
+            str(f["other"]), "--epochs", "1", "--no-latency", "-o", str(out)]
+    one_line_error(CliRunner().invoke(main, base + ["-q"]), f"{f['val']} | has no labels and no teacher was given")
+    assert not out.parent.exists()
+    result = CliRunner().invoke(main, base + ["--teacher", str(LENET), "--label-weight", "1"])
+    assert result.exit_code == 0, result.output
+    warning = f"--label-weight 1: {f['val']} has no labels, so no cross-entropy is added"
+    assert warning in result.stderr
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert any(w.startswith(warning) for w in report["warnings"]) and report["finetune"]["labels"] is False
+
+
+@pytest.mark.parametrize("checkpoint", ["last", "auto"])
+def test_training_that_diverges_keeps_the_last_finite_weights(monkeypatch, checkpoint):
+    """A weight turned NaN in epoch 2 (the first step of it, here by hand) stops training there: the result is the
+    checkpoint so far (epoch 1 with "last"), finite, and the report and a warning say what happened."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.data.samples import open_samples
+    from onnxprune.train.distill import TrainConfig, finetune
+
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    x = np.random.default_rng(2).standard_normal((100, 8)).astype(np.float32)   # 90 train: 6 steps of 16
+    adam_step, steps = torch.optim.Adam.step, []
+
+    def step(self, *args, **kwargs):
+        result = adam_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 7:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    tuned, report = finetune(student, teacher, open_samples({"x": x}, student),
+                             config=TrainConfig(epochs=4, lr=1e-2, batch_size=16, patience=None, progress=False,
+                                                checkpoint=checkpoint))
+    assert report["diverged"] == 2 and len(report["curve"]) == 2 and len(steps) == 7
+    assert report["stopped"].startswith("diverged in epoch 2") and report["warnings"][0].startswith("training diverged")
+    if checkpoint == "last":
+        assert report["best_epoch"] == 1
+    weights = [numpy_helper.to_array(t) for t in tuned.graph.initializer]
+    assert all(np.isfinite(w).all() for w in weights)
+    assert np.isfinite(run_model(tuned, {"x": x})[0]).all()
+
+
+def test_a_diverged_finetune_writes_the_untrained_student_and_says_so(tmp_path):
+    """--lr 1e30: the first steps overflow; the output is the student as it came (finite), with a warning in the
+    output and the report instead of an all-NaN model that verify let through (max(0.0, nan) is 0.0)."""
+    pytest.importorskip("torch")
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    onnx.save(teacher, str(tmp_path / "t.onnx"))
+    onnx.save(student, str(tmp_path / "s.onnx"))
+    x = np.random.default_rng(4).standard_normal((130, 8)).astype(np.float32)
+    np.save(tmp_path / "train.npy", x[:100])
+    np.save(tmp_path / "eval.npy", x[100:])
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path / "s.onnx"), "--teacher", str(tmp_path / "t.onnx"),
+                                       "--target-data", str(tmp_path / "train.npy"), "--eval-data",
+                                       str(tmp_path / "eval.npy"), "--epochs", "2", "--lr", "1e30", "--checkpoint",
+                                       "last", "--no-latency", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: training diverged in epoch 1" in result.stderr and "stopped: diverged in epoch 1" in result.stdout
+    report = json.loads(out.with_name("out.report.json").read_text())
+    assert report["finetune"]["diverged"] == 1 and report["warnings"][0].startswith("training diverged in epoch 1")
+    tuned = onnx.load(str(out))
+    for a, b in zip(tuned.graph.initializer, student.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_verify_fails_on_outputs_that_are_not_finite():
+    """NaN differences are failures, not 0 (max(0.0, nan) is 0.0): in onnxruntime (the model) or in torch only."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.errors import ModelError
+    from onnxprune.train.convert import to_torch, verify
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)}
+    model = mlp(0)
+    module = to_torch(model)
+    with torch.no_grad():
+        module.weight("w2").fill_(float("nan"))
+    with pytest.raises(ModelError, match="NaN or inf in the torch conversion"):
+        verify(model, module, feeds)
+    broken = mlp(0)
+    broken.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.full((4, 16), np.nan, np.float32), "w2"))
+    with pytest.raises(ModelError, match="NaN or inf in onnxruntime"):
+        verify(broken, to_torch(broken), feeds)
+
+
+def test_a_diverged_coprune_stops_and_says_so(tmp_path):
+    """Co-Prune at --lr 1e30: the weights overflow within two epochs; training stops there, keeps the checkpoint so
+    far and warns, instead of training every stage on NaN weights."""
+    pytest.importorskip("torch")
+    source, target = mlp(0), mlp(1, noise=0.3, base=0)
+    onnx.save(source, str(tmp_path / "s.onnx"))
+    onnx.save(target, str(tmp_path / "t.onnx"))
+    rng = np.random.default_rng(3)
+    xs, xt = rng.standard_normal((100, 8)).astype(np.float32), rng.standard_normal((100, 8)).astype(np.float32)
+    np.savez(tmp_path / "src.npz", x=xs, y=run_model(source, {"x": xs})[0].argmax(1))
+    np.savez(tmp_path / "tgt.npz", x=xt, y=run_model(target, {"x": xt})[0].argmax(1))
+    out = tmp_path / "pruned.onnx"
+    result = CliRunner().invoke(main, ["coprune", "--source-model", str(tmp_path / "s.onnx"), "--target-model",
+                                       str(tmp_path / "t.onnx"), "--source-data", str(tmp_path / "src.npz"),
+                                       "--target-data", str(tmp_path / "tgt.npz"), "--keep", "0.25", "--lr", "1e30",
+                                       "--max-epochs", "2", "--no-latency", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: training diverged in epoch" in result.stderr
+    report = json.loads(out.with_name("pruned.report.json").read_text())
+    diverged = report["coprune"]["diverged"]
+    assert diverged and len(report["coprune"]["curve"]) == diverged    # epochs 0 .. diverged - 1
+    assert report["warnings"][0].startswith(f"training diverged in epoch {diverged}")
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in onnx.load(str(out)).graph.initializer)
+
+
+def with_fixed_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """``model`` with its batch dimension (inputs and outputs) fixed at ``batch``, as some exporters write it."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    return fixed
+
+
+def test_a_fixed_batch_model_trains_in_batches_of_its_size():
+    """A model whose batch dimension is fixed (3 here) trains, and is checked, in batches of 3: the last one filled
+    up by repeating a sample whose copies are cut off, so the result is the free-batch model's at --batch-size 3."""
+    pytest.importorskip("torch")
+    from onnxprune.data.samples import open_samples
+    from onnxprune.train.distill import TrainConfig, finetune
+
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    x = np.random.default_rng(2).standard_normal((41, 8)).astype(np.float32)    # 37 train, 4 in the fold: 1 left over
+    config = dict(epochs=2, lr=1e-2, patience=None, progress=False, checkpoint="last", augment=True)
+    free, free_report = finetune(student, teacher, open_samples({"x": x}, student),
+                                 config=TrainConfig(batch_size=3, **config))
+    fixed_student = with_fixed_batch(student, 3)
+    fixed, report = finetune(fixed_student, with_fixed_batch(teacher, 3), open_samples({"x": x}, fixed_student),
+                             config=TrainConfig(**config))
+    assert report["config"]["batch_size"] == 3 and report["train_samples"] == 37
+    for a, b in zip(fixed.graph.initializer, free.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
+    assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    assert [row["val_agreement"] for row in report["curve"]] == [row["val_agreement"] for row in free_report["curve"]]
+
+
+@pytest.mark.parametrize("command", ["finetune", "coprune"])
+def test_fixed_batch_lenet_trains_from_the_command_line(tmp_path, command):
+    """LeNet exported with input [1, 1, 28, 28]: the conversion check and the training run one sample a batch
+    (an internal error before: the check fed 8)."""
+    pytest.importorskip("torch")
+    model = tmp_path / "lenet_b1.onnx"
+    onnx.save(with_fixed_batch(onnx.load(str(LENET)), 1), str(model))
+    f = usps_files(tmp_path, train=(0, 20), other=(20, 40))
+    out = tmp_path / "o.onnx"
+    if command == "finetune":
+        args = ["finetune", model, "--teacher", model, "--epochs", "1"]
+    else:
+        args = ["coprune", "--source-model", model, "--target-model", model, "--source-data", f["other"],
+                "--keep", "0.5", "--max-epochs", "1", "--alpha", "0.5"]
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--target-data", str(f["train"]), "--eval-data",
+                                                                 str(f["other"]), "--no-latency", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert report[command]["config"]["batch_size"] == 1 and report["validation"]["samples"] == 20
+
+
+def test_training_that_ends_below_the_untrained_model_is_a_warning(tmp_path):
+    """compress --finetune whose distilled model scores below the untrained plan on the held-out samples says so
+    (here an --lr of 1 wrecks the weights); the output stays the distilled model: the held-out samples only judge."""
+    pytest.importorskip("torch")
+    from onnxprune.train.api import worse_after_training
+
+    assert worse_after_training({"accuracy_candidate": 0.75, "agreement": 0.99}, {"accuracy_candidate": 0.74,
+                                "agreement": 0.995, "samples": 100}, "R").startswith(
+        "training did not help on the 100 held-out samples: top-1 accuracy 74.00% after, 75.00% before it; R")
+    assert worse_after_training({"accuracy_candidate": None, "agreement": 0.9},
+                                {"accuracy_candidate": None, "agreement": 0.9, "samples": 100}, "R") is None
+    # agreement with the untrained student itself (finetune without a teacher) is 100 % before by definition
+    assert worse_after_training({"accuracy_candidate": None, "agreement": 1.0},
+                                {"accuracy_candidate": None, "agreement": 0.8, "samples": 100}, "R",
+                                agreement=False) is None
+    f = usps_files(tmp_path, data=(0, 300))
+    out = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(LENET), "--target-data", str(f["data"]), "--keep", "0.5",
+                                       "--allocation", "global", "--calib-size", "100", "--finetune", "1", "--lr", "1",
+                                       "--checkpoint", "last", "--no-latency", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: training did not help on the 150 held-out samples: top-1 accuracy" in result.stderr
+    report = json.loads(out.with_name("small.report.json").read_text())
+    assert any(w.startswith("training did not help") for w in report["warnings"])
+    assert report["validation"]["accuracy_candidate"] < report["validation_before_finetune"]["accuracy_candidate"]
+
+
+def with_softplus(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with Relu replaced by Softplus, an op the training converter lacks."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    for node in changed.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Softplus"
+    return changed
+
+
+def test_finetune_report_exit_3_and_unsupported_ops_name_what_the_user_gave(tmp_path):
+    """The written report holds curve_png; exit 3 prints the training summary and a training hint (not compress's);
+    an op the converter lacks is named with the model file, not "student"/"source"."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    teacher, student = mlp(0), mlp(1, noise=1.0, base=0)
+    for name, model in (("t", teacher), ("s", student), ("soft", with_softplus(student))):
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+    x = np.random.default_rng(4).standard_normal((130, 8)).astype(np.float32)
+    np.savez(tmp_path / "train.npz", x=x[:100], y=run_model(teacher, {"x": x[:100]})[0].argmax(1))
+    np.savez(tmp_path / "eval.npz", x=x[100:], y=run_model(teacher, {"x": x[100:]})[0].argmax(1))
+    out = tmp_path / "out" / "o.onnx"
+
+    def finetune(model, *flags):
+        return CliRunner().invoke(main, ["finetune", str(tmp_path / model), "--teacher", str(tmp_path / "t.onnx"),
+                                         "--target-data", str(tmp_path / "train.npz"), "--eval-data",
+                                         str(tmp_path / "eval.npz"), "--epochs", "1", "--no-latency", "-o", str(out),
+                                         *flags])
+
+    result = finetune("s.onnx")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert report["curve_png"] == str(out.with_name("o.curve.png")) and out.with_name("o.curve.png").exists()
+    missed = finetune("s.onnx", "--max-drop", "0", "-o", str(tmp_path / "missed.onnx"))
+    assert missed.exit_code == 3, missed.output
+    assert missed.stdout.startswith("trained 1 epochs") and "top-1 accuracy on 30 evaluation samples" in missed.stdout
+    assert "Hint: train longer (--epochs)" in missed.stderr and "compress less aggressively" not in missed.stderr
+    assert not list(tmp_path.glob("missed*"))
+    one_line_error(finetune("soft.onnx", "-q", "-o", str(tmp_path / "soft_out.onnx")),
+                   f"{tmp_path / 'soft.onnx'} | op(s) Softplus are not supported by the training converter")
+    coprune = CliRunner().invoke(main, ["coprune", "--source-model", str(tmp_path / "soft.onnx"), "--target-model",
+                                        str(tmp_path / "soft.onnx"), "--source-data", str(tmp_path / "eval.npz"),
+                                        "--target-data", str(tmp_path / "train.npz"), "--keep", "0.5", "-q",
+                                        "-o", str(tmp_path / "soft_out.onnx")])
+    one_line_error(coprune, f"{tmp_path / 'soft.onnx'} | op(s) Softplus are not supported")
+    assert not list(tmp_path.glob("soft_out*"))

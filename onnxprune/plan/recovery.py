@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxprune.errors import RecipeError
 from onnxprune.plan.allocate import Path, search
 from onnxprune.plan.planner import Check, Planner, _starting_with, measure, model_outputs
 
@@ -53,10 +55,11 @@ class RecoveryOptions:
     refit: bool = True
 
     def __post_init__(self):
-        if int(self.trials) < 1:
-            raise ValueError(f"trials must be >= 1, not {self.trials}")
-        if self.margin is not None and not self.margin >= 0:
-            raise ValueError(f"margin must be >= 0, not {self.margin}")
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise RecipeError("--finetune-trials", f"must be an integer >= 1, not {self.trials!r}")
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
+            raise RecipeError("--finetune-margin", f"must be a finite number >= 0 (or None: --margin's), "
+                              f"not {self.margin!r}")
 
 
 @dataclasses.dataclass

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from onnxprune.errors import DataError
+from onnxprune.errors import DataError, ValidationFailed
 from onnxprune.model import jsonable, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
 from onnxprune.validate import check_threshold_values
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -24,6 +28,15 @@ class TrainResult:
     model: onnx.ModelProto
     report: dict[str, Any]
     output: Path | None
+
+
+#: the hint of finetune's exit 3
+TRAINING_REMEDY = "train longer (--epochs) or on more samples, or start from a less compressed student"
+
+
+def model_name(model, default: str) -> str:
+    """What errors call a model: its file, or ``default`` for a model given in memory."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else default
 
 
 def report_path(output: Path) -> Path:
@@ -44,6 +57,31 @@ def split_data(target, eval_data, split: float, seed: int, model, preprocess):
     return data.split(split, seed=seed)
 
 
+def check_labels(model: onnx.ModelProto, sample_sets, *, batch_size: int, device: str = "cpu") -> None:
+    """compress's check of the labels (``api.label_misfit``) for every set a training reads or is
+    scored on (None: skipped): labels outside the model's classes are a DataError naming the set,
+    before they reach a loss (an IndexError) or an accuracy (counted wrong)."""
+    from onnxprune import embedding
+    from onnxprune.api import check_label_range, label_probe
+    from onnxprune.plan.planner import model_outputs
+
+    labelled = [s for s in sample_sets if s is not None and s.labels is not None]
+    if not labelled or embedding.output_kind(model) != "classes":
+        return
+    outputs = model_outputs(model, label_probe(labelled[0]), batch_size=batch_size, device=device)
+    check_label_range(labelled, outputs.shape[-1] if outputs.ndim == 2 else None)
+
+
+def refuse_held_out_training(target_data, eval_data) -> None:
+    """--eval-data that is the --target-data file: it trains in full, so accuracy on it would not be
+    held out (a DataError, as compress refuses it)."""
+    from onnxprune.api import refuse_same_file
+
+    refuse_same_file(eval_data, target_data, "--target-data", "which trains in full when --eval-data is given: "
+                     "accuracy on it would not be held out",
+                     "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
+
+
 def check_training_outputs(output, companions, model, others: dict) -> Path:
     """The output, its ``.data``, ``.report.json`` and ``companions`` must not be an input (any
     model with its external data, sample files or folders) and must have a usable folder;
@@ -62,19 +100,39 @@ def check_training_outputs(output, companions, model, others: dict) -> Path:
     return output
 
 
+def worse_after_training(before: dict, after: dict, remedy: str, *, agreement: bool = True) -> str | None:
+    """A warning when the trained model scores below the untrained one on the held-out samples
+    (validation dicts against the same reference: top-1 accuracy with labels, else agreement with
+    the reference unless ``agreement`` is False: a reference that is the untrained model itself), or
+    None. They are not picked between: the held-out samples only evaluate."""
+    if after.get("accuracy_candidate") is not None and before.get("accuracy_candidate") is not None:
+        key, what = "accuracy_candidate", "top-1 accuracy"
+    elif agreement:
+        key, what = "agreement", "agreement"
+    else:
+        return None
+    b, a = before.get(key), after.get(key)
+    if a is None or b is None or not a < b:
+        return None
+    return (f"training did not help on the {after['samples']} held-out samples: {what} {100 * a:.2f}% after, "
+            f"{100 * b:.2f}% before it; {remedy}")
+
+
 def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_out, *, config,
             batch_size: int = 32, device: str = "cpu", progress: bool = False,
-            val=None, trained: tuple[onnx.ModelProto, dict] | None = None) -> tuple[onnx.ModelProto, dict, dict]:
+            val=None, trained: tuple[onnx.ModelProto, dict] | None = None,
+            name: str = "student") -> tuple[onnx.ModelProto, dict, dict]:
     """Distil ``original`` into ``compressed`` on ``train`` (checkpoint on ``val`` when given: best
     samples that did not calibrate the compression); (model, training report, validation before).
-    ``trained``: (model, training report) of a distillation already run (``plan.recovery``)."""
+    ``trained``: (model, training report) of a distillation already run (``plan.recovery``);
+    ``name``: what errors call the model (the file it came from)."""
     from onnxprune.train.distill import finetune
     from onnxprune.validate import validate
 
     require_torch()
     before = validate(original, compressed, held_out, batch_size=batch_size, device=device,
                       measure_latency=False, progress=False)
-    tuned, report = trained or finetune(compressed, original, train, config=config, val_samples=val)
+    tuned, report = trained or finetune(compressed, original, train, config=config, val_samples=val, name=name)
     return tuned, report, before.to_dict()
 
 
@@ -86,7 +144,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     validate against the teacher (or the untrained student) on held-out data, write OUTPUT,
     ``.report.json`` and ``.curve.png``."""
     require_torch()
-    from onnxprune.api import as_model
+    from onnxprune.api import as_model, refuse_same_file
     from onnxprune.train.distill import TrainConfig, finetune, plot_curve
     from onnxprune.validate import check_thresholds, validate
 
@@ -94,6 +152,12 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     output = check_training_outputs(output, [curve_path], student, {"--teacher": teacher, "--target-data": target_data,
                                                                     "--eval-data": eval_data, "--val-data": val_data})
+    refuse_held_out_training(target_data, eval_data)
+    refuse_same_file(val_data, target_data, "--target-data", "which trains: a checkpoint picked on it would not "
+                     "be held out", "drop --val-data (then --val-fraction of the training samples picks it) or pass "
+                     "other samples")
+    refuse_same_file(val_data, eval_data, "--eval-data", "so the checkpoint would be picked on the evaluation "
+                     "samples, which are then no longer held out", "pass other samples as --val-data, or drop it")
     student_model = as_model(student)
     teacher_model = as_model(teacher) if teacher is not None else None
     if teacher_model is not None:
@@ -104,15 +168,17 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
             raise DataError("--teacher", "has other inputs or outputs than the student",
                             "the teacher must be the model the student was compressed from")
     train, held_out = split_data(target_data, eval_data, split, config.seed, student_model, preprocess)
-    reference = teacher_model if teacher_model is not None else student_model
-    before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
-                      measure_latency=False, progress=False)
     val = None
     if val_data is not None:
         from onnxprune.api import as_samples
 
         val = as_samples(val_data, student_model, preprocess)
-    tuned, train_report = finetune(student_model, teacher_model, train, config=config, val_samples=val)
+    check_labels(student_model, (train, val, held_out), batch_size=config.batch_size, device=device)
+    reference = teacher_model if teacher_model is not None else student_model
+    before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
+                      measure_latency=False, progress=False)
+    tuned, train_report = finetune(student_model, teacher_model, train, config=config, val_samples=val,
+                                   name=model_name(student, "student"))
     after = validate(reference, tuned, held_out, batch_size=config.batch_size, device=device,
                      measure_latency=measure_latency, progress=progress)
     report = {
@@ -123,12 +189,23 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
         "evaluation": held_out.describe(),
         "validation_before": before.to_dict(),
         "validation": after.to_dict(),
+        "warnings": list(train_report["warnings"]),
     }
-    check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement)
-    written = write_all([(output, functools.partial(save_model, tuned)),
-                         (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n")),
-                         (curve_path(output), functools.partial(plot_curve, train_report))])
-    report["curve_png"] = str(curve_path(output)) if curve_path(output) in written else None   # no matplotlib: none
+    worse = worse_after_training(report["validation_before"], report["validation"],
+                                 "the checkpoint fold picked this epoch: fewer epochs, a lower --lr or a larger fold "
+                                 "(--val-fraction, --val-data) may do better", agreement=teacher_model is not None)
+    if worse:
+        log.warning("%s", worse)
+        report["warnings"].append(worse)
+    try:
+        check_thresholds(after, max_drop=max_drop, min_agreement=min_agreement, remedy=TRAINING_REMEDY)
+    except ValidationFailed as exc:
+        exc.report = report     # the command prints what training did; nothing is written
+        raise
+    report["curve_png"] = str(curve_path(output)) if importlib.util.find_spec("matplotlib") else None  # no figure
+    write_all([(output, functools.partial(save_model, tuned)),
+               (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n")),
+               (curve_path(output), functools.partial(plot_curve, train_report))])
     return TrainResult(tuned, report, output)
 
 
@@ -147,10 +224,15 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     output = check_training_outputs(output, [], target_model, {"--source-model": source_model,
                                                                 "--source-data": source_data,
                                                                 "--target-data": target_data, "--eval-data": eval_data})
+    refuse_held_out_training(target_data, eval_data)
     source, target = as_model(source_model), as_model(target_model)
     train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
     source_samples = as_samples(source_data, source, preprocess)
-    pruned, train_report = coprune(source, target, source_samples, train, config=config)
+    check_labels(target, (train, held_out), batch_size=config.batch_size, device=device)
+    check_labels(source, (source_samples,), batch_size=config.batch_size, device=device)
+    pruned, train_report = coprune(source, target, source_samples, train, config=config,
+                                   model_names=(model_name(source_model, "--source-model"),
+                                                model_name(target_model, "--target-model")))
     after = validate(target, pruned, held_out, batch_size=max(config.batch_size, 64), device=device,
                      measure_latency=measure_latency, progress=False)
     report = {
@@ -160,6 +242,7 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
         "nonzero_parameters": {"target": nonzero_parameters(target), "pruned": nonzero_parameters(pruned),
                                "total": count_parameters(pruned)},
         "validation": after.to_dict(),
+        "warnings": list(train_report["warnings"]),
     }
     write_all([(output, functools.partial(save_model, pruned)),
                (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n"))])

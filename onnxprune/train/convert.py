@@ -489,9 +489,14 @@ def to_onnx(module: OnnxModule, *, masks: dict[str, np.ndarray] | None = None) -
 
 
 def verify(model: onnx.ModelProto, module: OnnxModule, feeds: dict[str, np.ndarray], *, tol: float = 1e-4) -> float:
-    """Max relative error of ``module`` against onnxruntime on ``feeds``; ModelError above ``tol``."""
-    from onnxprune.runtime import make_session
+    """Max relative error of ``module`` against onnxruntime on ``feeds``; ModelError above ``tol``.
+    A model with a fixed batch size is checked on that many of them (the last repeated when fewer)."""
+    from onnxprune.plan.suffix import fixed_batch_of
+    from onnxprune.runtime import fill_batch, make_session
 
+    fixed = fixed_batch_of(model)
+    if fixed is not None:
+        feeds = fill_batch({k: v[:fixed] for k, v in feeds.items()}, fixed)
     session = make_session(model, threads=2)
     ref = session.run(None, feeds)
     with torch.no_grad():
@@ -505,6 +510,12 @@ def verify(model: onnx.ModelProto, module: OnnxModule, feeds: dict[str, np.ndarr
             if not np.array_equal(r, o):
                 raise ModelError(module.name, f"output {name} differs between torch and onnxruntime")
             continue
+        if not np.isfinite(r).all():   # NaN compares false with every bound: never a passing difference
+            raise ModelError(module.name, f"output {name} is NaN or inf in onnxruntime on the training samples",
+                             "check the model's weights and the data's preprocessing (--mean, --std, --scale)")
+        if not np.isfinite(o).all():
+            raise ModelError(module.name, f"output {name} is NaN or inf in the torch conversion, finite in "
+                             "onnxruntime", "please report this model: an op is converted incorrectly")
         scale = max(float(np.abs(r).max()), 1e-6)
         worst = max(worst, float(np.abs(r.astype(np.float64) - o).max()) / scale)
     if worst > tol:

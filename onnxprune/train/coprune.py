@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -71,6 +72,11 @@ class CoPruneConfig:
                 raise RecipeError("--layer-keep", f"{name}: keep must be in (0, 1], not {value!r}")
         if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise RecipeError("co-prune", "max_epochs, patience and batch_size must be >= 1")
+        for field, value in (("lr", self.lr), ("min_lr", self.min_lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise RecipeError(f"--{field.replace('_', '-')}", f"must be a finite number > 0, not {value!r}")
+        if not 0 < self.val_fraction < 1:
+            raise RecipeError("--val-fraction", f"must be between 0 and 1, not {self.val_fraction!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,22 +144,30 @@ def cooperative_masks(torch, w_s: dict, w_t: dict, alpha: float, counts, fusion:
 
 
 def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, target_samples, *,
-            config: CoPruneConfig) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Co-Prune ``target`` with the help of ``source``; returns (pruned target, report)."""
+            config: CoPruneConfig, model_names: tuple[str, str] = ("source", "target")
+            ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Co-Prune ``target`` with the help of ``source``; returns (pruned target, report).
+    ``model_names``: what errors call the two models (their files)."""
     torch = require_torch()
     from onnxprune.train.convert import to_onnx, to_torch, verify
-    from onnxprune.train.distill import _progress, load_arrays
+    from onnxprune.plan.suffix import fixed_batch_of
+    from onnxprune.train.distill import MIN_TRAIN_SAMPLES, _progress, fill_indices, fold_size, load_arrays
 
     started = time.perf_counter()
     for samples, flag in ((source_samples, "--source-data"), (target_samples, "--target-data")):
         if samples.labels is None:
             raise DataError(flag, f"{samples.name} has no labels; Co-Prune trains both networks on labels",
                             "use labelled samples (a y array or class folders)")
+    n = len(target_samples)
+    if n - fold_size(n, config.val_fraction) < MIN_TRAIN_SAMPLES:
+        raise DataError(target_samples.name, f"leaves {n - fold_size(n, config.val_fraction)} of its {n} samples "
+                        f"to train once --val-fraction {config.val_fraction:g} is held out to pick the checkpoint; "
+                        f"Co-Prune needs at least {MIN_TRAIN_SAMPLES}", "lower --val-fraction or train on more samples")
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     try:
-        net_s, net_t = to_torch(source, name="source"), to_torch(target, name="target")
+        net_s, net_t = to_torch(source, name=model_names[0]), to_torch(target, name=model_names[1])
         if net_s.maskable != net_t.maskable or any(
                 net_s.weight(k).shape != net_t.weight(k).shape for k in net_t.maskable):
             raise ModelError("--source-model", "does not have the target model's architecture (weight names and "
@@ -161,13 +175,17 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         names = list(net_t.maskable)
         if not names:
             raise ModelError("--target-model", "has no Conv/Gemm/MatMul weight to prune")
+        fixed = fixed_batch_of(target)   # a fixed batch dimension: every batch has exactly that many samples
+        if fixed is not None and fixed != config.batch_size:
+            log.info("--target-model takes batches of %d samples only: training in batches of %d", fixed, fixed)
+            config = dataclasses.replace(config, batch_size=fixed)
         xs, ys = load_arrays(source_samples), source_samples.labels.astype(np.int64)
         xt, yt = load_arrays(target_samples), target_samples.labels.astype(np.int64)
         verify(target, net_t, {k: v[:8] for k, v in xt.items()})
         rng = np.random.default_rng(config.seed)
         n = len(yt)
         order = rng.permutation(n)
-        n_val = max(1, round(config.val_fraction * n))
+        n_val = fold_size(n, config.val_fraction)
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         sizes = {k: net_t.weight(k).numel() for k in names}
         counts = keep_counts(sizes, config)
@@ -177,15 +195,18 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         src_order = rng.permutation(len(ys))
         src_pos = 0
 
-        def head(outputs):
-            return outputs[0]
+        def head(net, arrays, idx):
+            """``net``'s first output on the samples ``idx``; a fixed-batch model runs full batches (the
+            last sample repeated, the copies' outputs cut off)."""
+            full = fill_indices(idx, fixed)
+            return net(**{k: torch.from_numpy(v[full]) for k, v in arrays.items()})[0][:len(idx)]
 
         def accuracy(net, arrays, labels, idx) -> float:
             correct = 0
             with torch.no_grad():
-                for start in range(0, len(idx), 256):
-                    i = idx[start:start + 256]
-                    pred = head(net(**{k: torch.from_numpy(v[i]) for k, v in arrays.items()})).argmax(1).numpy()
+                for start in range(0, len(idx), fixed or 256):
+                    i = idx[start:start + (fixed or 256)]
+                    pred = head(net, arrays, i).argmax(1).numpy()
                     correct += int((pred == labels[i]).sum())
             return correct / max(len(idx), 1)
 
@@ -207,7 +228,11 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                       "val_accuracy": best["val_accuracy"]})
         bar = _progress(config.progress)
         epoch = 0
+        diverged = None  # the epoch in which a loss or a weight became NaN or inf
+        warnings: list[str] = []
         for stage, alpha in enumerate(config.alphas, start=1):
+            if diverged is not None:
+                break
             lr = config.lr
             for opt in (opt_t, opt_s):
                 if opt is not None:
@@ -222,8 +247,11 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                 batches = [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
                 for idx in bar(batches, desc=f"stage {stage} (alpha {alpha:g}) epoch {stage_epochs}"):
                     update_masks(alpha)
-                    out = head(net_t(**{k: torch.from_numpy(v[idx]) for k, v in xt.items()}))
+                    out = head(net_t, xt, idx)
                     loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(yt[idx]))
+                    if not torch.isfinite(loss):
+                        diverged = epoch
+                        break
                     opt_t.zero_grad(set_to_none=True)
                     loss.backward()
                     opt_t.step()
@@ -234,11 +262,23 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                             src_order, src_pos = rng.permutation(len(ys)), 0
                         j = np.sort(src_order[src_pos:src_pos + len(idx)])
                         src_pos += len(idx)
-                        out_s = head(net_s(**{k: torch.from_numpy(v[j]) for k, v in xs.items()}))
+                        out_s = head(net_s, xs, j)
                         loss_s = torch.nn.functional.cross_entropy(out_s, torch.from_numpy(ys[j]))
+                        if not torch.isfinite(loss_s):
+                            diverged = epoch
+                            break
                         opt_s.zero_grad(set_to_none=True)
                         loss_s.backward()
                         opt_s.step()
+                nets = (net_t, net_s) if train_source else (net_t,)
+                if diverged is not None or not all(bool(torch.isfinite(p).all()) for net in nets
+                                                   for p in net.parameters()):
+                    diverged = epoch   # the best checkpoint so far (or the dense target's mask) is kept
+                    warnings.append(f"training diverged in epoch {epoch} (a loss or weight became NaN or inf; --lr "
+                                    f"{config.lr:g} may be too high): kept stage {best['stage']}, epoch "
+                                    f"{best['epoch']}")
+                    log.warning("%s", warnings[-1])
+                    break
                 update_masks(alpha)
                 train_loss = running / max(seen, 1)
                 val = accuracy(net_t, xt, yt, val_idx)
@@ -283,6 +323,8 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
             "kept_weights": int(sum(layer["kept"] for layer in layers)),
             "curve": curve,
             "best": {k: best[k] for k in ("epoch", "stage", "alpha", "val_accuracy")},
+            "diverged": diverged,
+            "warnings": warnings,
             "seconds": time.perf_counter() - started,
             "note": "unstructured sparsity: the pruned weights are zeros in dense tensors; dense runtimes "
                     "(onnxruntime CPU included) run no faster and the file is no smaller unless compressed",

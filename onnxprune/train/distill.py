@@ -60,13 +60,17 @@ class TrainConfig:
                                   ("threads", self.threads, 1)):
             if not isinstance(value, int) or value < low:
                 raise RecipeError(f"--{field.replace('_', '-')}", f"must be an integer >= {low}, not {value!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise RecipeError("--patience", f"must be an integer >= 1 (or None: never stop early), not {self.patience!r}")
         for field, value in (("lr", self.lr), ("temperature", self.temperature)):
-            if not value > 0:
-                raise RecipeError(f"--{field}", f"must be positive, not {value!r}")
-        if self.label_weight < 0:
-            raise RecipeError("--label-weight", f"must be >= 0, not {self.label_weight!r}")
-        if self.feature_weight < 0:
-            raise RecipeError("--feature-weight", f"must be >= 0, not {self.feature_weight!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise RecipeError(f"--{field}", f"must be a finite number > 0, not {value!r}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise RecipeError("--max-minutes", f"must be a finite time > 0, not {self.max_seconds!r} seconds")
+        for field, value in (("label_weight", self.label_weight), ("feature_weight", self.feature_weight),
+                             ("weight_decay", self.weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise RecipeError(f"--{field.replace('_', '-')}", f"must be a finite number >= 0, not {value!r}")
         if self.train_layers not in ("all", "rewritten"):
             raise RecipeError("--train-layers", f"must be 'all' or 'rewritten', not {self.train_layers!r}")
         if self.checkpoint not in ("auto", "agreement", "loss", "last"):
@@ -79,6 +83,12 @@ class TrainConfig:
 
 
 SMALL_FOLD = 100  # below this many held-out samples one sample moves top-1 agreement by more than 1 %
+MIN_TRAIN_SAMPLES = 4  # fewer training samples (after the checkpoint fold) are refused
+
+
+def fold_size(n: int, val_fraction: float) -> int:
+    """Samples of ``n`` held out to pick the checkpoint: ``val_fraction`` of them, at least one."""
+    return max(1, round(val_fraction * n))
 
 
 def load_arrays(samples, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -96,15 +106,20 @@ def is_classifier(shape) -> bool:
 
 def teacher_outputs(teacher: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
     """The teacher's float outputs on every sample (onnxruntime, 2 threads)."""
-    from onnxprune.runtime import make_session
+    from onnxprune.plan.suffix import fixed_batch_of
+    from onnxprune.runtime import make_session, run_arrays
 
     session = make_session(teacher, threads=2)
-    n = len(next(iter(arrays.values())))
-    outs: list[list[np.ndarray]] = []
-    for start in range(0, n, batch_size):
-        res = session.run(None, {k: v[start:start + batch_size] for k, v in arrays.items()})
-        outs.append(res)
-    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+    return run_arrays(session, arrays, batch_size=batch_size, fixed_batch=fixed_batch_of(teacher))
+
+
+def fill_indices(idx: np.ndarray, size: int | None) -> np.ndarray:
+    """``idx`` with its last sample repeated up to ``size`` (a model's fixed batch; None: as it is).
+    The model computes every sample alone (normalisation in inference form), so the copies' outputs
+    are cut off and change nothing."""
+    if size is None or len(idx) >= size:
+        return idx
+    return np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))])
 
 
 def rewritten_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> set[str]:
@@ -146,10 +161,12 @@ class Teacher:
 
     def __init__(self, model: onnx.ModelProto, taps: list[str], threads: int):
         from onnxprune.model import clone
+        from onnxprune.plan.suffix import fixed_batch_of
         from onnxprune.runtime import make_session
 
         self.n_outputs = len(model.graph.output)
         self.taps = list(taps)
+        self.fixed_batch = fixed_batch_of(model)
         if taps:
             model = clone(model)
             for name in taps:
@@ -157,7 +174,10 @@ class Teacher:
         self.session = make_session(model, threads=threads)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        res = self.session.run(None, feeds)
+        from onnxprune.runtime import run_arrays
+
+        n = len(next(iter(feeds.values())))
+        res = run_arrays(self.session, feeds, batch_size=n, fixed_batch=self.fixed_batch)
         return res[:self.n_outputs], dict(zip(self.taps, res[self.n_outputs:]))
 
 
@@ -193,6 +213,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     ``val_fraction`` of ``samples``.
     """
     torch = require_torch()
+    from onnxprune.plan.suffix import fixed_batch_of
     from onnxprune.train.convert import to_onnx, to_torch, verify
 
     started = time.perf_counter()
@@ -200,17 +221,48 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
+        warnings: list[str] = []
         labels = samples.labels
+        # the set without labels when only one of the training samples and the checkpoint fold has them
+        unlabelled = None if labels is not None else samples
         if val_samples is not None and (labels is None) != (val_samples.labels is None):
             labels = None  # labels only where both sets have them
+            unlabelled = unlabelled or val_samples
         if teacher is None and labels is None:
+            if unlabelled is val_samples:
+                raise DataError(val_samples.name, "has no labels and no teacher was given: without a teacher the "
+                                "checkpoint fold (--val-data) is scored on labels",
+                                "pass --teacher ORIGINAL.onnx, labelled --val-data, or drop --val-data "
+                                "(--val-fraction of the training samples picks the checkpoint)")
             raise DataError(getattr(samples, "name", "samples"), "has no labels and no teacher was given",
                             "pass --teacher ORIGINAL.onnx (distillation) or labelled data (fine-tuning)")
+        if teacher is None and config.feature_weight > 0:
+            raise RecipeError("--feature-weight", "needs --teacher: the feature loss matches the teacher's outputs of "
+                              "the rewritten layers")
+        if teacher is None and config.train_layers == "rewritten":
+            raise RecipeError("--train-layers", "rewritten needs --teacher (the model the student came from)")
+        if labels is None and config.label_weight > 0:
+            warnings.append(f"--label-weight {config.label_weight:g}: {unlabelled.name} has no labels, so no "
+                            "cross-entropy is added (distillation only)"
+                            + (": labels count only where the checkpoint fold has them too"
+                               if unlabelled is val_samples else ""))
+            log.warning("%s", warnings[-1])
         if teacher is None and config.label_weight == 0:
             config = dataclasses.replace(config, label_weight=1.0)
+        fixed = fixed_batch_of(student)   # a fixed batch dimension: every batch has exactly that many samples
+        if fixed is not None and fixed != config.batch_size:
+            log.info("%s takes batches of %d samples only: training in batches of %d (not %d)", name, fixed, fixed,
+                     config.batch_size)
+            config = dataclasses.replace(config, batch_size=fixed)
         n = len(samples)
-        if n < 4:
-            raise DataError(samples.name, f"has {n} samples; recovery training needs at least 4")
+        if n < MIN_TRAIN_SAMPLES:
+            raise DataError(samples.name, f"has {n} samples; recovery training needs at least {MIN_TRAIN_SAMPLES}")
+        if val_samples is None and n - fold_size(n, config.val_fraction) < MIN_TRAIN_SAMPLES:
+            raise DataError(samples.name, f"leaves {n - fold_size(n, config.val_fraction)} of its {n} samples to "
+                            f"train once --val-fraction {config.val_fraction:g} is held out to pick the checkpoint; "
+                            f"recovery training needs at least {MIN_TRAIN_SAMPLES}",
+                            "lower --val-fraction, give the checkpoint samples apart (--val-data), or train on more "
+                            "samples")
         arrays = load_arrays(samples)
         n_train_given = n
         if val_samples is not None:
@@ -231,10 +283,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         targets = teacher_outputs(teacher, arrays, 256) if teacher is not None and not per_step else None
         run_teacher = Teacher(teacher, taps, config.threads) if per_step else None
         module.taps = tuple(taps)
+        first = fill_indices(np.arange(min(fixed or 2, n)), fixed)
         with torch.no_grad():
-            probe = module(**{k: torch.from_numpy(v[:2]) for k, v in arrays.items()})
+            probe = module(**{k: torch.from_numpy(v[first]) for k, v in arrays.items()})
         if taps:  # keep the tensors whose shapes agree (a pruned layer's own output has fewer channels)
-            _, t_feats = run_teacher({k: v[:2] for k, v in arrays.items()})
+            _, t_feats = run_teacher({k: v[first] for k, v in arrays.items()})
             taps = [t for t in taps if tuple(module.tapped[t].shape) == t_feats[t].shape]
             module.taps = tuple(taps)
             run_teacher = Teacher(teacher, taps, config.threads)
@@ -242,8 +295,6 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             if not taps:
                 log.warning("--feature-weight: no rewritten layer's output has the teacher's shape; outputs only")
         if config.train_layers == "rewritten":
-            if teacher is None:
-                raise RecipeError("--train-layers", "rewritten needs --teacher (the model the student came from)")
             changed = rewritten_weights(student, teacher)
             for name, param in module.named_weights().items():
                 param.requires_grad_(name in changed)
@@ -258,7 +309,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             train_idx, val_idx = np.arange(n_train_given), np.arange(n_train_given, n)
         else:
             order = rng.permutation(n)
-            n_val = max(1, round(config.val_fraction * n))
+            n_val = fold_size(n, config.val_fraction)
             val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         variances = None
         if targets is not None:
@@ -280,10 +331,10 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
 
         T = config.temperature
 
-        def feature_loss(t_feats):
+        def feature_loss(t_feats, real: int):
             total = torch.zeros(())
             for name in taps:
-                s, t = module.tapped[name], t_feats[name]
+                s, t = module.tapped[name][:real], t_feats[name][:real]
                 total = total + torch.mean((s - t) ** 2) / (float(t.var()) + 1e-12)
             return total / max(len(taps), 1)
 
@@ -301,27 +352,31 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             return total
 
         def batch_loss(idx, train: bool):
+            real = len(idx)   # a fixed-batch model runs full batches: the copies filling one up are cut off
+            idx = fill_indices(idx, fixed)
             feeds = batch_inputs(idx, train)
-            outs = module(**feeds)
+            outs = [o[:real] for o in module(**feeds)]
             loss = torch.zeros(())
             t_outs, features = None, None
             if teacher is not None:
                 t_outs, t_feats = teacher_batch(idx, feeds)
+                t_outs = [t[:real] for t in t_outs]
                 loss = loss + distill_loss(outs, t_outs)
             if labels is not None and config.label_weight > 0:
-                y = torch.from_numpy(labels[idx].astype(np.int64))
+                y = torch.from_numpy(labels[idx[:real]].astype(np.int64))
                 loss = loss + config.label_weight * torch.nn.functional.cross_entropy(outs[head], y)
             if taps:
-                features = config.feature_weight * feature_loss(t_feats)
+                features = config.feature_weight * feature_loss(t_feats, real)
             total = loss if features is None else loss + features
             return total, outs, t_outs, loss
 
         def evaluate() -> dict:
             module.eval()
             losses, output_losses, agree, correct, count = 0.0, 0.0, 0, 0, 0
+            size = fixed or max(config.batch_size, 128)
             with torch.no_grad():
-                for start in range(0, len(val_idx), max(config.batch_size, 128)):
-                    idx = val_idx[start:start + max(config.batch_size, 128)]
+                for start in range(0, len(val_idx), size):
+                    idx = val_idx[start:start + size]
                     loss, outs, t_outs, output_loss = batch_loss(idx, False)
                     losses += float(loss) * len(idx)
                     output_losses += float(output_loss) * len(idx)
@@ -377,6 +432,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         best_state = copy.deepcopy(module.state_dict())
         stale = 0
         stopped = "epochs"
+        diverged = None  # the epoch in which a loss or a weight became NaN or inf
         bar = _progress(config.progress)
         for epoch in range(1, config.epochs + 1):
             module.train()
@@ -386,20 +442,34 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             for idx in bar(batches, desc=f"epoch {epoch}/{config.epochs}"):
                 set_lr()
                 loss, _, _, _ = batch_loss(np.sort(idx), True)
+                if not torch.isfinite(loss):
+                    diverged = epoch
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 running += float(loss.detach()) * len(idx)
                 seen += len(idx)
-            row = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - started, **evaluate()}
+            if diverged is None and all(bool(torch.isfinite(p).all()) for p in params):
+                row = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - started, **evaluate()}
+                if not math.isfinite(row["val_loss"]):
+                    diverged = epoch
+            else:
+                diverged = epoch
+            if diverged is not None:   # the checkpoint so far (or the untrained student) is what is kept
+                stopped = (f"diverged in epoch {epoch} (a loss or weight became NaN or inf; --lr {config.lr:g} may be "
+                           f"too high): kept epoch {best_epoch}")
+                warnings.append(f"training {stopped}" + (", the untrained student" if best_epoch == 0 else ""))
+                log.warning("%s", warnings[-1])
+                break
             curve.append(row)
             log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             if config.checkpoint == "last" or score(row) > best_score:
                 best_score, best_epoch, stale = score(row), epoch, 0
-                # "last": the module is the checkpoint, no copy
-                best_state = None if config.checkpoint == "last" else copy.deepcopy(module.state_dict())
+                # "last" copies every epoch too: a later epoch that diverges falls back to it
+                best_state = copy.deepcopy(module.state_dict())
             else:
                 stale += 1
             if config.patience is not None and stale >= config.patience:
@@ -408,8 +478,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
                 stopped = f"time limit {config.max_seconds:.0f} s"
                 break
-        if best_state is not None:
-            module.load_state_dict(best_state)
+        module.load_state_dict(best_state)
         out_masks = None
         if masks:
             out_masks = {k: np.asarray(v, dtype=np.float32) for k, v in masks.items()}
@@ -441,9 +510,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
             "checkpoint_by": "last epoch" if config.checkpoint == "last" else
                              "held-out output loss" if by_loss else "held-out agreement/accuracy",
             "stopped": stopped,
+            "diverged": diverged,
             "seconds": time.perf_counter() - started,
             "conversion_error": conversion_error,
             "export_error": export_error,
+            "warnings": warnings,
         }
         return tuned, report
     finally:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from onnxprune.api import as_model, as_samples
 from onnxprune.cli import main
 from onnxprune.cost import total_macs
+from onnxprune.errors import RecipeError
 from onnxprune.plan.planner import Check, Planner, PlanOptions
 from onnxprune.plan.recovery import RecoveryOptions, RecoverySearch, Trained
 
@@ -88,8 +89,10 @@ def test_a_candidate_passes_with_its_margin_of_standard_errors_in_reserve(planne
     assert RecoverySearch(planner, build=None, train=None, fold=fold, options=half).ok(check, 1.0)
     assert not RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.0)
     assert RecoverySearch(planner, build=None, train=None, fold=fold).ok(check, 1.1)
-    with pytest.raises(ValueError):
-        RecoveryOptions(trials=0)
+    for options, flag in ((dict(trials=0), "--finetune-trials"), (dict(margin=-1.0), "--finetune-margin"),
+                          (dict(margin=float("nan")), "--finetune-margin")):
+        with pytest.raises(RecipeError, match=flag):
+            RecoveryOptions(**options)
 
 
 @pytest.mark.parametrize("refit", [True, False])
