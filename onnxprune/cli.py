@@ -514,7 +514,7 @@ def calibration_options(func):
                    "Runs the one recipe the flags describe (no planning).")
 @click.option("--allocation", type=click.Choice(["plan", "global"]), default="plan", show_default=True,
               help="Meet --keep/--flops by per-site planning, or by one global threshold (the old way).")
-@click.option("--margin", type=click.FloatRange(min=0),
+@click.option("--margin", type=NON_NEGATIVE,
               help="Planner: standard errors kept in reserve below --max-drop, of the difference between the plan's "
                    "check and the evaluation on the held-out samples (default 1).")
 @click.option("--check-extra", type=click.IntRange(min=0),
@@ -532,7 +532,7 @@ def calibration_options(func):
 @click.option("--tau", type=FRACTION, help="Pruning: PFA-En energy threshold.")
 @click.option("--flops", type=FRACTION, help="Keep this fraction of the model's MACs (a budget; with --allocation "
                                              "global: of the pruned layers' MACs).")
-@click.option("--lam", type=click.FloatRange(min=0), help="MoMaSP regulariser weight (default 1).")
+@click.option("--lam", type=NON_NEGATIVE, help="MoMaSP regulariser weight (default 1).")
 @click.option("--ridge", type=RidgeType(), help="DALR ridge relative to trace(S)/n, or 'auto' (default: chosen on held-out data).")
 @CONV_SPLIT
 @click.option("--layers", help="Comma-separated layer (or group) names to touch; default all.")
@@ -542,11 +542,11 @@ def calibration_options(func):
 @calibration_options
 @token_options
 @click.option("--stats", type=FILE, help="Reuse statistics saved by `onnxprune calibrate`.")
-@click.option("--max-drop", type=click.FloatRange(0, 100),
+@click.option("--max-drop", type=FiniteRange(0, 100),
               help="Smallest model within this many points of accuracy (agreement without labels; embeddings: "
                    "kNN accuracy, 100 (1 - mean cosine) without labels); the default goal (1) when no budget is "
                    "given. Exit 3 (report only, no model) if the held-out check misses.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1),
+@click.option("--min-agreement", type=FiniteRange(0, 1),
               help="Fail (exit 3, report only, no model) below this top-1 agreement (embeddings: mean cosine to "
                    "the original's; a fraction, 0-1).")
 @click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
@@ -870,7 +870,7 @@ def _count_of(desc: dict) -> str:
 @click.option("--calib-size", type=CalibSizeType(), default=DEFAULT_CALIB_SIZE, show_default=True,
               help="At most this many samples per set (target, and source), drawn at random (seeded); 'all' "
                    "uses every one.")
-@click.option("--split", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+@click.option("--split", type=FRACTION, default=0.5, show_default=True,
               help="Fraction of --target-data that calibrates, as in compress (1: all of it, then evaluate on "
                    "other data with compress --eval-data).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -1090,10 +1090,10 @@ def _plural(n: int, noun: str) -> str:
 @click.argument("reference", type=FILE)
 @click.argument("candidate", type=FILE)
 @click.option("--data", required=True, help="Evaluation samples (labels enable accuracy).")
-@click.option("--max-drop", type=click.FloatRange(0, 100),
+@click.option("--max-drop", type=FiniteRange(0, 100),
               help="Exit 3 if accuracy drops more than this many points (agreement without labels; embeddings: "
                    "kNN accuracy, 100 (1 - mean cosine) without labels).")
-@click.option("--min-agreement", type=click.FloatRange(0, 1),
+@click.option("--min-agreement", type=FiniteRange(0, 1),
               help="Exit 3 below this top-1 agreement (embeddings: mean cosine; a fraction, 0-1).")
 @click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed runs of each model per batch size (interleaved).")
