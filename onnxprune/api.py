@@ -29,6 +29,7 @@ from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.layers import find_linear_layers
 from onnxprune.model import (
+    check_compressible,
     count_parameters,
     input_specs,
     jsonable,
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 
 def as_model(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
+
+
+def _model_name(model) -> str:
+    return "model" if isinstance(model, onnx.ModelProto) else str(model)
 
 
 def as_recipe(recipe) -> Recipe:
@@ -135,6 +140,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
+    check_compressible(original, name=_model_name(model))
     check_layer_names(original, recipe)
     if finetune is not None:
         from onnxprune.train.api import model_name
@@ -532,6 +538,7 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     check_outputs(outputs, input_paths(model, {"--target-data": target_data, "--source-data": source_data}),
                   flag="-o, --figure")
     original = as_model(model)
+    check_compressible(original, name=_model_name(model))
     target = cap(as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input), recipe.calib_size,
                  seed=recipe.seed)
     source = None
@@ -584,6 +591,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
                   input_paths(model, {"--target-data": target_data, "--source-data": source_data,
                                       "--eval-data": eval_data}), flag="-o, --flops/--keep")
     original = as_model(model)
+    check_compressible(original, name=_model_name(model))
     samples, held_out, _, calib, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
     label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
     if note:
@@ -935,6 +943,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     check_output_text(output)
     check_outputs([output], input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
     original = as_model(model)
+    check_compressible(original, name=_model_name(model))
     check_layer_names(original, recipe)
     target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
     calib = target if fraction >= 1 else target.split(fraction, seed=recipe.seed)[0]

@@ -107,6 +107,35 @@ def check_model(model: onnx.ModelProto, *, name: str = "model") -> None:
         raise ModelError(name, f"fails the ONNX checker: {first}") from None
 
 
+#: graph ops whose subgraphs the rewrites and the calibration graphs do not follow
+CONTROL_FLOW = ("If", "Loop", "Scan")
+#: tensor types the statistics and rewrites do not handle (they assume float32 activations)
+HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def check_compressible(model: onnx.ModelProto, *, name: str = "model") -> None:
+    """ModelError for what compression cannot handle yet (``inspect`` and ``validate`` still
+    can): control flow with subgraphs, and float16/bfloat16 weights or tensors (calibration
+    builds float32 graphs around them)."""
+    flow = sorted({node.op_type for node in model.graph.node if node.op_type in CONTROL_FLOW})
+    if flow:
+        raise ModelError(name, f"has control flow ({', '.join(flow)}) whose subgraphs onnxprune does not rewrite "
+                         "or calibrate through", "export the model without it (e.g. trace one branch)")
+    graph = model.graph
+    typed = [*graph.input, *graph.output, *graph.value_info]
+    half = sorted({HALF_TYPES[t.data_type] for t in graph.initializer if t.data_type in HALF_TYPES}
+                  | {HALF_TYPES[v.type.tensor_type.elem_type] for v in typed
+                     if v.type.tensor_type.elem_type in HALF_TYPES}
+                  | {HALF_TYPES[a.t.data_type] for n in graph.node if n.op_type == "Constant"
+                     for a in n.attribute if a.HasField("t") and a.t.data_type in HALF_TYPES}
+                  | {HALF_TYPES[a.i] for n in graph.node if n.op_type == "Cast"
+                     for a in n.attribute if a.name == "to" and a.i in HALF_TYPES})
+    if half:
+        raise ModelError(name, f"has {' and '.join(half)} tensors, which onnxprune does not compress yet",
+                         "export the model in float32 (torch: model.float() before export), compress it, then "
+                         "convert the result (onnxconverter_common.float16.convert_float_to_float16)")
+
+
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Turn every tensor-valued ``Constant`` node into an initializer, in place; returns model."""
     graph = model.graph

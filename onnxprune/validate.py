@@ -65,6 +65,10 @@ class ValidationReport:
     # standard error of ``accuracy_drop`` (points) over the paired samples: what the drop's
     # sample alone makes it vary by (MobileNetV2 planned on 250 images, 250 held out: 1.2-1.5 points)
     accuracy_drop_se: float | None = None
+    # whether the first output holds class scores, one row per sample (N x C, C >= 2: the planner's
+    # classifier). Otherwise (a regression value, a dense map such as N x C x H x W) a --max-drop
+    # without labels is judged as the planner judges it: 100 x the relative squared error, in points
+    classifier: bool = True
 
     @property
     def identical(self) -> bool:
@@ -190,6 +194,7 @@ def validate(
     step = fixed[0] if fixed[0] and fixed[0] == fixed[1] else batch_size
     measured = names.index(emb.measured_output(reference))
     kind = None
+    classifier = True
     vectors: tuple[list, list] = ([], [])
 
     sum_ref = np.zeros(len(names))  # sum of y_r^2 per output, float64
@@ -215,6 +220,7 @@ def validate(
         seen += len(indices)
         if kind is None:
             kind = emb.output_kind(reference, ref_out[measured], metric)
+            classifier = kind != "embedding" and ref_out[0].ndim == 2 and ref_out[0].shape[1] >= 2
         if kind == "embedding":
             vectors[0].append(np.asarray(ref_out[measured]).reshape(len(indices), -1))
             vectors[1].append(np.asarray(cand_out[measured]).reshape(len(indices), -1))
@@ -260,7 +266,7 @@ def validate(
         accuracy_reference, accuracy_candidate = embedding.get("knn_reference"), embedding.get("knn_candidate")
         agreement, main = embedding["cosine"], errors[measured]
     warnings = reference_warnings(accuracy_reference, labels, classes, flags=data_flags(reference)) + \
-        latency_warnings(latency)
+        output_warnings(errors, measured) + latency_warnings(latency)
     return ValidationReport(
         samples=seen,
         accuracy_reference=accuracy_reference,
@@ -279,7 +285,24 @@ def validate(
         warnings=warnings,
         embedding=embedding,
         accuracy_drop_se=None if kind == "embedding" else drop_se,
+        classifier=classifier,
     )
+
+
+#: another output whose relative error exceeds this (and the judged output's) is warned about
+OTHER_OUTPUT_ERROR = 0.05
+
+
+def output_warnings(errors: list[OutputError], measured: int) -> list[str]:
+    """A line for each output other than the judged one (``measured``) that changed more than it
+    and more than ``OTHER_OUTPUT_ERROR``: goals, the planner's checks and agreement read only the
+    judged output, so damage elsewhere would pass unseen."""
+    judged = errors[measured]
+    return [f"only output {judged.name} is judged (goals, checks, agreement), but output {other.name} changed "
+            f"more: relative error {other.relative_error:.3f} against {judged.relative_error:.3f} (every output "
+            "is listed under validation.outputs in the report)"
+            for k, other in enumerate(errors)
+            if k != measured and other.relative_error > max(OTHER_OUTPUT_ERROR, judged.relative_error)]
 
 
 def paired_standard_error(lost: int, gained: int, n: int) -> float | None:
@@ -374,6 +397,12 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
                     hints.append(f"the excess is within {NOISE_SE:g} standard errors of the drop on these "
                                  f"{report.samples} samples, so it may be their noise: evaluate on more samples "
                                  "(--eval-data) to tell")
+        elif not embedding and not report.classifier:
+            points = 100.0 * report.relative_error ** 2
+            if not points <= max_drop + _THRESHOLD_EPS:
+                failures.append(("relative error", f"the first output has no class scores to agree on: its relative "
+                                 f"squared error {report.relative_error ** 2:.4f} reads as {points:.2f} points (as "
+                                 f"the planner reads it), more than max drop {max_drop:g}"))
         elif not 100.0 - agreement <= max_drop + _THRESHOLD_EPS:
             if embedding:
                 problem = (f"mean {report.agreement:.4f} to the reference's embeddings: 100 (1 - cosine) = "

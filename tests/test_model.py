@@ -105,3 +105,31 @@ def test_external_data_model_loads_and_hash_ignores_storage(shared, tmp_path):
     assert model_io.count_parameters(loaded) == 216650
     inline = model_io.save_model(loaded, tmp_path / "inline.onnx", external_data=False)
     assert model_io.model_hash(model_io.load_model(inline)) == model_io.model_hash(loaded)
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("half", "has float16 tensors"),
+    ("cast", "has float16 tensors"),
+    ("if", "has control flow (If)"),
+])
+def test_what_compression_cannot_handle_is_one_model_error(edit, words):
+    """float16 tensors (weights, or a Cast inside a float32 model) and control flow are refused
+    before calibration builds graphs around them; a plain float32 model passes."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    nodes, inits = [helper.make_node("Relu", ["x"], ["y"])], []
+    if edit == "half":
+        inits = [numpy_helper.from_array(np.zeros(4, np.float16), "w")]
+    elif edit == "cast":
+        nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+                 helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)]
+    elif edit == "if":
+        branch = helper.make_graph([helper.make_node("Identity", ["x"], ["b"])], "b", [], [y])
+        cond = numpy_helper.from_array(np.array(True), "c")
+        nodes, inits = [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], [cond]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    with pytest.raises(ModelError, match=words.replace("(", "\\(").replace(")", "\\)")):
+        model_io.check_compressible(model, name="m.onnx")
+    model_io.check_compressible(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                                                    [x], [y]), ir_version=8))

@@ -357,3 +357,46 @@ def test_real_accuracy_matches_direct_onnxruntime(shared):
     assert report.accuracy_candidate == pytest.approx(np.mean(cand == samples.labels))
     assert report.agreement == pytest.approx(np.mean(ref == cand))
     assert 0 < report.relative_error < 0.05
+
+
+def _two_matmuls(a: np.ndarray, b: np.ndarray, *, dense: bool = False) -> onnx.ModelProto:
+    """x (N, 4) -> y = x A (N, 6), and z = x B (N, 6); ``dense``: y reshaped to N x 2 x 3 (no class axis)."""
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["ya"]), helper.make_node("MatMul", ["x", "B"], ["z"])]
+    if dense:
+        nodes.append(helper.make_node("Reshape", ["ya", "shape"], ["y"]))
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3])
+    else:
+        nodes.append(helper.make_node("Identity", ["ya"], ["y"]))
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])
+    inits = [numpy_helper.from_array(a.astype(np.float32), "A"), numpy_helper.from_array(b.astype(np.float32), "B"),
+             numpy_helper.from_array(np.array([-1, 2, 3], dtype=np.int64), "shape")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [y, helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_an_output_without_class_scores_is_judged_by_relative_squared_error():
+    """A dense N x 2 x 3 output: agreement of an argmax over its last axis means nothing; a
+    --max-drop without labels reads 100 x the relative squared error, as the planner does."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    noisy = a + 0.2 * rng.standard_normal((4, 6))
+    reference, candidate = _two_matmuls(a, b, dense=True), _two_matmuls(noisy, b, dense=True)
+    data = ArraySamples({"x": rng.standard_normal((64, 4)).astype(np.float32)})
+    report = validate(reference, candidate, data, measure_latency=False)
+    assert not report.classifier
+    points = 100 * report.relative_error ** 2
+    check_thresholds(report, max_drop=points + 0.01)
+    with pytest.raises(ValidationFailed, match="relative squared error"):
+        check_thresholds(report, max_drop=points - 0.01)
+    assert validate(reference, reference, data, measure_latency=False).classifier is False
+
+
+def test_another_output_that_changed_more_than_the_judged_one_is_warned_about():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    data = ArraySamples({"x": rng.standard_normal((64, 4)).astype(np.float32)})
+    report = validate(_two_matmuls(a, b), _two_matmuls(a, 0.5 * b), data, measure_latency=False)
+    assert report.classifier and report.agreement == 1.0
+    assert any("only output y is judged" in w and "output z changed more" in w for w in report.warnings), report.warnings
+    assert not validate(_two_matmuls(a, b), _two_matmuls(a, b), data, measure_latency=False).warnings
