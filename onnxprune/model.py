@@ -136,9 +136,19 @@ def check_compressible(model: onnx.ModelProto, *, name: str = "model") -> None:
                          "convert the result (onnxconverter_common.float16.convert_float_to_float16)")
 
 
+#: an Identity of a stored tensor up to this many values becomes a tensor of its own when loading
+IDENTITY_FOLD_SIZE = 4096
+
+
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn every tensor-valued ``Constant`` node into an initializer, in place; returns model."""
+    """Turn every tensor-valued ``Constant`` node into an initializer, in place; returns model.
+    So is an ``Identity`` of a small stored tensor (at most ``IDENTITY_FOLD_SIZE`` values): torch
+    exports parameters equal to another (a BatchNorm's zero mean and bias) as Identity(that one),
+    which would hide a constant where the graph analysis needs one (larger ones, tied weights,
+    stay shared). Not in IR version < 4 models, whose initializers are graph inputs too."""
     graph = model.graph
+    stored = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
     keep = []
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -146,12 +156,27 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             if tensor is not None:
                 tensor.name = node.output[0]
                 graph.initializer.append(tensor)
+                stored[tensor.name] = tensor
                 continue
+        source = stored.get(node.input[0]) if node.op_type == "Identity" and node.domain in ("", "ai.onnx") \
+            and node.input else None
+        if source is not None and model.ir_version >= 4 and node.output[0] not in outputs \
+                and int(np.prod(source.dims)) <= IDENTITY_FOLD_SIZE and not _external(source):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(source)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            stored[tensor.name] = tensor
+            continue
         keep.append(node)
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
     return model
+
+
+def _external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:

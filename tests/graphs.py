@@ -103,6 +103,22 @@ def conv_bn_relu(seed: int = 0) -> onnx.ModelProto:
     return b.model([_input(3, 8, 8)], {y: (4, 8, 8)})
 
 
+def reduce_to_gemm(seed: int = 0, *, keepdims: int = 0) -> onnx.ModelProto:
+    """
+    x [N,2,8,8] -> Conv conv (4, 3x3) -> Relu -> ReduceMean over (2, 3) [N,4] (keepdims=1:
+    [N,4,1,1] -> Flatten) -> Gemm fc (5x4) -> y: global pooling as torch's x.mean((2, 3)) exports it
+    groups: conv (4, prunable), fc (graph output)
+    """
+    b = _Builder(seed)
+    h = b.conv("x", "conv", 2, 4)
+    h = b.node("Relu", [h], "relu")
+    h = b.node("ReduceMean", [h], "pool", axes=[2, -1], keepdims=keepdims)
+    if keepdims:
+        h = b.node("Flatten", [h], "flat", axis=1)
+    y = b.node("Gemm", [h, b.weight("fc.W", 5, 4, scale=0.2), b.weight("fc.B", 5, scale=0.1)], "fc", transB=1)
+    return b.model([_input(2, 8, 8)], {y: (5,)})
+
+
 def flatten_to_gemm(seed: int = 0, *, reshape: bool = False) -> onnx.ModelProto:
     """
     x [N,2,8,8] -> Conv conv (4, 3x3) -> Relu -> MaxPool 2x2 -> Flatten [N,64] -> Gemm fc (5x64) -> y

@@ -133,3 +133,27 @@ def test_what_compression_cannot_handle_is_one_model_error(edit, words):
         model_io.check_compressible(model, name="m.onnx")
     model_io.check_compressible(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                                                                     [x], [y]), ir_version=8))
+
+
+def test_an_identity_of_a_small_stored_tensor_is_folded_on_load(tmp_path):
+    """torch (do_constant_folding=False) exports a BatchNorm mean equal to its bias as
+    Identity(bias): loaded, it is a tensor of its own, as the graph analysis needs; an
+    Identity of a large tensor (a tied weight) stays shared."""
+    from onnxprune.runtime import make_session
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    big = np.arange(model_io.IDENTITY_FOLD_SIZE + 1, dtype=np.float32)
+    nodes = [helper.make_node("Identity", ["b"], ["b2"]), helper.make_node("Add", ["x", "b2"], ["h"]),
+             helper.make_node("Identity", ["big"], ["big2"]), helper.make_node("ReduceSum", ["big2"], ["s"]),
+             helper.make_node("Add", ["h", "s"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([1, 2, 3], np.float32), "b"), numpy_helper.from_array(big, "big")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    loaded = model_io.load_model(path)
+    identities = [n.input[0] for n in loaded.graph.node if n.op_type == "Identity"]
+    assert identities == ["big"] and "b2" in {t.name for t in loaded.graph.initializer}
+    feed = {"x": np.ones((2, 3), np.float32)}
+    np.testing.assert_array_equal(make_session(loaded).run(None, feed)[0], make_session(model).run(None, feed)[0])

@@ -42,6 +42,12 @@ _UNARY = frozenset({
 _POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 
 
+# Reductions that act on each channel separately when they reduce spatial axes only
+# (x.mean((2, 3)) exported as ReduceMean: a global pooling).
+_REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
+                      "ReduceLogSumExp", "ReduceSumSquare", "ReduceProd"})
+
+
 # Elementwise ops of two or more operands (with a constant: per-channel; else coupling).
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu"})
 
@@ -378,6 +384,9 @@ class _Component:
             return True
 
         # per-channel ops ------------------------------------------------------
+        if op in _REDUCES and slot == 0 and self.spatial_reduction(i, tensor):
+            self.per_channel(i, [])
+            return True
         if op in _UNARY or op in _POOLS or op == "BatchNormalization" or op == "InstanceNormalization":
             if slot != 0:
                 self.skip(f"{self.label(i)} reads {tensor} as a parameter")
@@ -501,6 +510,21 @@ class _Component:
                 self.skip(f"{self.label(i)} has a non-constant bias")
             params.append((node.input[2], 0))
         return params
+
+    def spatial_reduction(self, i: int, tensor: str) -> bool:
+        """Whether reduction node ``i`` reduces spatial axes only (axes >= 2, given as an attribute
+        or a constant input): then channel c of its output is a function of channel c alone, and
+        the channel axis stays axis 1 (keepdims or not)."""
+        index = self.index
+        node = index.nodes[i]
+        rank = index.rank(tensor)
+        axes = attributes(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            constant = index.const(node.input[1])
+            axes = None if constant is None else index.array(node.input[1]).reshape(-1).tolist()
+        if rank is None or not axes:
+            return False
+        return all(2 <= (int(a) % rank) for a in axes)
 
     def unary_params(self, i: int, tensor: str) -> list[tuple[str, int]] | None:
         """Parameters to slice for a one-activation op, or None (reason recorded)."""

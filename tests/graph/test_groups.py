@@ -215,3 +215,14 @@ def test_an_activation_broadcast_along_the_channels_is_not_coupled():
     groups = by_name(find_channel_groups(model))
     assert groups["convA"].skip is None and [p.node for p in groups["convA"].producers] == ["convA"]
     assert groups["convB"].channels == 1 and "convA" not in [p.node for p in groups["convB"].producers]
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_a_spatial_reduce_mean_is_a_per_channel_pooling(keepdims):
+    """x.mean((2, 3)) exports as ReduceMean over H, W: channel c stays channel c."""
+    group = by_name(find_channel_groups(graphs.reduce_to_gemm(keepdims=keepdims)))["conv"]
+    assert group.skip is None and group.channels == 4
+    assert [c.node for c in group.consumers] == ["fc"]
+    model = graphs.reduce_to_gemm(keepdims=keepdims)
+    next(n for n in model.graph.node if n.op_type == "ReduceMean").attribute[0].ints[:] = [1, 2]   # over C too
+    assert "ReduceMean" in by_name(find_channel_groups(model))["conv"].skip

@@ -22,6 +22,8 @@ CASES = [
     (graphs.conv_bn_relu, "conv1", 3, 6),
     (graphs.flatten_to_gemm, "conv", 1, 3),
     (lambda: graphs.flatten_to_gemm(reshape=True), "conv", 2, 0),
+    (graphs.reduce_to_gemm, "conv", 3, 1),                                # ReduceMean over H, W as the pooling
+    (lambda: graphs.reduce_to_gemm(keepdims=1), "conv", 0, 2),
     (graphs.residual_add, "convA", 4, 1),
     (graphs.add_branches, "convA", 2, 4),           # two producers coupled by an Add
     (graphs.depthwise, "expand", 7, 2),
@@ -29,6 +31,7 @@ CASES = [
     (graphs.shared_weight, "fc1", 4, 0),            # the weight is shared with the consumer
 ]
 IDS = ["gemm_chain-fc1", "gemm_chain-fc2", "gemm_chain-fc3", "conv_bn_relu", "flatten_to_gemm", "flatten_to_gemm-reshape",
+       "reduce_to_gemm", "reduce_to_gemm-keepdims",
        "residual_add-inner", "add_branches", "depthwise", "shared_consumer", "shared_weight"]
 
 
