@@ -115,15 +115,21 @@ HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "b
 
 def check_compressible(model: onnx.ModelProto, *, name: str = "model") -> None:
     """ModelError for what compression cannot handle yet (``inspect`` and ``validate`` still
-    can): control flow with subgraphs, and float16/bfloat16 weights or tensors (calibration
-    builds float32 graphs around them)."""
+    can): control flow with subgraphs, and float16/bfloat16 activations (calibration builds
+    float32 graphs around them); half weights that a Cast turns into float32 are fine."""
     flow = sorted({node.op_type for node in model.graph.node if node.op_type in CONTROL_FLOW})
     if flow:
         raise ModelError(name, f"has control flow ({', '.join(flow)}) whose subgraphs onnxprune does not rewrite "
                          "or calibrate through", "export the model without it (e.g. trace one branch)")
     graph = model.graph
     typed = [*graph.input, *graph.output, *graph.value_info]
-    half = sorted({HALF_TYPES[t.data_type] for t in graph.initializer if t.data_type in HALF_TYPES}
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            readers.setdefault(tensor, set()).add(node.op_type)
+    # half weights that only a Cast reads (stored small, computed in float32) are fine
+    half = sorted({HALF_TYPES[t.data_type] for t in graph.initializer
+                   if t.data_type in HALF_TYPES and readers.get(t.name, set()) - {"Cast"}}
                   | {HALF_TYPES[v.type.tensor_type.elem_type] for v in typed
                      if v.type.tensor_type.elem_type in HALF_TYPES}
                   | {HALF_TYPES[a.t.data_type] for n in graph.node if n.op_type == "Constant"

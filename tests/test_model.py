@@ -118,8 +118,10 @@ def test_what_compression_cannot_handle_is_one_model_error(edit, words):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
     nodes, inits = [helper.make_node("Relu", ["x"], ["y"])], []
-    if edit == "half":
+    if edit == "half":           # a half weight an op reads as it is (a Cast of it would be fine)
         inits = [numpy_helper.from_array(np.zeros(4, np.float16), "w")]
+        nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+                 helper.make_node("Add", ["h", "w"], ["a"]), helper.make_node("Cast", ["a"], ["y"], to=TensorProto.FLOAT)]
     elif edit == "cast":
         nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
                  helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)]
