@@ -34,6 +34,7 @@ from onnxprune.model import (
     input_specs,
     jsonable,
     load_model,
+    model_name,
     model_bytes,
     model_hash,
     output_names,
@@ -46,7 +47,7 @@ from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import RecoveryOptions
 from onnxprune.structures.heads import head_layout_skips
-from onnxprune.validate import REMEDY, ValidationReport, check_threshold_values, check_thresholds
+from onnxprune.validate import REMEDY, ValidationReport, check_labels_fit, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,6 @@ log = logging.getLogger(__name__)
 
 def as_model(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
-
-
-def _model_name(model) -> str:
-    return "model" if isinstance(model, onnx.ModelProto) else str(model)
 
 
 def as_recipe(recipe) -> Recipe:
@@ -140,12 +137,8 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,
                                                                 "--eval-data": eval_data, "--stats": stats}))
     original = as_model(model)
-    check_compressible(original, name=_model_name(model))
+    check_compressible(original, name=model_name(model))
     check_layer_names(original, recipe)
-    if finetune is not None:
-        from onnxprune.train.api import model_name
-
-        trained_name = model_name(model, "model")   # an op training cannot convert is the original's
     samples, held_out, eval_source, train_set, val_fold = compress_samples(
         original, recipe, target_data, source_data, eval_data,
         checkpoint_fraction=None if finetune is None else finetune.val_fraction)
@@ -169,7 +162,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         search = None
         if finetune is not None and goal.get("max_drop") is not None:
             search = functools.partial(recovery_search, teacher=original, train=train_set, fold=val_fold,
-                                       config=finetune, options=recovery, name=trained_name)
+                                       config=finetune, options=recovery, name=model_name(model))
         try:
             original, recipe, provider, planning, trained = plan_recipe(
                 original, samples, recipe, uncapped=train_set, device=device, progress=progress, recovery=search,
@@ -203,11 +196,10 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
             original, compressed, train_set.join(val_fold) if refit else train_set, held_out, config=finetune,
             batch_size=recipe.batch_size, device=device, val=val_fold,
-            trained=None if trained is None or refit else (trained.model, trained.training), name=trained_name)
+            trained=None if trained is None or refit else (trained.model, trained.training), name=model_name(model))
         report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
-                 calibration_runs=provider.collections)
-    record_paths(report["calibration"], {"target": target_data, "source": source_data})
+                 calibration_runs=provider.collections, sources={"target": target_data, "source": source_data})
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
                            measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                            metric=recipe.metric)
@@ -281,14 +273,10 @@ def label_probe(samples: SampleSet) -> SampleSet:
 
 def check_label_range(sample_sets, classes: int | None) -> None:
     """A DataError naming the first of ``sample_sets`` (None: skipped) whose labels lie outside
-    the model's ``classes`` (0..classes-1; None: the model has no class axis, nothing to check)."""
+    the model's ``classes`` (``validate.check_labels_fit``; None: no class axis, nothing to check)."""
     for sample_set in sample_sets:
-        labels = None if sample_set is None else sample_set.labels
-        if classes is not None and labels is not None and (labels.min() < 0 or labels.max() >= classes):
-            raise DataError(sample_set.name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model "
-                            f"answers with {classes} classes (0..{classes - 1})",
-                            "check the labels (y, labels.csv, class folders), or leave them out to measure "
-                            "agreement with the original")
+        if classes is not None and sample_set is not None and sample_set.labels is not None:
+            check_labels_fit(sample_set.labels, classes, sample_set.name)
 
 
 def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None,
@@ -335,9 +323,10 @@ def refuse_same_file(data, other, other_flag: str, problem: str, hint: str) -> N
 
 def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.ModelProto, samples: dict,
                  held_out: SampleSet, *, stats=None, preloaded: Statistics | None = None,
-                 calibration_runs: int = 0) -> None:
+                 calibration_runs: int = 0, sources: dict | None = None) -> None:
     """Add to ``report`` whether the model changed, what calibrated (the statistics file when
-    every statistic came from it), what evaluates, and the per-layer rows."""
+    every statistic came from it; ``sources``, {set: data given}, adds each set's resolved file:
+    ``record_paths``), what evaluates, and the per-layer rows."""
     report["changed"] = model_hash(compressed) != model_hash(original)
     if not report["changed"]:
         if layer_rows(report):
@@ -353,6 +342,7 @@ def describe_run(report: dict, original: onnx.ModelProto, compressed: onnx.Model
         report["statistics"] = statistics_summary(stats, preloaded)
         if calibration_runs == 0:  # every statistic came from the file: that is what calibrated
             report["calibration"] = report["statistics"]["sets"]
+    record_paths(report["calibration"], sources or {})
     report["evaluation"] = held_out.describe()
     report["layers"] = layer_rows(report)
 
@@ -538,7 +528,7 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     check_outputs(outputs, input_paths(model, {"--target-data": target_data, "--source-data": source_data}),
                   flag="-o, --figure")
     original = as_model(model)
-    check_compressible(original, name=_model_name(model))
+    check_compressible(original, name=model_name(model))
     target = cap(as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input), recipe.calib_size,
                  seed=recipe.seed)
     source = None
@@ -591,7 +581,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
                   input_paths(model, {"--target-data": target_data, "--source-data": source_data,
                                       "--eval-data": eval_data}), flag="-o, --flops/--keep")
     original = as_model(model)
-    check_compressible(original, name=_model_name(model))
+    check_compressible(original, name=model_name(model))
     samples, held_out, _, calib, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
     label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
     if note:
@@ -618,9 +608,9 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
                                metric=recipe.metric)
         warnings = label_notes + list(validation.warnings) + collapse_warnings(validation, held_out)
         report["plan"] = result
-        describe_run(report, planner.original, compressed, samples, held_out)
+        describe_run(report, planner.original, compressed, samples, held_out,
+                     sources={"target": target_data, "source": source_data})
         report.update(validation=validation.to_dict(), recipe=final.to_dict(), warnings=warnings, verdict="unchecked")
-        record_paths(report["calibration"], {"target": target_data, "source": source_data})
         path = models[budget]
         files += [(path, functools.partial(save_model, compressed)),
                   (report_path(path), text(json.dumps(jsonable(report), indent=2) + "\n"))]
@@ -943,7 +933,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     check_output_text(output)
     check_outputs([output], input_paths(model, {"--target-data": target_data, "--source-data": source_data}))
     original = as_model(model)
-    check_compressible(original, name=_model_name(model))
+    check_compressible(original, name=model_name(model))
     check_layer_names(original, recipe)
     target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
     calib = target if fraction >= 1 else target.split(fraction, seed=recipe.seed)[0]
@@ -1081,18 +1071,10 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
              progress: bool = False, metric: str = "auto") -> ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data``; raises ValidationFailed on a missed threshold.
     ``metric``: "auto", "classes" or "embedding" (cosine, kNN and probe: ``onnxprune.embedding``).
-    Labels outside the reference's classes are a DataError."""
-    from onnxprune import embedding
-    from onnxprune.plan.planner import model_outputs
-
+    Labels outside the reference's classes are a DataError (``_validate``)."""
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     ref, cand = as_model(reference), as_model(candidate)
     samples = as_samples(data, ref, preprocess)
-    if samples.labels is not None and embedding.output_kind(ref, metric=metric) == "classes":
-        first = model_outputs(ref, samples.subset(np.arange(min(len(samples), batch_size))), batch_size=batch_size,
-                              device=device)
-        if first.ndim == 2:
-            check_label_range([samples], first.shape[-1])
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,
                        latency_runs=latency_runs, progress=progress, metric=metric)
     overlap = calibration_overlap(candidate, data)

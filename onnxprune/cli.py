@@ -1182,20 +1182,14 @@ def finetune(student, output, as_json, verbose, quiet, batch_size, seed, **kw):
 
     require_torch()
     from onnxprune.train.api import finetune_files
+    from onnxprune.train.distill import check_teacher_options
 
-    if kw["teacher"] is None:   # plain fine-tuning on the labels: nothing to distil
-        if kw["feature_weight"] > 0:
-            raise click.UsageError("--feature-weight needs --teacher: the feature loss matches the teacher's outputs "
-                                   "of the rewritten layers")
-        if kw["train_layers"] == "rewritten":
-            raise click.UsageError("--train-layers rewritten needs --teacher: the rewritten weights are those that "
-                                   "differ from the teacher's")
-        if _given("label_weight") and kw["label_weight"] == 0:
-            raise click.UsageError("--label-weight 0 needs --teacher: without one the labels are all there is to "
-                                   "train on")
+    if kw["teacher"] is None and _given("label_weight") and kw["label_weight"] == 0:
+        raise click.UsageError("--label-weight 0 needs --teacher: without one the labels are all there is to train on")
     refuse_idle_training_flags(kw)
     preprocess = preprocess_dict(kw)
     config = train_config(kw, batch_size=batch_size, seed=seed, progress=show_progress(quiet))
+    check_teacher_options(config, teacher=kw["teacher"] is not None)
     try:
         result = finetune_files(student, output, kw["target_data"], teacher=kw["teacher"], eval_data=kw["eval_data"],
                                 val_data=kw["val_data"],

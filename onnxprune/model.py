@@ -107,6 +107,11 @@ def check_model(model: onnx.ModelProto, *, name: str = "model") -> None:
         raise ModelError(name, f"fails the ONNX checker: {first}") from None
 
 
+def model_name(model, default: str = "model") -> str:
+    """What errors call a model: its file, or ``default`` for a model given in memory."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else default
+
+
 #: graph ops whose subgraphs the rewrites and the calibration graphs do not follow
 CONTROL_FLOW = ("If", "Loop", "Scan")
 #: tensor types the statistics and rewrites do not handle (they assume float32 activations)

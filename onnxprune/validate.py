@@ -231,6 +231,8 @@ def validate(
                                 f"has labels but the first output has shape {ref_out[0].shape}",
                                 "accuracy needs class scores on the last axis of the first output")
             continue
+        if classes is None and labels is not None and ref_out[0].ndim == 2:    # once: the classes are known
+            check_labels_fit(labels, ref_out[0].shape[1], _describe(samples))
         classes = ref_out[0].shape[-1]
         top_ref = _top1(ref_out[0])
         top_cand = _top1(cand_out[0])
@@ -303,6 +305,16 @@ def output_warnings(errors: list[OutputError], measured: int) -> list[str]:
             "is listed under validation.outputs in the report)"
             for k, other in enumerate(errors)
             if k != measured and other.relative_error > max(OTHER_OUTPUT_ERROR, judged.relative_error)]
+
+
+def check_labels_fit(labels: np.ndarray, classes: int, name: str) -> None:
+    """A DataError naming ``name`` when ``labels`` lie outside 0..classes-1: no answer of the model
+    can match them."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(name, f"has labels {int(labels.min())}..{int(labels.max())}, but the model answers with "
+                        f"{classes} classes (0..{classes - 1})",
+                        "check the labels (y, labels.csv, class folders), or leave them out to measure agreement "
+                        "with the original")
 
 
 def paired_standard_error(lost: int, gained: int, n: int) -> float | None:

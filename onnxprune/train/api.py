@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 
 from onnxprune.errors import DataError, ValidationFailed
-from onnxprune.model import jsonable, save_model
+from onnxprune.model import jsonable, model_name, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
 from onnxprune.validate import check_threshold_values
@@ -32,11 +32,6 @@ class TrainResult:
 
 #: the hint of finetune's exit 3
 TRAINING_REMEDY = "train longer (--epochs) or on more samples, or start from a less compressed student"
-
-
-def model_name(model, default: str) -> str:
-    """What errors call a model: its file, or ``default`` for a model given in memory."""
-    return str(model) if isinstance(model, (str, os.PathLike)) else default
 
 
 def report_path(output: Path) -> Path:

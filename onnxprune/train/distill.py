@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.errors import DataError, RecipeError
+from onnxprune.errors import DataError, RecipeError, UsageError
 from onnxprune.train import require_torch
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_teacher_options(config: TrainConfig, *, teacher: bool) -> None:
+    """UsageError (exit 2) for options that act only through a teacher, given without one."""
+    if teacher:
+        return
+    if config.feature_weight > 0:
+        raise UsageError("--feature-weight needs --teacher: the feature loss matches the teacher's outputs of the "
+                         "rewritten layers")
+    if config.train_layers == "rewritten":
+        raise UsageError("--train-layers rewritten needs --teacher: the rewritten weights are those that differ "
+                         "from the teacher's")
 
 
 SMALL_FOLD = 100  # below this many held-out samples one sample moves top-1 agreement by more than 1 %
@@ -236,11 +248,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
                                 "(--val-fraction of the training samples picks the checkpoint)")
             raise DataError(getattr(samples, "name", "samples"), "has no labels and no teacher was given",
                             "pass --teacher ORIGINAL.onnx (distillation) or labelled data (fine-tuning)")
-        if teacher is None and config.feature_weight > 0:
-            raise RecipeError("--feature-weight", "needs --teacher: the feature loss matches the teacher's outputs of "
-                              "the rewritten layers")
-        if teacher is None and config.train_layers == "rewritten":
-            raise RecipeError("--train-layers", "rewritten needs --teacher (the model the student came from)")
+        check_teacher_options(config, teacher=teacher is not None)
         if labels is None and config.label_weight > 0:
             warnings.append(f"--label-weight {config.label_weight:g}: {unlabelled.name} has no labels, so no "
                             "cross-entropy is added (distillation only)"
