@@ -129,9 +129,9 @@ def fill_indices(idx: np.ndarray, size: int | None) -> np.ndarray:
     """``idx`` with its last sample repeated up to ``size`` (a model's fixed batch; None: as it is).
     The model computes every sample alone (normalisation in inference form), so the copies' outputs
     are cut off and change nothing."""
-    if size is None or len(idx) >= size:
-        return idx
-    return np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))])
+    from onnxprune.runtime import fill_batch
+
+    return idx if size is None else fill_batch({"i": idx}, size)["i"]
 
 
 def rewritten_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> set[str]:
