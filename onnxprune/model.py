@@ -127,20 +127,17 @@ def check_compressible(model: onnx.ModelProto, *, name: str = "model") -> None:
         raise ModelError(name, f"has control flow ({', '.join(flow)}) whose subgraphs onnxprune does not rewrite "
                          "or calibrate through", "export the model without it (e.g. trace one branch)")
     graph = model.graph
-    typed = [*graph.input, *graph.output, *graph.value_info]
     readers: dict[str, set[str]] = {}
     for node in graph.node:
         for tensor in node.input:
             readers.setdefault(tensor, set()).add(node.op_type)
-    # half weights that only a Cast reads (stored small, computed in float32) are fine
-    half = sorted({HALF_TYPES[t.data_type] for t in graph.initializer
-                   if t.data_type in HALF_TYPES and readers.get(t.name, set()) - {"Cast"}}
-                  | {HALF_TYPES[v.type.tensor_type.elem_type] for v in typed
-                     if v.type.tensor_type.elem_type in HALF_TYPES}
-                  | {HALF_TYPES[a.t.data_type] for n in graph.node if n.op_type == "Constant"
-                     for a in n.attribute if a.HasField("t") and a.t.data_type in HALF_TYPES}
-                  | {HALF_TYPES[a.i] for n in graph.node if n.op_type == "Cast"
-                     for a in n.attribute if a.name == "to" and a.i in HALF_TYPES})
+    # element types: of weights read by more than a Cast (half weights that only a Cast reads are
+    # stored small and computed in float32: fine), of typed tensors, of constants, of Cast targets
+    types = [t.data_type for t in graph.initializer if readers.get(t.name, set()) - {"Cast"}]
+    types += [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)]
+    types += [a.t.data_type for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")]
+    types += [a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    half = sorted({HALF_TYPES[t] for t in types if t in HALF_TYPES})
     if half:
         raise ModelError(name, f"has {' and '.join(half)} tensors, which onnxprune does not compress yet",
                          "export the model in float32 (torch: model.float() before export), compress it, then "
