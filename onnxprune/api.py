@@ -1033,6 +1033,17 @@ def _close(client) -> None:
         cluster.close()
 
 
+def symbolic_dims_note(model: onnx.ModelProto) -> str | None:
+    """What ``inspect``'s MACs take for the dimensions after the batch that the model leaves
+    symbolic (None when there are none)."""
+    dims = [f"{spec.name}[{axis}] ({d or '?'})" for spec in input_specs(model)
+            for axis, d in enumerate(spec.shape) if axis and not isinstance(d, int)]
+    if not dims:
+        return None
+    return (f"MACs count the symbolic {', '.join(dims)} as 1; compress, validate, sensitivity and sweep "
+            "count them at the size of their samples")
+
+
 def inspect(model) -> dict[str, Any]:
     """Inputs/outputs, op histogram, parameters and MACs per layer, and what each method can touch."""
     m = as_model(model)
@@ -1053,6 +1064,7 @@ def inspect(model) -> dict[str, Any]:
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         "params": count_parameters(m),
         "macs": int(sum(layer.macs for layer in layers)),
+        "macs_note": symbolic_dims_note(m),
         "bytes": model_bytes(m),
         "layers": [dataclasses.asdict(layer) for layer, node in zip(layers, m.graph.node)
                    if layer.macs or any(name in tensors for name in node.input)],

@@ -1059,6 +1059,8 @@ def inspect(model, as_json, verbose, quiet):
         click.echo(f"  output {o}")
     click.echo("  ops    " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
     click.echo(f"  params {info['params']:,}   MACs {info['macs']:,}   size {info['bytes'] / 1e6:.2f} MB")
+    if info["macs_note"]:
+        click.echo(f"  note   {info['macs_note']}")
     click.echo("\nlayers (params, MACs per sample):")
     for layer in info["layers"]:
         click.echo(f"  {layer['name']:<40} {layer['op']:<10} {layer['params']:>10,} {layer['macs']:>14,}")

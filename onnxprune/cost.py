@@ -9,8 +9,11 @@ MACs are counted per sample (batch 1) for the layers that dominate inference cos
 
 Every other node counts 0 MACs; bias additions are not counted. Shapes come from ONNX
 shape inference (``graph/shapes.py``: with data propagation, on a light copy of the graph)
-with the symbolic input dimensions set to 1; tensors it cannot infer are measured by running onnxruntime once
-on a zero input with those tensors exposed as outputs. Nodes inside subgraphs (If, Loop,
+with the symbolic input dimensions set to 1, or to the size of the data where a caller has it
+(``sample_shapes``: compress, validate, the planner and the passes count a model exported
+with a dynamic height and width, or sequence length, at its samples' size); tensors it
+cannot infer are measured by running onnxruntime once on a zero input with those tensors
+exposed as outputs. Nodes inside subgraphs (If, Loop,
 Scan bodies) are not counted.
 """
 
@@ -81,6 +84,15 @@ def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[i
         costs.append(LayerCost(name, node.op_type, params, macs, shapes.get(node.input[0]) if node.input else None,
                                shapes.get(node.output[0]) if node.output else None))
     return costs
+
+
+def sample_shapes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, Shape]:
+    """``input_shapes`` for ``layer_costs`` from a batch of ``feeds``: {input: shape of one sample,
+    batch 1} for the inputs whose shape in ``model`` leaves a dimension after the batch symbolic
+    (an exported dynamic height and width, or sequence length); {} when there is none. MACs
+    then count at the size of the data rather than with those dimensions at 1."""
+    return {spec.name: (1, *np.shape(feeds[spec.name])[1:]) for spec in input_specs(model)
+            if spec.name in feeds and any(not isinstance(d, int) for d in spec.shape[1:])}
 
 
 def total_macs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:

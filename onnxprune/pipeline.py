@@ -233,7 +233,8 @@ def _run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvide
     renamed = name_nodes(work)        # stable identity: every later lookup is by name, never by position
     if renamed:
         log.info("named %d unnamed or duplicate-named nodes (op_index)", renamed)
-    ctx = PassContext(statistics=provider, folds=recipe.folds, mode=recipe.mode, seed=recipe.seed, original=model)
+    ctx = PassContext(statistics=provider, folds=recipe.folds, mode=recipe.mode, seed=recipe.seed, original=model,
+                      input_shapes=provider.sample_shapes(model))
     log.info("recipe: %s, mode %s, %d calibration folds",
              " -> ".join(p.name for p in passes), recipe.mode, recipe.folds)
 

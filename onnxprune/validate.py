@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from onnxprune import embedding as emb
-from onnxprune.cost import total_macs
+from onnxprune.cost import sample_shapes, total_macs
 from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
 from onnxprune.model import count_parameters, input_specs, jsonable, model_bytes
 from onnxprune.runtime import make_session, run_batches
@@ -255,7 +255,8 @@ def validate(
     latency = {}
     if measure_latency and latency_runs > 0:
         latency = _latency(sessions, fixed, first_feeds, runs=latency_runs, batch=latency_batch)
-    macs_reference = total_macs(reference)
+    shapes = sample_shapes(reference, first_feeds)      # MACs at the data's dynamic H x W or sequence length
+    macs_reference = total_macs(reference, input_shapes=shapes)
     accuracy_reference = correct[0] / seen if labels is not None else None
     accuracy_candidate = correct[1] / seen if labels is not None else None
     drop_se = paired_standard_error(*flips, seen) if labels is not None and compared else None
@@ -279,7 +280,7 @@ def validate(
         params_reference=count_parameters(reference),
         params_candidate=count_parameters(candidate),
         macs_reference=macs_reference,
-        macs_candidate=macs_reference if candidate is reference else total_macs(candidate),
+        macs_candidate=macs_reference if candidate is reference else total_macs(candidate, input_shapes=shapes),
         bytes_reference=model_bytes(reference),
         bytes_candidate=model_bytes(candidate),
         latency_ms=latency,

@@ -26,6 +26,7 @@ from onnxprune.calibration.collect import collect, token_mask_input
 from onnxprune.calibration.moments import Moments
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.calibration.stats import Statistics
+from onnxprune.cost import sample_shapes
 from onnxprune.data.samples import Feeds
 from onnxprune.errors import CalibrationError
 from onnxprune.graph.segment import float_tensors, segment
@@ -166,6 +167,12 @@ class StatsProvider:
                 self._cache[(set_name, request.key)] = (hashes[request.tensor], stats)
                 entries[(set_name, request.key)] = stats
         return StatsView(entries)
+
+    def sample_shapes(self, model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+        """``cost.sample_shapes`` of the target samples ({} without them): the size a model with
+        a dynamic height and width, or sequence length, runs at on this data."""
+        target = self.samples.get("target")
+        return {} if target is None else sample_shapes(model, target.batch(np.arange(1)))
 
     @property
     def stores_activations(self) -> bool:

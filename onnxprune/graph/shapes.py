@@ -109,10 +109,12 @@ def _fold_shape_values(light: onnx.ModelProto, infos: dict[str, onnx.ValueInfoPr
     return values
 
 
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
-    """Shape of every tensor (batch 1 for symbolic batches; None for unknown dims or rank)."""
+def tensor_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+                  ) -> dict[str, tuple[int | None, ...] | None]:
+    """Shape of every tensor (batch 1 for symbolic batches; None for unknown dims or rank);
+    ``input_shapes`` fixes whole input shapes (``cost.sample_shapes``)."""
     shapes: dict[str, tuple[int | None, ...] | None] = {}
-    for name, value in inferred_value_info(model, fix_batch=True).items():
+    for name, value in inferred_value_info(model, fix_batch=True, input_shapes=input_shapes).items():
         ttype = value.type.tensor_type
         if not ttype.HasField("shape"):
             shapes[name] = None

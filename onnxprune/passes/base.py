@@ -93,6 +93,9 @@ class PassContext:
     # Derived quantities (channel rankings) that stay valid across runs over the same
     # statistics and graph; None: nothing is cached (a single pipeline run needs none).
     cache: dict[Any, Any] | None = None
+    # One sample's shape per input with a dynamic dimension after the batch (cost.sample_shapes):
+    # what MAC budgets and latency timings of such a model count at; {}: symbolic dims are 1.
+    input_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def remembered(self, key: tuple | None, compute: Callable[[], Any], *, on: tuple = ()) -> Any:
         """``compute()``, remembered in ``cache`` under ``key`` in one-shot mode (the planner's

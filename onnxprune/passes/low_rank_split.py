@@ -456,7 +456,7 @@ class LowRankSplit(Pass):
         opts = self.options
         batch = int(opts.latency_batch)
         block = int(opts.multiple) if int(opts.multiple) > 1 else 8
-        shapes = tensor_shapes(model)
+        shapes = tensor_shapes(model, ctx.input_shapes)
         out = {}
         for layer in layers:
             m, n = weights[layer.name][0].shape

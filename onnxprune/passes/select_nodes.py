@@ -108,10 +108,11 @@ class Footprint:
     """
 
     def __init__(self, model: onnx.ModelProto, groups: list[ChannelGroup], *,
-                 layer_costs: dict[str, cost.LayerCost] | None = None):
-        """``layer_costs``: ``cost.layer_costs(model)`` by name, when the caller has it already
-        (it runs shape inference)."""
-        costs = layer_costs if layer_costs is not None else {c.name: c for c in cost.layer_costs(model)}
+                 layer_costs: dict[str, cost.LayerCost] | None = None, input_shapes: dict | None = None):
+        """``layer_costs``: ``cost.layer_costs(model, input_shapes=input_shapes)`` by name, when the
+        caller has it already (it runs shape inference)."""
+        costs = layer_costs if layer_costs is not None else {
+            c.name: c for c in cost.layer_costs(model, input_shapes=input_shapes)}
         sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
         self.channels = {g.name: g.channels for g in groups}
         self.params: dict[str, set[str]] = {}      # initializer -> groups along its axes
@@ -220,7 +221,7 @@ class SelectNodes(Pass):
         if counts is None:
             # Counts come from every group at once (a global budget couples them), on this graph.
             scores = self._scores(model, groups, ctx)
-            counts = self._counts(model, groups, scores)
+            counts = self._counts(model, groups, scores, ctx.input_shapes)
             if ctx.only_group is not None:
                 ctx.counts = counts
         else:
@@ -268,7 +269,7 @@ class SelectNodes(Pass):
         """What ranks the group's channels (see ``onnxprune.criteria.Criterion.score``)."""
         return self.criterion.score(model, group, views)
 
-    def _counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
+    def _counts(self, model, groups: list[ChannelGroup], scores: dict, input_shapes: dict) -> dict[str, int]:
         opts = self.options
         if opts.counts is not None:
             return {g.name: _whole_units(min(int(opts.counts[g.name]), g.channels), g) for g in groups}
@@ -279,7 +280,7 @@ class SelectNodes(Pass):
         elif groups and self.criterion.count(groups[0], scores[groups[0].name]) is not None:
             counts = {g.name: self.criterion.count(g, scores[g.name]) for g in groups}
         else:
-            return self._budget_counts(model, groups, scores)
+            return self._budget_counts(model, groups, scores, input_shapes)
         return {g.name: self._rounded(counts[g.name], g) for g in groups}
 
     def _rounded(self, count: int, group: ChannelGroup) -> int:
@@ -294,7 +295,7 @@ class SelectNodes(Pass):
             return int(count)
         return int(min(group.channels, m * math.ceil(count / m)))
 
-    def _budget_counts(self, model, groups: list[ChannelGroup], scores: dict) -> dict[str, int]:
+    def _budget_counts(self, model, groups: list[ChannelGroup], scores: dict, input_shapes: dict) -> dict[str, int]:
         """Global budget: one threshold t for every group, the loosest whose counts fit.
 
         t is a retention ratio (spectral, momasp), a PFA energy (pfa-en, pfa-kl), or a
@@ -304,7 +305,7 @@ class SelectNodes(Pass):
         and t tried again, so the result is exactly that of full rankings.
         """
         opts = self.options
-        footprint = Footprint(model, groups)
+        footprint = Footprint(model, groups, input_shapes=input_shapes)
         full_params, full_macs = footprint.full()
         index, budget = (0, opts.keep * full_params) if opts.keep is not None else (1, opts.flops * full_macs)
         threshold = self.criterion.threshold

@@ -99,18 +99,24 @@ class LatencyCosts:
     objective = "latency"
 
     def __init__(self, model: onnx.ModelProto, sites, sizes_of, *, batch: int = 1, device: str = "cpu",
-                 fallback=None):
+                 fallback=None, input_shapes: dict | None = None):
         """``sites``: the planner's sites; ``sizes_of(site)``: the sizes its ladder tries;
-        ``fallback``: costs (MACs) scaled to seconds for a site that cannot be timed alone."""
+        ``fallback``: costs (MACs) scaled to seconds for a site that cannot be timed alone;
+        ``input_shapes``: ``cost.sample_shapes`` of the data (a dynamic height and width, or
+        sequence length, is timed at the data's size, not at 1)."""
         started = time.perf_counter()
         self.model = model
         self.batch = batch
+        input_shapes = input_shapes or {}
         full = clone(model)
-        shapes = tensor_shapes(model)
+        shapes = tensor_shapes(model, input_shapes)
         for value in list(full.graph.input):
             if value.name in {t.name for t in full.graph.initializer}:
                 continue
             dims = value.type.tensor_type.shape.dim
+            if value.name in input_shapes:
+                for dim, size in zip(dims[1:], input_shapes[value.name][1:]):
+                    dim.dim_value = int(size)
             if dims and not dims[0].HasField("dim_value"):
                 dims[0].dim_value = batch
         self.total = time_models([full], device=device)[0]

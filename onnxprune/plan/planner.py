@@ -276,9 +276,12 @@ def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions, *,
 class Costs:
     """Objective cost of the model and of each option, from one shape inference."""
 
-    def __init__(self, model: onnx.ModelProto, objective: str):
+    def __init__(self, model: onnx.ModelProto, objective: str, input_shapes: dict | None = None):
+        """``input_shapes``: ``cost.sample_shapes`` of the data (a model with dynamic dimensions
+        after the batch counts at the data's size)."""
         self.objective = objective
-        self.layers = {c.name: c for c in cost.layer_costs(model)}
+        self.input_shapes = input_shapes or {}
+        self.layers = {c.name: c for c in cost.layer_costs(model, input_shapes=self.input_shapes)}
         self.total = max(float(count_parameters(model) if objective == "params"
                                else sum(c.macs for c in self.layers.values())), 1.0)    # 1: nothing to save
         self.model = model
@@ -286,7 +289,7 @@ class Costs:
     def prune_saving(self, groups: list[ChannelGroup], counts: dict[str, int]) -> float:
         """What keeping ``counts[g]`` channels of each group saves, the groups jointly (Footprint,
         on the layer costs already inferred)."""
-        footprint = Footprint(self.model, groups, layer_costs=self.layers)
+        footprint = Footprint(self.model, groups, layer_costs=self.layers)    # at input_shapes already
         index = 0 if self.objective == "params" else 1
         return float(footprint.full()[index] - footprint(counts)[index])
 
@@ -614,12 +617,14 @@ class Planner:
         self.halves = [_HalfProvider(self.provider, h, calib.subset(self.half_positions[h])) for h in (0, 1)]
         self.caches: list[dict] = [{}, {}]          # per half: select-nodes rankings
         latency = options.objective == "latency"
-        self.costs = Costs(self.original, "macs" if latency else options.objective)
+        self.input_shapes = cost.sample_shapes(self.original, calib.batch(np.arange(1)))
+        self.costs = Costs(self.original, "macs" if latency else options.objective, self.input_shapes)
         self.sites, self.skipped = find_sites(self.original, options, self.costs)
         if latency:                        # sites are chosen by MACs; their options are timed
             started = time.perf_counter()
             self.costs = LatencyCosts(self.original, self.sites, lambda site: [k for _, k in ladder_sizes(site, options)],
-                                      batch=options.latency_batch, device=device, fallback=self.costs)
+                                      batch=options.latency_batch, device=device, fallback=self.costs,
+                                      input_shapes=self.input_shapes)
             self._timed("latency", started)
         self.labels = self.checked.labels
         self._reference_outputs: np.ndarray | None = None
@@ -651,7 +656,7 @@ class Planner:
         with ``then``, also (as a second model) that model rewritten further by ``then``."""
         work = clone(self.original)
         ctx = PassContext(statistics=self.halves[half], folds=2, seed=self.seed, cache=self.caches[half],
-                          original=self.original)
+                          original=self.original, input_shapes=self.input_shapes)
         for name, opts in passes:
             REGISTRY[name](**opts).run(work, ctx)
         if not then:
