@@ -14,7 +14,8 @@ max_iter=5000) on L2-normalised embeddings), for the original and for each compr
 cosine = mean cosine similarity of the compressed model's sentence embedding (output 461)
 with the original's.
 
-Rows, at 70 % and 50 % of the model's MACs (``--flops``; MACs per token of the whole encoder):
+Rows, at 70 % and 50 % of the model's MACs (``--flops``; MACs per sentence of the whole encoder at the
+rows' length L, attention products included, as ``compress`` counts them):
 
 - ``spectral``: the planner restricted to FFN pruning (spectral selection + least-squares
   reconstruction of the second FFN matrix) = ``compress --method spectral --flops F``;
@@ -174,15 +175,15 @@ def onnxsim_rows(budget: float, units: dict[str, int], total: dict[str, int], mo
     fraction), L2 weight norms or structured Wanda (calibration: our calibration samples in
     batches of 32), no reconstruction. MACs: the fused original's minus what onnxsim removed
     (FFN: the cost model on the fused graphs; heads: 4 x 384 x 32 per head per token, the
-    Q/K/V columns and output rows), over the unfused original's MACs."""
+    Q/K/V columns and output rows, and 2 x L x 32 per head per token, its attention products),
+    over the unfused original's MACs, all at the rows' length L."""
     import onnxsim
     import onnxsim.pruning as osp
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from onnxprune.cost import total_macs
-
     fused = optimize_model(str(MODEL), model_type="bert", num_heads=12, hidden_size=384).model
-    base = total_macs(model)
+    length = calib_data["input_ids"].shape[1]
+    base = macs_at(model, length)
     batches = [{k: v[i:i + 32] for k, v in calib_data.items() if k != "y"} for i in range(0, len(calib_data["y"]), 32)]
     out = []
     for family, (structured, wanda) in (("FFN units", (osp.apply_structured_pruning, osp.apply_structured_wanda_pruning)),
@@ -196,13 +197,13 @@ def onnxsim_rows(budget: float, units: dict[str, int], total: dict[str, int], mo
             t0 = time.perf_counter()
             pruned = fn(fused, sparsity=sparsity, **kwargs)
             if family == "FFN units":
-                macs = 1 - (total_macs(fused) - total_macs(pruned)) / base
+                macs = 1 - (macs_at(fused, length) - macs_at(pruned, length)) / base
                 kept = sum(onnx_shape(pruned, n.input[1])[-1] for n in pruned.graph.node
                            if n.op_type == "BiasGelu")
             else:
                 kept = sum(next(a.i for a in n.attribute if a.name == "num_heads") for n in pruned.graph.node
                            if n.op_type == "Attention")
-                macs = 1 - (total[family] - kept) * 4 * 384 * 32 / base
+                macs = 1 - (total[family] - kept) * (4 * 384 + 2 * length) * 32 * length / base
             r = row(f"{family}: onnxsim {onnxsim.__version__.lstrip('v')} {name} (fused graph, no reconstruction)", budget,
                     model, pruned, held, f"{kept}/{total[family]} {family.split()[0].lower()} kept",
                     time.perf_counter() - t0)

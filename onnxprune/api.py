@@ -23,7 +23,7 @@ from onnxprune.calibration.stats import Statistics
 from onnxprune.data.preprocess import Preprocess
 from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
-from onnxprune.data.tokens import check_flags, check_token_samples
+from onnxprune.data.tokens import check_flags, check_image_flags, check_token_samples
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
@@ -80,8 +80,9 @@ def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | Non
     if isinstance(data, SampleSet):
         return data
     text = is_text_file(data)
-    samples = None
+    samples = flags = None
     if isinstance(preprocess, dict):
+        flags = preprocess
         check_flags(model, preprocess)
         preprocess = dict(preprocess)
         tokenizer, max_length = preprocess.pop("tokenizer", None), preprocess.pop("max_length", None)
@@ -96,6 +97,8 @@ def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | Non
         raise DataError(str(data), "is a text file: tokenising it needs the model's tokenizer",
                         "pass --tokenizer tokenizer.json")
     samples = samples or open_samples(data, model, preprocess=preprocess)
+    if flags is not None:
+        check_image_flags(samples, flags)
     check_token_samples(samples, model, mask=mask, text=text)
     return samples
 

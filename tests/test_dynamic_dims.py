@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import cost
 from onnxprune.cli import main
+from onnxprune.graph.groups import find_channel_groups
 from onnxprune.model import clone, input_specs, load_model
 from onnxprune.passes.select_nodes import Footprint
-from onnxprune.graph.groups import find_channel_groups
 
 from conftest import run_model
 

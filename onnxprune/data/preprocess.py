@@ -119,9 +119,9 @@ def prepare(raw, spec: InputSpec, preprocess: Preprocess, name: str) -> np.ndarr
         shapes = sorted({o.shape[1:] for o in out})
         if len(shapes) > 1:
             raise DataError(where, f"images come out in different sizes {[dims_text(s) for s in shapes[:3]]}",
-                            "set preprocess resize and/or center_crop")
+                            "give --resize and/or --center-crop (preprocess resize, center_crop)")
         feed = np.concatenate(out)
-    elif _is_image_batch(raw, spec):
+    elif is_image_batch(raw, spec):
         feed = _image_pipeline(_to_hwc(raw, spec, preprocess, where), spec, preprocess, where)
     else:
         feed = _prepare_array(raw, spec, preprocess, where)
@@ -131,7 +131,9 @@ def prepare(raw, spec: InputSpec, preprocess: Preprocess, name: str) -> np.ndarr
     return feed
 
 
-def _is_image_batch(raw: np.ndarray, spec: InputSpec) -> bool:
+def is_image_batch(raw: np.ndarray, spec: InputSpec) -> bool:
+    """Whether ``raw`` is a batch of images for ``spec`` (uint8 of rank 3 or 4 to a float input),
+    which the image pipeline transforms; other arrays are fed as they are."""
     return raw.dtype == np.uint8 and np.issubdtype(spec.dtype, np.floating) and raw.ndim in (3, 4)
 
 
@@ -183,7 +185,8 @@ def _image_pipeline(images: np.ndarray, spec: InputSpec, pre: Preprocess, where:
     c = x.shape[-1]
     for values, what in ((pre.mean, "mean"), (pre.std, "std")):
         if values is not None and len(values) not in (1, c):
-            raise DataError(where, f"preprocess {what} has {len(values)} values for {c}-channel images")
+            raise DataError(where, f"--{what} has {len(values)} values for {c}-channel images",
+                            f"give 1 or {c} values (preprocess {what})")
     if pre.mean is not None:
         x -= np.asarray(pre.mean, dtype=np.float32)
     if pre.std is not None:
@@ -207,7 +210,7 @@ def _match_channels(images: np.ndarray, channels: int | None, grayscale: bool | 
         images = np.repeat(images, 3, axis=-1)
     if channels is not None and images.shape[-1] != channels:
         if hint is None and channels == 1:
-            hint = "set preprocess grayscale=True"
+            hint = "the model takes gray images: drop --color (preprocess grayscale=False)"
         raise DataError(where, f"images have {images.shape[-1]} channel{'s' if images.shape[-1] != 1 else ''} but the input wants {channels}",
                         hint)
     return images
@@ -292,7 +295,9 @@ def _check_shape(feed: np.ndarray, spec: InputSpec, pre: Preprocess, where: str)
 
 def _layout_hint(spec: InputSpec, pre: Preprocess) -> str | None:
     if spec.rank == 4 and pre.layout == "NCHW" and spec.shape[3] in (1, 3) and spec.shape[1] not in (1, 3):
-        return "the input looks NHWC: set preprocess layout='NHWC'"
+        return "the input looks NHWC: give --layout NHWC (preprocess layout='NHWC')"
+    if spec.rank == 4 and pre.layout == "NHWC" and spec.shape[1] in (1, 3) and spec.shape[3] not in (1, 3):
+        return "the input looks NCHW: drop --layout NHWC (preprocess layout='NCHW')"
     return None
 
 

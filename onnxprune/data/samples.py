@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -49,7 +50,7 @@ import numpy as np
 import onnx
 from PIL import Image
 
-from onnxprune.data.preprocess import Preprocess, dims_text, is_int, prepare
+from onnxprune.data.preprocess import Preprocess, dims_text, is_image_batch, is_int, prepare
 from onnxprune.errors import DataError
 from onnxprune.model import InputSpec, input_specs
 
@@ -83,19 +84,49 @@ class _ImageStore:
         self.input_name = input_name
         self.count = len(files)
 
+        self.transparent = 0          # images decoded so far whose alpha channel was not opaque
+
     def fetch(self, rows: np.ndarray) -> dict[str, list[np.ndarray]]:
-        return {self.input_name: [_decode_image(self.files[row]) for row in rows]}
+        images = []
+        for row in rows:
+            image, transparent = _decode_image(self.files[row])
+            images.append(image)
+            if transparent and not self.transparent:
+                log.warning("%s has transparent pixels: images are read without their alpha channel (the "
+                            "colour under it, as Pillow's convert('RGB') gives it); flatten them onto the "
+                            "background the model saw if that is not it", self.files[row])
+            self.transparent += transparent
+        return {self.input_name: images}
 
 
-def _decode_image(path: Path) -> np.ndarray:
-    """One image file as (H, W, 1) or (H, W, 3) uint8."""
+#: Pillow modes of one-channel 16-bit images (PNG, TIFF); "I" (32-bit integers) is read by its values
+_GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _decode_image(path: Path) -> tuple[np.ndarray, bool]:
+    """One image file as (H, W, 1) or (H, W, 3) uint8, and whether it had a non-opaque alpha
+    channel (dropped). 16-bit gray images are scaled to 8 bits (value / 257, rounded; Pillow's
+    convert would clip them at 255), 32-bit integer ones too unless their values fit in 8 bits;
+    floating-point images, whose range is not known, are refused."""
     try:
         with Image.open(path) as image:
-            gray = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            if image.mode == "F":
+                raise DataError(str(path), "is a 32-bit floating-point image: its value range is unknown",
+                                "save it as an 8- or 16-bit image, or give the preprocessed arrays in a .npz")
+            if image.mode in _GRAY16 or image.mode == "I":
+                wide = np.asarray(image, dtype=np.float64)
+                if wide.min() < 0 or wide.max() > 65535:
+                    raise DataError(str(path), f"holds values {wide.min():g}..{wide.max():g}, outside 16 bits")
+                eight = image.mode == "I" and wide.max() <= 255
+                return np.rint(wide if eight else wide / 257.0).astype(np.uint8)[..., None], False
+            transparent = "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255
+            if image.mode == "P" and "transparency" in image.info:
+                transparent = image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+            gray = image.mode in ("1", "L", "LA")
             array = np.asarray(image.convert("L" if gray else "RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(str(path), f"cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
-    return array[..., None] if array.ndim == 2 else array
+    return (array[..., None] if array.ndim == 2 else array), bool(transparent)
 
 
 def _bytes_per_sample(feeds: dict[str, np.ndarray]) -> float:
@@ -179,6 +210,15 @@ class SampleSet:
             return self._store.arrays[name][self._rows]
         return None
 
+    @property
+    def images(self) -> bool:
+        """Whether preprocessing transforms these samples: image files, or uint8 image arrays
+        for a float input (``preprocess.is_image_batch``); other arrays are fed as they are."""
+        if isinstance(self._store, _ImageStore):
+            return True
+        return any(is_image_batch(self._store.arrays[spec.name], spec) for spec in self._specs
+                   if spec.name in self._store.arrays)
+
     def bytes_per_sample(self) -> float:
         """Bytes one sample takes as the model's input (decoded and preprocessed)."""
         return _bytes_per_sample(self.batch(np.arange(min(len(self), 8))))
@@ -219,8 +259,8 @@ class SampleSet:
         first = int(round(fraction * n))
         if first == 0 or first == n:
             raise DataError(self.name,
-                            f"cannot split {n} samples at fraction {fraction}: one part would be empty",
-                            "use more samples or a fraction nearer 0.5")
+                            f"cannot split {n} sample{'s' if n != 1 else ''} at fraction {fraction}: one part "
+                            "would be empty", "use more samples" + (" or a fraction nearer 0.5" if fraction != 0.5 else ""))
         order = np.random.default_rng(seed).permutation(n)
         return self.subset(np.sort(order[:first])), self.subset(np.sort(order[first:]))
 
@@ -414,8 +454,9 @@ def _open_directory(path: Path, specs: list[InputSpec]):
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     arrays = [p for p in entries if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES]
     images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    subdirs = [p for p in entries if p.is_dir()]
-    class_dirs = [d for d in subdirs if any(_is_image(f) for f in d.rglob("*"))]
+    subdirs = [p for p in entries if p.is_dir() and p.name not in NOT_CLASSES]
+    under = {d: _folder_images(d) for d in subdirs}
+    class_dirs = [d for d in subdirs if under[d]]
     kinds = [k for k, found in (("array files", arrays), ("images", images), ("class subfolders", class_dirs))
              if found]
     if not kinds:
@@ -430,14 +471,35 @@ def _open_directory(path: Path, specs: list[InputSpec]):
         csv_path = path / LABELS_CSV
         labels = _read_labels_csv(csv_path, images) if csv_path.is_file() else None
         return _image_store(images, labels, specs, path), labels, None
-    # ImageFolder: every subfolder is a class, in sorted order, even one without images.
+    # ImageFolder: every subfolder is a class, in sorted order, or by number when every name is
+    # one (its label is then that number: "10" is not class 2 of 0..10, and folders 3 and 7 alone
+    # stay classes 3 and 7); a class folder without images would shift the ones after it.
+    numbered = all(d.name.isdigit() for d in subdirs)
+    empty = [d.name for d in subdirs if d not in class_dirs]
+    if empty and not numbered:
+        also = f" (as are {', '.join(empty[1:4])})" if len(empty) > 1 else ""
+        raise DataError(str(path / empty[0]), f"is a class folder without images{also}", "remove it or add its "
+                        "images: class indices are the folders' positions in sorted order")
+    if numbered:
+        subdirs = sorted(class_dirs, key=lambda d: int(d.name))
     files, labels = [], []
     for index, folder in enumerate(subdirs):
-        found = sorted(f for f in folder.rglob("*") if _is_image(f))
+        found = under[folder]
         files += found
-        labels += [index] * len(found)
+        labels += [int(folder.name) if numbered else index] * len(found)
     store = _image_store(files, None, specs, path)
     return store, np.asarray(labels, dtype=np.int64), tuple(d.name for d in subdirs)
+
+
+#: folders that are never a class: archivers' metadata
+NOT_CLASSES = ("__MACOSX",)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The images under ``folder`` at any depth, sorted, none inside a hidden folder
+    (``.ipynb_checkpoints``) or hidden themselves."""
+    return sorted(f for f in folder.rglob("*") if _is_image(f)
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def _is_image(path: Path) -> bool:
@@ -467,20 +529,28 @@ def _read_labels_csv(csv_path: Path, images: list[Path]) -> np.ndarray:
     for line, row in rows:
         if len(row) < 2:
             raise DataError(f"{csv_path}:{line}", "needs two columns: file, class index")
-        file, value = row[0].strip(), row[1].strip()
+        file, value = _file_key(row[0]), row[1].strip()
         if not _parses_as_int(value):
             raise DataError(f"{csv_path}:{line}", f"class index {value!r} is not an integer")
         if file in by_file:
             raise DataError(f"{csv_path}:{line}", f"lists {file!r} twice")
         by_file[file] = int(value)
-    names = [p.name for p in images]
+    names = [_file_key(p.name) for p in images]
     missing = [n for n in names if n not in by_file]
     if missing:
         raise DataError(str(csv_path), f"has no row for {len(missing)} image(s), e.g. {missing[0]!r}")
     unknown = sorted(set(by_file) - set(names))
-    if unknown:
-        raise DataError(str(csv_path), f"lists {len(unknown)} file(s) not in the folder, e.g. {unknown[0]!r}")
+    if unknown:      # a subset of a labelled folder, copied with its labels.csv
+        log.warning("%s lists %d file(s) not in the folder (e.g. %r): their rows are not used", csv_path,
+                    len(unknown), unknown[0])
     return np.asarray([by_file[n] for n in names], dtype=np.int64)
+
+
+def _file_key(name: str) -> str:
+    """A file name as labels.csv is matched on: ``./`` dropped, Unicode in composed form (macOS
+    writes names decomposed, most editors composed)."""
+    name = name.strip()
+    return unicodedata.normalize("NFC", name[2:] if name.startswith("./") else name)
 
 
 def _parses_as_int(text: str) -> bool:

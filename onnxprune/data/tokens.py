@@ -12,7 +12,8 @@
 - **Flags.** Image preprocessing (``--mean``, ``--resize``, ...) does nothing to token ids, and
   ``--tokenizer`` / ``--max-length`` nothing to an image model: ``check_flags`` makes each a
   usage error naming the flag, as ``--max-length`` without ``--tokenizer`` (token arrays keep
-  their length).
+  their length), and ``check_image_flags`` image flags given with samples that are not images
+  (float arrays are fed as they are).
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def check_flags(model: onnx.ModelProto, preprocess: dict) -> None:
         raise UsageError("--max-length applies only with --tokenizer (it cuts and pads tokenised text files); "
                          "token arrays (.npz) are fed at their own length",
                          "give --tokenizer with .txt/.tsv data, or cut the arrays themselves")
+
+
+def check_image_flags(samples, preprocess: dict) -> None:
+    """UsageError for image preprocessing flags (a ``preprocess`` dict) given with samples the
+    image pipeline does not touch (``SampleSet.images`` false: float or other non-uint8 arrays,
+    taken as already preprocessed), where the report would record preprocessing that never ran."""
+    image = [k for k in IMAGE_KEYS if preprocess.get(k) is not None]
+    if image and not samples.images:
+        kinds = ", ".join(sorted({str(samples.stored(name).dtype) for name in samples.input_names
+                                  if samples.stored(name) is not None})) or "non-image"
+        raise UsageError(f"{_flags(image)} to images (image files, uint8 arrays), but {samples.name} holds "
+                         f"{kinds} arrays, which are fed as they are (taken as preprocessed already)",
+                         "drop the image flags, or give the images (image files, or uint8 arrays)")
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -518,7 +518,10 @@ def test_labels_csv_problems(tmp_path):
 def test_image_problems(tmp_path):
     with pytest.raises(DataError) as excinfo:
         open_samples(pixels(2, (4, 4, 3)), spec(), preprocess=Preprocess(grayscale=False))
-    one_line_error(excinfo, "3 channels but the input wants 1", "grayscale=True")
+    one_line_error(excinfo, "3 channels but the input wants 1", "drop --color (preprocess grayscale=False)")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(pixels(2, (4, 4)), spec(("N", 1, 8, 8)), preprocess=Preprocess(layout="NHWC"))
+    one_line_error(excinfo, "1 channel but the input wants 8", "the input looks NCHW: drop --layout NHWC")
     with pytest.raises(DataError) as excinfo:
         open_samples(pixels(2, (4, 4)), spec(("N", 1, 8, 8)), preprocess=Preprocess(center_crop=8))
     one_line_error(excinfo, "4x4 is smaller than center_crop 8x8")
@@ -530,6 +533,66 @@ def test_image_problems(tmp_path):
     with pytest.raises(DataError) as excinfo:
         open_samples(tmp_path / "mixed", spec())
     one_line_error(excinfo, "mixes array files and images")
+
+
+def test_image_modes_beyond_8_bits(tmp_path):
+    """16-bit gray images are scaled to 8 bits (Pillow's convert clips them at 255), 32-bit integer
+    ones holding 8-bit values are taken as they are, floating-point ones are refused."""
+    values = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369            # 0 .. 65535
+    Image.fromarray(values).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode == "I;16"
+    feed = open_samples(tmp_path / "wide.png", spec()).batch([0])["x"]
+    np.testing.assert_allclose(feed[0, 0], np.rint(values / 257) / 255, atol=1e-7)
+    Image.fromarray(values.astype(np.int32) // 257).save(tmp_path / "int.tif")
+    assert Image.open(tmp_path / "int.tif").mode == "I"
+    np.testing.assert_allclose(open_samples(tmp_path / "int.tif", spec()).batch([0])["x"][0, 0],
+                               (values // 257) / 255, atol=1e-7)
+    Image.fromarray(values.astype(np.float32) / 65535).save(tmp_path / "float.tif")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "float.tif", spec()).batch([0])
+    one_line_error(excinfo, "float.tif", "32-bit floating-point image")
+
+
+def test_transparency_is_dropped_with_a_warning(tmp_path, caplog):
+    """Alpha is dropped (as Pillow's convert('RGB')); a set with transparent pixels says so once."""
+    drawn = np.zeros((4, 4, 4), np.uint8)
+    drawn[..., 3] = pixels(1)[0]                     # a digit drawn in the alpha channel only
+    for i in range(3):
+        save_png(tmp_path / "drawn" / f"{i}.png", drawn)
+    save_png(tmp_path / "opaque" / "a.png", np.full((4, 4, 4), 255, np.uint8))
+    with caplog.at_level(logging.WARNING):
+        open_samples(tmp_path / "opaque", spec()).batch([0])
+        assert not caplog.records
+        open_samples(tmp_path / "drawn", spec()).batch([0, 1, 2])
+    warned = [r.getMessage() for r in caplog.records if "transparent pixels" in r.getMessage()]
+    assert len(warned) == 1 and "0.png" in warned[0]
+
+
+def test_image_folder_classes_by_number_hidden_and_empty_folders(tmp_path, caplog):
+    for name in ["3", "7", "10"]:
+        save_png(tmp_path / "digits" / name / "a.png", pixels(1)[0])
+    save_png(tmp_path / "digits" / "3" / ".ipynb_checkpoints" / "b.png", pixels(1)[0])   # hidden: skipped
+    save_png(tmp_path / "digits" / "__MACOSX" / "7" / "c.png", pixels(1)[0])             # not a class
+    (tmp_path / "digits" / "5").mkdir()                                                   # empty: label 5 unused
+    samples = open_samples(tmp_path / "digits", spec())
+    np.testing.assert_array_equal(samples.labels, [3, 7, 10])       # by number: "10" is not class 0 or 2
+    assert samples.describe()["classes"] == ["3", "7", "10"]
+    for name in ["cat", "dog"]:
+        save_png(tmp_path / "pets" / name / "a.png", pixels(1)[0])
+    (tmp_path / "pets" / "cache").mkdir()
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "pets", spec())
+    one_line_error(excinfo, "pets/cache", "class folder without images", "sorted order")
+
+
+def test_labels_csv_matches_names_loosely_and_ignores_extra_rows(tmp_path, caplog):
+    save_png(tmp_path / "\u00e4.png", pixels(1)[0])                     # composed a-umlaut on disk
+    save_png(tmp_path / "b.png", pixels(1, seed=1)[0])
+    (tmp_path / "labels.csv").write_text("file,class_index\na\u0308.png,4\n./b.png,2\ngone.png,1\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        samples = open_samples(tmp_path, spec())
+    np.testing.assert_array_equal(samples.labels, [2, 4])           # sorted: b.png, then a-umlaut
+    assert any("lists 1 file(s) not in the folder" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- real data

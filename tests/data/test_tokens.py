@@ -13,7 +13,7 @@ from onnxprune.api import as_samples
 from onnxprune.cli import main
 from onnxprune.data.tokens import position_limit
 from onnxprune.errors import DataError, UsageError
-from tests.graphs import gemm_chain, token_ffn
+from tests.graphs import conv_bn_relu, gemm_chain, token_ffn
 
 
 def positional(positions: int = 6, *, ids: str = "buffer") -> onnx.ModelProto:
@@ -122,6 +122,23 @@ def test_flags_that_do_nothing_with_the_model_are_usage_errors(tmp_path):
         result = CliRunner().invoke(main, ["validate", str(path), str(path), "--data", str(data), "--no-latency",
                                            *flags])
         assert result.exit_code == 2 and named in result.output, result.output
+
+
+def test_image_flags_with_arrays_fed_as_they_are_are_usage_errors(tmp_path):
+    """Float arrays are taken as preprocessed: --mean or --resize would do nothing to them (while
+    the report recorded them), so they are refused; uint8 image arrays take them."""
+    image = conv_bn_relu()
+    floats = {"x": np.zeros((4, 3, 8, 8), dtype=np.float64)}
+    with pytest.raises(UsageError, match="--resize, --mean apply to images .* holds float64 arrays"):
+        as_samples(floats, image, {"mean": (0.5,), "resize": 8})
+    as_samples(floats, image, {})
+    as_samples({"x": np.zeros((4, 8, 8, 3), dtype=np.uint8)}, image, {"mean": (0.5,)})
+    path, data = tmp_path / "model.onnx", tmp_path / "floats.npz"
+    onnx.save(image, path)
+    np.savez(data, **floats)
+    result = CliRunner().invoke(main, ["validate", str(path), str(path), "--data", str(data), "--no-latency",
+                                       "--std", "0.5"])
+    assert result.exit_code == 2 and "--std applies to images" in result.output, result.output
 
 
 def test_the_report_records_no_image_preprocessing_for_token_data():
