@@ -269,6 +269,10 @@ def _prepare_array(raw: np.ndarray, spec: InputSpec, pre: Preprocess, where: str
     if raw.dtype.kind in "biu" and spec.dtype.kind == "f":
         # uint8 images went through the image pipeline before this; other integers are most
         # likely labels, token ids or unscaled pixels, and a silent cast would hide that
+        if raw.dtype == np.uint8:        # not (N, H, W[, C]) / (N, C, H, W): not an image batch
+            raise DataError(where, f"uint8 samples of shape {dims_text(raw.shape[1:])} for the {spec.dtype} input "
+                                   f"{spec.name!r}: uint8 arrays are read as images (N, H, W), (N, H, W, C) or "
+                                   "(N, C, H, W)", f"reshape them to images, or save preprocessed {spec.dtype} values")
         raise DataError(where, f"{raw.dtype} samples for the {spec.dtype} input {spec.name!r}: integer arrays are "
                                "taken only as uint8 images or for integer inputs",
                         f"save preprocessed values as {spec.dtype} (or images as uint8)")

@@ -523,6 +523,9 @@ def test_image_problems(tmp_path):
         open_samples(pixels(2, (4, 4)), spec(("N", 1, 8, 8)), preprocess=Preprocess(layout="NHWC"))
     one_line_error(excinfo, "1 channel but the input wants 8", "the input looks NCHW: drop --layout NHWC")
     with pytest.raises(DataError) as excinfo:
+        open_samples(pixels(2, (16,)), spec()).batch([0])                # flat uint8 rows: not images
+    one_line_error(excinfo, "uint8 samples of shape 16", "read as images (N, H, W)", "reshape them to images")
+    with pytest.raises(DataError) as excinfo:
         open_samples(pixels(2, (4, 4)), spec(("N", 1, 8, 8)), preprocess=Preprocess(center_crop=8))
     one_line_error(excinfo, "4x4 is smaller than center_crop 8x8")
     with pytest.raises(DataError) as excinfo:
