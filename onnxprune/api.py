@@ -24,6 +24,7 @@ from onnxprune.data.preprocess import Preprocess
 from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
 from onnxprune.data.tokens import check_flags, check_image_flags, check_token_samples
+from onnxprune.embedding import measured_output
 from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
@@ -142,6 +143,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     original = as_model(model)
     check_compressible(original, name=model_name(model))
     check_layer_names(original, recipe)
+    measured_output(original, recipe.judge_output)        # a --judge-output the model lacks: before any work
     samples, held_out, eval_source, train_set, val_fold = compress_samples(
         original, recipe, target_data, source_data, eval_data,
         checkpoint_fraction=None if finetune is None else finetune.val_fraction)
@@ -204,6 +206,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections, sources={"target": target_data, "source": source_data})
     validation = _validate(original, compressed, held_out, batch_size=recipe.batch_size, device=device,
+                           judge=recipe.judge_output,
                            measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                            metric=recipe.metric)
     warnings = list(validation.warnings) + collapse_warnings(validation, held_out) + plan_warnings(planning)
@@ -250,10 +253,11 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     from onnxprune.plan.planner import model_outputs
     from onnxprune.validate import chance_accuracy, data_flags, near_chance
 
-    if calib.labels is None or embedding.output_kind(original, metric=recipe.metric) != "classes":
+    if calib.labels is None or embedding.output_kind(original, metric=recipe.metric,
+                                                     judge=recipe.judge_output) != "classes":
         return None
     probe = label_probe(calib)
-    outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device)
+    outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device, judge=recipe.judge_output)
     classes = outputs.shape[-1] if outputs.ndim == 2 else None
     check_label_range((calib, held_out, *others), classes)
     if classes is None:
@@ -607,6 +611,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         final = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
         compressed, report = run_pipeline(planner.original, final, planner.provider)
         validation = _validate(planner.original, compressed, held_out, batch_size=recipe.batch_size, device=device,
+                               judge=recipe.judge_output,
                                measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                                metric=recipe.metric)
         warnings = label_notes + list(validation.warnings) + collapse_warnings(validation, held_out)
@@ -680,7 +685,8 @@ def make_planner(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, un
     extra = None if uncapped is None else spare(uncapped, recipe.calib_size, options.check_extra, seed=recipe.seed)
     return Planner(original, samples["target"], options=options, source=samples.get("source"),
                    batch_size=recipe.batch_size, device=device, seed=recipe.seed, progress=progress,
-                   metric=recipe.metric, mask=recipe.mask, extra=extra, evaluated=evaluated)
+                   metric=recipe.metric, mask=recipe.mask, extra=extra, evaluated=evaluated,
+                   judge=recipe.judge_output)
 
 
 def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,
@@ -1083,15 +1089,16 @@ def inspect(model) -> dict[str, Any]:
 def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None = None, batch_size: int = 32,
              device: str = "cpu", measure_latency: bool = True, latency_runs: int = 10,
              max_drop: float | None = None, min_agreement: float | None = None,
-             progress: bool = False, metric: str = "auto") -> ValidationReport:
+             progress: bool = False, metric: str = "auto", judge_output: str | None = None) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` on ``data``; raises ValidationFailed on a missed threshold.
-    ``metric``: "auto", "classes" or "embedding" (cosine, kNN and probe: ``onnxprune.embedding``).
+    ``metric``: "auto", "classes" or "embedding" (cosine, kNN and probe: ``onnxprune.embedding``);
+    ``judge_output``: the output judged (default: the first float output, a token model's embedding).
     Labels outside the reference's classes are a DataError (``_validate``)."""
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     ref, cand = as_model(reference), as_model(candidate)
     samples = as_samples(data, ref, preprocess)
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,
-                       latency_runs=latency_runs, progress=progress, metric=metric)
+                       latency_runs=latency_runs, progress=progress, metric=metric, judge=judge_output)
     overlap = calibration_overlap(candidate, data)
     if overlap:
         report.warnings.insert(0, overlap)

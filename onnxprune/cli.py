@@ -455,6 +455,12 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
     return func
 
 
+JUDGE_OUTPUT = click.option(
+    "--judge-output", metavar="NAME",
+    help="The model output accuracy, agreement and the planner's damage are measured on (default: the first float "
+         "output; a token model's sentence embedding). Other outputs are compared and warned about, not judged.")
+
+
 def token_options(func):
     """--mask-input, --metric: token models (transformer encoders)."""
     options = [
@@ -541,6 +547,7 @@ def calibration_options(func):
 @click.option("--then-low-rank", type=FRACTION, help="After pruning, DALR-split the FC layers keeping this fraction.")
 @calibration_options
 @token_options
+@JUDGE_OUTPUT
 @click.option("--stats", type=FILE, help="Reuse statistics saved by `onnxprune calibrate`.")
 @click.option("--max-drop", type=FiniteRange(0, 100),
               help="Smallest model within this many points of accuracy (agreement without labels; embeddings: "
@@ -956,6 +963,7 @@ def plan_only_recipe(kw: dict, preprocess: dict, **goal):
 @click.option("--figure", type=FILE, help="Heat map PNG (default: next to -o).")
 @plan_flags
 @token_options
+@JUDGE_OUTPUT
 @preprocess_options
 @common_options
 @user_errors
@@ -996,6 +1004,7 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @plan_flags
 @token_options
+@JUDGE_OUTPUT
 @preprocess_options
 @common_options
 @user_errors
@@ -1103,6 +1112,7 @@ def _plural(n: int, noun: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--metric", type=click.Choice(["auto", "classes", "embedding"]), default="auto", show_default=True,
               help=METRIC_HELP)
+@JUDGE_OUTPUT
 @preprocess_options
 @common_options
 @user_errors
@@ -1114,7 +1124,7 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
     preprocess = preprocess_dict(kw)
     report = api.validate(reference, candidate, data, preprocess=preprocess, batch_size=batch_size, device=device,
                           measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=show_progress(quiet),
-                          metric=kw["metric"])
+                          metric=kw["metric"], judge_output=kw["judge_output"])
     if as_json:
         click.echo(json.dumps(api.jsonable(report.to_dict()), indent=2))
     else:

@@ -58,8 +58,15 @@ def is_token_model(model: onnx.ModelProto) -> bool:
     return token_mask_input(model) is not None
 
 
-def measured_output(model: onnx.ModelProto) -> str:
-    """The output whose damage is measured (see the module docstring)."""
+def measured_output(model: onnx.ModelProto, judge: str | None = None) -> str:
+    """The output whose damage is measured: ``judge`` (``--judge-output``) when given, else as the
+    module docstring says. A ``judge`` that is not an output of the model is a RecipeError."""
+    if judge is not None:
+        names = [o.name for o in model.graph.output]
+        if judge not in names:
+            raise RecipeError("--judge-output", f"{judge!r} is not an output of the model",
+                              f"its outputs are {', '.join(names)}")
+        return judge
     floats = [o for o in model.graph.output if o.type.tensor_type.elem_type in _FLOATS]
     if floats and is_token_model(model):
         vectors = [o for o in floats if _rank(o) == 2]
@@ -70,15 +77,16 @@ def measured_output(model: onnx.ModelProto) -> str:
     return model.graph.output[0].name
 
 
-def output_kind(model: onnx.ModelProto, output: np.ndarray | None = None, metric: str = "auto") -> str:
-    """"embedding" or "classes" for the measured output of ``model`` (``output``: a batch of
-    it, for its width when the graph does not say)."""
+def output_kind(model: onnx.ModelProto, output: np.ndarray | None = None, metric: str = "auto",
+                judge: str | None = None) -> str:
+    """"embedding" or "classes" for the measured output of ``model`` (``judge``, or the default:
+    ``measured_output``; ``output``: a batch of it, for its width when the graph does not say)."""
     check_metric(metric)
+    name = measured_output(model, judge)
     if metric != "auto":
         return metric
     if not is_token_model(model):
         return "classes"
-    name = measured_output(model)
     value = next(o for o in model.graph.output if o.name == name)
     if _rank(value) != 2:
         return "classes"

@@ -68,6 +68,9 @@ class Recipe:
     # and how outputs are compared ("auto", "classes", "embedding"; see onnxprune.embedding).
     mask_input: str = "auto"
     metric: str = "auto"
+    # The model output the result is judged on (validation, the planner's damage and checks);
+    # None: the first float output (a token model's sentence embedding), onnxprune.embedding.
+    judge_output: str | None = None
 
     def __post_init__(self):
         if self.calib_size == "all":
@@ -128,6 +131,7 @@ class Recipe:
             **({"plan": dict(self.plan)} if self.plan is not None else {}),
             **({"mask_input": self.mask_input} if self.mask_input != "auto" else {}),
             **({"metric": self.metric} if self.metric != "auto" else {}),
+            **({"judge_output": self.judge_output} if self.judge_output is not None else {}),
         }
 
     @classmethod

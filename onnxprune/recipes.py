@@ -35,7 +35,7 @@ PRUNING_CRITERIA: tuple[str, ...] = criteria.names()
 METHOD_OPTIONS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau", "flops", "lam", "ridge", "layers",
                   "no_reconstruct", "then_low_rank", "latency_aware_splits")
 #: recipe-level settings (given over a recipe file, they change it)
-RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric")
+RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric", "judge_output")
 BUDGET_OPTIONS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")
 LOW_RANK_ONLY = ("rank", "energy", "ridge", "latency_aware_splits", "conv_split")
 PRUNING_ONLY = ("alpha", "tau", "flops", "lam", "no_reconstruct", "then_low_rank")
@@ -134,9 +134,10 @@ def layer_list(text: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (text or "").split(",") if v.strip())
 
 
-def token_settings(options: Mapping[str, Any]) -> dict:
-    """The recipe's token-model settings (mask_input, metric) that were given (default: auto)."""
-    return {key: options[key] for key in ("mask_input", "metric") if options.get(key) is not None}
+def output_settings(options: Mapping[str, Any]) -> dict:
+    """The recipe's settings of what the outputs are (mask_input, metric, judge_output) that were
+    given (defaults: auto, auto, the first float output)."""
+    return {key: options[key] for key in ("mask_input", "metric", "judge_output") if options.get(key) is not None}
 
 
 def fixed_by(options: Mapping[str, Any], flag: Callable[[str], str] = _same) -> str | None:
@@ -216,7 +217,7 @@ def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable
     check_method_options(method, options, flag)
     layers = layer_list(options.get("layers"))
     settings = dict(seed=options["seed"], calib_size=options.get("calib_size"), split=options["split"],
-                    batch_size=options["batch_size"], preprocess=preprocess, **token_settings(options))
+                    batch_size=options["batch_size"], preprocess=preprocess, **output_settings(options))
     fixed = fixed_by(options, flag)
     if fixed is None:
         return Recipe(passes=(), plan=plan_request(options, layers, flag), **settings)
@@ -253,4 +254,4 @@ def plan_only_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Call
     plan.update(goal)
     return Recipe(passes=(), plan=plan, seed=options["seed"], calib_size=options.get("calib_size"),
                   split=options.get("split", 0.5), batch_size=options["batch_size"], preprocess=preprocess,
-                  **token_settings(options))
+                  **output_settings(options))

@@ -45,11 +45,11 @@ class ValidationReport:
     """What ``validate`` measured. Fractions in [0, 1]; ``to_dict`` is JSON-able."""
 
     samples: int
-    accuracy_reference: float | None  # top-1 of the first output; None without labels
+    accuracy_reference: float | None  # top-1 of the judged output; None without labels
     accuracy_candidate: float | None
     agreement: float  # top-1 agreement of candidate with reference
-    relative_error: float  # of the first output
-    sqnr_db: float  # of the first output
+    relative_error: float  # of the judged output
+    sqnr_db: float  # of the judged output
     params_reference: int
     params_candidate: int
     macs_reference: int  # per sample
@@ -65,7 +65,10 @@ class ValidationReport:
     # standard error of ``accuracy_drop`` (points) over the paired samples: what the drop's
     # sample alone makes it vary by (MobileNetV2 planned on 250 images, 250 held out: 1.2-1.5 points)
     accuracy_drop_se: float | None = None
-    # whether the first output holds class scores, one row per sample (N x C, C >= 2: the planner's
+    # the output accuracy, agreement and the errors above are measured on (``--judge-output``, or
+    # ``embedding.measured_output``'s default: the first float output, a token model's embedding)
+    judged: str | None = None
+    # whether the judged output holds class scores, one row per sample (N x C, C >= 2: the planner's
     # classifier). Otherwise (a regression value, a dense map such as N x C x H x W) a --max-drop
     # without labels is judged as the planner judges it: 100 x the relative squared error, in points
     classifier: bool = True
@@ -125,7 +128,8 @@ class ValidationReport:
             ref, cand = 100 * self.accuracy_reference, 100 * self.accuracy_candidate
             noise = f" +- {self.accuracy_drop_se:.2f}" if self.accuracy_drop_se is not None else ""
             lines.append(f"accuracy     {ref:.2f}% -> {cand:.2f}% ({cand - ref:+.2f}{noise} points)")
-        lines.append(f"agreement    {100 * self.agreement:.2f}% top-1 with the reference")
+        judged = f" (output {self.judged})" if len(self.outputs) > 1 and self.judged else ""
+        lines.append(f"agreement    {100 * self.agreement:.2f}% top-1 with the reference{judged}")
         return lines + self._size_lines()
 
     def _size_lines(self) -> list[str]:
@@ -164,12 +168,14 @@ def validate(
     measure_latency: bool = True,
     progress: bool = False,
     metric: str = "auto",
+    judge: str | None = None,
 ) -> ValidationReport:
     """Run ``reference`` and ``candidate`` over ``samples`` (a SampleSet) and compare them.
 
-    Top-1 is the argmax over the last axis of the first output (agreement is NaN when
-    that output has no class axis); accuracy needs ``samples.labels`` and a first output
-    with one prediction per sample. Raises
+    The judged output is ``judge`` (``--judge-output``) or ``embedding.measured_output``'s default
+    (the first float output; a token model's sentence embedding). Top-1 is the argmax over its
+    last axis (agreement is NaN when it has no class axis); accuracy needs ``samples.labels`` and
+    one prediction per sample there. Raises
     ModelError when the models' inputs or outputs do not match, DataError for an empty
     sample set or labels that do not fit the outputs.
 
@@ -192,7 +198,7 @@ def validate(
     fixed = [_fixed_batch(reference), _fixed_batch(candidate)]
     names = [o.name for o in reference.graph.output]
     step = fixed[0] if fixed[0] and fixed[0] == fixed[1] else batch_size
-    measured = names.index(emb.measured_output(reference))
+    measured = names.index(emb.measured_output(reference, judge))
     kind = None
     classifier = True
     vectors: tuple[list, list] = ([], [])
@@ -219,23 +225,23 @@ def validate(
             sum_err[k] += float(np.sum(diff * diff))
         seen += len(indices)
         if kind is None:
-            kind = emb.output_kind(reference, ref_out[measured], metric)
-            classifier = kind != "embedding" and ref_out[0].ndim == 2 and ref_out[0].shape[1] >= 2
+            kind = emb.output_kind(reference, ref_out[measured], metric, judge)
+            classifier = kind != "embedding" and ref_out[measured].ndim == 2 and ref_out[measured].shape[1] >= 2
         if kind == "embedding":
             vectors[0].append(np.asarray(ref_out[measured]).reshape(len(indices), -1))
             vectors[1].append(np.asarray(cand_out[measured]).reshape(len(indices), -1))
             continue
-        if ref_out[0].ndim < 2:  # no class axis (a regression output): errors only
+        if ref_out[measured].ndim < 2:  # no class axis (a regression output): errors only
             if labels is not None:
                 raise DataError(_describe(samples),
-                                f"has labels but the first output has shape {ref_out[0].shape}",
-                                "accuracy needs class scores on the last axis of the first output")
+                                f"has labels but the judged output {names[measured]} has shape {ref_out[measured].shape}",
+                                "accuracy needs class scores on the last axis of the judged output (--judge-output)")
             continue
-        if classes is None and labels is not None and ref_out[0].ndim == 2:    # once: the classes are known
-            check_labels_fit(labels, ref_out[0].shape[1], _describe(samples))
-        classes = ref_out[0].shape[-1]
-        top_ref = _top1(ref_out[0])
-        top_cand = _top1(cand_out[0])
+        if classes is None and labels is not None and ref_out[measured].ndim == 2:    # once: the classes are known
+            check_labels_fit(labels, ref_out[measured].shape[1], _describe(samples))
+        classes = ref_out[measured].shape[-1]
+        top_ref = _top1(ref_out[measured])
+        top_cand = _top1(cand_out[measured])
         agree += int(np.sum(top_ref == top_cand))
         compared += top_ref.size
         if labels is not None:
@@ -261,13 +267,13 @@ def validate(
     accuracy_candidate = correct[1] / seen if labels is not None else None
     drop_se = paired_standard_error(*flips, seen) if labels is not None and compared else None
     agreement = agree / compared if compared else float("nan")
-    main = errors[0]
+    main = errors[measured]
     embedding = None
     if kind == "embedding":
         embedding = emb.embedding_metrics(np.concatenate(vectors[0]), np.concatenate(vectors[1]), labels,
                                           output=names[measured])
         accuracy_reference, accuracy_candidate = embedding.get("knn_reference"), embedding.get("knn_candidate")
-        agreement, main = embedding["cosine"], errors[measured]
+        agreement = embedding["cosine"]
     warnings = reference_warnings(accuracy_reference, labels, classes, flags=data_flags(reference)) + \
         output_warnings(errors, measured) + latency_warnings(latency)
     return ValidationReport(
@@ -288,6 +294,7 @@ def validate(
         warnings=warnings,
         embedding=embedding,
         accuracy_drop_se=None if kind == "embedding" else drop_se,
+        judged=names[measured],
         classifier=classifier,
     )
 

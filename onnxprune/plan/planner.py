@@ -544,10 +544,12 @@ def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.n
                  d["relative_error"], None, samples=len(reference))
 
 
-def model_outputs(model: onnx.ModelProto, samples, *, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
-    """The output the planner measures (``measured_output``) of ``model`` on every sample."""
+def model_outputs(model: onnx.ModelProto, samples, *, batch_size: int = 32, device: str = "cpu",
+                  judge: str | None = None) -> np.ndarray:
+    """The output the planner measures (``measured_output``: ``judge`` or the default) of ``model``
+    on every sample."""
     session = make_session(model, device=device)
-    parts = [out[0] for _, out in run_batches(session, samples, [measured_output(model)], batch_size=batch_size,
+    parts = [out[0] for _, out in run_batches(session, samples, [measured_output(model, judge)], batch_size=batch_size,
                                               fixed_batch=fixed_batch_of(model))]
     return np.concatenate(parts)
 
@@ -573,11 +575,12 @@ class Planner:
     def __init__(self, model: onnx.ModelProto, calib, *, options: PlanOptions = PlanOptions(),
                  source=None, batch_size: int = 32, device: str = "cpu", seed: int = 0,
                  progress: bool = False, provider: StatsProvider | None = None, metric: str = "auto",
-                 mask: str | None = "auto", extra=None, evaluated: int | None = None):
+                 mask: str | None = "auto", extra=None, evaluated: int | None = None, judge: str | None = None):
         """``evaluated``: how many samples will evaluate the result (``compress``'s held-out split):
         a ``max_drop`` check keeps its reserve against the noise of that evaluation too
         (``Check.reserve``); None: against the check's own. ``metric``: how outputs are compared
-        ("auto", "classes", "embedding": see ``onnxprune.embedding``); ``mask``: the token-mask
+        ("auto", "classes", "embedding": see ``onnxprune.embedding``); ``judge``: the output compared
+        (``--judge-output``; None: ``measured_output``'s default); ``mask``: the token-mask
         input of the calibration; ``extra``: target samples that calibrate nothing (of the same
         opened set as ``calib``, e.g. what the --calib-size cap left out): the checks score them
         too, half by each cross-fitted model, for a check with a smaller standard error at the same
@@ -608,7 +611,8 @@ class Planner:
             samples["source"] = source.in_memory()
         self.provider = provider or StatsProvider(samples, batch_size=batch_size, folds=FOLDS, device=device,
                                                   progress=progress, seed=seed, mask=mask)
-        self.kind = embedding.output_kind(self.original, metric=metric)
+        self.judge = judge
+        self.kind = embedding.output_kind(self.original, metric=metric, judge=judge)
         positions = np.arange(n)
         self.half_positions = [positions[positions % 2 == h] for h in (0, 1)]
         extras = np.arange(n, len(self.checked))
@@ -672,7 +676,8 @@ class Planner:
         return self._reference_outputs
 
     def _outputs(self, model: onnx.ModelProto, positions: np.ndarray) -> np.ndarray:
-        return model_outputs(model, self.checked.subset(positions), batch_size=self.batch_size, device=self.device)
+        return model_outputs(model, self.checked.subset(positions), batch_size=self.batch_size, device=self.device,
+                             judge=self.judge)
 
     # ------------------------------------------------------------------ sensitivity
 
@@ -740,8 +745,8 @@ class Planner:
             if len(check) > self.options.check_samples:
                 check = check[np.linspace(0, len(check) - 1, self.options.check_samples).round().astype(int)]
             cache = ActivationCache(self.original, self.calib.subset(check), batch_size=self.batch_size,
-                                    device=self.device)
-            self._trials = (cache, reference_hashes(self.original), measured_output(self.original))
+                                    device=self.device, judge=self.judge)
+            self._trials = (cache, reference_hashes(self.original), cache.output_name)
         return self._trials
 
     def _settle(self, needed, *, stop: float, frozen: dict[str, int | None] | None = None) -> Path:

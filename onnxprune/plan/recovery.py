@@ -103,11 +103,12 @@ class RecoverySearch:
         self.margin = planner.options.margin if options.margin is None else float(options.margin)
         self.labels = None if self.fold.labels is None else np.asarray(self.fold.labels)
         self.reference = model_outputs(planner.original, self.fold, batch_size=planner.batch_size,
-                                       device=planner.device)
+                                       device=planner.device, judge=planner.judge)
         self.tried: list[Trained] = []
 
     def score(self, model: onnx.ModelProto) -> Check:
-        candidate = model_outputs(model, self.fold, batch_size=self.planner.batch_size, device=self.planner.device)
+        candidate = model_outputs(model, self.fold, batch_size=self.planner.batch_size, device=self.planner.device,
+                                  judge=self.planner.judge)
         return measure(self.reference, candidate, self.labels, self.planner.kind)
 
     def ok(self, check: Check, max_drop: float) -> bool:

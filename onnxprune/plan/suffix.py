@@ -99,12 +99,13 @@ class ActivationCache:
     tensors in one onnxruntime run (one run per call, however many tensors).
     """
 
-    def __init__(self, model: onnx.ModelProto, samples, *, batch_size: int = 32, device: str = "cpu"):
+    def __init__(self, model: onnx.ModelProto, samples, *, batch_size: int = 32, device: str = "cpu",
+                 judge: str | None = None):
         self.model = model
         self.samples = samples
         self.batch_size = batch_size
         self.device = device
-        self.output_name = measured_output(model)
+        self.output_name = measured_output(model, judge)
         self.values: dict[str, np.ndarray] = {}
         self.runs = 0
         self.output = self._run([self.output_name])[self.output_name]
@@ -150,13 +151,14 @@ class ActivationCache:
         return sum(v.nbytes for v in self.values.values())
 
 
-def measured_output(model: onnx.ModelProto) -> str:
-    """The output whose damage the planner measures: the first float output (a model may echo
-    its integer inputs as outputs first, as exported sentence encoders do); in a token model
-    the first float output of rank 2 (the sentence embedding), see ``onnxprune.embedding``."""
+def measured_output(model: onnx.ModelProto, judge: str | None = None) -> str:
+    """The output whose damage the planner measures: ``judge`` (``--judge-output``), else the first
+    float output (a model may echo its integer inputs as outputs first, as exported sentence
+    encoders do); in a token model the first float output of rank 2 (the sentence embedding),
+    see ``onnxprune.embedding``."""
     from onnxprune.embedding import measured_output as chosen
 
-    return chosen(model)
+    return chosen(model, judge)
 
 
 def fixed_batch_of(model: onnx.ModelProto) -> int | None:
