@@ -19,6 +19,7 @@ import onnx
 from onnxprune import cost
 from onnxprune.calibration.collect import collect
 from onnxprune.calibration.provider import StatsProvider
+from onnxprune.calibration.shard import complete as complete_shards
 from onnxprune.calibration.stats import Statistics
 from onnxprune.data.preprocess import Preprocess
 from onnxprune.data.samples import SampleSet, open_samples
@@ -178,6 +179,8 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     else:
         if stats is not None:
             preloaded = Statistics.load(stats, model=original)
+            if preloaded.header.get("shard") and int(preloaded.header["shard"]["count"]) == 1:
+                preloaded = complete_shards(preloaded, preloaded.header["shard"])     # shard 1/1: the whole set
             if preloaded.header.get("shard"):
                 record = preloaded.header["shard"]
                 raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
@@ -880,6 +883,11 @@ def check_stats_fit(stats: Statistics, stats_path, recipe: Recipe, original: onn
                             f"than the {len(sample_set)} this run calibrates on",
                             "give compress the --split, --seed and --calib-size `calibrate` was given (the command "
                             "line takes them from the file when they are left out), or drop --stats")
+        if "content_sha" in desc and desc["content_sha"] != mine["content_sha"]:
+            raise DataError(str(stats_path), f"the {name} statistics were gathered on other data: the "
+                            f"{len(sample_set)} samples this run calibrates on hold other values"
+                            + (f" than those of {desc['path']}" if desc.get("path") else ""),
+                            "give compress the data file `calibrate` was given, or drop --stats")
     missing = [request for p in recipe.build() for request, sets in p.requests(original)
                for name in sets if name in gathered and not stats.has(request, set=name)]
     if missing:
@@ -963,6 +971,10 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     distributed = sum(v is not None for v in (client, cluster, workers))
     if distributed > 1:
         raise RecipeError("client/cluster/workers", "give at most one of them")
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1):
+        raise RecipeError("shards", f"must be an integer >= 1, not {shards!r}")
+    if shards is not None and not distributed:
+        raise RecipeError("shards", "cuts the work for a cluster", "give client=, cluster= or workers= too")
     if distributed and shard is not None:
         raise RecipeError("shard", "runs one shard here; it cannot be combined with a cluster",
                           "use --cluster/--workers alone (every shard runs there)")
@@ -989,7 +1001,7 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         elif cluster is not None:
             client = tasks_on.connect(cluster)
         try:
-            count = int(shards) if shards else max(1, len(client.scheduler_info().get("workers", {})))
+            count = int(shards) if shards is not None else max(1, len(client.scheduler_info().get("workers", {})))
             options["count"] = count
             # a worker opens a data file itself, but not a text file (no tokenizer there): its tokens are shipped
             shipped = {name: None if is_text_file(path) else path for name, path in sources.items()}
@@ -1032,7 +1044,9 @@ def merge_stats(inputs, output: str | os.PathLike) -> Statistics:
 
 
 def _path_or_none(source):
-    return str(source) if isinstance(source, (str, os.PathLike)) else None
+    """An absolute path for a file source (a worker elsewhere resolves no relative path as the user
+    meant it), None for in-memory data."""
+    return str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else None
 
 
 def _close(client) -> None:

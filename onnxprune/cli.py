@@ -1043,7 +1043,7 @@ def merge_stats(inputs, output, verbose, quiet):
 
     stats = api.merge_stats(inputs, output)
     sets = ", ".join(f"{k}: {v.get('count')} samples" for k, v in stats.header.get("sets", {}).items())
-    click.echo(f"wrote {output} ({len(inputs)} shards; {len(stats.header.get('requests', []))} tensors; {sets})")
+    click.echo(f"wrote {output} ({len(inputs)} shard{'s' if len(inputs) != 1 else ''}; {len(stats.header.get('requests', []))} tensors; {sets})")
 
 
 @main.command(short_help="Show inputs, ops, parameters, MACs and what each method can touch.")

@@ -23,7 +23,7 @@ import onnx
 from onnxprune.calibration.requests import StatRequest
 from onnxprune.calibration.shard import _merge_pair, complete, shard_ranges, tree_reduce
 from onnxprune.calibration.stats import Statistics
-from onnxprune.errors import CalibrationError
+from onnxprune.errors import CalibrationError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +190,56 @@ def local_client(workers: int, *, processes: bool = True):
     return distributed.Client(cluster)
 
 
-#: how long ``connect`` waits for a scheduler
-CONNECT_TIMEOUT = "20s"
+#: how long ``connect`` waits for a scheduler that neither answers nor refuses (seconds)
+CONNECT_TIMEOUT = 20
+#: how long ``connect`` then waits for the scheduler's first worker (seconds)
+WORKERS_TIMEOUT = 120
+#: schemes whose address is a host and port that a plain socket can try first
+_SOCKET_SCHEMES = ("tcp", "tls")
 
 
 def connect(address: str):
-    """A ``distributed.Client`` connected to the scheduler at ``address``."""
+    """A ``distributed.Client`` connected to the scheduler at ``address`` (``tcp://host:port``), once
+    it has a worker. A malformed address is a UsageError; a refused connection or an unknown host
+    fails at once, a silent one after ``CONNECT_TIMEOUT`` s; no worker after ``WORKERS_TIMEOUT`` s
+    is a CalibrationError."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
     distributed = require_dask()
+    hint = "check the address (tcp://host:8786) and that `dask scheduler` runs there"
     try:
-        return distributed.Client(address, timeout=CONNECT_TIMEOUT)
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location) if scheme in _SOCKET_SCHEMES else (None, None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): give tcp://host:port") \
+            from None
+    if scheme in _SOCKET_SCHEMES:
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+        except (ConnectionRefusedError, socket.gaierror) as exc:
+            raise CalibrationError(address, f"cannot reach the Dask scheduler ({type(exc).__name__}: {exc})",
+                                   hint) from None
+        except OSError:
+            pass                     # a timeout or an unreachable network: Dask's own attempt says it
+    try:
+        client = distributed.Client(address, timeout=f"{CONNECT_TIMEOUT}s")
     except (OSError, TimeoutError) as exc:
         raise CalibrationError(address, f"cannot reach the Dask scheduler ({type(exc).__name__}: {exc})",
-                               "check the address (tcp://host:8786) and that `dask scheduler` runs") from None
+                               hint) from None
+    except ValueError as exc:             # a scheme Dask does not know (http://...)
+        raise UsageError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): give tcp://host:port") \
+            from None
+    if not client.scheduler_info().get("workers"):
+        log.warning("%s: the Dask scheduler has no workers yet; waiting up to %d s for one", address, WORKERS_TIMEOUT)
+        try:
+            client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)
+        except (TimeoutError, OSError):
+            client.close()
+            raise CalibrationError(address, f"the Dask scheduler has no workers (waited {WORKERS_TIMEOUT} s)",
+                                   f"start some: dask worker {address}") from None
+    return client
 
 
 def require_dask():

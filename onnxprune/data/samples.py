@@ -157,6 +157,7 @@ class SampleSet:
         self._rows = rows
         self._classes = classes
         self.labels = None if labels is None else labels[rows]
+        self._content: str | None = None           # content_sha, once computed
         if len(rows) == 0:
             raise DataError(name, "has 0 samples")
 
@@ -264,13 +265,37 @@ class SampleSet:
         order = np.random.default_rng(seed).permutation(n)
         return self.subset(np.sort(order[:first])), self.subset(np.sort(order[first:]))
 
+    def content_sha(self) -> str:
+        """A sha256 (16 hex digits) of what the samples hold as stored, before preprocessing: the
+        input arrays' rows (dtype included), or the bytes of each image file. Two data files of the
+        same shape, or a file edited between two runs, tell apart by it (labels are not included:
+        statistics do not read them)."""
+        if self._content is None:
+            digest = hashlib.sha256()
+            if isinstance(self._store, _ImageStore):
+                for row in self._rows:
+                    try:
+                        digest.update(Path(self._store.files[row]).read_bytes())
+                    except OSError as exc:
+                        raise DataError(str(self._store.files[row]), f"cannot be read ({exc.strerror or exc})") from None
+            else:
+                for name in sorted(self._store.arrays):
+                    array = self._store.arrays[name]
+                    digest.update(f"{name}:{array.dtype}".encode())
+                    for start in range(0, len(self._rows), 1024):
+                        digest.update(np.ascontiguousarray(array[self._rows[start:start + 1024]]).tobytes())
+            self._content = digest.hexdigest()[:16]
+        return self._content
+
     def describe(self) -> dict:
-        """A JSON-able summary; ``indices_sha`` identifies exactly which source rows are in the set."""
+        """A JSON-able summary; ``indices_sha`` identifies exactly which source rows are in the set,
+        ``content_sha`` what they hold."""
         info = {
             "name": self.name,
             "count": len(self),
             "labelled": self.labels is not None,
             "indices_sha": hashlib.sha256(self._rows.astype("<i8").tobytes()).hexdigest()[:16],
+            "content_sha": self.content_sha(),
             "kind": self._store.kind,
             "source_count": self._store.count,
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self._specs],

@@ -225,10 +225,86 @@ def test_cli_workers_starts_a_local_cluster(whole, tmp_path):
 
 
 def test_unreachable_scheduler_is_one_line(tmp_path, monkeypatch):
+    """A refused connection or an unknown host fails at once (not after the connect timeout)."""
     pytest.importorskip("distributed")
+    import time
+
     from onnxprune.calibration import cluster
-    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "2s")
-    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster",
-                 "tcp://127.0.0.1:9", "-q")
-    assert_user_error(result, "scheduler")
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 15)
+    for address in ("tcp://127.0.0.1:9", "tcp://nonexistent.invalid:8786"):
+        started = time.perf_counter()
+        result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster", address, "-q")
+        assert_user_error(result, "cannot reach the Dask scheduler")
+        assert time.perf_counter() - started < 10
     assert not (tmp_path / "c.npz").exists()
+
+
+@pytest.mark.parametrize("address", ["foo", "", "tcp://127.0.0.1:abc", "http://127.0.0.1:8786"])
+def test_malformed_scheduler_address_is_a_usage_error(tmp_path, address):
+    pytest.importorskip("distributed")
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster", address, "-q")
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "is not a Dask scheduler address" in result.stderr and "tcp://host:port" in result.stderr
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_a_scheduler_without_workers_fails_after_waiting(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    from onnxprune.calibration import cluster
+    monkeypatch.setattr(cluster, "WORKERS_TIMEOUT", 2)
+    with distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=":0") as empty:
+        result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster",
+                     empty.scheduler_address, "-q")
+    assert_user_error(result, "has no workers (waited 2 s)", "dask worker")
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_relative_paths_reach_workers_elsewhere(whole, client, tmp_path, monkeypatch):
+    """The workers started in another folder: the data and model paths they get are absolute."""
+    import shutil
+
+    shutil.copy(DATA, tmp_path / "data.npz")
+    shutil.copy(MODEL, tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)                    # the workers' folder stays where they started
+    stats = onnxprune.calibrate("model.onnx", "data.npz", recipe=RECIPE, output="s.npz", client=client, shards=2,
+                                progress=False)
+    assert max_relative_difference(whole, stats) <= 1e-10
+
+
+def test_statistics_of_other_data_are_refused(whole, tmp_path):
+    """compress --stats and merge-stats tell data of the same size apart by content, not only rows."""
+    with np.load(DATA) as d:
+        edited = {"x": d["x"].copy(), "y": d["y"]}
+    edited["x"][200:240] = 255 - edited["x"][200:240]              # inside the last shard, not its ends
+    np.savez(tmp_path / "edited.npz", **edited)
+    stats = tmp_path / "s.npz"
+    assert cli("calibrate", MODEL, "--target-data", DATA, "-o", stats, "-q").exit_code == 0
+    result = cli("compress", MODEL, "--target-data", tmp_path / "edited.npz", "--stats", stats, "--no-latency",
+                 "-o", tmp_path / "c.onnx")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+    assert "the target statistics were gathered on other data" in result.stderr
+    assert not (tmp_path / "c.onnx").exists()
+    for i, data in ((1, DATA), (2, DATA), (3, tmp_path / "edited.npz")):
+        assert cli("calibrate", MODEL, "--target-data", data, "--shard", f"{i}/3", "-o", tmp_path / f"p{i}.npz",
+                   "-q").exit_code == 0
+    result = cli("merge-stats", *(tmp_path / f"p{i}.npz" for i in (1, 2, 3)), "-o", tmp_path / "m.npz")
+    assert_user_error(result, "another sample set")
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_api_shard_counts_are_checked(tmp_path):
+    from onnxprune.errors import RecipeError
+
+    for shards, message in ((-3, "must be an integer >= 1"), (0, "must be an integer >= 1"),
+                            (2, "cuts the work for a cluster")):
+        with pytest.raises(RecipeError, match=message):
+            onnxprune.calibrate(MODEL, DATA, recipe=RECIPE, output=tmp_path / "s.npz", shards=shards, progress=False)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_shard_one_of_one_is_the_whole_set(whole, tmp_path):
+    one = tmp_path / "one.npz"
+    assert cli("calibrate", MODEL, "--target-data", DATA, "--shard", "1/1", "-o", one, "-q").exit_code == 0
+    result = cli("compress", MODEL, "--target-data", DATA, "--stats", one, "--method", "dalr-bc", "--keep", "0.2",
+                 "--allocation", "global", "--no-latency", "-o", tmp_path / "c.onnx", "-q")
+    assert result.exit_code == 0, result.output + result.stderr
