@@ -28,6 +28,7 @@ the same images in float gives 83.4 %, not 82.6 %.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -37,6 +38,8 @@ from onnxprune.errors import DataError
 from onnxprune.model import InputSpec
 
 LAYOUTS = ("NCHW", "NHWC")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +181,7 @@ def _image_pipeline(images: np.ndarray, spec: InputSpec, pre: Preprocess, where:
     images = _match_channels(images, channels, pre.grayscale, where, _layout_hint(spec, pre))
     size = _resize_target(images.shape[1:3], pre, (_fixed(height), _fixed(width)))
     if size is not None and size != images.shape[1:3]:
+        _note_squeeze(images.shape[1:3], size, pre, where)
         images = _resize(images, size)
     if pre.center_crop is not None:
         images = _center_crop(images, pre.center_crop, where)
@@ -214,6 +218,24 @@ def _match_channels(images: np.ndarray, channels: int | None, grayscale: bool | 
         raise DataError(where, f"images have {images.shape[-1]} channel{'s' if images.shape[-1] != 1 else ''} but the input wants {channels}",
                         hint)
     return images
+
+
+#: data names already told that the automatic resize changes their images' aspect ratio
+_SQUEEZED: set[str] = set()
+
+
+def _note_squeeze(size: tuple[int, int], target: tuple[int, int], pre: Preprocess, where: str) -> None:
+    """Warn once per data source when the automatic resize to the model's input (no --resize, no
+    --center-crop) changes an image's aspect ratio by more than 5 %: photos are then squashed,
+    which costs accuracy where the model was trained on crops."""
+    if pre.resize is not None or where in _SQUEEZED:
+        return
+    ratio = (size[1] / size[0]) / (target[1] / target[0])
+    if abs(ratio - 1) > 0.05:
+        _SQUEEZED.add(where)
+        log.warning("%s: images such as %dx%d are resized to the model's %dx%d, changing their aspect ratio; "
+                    "give --resize N --center-crop %d (a shorter side, then a centre crop) to keep it",
+                    where, size[0], size[1], target[0], target[1], min(target))
 
 
 def _resize_target(size: tuple[int, int], pre: Preprocess, model_hw: tuple[int | None, int | None]):

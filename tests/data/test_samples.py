@@ -571,6 +571,22 @@ def test_transparency_is_dropped_with_a_warning(tmp_path, caplog):
     assert len(warned) == 1 and "0.png" in warned[0]
 
 
+def test_automatic_resize_that_squashes_is_warned_about_once(tmp_path, caplog):
+    from onnxprune.data import preprocess
+
+    preprocess._SQUEEZED.clear()
+    for i in range(3):
+        save_png(tmp_path / "wide" / f"{i}.png", pixels(1, (6, 12), seed=i)[0])
+        save_png(tmp_path / "square" / f"{i}.png", pixels(1, (6, 6), seed=i)[0])
+    with caplog.at_level(logging.WARNING):
+        open_samples(tmp_path / "square", spec(("N", 1, 4, 4))).batch([0, 1, 2])
+        assert not caplog.records                               # same aspect ratio: no word
+        open_samples(tmp_path / "wide", spec(("N", 1, 4, 4))).batch([0, 1, 2])
+        open_samples(tmp_path / "wide", spec(("N", 1, 4, 4)), preprocess=Preprocess(resize=4, center_crop=4)).batch([0])
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "6x12 are resized to the model's 4x4" in warned[0] and "--center-crop 4" in warned[0]
+
+
 def test_image_folder_classes_by_number_hidden_and_empty_folders(tmp_path, caplog):
     for name in ["3", "7", "10"]:
         save_png(tmp_path / "digits" / name / "a.png", pixels(1)[0])
