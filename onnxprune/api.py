@@ -939,7 +939,8 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         cluster, whose workers are single-threaded; else onnxruntime's default).
     """
     from onnxprune.calibration import cluster as tasks_on
-    from onnxprune.calibration.shard import parse_shard
+    from onnxprune.calibration.shard import parse_shard, shard_ranges
+    from onnxprune.runtime import batch_size_for
 
     recipe = as_recipe(recipe)
     fraction = recipe.split if split is None else split
@@ -993,6 +994,9 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         stats = tasks_on.run_shard(task, progress=progress)
     elif distributed:
         own = client is None
+        if shards is not None:                  # a count the data cannot take: before starting a cluster
+            for name in requests:
+                shard_ranges(len(samples[name]), int(shards), batch_size_for(original, recipe.batch_size), name=name)
         if workers is not None:
             if int(workers) < 1:
                 raise RecipeError("workers", f"must be >= 1, got {workers}")

@@ -85,7 +85,9 @@ def merge_shards(parts: Sequence[Statistics], names: Sequence[str] | None = None
     for stats, name in zip(parts, names):
         record = shard_of(stats)
         if record is None:
-            raise CalibrationError(name, "is not a shard (it was calibrated without --shard)",
+            merged = stats.header.get("merged_shards")
+            why = f"merged already, from {merged['count']} shards" if merged else "calibrated without --shard"
+            raise CalibrationError(name, f"is not a shard (it was {why})",
                                    "merge the files written by `onnxprune calibrate --shard i/n`")
         records.append(record)
     first, first_name = parts[0], names[0]

@@ -57,7 +57,10 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
         header = json.loads(str(arrays.pop("header")))
         index = header.pop("index")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise CalibrationError(str(path), f"not a statistics file ({type(exc).__name__}: {exc})",
+        # numpy's own text for pickled data suggests loading it unsafely: never
+        detail = "it holds pickled objects, which are never loaded" if "pickle" in str(exc) else \
+            f"{type(exc).__name__}: {exc}"
+        raise CalibrationError(str(path), f"not a statistics file ({detail})",
                                "create it with `onnxprune calibrate`") from None
     if model is not None:
         if isinstance(model, str):

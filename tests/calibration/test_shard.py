@@ -308,3 +308,25 @@ def test_shard_one_of_one_is_the_whole_set(whole, tmp_path):
     result = cli("compress", MODEL, "--target-data", DATA, "--stats", one, "--method", "dalr-bc", "--keep", "0.2",
                  "--allocation", "global", "--no-latency", "-o", tmp_path / "c.onnx", "-q")
     assert result.exit_code == 0, result.output + result.stderr
+
+
+def test_messages_for_files_that_are_not_shards_or_statistics(whole, tmp_path):
+    merged = tmp_path / "merged.npz"
+    for i in (1, 2):
+        assert cli("calibrate", MODEL, "--target-data", DATA, "--shard", f"{i}/2", "-o", tmp_path / f"p{i}.npz",
+                   "-q").exit_code == 0
+    assert cli("merge-stats", tmp_path / "p1.npz", tmp_path / "p2.npz", "-o", merged).exit_code == 0
+    assert_user_error(cli("merge-stats", merged, "-o", tmp_path / "again.npz"), "merged already, from 2 shards")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    result = cli("compress", MODEL, "--target-data", DATA, "--stats", tmp_path / "objects.npy", "--keep", "0.5",
+                 "-o", tmp_path / "c.onnx")
+    assert "pickled objects, which are never loaded" in result.stderr and "allow_pickle" not in result.stderr
+
+
+def test_too_many_shards_are_refused_before_a_cluster_starts(tmp_path, monkeypatch):
+    from onnxprune.calibration import cluster
+
+    monkeypatch.setattr(cluster, "local_client", lambda *a, **k: pytest.fail("a cluster was started"))
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--workers", "2",
+                 "--shards", "20")
+    assert_user_error(result, "into 20 shards")
