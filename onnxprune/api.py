@@ -26,7 +26,7 @@ from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
 from onnxprune.data.tokens import check_flags, check_image_flags, check_token_samples
 from onnxprune.embedding import measured_output
-from onnxprune.errors import DataError, RecipeError, ValidationFailed
+from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.layers import find_linear_layers
@@ -56,7 +56,18 @@ log = logging.getLogger(__name__)
 
 
 def as_model(model) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+    """``model`` as a ModelProto: one already, or the path of an .onnx file (ModelError else)."""
+    if isinstance(model, onnx.ModelProto):
+        unloaded = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        if unloaded:
+            raise ModelError(model.graph.name or "model", f"{len(unloaded)} weights (e.g. {unloaded[0]!r}) are in an "
+                             "external data file that was not loaded",
+                             "give the .onnx path, or onnx.load() it with its external data (the default)")
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(repr(model)[:60], f"is a {type(model).__name__}, not a model",
+                         "give the path of an .onnx file or an onnx.ModelProto")
+    return load_model(model)
 
 
 def as_recipe(recipe) -> Recipe:
@@ -1036,10 +1047,11 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
 
 
 def merge_stats(inputs, output: str | os.PathLike) -> Statistics:
-    """Merge the shard files ``inputs`` of one ``calibrate --shard`` run into ``output``."""
+    """Merge the shard files ``inputs`` (paths; one path alone is a list of one) of one
+    ``calibrate --shard`` run into ``output``."""
     from onnxprune.calibration.shard import merge_shards
 
-    paths = [Path(p) for p in inputs]
+    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     check_output_text(output)
     check_outputs([output], {"statistics shard": paths})
     merged = merge_shards([Statistics.load(p) for p in paths], names=[p.name for p in paths])
@@ -1122,5 +1134,9 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
         report.warnings.insert(0, overlap)
     for warning in report.warnings:
         log.warning("%s", warning)
-    check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)
+    try:
+        check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)
+    except ValidationFailed as exc:
+        exc.report = {**report.to_dict(), "verdict": "failed", "reason": str(exc)}   # as compress's
+        raise
     return report

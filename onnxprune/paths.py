@@ -76,8 +76,6 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Ite
     location cannot hold a file. ``inputs``: {label (e.g. "--target-data"): paths}; entries
     that are not paths (arrays, iterables) are ignored."""
     outs = [Path(o) for o in outputs]
-    for out in outs:
-        check_location(out, flag=flag)
     check_distinct(outs, flag=flag)
     for label, paths in inputs.items():
         if paths is None:
@@ -93,6 +91,8 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Mapping[str, Ite
                 if _inside(out, given):
                     raise OutputError(str(out), f"is inside the {label} folder {given}; writing there would "
                                       "change that input", f"choose an output path outside it ({flag})")
+    for out in outs:              # last: its write probe creates (and removes) a file beside the output
+        check_location(out, flag=flag)
 
 
 def check_distinct(outs: list[Path], *, flag: str = "-o") -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import onnx
 
 from onnxprune.calibration.provider import StatsProvider
+from onnxprune.data.preprocess import Preprocess
 from onnxprune.errors import InternalError, ModelError, OnnxPruneError, RecipeError
 from onnxprune.graph.index import name_nodes
 from onnxprune.linalg import blas_threads
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 #: calibration samples per set (target, and source) unless a recipe or --calib-size says
 #: otherwise; None ("all" in a recipe file or on the command line) lifts the cap
 DEFAULT_CALIB_SIZE = 1000
+#: the keys of a recipe's preprocess table: image preprocessing (``Preprocess``) and text files'
+PREPROCESS_KEYS = frozenset(f.name for f in dataclasses.fields(Preprocess)) | {"tokenizer", "max_length"}
 
 
 def pass_entry(entry) -> tuple[str, dict]:
@@ -97,6 +100,10 @@ class Recipe:
         check_order([name for name, _ in self.passes])
         # every pass's options validated once, here: a bad option is a RecipeError when the recipe is made
         object.__setattr__(self, "_options", tuple(REGISTRY[name](**options).options for name, options in self.passes))
+        unknown = sorted(set(self.preprocess) - PREPROCESS_KEYS)
+        if unknown:
+            raise RecipeError("recipe", f"unknown preprocess key {unknown[0]!r}",
+                              f"known keys: {', '.join(sorted(PREPROCESS_KEYS))}")
         if not 0 < self.split < 1:
             raise RecipeError("recipe", f"split={self.split} must be in (0, 1)")
         if self.calib_size is not None and (isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int)

@@ -444,7 +444,11 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
 
 
 def check_threshold_values(*, max_drop: float | None = None, min_agreement: float | None = None) -> None:
-    """RecipeError for a threshold out of range; called before any work is done."""
+    """RecipeError for a threshold out of range or not a number; called before any work is done."""
+    for name, value in (("max_drop", max_drop), ("min_agreement", min_agreement)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                  or not math.isfinite(value)):
+            raise RecipeError(name, f"must be a finite number, not {value!r}")
     if max_drop is not None and not 0 <= max_drop <= 100:
         raise RecipeError("max_drop", f"{max_drop} is not a number of percentage points in [0, 100]")
     if min_agreement is not None and not 0 <= min_agreement <= 1:

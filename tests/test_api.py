@@ -53,8 +53,9 @@ def test_validate_and_its_thresholds():
     same = onnxprune.validate(model, model, x, measure_latency=False)
     assert same.agreement == 1.0
     broken = graphs.gemm_chain(seed=7)
-    with pytest.raises(ValidationFailed):
+    with pytest.raises(ValidationFailed) as failed:
         onnxprune.validate(model, broken, x, measure_latency=False, min_agreement=0.999)
+    assert failed.value.report["verdict"] == "failed" and failed.value.report["agreement"] < 0.999   # as compress's
     with pytest.raises(DataError):
         onnxprune.validate(model, model, np.zeros((4, 3), np.float32), measure_latency=False)
 
@@ -91,3 +92,35 @@ def test_a_recipe_may_be_a_dict_or_a_file_and_bad_ones_are_recipe_errors(tmp_pat
     with pytest.raises(RecipeError, match="must be a Recipe, a dict or a recipe file's path"):
         onnxprune.compress(model, x, recipe=3, progress=False)
     assert onnxprune.ValidationFailed is ValidationFailed and issubclass(DataError, onnxprune.OnnxPruneError)
+
+
+def test_arguments_of_the_wrong_kind_are_onnxprune_errors(tmp_path):
+    """Not a bare TypeError/AttributeError deep inside: one line naming the argument."""
+    import onnx
+
+    from onnxprune.errors import ModelError, OnnxPruneError, RecipeError
+
+    model = graphs.gemm_chain()
+    x = data(model, 64)
+    recipe = Recipe(passes=method_passes("spectral", fraction=0.5))
+    for bad in (None, b"model", 3):
+        with pytest.raises(ModelError, match="not a model"):
+            onnxprune.compress(bad, x, recipe=recipe, progress=False)
+    with pytest.raises(RecipeError, match="max_drop .* must be a finite number"):
+        onnxprune.compress(model, x, recipe=recipe, max_drop="1", progress=False)
+    with pytest.raises(RecipeError, match="unknown preprocess key 'meen'"):
+        Recipe(passes=method_passes("spectral", fraction=0.5), preprocess={"meen": [0.5]})
+    assert Recipe(passes=(), plan={"max_drop": 1, "families": "prune"}).plan["families"] == ["prune"]
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    unloaded = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    with pytest.raises(ModelError, match="external data file that was not loaded"):
+        onnxprune.compress(unloaded, x, recipe=recipe, progress=False)
+    assert issubclass(ModelError, OnnxPruneError)
+
+
+def test_merge_stats_takes_one_path_alone(tmp_path):
+    model = graphs.gemm_chain()
+    recipe = Recipe(passes=method_passes("dalr-bc", rank=2), calib_size=None)
+    onnxprune.calibrate(model, data(model), recipe=recipe, output=tmp_path / "one.npz", shard="1/1", progress=False)
+    merged = onnxprune.merge_stats(tmp_path / "one.npz", tmp_path / "merged.npz")
+    assert merged.header["merged_shards"]["count"] == 1

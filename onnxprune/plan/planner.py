@@ -120,7 +120,8 @@ class PlanOptions:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise RecipeError("--objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        object.__setattr__(self, "families", tuple(self.families))
+        # one family named alone ("prune") is that family, not its letters
+        object.__setattr__(self, "families", (self.families,) if isinstance(self.families, str) else tuple(self.families))
         object.__setattr__(self, "sites", tuple(self.sites))
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
