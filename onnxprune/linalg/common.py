@@ -4,6 +4,7 @@ the BLAS thread limit (``blas_threads``)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -13,6 +14,8 @@ import numpy as np
 import scipy.linalg as sla
 
 from onnxprune.errors import NumericalError
+
+log = logging.getLogger(__name__)
 
 #: DALR ridge relative to trace(S)/n. For the paper's form (``shrink_to="zero"``) the
 #: held-out error only grows with the ridge, so this is a numerical safeguard: it bounds
@@ -40,7 +43,7 @@ BLAS_THREADS_ENV = "ONNXPRUNE_BLAS_THREADS"
 _blas_lock = threading.Lock()
 
 
-_blas_state = {"depth": 0, "limiter": None, "controller": None}
+_blas_state = {"depth": 0, "limiter": None, "controller": None, "ignored": False}
 
 
 @contextlib.contextmanager
@@ -57,7 +60,10 @@ def blas_threads(limit: int | None = None):
     BLAS's thread count is process-wide: the limit is set when the first of any concurrent
     users (threads, e.g. Dask workers in one process) enters and restored when the last one
     leaves, so no computation ever runs with the setting changing under it (a changing
-    thread count changes float rounding, and results must be reproducible).
+    thread count changes float rounding, and results must be reproducible). OpenBLAS 0.3.31
+    ignores the setting from any other thread once the main thread has made one: then the
+    numerics run at BLAS's own count, which changes the last digits, and a warning says so
+    once (run such calls in processes, or all in threads, for bit-identical results).
     """
     if limit is None:
         text = os.environ.get(BLAS_THREADS_ENV, "1").strip()
@@ -82,6 +88,13 @@ def blas_threads(limit: int | None = None):
             if _blas_state["controller"] is None:
                 _blas_state["controller"] = ThreadpoolController()
             _blas_state["limiter"] = _blas_state["controller"].limit(limits=int(limit), user_api="blas")
+            applied = [lib.get_num_threads() for lib in _blas_state["controller"].select(user_api="blas").lib_controllers]
+            if any(n != int(limit) for n in applied) and not _blas_state["ignored"]:
+                _blas_state["ignored"] = True
+                log.warning("BLAS ignored the limit of %d thread(s) here (it runs %s; OpenBLAS takes the setting only "
+                            "from the main thread once that has made one): numerics in this thread may differ in "
+                            "their last digits from a run in the main thread; run them in processes for "
+                            "bit-identical results", int(limit), applied)
         _blas_state["depth"] += 1
     try:
         yield
