@@ -22,7 +22,7 @@ import onnx
 
 from onnxprune.calibration.provider import StatsProvider
 from onnxprune.data.preprocess import Preprocess
-from onnxprune.errors import InternalError, ModelError, OnnxPruneError, RecipeError
+from onnxprune.errors import InternalError, ModelError, NumericalError, OnnxPruneError, RecipeError
 from onnxprune.graph.index import name_nodes
 from onnxprune.linalg import blas_threads
 from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 #: calibration samples per set (target, and source) unless a recipe or --calib-size says
 #: otherwise; None ("all" in a recipe file or on the command line) lifts the cap
 DEFAULT_CALIB_SIZE = 1000
+#: calibration sets smaller than this are named in a numerical failure's hint
+FEW_SAMPLES = 100
+
+
+def few_samples(counts: Mapping[str, int]) -> str | None:
+    """A hint naming calibration sets of fewer than FEW_SAMPLES samples (None when none is)."""
+    few = {name: n for name, n in counts.items() if n < FEW_SAMPLES}
+    if not few:
+        return None
+    sets = ", ".join(f"{n} {name} samples" for name, n in few.items())
+    return f"or calibrate on more samples ({sets} for layers of many channels)"
+
+
 #: the keys of a recipe's preprocess table: image preprocessing (``Preprocess``) and text files'
 PREPROCESS_KEYS = frozenset(f.name for f in dataclasses.fields(Preprocess)) | {"tokenizer", "max_length"}
 
@@ -276,6 +289,10 @@ def _run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvide
         log.info("pass %s: start", label)
         try:
             result = p.run(work, ctx)
+        except NumericalError as exc:       # name the pass and what few samples calibrated it
+            counts = {name: len(s) for name, s in getattr(provider, "samples", {}).items()}
+            raise NumericalError(f"{label}: {exc.thing}" if exc.thing else label, exc.problem,
+                                 "; ".join(filter(None, [exc.hint, few_samples(counts)]))) from None
         except OnnxPruneError:
             raise
         except Exception as exc:

@@ -321,3 +321,23 @@ def test_sequential_mode_pairs_a_per_site_pass_with_the_pass_that_requires_its_r
 def test_recipe_top_level_values_of_the_wrong_type_name_their_key(key, value, words):
     with pytest.raises(RecipeError, match=words):
         Recipe.from_dict({"passes": [{"name": "low-rank-split", "keep": 0.5}], key: value})
+
+
+def test_a_numerical_failure_names_the_pass_and_few_calibration_samples(monkeypatch):
+    """An ill-conditioned solve on a handful of samples: the message says which pass, and that
+    the calibration set is small."""
+    from onnxprune.errors import NumericalError
+    from onnxprune.passes.select_nodes import SelectNodes
+
+    def singular(self, model, ctx):
+        raise NumericalError("Sigma_JJ + rho I", "is not positive definite", "increase the ridge")
+
+    monkeypatch.setattr(SelectNodes, "run", singular)
+    model = graphs.gemm_chain()
+    samples = open_samples(graphs.feeds(model, batch=12), model)
+    provider = StatsProvider({"target": samples}, batch_size=32, progress=False)
+    with pytest.raises(NumericalError) as excinfo:
+        run_pipeline(model, Recipe(passes=method_passes("spectral", fraction=0.5)), provider)
+    message = str(excinfo.value)
+    assert message.startswith("select-nodes: Sigma_JJ + rho I | is not positive definite")
+    assert "increase the ridge; or calibrate on more samples (12 target samples" in message
