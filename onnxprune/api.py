@@ -26,7 +26,7 @@ from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
 from onnxprune.data.tokens import check_flags, check_image_flags, check_token_samples
 from onnxprune.embedding import measured_output
-from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
+from onnxprune.errors import DataError, ModelError, RecipeError, UsageError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.layers import find_linear_layers
@@ -189,6 +189,9 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
             raise fail(exc.report, output, exc) from None
     else:
         if stats is not None:
+            if recipe.mode == "sequential":
+                raise UsageError("--stats serves one-shot recipes: --mode sequential gathers its statistics anew "
+                                 "after each site", "drop --stats, or --mode sequential")
             preloaded = Statistics.load(stats, model=original)
             if preloaded.header.get("shard") and int(preloaded.header["shard"]["count"]) == 1:
                 preloaded = complete_shards(preloaded, preloaded.header["shard"])     # shard 1/1: the whole set

@@ -209,12 +209,15 @@ def connect(address: str):
 
     distributed = require_dask()
     hint = "check the address (tcp://host:8786) and that `dask scheduler` runs there"
+
+    def not_an_address(exc: Exception) -> UsageError:
+        return UsageError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): give tcp://host:port")
+
     try:
         scheme, location = parse_address(address)
         host, port = parse_host_port(location) if scheme in _SOCKET_SCHEMES else (None, None)
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): give tcp://host:port") \
-            from None
+        raise not_an_address(exc) from None
     if scheme in _SOCKET_SCHEMES:
         try:
             socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
@@ -229,8 +232,7 @@ def connect(address: str):
         raise CalibrationError(address, f"cannot reach the Dask scheduler ({type(exc).__name__}: {exc})",
                                hint) from None
     except ValueError as exc:             # a scheme Dask does not know (http://...)
-        raise UsageError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): give tcp://host:port") \
-            from None
+        raise not_an_address(exc) from None
     if not client.scheduler_info().get("workers"):
         log.warning("%s: the Dask scheduler has no workers yet; waiting up to %d s for one", address, WORKERS_TIMEOUT)
         try:

@@ -330,3 +330,12 @@ def test_too_many_shards_are_refused_before_a_cluster_starts(tmp_path, monkeypat
     result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--workers", "2",
                  "--shards", "20")
     assert_user_error(result, "into 20 shards")
+
+
+def test_stats_with_sequential_mode_is_a_usage_error(whole, tmp_path):
+    stats = tmp_path / "s.npz"
+    whole.save(stats)
+    result = cli("compress", MODEL, "--target-data", DATA, "--stats", stats, "--mode", "sequential", "--keep", "0.5",
+                 "-o", tmp_path / "c.onnx")
+    assert result.exit_code == 2 and "--mode sequential gathers its statistics anew" in result.stderr, result.stderr
+    assert not (tmp_path / "c.onnx").exists()
