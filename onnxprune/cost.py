@@ -6,6 +6,10 @@ MACs are counted per sample (batch 1) for the layers that dominate inference cos
 - ConvTranspose: ``in_elems * C_out/group * prod(kernel)``
 - Gemm: ``out_elems * K``
 - MatMul (constant or dynamic operands, broadcast batch dims): ``out_elems * K``
+- ConvInteger, QLinearConv and com.microsoft FusedConv as Conv; MatMulInteger and QLinearMatMul
+  as MatMul; com.microsoft FusedGemm as Gemm (integer multiply-adds count as MACs)
+- RNN, GRU, LSTM: ``steps * batch * (|W| + |R|)`` (each step multiplies its input by W and
+  its state by R, every direction and gate)
 
 Every other node counts 0 MACs; bias additions are not counted. Shapes come from ONNX
 shape inference (``graph/shapes.py``: with data propagation, on a light copy of the graph)
@@ -102,15 +106,37 @@ def total_macs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[in
 
 # --------------------------------------------------------------------------- MAC formulas
 
+#: ops counted as a Conv / a MatMul-like product: (op, domain) -> (kind, index of the weight
+#: input for a Conv; the first factor for products). Integer and quantized forms count their
+#: integer multiply-adds; onnxruntime's fused forms (com.microsoft) as the op they fuse.
+_COUNTED = {
+    ("Conv", ""): ("conv", 1), ("ConvInteger", ""): ("conv", 1), ("QLinearConv", ""): ("conv", 3),
+    ("FusedConv", "com.microsoft"): ("conv", 1),
+    ("ConvTranspose", ""): ("conv_transpose", 1),
+    ("Gemm", ""): ("gemm", 0), ("FusedGemm", "com.microsoft"): ("gemm", 0),
+    ("MatMul", ""): ("matmul", 0), ("MatMulInteger", ""): ("matmul", 0), ("QLinearMatMul", ""): ("matmul", 0),
+    ("RNN", ""): ("recurrent", 0), ("GRU", ""): ("recurrent", 0), ("LSTM", ""): ("recurrent", 0),
+}
+
+
+def _counted(node: onnx.NodeProto) -> tuple[str, int] | None:
+    return _COUNTED.get((node.op_type, "" if node.domain == "ai.onnx" else node.domain))
+
+
 def _shape_inputs(node: onnx.NodeProto) -> list[str]:
     """The tensors whose shapes the MAC formula of ``node`` reads."""
-    if node.domain not in ("", "ai.onnx"):
+    counted = _counted(node)
+    if counted is None:
         return []
-    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) >= 2:
-        first = node.output[0] if node.op_type == "Conv" else node.input[0]
-        return [first, node.input[1]]
-    if node.op_type in ("Gemm", "MatMul") and len(node.input) >= 2:
-        return [node.output[0], node.input[0]]
+    kind, index = counted
+    if kind == "conv" and len(node.input) > index:
+        return [node.output[0], node.input[index]]
+    if kind == "conv_transpose" and len(node.input) > index:
+        return [node.input[0], node.input[index]]
+    if kind in ("gemm", "matmul") and len(node.input) >= 2:
+        return [node.output[0], node.input[index]]
+    if kind == "recurrent" and len(node.input) >= 3:
+        return [node.input[0], node.input[1], node.input[2]]        # X, W, R
     return []
 
 
@@ -118,18 +144,23 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape | None]) -> int:
     names = _shape_inputs(node)
     if not names:
         return 0
-    first, second = (shapes[name] for name in names)
-    if node.op_type == "Conv":
+    kind = _counted(node)[0]
+    if kind == "conv":
         # out [N, M, *spatial], weight [M, C/group, *kernel]
-        out, weight = first, second
+        out, weight = (shapes[name] for name in names)
         return _prod(out) * _prod(weight[1:])
-    if node.op_type == "ConvTranspose":
+    if kind == "conv_transpose":
         # x [N, C, *spatial], weight [C, M/group, *kernel]: each input element meets M/g*k weights
-        x, weight = first, second
+        x, weight = (shapes[name] for name in names)
         return _prod(x) * _prod(weight[1:])
+    if kind == "recurrent":
+        # X [T, N, C] (layout 0) or [N, T, C]; W [dirs, gates H, C], R [dirs, gates H, H]: every
+        # step of every sequence multiplies its input by W and its state by R
+        x, w, r = (shapes[name] for name in names)
+        return x[0] * x[1] * (_prod(w) + _prod(r))
     # Gemm / MatMul: every output element is a dot product of length K
-    out, a = first, second
-    if node.op_type == "Gemm":
+    out, a = (shapes[name] for name in names)
+    if kind == "gemm":
         trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
         k = a[0] if trans_a else a[1]
     else:

@@ -183,3 +183,52 @@ def test_real_model_totals(shared, name):
     heavy = [c for c in costs if c.op in ("Conv", "Gemm", "MatMul")]
     assert heavy and all(c.macs > 0 for c in heavy)
     assert all(c.macs == 0 for c in costs if c not in heavy)
+
+
+# ----------------------------------------------------------------------------- integer, fused, recurrent
+
+def _typed(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _graph_model(nodes, inputs, outputs, inits, domains=(("", 13),)):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in domains], ir_version=8)
+
+
+def test_integer_and_quantized_ops_count_as_their_float_forms():
+    u8 = TensorProto.UINT8
+    conv = _graph_model(
+        [helper.make_node("ConvInteger", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        [_typed("x", u8, ["N", 3, 8, 8])], [_typed("y", TensorProto.INT32, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.uint8), "w")], (("", 10),))
+    assert _one(conv, "ConvInteger").macs == 4 * 8 * 8 * 3 * 3 * 3
+    matmul = _graph_model(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"], name="mm")],
+        [_typed("a", u8, ["N", 5])], [_typed("y", TensorProto.INT32, ["N", 7])],
+        [numpy_helper.from_array(np.ones((5, 7), np.uint8), "b")], (("", 10),))
+    assert _one(matmul, "MatMulInteger").macs == 7 * 5
+    scale, zero = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")
+    qconv = _graph_model(
+        [helper.make_node("QLinearConv", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="qconv")],
+        [_typed("x", u8, ["N", 3, 8, 8])], [_typed("y", u8, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.uint8), "w"), scale, zero], (("", 10),))
+    assert _one(qconv, "QLinearConv").macs == 4 * 6 * 6 * 3 * 3 * 3
+
+
+def test_recurrent_ops_count_every_step():
+    hidden, features, steps = 6, 4, 5
+    model = _graph_model(           # batch first (layout 1), as a batch_first export: [N, T, C]
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="lstm", hidden_size=hidden, layout=1)],
+        [_typed("x", TensorProto.FLOAT, ["N", steps, features])], [_typed("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((1, 4 * hidden, features), np.float32), "W"),
+         numpy_helper.from_array(np.ones((1, 4 * hidden, hidden), np.float32), "R")], (("", 14),))
+    assert _one(model, "LSTM").macs == steps * 4 * hidden * (features + hidden)
+
+
+def test_fused_ops_of_onnxruntime_count_as_what_they_fuse():
+    model = _graph_model(
+        [helper.make_node("FusedConv", ["x", "W"], ["y"], name="fused", domain="com.microsoft", activation="Relu")],
+        [_typed("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [_typed("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "W")], (("", 13), ("com.microsoft", 1)))
+    assert _one(model, "FusedConv").macs == 4 * 8 * 8 * 3
