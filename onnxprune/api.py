@@ -26,7 +26,7 @@ from onnxprune.data.samples import SampleSet, open_samples
 from onnxprune.data.text import DEFAULT_MAX_LENGTH, is_text_file, open_text
 from onnxprune.data.tokens import check_flags, check_image_flags, check_token_samples
 from onnxprune.embedding import measured_output
-from onnxprune.errors import DataError, ModelError, RecipeError, UsageError, ValidationFailed
+from onnxprune.errors import DataError, ModelError, OutputError, RecipeError, UsageError, ValidationFailed
 from onnxprune.graph.groups import describe_groups, find_channel_groups
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.layers import find_linear_layers
@@ -593,10 +593,10 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     recipe = as_recipe(recipe)
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise RecipeError(str(out_dir), "exists and is not a folder", "give a folder for -o")
-    budgets = sorted({float(b) for b in budgets}, reverse=True)
-    if not budgets or any(not 0 < b < 1 for b in budgets):
-        raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1), got {budgets}")
+        raise OutputError(str(out_dir), "exists and is not a folder", "give a folder for -o")
+    budgets = sorted({float(b) for b in budgets}, reverse=True)     # one row per distinct budget, largest first
+    if not budgets or any(not 0 < b <= 1 for b in budgets):
+        raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1], got {budgets}")
     stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
     objective = plan_options(recipe.plan or {}).objective
     models = {budget: out_dir / f"{stem}_{objective}{round(100 * budget)}.onnx" for budget in budgets}
@@ -632,6 +632,8 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
                                measure_latency=measure_latency, latency_runs=latency_runs, progress=progress,
                                metric=recipe.metric)
         warnings = label_notes + list(validation.warnings) + collapse_warnings(validation, held_out)
+        for warning in warnings[len(label_notes):]:          # the label note is logged once, above
+            log.warning("budget %g: %s", budget, warning)
         report["plan"] = result
         describe_run(report, planner.original, compressed, samples, held_out,
                      sources={"target": target_data, "source": source_data})
@@ -664,8 +666,19 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         files.append((out_dir / "pareto.png", functools.partial(
             figures.pareto_chart, {"planned": [(r[x], 100 * r[key]) for r in done]}, reference=reference,
             xlabel=f"{x} (fraction of the original)", ylabel=ylabel, title=str(stem))))
+    else:
+        stale = out_dir / "pareto.png"
+        if stale.is_file():          # an earlier sweep's plot would no longer match pareto.md / pareto.json
+            stale.unlink()
     write_all(files)
     summary["table"] = table
+    summary["written"] = ["models", "reports", "pareto.md", "pareto.json", "pareto.png"] if done else \
+        ["pareto.md", "pareto.json"]
+    summary["calibration"] = f"{len(samples['target']):,}"
+    summary["evaluated"] = f"{len(held_out):,}"
+    reference = next((r["accuracy_reference"] for r in done if r.get("accuracy_reference") is not None), None)
+    summary["reference"] = "" if reference is None else \
+        f" (the original: {100 * reference:.2f}% {'kNN' if planner.kind == 'embedding' else 'top-1'})"
     return summary
 
 

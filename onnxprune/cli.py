@@ -75,8 +75,8 @@ class NumberList(click.ParamType):
         return tuple(self.item.convert(v.strip(), param, ctx) for v in str(value).split(","))
 
 
-#: sweep's budgets: fractions in (0, 1)
-BUDGETS = NumberList(OPEN_FRACTION)
+#: sweep's budgets: fractions in (0, 1] (1: the original, as compress --keep 1.0)
+BUDGETS = NumberList(FRACTION)
 
 
 class SizeType(click.ParamType):
@@ -593,6 +593,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
 
     given = {name for name in kw if click.get_current_context().get_parameter_source(name)
              == click.core.ParameterSource.COMMANDLINE}
+    refuse_idle_run_flags(kw)
     if kw.get("recipe") or kw["stats"]:        # before either file is read
         from onnxprune.paths import check_output_text, check_outputs
         check_output_text(output)
@@ -1001,7 +1002,7 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
 @click.option("--latency-runs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed runs of each model per batch size (interleaved).")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder.")
 @plan_flags
 @token_options
 @JUDGE_OUTPUT
@@ -1015,6 +1016,7 @@ def sweep(model, output, verbose, quiet, device, **kw):
     if (kw["flops"] is None) == (kw["keep"] is None):
         raise click.UsageError("give one list of budgets: --flops (MACs) or --keep (parameters), e.g. "
                                "--flops 0.9,0.8,0.7")
+    refuse_idle_run_flags(kw)
     flag, objective = ("--flops", "macs") if kw["flops"] is not None else ("--keep", "params")
     budgets = kw["flops"] or kw["keep"]
     if kw.get("objective") not in (None, objective):
@@ -1026,9 +1028,11 @@ def sweep(model, output, verbose, quiet, device, **kw):
                        source_data=kw["source_data"], eval_data=kw["eval_data"], device=device,
                        progress=show_progress(quiet), measure_latency=not kw["no_latency"],
                        latency_runs=kw["latency_runs"])
+    click.echo(f"calibrated on {result['calibration']} target samples; evaluated on {result['evaluated']} held-out "
+               f"samples{result['reference']}")
     for line in result["table"]:
         click.echo(line)
-    click.echo(f"wrote {output}/ (models, reports, pareto.md, pareto.json, pareto.png)")
+    click.echo(f"wrote {output}/ ({', '.join(result['written'])})")
 
 
 @main.command("merge-stats", short_help="Merge the shard files of `calibrate --shard` into one statistics file.")
@@ -1121,6 +1125,7 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
     from onnxprune import api
     from onnxprune.validate import check_thresholds
 
+    refuse_idle_run_flags(kw)
     preprocess = preprocess_dict(kw)
     report = api.validate(reference, candidate, data, preprocess=preprocess, batch_size=batch_size, device=device,
                           measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=show_progress(quiet),
@@ -1131,6 +1136,17 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
         for line in report.summary_lines():
             click.echo(line)
     check_thresholds(report, max_drop=kw["max_drop"], min_agreement=kw["min_agreement"])
+
+
+def refuse_idle_run_flags(kw: dict) -> None:
+    """Flags of compress, sweep and validate that could not act (usage errors): --latency-runs
+    beside --no-latency, --split beside --eval-data (that file evaluates, all of --target-data
+    calibrates)."""
+    if _given("latency_runs") and kw.get("no_latency"):
+        raise click.UsageError("--latency-runs does not apply with --no-latency: no latency is measured")
+    if "split" in kw and _given("split") and kw.get("eval_data") is not None:
+        raise click.UsageError("--split does not apply with --eval-data: --eval-data evaluates and --target-data "
+                               "calibrates (at most --calib-size of it)")
 
 
 def refuse_idle_training_flags(kw: dict, *, held_out: bool = True) -> None:

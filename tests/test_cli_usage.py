@@ -298,3 +298,10 @@ def test_training_flags_that_cannot_act_are_usage_errors(tmp_path, args, words):
     result = cli(*[tmp_path / "out" if a == "OUT" else a for a in args])
     assert_usage_error(result, *words)
     assert not list(tmp_path.iterdir())
+
+
+def test_run_flags_that_cannot_act_are_usage_errors(tmp_path):
+    assert_usage_error(compress(tmp_path, "--no-latency", "--latency-runs", "3", "--keep", "0.5"),
+                       "--latency-runs does not apply with --no-latency")
+    assert_usage_error(compress(tmp_path, "--eval-data", str(DATA), "--split", "0.3", "--keep", "0.5"),
+                       "--split does not apply with --eval-data")

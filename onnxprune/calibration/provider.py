@@ -28,7 +28,7 @@ from onnxprune.calibration.requests import StatRequest
 from onnxprune.calibration.stats import Statistics
 from onnxprune.cost import sample_shapes
 from onnxprune.data.samples import Feeds
-from onnxprune.errors import CalibrationError
+from onnxprune.errors import CalibrationError, DataError
 from onnxprune.graph.segment import float_tensors, segment
 from onnxprune.model import cone_hashes, input_specs
 
@@ -141,8 +141,10 @@ class StatsProvider:
         entries: dict[tuple[str, str], Statistics] = {}
         for set_name in sets:
             if set_name not in self.samples and self._preloaded is None:
-                raise CalibrationError(set_name, "no such sample set",
-                                       f"pass --{set_name}-data" if set_name in ("source", "target") else None)
+                if set_name in ("source", "target"):       # a method that reads both domains (momasp-*)
+                    raise DataError(f"--{set_name}-data", f"this method needs {set_name}-domain samples",
+                                    f"pass --{set_name}-data DIR")
+                raise CalibrationError(set_name, "no such sample set")
             for request in dict.fromkeys(requests):
                 cached = self._cache.get((set_name, request.key))
                 if cached and cached[0] == hashes[request.tensor]:

@@ -271,6 +271,28 @@ def test_sweep_writes_no_model_for_a_budget_it_cannot_reach(tmp_path):
     assert report["verdict"] == "unchecked" and isinstance(report["warnings"], list)
 
 
+def test_sweep_says_what_it_wrote_and_leaves_no_stale_plot(tmp_path):
+    out = tmp_path / "sweep"
+    run = ["sweep", str(MODEL), "--target-data", str(DATA), "-o", str(out), "--calib-size", "200", "--no-latency"]
+    first = CliRunner().invoke(main, [*run, "--flops", "0.6,1.0"])            # 1.0: the original, as compress
+    assert first.exit_code == 0, first.output
+    assert "calibrated on 200 target samples; evaluated on" in first.output and "the original: " in first.output
+    assert first.output.strip().endswith("(models, reports, pareto.md, pareto.json, pareto.png)")
+    assert [r["budget"] for r in json.loads((out / "pareto.json").read_text())["budgets"]] == [1.0, 0.6]
+    second = CliRunner().invoke(main, [*run, "--flops", "0.02"])              # nothing reached: no plot
+    assert second.exit_code == 0, second.output
+    assert second.output.strip().endswith("(pareto.md, pareto.json)") and not (out / "pareto.png").exists()
+    (tmp_path / "afile").write_text("x")
+    refused = CliRunner().invoke(main, [*run[:-5], "-o", str(tmp_path / "afile"), "--flops", "0.5"])
+    assert refused.exit_code == 1 and "exists and is not a folder" in refused.stderr
+
+
+def test_a_method_that_reads_both_domains_asks_for_the_source(tmp_path):
+    result = CliRunner().invoke(main, ["sensitivity", str(MODEL), "--target-data", str(DATA), "--method", "momasp-J",
+                                       "-o", str(tmp_path / "s.json"), "--calib-size", "100"])
+    assert result.exit_code == 1 and "--source-data | this method needs source-domain samples" in result.stderr
+
+
 def test_a_collapsed_model_is_reported_loudly(tmp_path):
     out = tmp_path / "broken.onnx"
     result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
