@@ -566,7 +566,10 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
         result["shift"] = planner.domain_shift()
         result["source"] = source.describe()
     files = [] if output is None else [(output, text(json.dumps(jsonable(result), indent=2) + "\n"))]
-    if figure is not None:
+    if figure is not None and not curves:     # nothing to draw: no heat map, and the output says so
+        log.warning("no site to compress: no heat map drawn")
+        result["figures"] = []
+    elif figure is not None:
         pictures = [(figure, functools.partial(figures.sensitivity_heatmap, curves))]
         if source is not None:
             pictures.append((shift_path(figure), functools.partial(figures.shift_chart, result["shift"])))

@@ -986,8 +986,8 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
         for key, row in (result.get("shift") or {}).items():
             click.echo(f"shift {key}: mean {row['mean_shift']:.3f}, cov {row['moment_cov']:.3f}, "
                        f"angle {row['subspace_angle']:.1f} deg")
-    click.echo(f"wrote {output} and {', '.join(result.get('figures', []))} ({len(result['sensitivity'])} sites, "
-               f"{result['seconds'].get('sensitivity', 0):.1f} s)")
+    written = ", ".join([str(output), *result.get("figures", [])])
+    click.echo(f"wrote {written} ({len(result['sensitivity'])} sites, {result['seconds'].get('sensitivity', 0):.1f} s)")
 
 
 @main.command(short_help="Compress at several budgets from one planning run; Pareto table and plot.")

@@ -459,3 +459,21 @@ def test_closer_compares_per_sample_divergences_paired():
     # the regression divergence averages to the relative error
     d = divergences(reference[:, :1], far[:, :1], "regression")
     assert np.isclose(d.mean(), np.sum((far[:, 0] - reference[:, 0]) ** 2) / np.sum(reference[:, 0] ** 2))
+
+
+def test_sensitivity_of_a_model_with_nothing_to_compress_draws_no_empty_map(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"], name="flat")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((16, 1, 4, 4)).astype(np.float32))
+    result = CliRunner().invoke(main, ["sensitivity", str(tmp_path / "m.onnx"), "--target-data", str(tmp_path / "d.npz"),
+                                       "-o", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    assert "no heat map drawn" in result.stderr and "UserWarning" not in result.stderr
+    assert (tmp_path / "s.json").exists() and not (tmp_path / "s.png").exists()
+    assert result.output.strip().endswith(f"wrote {tmp_path / 's.json'} (0 sites, 0.0 s)")
