@@ -72,7 +72,12 @@ class NumberList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        return tuple(self.item.convert(v.strip(), param, ctx) for v in str(value).split(","))
+        items = [v.strip() for v in str(value).split(",")]
+        if items and not items[-1]:          # "0.9,0.8," : a trailing comma ends the list
+            items.pop()
+        if not items or not all(items):
+            self.fail(f"{value!r} is not a list of numbers like 0.9,0.8,0.7", param, ctx)
+        return tuple(self.item.convert(v, param, ctx) for v in items)
 
 
 #: sweep's budgets: fractions in (0, 1] (1: the original, as compress --keep 1.0)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -104,6 +105,15 @@ def test_sweep_needs_exactly_one_list_of_budgets(tmp_path, budgets):
     result = cli("sweep", MODEL, "--target-data", DATA, "-o", tmp_path / "sweep", *budgets)
     assert_usage_error(result, "give one list of budgets: --flops")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_budget_lists_take_a_trailing_comma_and_refuse_holes():
+    from onnxprune.cli import BUDGETS
+
+    assert BUDGETS.convert("0.9,0.8,", None, None) == (0.9, 0.8)
+    for bad in ("0.5,,0.3", ",", ""):
+        with pytest.raises(click.exceptions.BadParameter, match="is not a list of numbers"):
+            BUDGETS.convert(bad, None, None)
 
 
 def test_mean_and_std_of_different_lengths_are_a_usage_error(tmp_path):
