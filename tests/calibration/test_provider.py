@@ -41,10 +41,14 @@ def test_reuses_statistics_while_the_upstream_is_unchanged():
     assert view.moments(late, fold=0).count + view.moments(late, fold=1).count == view.moments(late).count
 
 
-def test_unknown_sets_and_requests_are_calibration_errors():
+def test_a_missing_sample_set_and_unknown_requests_are_user_errors():
+    """A method that reads the source domain without --source-data is told to pass it (DataError);
+    a request no run gathered is a CalibrationError."""
+    from onnxprune.errors import DataError
+
     model = graphs.gemm_chain()
     provider = provider_for(model)
-    with pytest.raises(CalibrationError, match="--source-data"):
+    with pytest.raises(DataError, match="--source-data | this method needs source-domain samples"):
         provider(model, [StatRequest("fc1.out", axis=1)], ("source",))
     view = provider(model, [StatRequest("fc1.out", axis=1)])
     with pytest.raises(CalibrationError, match="no target statistics"):
