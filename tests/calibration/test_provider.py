@@ -48,7 +48,7 @@ def test_a_missing_sample_set_and_unknown_requests_are_user_errors():
 
     model = graphs.gemm_chain()
     provider = provider_for(model)
-    with pytest.raises(DataError, match="--source-data | this method needs source-domain samples"):
+    with pytest.raises(DataError, match=r"--source-data \| this method needs source-domain samples"):
         provider(model, [StatRequest("fc1.out", axis=1)], ("source",))
     view = provider(model, [StatRequest("fc1.out", axis=1)])
     with pytest.raises(CalibrationError, match="no target statistics"):
