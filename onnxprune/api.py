@@ -118,6 +118,10 @@ def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | Non
 
 @dataclasses.dataclass
 class CompressResult:
+    """What ``compress`` returns: the compressed model, its report (the ``OUT.report.json``
+    content: ``validation``, ``plan``, ``passes``, ``warnings``, ...) and the path it was
+    written to (None with ``output=None``)."""
+
     model: onnx.ModelProto
     report: dict[str, Any]
     output: Path | None
@@ -129,7 +133,14 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
              min_agreement: float | None = None, measure_latency: bool = True, latency_runs: int = 10,
              finetune=None, recovery: RecoveryOptions = RecoveryOptions()) -> CompressResult:
     """Calibrate on the target data, plan (``recipe.plan``: the planner chooses the passes) or
-    run the recipe, validate on held-out data, write the output.
+    run the recipe, validate on held-out data, write the output; returns a ``CompressResult``.
+
+    ``model``: an .onnx path or an onnx.ModelProto (with its weights loaded). ``target_data``,
+    ``source_data``, ``eval_data``: a .npy/.npz file, an image folder, a folder of arrays, an
+    array, a {input name: array} dict (``y``/``labels``: labels), an iterable of such batches or
+    an onnxruntime CalibrationDataReader (README, "Data"). ``recipe``: a Recipe, a dict as a
+    recipe file holds it, or a recipe file's path. ``progress``: progress bars on stderr;
+    ``device``: "cpu" or "cuda".
 
     Calibration uses ``recipe.split`` of the target data (the rest evaluates, unless
     ``eval_data`` is given), at most ``recipe.calib_size`` samples per set (target and
