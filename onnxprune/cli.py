@@ -607,6 +607,7 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
     saved = stats_recipe(kw, given, quiet=quiet) if kw["stats"] and not kw.get("recipe") else None
     preprocess = preprocess_dict(kw)
     recipe = saved or build_recipe(kw, preprocess)
+    refuse_idle_source(kw, recipe)
     finetune = None
     if kw["finetune_epochs"]:
         from onnxprune.train import require_torch
@@ -917,6 +918,7 @@ def calibrate(model, output, verbose, quiet, device, **kw):
     split = kw.pop("split")
     kw.update(split=0.5 if split >= 1 else split, mode=None, allocation="global")
     recipe = build_recipe(kw, preprocess, sized=False)
+    refuse_idle_source(kw, recipe)
     if kw.get("recipe"):
         from onnxprune.paths import check_output_text, check_outputs
         check_output_text(output)
@@ -1029,6 +1031,7 @@ def sweep(model, output, verbose, quiet, device, **kw):
     preprocess = preprocess_dict(kw)
     kw["objective"] = objective
     recipe = plan_only_recipe(kw, preprocess, budget=budgets[0])
+    refuse_idle_source(kw, recipe)
     result = api.sweep(model, kw["target_data"], budgets, recipe=recipe, output_dir=output,
                        source_data=kw["source_data"], eval_data=kw["eval_data"], device=device,
                        progress=show_progress(quiet), measure_latency=not kw["no_latency"],
@@ -1141,6 +1144,16 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
         for line in report.summary_lines():
             click.echo(line)
     check_thresholds(report, max_drop=kw["max_drop"], min_agreement=kw["min_agreement"])
+
+
+def refuse_idle_source(kw: dict, recipe) -> None:
+    """--source-data with a recipe that reads the target only (usage error): its samples would be
+    opened, and calibrated, for nothing. The criteria that read both domains are momasp-*;
+    `sensitivity` reads it for its domain-shift report and does not call this."""
+    if kw.get("source_data") is not None and "source" not in recipe.sets():
+        raise click.UsageError("--source-data applies to methods that read both domains (--method momasp-J, "
+                               "momasp-j); this recipe reads the target data only (sensitivity reports the domain "
+                               "shift per site)")
 
 
 def refuse_idle_run_flags(kw: dict) -> None:

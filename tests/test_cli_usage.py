@@ -315,3 +315,15 @@ def test_run_flags_that_cannot_act_are_usage_errors(tmp_path):
                        "--latency-runs does not apply with --no-latency")
     assert_usage_error(compress(tmp_path, "--eval-data", str(DATA), "--split", "0.3", "--keep", "0.5"),
                        "--split does not apply with --eval-data")
+
+
+def test_source_data_for_a_recipe_that_reads_the_target_only_is_a_usage_error(tmp_path):
+    assert_usage_error(compress(tmp_path, "--source-data", str(DATA)), "--source-data applies to methods that read "
+                       "both domains")
+    assert_usage_error(cli("sweep", MODEL, "--target-data", DATA, "--source-data", DATA, "--flops", "0.5",
+                           "-o", tmp_path / "sw"), "--source-data applies")
+    assert_usage_error(cli("calibrate", MODEL, "--target-data", DATA, "--source-data", DATA, "-o", tmp_path / "s.npz"),
+                       "--source-data applies")
+    assert not list(tmp_path.iterdir())
+    result = compress(tmp_path, "--source-data", str(DATA), "--method", "momasp-J", "--keep", "0.5")
+    assert result.exit_code == 0, result.output + result.stderr
