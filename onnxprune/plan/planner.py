@@ -281,8 +281,7 @@ class Costs:
         """``input_shapes``: ``cost.sample_shapes`` of the data (a model with dynamic dimensions
         after the batch counts at the data's size)."""
         self.objective = objective
-        self.input_shapes = input_shapes or {}
-        self.layers = {c.name: c for c in cost.layer_costs(model, input_shapes=self.input_shapes)}
+        self.layers = {c.name: c for c in cost.layer_costs(model, input_shapes=input_shapes)}
         self.total = max(float(count_parameters(model) if objective == "params"
                                else sum(c.macs for c in self.layers.values())), 1.0)    # 1: nothing to save
         self.model = model
