@@ -871,9 +871,10 @@ def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
 
 
 def _record(samples: SampleSet, source) -> dict:
-    """Which rows of which file calibrated: lets ``compress --stats`` check its held-out set."""
+    """Which rows of which file calibrated, and what they hold: lets ``compress --stats`` check its
+    held-out set and its calibration data."""
     return {"path": str(Path(source).resolve()) if _is_path(source) else None,
-            "rows": samples.source_indices.tolist()}
+            "rows": samples.source_indices.tolist(), "content_sha": samples.content_sha()}
 
 
 def check_held_out(stats: Statistics, stats_path, evaluation: SampleSet, eval_source) -> None:
@@ -924,7 +925,7 @@ def check_stats_fit(stats: Statistics, stats_path, recipe: Recipe, original: onn
                             f"than the {len(sample_set)} this run calibrates on",
                             "give compress the --split, --seed and --calib-size `calibrate` was given (the command "
                             "line takes them from the file when they are left out), or drop --stats")
-        if "content_sha" in desc and desc["content_sha"] != mine["content_sha"]:
+        if "content_sha" in desc and desc["content_sha"] != sample_set.content_sha():
             raise DataError(str(stats_path), f"the {name} statistics were gathered on other data: the "
                             f"{len(sample_set)} samples this run calibrates on hold other values"
                             + (f" than those of {desc['path']}" if desc.get("path") else ""),

@@ -39,7 +39,7 @@ class SetShard:
     start: int                     # the shard's first position in the whole set
     stop: int
     whole: dict                    # describe() of the whole set
-    fingerprint: str               # content of a few samples of the whole set (see ``fingerprint``)
+    fingerprint: str               # the whole set's content (``SampleSet.content_sha``)
     requests: list[dict]           # StatRequest.to_dict() of each request
 
 
@@ -85,7 +85,7 @@ def plan(model_source, model: onnx.ModelProto, samples: dict, sources: dict, req
                 data=str(path) if path is not None else part,
                 preprocess=dataclasses.asdict(sample_set._preprocess),
                 rows=part.source_indices if path is not None else None,
-                start=start, stop=stop, whole=sample_set.describe(), fingerprint=fingerprint(sample_set),
+                start=start, stop=stop, whole=sample_set.describe(), fingerprint=sample_set.content_sha(),
                 requests=[r.to_dict() for r in dict.fromkeys(todo)]))
         tasks.append(ShardTask(model=wire_model, sets=sets, index=int(index), count=int(count), batch_size=size,
                                folds=int(folds), seed=int(seed), device=device, threads=threads,
@@ -125,19 +125,6 @@ def shard_record(task: ShardTask) -> dict:
     return {"index": task.index, "count": task.count, "batch_size": task.batch_size,
             "sets": {p.name: {"start": p.start, "stop": p.stop, "set": p.whole, "fingerprint": p.fingerprint}
                      for p in task.sets}}
-
-
-def fingerprint(sample_set) -> str:
-    """A sha256 of the prepared first, middle and last samples: with the set's description
-    (count, rows, inputs, preprocessing) it tells two data files of the same shape apart."""
-    import hashlib
-
-    n = len(sample_set)
-    digest = hashlib.sha256()
-    for name, array in sorted(sample_set.batch(np.array(sorted({0, n // 2, n - 1}))).items()):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _collect_options(task: ShardTask) -> dict:

@@ -10,7 +10,7 @@ single-process statistics up to the order of float64 additions.
 
 Each shard's header records ``"shard"``: its index, the shard count, the batch size and,
 per sample set, the shard's range, the description of the *whole* set (its
-``indices_sha`` names exactly which samples it holds) and a fingerprint of its content. ``merge_shards`` checks that the
+``indices_sha`` names exactly which samples it holds) and a sha256 of its content. ``merge_shards`` checks that the
 files come from the same model, requests, folds, seed, batch size and sample sets, and that
 their indices are disjoint and complete, then adds them in a fixed tree order.
 """

@@ -288,14 +288,13 @@ class SampleSet:
         return self._content
 
     def describe(self) -> dict:
-        """A JSON-able summary; ``indices_sha`` identifies exactly which source rows are in the set,
-        ``content_sha`` what they hold."""
+        """A JSON-able summary; ``indices_sha`` identifies exactly which source rows are in the set
+        (what they hold, ``content_sha``, is recorded where statistics are saved: it reads them all)."""
         info = {
             "name": self.name,
             "count": len(self),
             "labelled": self.labels is not None,
             "indices_sha": hashlib.sha256(self._rows.astype("<i8").tobytes()).hexdigest()[:16],
-            "content_sha": self.content_sha(),
             "kind": self._store.kind,
             "source_count": self._store.count,
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self._specs],
