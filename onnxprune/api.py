@@ -1106,8 +1106,8 @@ def _close(client) -> None:
 def symbolic_dims_note(model: onnx.ModelProto) -> str | None:
     """What ``inspect``'s MACs take for the dimensions after the batch that the model leaves
     symbolic (None when there are none)."""
-    dims = [f"{spec.name}[{axis}] ({d or '?'})" for spec in input_specs(model)
-            for axis, d in enumerate(spec.shape) if axis and not isinstance(d, int)]
+    dims = [f"{spec.name}[{axis}] ({spec.shape[axis] or '?'})" for spec in input_specs(model)
+            for axis in spec.symbolic_axes]
     if not dims:
         return None
     return (f"MACs count the symbolic {', '.join(dims)} as 1; compress, validate, sensitivity and sweep "

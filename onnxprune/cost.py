@@ -96,7 +96,7 @@ def sample_shapes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> di
     (an exported dynamic height and width, or sequence length); {} when there is none. MACs
     then count at the size of the data rather than with those dimensions at 1."""
     return {spec.name: (1, *np.shape(feeds[spec.name])[1:]) for spec in input_specs(model)
-            if spec.name in feeds and any(not isinstance(d, int) for d in spec.shape[1:])}
+            if spec.name in feeds and spec.symbolic_axes}
 
 
 def total_macs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:

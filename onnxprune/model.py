@@ -46,6 +46,12 @@ class InputSpec:
         return len(self.shape)
 
     @property
+    def symbolic_axes(self) -> list[int]:
+        """The axes after the batch left symbolic (an exported dynamic height and width, or
+        sequence length)."""
+        return [axis for axis, d in enumerate(self.shape) if axis and not isinstance(d, int)]
+
+    @property
     def fixed_batch(self) -> int | None:
         """The batch size when the first dimension is fixed, else None."""
         if self.shape and isinstance(self.shape[0], int):
