@@ -3,6 +3,7 @@ MoMaSP-regularised and block forms), the retention ratio and the reconstruction 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -14,10 +15,11 @@ from onnxprune.linalg.common import (
     _DEAD,
     _EPS,
     SELECT_RIDGE,
-    _cho,
+    _cho_lifted,
     _finite,
     _matrix,
     _symmetric,
+    lifted_ridges,
 )
 
 
@@ -108,19 +110,31 @@ def _greedy(sigma, *, alpha, count, ridge, order=None, regulariser=None, lam=0.0
     diag = np.diag(S).copy()
     total = float(diag.sum())
     unit = total / C if total > 0 else 1.0
-    rho = ridge * unit                       # noise variance added to kept channels
     tiny = _DEAD * unit                      # residual variance that counts as zero
     steps = count if count is not None else C
     if order is not None:
         steps = min(steps, len(order))
+    T = _square_of_symmetric(S) if steps * 32 >= C else None
+    # rho: noise variance added to kept channels; raised when S + rho I proves indefinite
+    for rho in lifted_ridges(ridge * unit, total):
+        picked = _greedy_steps(S, T, diag, total, rho, tiny, steps=steps, alpha=alpha, count=count, order=order,
+                               regulariser=copy.deepcopy(regulariser), lam=lam)
+        if picked is not None:
+            return picked
+    raise NumericalError("channel second moment", "is indefinite beyond any ridge up to its trace",
+                         hint="check the calibration data")
+
+
+def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, regulariser, lam):
+    """The greedy's steps at ridge rho (``_greedy``); None when a residual variance falls below
+    -rho, i.e. S + rho I is not positive semi-definite (the ridge is under the rounding of S)."""
+    C = S.shape[0]
     # Residual R = S - L L^T, never formed; L (C x t) holds r / sqrt(d) of each pick.
     # gain_j = ||R[:, j]||^2 / (R_jj + rho); keeping j: R -= r r^T / d, r = R[:, j],
     # d = R_jj + rho. q tracks ||R[:, i]||^2 and res R_ii; updating q needs R r = S r - L w
     # with w = L^T r. S r is a C^2 matvec, or, when many picks are to come, T[j] - P L_j
     # with T = S^2 (one SYRK) and P = S L: every step then costs one pass over [L | P].
-    use_T = steps * 32 >= C
-    if use_T:
-        T = _square_of_symmetric(S)
+    use_T = T is not None
     LP = np.zeros((steps, 2 * C if use_T else C))   # rows: [L^T | P^T]
     G = np.zeros((steps, steps))                      # L^T L
     q = np.einsum("ij,ij->j", S, S)
@@ -167,6 +181,8 @@ def _greedy(sigma, *, alpha, count, ridge, order=None, regulariser=None, lam=0.0
             q -= 2.0 * r * Rr / d - r * r * (rr / d**2)
             np.maximum(q, 0.0, out=q)
             res -= r * r / d
+            if res.min() < -(rho + tiny):
+                return None
             np.maximum(res, 0.0, out=res)
             sqd = math.sqrt(d)
             LP[t, :C] = r / sqd
@@ -325,8 +341,8 @@ def retention_ratio(sigma, keep, *, ridge: float = SELECT_RIDGE) -> float:
         return 0.0
     G = _matrix(S[J], "Sigma_JF")                        # (k x C)
     K = 0.5 * (G[:, J] + G[:, J].T)
-    K[np.diag_indices_from(K)] += ridge * total / C
-    Y = sla.cho_solve(_cho(K, "Sigma_JJ + rho I"), G, check_finite=False)
+    factor, _ = _cho_lifted(K, ridge * total / C, total, "Sigma_JJ + rho I")
+    Y = sla.cho_solve(factor, G, check_finite=False)
     return float(min(max(np.einsum("ij,ij->", G, _finite(Y, "retention")) / total, 0.0), 1.0))
 
 
@@ -357,12 +373,11 @@ def reconstruction_matrix(sigma, keep, *, ridge: float = SELECT_RIDGE, refine: i
     total = float(np.trace(S))
     G = _matrix(S[J], "Sigma_JF")                        # (k x C)
     K = 0.5 * (G[:, J] + G[:, J].T)
-    shifted = K.copy()
-    shifted[np.diag_indices_from(K)] += ridge * (total / C if total > 0 else 1.0)
-    if not (shifted.diagonal() > 0).all():
+    rho = ridge * (total / C if total > 0 else 1.0)
+    if not (K.diagonal() + rho > 0).all():
         raise NumericalError("Sigma_JJ", "a kept channel has zero variance and ridge=0",
                              hint="use a ridge > 0 or drop dead channels")
-    factor = _cho(shifted, "Sigma_JJ + rho I")
+    factor, _ = _cho_lifted(K, rho, total, "Sigma_JJ + rho I")
     At = sla.cho_solve(factor, G, check_finite=False)    # A^T (k x C)
     for _ in range(int(refine)):
         At += sla.cho_solve(factor, G - K @ At, check_finite=False)

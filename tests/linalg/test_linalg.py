@@ -489,3 +489,24 @@ def test_no_nan_on_degenerate_inputs():
         linalg.truncated_svd(np.array([[np.nan, 1.0]]), 1)
     with pytest.raises(NumericalError):
         linalg.spectral_select(np.array([[np.nan]]), count=1)
+
+
+def test_selection_survives_a_gram_indefinite_by_rounding():
+    """A rank-deficient second moment whose float32 rounding puts eigenvalues below -rho
+    (MobileNetV2 on 30 calibration images) made the greedy's residuals overflow and A_J's
+    Cholesky fail; the ridge is raised until Sigma + rho I is definite."""
+    rng = np.random.default_rng(0)
+    C, r = 200, 120
+    A = rng.standard_normal((C, r)) * np.exp(rng.normal(0, 1, (C, 1)))
+    S = A @ A.T / r
+    E = rng.standard_normal((C, C))
+    E += E.T
+    S += E * (3e-8 * np.trace(S) / np.linalg.norm(E, 2))            # rounding of float32 products
+    assert np.linalg.eigvalsh(S).min() < -linalg.SELECT_RIDGE * np.trace(S) / C
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keep, ratios = linalg.spectral_select(S, count=C - 10)
+        assert np.isfinite(ratios).all() and (np.diff(ratios) >= 0).all() and ratios[-1] > 0.9999
+        assert linalg.retention_ratio(S, keep) == pytest.approx(ratios[-1], abs=1e-9)
+        A_J = linalg.reconstruction_matrix(S, keep)
+    assert np.isfinite(A_J).all() and np.abs(A_J).max() < 10
