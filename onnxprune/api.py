@@ -127,6 +127,13 @@ class CompressResult:
     output: Path | None
 
 
+#: compress --stats --finetune: the checkpoint fold is set aside from the calibration part first
+FINETUNE_STATS = ("--stats cannot be combined with --finetune: --finetune sets its checkpoint fold (--val-fraction "
+                  "of the calibration part) aside before calibrating, so no statistics file holds this run's "
+                  "calibration samples; drop --stats, or compress with it and then distil the result with "
+                  "`onnxprune finetune OUT --teacher MODEL`")
+
+
 def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, output: str | os.PathLike | None = None,
              source_data=None, eval_data=None, stats: str | os.PathLike | None = None,
              device: str = "cpu", progress: bool = True, max_drop: float | None = None,
@@ -159,6 +166,12 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     recipe = as_recipe(recipe)
+    if finetune is not None:         # before any work: training is the last step
+        from onnxprune.train import require_torch
+
+        if stats is not None:
+            raise UsageError(FINETUNE_STATS)
+        require_torch()
     if output is not None:
         check_output_text(output)
         check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,
@@ -338,6 +351,9 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
     val_fold = None
     if checkpoint_fraction is not None:
+        from onnxprune.train.distill import check_fold
+
+        check_fold(calib, checkpoint_fraction)      # before any work: enough samples left to train
         val_fold, calib = calib.split(checkpoint_fraction, seed=recipe.seed)
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
     if source_data is not None:
@@ -625,7 +641,8 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     if note:
         log.warning("%s", note)
         samples["target"], held_out, calib = (s.without_labels() for s in (samples["target"], held_out, calib))
-    planner = make_planner(original, samples, recipe, uncapped=calib, device=device, progress=progress)
+    planner = make_planner(original, samples, recipe, uncapped=calib, device=device, progress=progress,
+                           evaluated=len(held_out))
     planner.sensitivity()
     rows, files = [], []
     for budget in budgets:
@@ -666,7 +683,7 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
             "speedup": v.speedup() if measure_latency else {},
         })
     table = pareto_lines(rows, embedding=planner.kind == "embedding")
-    summary = {"budgets": rows, "planner": planner.report(), "evaluation": held_out.describe()}
+    summary = {"units": PARETO_UNITS, "budgets": rows, "planner": planner.report(), "evaluation": held_out.describe()}
     files += [(out_dir / "pareto.json", text(json.dumps(jsonable(summary), indent=2) + "\n")),
               (out_dir / "pareto.md", text("\n".join(table) + "\n"))]
     done = [r for r in rows if "macs" in r]
@@ -716,6 +733,12 @@ def pareto_lines(rows: list[dict], *, embedding: bool = False) -> list[str]:
                      f"{points(r['drop'], r['drop_se'])} | {100 * r['agreement']:.2f} | "
                      f"{points(r['checked_drop'], r['checked_se'])} | {r['sites']} | {r['model']} |")
     return lines
+
+
+#: what the numbers of pareto.json's rows are (as in a report's "validation": accuracies as fractions, drops in points)
+PARETO_UNITS = {"fraction of the original": ["macs", "params"],
+                "fraction of the samples": ["accuracy", "accuracy_reference", "agreement"],
+                "percentage points": ["drop", "drop_se", "checked_drop", "checked_se"]}
 
 
 def make_planner(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, uncapped: SampleSet | None = None,

@@ -424,14 +424,15 @@ def training_options(func, *, epochs: bool = True, lr: float = 1e-3, val_fractio
     on the checkpoint fold: a larger ``val_fraction``, the last epoch kept; None: set by the
     command)."""
     options = [
-        click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Training epochs."),
+        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs."),
     ] if epochs else []
     options += [
         click.option("--lr", type=POSITIVE, default=lr, show_default=True, help="Adam learning rate (cosine schedule)."),
         click.option("--temperature", type=POSITIVE, default=4.0, show_default=True,
                      help="Distillation temperature for classifier outputs."),
         click.option("--label-weight", type=NON_NEGATIVE, default=0.0, show_default=True,
-                     help="Cross-entropy weight when the data has labels (1 without --teacher)."),
+                     help="Cross-entropy weight when the data has labels"
+                          + (" (1 without --teacher)." if epochs else ".")),   # compress: the original teaches
         click.option("--augment", is_flag=True, help="Random crop with padding (+ horizontal flip for RGB images)."),
         click.option("--patience", type=click.IntRange(min=1), default=patience, show_default=patience is not None,
                      help="Stop after this many epochs without improvement on the held-out fold"
@@ -599,6 +600,8 @@ def compress(model, output, as_json, verbose, quiet, device, **kw):
     given = {name for name in kw if click.get_current_context().get_parameter_source(name)
              == click.core.ParameterSource.COMMANDLINE}
     refuse_idle_run_flags(kw)
+    if kw["stats"] and kw["finetune_epochs"]:
+        raise click.UsageError(api.FINETUNE_STATS)
     if kw.get("recipe") or kw["stats"]:        # before either file is read
         from onnxprune.paths import check_output_text, check_outputs
         check_output_text(output)

@@ -60,6 +60,7 @@ COPRUNE = ("coprune", "--source-model", MODEL, "--target-model", MODEL, "--sourc
     (("finetune", MODEL, *TRAIN, "--max-drop", "-5"), "--max-drop"),
     (("finetune", MODEL, *TRAIN, "--min-agreement", "95"), "--min-agreement"),
     (("finetune", MODEL, *TRAIN, "--max-minutes", "-1"), "--max-minutes"),
+    (("finetune", MODEL, *TRAIN, "--epochs", "0"), "--epochs"),      # would write the student untrained
     ((*COPRUNE, "--keep", "1.5"), "--keep"),
     ((*COPRUNE, "--keep", "0.5", "--alpha", "0.7,2"), "--alpha"),
     # nan compares false with every bound and inf passes a range open above: both refused, naming the flag
@@ -173,6 +174,26 @@ def test_finetune_search_flags_need_the_max_drop_search(tmp_path):
     result = compress(tmp_path, "--keep", "0.5", "--finetune", "1", "--finetune-margin", "1", "--finetune-trials", "2")
     assert_usage_error(result, "--finetune-trials, --finetune-margin apply only to --finetune's search")
     assert not list(tmp_path.iterdir())
+
+
+def test_finetune_with_saved_statistics_is_a_usage_error(tmp_path):
+    """--finetune sets its checkpoint fold aside from the calibration part before calibrating, so the samples
+    of a statistics file never are this run's: refused before the file is read (it was refused after the
+    statistics were loaded, with a hint to repeat calibrate's --split/--seed/--calib-size, which cannot help)."""
+    stats = tmp_path / "stats.npz"
+    stats.write_bytes(b"not read")
+    result = compress(tmp_path, "--stats", stats, "--finetune", "1")
+    assert_usage_error(result, "--stats cannot be combined with --finetune")
+    assert sorted(tmp_path.iterdir()) == [stats]
+
+
+def test_compress_help_names_no_option_it_lacks():
+    """compress shares finetune's training options, but its teacher is always the original: its help must not
+    point at a --teacher flag it does not have (--label-weight said "1 without --teacher")."""
+    result = cli("compress", "--help")
+    assert result.exit_code == 0 and "--label-weight" in result.output
+    assert "--teacher" not in result.output
+    assert "(1 without --teacher)" in " ".join(cli("finetune", "--help").output.split())
 
 
 def test_compress_latency_runs_reaches_validation(tmp_path):

@@ -423,7 +423,7 @@ def test_checkpoint_rule_follows_the_fold_size():
     (dict(patience=0), "--patience"), (dict(max_seconds=-5.0), "--max-minutes"),
     (dict(max_seconds=float("nan")), "--max-minutes"), (dict(lr=float("inf")), "--lr"),
     (dict(temperature=float("nan")), "--temperature"), (dict(label_weight=float("nan")), "--label-weight"),
-    (dict(feature_weight=float("inf")), "--feature-weight"),
+    (dict(feature_weight=float("inf")), "--feature-weight"), (dict(epochs=0), "--epochs"),
 ])
 def test_train_config_refuses_values_out_of_range(options, flag):
     """The Python API's options fail as the flags do: onnxprune's RecipeError naming the flag."""
@@ -519,23 +519,136 @@ def test_held_out_data_that_is_the_training_file_is_refused(tmp_path, command, f
     assert not out.parent.exists()
 
 
-@pytest.mark.parametrize("command", ["finetune", "coprune"])
-def test_too_few_samples_left_to_train_after_the_checkpoint_fold_are_refused(tmp_path, command):
-    """--val-fraction 0.9 of 4 samples leaves none to train: refused with the minimum the whole set must meet."""
+@pytest.mark.parametrize("command", ["finetune", "coprune", "compress"])
+@pytest.mark.parametrize("held_out", ["eval-data", "split"])
+def test_too_few_samples_left_to_train_after_the_checkpoint_fold_are_refused(tmp_path, monkeypatch, command,
+                                                                              held_out):
+    """--val-fraction 0.9 of 4 samples leaves none to train: refused with the minimum the whole set must meet,
+    before any validation, calibration or planning. When --split takes part of the file, the message tells the
+    training samples from the file's (it said "has 3 samples" of a file of 6)."""
     pytest.importorskip("torch")
-    f = usps_files(tmp_path, tiny=(0, 4), other=(60, 120))
+    import onnxprune.api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("validated or calibrated before the samples were checked")
+
+    monkeypatch.setattr(sys.modules["onnxprune.validate"], "validate", no_work)
+    monkeypatch.setattr(onnxprune.api, "label_misfit", no_work)
+    f = usps_files(tmp_path, tiny=(0, 4), eight=(0, 8), other=(60, 120))
     out = tmp_path / "out" / "o.onnx"
     if command == "finetune":
-        args = ["finetune", LENET, "--epochs", "1"]
-    else:
+        args = ["finetune", LENET, "--teacher", LENET, "--epochs", "1", "--no-latency"]
+    elif command == "coprune":
         args = ["coprune", "--source-model", LENET, "--target-model", LENET, "--source-data", f["other"], "--keep",
-                "0.5", "--max-epochs", "1"]
-    result = CliRunner().invoke(main, [str(a) for a in args] + ["--target-data", str(f["tiny"]), "--eval-data",
-                                                                 str(f["other"]), "--val-fraction", "0.9",
-                                                                 "--no-latency", "-q", "-o", str(out)])
-    one_line_error(result, f"{f['tiny']} | leaves 0 of its 4 samples to train once --val-fraction 0.9 is held out",
+                "0.5", "--max-epochs", "1", "--no-latency"]
+    else:
+        args = ["compress", LENET, "--method", "svd", "--rank", "2", "--finetune", "1", "--no-latency"]
+    if held_out == "eval-data":
+        data, counted = ["--target-data", f["tiny"], "--eval-data", f["other"]], "4 samples"
+    else:   # --split 0.5 of 8: 4 train (compress: calibrate)
+        data, counted = ["--target-data", f["eight"]], "4 training samples (of its 8)"
+    result = CliRunner().invoke(main, [str(a) for a in args + data] + ["--val-fraction", "0.9", "-q", "-o", str(out)])
+    name = f["tiny"] if held_out == "eval-data" else f["eight"]
+    one_line_error(result, f"{name} | leaves 0 of {counted} to train once --val-fraction 0.9 is held out",
                    "needs at least 4")
     assert not out.parent.exists()
+
+
+def test_reports_name_models_given_in_memory(tmp_path):
+    """The Python API takes ModelProtos: the reports call them "model" (they held the whole model as text, a
+    6 MB report for LeNet), as the student already was."""
+    pytest.importorskip("torch")
+    from onnxprune.train.api import coprune_files, finetune_files
+    from onnxprune.train.coprune import CoPruneConfig
+    from onnxprune.train.distill import TrainConfig
+
+    teacher, student = mlp(0), mlp(1, noise=0.3, base=0)
+    x = np.random.default_rng(5).standard_normal((60, 8)).astype(np.float32)
+    data = {"x": x, "y": run_model(teacher, {"x": x})[0].argmax(1)}
+    result = finetune_files(student, tmp_path / "ft.onnx", data, teacher=teacher, measure_latency=False,
+                            progress=False, config=TrainConfig(epochs=1, progress=False))
+    assert (result.report["student"], result.report["teacher"]) == ("model", "model")
+    result = coprune_files(teacher, student, data, data, tmp_path / "cp.onnx", measure_latency=False,
+                           config=CoPruneConfig(keep=0.5, alphas=(0.5,), max_epochs=1, progress=False))
+    assert (result.report["source_model"], result.report["target_model"]) == ("model", "model")
+    for name in ("ft.report.json", "cp.report.json"):
+        assert (tmp_path / name).stat().st_size < 20_000
+
+
+def ir3(model: onnx.ModelProto, rename: dict[str, str] | None = None) -> onnx.ModelProto:
+    """``model`` in the IR 3 / opset 7 form (initializers listed as graph inputs), with tensors renamed
+    (``rename``: a compression's new factors, which the original does not have, or another input)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for t in model.graph.initializer:
+        t.name = (rename or {}).get(t.name, t.name)
+    for node in model.graph.node:
+        node.input[:] = [(rename or {}).get(i, i) for i in node.input]
+    for value in model.graph.input:
+        value.name = (rename or {}).get(value.name, value.name)
+    model.graph.input.extend([helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                              for t in model.graph.initializer])
+    model.opset_import[0].version, model.ir_version = 7, 3
+    return model
+
+
+def test_the_teacher_check_compares_data_inputs_and_outputs_only(tmp_path):
+    """An IR 3 student lists its new weights as graph inputs, which the teacher lacks: it trains (it was
+    refused as "--teacher | has other inputs or outputs"); a teacher with other inputs or outputs is named
+    by its file with both models' names; a student larger than its teacher (the two swapped) is a warning."""
+    pytest.importorskip("torch")
+    teacher, student = ir3(mlp(0)), ir3(mlp(1, noise=0.3, base=0), {"w1": "fc1/new_weight"})
+    x = np.random.default_rng(6).standard_normal((80, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    paths = {}
+    for name, model in (("t", teacher), ("s", student), ("other", mlp(0, classes=3)), ("big", mlp(0, hidden=32)),
+                        ("small", mlp(0))):
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(paths[name]))
+
+    def run(student_file, teacher_file):
+        return CliRunner().invoke(main, ["finetune", str(student_file), "--teacher", str(teacher_file), "--target-data",
+                                         str(tmp_path / "x.npy"), "--epochs", "1", "--no-latency", "-o",
+                                         str(tmp_path / "out" / "o.onnx")])
+
+    result = run(paths["s"], paths["t"])
+    assert result.exit_code == 0, result.output
+    tuned = onnx.load(str(tmp_path / "out" / "o.onnx"))
+    assert tuned.ir_version == 3 and [i.name for i in tuned.graph.input] == [i.name for i in student.graph.input]
+    renamed = ir3(mlp(0), {"x": "image"})
+    onnx.save(renamed, str(paths["t"]))
+    one_line_error(run(paths["s"], paths["t"]), f"{paths['t']} | has other inputs or outputs than the student "
+                   f"{paths['s']} (inputs image; outputs logits; the student's: x; logits)")
+    result = run(paths["big"], paths["other"])
+    assert result.exit_code == 1 and "outputs logits" not in result.output   # same names: the shapes differ
+    result = run(paths["big"], paths["small"])
+    assert result.exit_code == 0, result.output
+    warning = f"the student {paths['big']} has more parameters (420) than the teacher"
+    assert warning in result.stderr
+    report = json.loads((tmp_path / "out" / "o.report.json").read_text())
+    assert report["warnings"][0].startswith(warning)
+
+
+def test_api_compress_with_training_checks_torch_and_statistics_before_any_work(tmp_path, monkeypatch):
+    """onnxprune.compress(finetune=...) without torch named the [train] extra only once compressed (minutes of
+    planning); with stats= it failed on the statistics' samples, which the checkpoint fold always changes."""
+    import onnxprune
+    import onnxprune.api
+    from onnxprune.errors import UsageError
+    from onnxprune.train import MissingExtra
+    from onnxprune.train.distill import TrainConfig
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was opened before the check")
+
+    monkeypatch.setattr(onnxprune.api, "as_model", no_work)
+    recipe = {"passes": [{"name": "low-rank-split", "method": "svd", "rank": 2}]}
+    with pytest.raises(UsageError, match="--stats cannot be combined with --finetune"):
+        onnxprune.compress(LENET, USPS, recipe=recipe, stats=tmp_path / "stats.npz", finetune=TrainConfig(),
+                           output=tmp_path / "o.onnx")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(MissingExtra, match=r"\.\[train\]"):
+        onnxprune.compress(LENET, USPS, recipe=recipe, finetune=TrainConfig(), output=tmp_path / "o.onnx")
+    assert not list(tmp_path.iterdir())
 
 
 def test_unlabelled_checkpoint_samples_are_named(tmp_path):

@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 
 from onnxprune.errors import DataError, ValidationFailed
-from onnxprune.model import jsonable, model_name, save_model
+from onnxprune.model import count_parameters, jsonable, model_name, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
 from onnxprune.validate import check_threshold_values
@@ -140,7 +140,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     ``.report.json`` and ``.curve.png``."""
     require_torch()
     from onnxprune.api import as_model, refuse_same_file
-    from onnxprune.train.distill import TrainConfig, finetune, plot_curve
+    from onnxprune.train.distill import TrainConfig, check_training_samples, finetune, plot_curve
     from onnxprune.validate import check_thresholds, validate
 
     config = config or TrainConfig()
@@ -155,13 +155,24 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
                      "samples, which are then no longer held out", "pass other samples as --val-data, or drop it")
     student_model = as_model(student)
     teacher_model = as_model(teacher) if teacher is not None else None
+    warnings = []
     if teacher_model is not None:
-        s_in = [(i.name) for i in student_model.graph.input]
-        t_in = [(i.name) for i in teacher_model.graph.input]
-        if [o.name for o in student_model.graph.output] != [o.name for o in teacher_model.graph.output] \
-                or not set(s_in) <= set(t_in) | {t.name for t in teacher_model.graph.initializer}:
-            raise DataError("--teacher", "has other inputs or outputs than the student",
-                            "the teacher must be the model the student was compressed from")
+        # graph inputs that are not weights (IR 3 models list their initializers as inputs too)
+        s_in, t_in = ([i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
+                      for m in (student_model, teacher_model))
+        s_out, t_out = [o.name for o in student_model.graph.output], [o.name for o in teacher_model.graph.output]
+        if s_out != t_out or not set(s_in) <= set(t_in) | {t.name for t in teacher_model.graph.initializer}:
+            raise DataError(model_name(teacher, "--teacher"), f"has other inputs or outputs than the student "
+                            f"{model_name(student, 'STUDENT')} (inputs {', '.join(t_in)}; outputs {', '.join(t_out)}; "
+                            f"the student's: {', '.join(s_in)}; {', '.join(s_out)})",
+                            "the teacher (--teacher) must be the model the student was compressed from")
+        sizes = count_parameters(student_model), count_parameters(teacher_model)
+        if sizes[0] > sizes[1]:     # STUDENT is the model trained: the original given in its place?
+            warnings.append(f"the student {model_name(student, 'STUDENT')} has more parameters ({sizes[0]:,}) than "
+                            f"the teacher {model_name(teacher, '--teacher')} ({sizes[1]:,}): the student is the model "
+                            "trained (the compressed one) and --teacher the original; were they given the other "
+                            "way round?")
+            log.warning("%s", warnings[-1])
     train, held_out = split_data(target_data, eval_data, split, config.seed, student_model, preprocess)
     val = None
     if val_data is not None:
@@ -169,6 +180,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
 
         val = as_samples(val_data, student_model, preprocess)
     check_labels(student_model, (train, val, held_out), batch_size=config.batch_size, device=device)
+    check_training_samples(train, val, teacher=teacher_model is not None, config=config)
     reference = teacher_model if teacher_model is not None else student_model
     before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
                       measure_latency=False, progress=False)
@@ -177,14 +189,14 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     after = validate(reference, tuned, held_out, batch_size=config.batch_size, device=device,
                      measure_latency=measure_latency, progress=progress)
     report = {
-        "student": str(student) if not isinstance(student, onnx.ModelProto) else "model",
-        "teacher": None if teacher is None else str(teacher),
+        "student": model_name(student),
+        "teacher": None if teacher is None else model_name(teacher),
         "reference": "teacher" if teacher_model is not None else "student before training",
         "finetune": train_report,
         "evaluation": held_out.describe(),
         "validation_before": before.to_dict(),
         "validation": after.to_dict(),
-        "warnings": list(train_report["warnings"]),
+        "warnings": warnings + list(train_report["warnings"]),
     }
     worse = worse_after_training(report["validation_before"], report["validation"],
                                  "the checkpoint fold picked this epoch: fewer epochs, a lower --lr or a larger fold "
@@ -212,7 +224,6 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     held-out target data, write OUTPUT and ``.report.json``."""
     require_torch()
     from onnxprune.api import as_model, as_samples
-    from onnxprune.model import count_parameters
     from onnxprune.train.coprune import coprune, nonzero_parameters
     from onnxprune.validate import validate
 
@@ -231,7 +242,7 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     after = validate(target, pruned, held_out, batch_size=max(config.batch_size, 64), device=device,
                      measure_latency=measure_latency, progress=False)
     report = {
-        "source_model": str(source_model), "target_model": str(target_model),
+        "source_model": model_name(source_model), "target_model": model_name(target_model),
         "coprune": train_report,
         "evaluation": held_out.describe(),
         "nonzero_parameters": {"target": nonzero_parameters(target), "pruned": nonzero_parameters(pruned),

@@ -56,7 +56,7 @@ class TrainConfig:
     #                           keep the last epoch (the fold only reports: it stays an unbiased test)
 
     def __post_init__(self):
-        for field, value, low in (("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
+        for field, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
                                   ("threads", self.threads, 1)):
             if not isinstance(value, int) or value < low:
                 raise RecipeError(f"--{field.replace('_', '-')}", f"must be an integer >= {low}, not {value!r}")
@@ -101,6 +101,59 @@ MIN_TRAIN_SAMPLES = 4  # fewer training samples (after the checkpoint fold) are 
 def fold_size(n: int, val_fraction: float) -> int:
     """Samples of ``n`` held out to pick the checkpoint: ``val_fraction`` of them, at least one."""
     return max(1, round(val_fraction * n))
+
+
+def training_count(samples) -> str:
+    """"N samples" of a training set, with the file's count when the set is a part of it (the
+    --split that trains, less a checkpoint fold): what an error about too few samples names."""
+    n, total = len(samples), samples.describe().get("source_count")
+    return f"{n} samples" if not isinstance(total, int) or total == n else f"{n} training samples (of its {total})"
+
+
+def shared_labels(samples, val_samples=None):
+    """(labels, the set without labels): the training samples' labels when the checkpoint fold
+    (``val_samples``, when given) has labels too, else None and the set that has none (None when
+    both are labelled)."""
+    labels = samples.labels
+    unlabelled = None if labels is not None else samples
+    if val_samples is not None and (labels is None) != (val_samples.labels is None):
+        labels = None  # labels only where both sets have them
+        unlabelled = unlabelled or val_samples
+    return labels, unlabelled
+
+
+def check_training_samples(samples, val_samples=None, *, teacher: bool, config: TrainConfig) -> None:
+    """What recovery training refuses before any work (DataError, exit 1; UsageError, exit 2): no
+    teacher and no labels, options that act only through a teacher, fewer than MIN_TRAIN_SAMPLES
+    left to train once the checkpoint fold is held out. ``val_samples``: the checkpoint fold given
+    apart (else ``config.val_fraction`` of ``samples``)."""
+    labels, unlabelled = shared_labels(samples, val_samples)
+    if not teacher and labels is None:
+        if unlabelled is val_samples:
+            raise DataError(val_samples.name, "has no labels and no teacher was given: without a teacher the "
+                            "checkpoint fold (--val-data) is scored on labels",
+                            "pass --teacher ORIGINAL.onnx, labelled --val-data, or drop --val-data "
+                            "(--val-fraction of the training samples picks the checkpoint)")
+        raise DataError(getattr(samples, "name", "samples"), "has no labels and no teacher was given",
+                        "pass --teacher ORIGINAL.onnx (distillation) or labelled data (fine-tuning)")
+    check_teacher_options(config, teacher=teacher)
+    if len(samples) < MIN_TRAIN_SAMPLES:
+        raise DataError(samples.name, f"has {training_count(samples)}; recovery training needs at least "
+                        f"{MIN_TRAIN_SAMPLES}", "train on more samples")
+    if val_samples is None:
+        check_fold(samples, config.val_fraction)
+
+
+def check_fold(samples, val_fraction: float) -> None:
+    """DataError unless ``samples`` keep MIN_TRAIN_SAMPLES to train once the checkpoint fold
+    (``val_fraction`` of them) is held out."""
+    n = len(samples)
+    if n - fold_size(n, val_fraction) < MIN_TRAIN_SAMPLES:
+        raise DataError(samples.name, f"leaves {max(0, n - fold_size(n, val_fraction))} of "
+                        f"{training_count(samples)} to train once --val-fraction {val_fraction:g} is held out "
+                        f"to pick the checkpoint; recovery training needs at least {MIN_TRAIN_SAMPLES}",
+                        "lower --val-fraction, give the checkpoint samples apart (--val-data), or train on more "
+                        "samples")
 
 
 def load_arrays(samples, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -234,21 +287,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     torch.set_num_threads(config.threads)
     try:
         warnings: list[str] = []
-        labels = samples.labels
-        # the set without labels when only one of the training samples and the checkpoint fold has them
-        unlabelled = None if labels is not None else samples
-        if val_samples is not None and (labels is None) != (val_samples.labels is None):
-            labels = None  # labels only where both sets have them
-            unlabelled = unlabelled or val_samples
-        if teacher is None and labels is None:
-            if unlabelled is val_samples:
-                raise DataError(val_samples.name, "has no labels and no teacher was given: without a teacher the "
-                                "checkpoint fold (--val-data) is scored on labels",
-                                "pass --teacher ORIGINAL.onnx, labelled --val-data, or drop --val-data "
-                                "(--val-fraction of the training samples picks the checkpoint)")
-            raise DataError(getattr(samples, "name", "samples"), "has no labels and no teacher was given",
-                            "pass --teacher ORIGINAL.onnx (distillation) or labelled data (fine-tuning)")
-        check_teacher_options(config, teacher=teacher is not None)
+        check_training_samples(samples, val_samples, teacher=teacher is not None, config=config)
+        labels, unlabelled = shared_labels(samples, val_samples)
         if labels is None and config.label_weight > 0:
             warnings.append(f"--label-weight {config.label_weight:g}: {unlabelled.name} has no labels, so no "
                             "cross-entropy is added (distillation only)"
@@ -263,14 +303,6 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
                      config.batch_size)
             config = dataclasses.replace(config, batch_size=fixed)
         n = len(samples)
-        if n < MIN_TRAIN_SAMPLES:
-            raise DataError(samples.name, f"has {n} samples; recovery training needs at least {MIN_TRAIN_SAMPLES}")
-        if val_samples is None and n - fold_size(n, config.val_fraction) < MIN_TRAIN_SAMPLES:
-            raise DataError(samples.name, f"leaves {n - fold_size(n, config.val_fraction)} of its {n} samples to "
-                            f"train once --val-fraction {config.val_fraction:g} is held out to pick the checkpoint; "
-                            f"recovery training needs at least {MIN_TRAIN_SAMPLES}",
-                            "lower --val-fraction, give the checkpoint samples apart (--val-data), or train on more "
-                            "samples")
         arrays = load_arrays(samples)
         n_train_given = n
         if val_samples is not None:

@@ -255,6 +255,12 @@ def test_cli_sensitivity_and_sweep_write_their_files(tmp_path):
     # each model's report as compress writes it: what changed, per layer
     report = json.loads(next(out.glob("*_macs60.report.json")).read_text())
     assert report["changed"] and report["layers"] and report["verdict"] == "unchecked"
+    # as compress's report: the reserve against the held-out evaluation's noise, whose size it names
+    assert report["plan"]["evaluated"] == report["evaluation"]["count"]
+    # every number of a row has its unit
+    units = json.loads((out / "pareto.json").read_text())["units"]
+    numbers = {k for r in rows for k, v in r.items() if isinstance(v, float) and k != "budget"}
+    assert numbers <= {k for keys in units.values() for k in keys}
 
 
 def test_sweep_writes_no_model_for_a_budget_it_cannot_reach(tmp_path):

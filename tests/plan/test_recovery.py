@@ -141,3 +141,18 @@ def test_training_options_without_finetune_are_refused(tmp_path):
     assert result.exit_code == 2
     assert "--augment, --finetune-trials, --finetune-margin: training options, given without --finetune EPOCHS" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_too_few_calibration_samples_name_where_they_went(tmp_path):
+    """20 samples: the --split half calibrates, and --finetune's checkpoint fold takes half of that, so 5 plan;
+    the hint names both (it asked for "at least 8 target samples", which the user had given)."""
+    pytest.importorskip("torch")
+    data = tmp_path / "few.npz"
+    with np.load(DATA) as full:
+        np.savez(data, x=full["x"][:20], y=full["y"][:20])
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(data), "--finetune", "1",
+                                       "--no-latency", "-o", str(tmp_path / "out" / "o.onnx")])
+    assert result.exit_code == 1, result.output
+    assert "5 samples are too few to plan and check" in result.output
+    assert "the --split part of --target-data, less the checkpoint fold (--val-fraction)" in result.output
+    assert not (tmp_path / "out").exists()
