@@ -25,7 +25,7 @@ from onnxprune.data.preprocess import Preprocess
 from onnxprune.errors import InternalError, ModelError, NumericalError, OnnxPruneError, RecipeError
 from onnxprune.graph.index import name_nodes
 from onnxprune.linalg import blas_threads
-from onnxprune.model import check_model, clone, count_parameters, needs_external_data, write_text_atomic
+from onnxprune.model import check_model, clone, count_parameters, jsonable, needs_external_data, write_text_atomic
 from onnxprune.passes import REGISTRY, Pass, PassContext, check_order, options_to_dict
 from onnxprune.passes.base import check_types
 
@@ -65,9 +65,11 @@ def pass_entry(entry) -> tuple[str, dict]:
                       'e.g. ("low-rank-split", {"method": "dalr", "keep": 0.5})')
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Recipe:
-    """passes: ((name, options dict), ...) run in order."""
+    """passes: ((name, options dict), ...) run in order. Two recipes are equal (and hash alike)
+    when their ``to_dict()`` forms are: the same passes with the same options, defaults spelled
+    out or not."""
 
     passes: tuple[tuple[str, dict], ...]
     mode: str = "one-shot"           # "one-shot": all sites from one calibration; "sequential": re-gather after each site
@@ -140,6 +142,15 @@ class Recipe:
     def build(self) -> list[Pass]:
         """Fresh instances of the passes, from the options validated when the recipe was made."""
         return [REGISTRY[name](options) for (name, _), options in zip(self.passes, self._options)]
+
+    def _key(self) -> str:
+        return json.dumps(jsonable(self.to_dict()), sort_keys=True)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Recipe) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def to_dict(self) -> dict[str, Any]:
         built = self.build()

@@ -3,6 +3,7 @@ validated once, when the recipe is made."""
 
 from __future__ import annotations
 
+import dataclasses
 import pytest
 
 from onnxprune import criteria, recipes
@@ -112,3 +113,13 @@ def test_conv_split_reaches_the_planner_and_fixed_low_rank_recipes():
         build_recipe(options(method="dalr", keep=0.3, allocation="global", conv_split="spatial"), {})
     with pytest.raises(RecipeError, match="conv='diagonal'"):
         PlanOptions(conv="diagonal")
+
+
+def test_recipes_compare_and_hash_by_what_they_run():
+    plain = Recipe(passes=(("select-nodes", {"criterion": "spectral", "keep": 0.5}),), preprocess={"mean": [0.5]})
+    spelled = Recipe(passes=(("select-nodes", {"criterion": "spectral", "keep": 0.5, "ridge": 1e-6}),),
+                     preprocess={"mean": (0.5,)})
+    assert plain == spelled and hash(plain) == hash(spelled) and len({plain, spelled}) == 1
+    assert plain == Recipe.from_dict(plain.to_dict())
+    assert plain != Recipe(passes=(("select-nodes", {"criterion": "spectral", "keep": 0.4}),), preprocess={"mean": [0.5]})
+    assert plain != dataclasses.replace(plain, seed=1)
