@@ -226,6 +226,23 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+#: recurrent ops whose ``layout`` 0 (the default) reads X as [sequence, batch, features]
+RECURRENT_OPS = ("RNN", "GRU", "LSTM")
+
+
+def sequence_first_inputs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """{graph input: the RNN/GRU/LSTM node that reads it as X in layout 0}: an input whose first
+    axis is the sequence and whose second the batch (PyTorch's ``batch_first=False``)."""
+    inputs = {spec.name for spec in input_specs(model)}
+    found = {}
+    for node in model.graph.node:
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx") and layout == 0 \
+                and node.input and node.input[0] in inputs:
+            found.setdefault(node.input[0], node)
+    return found
+
+
 def output_names(model: onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.output]
 

@@ -52,7 +52,7 @@ from PIL import Image
 
 from onnxprune.data.preprocess import Preprocess, dims_text, is_image_batch, is_int, prepare
 from onnxprune.errors import DataError
-from onnxprune.model import InputSpec, input_specs
+from onnxprune.model import InputSpec, input_specs, sequence_first_inputs
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +447,13 @@ def open_samples(source, model_or_specs, *, preprocess: Preprocess | None = None
 def _specs_of(model_or_specs) -> list[InputSpec]:
     if isinstance(model_or_specs, onnx.ModelProto):
         specs = input_specs(model_or_specs)
+        for name, node in sequence_first_inputs(model_or_specs).items():
+            dims = next(dims_text(s.shape) for s in specs if s.name == name)
+            raise DataError(name, f"is the sequence-first input {dims} of {node.op_type} {node.name or '(unnamed)'!r} "
+                            "(layout 0: [sequence, batch, features]), but onnxprune reads one sample per entry of "
+                            "an input's first axis",
+                            "export the model batch-first (PyTorch: batch_first=True, or transpose the input inside "
+                            "forward)")
     else:
         specs = list(model_or_specs)
         if not all(isinstance(s, InputSpec) for s in specs):

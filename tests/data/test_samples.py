@@ -688,3 +688,24 @@ def test_feeds_batches_follow_the_stored_order():
     np.testing.assert_array_equal(np.concatenate([f["y"] for _, f in seen]), a * 2)
     with pytest.raises(DataError, match="different sample counts"):
         Feeds({"x": a, "y": a[:3]}, name="bad")
+
+
+@pytest.mark.parametrize("layout", [0, 1])
+def test_a_sequence_first_recurrent_input_is_refused(layout):
+    """An LSTM reading the graph input as [sequence, batch, features] (layout 0, PyTorch's
+    batch_first=False) would get samples cut along its time axis: refused, naming the input."""
+    hidden, features, steps = 3, 4, 5
+    shape = [steps, "N", features] if layout == 0 else ["N", steps, features]
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="lstm", hidden_size=hidden, layout=layout)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.ones((1, 4 * hidden, features), np.float32), "W"),
+         onnx.numpy_helper.from_array(np.ones((1, 4 * hidden, hidden), np.float32), "R")]),
+        opset_imports=[helper.make_opsetid("", 14)])
+    data = np.zeros((8, steps, features), np.float32)
+    if layout == 1:
+        assert len(open_samples(data, model)) == 8
+        return
+    with pytest.raises(DataError, match=r"x \| is the sequence-first input 5xNx4 of LSTM 'lstm' .*batch_first=True"):
+        open_samples(data, model)
