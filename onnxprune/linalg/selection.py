@@ -127,7 +127,7 @@ def _greedy(sigma, *, alpha, count, ridge, order=None, regulariser=None, lam=0.0
 
 def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, regulariser, lam):
     """The greedy's steps at ridge rho (``_greedy``); None when a residual variance falls below
-    -rho, i.e. S + rho I is not positive semi-definite (the ridge is under the rounding of S)."""
+    -(rho + tiny), i.e. S + rho I is indefinite (the ridge is under the rounding of S)."""
     C = S.shape[0]
     # Residual R = S - L L^T, never formed; L (C x t) holds r / sqrt(d) of each pick.
     # gain_j = ||R[:, j]||^2 / (R_jj + rho); keeping j: R -= r r^T / d, r = R[:, j],
@@ -222,7 +222,9 @@ def spectral_select(sigma, *, alpha: float | None = None, count: int | None = No
     exceeds rho + 1e-12 trace / C, so dead and duplicate channels are never chosen while an
     informative channel remains; if ``count`` forces more, the lowest remaining indices are
     taken. With alpha only, selection also stops when no channel is eligible (the ratio is
-    then as high as the ridge allows, 1 - O(ridge)). O(C^2) per step; O(C t) per step
+    then as high as the ridge allows, 1 - O(ridge)). When Sigma + rho I proves indefinite (the
+    float32 rounding of a rank-deficient Sigma), the greedy reruns with rho raised
+    (``linalg.common.lifted_ridges``), as ``retention_ratio`` and ``reconstruction_matrix`` do. O(C^2) per step; O(C t) per step
     after one C x C product when many channels are kept.
 
     Returns
