@@ -32,14 +32,23 @@ def text(content: str) -> Writer:
 
 def write_all(files: Iterable[tuple[str | os.PathLike, Writer]]) -> list[Path]:
     """Write every (destination, writer) pair, then move them all into place; returns the files
-    now in place (a writer may write none: a figure without matplotlib). Raises OutputError
-    naming the destination on an OSError, leaving every destination as it was."""
+    now in place. A writer may write none (a figure without matplotlib): a file an earlier run
+    left at its destination is then removed, since it would not match the files beside it.
+    Raises OutputError naming the destination on an OSError, leaving every destination as it was."""
     staging: dict[Path, Path] = {}          # destination folder -> its temporary folder
+    unwritten = []
     try:
         for destination, write in files:
             destination = Path(destination)
-            _write(write, _staging_folder(staging, destination.parent) / destination.name, destination)
-        return _move_into_place(staging)
+            staged = _staging_folder(staging, destination.parent) / destination.name
+            _write(write, staged, destination)
+            if not staged.exists():
+                unwritten.append(destination)
+        placed = _move_into_place(staging)
+        for stale in unwritten:
+            if stale.is_file():
+                stale.unlink()
+        return placed
     finally:
         for tmp in staging.values():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -54,6 +54,17 @@ def test_write_all_writes_nothing_when_one_file_fails(tmp_path):
     assert (tmp_path / "b.txt").read_text() == "earlier"
 
 
+def test_a_file_this_run_does_not_write_is_not_left_from_an_earlier_one(tmp_path):
+    """A figure without matplotlib: its writer writes nothing, and an earlier run's figure would
+    not match the report beside it. It stays when the run writes nothing at all."""
+    (tmp_path / "curve.png").write_text("earlier")
+    with pytest.raises(OutputError):
+        outputs.write_all([(tmp_path / "curve.png", lambda path: None), (tmp_path / "c.txt", _full_disk)])
+    assert (tmp_path / "curve.png").read_text() == "earlier"
+    written = outputs.write_all([(tmp_path / "a.txt", outputs.text("a")), (tmp_path / "curve.png", lambda path: None)])
+    assert written == [tmp_path / "a.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
 def test_write_all_moves_a_model_with_its_external_data(tmp_path):
     from onnxprune.model import load_model, save_model
 
