@@ -48,6 +48,7 @@ from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import RecoveryOptions
+from onnxprune.runtime import ORT_ERRORS
 from onnxprune.structures.heads import head_layout_skips
 from onnxprune.validate import REMEDY, ValidationReport, check_labels_fit, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
@@ -289,16 +290,29 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     class order or the model does not read the data as it should; every goal is then better
     judged by agreement with the original. Labels outside the model's classes (in ``calib``,
     ``held_out`` or ``others``, e.g. the training samples) are a DataError: no answer of the
-    model can match them."""
+    model can match them. For an embedding, labels of one class (in ``calib`` or ``held_out``)
+    cannot measure it either: every kNN vote is right whatever the embeddings."""
     from onnxprune import embedding
     from onnxprune.plan.planner import model_outputs
     from onnxprune.validate import chance_accuracy, data_flags, near_chance
 
-    if calib.labels is None or embedding.output_kind(original, metric=recipe.metric,
-                                                     judge=recipe.judge_output) != "classes":
+    if calib.labels is None:
         return None
+    if embedding.output_kind(original, metric=recipe.metric, judge=recipe.judge_output) != "classes":
+        single = next((s for s in (calib, held_out) if s is not None and s.labels is not None
+                       and len(np.unique(s.labels)) < 2), None)
+        return None if single is None else (
+            f"the labels of {single.name} hold one class only: kNN accuracy on them is 100% whatever the "
+            "embeddings; they are set aside and every goal is judged by the cosine to the original's embeddings")
     probe = label_probe(calib)
-    outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device, judge=recipe.judge_output)
+    try:        # the first run of the original: one it cannot make is the input's fault, as in collect
+        outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device,
+                                judge=recipe.judge_output)
+    except ORT_ERRORS as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise DataError(calib.name, f"onnxruntime failed running the model on these samples: {first}",
+                        "check that the samples match the model's inputs and that this onnxruntime runs the "
+                        "model (`onnxprune validate MODEL MODEL --data D` runs it alone)") from None
     classes = outputs.shape[-1] if outputs.ndim == 2 else None
     check_label_range((calib, held_out, *others), classes)
     if classes is None:
@@ -697,10 +711,8 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         files.append((out_dir / "pareto.png", functools.partial(
             figures.pareto_chart, {"planned": [(r[x], 100 * r[key]) for r in done]}, reference=reference,
             xlabel=f"{x} (fraction of the original)", ylabel=ylabel, title=str(stem))))
-    else:
-        stale = out_dir / "pareto.png"
-        if stale.is_file():          # an earlier sweep's plot would no longer match pareto.md / pareto.json
-            stale.unlink()
+    else:           # no plot: write_all removes an earlier sweep's, which would not match pareto.md
+        files.append((out_dir / "pareto.png", lambda path: None))
     write_all(files)
     summary["table"] = table
     summary["written"] = ["models", "reports", "pareto.md", "pareto.json", "pareto.png"] if done else \

@@ -192,8 +192,9 @@ def preprocess_options(func):
         click.option("--tokenizer", type=FILE,
                      help="tokenizer.json that turns .txt (a sentence a line) / .tsv (text, label columns) data "
                           "into token inputs ([text] extra)."),
-        click.option("--max-length", type=click.IntRange(min=2), help="Tokens per sentence with --tokenizer: cut and "
-                                                                       "padded to this (default 128)."),
+        click.option("--max-length", type=click.IntRange(min=2, max=1 << 20),    # data.text.MAX_LENGTH_LIMIT
+                     help="Tokens per sentence with --tokenizer: cut and padded to this (default 128; at most the "
+                          "model's positions)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -771,6 +772,11 @@ def plan_lines(report: dict) -> list[str]:
     metric = "accuracy" if check.get("accuracy_reference") is not None else "agreement"
     if plan.get("output_kind") == "embedding":
         metric = "kNN accuracy" if check.get("accuracy_reference") is not None else "100 (1 - cosine)"
+    elif "agreement" in check and check["agreement"] is None:
+        # no class scores to agree on (a dense map, a regression value): the check's drop is
+        # 100 x the relative squared error (planner.measure)
+        metric = "100 x relative squared error"
+    measured = metric if metric.endswith("error") else f"{metric} drop"
     seconds = plan.get("seconds", {})
     skipped = [f"  not planned: {row['site']} ({', '.join(filter(None, (row['family'], row.get('form'))))}): "
                f"{row['reason']}" for row in plan.get("skipped", [])]
@@ -799,7 +805,7 @@ def plan_lines(report: dict) -> list[str]:
         if plan.get("goal", {}).get("max_drop") is not None and plan.get("reserve") is not None:
             against = f"the {plan['evaluated']} held-out samples' noise" if plan.get("evaluated") else "its noise"
             reserve = f" (+ {plan['reserve']:.2f} in reserve against {against})"
-        lines.append(f"plan check ({checked_samples(plan)}, cross-fitted): {metric} drop {check['drop']:.2f} "
+        lines.append(f"plan check ({checked_samples(plan)}, cross-fitted): {measured} {check['drop']:.2f} "
                      f"+- {check['se']:.2f} points{reserve}; planning took {sum(seconds.values()):.0f} s")
     return lines + [""]
 

@@ -248,6 +248,8 @@ def _measure_shapes(model: onnx.ModelProto, names: Sequence[str],
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(model.graph.name or "model", f"cannot measure layer shapes: {first}",
-                         "pass input_shapes with concrete input dimensions") from None
+        at = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in fixed.items())
+        raise ModelError(model.graph.name or "model", f"cannot measure layer shapes: onnxruntime failed on zeros "
+                         f"({at}): {first}", "check that this onnxruntime runs the model; where it needs other "
+                         "sizes for its symbolic dimensions, pass input_shapes with them") from None
     return {name: tuple(int(d) for d in value.shape) for name, value in zip(names, values)}

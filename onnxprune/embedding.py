@@ -60,12 +60,20 @@ def is_token_model(model: onnx.ModelProto) -> bool:
 
 def measured_output(model: onnx.ModelProto, judge: str | None = None) -> str:
     """The output whose damage is measured: ``judge`` (``--judge-output``) when given, else as the
-    module docstring says. A ``judge`` that is not an output of the model is a RecipeError."""
+    module docstring says. A ``judge`` that is not an output of the model, or not a float one (token
+    ids or a mask echoed by the export), is a RecipeError."""
     if judge is not None:
         names = [o.name for o in model.graph.output]
         if judge not in names:
             raise RecipeError("--judge-output", f"{judge!r} is not an output of the model",
                               f"its outputs are {', '.join(names)}")
+        elem = next(o for o in model.graph.output if o.name == judge).type.tensor_type.elem_type
+        if elem and elem not in _FLOATS:        # ids, a mask: no compression changes them, every check passes
+            floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in _FLOATS]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+            raise RecipeError("--judge-output", f"{judge!r} is an output of dtype {dtype}, not class scores or an "
+                              "embedding: it cannot measure what compression changes",
+                              f"its float outputs are {', '.join(floats)}" if floats else None)
         return judge
     floats = [o for o in model.graph.output if o.type.tensor_type.elem_type in _FLOATS]
     if floats and is_token_model(model):

@@ -129,7 +129,10 @@ class ValidationReport:
             noise = f" +- {self.accuracy_drop_se:.2f}" if self.accuracy_drop_se is not None else ""
             lines.append(f"accuracy     {ref:.2f}% -> {cand:.2f}% ({cand - ref:+.2f}{noise} points)")
         judged = f" (output {self.judged})" if len(self.outputs) > 1 and self.judged else ""
-        lines.append(f"agreement    {100 * self.agreement:.2f}% top-1 with the reference{judged}")
+        if self.agreement == self.agreement:
+            lines.append(f"agreement    {100 * self.agreement:.2f}% top-1 with the reference{judged}")
+        else:
+            lines.append(f"agreement    n/a: the judged output{judged} holds no [N, classes] scores (its error below)")
         return lines + self._size_lines()
 
     def _size_lines(self) -> list[str]:
@@ -174,8 +177,10 @@ def validate(
 
     The judged output is ``judge`` (``--judge-output``) or ``embedding.measured_output``'s default
     (the first float output; a token model's sentence embedding). Top-1 is the argmax over its
-    last axis (agreement is NaN when it has no class axis); accuracy needs ``samples.labels`` and
-    one prediction per sample there. Raises
+    last axis of [N, C >= 2] class scores (agreement is NaN for any other shape: a regression value,
+    a dense map, whose last axis need not hold classes; the planner and ``check_thresholds`` judge
+    those by their relative squared error); accuracy needs ``samples.labels`` and one prediction
+    per sample there. Raises
     ModelError when the models' inputs or outputs do not match, DataError for an empty
     sample set or labels that do not fit the outputs.
 
@@ -231,7 +236,7 @@ def validate(
             vectors[0].append(np.asarray(ref_out[measured]).reshape(len(indices), -1))
             vectors[1].append(np.asarray(cand_out[measured]).reshape(len(indices), -1))
             continue
-        if ref_out[measured].ndim < 2:  # no class axis (a regression output): errors only
+        if not classifier:  # no [N, C >= 2] class scores (a regression value, a dense map): errors only
             if labels is not None:
                 raise DataError(_describe(samples),
                                 f"has labels but the judged output {names[measured]} has shape {ref_out[measured].shape}",
@@ -269,12 +274,17 @@ def validate(
     agreement = agree / compared if compared else float("nan")
     main = errors[measured]
     embedding = None
+    label_notes = []
     if kind == "embedding":
+        if labels is not None and len(np.unique(labels)) < 2:     # every kNN vote right: nothing measured
+            label_notes.append(f"the labels of {_describe(samples)} hold one class only: kNN accuracy on them is "
+                               "100% whatever the embeddings, so they are left out (judged by the cosine)")
+            labels = None
         embedding = emb.embedding_metrics(np.concatenate(vectors[0]), np.concatenate(vectors[1]), labels,
                                           output=names[measured])
         accuracy_reference, accuracy_candidate = embedding.get("knn_reference"), embedding.get("knn_candidate")
         agreement = embedding["cosine"]
-    warnings = reference_warnings(accuracy_reference, labels, classes, flags=data_flags(reference)) + \
+    warnings = label_notes + reference_warnings(accuracy_reference, labels, classes, flags=data_flags(reference)) + \
         output_warnings(errors, measured) + latency_warnings(latency)
     return ValidationReport(
         samples=seen,
@@ -431,7 +441,10 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
                 problem = (f"{agreement:.2f}% is {100 - agreement:.2f} points below the reference (no labels),"
                            f" more than max drop {max_drop:g}")
             failures.append(("cosine" if embedding else "agreement", problem))
-    if min_agreement is not None and not agreement >= 100.0 * min_agreement - _THRESHOLD_EPS:
+    if min_agreement is not None and agreement != agreement:
+        failures.append(("agreement", "the judged output holds no [N, classes] scores to agree on, so --min-agreement "
+                                      "cannot be met; --max-drop reads its relative squared error"))
+    elif min_agreement is not None and not agreement >= 100.0 * min_agreement - _THRESHOLD_EPS:
         if embedding:
             failures.append(("cosine", f"mean {report.agreement:.4f} to the reference's embeddings is below min "
                                        f"agreement {min_agreement:g} (for embeddings a minimum mean cosine)"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_onnxprune_logger():
+    """A command run in a test sets the onnxprune logger's level (-q: ERROR) and its stderr
+    handler; a later test reading warnings with caplog must not depend on which ran before."""
+    logger = logging.getLogger("onnxprune")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,32 @@ def test_validate_and_its_thresholds():
         onnxprune.validate(model, model, np.zeros((4, 3), np.float32), measure_latency=False)
 
 
+def test_a_model_onnxruntime_cannot_run_is_a_one_line_data_error_with_labels_too(tmp_path):
+    """torch exports Conv2d(padding="same", dilation=2) with auto_pad SAME_UPPER, which onnxruntime
+    loads but refuses to run: the first run of the original (the labels' check) says so as
+    calibration would, not as an internal error.
+
+    x [N,2,8,8] -> Conv (4, 3x3, dilation 2, auto_pad SAME_UPPER) -> ReduceMean (2, 3) -> Gemm fc (5x4) -> y
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("conv.W", (4, 2, 3, 3)), ("fc.W", (5, 4)))]
+    nodes = [helper.make_node("Conv", ["x", "conv.W"], ["h"], name="conv", kernel_shape=[3, 3], dilations=[2, 2],
+                              auto_pad="SAME_UPPER"),
+             helper.make_node("ReduceMean", ["h"], ["p"], name="pool", axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["p", "fc.W"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "same_dilated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=graphs.IR_VERSION)
+    samples = {"x": rng.standard_normal((40, 2, 8, 8)).astype(np.float32), "y": rng.integers(0, 5, 40)}
+    with pytest.raises(DataError, match="onnxruntime failed running the model on these samples: .*Dilation"):
+        onnxprune.compress(model, samples, recipe=Recipe(passes=method_passes("svd", rank=2)),
+                           output=tmp_path / "out.onnx", progress=False, measure_latency=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_inspect_lists_sites_and_passes():
     info = onnxprune.inspect(graphs.gemm_chain())
     assert info["passes"] == ["bias-compensate", "correct-drift", "low-rank-split", "reconstruct-next-layer",

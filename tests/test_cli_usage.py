@@ -262,6 +262,19 @@ def test_not_planned_rows_name_the_form_of_a_conv_offered_twice():
     assert any(line.startswith("  not planned: conv1 (low-rank, channel): saves at most") for line in lines), lines
 
 
+def test_the_plan_check_of_an_output_without_class_scores_names_what_it_measured():
+    """A dense map (a segmentation head's N x C x H x W) or a regression value is checked by 100 x its
+    relative squared error (planner.measure: no agreement), and the line says so, not "agreement drop"."""
+    plan = {"goal": {"max_drop": 1.0}, "objective": "macs", "sites": [], "cost": 0.5, "sites_considered": 0,
+            "step": 0, "steps": 0, "calibration_samples": 10, "skipped": [], "output_kind": "classes"}
+    dense = {"drop": 0.95, "se": 0.0, "agreement": None, "accuracy_reference": None, "kl": None}
+    line = next(line for line in plan_lines({"plan": {**plan, "check": dense}}) if line.startswith("plan check"))
+    assert "): 100 x relative squared error 0.95 +- 0.00 points;" in line, line
+    scores = {**dense, "agreement": 0.99}
+    line = next(line for line in plan_lines({"plan": {**plan, "check": scores}}) if line.startswith("plan check"))
+    assert "): agreement drop 0.95 +- 0.00 points;" in line, line
+
+
 @pytest.mark.parametrize("fixed, words", [
     (("--allocation", "global"), ("--allocation global makes compress run one fixed recipe (dalr-bc), which needs a "
                                   "size: give one of --keep",)),

@@ -134,3 +134,21 @@ def test_a_near_chance_original_on_token_data_names_the_flags_of_token_data():
     report = onnxprune.validate(model, model, data, measure_latency=False, metric="embedding")
     assert report.accuracy_reference < 0.5              # random labels of 4 classes: near chance
     assert "--tokenizer" in report.warnings[0] and all("--mean" not in w for w in report.warnings)
+
+
+def test_labels_of_one_class_are_left_out_of_an_embedding_with_a_warning():
+    """Every kNN vote is right with one class: validate printed kNN 100% -> 100% (and a --max-drop
+    passed whatever the embeddings), compress's planner saw no kNN drop at any size."""
+    from onnxprune.pipeline import Recipe
+
+    model = token_ffn()
+    data = token_feeds(batch=40, tokens=5, seed=2)
+    data["y"] = np.zeros(40, dtype=np.int64)
+    report = onnxprune.validate(model, model, data, measure_latency=False, metric="embedding")
+    assert report.accuracy_reference is None and "knn_reference" not in report.embedding
+    assert "hold one class only" in report.warnings[0]
+    recipe = Recipe(passes=(("select-nodes", {"criterion": "spectral", "counts": {"ffn1": 8}}),
+                            ("reconstruct-next-layer", {})), calib_size=None, metric="embedding")
+    result = onnxprune.compress(model, data, recipe=recipe, measure_latency=False, progress=False)
+    assert any("hold one class only" in w for w in result.report["warnings"]), result.report["warnings"]
+    assert "knn_reference" not in result.report["validation"]["embedding"]

@@ -79,3 +79,23 @@ def test_compress_judges_and_records_the_output(tmp_path):
                                     "-o", str(tmp_path / "bad.onnx")])
     assert bad.exit_code == 1 and "'nope' is not an output of the model" in bad.output
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_an_integer_output_cannot_be_judged(tmp_path):
+    """MiniLM's export echoes input_ids as an int64 output: judged, it read as an embedding with
+    cosine 1.0 after any compression, so every goal passed (and the planner saw no damage)."""
+    model = hidden_and_logits()
+    logits = model.graph.output[1].name
+    model.graph.node.append(onnx.helper.make_node("ArgMax", [logits], ["predicted"], axis=1, keepdims=0))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("predicted", onnx.TensorProto.INT64, ["N"]))
+    onnx.checker.check_model(model)
+    with pytest.raises(RecipeError, match=r"'predicted' is an output of dtype int64, not class scores or an "
+                                          r"embedding.*float outputs are"):
+        api.validate(model, model, data(model, 40), measure_latency=False, judge_output="predicted")
+    path, npz, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "small.onnx"
+    onnx.save(model, path)
+    np.savez(npz, **data(model))
+    result = CliRunner().invoke(main, ["compress", str(path), "--target-data", str(npz), "--judge-output",
+                                       "predicted", "-o", str(out)])
+    assert result.exit_code == 1 and "'predicted' is an output of dtype int64" in result.output, result.output
+    assert not out.exists()

@@ -157,3 +157,29 @@ def test_compress_without_a_budget_plans_within_max_drop_on_the_embedding(minilm
     fused = optimizer.optimize_model(str(out), model_type="bert", num_heads=12,
                                      hidden_size=384).get_fused_operator_statistics()
     assert fused["Attention"] == 3 and fused["SkipLayerNormalization"] == 6, fused
+
+
+def test_minilm_checks_its_token_inputs_and_outputs_before_any_run(minilm, sst2, shared, tmp_path):
+    """What a first MiniLM run meets: --mask-input input_ids (taken silently before), ids outside the
+    30522-row vocabulary (negative ones ran, read from the end of the table), --judge-output on
+    `output`, the int64 echo of input_ids (cosine 1.0 whatever the compression)."""
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+    from onnxprune.data.tokens import index_limits, position_limit
+
+    assert index_limits(minilm) == {"input_ids": 30522} and position_limit(minilm) == 512
+    path = shared / "models" / "minilm_l3_paraphrase.onnx"
+    data, bad, out = tmp_path / "sst.npz", tmp_path / "neg.npz", tmp_path / "small.onnx"
+    rows = _rows(sst2, slice(0, 16))
+    np.savez(data, **rows)
+    np.savez(bad, **{**rows, "input_ids": np.where(rows["attention_mask"] == 1, rows["input_ids"], -1)})
+    cases = ((["--target-data", str(data), "--mask-input", "input_ids"],
+              "input_ids | holds token ids, not a token mask"),
+             (["--target-data", str(bad)], "input_ids holds ids -1.."),
+             (["--target-data", str(data), "--judge-output", "output"], "'output' is an output of dtype int64"))
+    for flags, message in cases:
+        result = CliRunner().invoke(main, ["compress", str(path), *flags, "--method", "spectral", "--fraction", "0.5",
+                                           "--no-latency", "-o", str(out)])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()

@@ -400,3 +400,25 @@ def test_another_output_that_changed_more_than_the_judged_one_is_warned_about():
     assert report.classifier and report.agreement == 1.0
     assert any("only output y is judged" in w and "output z changed more" in w for w in report.warnings), report.warnings
     assert not validate(_two_matmuls(a, b), _two_matmuls(a, b), data, measure_latency=False).warnings
+
+
+def test_a_dense_map_has_no_agreement_and_min_agreement_fails_on_it():
+    """N x C x H x W: the argmax over the last axis (its width) is no top-1; agreement is n/a and
+    --min-agreement cannot be met, while --max-drop reads the relative squared error."""
+    from onnxprune.data.samples import open_samples
+
+    def scaled(factor):
+        return helper.make_model(helper.make_graph(
+            [helper.make_node("Mul", ["x", "k"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3, 4])],
+            [numpy_helper.from_array(np.array(factor, np.float32), "k")]),
+            opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+    data = open_samples(np.random.default_rng(0).standard_normal((16, 2, 3, 4)).astype(np.float32), scaled(1.0))
+    report = validate(scaled(1.0), scaled(1.01), data, measure_latency=False, progress=False)
+    assert not report.classifier and report.agreement != report.agreement
+    assert any("agreement    n/a" in line for line in report.summary_lines())
+    check_thresholds(report, max_drop=1)                    # 100 x 0.01^2 = 0.01 points
+    with pytest.raises(ValidationFailed, match="no \\[N, classes\\] scores"):
+        check_thresholds(report, min_agreement=0.5)

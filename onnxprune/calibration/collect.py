@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "graph", "numpy")
 #: the model input whose zeros mark padded token positions, found by name unless told otherwise
 MASK_INPUT = "attention_mask"
+#: inputs a tokenizer gives that are never a token mask (``--mask-input`` refuses them), and what they hold
+NOT_MASKS = {"input_ids": "token ids", "token_type_ids": "segment ids", "position_ids": "position ids"}
 
 #: fold the exposed tensors of a batch in parallel threads (one per tensor at a time, up to
 #: onnxruntime's thread count) from this many bytes of activations on. Measured by hand on 2
@@ -110,9 +112,12 @@ def collect(
 
 
 def token_mask_input(model: onnx.ModelProto, mask: str | None = "auto") -> str | None:
-    """The graph input that masks padded tokens: ``mask`` itself (checked), or with "auto"
-    the input named ``MASK_INPUT`` when there is one, else None (nothing is masked)."""
-    names = [spec.name for spec in input_specs(model)]
+    """The graph input that masks padded tokens: ``mask`` itself (checked: an input of the model,
+    [batch, tokens], not one of ``NOT_MASKS``), or with "auto" the input named ``MASK_INPUT``
+    when there is one, else None (nothing is masked). The mask's values are checked with the
+    samples (``data.tokens.check_token_samples``: 0 and 1 only)."""
+    specs = {spec.name: spec for spec in input_specs(model)}
+    names = list(specs)
     if mask == "auto":
         return MASK_INPUT if MASK_INPUT in names else None
     if mask is None or mask == "none":
@@ -120,6 +125,13 @@ def token_mask_input(model: onnx.ModelProto, mask: str | None = "auto") -> str |
     if mask not in names:
         raise CalibrationError(mask, "is not an input of the model, so it cannot mask padded tokens",
                                f"inputs: {', '.join(names)}")
+    hint = (f"--mask-input names the input that is 1 on real tokens and 0 on padding"
+            f"{' (here ' + MASK_INPUT + ', the default)' if MASK_INPUT in names else ''}, or none to mask nothing")
+    if mask in NOT_MASKS:
+        raise CalibrationError(mask, f"holds {NOT_MASKS[mask]}, not a token mask, so it cannot mask padded tokens",
+                               hint)
+    if specs[mask].rank and specs[mask].rank != 2:
+        raise CalibrationError(mask, f"is a rank-{specs[mask].rank} input, not a [batch, tokens] token mask", hint)
     return mask
 
 

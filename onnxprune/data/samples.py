@@ -478,7 +478,8 @@ def _open_path(path: Path, specs: list[InputSpec]):
     if suffix in IMAGE_SUFFIXES:
         return _image_store([path], None, specs, path), None, None
     raise DataError(str(path), f"unknown file type {path.suffix or '(no suffix)'!r}",
-                    "use .npy, .npz, an image, or a folder of them")
+                    "use .npy, .npz, an image, or a folder of them; for a token model also text, with "
+                    "--tokenizer: .txt (a sentence a line) or .tsv (text and label columns)")
 
 
 def _open_directory(path: Path, specs: list[InputSpec]):

@@ -31,6 +31,9 @@ from onnxprune.model import input_specs
 
 SUFFIXES = (".txt", ".tsv")
 DEFAULT_MAX_LENGTH = 128
+#: the longest --max-length taken from a model whose position table is not recognised (every row
+#: is padded to it: 2**20 tokens is 8 MiB per sentence and input)
+MAX_LENGTH_LIMIT = 1 << 20
 TEXT_COLUMNS = ("text", "sentence")
 
 
@@ -109,8 +112,19 @@ def load_tokenizer(path: str | Path):
 def tokenize(sentences: list[str], tokenizer_path: str | Path, model: onnx.ModelProto, *,
              max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, np.ndarray]:
     """{input name: (N, max_length) array} for the model's token inputs (see the module docstring)."""
-    if int(max_length) < 2:
+    from onnxprune.data.tokens import position_limit
+
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
+        raise DataError("--max-length", f"{max_length!r} is not a whole number of tokens")
+    if max_length < 2:
         raise DataError("--max-length", f"{max_length} is too short for a sentence with its special tokens")
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:        # before the tokenizer pads every row to it
+        raise DataError("--max-length", f"{max_length} tokens is more than the model's {limit} positions (the rows "
+                        "of its position-embedding table)", f"--max-length {limit} or less")
+    if max_length > MAX_LENGTH_LIMIT:
+        raise DataError("--max-length", f"{max_length} tokens is more than onnxprune pads a sentence to "
+                        f"({MAX_LENGTH_LIMIT})", "give the length the model was trained at")
     tokenizer = load_tokenizer(tokenizer_path)
     pad = tokenizer.token_to_id("[PAD]")
     tokenizer.enable_truncation(max_length=int(max_length))

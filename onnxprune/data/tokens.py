@@ -6,6 +6,12 @@
   600`` on MiniLM, P = 512) would fail inside onnxruntime with an unrelated message ("invalid
   expand shape"); ``position_limit`` finds P in the graph and ``check_token_samples`` refuses
   such rows first. Models whose positions this does not recognise are not checked here.
+- **Vocabulary.** Token ids index an embedding table (a Gather from a [V, hidden] constant whose
+  indices are the input, ``index_limits``); an id outside 0..V-1 would fail inside onnxruntime
+  (ids >= V) or, negative, silently read a row from the end of the table. Both are refused.
+- **Mask values.** The mask (``attention_mask``, or ``--mask-input``) must be 1 on real tokens
+  and 0 on padding: any other value means another input (token ids, segment ids) or a mask of
+  another convention (an additive 0 / -10000 one), which the statistics would misread.
 - **Empty rows.** A sample whose mask (``attention_mask``, or ``--mask-input``) is 0 everywhere
   has no real token: it adds nothing to the token statistics, and its masked-mean embedding is
   0 / 0. Such rows are refused, with their count.
@@ -120,6 +126,27 @@ def position_limit(model: onnx.ModelProto) -> int | None:
     return min(limits) if limits else None
 
 
+def index_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """{graph input: the rows of the embedding table it indexes}: the 2-D constant tables that a
+    Gather reads at indices carried (Cast, Unsqueeze, ...) from the input (the smallest, when
+    several do). MiniLM: ``{"input_ids": 30522}``."""
+    constants = _constants(model)
+    inputs = {spec.name for spec in input_specs(model)}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    limits: dict[str, int] = {}
+    for node in model.graph.node:
+        table = constants.get(node.input[0]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or len(table.dims) != 2 or axis not in (0, -2):
+            continue
+        name, hops = node.input[1], 0
+        while name in producer and producer[name].op_type in _CARRIERS and producer[name].input and hops < 16:
+            name, hops = producer[name].input[0], hops + 1
+        if name in inputs and name not in producer:
+            limits[name] = min(limits.get(name, int(table.dims[0])), int(table.dims[0]))
+    return limits
+
+
 def check_token_samples(samples, model: onnx.ModelProto, *, mask: str | None = "auto", text: bool = False) -> None:
     """DataError for token samples the model cannot take (see the module docstring): rows longer
     than its positions, rows without a real token. ``samples``: a SampleSet; ``mask``: the
@@ -139,10 +166,26 @@ def check_token_samples(samples, model: onnx.ModelProto, *, mask: str | None = "
                     f"cut the token arrays to at most {limit} columns (their padding first)")
             raise DataError(samples.name, f"its rows are {width} tokens long, more than the model's {limit} "
                             "positions (the rows of its position-embedding table)", hint)
+    for name, rows in index_limits(model).items():
+        ids = samples.stored(name)
+        if ids is None or not ids.size or ids.dtype.kind not in "iu":
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= rows:
+            raise DataError(samples.name, f"{name} holds ids {low}..{high}, but the model's embedding table has "
+                            f"{rows} rows (ids 0..{rows - 1})",
+                            "tokenise with the model's own tokenizer (vocabulary and special tokens)")
     name = token_mask_input(model, mask if mask is not None else "none")
     stored = None if name is None else samples.stored(name)
     if stored is None or stored.ndim != 2:
         return
+    other = stored[(stored != 0) & (stored != 1)]
+    if other.size:
+        raise DataError(samples.name, f"{name} holds values other than 0 and 1 ({other.flat[0].item()} in "
+                        f"{np.count_nonzero(np.any((stored != 0) & (stored != 1), axis=1))} of {len(stored)} samples), "
+                        "so it is not a token mask (1 on real tokens, 0 on padding)",
+                        "--mask-input names the mask input, or none to mask nothing" if mask not in (None, "auto")
+                        else f"give {name} as the tokenizer makes it: 1 on real tokens, 0 on padding")
     empty = int(np.count_nonzero(~np.any(stored != 0, axis=1)))
     if empty:
         raise DataError(samples.name, f"{empty} of {len(stored)} samples have no real token ({name} is 0 "

@@ -14,7 +14,8 @@ After:   x -> Gemm(B: k x n) -> Gemm(A: m x k, b) -> y
 
 A Conv (M x C x kh x kw) is linear on its im2col patches (n = C kh kw): it becomes a Conv
 with k filters (same kernel, strides, pads, dilations) and a 1x1 Conv with the bias.
-A split that would not reduce parameters, k (m + n) >= m n, is skipped and reported.
+A split that would not reduce parameters, k (m + n) >= m n, is skipped and reported; so is a
+spatial split with more multiply-adds than the layer (its k x 1 Conv runs at every input column).
 
 ``latency=True`` (latency-aware splits): each layer is cut out as a model of its own at the
 shapes it has in the model (batch ``latency_batch``; ``plan.latency.site_model``) and timed
@@ -132,6 +133,18 @@ def spatial_widen(split: SplitShape, layer_cost) -> SplitShape:
     if split.form != "spatial" or layer_cost is None or not layer_cost.input or not layer_cost.output:
         return split
     return dataclasses.replace(split, widen=layer_cost.input[-1] / max(layer_cost.output[-1], 1))
+
+
+def graph_widen(split: SplitShape, index: GraphIndex, layer: LinearLayer) -> SplitShape:
+    """``spatial_widen`` from the shapes the graph gives (the pass has no layer costs): the input
+    width over the output width, else (a symbolic width) the horizontal stride. Without it a
+    strided Conv's spatial split would pass ``pays`` with more multiply-adds than the layer."""
+    if split.form != "spatial":
+        return split
+    x, y = index.shape(layer.input), index.shape(layer.output)
+    if x and y and x[-1] and y[-1]:
+        return dataclasses.replace(split, widen=x[-1] / y[-1])
+    return dataclasses.replace(split, widen=float((layer.attrs.get("strides") or (1, 1))[-1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +366,7 @@ class LowRankSplit(Pass):
         weights, spectra, merged, moments, keys = {}, {}, {}, {}, {}
         cones = cone_hashes(model, {layer.input for layer in layers}) if ctx.cache is not None else {}
         index = GraphIndex(model)
-        forms = {layer.name: split_shape(layer, opts.conv) for layer in layers}
+        forms = {layer.name: graph_widen(split_shape(layer, opts.conv), index, layer) for layer in layers}
         for layer in layers:
             w, b = layer_weight(index, layer)
             weights[layer.name] = (w, b)
@@ -378,8 +391,11 @@ class LowRankSplit(Pass):
             form = forms[layer.name]
             k = min(ranks[layer.name], form.limit)
             if not form.pays(k):
-                skipped.append({"layer": layer.name, "op": layer.op,
-                                "reason": f"rank {k} would not reduce parameters ({form.params(k)} >= {m}*{n})"})
+                reason = (f"rank {k} would not reduce parameters ({form.params(k)} >= {m}*{n})"
+                          if form.params(k) >= m * n else
+                          f"rank {k} would not reduce multiply-adds ({form.macs_ratio(k):.2f} x the layer's: the "
+                          "spatial form's first Conv runs at every input column)")
+                skipped.append({"layer": layer.name, "op": layer.op, "reason": reason})
                 log.info("low-rank-split: skip %s: %s", layer.name, skipped[-1]["reason"])
                 continue
             timing = timed.get(layer.name)

@@ -25,7 +25,7 @@ import onnx
 from onnxprune.calibration.collect import expose
 from onnxprune.graph.segment import float_tensors, segment
 from onnxprune.model import cone_hashes, input_specs
-from onnxprune.runtime import make_session, run_batches
+from onnxprune.runtime import fill_batch, make_session, run_batches
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,14 @@ class Suffix:
             value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
         session = make_session(self.model, device=device)
         n = len(cache.output)
+        # a fixed-batch model's suffix may hold its batch too (a Reshape to [1, C]): feed it as the model
+        fixed = fixed_batch_of(cache.model)
+        size = fixed or batch_size
         parts = []
-        for start in range(0, n, batch_size):
-            feeds = {name: values[name][start:start + batch_size] for name in self.inputs}
-            parts.append(session.run([self.output], feeds)[0])
+        for start in range(0, n, size):
+            feeds = {name: values[name][start:start + size] for name in self.inputs}
+            rows = min(size, n - start)
+            parts.append(session.run([self.output], fill_batch(feeds, fixed) if fixed and feeds else feeds)[0][:rows])
         return np.concatenate(parts)
 
 

@@ -174,3 +174,38 @@ def test_a_recipe_keeps_the_tokenizer_path_absolute_for_runs_from_other_folders(
     result = CliRunner().invoke(main, ["compress", str(tmp_path / "model.onnx"), *args,
                                        "--recipe", str(tmp_path / "out.recipe.json"), "-o", str(tmp_path / "again.onnx")])
     assert result.exit_code == 0, result.output
+
+
+def test_max_length_beyond_the_positions_or_huge_is_refused_before_tokenising(tmp_path, tokenizer):
+    """--max-length past the position table was only caught after the tokenizer had padded every row
+    to it: 1e11 aborted the process in the tokenizers library, 1e23 was an internal error (exit 4)."""
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+    from tests.data.test_tokens import positional
+
+    model = positional(6)
+    path = tmp_path / "one.txt"
+    path.write_text("good movie\n")
+    assert open_text(path, model, tokenizer=tokenizer, max_length=6)["input_ids"].shape == (1, 6)
+    with pytest.raises(DataError, match=r"--max-length \| 7 tokens is more than the model's 6 positions.*"
+                                        r"--max-length 6 or less"):
+        open_text(path, model, tokenizer=tokenizer, max_length=7)
+    with pytest.raises(DataError, match="more than onnxprune pads a sentence to"):
+        open_text(path, token_ffn(vocab=16), tokenizer=tokenizer, max_length=10 ** 12)
+    with pytest.raises(DataError, match="not a whole number"):
+        open_text(path, model, tokenizer=tokenizer, max_length=6.0)
+    onnx.save(model, tmp_path / "model.onnx")
+    for length, code in (("10000000000", 2), ("99999999999999999999999", 2), ("7", 1)):
+        result = CliRunner().invoke(main, ["validate", str(tmp_path / "model.onnx"), str(tmp_path / "model.onnx"),
+                                           "--data", str(path), "--tokenizer", str(tokenizer),
+                                           "--max-length", length, "--no-latency"])
+        assert result.exit_code == code and "--max-length" in result.output, (length, result.output)
+
+
+def test_an_unknown_data_suffix_names_the_text_formats(tmp_path, tokenizer):
+    path = tmp_path / "reviews.csv"
+    path.write_text("label,text\n1,good movie\n")
+    with pytest.raises(DataError, match=r"unknown file type '.csv'.*\.txt .*\.tsv"):
+        as_samples(path, token_ffn(vocab=16), {"tokenizer": str(tokenizer)})

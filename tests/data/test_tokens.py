@@ -158,3 +158,53 @@ def test_an_onnxruntime_rejection_names_the_shapes_it_was_fed():
     samples = open_samples(token_arrays(length=7), model)       # opened directly: no check before the run
     with pytest.raises(ModelError, match=r"rejected the samples \(input_ids 10x7, attention_mask 10x7\)"):
         validate(model, model, samples, measure_latency=False)
+
+
+def test_a_mask_input_that_is_not_a_token_mask_is_refused(tmp_path):
+    """--mask-input naming the token ids (or segment ids) was taken silently: input_ids != 0 happens to
+    mark real tokens when [PAD] is 0, so nothing failed, but it is not a mask of any model."""
+    from onnxprune.calibration.collect import token_mask_input
+    from onnxprune.errors import CalibrationError
+
+    model = token_ffn(vocab=16)
+    assert token_mask_input(model, "attention_mask") == "attention_mask"
+    with pytest.raises(CalibrationError, match=r"input_ids \| holds token ids, not a token mask.*attention_mask"):
+        token_mask_input(model, "input_ids")
+    path, data, out = tmp_path / "model.onnx", tmp_path / "tokens.npz", tmp_path / "stats.npz"
+    onnx.save(model, path)
+    np.savez(data, **token_arrays())
+    result = CliRunner().invoke(main, ["calibrate", str(path), "--target-data", str(data), "-o", str(out),
+                                       "--mask-input", "input_ids"])
+    assert result.exit_code == 1 and "holds token ids, not a token mask" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_mask_values_other_than_0_and_1_are_refused(tmp_path):
+    model = token_ffn(vocab=16)
+    arrays = token_arrays()
+    as_samples(arrays, model, {})
+    arrays["attention_mask"] = arrays["attention_mask"] * 2
+    with pytest.raises(DataError, match=r"attention_mask holds values other than 0 and 1 \(2 in 10 of 10"):
+        as_samples(arrays, model, {})
+    as_samples(arrays, model, {}, mask="none")          # no mask read: nothing to check
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_run(tmp_path):
+    """Ids >= the embedding table's rows failed inside onnxruntime; negative ids were taken silently
+    (Gather counts them from the end of the table)."""
+    from onnxprune.data.tokens import index_limits
+
+    model = token_ffn(vocab=16)
+    assert index_limits(model) == {"input_ids": 16} and index_limits(positional(6)) == {"input_ids": 16}
+    for bad, shown in ((16, "0..16"), (-1, "-1..15")):
+        arrays = token_arrays()
+        arrays["input_ids"][0, 0] = bad
+        with pytest.raises(DataError, match=rf"input_ids holds ids {shown}, but the model's embedding table has 16 "
+                                            r"rows \(ids 0..15\)"):
+            as_samples(arrays, model, {})
+    path, data = tmp_path / "model.onnx", tmp_path / "oov.npz"
+    onnx.save(model, path)
+    np.savez(data, **{**arrays, "input_ids": arrays["input_ids"].astype(np.int32)})
+    result = CliRunner().invoke(main, ["validate", str(path), str(path), "--data", str(data), "--no-latency"])
+    assert result.exit_code == 1 and "input_ids holds ids -1..15" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -282,6 +282,21 @@ def test_spatial_split_of_a_spatially_low_rank_conv_is_lossless(method, strides)
     onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
 
 
+@pytest.mark.parametrize("strides, splits", [((2, 1), True), ((1, 2), False)])
+def test_spatial_split_that_would_add_multiply_adds_is_skipped(strides, splits):
+    """The k x 1 Conv runs at every input column: with a horizontal stride of 2 it has twice the
+    layer's positions, so rank 6 (180 of 216 weights) would cost 42 x 6 = 252 multiply-adds per
+    output position against the layer's 216; a vertical stride it applies itself costs nothing."""
+    model = conv_spatial(2, strides)
+    x = RNG.normal(size=(64, 4, 9, 10)).astype(np.float32)
+    result = run(model, x, [("low-rank-split", {"method": "dalr", "rank": 6, "conv": "spatial"})])
+    report = result.report["passes"][0]
+    assert bool(report["split"]) == splits, report
+    if not splits:
+        assert "would not reduce multiply-adds (1.17 x the layer's" in report["skipped"][0]["reason"]
+        assert result.report["validation"]["macs_candidate"] == result.report["validation"]["macs_reference"]
+
+
 def test_spatial_form_applies_only_to_kernels_wider_than_one_both_ways():
     """A 1x1 Conv and a Gemm keep the channel form under conv='spatial'."""
     model = make([helper.make_node("Conv", ["x", "W1"], ["h"], name="pointwise", kernel_shape=[1, 1]),

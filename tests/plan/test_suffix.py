@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphs import residual_add
+from graphs import flatten_to_gemm, residual_add, set_init
 from onnxprune.data.samples import open_samples
 from onnxprune.model import clone, load_model
 from onnxprune.graph.prune import prune_channels
@@ -73,6 +73,25 @@ def test_suffix_through_a_residual_add_reads_both_branches():
     cache = ActivationCache(model, Samples())
     expected = make_session(trial).run(None, {"x": x.astype(np.float32)})[0]
     np.testing.assert_allclose(suffix.run(cache), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_suffix_of_a_fixed_batch_model_is_fed_its_batch():
+    """A model exported with batch 1 can hold that batch in a constant (torch's x.view(1, -1):
+    Reshape to [1, 64]); its suffix then takes the cached activations one sample a run, as the
+    model itself."""
+    model = flatten_to_gemm(reshape=True)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    set_init(model, "flat.shape", np.array([1, 64], dtype=np.int64))
+    trial = clone(model)
+    group = next(g for g in find_channel_groups(trial) if g.prunable)
+    prune_channels(trial, group, np.arange(group.channels - 1))
+    suffix = Suffix(trial, reference_hashes(model), model.graph.output[0].name)
+    x = np.random.default_rng(1).standard_normal((5, 2, 8, 8)).astype(np.float32)
+    cache = ActivationCache(model, open_samples([{"x": x}], model))
+    session = make_session(trial)
+    expected = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(5)])
+    np.testing.assert_allclose(suffix.run(cache, batch_size=4), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_upstream_inputs_cover_what_every_trial_suffix_reads():
