@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -741,8 +742,10 @@ def pareto_lines(rows: list[dict], *, embedding: bool = False) -> list[str]:
             lines.append(f"| {r['budget']:.2f} | | | | | | | | {r['status']} |")
             continue
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
+        # an output without class scores has no top-1 to agree on (NaN): n/a, as validate prints it
+        agree = "n/a" if r["agreement"] is None or not math.isfinite(r["agreement"]) else f"{100 * r['agreement']:.2f}"
         lines.append(f"| {r['budget']:.2f} | {100 * r['macs']:.1f}% | {100 * r['params']:.1f}% | {acc} | "
-                     f"{points(r['drop'], r['drop_se'])} | {100 * r['agreement']:.2f} | "
+                     f"{points(r['drop'], r['drop_se'])} | {agree} | "
                      f"{points(r['checked_drop'], r['checked_se'])} | {r['sites']} | {r['model']} |")
     return lines
 
@@ -881,7 +884,8 @@ def _drawn(samples: SampleSet, start: int, stop: int, seed: int) -> SampleSet:
 
 
 def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
-    """Every name in a pass's ``layers`` / ``groups``, or a plan's ``sites``, must exist
+    """Every name in a pass's ``layers`` / ``groups`` / ``ranks`` / ``counts`` (a plan's per-site
+    sizes, as a recipe written for another model holds), or a plan's ``sites``, must exist
     (RecipeError listing the valid ones)."""
     if recipe.plan is not None and recipe.plan.get("sites"):
         families = recipe.plan.get("families", ())
@@ -894,8 +898,10 @@ def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
                                               f"{', '.join(dict.fromkeys(valid)) or 'none'}")
     for p in recipe.build():
         for option, finder, what in (("layers", find_linear_layers, "linear layer"),
-                                     ("groups", find_channel_groups, "channel group")):
-            wanted = getattr(p.options, option, ())
+                                     ("ranks", find_linear_layers, "linear layer"),
+                                     ("groups", find_channel_groups, "channel group"),
+                                     ("counts", find_channel_groups, "channel group")):
+            wanted = getattr(p.options, option, None) or ()
             if not wanted:
                 continue
             valid = [item.name for item in finder(model)]

@@ -382,10 +382,14 @@ def build_recipe(kw: dict, preprocess: dict, *, sized: bool = True):
     from onnxprune.pipeline import Recipe
 
     if kw.get("recipe"):
-        clash = [_flag(k) for k in recipes.METHOD_OPTIONS if k in kw and _given(k)]
+        # the file fixes the method, its budget and the planner's options (its plan table): a flag for
+        # them would be ignored
+        clash = [_flag(k if kw[k] is not False else f"no_{k}")
+                 for k in (*recipes.METHOD_OPTIONS, *recipes.PLANNER_OPTIONS) if k in kw and _given(k)]
         if clash:
-            raise click.UsageError(f"--recipe fixes the method and budget: {', '.join(clash)} cannot be combined "
-                                   "with it (edit the recipe file, or drop --recipe)")
+            raise click.UsageError(f"--recipe fixes the method, its budget and the planner's options: "
+                                   f"{', '.join(clash)} cannot be combined with it (edit the recipe file, or drop "
+                                   "--recipe)")
         recipe = Recipe.load(kw["recipe"])
         changes = {k: kw[k] for k in recipes.RECIPE_SETTINGS if k in kw and _given(k)}
         if preprocess:

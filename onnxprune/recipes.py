@@ -33,7 +33,8 @@ PRUNING_CRITERIA: tuple[str, ...] = criteria.names()
 
 #: options that choose the method and its budget (a recipe file fixes them)
 METHOD_OPTIONS = ("method", "keep", "rank", "fraction", "energy", "alpha", "tau", "flops", "lam", "ridge", "layers",
-                  "no_reconstruct", "then_low_rank", "latency_aware_splits")
+                  "no_reconstruct", "then_low_rank", "latency_aware_splits", "latency_batch", "conv_split",
+                  "allocation")
 #: recipe-level settings (given over a recipe file, they change it)
 RECIPE_SETTINGS = ("mode", "seed", "calib_size", "split", "batch_size", "mask_input", "metric", "judge_output")
 BUDGET_OPTIONS = ("keep", "rank", "fraction", "energy", "alpha", "tau", "flops")

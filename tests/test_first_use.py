@@ -293,6 +293,25 @@ def test_unknown_layer_name_exits_1_listing_the_valid_ones(tmp_path, method):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.parametrize("passes, words", [
+    ([{"name": "low-rank-split", "ranks": {"fc1": 2, "features.3": 2}}, {"name": "bias-compensate"}],
+     ["low-rank-split ranks", "'features.3'", "fc2", "fc3"]),
+    ([{"name": "select-nodes", "counts": {"blocks.0": 4}}, {"name": "reconstruct-next-layer"}],
+     ["select-nodes counts", "'blocks.0'", "fc1"]),
+])
+def test_a_recipe_written_for_another_model_exits_1_naming_its_sites(tmp_path, passes, words):
+    """A plan's recipe names its sites in ranks/counts: re-run on a model without them it said
+    'no layer changed' and wrote the unchanged model (exit 0), as --layers does not."""
+    model = save(gemm_chain(), tmp_path / "chain.onnx")
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32))
+    recipe = tmp_path / "other.recipe.json"
+    recipe.write_text(json.dumps({"passes": passes}))
+    result = cli("compress", model, "--target-data", data, "-o", tmp_path / "o.onnx", "--recipe", recipe, *FAST)
+    one_line_error(result, *words)
+    assert not (tmp_path / "o.onnx").exists()
+
+
 # ------------------------------------------------------------------ 9. exit 3 keeps the report
 
 
@@ -376,6 +395,19 @@ def test_recipe_settings_over_a_recipe_file_apply_and_are_recorded(tmp_path):
     # a method flag cannot silently lose to the recipe
     one_line_error(cli("compress", model, "--target-data", data, "-o", out, "--recipe", recipe, "--keep", "0.2",
                        *FAST), "--recipe", "--keep", code=2)
+
+
+@pytest.mark.parametrize("flag", [["--conv-split", "spatial"], ["--allocation", "global"], ["--latency-batch", "4"],
+                                  ["--objective", "params"], ["--margin", "2"], ["--check-extra", "0"],
+                                  ["--no-correct-drift"]])
+def test_method_and_planner_flags_with_a_recipe_file_are_usage_errors(tmp_path, flag):
+    """The recipe file fixes them (its passes, or its plan table): they were ignored, exit 0."""
+    model, data = mlp_task(tmp_path, n=100)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"passes": [{"name": "low-rank-split", "keep": 0.5}]}))
+    one_line_error(cli("compress", model, "--target-data", data, "-o", tmp_path / "o.onnx", "--recipe", recipe,
+                       *flag, *FAST), "--recipe", flag[0], code=2)
+    assert not (tmp_path / "o.onnx").exists()
 
 
 # ------------------------------------------------------------------ 15. default calibration size

@@ -11,6 +11,7 @@ reproduce the original outputs.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import graphs
 import numpy as np
@@ -321,6 +322,40 @@ def test_sequential_mode_pairs_a_per_site_pass_with_the_pass_that_requires_its_r
 def test_recipe_top_level_values_of_the_wrong_type_name_their_key(key, value, words):
     with pytest.raises(RecipeError, match=words):
         Recipe.from_dict({"passes": [{"name": "low-rank-split", "keep": 0.5}], key: value})
+
+
+@pytest.mark.parametrize("passes, words", [
+    ([{"name": "low-rank-split", "keep": 0.3, "ridge": math.nan}], "low-rank-split | ridge must be finite, got nan"),
+    ([{"name": "low-rank-split", "keep": 0.3, "ridge": math.inf}], "low-rank-split | ridge must be finite, got inf"),
+    ([{"name": "select-nodes", "criterion": "momasp-j", "keep": 0.5, "lam": math.nan},
+      {"name": "reconstruct-next-layer"}], "select-nodes | lam must be finite"),
+    ([{"name": "select-nodes", "keep": 0.5}, {"name": "reconstruct-next-layer", "ridge": math.inf}],
+     "reconstruct-next-layer | ridge must be finite"),
+    ([{"name": "low-rank-split", "keep": 0.3, "layers": [1]}], "layers must be a list of strings, got \\(1,\\)"),
+])
+def test_recipe_option_values_that_are_not_finite_or_lists_of_the_wrong_kind_are_recipe_errors(passes, words):
+    """A recipe file's NaN/Infinity (TOML's nan/inf) is refused when the recipe is read, as the flags
+    refuse them (it was accepted, then failed inside the pass, exit 4, or was written back to the
+    recipe as a non-JSON Infinity)."""
+    with pytest.raises(RecipeError, match=words):
+        Recipe.from_dict({"passes": passes})
+
+
+@pytest.mark.parametrize("plan, words", [({"max_drop": True}, "max_drop must be a number, got True"),
+                                         ({"max_drop": "abc"}, "max_drop must be a number, got 'abc'"),
+                                         ({"max_drop": 1, "drift": "no"}, "drift must be true or false, got 'no'"),
+                                         ({"max_drop": 1, "bias": "no"}, "bias must be true or false"),
+                                         ({"max_drop": 1, "ladder": [0.5, "x"]}, "ladder must be a list of numbers"),
+                                         ({"max_drop": 1, "min_share": math.nan}, "min_share must be finite")])
+def test_plan_table_values_of_the_wrong_type_name_their_key(plan, words):
+    """A plan table is checked like a pass's options: "drift": "no" was taken as true, a string
+    max_drop crashed (exit 4)."""
+    with pytest.raises(RecipeError, match=words):
+        Recipe.from_dict({"passes": [], "plan": plan})
+
+
+def test_a_plan_table_names_one_site_alone_as_that_site():
+    assert Recipe.from_dict({"passes": [], "plan": {"max_drop": 1, "sites": "fc1"}}).plan["sites"] == ["fc1"]
 
 
 def test_a_numerical_failure_names_the_pass_and_few_calibration_samples(monkeypatch):

@@ -303,6 +303,15 @@ def test_the_sweep_table_names_knn_and_cosine_for_embeddings():
     assert "| top-1 % | held-out drop | agreement % |" in pareto_lines([row])[0]
 
 
+def test_the_sweep_table_says_n_a_for_the_agreement_of_an_output_without_class_scores():
+    """A dense map has no top-1 to agree on (agreement NaN, null in pareto.json): the table said 'nan'."""
+    from onnxprune.api import pareto_lines
+
+    row = {"budget": 0.5, "macs": 0.5, "params": 0.5, "accuracy": None, "agreement": float("nan"), "drop": None,
+           "drop_se": None, "checked_drop": 5.4, "checked_se": 0.0, "sites": 1, "model": "m.onnx"}
+    assert pareto_lines([row])[2].split(" | ")[5] == "n/a"
+
+
 # ----------------------------------------------------------------------------- real models
 
 IMAGENET = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

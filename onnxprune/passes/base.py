@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import types
 import typing
@@ -209,28 +210,45 @@ def _field_kinds(options_cls: type) -> dict[str, tuple[type, ...]]:
             for name, hint in hints.items()}
 
 
+def _items(kind: Any) -> Any:
+    """The element type of ``tuple[X, ...]``, else None."""
+    args = typing.get_args(kind)
+    return args[0] if typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis else None
+
+
 def _holds(kind: Any, value: Any) -> bool:
-    kind = typing.get_origin(kind) or kind
+    origin = typing.get_origin(kind) or kind
     if isinstance(value, (bool, np.bool_)):          # bool is an int in Python, never a number here
-        return kind is bool
-    if kind is float:
+        return origin is bool
+    if origin is float:
         return isinstance(value, numbers.Real)
-    if kind is int:
+    if origin is int:
         return isinstance(value, numbers.Integral)
-    if kind is tuple:
-        return isinstance(value, (tuple, list))
-    return isinstance(value, kind)
+    if origin is tuple:
+        item = _items(kind)
+        return isinstance(value, (tuple, list)) and (item is None or all(_holds(item, v) for v in value))
+    return isinstance(value, origin)
+
+
+def _describe(kind: Any) -> str:
+    plural = {float: "numbers", int: "integers", str: "strings"}.get(_items(kind))
+    return f"a list of {plural}" if plural else _KINDS[typing.get_origin(kind) or kind]
 
 
 def check_types(owner: str, options: Any) -> None:
     """Every field of an options dataclass holds what its annotation says: a number (never a
-    bool) for float, an integer for int, true/false for bool, a list for a tuple, a table for a
-    dict; else a RecipeError naming the field and the value."""
+    bool, and finite: a recipe file's NaN or Infinity, TOML's nan or inf, is refused as the
+    command line's flags are) for float, an integer for int, true/false for bool, a list for a
+    tuple (of what ``tuple[X, ...]`` says), a table for a dict; else a RecipeError naming the
+    field and the value."""
     for name, kinds in _field_kinds(type(options)).items():
         value = getattr(options, name)
         if not any(_holds(kind, value) for kind in kinds):
-            wanted = " or ".join(_KINDS[typing.get_origin(k) or k] for k in kinds if k is not type(None))
+            wanted = " or ".join(_describe(k) for k in kinds if k is not type(None))
             raise RecipeError(owner, f"{name} must be {wanted}, got {value!r}")
+        numbers_in = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in numbers_in):
+            raise RecipeError(owner, f"{name} must be finite, got {value!r}")
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import time
 from typing import Any
 
@@ -60,6 +61,7 @@ from onnxprune.graph.index import name_nodes
 from onnxprune.graph.layers import LinearLayer, find_linear_layers
 from onnxprune.model import clone, count_parameters
 from onnxprune.passes import REGISTRY, PassContext
+from onnxprune.passes.base import check_types
 from onnxprune.passes.low_rank_split import CONV_FORMS, SplitShape, spatial_widen, split_shape
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
 from onnxprune.plan.allocate import Option, Path, greedy_path, search
@@ -120,9 +122,11 @@ class PlanOptions:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise RecipeError("--objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        # one family named alone ("prune") is that family, not its letters
-        object.__setattr__(self, "families", (self.families,) if isinstance(self.families, str) else tuple(self.families))
-        object.__setattr__(self, "sites", tuple(self.sites))
+        # one family or site named alone ("prune", "fc1") is that name, not its letters
+        for name in ("families", "sites"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        check_types("plan", self)      # a recipe file's "drift": "no" is an error, not true
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise RecipeError("plan", f"families must be among {', '.join(FAMILIES)}, got {list(self.families)}")
@@ -167,6 +171,9 @@ def plan_settings(plan: dict) -> dict:
     goals = [g for g in GOALS if plan.get(g) is not None]
     if len(goals) != 1:
         raise RecipeError("plan", f"needs exactly one of {', '.join(GOALS)}, got {goals or 'none'}")
+    for goal in goals:
+        if isinstance(plan[goal], bool) or not isinstance(plan[goal], numbers.Real):
+            raise RecipeError("plan", f"{goal} must be a number, got {plan[goal]!r}")
     if plan.get("max_drop") is not None and not 0 <= float(plan["max_drop"]) <= 100:
         raise RecipeError("plan", f"max_drop={plan['max_drop']} is not a number of points in [0, 100]")
     if plan.get("budget") is not None and not 0 < float(plan["budget"]) <= 1:
