@@ -520,9 +520,10 @@ def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     d = damage(reference, candidate, kind)
     if kind == "embedding":
         return measure_embedding(reference, candidate, labels, d)
-    if not is_classifier(reference):
+    if not is_classifier(reference):    # 100 x the relative squared error, the mean of the per-sample ones
         drop = 100.0 * d["relative_error"]
-        return Check(drop, 0.0, None, None, None, d["relative_error"], None, samples=len(reference))
+        se = 100.0 * standard_error(divergences(reference, candidate, kind))
+        return Check(drop, se, None, None, None, d["relative_error"], None, samples=len(reference))
     top_r, top_c = reference.argmax(axis=1), candidate.argmax(axis=1)
     if labels is not None:
         diff = (top_r == labels).astype(np.float64) - (top_c == labels)

@@ -165,6 +165,12 @@ def test_damage_and_measure_on_constructed_outputs():
     swapped[:5] = -swapped[:5]                   # 5 of 50 now wrong
     check = measure(ref, swapped, labels)
     assert check.drop == pytest.approx(10.0) and check.accuracy_reference == 1.0 and check.se > 0
+    # an output without class scores (a dense map): 100 x the relative squared error, with the
+    # standard error of its per-sample terms, so a --max-drop search keeps a reserve for it too
+    dense, moved = ref.reshape(50, 2, 5), noisy.reshape(50, 2, 5)
+    check = measure(dense, moved, None)
+    assert check.drop == pytest.approx(100 * np.sum((noisy - ref) ** 2) / np.sum(ref ** 2))
+    assert check.se == pytest.approx(100 * np.std(divergences(dense, moved), ddof=1) / np.sqrt(50)) and check.se > 0
 
 
 def test_the_reserve_covers_the_noise_of_the_check_and_of_the_evaluation():
