@@ -692,7 +692,8 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
             "budget": budget, "model": path.name, "macs": v.macs_candidate / max(v.macs_reference, 1),
             "params": v.params_candidate / max(v.params_reference, 1),
             "accuracy": v.accuracy_candidate, "accuracy_reference": v.accuracy_reference,
-            "agreement": v.agreement, "drop": v.accuracy_drop, "drop_se": v.accuracy_drop_se,
+            "agreement": v.agreement, "relative_error": v.relative_error,
+            "drop": v.accuracy_drop, "drop_se": v.accuracy_drop_se,
             "checked_drop": result["check"]["drop"], "checked_se": result["check"]["se"],
             "sites": len(result["sites"]),
             "speedup": v.speedup() if measure_latency else {},
@@ -709,8 +710,12 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         ylabel = f"top-1 {key} (%)"
         if planner.kind == "embedding":
             ylabel = "kNN accuracy (%)" if key == "accuracy" else "mean cosine to the original x 100"
+        points = [(r[x], 100 * r[key]) for r in done]
+        if key == "agreement" and not all(math.isfinite(y) for _, y in points):   # no class scores to agree on
+            points = [(r[x], 100 * r["relative_error"] ** 2) for r in done]      # what the planner reads
+            reference, ylabel = 0.0, "100 x relative squared error"
         files.append((out_dir / "pareto.png", functools.partial(
-            figures.pareto_chart, {"planned": [(r[x], 100 * r[key]) for r in done]}, reference=reference,
+            figures.pareto_chart, {"planned": points}, reference=reference,
             xlabel=f"{x} (fraction of the original)", ylabel=ylabel, title=str(stem))))
     else:           # no plot: write_all removes an earlier sweep's, which would not match pareto.md
         files.append((out_dir / "pareto.png", lambda path: None))
@@ -753,6 +758,7 @@ def pareto_lines(rows: list[dict], *, embedding: bool = False) -> list[str]:
 #: what the numbers of pareto.json's rows are (as in a report's "validation": accuracies as fractions, drops in points)
 PARETO_UNITS = {"fraction of the original": ["macs", "params"],
                 "fraction of the samples": ["accuracy", "accuracy_reference", "agreement"],
+                "fraction of the original output's norm": ["relative_error"],
                 "percentage points": ["drop", "drop_se", "checked_drop", "checked_se"]}
 
 
