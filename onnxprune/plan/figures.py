@@ -37,7 +37,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 def damage_measure(curves: dict[str, list[dict]]) -> str:
     """What the damage of these curves measures (``planner.damage``: its rows carry "cosine" for
-    embeddings, "kl" for classifiers, only "relative_error" otherwise)."""
+    embeddings, "kl" for classifiers, only "relative_squared_error" otherwise)."""
     rows = [r for rows in curves.values() for r in rows]
     if any("cosine" in r for r in rows):
         return "1 - cosine of the embeddings"

@@ -429,7 +429,7 @@ def is_classifier(output: np.ndarray) -> bool:
 def divergences(reference: np.ndarray, candidate: np.ndarray, kind: str = "classes") -> np.ndarray:
     """Per sample, how far ``candidate``'s output is from ``reference``'s: the KL divergence of
     the softmaxes (classifiers), 1 - cosine (``kind`` "embedding"), else the squared error over
-    the reference's mean squared norm (their mean is the relative error)."""
+    the reference's mean squared norm (their mean is the relative squared error)."""
     r = reference.astype(np.float64).reshape(len(reference), -1)
     c = candidate.astype(np.float64).reshape(len(candidate), -1)
     if kind == "embedding":
@@ -453,12 +453,12 @@ def damage(reference: np.ndarray, candidate: np.ndarray, kind: str = "classes") 
     rel = float(np.sum((c - r) ** 2) / max(np.sum(r * r), 1e-300))
     if kind == "embedding":
         cos = float(np.mean(embedding.cosine_rows(r, c)))
-        return {"damage": max(1.0 - cos, 0.0), "cosine": cos, "agreement": cos, "relative_error": rel}
+        return {"damage": max(1.0 - cos, 0.0), "cosine": cos, "agreement": cos, "relative_squared_error": rel}
     if not is_classifier(r):
-        return {"damage": rel, "relative_error": rel}
+        return {"damage": rel, "relative_squared_error": rel}
     kl = float(np.mean(divergences(r, c, kind)))
     agree = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1)))
-    return {"damage": max(kl, 0.0), "kl": kl, "agreement": agree, "relative_error": rel}
+    return {"damage": max(kl, 0.0), "kl": kl, "agreement": agree, "relative_squared_error": rel}
 
 
 def closer(reference: np.ndarray, without: np.ndarray, candidate: np.ndarray, kind: str, z: float = 0.0) -> bool:
@@ -485,7 +485,7 @@ class Check:
     agreement: float | None
     accuracy_reference: float | None
     accuracy_candidate: float | None
-    relative_error: float
+    relative_squared_error: float
     kl: float | None
     drift: bool | None = None      # whether correct-drift is part of the plan (helped, see ``check``), None: not tried
     drop_without_drift: float | None = None
@@ -521,9 +521,9 @@ def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     if kind == "embedding":
         return measure_embedding(reference, candidate, labels, d)
     if not is_classifier(reference):    # 100 x the relative squared error, the mean of the per-sample ones
-        drop = 100.0 * d["relative_error"]
+        drop = 100.0 * d["relative_squared_error"]
         se = 100.0 * standard_error(divergences(reference, candidate, kind))
-        return Check(drop, se, None, None, None, d["relative_error"], None, samples=len(reference))
+        return Check(drop, se, None, None, None, d["relative_squared_error"], None, samples=len(reference))
     top_r, top_c = reference.argmax(axis=1), candidate.argmax(axis=1)
     if labels is not None:
         diff = (top_r == labels).astype(np.float64) - (top_c == labels)
@@ -533,8 +533,8 @@ def measure(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         diff = (top_r != top_c).astype(np.float64)
         acc_r = acc_c = None
         drop = 100.0 * float(diff.mean())
-    return Check(drop, 100.0 * standard_error(diff), d["agreement"], acc_r, acc_c, d["relative_error"], d["kl"],
-                 samples=len(reference))
+    return Check(drop, 100.0 * standard_error(diff), d["agreement"], acc_r, acc_c, d["relative_squared_error"],
+                 d["kl"], samples=len(reference))
 
 
 def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, d: dict) -> Check:
@@ -549,7 +549,7 @@ def measure_embedding(reference: np.ndarray, candidate: np.ndarray, labels: np.n
         diff = divergences(reference, candidate, "embedding")
         acc_r = acc_c = None
     return Check(100.0 * float(diff.mean()), 100.0 * standard_error(diff), d["agreement"], acc_r, acc_c,
-                 d["relative_error"], None, samples=len(reference))
+                 d["relative_squared_error"], None, samples=len(reference))
 
 
 def model_outputs(model: onnx.ModelProto, samples, *, batch_size: int = 32, device: str = "cpu",

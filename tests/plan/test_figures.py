@@ -6,7 +6,7 @@ import pytest
 
 from onnxprune.plan import figures
 
-ROW = {"size": 8, "of": 16, "keep": 0.5, "saving": 0.1, "damage": 0.01, "relative_error": 0.02}
+ROW = {"size": 8, "of": 16, "keep": 0.5, "saving": 0.1, "damage": 0.01, "relative_squared_error": 0.02}
 CURVES = {
     "1 - cosine of the embeddings": {"ffn1": [{**ROW, "cosine": 0.99, "agreement": 0.99}]},
     "KL divergence of the softmax": {"fc1": [{**ROW, "kl": 0.01, "agreement": 0.98}]},
