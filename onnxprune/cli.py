@@ -205,15 +205,26 @@ def preprocess_options(func):
 PREPROCESS_KEYS = ("resize", "center_crop", "mean", "std", "grayscale", "scale", "layout", "tokenizer", "max_length")
 
 
-def preprocess_dict(kwargs) -> dict:
+#: the data arguments of the commands (any of them may be a text file that --tokenizer reads)
+DATA_KEYS = ("target_data", "source_data", "eval_data", "data", "val_data")
+
+
+def preprocess_dict(kwargs, *data) -> dict:
     """The preprocessing flags given (popped from ``kwargs``); --mean and --std of different
-    lengths are a usage error. The --tokenizer path is made absolute: the recipe written next to
-    an output keeps it, and a --recipe run from another folder must find the same file."""
+    lengths are a usage error, and so is --tokenizer when no data (the ``DATA_KEYS`` of ``kwargs``,
+    and ``data``) is text: it would be recorded in the recipe without having run. The --tokenizer path is made absolute: the recipe written
+    next to an output keeps it, and a --recipe run from another folder must find the same file."""
+    from onnxprune.data.text import SUFFIXES, is_text_file
+
     out = {}
     for key in PREPROCESS_KEYS:
         value = kwargs.pop(key, None)
         if value is not None:
             out[key] = os.path.abspath(value) if key == "tokenizer" else value
+    data = [d for d in (*data, *(kwargs.get(key) for key in DATA_KEYS)) if d]
+    if "tokenizer" in out and data and not any(is_text_file(d) for d in data):
+        raise click.UsageError(f"--tokenizer does not apply: none of the data is text ({', '.join(SUFFIXES)}), and "
+                               "token arrays are fed as they are")
     mean, std = out.get("mean"), out.get("std")
     if mean is not None and std is not None and len(mean) != len(std):
         raise click.UsageError(f"--mean has {len(mean)} values but --std has {len(std)}: give one "
@@ -1147,7 +1158,7 @@ def validate(reference, candidate, data, as_json, verbose, quiet, device, batch_
     from onnxprune.validate import check_thresholds
 
     refuse_idle_run_flags(kw)
-    preprocess = preprocess_dict(kw)
+    preprocess = preprocess_dict(kw, data)
     report = api.validate(reference, candidate, data, preprocess=preprocess, batch_size=batch_size, device=device,
                           measure_latency=not kw["no_latency"], latency_runs=kw["latency_runs"], progress=show_progress(quiet),
                           metric=kw["metric"], judge_output=kw["judge_output"])

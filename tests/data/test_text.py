@@ -112,6 +112,13 @@ def test_cli_validate_and_inspect_a_token_model(tmp_path, tokenizer):
     assert result.exit_code == 1 and "--tokenizer" in result.output
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert "16 units (last axis)  prunable" in result.output
+    # token arrays are fed as they are: a --tokenizer that could not run is a usage error, not a recipe entry
+    arrays = tmp_path / "tokens.npz"
+    np.savez(arrays, **as_samples(data, token_ffn(vocab=16), {"tokenizer": str(tokenizer), "max_length": 8}).batch(
+        np.arange(30)))
+    result = CliRunner().invoke(main, ["validate", str(path), str(path), "--data", str(arrays), "--tokenizer",
+                                       str(tokenizer), "--no-latency"])
+    assert result.exit_code == 2 and "--tokenizer does not apply: none of the data is text" in result.output
 
 
 def test_a_byte_order_mark_is_not_part_of_the_header(tmp_path):
