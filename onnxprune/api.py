@@ -49,7 +49,7 @@ from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import RecoveryOptions
-from onnxprune.runtime import ORT_ERRORS
+from onnxprune.runtime import ORT_ERRORS, error_line
 from onnxprune.structures.heads import head_layout_skips
 from onnxprune.validate import REMEDY, ValidationReport, check_labels_fit, check_threshold_values, check_thresholds
 from onnxprune.validate import validate as _validate
@@ -310,7 +310,7 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
         outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device,
                                 judge=recipe.judge_output)
     except ORT_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = error_line(exc)
         raise DataError(calib.name, f"onnxruntime failed running the model on these samples: {first}",
                         "check that the samples match the model's inputs and that this onnxruntime runs the "
                         "model (`onnxprune validate MODEL MODEL --data D` runs it alone)") from None

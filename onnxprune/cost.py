@@ -230,7 +230,7 @@ def _measure_shapes(model: onnx.ModelProto, names: Sequence[str],
     import onnxruntime as ort
 
     from onnxprune.model import clone
-    from onnxprune.runtime import make_session
+    from onnxprune.runtime import error_line, make_session
 
     fixed, _ = _fixed_input_shapes(model, overrides)
     probe = clone(model)
@@ -247,7 +247,7 @@ def _measure_shapes(model: onnx.ModelProto, names: Sequence[str],
         values = session.run(list(names), feeds)
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = error_line(exc)
         at = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in fixed.items())
         raise ModelError(model.graph.name or "model", f"cannot measure layer shapes: onnxruntime failed on zeros "
                          f"({at}): {first}", "check that this onnxruntime runs the model; where it needs other "

@@ -38,6 +38,12 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
               ort.capi.onnxruntime_pybind11_state.RuntimeException)
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of an onnxruntime error (at most 300 characters), for a one-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def feeds_text(feeds: dict[str, np.ndarray]) -> str:
     """The shape of each fed array, for a message: 'input_ids 32x600, attention_mask 32x600'."""
     return ", ".join(f"{name} {'x'.join(str(d) for d in np.shape(value))}" for name, value in feeds.items())
@@ -98,7 +104,7 @@ def make_session(model: onnx.ModelProto, *, device: str = "cpu", threads: int | 
             ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
-        first = str(exc).strip().splitlines()[0][:300]
+        first = error_line(exc)
         graph = f" (graph {model.graph.name!r})" if model.graph.name else ""
         raise ModelError("onnxruntime", f"cannot load the model{graph}: {first}",
                          "check that this onnxruntime supports the model's opset and ops (`onnxprune inspect`)"

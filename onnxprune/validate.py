@@ -546,12 +546,12 @@ def _run(session, feeds: dict[str, np.ndarray], *, fixed_batch: int | None) -> l
 
 def _run_checked(session, feeds: dict[str, np.ndarray], fixed_batch: int | None, role: str) -> list[np.ndarray]:
     """``_run`` with onnxruntime's errors (a shape or type the model refuses) as one line."""
-    from onnxprune.runtime import ORT_ERRORS, feeds_text
+    from onnxprune.runtime import ORT_ERRORS, error_line, feeds_text
 
     try:
         return _run(session, feeds, fixed_batch=fixed_batch)
     except ORT_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = error_line(exc)
         raise ModelError(role, f"onnxruntime rejected the samples ({feeds_text(feeds)}): {first}",
                          "check that the data and both models have the same inputs (and, for token ids, "
                          "that the rows are no longer than the model's positions)") from None

@@ -37,7 +37,7 @@ from onnxprune.data.samples import Parts
 from onnxprune.errors import CalibrationError, DataError
 from onnxprune.linalg import blas_threads
 from onnxprune.model import clone, input_specs, model_hash
-from onnxprune.runtime import batch_size_for, feeds_text, make_session
+from onnxprune.runtime import batch_size_for, error_line, feeds_text, make_session
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                 try:
                     result = session.run(fetch, run_feeds)
                 except ORT_ERRORS as exc:
-                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                    first = error_line(exc)
                     raise DataError(set_name, f"onnxruntime rejected a batch ({feeds_text(feeds)}): {first}",
                                     "check that the samples match the model's inputs (and, for token ids, that the "
                                     "rows are no longer than the model's positions)") from None
