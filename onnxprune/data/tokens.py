@@ -179,10 +179,10 @@ def check_token_samples(samples, model: onnx.ModelProto, *, mask: str | None = "
     stored = None if name is None else samples.stored(name)
     if stored is None or stored.ndim != 2:
         return
-    other = stored[(stored != 0) & (stored != 1)]
-    if other.size:
-        raise DataError(samples.name, f"{name} holds values other than 0 and 1 ({other.flat[0].item()} in "
-                        f"{np.count_nonzero(np.any((stored != 0) & (stored != 1), axis=1))} of {len(stored)} samples), "
+    odd = (stored != 0) & (stored != 1)
+    if odd.any():
+        raise DataError(samples.name, f"{name} holds values other than 0 and 1 ({stored[odd].flat[0].item()} in "
+                        f"{np.count_nonzero(odd.any(axis=1))} of {len(stored)} samples), "
                         "so it is not a token mask (1 on real tokens, 0 on padding)",
                         "--mask-input names the mask input, or none to mask nothing" if mask not in (None, "auto")
                         else f"give {name} as the tokenizer makes it: 1 on real tokens, 0 on padding")

@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 
 from onnxprune.errors import DataError, ValidationFailed
-from onnxprune.model import count_parameters, jsonable, model_name, save_model
+from onnxprune.model import count_parameters, input_specs, jsonable, model_name, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
 from onnxprune.validate import check_threshold_values
@@ -157,9 +157,8 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     teacher_model = as_model(teacher) if teacher is not None else None
     warnings = []
     if teacher_model is not None:
-        # graph inputs that are not weights (IR 3 models list their initializers as inputs too)
-        s_in, t_in = ([i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
-                      for m in (student_model, teacher_model))
+        # data inputs, not weights (IR 3 models list their initializers as inputs too)
+        s_in, t_in = ([spec.name for spec in input_specs(m)] for m in (student_model, teacher_model))
         s_out, t_out = [o.name for o in student_model.graph.output], [o.name for o in teacher_model.graph.output]
         if s_out != t_out or not set(s_in) <= set(t_in) | {t.name for t in teacher_model.graph.initializer}:
             raise DataError(model_name(teacher, "--teacher"), f"has other inputs or outputs than the student "

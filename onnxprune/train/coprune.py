@@ -151,20 +151,14 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
     torch = require_torch()
     from onnxprune.train.convert import to_onnx, to_torch, verify
     from onnxprune.plan.suffix import fixed_batch_of
-    from onnxprune.train.distill import (MIN_TRAIN_SAMPLES, _progress, fill_indices, fold_size, load_arrays,
-                                         training_count)
+    from onnxprune.train.distill import check_fold, _progress, fill_indices, fold_size, load_arrays
 
     started = time.perf_counter()
     for samples, flag in ((source_samples, "--source-data"), (target_samples, "--target-data")):
         if samples.labels is None:
             raise DataError(flag, f"{samples.name} has no labels; Co-Prune trains both networks on labels",
                             "use labelled samples (a y array or class folders)")
-    n = len(target_samples)
-    if n - fold_size(n, config.val_fraction) < MIN_TRAIN_SAMPLES:
-        raise DataError(target_samples.name, f"leaves {n - fold_size(n, config.val_fraction)} of "
-                        f"{training_count(target_samples)} to train once --val-fraction {config.val_fraction:g} is "
-                        f"held out to pick the checkpoint; Co-Prune needs at least {MIN_TRAIN_SAMPLES}",
-                        "lower --val-fraction or train on more samples")
+    check_fold(target_samples, config.val_fraction, needs="Co-Prune", hint="lower --val-fraction or train on more samples")
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

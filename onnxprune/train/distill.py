@@ -144,16 +144,17 @@ def check_training_samples(samples, val_samples=None, *, teacher: bool, config: 
         check_fold(samples, config.val_fraction)
 
 
-def check_fold(samples, val_fraction: float) -> None:
+def check_fold(samples, val_fraction: float, *, needs: str = "recovery training",
+               hint: str = "lower --val-fraction, give the checkpoint samples apart (--val-data), or train on more "
+                           "samples") -> None:
     """DataError unless ``samples`` keep MIN_TRAIN_SAMPLES to train once the checkpoint fold
-    (``val_fraction`` of them) is held out."""
+    (``val_fraction`` of them) is held out; ``needs`` names who needs them, ``hint`` the remedy."""
     n = len(samples)
-    if n - fold_size(n, val_fraction) < MIN_TRAIN_SAMPLES:
-        raise DataError(samples.name, f"leaves {max(0, n - fold_size(n, val_fraction))} of "
-                        f"{training_count(samples)} to train once --val-fraction {val_fraction:g} is held out "
-                        f"to pick the checkpoint; recovery training needs at least {MIN_TRAIN_SAMPLES}",
-                        "lower --val-fraction, give the checkpoint samples apart (--val-data), or train on more "
-                        "samples")
+    left = n - fold_size(n, val_fraction)
+    if left < MIN_TRAIN_SAMPLES:
+        raise DataError(samples.name, f"leaves {max(0, left)} of {training_count(samples)} to train once "
+                        f"--val-fraction {val_fraction:g} is held out to pick the checkpoint; {needs} needs at least "
+                        f"{MIN_TRAIN_SAMPLES}", hint)
 
 
 def load_arrays(samples, batch_size: int = 256) -> dict[str, np.ndarray]:
