@@ -902,6 +902,7 @@ def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
             raise RecipeError("--layers", f"no channel group or linear layer named {', '.join(map(repr, missing))} "
                               "in the model", f"valid names (as `onnxprune inspect` prints them): "
                                               f"{', '.join(dict.fromkeys(valid)) or 'none'}")
+    found: dict = {}                   # each finder runs once, whichever passes and options ask
     for p in recipe.build():
         for option, finder, what in (("layers", find_linear_layers, "linear layer"),
                                      ("ranks", find_linear_layers, "linear layer"),
@@ -910,7 +911,9 @@ def check_layer_names(model: onnx.ModelProto, recipe: Recipe) -> None:
             wanted = getattr(p.options, option, None) or ()
             if not wanted:
                 continue
-            valid = [item.name for item in finder(model)]
+            if finder not in found:
+                found[finder] = [item.name for item in finder(model)]
+            valid = found[finder]
             missing = [name for name in wanted if name not in valid]
             if missing:
                 raise RecipeError(f"{p.name} {option}", f"no {what} named {', '.join(map(repr, missing))} in the model",
