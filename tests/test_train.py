@@ -163,6 +163,24 @@ def test_plain_finetuning_needs_labels_or_teacher(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_a_student_that_is_its_teacher_is_refused_unless_labels_train_it(tmp_path):
+    pytest.importorskip("torch")
+    onnx.save(mlp(0), str(tmp_path / "m.onnx"))
+    onnx.save(mlp(0), str(tmp_path / "copy.onnx"))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32))
+    args = ["finetune", str(tmp_path / "m.onnx"), "--teacher", str(tmp_path / "copy.onnx"), "--epochs", "1",
+            "-o", str(tmp_path / "out.onnx")]
+    result = CliRunner().invoke(main, args + ["--target-data", str(tmp_path / "x.npy")])
+    assert result.exit_code == 1, result.output
+    assert "is the teacher" in result.output and "copy.onnx" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+    # with labels and --label-weight the original is fine-tuned, the teacher keeping it close
+    np.savez(tmp_path / "xy.npz", x=np.load(tmp_path / "x.npy"), labels=np.arange(40) % 4)
+    result = CliRunner().invoke(main, args + ["--target-data", str(tmp_path / "xy.npz"), "--label-weight", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.onnx").exists()
+
+
 def test_commands_name_the_extra_when_torch_is_missing(tmp_path, monkeypatch):
     onnx.save(mlp(0), str(tmp_path / "m.onnx"))
     np.save(tmp_path / "x.npy", np.zeros((20, 8), np.float32))

@@ -140,7 +140,8 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     ``.report.json`` and ``.curve.png``."""
     require_torch()
     from onnxprune.api import as_model, refuse_same_file
-    from onnxprune.train.distill import TrainConfig, check_training_samples, finetune, plot_curve
+    from onnxprune.train.distill import (TrainConfig, check_training_samples, finetune, plot_curve, same_model,
+                                         shared_labels)
     from onnxprune.validate import check_thresholds, validate
 
     config = config or TrainConfig()
@@ -180,6 +181,12 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
         val = as_samples(val_data, student_model, preprocess)
     check_labels(student_model, (train, val, held_out), batch_size=config.batch_size, device=device)
     check_training_samples(train, val, teacher=teacher_model is not None, config=config)
+    if teacher_model is not None and same_model(student_model, teacher_model) and \
+            (config.label_weight == 0 or shared_labels(train, val)[0] is None):
+        raise DataError(model_name(student, "STUDENT"), f"is the teacher {model_name(teacher, '--teacher')} itself "
+                        "(the same graph and weights): distilling a model into itself leaves it as it is",
+                        "give the compressed model as STUDENT and its original as --teacher (or, to fine-tune "
+                        "the original on labelled data, add --label-weight)")
     reference = teacher_model if teacher_model is not None else student_model
     before = validate(reference, student_model, held_out, batch_size=config.batch_size, device=device,
                       measure_latency=False, progress=False)

@@ -188,6 +188,12 @@ def fill_indices(idx: np.ndarray, size: int | None) -> np.ndarray:
     return idx if size is None else fill_batch({"i": idx}, size)["i"]
 
 
+def same_model(student: onnx.ModelProto, teacher: onnx.ModelProto) -> bool:
+    """Whether ``student`` is ``teacher`` itself: the same nodes and the same weights."""
+    return list(student.graph.node) == list(teacher.graph.node) and not rewritten_weights(student, teacher) and \
+        {t.name for t in student.graph.initializer} == {t.name for t in teacher.graph.initializer}
+
+
 def rewritten_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> set[str]:
     """Initializers of the student that the compression created or changed: absent from the
     teacher, or there with another shape or other values (pruned, low-rank factors, compensated)."""
