@@ -103,6 +103,11 @@ def _linear_layer(index: GraphIndex, i: int) -> LinearLayer:
             "group": int(attrs.get("group", 1)),
             "auto_pad": attrs.get("auto_pad", "NOTSET"),
         }
+        if isinstance(attrs["auto_pad"], bytes):
+            attrs["auto_pad"] = attrs["auto_pad"].decode()
+        pads = explicit_pads(attrs, (index.shape(x) or ())[2:]) if attrs["auto_pad"] != "NOTSET" else None
+        if pads is not None:        # the layer's statistics and a spatial split read explicit pads
+            attrs.update(pads=pads, auto_pad="NOTSET")
         if dims:
             m, n = dims[0], int(np.prod(dims[1:], dtype=np.int64))
             if len(dims) != 4:
@@ -119,6 +124,27 @@ def _linear_layer(index: GraphIndex, i: int) -> LinearLayer:
         skip = skip or f"weight {weight} is shared with {', '.join(others) or 'a graph output'}"
     return LinearLayer(name=name, op=op, node_index=i, input=x, output=output, weight=weight, bias=bias,
                        bias_node=bias_node, out_features=int(m), in_features=int(n), attrs=attrs, skip=skip)
+
+
+def explicit_pads(attrs: dict, spatial: tuple) -> list[int] | None:
+    """The pads ([begins..., ends...]) a Conv's ``auto_pad`` stands for, or None when they depend on
+    an input size the graph does not fix (SAME with a stride above 1 on a symbolic size). VALID pads
+    nothing; SAME_UPPER puts an odd pad's extra row at the end, SAME_LOWER at the beginning."""
+    if attrs["auto_pad"] == "VALID":
+        return [0] * len(attrs["pads"])
+    if attrs["auto_pad"] not in ("SAME_UPPER", "SAME_LOWER"):
+        return None
+    begins, ends = [], []
+    for i, (k, s, d) in enumerate(zip(attrs["kernel_shape"], attrs["strides"], attrs["dilations"])):
+        size = spatial[i] if i < len(spatial) else None
+        if s != 1 and not size:
+            return None
+        span = (k - 1) * d + 1
+        total = span - 1 if s == 1 else max((-(-size // s) - 1) * s + span - size, 0)
+        small, big = total // 2, total - total // 2
+        begins.append(small if attrs["auto_pad"] == "SAME_UPPER" else big)
+        ends.append(big if attrs["auto_pad"] == "SAME_UPPER" else small)
+    return begins + ends
 
 
 def layer_weight(index: GraphIndex, layer: LinearLayer) -> tuple[np.ndarray, np.ndarray | None]:

@@ -73,3 +73,37 @@ def test_node_names_are_unique_and_stable():
     names = node_names(model)
     assert names == ["Gemm_0", "Relu_1", "fc2", "Relu_3", "fc3", "fc3_bias", "relu3", "fc4"]
     assert node_names(model) == names
+
+
+def _conv_model(kernel, stride, pads=None, auto_pad=None, size=7, seed=0):
+    """x [N, 3, size, size] -> Conv (5 filters, kernel, stride, pads or auto_pad) -> y."""
+    w = np.random.default_rng(seed).standard_normal((5, 3) + tuple(kernel)).astype(np.float32)
+    attrs = {"kernel_shape": list(kernel), "strides": [stride] * 2}
+    attrs.update({"pads": pads} if pads is not None else {"auto_pad": auto_pad})
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], name="conv", **attrs)], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[onnx.numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=graphs.IR_VERSION)
+
+
+def test_auto_pad_same_is_read_as_the_pads_onnxruntime_applies():
+    """A SAME_* Conv's patch statistics and spatial split read explicit pads: the ones that give
+    onnxruntime's own output (odd totals: SAME_UPPER pads the end more, SAME_LOWER the beginning)."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 7, 7)).astype(np.float32)
+    for kernel, stride in (((3, 3), 1), ((4, 2), 1), ((3, 3), 2), ((2, 4), 2)):
+        for mode in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+            model = _conv_model(kernel, stride, auto_pad=mode)
+            (layer,) = find_linear_layers(model)
+            assert layer.attrs["auto_pad"] == "NOTSET", (kernel, stride, mode)
+            run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+                None, {"x": x})[0]
+            np.testing.assert_allclose(run(_conv_model(kernel, stride, pads=layer.attrs["pads"])), run(model),
+                                       rtol=1e-5, atol=1e-5, err_msg=f"{kernel} stride {stride} {mode}")
+    # a stride above 1 on a symbolic size: the pads depend on it, auto_pad stays
+    model = _conv_model((3, 3), 2, auto_pad="SAME_UPPER")
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    (layer,) = find_linear_layers(model)
+    assert layer.attrs["auto_pad"] == "SAME_UPPER" and layer.attrs["pads"] == [0, 0, 0, 0]

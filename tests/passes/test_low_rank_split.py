@@ -282,6 +282,29 @@ def test_spatial_split_of_a_spatially_low_rank_conv_is_lossless(method, strides)
     onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
 
 
+@pytest.mark.parametrize("conv", ["channel", "spatial"])
+def test_an_auto_pad_conv_is_split_as_its_explicit_pads_twin(conv):
+    """auto_pad SAME_UPPER at stride 2 on 9 x 10 pads rows (1, 1) and columns (0, 1): the patch
+    statistics see those zeros, so DALR fits the same factors as for the explicit-pads model."""
+    model = conv_spatial(2, (2, 2))
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    node = model.graph.node[0]
+    node.attribute.remove(next(a for a in node.attribute if a.name == "pads"))
+    node.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    for a in twin.graph.node[0].attribute:
+        if a.name == "pads":
+            a.ints[:] = [1, 0, 1, 1]
+    x = RNG.normal(size=(64, 4, 9, 10)).astype(np.float32)
+    assert_equivalent(model, twin, {"x": x[:4]}, tol=1e-5)
+    step = [("low-rank-split", {"method": "dalr", "rank": 3, "conv": conv, "ridge": 1e-3})]
+    ours, theirs = run(model, x, step), run(twin, x, step)
+    assert ours.report["passes"][0]["split"][0]["form"] == conv
+    for a, b in zip(ours.model.graph.initializer, theirs.model.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)
+    assert_equivalent(model, ours.model, {"x": x[:4]}, tol=10.0)     # it runs, at its shapes
+
+
 @pytest.mark.parametrize("strides, splits", [((2, 1), True), ((1, 2), False)])
 def test_spatial_split_that_would_add_multiply_adds_is_skipped(strides, splits):
     """The k x 1 Conv runs at every input column: with a horizontal stride of 2 it has twice the
