@@ -430,18 +430,23 @@ class LowRankSplit(Pass):
             approx = a_mat @ b_mat
             if form.form == "spatial":
                 bias_name, second = self._rewrite_spatial(model, layer, first, second_weight, new_bias)
-                energy = 1.0 - float(np.sum((w - approx) ** 2) / max(np.sum(w ** 2), 1e-300))   # of the weights
+                energy = None       # dalr: of the outputs, as the channel form's spectrum (below)
+                if self.options.method != "dalr":
+                    energy = 1.0 - float(np.sum((w - approx) ** 2) / max(np.sum(w ** 2), 1e-300))   # of the weights
             else:
                 bias_name, second = self._rewrite(model, layer, a_mat, b_mat, new_bias)
                 spectrum = spectra[layer.name]
                 energy = float(spectrum[:k].sum() / max(spectrum.sum(), 1e-300))
+            error = float(linalg.reconstruction_error(w, a_mat, b_mat, total) if delta is None else
+                          linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta))
+            if energy is None:      # a fit to the data may be far from the weights where the data does not go
+                energy = 1.0 - error
             rows.append({
                 "layer": layer.name, "op": layer.op, "shape": [m, n], "rank": k, "form": form.form,
                 "params_before": m * n + (m if b is not None else 0),
                 "params_after": form.params(k) + (m if b is not None else 0),
                 "energy": energy,
-                "error": float(linalg.reconstruction_error(w, a_mat, b_mat, total) if delta is None else
-                               linalg.reconstruction_error(w, a_mat, b_mat, total, mean=mean, bias_delta=delta)),
+                "error": error,
                 **info,
                 **(timing or {}),
             })

@@ -305,6 +305,19 @@ def test_an_auto_pad_conv_is_split_as_its_explicit_pads_twin(conv):
     assert_equivalent(model, ours.model, {"x": x[:4]}, tol=10.0)     # it runs, at its shapes
 
 
+def test_a_spatial_dalr_split_reports_the_share_of_the_outputs_it_keeps():
+    """DALR fits the data: where inputs hardly vary (three of four channels here) its weights may be
+    far from the layer's, so 'retained' is the outputs' share (1 - rel. error), not the weights'
+    (which read -99.9 % on LeNet's conv2)."""
+    w = RNG.normal(size=(6, 4, 3, 3))
+    model = make([helper.make_node("Conv", ["x", "W"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+                 {"W": w}, [4, 9, 10], [6, 9, 10])
+    x = RNG.normal(size=(64, 4, 9, 10)) * np.array([1.0, 1e-3, 1e-3, 1e-3])[:, None, None]
+    result = run(model, x.astype(np.float32), [("low-rank-split", {"method": "dalr", "rank": 2, "conv": "spatial"})])
+    row = result.report["passes"][0]["split"][0]
+    assert 0 <= row["energy"] <= 1 and row["energy"] == pytest.approx(1 - row["error"])
+
+
 @pytest.mark.parametrize("strides, splits", [((2, 1), True), ((1, 2), False)])
 def test_spatial_split_that_would_add_multiply_adds_is_skipped(strides, splits):
     """The k x 1 Conv runs at every input column: with a horizontal stride of 2 it has twice the
