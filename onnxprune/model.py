@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,9 @@ def model_name(model, default: str = "model") -> str:
 CONTROL_FLOW = ("If", "Loop", "Scan")
 #: tensor types the statistics and rewrites do not handle (they assume float32 activations)
 HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+#: ops of a quantized model (integer layers, QDQ pairs): its weights are integers the passes do not rewrite
+QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeLinear",
+                 "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 def check_compressible(model: onnx.ModelProto, *, name: str = "model") -> None:
@@ -132,6 +136,11 @@ def check_compressible(model: onnx.ModelProto, *, name: str = "model") -> None:
     if flow:
         raise ModelError(name, f"has control flow ({', '.join(flow)}) whose subgraphs onnxprune does not rewrite "
                          "or calibrate through", "export the model without it (e.g. trace one branch)")
+    quantized = Counter(node.op_type for node in model.graph.node if node.op_type in QUANTIZED_OPS)
+    if quantized:
+        raise ModelError(name, f"is quantized ({', '.join(f'{n} {op}' for op, n in sorted(quantized.items()))}): "
+                         "onnxprune compresses float models", "compress the float model, then quantize the result "
+                         "(onnxruntime.quantization)")
     graph = model.graph
     readers: dict[str, set[str]] = {}
     for node in graph.node:

@@ -111,10 +111,11 @@ def test_external_data_model_loads_and_hash_ignores_storage(shared, tmp_path):
     ("half", "has float16 tensors"),
     ("cast", "has float16 tensors"),
     ("if", "has control flow (If)"),
+    ("qdq", "is quantized (1 DequantizeLinear, 1 QuantizeLinear): onnxprune compresses float models"),
 ])
 def test_what_compression_cannot_handle_is_one_model_error(edit, words):
-    """float16 tensors (weights, or a Cast inside a float32 model) and control flow are refused
-    before calibration builds graphs around them; a plain float32 model passes."""
+    """float16 tensors (weights, or a Cast inside a float32 model), control flow and quantized
+    layers are refused before calibration builds graphs around them; a plain float32 model passes."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
     nodes, inits = [helper.make_node("Relu", ["x"], ["y"])], []
@@ -129,6 +130,10 @@ def test_what_compression_cannot_handle_is_one_model_error(edit, words):
         branch = helper.make_graph([helper.make_node("Identity", ["x"], ["b"])], "b", [], [y])
         cond = numpy_helper.from_array(np.array(True), "c")
         nodes, inits = [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], [cond]
+    elif edit == "qdq":          # what onnxruntime.quantization writes around each layer (QDQ format)
+        inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
                               opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     with pytest.raises(ModelError, match=words.replace("(", "\\(").replace(")", "\\)")):
