@@ -1394,6 +1394,10 @@ def coprune(output, as_json, verbose, quiet, **kw):
         click.echo(f"top-1 accuracy on {v['samples']} held-out target samples: dense target "
                    f"{100 * v['accuracy_reference']:.2f}% -> pruned {100 * v['accuracy_candidate']:.2f}% "
                    f"(checkpoint: stage {cp['best']['stage']}, epoch {cp['best']['epoch']}; {cp['seconds']:.0f} s)")
+    else:   # --eval-data without labels: how far the pruned model's answers moved from the dense target's
+        click.echo(f"top-1 agreement with the dense target on {v['samples']} held-out target samples (no labels): "
+                   f"{100 * v['agreement']:.2f}% (checkpoint: stage {cp['best']['stage']}, epoch "
+                   f"{cp['best']['epoch']}; {cp['seconds']:.0f} s)")
     click.echo("note: " + cp["note"])
     click.echo(f"wrote {output} (+ .report.json)")
 

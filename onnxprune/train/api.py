@@ -237,6 +237,18 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
                                                                 "--source-data": source_data,
                                                                 "--target-data": target_data, "--eval-data": eval_data})
     refuse_held_out_training(target_data, eval_data)
+    if any(a > 0 for a in config.alphas):   # the source network trains, and its weights help choose the target's mask
+        from onnxprune.api import refuse_same_file
+
+        if eval_data is not None:
+            refuse_same_file(eval_data, source_data, "--source-data", "which trains the source network, whose "
+                             "weights help choose the target's mask: accuracy on it would not be held out",
+                             "pass other samples as --eval-data (or as --source-data)")
+        else:
+            refuse_same_file(source_data, target_data, "--target-data", "so the part --split holds out to "
+                             "evaluate would train the source network, whose weights help choose the target's "
+                             "mask: accuracy on it would not be held out",
+                             "pass source-domain samples as --source-data, or held-out ones as --eval-data")
     source, target = as_model(source_model), as_model(target_model)
     train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
     source_samples = as_samples(source_data, source, preprocess)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.errors import DataError, ModelError, RecipeError
+from onnxprune.errors import DataError, ModelError, RecipeError, UsageError
 from onnxprune.train import require_torch
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,13 @@ def keep_counts(sizes: dict[str, int], config: CoPruneConfig) -> dict[str, int] 
         counts = {name: max(1, round(fixed.get(name, config.keep) * n)) for name, n in sizes.items()}
         if config.allocation == "global":  # fixed layers as given, the rest share one threshold
             free = {k: v for k, v in sizes.items() if k not in fixed}
-            total = round(config.keep * sum(sizes.values())) - sum(counts[k] for k in fixed)
+            budget, taken = round(config.keep * sum(sizes.values())), sum(counts[k] for k in fixed)
+            total = budget - taken
+            if free and total < len(free):   # the free layers would keep fewer than one weight each
+                raise UsageError(f"--layer-keep keeps {taken:,} weights in {', '.join(fixed)}, which leaves "
+                                 f"{max(total, 0):,} of the {budget:,} that --keep {config.keep:g} allows for the "
+                                 f"{len(free)} other layers ({', '.join(free)})",
+                                 "lower the --layer-keep ratios or raise --keep (or name every layer)")
             return {**{k: counts[k] for k in fixed}, "__global__": max(len(free), total)}
         return counts
     return max(1, round(config.keep * sum(sizes.values())))
@@ -151,6 +157,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
     torch = require_torch()
     from onnxprune.train.convert import to_onnx, to_torch, verify
     from onnxprune.plan.suffix import fixed_batch_of
+    from onnxprune.embedding import measured_output, output_kind
     from onnxprune.train.distill import check_fold, _progress, fill_indices, fold_size, load_arrays
 
     started = time.perf_counter()
@@ -164,13 +171,18 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
     torch.manual_seed(config.seed)
     try:
         net_s, net_t = to_torch(source, name=model_names[0]), to_torch(target, name=model_names[1])
-        if net_s.maskable != net_t.maskable or any(
-                net_s.weight(k).shape != net_t.weight(k).shape for k in net_t.maskable):
-            raise ModelError("--source-model", "does not have the target model's architecture (weight names and "
-                             "shapes differ)", "Co-Prune needs the target fine-tuned from the source")
+        shape_s, shape_t = ({k: tuple(net.weight(k).shape) for k in net.maskable} for net in (net_s, net_t))
+        if shape_s != shape_t:
+            differ = [f"{k} {list(shape_s[k]) if k in shape_s else 'missing'} against "
+                      f"{list(shape_t[k]) if k in shape_t else 'missing'}"
+                      for k in sorted(set(shape_s) | set(shape_t)) if shape_s.get(k) != shape_t.get(k)]
+            raise ModelError(model_names[0], f"does not have the architecture of the target model {model_names[1]}: "
+                             f"its Conv/Gemm/MatMul weights differ ({'; '.join(differ[:3])}"
+                             f"{f'; {len(differ) - 3} more' if len(differ) > 3 else ''})",
+                             "Co-Prune needs the target fine-tuned from the source (one network, two domains)")
         names = list(net_t.maskable)
         if not names:
-            raise ModelError("--target-model", "has no Conv/Gemm/MatMul weight to prune")
+            raise ModelError(model_names[1], "has no Conv/Gemm/MatMul weight to prune")
         fixed = fixed_batch_of(target)   # a fixed batch dimension: every batch has exactly that many samples
         if fixed is not None and fixed != config.batch_size:
             log.info("--target-model takes batches of %d samples only: training in batches of %d", fixed, fixed)
@@ -191,11 +203,27 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         src_order = rng.permutation(len(ys))
         src_pos = 0
 
-        def head(net, arrays, idx):
-            """``net``'s first output on the samples ``idx``; a fixed-batch model runs full batches (the
-            last sample repeated, the copies' outputs cut off)."""
-            full = fill_indices(idx, fixed)
-            return net(**{k: torch.from_numpy(v[full]) for k, v in arrays.items()})[0][:len(idx)]
+        # the output validation measures (class scores), the source's by its own fixed batch (else the target's)
+        head_t, head_s = ([o.name for o in m.graph.output].index(measured_output(m)) for m in (target, source))
+        fixed_s = fixed_batch_of(source) or fixed
+
+        def head(net, arrays, idx, at=head_t, size=fixed):
+            """``net``'s output ``at`` on the samples ``idx``; a fixed-batch model (``size``) runs full
+            batches of that size (the last sample repeated, the copies' outputs cut off)."""
+            if size is not None and len(idx) > size:
+                return torch.cat([head(net, arrays, idx[i:i + size], at, size) for i in range(0, len(idx), size)])
+            full = fill_indices(idx, size)
+            return net(**{k: torch.from_numpy(v[full]) for k, v in arrays.items()})[at][:len(idx)]
+
+        with torch.no_grad():
+            probe = head(net_t, xt, np.arange(min(2, n)))
+        if output_kind(target) != "classes" or probe.ndim != 2 or not probe.is_floating_point():
+            raise ModelError(model_names[1], f"has no classifier output to train on labels: its output "
+                             f"{target.graph.output[head_t].name!r} is {str(probe.dtype).removeprefix('torch.')} "
+                             f"[{', '.join(['N'] + [str(d) for d in probe.shape[1:]])}]"
+                             + (", an embedding" if output_kind(target) == "embedding" else "")
+                             + ", not class scores [N, classes]",
+                             "Co-Prune trains both networks with cross-entropy on labels: give classifiers")
 
         def accuracy(net, arrays, labels, idx) -> float:
             correct = 0
@@ -258,7 +286,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                             src_order, src_pos = rng.permutation(len(ys)), 0
                         j = np.sort(src_order[src_pos:src_pos + len(idx)])
                         src_pos += len(idx)
-                        out_s = head(net_s, xs, j)
+                        out_s = head(net_s, xs, j, head_s, fixed_s)
                         loss_s = torch.nn.functional.cross_entropy(out_s, torch.from_numpy(ys[j]))
                         if not torch.isfinite(loss_s):
                             diverged = epoch

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.errors import DataError, RecipeError, UsageError
+from onnxprune.errors import DataError, ModelError, RecipeError, UsageError
 from onnxprune.train import require_torch
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     ``val_fraction`` of ``samples``.
     """
     torch = require_torch()
+    from onnxprune.embedding import output_kind
     from onnxprune.plan.suffix import fixed_batch_of
     from onnxprune.train.convert import to_onnx, to_torch, verify
 
@@ -350,6 +351,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         head = next((i for i in floats if kinds[i] == "kl"), floats[0] if floats else 0)
         if labels is not None and config.label_weight > 0 and kinds[head] != "kl":
             raise RecipeError("--label-weight", "needs a classifier output (N x classes) to apply cross-entropy")
+        if labels is not None and config.label_weight > 0 and output_kind(student) == "embedding":
+            # [N, 384] reads as scores of 384 classes: cross-entropy would train the embedding's width
+            raise ModelError(name, "has no classifier output to train on labels: its output is a sentence embedding",
+                             "distil it from its original (--teacher ORIGINAL.onnx) without --label-weight"
+                             if teacher is not None else "give the original as --teacher (distillation needs no labels)")
 
         rng = np.random.default_rng(config.seed)
         if val_samples is not None:
