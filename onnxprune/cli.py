@@ -186,7 +186,7 @@ def preprocess_options(func):
         click.option("--center-crop", type=SizeType(), help="Center-crop images to N or HxW after resizing."),
         click.option("--grayscale/--color", default=None, help="Convert to gray (default: when the model has 1 channel)."),
         click.option("--scale", type=POSITIVE, default=None, help="Multiply pixel values by this (default 1/255)."),
-        click.option("--mean", type=NumberList(), help="Per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406."),
+        click.option("--mean", type=NumberList(FiniteRange()), help="Per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406."),
         click.option("--std", type=NumberList(POSITIVE), help="Per-channel std to divide by, e.g. 0.229,0.224,0.225."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None, help="Model input layout."),
         click.option("--tokenizer", type=FILE,
@@ -732,8 +732,8 @@ def print_report(report: dict, output, *, as_json: bool, quiet: int) -> None:
     if as_json:
         click.echo(json.dumps(api.jsonable(report), indent=2))
         return
-    if "validation" not in report:       # the planner found nothing: say what it measured
-        for line in plan_lines(report):
+    if "validation" not in report:       # a budget the plan cannot reach: what it measured, what was written
+        for line in plan_lines(report) + written_lines(report, output):
             click.echo(line)
         return
     if quiet == 0:
@@ -782,7 +782,8 @@ def plan_lines(report: dict) -> list[str]:
         return []
     goal = plan["goal"]
     wanted = (f"within {goal['max_drop']:g} point{'' if goal['max_drop'] == 1 else 's'}" if "max_drop" in goal
-              else f"at {100 * goal['budget']:g}% of the {plan['objective']}")
+              else f"{'at' if plan.get('budget_met', True) else 'short of the budget'} {100 * goal['budget']:g}% of "
+                   f"the {plan['objective']}")
     check = plan["check"]
     metric = "accuracy" if check.get("accuracy_reference") is not None else "agreement"
     if plan.get("output_kind") == "embedding":
@@ -795,8 +796,9 @@ def plan_lines(report: dict) -> list[str]:
     seconds = plan.get("seconds", {})
     skipped = [f"  not planned: {row['site']} ({', '.join(filter(None, (row['family'], row.get('form'))))}): "
                f"{row['reason']}" for row in plan.get("skipped", [])]
+    predicted = " by its prediction" if plan["objective"] == "latency" else ""     # timed per site (plan.latency)
     chosen = (f"plan: {len(plan['sites'])} of {plan['sites_considered']} sites compressed, {wanted}: "
-              f"{100 * plan['cost']:.1f}% of the {plan['objective']}, step {plan['step']}/{plan['steps']}")
+              f"{100 * plan['cost']:.1f}% of the {plan['objective']}{predicted}, step {plan['step']}/{plan['steps']}")
     lines = [*skipped, chosen]
     recovery = plan.get("recovery")
     if recovery:
@@ -881,13 +883,20 @@ def verdict_lines(report: dict, output) -> list[str]:
                 part += f" (speedup {quartiles[0]:.2f}-{quartiles[1]:.2f}x interquartile)"
             parts.append(part)
         lines.append("latency " + ", ".join(parts))
+    return lines + written_lines(report, output)
+
+
+def written_lines(report: dict, output) -> list[str]:
+    """What a run wrote: the model and its files, or for a failed run (a missed accuracy check, a
+    budget the plan cannot reach) the report only, naming the files an earlier run left at OUT."""
     from onnxprune.api import report_path
-    if report.get("verdict") == "failed":
-        lines.append(f"FAILED the accuracy check: wrote {report_path(output)} only (no model)")
-        if report.get("not_from_this_run"):
-            lines.append(f"left as they were, from an earlier run: {', '.join(report['not_from_this_run'])}")
-    else:
-        lines.append(f"wrote {output} (+ .report.json, .recipe.json)")
+
+    if report.get("verdict") != "failed":
+        return [f"wrote {output} (+ .report.json, .recipe.json)"]
+    what = "the accuracy check" if "validation" in report else "to reach the budget"
+    lines = [f"FAILED {what}: wrote {report_path(output)} only (no model)"]
+    if report.get("not_from_this_run"):
+        lines.append(f"left as they were, from an earlier run: {', '.join(report['not_from_this_run'])}")
     return lines
 
 
@@ -1004,10 +1013,12 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
     from pathlib import Path
 
     from onnxprune import api
+    from onnxprune.paths import check_output_text
     from onnxprune.plan.figures import sensitivity_table
 
     preprocess = preprocess_dict(kw)
     recipe = plan_only_recipe(kw, preprocess, max_drop=1.0)
+    check_output_text(output)       # before the heat map's name is made from it (an empty one has none)
     figure = figure or str(Path(output).with_suffix(".png"))
     result = api.sensitivity(model, kw["target_data"], recipe=recipe, source_data=kw["source_data"], output=output,
                              figure=figure, device=device, progress=show_progress(quiet))
@@ -1064,7 +1075,7 @@ def sweep(model, output, verbose, quiet, device, **kw):
                f"samples{result['reference']}")
     for line in result["table"]:
         click.echo(line)
-    click.echo(f"wrote {output}/ ({', '.join(result['written'])})")
+    click.echo(f"wrote {os.path.join(output, '')} ({', '.join(result['written'])})")     # sw/, not sw//
 
 
 @main.command("merge-stats", short_help="Merge the shard files of `calibrate --shard` into one statistics file.")

@@ -30,9 +30,9 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ModelError
-from onnxprune.graph.index import FLOAT_TENSOR_TYPES, node_names
+from onnxprune.graph.index import node_names, subgraph_inputs
 from onnxprune.graph.shapes import inferred_value_info
-from onnxprune.model import input_specs
+from onnxprune.model import input_specs, weight_names
 
 Shape = tuple[int, ...]
 
@@ -54,12 +54,13 @@ def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[i
     """Parameters and MACs of every top-level node of ``model``, in graph order.
 
     Layers are named as ``graph.index.node_names`` names them (the node's own name when unique,
-    else ``f"{op}_{index}"``). ``params`` is the number of elements of the float initializers a node reads; an
-    initializer shared by several nodes is counted at the first of them only, so the
-    column sums to the weights the graph uses. ``macs`` is per sample: symbolic input
-    dimensions are set to 1 (override with ``input_shapes``, e.g. ``{"input": [1, 3, 320,
-    320]}``; give batch 1 there), and a model with a fixed batch B > 1 has its counts
-    divided by B.
+    else ``f"{op}_{index}"``). ``params`` is the number of elements of the weights a node reads
+    (``model.weight_names``: not a Resize's float scales, nor shapes or other integer tensors; a
+    control-flow node reads those its bodies read); an initializer shared by several nodes is
+    counted at the first of them only, so the column sums to ``count_parameters``. ``macs`` is
+    per sample: symbolic input dimensions are set to 1 (override with ``input_shapes``, e.g.
+    ``{"input": [1, 3, 320, 320]}``; give batch 1 there), and a model with a fixed batch B > 1 has
+    its counts divided by B.
 
     Raises ModelError when a Conv, Gemm or MatMul shape can be found neither by shape
     inference nor by running the model.
@@ -72,13 +73,13 @@ def layer_costs(model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[i
     if missing:
         shapes.update(_measure_shapes(model, missing, input_shapes))
 
-    weights = {t.name: int(np.prod(t.dims, dtype=np.int64))
-               for t in model.graph.initializer if t.data_type in FLOAT_TENSOR_TYPES}
+    names = weight_names(model)
+    weights = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.name in names}
     seen: set[str] = set()
     costs = []
     for name, node in zip(node_names(model), model.graph.node):
         params = 0
-        for tensor in node.input:
+        for tensor in [*node.input, *sorted(subgraph_inputs(node))]:     # an If's weights: its branches'
             if tensor in weights and tensor not in seen:
                 seen.add(tensor)
                 params += weights[tensor]

@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
-from onnxprune.graph.index import name_nodes
+from onnxprune.graph.index import FLOAT_TENSOR_TYPES, name_nodes, subgraph_inputs
 
 # Protobuf refuses to serialise a message of 2 GiB or more; stay well clear of it.
 PROTO_LIMIT = 2**31 - 2**26
@@ -260,14 +260,29 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
 
+#: inputs that configure an op rather than weigh its data (attributes in earlier opsets, sizes,
+#: thresholds): a float initializer read only there is no parameter (Resize's scales, Clip's bounds)
+CONFIGURING_INPUTS = {"Resize": {1, 2, 3}, "Upsample": {1}, "Clip": {1, 2}, "Pad": {1, 2, 3}, "Dropout": {1, 2},
+                      "NonMaxSuppression": {2, 3, 4}}
+
+
+def weight_names(model: onnx.ModelProto) -> set[str]:
+    """The model's weights: floating-point initializers that a node (or a subgraph) reads at an
+    input other than one that configures it (``CONFIGURING_INPUTS``). Integer tensors (shapes,
+    axes, indices, quantized weights), unused initializers and a Resize's float scales are not."""
+    weights = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TENSOR_TYPES}
+    read: set[str] = set()
+    for node in model.graph.node:
+        configuring = CONFIGURING_INPUTS.get(node.op_type, set()) if node.domain in ("", "ai.onnx") else set()
+        read.update(name for i, name in enumerate(node.input) if i not in configuring)
+        read |= subgraph_inputs(node)
+    return weights & read
+
+
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Number of elements in floating-point initializers (the model's weights)."""
-    total = 0
-    for tensor in model.graph.initializer:
-        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
-            total += int(np.prod(tensor.dims, dtype=np.int64))
-    return total
+    """Number of elements of the model's weights (``weight_names``)."""
+    names = weight_names(model)
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.name in names)
 
 
 def model_hash(model: onnx.ModelProto) -> str:

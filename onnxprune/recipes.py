@@ -250,6 +250,7 @@ def plan_only_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Call
                      **goal) -> Recipe:
     """A recipe whose plan table carries the options of `sensitivity` / `sweep` and ``goal``."""
     options = {**options, "max_drop": None, "flops": None, "keep": None}
+    check_method_options(options["method"], options, flag)      # --conv-split with a pruning criterion
     plan = plan_request(options, tuple(v for v in (options.get("layers") or "").split(",") if v), flag)
     plan.pop("max_drop", None)
     plan.update(goal)

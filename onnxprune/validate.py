@@ -430,7 +430,8 @@ def check_thresholds(report: ValidationReport, *, max_drop: float | None = None,
         elif not embedding and not report.classifier:
             points = 100.0 * report.relative_error ** 2
             if not points <= max_drop + _THRESHOLD_EPS:
-                failures.append(("relative error", f"the first output has no class scores to agree on: its relative "
+                judged = f"the judged output {report.judged}" if report.judged else "the judged output"
+                failures.append(("relative error", f"{judged} has no class scores to agree on: its relative "
                                  f"squared error {report.relative_error ** 2:.4f} reads as {points:.2f} points (as "
                                  f"the planner reads it), more than max drop {max_drop:g}"))
         elif not 100.0 - agreement <= max_drop + _THRESHOLD_EPS:
@@ -488,6 +489,12 @@ def _check_compatible(reference: onnx.ModelProto, candidate: onnx.ModelProto) ->
     ref_out, cand_out = reference.graph.output, candidate.graph.output
     if len(ref_out) != len(cand_out):
         raise ModelError("candidate", f"{len(cand_out)} outputs, the reference has {len(ref_out)}")
+    ref_names, cand_names = [o.name for o in ref_out], [o.name for o in cand_out]
+    if ref_names != cand_names:      # outputs are compared in order: another name is another output
+        problem = "are the reference's in another order" if sorted(ref_names) == sorted(cand_names) else \
+            "differ from the reference's"
+        raise ModelError("candidate", f"outputs {cand_names} {problem} {ref_names}",
+                         "compare a compressed model with the model it came from")
     for r, c in zip(ref_out, cand_out):
         rs, cs = _dims(r), _dims(c)
         if rs is None or cs is None:

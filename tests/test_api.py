@@ -34,6 +34,47 @@ def test_compress_validates_on_the_held_out_part_and_never_touches_the_input(tmp
     assert written.build()[0].options == recipe.build()[0].options and written.calib_size == 150
 
 
+def test_a_corrupt_held_out_image_fails_compress_before_calibration(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from onnxprune import api
+    from onnxprune.data.samples import open_samples
+
+    model = graphs.conv_bn_relu()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    recipe = Recipe(passes=(), plan={"max_drop": 1.0})
+    _, held_out = open_samples(tmp_path, model).split(recipe.split, seed=recipe.seed)
+    corrupt = tmp_path / f"{held_out.source_indices[-1]:02d}.png"      # read by nothing before validation
+    corrupt.write_bytes(corrupt.read_bytes()[:-30])                     # truncated
+    monkeypatch.setattr(api, "plan_recipe", lambda *a, **k: pytest.fail("planned before the check"))
+    with pytest.raises(DataError) as excinfo:
+        onnxprune.compress(model, tmp_path, recipe=recipe, progress=False, measure_latency=False)
+    assert str(excinfo.value).startswith(f"{corrupt} | cannot be decoded as an image")
+
+
+def test_a_text_file_for_a_model_that_takes_no_tokens_is_refused_without_asking_for_a_tokenizer(tmp_path):
+    from onnxprune.api import as_samples
+
+    model = graphs.gemm_chain()
+    (tmp_path / "s.txt").write_text("a sentence\n")
+    for preprocess in (None, {}):        # the Python API, and the CLI's flags (none given)
+        with pytest.raises(DataError) as excinfo:
+            as_samples(tmp_path / "s.txt", model, preprocess)
+        assert "is a text file, but the model takes x" in str(excinfo.value)
+        assert "--tokenizer" not in str(excinfo.value)                 # it could not feed this model
+
+
+def test_too_few_calibration_samples_for_the_planner_name_calib_size(tmp_path):
+    model = graphs.gemm_chain()
+    recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=3)        # --calib-size 3
+    with pytest.raises(onnxprune.errors.RecipeError) as excinfo:
+        onnxprune.compress(model, data(model), recipe=recipe, progress=False, measure_latency=False)
+    assert "3 samples are too few to plan and check" in str(excinfo.value)
+    assert "--calib-size" in str(excinfo.value)
+
+
 def test_calibrate_then_compress_with_the_statistics(tmp_path):
     model = graphs.gemm_chain()
     x = data(model)

@@ -93,6 +93,8 @@ COPRUNE = ("coprune", "--source-model", MODEL, "--target-model", MODEL, "--sourc
     (("compress", MODEL, *TRAIN, "--scale", "0"), "--scale"),
     (("compress", MODEL, *TRAIN, "--latency-runs", "0"), "--latency-runs"),
     (("validate", MODEL, MODEL, "--data", DATA, "--mean", "x"), "--mean"),
+    (("validate", MODEL, MODEL, "--data", DATA, "--mean", "nan"), "--mean"),     # was exit 1, as preprocess.mean
+    (("compress", MODEL, *TRAIN, "--mean", "0.5,inf"), "--mean"),
 ])
 def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(tmp_path, args, flag):
     out = tmp_path / "out"
@@ -106,6 +108,16 @@ def test_sweep_needs_exactly_one_list_of_budgets(tmp_path, budgets):
     result = cli("sweep", MODEL, "--target-data", DATA, "-o", tmp_path / "sweep", *budgets)
     assert_usage_error(result, "give one list of budgets: --flops")
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("command", [("sensitivity", "-o", "s.json"), ("sweep", "--flops", "0.5", "-o", "sweep")])
+def test_sensitivity_and_sweep_refuse_a_conv_split_with_a_pruning_criterion(tmp_path, command):
+    """As compress does: the spectral plan splits nothing, so --conv-split did nothing (exit 0)."""
+    name, *rest = command
+    result = cli(name, MODEL, "--target-data", DATA, "--method", "spectral", "--conv-split", "spatial",
+                 *[tmp_path / a if a in ("s.json", "sweep") else a for a in rest])
+    assert_usage_error(result, "--conv-split applies to low rank (svd, svd-bc, dalr, dalr-bc), not --method spectral")
+    assert not list(tmp_path.iterdir())
 
 
 def test_budget_lists_take_a_trailing_comma_and_refuse_holes():

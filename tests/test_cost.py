@@ -168,7 +168,7 @@ REAL = {
     "mnist_cnn_fc3136.onnx": (4_241_152, 421_642),
     "mnist_extdata/mnist.onnx": (411_008, 216_650),
     "resnet20_cifar10.onnx": (40_551_040, 269_034),
-    "mobilenetv2_imagenet_fp32.onnx": (300_774_272, 3_487_946),
+    "mobilenetv2_imagenet_fp32.onnx": (300_774_272, 3_487_816),     # not its 65 Clips' 130 float bounds
 }
 
 
@@ -232,3 +232,54 @@ def test_fused_ops_of_onnxruntime_count_as_what_they_fuse():
         [_typed("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [_typed("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "W")], (("", 13), ("com.microsoft", 1)))
     assert _one(model, "FusedConv").macs == 4 * 8 * 8 * 3
+
+
+# x [N,2,4,4] -> Conv(W [3,2,1,1], b [3]) -> Clip(lo, hi) -> Pad(pads int64, value) -> Resize(roi, scales)
+#   -> Reshape(shape int64) -> y [N, 300]; plus an initializer no node reads
+def resize_head():
+    f32 = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)   # noqa: E731
+    i64 = lambda name, value: numpy_helper.from_array(np.asarray(value, np.int64), name)     # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], name="conv"),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="clip"),
+             helper.make_node("Pad", ["r", "pads", "value"], ["p"], name="pad"),
+             helper.make_node("Resize", ["p", "roi", "scales"], ["u"], name="resize"),
+             helper.make_node("Reshape", ["u", "shape"], ["y"], name="flat")]
+    inits = [f32("W", np.ones((3, 2, 1, 1))), f32("b", np.zeros(3)), f32("lo", 0.0), f32("hi", 6.0),
+             i64("pads", [0, 0, 1, 1, 0, 0, 1, 1]), f32("value", 0.0), f32("roi", []), f32("scales", [1, 1, 2, 2]),
+             i64("shape", [-1, 300]), f32("unused", np.ones(50))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 300])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_parameters_are_weights_not_scales_bounds_shapes_or_unused_tensors():
+    """A Resize's float scales, Clip's bounds and Pad's value (attributes in earlier opsets), shapes
+    and an initializer no node reads are no parameters: the Conv's 6 + 3 weights are."""
+    import onnxprune
+
+    model = resize_head()
+    onnx.checker.check_model(model)
+    assert count_parameters(model) == 9
+    assert {c.name: c.params for c in layer_costs(model)} == {"conv": 9, "clip": 0, "pad": 0, "resize": 0, "flat": 0}
+    info = onnxprune.inspect(model)
+    assert info["params"] == 9
+    assert [layer["name"] for layer in info["layers"]] == ["conv"]      # no Reshape or Resize as a layer
+
+
+def test_an_if_holds_the_weights_its_branches_read():
+    """The layers' parameters sum to the model's: an If's branches read W and W2 (inspect listed no layer)."""
+    import onnxprune
+
+    def branch(weight, out):
+        return helper.make_graph([helper.make_node("MatMul", ["x", weight], [out])], out, [],
+                                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 3])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("W", "t"), else_branch=branch("W2", "e"))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+              helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), name) for name in ("W", "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    assert [(c.name, c.params) for c in layer_costs(model)] == [("if", 24)] and count_parameters(model) == 24
+    assert [layer["name"] for layer in onnxprune.inspect(model)["layers"]] == ["if"]

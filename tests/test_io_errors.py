@@ -152,6 +152,16 @@ def test_sweep_budgets_that_name_one_model_are_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_empty_output_path_is_refused_by_sensitivity_and_sweep(monkeypatch, tmp_path):
+    """sensitivity -o '' crashed (exit 4) making the heat map's name; sweep -o '' wrote into the
+    working folder and said 'wrote /'."""
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(cli("sensitivity", MODEL, "--target-data", DATA, "-o", ""), "'' | is an empty output path")
+    assert_user_error(cli("sweep", MODEL, "--target-data", DATA, "--flops", "0.5", "-o", "", *FAST),
+                      "'' | is an empty output folder")
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------ external data
 
 

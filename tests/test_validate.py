@@ -219,6 +219,21 @@ def test_mismatched_output_count_and_shape_raise():
         validate(reference, wider, _samples())
 
 
+def test_outputs_of_other_names_or_order_raise():
+    """Outputs are compared in order: a candidate whose output has another name, or whose outputs
+    come in another order, was compared with the reference's output at its position, exit 0."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    reference, renamed, swapped = _two_matmuls(a, b), _two_matmuls(a, b), _two_matmuls(a, b)
+    renamed.graph.output[1].name = renamed.graph.node[1].output[0] = "w"
+    swapped.graph.output.reverse()
+    data = ArraySamples({"x": rng.standard_normal((8, 4)).astype(np.float32)})
+    with pytest.raises(ModelError, match=r"^candidate \| outputs \['y', 'w'\] differ from the reference's \['y', 'z'\]"):
+        validate(reference, renamed, data, measure_latency=False)
+    with pytest.raises(ModelError, match=r"outputs \['z', 'y'\] are the reference's in another order \['y', 'z'\]"):
+        validate(reference, swapped, data, measure_latency=False)
+
+
 def test_empty_samples_raise():
     model = gemm_chain()
     with pytest.raises(DataError, match="no samples"):
@@ -308,8 +323,31 @@ def test_the_sweep_table_says_n_a_for_the_agreement_of_an_output_without_class_s
     from onnxprune.api import pareto_lines
 
     row = {"budget": 0.5, "macs": 0.5, "params": 0.5, "accuracy": None, "agreement": float("nan"), "drop": None,
-           "drop_se": None, "checked_drop": 5.4, "checked_se": 0.0, "sites": 1, "model": "m.onnx"}
+           "drop_se": None, "checked_drop": 5.4, "checked_se": 0.0, "sites": 1, "model": "m.onnx",
+           "relative_error": 0.25}
     assert pareto_lines([row])[2].split(" | ")[5] == "n/a"
+
+
+def test_the_sweep_table_shows_the_relative_squared_error_of_an_output_without_class_scores():
+    """No top-1, so no accuracy drop: the held-out column was empty while the plot and pareto.json
+    carry the relative error; both drops are 100 x the relative squared error, and say so."""
+    from onnxprune.api import pareto_lines
+
+    row = {"budget": 0.5, "macs": 0.5, "params": 0.5, "accuracy": None, "agreement": float("nan"), "drop": None,
+           "drop_se": None, "checked_drop": 5.4, "checked_se": 0.1, "sites": 1, "model": "m.onnx",
+           "relative_error": 0.25}
+    header, _, line = pareto_lines([row, {"budget": 0.1, "status": "not reached"}])[:3]
+    assert "| held-out 100 x rel. sq. error | agreement % | checked 100 x rel. sq. error |" in header
+    assert line.split(" | ")[4:7] == ["6.25", "n/a", "5.40 +- 0.10"]
+    labelled = {**row, "accuracy": 0.7, "agreement": 0.99, "drop": 0.5, "drop_se": 0.3}
+    assert "| held-out drop | agreement % | checked drop |" in pareto_lines([labelled])[0]
+    assert pareto_lines([labelled])[2].split(" | ")[4] == "0.50 +- 0.30"
+    # without labels both drops are 100 - agreement %, as --max-drop reads them (the column was empty)
+    header, _, line = pareto_lines([{**row, "agreement": 0.99}])
+    assert "| held-out agreement drop | agreement % | checked agreement drop |" in header
+    assert line.split(" | ")[4:7] == ["1.00", "99.00", "5.40 +- 0.10"]
+    header, _, line = pareto_lines([{**row, "agreement": 0.99}], embedding=True)
+    assert "| held-out 100 (1 - cosine) | cosine x 100 | checked 100 (1 - cosine) |" in header
 
 
 # ----------------------------------------------------------------------------- real models
@@ -396,7 +434,8 @@ def test_an_output_without_class_scores_is_judged_by_relative_squared_error():
     assert not report.classifier
     points = 100 * report.relative_error ** 2
     check_thresholds(report, max_drop=points + 0.01)
-    with pytest.raises(ValidationFailed, match="relative squared error"):
+    with pytest.raises(ValidationFailed, match="^relative error \\| the judged output y has no class scores to agree "
+                       "on: its relative squared error"):           # it said "the first output", --judge-output or not
         check_thresholds(report, max_drop=points - 0.01)
     assert validate(reference, reference, data, measure_latency=False).classifier is False
 

@@ -12,6 +12,7 @@ finished first. Dask is an optional dependency (``pip install onnxprune[dask]``)
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -171,9 +172,20 @@ def _token(task: ShardTask) -> str:
 def local_client(workers: int, *, processes: bool = True):
     """A ``distributed.Client`` on a new local cluster of ``workers`` single-threaded workers."""
     distributed = require_dask()
-    # ":0": any free port, so two local clusters (or another program on 8787) never collide
-    cluster = distributed.LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=processes,
-                                       dashboard_address=":0")
+    from distributed.deploy.spec import SpecCluster
+
+    before = set(SpecCluster._instances)
+    try:
+        # ":0": any free port, so two local clusters (or another program on 8787) never collide
+        cluster = distributed.LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=processes,
+                                           dashboard_address=":0")
+    except KeyboardInterrupt:
+        # Ctrl-C while its workers start: Dask's exit hook would close the half-started cluster and
+        # fail an assertion on them (a traceback after "interrupted"); they end with this process
+        for half in set(SpecCluster._instances) - before:
+            half.shutdown_on_close = False
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)    # and its reports on them
+        raise
     return distributed.Client(cluster)
 
 
@@ -182,7 +194,10 @@ CONNECT_TIMEOUT = 20
 #: how long ``connect`` then waits for the scheduler's first worker (seconds)
 WORKERS_TIMEOUT = 120
 #: schemes whose address is a host and port that a plain socket can try first
-_SOCKET_SCHEMES = ("tcp", "tls")
+_SOCKET_SCHEMES = ("tcp", "tls", "ws", "wss")
+#: schemes whose Dask handshake ``connect`` tries first, with a time limit (not TLS ones, which
+#: need the client's credentials)
+_PLAIN_SCHEMES = ("tcp", "ws")
 
 
 def connect(address: str):
@@ -192,9 +207,10 @@ def connect(address: str):
     is a CalibrationError."""
     import socket
 
+    distributed = require_dask()          # first: without Dask, the imports below fail
     from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
 
-    distributed = require_dask()
     hint = "check the address (tcp://host:8786) and that `dask scheduler` runs there"
 
     def not_an_address(exc: Exception) -> UsageError:
@@ -205,6 +221,13 @@ def connect(address: str):
         host, port = parse_host_port(location) if scheme in _SOCKET_SCHEMES else (None, None)
     except (ValueError, TypeError) as exc:
         raise not_an_address(exc) from None
+    try:        # ucx:// is registered, but its connector needs a package this install may lack
+        get_backend(scheme).get_connector()
+    except (TypeError, ImportError, RuntimeError) as exc:
+        raise CalibrationError(address, f"this Dask cannot connect over {scheme}:// ({type(exc).__name__}: {exc})",
+                               "give a tcp://host:port address") from None
+    except ValueError as exc:             # a scheme Dask does not know (http://...)
+        raise not_an_address(exc) from None
     if scheme in _SOCKET_SCHEMES:
         try:
             socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
@@ -213,6 +236,19 @@ def connect(address: str):
                                    hint) from None
         except OSError:
             pass                     # a timeout or an unreachable network: Dask's own attempt says it
+    if scheme in _PLAIN_SCHEMES:
+        not_dask = "check the port: a scheduler listens on 8786 (its dashboard, a web page, on 8787)"
+        try:
+            _handshake(address, CONNECT_TIMEOUT)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise CalibrationError(address, "is not a Dask scheduler: it accepted the connection but sent no Dask "
+                                   f"handshake in {CONNECT_TIMEOUT} s", not_dask) from None
+        except OSError as exc:
+            raise CalibrationError(address, f"cannot reach the Dask scheduler ({type(exc).__name__}: {exc})",
+                                   hint) from None
+        except Exception as exc:     # another protocol's bytes, read as Dask frames (a MemoryError, ...)
+            raise CalibrationError(address, f"is not a Dask scheduler: it answered in another protocol "
+                                   f"({type(exc).__name__})", not_dask) from None
     try:
         client = distributed.Client(address, timeout=f"{CONNECT_TIMEOUT}s")
     except (OSError, TimeoutError) as exc:
@@ -229,6 +265,23 @@ def connect(address: str):
             raise CalibrationError(address, f"the Dask scheduler has no workers (waited {WORKERS_TIMEOUT} s)",
                                    f"start some: dask worker {address}") from None
     return client
+
+
+def _handshake(address: str, timeout: float) -> None:
+    """Connect to ``address`` and exchange Dask's handshake, all within ``timeout`` s. Dask's own
+    connect then waits for the peer's handshake without a limit (a web server on that port hangs
+    it for good) and reads another protocol's bytes as a frame length (a MemoryError)."""
+    import concurrent.futures
+
+    from distributed.comm import connect as dask_connect
+
+    async def exchange():
+        comm = await asyncio.wait_for(dask_connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    # in a thread of its own: the caller may be running an event loop already (a notebook)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, exchange()).result()
 
 
 def require_dask():

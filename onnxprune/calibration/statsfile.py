@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,17 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
         arrays = _arrays(path)
         header = json.loads(str(arrays.pop("header")))
         index = header.pop("index")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        # numpy's own text for pickled data suggests loading it unsafely: never
-        detail = "it holds pickled objects, which are never loaded" if "pickle" in str(exc) else \
+        moments = {(e["set"], e["request"], int(e["fold"])): Moments.from_arrays(arrays, e["prefix"])
+                   for e in index}
+    except CalibrationError as exc:         # an array the index names is missing
+        raise CalibrationError(str(path), f"not a statistics file ({exc.problem})",
+                               "create it with `onnxprune calibrate`") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+            zlib.error) as exc:
+        # numpy's own text for pickled data suggests loading it unsafely: never. It says "pickled"
+        # for any file that is neither .npy nor .npz (a model, a text file), "Object arrays" for those
+        detail = "it holds pickled objects, which are never loaded" if "Object arrays" in str(exc) else \
+            "it starts with neither NumPy's header nor a zip archive's" if "pickle" in str(exc) else \
             f"{type(exc).__name__}: {exc}"
         raise CalibrationError(str(path), f"not a statistics file ({detail})",
                                "create it with `onnxprune calibrate`") from None
@@ -73,8 +82,6 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
                                    f"not this model {expected}",
                                    "recompute them with `onnxprune calibrate` on this model")
     header.pop("format", None)
-    moments = {(e["set"], e["request"], int(e["fold"])): Moments.from_arrays(arrays, e["prefix"])
-               for e in index}
     return Statistics(header, moments)
 
 

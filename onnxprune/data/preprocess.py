@@ -181,6 +181,11 @@ def _image_pipeline(images: np.ndarray, spec: InputSpec, pre: Preprocess, where:
     images = _match_channels(images, channels, pre.grayscale, where, _layout_hint(spec, pre))
     size = _resize_target(images.shape[1:3], pre, (_fixed(height), _fixed(width)))
     if size is not None and size != images.shape[1:3]:
+        limit = Image.MAX_IMAGE_PIXELS          # the largest image Pillow decodes without a warning
+        if limit and size[0] * size[1] > limit:     # before allocating it (--resize 100000: 10 GB an image)
+            raise DataError(where, f"resizing to {size[0]}x{size[1]} makes images of {size[0] * size[1]} "
+                                   f"pixels, more than Pillow decodes without a warning ({limit})",
+                            "give a --resize near the model's input size (preprocess resize)")
         _note_squeeze(images.shape[1:3], size, pre, where)
         images = _resize(images, size)
     if pre.center_crop is not None:
@@ -190,7 +195,7 @@ def _image_pipeline(images: np.ndarray, spec: InputSpec, pre: Preprocess, where:
     for values, what in ((pre.mean, "mean"), (pre.std, "std")):
         if values is not None and len(values) not in (1, c):
             raise DataError(where, f"--{what} has {len(values)} values for {c}-channel images",
-                            f"give 1 or {c} values (preprocess {what})")
+                            f"give {'1 value' if c == 1 else f'1 or {c} values'} (preprocess {what})")
     if pre.mean is not None:
         x -= np.asarray(pre.mean, dtype=np.float32)
     if pre.std is not None:

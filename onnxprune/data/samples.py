@@ -9,7 +9,8 @@
 - a directory of ``.npy``/``.npz`` files, concatenated in sorted file-name order,
 - an image folder: ImageFolder layout (one subfolder per class; sorted subfolder names
   give the class index) or a flat folder of images with an optional ``labels.csv``
-  (header row, then ``file,class_index[,...]``; extra columns ignored). Images are
+  (header row, then ``file,class_index[,...]``, or columns a header names ``file`` and
+  ``class_index``; extra columns ignored). Images are
   decoded with Pillow one batch at a time,
 - an in-memory ``np.ndarray`` or ``{name: array}`` mapping (as for .npy / .npz),
 - a Python iterable of ``{input_name: array}`` batches, or an onnxruntime
@@ -119,7 +120,8 @@ def _decode_image(path: Path) -> tuple[np.ndarray, bool]:
                     raise DataError(str(path), f"holds values {wide.min():g}..{wide.max():g}, outside 16 bits")
                 eight = image.mode == "I" and wide.max() <= 255
                 return np.rint(wide if eight else wide / 257.0).astype(np.uint8)[..., None], False
-            transparent = "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255
+            alpha = "A" in image.getbands() and image.mode != "LAB"       # LAB's "A" is its a* colour axis
+            transparent = alpha and image.getchannel("A").getextrema()[0] < 255
             if image.mode == "P" and "transparency" in image.info:
                 transparent = image.convert("RGBA").getchannel("A").getextrema()[0] < 255
             gray = image.mode in ("1", "L", "LA")
@@ -241,6 +243,14 @@ class SampleSet:
         return SampleSet(name=self.name, store=_ArrayStore(arrays, f"{self._store.kind} (decoded)"),
                          specs=self._specs, preprocess=Preprocess(layout=self._preprocess.layout), labels=labels,
                          rows=np.arange(len(self), dtype=np.int64), classes=self._classes)
+
+    def check_files(self, batch_size: int = 32) -> None:
+        """Decode and prepare every image file of this set once, keeping nothing (one batch at a time):
+        a file that cannot be decoded (corrupt, truncated) or prepared raises its DataError now, not
+        when a later stage first reads the set. Arrays were checked when they were opened."""
+        if isinstance(self._store, _ImageStore):
+            for _ in self.batches(batch_size):
+                pass
 
     def without_labels(self) -> SampleSet:
         """The same samples, unlabelled (labels that do not fit the model are set aside)."""
@@ -477,6 +487,9 @@ def _open_path(path: Path, specs: list[InputSpec]):
         return store, labels, None
     if suffix in IMAGE_SUFFIXES:
         return _image_store([path], None, specs, path), None, None
+    if path.name.lower() == LABELS_CSV:
+        raise DataError(str(path), "is the labels file of an image folder, not samples",
+                        f"give the folder that holds it and its images: {path.parent}")
     raise DataError(str(path), f"unknown file type {path.suffix or '(no suffix)'!r}",
                     "use .npy, .npz, an image, or a folder of them; for a token model also text, with "
                     "--tokenizer: .txt (a sentence a line) or .tsv (text and label columns)")
@@ -484,8 +497,8 @@ def _open_path(path: Path, specs: list[InputSpec]):
 
 def _open_directory(path: Path, specs: list[InputSpec]):
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    arrays = [p for p in entries if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES]
-    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    arrays = [p for p in entries if p.suffix.lower() in ARRAY_SUFFIXES and _is_file(p)]
+    images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and _is_file(p)]
     subdirs = [p for p in entries if p.is_dir() and p.name not in NOT_CLASSES]
     under = {d: _folder_images(d) for d in subdirs}
     class_dirs = [d for d in subdirs if under[d]]
@@ -502,6 +515,10 @@ def _open_directory(path: Path, specs: list[InputSpec]):
     if images:
         csv_path = path / LABELS_CSV
         labels = _read_labels_csv(csv_path, images) if csv_path.is_file() else None
+        other = next((p.name for p in entries if p.suffix.lower() == ".csv" and p != csv_path), None)
+        if labels is None and other is not None:      # Labels.CSV, train_labels.csv: no accuracy, and no word
+            log.warning("%s: the images are unlabelled: labels are read from %s only, not from %s", path,
+                        LABELS_CSV, other)
         return _image_store(images, labels, specs, path), labels, None
     # ImageFolder: every subfolder is a class, in sorted order, or by number when every name is
     # one (its label is then that number: "10" is not class 2 of 0..10, and folders 3 and 7 alone
@@ -530,12 +547,21 @@ NOT_CLASSES = ("__MACOSX",)
 def _folder_images(folder: Path) -> list[Path]:
     """The images under ``folder`` at any depth, sorted, none inside a hidden folder
     (``.ipynb_checkpoints``) or hidden themselves."""
-    return sorted(f for f in folder.rglob("*") if _is_image(f)
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    return sorted(f for f in folder.rglob("*")
+                  if not any(part.startswith(".") for part in f.relative_to(folder).parts) and _is_image(f))
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and _is_file(path)
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; a symbolic link to nothing (its target moved) is a DataError
+    rather than a sample left out without a word."""
+    if path.is_symlink() and not path.exists():
+        raise DataError(str(path), f"is a symbolic link to {os.readlink(path)}, which does not exist",
+                        "restore its target or remove the link")
+    return path.is_file()
 
 
 def _image_store(files: list[Path], labels, specs: list[InputSpec], path: Path) -> _ImageStore:
@@ -549,19 +575,26 @@ def _image_store(files: list[Path], labels, specs: list[InputSpec], path: Path) 
 
 
 def _read_labels_csv(csv_path: Path, images: list[Path]) -> np.ndarray:
-    """Labels for ``images`` (in order) from a csv with a header and columns file, class index."""
+    """Labels for ``images`` (in order) from a csv with columns file, class index (after a header
+    row, which may name them ``file`` and ``class_index`` in other columns)."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             rows = [(i, row) for i, row in enumerate(csv.reader(fh), start=1) if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(str(csv_path), f"cannot be read ({type(exc).__name__}: {exc})") from None
+    columns = (0, 1)
     if rows and len(rows[0][1]) >= 2 and not _parses_as_int(rows[0][1][1]):
+        header = [c.strip().lower() for c in rows[0][1]]
+        if "file" in header and "class_index" in header:    # named columns (pandas writes its index first)
+            columns = (header.index("file"), header.index("class_index"))
         rows = rows[1:]  # the header
     by_file: dict[str, int] = {}
     for line, row in rows:
-        if len(row) < 2:
-            raise DataError(f"{csv_path}:{line}", "needs two columns: file, class index")
-        file, value = _file_key(row[0]), row[1].strip()
+        if len(row) <= max(columns):
+            raise DataError(f"{csv_path}:{line}", "needs two columns: file, class index" if columns == (0, 1) else
+                            f"has {len(row)} columns, but the header names file and class_index in columns "
+                            f"{columns[0] + 1} and {columns[1] + 1}")
+        file, value = _file_key(row[columns[0]]), row[columns[1]].strip()
         if not _parses_as_int(value):
             raise DataError(f"{csv_path}:{line}", f"class index {value!r} is not an integer")
         if file in by_file:
@@ -569,9 +602,10 @@ def _read_labels_csv(csv_path: Path, images: list[Path]) -> np.ndarray:
         by_file[file] = int(value)
     names = [_file_key(p.name) for p in images]
     missing = [n for n in names if n not in by_file]
-    if missing:
-        raise DataError(str(csv_path), f"has no row for {len(missing)} image(s), e.g. {missing[0]!r}")
     unknown = sorted(set(by_file) - set(names))
+    if missing:
+        also = f" (its rows name {len(unknown)} file(s) not in the folder, e.g. {unknown[0]!r})" if unknown else ""
+        raise DataError(str(csv_path), f"has no row for {len(missing)} image(s), e.g. {missing[0]!r}{also}")
     if unknown:      # a subset of a labelled folder, copied with its labels.csv
         log.warning("%s lists %d file(s) not in the folder (e.g. %r): their rows are not used", csv_path,
                     len(unknown), unknown[0])
@@ -600,15 +634,24 @@ def _load_array_file(path: Path) -> dict[str, np.ndarray]:
         if isinstance(loaded, np.ndarray):
             return {"x": loaded}
         with loaded:
-            return {key: loaded[key] for key in loaded.files}
+            members = set(loaded.zip.namelist())      # numpy reads a member that is not a .npy as bytes
+            arrays = {key: loaded[key] for key in loaded.files if f"{key}.npy" in members}
     except ValueError as exc:
         if "Object arrays" in str(exc):
             raise DataError(str(path), "holds an object array, which is never unpickled",
                             "save plain numeric arrays") from None
+        if "pickled" in str(exc):        # neither NumPy's header nor a zip archive: numpy would unpickle it
+            raise DataError(str(path), f"is not a {path.suffix} file: it starts with neither NumPy's header "
+                            "nor a zip archive's (a pickle or another format, which is never unpickled)",
+                            "save the arrays with numpy.save or numpy.savez") from None
         raise DataError(str(path), f"is not a readable {path.suffix} file ({_first_line(exc)})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
         raise DataError(str(path), f"is not a readable {path.suffix} file ({type(exc).__name__}: "
                                    f"{_first_line(exc)})") from None
+    if members and not arrays:
+        raise DataError(str(path), f"is a zip archive without NumPy arrays (it holds {sorted(members)[:3]})",
+                        "save the arrays with numpy.savez")
+    return arrays
 
 
 def _first_line(exc: BaseException) -> str:

@@ -69,6 +69,16 @@ def check_flags(model: onnx.ModelProto, preprocess: dict) -> None:
                          "give --tokenizer with .txt/.tsv data, or cut the arrays themselves")
 
 
+def check_text_model(path, model: onnx.ModelProto) -> None:
+    """DataError for a text file (.txt/.tsv) given to a model with inputs a tokenizer does not give
+    (before asking for a ``--tokenizer`` that could not feed it)."""
+    specs = input_specs(model)
+    if not all(spec.name in TOKEN_INPUTS for spec in specs):
+        raise DataError(str(path), f"is a text file, but the model takes {', '.join(spec.name for spec in specs)}: "
+                        f"only token models (inputs {', '.join(TOKEN_INPUTS)}) read text",
+                        "give this model's samples (images, .npy/.npz arrays)")
+
+
 def check_image_flags(samples, preprocess: dict) -> None:
     """UsageError for image preprocessing flags (a ``preprocess`` dict) given with samples the
     image pipeline does not touch (``SampleSet.images`` false: float or other non-uint8 arrays,
@@ -79,7 +89,9 @@ def check_image_flags(samples, preprocess: dict) -> None:
                                   if samples.stored(name) is not None})) or "non-image"
         raise UsageError(f"{_flags(image)} to images (image files, uint8 arrays), but {samples.name} holds "
                          f"{kinds} arrays, which are fed as they are (taken as preprocessed already)",
-                         "drop the image flags, or give the images (image files, or uint8 arrays)")
+                         "drop the image flags, or give the images (image files, or uint8 arrays); the flags "
+                         "apply to every data option of a run, so give them all as images or all as "
+                         "preprocessed arrays")
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

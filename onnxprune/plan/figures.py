@@ -1,19 +1,28 @@
 """Tables and pictures of a plan: sensitivity heat maps, domain shift per site, Pareto fronts.
 
-matplotlib draws off-screen (Agg); every figure is written atomically as PNG.
+matplotlib draws off-screen (Agg); every figure is written atomically as PNG. Where matplotlib
+cannot be imported, a figure is not drawn (a warning says so) and its function returns None.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from onnxprune.model import default_mode
 
+log = logging.getLogger(__name__)
 
-def _pyplot():
-    import matplotlib
+
+def _pyplot(what: str):
+    """pyplot drawing off-screen, or None (with a warning naming ``what``) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        log.warning("matplotlib cannot be imported (%s): no %s drawn (pip install matplotlib)", exc, what)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,11 +67,13 @@ def sensitivity_table(curves: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def sensitivity_heatmap(curves: dict[str, list[dict]], path, *, title: str = "") -> Path:
+def sensitivity_heatmap(curves: dict[str, list[dict]], path, *, title: str = "") -> Path | None:
     """Sites (rows) by fraction kept (columns), colour = log10 damage of that site alone."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = _pyplot("sensitivity heat map")
+    if plt is None:
+        return None
     keys = list(curves)
     fractions = sorted({r["keep"] for rows in curves.values() for r in rows}, reverse=True)
     grid = np.full((len(keys), len(fractions)), np.nan)
@@ -81,9 +92,11 @@ def sensitivity_heatmap(curves: dict[str, list[dict]], path, *, title: str = "")
     return out
 
 
-def shift_chart(shift: dict[str, dict], path, *, title: str = "") -> Path:
+def shift_chart(shift: dict[str, dict], path, *, title: str = "") -> Path | None:
     """Per site: normalised mean shift and principal-subspace angle between source and target."""
-    plt = _pyplot()
+    plt = _pyplot("domain-shift chart")
+    if plt is None:
+        return None
     keys = list(shift)
     fig, axes = plt.subplots(1, 2, figsize=(10, 1.5 + 0.22 * len(keys)), sharey=True)
     axes[0].barh(range(len(keys)), [shift[k]["mean_shift"] for k in keys], color="tab:orange")
@@ -100,9 +113,11 @@ def shift_chart(shift: dict[str, dict], path, *, title: str = "") -> Path:
 
 def pareto_chart(series: dict[str, list[tuple[float, float]]], path, *, reference: float | None = None,
                  xlabel: str = "MACs (fraction of the original)", ylabel: str = "top-1 accuracy (%)",
-                 title: str = "") -> Path:
+                 title: str = "") -> Path | None:
     """Accuracy (y) against cost (x) for each series of (cost, accuracy) points."""
-    plt = _pyplot()
+    plt = _pyplot("Pareto plot")
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, points in series.items():
         points = sorted(points)

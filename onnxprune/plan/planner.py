@@ -596,8 +596,8 @@ class Planner:
         ``IN_MEMORY_BYTES``)."""
         if len(calib) < 8:
             raise RecipeError("calibration", f"{len(calib)} samples are too few to plan and check",
-                              "give at least 8 (better hundreds of) calibration samples: the --split part of "
-                              "--target-data, less the checkpoint fold (--val-fraction) with --finetune")
+                              "give at least 8 (better hundreds of) calibration samples (--calib-size): the --split "
+                              "part of --target-data, less the checkpoint fold (--val-fraction) with --finetune")
         self.original = clone(model)
         name_nodes(self.original)       # sites are addressed by node name
         n = len(calib)

@@ -224,6 +224,36 @@ def test_cli_workers_starts_a_local_cluster(whole, tmp_path):
     assert max_relative_difference(whole, Statistics.load(out)) <= 1e-10
 
 
+CTRL_C_WHILE_WORKERS_START = """
+import asyncio, os, signal, threading
+import distributed
+
+async def never(self):
+    await asyncio.sleep(3600)
+
+distributed.Nanny.start_unsafe = never          # its worker never comes up
+from onnxprune.calibration.cluster import local_client
+threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    local_client(1)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_while_local_workers_start_leaves_no_traceback():
+    """Ctrl-C while `--workers` starts its cluster: Dask's exit hook closed the half-started
+    cluster and failed an assertion on its starting worker, a traceback after `interrupted`."""
+    pytest.importorskip("distributed")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_WORKERS_START], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.stdout.strip() == "interrupted", result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_unreachable_scheduler_is_one_line(tmp_path, monkeypatch):
     """A refused connection or an unknown host fails at once (not after the connect timeout)."""
     pytest.importorskip("distributed")
@@ -231,11 +261,78 @@ def test_unreachable_scheduler_is_one_line(tmp_path, monkeypatch):
 
     from onnxprune.calibration import cluster
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 15)
-    for address in ("tcp://127.0.0.1:9", "tcp://nonexistent.invalid:8786"):
+    for address in ("tcp://127.0.0.1:9", "tcp://nonexistent.invalid:8786", "ws://127.0.0.1:9"):
         started = time.perf_counter()
         result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster", address, "-q")
         assert_user_error(result, "cannot reach the Dask scheduler")
         assert time.perf_counter() - started < 10
+    assert not (tmp_path / "c.npz").exists()
+
+
+@pytest.mark.parametrize("reply", [None, b"SSH-2.0-OpenSSH_9.6\r\n" * 4])
+def test_a_server_that_is_no_scheduler_is_one_line(tmp_path, monkeypatch, reply):
+    """A port where something else listens (the dashboard's web server, ssh): Dask's own connect
+    waits for its handshake for ever on a silent one and reads another protocol's bytes as a
+    frame length (MemoryError); calibrate says in one line that it is no scheduler."""
+    pytest.importorskip("distributed")
+    import socket
+    import threading
+    import time
+
+    from onnxprune.calibration import cluster
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 2)
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted, timers = [], []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            if reply:
+                conn.sendall(reply)
+            else:       # silent, then hangs up: without the handshake's time limit, "cannot reach" after 10 s
+                timers.append(threading.Timer(10, conn.close))
+                timers[-1].start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        started = time.perf_counter()
+        result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster",
+                     f"tcp://127.0.0.1:{server.getsockname()[1]}", "-q")
+        assert time.perf_counter() - started < 10
+    finally:
+        server.close()
+        for timer in timers:
+            timer.cancel()
+        for conn in accepted:
+            conn.close()
+    assert_user_error(result, "not a Dask scheduler", "8786")
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_a_scheme_this_dask_cannot_use_is_one_line(tmp_path):
+    """ucx:// is a registered Dask scheme whose connector needs a package Dask no longer ships."""
+    pytest.importorskip("distributed")
+    from distributed.comm.registry import get_backend
+    try:
+        get_backend("ucx").get_connector()
+        pytest.skip("this Dask connects over ucx://")
+    except TypeError:
+        pass
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster", "ucx://127.0.0.1:9")
+    assert_user_error(result, "cannot connect over ucx://", "tcp://host:port")
+
+
+def test_cluster_without_dask_installed_says_so(tmp_path, monkeypatch):
+    import sys
+
+    for name in ("distributed", "distributed.comm.addressing", "distributed.comm.registry"):
+        monkeypatch.setitem(sys.modules, name, None)                  # importing it: ImportError
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--cluster", "tcp://127.0.0.1:9")
+    assert_user_error(result, "Dask is not installed", "onnxprune[dask]")
     assert not (tmp_path / "c.npz").exists()
 
 
@@ -330,6 +427,28 @@ def test_too_many_shards_are_refused_before_a_cluster_starts(tmp_path, monkeypat
     result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--workers", "2",
                  "--shards", "20")
     assert_user_error(result, "into 20 shards")
+
+
+def test_more_workers_than_shards_start_no_idle_processes(tmp_path, monkeypatch):
+    """--workers N alone means N shards: a count the data cannot take fails before N processes
+    start (--workers 1000 on 5 batches); with --shards K only min(N, K) workers start."""
+    from onnxprune.calibration import cluster
+
+    started = []
+
+    def no_cluster(workers, **kw):
+        started.append(workers)
+        raise CalibrationError("local cluster", "not started in this test")
+
+    monkeypatch.setattr(cluster, "local_client", no_cluster)
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--workers", "1000")
+    assert_user_error(result, "into 1000 shards", "fewer --workers")
+    assert started == []
+    result = cli("calibrate", MODEL, "--target-data", DATA, "-o", tmp_path / "c.npz", "--workers", "1000",
+                 "--shards", "2")
+    assert_user_error(result, "not started in this test")
+    assert started == [2]
+    assert not (tmp_path / "c.npz").exists()
 
 
 def test_stats_with_sequential_mode_is_a_usage_error(whole, tmp_path):

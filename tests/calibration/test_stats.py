@@ -426,6 +426,31 @@ def test_load_against_a_different_model_raises(tmp_path):
         Statistics.load(tmp_path / "junk.npz")
 
 
+@pytest.mark.parametrize("header, detail", [
+    ("[1, 2]", "TypeError"),                                            # JSON, but not an object
+    ('"text"', "AttributeError"),
+    ('{"index": [{"set": "target"}]}', "KeyError: 'request'"),          # an index entry cut short
+    ('{"index": [{"set": "target", "request": "r", "fold": 0, "prefix": "m0"}]}', "m0/sum missing"),
+])
+def test_a_damaged_header_or_index_is_not_a_statistics_file(tmp_path, header, detail):
+    """An .npz whose header or index does not describe its arrays: one error naming the file, not a bug."""
+    np.savez(tmp_path / "damaged.npz", header=np.array(header))
+    with pytest.raises(CalibrationError, match="not a statistics file") as info:
+        Statistics.load(tmp_path / "damaged.npz")
+    assert info.value.thing == str(tmp_path / "damaged.npz") and detail in info.value.problem
+
+
+def test_a_file_of_another_format_is_not_called_pickled(tmp_path):
+    """numpy reads any file that is neither .npy nor .npz as a pickle: a model given as --stats
+    is not "pickled objects"; an object array is."""
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    with pytest.raises(CalibrationError, match="neither NumPy's header nor a zip archive's"):
+        Statistics.load(tmp_path / "model.onnx")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CalibrationError, match="pickled objects, which are never loaded"):
+        Statistics.load(tmp_path / "objects.npy")
+
+
 def test_merge_sets_and_shards():
     target, (a, b) = small_statistics(set_name="target", seed=0)
     source, _ = small_statistics(set_name="source", seed=1)

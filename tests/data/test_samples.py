@@ -381,6 +381,11 @@ def test_unknown_file_type_and_source(tmp_path):
     with pytest.raises(DataError) as excinfo:
         open_samples(tmp_path / "data.csv", spec())
     one_line_error(excinfo, "unknown file type '.csv'")
+    (tmp_path / "labels.csv").write_text("file,class_index\na.png,1\n")      # the folder's labels, not the folder
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "labels.csv", spec())
+    one_line_error(excinfo, "is the labels file of an image folder",
+                   f"give the folder that holds it and its images: {tmp_path}")
     with pytest.raises(DataError) as excinfo:
         open_samples(42, spec())
     one_line_error(excinfo, "int", "not a sample source")
@@ -396,6 +401,22 @@ def test_corrupt_files(tmp_path, file, content, fragment):
     with pytest.raises(DataError) as excinfo:
         open_samples(tmp_path / file, spec())
     one_line_error(excinfo, file, fragment)
+
+
+def test_a_file_that_is_no_numpy_file_is_named_without_numpys_unpickling_advice(tmp_path):
+    import pickle
+    import zipfile
+
+    (tmp_path / "text.npy").write_text("hello")              # numpy's own text: "load it unsafely"
+    (tmp_path / "pickled.npz").write_bytes(pickle.dumps({"x": 1}))
+    with zipfile.ZipFile(tmp_path / "docs.npz", "w") as archive:    # its members came back as bytes: a bug
+        archive.writestr("notes.txt", "hello")
+    for file, fragment in (("text.npy", "is not a .npy file"), ("pickled.npz", "is not a .npz file"),
+                           ("docs.npz", "zip archive without NumPy arrays")):
+        with pytest.raises(DataError) as excinfo:
+            open_samples(tmp_path / file, spec())
+        one_line_error(excinfo, file, fragment)
+        assert "allow_pickle" not in str(excinfo.value)
 
 
 def test_object_arrays_are_never_unpickled(tmp_path):
@@ -513,6 +534,54 @@ def test_labels_csv_problems(tmp_path):
     with pytest.raises(DataError) as excinfo:
         open_samples(tmp_path, spec())
     one_line_error(excinfo, "labels.csv:3", "'cat' is not an integer")
+    (tmp_path / "labels.csv").write_text("file,class_index\nimages/a.png,1\nimages/b.png,2\n")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path, spec())
+    one_line_error(excinfo, "no row for 2 image(s)",
+                   "its rows name 2 file(s) not in the folder, e.g. 'images/a.png'")
+
+
+def test_a_symbolic_link_to_nothing_is_named_not_skipped(tmp_path):
+    """A link whose target moved was left out without a word (with a labels.csv: "lists 1 file(s)
+    not in the folder", though it is there)."""
+    save_png(tmp_path / "flat" / "a.png", pixels(1)[0])
+    (tmp_path / "flat" / "b.png").symlink_to(tmp_path / "moved.png")
+    save_png(tmp_path / "classes" / "cat" / "a.png", pixels(1)[0])
+    (tmp_path / "classes" / "cat" / "b.png").symlink_to(tmp_path / "moved.png")
+    (tmp_path / "arrays").mkdir()
+    np.save(tmp_path / "arrays" / "a.npy", floats(2))
+    (tmp_path / "arrays" / "b.npy").symlink_to(tmp_path / "moved.npy")
+    for folder, link in (("flat", "b.png"), ("classes", "cat/b.png"), ("arrays", "b.npy")):
+        with pytest.raises(DataError) as excinfo:
+            open_samples(tmp_path / folder, spec())
+        one_line_error(excinfo, f"{folder}/{link} | is a symbolic link to {tmp_path}/moved",
+                       "which does not exist")
+    (tmp_path / "flat" / "b.png").unlink()
+    (tmp_path / "flat" / "b.png").symlink_to(tmp_path / "flat" / "a.png")        # a link to an image is one
+    assert len(open_samples(tmp_path / "flat", spec())) == 2
+
+
+def test_a_labels_file_under_another_name_is_warned_about(tmp_path, caplog):
+    save_png(tmp_path / "a.png", pixels(1)[0])
+    (tmp_path / "Labels.CSV").write_text("file,class_index\na.png,1\n")
+    with caplog.at_level(logging.WARNING):
+        assert open_samples(tmp_path, spec()).labels is None
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("labels are read from labels.csv only, not from Labels.CSV" in w for w in warned)
+
+
+def test_labels_csv_columns_named_by_its_header(tmp_path):
+    """A header naming file and class_index finds them in any column: pandas' to_csv writes its
+    index first, which read as file, class index said "class index 'a.png' is not an integer"."""
+    save_png(tmp_path / "a.png", pixels(1)[0])
+    save_png(tmp_path / "b.png", pixels(1, seed=1)[0])
+    for text in (",file,class_index\n0,a.png,3\n1,b.png,5\n", "Class_Index,File\n3,a.png\n5,b.png\n"):
+        (tmp_path / "labels.csv").write_text(text)
+        np.testing.assert_array_equal(open_samples(tmp_path, spec()).labels, [3, 5])
+    (tmp_path / "labels.csv").write_text("name,class_index,file\nx,3,a.png\nx,5\n")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path, spec())
+    one_line_error(excinfo, "labels.csv:3", "header names file and class_index in columns 3 and 2")
 
 
 def test_image_problems(tmp_path):
@@ -530,7 +599,10 @@ def test_image_problems(tmp_path):
     one_line_error(excinfo, "4x4 is smaller than center_crop 8x8")
     with pytest.raises(DataError) as excinfo:
         open_samples(pixels(2, (4, 4, 3)), spec(("N", 3, 4, 4)), preprocess=Preprocess(mean=(0.1, 0.2)))
-    one_line_error(excinfo, "mean has 2 values for 3-channel images")
+    one_line_error(excinfo, "mean has 2 values for 3-channel images", "give 1 or 3 values")
+    with pytest.raises(DataError) as excinfo:
+        open_samples(pixels(2, (4, 4)), spec(), preprocess=Preprocess(std=(0.1, 0.2)))
+    one_line_error(excinfo, "std has 2 values for 1-channel images", "give 1 value (")      # not "1 or 1 values"
     save_png(tmp_path / "mixed" / "a.png", pixels(1)[0])
     np.save(tmp_path / "mixed" / "b.npy", floats(1))
     with pytest.raises(DataError) as excinfo:
@@ -569,6 +641,26 @@ def test_transparency_is_dropped_with_a_warning(tmp_path, caplog):
         open_samples(tmp_path / "drawn", spec()).batch([0, 1, 2])
     warned = [r.getMessage() for r in caplog.records if "transparent pixels" in r.getMessage()]
     assert len(warned) == 1 and "0.png" in warned[0]
+
+
+def test_a_resize_beyond_pillows_image_limit_is_refused_before_allocating(tmp_path, monkeypatch):
+    """--resize 100000 made a 10 GB image of each sample (the process was killed); the limit is
+    Pillow's MAX_IMAGE_PIXELS, made small here so that the resize before the fix is cheap."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    save_png(tmp_path / "digits" / "a.png", pixels(1)[0])
+    with pytest.raises(DataError) as excinfo:
+        open_samples(tmp_path / "digits", spec(), preprocess=Preprocess(resize=100))
+    one_line_error(excinfo, "resizing to 100x100 makes images of 10000 pixels", "--resize")
+    open_samples(tmp_path / "digits", spec(), preprocess=Preprocess(resize=4))        # within it
+
+
+def test_a_lab_image_has_no_alpha_channel(tmp_path, caplog):
+    """LAB's bands are L, A, B: its A (the a* colour axis) is not an alpha channel."""
+    (tmp_path / "lab").mkdir()
+    Image.fromarray(pixels(1, (4, 4, 3))[0]).convert("LAB").save(tmp_path / "lab" / "a.tif")
+    with caplog.at_level(logging.WARNING):
+        open_samples(tmp_path / "lab", spec(("N", 3, 4, 4))).batch([0])
+    assert not [r for r in caplog.records if "transparent" in r.getMessage()]
 
 
 def test_automatic_resize_that_squashes_is_warned_about_once(tmp_path, caplog):

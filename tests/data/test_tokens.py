@@ -129,8 +129,10 @@ def test_image_flags_with_arrays_fed_as_they_are_are_usage_errors(tmp_path):
     the report recorded them), so they are refused; uint8 image arrays take them."""
     image = conv_bn_relu()
     floats = {"x": np.zeros((4, 3, 8, 8), dtype=np.float64)}
-    with pytest.raises(UsageError, match="--resize, --mean apply to images .* holds float64 arrays"):
+    with pytest.raises(UsageError, match="--resize, --mean apply to images .* holds float64 arrays") as excinfo:
         as_samples(floats, image, {"mean": (0.5,), "resize": 8})
+    # images to calibrate, preprocessed arrays to evaluate: dropping the flags alone would break the images
+    assert "give them all as images or all as preprocessed arrays" in str(excinfo.value)
     as_samples(floats, image, {})
     as_samples({"x": np.zeros((4, 8, 8, 3), dtype=np.uint8)}, image, {"mean": (0.5,)})
     path, data = tmp_path / "model.onnx", tmp_path / "floats.npz"

@@ -274,7 +274,7 @@ def test_footprint_counts_depthwise_biases_and_consumers():
     assert set(fp.nodes) == {"expand", "dw", "project"}
     params, macs = fp({"expand": 6})
     full = fp.full()
-    assert full[0] == count_parameters(model) - 4 - 2     # not project's bias, not the Clip bounds
+    assert full[0] == count_parameters(model) - 4     # not project's bias (the Clip bounds are no parameters)
     assert params == pytest.approx(full[0] / 2) and macs == pytest.approx(full[1] / 2)
 
 

@@ -24,3 +24,35 @@ def test_the_table_and_the_heat_map_name_the_damage_measured(measure, tmp_path, 
     colour_bar = drawn[0].axes[-1]
     assert colour_bar.get_ylabel() == f"log10 damage ({measure}), site alone"
     assert ("KL" in colour_bar.get_ylabel()) == measure.startswith("KL")
+
+
+def test_without_matplotlib_the_figures_are_left_out_and_the_rest_written(tmp_path, monkeypatch):
+    """sensitivity and sweep write their JSON, tables and models and say which figures they drew:
+    none, and an earlier run's at those paths is removed (it ended with exit 4 after all the work)."""
+    import sys
+
+    import numpy as np
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+    from tests import graphs
+
+    model, data = tmp_path / "cbr.onnx", tmp_path / "x.npy"
+    onnx.save(graphs.conv_bn_relu(), model)
+    np.save(data, np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "sens.png").write_bytes(b"an earlier run's")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "pareto.png").write_bytes(b"an earlier run's")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # import matplotlib raises ImportError
+    sens = CliRunner().invoke(main, ["sensitivity", str(model), "--target-data", str(data),
+                                     "-o", str(tmp_path / "sens.json")])
+    assert sens.exit_code == 0, sens.output
+    assert sens.stdout.strip().splitlines()[-1].startswith(f"wrote {tmp_path / 'sens.json'} (5 sites, ")
+    assert "matplotlib cannot be imported" in sens.stderr and "no sensitivity heat map drawn" in sens.stderr
+    assert (tmp_path / "sens.json").exists() and not (tmp_path / "sens.png").exists()
+    sweep = CliRunner().invoke(main, ["sweep", str(model), "--target-data", str(data), "--flops", "0.8",
+                                      "-o", f"{tmp_path / 'sweep'}/", "--no-latency"])
+    assert sweep.exit_code == 0, sweep.output
+    assert sweep.stdout.strip().endswith(f"wrote {tmp_path / 'sweep'}/ (models, reports, pareto.md, pareto.json)")
+    assert not (tmp_path / "sweep" / "pareto.png").exists() and (tmp_path / "sweep" / "cbr_macs80.onnx").exists()

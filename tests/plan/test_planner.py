@@ -227,6 +227,94 @@ def test_cli_failed_budget_writes_the_failed_report_and_no_model(tmp_path):
     assert report["verdict"] == "failed" and report["plan"]["sites"]
 
 
+def test_a_budget_not_reached_says_what_it_wrote_and_what_an_earlier_run_left(tmp_path):
+    """The terminal said the plan was "at 3% of the macs" and nothing of the report it wrote, nor
+    that the model at OUT was an earlier run's (as a missed accuracy check says)."""
+    out, data = tmp_path / "tiny.onnx", tmp_path / "tiny.onnx.data"     # a large model's weights beside it
+    out.write_bytes(b"an earlier run's")
+    data.write_bytes(b"an earlier run's")
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
+                                       "--calib-size", "100", "--check-extra", "0", "--flops", "0.03", "--no-latency"])
+    assert result.exit_code == 3, result.output
+    assert "short of the budget 3% of the macs: " in result.output and "at 3% of the macs" not in result.output
+    assert f"FAILED to reach the budget: wrote {out.with_name('tiny.report.json')} only (no model)" in result.output
+    assert f"left as they were, from an earlier run: {out}, {data}" in result.output
+    assert json.loads(out.with_name("tiny.report.json").read_text())["not_from_this_run"] == [str(out), str(data)]
+    assert out.read_bytes() == data.read_bytes() == b"an earlier run's"
+
+
+def test_evaluation_samples_without_labels_are_said_to_check_another_drop(tmp_path):
+    """Labelled target data, --eval-data without labels: the plan was checked within 1 point of
+    accuracy, the held-out check read 1.33 points of disagreement (exit 3), with no word why."""
+    digits = np.load(DATA)
+    target, unlabelled = tmp_path / "target.npz", tmp_path / "eval.npz"
+    np.savez(target, x=digits["x"][:1000], y=digits["y"][:1000])
+    np.savez(unlabelled, x=digits["x"][1000:1400])
+    out = tmp_path / "lenet.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(target), "--eval-data",
+                                       str(unlabelled), "-o", str(out), "--calib-size", "100", "--check-extra", "0",
+                                       "--no-latency"])
+    assert result.exit_code in (0, 3), result.output
+    report = json.loads(out.with_name("lenet.report.json").read_text())
+    note = f"{unlabelled} has no labels: the planner measures --max-drop as an accuracy drop"
+    assert report["plan"]["check"]["accuracy_reference"] is not None and report["validation"]["accuracy_reference"] is None
+    assert any(w.startswith(note) for w in report["warnings"]) and note in result.stderr
+    # labelled evaluation samples: no such note
+    np.savez(unlabelled, x=digits["x"][1000:1400], y=digits["y"][1000:1400])
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(target), "--eval-data",
+                                       str(unlabelled), "-o", str(out), "--calib-size", "100", "--check-extra", "0",
+                                       "--no-latency"])
+    assert "has no labels" not in result.stderr
+
+
+def test_a_check_without_spread_does_not_send_the_user_to_margin():
+    """8 calibration samples: the plan checked 0.00 +- 0.00 points and dropped 10.87 held out; the
+    hint said a larger --margin (a multiple of that 0) keeps a less compressed plan."""
+    planning = {"goal": {"max_drop": 1.0}, "margin": 1.0, "reserve": 0.0,
+                "check": {"drop": 0.0, "se": 0.0, "samples": 8}}
+    hint = plan_remedy(planning)
+    assert "--margin (now" not in hint and "found no sample of its 8" in hint and "a smaller --max-drop" in hint
+    planning["check"]["se"] = 0.3
+    assert plan_remedy(planning).startswith("a larger --margin (now 1: ")
+    # nor is that check called sharp: one of its 8 samples is 12.5 points, 1 point cannot be seen
+    from onnxprune.api import plan_warnings
+
+    planning.update(sites=[{}], checked_samples=8, check={"drop": 0.0, "se": 0.0, "samples": 8, "agreement": 1.0})
+    assert plan_warnings(planning) == [
+        "the plan's check found no sample of its 8 scored differently, but one sample is 12.50 points there, too "
+        "coarse for --max-drop 1: on other samples the result may well miss it (give more target samples for a "
+        "sharper check and evaluation)"]
+    planning.update(checked_samples=1004, check={**planning["check"], "samples": 1004})
+    assert plan_warnings(planning) == []
+
+
+def test_a_latency_plan_says_its_cost_is_a_prediction():
+    """plan.cost of --objective latency is the sites' timed savings, not the measured latency
+    printed below it (ResNet-20: "98.6% of the latency", then batch 1 0.76 -> 0.70 ms)."""
+    from onnxprune.cli import plan_lines
+
+    plan = {"goal": {"max_drop": 1.0}, "objective": "latency", "cost": 0.986, "sites": [{}], "sites_considered": 28,
+            "step": 3, "steps": 12, "reserve": 0.58, "evaluated": 600, "calibration_samples": 200,
+            "checked_samples": 600, "seconds": {}, "check": {"drop": -0.33, "se": 0.41, "accuracy_reference": 0.94}}
+    assert "within 1 point: 98.6% of the latency by its prediction, step 3/12" in plan_lines({"plan": plan})[0]
+    plan["objective"] = "macs"
+    assert "within 1 point: 98.6% of the macs, step 3/12" in plan_lines({"plan": plan})[0]
+
+
+def test_a_max_drop_no_plan_passes_is_not_called_a_goal_that_needs_no_compression(tmp_path):
+    """With every checked plan over the goal (here its reserve alone), the note said the goal
+    needs no compression."""
+    out = tmp_path / "same.onnx"
+    result = CliRunner().invoke(main, ["compress", str(MODEL), "--target-data", str(DATA), "-o", str(out),
+                                       "--calib-size", "100", "--margin", "100",
+                                       "--no-latency", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("same.report.json").read_text())
+    assert report["changed"] is False and report["plan"]["checks"]
+    assert "no compression it measured stays within the goal" in report["note"]
+    assert "needs no compression" not in report["note"]
+
+
 def test_a_missed_drop_after_planning_names_the_options_that_plan_less(tmp_path):
     # the plan is searched for 1 point; the held-out check asks for no drop at all, and misses
     recipe = Recipe(passes=(), plan={"max_drop": 1.0, "margin": 0.7}, calib_size=300)
@@ -297,6 +385,27 @@ def test_sweep_says_what_it_wrote_and_leaves_no_stale_plot(tmp_path):
     (tmp_path / "afile").write_text("x")
     refused = CliRunner().invoke(main, [*run[:-5], "-o", str(tmp_path / "afile"), "--flops", "0.5"])
     assert refused.exit_code == 1 and "exists and is not a folder" in refused.stderr
+
+
+def test_a_sweep_row_without_a_model_names_an_earlier_runs_model_at_its_name(tmp_path):
+    """A budget not reached writes no model; one an earlier sweep wrote at that name stays, and
+    the row says it is not this run's (the folder held a model its pareto.md said was not reached)."""
+    import onnx
+
+    from tests import graphs
+
+    model, data, out = tmp_path / "cbr.onnx", tmp_path / "x.npy", tmp_path / "sweep"
+    onnx.save(graphs.conv_bn_relu(), model)
+    np.save(data, np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32))
+    out.mkdir()
+    (out / "cbr_macs1.onnx").write_bytes(b"an earlier run's")
+    result = CliRunner().invoke(main, ["sweep", str(model), "--target-data", str(data), "--flops", "0.8,0.01",
+                                       "-o", str(out), "--no-latency"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "pareto.json").read_text())["budgets"][1]
+    assert row["status"].startswith("not reached") and row["not_from_this_run"] == ["cbr_macs1.onnx"]
+    assert "(cbr_macs1.onnx in the folder: from an earlier run) |" in (out / "pareto.md").read_text()
+    assert (out / "cbr_macs1.onnx").read_bytes() == b"an earlier run's"
 
 
 def test_a_method_that_reads_both_domains_asks_for_the_source(tmp_path):
