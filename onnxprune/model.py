@@ -266,17 +266,33 @@ CONFIGURING_INPUTS = {"Resize": {1, 2, 3}, "Upsample": {1}, "Clip": {1, 2}, "Pad
                       "NonMaxSuppression": {2, 3, 4}}
 
 
+#: the inputs of quantized ops that hold data (weights, activations, QLinearConv's int32 bias); the
+#: others are scales and zero points, which configure the quantization
+QUANTIZED_DATA_INPUTS = {"DequantizeLinear": {0}, "QuantizeLinear": {0}, "DynamicQuantizeLinear": {0},
+                         "ConvInteger": {0, 1}, "MatMulInteger": {0, 1}, "QLinearConv": {0, 3, 8},
+                         "QLinearMatMul": {0, 3}}
+
+
 def weight_names(model: onnx.ModelProto) -> set[str]:
     """The model's weights: floating-point initializers that a node (or a subgraph) reads at an
-    input other than one that configures it (``CONFIGURING_INPUTS``). Integer tensors (shapes,
-    axes, indices, quantized weights), unused initializers and a Resize's float scales are not."""
-    weights = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TENSOR_TYPES}
-    read: set[str] = set()
+    input other than one that configures it (``CONFIGURING_INPUTS``), and the integer weights of a
+    quantized model (what its quantized ops read as data, ``QUANTIZED_DATA_INPUTS``: not their
+    scales and zero points). Other integer tensors (shapes, axes, indices), unused initializers and
+    a Resize's float scales are not."""
+    stored = {t.name: t.data_type for t in model.graph.initializer}
+    weights: set[str] = set()
     for node in model.graph.node:
-        configuring = CONFIGURING_INPUTS.get(node.op_type, set()) if node.domain in ("", "ai.onnx") else set()
-        read.update(name for i, name in enumerate(node.input) if i not in configuring)
-        read |= subgraph_inputs(node)
-    return weights & read
+        default = node.domain in ("", "ai.onnx")
+        quantized = QUANTIZED_DATA_INPUTS.get(node.op_type) if default else None
+        configuring = CONFIGURING_INPUTS.get(node.op_type, set()) if default else set()
+        for i, name in enumerate(node.input):
+            if quantized is not None:
+                if i in quantized and name in stored:
+                    weights.add(name)
+            elif i not in configuring and stored.get(name) in FLOAT_TENSOR_TYPES:
+                weights.add(name)
+        weights |= {name for name in subgraph_inputs(node) if stored.get(name) in FLOAT_TENSOR_TYPES}
+    return weights
 
 
 def count_parameters(model: onnx.ModelProto) -> int:

@@ -283,3 +283,23 @@ def test_an_if_holds_the_weights_its_branches_read():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     assert [(c.name, c.params) for c in layer_costs(model)] == [("if", 24)] and count_parameters(model) == 24
     assert [layer["name"] for layer in onnxprune.inspect(model)["layers"]] == ["if"]
+
+
+def test_the_integer_weights_of_a_quantized_model_are_its_parameters():
+    """QDQ (DequantizeLinear of an int8 weight) and integer ops (ConvInteger, QLinearMatMul's int32-free
+    form): the int8 weights count, their scales and zero points do not (a dynamically quantized LeNet read
+    584 parameters, its float biases and scales)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-5, 5, (4, 3)).astype(np.int8), "wq"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "ws"), numpy_helper.from_array(np.array(0, np.int8), "wz"),
+             numpy_helper.from_array(rng.integers(-5, 5, (2, 4, 1, 1)).astype(np.int8), "cw"),
+             numpy_helper.from_array(np.array(0, np.uint8), "xz"), numpy_helper.from_array(np.array(0, np.int8), "cz")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("ConvInteger", ["img", "cw", "xz", "cz"], ["c"])]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                            helper.make_tensor_value_info("img", TensorProto.UINT8, ["N", 4, 3, 3])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 3]),
+                               helper.make_tensor_value_info("c", TensorProto.INT32, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    assert count_parameters(model) == 12 + 8
