@@ -1296,5 +1296,6 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
         check_thresholds(report, max_drop=max_drop, min_agreement=min_agreement)
     except ValidationFailed as exc:
         exc.report = {**report.to_dict(), "verdict": "failed", "reason": str(exc)}   # as compress's
+        exc.validation = report
         raise
     return report

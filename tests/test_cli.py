@@ -98,6 +98,13 @@ def test_validate_threshold_miss_exits_3(compressed, tmp_path):
     shutil.copy(DATA, held_out)
     result = cli("validate", MODEL, out, "--data", held_out, "--no-latency", "--min-agreement", "0.9999")
     assert_user_error(result, "agreement", code=3)
+    # --json: the measurements with the verdict and its reason (they lacked both), then the one line
+    result = cli("validate", MODEL, out, "--data", held_out, "--no-latency", "--min-agreement", "0.9999", "--json")
+    assert result.exit_code == 3 and "agreement" in result.stderr
+    document = json.loads(result.stdout)
+    assert document["verdict"] == "failed" and "below min agreement" in document["reason"]
+    result = cli("validate", MODEL, out, "--data", held_out, "--no-latency", "--min-agreement", "0.5", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["verdict"] == "passed"
 
 
 def test_max_drop_miss_writes_the_failed_report_only(tmp_path):
