@@ -145,13 +145,6 @@ def _positions_of(whole, rows: np.ndarray, path: str) -> np.ndarray:
     return rows
 
 
-def merge_local(parts: Sequence[Statistics]) -> Statistics:
-    """Shards (ordered by index) merged in the fixed tree order, as the whole set's statistics."""
-    ordered = sorted(parts, key=lambda s: s.header["shard"]["index"])
-    record = ordered[0].header["shard"]
-    return complete(tree_reduce(ordered, _merge_pair), record)
-
-
 def run_on_dask(tasks: Sequence[ShardTask], client) -> Statistics:
     """Run ``tasks`` on the workers of ``client`` and merge them there in a fixed tree order."""
     tasks = sorted(tasks, key=lambda t: t.index)
