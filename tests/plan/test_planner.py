@@ -181,6 +181,12 @@ def test_the_reserve_covers_the_noise_of_the_check_and_of_the_evaluation():
     assert check.reserve(0.5, evaluated=1000) == pytest.approx(0.5 * 0.3 * np.sqrt(2))
     assert check.within(1.0, 1.0, evaluated=1000) and not check.within(1.0, 1.0, evaluated=250)
     assert measure(np.eye(4), np.eye(4), np.arange(4)).samples == 4
+    # no sample changed its answer: one sample's worth, 100 / n points, not 0 (8 samples passed a plan
+    # that lost 10.9 points held out); an output without class scores (kl None) keeps its own spread
+    unchanged = measure(np.eye(8), np.eye(8) + 0.01, np.arange(8))
+    assert unchanged.se == 0 and unchanged.reserve(1.0) == pytest.approx(12.5)
+    assert unchanged.reserve(1.0, evaluated=8) == pytest.approx(12.5 * np.sqrt(2))
+    assert Check(0.0, 0.0, None, None, None, 0.0, None, samples=8).reserve(1.0) == 0.0
 
 
 def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
