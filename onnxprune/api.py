@@ -249,6 +249,8 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     if trained is not None:         # the recovery search built and distilled the chosen plan
         compressed, report = trained.compressed, trained.pipeline
     else:
+        # plan for the check that judges: its agreement, not the calibration samples' accuracy
+        samples["target"] = samples["target"].without_labels()
         compressed, report = run_pipeline(original, recipe, provider)
     if planning is not None:
         report["plan"] = planning
@@ -345,12 +347,12 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
 
 
 def unlabelled_evaluation_note(held_out: SampleSet) -> str:
-    """The planner reads --max-drop on the calibration samples' labels, the held-out check on
-    ``held_out`` without them: a plan checked within the drop can miss it there."""
-    return (f"{held_out.name} has no labels: the planner measures --max-drop as an accuracy drop on the labelled "
-            "calibration samples, the held-out check as the drop without labels (disagreement with the original; "
-            "embeddings: 100 (1 - cosine)), usually larger; give evaluation samples with labels, or target data "
-            "without labels to plan for the check")
+    """The held-out check reads --max-drop on ``held_out`` without labels: the planner plans for that
+    check (agreement with the original), not for the calibration samples' accuracy."""
+    return (f"{held_out.name} has no labels: --max-drop is read as the drop without labels (disagreement with "
+            "the original; embeddings: 100 (1 - cosine)), usually larger than the accuracy drop, and the planner "
+            "plans for that, setting the calibration samples' labels aside; give evaluation samples with labels "
+            "to plan for accuracy")
 
 
 def label_probe(samples: SampleSet) -> SampleSet:
@@ -575,8 +577,9 @@ NOISY_CHECK = 0.5
 def plan_warnings(planning: dict | None) -> list[str]:
     """A line when the planner's check could not tell its goal apart: the standard error of the
     chosen plan's checked drop above ``NOISY_CHECK`` times --max-drop (MobileNetV2 on 250 images:
-    +- 1.4 points against 1; across split seeds its held-out drop then ranged -1.2 to 3.6), and
-    one when the planner compressed no site."""
+    +- 1.4 points against 1; across split seeds its held-out drop then ranged -1.2 to 3.6), or, where
+    no checked sample scored differently (a standard error of 0), one sample's weight in points above
+    it (8 samples: 12.5 points each); and one when the planner compressed no site."""
     if planning is not None and not planning.get("sites"):
         goal = {"objective": planning.get("objective", "macs"), **planning["goal"]}
         return [f"the planner found no site to compress within {_goal_text(goal)}"]
@@ -615,8 +618,8 @@ def plan_remedy(planning: dict | None) -> str:
     if check.get("se") == 0 and check.get("samples"):     # margin x 0: no --margin reserves anything
         return (f"the plan's check found no sample of its {check['samples']} that the compressed model scored "
                 "differently, so its standard error, and the reserve any --margin keeps, is 0: more target samples "
-                "(--calib-size, --check-extra) sharpen the check" + (smaller and "; a smaller --max-drop keeps a "
-                                                                     "less compressed plan"))
+                "(--calib-size, --check-extra) sharpen the check"
+                + ("; a smaller --max-drop keeps a less compressed plan" if smaller else ""))
     return (f"a larger --margin (now {planning['margin']:g}: standard errors kept in reserve below --max-drop, "
             f"{planning.get('reserve') or 0:.2f} points here){smaller} keeps a less compressed plan; "
             "more target samples sharpen the check")

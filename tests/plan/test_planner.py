@@ -249,9 +249,10 @@ def test_a_budget_not_reached_says_what_it_wrote_and_what_an_earlier_run_left(tm
     assert out.read_bytes() == data.read_bytes() == b"an earlier run's"
 
 
-def test_evaluation_samples_without_labels_are_said_to_check_another_drop(tmp_path):
+def test_evaluation_samples_without_labels_are_planned_for_and_said_so(tmp_path):
     """Labelled target data, --eval-data without labels: the plan was checked within 1 point of
-    accuracy, the held-out check read 1.33 points of disagreement (exit 3), with no word why."""
+    accuracy, the held-out check read 1.33 points of disagreement (exit 3), with no word why. The
+    planner now plans for the check that judges (agreement), and says so."""
     digits = np.load(DATA)
     target, unlabelled = tmp_path / "target.npz", tmp_path / "eval.npz"
     np.savez(target, x=digits["x"][:1000], y=digits["y"][:1000])
@@ -262,8 +263,8 @@ def test_evaluation_samples_without_labels_are_said_to_check_another_drop(tmp_pa
                                        "--no-latency"])
     assert result.exit_code in (0, 3), result.output
     report = json.loads(out.with_name("lenet.report.json").read_text())
-    note = f"{unlabelled} has no labels: the planner measures --max-drop as an accuracy drop"
-    assert report["plan"]["check"]["accuracy_reference"] is not None and report["validation"]["accuracy_reference"] is None
+    note = f"{unlabelled} has no labels: --max-drop is read as the drop without labels"
+    assert report["plan"]["check"]["accuracy_reference"] is None and report["validation"]["accuracy_reference"] is None
     assert any(w.startswith(note) for w in report["warnings"]) and note in result.stderr
     # labelled evaluation samples: no such note
     np.savez(unlabelled, x=digits["x"][1000:1400], y=digits["y"][1000:1400])
