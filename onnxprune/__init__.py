@@ -9,12 +9,13 @@ except ImportError:
                        "(from a checkout: pip install -e '.[cpu]')")
 else:
     MISSING_RUNTIME = None
-    from onnxprune.api import CompressResult, calibrate, compress, inspect, merge_stats, validate  # noqa: E402
+    from onnxprune.api import (CompressResult, calibrate, compress, inspect, merge_stats, sensitivity,  # noqa: E402
+                               sweep, validate)
     from onnxprune.errors import OnnxPruneError, ValidationFailed  # noqa: E402
     from onnxprune.pipeline import Recipe  # noqa: E402
 
-__all__ = ["__version__", "calibrate", "compress", "inspect", "merge_stats", "validate", "Recipe", "CompressResult",
-           "OnnxPruneError", "ValidationFailed"]
+__all__ = ["__version__", "calibrate", "compress", "inspect", "merge_stats", "sensitivity", "sweep", "validate", "Recipe",
+           "CompressResult", "OnnxPruneError", "ValidationFailed"]
 
 
 def __getattr__(name):

@@ -55,12 +55,13 @@ from onnxprune.model import (
 from onnxprune.outputs import text, write_all
 from onnxprune.passes import REGISTRY
 from onnxprune.paths import check_output_text, check_outputs, model_files
-from onnxprune.pipeline import Recipe, run_pipeline
+from onnxprune.pipeline import PREPROCESS_KEYS, Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import RecoveryOptions
 from onnxprune.runtime import ORT_ERRORS, error_line
 from onnxprune.structures.heads import head_layout_skips
-from onnxprune.validate import REMEDY, ValidationReport, check_labels_fit, check_threshold_values, check_thresholds
+from onnxprune.validate import (REMEDY, ValidationReport, check_labels_fit, check_latency_runs, check_threshold_values,
+                                check_thresholds)
 from onnxprune.validate import validate as _validate
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,14 @@ def as_recipe(recipe) -> Recipe:
                       "e.g. recipe=Recipe(passes=(), plan={\"max_drop\": 1.0})")
 
 
+def refuse_idle_source(recipe: Recipe, source_data) -> None:
+    """``source_data`` for a recipe that reads the target only: a UsageError, as the command line's
+    --source-data (its samples would be opened, and reported as calibrating, for nothing)."""
+    if source_data is not None and "source" not in recipe.sets():
+        raise UsageError("source_data applies to recipes that read both domains (the momasp-J and momasp-j "
+                         "criteria); this recipe reads the target data only", "drop source_data")
+
+
 def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | None, *,
                mask: str | None = "auto") -> SampleSet:
     """``data`` as a SampleSet; a ``.txt``/``.tsv`` text file is tokenised with the ``tokenizer``
@@ -102,10 +111,15 @@ def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | Non
     positions, none of their tokens real by the ``mask`` input: "auto", "none" or a name) a
     DataError (``data/tokens.py``)."""
     if isinstance(data, SampleSet):
+        check_sample_set(data, model, preprocess)
         return data
     text = is_text_file(data)
     samples = flags = None
     if isinstance(preprocess, dict):
+        unknown = sorted(set(preprocess) - PREPROCESS_KEYS)
+        if unknown:         # as a Recipe's preprocess table, not a TypeError from Preprocess(**preprocess)
+            raise RecipeError("preprocess", f"unknown preprocess key {unknown[0]!r}",
+                              f"known keys: {', '.join(sorted(PREPROCESS_KEYS))}")
         flags = preprocess
         check_flags(model, preprocess)
         preprocess = dict(preprocess)
@@ -127,6 +141,29 @@ def as_samples(data, model: onnx.ModelProto, preprocess: Preprocess | dict | Non
         check_image_flags(samples, flags)
     check_token_samples(samples, model, mask=mask, text=text)
     return samples
+
+
+def check_sample_set(samples: SampleSet, model: onnx.ModelProto, preprocess: Preprocess | dict | None) -> None:
+    """A SampleSet given as data must be opened for ``model``'s inputs (names, dtypes, dimensions after
+    the batch) and, when this run asks for preprocessing, with that preprocessing: else a DataError
+    (not a KeyError in onnxruntime, nor a recipe's preprocessing silently not applied)."""
+    def key(specs):
+        return [(s.name, str(s.dtype), tuple(d if isinstance(d, int) else "?" for d in s.shape[1:])) for s in specs]
+
+    if key(samples.specs) != key(input_specs(model)):
+        raise DataError(samples.name, f"is a SampleSet opened for other model inputs "
+                        f"({', '.join(f'{n} {d} {list(shape)}' for n, d, shape in key(samples.specs))}; the model "
+                        f"takes {', '.join(f'{n} {d} {list(shape)}' for n, d, shape in key(input_specs(model)))})",
+                        "open it for this model: onnxprune.data.samples.open_samples(data, model), or pass the "
+                        "data itself")
+    if isinstance(preprocess, dict):
+        preprocess = {k: v for k, v in preprocess.items() if k not in ("tokenizer", "max_length")}
+        preprocess = Preprocess(**preprocess) if preprocess else None
+    if preprocess is not None and preprocess != Preprocess() and preprocess != samples.preprocess:
+        raise DataError(samples.name, "is a SampleSet opened with its own preprocessing "
+                        f"({_preprocess_text(dataclasses.asdict(samples.preprocess))}), not the "
+                        f"{_preprocess_text(dataclasses.asdict(preprocess))} asked for",
+                        "open it with that preprocessing (open_samples(..., preprocess=...)), or ask for none")
 
 
 @dataclasses.dataclass
@@ -178,13 +215,28 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     then distilled again on the training samples and the fold together).
     """
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
+    check_latency_runs(latency_runs)
     recipe = as_recipe(recipe)
+    refuse_idle_source(recipe, source_data)
+    if stats is not None and not _is_path(stats):
+        raise RecipeError("stats", f"must be the path of a statistics file, not a {type(stats).__name__}",
+                          "give the .npz file onnxprune.calibrate(..., output=...) wrote")
     if finetune is not None:         # before any work: training is the last step
         from onnxprune.train import require_torch
 
         if stats is not None:
             raise UsageError(FINETUNE_STATS)
         require_torch()
+        from onnxprune.train.distill import TrainConfig
+
+        if not isinstance(finetune, TrainConfig):       # e.g. the command line's --finetune EPOCHS as a number
+            raise RecipeError("finetune", f"must be an onnxprune.train.distill.TrainConfig, not a "
+                              f"{type(finetune).__name__}", "e.g. finetune=TrainConfig(epochs=16)")
+        if not progress:        # progress=False: no training bars either
+            finetune = dataclasses.replace(finetune, progress=False)
+    if not isinstance(recovery, RecoveryOptions):
+        raise RecipeError("recovery", f"must be an onnxprune.plan.recovery.RecoveryOptions, not a "
+                          f"{type(recovery).__name__}", "e.g. recovery=RecoveryOptions(trials=3)")
     if output is not None:
         check_output_text(output)
         check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,
@@ -208,6 +260,8 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         val_fold = None if val_fold is None else val_fold.without_labels()
     if (recipe.plan or {}).get("max_drop") is not None and held_out.labels is None \
             and samples["target"].labels is not None:
+        # plan for the check that judges: its agreement, not the calibration samples' accuracy
+        samples["target"] = samples["target"].without_labels()
         label_notes.append(unlabelled_evaluation_note(held_out))
         log.warning("%s", label_notes[-1])
     preloaded = planning = trained = None
@@ -249,8 +303,6 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     if trained is not None:         # the recovery search built and distilled the chosen plan
         compressed, report = trained.compressed, trained.pipeline
     else:
-        # plan for the check that judges: its agreement, not the calibration samples' accuracy
-        samples["target"] = samples["target"].without_labels()
         compressed, report = run_pipeline(original, recipe, provider)
     if planning is not None:
         report["plan"] = planning
@@ -283,7 +335,8 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         warnings += [worse] if worse else []
     for warning in warnings:
         log.warning("%s", warning)
-    warnings = label_notes + (report.get("finetune") or {}).get("warnings", []) + warnings   # logged already
+    passes = [w for entry in report.get("passes", ()) for w in entry.get("warnings", ())]    # a budget not met
+    warnings = label_notes + passes + (report.get("finetune") or {}).get("warnings", []) + warnings   # logged already
     report["validation"] = validation.to_dict()
     report["warnings"] = warnings
     report["recipe"] = recipe.to_dict()
@@ -684,16 +737,25 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     (``latency_runs``: timed runs of each model per batch size when validating)."""
     from onnxprune.plan import figures
 
+    check_latency_runs(latency_runs)
     recipe = as_recipe(recipe)
+    refuse_idle_source(recipe, source_data)
+    if not _is_path(output_dir) or not isinstance(os.fspath(output_dir), str):
+        raise OutputError(repr(output_dir)[:60], f"is a {type(output_dir).__name__}, not an output folder",
+                          "give a folder for -o as a str or pathlib.Path")
     if not os.fspath(output_dir).strip():       # Path("") is the working folder
         raise OutputError(repr(os.fspath(output_dir)), "is an empty output folder", "give a folder for -o")
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(str(out_dir), "exists and is not a folder", "give a folder for -o")
-    budgets = sorted({float(b) for b in budgets}, reverse=True)     # one row per distinct budget, largest first
+    given = list(budgets) if hasattr(budgets, "__iter__") and not isinstance(budgets, (str, bytes)) else None
+    if given is None or any(isinstance(b, bool) or not isinstance(b, (int, float, np.number)) for b in given):
+        raise RecipeError("--flops/--keep", f"budgets must be a list of numbers, not {budgets!r}"[:120],
+                          "e.g. [0.8, 0.5]")
+    budgets = sorted({float(b) for b in given}, reverse=True)     # one row per distinct budget, largest first
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1], got {budgets}")
-    stem = Path(getattr(model, "name", None) or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "model"))
+    stem = Path(model).stem if _is_path(model) else "model"       # a str and a pathlib.Path name the same files
     objective = plan_options(recipe.plan or {}).objective
     models = {budget: out_dir / f"{stem}_{objective}{round(100 * budget)}.onnx" for budget in budgets}
     check_outputs([out_dir / name for name in ("pareto.json", "pareto.md", "pareto.png")]
@@ -1019,7 +1081,10 @@ def check_held_out(stats: Statistics, stats_path, evaluation: SampleSet, eval_so
                                 f"{len(evaluation)} evaluation samples of {eval_source}: accuracy on them would not "
                                 "be held out", "calibrate with the same --split and --seed as compress (the defaults),"
                                 " or evaluate on --eval-data the statistics did not see")
-    if unknown:
+    if unknown and eval_path is None:       # arrays or batches: no file to compare the statistics' record with
+        log.warning("%s: cannot check that the evaluation samples are held out: they were given in memory, not as "
+                    "a file, so they cannot be matched with the samples the statistics were gathered on", stats_path)
+    elif unknown:
         log.warning("%s: cannot check that the evaluation samples are held out: the %s statistics do not record "
                     "which samples of which file they were gathered on (recalibrate with `onnxprune calibrate`)",
                     stats_path, " and ".join(sorted(unknown)))
@@ -1106,9 +1171,15 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
     from onnxprune.runtime import batch_size_for
 
     recipe = as_recipe(recipe)
+    if recipe.plan is not None:     # not "no compressible layer": a plan's passes are chosen while it plans
+        raise RecipeError("recipe", "is a planner recipe (a plan, no passes): the planner gathers its statistics "
+                          "while it plans, so there are none to gather beforehand",
+                          "give calibrate a recipe with passes (e.g. the OUT.recipe.json a compress run wrote, or "
+                          "method flags); compress with a plan takes no --stats")
+    refuse_idle_source(recipe, source_data)
     fraction = recipe.split if split is None else split
-    if not 0 < fraction <= 1:
-        raise RecipeError("split", f"{fraction} must be in (0, 1]")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)) or not 0 < fraction <= 1:
+        raise RecipeError("split", f"must be a number in (0, 1], not {fraction!r}")
     if "source" in recipe.sets() and source_data is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
     check_output_text(output)
@@ -1137,6 +1208,8 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         raise RecipeError("client/cluster/workers", "give at most one of them")
     if shards is not None and (isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1):
         raise RecipeError("shards", f"must be an integer >= 1, not {shards!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise RecipeError("threads", f"must be an integer >= 1, not {threads!r}")
     if shards is not None and not distributed:
         raise RecipeError("shards", "cuts the work for a cluster", "give client=, cluster= or workers= too")
     if distributed and shard is not None:
@@ -1144,6 +1217,10 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
                           "use --cluster/--workers alone (every shard runs there)")
     if isinstance(shard, str):
         shard = parse_shard(shard)
+    elif shard is not None and not (isinstance(shard, (tuple, list)) and len(shard) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard)):
+        raise RecipeError("shard", f"must be (i, n) (0-based) or \"i/n\" (1-based), not {shard!r}"[:120],
+                          "e.g. shard=\"1/4\" or shard=(0, 4)")
     options = {"count": 1, "batch_size": recipe.batch_size, "folds": recipe.folds, "seed": recipe.seed,
                "device": device, "stats_options": {"engine": engine}, "threads": threads}
     model_source = _path_or_none(model)
@@ -1157,8 +1234,12 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
         stats = tasks_on.run_shard(task, progress=progress)
     elif distributed:
         own = client is None
-        if workers is not None and int(workers) < 1:
-            raise RecipeError("workers", f"must be >= 1, got {workers}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                    or workers < 1):
+            raise RecipeError("workers", f"must be an integer >= 1, not {workers!r}")
+        if client is not None and not hasattr(client, "scheduler_info"):
+            raise RecipeError("client", f"must be a dask distributed.Client, not a {type(client).__name__}",
+                              "pass distributed.Client(...), or cluster=\"tcp://host:port\" or workers=N instead")
         # a count the data cannot take, before starting a cluster (a local one: one shard per worker)
         planned = int(shards) if shards is not None else None if workers is None else int(workers)
         if planned is not None:
@@ -1211,7 +1292,12 @@ def merge_stats(inputs, output: str | os.PathLike) -> Statistics:
     ``calibrate --shard`` run into ``output``."""
     from onnxprune.calibration.shard import merge_shards
 
-    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    inputs = [inputs] if _is_path(inputs) else list(inputs) if hasattr(inputs, "__iter__") and \
+        not isinstance(inputs, bytes) else None
+    if inputs is None or not all(_is_path(p) for p in inputs):
+        raise CalibrationError("merge-stats", "takes the paths of the shard files (a list, or one path)",
+                               "e.g. merge_stats([\"s1.npz\", \"s2.npz\"], \"stats.npz\")")
+    paths = [Path(p) for p in inputs]
     check_output_text(output)
     check_outputs([output], {"statistics shard": paths})
     merged = merge_shards([Statistics.load(p) for p in paths], names=[p.name for p in paths])
@@ -1286,6 +1372,7 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
     ``judge_output``: the output judged (default: the first float output, a token model's embedding).
     Labels outside the reference's classes are a DataError (``_validate``)."""
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
+    check_latency_runs(latency_runs)
     ref, cand = as_model(reference), as_model(candidate)
     samples = as_samples(data, ref, preprocess)
     report = _validate(ref, cand, samples, batch_size=batch_size, device=device, measure_latency=measure_latency,

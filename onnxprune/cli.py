@@ -32,7 +32,7 @@ from onnxprune import MISSING_RUNTIME, __version__
 if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
     sys.exit(f"error: {MISSING_RUNTIME}")
 from onnxprune import recipes
-from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, ValidationFailed
+from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, UsageError, ValidationFailed
 from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
 log = logging.getLogger("onnxprune")
@@ -304,6 +304,8 @@ def user_errors(func):
         stdout, sys.stdout = sys.stdout, ClosedPipeSafe(sys.stdout)
         try:
             return func(*args, **kwargs)
+        except UsageError as exc:  # found after parsing: click's usage message too
+            raise click.UsageError(str(exc), click.get_current_context(silent=True)) from None
         except OnnxPruneError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -927,7 +929,8 @@ def _count_of(desc: dict) -> str:
 @click.option("--workers", type=click.IntRange(min=1), help="Run the shards on a local Dask cluster of N workers.")
 @click.option("--shards", type=click.IntRange(min=1), help="Shards for --cluster/--workers (default: one per worker).")
 @click.option("--engine", type=click.Choice(["auto", "graph", "numpy"]), default="auto", show_default=True,
-              help="auto: patches in-graph, features by float32 BLAS; graph: all inside onnxruntime; numpy: float64.")
+              help="auto: pooled responses in-graph, features and patches by float32 BLAS (on cuda: graph); "
+                   "graph: all inside onnxruntime; numpy: float64.")
 @token_options
 @preprocess_options
 @common_options

@@ -62,8 +62,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_output_text(output: str | os.PathLike, *, flag: str = "-o") -> None:
-    """The path as given names a file: not empty, no trailing separator (a folder)."""
-    text = os.fspath(output)
+    """The path as given names a file: a str or os.PathLike, not empty, no trailing separator (a folder)."""
+    text = os.fspath(output) if isinstance(output, (str, os.PathLike)) else None
+    if not isinstance(text, str):       # None, a number, bytes: the Python API's output= of the wrong type
+        raise OutputError(repr(output)[:60], f"is a {type(output).__name__}, not an output path",
+                          f"give a file path ({flag}) as a str or pathlib.Path")
     if not text.strip():
         raise OutputError(repr(text), "is an empty output path", f"give a file path ({flag})")
     if text.endswith((os.sep, "/")):

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from onnxprune.calibration.provider import StatsProvider
@@ -91,6 +92,10 @@ class Recipe:
     judge_output: str | None = None
 
     def __post_init__(self):
+        for field in ("seed", "calib_size", "split", "batch_size", "folds"):    # numpy scalars as Python numbers:
+            value = getattr(self, field)                                        # json (the recipe file) takes those
+            if isinstance(value, (np.integer, np.floating)):
+                object.__setattr__(self, field, value.item())
         if self.calib_size == "all":
             object.__setattr__(self, "calib_size", None)
         elif isinstance(self.calib_size, str):
@@ -153,8 +158,10 @@ class Recipe:
         return hash(self._key())
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as a recipe file holds it: plain JSON values (numpy scalars given as options
+        become Python numbers, so the file can be written)."""
         built = self.build()
-        return {
+        return jsonable({
             "mode": self.mode, "seed": self.seed, "calib_size": "all" if self.calib_size is None else self.calib_size,
             "split": self.split,
             "batch_size": self.batch_size, "folds": self.folds, "preprocess": dict(self.preprocess),
@@ -163,7 +170,7 @@ class Recipe:
             **({"mask_input": self.mask_input} if self.mask_input != "auto" else {}),
             **({"metric": self.metric} if self.metric != "auto" else {}),
             **({"judge_output": self.judge_output} if self.judge_output is not None else {}),
-        }
+        })
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> Recipe:
@@ -194,9 +201,15 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError(str(path), "is a directory, not a file", "give a recipe file (.json or .toml)")
         if not path.is_file():
             raise RecipeError(str(path), "no such recipe file")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:      # a model or an .npz given as the recipe (arguments swapped)
+            raise RecipeError(str(path), "is not a text file, so not a recipe", "give a recipe file (.json or "
+                              ".toml), e.g. the OUT.recipe.json of a compress run") from None
         try:
             if path.suffix.lower() == ".toml":
                 import tomllib
@@ -336,6 +349,8 @@ def _run_pipeline(model: onnx.ModelProto, recipe: Recipe, provider: StatsProvide
             continue
         run_one(p)
         i += 1
+    if not any(r["changed"] for r in reports):
+        work = clone(model)     # nothing rewritten: the input as it is (check_graph dropped its value_info)
     work.ir_version = model.ir_version
     report = {
         "passes": reports,

@@ -67,13 +67,17 @@ def method_names(*, auto: bool = False) -> list[str]:
 
 def check_method_options(method: str, options: Mapping[str, Any], flag: Callable[[str], str] = _same) -> None:
     """Low-rank-only options with a pruning criterion, pruning-only ones with a low-rank preset,
-    or a criterion's own options (alpha, tau, lam) with a criterion that does not read them, are
-    an ``OptionConflict`` (``method`` "auto" accepts both families)."""
+    a ridge with SVD, or a criterion's own options (alpha, tau, lam) with a criterion that does
+    not read them, are an ``OptionConflict`` (``method`` "auto" accepts both families)."""
     wrong = () if method == "auto" else LOW_RANK_ONLY if method not in METHODS else PRUNING_ONLY
     for name in wrong:
         if options.get(name) not in (None, False):
             kind = "low rank (svd, svd-bc, dalr, dalr-bc)" if name in LOW_RANK_ONLY else "channel pruning"
             raise OptionConflict(f"{flag(name)} applies to {kind}, not {flag('method')} {method}")
+    if method in METHODS and METHODS[method][0][1]["method"] == "svd" and options.get("ridge") is not None:
+        dalr = ", ".join(m for m in METHODS if METHODS[m][0][1]["method"] == "dalr")
+        raise OptionConflict(f"{flag('ridge')} applies to {flag('method')} {dalr}, not {method} "
+                             "(SVD has no ridge)")
     if method not in PRUNING_CRITERIA:
         return
     for name in CRITERION_OPTIONS:
@@ -149,8 +153,8 @@ def fixed_by(options: Mapping[str, Any], flag: Callable[[str], str] = _same) -> 
     for name in ("no_reconstruct", "stats", "latency_aware_splits"):
         if options.get(name):
             return flag(name)
-    if options["method"] == "pfa-kl":
-        return f"{flag('method')} pfa-kl"
+    if options["method"] == "pfa-kl" and options.get("keep") is None and options.get("flops") is None:
+        return f"{flag('method')} pfa-kl"        # its own rule; a budget is planned as for any criterion
     return next((flag(name) for name in RULE_OPTIONS if options.get(name) is not None), None)
 
 
@@ -215,11 +219,17 @@ def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable
     given = [flag(k) for k in BUDGET_OPTIONS if options.get(k) is not None]
     if len(given) > 1:
         raise OptionConflict(f"give only one budget: {' and '.join(given)} were both given")
-    check_method_options(method, options, flag)
+    fixed = fixed_by(options, flag)
+    # --flops is the planner's MAC budget with any method; only a fixed recipe's is pruning's
+    if fixed and method in METHODS and options.get("flops") is not None:
+        raise OptionConflict(f"{flag('flops')} with {flag('method')} {method} is a budget for the planner, "
+                             f"and {fixed} makes compress run one fixed recipe: drop {fixed}, or give the "
+                             f"low-rank recipe {flag('keep')}, {flag('rank')}, {flag('fraction')} or "
+                             f"{flag('energy')}")
+    check_method_options(method, options if fixed else {**options, "flops": None}, flag)
     layers = layer_list(options.get("layers"))
     settings = dict(seed=options["seed"], calib_size=options.get("calib_size"), split=options["split"],
                     batch_size=options["batch_size"], preprocess=preprocess, **output_settings(options))
-    fixed = fixed_by(options, flag)
     if fixed is None:
         return Recipe(passes=(), plan=plan_request(options, layers, flag), **settings)
     ignored = [flag(name if options[name] is not False else f"no_{name}") for name in PLANNER_OPTIONS
@@ -229,11 +239,19 @@ def build_recipe(options: Mapping[str, Any], preprocess: dict, *, flag: Callable
                              f"{fixed} makes compress run one fixed recipe (drop {fixed} to plan)")
     if method == "auto":
         method = "spectral" if any(options.get(k) not in (None, False) for k in PRUNING_ONLY) else "dalr-bc"
+        check_method_options(method, options, flag)     # --lam, --tau: options spectral does not read
     if sized and not given and not (method in PRUNING_CRITERIA and criteria.get(method).default is None):
         sizes = ("keep", "rank", "fraction", "energy") if method in METHODS else ("keep", "flops", "fraction",
                                                                                   *criteria.get(method).per_group)
         raise OptionConflict(f"{fixed} makes compress run one fixed recipe ({method}), which needs a size: give one "
                              f"of {', '.join(flag(k) for k in sizes)} (or drop {fixed} to let the planner choose)")
+    spatial = [flag(k) for k in ("keep", "energy") if options.get(k) is not None] \
+        if options.get("conv_split") == "spatial" else []
+    if spatial:      # low-rank-split's conv="spatial" has no spectrum to threshold
+        raise OptionConflict(f"{flag('conv_split')} spatial in a fixed recipe takes {flag('rank')} or "
+                             f"{flag('fraction')}, not {spatial[0]} (which ranks the channel form's spectrum): "
+                             f"give {flag('fraction')}, or drop {fixed} to let the planner choose the form per "
+                             "layer")
     latency = bool(options.get("latency_aware_splits"))
     if options.get("latency_batch") is not None and not latency:
         raise OptionConflict(f"{flag('latency_batch')} only applies to {flag('objective')} latency or "

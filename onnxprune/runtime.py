@@ -52,7 +52,7 @@ def feeds_text(feeds: dict[str, np.ndarray]) -> str:
 def providers_for(device: str = "cpu") -> list:
     """Execution providers for ``device`` ('cpu' or 'cuda'); CUDA must be available."""
     if device not in PROVIDERS:
-        raise ModelError(device, "unknown device", "use 'cpu' or 'cuda'")
+        raise ModelError("device", f"unknown device {device!r}", "use 'cpu' or 'cuda'")
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ModelError("cuda", "the CUDA execution provider is not available",

@@ -21,7 +21,7 @@ import onnx
 
 from onnxprune import embedding as emb
 from onnxprune.cost import sample_shapes, total_macs
-from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
+from onnxprune.errors import DataError, ModelError, RecipeError, UsageError, ValidationFailed
 from onnxprune.model import count_parameters, input_specs, jsonable, model_bytes
 from onnxprune.runtime import make_session, run_batches
 
@@ -468,6 +468,14 @@ def check_threshold_values(*, max_drop: float | None = None, min_agreement: floa
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         raise RecipeError("min_agreement", f"{min_agreement} is not a fraction in [0, 1]",
                           "give it as a fraction, e.g. 0.99 for 99 %")
+
+
+def check_latency_runs(latency_runs) -> None:
+    """UsageError for a ``latency_runs`` that is not an integer >= 1 (the command line's
+    ``--latency-runs`` range; ``measure_latency=False`` measures none); called before any work."""
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, (int, np.integer)) or latency_runs < 1:
+        raise UsageError(f"latency_runs must be an integer >= 1, not {latency_runs!r}",
+                         "measure_latency=False measures no latency")
 
 
 # --------------------------------------------------------------------------- checks

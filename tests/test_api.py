@@ -191,3 +191,192 @@ def test_merge_stats_takes_one_path_alone(tmp_path):
     onnxprune.calibrate(model, data(model), recipe=recipe, output=tmp_path / "one.npz", shard="1/1", progress=False)
     merged = onnxprune.merge_stats(tmp_path / "one.npz", tmp_path / "merged.npz")
     assert merged.header["merged_shards"]["count"] == 1
+
+
+def test_documented_arguments_of_the_wrong_type_are_one_onnxprune_error(tmp_path):
+    """Every documented argument of the wrong type or value is an OnnxPruneError naming it, raised before
+    any work and before anything is written: not a TypeError, IndexError or AttributeError from inside."""
+    from onnxprune import api
+    from onnxprune.errors import CalibrationError, OutputError, RecipeError, UsageError
+    from onnxprune.plan.recovery import RecoveryOptions
+
+    model = graphs.gemm_chain()
+    x = data(model, 64)
+    recipe = Recipe(passes=method_passes("dalr-bc", rank=2))
+    quiet = dict(progress=False, measure_latency=False)
+    for output in (3, b"out.onnx"):
+        with pytest.raises(OutputError, match="not an output path"):
+            onnxprune.compress(model, x, recipe=recipe, output=output, **quiet)
+    with pytest.raises(OutputError, match="is a NoneType, not an output path"):
+        onnxprune.calibrate(model, x, recipe=recipe, output=None, progress=False)
+    with pytest.raises(RecipeError, match="stats .*path of a statistics file"):
+        onnxprune.compress(model, x, recipe=recipe, stats=3, **quiet)
+    with pytest.raises(RecipeError, match="recovery .*RecoveryOptions, not a dict"):
+        onnxprune.compress(model, x, recipe=recipe, recovery={"trials": 1}, **quiet)
+    with pytest.raises(RecipeError, match="--finetune-margin"):
+        RecoveryOptions(margin="1")
+    for runs in ("3", 0):           # --latency-runs takes integers >= 1: a usage error (exit 2)
+        with pytest.raises(UsageError, match="latency_runs must be an integer >= 1") as caught:
+            onnxprune.compress(model, x, recipe=recipe, latency_runs=runs, progress=False)
+        assert caught.value.exit_code == 2
+        with pytest.raises(UsageError, match="latency_runs"):
+            onnxprune.validate(model, model, x, latency_runs=runs)
+    with pytest.raises(RecipeError, match="unknown preprocess key 'meen'"):
+        onnxprune.validate(model, model, x, preprocess={"meen": [0.5]}, measure_latency=False)
+    out = tmp_path / "s.npz"
+    for shard in ((1,), 2):
+        with pytest.raises(RecipeError, match="shard .*must be \\(i, n\\)"):
+            onnxprune.calibrate(model, x, recipe=recipe, output=out, shard=shard, progress=False)
+    with pytest.raises(RecipeError, match="split .*must be a number in \\(0, 1\\], not '0.5'"):
+        onnxprune.calibrate(model, x, recipe=recipe, output=out, split="0.5", progress=False)
+    with pytest.raises(RecipeError, match="threads .*integer >= 1"):
+        onnxprune.calibrate(model, x, recipe=recipe, output=out, threads="2", progress=False)
+    with pytest.raises(RecipeError, match="workers .*integer >= 1, not 'two'"):     # before any cluster starts
+        onnxprune.calibrate(model, x, recipe=recipe, output=out, workers="two", progress=False)
+    with pytest.raises(RecipeError, match="client .*distributed.Client, not a str"):
+        onnxprune.calibrate(model, x, recipe=recipe, output=out, client="tcp://localhost:8786", progress=False)
+    with pytest.raises(CalibrationError, match="paths of the shard files"):
+        onnxprune.merge_stats(3, out)
+    plan = Recipe(passes=(), plan={"max_drop": 1.0})
+    for budgets in ("0.5", 0.5, ["a"]):
+        with pytest.raises(RecipeError, match="budgets must be a list of numbers"):
+            api.sweep(model, x, budgets, recipe=plan, output_dir=tmp_path / "sweep", **quiet)
+    with pytest.raises(OutputError, match="not an output folder"):
+        api.sweep(model, x, [0.5], recipe=plan, output_dir=None, **quiet)
+    assert not list(tmp_path.iterdir())
+
+
+def test_compress_refuses_a_finetune_that_is_not_a_train_config(capfd):
+    """compress(finetune=16), as the command line's --finetune EPOCHS: a RecipeError naming TrainConfig.
+    With progress=False the training draws no progress bar either (it drew one per epoch on stderr)."""
+    pytest.importorskip("torch")
+    from onnxprune.errors import RecipeError
+    from onnxprune.train.distill import TrainConfig
+
+    model = graphs.gemm_chain()
+    for finetune in (16, {"epochs": 16}):
+        with pytest.raises(RecipeError, match="finetune .*TrainConfig"):
+            onnxprune.compress(model, data(model, 64), recipe=Recipe(passes=(), plan={"max_drop": 1.0}),
+                               finetune=finetune, progress=False)
+    capfd.readouterr()
+    onnxprune.compress(model, data(model, 200), recipe=Recipe(passes=method_passes("spectral", fraction=0.5)),
+                       finetune=TrainConfig(epochs=1), progress=False, measure_latency=False)
+    out, err = capfd.readouterr()
+    assert out == "" and "epoch" not in err
+
+
+def test_sweep_names_its_models_alike_for_a_str_and_a_pathlib_model(tmp_path):
+    """A pathlib.Path model wrote chain.onnx_macs80.onnx where its str wrote chain_macs80.onnx. sweep and
+    sensitivity are exported beside the other commands' functions (onnxprune.sweep was an AttributeError)."""
+    import onnx
+
+    model = graphs.gemm_chain()
+    onnx.save(model, tmp_path / "chain.onnx")
+    assert {"sensitivity", "sweep"} <= set(onnxprune.__all__)
+    for name, given in (("str", str(tmp_path / "chain.onnx")), ("path", tmp_path / "chain.onnx")):
+        onnxprune.sweep(given, data(model, 300), [0.8], recipe=Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=100),
+                  output_dir=tmp_path / name, progress=False, measure_latency=False)
+        assert (tmp_path / name / "chain_macs80.onnx").is_file(), sorted(p.name for p in (tmp_path / name).iterdir())
+
+
+def test_statistics_with_samples_in_memory_warn_without_asking_to_recalibrate(tmp_path, caplog):
+    """calibrate and compress --stats on arrays: the held-out check cannot match files, and the warning
+    says so instead of telling the user to recalibrate with `onnxprune calibrate` (which they did)."""
+    model = graphs.gemm_chain()
+    x = data(model)
+    recipe = Recipe(passes=method_passes("dalr-bc", rank=2))
+    onnxprune.calibrate(model, x, recipe=recipe, output=tmp_path / "s.npz", progress=False)
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        onnxprune.compress(model, x, recipe=recipe, stats=tmp_path / "s.npz", progress=False, measure_latency=False)
+    held_out = [r.getMessage() for r in caplog.records if "held out" in r.getMessage()]
+    assert held_out and "given in memory" in held_out[0] and "recalibrate" not in held_out[0]
+
+
+def test_a_sample_set_opened_for_another_model_or_preprocessing_is_a_data_error():
+    """A SampleSet is data as it was opened: for another model's inputs compress raised an internal error
+    (KeyError in the calibration) and validate onnxruntime's ValueError; with a recipe's preprocessing it
+    did not open with, that preprocessing was silently not applied."""
+    from pathlib import Path
+
+    import onnx
+
+    from onnxprune.data.preprocess import Preprocess
+    from onnxprune.data.samples import open_samples
+
+    root = Path(__file__).resolve().parents[1]
+    chain = graphs.gemm_chain()
+    lenet = onnx.load(root / "models/lenet_caffe_mnist.onnx")
+    digits = np.load(root / "models/usps_test.npz")["x"][:200]
+    recipe = Recipe(passes=method_passes("dalr-bc", keep=0.5))
+    for_chain = open_samples(data(chain, 200), chain)
+    with pytest.raises(DataError, match="SampleSet opened for other model inputs .*the model takes data"):
+        onnxprune.compress(lenet, for_chain, recipe=recipe, progress=False, measure_latency=False)
+    with pytest.raises(DataError, match="SampleSet opened for other model inputs"):
+        onnxprune.validate(lenet, lenet, for_chain, measure_latency=False)
+    plain = open_samples(digits, lenet)
+    normalised = Recipe(passes=method_passes("dalr-bc", keep=0.5), preprocess={"mean": [0.5], "std": [0.5]})
+    with pytest.raises(DataError, match="SampleSet opened with its own preprocessing"):
+        onnxprune.compress(lenet, plain, recipe=normalised, progress=False, measure_latency=False)
+    opened = open_samples(digits, lenet, preprocess=Preprocess(mean=(0.5,), std=(0.5,)))
+    by_set = onnxprune.compress(lenet, opened, recipe=normalised, progress=False, measure_latency=False)
+    by_array = onnxprune.compress(lenet, digits, recipe=normalised, progress=False, measure_latency=False)
+    assert by_set.model.SerializeToString() == by_array.model.SerializeToString()
+
+
+def test_source_data_a_recipe_does_not_read_and_a_planner_recipe_for_calibrate_are_refused(tmp_path):
+    """compress/calibrate(source_data=...) with a target-only recipe opened the source samples and listed
+    them as calibrating ("calibration": target, source) though nothing read them: the command line's usage
+    error (exit 2). calibrate with a planner recipe said "no compressible layer" of a model that has some."""
+    from onnxprune.errors import RecipeError, UsageError
+
+    model = graphs.gemm_chain()
+    x, other = data(model, 200), graphs.feeds(model, batch=200, seed=3)["x"]
+    for recipe in (Recipe(passes=method_passes("spectral", fraction=0.5)), Recipe(passes=(), plan={"budget": 0.6})):
+        with pytest.raises(UsageError, match="source_data applies to recipes that read both domains") as caught:
+            onnxprune.compress(model, x, recipe=recipe, source_data=other, progress=False, measure_latency=False)
+        assert caught.value.exit_code == 2
+    with pytest.raises(UsageError, match="source_data applies"):
+        onnxprune.calibrate(model, x, recipe=Recipe(passes=method_passes("spectral", fraction=0.5)),
+                            source_data=other, output=tmp_path / "s.npz", progress=False)
+    momasp = Recipe(passes=method_passes("momasp-J", fraction=0.5))
+    assert "source" in onnxprune.compress(model, x, recipe=momasp, source_data=other, progress=False,
+                                          measure_latency=False).report["calibration"]
+    with pytest.raises(RecipeError, match="is a planner recipe") as caught:
+        onnxprune.calibrate(model, x, recipe=Recipe(passes=(), plan={"max_drop": 1.0}), output=tmp_path / "s.npz",
+                            progress=False)
+    assert "no compressible layer" not in str(caught.value) and not list(tmp_path.iterdir())
+
+
+def test_a_recipe_path_that_is_a_model_or_a_folder_is_a_recipe_error(tmp_path):
+    """recipe= (or --recipe) naming the model or an .npz, arguments swapped: a UnicodeDecodeError (exit 4 on
+    the command line) before; a folder read "no such recipe file"."""
+    import onnx
+
+    from onnxprune.errors import RecipeError
+
+    model = graphs.gemm_chain()
+    np.savez(tmp_path / "x.npz", x=data(model, 64))
+    onnx.save(model, tmp_path / "m.onnx")
+    for path in (tmp_path / "x.npz", tmp_path / "m.onnx"):
+        with pytest.raises(RecipeError, match="is not a text file, so not a recipe") as caught:
+            onnxprune.compress(model, tmp_path / "x.npz", recipe=path, progress=False)
+        assert caught.value.exit_code == 1
+    with pytest.raises(RecipeError, match="is a directory, not a file"):
+        onnxprune.compress(model, tmp_path / "x.npz", recipe=tmp_path, progress=False)
+
+
+def test_numpy_scalars_in_a_recipe_run_and_are_written_as_numbers(tmp_path):
+    """Recipe(split=np.float32(0.5)) or an option np.float32(0.5) ran the whole compression, then failed
+    writing OUT.recipe.json (TypeError: float32 is not JSON serializable); seed=np.int64(3) read "must be an
+    integer >= 0"."""
+    import json
+
+    model = graphs.gemm_chain()
+    x = data(model, 200)
+    recipe = Recipe(passes=(("low-rank-split", {"keep": np.float32(0.5)}),), split=np.float32(0.5),
+                    seed=np.int64(3), calib_size=np.int32(100))
+    result = onnxprune.compress(model, x, recipe=recipe, output=tmp_path / "o.onnx", progress=False,
+                                measure_latency=False)
+    written = json.loads((tmp_path / "o.recipe.json").read_text())
+    assert written["split"] == 0.5 and written["seed"] == 3 and written["passes"][0]["keep"] == 0.5
+    assert json.dumps(result.report["recipe"]) and Recipe.load(tmp_path / "o.recipe.json").seed == 3

@@ -28,9 +28,12 @@ def cli(*args):
 
 
 def assert_usage_error(result, *words):
-    """Exit 2, click's usage message naming ``words`` (the flag), no traceback."""
+    """Exit 2, click's usage message naming ``words`` (the flag), no traceback: also for a usage error
+    found past parsing (``onnxprune.errors.UsageError``), as the README's exit-code table says."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
     assert "Traceback" not in result.output + result.stderr and "internal error" not in result.stderr
+    assert result.stderr.startswith("Usage: ") and result.stderr.strip().splitlines()[-1].startswith("Error: "), \
+        result.stderr
     for word in words:
         assert word in result.stderr, (word, result.stderr)
 
@@ -354,6 +357,13 @@ def test_training_flags_that_cannot_act_are_usage_errors(tmp_path, args, words):
     result = cli(*[tmp_path / "out" if a == "OUT" else a for a in args])
     assert_usage_error(result, *words)
     assert not list(tmp_path.iterdir())
+
+
+def test_calibrate_help_says_what_the_auto_engine_computes_in_graph():
+    """auto reduces pooled responses in onnxruntime and takes features and patches by float32 BLAS
+    (tests/calibration/test_ingraph.py::both); the help said patches went in-graph."""
+    text = " ".join(cli("calibrate", "--help").output.split())
+    assert "auto: pooled responses in-graph, features and patches by float32 BLAS" in text, text
 
 
 def test_run_flags_that_cannot_act_are_usage_errors(tmp_path):

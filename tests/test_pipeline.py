@@ -102,6 +102,20 @@ def test_unnamed_chain_through_the_python_api():
     assert result.report["validation"]["relative_error"] < 1e-4
 
 
+def test_a_recipe_that_changes_nothing_returns_the_input_with_its_value_info():
+    """An exporter's value_info (the mnist_extdata export has 10) was dropped by the check after
+    each pass, so a run that split nothing (--energy 0.999) reported "changed": true and never
+    said "no layer changed"; now the input comes back as it is."""
+    model = onnx.shape_inference.infer_shapes(graphs.gemm_chain())
+    assert model.graph.value_info
+    x = graphs.feeds(model, batch=64, seed=0)["x"]
+    recipe = Recipe(passes=(("low-rank-split", {"method": "svd", "energy": 1.0}), ("bias-compensate", {})))
+    result = compress(model, x, recipe=recipe, progress=False, measure_latency=False)
+    assert not split_layers(result.report) and result.report["changed"] is False
+    assert result.report["note"].startswith("no layer changed")
+    assert result.model.graph == model.graph
+
+
 def test_unnamed_chain_prunes_channels():
     model = graphs.unnamed_chain()
     w, b = graphs.get_init(model, "fc1.W"), graphs.get_init(model, "fc1.B")

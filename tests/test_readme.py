@@ -7,6 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from onnxprune.cli import main
@@ -67,3 +68,38 @@ def test_first_command_compresses_the_bundled_sample(monkeypatch, tmp_path):
     assert report["plan"]["goal"] == {"max_drop": 1.0}           # the default: within 1 point
     assert validation["macs_candidate"] < 0.8 * validation["macs_reference"]
     assert validation["accuracy_candidate"] >= validation["accuracy_reference"] - 0.01
+
+
+@pytest.mark.slow
+def test_the_python_api_example_runs_as_written(monkeypatch, tmp_path):
+    """The README's Python API block, with model.onnx the bundled LeNet, target.npz the first 600 bundled
+    USPS digits and heldout.npz the next 300, but for its distillation example (16 epochs per candidate, two
+    minutes here; fewer epochs miss its --max-drop, ValidationFailed, as they should)."""
+    import numpy as np
+
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", README, flags=re.S).group(1)
+    block, dropped = re.subn(r"\n# smallest model within 1 point after distillation.*?\n\n", "\n", block, flags=re.S)
+    assert dropped == 1
+    digits = np.load(ROOT / "models/usps_test.npz")
+    np.savez(tmp_path / "target.npz", x=digits["x"][:600], y=digits["y"][:600])
+    np.savez(tmp_path / "heldout.npz", x=digits["x"][600:900], y=digits["y"][600:900])
+    (tmp_path / "model.onnx").symlink_to(ROOT / "models/lenet_caffe_mnist.onnx")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md (Python API)", "exec"), namespace)
+    assert namespace["result"].output == Path("small.onnx") and Path("small.onnx").is_file()
+    assert isinstance(namespace["info"], dict) and Path("stats.npz").is_file()
+    json.dumps(namespace["planned"].report)
+
+
+def test_every_relative_link_and_anchor_resolves():
+    """Links to files (bench/results/*.md, plots) exist and #anchors name a heading, as GitHub slugs it
+    (the link text of a heading, lower case, punctuation dropped, spaces as dashes)."""
+    text = re.sub(r"```.*?```", "", README, flags=re.S)
+    slugs = {re.sub(r"[^\w\- ]", "", re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", h).strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    targets = re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert len(targets) > 50
+    broken = [t for t in targets if not t.startswith("http")
+              and (t[1:] not in slugs if t.startswith("#") else not (ROOT / t.split("#")[0]).exists())]
+    assert not broken, broken

@@ -26,8 +26,8 @@ def test_presets_and_criteria_are_the_method_choices():
     assert recipes.method_names(auto=True)[0] == "auto"
     assert method_passes("dalr-bc", keep=0.25) == (("low-rank-split", {"method": "dalr", "keep": 0.25}),
                                                    ("bias-compensate", {}))
-    assert method_passes("svd", rank=4, layers=("fc1",), ridge=0.1) == (
-        ("low-rank-split", {"method": "svd", "rank": 4, "layers": ("fc1",), "ridge": 0.1}),)
+    assert method_passes("dalr", rank=4, layers=("fc1",), ridge=0.1) == (
+        ("low-rank-split", {"method": "dalr", "rank": 4, "layers": ("fc1",), "ridge": 0.1}),)
     assert method_passes("l1", keep=0.5, layers=("conv1",), then_low_rank=0.3) == (
         ("select-nodes", {"criterion": "l1", "keep": 0.5, "groups": ("conv1",)}),
         ("reconstruct-next-layer", {"reconstruct": True}),
@@ -62,6 +62,53 @@ def test_build_recipe_fixed_and_planned():
     assert build_recipe(options(), {}).plan["max_drop"] == 1.0
     glob = build_recipe(options(method="l1", keep=0.5, allocation="global"), {})
     assert glob.plan is None and glob.passes[0] == ("select-nodes", {"criterion": "l1", "keep": 0.5})
+
+
+def test_a_macs_budget_plans_low_rank_too():
+    """--method dalr-bc --flops 0.7 (README's MiniLM table): the planner meets a MAC budget with
+    any method; only a fixed recipe's --flops is pruning's (low-rank-split has no MAC rule)."""
+    planned = build_recipe(options(method="dalr-bc", flops=0.7), {})
+    assert planned.plan["budget"] == 0.7 and planned.plan["objective"] == "macs"
+    assert planned.plan["families"] == ["low-rank"]
+    with pytest.raises(OptionConflict, match="flops with method svd is a budget for the planner, and "
+                                             "allocation global makes compress run one fixed recipe"):
+        build_recipe(options(method="svd", flops=0.7, allocation="global"), {})
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-bc"])
+def test_a_ridge_with_svd_is_a_conflict(method):
+    """SVD reads no ridge: --method svd --ridge 0.1 wrote the plain SVD model (exit 0)."""
+    with pytest.raises(OptionConflict, match="ridge applies to method dalr, dalr-bc, not " + method):
+        build_recipe(options(method=method, fraction=0.5, ridge=0.1), {})
+    assert build_recipe(options(method="dalr", fraction=0.5, ridge=0.1), {}).passes[0][1]["ridge"] == 0.1
+
+
+@pytest.mark.parametrize("budget", [{"keep": 0.5, "allocation": "global"}, {"energy": 0.9}])
+def test_a_fixed_spatial_split_without_rank_or_fraction_is_a_conflict(budget):
+    """--conv-split spatial --keep 0.5 --allocation global was exit 1 naming the recipe option
+    (conv='spatial'), not the flags; --keep without --allocation global plans and stays valid."""
+    with pytest.raises(OptionConflict, match="conv_split spatial in a fixed recipe takes rank or fraction, "
+                                             "not " + next(iter(budget))):
+        build_recipe(options(method="svd", conv_split="spatial", **budget), {})
+    assert build_recipe(options(method="svd", conv_split="spatial", keep=0.5), {}).plan["conv"] == "spatial"
+
+
+def test_method_auto_names_the_flags_its_fixed_recipe_does_not_read():
+    """--lam 5 --fraction 0.5 (auto: spectral) said 'lam applies to method ...', not the flag."""
+    with pytest.raises(OptionConflict, match="^--lam applies to --method momasp-J, momasp-j, not spectral"):
+        build_recipe(options(lam=5.0, fraction=0.5), {}, flag=lambda k: "--" + k)
+    with pytest.raises(OptionConflict, match="^--tau applies to --method pfa-en, not spectral"):
+        build_recipe(options(tau=0.9), {}, flag=lambda k: "--" + k)
+
+
+def test_pfa_kl_plans_a_budget_and_runs_its_own_rule_without_one():
+    """--method pfa-kl --keep 0.1 ran pfa-kl's own rule and ignored the budget (exit 0 at 32 %
+    of LeNet's parameters); a budget is now planned like any criterion's."""
+    planned = build_recipe(options(method="pfa-kl", keep=0.1), {})
+    assert planned.passes == () and planned.plan["budget"] == 0.1 and planned.plan["criterion"] == "pfa-kl"
+    assert build_recipe(options(method="pfa-kl", flops=0.5), {}).plan["objective"] == "macs"
+    own = build_recipe(options(method="pfa-kl"), {})
+    assert own.plan is None and own.passes[0] == ("select-nodes", {"criterion": "pfa-kl"})
 
 
 def test_build_recipe_conflicts_name_the_options_as_the_caller_spells_them():
@@ -109,7 +156,7 @@ def test_conv_split_reaches_the_planner_and_fixed_low_rank_recipes():
     assert fixed.passes[0] == ("low-rank-split", {"method": "dalr", "fraction": 0.5, "conv": "spatial"})
     with pytest.raises(OptionConflict, match="conv_split applies to low rank"):
         build_recipe(options(method="spectral", keep=0.5, conv_split="spatial"), {})
-    with pytest.raises(RecipeError, match="takes rank, fraction or ranks"):
+    with pytest.raises(OptionConflict, match="spatial in a fixed recipe takes rank or fraction, not keep"):
         build_recipe(options(method="dalr", keep=0.3, allocation="global", conv_split="spatial"), {})
     with pytest.raises(RecipeError, match="conv='diagonal'"):
         PlanOptions(conv="diagonal")

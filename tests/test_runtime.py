@@ -45,6 +45,9 @@ def test_a_fixed_batch_model_sees_full_batches_and_callers_one_row_per_sample():
 def test_unknown_devices_and_broken_models_are_model_errors():
     with pytest.raises(ModelError, match="unknown device"):
         providers_for("tpu")
+    for device in (None, 0):        # the Python API's device=None: the message names it (it read "unknown device")
+        with pytest.raises(ModelError, match=f"^device \\| unknown device {device}"):
+            providers_for(device)
     assert providers_for("cpu") == ["CPUExecutionProvider"]
     broken = graphs.gemm_chain()
     broken.graph.node[0].input[1] = "missing.W"

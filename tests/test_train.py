@@ -152,6 +152,27 @@ def test_distillation_recovers_a_known_teacher():
     assert [n.SerializeToString() for n in tuned.graph.node] == [n.SerializeToString() for n in student.graph.node]
 
 
+def test_training_leaves_the_callers_torch_random_stream_and_threads_as_they_were():
+    """finetune and coprune seed torch for their own run; the caller's global random state (a notebook's
+    torch.manual_seed) and thread count are what they were before, as for BLAS's threads."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.data.samples import open_samples
+    from onnxprune.train.coprune import CoPruneConfig, coprune
+    from onnxprune.train.distill import TrainConfig, finetune
+
+    teacher, student = mlp(0), mlp(1, noise=0.5, base=0)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    labelled = open_samples({"x": x, "y": rng.integers(0, 4, 64)}, student)
+    torch.manual_seed(123)
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    finetune(student, teacher, open_samples({"x": x}, student), config=TrainConfig(epochs=1, progress=False))
+    assert torch.equal(torch.random.get_rng_state(), state) and torch.get_num_threads() == threads
+    coprune(teacher, student, labelled, labelled, config=CoPruneConfig(keep=0.5, alphas=(0.5,), max_epochs=1,
+                                                                       progress=False))
+    assert torch.equal(torch.random.get_rng_state(), state) and torch.get_num_threads() == threads
+
+
 def test_plain_finetuning_needs_labels_or_teacher(tmp_path):
     pytest.importorskip("torch")
     onnx.save(mlp(0), str(tmp_path / "m.onnx"))
@@ -442,6 +463,9 @@ def test_checkpoint_rule_follows_the_fold_size():
     (dict(max_seconds=float("nan")), "--max-minutes"), (dict(lr=float("inf")), "--lr"),
     (dict(temperature=float("nan")), "--temperature"), (dict(label_weight=float("nan")), "--label-weight"),
     (dict(feature_weight=float("inf")), "--feature-weight"), (dict(epochs=0), "--epochs"),
+    # of the wrong type: one RecipeError too, not a TypeError from math.isfinite or a late one from numpy
+    (dict(lr="1e-3"), "--lr"), (dict(val_fraction="0.1"), "--val-fraction"), (dict(seed="0"), "--seed"),
+    (dict(max_seconds="60"), "--max-minutes"), (dict(label_weight=True), "--label-weight"),
 ])
 def test_train_config_refuses_values_out_of_range(options, flag):
     """The Python API's options fail as the flags do: onnxprune's RecipeError naming the flag."""
@@ -456,9 +480,31 @@ def test_coprune_config_refuses_a_learning_rate_that_is_not_finite():
     from onnxprune.errors import RecipeError
     from onnxprune.train.coprune import CoPruneConfig
 
-    for lr in (float("nan"), float("inf"), 0.0):
+    for lr in (float("nan"), float("inf"), 0.0, "1e-3"):
         with pytest.raises(RecipeError, match="--lr"):
             CoPruneConfig(keep=0.5, lr=lr)
+    for options, flag in ((dict(keep="0.1"), "--keep"), (dict(alphas=0.5), "--alpha"),
+                          (dict(patience="3"), "--patience"), (dict(seed=-1), "--seed"),
+                          (dict(val_fraction="0.1"), "--val-fraction")):
+        with pytest.raises(RecipeError, match=flag):
+            CoPruneConfig(**{"keep": 0.5, **options})
+
+
+def test_training_entry_points_refuse_a_config_of_the_wrong_type(tmp_path):
+    """finetune_files / coprune_files with a dict or a number as config: one RecipeError naming config,
+    not an AttributeError from inside the training."""
+    pytest.importorskip("torch")
+    from onnxprune.errors import RecipeError
+    from onnxprune.train.api import coprune_files, finetune_files
+
+    model = mlp(0)
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    for config in ({"epochs": 1}, 3):
+        with pytest.raises(RecipeError, match="config .*must be an onnxprune.train.distill.TrainConfig"):
+            finetune_files(model, tmp_path / "out.onnx", x, teacher=model, config=config, progress=False)
+    with pytest.raises(RecipeError, match="config .*must be an onnxprune.train.coprune.CoPruneConfig"):
+        coprune_files(model, model, x, x, tmp_path / "out.onnx", config={"keep": 0.5})
+    assert not list(tmp_path.iterdir())
 
 
 LENET = ROOT / "models/lenet_caffe_mnist.onnx"

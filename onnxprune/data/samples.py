@@ -166,6 +166,16 @@ class SampleSet:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def specs(self) -> tuple[InputSpec, ...]:
+        """The model inputs this set was opened for (what ``batch`` checks and casts to)."""
+        return self._specs
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The image preprocessing this set applies in ``batch``."""
+        return self._preprocess
+
     def __repr__(self) -> str:
         labelled = "labelled" if self.labels is not None else "unlabelled"
         return f"SampleSet({self.name!r}, {len(self)} samples, {labelled})"

@@ -466,6 +466,8 @@ class LowRankSplit(Pass):
         report = {"split": rows, "skipped": skipped}
         if timed:
             report["latency"] = [{"layer": name, **timing} for name, timing in timed.items()]
+        if getattr(self, "unmet", None):
+            report["warnings"] = [self.unmet]
         return PassResult(changed=bool(rows), report=report)
 
     def _latency(self, model, layers, ranks, weights, ctx: PassContext) -> dict[str, dict]:
@@ -559,7 +561,15 @@ class LowRankSplit(Pass):
         opts = self.options
         if opts.keep is not None:
             shapes = {name: (form.m, form.n) for name, form in forms.items()}
-            return linalg.global_ranks(spectra, shapes, opts.keep, multiple=int(opts.multiple))
+            ranks = linalg.global_ranks(spectra, shapes, opts.keep, multiple=int(opts.multiple))
+            full = sum(m * n for m, n in shapes.values())
+            kept = sum(min(linalg.split_params(*shapes[name], k), shapes[name][0] * shapes[name][1])
+                       for name, k in ranks.items())
+            if kept > opts.keep * full:     # even the smallest ranks (rank 1, or one `multiple`) exceed it
+                self.unmet = (f"low-rank-split: keep {opts.keep:g} cannot be met: the smallest ranks of the "
+                              f"{len(shapes)} layer(s) leave {kept / full:.1%} of their parameters")
+                log.warning("%s", self.unmet)
+            return ranks
         ranks = {}
         for name, form in forms.items():
             if opts.rank is not None:

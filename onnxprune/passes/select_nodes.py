@@ -241,7 +241,10 @@ class SelectNodes(Pass):
                          "criterion": opts.criterion})
             log.info("select-nodes: %s keeps %d of %d channels (retention %.4f, %s)", g.name, k, g.channels,
                      retention, opts.criterion)
-        return PassResult(changed=False, report={"selected": rows, "skipped": skipped})
+        report = {"selected": rows, "skipped": skipped}
+        if getattr(self, "unmet", None):
+            report["warnings"] = [self.unmet]
+        return PassResult(changed=False, report=report)
 
     def _scores(self, model, groups: list[ChannelGroup], ctx: PassContext) -> dict[str, dict]:
         opts = self.options
@@ -277,7 +280,8 @@ class SelectNodes(Pass):
             counts = {g.name: max(1, math.ceil(opts.fraction * g.channels)) for g in groups}
         elif opts.alpha is not None:
             counts = {g.name: scores[g.name]["ranking"].count_for(opts.alpha) for g in groups}
-        elif groups and self.criterion.count(groups[0], scores[groups[0].name]) is not None:
+        elif opts.keep is None and opts.flops is None and groups and \
+                self.criterion.count(groups[0], scores[groups[0].name]) is not None:    # pfa-kl's own rule
             counts = {g.name: self.criterion.count(g, scores[g.name]) for g in groups}
         else:
             return self._budget_counts(model, groups, scores, input_shapes)
@@ -336,7 +340,14 @@ class SelectNodes(Pass):
                     ranking.extend_to(t)
 
         lo, hi = 0.0, 1.0
-        best = fits(0.0)[1]
+        reachable, best = fits(0.0)
+        if not reachable:       # even the fewest channels (multiples of `multiple` in wide groups) exceed it
+            name, what = ("keep", "parameters") if index == 0 else ("flops", "MACs")
+            least = footprint(best)[index] / (full_params, full_macs)[index]
+            self.unmet = (f"select-nodes: {name} {getattr(opts, name):g} cannot be met: the fewest channels "
+                          f"the {len(groups)} group(s) can keep leave {least:.1%} of their layers' {what} "
+                          f"(wide groups keep a multiple of {opts.multiple})")
+            log.warning("%s", self.unmet)
         for _ in range(40):
             mid = (lo + hi) / 2
             ok, counts = fits(mid)

@@ -1041,6 +1041,8 @@ class Planner:
         unit = site.group.unit if site.family == "prune" and site.group is not None else 1
         sizes = [k for k in range(step.size, upper) if (unit == 1 and (site.family != "prune" or site.size < WIDE_GROUP
                  or k % self.options.multiple == 0)) or (unit > 1 and k % unit == 0) or k == step.size]
+        if site.split is not None:      # no rank the pass would skip (a strided spatial split's MACs)
+            sizes = [k for k in sizes if k == step.size or site.split.pays(k)]
 
         def option(size: int) -> Option:
             saving = self.costs.saving(site, size)

@@ -57,7 +57,9 @@ class RecoveryOptions:
     def __post_init__(self):
         if not isinstance(self.trials, int) or self.trials < 1:
             raise RecipeError("--finetune-trials", f"must be an integer >= 1, not {self.trials!r}")
-        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
+        margin = self.margin
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float, np.number))
+                                   or not (math.isfinite(margin) and margin >= 0)):
             raise RecipeError("--finetune-margin", f"must be a finite number >= 0 (or None: --margin's), "
                               f"not {self.margin!r}")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from onnxprune.errors import DataError, ValidationFailed
+from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.model import count_parameters, input_specs, jsonable, model_name, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
@@ -75,6 +75,14 @@ def refuse_held_out_training(target_data, eval_data) -> None:
     refuse_same_file(eval_data, target_data, "--target-data", "which trains in full when --eval-data is given: "
                      "accuracy on it would not be held out",
                      "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
+
+
+def check_config(config, kind: type) -> None:
+    """A RecipeError unless ``config`` is a ``kind`` (TrainConfig, CoPruneConfig): a dict or a number
+    given in its place would fail deep inside the training."""
+    if not isinstance(config, kind):
+        raise RecipeError("config", f"must be an {kind.__module__}.{kind.__name__}, not a {type(config).__name__}",
+                          f"e.g. config={kind.__name__}(...) with the options as keywords")
 
 
 def check_training_outputs(output, companions, model, others: dict) -> Path:
@@ -144,7 +152,8 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
                                          shared_labels)
     from onnxprune.validate import check_thresholds, validate
 
-    config = config or TrainConfig()
+    config = TrainConfig() if config is None else config
+    check_config(config, TrainConfig)
     check_threshold_values(max_drop=max_drop, min_agreement=min_agreement)
     output = check_training_outputs(output, [curve_path], student, {"--teacher": teacher, "--target-data": target_data,
                                                                     "--eval-data": eval_data, "--val-data": val_data})
@@ -230,9 +239,10 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     held-out target data, write OUTPUT and ``.report.json``."""
     require_torch()
     from onnxprune.api import as_model, as_samples
-    from onnxprune.train.coprune import coprune, nonzero_parameters
+    from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters
     from onnxprune.validate import validate
 
+    check_config(config, CoPruneConfig)
     output = check_training_outputs(output, [], target_model, {"--source-model": source_model,
                                                                 "--source-data": source_data,
                                                                 "--target-data": target_data, "--eval-data": eval_data})

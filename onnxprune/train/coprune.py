@@ -59,23 +59,31 @@ class CoPruneConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if not 0 < self.keep <= 1:
+        def number(value) -> bool:      # a real number, not a string or a bool (NaN fails the range checks)
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+        if not (number(self.keep) and 0 < self.keep <= 1):
             raise RecipeError("--keep", f"must be in (0, 1], not {self.keep!r}")
-        if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
-            raise RecipeError("--alpha", f"each stage's alpha must be in [0, 1], not {self.alphas!r}")
+        if not isinstance(self.alphas, (tuple, list)) or not self.alphas or \
+                any(not (number(a) and 0 <= a <= 1) for a in self.alphas):
+            raise RecipeError("--alpha", f"must be a tuple of fractions in [0, 1], one per stage, not {self.alphas!r}")
         if self.fusion not in ("abs", "signed"):
             raise RecipeError("--fusion", f"must be 'abs' or 'signed', not {self.fusion!r}")
         if self.allocation not in ("global", "layer"):
             raise RecipeError("--allocation", f"must be 'global' or 'layer', not {self.allocation!r}")
         for name, value in self.layer_keep:
-            if not 0 < value <= 1:
+            if not (number(value) and 0 < value <= 1):
                 raise RecipeError("--layer-keep", f"{name}: keep must be in (0, 1], not {value!r}")
-        if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
-            raise RecipeError("co-prune", "max_epochs, patience and batch_size must be >= 1")
+        for field, value in (("max_epochs", self.max_epochs), ("patience", self.patience),
+                             ("batch_size", self.batch_size), ("threads", self.threads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RecipeError(f"--{field.replace('_', '-')}", f"must be an integer >= 1, not {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RecipeError("--seed", f"must be an integer >= 0, not {self.seed!r}")
         for field, value in (("lr", self.lr), ("min_lr", self.min_lr)):
-            if not (math.isfinite(value) and value > 0):
+            if not (number(value) and math.isfinite(value) and value > 0):
                 raise RecipeError(f"--{field.replace('_', '-')}", f"must be a finite number > 0, not {value!r}")
-        if not 0 < self.val_fraction < 1:
+        if not (number(self.val_fraction) and 0 < self.val_fraction < 1):
             raise RecipeError("--val-fraction", f"must be between 0 and 1, not {self.val_fraction!r}")
 
     def to_dict(self) -> dict:
@@ -167,6 +175,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
                             "use labelled samples (a y array or class folders)")
     check_fold(target_samples, config.val_fraction, needs="Co-Prune", hint="lower --val-fraction or train on more samples")
     previous = torch.get_num_threads()
+    previous_rng = torch.random.get_rng_state()        # the caller's random stream goes on after training
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     try:
@@ -356,6 +365,7 @@ def coprune(source: onnx.ModelProto, target: onnx.ModelProto, source_samples, ta
         return pruned, report
     finally:
         torch.set_num_threads(previous)
+        torch.random.set_rng_state(previous_rng)
 
 
 def nonzero_parameters(model: onnx.ModelProto) -> int:

@@ -56,26 +56,29 @@ class TrainConfig:
     #                           keep the last epoch (the fold only reports: it stays an unbiased test)
 
     def __post_init__(self):
+        def finite(value) -> bool:      # a real number (not a string or a bool) that is finite
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+
         for field, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
-                                  ("threads", self.threads, 1)):
-            if not isinstance(value, int) or value < low:
+                                  ("threads", self.threads, 1), ("seed", self.seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise RecipeError(f"--{field.replace('_', '-')}", f"must be an integer >= {low}, not {value!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise RecipeError("--patience", f"must be an integer >= 1 (or None: never stop early), not {self.patience!r}")
         for field, value in (("lr", self.lr), ("temperature", self.temperature)):
-            if not (math.isfinite(value) and value > 0):
+            if not (finite(value) and value > 0):
                 raise RecipeError(f"--{field}", f"must be a finite number > 0, not {value!r}")
-        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+        if self.max_seconds is not None and not (finite(self.max_seconds) and self.max_seconds > 0):
             raise RecipeError("--max-minutes", f"must be a finite time > 0, not {self.max_seconds!r} seconds")
         for field, value in (("label_weight", self.label_weight), ("feature_weight", self.feature_weight),
                              ("weight_decay", self.weight_decay)):
-            if not (math.isfinite(value) and value >= 0):
+            if not (finite(value) and value >= 0):
                 raise RecipeError(f"--{field.replace('_', '-')}", f"must be a finite number >= 0, not {value!r}")
         if self.train_layers not in ("all", "rewritten"):
             raise RecipeError("--train-layers", f"must be 'all' or 'rewritten', not {self.train_layers!r}")
         if self.checkpoint not in ("auto", "agreement", "loss", "last"):
             raise RecipeError("--checkpoint", f"must be 'auto', 'agreement', 'loss' or 'last', not {self.checkpoint!r}")
-        if not 0 < self.val_fraction < 1:
+        if not (finite(self.val_fraction) and 0 < self.val_fraction < 1):
             raise RecipeError("--val-fraction", f"must be between 0 and 1, not {self.val_fraction!r}")
 
     def to_dict(self) -> dict:
@@ -290,6 +293,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
     from onnxprune.train.convert import to_onnx, to_torch, verify
 
     started = time.perf_counter()
+    previous_rng = torch.random.get_rng_state()        # the caller's random stream goes on after training
     torch.manual_seed(config.seed)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -572,6 +576,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto | None, samples,
         return tuned, report
     finally:
         torch.set_num_threads(previous_threads)
+        torch.random.set_rng_state(previous_rng)
 
 
 def _progress(enabled: bool):

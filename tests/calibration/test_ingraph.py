@@ -47,11 +47,13 @@ def errors(reference, candidate) -> dict:
 
 
 def both(model, samples, requests, **options):
-    """(graph, numpy) statistics; also checks the default engine ("auto": patches and pooled
-    in-graph, features by float32 BLAS) against the float64 path."""
+    """(graph, numpy) statistics; also checks the default engine ("auto": pooled responses
+    in-graph, features and patches by float32 BLAS, as `calibrate --help` says) against the
+    float64 path."""
     graph = collect(model, {"target": samples}, requests, progress=False, engine="graph", **options)
     numpy = collect(model, {"target": samples}, requests, progress=False, engine="numpy", **options)
     auto = collect(model, {"target": samples}, requests, progress=False, **options)
+    assert auto.header["engine"]["graph"] == sum(r.kind == "pooled" for r in requests)
     err = errors(numpy, auto)
     assert err["mean"] < 1e-5 and err["second_moment"] < 1e-5 and err["covariance"] < 1e-4, err
     return graph, numpy

@@ -233,10 +233,17 @@ async def never(self):
 
 distributed.Nanny.start_unsafe = never          # its worker never comes up
 from onnxprune.calibration.cluster import local_client
-threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT)).start()
+done = threading.Event()
+
+def press():        # Ctrl-C every 3 s until it lands (a loaded machine's event loop can swallow one)
+    while not done.wait(3):
+        os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=press, daemon=True).start()
 try:
     local_client(1)
 except KeyboardInterrupt:
+    done.set()
     print("interrupted")
 """
 

@@ -121,6 +121,19 @@ def test_global_keep_budget_is_respected():
     assert total_after + untouched <= 0.5 * total_before
 
 
+def test_a_global_keep_below_the_smallest_ranks_says_so():
+    """keep 0.01 of a 24x16 + 10x24 chain: rank 1 everywhere still keeps 74 of 624 parameters.
+    The smallest ranks are used (as before), and the pass report carries a warning."""
+    model = gemm_lowrank()
+    x = RNG.normal(size=(64, 16)).astype(np.float32)
+    passes = run(model, x, [("low-rank-split", {"method": "svd", "keep": 0.01})]).report["passes"]
+    assert all(r["rank"] == 1 for r in passes[0]["split"])
+    assert passes[0]["warnings"] == ["low-rank-split: keep 0.01 cannot be met: the smallest ranks of the 2 "
+                                     "layer(s) leave 11.9% of their parameters"]
+    fits = run(model, x, [("low-rank-split", {"method": "svd", "keep": 0.5})])
+    assert "warnings" not in fits.report["passes"][0]
+
+
 def test_input_model_is_not_modified():
     model = gemm_lowrank()
     before = model.SerializeToString()

@@ -229,9 +229,10 @@ def test_pfa_correlation_choice_runs():
 
 
 @pytest.mark.parametrize("budget", [("keep", 0.5), ("keep", 0.2), ("flops", 0.4), ("flops", 0.15)])
-@pytest.mark.parametrize("criterion", ["spectral", "momasp-j", "pfa-en", "mean", "l1"])
+@pytest.mark.parametrize("criterion", ["spectral", "momasp-j", "pfa-en", "pfa-kl", "mean", "l1"])
 def test_global_budgets_are_met(budget, criterion):
-    """Touched parameters (MACs) after <= budget x before; untouched ones are unchanged."""
+    """Touched parameters (MACs) after <= budget x before; untouched ones are unchanged (pfa-kl
+    too: a budget replaces its own rule, which ignored it)."""
     model = graphs.gemm_chain()
     groups = [g for g in find_channel_groups(model) if g.skip is None]
     touched = Footprint(model, groups).full()
@@ -244,6 +245,25 @@ def test_global_budgets_are_met(budget, criterion):
     after = total(out) - (total(model) - touched[index])
     assert after <= budget[1] * touched[index] + 1e-9
     assert after >= 0.5 * budget[1] * touched[index]     # the loosest threshold that fits, not far below
+
+
+def test_a_global_budget_below_the_fewest_channels_says_so():
+    """keep 0.02 of a 100-wide group: it keeps 8 (one multiple), as before, and the pass report
+    (and compress's warnings) say the budget was not met instead of exiting 0 silently."""
+    model = graphs.wide_mlp(100)
+    _, report = prune(model, [("select-nodes", {"criterion": "spectral", "keep": 0.02}),
+                              ("reconstruct-next-layer", {})])
+    assert pruned_rows(report)["fc1"]["kept"] == 8
+    assert report["passes"][0]["warnings"] == ["select-nodes: keep 0.02 cannot be met: the fewest channels "
+                                               "the 1 group(s) can keep leave 8.0% of their layers' "
+                                               "parameters (wide groups keep a multiple of 8)"]
+    _, fits = prune(model, [("select-nodes", {"criterion": "spectral", "keep": 0.3}),
+                            ("reconstruct-next-layer", {})])
+    assert "warnings" not in fits["passes"][0]
+    recipe = Recipe(passes=(("select-nodes", {"criterion": "spectral", "keep": 0.02}),
+                            ("reconstruct-next-layer", {})))
+    result = compress(model, {"x": data(model)}, recipe=recipe, progress=False, measure_latency=False)
+    assert report["passes"][0]["warnings"][0] in result.report["warnings"]
 
 
 @pytest.mark.parametrize("how", [{"fraction": 0.3}, {"keep": 0.3}, {"alpha": 0.9}])
