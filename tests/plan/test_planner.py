@@ -534,7 +534,8 @@ def test_max_drop_backs_off_the_site_whose_step_failed(lenet, monkeypatch):
 def test_correct_drift_is_tried_only_where_halving_the_drop_could_pass(lenet, monkeypatch, drop, se, tried):
     """The first failed step is retried with correct-drift (a calibration pass per corrected
     tensor) only where cutting its drop to 1 / DRIFT_REACH, the reserve unchanged, would pass:
-    not where the step failed on its reserve alone (a check too noisy for the goal)."""
+    not where the step failed on its reserve alone (a check too noisy for the goal). The plan
+    chosen is then checked with it in every case (one check, at no cost in size)."""
     _, planner, _ = lenet
     planner.sensitivity()
     path = planner.path()
@@ -542,12 +543,13 @@ def test_correct_drift_is_tried_only_where_halving_the_drop_could_pass(lenet, mo
     asked = []
 
     def fake(plan, *, drift=True, judge="divergence"):
-        asked.append(drift)
         beyond = sum(max(o.damage, 0.0) for o in plan.values()) > limit
+        asked.append((drift, beyond))
         return Check(drop if beyond else 0.0, se if beyond else 0.0, 1.0, None, None, 0.0, None, samples=100)
     monkeypatch.setattr(planner, "check", fake)
     planner.for_max_drop(1.0)            # the reserve: margin 1 x se (no evaluation size given)
-    assert any(asked) == tried
+    assert any(drift and beyond for drift, beyond in asked) == tried
+    assert asked[-1] == (True, False)
 
 
 def test_max_drop_zero_ends_with_a_plan_that_measured_no_drop():
