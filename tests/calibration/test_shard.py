@@ -226,7 +226,8 @@ def test_cli_workers_starts_a_local_cluster(whole, tmp_path):
 
 CTRL_C_WHILE_WORKERS_START = """
 import asyncio, os, signal, threading
-import distributed
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal: a job started in the
+import distributed                                         # background (CI's `... &`) inherits SIGINT ignored
 
 async def never(self):
     await asyncio.sleep(3600)
