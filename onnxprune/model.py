@@ -123,9 +123,13 @@ def model_name(model, default: str = "model") -> str:
 CONTROL_FLOW = ("If", "Loop", "Scan")
 #: tensor types the statistics and rewrites do not handle (they assume float32 activations)
 HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+#: the inputs of quantized ops that hold data (weights, activations, QLinearConv's int32 bias); the
+#: others are scales and zero points, which configure the quantization
+QUANTIZED_DATA_INPUTS = {"DequantizeLinear": {0}, "QuantizeLinear": {0}, "DynamicQuantizeLinear": {0},
+                         "ConvInteger": {0, 1}, "MatMulInteger": {0, 1}, "QLinearConv": {0, 3, 8},
+                         "QLinearMatMul": {0, 3}}
 #: ops of a quantized model (integer layers, QDQ pairs): its weights are integers the passes do not rewrite
-QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeLinear",
-                 "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+QUANTIZED_OPS = (*QUANTIZED_DATA_INPUTS, "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 def check_compressible(model: onnx.ModelProto, *, name: str = "model") -> None:
@@ -264,13 +268,6 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 #: thresholds): a float initializer read only there is no parameter (Resize's scales, Clip's bounds)
 CONFIGURING_INPUTS = {"Resize": {1, 2, 3}, "Upsample": {1}, "Clip": {1, 2}, "Pad": {1, 2, 3}, "Dropout": {1, 2},
                       "NonMaxSuppression": {2, 3, 4}}
-
-
-#: the inputs of quantized ops that hold data (weights, activations, QLinearConv's int32 bias); the
-#: others are scales and zero points, which configure the quantization
-QUANTIZED_DATA_INPUTS = {"DequantizeLinear": {0}, "QuantizeLinear": {0}, "DynamicQuantizeLinear": {0},
-                         "ConvInteger": {0, 1}, "MatMulInteger": {0, 1}, "QLinearConv": {0, 3, 8},
-                         "QLinearMatMul": {0, 3}}
 
 
 def weight_names(model: onnx.ModelProto) -> set[str]:
