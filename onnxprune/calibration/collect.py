@@ -235,6 +235,7 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
     site_outputs = [name for site in plan.sites for fold in site.outputs for name in fold]
     fetch = outputs + site_outputs
     header["engine"] = {"graph": len(plan.sites), "numpy": len(numpy_requests)}
+    header["products"] = products
     by_tensor: dict[str, list[StatRequest]] = {}
     for r in numpy_requests:
         by_tensor.setdefault(r.tensor, []).append(r)

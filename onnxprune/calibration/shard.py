@@ -67,8 +67,10 @@ def shard_of(stats: Statistics) -> dict | None:
     return stats.header.get("shard")
 
 
-# the header fields every shard of one calibration must share
-SAME = ("model_hash", "folds", "seed", "requests")
+# the header fields every shard of one calibration must share (engine and products: how each
+# statistic was computed, in-graph or in numpy, from float32 or float64 products; shards of
+# different engines agree only to float32 rounding, not to the 1e-10 of one run's shards)
+SAME = ("model_hash", "folds", "seed", "requests", "engine", "products")
 
 
 def merge_shards(parts: Sequence[Statistics], names: Sequence[str] | None = None) -> Statistics:
@@ -94,7 +96,8 @@ def merge_shards(parts: Sequence[Statistics], names: Sequence[str] | None = None
     for stats, record, name in zip(parts[1:], records[1:], names[1:]):
         for field in SAME:
             if _canonical(stats.header.get(field)) != _canonical(first.header.get(field)):
-                what = {"model_hash": "model", "requests": "recipe (requested statistics)"}.get(field, field)
+                what = {"model_hash": "model", "requests": "recipe (requested statistics)",
+                        "engine": "--engine", "products": "--engine (float32 or float64 products)"}.get(field, field)
                 raise CalibrationError(name, f"has another {what} than {first_name}",
                                        "merge shards of one `onnxprune calibrate` run only")
         for field, what in (("count", "shard count"), ("batch_size", "batch size")):
