@@ -1256,6 +1256,8 @@ def calibrate(model, target_data, *, recipe: Recipe, output: str | os.PathLike, 
             options["threads"] = threads or 1      # single-threaded workers: one onnxruntime thread each
         elif cluster is not None:
             client = tasks_on.connect(cluster)
+        else:       # the caller's client: its tasks would wait forever on a scheduler without workers
+            tasks_on.wait_for_workers(client, getattr(client.scheduler, "address", None) or "client")
         try:
             count = int(shards) if shards is not None else max(1, len(client.scheduler_info().get("workers", {})))
             options["count"] = count

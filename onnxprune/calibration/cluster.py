@@ -249,15 +249,25 @@ def connect(address: str):
                                hint) from None
     except ValueError as exc:             # a scheme Dask does not know (http://...)
         raise not_an_address(exc) from None
-    if not client.scheduler_info().get("workers"):
-        log.warning("%s: the Dask scheduler has no workers yet; waiting up to %d s for one", address, WORKERS_TIMEOUT)
-        try:
-            client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)
-        except (TimeoutError, OSError):
-            client.close()
-            raise CalibrationError(address, f"the Dask scheduler has no workers (waited {WORKERS_TIMEOUT} s)",
-                                   f"start some: dask worker {address}") from None
+    try:
+        wait_for_workers(client, address)
+    except CalibrationError:
+        client.close()
+        raise
     return client
+
+
+def wait_for_workers(client, address: str) -> None:
+    """Return once the scheduler of ``client`` has a worker; CalibrationError after
+    ``WORKERS_TIMEOUT`` s without one (tasks would wait for a worker forever)."""
+    if client.scheduler_info().get("workers"):
+        return
+    log.warning("%s: the Dask scheduler has no workers yet; waiting up to %d s for one", address, WORKERS_TIMEOUT)
+    try:
+        client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)
+    except (TimeoutError, OSError):
+        raise CalibrationError(address, f"the Dask scheduler has no workers (waited {WORKERS_TIMEOUT} s)",
+                               f"start some: dask worker {address}") from None
 
 
 def _handshake(address: str, timeout: float) -> None:

@@ -367,6 +367,18 @@ def test_a_scheduler_without_workers_fails_after_waiting(tmp_path, monkeypatch):
     assert not (tmp_path / "c.npz").exists()
 
 
+def test_a_client_without_workers_fails_after_waiting(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    from onnxprune.calibration import cluster
+    monkeypatch.setattr(cluster, "WORKERS_TIMEOUT", 2)
+    with distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=":0") as empty, \
+            distributed.Client(empty) as client:
+        with pytest.raises(CalibrationError, match="has no workers"):        # waited forever before
+            onnxprune.calibrate(MODEL, DATA, recipe=RECIPE, output=tmp_path / "c.npz", client=client, progress=False)
+        assert client.status == "running"               # the caller's client: left open
+    assert not (tmp_path / "c.npz").exists()
+
+
 def test_relative_paths_reach_workers_elsewhere(whole, client, tmp_path, monkeypatch):
     """The workers started in another folder: the data and model paths they get are absolute."""
     import shutil
