@@ -32,12 +32,11 @@ from onnxprune import MISSING_RUNTIME, __version__
 if MISSING_RUNTIME:  # neither onnxruntime wheel is installed: one line, exit 1
     sys.exit(f"error: {MISSING_RUNTIME}")
 from onnxprune import recipes
+from onnxprune.launch import INTERRUPTED_EXIT_CODE
 from onnxprune.errors import INTERNAL_EXIT_CODE, InternalError, OnnxPruneError, UsageError, ValidationFailed
 from onnxprune.pipeline import DEFAULT_CALIB_SIZE
 
 log = logging.getLogger("onnxprune")
-#: exit code after Ctrl-C (128 + SIGINT, as shells report it)
-INTERRUPTED_EXIT_CODE = 130
 
 
 class FiniteRange(click.FloatRange):
@@ -1033,6 +1032,8 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
                        f"angle {row['subspace_angle']:.1f} deg")
     written = ", ".join([str(output), *result.get("figures", [])])
     click.echo(f"wrote {written} ({len(result['sensitivity'])} sites, {result['seconds'].get('sensitivity', 0):.1f} s)")
+    if result.get("not_from_this_run"):
+        click.echo(f"left as it was, from an earlier run with --source-data: {', '.join(result['not_from_this_run'])}")
 
 
 @main.command(short_help="Compress at several budgets from one planning run; Pareto table and plot.")

@@ -259,6 +259,30 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch):
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted", (result.exit_code, result.stderr)
 
 
+def test_ctrl_c_while_the_command_line_loads_exits_130_with_one_line(monkeypatch, capsys):
+    """The `onnxprune` script's entry point loads the command line (onnx, onnxruntime: seconds) where a Ctrl-C
+    is caught: it printed a KeyboardInterrupt traceback of the imports. `import onnxprune` loads neither."""
+    import subprocess
+    import sys
+
+    from onnxprune import launch
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "onnxprune.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "onnxprune.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main()
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    loaded = subprocess.run([sys.executable, "-c", "import sys, onnxprune; print(sorted({'onnx', 'onnxruntime', "
+                             "'numpy'} & set(sys.modules)))"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
 def test_not_planned_rows_name_the_form_of_a_conv_offered_twice():
     """A k x k Conv is two planner sites (spatial and channel form): each row says which."""
     import onnx
