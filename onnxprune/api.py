@@ -245,14 +245,14 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     check_compressible(original, name=model_name(model))
     check_layer_names(original, recipe)
     measured_output(original, recipe.judge_output)        # a --judge-output the model lacks: before any work
-    samples, held_out, eval_source, train_set, val_fold = compress_samples(
+    samples, held_out, eval_source, train_set, val_fold, data_notes = compress_samples(
         original, recipe, target_data, source_data, eval_data,
         checkpoint_fraction=None if finetune is None else finetune.val_fraction,
         decode_held_out=recipe.plan is not None or finetune is not None)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device,
-                                                  others=(train_set, val_fold))) else []
+    label_notes = data_notes + ([note] if (note := label_misfit(original, samples["target"], held_out, recipe,
+                                                                device=device, others=(train_set, val_fold))) else [])
     if note:
         log.warning("%s", note)
         samples["target"], held_out = samples["target"].without_labels(), held_out.without_labels()
@@ -424,17 +424,20 @@ def check_label_range(sample_sets, classes: int | None) -> None:
 
 def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, source_data=None, eval_data=None,
                      *, checkpoint_fraction: float | None = None, decode_held_out: bool = True
-                     ) -> tuple[dict[str, SampleSet], SampleSet, Any, SampleSet, SampleSet | None]:
+                     ) -> tuple[dict[str, SampleSet], SampleSet, Any, SampleSet, SampleSet | None, list[str]]:
     """({"target": calibration samples[, "source": ...]}, evaluation samples, where those came
-    from, the whole calibration part before the --calib-size cap (what fine-tuning trains on), and
+    from, the whole calibration part before the --calib-size cap (what fine-tuning trains on),
     the fine-tuning checkpoint fold: with ``checkpoint_fraction`` that seeded fraction of the
     calibration part is set aside first (it neither calibrates nor trains: a fold of calibration
-    samples flatters the untrained compressed model), else None.
+    samples flatters the untrained compressed model), else None; and warnings, logged already
+    (``shared_samples``).
 
     Without ``eval_data`` the target data splits by ``recipe.split`` and ``recipe.seed``;
     calibration sets are capped at ``recipe.calib_size``. An ``eval_data`` file that is the
-    target data file is refused: it would have calibrated in full. With ``decode_held_out`` the
-    image files of the evaluation samples and the checkpoint fold are decoded once here
+    target data file is refused: it would have calibrated in full; so is one whose every sample
+    is stored in the target data (a copy under another name); some such samples are a warning.
+    With ``decode_held_out`` the image files of the evaluation samples and the checkpoint fold are
+    decoded once here
     (``SampleSet.check_files``; nothing else reads them before validation, after planning or
     training): 1.4 s for 5000 CIFAR-10 JPEGs, 2.2 s for 250 ImageNet ones, under 1 % of a planned
     ResNet-20 or MobileNetV2 compress, but a fifth of a fixed recipe's, which fails as fast without.
@@ -446,8 +449,10 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
                          "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
         calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess,
                                                           mask=recipe.mask_input), eval_data
+        notes = shared_samples(held_out, target, "--target-data", "calibrates in full when --eval-data is given")
     else:
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
+        notes = []
     val_fold = None
     if checkpoint_fraction is not None:
         from onnxprune.train.distill import check_fold
@@ -461,7 +466,26 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     for unread in (held_out, val_fold) if decode_held_out else ():   # a corrupt image fails now, not in minutes
         if unread is not None:
             unread.check_files(recipe.batch_size)
-    return samples, held_out, eval_source, calib, val_fold
+    return samples, held_out, eval_source, calib, val_fold, notes
+
+
+def shared_samples(held_out: SampleSet, other: SampleSet, other_flag: str, role: str) -> list[str]:
+    """Evaluation samples stored exactly as samples of ``other`` (``SampleSet.shared_with``), which
+    ``role``: a DataError when all of them are (a copy of the --target-data under another name:
+    accuracy on it would not be held out), a warning (logged, and returned as [note]) when some are;
+    [] when none."""
+    shared = held_out.shared_with(other)
+    if shared == len(held_out):
+        raise DataError(held_out.name, f"holds the same samples as {other_flag} {other.name} ({shared} of {shared}, "
+                        f"compared by content), which {role}: accuracy on it would not be held out",
+                        "pass samples that are not in " + other_flag)
+    if not shared:
+        return []
+    note = (f"{shared} of the {len(held_out)} evaluation samples ({held_out.name}) are stored exactly as samples of "
+            f"{other_flag} {other.name}, which {role}: accuracy on those is not held out; remove them from one of "
+            "the two")
+    log.warning("%s", note)
+    return [note]
 
 
 def refuse_same_file(data, other, other_flag: str, problem: str, hint: str) -> None:
@@ -708,6 +732,8 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
     if source is not None:
         result["shift"] = planner.domain_shift()
         result["source"] = source.describe()
+    elif figure is not None and shift_path(figure).exists():    # a chart of a run with --source-data
+        result["not_from_this_run"] = [str(shift_path(figure))]
     files = [] if output is None else [(output, text(json.dumps(jsonable(result), indent=2) + "\n"))]
     pictures = []
     if figure is not None:
@@ -764,8 +790,10 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
                                       "--eval-data": eval_data}), flag="-o, --flops/--keep")
     original = as_model(model)
     check_compressible(original, name=model_name(model))
-    samples, held_out, _, calib, _ = compress_samples(original, recipe, target_data, source_data, eval_data)
-    label_notes = [note] if (note := label_misfit(original, samples["target"], held_out, recipe, device=device)) else []
+    samples, held_out, _, calib, _, data_notes = compress_samples(original, recipe, target_data, source_data,
+                                                                  eval_data)
+    note = label_misfit(original, samples["target"], held_out, recipe, device=device)
+    label_notes = data_notes + ([note] if note else [])
     if note:
         log.warning("%s", note)
         samples["target"], held_out, calib = (s.without_labels() for s in (samples["target"], held_out, calib))

@@ -389,7 +389,10 @@ def chance_accuracy(labels: np.ndarray) -> float:
 
 
 def near_chance(accuracy: float, labels: np.ndarray) -> bool:
-    """Whether ``accuracy`` on ``labels`` is too close to guessing to measure anything by."""
+    """Whether ``accuracy`` on ``labels`` is too close to guessing to measure anything by. Labels of
+    one class have no guessing to compare with (always answering it scores 100%): never."""
+    if len(np.unique(labels)) < 2:
+        return False
     return accuracy < min(NEAR_CHANCE * chance_accuracy(labels), 0.5)
 
 

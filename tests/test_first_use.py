@@ -380,6 +380,30 @@ def test_eval_data_that_is_the_target_data_is_refused(tmp_path):
                        *FAST), "--target-data", "held out")
 
 
+def test_eval_data_that_copies_the_target_data_is_refused_and_an_overlap_is_warned_of(tmp_path):
+    """A copy of the target data under another name is found by content (it calibrated in full, so
+    its accuracy would not be held out); evaluation samples of which only some are in the target
+    data are a warning in the log and the report."""
+    model, data = mlp_task(tmp_path, n=100)
+    with np.load(data) as arrays:
+        x, y = arrays["x"], arrays["y"]
+    copy = tmp_path / "copy.npz"
+    np.savez(copy, x=x[::-1], y=y[::-1])
+    one_line_error(cli("compress", model, "--target-data", data, "--eval-data", copy, "-o", tmp_path / "o.onnx",
+                       *FAST), f"{copy} | holds the same samples as --target-data", "100 of 100", "would not be held out")
+    assert not (tmp_path / "o.onnx").exists()
+    fresh = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    partly = tmp_path / "partly.npz"
+    np.savez(partly, x=np.concatenate([fresh, x[:10]]), y=np.concatenate([np.zeros(40, y.dtype), y[:10]]))
+    result = cli("compress", model, "--target-data", data, "--eval-data", partly, "-o", tmp_path / "o.onnx",
+                 "--keep", "0.5", "--no-latency")
+    assert result.exit_code == 0, result.output + result.stderr
+    warning = "10 of the 50 evaluation samples"
+    assert warning in result.stderr
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert any(w.startswith(warning) for w in report["warnings"])
+
+
 def test_recipe_settings_over_a_recipe_file_apply_and_are_recorded(tmp_path):
     model, data = mlp_task(tmp_path, n=300)
     recipe = tmp_path / "r.json"
@@ -457,6 +481,13 @@ def test_reference_near_chance_is_warned(tmp_path, caplog):
     assert any("near chance" in w for w in json.loads(result.stdout)["warnings"])
     caplog.clear()
     np.savez(data, x=x, y=pred)
+    with caplog.at_level("WARNING"):
+        assert cli("validate", model, model, "--data", data, "--no-latency").exit_code == 0
+    assert "near chance" not in caplog.text
+    # labels of one class have no guessing to compare with: one sample the model gets wrong read
+    # "0.0%, near chance (100.0% for 1 classes)"
+    caplog.clear()
+    np.savez(data, x=x[:1], y=(pred[:1] + 1) % 3)
     with caplog.at_level("WARNING"):
         assert cli("validate", model, model, "--data", data, "--no-latency").exit_code == 0
     assert "near chance" not in caplog.text

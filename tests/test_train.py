@@ -565,13 +565,17 @@ def test_labels_outside_the_models_classes_are_a_data_error(tmp_path, where):
     ("finetune", ("--val-data", "TARGET"), "is the --target-data file, which trains: a checkpoint picked on it"),
     ("finetune", ("--val-data", "OTHER", "--eval-data", "OTHER"), "is the --eval-data file, so the checkpoint"),
     ("coprune", ("--eval-data", "TARGET"), "is the --target-data file, which trains in full"),
+    ("finetune", ("--eval-data", "COPY"), "holds the same samples as --target-data"),
+    ("coprune", ("--eval-data", "COPY"), "holds the same samples as --target-data"),
+    ("coprune", ("--eval-data", "SOURCE_COPY"), "holds the same samples as --source-data"),
 ])
 def test_held_out_data_that_is_the_training_file_is_refused(tmp_path, command, flags, words):
     """As compress refuses --eval-data equal to --target-data: evaluating (or picking the checkpoint) on samples
-    that trained is not held out. The same file under another spelling too."""
+    that trained is not held out. The same file under another spelling too, and a copy of it (found by content)."""
     pytest.importorskip("torch")
-    f = usps_files(tmp_path, target=(0, 60), other=(60, 120))
-    spelled = {"TARGET": tmp_path / ".." / tmp_path.name / "target.npz", "OTHER": f["other"]}
+    f = usps_files(tmp_path, target=(0, 60), other=(60, 120), copy=(0, 60), source_copy=(60, 120))
+    spelled = {"TARGET": tmp_path / ".." / tmp_path.name / "target.npz", "OTHER": f["other"], "COPY": f["copy"],
+               "SOURCE_COPY": f["source_copy"]}
     out = tmp_path / "out" / "o.onnx"
     if command == "finetune":
         args = ["finetune", LENET, "--teacher", LENET, "--epochs", "1"]
@@ -632,7 +636,9 @@ def test_reports_name_models_given_in_memory(tmp_path):
     result = finetune_files(student, tmp_path / "ft.onnx", data, teacher=teacher, measure_latency=False,
                             progress=False, config=TrainConfig(epochs=1, progress=False))
     assert (result.report["student"], result.report["teacher"]) == ("model", "model")
-    result = coprune_files(teacher, student, data, data, tmp_path / "cp.onnx", measure_latency=False,
+    x_source = np.random.default_rng(6).standard_normal((60, 8)).astype(np.float32)
+    source = {"x": x_source, "y": run_model(teacher, {"x": x_source})[0].argmax(1)}   # not the held-out samples
+    result = coprune_files(teacher, student, source, data, tmp_path / "cp.onnx", measure_latency=False,
                            config=CoPruneConfig(keep=0.5, alphas=(0.5,), max_epochs=1, progress=False))
     assert (result.report["source_model"], result.report["target_model"]) == ("model", "model")
     for name in ("ft.report.json", "cp.report.json"):

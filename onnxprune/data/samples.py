@@ -307,6 +307,47 @@ class SampleSet:
             self._content = digest.hexdigest()[:16]
         return self._content
 
+    def shared_with(self, other: SampleSet) -> int:
+        """How many of these samples are stored exactly as one of ``other``'s: the same bytes of an
+        image file, or the same row of every input array (dtype and shape included); labels aside.
+        An --eval-data folder that copies --target-data under another name shares all of them.
+        Image files are compared by size first: ``other``'s are read only where a size matches."""
+        if type(self._store) is not type(other._store):
+            return 0
+        mine = self._digests()
+        theirs = set(other._digests(sizes={size for size, _ in mine}))
+        return sum(key in theirs for key in mine)
+
+    def _digests(self, sizes: set[int] | None = None) -> list[tuple[int, bytes]]:
+        """(size in bytes, sha256) of each sample as stored, in order; with ``sizes``, of the
+        samples of those sizes only."""
+        if isinstance(self._store, _ImageStore):
+            digests = []
+            for row in self._rows:
+                path = Path(self._store.files[row])
+                try:
+                    size = path.stat().st_size
+                    if sizes is None or size in sizes:
+                        digests.append((size, hashlib.sha256(path.read_bytes()).digest()))
+                except OSError as exc:
+                    raise DataError(str(path), f"cannot be read ({exc.strerror or exc})") from None
+            return digests
+        names = sorted(self._store.arrays)
+        arrays = [self._store.arrays[name] for name in names]
+        size = sum(array[:1].nbytes for array in arrays)
+        if sizes is not None and size not in sizes:
+            return []
+        header = "".join(f"{name}:{array.dtype}:{array.shape[1:]};" for name, array in zip(names, arrays)).encode()
+        digests = []
+        for start in range(0, len(self._rows), 1024):
+            chunks = [np.ascontiguousarray(array[self._rows[start:start + 1024]]) for array in arrays]
+            for i in range(len(chunks[0])):
+                digest = hashlib.sha256(header)
+                for chunk in chunks:
+                    digest.update(chunk[i].tobytes())
+                digests.append((size, digest.digest()))
+        return digests
+
     def describe(self) -> dict:
         """A JSON-able summary; ``indices_sha`` identifies exactly which source rows are in the set
         (what they hold, ``content_sha``, is recorded where statistics are saved: it reads them all)."""

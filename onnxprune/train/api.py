@@ -43,13 +43,17 @@ def curve_path(output: Path) -> Path:
 
 
 def split_data(target, eval_data, split: float, seed: int, model, preprocess):
-    """(train, held-out) SampleSets: --eval-data when given, else a seeded split of the target data."""
-    from onnxprune.api import as_samples
+    """(train, held-out) SampleSets and warnings (logged): --eval-data when given (refused when
+    every sample of it is in the target data, which trains: ``api.shared_samples``), else a seeded
+    split of the target data."""
+    from onnxprune.api import as_samples, shared_samples
 
     data = as_samples(target, model, preprocess)
     if eval_data is not None:
-        return data, as_samples(eval_data, model, preprocess)
-    return data.split(split, seed=seed)
+        held_out = as_samples(eval_data, model, preprocess)
+        return data, held_out, shared_samples(held_out, data, "--target-data", "trains in full when --eval-data "
+                                              "is given")
+    return *data.split(split, seed=seed), []
 
 
 def check_labels(model: onnx.ModelProto, sample_sets, *, batch_size: int, device: str = "cpu") -> None:
@@ -182,7 +186,8 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
                             "trained (the compressed one) and --teacher the original; were they given the other "
                             "way round?")
             log.warning("%s", warnings[-1])
-    train, held_out = split_data(target_data, eval_data, split, config.seed, student_model, preprocess)
+    train, held_out, notes = split_data(target_data, eval_data, split, config.seed, student_model, preprocess)
+    warnings += notes
     val = None
     if val_data is not None:
         from onnxprune.api import as_samples
@@ -238,7 +243,7 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     """``onnxprune coprune``: Co-Prune the target model, validate it against the dense target model on
     held-out target data, write OUTPUT and ``.report.json``."""
     require_torch()
-    from onnxprune.api import as_model, as_samples
+    from onnxprune.api import as_model, as_samples, shared_samples
     from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters
     from onnxprune.validate import validate
 
@@ -260,8 +265,11 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
                              "mask: accuracy on it would not be held out",
                              "pass source-domain samples as --source-data, or held-out ones as --eval-data")
     source, target = as_model(source_model), as_model(target_model)
-    train, held_out = split_data(target_data, eval_data, split, config.seed, target, preprocess)
+    train, held_out, notes = split_data(target_data, eval_data, split, config.seed, target, preprocess)
     source_samples = as_samples(source_data, source, preprocess)
+    if any(a > 0 for a in config.alphas):
+        notes += shared_samples(held_out, source_samples, "--source-data", "trains the source network, whose "
+                                "weights help choose the target's mask")
     check_labels(target, (train, held_out), batch_size=config.batch_size, device=device)
     check_labels(source, (source_samples,), batch_size=config.batch_size, device=device)
     pruned, train_report = coprune(source, target, source_samples, train, config=config,
@@ -276,7 +284,7 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
         "nonzero_parameters": {"target": nonzero_parameters(target), "pruned": nonzero_parameters(pruned),
                                "total": count_parameters(pruned)},
         "validation": after.to_dict(),
-        "warnings": list(train_report["warnings"]),
+        "warnings": notes + list(train_report["warnings"]),
     }
     write_all([(output, functools.partial(save_model, pruned)),
                (report_path(output), text(json.dumps(jsonable(report), indent=2) + "\n"))])

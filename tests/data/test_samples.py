@@ -801,3 +801,27 @@ def test_a_sequence_first_recurrent_input_is_refused(layout):
         return
     with pytest.raises(DataError, match=r"x \| is the sequence-first input 5xNx4 of LSTM 'lstm' .*batch_first=True"):
         open_samples(data, model)
+
+
+def test_shared_samples_are_counted_by_content_not_by_name(tmp_path):
+    """An --eval-data that copies the target data under other names: image files by their bytes,
+    array rows by every input's values and dtype (labels aside); a re-encoded image is not shared."""
+    images = pixels(4, (4, 4), seed=1)
+    for i, image in enumerate(images):
+        save_png(tmp_path / "target" / f"{i}.png", image)
+    for i, image in enumerate(images[:2]):
+        save_png(tmp_path / "copy" / f"renamed_{i}.png", image)
+    Image.fromarray(images[2]).save(tmp_path / "copy" / "other.bmp")        # same pixels, other bytes
+    save_png(tmp_path / "copy" / "new.png", pixels(1, (4, 4), seed=9)[0])
+    target, copy = (open_samples(tmp_path / name, spec()) for name in ("target", "copy"))
+    assert copy.shared_with(target) == 2 and target.shared_with(copy) == 2
+    assert copy.subset([0]).shared_with(target.subset([0])) == 0        # other.bmp against 0.png
+
+    x = floats(5)
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(5))
+    np.savez(tmp_path / "b.npz", x=x[[4, 0]], y=np.zeros(2, np.int64))              # other labels: still shared
+    np.save(tmp_path / "c.npy", x[:2].astype(np.float64))                            # other dtype: not
+    a, b, c = (open_samples(tmp_path / name, spec()) for name in ("a.npz", "b.npz", "c.npy"))
+    assert b.shared_with(a) == 2 and a.shared_with(b) == 2 and c.shared_with(a) == 0
+    assert a.split(0.6, seed=0)[1].shared_with(a.split(0.6, seed=0)[0]) == 0
+    assert a.shared_with(copy) == 0                                                 # arrays against images

@@ -56,3 +56,28 @@ def test_without_matplotlib_the_figures_are_left_out_and_the_rest_written(tmp_pa
     assert sweep.exit_code == 0, sweep.output
     assert sweep.stdout.strip().endswith(f"wrote {tmp_path / 'sweep'}/ (models, reports, pareto.md, pareto.json)")
     assert not (tmp_path / "sweep" / "pareto.png").exists() and (tmp_path / "sweep" / "cbr_macs80.onnx").exists()
+
+
+def test_sensitivity_without_source_data_flags_an_earlier_runs_shift_chart(tmp_path):
+    """The shift chart beside the heat map comes from a run with --source-data only: one an earlier run left
+    is named as not from this run (in the output and the JSON), not passed off as this run's."""
+    import json
+
+    import numpy as np
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+    from tests import graphs
+
+    model, data = tmp_path / "cbr.onnx", tmp_path / "x.npy"
+    onnx.save(graphs.conv_bn_relu(), model)
+    np.save(data, np.random.default_rng(0).standard_normal((100, 3, 8, 8)).astype(np.float32))
+    stale = tmp_path / "sens_shift.png"
+    stale.write_bytes(b"an earlier run's")
+    sens = CliRunner().invoke(main, ["sensitivity", str(model), "--target-data", str(data),
+                                     "-o", str(tmp_path / "sens.json")])
+    assert sens.exit_code == 0, sens.output
+    assert sens.stdout.strip().splitlines()[-1] == f"left as it was, from an earlier run with --source-data: {stale}"
+    assert json.loads((tmp_path / "sens.json").read_text())["not_from_this_run"] == [str(stale)]
+    assert stale.read_bytes() == b"an earlier run's"
