@@ -26,7 +26,7 @@ from bench.planner import MODELS
 from onnxprune.api import as_model, compress_samples, make_planner
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, measure
-from onnxprune.validate import validate
+from onnxprune.validation import validate
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     from onnxprune.api import as_model, compress_samples
     from onnxprune.pipeline import Recipe
     from onnxprune.train.distill import TrainConfig, finetune
-    from onnxprune.validate import validate
+    from onnxprune.validation import validate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="5:1e-3,10:5e-4,10:2e-4", help="EPOCHS:LR,...")

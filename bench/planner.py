@@ -32,7 +32,7 @@ from onnxprune.passes.select_nodes import Footprint
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan import figures
 from onnxprune.plan.planner import FOLDS, Planner
-from onnxprune.validate import validate
+from onnxprune.validation import validate
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 MODELS = {

@@ -49,7 +49,7 @@ from onnxprune.calibration.provider import StatsProvider  # noqa: E402
 from onnxprune.data.samples import open_samples  # noqa: E402
 from onnxprune.graph.groups import find_channel_groups  # noqa: E402
 from onnxprune.recipes import method_passes
-from onnxprune.validate import validate  # noqa: E402
+from onnxprune.validation import validate  # noqa: E402
 
 CRITERIA = ("spectral", "momasp-J", "momasp-j", "mean", "l1", "wanda")
 PFA_TAUS = (0.8, 0.9, 0.95)

@@ -84,7 +84,7 @@ def install_timers(timers: dict) -> None:
     import onnxprune.pipeline as pipeline
     from onnxprune.passes import low_rank_split, reconstruct_next_layer
 
-    validate = sys.modules["onnxprune.validate"]   # the module (the package may shadow the name)
+    validate = sys.modules["onnxprune.validation"]
 
     def wrap(owner, attr, key_of):
         fn = getattr(owner, attr)

@@ -61,7 +61,7 @@ from onnxprune.data.samples import open_samples
 from onnxprune.model import jsonable, load_model, write_text_atomic
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, PlanOptions
-from onnxprune.validate import validate
+from onnxprune.validation import validate
 
 MODEL = SHARED / "models" / "minilm_l3_paraphrase.onnx"
 TEXT = SHARED / "data" / "text"

@@ -35,7 +35,7 @@ from onnxprune.calibration.provider import StatsProvider
 from onnxprune.model import jsonable, load_model, write_text_atomic
 from onnxprune.pipeline import Recipe, run_pipeline
 from onnxprune.recipes import method_passes
-from onnxprune.validate import validate
+from onnxprune.validation import validate
 
 
 RECIPES = {

@@ -60,9 +60,9 @@ from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import RecoveryOptions
 from onnxprune.runtime import ORT_ERRORS, error_line
 from onnxprune.structures.heads import head_layout_skips
-from onnxprune.validate import (REMEDY, ValidationReport, check_labels_fit, check_latency_runs, check_threshold_values,
+from onnxprune.validation import (REMEDY, ValidationReport, check_labels_fit, check_latency_runs, check_threshold_values,
                                 check_thresholds)
-from onnxprune.validate import validate as _validate
+from onnxprune.validation import validate as _validate
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     cannot measure it either: every kNN vote is right whatever the embeddings."""
     from onnxprune import embedding
     from onnxprune.plan.planner import model_outputs
-    from onnxprune.validate import chance_accuracy, data_flags, near_chance
+    from onnxprune.validation import chance_accuracy, data_flags, near_chance
 
     if calib.labels is None:
         return None
@@ -416,7 +416,7 @@ def label_probe(samples: SampleSet) -> SampleSet:
 
 def check_label_range(sample_sets, classes: int | None) -> None:
     """A DataError naming the first of ``sample_sets`` (None: skipped) whose labels lie outside
-    the model's ``classes`` (``validate.check_labels_fit``; None: no class axis, nothing to check)."""
+    the model's ``classes`` (``validation.check_labels_fit``; None: no class axis, nothing to check)."""
     for sample_set in sample_sets:
         if classes is not None and sample_set is not None and sample_set.labels is not None:
             check_labels_fit(sample_set.labels, classes, sample_set.name)
@@ -449,7 +449,8 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
                          "drop --eval-data (then --split holds part of --target-data out) or pass other samples")
         calib, held_out, eval_source = target, as_samples(eval_data, original, recipe.preprocess,
                                                           mask=recipe.mask_input), eval_data
-        notes = shared_samples(held_out, target, "--target-data", "calibrates in full when --eval-data is given")
+        notes = shared_samples(held_out, target, eval_data, target_data, "--target-data",
+                               "calibrates in full when --eval-data is given")
     else:
         (calib, held_out), eval_source = target.split(recipe.split, seed=recipe.seed), target_data
         notes = []
@@ -469,11 +470,14 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     return samples, held_out, eval_source, calib, val_fold, notes
 
 
-def shared_samples(held_out: SampleSet, other: SampleSet, other_flag: str, role: str) -> list[str]:
-    """Evaluation samples stored exactly as samples of ``other`` (``SampleSet.shared_with``), which
-    ``role``: a DataError when all of them are (a copy of the --target-data under another name:
-    accuracy on it would not be held out), a warning (logged, and returned as [note]) when some are;
-    [] when none."""
+def shared_samples(held_out: SampleSet, other: SampleSet, data, other_data, other_flag: str, role: str) -> list[str]:
+    """Evaluation samples (opened from ``data``) stored exactly as samples of ``other`` (from
+    ``other_data``; ``SampleSet.shared_with``), which ``role``: a DataError when all of them are (a
+    copy of the --target-data under another name: accuracy on it would not be held out), a warning
+    (logged, and returned as [note]) when some are; [] when none. As ``refuse_same_file``, only
+    files and folders are compared: arrays or readers given twice in Python are given on purpose."""
+    if not (_is_path(data) and _is_path(other_data)):
+        return []
     shared = held_out.shared_with(other)
     if shared == len(held_out):
         raise DataError(held_out.name, f"holds the same samples as {other_flag} {other.name} ({shared} of {shared}, "

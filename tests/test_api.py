@@ -380,3 +380,16 @@ def test_numpy_scalars_in_a_recipe_run_and_are_written_as_numbers(tmp_path):
     written = json.loads((tmp_path / "o.recipe.json").read_text())
     assert written["split"] == 0.5 and written["seed"] == 3 and written["passes"][0]["keep"] == 0.5
     assert json.dumps(result.report["recipe"]) and Recipe.load(tmp_path / "o.recipe.json").seed == 3
+
+
+def test_the_packages_names_are_the_public_functions_whatever_was_imported_first():
+    """``import onnxprune`` loads the API on first use; a submodule imported first does not take a public
+    name (the module onnxprune/validate.py, once imported, was ``onnxprune.validate`` until the API bound it)."""
+    import subprocess
+    import sys
+
+    code = ("import inspect, onnxprune, onnxprune.validation, onnxprune.cli; "
+            "print(sorted(n for n in onnxprune.__all__[1:] if inspect.ismodule(getattr(onnxprune, n))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+    assert callable(onnxprune.validate) and callable(onnxprune.compress)

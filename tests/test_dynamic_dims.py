@@ -122,7 +122,7 @@ def test_minilm_macs_at_the_sequence_length(shared):
     """The sentence encoder's MACs count at the token rows' length (64 in ../shared), attention
     scores (T^2) included, not at length 1."""
     from onnxprune.data.samples import open_samples
-    from onnxprune.validate import validate
+    from onnxprune.validation import validate
 
     model = load_model(shared / "models" / "minilm_l3_paraphrase.onnx")
     samples = open_samples(shared / "data" / "text" / "sst2_test.npz", model).subset(np.arange(8))

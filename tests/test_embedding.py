@@ -119,7 +119,7 @@ def test_the_knn_k_reported_is_the_one_used_with_a_small_index():
 
 
 def test_a_near_chance_original_on_token_data_names_the_flags_of_token_data():
-    from onnxprune.validate import IMAGE_FLAGS, TOKEN_FLAGS, data_flags, reference_warnings
+    from onnxprune.validation import IMAGE_FLAGS, TOKEN_FLAGS, data_flags, reference_warnings
 
     assert data_flags(token_ffn(vocab=16)) == TOKEN_FLAGS and data_flags(gemm_chain()) == IMAGE_FLAGS
     labels = np.arange(40) % 4

@@ -608,7 +608,7 @@ def test_latency_reports_the_spread_and_warns_when_too_noisy(monkeypatch):
     from onnxprune.model import input_specs
     from tests.graphs import wide_mlp as model_of
 
-    validate_module = sys.modules["onnxprune.validate"]  # the package's ``validate`` is the function
+    validate_module = sys.modules["onnxprune.validation"]
     model = model_of()
     samples = open_samples({"x": np.zeros((8, 8), np.float32)}, input_specs(model))
     ticks = iter(np.cumsum(np.random.default_rng(0).choice([1e-3, 9e-3], size=10_000)))

@@ -600,7 +600,7 @@ def test_too_few_samples_left_to_train_after_the_checkpoint_fold_are_refused(tmp
     def no_work(*args, **kwargs):
         raise AssertionError("validated or calibrated before the samples were checked")
 
-    monkeypatch.setattr(sys.modules["onnxprune.validate"], "validate", no_work)
+    monkeypatch.setattr(sys.modules["onnxprune.validation"], "validate", no_work)
     monkeypatch.setattr(onnxprune.api, "label_misfit", no_work)
     f = usps_files(tmp_path, tiny=(0, 4), eight=(0, 8), other=(60, 120), source=(120, 180))
     out = tmp_path / "out" / "o.onnx"

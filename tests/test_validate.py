@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.errors import DataError, ModelError, RecipeError, ValidationFailed
 from onnxprune.model import clone, load_model
 from onnxprune.runtime import make_session
-from onnxprune.validate import ValidationReport, check_thresholds, validate
+from onnxprune.validation import ValidationReport, check_thresholds, validate
 
 
 class ArraySamples:

@@ -18,7 +18,7 @@ from onnxprune.errors import DataError, RecipeError, ValidationFailed
 from onnxprune.model import count_parameters, input_specs, jsonable, model_name, save_model
 from onnxprune.outputs import text, write_all
 from onnxprune.train import require_torch
-from onnxprune.validate import check_threshold_values
+from onnxprune.validation import check_threshold_values
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def split_data(target, eval_data, split: float, seed: int, model, preprocess):
     data = as_samples(target, model, preprocess)
     if eval_data is not None:
         held_out = as_samples(eval_data, model, preprocess)
-        return data, held_out, shared_samples(held_out, data, "--target-data", "trains in full when --eval-data "
-                                              "is given")
+        return data, held_out, shared_samples(held_out, data, eval_data, target, "--target-data",
+                                              "trains in full when --eval-data is given")
     return *data.split(split, seed=seed), []
 
 
@@ -134,7 +134,7 @@ def recover(original: onnx.ModelProto, compressed: onnx.ModelProto, train, held_
     ``trained``: (model, training report) of a distillation already run (``plan.recovery``);
     ``name``: what errors call the model (the file it came from)."""
     from onnxprune.train.distill import finetune
-    from onnxprune.validate import validate
+    from onnxprune.validation import validate
 
     require_torch()
     before = validate(original, compressed, held_out, batch_size=batch_size, device=device,
@@ -154,7 +154,7 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     from onnxprune.api import as_model, refuse_same_file
     from onnxprune.train.distill import (TrainConfig, check_training_samples, finetune, plot_curve, same_model,
                                          shared_labels)
-    from onnxprune.validate import check_thresholds, validate
+    from onnxprune.validation import check_thresholds, validate
 
     config = TrainConfig() if config is None else config
     check_config(config, TrainConfig)
@@ -245,7 +245,7 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     require_torch()
     from onnxprune.api import as_model, as_samples, shared_samples
     from onnxprune.train.coprune import CoPruneConfig, coprune, nonzero_parameters
-    from onnxprune.validate import validate
+    from onnxprune.validation import validate
 
     check_config(config, CoPruneConfig)
     output = check_training_outputs(output, [], target_model, {"--source-model": source_model,
@@ -268,8 +268,9 @@ def coprune_files(source_model, target_model, source_data, target_data, output, 
     train, held_out, notes = split_data(target_data, eval_data, split, config.seed, target, preprocess)
     source_samples = as_samples(source_data, source, preprocess)
     if any(a > 0 for a in config.alphas):
-        notes += shared_samples(held_out, source_samples, "--source-data", "trains the source network, whose "
-                                "weights help choose the target's mask")
+        notes += shared_samples(held_out, source_samples, target_data if eval_data is None else eval_data,
+                                source_data, "--source-data", "trains the source network, whose weights help "
+                                "choose the target's mask")
     check_labels(target, (train, held_out), batch_size=config.batch_size, device=device)
     check_labels(source, (source_samples,), batch_size=config.batch_size, device=device)
     pruned, train_report = coprune(source, target, source_samples, train, config=config,

@@ -154,7 +154,7 @@ def test_an_onnxruntime_rejection_names_the_shapes_it_was_fed():
     still says how long the rows were."""
     from onnxprune.data.samples import open_samples
     from onnxprune.errors import ModelError
-    from onnxprune.validate import validate
+    from onnxprune.validation import validate
 
     model = positional(6)
     samples = open_samples(token_arrays(length=7), model)       # opened directly: no check before the run

@@ -31,7 +31,7 @@ from onnxprune.plan.planner import (
     measure,
 )
 from onnxprune.runtime import make_session
-from onnxprune.validate import REMEDY
+from onnxprune.validation import REMEDY
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
