@@ -304,14 +304,22 @@ class Moments:
 
     @property
     def gram(self) -> np.ndarray:
-        """sum_i x_i x_i^T (dim, dim); computed from the rows when ``keep_rows``."""
-        if not self.keep_rows:
-            self._flush()
-            return self._gram
-        if self._gram_cache is None:
-            rows = self.rows
-            self._gram_cache = rows.T @ rows
-        return self._gram_cache
+        """sum_i x_i x_i^T (dim, dim); computed from the rows when ``keep_rows``.
+
+        What is still pending (queued rows, shift corrections, the rows' product) is folded
+        here under ``linalg.blas_threads``, as ``collect`` folds the rest: read outside it
+        (``calibrate`` saving its file) BLAS ran at its own thread count and the last digits,
+        and so ``compress --stats``'s model, followed the machine's cores and OMP_NUM_THREADS."""
+        from onnxprune.linalg.common import blas_threads   # numpy only until a Gram is read
+
+        with blas_threads():
+            if not self.keep_rows:
+                self._flush()
+                return self._gram
+            if self._gram_cache is None:
+                rows = self.rows
+                self._gram_cache = rows.T @ rows
+            return self._gram_cache
 
     def _need_samples(self) -> None:
         if self.count == 0:
