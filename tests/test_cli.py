@@ -386,3 +386,14 @@ def test_latency_aware_splits_flag_reports_per_layer_timings(tmp_path):
         assert {"ideal_mac_ratio", "ms_before", "ms_after", "realised"} <= set(row)
     skipped = {row["layer"] for row in split["skipped"]}
     assert {row["layer"] for row in split["latency"] if row["decision"] == "skipped"} <= skipped
+
+
+def test_an_unmet_global_budget_is_warned_of_once_in_sequential_mode(tmp_path):
+    """Each sequential round reran the pass object, which kept the first round's warning: the report listed
+    'keep 0.001 cannot be met' once per channel group (3 on LeNet)."""
+    out = tmp_path / "o.onnx"
+    result = cli("compress", MODEL, "--target-data", DATA, "-o", out, "--method", "spectral", "--keep", "0.001",
+                 "--mode", "sequential", "--allocation", "global", *FAST)
+    assert result.exit_code == 0, result.output + result.stderr
+    warnings = json.loads((tmp_path / "o.report.json").read_text())["warnings"]
+    assert sum("cannot be met" in w for w in warnings) == 1, warnings

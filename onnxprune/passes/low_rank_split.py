@@ -380,7 +380,8 @@ class LowRankSplit(Pass):
                 spectra[layer.name] = ctx.remembered(_part(keys, layer, "spectrum"), lambda: linalg.output_spectrum(
                     w, total if opts.method == "dalr" else None))
 
-        ranks = self._ranks(weights, spectra, forms)
+        warnings = []
+        ranks = self._ranks(weights, spectra, forms, warnings)
         log.debug("low-rank-split: ranks chosen %s", ranks)
         timed = self._latency(model, layers, ranks, weights, ctx) if opts.latency and layers else {}
         rows = []
@@ -466,8 +467,8 @@ class LowRankSplit(Pass):
         report = {"split": rows, "skipped": skipped}
         if timed:
             report["latency"] = [{"layer": name, **timing} for name, timing in timed.items()]
-        if getattr(self, "unmet", None):
-            report["warnings"] = [self.unmet]
+        if warnings:
+            report["warnings"] = warnings
         return PassResult(changed=bool(rows), report=report)
 
     def _latency(self, model, layers, ranks, weights, ctx: PassContext) -> dict[str, dict]:
@@ -550,14 +551,15 @@ class LowRankSplit(Pass):
         return next(f"{name}={getattr(opts, name)}" for name in ("rank", "fraction", "energy", "keep", "ranks")
                     if getattr(opts, name) is not None)
 
-    def _ranks(self, weights, spectra, forms: dict[str, SplitShape]) -> dict[str, int]:
+    def _ranks(self, weights, spectra, forms: dict[str, SplitShape], warnings: list[str]) -> dict[str, int]:
+        """The rank of each layer; a budget that cannot be met adds its line to ``warnings``."""
         opts = self.options
         if opts.ranks is not None:
             return {name: opts.ranks[name] for name in forms}      # a plan's ranks are used as they are
-        chosen = self._chosen_ranks(forms, spectra)
+        chosen = self._chosen_ranks(forms, spectra, warnings)
         return {name: linalg.round_rank(k, int(opts.multiple), forms[name].limit) for name, k in chosen.items()}
 
-    def _chosen_ranks(self, forms: dict[str, SplitShape], spectra) -> dict[str, int]:
+    def _chosen_ranks(self, forms: dict[str, SplitShape], spectra, warnings: list[str]) -> dict[str, int]:
         opts = self.options
         if opts.keep is not None:
             shapes = {name: (form.m, form.n) for name, form in forms.items()}
@@ -566,9 +568,9 @@ class LowRankSplit(Pass):
             kept = sum(min(linalg.split_params(*shapes[name], k), shapes[name][0] * shapes[name][1])
                        for name, k in ranks.items())
             if kept > opts.keep * full:     # even the smallest ranks (rank 1, or one `multiple`) exceed it
-                self.unmet = (f"low-rank-split: keep {opts.keep:g} cannot be met: the smallest ranks of the "
-                              f"{len(shapes)} layer(s) leave {kept / full:.1%} of their parameters")
-                log.warning("%s", self.unmet)
+                warnings.append(f"low-rank-split: keep {opts.keep:g} cannot be met: the smallest ranks of the "
+                                f"{len(shapes)} layer(s) leave {kept / full:.1%} of their parameters")
+                log.warning("%s", warnings[-1])
             return ranks
         ranks = {}
         for name, form in forms.items():

@@ -217,11 +217,11 @@ class SelectNodes(Pass):
                 log.info("select-nodes: skip %s: %s", row["group"], row["reason"])
         if not scope:
             return PassResult(changed=False, report={"selected": [], "skipped": skipped})
-        counts = ctx.counts
+        counts, warnings = ctx.counts, []
         if counts is None:
             # Counts come from every group at once (a global budget couples them), on this graph.
             scores = self._scores(model, groups, ctx)
-            counts = self._counts(model, groups, scores, ctx.input_shapes)
+            counts = self._counts(model, groups, scores, ctx.input_shapes, warnings)
             if ctx.only_group is not None:
                 ctx.counts = counts
         else:
@@ -242,8 +242,8 @@ class SelectNodes(Pass):
             log.info("select-nodes: %s keeps %d of %d channels (retention %.4f, %s)", g.name, k, g.channels,
                      retention, opts.criterion)
         report = {"selected": rows, "skipped": skipped}
-        if getattr(self, "unmet", None):
-            report["warnings"] = [self.unmet]
+        if warnings:        # once: sequential rounds after the first reuse the counts (ctx.counts)
+            report["warnings"] = warnings
         return PassResult(changed=False, report=report)
 
     def _scores(self, model, groups: list[ChannelGroup], ctx: PassContext) -> dict[str, dict]:
@@ -272,7 +272,9 @@ class SelectNodes(Pass):
         """What ranks the group's channels (see ``onnxprune.criteria.Criterion.score``)."""
         return self.criterion.score(model, group, views)
 
-    def _counts(self, model, groups: list[ChannelGroup], scores: dict, input_shapes: dict) -> dict[str, int]:
+    def _counts(self, model, groups: list[ChannelGroup], scores: dict, input_shapes: dict,
+                warnings: list[str]) -> dict[str, int]:
+        """Channels to keep per group; a budget that cannot be met adds its line to ``warnings``."""
         opts = self.options
         if opts.counts is not None:
             return {g.name: _whole_units(min(int(opts.counts[g.name]), g.channels), g) for g in groups}
@@ -284,7 +286,7 @@ class SelectNodes(Pass):
                 self.criterion.count(groups[0], scores[groups[0].name]) is not None:    # pfa-kl's own rule
             counts = {g.name: self.criterion.count(g, scores[g.name]) for g in groups}
         else:
-            return self._budget_counts(model, groups, scores, input_shapes)
+            return self._budget_counts(model, groups, scores, input_shapes, warnings)
         return {g.name: self._rounded(counts[g.name], g) for g in groups}
 
     def _rounded(self, count: int, group: ChannelGroup) -> int:
@@ -299,7 +301,8 @@ class SelectNodes(Pass):
             return int(count)
         return int(min(group.channels, m * math.ceil(count / m)))
 
-    def _budget_counts(self, model, groups: list[ChannelGroup], scores: dict, input_shapes: dict) -> dict[str, int]:
+    def _budget_counts(self, model, groups: list[ChannelGroup], scores: dict, input_shapes: dict,
+                       warnings: list[str]) -> dict[str, int]:
         """Global budget: one threshold t for every group, the loosest whose counts fit.
 
         t is a retention ratio (spectral, momasp), a PFA energy (pfa-en, pfa-kl), or a
@@ -344,10 +347,10 @@ class SelectNodes(Pass):
         if not reachable:       # even the fewest channels (multiples of `multiple` in wide groups) exceed it
             name, what = ("keep", "parameters") if index == 0 else ("flops", "MACs")
             least = footprint(best)[index] / (full_params, full_macs)[index]
-            self.unmet = (f"select-nodes: {name} {getattr(opts, name):g} cannot be met: the fewest channels "
-                          f"the {len(groups)} group(s) can keep leave {least:.1%} of their layers' {what} "
-                          f"(wide groups keep a multiple of {opts.multiple})")
-            log.warning("%s", self.unmet)
+            warnings.append(f"select-nodes: {name} {getattr(opts, name):g} cannot be met: the fewest channels "
+                            f"the {len(groups)} group(s) can keep leave {least:.1%} of their layers' {what} "
+                            f"(wide groups keep a multiple of {opts.multiple})")
+            log.warning("%s", warnings[-1])
         for _ in range(40):
             mid = (lo + hi) / 2
             ok, counts = fits(mid)
