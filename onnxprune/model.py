@@ -172,18 +172,38 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     So is an ``Identity`` of a small stored tensor (at most ``IDENTITY_FOLD_SIZE`` values): torch
     exports parameters equal to another (a BatchNorm's zero mean and bias) as Identity(that one),
     which would hide a constant where the graph analysis needs one (larger ones, tied weights,
-    stay shared). Not in IR version < 4 models, whose initializers are graph inputs too."""
+    stay shared). Not in IR version < 4 models, whose initializers are graph inputs too.
+    A ``Transpose`` of a stored tensor that nothing else reads (torch's ``MatMul(x, Transpose(W))``
+    without constant folding) becomes the transposed tensor, so the layer's weight is a constant."""
     graph = model.graph
     stored = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
+    listed = {i.name for i in graph.input}
+    readers = Counter(name for node in graph.node for name in node.input)
+    readers.update(name for node in graph.node for name in subgraph_inputs(node))
     keep = []
     for node in graph.node:
+        source = stored.get(node.input[0]) if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
+            and node.input else None
+        if source is not None and model.ir_version >= 4 and readers[source.name] == 1 \
+                and source.name not in listed | outputs and node.output[0] not in outputs and not _external(source):
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            tensor = numpy_helper.from_array(
+                np.ascontiguousarray(np.transpose(numpy_helper.to_array(source), perm)), node.output[0])
+            graph.initializer.remove(source)
+            del stored[source.name]
+            graph.initializer.append(tensor)
+            stored[tensor.name] = tensor
+            continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             tensor = _constant_value(node)
             if tensor is not None:
                 tensor.name = node.output[0]
                 graph.initializer.append(tensor)
                 stored[tensor.name] = tensor
+                if model.ir_version < 4:  # IR 3: every initializer is a graph input too
+                    graph.input.append(onnx.helper.make_tensor_value_info(
+                        tensor.name, tensor.data_type, list(tensor.dims)))
                 continue
         source = stored.get(node.input[0]) if node.op_type == "Identity" and node.domain in ("", "ai.onnx") \
             and node.input else None
