@@ -58,7 +58,7 @@ from onnxprune.paths import check_output_text, check_outputs, model_files
 from onnxprune.pipeline import PREPROCESS_KEYS, Recipe, run_pipeline
 from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import RecoveryOptions
-from onnxprune.runtime import ORT_ERRORS, error_line
+from onnxprune.runtime import ORT_ERRORS, error_line, free_size_hint
 from onnxprune.structures.heads import head_layout_skips
 from onnxprune.validation import (REMEDY, ValidationReport, check_labels_fit, check_latency_runs, check_threshold_values,
                                 check_thresholds)
@@ -384,7 +384,9 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
         first = error_line(exc)
         raise DataError(calib.name, f"onnxruntime failed running the model on these samples: {first}",
                         "check that the samples match the model's inputs and that this onnxruntime runs the "
-                        "model (`onnxprune validate MODEL MODEL --data D` runs it alone)") from None
+                        "model (`onnxprune validate MODEL MODEL --data D` runs it alone)"
+                        + free_size_hint([(s.name, s.shape) for s in input_specs(original)],
+                                         probe.batch([0]))) from None
     classes = outputs.shape[-1] if outputs.ndim == 2 else None
     check_label_range((calib, held_out, *others), classes)
     if classes is None:

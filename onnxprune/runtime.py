@@ -49,6 +49,21 @@ def feeds_text(feeds: dict[str, np.ndarray]) -> str:
     return ", ".join(f"{name} {'x'.join(str(d) for d in np.shape(value))}" for name, value in feeds.items())
 
 
+def free_size_hint(inputs, feeds: dict[str, np.ndarray]) -> str:
+    """What to add to a hint when onnxruntime refused ``feeds`` and a 4-D float input of the model
+    (``inputs``: (name, shape) pairs, a dimension not fixed as a str or None) takes any size: the
+    images were fed at their own size, which the layers after a Flatten may not take; '' otherwise."""
+    for name, shape in inputs:
+        value = feeds.get(name)
+        if value is None or len(shape) != 4 or np.asarray(value).dtype.kind != "f":
+            continue
+        if any(not isinstance(d, int) for d in shape[1:]):
+            size = "x".join(str(d) for d in np.shape(value)[1:])
+            return (f"; input {name} takes any size ({', '.join(str(d) for d in shape)}), so the samples were fed as "
+                    f"they are ({size}): resize them to the size the model was trained at (--resize for images)")
+    return ""
+
+
 def providers_for(device: str = "cpu") -> list:
     """Execution providers for ``device`` ('cpu' or 'cuda'); CUDA must be available."""
     if device not in PROVIDERS:

@@ -564,7 +564,7 @@ def _run(session, feeds: dict[str, np.ndarray], *, fixed_batch: int | None) -> l
 
 def _run_checked(session, feeds: dict[str, np.ndarray], fixed_batch: int | None, role: str) -> list[np.ndarray]:
     """``_run`` with onnxruntime's errors (a shape or type the model refuses) as one line."""
-    from onnxprune.runtime import ORT_ERRORS, error_line, feeds_text
+    from onnxprune.runtime import ORT_ERRORS, error_line, feeds_text, free_size_hint
 
     try:
         return _run(session, feeds, fixed_batch=fixed_batch)
@@ -572,7 +572,8 @@ def _run_checked(session, feeds: dict[str, np.ndarray], fixed_batch: int | None,
         first = error_line(exc)
         raise ModelError(role, f"onnxruntime rejected the samples ({feeds_text(feeds)}): {first}",
                          "check that the data and both models have the same inputs (and, for token ids, "
-                         "that the rows are no longer than the model's positions)") from None
+                         "that the rows are no longer than the model's positions)"
+                         + free_size_hint([(i.name, i.shape) for i in session.get_inputs()], feeds)) from None
 
 
 def _top1(output: np.ndarray) -> np.ndarray:

@@ -228,3 +228,22 @@ def test_exporter_forms_compress_as_the_original(tmp_path, form, original_result
     ratio = validation["params_candidate"] / validation["params_reference"]
     assert abs(ratio - original_result["params_candidate"] / original_result["params_reference"]) <= 0.02
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_an_input_of_any_size_fed_images_of_another_size_says_to_resize(tmp_path):
+    """LeNet with height and width left free ([N, 1, H, W]) takes the 16x16 USPS digits as they are, and its FC
+    layer then refuses them: compress and validate said only that onnxruntime failed; the hint now says the
+    input takes any size and to resize the samples (with --resize 28 it compresses)."""
+    model = onnx.load(str(MODEL))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    path = tmp_path / "free_size.onnx"
+    onnx.save(model, path)
+    hint = "input data takes any size (N, 1, H, W), so the samples were fed as they are (1x16x16)"
+    for args in (["compress", path, "--target-data", DATA, "-o", tmp_path / "o.onnx", *FAST],
+                 ["validate", path, path, "--data", DATA, "--no-latency"]):
+        result = cli(*args)
+        assert result.exit_code == 1 and hint in result.stderr, (result.exit_code, result.stderr)
+        assert "Traceback" not in result.output + result.stderr
+    result = cli("compress", path, "--target-data", DATA, "-o", tmp_path / "o.onnx", "--resize", "28", *FAST)
+    assert result.exit_code == 0, result.output + result.stderr
