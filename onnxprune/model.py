@@ -61,7 +61,8 @@ class InputSpec:
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load ``path`` with its external data, check it, fold Constant nodes and name every node.
+    """Load ``path`` with its external data, check it, fold Constant nodes and inference-mode
+    BatchNormalization nodes (``fold_batch_norms``) and name every node.
 
     Raises ModelError with a one-line message for a missing, unreadable, truncated,
     non-ONNX or invalid file.
@@ -88,6 +89,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(str(path), "not an ONNX model (empty graph)", "the file may be truncated or not an ONNX file")
     check_model(model, name=str(path))
     fold_constants(model)
+    fold_batch_norms(model)
     name_nodes(model)
     return model
 
@@ -219,6 +221,113 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
+    return model
+
+
+def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold each inference-mode ``BatchNormalization`` into the ``Conv`` or ``Gemm`` before it, in
+    place; returns model. An export without BN folding (torch's ``do_constant_folding=False``, some
+    TF/Caffe converters) leaves it there, and the layer's split would then be fitted and measured
+    before the BN's per-channel scale.
+
+    Conv(x, W, b) -> BatchNormalization(scale, B, mean, var)  =>  Conv(x, W', b') with, in float64,
+    s = scale / sqrt(var + epsilon), W' = W * s along the output channels (axis 0 of a Conv's W, of a
+    Gemm's B with transB=1, axis 1 with transB=0), b' = (b - mean) * s + B (b = 0 when absent;
+    a Gemm's b = beta * C, and beta becomes 1), stored in W's dtype. The layer then writes the BN's
+    output. Only when the BN is in the default domain with one output (inference form, ``spatial``
+    and ``training_mode`` at their defaults), its four parameters are stored per-channel vectors,
+    the layer's weight and bias are stored tensors no other node reads, and the layer's output is
+    read by the BN alone and is no graph output. Stored means an initializer, not external data,
+    and not a graph input (in IR version < 4 models, whose initializers are all graph inputs, the
+    graph inputs follow: a new bias is listed, removed parameters are unlisted)."""
+    graph = model.graph
+    stored = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    listed = {i.name for i in graph.input}
+    overridable = set() if model.ir_version < 4 else listed
+    readers = Counter(name for node in graph.node for name in node.input)
+    readers.update(name for node in graph.node for name in subgraph_inputs(node))
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def constant(name: str, *, own: bool) -> np.ndarray | None:
+        tensor = stored.get(name)
+        if tensor is None or name in overridable | outputs or _external(tensor) \
+                or tensor.data_type not in FLOAT_TENSOR_TYPES or (own and readers[name] != 1):
+            return None
+        return numpy_helper.to_array(tensor)
+
+    folded = []
+    for bn in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.output) != 1 \
+                or len(bn.input) != 5 or attrs.get("spatial", 1) != 1 or attrs.get("training_mode", 0) != 0:
+            continue
+        layer = producer.get(bn.input[0])
+        if layer is None or layer.op_type not in ("Conv", "Gemm") or layer.domain not in ("", "ai.onnx") \
+                or layer.output[0] != bn.input[0] or readers[bn.input[0]] != 1 or bn.input[0] in outputs:
+            continue
+        params = [constant(name, own=False) for name in bn.input[1:]]
+        weight = constant(layer.input[1], own=True) if len(layer.input) > 1 else None
+        has_bias = len(layer.input) > 2 and layer.input[2] != ""
+        bias = constant(layer.input[2], own=True) if has_bias else None
+        if weight is None or any(p is None for p in params) or (has_bias and bias is None):
+            continue
+        layer_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in layer.attribute}
+        if layer.op_type == "Conv":
+            axis = 0
+        elif weight.ndim == 2 and layer_attrs.get("transA", 0) == 0:
+            axis = 0 if layer_attrs.get("transB", 0) else 1
+        else:
+            continue
+        channels = weight.shape[axis]
+        if any(p.shape != (channels,) for p in params) or (has_bias and bias.shape != (channels,)):
+            continue  # a broadcast Gemm C, a per-activation BN: left alone
+        scale, shift, mean, var = (p.astype(np.float64) for p in params)
+        s = scale / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        b = np.zeros(channels) if bias is None else bias.astype(np.float64)
+        if layer.op_type == "Gemm":
+            b = b * float(layer_attrs.get("beta", 1.0))
+        shape = [1] * weight.ndim
+        shape[axis] = channels
+        new_weight = (weight.astype(np.float64) * s.reshape(shape)).astype(weight.dtype)
+        new_bias = ((b - mean) * s + shift).astype(weight.dtype)
+        stored[layer.input[1]].CopyFrom(numpy_helper.from_array(new_weight, layer.input[1]))
+        if has_bias:
+            stored[layer.input[2]].CopyFrom(numpy_helper.from_array(new_bias, layer.input[2]))
+        else:
+            name = f"{layer.input[1]}/fold_batch_norm/bias"
+            while name in stored or name in readers or name in producer:
+                name += "_"
+            tensor = numpy_helper.from_array(new_bias, name)
+            graph.initializer.append(tensor)
+            stored[name] = tensor
+            if model.ir_version < 4:
+                graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type,
+                                                                      list(tensor.dims)))
+            del layer.input[2:]
+            layer.input.append(name)
+        if layer.op_type == "Gemm" and "beta" in layer_attrs:
+            next(a for a in layer.attribute if a.name == "beta").f = 1.0
+        layer.output[0] = bn.output[0]
+        producer[bn.output[0]] = layer
+        readers.subtract(bn.input)
+        folded.append(bn)
+    if not folded:
+        return model
+    for bn in folded:
+        graph.node.remove(bn)
+    unused = {name for bn in folded for name in bn.input[1:] if readers[name] <= 0 and name not in outputs}
+    keep = [t for t in graph.initializer if t.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if model.ir_version < 4:
+        inputs = [i for i in graph.input if i.name not in unused]
+        del graph.input[:]
+        graph.input.extend(inputs)
+    stale = {bn.input[0] for bn in folded}   # the layers' old outputs no longer exist
+    infos = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
     return model
 
 
