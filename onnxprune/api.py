@@ -694,9 +694,16 @@ def plan_remedy(planning: dict | None) -> str:
         return REMEDY
     recovery = planning.get("recovery")
     smaller = " or a smaller --max-drop" if planning["goal"]["max_drop"] > 0 else ""
-    if recovery:
+    untrained = recovery and "chosen" in recovery and recovery["chosen"] is None
+    if recovery and not untrained:
         return (f"a larger --finetune-margin (now {recovery['margin']:g}: standard errors kept in reserve below "
                 f"--max-drop){smaller} keeps a less compressed plan; more target samples sharpen the checkpoint fold")
+    if untrained:   # no distilled candidate passed: the output is the planner's own plan, distilled unchecked
+        return ("no distilled plan met the goal on the checkpoint fold, so the output is the plan found without "
+                "training, distilled (--finetune-margin plays no part in it): "
+                + plan_remedy({**planning, "recovery": None})
+                + "; if training made it worse (the summary's 'before fine-tuning'), fewer --finetune epochs or "
+                "a lower --lr")
     check = planning.get("check") or {}
     if check.get("se") == 0 and check.get("samples"):     # margin x 0: no --margin reserves anything
         return (f"the plan's check found no sample of its {check['samples']} that the compressed model scored "

@@ -808,14 +808,18 @@ def plan_lines(report: dict) -> list[str]:
                      f"{before['check']['drop']:.2f} +- {before['check']['se']:.2f}); distilled plans, "
                      f"{metric} drop on {recovery['checkpoint_samples']} checkpoint samples:")
         lines += [f"  {100 * t['cost']:.1f}% of the {plan['objective']}: drop {t['drop_before']:.2f} -> {t['drop']:.2f} +- "
-                  f"{t['se']:.2f} after {t['epochs']} epochs ({t['seconds']:.0f} s): "
+                  f"{t['se']:.2f}" + (f" (+ {t['reserve']:.2f} in reserve)" if t.get("reserve") is not None else "")
+                  + f" after {t['epochs']} epochs ({t['seconds']:.0f} s): "
                   + ("within the goal" if t["passed"] else "missed") for t in recovery["trials"]]
         if recovery["chosen"] is None:
             lines.append("  none met the goal: the plan without training is distilled")
         finetune = report.get("finetune") or {}
         if finetune.get("refit"):
             lines.append(f"  the output: that plan distilled again on {finetune['train_samples']} samples, the training "
-                         "ones and the checkpoint fold (--no-finetune-refit: keep the search's weights)")
+                         "ones and the checkpoint fold (--no-finetune-refit: "
+                         # none passed: the search never distilled the untrained plan, it has no weights to keep
+                         + ("keep the search's weights)" if recovery["chosen"] is not None else
+                            "distil it on the training ones only)"))
         lines.append(f"planning took {sum(seconds.values()):.0f} s, {seconds.get('recovery', 0):.0f} s of it the "
                      "distilled plans")
     else:

@@ -79,12 +79,13 @@ class Trained:
     training: dict                 # the distillation's report
     seconds: float
     passed: bool = False           # within the goal on the fold
+    reserve: float | None = None   # points kept in reserve below the goal (the drop plus this must stay within)
 
     def record(self) -> dict[str, Any]:
         return {"step": self.step, "cost": self.cost, "predicted_damage": self.predicted_damage,
                 "drop_before": self.before.drop, "se_before": self.before.se,
                 "drop": self.after.drop, "se": self.after.se, "agreement": self.after.agreement,
-                "passed": self.passed, "epochs": len(self.training["curve"]) - 1,
+                "reserve": self.reserve, "passed": self.passed, "epochs": len(self.training["curve"]) - 1,
                 "best_epoch": self.training["best_epoch"], "seconds": round(self.seconds, 1)}
 
 
@@ -154,6 +155,7 @@ class RecoverySearch:
             t = min(max(_step_saving(path, target), passed_step + 1), end)
             trained = self.attempt(path, t)
             trained.passed = self.ok(trained.after, max_drop)
+            trained.reserve = trained.after.reserve(self.margin, planner.evaluated)
             self.tried.append(trained)
             if trained.passed:
                 passed_step, best = t, trained

@@ -218,9 +218,12 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
         "validation": after.to_dict(),
         "warnings": warnings + list(train_report["warnings"]),
     }
-    worse = worse_after_training(report["validation_before"], report["validation"],
-                                 "the checkpoint fold picked this epoch: fewer epochs, a lower --lr or a larger fold "
-                                 "(--val-fraction, --val-data) may do better", agreement=teacher_model is not None)
+    remedy = ("the last epoch was kept (--checkpoint last): fewer epochs, a lower --lr or a checkpoint picked on "
+              "the fold (--checkpoint auto) may do better" if config.checkpoint == "last" else
+              "the checkpoint fold picked this epoch: fewer epochs, a lower --lr or a larger fold "
+              "(--val-fraction, --val-data) may do better")
+    worse = worse_after_training(report["validation_before"], report["validation"], remedy,
+                                 agreement=teacher_model is not None)
     if worse:
         log.warning("%s", worse)
         report["warnings"].append(worse)
