@@ -458,10 +458,11 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
         notes = []
     val_fold = None
     if checkpoint_fraction is not None:
-        from onnxprune.train.distill import check_fold
+        from onnxprune.train.distill import check_fold, fold_size
 
         check_fold(calib, checkpoint_fraction)      # before any work: enough samples left to train
-        val_fold, calib = calib.split(checkpoint_fraction, seed=recipe.seed)
+        # the fold check_fold counted (at least one sample: 0.1 of 5 is one, not an empty fold)
+        val_fold, calib = calib.split(fold_size(len(calib), checkpoint_fraction) / len(calib), seed=recipe.seed)
     samples = {"target": cap(calib, recipe.calib_size, seed=recipe.seed)}
     if source_data is not None:
         samples["source"] = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input),

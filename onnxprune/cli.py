@@ -776,6 +776,12 @@ def _number(value, spec: str, missing: str = "") -> str:
     return format(value, spec)
 
 
+def epochs_text(training: dict) -> str:
+    """"1 epoch" / "N epochs" a training report's curve ran (its first point is before training)."""
+    epochs = len(training["curve"]) - 1
+    return f"{epochs} epoch{'s' if epochs != 1 else ''}"
+
+
 def plan_lines(report: dict) -> list[str]:
     """What the planner chose and what its cross-fitted check measured (nothing without a plan)."""
     plan = report.get("plan")
@@ -877,7 +883,7 @@ def verdict_lines(report: dict, output) -> list[str]:
         acc = f"accuracy {_number(b.get('accuracy_candidate'), '.2%', 'n/a')}, " \
             if b.get("accuracy_candidate") is not None else ""
         lines.append(f"before fine-tuning: {acc}agreement {_number(b.get('agreement'), '.2%', 'n/a')} "
-                     f"({len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s, checkpoint epoch {ft['best_epoch']})")
+                     f"({epochs_text(ft)} in {ft['seconds']:.0f} s, checkpoint epoch {ft['best_epoch']})")
     lat = v.get("latency_ms") or {}
     if lat.get("reference") and lat.get("candidate"):
         parts = []
@@ -1319,7 +1325,7 @@ def training_lines(report: dict) -> list[str]:
     before, after = report["validation_before"], report["validation"]
     ref = report.get("reference", "teacher")
     untrained = ", the untrained student," if ft["best_epoch"] == 0 else ""
-    lines = [(f"trained {len(ft['curve']) - 1} epochs in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
+    lines = [(f"trained {epochs_text(ft)} in {ft['seconds']:.0f} s on {ft['train_samples']} samples "
               f"(checkpoint: epoch {ft['best_epoch']}{untrained} on {ft['val_samples']} held-out training samples; "
               f"stopped: {ft['stopped']})")]
     if after.get("accuracy_reference") is not None and report.get("teacher"):

@@ -97,3 +97,20 @@ def test_finetune_with_checkpoint_last_does_not_blame_the_fold(tmp_path):
     warning = next(line for line in result.output.splitlines() if "training did not help" in line)
     assert "--checkpoint last" in warning and "checkpoint fold picked" not in warning, warning
     assert out.exists()
+
+
+def test_a_checkpoint_fold_of_a_fraction_below_one_sample_holds_one(tmp_path):
+    """--val-fraction 0.1 of 5 training samples: the check before any work counted a fold of one sample (4 left
+    to train, enough), then the split rounded it to none and failed: "cannot split 5 samples at fraction 0.1".
+    The fold is the one counted."""
+    pytest.importorskip("torch")
+    with np.load(USPS) as full:
+        x, y = full["x"], full["y"]
+    np.savez(tmp_path / "train.npz", x=x[:5], y=y[:5])
+    np.savez(tmp_path / "eval.npz", x=x[100:160], y=y[100:160])
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(main, [str(a) for a in (
+        "compress", MODEL, "--target-data", tmp_path / "train.npz", "--eval-data", tmp_path / "eval.npz",
+        "--method", "svd", "--rank", "2", "--finetune", "1", "--val-fraction", "0.1", "--no-latency", "-o", out)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "(1 epoch in " in result.output
