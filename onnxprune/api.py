@@ -60,8 +60,8 @@ from onnxprune.plan.planner import FOLDS, Planner, plan_options
 from onnxprune.plan.recovery import RecoveryOptions
 from onnxprune.runtime import ORT_ERRORS, error_line, free_size_hint
 from onnxprune.structures.heads import head_layout_skips
-from onnxprune.validation import (REMEDY, ValidationReport, check_labels_fit, check_latency_runs, check_threshold_values,
-                                check_thresholds)
+from onnxprune.validation import (REMEDY, ValidationReport, check_labels_fit, check_latency_runs,
+                                  check_threshold_values, check_thresholds)
 from onnxprune.validation import validate as _validate
 
 log = logging.getLogger(__name__)
@@ -439,9 +439,8 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     target data file is refused: it would have calibrated in full; so is one whose every sample
     is stored in the target data (a copy under another name); some such samples are a warning.
     With ``decode_held_out`` the image files of the evaluation samples and the checkpoint fold are
-    decoded once here
-    (``SampleSet.check_files``; nothing else reads them before validation, after planning or
-    training): 1.4 s for 5000 CIFAR-10 JPEGs, 2.2 s for 250 ImageNet ones, under 1 % of a planned
+    decoded once here (``SampleSet.check_files``; nothing else reads them before validation, after
+    planning or training): 1.4 s for 5000 CIFAR-10 JPEGs, 2.2 s for 250 ImageNet ones, under 1 % of a planned
     ResNet-20 or MobileNetV2 compress, but a fifth of a fixed recipe's, which fails as fast without.
     """
     target = as_samples(target_data, original, recipe.preprocess, mask=recipe.mask_input)
