@@ -472,24 +472,25 @@ def compress_samples(original: onnx.ModelProto, recipe: Recipe, target_data, sou
     return samples, held_out, eval_source, calib, val_fold, notes
 
 
-def shared_samples(held_out: SampleSet, other: SampleSet, data, other_data, other_flag: str, role: str) -> list[str]:
-    """Evaluation samples (opened from ``data``) stored exactly as samples of ``other`` (from
-    ``other_data``; ``SampleSet.shared_with``), which ``role``: a DataError when all of them are (a
-    copy of the --target-data under another name: accuracy on it would not be held out), a warning
-    (logged, and returned as [note]) when some are; [] when none. As ``refuse_same_file``, only
-    files and folders are compared: arrays or readers given twice in Python are given on purpose."""
+def shared_samples(held_out: SampleSet, other: SampleSet, data, other_data, other_flag: str, role: str, *,
+                   kind: str = "evaluation", problem: str = "accuracy on it would not be held out",
+                   some: str = "accuracy on those is not held out") -> list[str]:
+    """Held-out samples (``kind``: evaluation, or checkpoint; opened from ``data``) stored exactly
+    as samples of ``other`` (from ``other_data``; ``SampleSet.shared_with``), which ``role``: a
+    DataError when all of them are (a copy of the --target-data under another name: ``problem``),
+    a warning (logged, and returned as [note]) when some are (``some``); [] when none. As
+    ``refuse_same_file``, only files and folders are compared: arrays or readers given twice in
+    Python are given on purpose."""
     if not (_is_path(data) and _is_path(other_data)):
         return []
     shared = held_out.shared_with(other)
     if shared == len(held_out):
         raise DataError(held_out.name, f"holds the same samples as {other_flag} {other.name} ({shared} of {shared}, "
-                        f"compared by content), which {role}: accuracy on it would not be held out",
-                        "pass samples that are not in " + other_flag)
+                        f"compared by content), which {role}: {problem}", "pass samples that are not in " + other_flag)
     if not shared:
         return []
-    note = (f"{shared} of the {len(held_out)} evaluation samples ({held_out.name}) are stored exactly as samples of "
-            f"{other_flag} {other.name}, which {role}: accuracy on those is not held out; remove them from one of "
-            "the two")
+    note = (f"{shared} of the {len(held_out)} {kind} samples ({held_out.name}) are stored exactly as samples of "
+            f"{other_flag} {other.name}, which {role}: {some}; remove them from one of the two")
     log.warning("%s", note)
     return [note]
 

@@ -568,6 +568,8 @@ def test_labels_outside_the_models_classes_are_a_data_error(tmp_path, where):
     ("finetune", ("--eval-data", "COPY"), "holds the same samples as --target-data"),
     ("coprune", ("--eval-data", "COPY"), "holds the same samples as --target-data"),
     ("coprune", ("--eval-data", "SOURCE_COPY"), "holds the same samples as --source-data"),
+    ("finetune", ("--val-data", "COPY", "--eval-data", "OTHER"), "holds the same samples as --target-data"),
+    ("finetune", ("--val-data", "SOURCE_COPY", "--eval-data", "OTHER"), "holds the same samples as --eval-data"),
 ])
 def test_held_out_data_that_is_the_training_file_is_refused(tmp_path, command, flags, words):
     """As compress refuses --eval-data equal to --target-data: evaluating (or picking the checkpoint) on samples

@@ -190,9 +190,18 @@ def finetune_files(student, output, target_data, *, teacher=None, eval_data=None
     warnings += notes
     val = None
     if val_data is not None:
-        from onnxprune.api import as_samples
+        from onnxprune.api import as_samples, shared_samples
 
         val = as_samples(val_data, student_model, preprocess)
+        for other, other_data, flag, role, problem, some in (
+                (train, target_data, "--target-data", "trains", "a checkpoint picked on it would be picked on "
+                 "training samples", "the checkpoint is picked partly on training samples"),
+                (held_out, eval_data, "--eval-data", "evaluates", "the checkpoint would be picked on the evaluation "
+                 "samples, which are then no longer held out", "those evaluation samples also pick the "
+                 "checkpoint, so they are not held out")):
+            if other_data is not None:
+                warnings += shared_samples(val, other, val_data, other_data, flag, role, kind="checkpoint",
+                                           problem=problem, some=some)
     check_labels(student_model, (train, val, held_out), batch_size=config.batch_size, device=device)
     check_training_samples(train, val, teacher=teacher_model is not None, config=config)
     if teacher_model is not None and same_model(student_model, teacher_model) and \
