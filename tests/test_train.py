@@ -961,7 +961,7 @@ def test_finetune_report_exit_3_and_unsupported_ops_name_what_the_user_gave(tmp_
     assert report["curve_png"] == str(out.with_name("o.curve.png")) and out.with_name("o.curve.png").exists()
     missed = finetune("s.onnx", "--max-drop", "0", "-o", str(tmp_path / "missed.onnx"))
     assert missed.exit_code == 3, missed.output
-    assert missed.stdout.startswith("trained 1 epochs") and "top-1 accuracy on 30 evaluation samples" in missed.stdout
+    assert missed.stdout.startswith("trained 1 epoch in ") and "top-1 accuracy on 30 evaluation samples" in missed.stdout
     assert "Hint: train longer (--epochs)" in missed.stderr and "compress less aggressively" not in missed.stderr
     assert not list(tmp_path.glob("missed*"))
     one_line_error(finetune("soft.onnx", "-q", "-o", str(tmp_path / "soft_out.onnx")),
