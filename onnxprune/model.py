@@ -181,8 +181,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     stored = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     listed = {i.name for i in graph.input}
-    readers = Counter(name for node in graph.node for name in node.input)
-    readers.update(name for node in graph.node for name in subgraph_inputs(node))
+    readers = _read_counts(graph)
     keep = []
     for node in graph.node:
         source = stored.get(node.input[0]) if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
@@ -245,8 +244,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     outputs = {o.name for o in graph.output}
     listed = {i.name for i in graph.input}
     overridable = set() if model.ir_version < 4 else listed
-    readers = Counter(name for node in graph.node for name in node.input)
-    readers.update(name for node in graph.node for name in subgraph_inputs(node))
+    readers = _read_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}
 
     def constant(name: str, *, own: bool) -> np.ndarray | None:
@@ -258,9 +256,11 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
 
     folded = []
     for bn in graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.output) != 1 \
-                or len(bn.input) != 5 or attrs.get("spatial", 1) != 1 or attrs.get("training_mode", 0) != 0:
+                or len(bn.input) != 5:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        if attrs.get("spatial", 1) != 1 or attrs.get("training_mode", 0) != 0:
             continue
         layer = producer.get(bn.input[0])
         if layer is None or layer.op_type not in ("Conv", "Gemm") or layer.domain not in ("", "ai.onnx") \
@@ -329,6 +329,13 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.value_info[:]
     graph.value_info.extend(infos)
     return model
+
+
+def _read_counts(graph: onnx.GraphProto) -> Counter:
+    """How many times each tensor is read: node inputs, and names used inside subgraphs."""
+    readers = Counter(name for node in graph.node for name in node.input)
+    readers.update(name for node in graph.node for name in subgraph_inputs(node))
+    return readers
 
 
 def _external(tensor: onnx.TensorProto) -> bool:
