@@ -24,6 +24,16 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def compress_variant(model: onnx.ModelProto, tmp_path: Path, name: str, *extra) -> tuple[Path, dict]:
+    """Save ``model`` as ``name``.onnx, compress it with FAST (and ``extra``), expect exit 0; the
+    output path and its report."""
+    source, out = tmp_path / f"{name}.onnx", tmp_path / "small.onnx"
+    onnx.save(model, str(source))
+    result = cli("compress", source, "--target-data", DATA, "-o", out, *FAST, *extra)
+    assert result.exit_code == 0, result.output + result.stderr
+    return out, json.loads(out.with_name("small.report.json").read_text())
+
+
 def ir3_lenet_with_constant_shape() -> onnx.ModelProto:
     """LeNet as an old exporter (IR version 3, opset 8) writes it: every initializer is also a
     graph input, and the flatten before the FC layers is a Reshape whose shape is a Constant node."""
@@ -49,17 +59,12 @@ def test_ir3_model_with_a_constant_node_compresses_to_a_valid_ir3_model(tmp_path
     # The Constant folded into an initializer must also become a graph input in IR 3; it was
     # not, and compress blamed the model: "error: after select-nodes | fails the ONNX checker:
     # flat_shape in initializer but not in graph input" (exit 1).
-    source = tmp_path / "lenet_ir3.onnx"
-    onnx.save(ir3_lenet_with_constant_shape(), str(source))
-    out = tmp_path / "small.onnx"
-    result = cli("compress", source, "--target-data", DATA, "-o", out, *FAST)
-    assert result.exit_code == 0, result.output + result.stderr
+    out, report = compress_variant(ir3_lenet_with_constant_shape(), tmp_path, "lenet_ir3")
     small = onnx.load(str(out))
     onnx.checker.check_model(small, full_check=True)
     assert small.ir_version == 3
     inputs = {i.name for i in small.graph.input}
     assert {t.name for t in small.graph.initializer} <= inputs
-    report = json.loads(out.with_name("small.report.json").read_text())
     assert report["changed"]
     assert report["validation"]["agreement"] > 0.85
 
@@ -86,12 +91,7 @@ def transposed_weight_lenet() -> onnx.ModelProto:
 def test_weight_behind_a_transpose_node_is_compressed(tmp_path):
     # ip1 (93 % of LeNet's weights) read its weight through a Transpose node: it was "not a
     # constant", no plan reached half the parameters and compress exited 3.
-    source = tmp_path / "lenet_transposed.onnx"
-    onnx.save(transposed_weight_lenet(), str(source))
-    out = tmp_path / "small.onnx"
-    result = cli("compress", source, "--target-data", DATA, "-o", out, *FAST)
-    assert result.exit_code == 0, result.output + result.stderr
-    report = json.loads(out.with_name("small.report.json").read_text())
+    out, report = compress_variant(transposed_weight_lenet(), tmp_path, "lenet_transposed")
     validation = report["validation"]
     assert validation["params_candidate"] <= 0.5 * validation["params_reference"]
     assert validation["agreement"] > 0.85
@@ -216,13 +216,9 @@ def original_result(tmp_path_factory):
 def test_exporter_forms_compress_as_the_original(tmp_path, form, original_result):
     model = FORMS[form](onnx.load(str(MODEL)))
     onnx.checker.check_model(model)
-    source = tmp_path / f"lenet_{form}.onnx"
-    onnx.save(model, str(source))
-    out = tmp_path / "small.onnx"
     layout = ["--layout", "NHWC"] if form == "nhwc_input" else []
-    result = cli("compress", source, "--target-data", DATA, "-o", out, *FAST, *layout)
-    assert result.exit_code == 0, result.output + result.stderr
-    validation = json.loads(out.with_name("small.report.json").read_text())["validation"]
+    out, report = compress_variant(model, tmp_path, f"lenet_{form}", *layout)
+    validation = report["validation"]
     assert validation["accuracy_reference"] == original_result["accuracy_reference"]
     assert abs(validation["agreement"] - original_result["agreement"]) <= 0.02
     ratio = validation["params_candidate"] / validation["params_reference"]
