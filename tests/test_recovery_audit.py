@@ -17,6 +17,14 @@ MODEL = ROOT / "models" / "lenet_caffe_mnist.onnx"
 USPS = ROOT / "models" / "usps_test.npz"
 
 
+def usps_files(folder: Path, **parts: slice) -> None:
+    """``name=slice`` of the bundled USPS digits (x and y) as folder/name.npz."""
+    with np.load(USPS) as full:
+        x, y = full["x"], full["y"]
+    for name, rows in parts.items():
+        np.savez(folder / f"{name}.npz", x=x[rows], y=y[rows])
+
+
 def recovery_plan(chosen) -> dict:
     """A `compress --max-drop 1 --finetune 2` plan as the report holds it (LeNet on USPS, 2026-12-03):
     the plan without training at 29.7 %, one distilled candidate at 17.0 % that read 0.80 +- 0.63 on
@@ -84,10 +92,7 @@ def test_finetune_with_checkpoint_last_does_not_blame_the_fold(tmp_path):
     """--checkpoint last keeps the last epoch; the 'did not help' warning said the checkpoint fold
     picked it and suggested a larger fold, which plays no part in that choice."""
     pytest.importorskip("torch")
-    with np.load(USPS) as full:
-        x, y = full["x"], full["y"]
-    np.savez(tmp_path / "train.npz", x=x[:200], y=y[:200])
-    np.savez(tmp_path / "eval.npz", x=x[1500:1700], y=y[1500:1700])
+    usps_files(tmp_path, train=slice(0, 200), eval=slice(1500, 1700))
     out = tmp_path / "out.onnx"
     # plain fine-tuning of the original at a learning rate far too high: it gets worse
     result = CliRunner().invoke(main, ["finetune", str(MODEL), "--target-data", str(tmp_path / "train.npz"),
@@ -104,10 +109,7 @@ def test_a_checkpoint_fold_of_a_fraction_below_one_sample_holds_one(tmp_path):
     to train, enough), then the split rounded it to none and failed: "cannot split 5 samples at fraction 0.1".
     The fold is the one counted."""
     pytest.importorskip("torch")
-    with np.load(USPS) as full:
-        x, y = full["x"], full["y"]
-    np.savez(tmp_path / "train.npz", x=x[:5], y=y[:5])
-    np.savez(tmp_path / "eval.npz", x=x[100:160], y=y[100:160])
+    usps_files(tmp_path, train=slice(0, 5), eval=slice(100, 160))
     out = tmp_path / "o.onnx"
     result = CliRunner().invoke(main, [str(a) for a in (
         "compress", MODEL, "--target-data", tmp_path / "train.npz", "--eval-data", tmp_path / "eval.npz",
