@@ -309,12 +309,15 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     if finetune is not None:
         from onnxprune.train.api import recover
 
-        # the fold has decided the plan: with refit it trains the final model as well
-        refit = recovery.refit and (planning or {}).get("recovery") is not None
+        searched = (planning or {}).get("recovery")
+        # the fold has decided a distilled plan: with refit it trains the final model as well; the
+        # fallback (no distilled plan passed) keeps what the fold read better, distilled or not
+        refit = recovery.refit and searched is not None and searched["chosen"] is not None
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
             original, compressed, train_set.join(val_fold) if refit else train_set, held_out, config=finetune,
             batch_size=recipe.batch_size, device=device, val=val_fold,
-            trained=None if trained is None or refit else (trained.model, trained.training), name=model_name(model))
+            trained=None if trained is None or refit else (trained.output, fallback_training(trained)),
+            name=model_name(model))
         report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
                  calibration_runs=provider.collections, sources={"target": target_data, "source": source_data})
@@ -699,12 +702,14 @@ def plan_remedy(planning: dict | None) -> str:
     if recovery and not untrained:
         return (f"a larger --finetune-margin (now {recovery['margin']:g}: standard errors kept in reserve below "
                 f"--max-drop){smaller} keeps a less compressed plan; more target samples sharpen the checkpoint fold")
-    if untrained:   # no distilled candidate passed: the output is the planner's own plan, distilled unchecked
+    if untrained:   # no distilled candidate passed: the output is the planner's own plan (``fallback``)
+        kept = (recovery.get("fallback") or {}).get("kept")
         return ("no distilled plan met the goal on the checkpoint fold, so the output is the plan found without "
-                "training, distilled (--finetune-margin plays no part in it): "
+                "training" + {"distilled": ", distilled", "untrained": ", not distilled (the fold read it better "
+                              "untrained)"}.get(kept, "") + " (--finetune-margin plays no part in it): "
                 + plan_remedy({**planning, "recovery": None})
-                + "; if training made it worse (the summary's 'before fine-tuning'), fewer --finetune epochs or "
-                "a lower --lr")
+                + ("" if kept == "untrained" else "; if training made it worse (the summary's 'before fine-tuning'), "
+                   "fewer --finetune epochs or a lower --lr"))
     check = planning.get("check") or {}
     if check.get("se") == 0 and check.get("samples"):     # margin x 0: no --margin reserves anything
         return (f"the plan's check found no sample of its {check['samples']} that the compressed model scored "
@@ -987,6 +992,19 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
         passes = (("select-nodes", {"counts": {}}),)
     recipe = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
     return planner.original, recipe, planner.provider, planning, trained
+
+
+def fallback_training(trained) -> dict:
+    """The training report of a recovery candidate (``plan.recovery.Trained``) as the output's: when the
+    fallback kept the model before training, epoch 0 is its checkpoint and a warning says why."""
+    if not trained.untrained:
+        return trained.training
+    warning = (f"distilling the plan found without training made it worse on the checkpoint fold (drop "
+               f"{trained.after.drop:.2f} after, {trained.before.drop:.2f} before): the output is that plan "
+               "untrained; fewer --finetune epochs or a lower --lr may train it without loss")
+    log.warning("%s", warning)
+    return {**trained.training, "best_epoch": 0, "checkpoint_by": "the checkpoint fold (before against after training)",
+            "warnings": [*trained.training.get("warnings", []), warning]}
 
 
 def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProto, train: SampleSet, fold: SampleSet,

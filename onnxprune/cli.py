@@ -817,15 +817,18 @@ def plan_lines(report: dict) -> list[str]:
                   f"{t['se']:.2f}" + (f" (+ {t['reserve']:.2f} in reserve)" if t.get("reserve") is not None else "")
                   + f" after {t['epochs']} epochs ({t['seconds']:.0f} s): "
                   + ("within the goal" if t["passed"] else "missed") for t in recovery["trials"]]
-        if recovery["chosen"] is None:
-            lines.append("  none met the goal: the plan without training is distilled")
+        fallback = recovery.get("fallback")
+        if fallback is not None:
+            lines.append(f"  none met the goal: the plan without training, distilled, read {fallback['drop_before']:.2f} "
+                         f"-> {fallback['drop']:.2f} +- {fallback['se']:.2f} on the fold: "
+                         + ("the output is that plan untrained" if fallback["kept"] == "untrained" else
+                            "the output is that plan distilled"))
+        elif recovery["chosen"] is None:
+            lines.append("  none met the goal: the output is the plan without training")
         finetune = report.get("finetune") or {}
         if finetune.get("refit"):
             lines.append(f"  the output: that plan distilled again on {finetune['train_samples']} samples, the training "
-                         "ones and the checkpoint fold (--no-finetune-refit: "
-                         # none passed: the search never distilled the untrained plan, it has no weights to keep
-                         + ("keep the search's weights)" if recovery["chosen"] is not None else
-                            "distil it on the training ones only)"))
+                         "ones and the checkpoint fold (--no-finetune-refit: keep the search's weights)")
         lines.append(f"planning took {sum(seconds.values()):.0f} s, {seconds.get('recovery', 0):.0f} s of it the "
                      "distilled plans")
     else:

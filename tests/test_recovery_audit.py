@@ -55,13 +55,20 @@ def test_a_missed_drop_when_no_distilled_plan_passed_names_the_planners_margin()
 def test_each_distilled_plan_shows_the_reserve_it_was_judged_with():
     """'drop 1.99 -> 0.80 +- 0.63 after 2 epochs: missed' with --max-drop 1 read as a contradiction:
     the line left out the 0.77 points kept in reserve."""
-    lines = plan_lines({"plan": recovery_plan(None), "finetune": {"refit": True, "train_samples": 1004}})
+    plan = recovery_plan(None)
+    plan["recovery"]["fallback"] = {**plan["recovery"]["trials"][0], "cost": 0.297, "drop_before": -0.20,
+                                    "drop": 1.20, "se": 0.69, "passed": False, "kept": "untrained"}
+    lines = plan_lines({"plan": plan, "finetune": {"refit": False, "train_samples": 502}})
     trial = next(line for line in lines if "17.0% of the macs" in line)
     assert "0.80 +- 0.63 (+ 0.77 in reserve) after 2 epochs" in trial and trial.endswith("missed")
-    # none passed: the search never distilled the untrained plan, so --no-finetune-refit has no search
-    # weights to keep
+    # none passed: the fold read the plan without training before and after distilling it, and kept
+    # the better; nothing is distilled again
+    fallback = next(line for line in lines if "none met the goal" in line)
+    assert "read -0.20 -> 1.20 +- 0.69 on the fold: the output is that plan untrained" in fallback, fallback
+    assert not any("the output: that plan distilled again" in line for line in lines)
+    lines = plan_lines({"plan": recovery_plan(6), "finetune": {"refit": True, "train_samples": 1004}})
     output = next(line for line in lines if "the output:" in line)
-    assert "search's weights" not in output and "training ones only" in output, output
+    assert "distilled again on 1004 samples" in output and "keep the search's weights" in output, output
 
 
 def test_the_search_records_each_candidates_reserve():

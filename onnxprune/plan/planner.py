@@ -1103,8 +1103,21 @@ def _plan_key(plan: dict[str, Option]) -> tuple:
 
 def _starting_with(plan: dict[str, Option], path: Path) -> Path:
     """``path`` reordered to reach ``plan`` first (its steps, one per site), then go on with the
-    steps of ``path`` that move a site further than ``plan`` has it, in their order."""
-    rest = [o for o in path.steps if o.site not in plan or o.size < plan[o.site].size]
+    steps of ``path`` that move a site further than ``plan`` has it, in their order. A step whose
+    nodes another site already rewrites is left out, and its site with it, as ``greedy_path``
+    freezes it: ``plan`` may hold a site (conv1's spatial split) that ``path`` had frozen in favour
+    of another (conv1's channel split), and both on one layer made a plan that counted the layer's
+    saving twice (LeNet: 0.2 % of the MACs predicted, 10.1 % built)."""
+    owner = {node: o.site for o in plan.values() for node in o.layers}
+    rest, frozen = [], set()
+    for o in path.steps:
+        if o.site in frozen or (o.site in plan and o.size >= plan[o.site].size):
+            continue
+        if any(owner.get(node, o.site) != o.site for node in o.layers):
+            frozen.add(o.site)
+            continue
+        owner.update(dict.fromkeys(o.layers, o.site))
+        rest.append(o)
     return Path(list(plan.values()) + rest)
 
 

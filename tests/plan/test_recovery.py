@@ -80,6 +80,42 @@ def test_the_search_stops_at_its_trials_and_keeps_the_best_that_passed(planner):
     assert attempted == [1]                                          # failed at the first step: nothing between
 
 
+@pytest.mark.parametrize("after, kept", [(0.3, "distilled"), (0.5, "distilled"), (1.2, "untrained")])
+def test_when_no_distilled_plan_passes_the_fold_decides_whether_the_plan_without_training_is(planner, after, kept):
+    """Every distilled candidate missed: the planner's own plan, which met the goal untrained, is
+    distilled and scored on the fold before and after; the output is what the fold read better.
+    It was distilled unchecked, and the bundled LeNet then missed a goal it had met untrained."""
+    planner, calib = planner
+    path = planner.path()
+    plan = path.plan(3)
+    step = len(plan)                                  # the chain from the plan reaches it in one step per site
+    found = {"plan": plan, "step": step, "cost": 0.5, "goal": {"max_drop": 1.0},
+             "check": Check(0.2, 0.1, 0.99, 0.7, 0.698, 0.0, 0.0).to_dict()}
+    search = RecoverySearch(planner, build=None, train=None, fold=calib.subset(np.arange(300, 340)),
+                            options=RecoveryOptions(trials=2))
+    attempted = []
+
+    def attempt(path, t):
+        attempted.append(t)
+        before = Check(0.5, 0.1, 0.99, 0.7, 0.695, 0.0, 0.0)
+        drop = after if t == step else 3.0            # every step beyond the plan misses
+        return Trained(t, 0.5, 0.0, before, Check(drop, 0.1, 0.97, 0.7, 0.7 - drop / 100, 0.0, 0.0), "compressed",
+                       {}, "distilled", {"curve": [{}, {}], "best_epoch": 1}, 0.0)
+
+    search.attempt = attempt
+    result, trained = search.run(found, 1.0)
+    assert attempted[-1] == step and all(t > step for t in attempted[:-1])      # the plan itself, last
+    recovery = result["recovery"]
+    assert recovery["chosen"] is None and result["step"] == step and len(recovery["trials"]) == len(attempted) - 1
+    assert recovery["fallback"]["kept"] == kept and recovery["fallback"]["drop"] == after
+    assert trained.output == ("compressed" if kept == "untrained" else "distilled")
+    found.update(plan={}, step=0)                    # a plan that compresses nothing is not trained
+    step = None
+    attempted.clear()
+    result, trained = search.run(found, 1.0)
+    assert trained is None and "fallback" not in result["recovery"] and 0 not in attempted
+
+
 def test_a_candidate_passes_with_its_margin_of_standard_errors_in_reserve(planner):
     planner, calib = planner
     fold = calib.subset(np.arange(300, 340))
@@ -116,17 +152,28 @@ def test_compress_max_drop_with_finetune_distils_the_plans_it_checks(tmp_path, r
     # the fold that decides the plan: half of the calibration part by default, never evaluated on
     assert recovery["checkpoint_samples"] == ft["val_samples"] == round(0.5 * (ev["source_count"] - ev["count"]))
     assert ft["data"]["indices_sha"] != report["evaluation"]["indices_sha"]
-    # the fold has decided: with refit the output is distilled on the training samples and the fold
+    # the fold has decided a distilled plan: with refit the output is distilled on the training samples
+    # and the fold; when none passed, the fallback's training (on the training samples) is the output's
     part = ev["source_count"] - ev["count"]
-    assert ft["refit"] is refit and ft["train_samples"] == (part if refit else part - recovery["checkpoint_samples"])
-    assert ("distilled again on" in result.output) is refit
+    refitted = refit and recovery["chosen"] is not None
+    assert ft["refit"] is refitted
+    assert ft["train_samples"] == (part if refitted else part - recovery["checkpoint_samples"])
+    assert ("distilled again on" in result.output) is refitted
+    assert ("fallback" in recovery) is (recovery["chosen"] is None)
     # the fold decides the plan, so it does not also pick the epoch: every distilled plan keeps its last
-    assert ft["checkpoint_by"] == "last epoch" and all(t["best_epoch"] == t["epochs"] for t in recovery["trials"])
+    assert all(t["best_epoch"] == t["epochs"] for t in recovery["trials"])
+    assert ft["checkpoint_by"] == ("last epoch" if recovery.get("fallback", {}).get("kept") != "untrained"
+                                   else "the checkpoint fold (before against after training)")
     if recovery["chosen"] is not None:
         chosen = next(t for t in recovery["trials"] if t["passed"] and t["cost"] == plan["cost"])
         assert chosen["epochs"] == len(ft["curve"]) - 1
     else:
         assert plan["cost"] == recovery["without_training"]["cost"]
+        fallback = recovery["fallback"]
+        assert fallback["cost"] == plan["cost"] and not fallback["passed"] or fallback["drop"] <= 1.0
+        assert fallback["kept"] == ("untrained" if fallback["drop"] > fallback["drop_before"] else "distilled")
+        assert ft["best_epoch"] == (0 if fallback["kept"] == "untrained" else fallback["epochs"])
+        assert f"the output is that plan {fallback['kept']}" in result.output
     assert "distilled plans" in result.output
     if result.exit_code == 0:
         model = onnx.load(str(out))
