@@ -827,6 +827,11 @@ class Planner:
         return greedy_path(options)
 
     def passes_for(self, plan: dict[str, Option]) -> list[tuple[str, dict]]:
+        owner: dict[str, str] = {}
+        for name, o in plan.items():     # chains never put two sites on one node (``greedy_path``)
+            for node in o.layers:
+                if owner.setdefault(node, name) != name:
+                    raise AssertionError(f"plan rewrites node {node} twice ({owner[node]}, {name})")
         by_name = {s.key: s for s in self.sites}
         return plan_passes({name: (by_name[name], o.size) for name, o in plan.items()}, self.options)
 
