@@ -524,6 +524,16 @@ def test_a_chain_started_with_a_plan_never_splits_one_layer_twice():
     assert chain.predicted(len(chain) - 1)[0] == pytest.approx(0.27)
 
 
+def test_a_plan_that_rewrites_one_node_twice_is_a_bug(lenet):
+    _, planner, _ = lenet
+    planner.sensitivity()
+    first = planner.path().steps[0]
+    other = next(s for s in planner.sites if s.key != first.site and set(s.nodes) & set(first.layers))
+    clash = allocate.Option(other.key, other.family, 1, 0.0, 0.0, other.nodes)
+    with pytest.raises(AssertionError, match="twice"):
+        planner.passes_for({first.site: first, other.key: clash})
+
+
 def test_max_drop_backs_off_the_site_whose_step_failed(lenet, monkeypatch):
     """A site that does far more damage with the others than alone fails the step after the
     best plan: the search freezes it and goes on along the chain without it, to a smaller
