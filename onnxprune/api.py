@@ -296,7 +296,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
                 raise DataError(str(stats), f"holds shard {int(record['index']) + 1}/{record['count']} only",
                                 "merge every shard first: onnxprune merge-stats shard*.npz -o all.npz")
             check_held_out(preloaded, stats, held_out, eval_source)
-            check_stats_fit(preloaded, stats, recipe, original, samples)
+            check_stats_fit(preloaded, stats, recipe, original, samples, split=1.0 if eval_data is not None else None)
         provider = StatsProvider(samples, batch_size=recipe.batch_size, folds=recipe.folds, device=device,
                                  progress=progress, seed=recipe.seed, preloaded=preloaded, preloaded_model=original,
                                  mask=recipe.mask)
@@ -892,6 +892,10 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     summary["calibration"] = f"{len(samples['target']):,}"
     summary["evaluated"] = f"{len(held_out):,}"
     reference = next((r["accuracy_reference"] for r in done if r.get("accuracy_reference") is not None), None)
+    if not done and held_out.labels is not None:     # no model validated: the original's score alone, as promised
+        reference = _validate(planner.original, planner.original, held_out, batch_size=recipe.batch_size,
+                              device=device, judge=recipe.judge_output, measure_latency=False, progress=progress,
+                              metric=recipe.metric).accuracy_reference
     summary["reference"] = "" if reference is None else \
         f" (the original: {100 * reference:.2f}% {'kNN' if planner.kind == 'embedding' else 'top-1'})"
     return summary
@@ -920,7 +924,7 @@ def pareto_lines(rows: list[dict], *, embedding: bool = False) -> list[str]:
 
     for r in rows:
         if "macs" not in r:
-            lines.append(f"| {r['budget']:.2f} | | | | | | | | {r['status']} |")
+            lines.append(f"| {budget_text(r['budget'])} | | | | | | | | {r['status']} |")
             continue
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
         agree = "n/a" if r["agreement"] is None or not math.isfinite(r["agreement"]) else f"{100 * r['agreement']:.2f}"
@@ -929,10 +933,16 @@ def pareto_lines(rows: list[dict], *, embedding: bool = False) -> list[str]:
             held_out = points(100 * (1 - r["agreement"]), None)
         elif drop == "100 x rel. sq. error":
             held_out = points(100 * r["relative_error"] ** 2, None)
-        lines.append(f"| {r['budget']:.2f} | {100 * r['macs']:.1f}% | {100 * r['params']:.1f}% | {acc} | "
+        lines.append(f"| {budget_text(r['budget'])} | {100 * r['macs']:.1f}% | {100 * r['params']:.1f}% | {acc} | "
                      f"{held_out} | {agree} | "
                      f"{points(r['checked_drop'], r['checked_se'])} | {r['sites']} | {r['model']} |")
     return lines
+
+
+def budget_text(budget: float) -> str:
+    """A sweep budget as the table shows it: two decimals (0.90), more where two would change it
+    (0.125, 0.004: not 0.12 and 0.00)."""
+    return f"{budget:.2f}" if round(budget, 2) == budget else f"{budget:.6g}"
 
 
 #: what the numbers of pareto.json's rows are (as in a report's "validation": accuracies as fractions, drops in points)
@@ -1151,11 +1161,14 @@ def check_held_out(stats: Statistics, stats_path, evaluation: SampleSet, eval_so
 
 
 def check_stats_fit(stats: Statistics, stats_path, recipe: Recipe, original: onnx.ModelProto,
-                    samples: dict[str, SampleSet]) -> None:
+                    samples: dict[str, SampleSet], *, split: float | None = None) -> None:
     """Refuse saved statistics that are not what this run would gather itself (DataError):
     gathered with other preprocessing, on other calibration samples (another --split, --seed,
     --calib-size or data), or without a statistic the recipe's passes need on the original model
-    (gathered for another recipe). Anything else would be calibrated anew or mixed in silently."""
+    (gathered for another recipe). Anything else would be calibrated anew or mixed in silently.
+    ``split``: the fraction of the target data this run calibrates on (1 with --eval-data;
+    default ``recipe.split``), named in the message when the file's differs."""
+    split = recipe.split if split is None else split
     gathered = stats.header.get("sets", {})
     for name, sample_set in samples.items():
         desc = gathered.get(name)
@@ -1167,10 +1180,19 @@ def check_stats_fit(stats: Statistics, stats_path, recipe: Recipe, original: onn
                             f"{_preprocess_text(desc['preprocess'])}, this run uses {_preprocess_text(mine['preprocess'])}",
                             "give compress the preprocessing flags `calibrate` was given")
         if "indices_sha" in desc and desc["indices_sha"] != mine["indices_sha"]:
+            gathered_split = desc.get("split") if name == "target" else None
+            hint = ("give compress the --split, --seed and --calib-size `calibrate` was given (the command line "
+                    "takes them from the file when they are left out), or drop --stats")
+            if isinstance(gathered_split, (int, float)) and (gathered_split >= 1) != (split >= 1):
+                # --split 1 statistics serve a run with --eval-data, and only such a run
+                hint = ("they were gathered on all of the target data (calibrate --split 1): give compress "
+                        "--eval-data with held-out samples, or drop --stats") if gathered_split >= 1 else \
+                       (f"they were gathered on --split {gathered_split} of the target data, which serves compress "
+                        "without --eval-data (the rest evaluates); for --eval-data, calibrate with --split 1")
+            drawn = f" (the file: --split {gathered_split:g}, --seed {desc.get('seed')}; this run: --split " \
+                f"{split:g}, --seed {recipe.seed})" if isinstance(gathered_split, (int, float)) else ""
             raise DataError(str(stats_path), f"the {name} statistics were gathered on other samples ({desc.get('count')}) "
-                            f"than the {len(sample_set)} this run calibrates on",
-                            "give compress the --split, --seed and --calib-size `calibrate` was given (the command "
-                            "line takes them from the file when they are left out), or drop --stats")
+                            f"than the {len(sample_set)} this run calibrates on{drawn}", hint)
         if "content_sha" in desc and desc["content_sha"] != sample_set.content_sha():
             raise DataError(str(stats_path), f"the {name} statistics were gathered on other data: the "
                             f"{len(sample_set)} samples this run calibrates on hold other values"

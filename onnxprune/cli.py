@@ -76,6 +76,13 @@ class NumberList(click.ParamType):
             items.pop()
         if not items or not all(items):
             self.fail(f"{value!r} is not a list of numbers like 0.9,0.8,0.7", param, ctx)
+        for v in items:         # a percentage or a space-separated list: say what to write, not "float range"
+            try:
+                number = float(v[:-1] if v.endswith("%") else v)
+            except ValueError:
+                self.fail(f"{value!r} is not a list of numbers like 0.9,0.8,0.7 (commas between them)", param, ctx)
+            if v.endswith("%"):
+                self.fail(f"{v!r} is a percentage: give fractions, e.g. {number / 100:g} for {v}", param, ctx)
         return tuple(self.item.convert(v, param, ctx) for v in items)
 
 
@@ -1044,7 +1051,7 @@ def sensitivity(model, output, figure, verbose, quiet, device, **kw):
             click.echo(f"shift {key}: mean {row['mean_shift']:.3f}, cov {row['moment_cov']:.3f}, "
                        f"angle {row['subspace_angle']:.1f} deg")
     written = ", ".join([str(output), *result.get("figures", [])])
-    click.echo(f"wrote {written} ({len(result['sensitivity'])} sites, {result['seconds'].get('sensitivity', 0):.1f} s)")
+    click.echo(f"wrote {written} ({_plural(len(result['sensitivity']), 'site')}, {result['seconds'].get('sensitivity', 0):.1f} s)")
     if result.get("not_from_this_run"):
         click.echo(f"left as it was, from an earlier run with --source-data: {', '.join(result['not_from_this_run'])}")
 

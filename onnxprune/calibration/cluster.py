@@ -42,6 +42,7 @@ class SetShard:
     whole: dict                    # describe() of the whole set
     fingerprint: str               # the whole set's content (``SampleSet.content_sha``)
     requests: list[dict]           # StatRequest.to_dict() of each request
+    content: str | None = None     # the shard's content where calibrate runs (checked where ``data`` is opened)
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class ShardTask:
     device: str = "cpu"
     threads: int | None = None     # onnxruntime threads per worker (None: its default)
     stats: dict = dataclasses.field(default_factory=dict)   # collect() options (e.g. engine)
+    model_hash: str | None = None  # the model's hash where calibrate runs (checked where ``model`` is loaded)
 
 
 def plan(model_source, model: onnx.ModelProto, samples: dict, sources: dict, requests: dict[str, list],
@@ -68,6 +70,7 @@ def plan(model_source, model: onnx.ModelProto, samples: dict, sources: dict, req
     path the worker opens it itself and takes the shard's rows, else the shard's SampleSet
     is shipped with the task. ``model_source``: a path, or None to ship the model.
     """
+    from onnxprune.model import model_hash
     from onnxprune.runtime import batch_size_for
 
     size = batch_size_for(model, int(batch_size))
@@ -87,10 +90,12 @@ def plan(model_source, model: onnx.ModelProto, samples: dict, sources: dict, req
                 preprocess=dataclasses.asdict(sample_set._preprocess),
                 rows=part.source_indices if path is not None else None,
                 start=start, stop=stop, whole=sample_set.describe(), fingerprint=sample_set.content_sha(),
-                requests=[r.to_dict() for r in dict.fromkeys(todo)]))
+                requests=[r.to_dict() for r in dict.fromkeys(todo)],
+                content=part.content_sha() if path is not None else None))
         tasks.append(ShardTask(model=wire_model, sets=sets, index=int(index), count=int(count), batch_size=size,
                                folds=int(folds), seed=int(seed), device=device, threads=threads,
-                               stats=dict(stats_options or {})))
+                               stats=dict(stats_options or {}),
+                               model_hash=model_hash(model) if model_source is not None else None))
     return tasks
 
 
@@ -99,17 +104,26 @@ def run_shard(task: ShardTask, *, progress: bool = False) -> Statistics:
     from onnxprune.calibration.collect import collect
     from onnxprune.data.preprocess import Preprocess
     from onnxprune.data.samples import open_samples
-    from onnxprune.model import load_model
+    from onnxprune.model import load_model, model_hash
 
+    shard = f"shard {task.index + 1}/{task.count}"
     if isinstance(task.model, (bytes, bytearray)):
         model = onnx.load_from_string(bytes(task.model))
     else:
         model = load_model(task.model)
+        if task.model_hash is not None and model_hash(model) != task.model_hash:
+            raise CalibrationError(task.model, f"is another model where {shard} ran ({model_hash(model)}) than where "
+                                   f"calibrate runs ({task.model_hash})",
+                                   "every worker must read the same model file (a shared path)")
     stats = None
     for part in task.sets:
         if isinstance(part.data, str):
             whole = open_samples(part.data, model, preprocess=Preprocess(**part.preprocess))
             sample_set = whole.subset(_positions_of(whole, part.rows, part.data))
+            if part.content is not None and sample_set.content_sha() != part.content:
+                raise CalibrationError(part.data, f"holds other samples where {shard} ran than where calibrate "
+                                       "runs", "every worker must read the same data (a shared path), unchanged "
+                                       "while calibrate runs")
         else:
             sample_set = part.data
         requests = [StatRequest.from_dict(r) for r in part.requests]

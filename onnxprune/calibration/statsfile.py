@@ -56,9 +56,14 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
     try:
         arrays = _arrays(path)
         header = json.loads(str(arrays.pop("header")))
+        if isinstance(header, dict) and not all(isinstance(header.get(k, t()), t) for k, t in
+                                                (("sets", dict), ("requests", list), ("index", list))):
+            raise ValueError("its header is not a statistics header")
         index = header.pop("index")
         moments = {(e["set"], e["request"], int(e["fold"])): Moments.from_arrays(arrays, e["prefix"])
                    for e in index}
+        for e in index:
+            _check_shapes(arrays, e["prefix"])
     except CalibrationError as exc:         # an array the index names is missing
         raise CalibrationError(str(path), f"not a statistics file ({exc.problem})",
                                "create it with `onnxprune calibrate`") from None
@@ -71,6 +76,9 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
             f"{type(exc).__name__}: {exc}"
         raise CalibrationError(str(path), f"not a statistics file ({detail})",
                                "create it with `onnxprune calibrate`") from None
+    if header.get("format", FORMAT) != FORMAT:
+        raise CalibrationError(str(path), f"is a statistics file of format {header['format']!r}; this onnxprune "
+                               f"reads format {FORMAT}", "recompute them with `onnxprune calibrate`")
     if model is not None:
         if isinstance(model, str):
             expected = model
@@ -83,6 +91,22 @@ def load(path: str | os.PathLike, *, model=None) -> Statistics:
                                    "recompute them with `onnxprune calibrate` on this model")
     header.pop("format", None)
     return Statistics(header, moments)
+
+
+def _check_shapes(arrays: dict[str, np.ndarray], prefix: str) -> None:
+    """ValueError unless the arrays of one Moments fit together: a count, a sum of n features
+    and an n x n Gram matrix (or rows of n features); a Gram matrix of another size would
+    reach a pass, not this message."""
+    total, count = arrays.get(f"{prefix}/sum"), arrays.get(f"{prefix}/count")
+    if total is None or count is None:
+        return                          # Moments.from_arrays names what is missing
+    n = total.shape[0] if total.ndim == 1 else None
+    gram, rows = arrays.get(f"{prefix}/gram"), arrays.get(f"{prefix}/rows")
+    if n is None or count.ndim != 0 or (gram is not None and gram.shape != (n, n)) or \
+            (rows is not None and (rows.ndim != 2 or rows.shape[1] != n)):
+        shapes = ", ".join(f"{k} {arrays[k].shape}" for k in (f"{prefix}/count", f"{prefix}/sum",
+                                                              f"{prefix}/gram", f"{prefix}/rows") if k in arrays)
+        raise ValueError(f"arrays of shapes that do not fit together: {shapes}")
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:

@@ -481,3 +481,39 @@ def test_stats_with_sequential_mode_is_a_usage_error(whole, tmp_path):
                  "-o", tmp_path / "c.onnx")
     assert result.exit_code == 2 and "--mode sequential gathers its statistics anew" in result.stderr, result.stderr
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_a_worker_that_reads_other_data_or_another_model_is_refused(client, tmp_path):
+    """Workers open the data and model paths themselves: a file that is not what calibrate saw
+    (another copy on that machine, or one edited meanwhile) is an error, not other statistics."""
+    import shutil
+
+    from onnxprune.api import as_model, as_samples
+    from onnxprune.calibration import cluster as tasks_on
+
+    data, model = tmp_path / "data.npz", tmp_path / "model.onnx"
+    shutil.copy(DATA, data)
+    shutil.copy(MODEL, model)
+    original = as_model(str(model))
+    samples = {"target": as_samples(str(data), original, RECIPE.preprocess)}
+    requests = {"target": [r for p in RECIPE.build() for r, _ in p.requests(original)]}
+
+    def tasks():
+        return tasks_on.plan(str(model), original, samples, {"target": str(data)}, requests, count=2,
+                             batch_size=32, folds=2, seed=0)
+
+    planned = tasks()
+    with np.load(DATA) as d:                      # the same shape, one sample of the second shard changed
+        x = d["x"].copy()
+        x[250] = 255 - x[250]
+        np.savez(data, x=x, y=d["y"])
+    with pytest.raises(CalibrationError, match="holds other samples where shard 2/2 ran"):
+        tasks_on.run_on_dask(planned, client)
+    shutil.copy(DATA, data)
+    planned = tasks()
+    import onnx
+    edited = onnx.load(MODEL)
+    edited.graph.initializer[-1].raw_data = bytes(len(edited.graph.initializer[-1].raw_data))
+    onnx.save(edited, model)
+    with pytest.raises(CalibrationError, match=r"is another model where shard [12]/2 ran"):
+        tasks_on.run_on_dask(planned, client)
