@@ -237,6 +237,10 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     if not isinstance(recovery, RecoveryOptions):
         raise RecipeError("recovery", f"must be an onnxprune.plan.recovery.RecoveryOptions, not a "
                           f"{type(recovery).__name__}", "e.g. recovery=RecoveryOptions(trials=3)")
+    if recovery != RecoveryOptions() and (finetune is None or (recipe.plan or {}).get("max_drop") is None):
+        # as the command line refuses --finetune-trials/-margin/-refit there: nothing would read them
+        raise UsageError("recovery options apply only to finetune's search for the smallest plan within a "
+                         "max_drop goal (not without finetune, with a keep/flops budget or a fixed recipe)")
     if output is not None:
         check_output_text(output)
         check_outputs(output_files(output), input_paths(model, {"--target-data": target_data, "--source-data": source_data,

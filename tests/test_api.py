@@ -215,6 +215,10 @@ def test_documented_arguments_of_the_wrong_type_are_one_onnxprune_error(tmp_path
         onnxprune.compress(model, x, recipe=recipe, recovery={"trials": 1}, **quiet)
     with pytest.raises(RecipeError, match="--finetune-margin"):
         RecoveryOptions(margin="1")
+    # recovery options without finetune's max_drop search were ignored; the command line refuses them
+    with pytest.raises(UsageError, match="recovery options apply only to finetune's search") as caught:
+        onnxprune.compress(model, x, recipe=recipe, recovery=RecoveryOptions(trials=1), **quiet)
+    assert caught.value.exit_code == 2 and not list(tmp_path.iterdir())
     for runs in ("3", 0):           # --latency-runs takes integers >= 1: a usage error (exit 2)
         with pytest.raises(UsageError, match="latency_runs must be an integer >= 1") as caught:
             onnxprune.compress(model, x, recipe=recipe, latency_runs=runs, progress=False)
