@@ -747,8 +747,13 @@ def sensitivity(model, target_data, *, recipe: Recipe, source_data=None, output:
                  seed=recipe.seed)
     source = None
     if source_data is not None:
+        refuse_same_file(source_data, target_data, "--target-data", "so the domain shift would be 0 by construction",
+                         "give the samples of the domain the model was trained on as --source-data, or drop it")
         source = cap(as_samples(source_data, original, recipe.preprocess, mask=recipe.mask_input), recipe.calib_size,
                      seed=recipe.seed)
+        shared_samples(source, target, source_data, target_data, "--target-data", "is the target domain",
+                       kind="source", problem="the domain shift would be 0 by construction",
+                       some="the shift is measured partly on the same samples")
     planner = make_planner(original, {"target": target, "source": source}, recipe, device=device, progress=progress)
     curves = planner.sensitivity()
     result = {"model": original.graph.name, "calibration": target.describe(), **planner.report()}

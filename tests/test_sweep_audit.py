@@ -68,3 +68,17 @@ def test_a_sweep_that_builds_no_model_still_prints_the_originals_accuracy(tmp_pa
     assert none.exit_code == 0, none.output
     assert not list((tmp_path / "none").glob("*.onnx"))
     assert f"held-out samples (the original: {100 * row['accuracy_reference']:.2f}% top-1)" in none.stdout
+
+
+def test_sensitivity_refuses_the_target_data_as_source_data(tmp_path):
+    """The target file (or a copy) as --source-data: every shift read exactly 0, without a word."""
+    import shutil
+
+    copy = tmp_path / "copy.npz"
+    shutil.copy(DATA, copy)
+    for source, words in ((DATA, "is the --target-data file, so the domain shift would be 0 by construction"),
+                          (copy, "holds the same samples as --target-data")):
+        result = CliRunner().invoke(main, ["sensitivity", str(MODEL), "--target-data", str(DATA), "--source-data",
+                                           str(source), "--calib-size", "100", "-o", str(tmp_path / "s.json")])
+        assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "s.json").exists()
