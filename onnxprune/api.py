@@ -320,7 +320,7 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         compressed, report["finetune"], report["validation_before_finetune"] = recover(
             original, compressed, train_set.join(val_fold) if refit else train_set, held_out, config=finetune,
             batch_size=recipe.batch_size, device=device, val=val_fold,
-            trained=None if trained is None or refit else (trained.output, fallback_training(trained)),
+            trained=None if trained is None or refit else (trained.output, trained.output_training),
             name=model_name(model))
         report["finetune"]["refit"] = refit
     describe_run(report, original, compressed, samples, held_out, stats=stats, preloaded=preloaded,
@@ -1011,19 +1011,6 @@ def plan_recipe(original: onnx.ModelProto, samples: dict, recipe: Recipe, *, unc
         passes = (("select-nodes", {"counts": {}}),)
     recipe = dataclasses.replace(recipe, passes=passes, plan=None, folds=FOLDS)
     return planner.original, recipe, planner.provider, planning, trained
-
-
-def fallback_training(trained) -> dict:
-    """The training report of a recovery candidate (``plan.recovery.Trained``) as the output's: when the
-    fallback kept the model before training, epoch 0 is its checkpoint and a warning says why."""
-    if not trained.untrained:
-        return trained.training
-    warning = (f"distilling the plan found without training made it worse on the checkpoint fold (drop "
-               f"{trained.after.drop:.2f} after, {trained.before.drop:.2f} before): the output is that plan "
-               "untrained; fewer --finetune epochs or a lower --lr may train it without loss")
-    log.warning("%s", warning)
-    return {**trained.training, "best_epoch": 0, "checkpoint_by": "the checkpoint fold (before against after training)",
-            "warnings": [*trained.training.get("warnings", []), warning]}
 
 
 def recovery_search(planner: Planner, recipe: Recipe, *, teacher: onnx.ModelProto, train: SampleSet, fold: SampleSet,

@@ -827,9 +827,8 @@ def plan_lines(report: dict) -> list[str]:
         fallback = recovery.get("fallback")
         if fallback is not None:
             lines.append(f"  none met the goal: the plan without training, distilled, read {fallback['drop_before']:.2f} "
-                         f"-> {fallback['drop']:.2f} +- {fallback['se']:.2f} on the fold: "
-                         + ("the output is that plan untrained" if fallback["kept"] == "untrained" else
-                            "the output is that plan distilled"))
+                         f"-> {fallback['drop']:.2f} +- {fallback['se']:.2f} on the fold: the output is that plan "
+                         f"{fallback['kept']}")
         elif recovery["chosen"] is None:
             lines.append("  none met the goal: the output is the plan without training")
         finetune = report.get("finetune") or {}

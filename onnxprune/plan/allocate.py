@@ -99,20 +99,25 @@ def greedy_path(options: Mapping[str, list[Option]]) -> Path:
             increments.append((-_efficiency(prev, o), site, rank, o))
             prev = o
     increments.sort(key=lambda item: (item[0], item[1], item[2]))
-    steps: list[Option] = []
-    owner: dict[str, str] = {}           # node -> site rewriting it
+    return Path(without_clashes(option for _, _, _, option in increments))
+
+
+def without_clashes(options: Iterable[Option], owner: dict[str, str] | None = None) -> list[Option]:
+    """``options`` in order, less each whose nodes another site already rewrites (``owner``: node ->
+    site, from options taken before, filled in as it goes); such a site is frozen: its later options
+    are left out too."""
+    owner = {} if owner is None else owner
+    kept: list[Option] = []
     frozen: set[str] = set()
-    for _, site, _, option in increments:
-        if site in frozen:
+    for option in options:
+        if option.site in frozen:
             continue
-        clash = {owner[n] for n in option.layers if n in owner} - {site}
-        if clash:
-            frozen.add(site)
+        if any(owner.get(n, option.site) != option.site for n in option.layers):
+            frozen.add(option.site)
             continue
-        for n in option.layers:
-            owner[n] = site
-        steps.append(option)
-    return Path(steps)
+        owner.update(dict.fromkeys(option.layers, option.site))
+        kept.append(option)
+    return kept
 
 
 def search(path: Path, ok: Callable[[int], bool], *, lo: int = 0, hi: int | None = None,

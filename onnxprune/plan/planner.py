@@ -64,7 +64,7 @@ from onnxprune.passes import REGISTRY, PassContext
 from onnxprune.passes.base import check_types
 from onnxprune.passes.low_rank_split import CONV_FORMS, SplitShape, spatial_widen, split_shape
 from onnxprune.passes.select_nodes import WIDE_GROUP, Footprint
-from onnxprune.plan.allocate import Option, Path, greedy_path, search
+from onnxprune.plan.allocate import Option, Path, greedy_path, search, without_clashes
 from onnxprune.plan.latency import LatencyCosts, full_size
 from onnxprune.plan.suffix import (
     ActivationCache,
@@ -1113,17 +1113,9 @@ def _starting_with(plan: dict[str, Option], path: Path) -> Path:
     freezes it: ``plan`` may hold a site (conv1's spatial split) that ``path`` had frozen in favour
     of another (conv1's channel split), and both on one layer made a plan that counted the layer's
     saving twice (LeNet: 0.2 % of the MACs predicted, 10.1 % built)."""
+    further = (o for o in path.steps if o.site not in plan or o.size < plan[o.site].size)
     owner = {node: o.site for o in plan.values() for node in o.layers}
-    rest, frozen = [], set()
-    for o in path.steps:
-        if o.site in frozen or (o.site in plan and o.size >= plan[o.site].size):
-            continue
-        if any(owner.get(node, o.site) != o.site for node in o.layers):
-            frozen.add(o.site)
-            continue
-        owner.update(dict.fromkeys(o.layers, o.site))
-        rest.append(o)
-    return Path(list(plan.values()) + rest)
+    return Path(list(plan.values()) + without_clashes(further, owner))
 
 
 def _step_at(path: Path, damage: float) -> int:

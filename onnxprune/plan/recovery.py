@@ -87,6 +87,19 @@ class Trained:
         """The model this candidate stands for: distilled, or the compressed one the fold read better."""
         return self.compressed if self.untrained else self.model
 
+    @property
+    def output_training(self) -> dict:
+        """The training report of ``output``: untrained, epoch 0 is its checkpoint and a warning says why."""
+        if not self.untrained:
+            return self.training
+        return {**self.training, "best_epoch": 0, "checkpoint_by": "the checkpoint fold (before against after training)",
+                "warnings": [*self.training.get("warnings", []), self.untrained_warning()]}
+
+    def untrained_warning(self) -> str:
+        return (f"distilling the plan found without training made it worse on the checkpoint fold (drop "
+                f"{self.after.drop:.2f} after, {self.before.drop:.2f} before): the output is that plan untrained; "
+                "fewer --finetune epochs or a lower --lr may train it without loss")
+
     def record(self) -> dict[str, Any]:
         return {"step": self.step, "cost": self.cost, "predicted_damage": self.predicted_damage,
                 "drop_before": self.before.drop, "se_before": self.before.se,
@@ -122,6 +135,12 @@ class RecoverySearch:
 
     def ok(self, check: Check, max_drop: float) -> bool:
         return check.within(max_drop, self.margin, self.planner.evaluated)
+
+    def judge(self, trained: Trained, max_drop: float) -> Trained:
+        """``trained`` with whether it met ``max_drop`` on the fold and the reserve it was judged with."""
+        trained.passed = self.ok(trained.after, max_drop)
+        trained.reserve = trained.after.reserve(self.margin, self.planner.evaluated)
+        return trained
 
     def attempt(self, path: Path, t: int) -> Trained:
         started = time.perf_counter()
@@ -161,9 +180,7 @@ class RecoverySearch:
             if passed_step >= end:
                 break
             t = min(max(_step_saving(path, target), passed_step + 1), end)
-            trained = self.attempt(path, t)
-            trained.passed = self.ok(trained.after, max_drop)
-            trained.reserve = trained.after.reserve(self.margin, planner.evaluated)
+            trained = self.judge(self.attempt(path, t), max_drop)
             self.tried.append(trained)
             if trained.passed:
                 passed_step, best = t, trained
@@ -196,13 +213,14 @@ class RecoverySearch:
         after. The fold keeps the distilled model unless it reads it worse than the untrained one
         (then ``untrained``): distilling that plan unchecked made the bundled LeNet miss a goal it
         had met (75.39 -> 74.26 % on the held-out samples, exit 3)."""
-        trained = self.attempt(path, step)
-        trained.passed = self.ok(trained.after, max_drop)
-        trained.reserve = trained.after.reserve(self.margin, self.planner.evaluated)
+        trained = self.judge(self.attempt(path, step), max_drop)
         trained.untrained = trained.after.drop > trained.before.drop
-        log.info("no distilled candidate met the goal: the plan without training, distilled, read %.2f on the fold "
-                 "against %.2f before training: %s kept", trained.after.drop, trained.before.drop,
-                 "the untrained model" if trained.untrained else "the distilled model")
+        if trained.untrained:
+            log.warning("%s", trained.untrained_warning())
+        else:
+            log.info("no distilled candidate met the goal: the plan without training, distilled, read %.2f on the "
+                     "fold against %.2f before training: the distilled model kept", trained.after.drop,
+                     trained.before.drop)
         return trained
 
 
