@@ -111,8 +111,9 @@ def run_shard(task: ShardTask, *, progress: bool = False) -> Statistics:
         model = onnx.load_from_string(bytes(task.model))
     else:
         model = load_model(task.model)
-        if task.model_hash is not None and model_hash(model) != task.model_hash:
-            raise CalibrationError(task.model, f"is another model where {shard} ran ({model_hash(model)}) than where "
+        found = None if task.model_hash is None else model_hash(model)
+        if found != task.model_hash:
+            raise CalibrationError(task.model, f"is another model where {shard} ran ({found}) than where "
                                    f"calibrate runs ({task.model_hash})",
                                    "every worker must read the same model file (a shared path)")
     stats = None
