@@ -811,7 +811,9 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
         raise RecipeError("--flops/--keep", f"budgets must be fractions in (0, 1], got {budgets}")
     stem = Path(model).stem if _is_path(model) else "model"       # a str and a pathlib.Path name the same files
     objective = plan_options(recipe.plan or {}).objective
-    models = {budget: out_dir / f"{stem}_{objective}{round(100 * budget)}.onnx" for budget in budgets}
+    # percent to 4 significant digits: 0.125 -> _macs12.5, 0.004 -> _macs0.4 (two budgets that name
+    # one file are refused by check_outputs)
+    models = {budget: out_dir / f"{stem}_{objective}{100 * budget:.4g}.onnx" for budget in budgets}
     check_outputs([out_dir / name for name in ("pareto.json", "pareto.md", "pareto.png")]
                   + [file for path in models.values() for file in (path, report_path(path))],
                   input_paths(model, {"--target-data": target_data, "--source-data": source_data,

@@ -438,9 +438,12 @@ def test_a_sweep_row_without_a_model_names_an_earlier_runs_model_at_its_name(tmp
     np.save(data, np.random.default_rng(0).standard_normal((200, 3, 8, 8)).astype(np.float32))
     out.mkdir()
     (out / "cbr_macs1.onnx").write_bytes(b"an earlier run's")
-    result = CliRunner().invoke(main, ["sweep", str(model), "--target-data", str(data), "--flops", "0.8,0.01",
+    (out / "cbr_macs0.onnx").write_bytes(b"another earlier run's")     # 0.004 named this before 12/2026
+    result = CliRunner().invoke(main, ["sweep", str(model), "--target-data", str(data), "--flops", "0.8,0.01,0.004",
                                        "-o", str(out), "--no-latency"])
     assert result.exit_code == 0, result.output
+    # every budget names a model of its own: 0.004 is _macs0.4 (it was _macs0, as 0.001 or 0.0049)
+    assert "not_from_this_run" not in json.loads((out / "pareto.json").read_text())["budgets"][2]
     row = json.loads((out / "pareto.json").read_text())["budgets"][1]
     assert row["status"].startswith("not reached") and row["not_from_this_run"] == ["cbr_macs1.onnx"]
     assert "(cbr_macs1.onnx in the folder: from an earlier run) |" in (out / "pareto.md").read_text()
