@@ -276,6 +276,13 @@ def _collect(model, samples, requests, *, batch_size, folds, device, progress, s
                                     "rows are no longer than the model's positions)") from None
                 reduced = result[len(outputs):]
                 result = result[:len(outputs)]
+                if keep and keep_bytes is not None and position == offset:
+                    # what keeping every sample would take, from this batch: over budget, nothing is
+                    # copied (MobileNetV2's correct-drift frontiers, 0.5-1 GB at 250 images, were copied
+                    # and then dropped at every stage)
+                    per_sample = sum(result[exposed_tensors.index(t)][:1].nbytes for t in keep)
+                    if per_sample * len(sample_set) > keep_bytes:
+                        keep, kept = [], {}
                 for tensor in keep:
                     # a copy: onnxruntime's outputs are views of its arena, which grows while they are held
                     kept[tensor].append(np.array(result[exposed_tensors.index(tensor)][:n]))

@@ -114,3 +114,30 @@ def test_collect_keeps_activations_within_a_byte_budget():
     assert all(p.flags.owndata for p in stats.activations["fc1.out"].parts)
     assert collect(model, samples, [request], batch_size=16, progress=False, keep=["fc1.out"],
                    keep_bytes=40 * 16 * 4 - 1).activations == {}
+
+
+def test_activations_over_the_budget_are_never_copied(monkeypatch):
+    """Whether every sample's activations fit is known from the first batch: over the budget, no
+    batch is copied (MobileNetV2's correct-drift copied 0.5-1 GB per stage and then dropped it)."""
+    import onnxprune.calibration.collect as collect_module
+
+    copies = []
+
+    class CountingNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def array(self, *args, **kwargs):
+            copies.append(1)
+            return np.array(*args, **kwargs)
+
+    model = graphs.gemm_chain()
+    samples = {"target": open_samples([graphs.feeds(model, batch=40, seed=0)], model)}
+    request = StatRequest("fc2.out", axis=1)
+    monkeypatch.setattr(collect_module, "np", CountingNumpy())
+    stats = collect_module.collect(model, samples, [request], batch_size=16, progress=False, keep=["fc1.out"],
+                                   keep_bytes=40 * 16 * 4 - 1)
+    assert stats.activations == {} and copies == []
+    kept = collect_module.collect(model, samples, [request], batch_size=16, progress=False, keep=["fc1.out"],
+                                  keep_bytes=40 * 16 * 4)
+    assert len(kept.activations["fc1.out"]) == 40 and len(copies) == 3

@@ -565,7 +565,7 @@ def test_correct_drift_is_tried_only_where_halving_the_drop_could_pass(lenet, mo
     """The first failed step is retried with correct-drift (a calibration pass per corrected
     tensor) only where cutting its drop to 1 / DRIFT_REACH, the reserve unchanged, would pass:
     not where the step failed on its reserve alone (a check too noisy for the goal). The plan
-    chosen is then checked with it in every case (one check, at no cost in size)."""
+    chosen is then checked with it where its check reads a drop (one check, at no cost in size)."""
     _, planner, _ = lenet
     planner.sensitivity()
     path = planner.path()
@@ -575,7 +575,7 @@ def test_correct_drift_is_tried_only_where_halving_the_drop_could_pass(lenet, mo
     def fake(plan, *, drift=True, judge="divergence"):
         beyond = sum(max(o.damage, 0.0) for o in plan.values()) > limit
         asked.append((drift, beyond))
-        return Check(drop if beyond else 0.0, se if beyond else 0.0, 1.0, None, None, 0.0, None, samples=100)
+        return Check(drop if beyond else 0.1, se if beyond else 0.0, 1.0, None, None, 0.0, None, samples=100)
     monkeypatch.setattr(planner, "check", fake)
     planner.for_max_drop(1.0)            # the reserve: margin 1 x se (no evaluation size given)
     assert any(drift and beyond for drift, beyond in asked) == tried
@@ -681,3 +681,26 @@ def test_the_chosen_plan_is_tried_with_correct_drift(tmp_path):
     plan = json.loads(out.with_name("lenet.report.json").read_text())["plan"]
     assert plan["check"]["drift"] is True and plan["check"]["drop"] < plan["check"]["drop_without_drift"]
     assert any(p["name"] == "correct-drift" for p in json.loads(out.with_name("lenet.recipe.json").read_text())["passes"])
+
+
+
+@pytest.mark.parametrize("chosen, tried", [(0.1, True), (0.0, False), (-1.6, False)])
+def test_the_chosen_plan_is_tried_with_correct_drift_only_where_its_check_reads_a_drop(lenet, monkeypatch, chosen,
+                                                                                        tried):
+    """Where the chosen plan's check reads no drop there is none for correct-drift to cut: its
+    check (two correct-drift runs) and the final pass are not run. On MobileNetV2's default goal
+    (checked drop -1.60) they took the command from 123 to 216 s for the same plan."""
+    _, planner, _ = lenet
+    planner.sensitivity()
+    limit = planner.path().predicted(3)[1]
+    asked = []
+
+    def fake(plan, *, drift=True, judge="divergence"):
+        beyond = sum(max(o.damage, 0.0) for o in plan.values()) > limit
+        asked.append(drift)
+        # with correct-drift asked for, the check says it helped
+        return Check(5.0 if beyond else chosen, 0.0, 1.0, None, None, 0.0, None, drift=drift or None, samples=100)
+    monkeypatch.setattr(planner, "check", fake)
+    result = planner.for_max_drop(1.0)
+    assert asked.count(True) == int(tried) and asked[-1] is tried
+    assert any(p[0] == "correct-drift" for p in result["passes"]) is tried
