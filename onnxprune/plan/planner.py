@@ -725,7 +725,7 @@ class Planner:
         trials = 0
         for site in bar:
             if site.key in fetch:                # the next sites' inputs in one onnxruntime run
-                cache.drop()
+                cache.drop(keep=fetch[site.key])   # (what an earlier round fetched of them stays)
                 cache.prefetch(fetch[site.key])
             rows = self.curves.setdefault(site.key, [])
             measured = 0

@@ -112,6 +112,7 @@ class ActivationCache:
         self.output_name = measured_output(model, judge)
         self.values: dict[str, np.ndarray] = {}
         self.runs = 0
+        self._sample_bytes: dict[str, int] = {}
         self.output = self._run([self.output_name])[self.output_name]
 
     def _run(self, tensors: Sequence[str]) -> dict[str, np.ndarray]:
@@ -126,15 +127,17 @@ class ActivationCache:
         return {t: np.concatenate(v) for t, v in parts.items()}
 
     def sample_bytes(self, tensors: Sequence[str]) -> dict[str, int]:
-        """Bytes one sample of each of ``tensors`` takes (from one sample run through the model)."""
+        """Bytes one sample of each of ``tensors`` takes (from one sample run through the model,
+        for the tensors no earlier call measured)."""
         tensors = list(dict.fromkeys(tensors))
-        if not tensors:
-            return {}
-        exposed, names = expose(self.model, tensors)
-        session = make_session(exposed, device=self.device)
-        _, result = next(run_batches(session, self.samples.subset(np.arange(1)), names, batch_size=1,
-                                     fixed_batch=fixed_batch_of(self.model)))
-        return {t: int(v.nbytes) for t, v in zip(tensors, result)}
+        missing = [t for t in tensors if t not in self._sample_bytes]
+        if missing:
+            exposed, names = expose(self.model, missing)
+            session = make_session(exposed, device=self.device)
+            _, result = next(run_batches(session, self.samples.subset(np.arange(1)), names, batch_size=1,
+                                         fixed_batch=fixed_batch_of(self.model)))
+            self._sample_bytes.update((t, int(v.nbytes)) for t, v in zip(missing, result))
+        return {t: self._sample_bytes[t] for t in tensors}
 
     def prefetch(self, tensors: Sequence[str]) -> None:
         missing = [t for t in dict.fromkeys(tensors) if t not in self.values]
