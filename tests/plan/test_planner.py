@@ -704,3 +704,25 @@ def test_the_chosen_plan_is_tried_with_correct_drift_only_where_its_check_reads_
     result = planner.for_max_drop(1.0)
     assert asked.count(True) == int(tried) and asked[-1] is tried
     assert any(p[0] == "correct-drift" for p in result["passes"]) is tried
+
+
+def test_a_later_round_of_trials_reads_the_activations_an_earlier_one_fetched(lenet, monkeypatch):
+    """Each round of ``_settle`` measures a few sites; their inputs an earlier round fetched stay
+    cached (MobileNetV2's goal ran 8 prefix runs of the original, 3 with this), and per-sample sizes
+    are measured once per tensor."""
+    from onnxprune.plan import suffix
+
+    _, planner, _ = lenet
+    sized = []
+    measured = suffix.ActivationCache.sample_bytes
+
+    def counting(self, tensors):
+        sized.append(len([t for t in dict.fromkeys(tensors) if t not in self._sample_bytes]))
+        return measured(self, tensors)
+    monkeypatch.setattr(suffix.ActivationCache, "sample_bytes", counting)
+    planner._measure(planner.sites, stop=0.0, limit=1)
+    cache = planner._trial_cache()[0]
+    runs = cache.runs
+    planner._measure(planner.sites, stop=0.0, limit=1)
+    assert cache.runs == runs and sized[0] > 0 and sized[1:] == [0]
+    assert all(len(rows) == 2 for rows in planner.curves.values())
