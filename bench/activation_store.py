@@ -36,7 +36,7 @@ def run(name: str) -> list:
     spec = MODELS[name]
     model = as_model(spec["model"])
     recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=spec["calib_size"], preprocess=spec["preprocess"])
-    samples, _, _, _, _ = compress_samples(model, recipe, spec["data"])
+    samples, *_ = compress_samples(model, recipe, spec["data"])
     calib = samples["target"].in_memory()
     weights, row = {}, [name, len(calib)]
     for budget in (0, ACTIVATION_BYTES):

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     model = as_model(spec["model"])
     recipe = Recipe(passes=(), plan={"budget": args.budget}, calib_size=spec["calib_size"],
                     preprocess=spec["preprocess"])
-    samples, held_out, _, calib, _ = compress_samples(model, recipe, spec["data"])
+    samples, held_out, _, calib, *_ = compress_samples(model, recipe, spec["data"])
     planner = make_planner(model, samples, recipe, uncapped=calib, progress=False)
     n = len(planner.calib)
     result = planner.for_budget(args.budget)

@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         student = onnx.load(str(student_file))
     recipe = Recipe(passes=(), preprocess={"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
                     calib_size=1000, plan={"max_drop": 1.0})
-    _, held_out, _, train, fold = compress_samples(original, recipe, str(DATA), checkpoint_fraction=0.2)
+    _, held_out, _, train, fold, _ = compress_samples(original, recipe, str(DATA), checkpoint_fraction=0.2)
     untrained = validate(original, student, held_out, measure_latency=False, progress=False)
     rows = [["untrained", "-", "-", "-", f"{100 * untrained.accuracy_candidate:.2f}",
              f"{untrained.accuracy_drop:.2f} ± {untrained.accuracy_drop_se:.2f}", "-"]]

@@ -66,7 +66,7 @@ def global_threshold(planner: Planner, whole: float, drift: bool = False) -> Rec
 def run(name: str, spec: dict, quick: bool, budgets: tuple[float, ...] = ()) -> dict:
     model = as_model(spec["model"])
     recipe = Recipe(passes=(), plan={"max_drop": 1.0}, calib_size=spec["calib_size"], preprocess=spec["preprocess"])
-    samples, held_out, _, calib, _ = compress_samples(model, recipe, spec["data"])
+    samples, held_out, _, calib, *_ = compress_samples(model, recipe, spec["data"])
     started = time.perf_counter()
     planner = make_planner(model, samples, recipe, uncapped=calib, progress=False,   # as compress plans
                            evaluated=len(held_out))
