@@ -60,9 +60,11 @@ def check_and_held_out(original, spec: dict, passes, seed: int) -> tuple[float, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="lenet")
-    ap.add_argument("--seeds", type=int, default=16, help="split seeds 1..N")
+    ap.add_argument("--seeds", type=int, default=16, help="split seeds 1..N (N >= 2: the spread needs two)")
     ap.add_argument("--out", default="check_bias", help="bench/results/OUT.md")
     args = ap.parse_args(argv)
+    if args.seeds < 2:
+        ap.error("--seeds must be at least 2 (the standard error of the differences needs two)")
     spec = MODELS[args.model]
     started = time.perf_counter()
     original = as_model(spec["model"])
