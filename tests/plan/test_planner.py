@@ -712,7 +712,8 @@ def test_a_later_round_of_trials_reads_the_activations_an_earlier_one_fetched(le
     are measured once per tensor."""
     from onnxprune.plan import suffix
 
-    _, planner, _ = lenet
+    model, shared, _ = lenet          # a planner of its own: the fixture's has measured before
+    planner = Planner(model, shared.calib, options=shared.options)
     sized = []
     measured = suffix.ActivationCache.sample_bytes
 
