@@ -1137,6 +1137,9 @@ def inspect(model, as_json, verbose, quiet):
     for o in info["outputs"]:
         click.echo(f"  output {o}")
     click.echo("  ops    " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    if info["folded"]:
+        click.echo("  folded " + ", ".join(f"{k} {v}" for k, v in info["folded"].items())
+                   + " (on loading, as every command does; counted in no op above)")
     click.echo(f"  params {info['params']:,}   MACs {info['macs']:,}   size {info['bytes'] / 1e6:.2f} MB")
     if info["macs_note"]:
         click.echo(f"  note   {info['macs_note']}")

@@ -136,6 +136,25 @@ def test_inspect_lists_sites_and_passes():
     assert info["params"] > 0 and info["macs"] > 0
 
 
+def test_inspect_says_what_loading_folded(tmp_path):
+    """Loading folds a BatchNormalization into the Conv before it (and Constant nodes into
+    initializers): inspect listed the ops without it and did not say where it went."""
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    model = graphs.conv_bn_relu()
+    assert "BatchNormalization" in {n.op_type for n in model.graph.node}
+    path = tmp_path / "cbr.onnx"
+    onnx.save(model, path)
+    info = onnxprune.inspect(path)
+    assert info["folded"] == {"BatchNormalization": 1} and "BatchNormalization" not in info["ops"]
+    assert onnxprune.inspect(model)["folded"] == {}          # a ModelProto is taken as it is
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0 and "  folded BatchNormalization 1 (on loading" in result.output
+
+
 def test_a_recipe_may_be_a_dict_or_a_file_and_bad_ones_are_recipe_errors(tmp_path):
     """recipe= takes what a recipe file holds; malformed passes and plans are RecipeErrors naming what is wrong."""
     from onnxprune.errors import RecipeError
