@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -1419,11 +1420,8 @@ def inspect(model) -> dict[str, Any]:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     # what loading folded away (Constant nodes, BatchNormalization into the layer before it): the
     # file's op counts less the model's, read without the weights
-    folded: dict[str, int] = {}
-    if not isinstance(model, onnx.ModelProto):
-        for node in onnx.load(os.fspath(model), load_external_data=False).graph.node:
-            folded[node.op_type] = folded.get(node.op_type, 0) + 1
-        folded = {op: n - ops.get(op, 0) for op, n in folded.items() if n > ops.get(op, 0)}
+    folded = Counter() if isinstance(model, onnx.ModelProto) else \
+        Counter(n.op_type for n in onnx.load(os.fspath(model), load_external_data=False).graph.node) - Counter(ops)
     layers = cost.layer_costs(m)
     # a node is a layer when it computes (MACs) or holds weights: scalar constants (a Div's
     # divisor), shapes (a Reshape's, a Slice's starts) and a Resize's scales do not make one
@@ -1437,7 +1435,7 @@ def inspect(model) -> dict[str, Any]:
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in input_specs(m)],
         "outputs": output_names(m),
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-        "folded": dict(sorted(folded.items(), key=lambda kv: -kv[1])),
+        "folded": dict(folded.most_common()),
         "params": count_parameters(m),
         "macs": int(sum(layer.macs for layer in layers)),
         "macs_note": symbolic_dims_note(m),
