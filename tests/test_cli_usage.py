@@ -301,6 +301,29 @@ def test_not_planned_rows_name_the_form_of_a_conv_offered_twice():
     assert any(line.startswith("  not planned: conv1 (low-rank, channel): saves at most") for line in lines), lines
 
 
+def test_sites_not_planned_share_a_line_per_reason_and_only_the_first_few_show_without_verbose():
+    """MobileNetV2 has 23 sites the planner cannot touch, MiniLM 24 with reasons of 600 characters:
+    without -v a few shortened lines and a count of the rest, with -v every reason in full."""
+    from onnxprune.cli import SKIPPED_SHOWN, SKIPPED_WIDTH
+
+    rows = [{"site": f"MatMul_{i}", "family": "low-rank", "reason": "weight is not an initializer"} for i in range(3)]
+    rows += [{"site": f"Conv_{i}", "family": "low-rank", "reason": f"grouped/depthwise Conv (group={i})"} for i in range(8)]
+    rows += [{"site": "Gemm_9", "family": "prune", "reason": "x" * 600}]
+    plan = {"goal": {"budget": 0.5}, "objective": "macs", "check": {"drop": 0.1, "se": 0.1}, "sites": [], "cost": 0.5,
+            "sites_considered": 0, "step": 0, "steps": 0, "calibration_samples": 10, "skipped": rows}
+    full = [line for line in plan_lines({"plan": plan}, verbose=1) if "not planned" in line]
+    assert len(full) == 10, full            # the three sites with one reason share a line
+    assert full[0] == "  not planned: MatMul_0, MatMul_1, MatMul_2 (low-rank): weight is not an initializer"
+    assert full[-1].endswith("x" * 600)
+    short = [line for line in plan_lines({"plan": plan}) if "not planned" in line]
+    assert short[:SKIPPED_SHOWN] == full[:SKIPPED_SHOWN]
+    assert len(short) == SKIPPED_SHOWN + 1 and all(len(line) <= SKIPPED_WIDTH for line in short[:-1])
+    assert short[-1].startswith("  ... and 6 more sites not planned (-v"), short[-1]
+    few = {**plan, "skipped": rows[:3] + rows[-1:]}      # two lines: all shown, the long one cut
+    lines = [line for line in plan_lines({"plan": few}) if "not planned" in line]
+    assert len(lines) == 2 and lines[1].endswith("...") and len(lines[1]) == SKIPPED_WIDTH
+
+
 def test_the_plan_check_of_an_output_without_class_scores_names_what_it_measured():
     """A dense map (a segmentation head's N x C x H x W) or a regression value is checked by 100 x its
     relative squared error (planner.measure: no agreement), and the line says so, not "agreement drop"."""
