@@ -188,3 +188,67 @@ def test_the_activation_store_fits_the_same_corrections():
     assert results[0].keys() == results[1].keys()
     for name, value in results[0].items():
         np.testing.assert_allclose(results[1][name], value, rtol=1e-5, atol=1e-6 * np.abs(value).max())
+
+
+def _joint_folds(x: np.ndarray, z: np.ndarray, folds: int):
+    """Moments of the joint rows (x, z), sample i in fold i % folds."""
+    from onnxprune.calibration.moments import Moments
+
+    out = [Moments(2 * x.shape[1]) for _ in range(folds)]
+    for f, m in enumerate(out):
+        m.update(np.hstack([x[f::folds], z[f::folds]]))
+    return out
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_the_refit_is_scored_on_held_out_folds_as_a_refit_shrunk_towards_the_identity(intercept):
+    """Each ridge's held-out error, scored from one eigendecomposition per fold, is the error of
+    A^T = (Z + r I)^-1 (C + r I) fitted on the other folds (with the intercept, on centred
+    moments), computed here the long way; the ridge chosen is the best of the grid."""
+    from onnxprune.passes.correct_drift import RIDGE_GRID, _refit
+
+    rng = np.random.default_rng(0)
+    dim, n, k = 12, 90, 3
+    z = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) + (2.0 if intercept else 0.0)
+    x = z + z @ (0.2 * rng.normal(size=(dim, dim))) + 0.5 * rng.normal(size=(n, dim)) + (1.0 if intercept else 0.0)
+    folds = _joint_folds(x, z, k)
+    energy = sum(float(np.sum(x[f::k] ** 2)) for f in range(k)) / n
+    scores = []
+    for ridge in RIDGE_GRID:
+        err = 0.0
+        for f in range(k):
+            rest = np.setdiff1d(np.arange(n), np.arange(f, n, k))
+            zt, xt = z[rest], x[rest]
+            mz, mx = (zt.mean(0), xt.mean(0)) if intercept else (np.zeros(dim), np.zeros(dim))
+            Z, C = (zt - mz).T @ (zt - mz) / len(rest), (zt - mz).T @ (xt - mx) / len(rest)
+            r = ridge * np.trace(Z) / dim
+            A = np.linalg.solve(Z + r * np.eye(dim), C + r * np.eye(dim)).T
+            predicted = (z[f::k] - mz) @ A.T + mx
+            err += float(np.sum((x[f::k] - predicted) ** 2))
+        scores.append(err / n / energy)
+    result = _refit(folds, intercept)
+    assert result["ridge"] == RIDGE_GRID[int(np.argmin(scores))]
+    assert result["error_after"] == pytest.approx(min(scores), rel=1e-8)
+
+
+def test_with_few_samples_for_the_width_the_refit_corrects_part_of_the_drift():
+    """48 samples of a 40-wide tensor: a refit towards zero fits noise at small ridges and loses
+    the signal at large ones (held out, both worse than leaving x~ alone, so it was rejected);
+    shrunk towards the identity, a large ridge corrects part of the drift, on new samples too."""
+    from onnxprune.passes.correct_drift import _refit
+
+    rng = np.random.default_rng(1)
+    dim, n = 40, 48
+    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    drift = np.eye(dim) + 0.3 * rng.normal(size=(dim, dim)) / np.sqrt(dim)     # x~ = drift^-1 x + noise
+
+    def sample(count):
+        x = rng.normal(size=(count, dim)) @ mix
+        return x, np.linalg.solve(drift, x.T).T + 0.3 * rng.normal(size=(count, dim)) @ mix
+
+    x, z = sample(n)
+    result = _refit(_joint_folds(x, z, 4), intercept=True)
+    assert result["refit"] and result["ridge"] >= 1.0
+    A, a = result["map"]
+    x_new, z_new = sample(2000)
+    assert np.sum((x_new - z_new @ A.T - a) ** 2) < 0.9 * np.sum((x_new - z_new) ** 2)
