@@ -44,12 +44,8 @@ from onnxprune.passes.base import Pass, PassContext, PassResult, Selection, chec
 
 log = logging.getLogger(__name__)
 
-#: ridges (relative to trace(E[z z^T]) / dim) tried on held-out folds. The ridge shrinks the
-#: refit towards the identity (leaving the readers alone), not towards zero, so a large one is a
-#: safe, partial correction: where samples are few for the width (MobileNetV2's last 320- and
-#: 1280-wide tensors, 250 images) a refit towards zero overfits at small ridges and loses the
-#: signal at large ones, and was rejected
-RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+#: ridges (relative to trace(E[z z^T]) / dim) tried on held-out folds
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 #: a refit is kept when its held-out error is below this share of leaving the readers alone
 GAIN = 0.98
 PREFIX = "correct-drift/"
@@ -270,12 +266,9 @@ def _cone(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], wan
 
 def _refit(folds, intercept: bool) -> dict:
     """Ridge regression of the first half of the joint features (x[K]) on the second (x~),
-    with an unpenalised intercept (centred moments) or none, shrunk towards the identity: the
-    map x ~= A x~ (+ a) is x~ + D x~ with the ridge on D, A^T = (Z + r I)^-1 (C + r I) for
-    Z = E[x~ x~^T], C = E[x~ x^T] (centred with an intercept), so a large ridge leaves x~ nearly
-    as it is. The ridge, and whether to refit at all, chosen on held-out folds (each fold left
-    out in turn). One eigendecomposition per fold scores every ridge of the grid, as
-    ``heldout_ridge`` does for reconstruct-next-layer."""
+    with an unpenalised intercept (centred moments) or none; the ridge, and whether to refit
+    at all, chosen on held-out folds (each fold left out in turn). One eigendecomposition per
+    fold scores every ridge of the grid, as ``heldout_ridge`` does for reconstruct-next-layer."""
     dim = folds[0].dim // 2
     # of each fold's joint Gram of v = (x, z) only the z z^T and z x^T blocks and the traces are
     # used (the x x^T block, a quarter of it, only by its trace)
@@ -315,18 +308,12 @@ def _refit(folds, intercept: bool) -> dict:
         mu = np.maximum(mu, 0.0)
         P, Q = V.T @ C, V.T @ Ch
         M = V.T @ Zh @ V
-        # B = V diag(d) (P + r V^T) maps z -> x (x^ = B^T z): its held-out error is
-        # E||x||^2 - 2 d.(rows of (P + r V^T) . rows of Q) + <M, diag(d) (P + r V^T)(P + r V^T)^T diag(d)>
-        PQ, VQ = np.einsum("ij,ij->i", P, Q), np.einsum("ji,ij->i", V, Q)
-        PP, PV = P @ P.T, P @ V
-        PV = PV + PV.T
+        PQ = np.einsum("ij,ij->i", P, Q)
+        PP = P @ P.T
         unit = max(float(mu.sum()) / dim, 1e-300)
         for g, ridge in enumerate(RIDGE_GRID):
-            r = ridge * unit
-            d = 1.0 / (mu + r)
-            shifted = PP + r * PV
-            shifted[np.diag_indices(dim)] += r * r
-            err = yy - 2.0 * float(d @ (PQ + r * VQ)) + float(np.einsum("ij,ij->", M, (d[:, None] * shifted) * d[None, :]))
+            d = 1.0 / (mu + ridge * unit)          # B = V diag(d) P: z -> x
+            err = yy - 2.0 * float(d @ PQ) + float(np.einsum("ij,ij->", M, (d[:, None] * PP) * d[None, :]))
             scores[g] += folds[f].count * max(err, 0.0)
     best = int(np.argmin(scores)) if usable else 2
     after = float(scores[best])
@@ -336,8 +323,8 @@ def _refit(folds, intercept: bool) -> dict:
         return result
     *second, mean = pooled(everything)
     Z, C, _ = blocks(*second, mean, mean)
-    r = RIDGE_GRID[best] * max(float(np.trace(Z)) / dim, 1e-300)
-    A = np.linalg.solve(Z + r * np.eye(dim), C + r * np.eye(dim)).T     # x ~= A x~ (+ a)
+    unit = max(float(np.trace(Z)) / dim, 1e-300)
+    A = np.linalg.solve(Z + RIDGE_GRID[best] * unit * np.eye(dim), C).T     # x ~= A x~ (+ a)
     a = mean[:dim] - A @ mean[dim:] if intercept else None
     result.update(refit=True, map=(A, a))
     return result
