@@ -1415,13 +1415,11 @@ def symbolic_dims_note(model: onnx.ModelProto) -> str | None:
 def inspect(model) -> dict[str, Any]:
     """Inputs/outputs, op histogram, parameters and MACs per layer, and what each method can touch."""
     m = as_model(model)
-    ops: dict[str, int] = {}
-    for node in m.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    ops = Counter(node.op_type for node in m.graph.node)
     # what loading folded away (Constant nodes, BatchNormalization into the layer before it): the
     # file's op counts less the model's, read without the weights
     folded = Counter() if isinstance(model, onnx.ModelProto) else \
-        Counter(n.op_type for n in onnx.load(os.fspath(model), load_external_data=False).graph.node) - Counter(ops)
+        Counter(n.op_type for n in onnx.load(os.fspath(model), load_external_data=False).graph.node) - ops
     layers = cost.layer_costs(m)
     # a node is a layer when it computes (MACs) or holds weights: scalar constants (a Div's
     # divisor), shapes (a Reshape's, a Slice's starts) and a Resize's scales do not make one
@@ -1434,7 +1432,7 @@ def inspect(model) -> dict[str, Any]:
         "opset": {d.domain or "ai.onnx": d.version for d in m.opset_import},
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in input_specs(m)],
         "outputs": output_names(m),
-        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "ops": dict(ops.most_common()),
         "folded": dict(folded.most_common()),
         "params": count_parameters(m),
         "macs": int(sum(layer.macs for layer in layers)),
