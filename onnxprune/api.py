@@ -256,10 +256,12 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
         decode_held_out=recipe.plan is not None or finetune is not None)
     if "source" in recipe.sets() and "source" not in samples and stats is None:
         raise DataError("--source-data", "this recipe needs source-domain samples", "pass --source-data DIR")
-    label_notes = data_notes + ([note] if (note := label_misfit(original, samples["target"], held_out, recipe,
-                                                                device=device, others=(train_set, val_fold))) else [])
+    note, hint = judge_labels(original, samples["target"], held_out, recipe, device=device,
+                              others=(train_set, val_fold))
+    label_notes = data_notes + [line for line in (note, hint) if line]
+    for line in label_notes[len(data_notes):]:
+        log.warning("%s", line)
     if note:
-        log.warning("%s", note)
         samples["target"], held_out = samples["target"].without_labels(), held_out.without_labels()
         train_set = train_set.without_labels()
         val_fold = None if val_fold is None else val_fold.without_labels()
@@ -363,27 +365,29 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
 LABEL_PROBE = 128
 
 
-def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSet, recipe: Recipe, *,
-                 device: str = "cpu", others: tuple[SampleSet | None, ...] = ()) -> str | None:
-    """Why the labels cannot measure this classifier, or None: the original scores near chance on
-    the calibration samples (on at most ``LABEL_PROBE`` of them), so the labels are in another
-    class order or the model does not read the data as it should; every goal is then better
-    judged by agreement with the original. Labels outside the model's classes (in ``calib``,
-    ``held_out`` or ``others``, e.g. the training samples) are a DataError: no answer of the
-    model can match them. For an embedding, labels of one class (in ``calib`` or ``held_out``)
-    cannot measure it either: every kNN vote is right whatever the embeddings."""
+def judge_labels(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSet, recipe: Recipe, *,
+                 device: str = "cpu", others: tuple[SampleSet | None, ...] = ()) -> tuple[str | None, str | None]:
+    """(why the labels cannot measure this classifier, or None; a preprocessing hint, or None).
+    The labels cannot when the original scores near chance on the calibration samples (on at
+    most ``LABEL_PROBE`` of them), so the labels are in another class order or the model does not
+    read the data as it should; every goal is then better judged by agreement with the original.
+    The hint (``preprocessing_hint``): another common pixel normalisation scores far better there.
+    Labels outside the model's classes (in ``calib``, ``held_out`` or ``others``, e.g. the training
+    samples) are a DataError: no answer of the model can match them. For an embedding, labels of
+    one class (in ``calib`` or ``held_out``) cannot measure it either: every kNN vote is right
+    whatever the embeddings."""
     from onnxprune import embedding
     from onnxprune.plan.planner import model_outputs
     from onnxprune.validation import chance_accuracy, data_flags, near_chance
 
     if calib.labels is None:
-        return None
+        return None, None
     if embedding.output_kind(original, metric=recipe.metric, judge=recipe.judge_output) != "classes":
         single = next((s for s in (calib, held_out) if s is not None and s.labels is not None
                        and len(np.unique(s.labels)) < 2), None)
         return None if single is None else (
             f"the labels of {single.name} hold one class only: kNN accuracy on them is 100% whatever the "
-            "embeddings; they are set aside and every goal is judged by the cosine to the original's embeddings")
+            "embeddings; they are set aside and every goal is judged by the cosine to the original's embeddings"), None
     probe = label_probe(calib)
     try:        # the first run of the original: one it cannot make is the input's fault, as in collect
         outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device,
@@ -398,15 +402,69 @@ def label_misfit(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     classes = outputs.shape[-1] if outputs.ndim == 2 else None
     check_label_range((calib, held_out, *others), classes)
     if classes is None:
-        return None
-    accuracy = float(np.mean(outputs.argmax(axis=1) == probe.labels))
+        return None, None
+    right = outputs.argmax(axis=1) == probe.labels
+    hint = preprocessing_hint(original, probe, right, batch_size=recipe.batch_size, device=device,
+                              judge=recipe.judge_output)
+    accuracy = float(np.mean(right))
     if not near_chance(accuracy, probe.labels):
-        return None
+        return None, hint
     chance = chance_accuracy(probe.labels)
     return (f"the original model scores {100 * accuracy:.1f}% on the labels of {calib.name}, "
             f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
             f"or data it does not read as it should: check {data_flags(original)}); they are "
-            "set aside and every goal is judged by agreement with the original")
+            "set aside and every goal is judged by agreement with the original"), hint
+
+
+#: another pixel normalisation must score this many points more than the one given on the label
+#: probe (and 3 paired standard errors more) before ``preprocessing_hint`` names it: on the
+#: models of ../shared with their documented preprocessing the best other convention scores at
+#: most 3.9 points more (LeNet on MNIST-M, pixels 0..255); without --mean/--std ResNet-20 loses
+#: about 48 points, MobileNetV2 about 29
+HINT_GAIN = 10.0
+
+
+def preprocessing_hint(original: onnx.ModelProto, probe: SampleSet, right: np.ndarray | None = None, *,
+                       batch_size: int = 32, device: str = "cpu", judge: str | None = None,
+                       samples: str = "the calibration samples", keeps: str = "compress") -> str | None:
+    """A line naming a common pixel normalisation (``preprocess.CONVENTIONS``) under which the
+    original classifier scores far better on the labelled image samples ``probe`` (a
+    ``label_probe``; ``samples`` names them): one that beats the given preprocessing (``right``:
+    whether the original's answer on each sample matches its label; None: run it) by
+    ``HINT_GAIN`` points and 3 paired standard errors: the model was likely trained on inputs
+    normalised another way, and every accuracy measured would be of a model misread. None
+    otherwise, and for samples the image pipeline does not transform. ``keeps``: the command
+    that goes on with the preprocessing given."""
+    from onnxprune.data.preprocess import conventions, normalisation_flags
+    from onnxprune.plan.planner import model_outputs
+    from onnxprune.validation import paired_standard_error
+
+    if probe.labels is None or not probe.images or len(probe.specs) != 1:
+        return None
+    if right is None:
+        right = model_outputs(original, probe, batch_size=batch_size, device=device,
+                              judge=judge).argmax(axis=-1) == probe.labels
+    if 100 * (1 - right.mean()) < HINT_GAIN:
+        return None
+    better = []         # (accuracy, preprocess) of each convention that scores far better, in CONVENTIONS order
+    for pre in conventions(probe.preprocess, probe.specs[0]):
+        outputs = model_outputs(original, probe.with_preprocess(pre), batch_size=batch_size, device=device,
+                                judge=judge)
+        other = outputs.argmax(axis=-1) == probe.labels
+        gain = 100 * float(other.mean() - right.mean())
+        se = paired_standard_error(int(np.sum(right & ~other)), int(np.sum(other & ~right)), len(right)) or 0.0
+        if gain >= max(HINT_GAIN, 3 * se):
+            better.append((float(other.mean()), pre))
+    if not better:
+        return None
+    # the most common convention within HINT_GAIN / 2 points of the best (LeNet reads pixels / 255 and
+    # pixels 0..255 about equally well: name the first)
+    top = max(accuracy for accuracy, _ in better)
+    accuracy, pre = next(item for item in better if 100 * (top - item[0]) <= HINT_GAIN / 2)
+    return (f"the original model scores {100 * right.mean():.1f}% on {len(right)} of {samples} as "
+            f"preprocessed ({normalisation_flags(probe.preprocess)}), but {100 * accuracy:.1f}% with "
+            f"{normalisation_flags(pre)}: check how the model expects its input ({keeps} keeps the preprocessing "
+            "given)")
 
 
 def unlabelled_evaluation_note(held_out: SampleSet) -> str:
@@ -420,7 +478,7 @@ def unlabelled_evaluation_note(held_out: SampleSet) -> str:
 
 def label_probe(samples: SampleSet) -> SampleSet:
     """At most ``LABEL_PROBE`` samples spread over ``samples``: the original runs on them to learn
-    its classes (and, in ``label_misfit``, how well it scores on the labels)."""
+    its classes (and, in ``judge_labels``, how well it scores on the labels)."""
     return samples.subset(np.linspace(0, len(samples) - 1, min(len(samples), LABEL_PROBE)).round().astype(int))
 
 
@@ -823,10 +881,11 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
     check_compressible(original, name=model_name(model))
     samples, held_out, _, calib, _, data_notes = compress_samples(original, recipe, target_data, source_data,
                                                                   eval_data)
-    note = label_misfit(original, samples["target"], held_out, recipe, device=device)
-    label_notes = data_notes + ([note] if note else [])
+    note, hint = judge_labels(original, samples["target"], held_out, recipe, device=device)
+    label_notes = data_notes + [line for line in (note, hint) if line]
+    for line in label_notes[len(data_notes):]:
+        log.warning("%s", line)
     if note:
-        log.warning("%s", note)
         samples["target"], held_out, calib = (s.without_labels() for s in (samples["target"], held_out, calib))
     planner = make_planner(original, samples, recipe, uncapped=calib, device=device, progress=progress,
                            evaluated=len(held_out))
@@ -1466,6 +1525,11 @@ def validate(reference, candidate, data, *, preprocess: Preprocess | dict | None
     overlap = calibration_overlap(candidate, data)
     if overlap:
         report.warnings.insert(0, overlap)
+    if report.accuracy_reference is not None and report.embedding is None:
+        hint = preprocessing_hint(ref, label_probe(samples), batch_size=batch_size, device=device, judge=judge_output,
+                                  samples="these samples", keeps="validate")
+        if hint:
+            report.warnings.append(hint)
     for warning in report.warnings:
         log.warning("%s", warning)
     try:

@@ -603,7 +603,7 @@ def test_too_few_samples_left_to_train_after_the_checkpoint_fold_are_refused(tmp
         raise AssertionError("validated or calibrated before the samples were checked")
 
     monkeypatch.setattr(sys.modules["onnxprune.validation"], "validate", no_work)
-    monkeypatch.setattr(onnxprune.api, "label_misfit", no_work)
+    monkeypatch.setattr(onnxprune.api, "judge_labels", no_work)
     f = usps_files(tmp_path, tiny=(0, 4), eight=(0, 8), other=(60, 120), source=(120, 180))
     out = tmp_path / "out" / "o.onnx"
     if command == "finetune":

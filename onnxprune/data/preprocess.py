@@ -334,3 +334,37 @@ def _layout_hint(spec: InputSpec, pre: Preprocess) -> str | None:
 
 def dims_text(shape) -> str:
     return "x".join(str(d) if d is not None else "?" for d in shape) or "scalar"
+
+
+#: common ways a model expects its pixels, (scale, mean, std): what ``api.preprocessing_hint`` tries
+#: when the original scores poorly on labelled images (ImageNet's mean/std needs 3 channels)
+CONVENTIONS = (
+    (1 / 255, None, None),                                                 # pixels / 255, in [0, 1]
+    (1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),               # ImageNet's mean and std
+    (1 / 255, (0.5,), (0.5,)),                                             # in [-1, 1]
+    (1.0, None, None),                                                     # pixels 0..255
+)
+
+
+def conventions(pre: Preprocess, spec: InputSpec) -> list[Preprocess]:
+    """``pre`` with each other ``CONVENTIONS`` normalisation (resize, crop, channels and layout
+    kept) that fits the input's channels."""
+    channels = _image_axes(spec, pre.layout, spec.name)[0] if spec.rank in (3, 4) else None
+    out = []
+    for scale, mean, std in CONVENTIONS:
+        if mean is not None and len(mean) not in (1, channels):
+            continue
+        other = dataclasses.replace(pre, scale=scale, mean=mean, std=std)
+        if (other.scale, other.mean, other.std) != (pre.scale, pre.mean, pre.std):
+            out.append(other)
+    return out
+
+
+def normalisation_flags(pre: Preprocess) -> str:
+    """``pre``'s --scale, --mean and --std as command-line flags ('no --mean/--std' when neither)."""
+    flags = [] if math.isclose(pre.scale, 1 / 255) else [f"--scale {pre.scale:g}"]
+    flags += [f"--{what} {','.join(f'{v:g}' for v in values)}" for what, values in (("mean", pre.mean), ("std", pre.std))
+              if values is not None]
+    if pre.mean is None and pre.std is None:
+        flags.append("and no --mean/--std" if flags else "no --mean/--std")
+    return " ".join(flags)

@@ -262,6 +262,11 @@ class SampleSet:
             for _ in self.batches(batch_size):
                 pass
 
+    def with_preprocess(self, preprocess: Preprocess) -> SampleSet:
+        """The same samples (labels and order too) through another image ``preprocess``."""
+        return SampleSet(name=self.name, store=self._store, specs=self._specs, preprocess=preprocess,
+                         labels=self._all_labels, rows=self._rows, classes=self._classes)
+
     def without_labels(self) -> SampleSet:
         """The same samples, unlabelled (labels that do not fit the model are set aside)."""
         return SampleSet(name=self.name, store=self._store, specs=self._specs, preprocess=self._preprocess,

@@ -57,7 +57,7 @@ def split_data(target, eval_data, split: float, seed: int, model, preprocess):
 
 
 def check_labels(model: onnx.ModelProto, sample_sets, *, batch_size: int, device: str = "cpu") -> None:
-    """compress's check of the labels (``api.label_misfit``) for every set a training reads or is
+    """compress's check of the labels (``api.judge_labels``) for every set a training reads or is
     scored on (None: skipped): labels outside the model's classes are a DataError naming the set,
     before they reach a loss (an IndexError) or an accuracy (counted wrong)."""
     from onnxprune import embedding
