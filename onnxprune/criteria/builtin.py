@@ -26,7 +26,8 @@ def _site(group, views):
 
 @register
 class Spectral(Criterion):
-    """Greedy maximum of the retention ratio Tr(S_FJ S_JJ^-1 S_JF) / Tr(S), Schur-complement updates."""
+    """Greedy maximum of the retention ratio Tr(S_FJ S_JJ^-1 S_JF) / Tr(S), Schur-complement updates;
+    with the ``readout`` option, of what the consumers read, Tr(W S_FJ S_JJ^-1 S_JF W^T) / Tr(W S W^T)."""
 
     name = "spectral"
     threshold = "retention"
@@ -34,8 +35,31 @@ class Spectral(Criterion):
 
     def score(self, model, group, views):
         sigma = _site(group, views).second_moment
-        ranking = Ranking(functools.partial(linalg.spectral_select, sigma, ridge=self.options.ridge), group.channels)
+        readout = readout_matrix(model, group) if self.options.readout else None
+        ranking = Ranking(functools.partial(linalg.spectral_select, sigma, ridge=self.options.ridge, readout=readout),
+                          group.channels)
         return {"sigma": sigma, "ranking": ranking}
+
+
+def readout_matrix(model, group) -> np.ndarray | None:
+    """The consumers' weights over ``group``'s channels stacked as one (outputs x C) matrix W, when
+    every consumer reads each channel at one position (a 1 x 1 Conv, Gemm or MatMul, not through a
+    Flatten): the error W (x - A_J x_J) its outputs make after reconstruct-next-layer is then exactly
+    what ``linalg.spectral_select(readout=W)`` ranks by. None otherwise (a k x k Conv sums the error
+    over neighbouring positions, whose correlation the site's statistics do not hold). On
+    MobileNetV2, whose expansions are read by narrower 1 x 1 projections, the single-site damage
+    fell in 117 of 144 trials (by 20-30 % at keep 0.5-0.8)."""
+    index = GraphIndex(model)
+    parts = []
+    for consumer in group.consumers:
+        weight = index.array(consumer.weight)
+        if consumer.spatial != 1 or any(d != 1 for d in weight.shape[2:]):
+            return None
+        w = np.moveaxis(weight.astype(np.float64), consumer.axis, -1)
+        if w.shape[-1] != group.channels:
+            return None
+        parts.append(w.reshape(-1, group.channels))
+    return np.concatenate(parts) if parts else None
 
 
 class _Momasp(Criterion):

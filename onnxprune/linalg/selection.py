@@ -93,8 +93,9 @@ def _square_of_symmetric(S: np.ndarray) -> np.ndarray:
     return T
 
 
-def _greedy(sigma, *, alpha, count, ridge, order=None, regulariser=None, lam=0.0):
-    """Greedy maximisation of the retained trace (see ``spectral_select``)."""
+def _greedy(sigma, *, alpha, count, ridge, order=None, regulariser=None, lam=0.0, readout=None):
+    """Greedy maximisation of the retained trace (see ``spectral_select``); with ``readout``
+    (m x C), of the trace of the read-out, Tr(W Sigma_FJ Sigma_JJ^-1 Sigma_JF W^T)."""
     S = _square(sigma, "channel second moment")
     if not np.isfinite(S).all():
         raise NumericalError("channel second moment", "contains NaN or Inf",
@@ -114,20 +115,28 @@ def _greedy(sigma, *, alpha, count, ridge, order=None, regulariser=None, lam=0.0
     steps = count if count is not None else C
     if order is not None:
         steps = min(steps, len(order))
-    T = _square_of_symmetric(S) if steps * 32 >= C else None
+    if readout is not None:
+        W = _matrix(readout, "readout", ndim=2)
+        if W.shape[1] != C or not np.isfinite(W).all():
+            raise ValueError(f"readout must be a finite (m x {C}) matrix, got shape {W.shape}")
+    T = _square_of_symmetric(S) if steps * 32 >= C and readout is None else None
     # rho: noise variance added to kept channels; raised when S + rho I proves indefinite
     for rho in lifted_ridges(ridge * unit, total):
-        picked = _greedy_steps(S, T, diag, total, rho, tiny, steps=steps, alpha=alpha, count=count, order=order,
-                               regulariser=copy.deepcopy(regulariser), lam=lam)
+        Z = None if readout is None else np.asfortranarray(W @ S)     # Fortran order: dger updates it in place
+        picked = _greedy_steps(S, T, diag, total if Z is None else float(np.einsum("ij,ij->", Z, W)), rho, tiny,
+                               steps=steps, alpha=alpha, count=count, order=order,
+                               regulariser=copy.deepcopy(regulariser), lam=lam, Z=Z)
         if picked is not None:
             return picked
     raise NumericalError("channel second moment", "is indefinite beyond any ridge up to its trace",
                          hint="check the calibration data")
 
 
-def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, regulariser, lam):
+def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, regulariser, lam, Z=None):
     """The greedy's steps at ridge rho (``_greedy``); None when a residual variance falls below
-    -(rho + tiny), i.e. S + rho I is indefinite (the ridge is under the rounding of S)."""
+    -(rho + tiny), i.e. S + rho I is indefinite (the ridge is under the rounding of S). ``Z``:
+    W S for a read-out W (m x C), updated in place as W R; the gains are then ||W R[:, j]||^2
+    / (R_jj + rho) and the ratios of Tr(W S W^T)."""
     C = S.shape[0]
     # Residual R = S - L L^T, never formed; L (C x t) holds r / sqrt(d) of each pick.
     # gain_j = ||R[:, j]||^2 / (R_jj + rho); keeping j: R -= r r^T / d, r = R[:, j],
@@ -137,7 +146,7 @@ def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, r
     use_T = T is not None
     LP = np.zeros((steps, 2 * C if use_T else C))   # rows: [L^T | P^T]
     G = np.zeros((steps, steps))                      # L^T L
-    q = np.einsum("ij,ij->j", S, S)
+    q = np.einsum("ij,ij->j", S, S) if Z is None else np.einsum("ij,ij->j", Z, Z)
     res = diag.copy()
     chosen = np.zeros(C, dtype=bool)
     keep, ratios = [], []
@@ -164,7 +173,10 @@ def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, r
             else:
                 j = int(np.flatnonzero(~chosen)[0])   # forced by count: lowest remaining index
         lj = LP[:t, j]
-        if use_T:
+        if Z is not None:           # read-out gains: only r (for R's diagonal and L) and W r
+            r = S[j] - lj @ LP[:t]
+            Wr = Z[:, j].copy()
+        elif use_T:
             w = LP[:t, C + j] - G[:t, :t] @ lj
             Y = np.stack((lj, w)) @ LP[:t]
             r = S[j] - Y[0, :C]
@@ -177,9 +189,16 @@ def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, r
         d = max(r[j], 0.0) + rho
         if d > tiny * _EPS:
             rr = float(r @ r)
-            retained += rr / d
-            q -= 2.0 * r * Rr / d - r * r * (rr / d**2)
-            np.maximum(q, 0.0, out=q)
+            if Z is not None:       # W R -= (W r) (r / d)^T, and its column norms with it
+                zz, s = float(Wr @ Wr), r / d
+                retained += zz / d
+                q -= 2.0 * s * (Z.T @ Wr) - s * s * zz
+                np.maximum(q, 0.0, out=q)
+                Z = sla.blas.dger(-1.0, Wr, s, a=Z, overwrite_a=True)
+            else:
+                retained += rr / d
+                q -= 2.0 * r * Rr / d - r * r * (rr / d**2)
+                np.maximum(q, 0.0, out=q)
             res -= r * r / d
             if res.min() < -(rho + tiny):
                 return None
@@ -188,8 +207,8 @@ def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, r
             LP[t, :C] = r / sqd
             if use_T:
                 LP[t, C:] = Sr / sqd
-            G[t, :t] = G[:t, t] = w / sqd
-            G[t, t] = rr / d
+                G[t, :t] = G[:t, t] = w / sqd
+                G[t, t] = rr / d
             t += 1
         chosen[j] = True
         keep.append(j)
@@ -203,7 +222,7 @@ def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, r
 
 
 def spectral_select(sigma, *, alpha: float | None = None, count: int | None = None,
-                    ridge: float = SELECT_RIDGE, order: Sequence[int] | None = None
+                    ridge: float = SELECT_RIDGE, order: Sequence[int] | None = None, readout=None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy spectral pruning (MoMaSP paper 3.1): the channels J that retain the most of
     Sigma's trace, Tr(Sigma_FJ (Sigma_JJ + rho I)^-1 Sigma_JF), rho = ridge * trace / C.
@@ -216,6 +235,12 @@ def spectral_select(sigma, *, alpha: float | None = None, count: int | None = No
     ridge : relative ridge; the residual update is R -= R[:, j] R[j, :] / (R[j, j] + rho).
     order : optional fixed sequence of channels to add instead of the greedy choice (to
         score another ranking with the same ratios and stopping rule).
+    readout : optional (m x C) matrix W that reads the channels (the consumers' weights):
+        the channels J that retain the most of W's output instead, Tr(W Sigma_FJ (Sigma_JJ +
+        rho I)^-1 Sigma_JF W^T): the error W (x - A_J x_J) that the consumers make after
+        reconstruct-next-layer's compensation, not the error of x in every direction (which
+        for an expansion read by a narrower projection counts directions no output sees).
+        Gains ||W R[:, j]||^2 / (R_jj + rho), ratios of Tr(W Sigma W^T); O(C (m + t)) per step.
 
     Each step keeps the eligible channel with the largest gain ||R[:, j]||^2 / (R_jj + rho)
     (exact ties: lowest index). A channel is eligible while its residual variance R_jj
@@ -232,7 +257,7 @@ def spectral_select(sigma, *, alpha: float | None = None, count: int | None = No
     keep : (k,) int64 channel indices in the order chosen (not sorted).
     ratios : (k,) retention ratio after each pick; non-decreasing.
     """
-    return _greedy(sigma, alpha=alpha, count=count, ridge=ridge, order=order)
+    return _greedy(sigma, alpha=alpha, count=count, ridge=ridge, order=order, readout=readout)
 
 
 def block_spectral_select(sigma, unit: int, *, count: int, ridge: float = SELECT_RIDGE,

@@ -63,6 +63,7 @@ class SelectOptions:
     groups: tuple[str, ...] = ()      # only these groups (names from `onnxprune inspect`); empty = all
     multiple: int = 8                 # kept counts of groups >= WIDE_GROUP channels round up to a multiple
     counts: dict | None = None        # per group: exactly this many channels (a plan); groups not named stay whole
+    readout: bool = False             # spectral: rank by what the consumers read (``criteria.readout_matrix``)
 
     def __post_init__(self):
         check_types("select-nodes", self)
@@ -85,6 +86,8 @@ class SelectOptions:
             raise ValueError(f"multiple={self.multiple} must be >= 1")
         if self.lam < 0 or self.ridge < 0:
             raise ValueError("lam and ridge must be >= 0")
+        if self.readout and self.criterion != "spectral":
+            raise ValueError(f"readout applies to the spectral criterion only, not {self.criterion}")
         object.__setattr__(self, "groups", tuple(self.groups))
         if self.counts is not None:
             counts = dict(self.counts)
@@ -258,7 +261,7 @@ class SelectNodes(Pass):
             # ctx.cache is shared by runs over the same statistics (the planner's trial
             # rewrites of the original graph); a lazy Ranking extends in place when reused.
             key = None if ctx.cache is None or ctx.mode != "one-shot" else (
-                "select-nodes", opts.criterion, opts.lam, opts.ridge, opts.choose, opts.pool, g.name)
+                "select-nodes", opts.criterion, opts.lam, opts.ridge, opts.choose, opts.pool, opts.readout, g.name)
             if key is not None and key in ctx.cache:
                 scores[g.name] = ctx.cache[key]
                 continue

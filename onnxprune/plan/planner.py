@@ -106,6 +106,7 @@ class PlanOptions:
     latency_batch: int = 1               # objective latency: the batch size timed
     families: tuple[str, ...] = FAMILIES  # prune (channel groups) and/or low-rank (linear layers)
     criterion: str = "spectral"          # select-nodes criterion for the prune family
+    readout: bool = True                 # spectral: rank channels by what their consumers read (select-nodes)
     ladder: tuple[float, ...] = LADDER
     check_samples: int = 64              # sensitivity: at most this many samples of half 1
     check_extra: int = 4000              # checks: at most this many more samples (``Planner(extra=)``)
@@ -269,8 +270,10 @@ def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions, *,
             forms.setdefault(site.split.form, {})[site.name] = size
     passes: list[tuple[str, dict]] = []
     if counts:
-        passes += [("select-nodes", {"criterion": options.criterion, "counts": counts, "multiple": options.multiple}),
-                   ("reconstruct-next-layer", {})]
+        select = {"criterion": options.criterion, "counts": counts, "multiple": options.multiple}
+        if options.readout and options.criterion == "spectral":
+            select["readout"] = True
+        passes += [("select-nodes", select), ("reconstruct-next-layer", {})]
     for form in sorted(forms):
         passes.append(("low-rank-split", {"method": options.low_rank, "ranks": forms[form], "conv": form}))
     if forms:

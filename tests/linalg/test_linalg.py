@@ -298,6 +298,59 @@ def test_spectral_select_matches_the_textbook_greedy(C, count):
     assert math.isclose(ratios[-1], linalg.retention_ratio(S, keep), rel_tol=1e-10)
 
 
+def brute_force_readout_greedy(S, W, count, ridge):
+    """The read-out greedy written out: gain ||W R[:, j]||^2 / (R_jj + rho) on the explicit residual."""
+    C = len(S)
+    rho = ridge * np.trace(S) / C
+    R, M = S.copy(), W.T @ W
+    total = np.trace(M @ S)
+    keep, ratios, retained = [], [], 0.0
+    for _ in range(count):
+        res = np.diag(R).copy()
+        eligible = res > rho + 1e-12 * np.trace(S) / C
+        eligible[keep] = False
+        gains = np.where(eligible, np.einsum("ij,ij->j", R, M @ R) / (res + rho), -np.inf)
+        j = int(np.argmax(gains))
+        r = R[:, j].copy()
+        retained += r @ M @ r / (r[j] + rho)
+        R -= np.outer(r, r) / (r[j] + rho)
+        keep.append(j)
+        ratios.append(retained / total)
+    return keep, np.array(ratios)
+
+
+@pytest.mark.parametrize("C,m,count", [(60, 12, 40), (50, 80, 30)])
+def test_spectral_select_with_a_readout_matches_its_textbook_greedy(C, m, count):
+    g = rng(C + m)
+    F = g.standard_normal((3 * C, C // 2)) @ g.standard_normal((C // 2, C))
+    S = F.T @ F / len(F)
+    W = g.standard_normal((m, C))
+    keep, ratios = linalg.spectral_select(S, count=count, readout=W)
+    ref_keep, ref_ratios = brute_force_readout_greedy(S, W, count, linalg.SELECT_RIDGE)
+    assert keep.tolist() == ref_keep
+    np.testing.assert_allclose(ratios, ref_ratios, rtol=1e-9)
+    # the identity read-out is the plain greedy, ratios included
+    plain, plain_ratios = linalg.spectral_select(S, count=count)
+    same, same_ratios = linalg.spectral_select(S, count=count, readout=np.eye(C))
+    assert same.tolist() == plain.tolist()
+    np.testing.assert_allclose(same_ratios, plain_ratios, rtol=1e-10)
+
+
+def test_a_readout_keeps_the_channels_its_consumer_reads_first():
+    """Independent channels, the loudest four unread (zero columns of W): the plain greedy keeps the
+    loudest, the read-out greedy the four the consumer reads, and holds all of W's output with them."""
+    scale = np.array([10.0, 9.0, 8.0, 7.0, 1.0, 1.5, 2.0, 2.5])
+    S = np.diag(scale**2)
+    W = np.zeros((3, 8))
+    W[:, 4:] = rng(3).standard_normal((3, 4))
+    assert sorted(linalg.spectral_select(S, count=4)[0].tolist()) == [0, 1, 2, 3]
+    keep, ratios = linalg.spectral_select(S, count=4, readout=W)
+    assert sorted(keep.tolist()) == [4, 5, 6, 7]
+    assert ratios[-1] > 1 - 1e-4          # all but the ridge's share
+    with pytest.raises(ValueError, match="readout"):
+        linalg.spectral_select(S, count=4, readout=np.ones((3, 7)))
+
+
 def test_dead_and_duplicate_channels_are_dropped_and_reconstructed_exactly():
     phi = channels_with_dead_and_duplicate()
     S = phi.T @ phi / len(phi)

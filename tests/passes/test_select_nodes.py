@@ -178,6 +178,44 @@ def test_depthwise_conv_follows_the_expansion_channels():
     run_model(out, graphs.feeds(model))
 
 
+def test_readout_is_the_consumers_weights_where_they_read_each_channel_at_one_position():
+    from onnxprune.criteria.builtin import readout_matrix
+
+    model = graphs.depthwise()           # expand -> dw 3x3 (the path) -> project 1x1: read pointwise
+    W = readout_matrix(model, graphs.group_of(model, "expand"))
+    np.testing.assert_array_equal(W, graphs.get_init(model, "project.W").reshape(4, 12))
+    chain = graphs.gemm_chain()          # fc2's channels read by MatMul fc3 (W 6 x 4): rows are its outputs
+    np.testing.assert_array_equal(readout_matrix(chain, graphs.group_of(chain, "fc2")),
+                                  graphs.get_init(chain, "fc3.W").T)
+    conv = graphs.conv_bn_relu()         # a 3x3 consumer sums over neighbours: no exact read-out
+    assert readout_matrix(conv, graphs.group_of(conv, "conv1")) is None
+    flat = graphs.flatten_to_gemm()      # a Gemm through a Flatten reads each channel at every position
+    assert readout_matrix(flat, graphs.group_of(flat, "conv")) is None
+
+
+def test_spectral_with_readout_keeps_the_channels_the_projection_reads():
+    """Half the expansion channels are never read (their projection columns are zero) and are the
+    loudest: plain spectral keeps them and loses the output, ``readout`` keeps the read half and
+    prunes without changing the output."""
+    model = graphs.depthwise()
+    project = graphs.get_init(model, "project.W").copy()
+    project[:, :6] = 0
+    graphs.set_init(model, "project.W", project)
+    expand = graphs.get_init(model, "expand.W").copy()
+    expand[:6] *= 20                     # the unread channels carry the most energy at the site
+    graphs.set_init(model, "expand.W", expand)
+    x = graphs.feeds(model, batch=5, seed=7)
+    errors = {}
+    for readout in (False, True):
+        out, report = prune(model, [("select-nodes", {"fraction": 0.5, "readout": readout}),
+                                    ("reconstruct-next-layer", {})])
+        reference, candidate = run_model(model, x)[0], run_model(out, x)[0]
+        errors[readout] = float(np.linalg.norm(candidate - reference) / np.linalg.norm(reference))
+    assert errors[True] < 1e-5 < 0.05 < errors[False], errors
+    with pytest.raises(RecipeError, match="readout"):
+        Recipe(passes=(("select-nodes", {"criterion": "mean", "readout": True}),))
+
+
 def test_unknown_group_name_is_reported():
     model = graphs.gemm_chain()
     out, report = prune(model, [("select-nodes", {"fraction": 0.5, "groups": ("nope",)}),

@@ -28,8 +28,10 @@ from onnxprune.plan.planner import (
     _starting_with,
     closer,
     damage,
+    Site,
     divergences,
     measure,
+    plan_passes,
 )
 from onnxprune.runtime import make_session
 from onnxprune.validation import REMEDY
@@ -240,6 +242,18 @@ def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
     assert plan["evaluated"] == v["samples"] == 1003
     assert plan["reserve"] == pytest.approx(plan["check"]["se"] * np.sqrt(1 + 1004 / 1003))
     assert f"+ {plan['reserve']:.2f} in reserve against the 1003 held-out samples' noise" in result.output
+
+
+def test_planned_spectral_pruning_ranks_channels_by_what_their_consumers_read():
+    """The planner's select-nodes asks spectral for the read-out ranking (``PlanOptions.readout``);
+    other criteria, and readout=False, get the plain one; a fixed recipe's select-nodes never does."""
+    site = Site(name="fc1", family="prune", size=16, nodes=frozenset())
+    select = {o.readout: plan_passes({site.key: (site, 8)}, o, drift=False)[0][1]
+              for o in (PlanOptions(), PlanOptions(readout=False))}
+    assert select[True]["readout"] is True and "readout" not in select[False]
+    assert "readout" not in plan_passes({site.key: (site, 8)}, PlanOptions(criterion="wanda"), drift=False)[0][1]
+    from onnxprune.passes.select_nodes import SelectOptions
+    assert SelectOptions().readout is False
 
 
 def test_a_check_too_noisy_for_its_goal_is_said(tmp_path):
