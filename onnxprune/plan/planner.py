@@ -106,7 +106,7 @@ class PlanOptions:
     latency_batch: int = 1               # objective latency: the batch size timed
     families: tuple[str, ...] = FAMILIES  # prune (channel groups) and/or low-rank (linear layers)
     criterion: str = "spectral"          # select-nodes criterion for the prune family
-    readout: bool = True                 # spectral: rank channels by what their consumers read (select-nodes)
+    readout: bool = False                # spectral: rank channels by what their consumers read (select-nodes)
     ladder: tuple[float, ...] = LADDER
     check_samples: int = 64              # sensitivity: at most this many samples of half 1
     check_extra: int = 4000              # checks: at most this many more samples (``Planner(extra=)``)

@@ -244,14 +244,15 @@ def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
     assert f"+ {plan['reserve']:.2f} in reserve against the 1003 held-out samples' noise" in result.output
 
 
-def test_planned_spectral_pruning_ranks_channels_by_what_their_consumers_read():
-    """The planner's select-nodes asks spectral for the read-out ranking (``PlanOptions.readout``);
-    other criteria, and readout=False, get the plain one; a fixed recipe's select-nodes never does."""
+def test_a_plan_with_readout_ranks_channels_by_what_their_consumers_read():
+    """``PlanOptions(readout=True)`` (a recipe's plan table) asks spectral for the read-out ranking;
+    the default, and other criteria, get the plain one, as does a fixed recipe's select-nodes."""
     site = Site(name="fc1", family="prune", size=16, nodes=frozenset())
     select = {o.readout: plan_passes({site.key: (site, 8)}, o, drift=False)[0][1]
-              for o in (PlanOptions(), PlanOptions(readout=False))}
+              for o in (PlanOptions(), PlanOptions(readout=True))}
     assert select[True]["readout"] is True and "readout" not in select[False]
-    assert "readout" not in plan_passes({site.key: (site, 8)}, PlanOptions(criterion="wanda"), drift=False)[0][1]
+    assert "readout" not in plan_passes({site.key: (site, 8)}, PlanOptions(criterion="wanda", readout=True),
+                                        drift=False)[0][1]
     from onnxprune.passes.select_nodes import SelectOptions
     assert SelectOptions().readout is False
 
