@@ -188,7 +188,6 @@ def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, r
             Rr = S @ r - w @ LP[:t]
         d = max(r[j], 0.0) + rho
         if d > tiny * _EPS:
-            rr = float(r @ r)
             if Z is not None:       # W R -= (W r) (r / d)^T, and its column norms with it
                 zz, s = float(Wr @ Wr), r / d
                 retained += zz / d
@@ -196,6 +195,7 @@ def _greedy_steps(S, T, diag, total, rho, tiny, *, steps, alpha, count, order, r
                 np.maximum(q, 0.0, out=q)
                 Z = sla.blas.dger(-1.0, Wr, s, a=Z, overwrite_a=True)
             else:
+                rr = float(r @ r)
                 retained += rr / d
                 q -= 2.0 * r * Rr / d - r * r * (rr / d**2)
                 np.maximum(q, 0.0, out=q)

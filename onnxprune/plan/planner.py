@@ -149,6 +149,8 @@ class PlanOptions:
 
         if self.criterion not in CRITERIA:
             raise RecipeError("plan", f"criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}")
+        if self.readout and self.criterion != "spectral":
+            raise RecipeError("plan", f"readout applies to the spectral criterion only, not {self.criterion}")
 
     @property
     def conv_form(self) -> str:
@@ -271,7 +273,7 @@ def plan_passes(chosen: dict[str, tuple[Site, int]], options: PlanOptions, *,
     passes: list[tuple[str, dict]] = []
     if counts:
         select = {"criterion": options.criterion, "counts": counts, "multiple": options.multiple}
-        if options.readout and options.criterion == "spectral":
+        if options.readout:
             select["readout"] = True
         passes += [("select-nodes", select), ("reconstruct-next-layer", {})]
     for form in sorted(forms):

@@ -15,7 +15,7 @@ import onnxprune
 from onnxprune.api import as_model, as_samples, cap, plan_remedy, spare
 from onnxprune.cli import main
 from onnxprune.cost import total_macs
-from onnxprune.errors import ValidationFailed
+from onnxprune.errors import RecipeError, ValidationFailed
 from onnxprune.model import count_parameters
 from onnxprune.passes import REGISTRY
 from onnxprune.pipeline import Recipe, run_pipeline
@@ -246,13 +246,13 @@ def test_cli_default_plans_for_one_point_and_records_the_plan(tmp_path):
 
 def test_a_plan_with_readout_ranks_channels_by_what_their_consumers_read():
     """``PlanOptions(readout=True)`` (a recipe's plan table) asks spectral for the read-out ranking;
-    the default, and other criteria, get the plain one, as does a fixed recipe's select-nodes."""
+    the default gets the plain one, as does a fixed recipe's select-nodes; other criteria refuse it."""
     site = Site(name="fc1", family="prune", size=16, nodes=frozenset())
     select = {o.readout: plan_passes({site.key: (site, 8)}, o, drift=False)[0][1]
               for o in (PlanOptions(), PlanOptions(readout=True))}
     assert select[True]["readout"] is True and "readout" not in select[False]
-    assert "readout" not in plan_passes({site.key: (site, 8)}, PlanOptions(criterion="wanda", readout=True),
-                                        drift=False)[0][1]
+    with pytest.raises(RecipeError, match="readout applies to the spectral criterion only"):
+        PlanOptions(criterion="wanda", readout=True)
     from onnxprune.passes.select_nodes import SelectOptions
     assert SelectOptions().readout is False
 
