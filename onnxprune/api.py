@@ -259,8 +259,6 @@ def compress(model, target_data, *, recipe: Recipe | dict | str | os.PathLike, o
     note, hint = judge_labels(original, samples["target"], held_out, recipe, device=device,
                               others=(train_set, val_fold))
     label_notes = data_notes + [line for line in (note, hint) if line]
-    for line in label_notes[len(data_notes):]:
-        log.warning("%s", line)
     if note:
         samples["target"], held_out = samples["target"].without_labels(), held_out.without_labels()
         train_set = train_set.without_labels()
@@ -367,8 +365,8 @@ LABEL_PROBE = 128
 
 def judge_labels(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSet, recipe: Recipe, *,
                  device: str = "cpu", others: tuple[SampleSet | None, ...] = ()) -> tuple[str | None, str | None]:
-    """(why the labels cannot measure this classifier, or None; a preprocessing hint, or None).
-    The labels cannot when the original scores near chance on the calibration samples (on at
+    """(why the labels cannot measure this classifier, or None; a preprocessing hint, or None),
+    each logged as a warning here. The labels cannot when the original scores near chance on the calibration samples (on at
     most ``LABEL_PROBE`` of them), so the labels are in another class order or the model does not
     read the data as it should; every goal is then better judged by agreement with the original.
     The hint (``preprocessing_hint``): another common pixel normalisation scores far better there.
@@ -385,9 +383,12 @@ def judge_labels(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     if embedding.output_kind(original, metric=recipe.metric, judge=recipe.judge_output) != "classes":
         single = next((s for s in (calib, held_out) if s is not None and s.labels is not None
                        and len(np.unique(s.labels)) < 2), None)
-        return None if single is None else (
-            f"the labels of {single.name} hold one class only: kNN accuracy on them is 100% whatever the "
-            "embeddings; they are set aside and every goal is judged by the cosine to the original's embeddings"), None
+        if single is None:
+            return None, None
+        note = (f"the labels of {single.name} hold one class only: kNN accuracy on them is 100% whatever the "
+                "embeddings; they are set aside and every goal is judged by the cosine to the original's embeddings")
+        log.warning("%s", note)
+        return note, None
     probe = label_probe(calib)
     try:        # the first run of the original: one it cannot make is the input's fault, as in collect
         outputs = model_outputs(original, probe, batch_size=recipe.batch_size, device=device,
@@ -406,21 +407,22 @@ def judge_labels(original: onnx.ModelProto, calib: SampleSet, held_out: SampleSe
     right = outputs.argmax(axis=1) == probe.labels
     hint = preprocessing_hint(original, probe, right, batch_size=recipe.batch_size, device=device,
                               judge=recipe.judge_output)
-    accuracy = float(np.mean(right))
-    if not near_chance(accuracy, probe.labels):
-        return None, hint
-    chance = chance_accuracy(probe.labels)
-    return (f"the original model scores {100 * accuracy:.1f}% on the labels of {calib.name}, "
-            f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
-            f"or data it does not read as it should: check {data_flags(original)}); they are "
-            "set aside and every goal is judged by agreement with the original"), hint
+    accuracy, chance = float(np.mean(right)), chance_accuracy(probe.labels)
+    note = None if not near_chance(accuracy, probe.labels) else (
+        f"the original model scores {100 * accuracy:.1f}% on the labels of {calib.name}, "
+        f"{'worse' if accuracy < chance else 'little better'} than guessing ({100 * chance:.1f}%): the labels do not fit the model (another class order, "
+        f"or data it does not read as it should: check {data_flags(original)}); they are "
+        "set aside and every goal is judged by agreement with the original")
+    for line in (note, hint):
+        if line:
+            log.warning("%s", line)
+    return note, hint
 
 
 #: another pixel normalisation must score this many points more than the one given on the label
-#: probe (and 3 paired standard errors more) before ``preprocessing_hint`` names it: on the
-#: models of ../shared with their documented preprocessing the best other convention scores at
-#: most 3.9 points more (LeNet on MNIST-M, pixels 0..255); without --mean/--std ResNet-20 loses
-#: about 48 points, MobileNetV2 about 29
+#: probe (and 3 paired standard errors more) before ``preprocessing_hint`` names it: no model of
+#: ../shared with its documented preprocessing comes near it (tests/test_first_use.py); without
+#: --mean/--std ResNet-20 scores 54 points less on its probe, MobileNetV2 37
 HINT_GAIN = 10.0
 
 
@@ -883,8 +885,6 @@ def sweep(model, target_data, budgets, *, recipe: Recipe, output_dir: str | os.P
                                                                   eval_data)
     note, hint = judge_labels(original, samples["target"], held_out, recipe, device=device)
     label_notes = data_notes + [line for line in (note, hint) if line]
-    for line in label_notes[len(data_notes):]:
-        log.warning("%s", line)
     if note:
         samples["target"], held_out, calib = (s.without_labels() for s in (samples["target"], held_out, calib))
     planner = make_planner(original, samples, recipe, uncapped=calib, device=device, progress=progress,

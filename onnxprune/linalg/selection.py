@@ -115,17 +115,18 @@ def _greedy(sigma, *, alpha, count, ridge, order=None, regulariser=None, lam=0.0
     steps = count if count is not None else C
     if order is not None:
         steps = min(steps, len(order))
+    retainable = total                       # what the ratios are of: Tr(S), or Tr(W S W^T)
     if readout is not None:
         W = _matrix(readout, "readout", ndim=2)
-        if W.shape[1] != C or not np.isfinite(W).all():
-            raise ValueError(f"readout must be a finite (m x {C}) matrix, got shape {W.shape}")
+        if W.shape[1] != C:
+            raise ValueError(f"readout must be an (m x {C}) matrix, got shape {W.shape}")
+        retainable = float(np.einsum("ij,ij->", W @ S, W))
     T = _square_of_symmetric(S) if steps * 32 >= C and readout is None else None
     # rho: noise variance added to kept channels; raised when S + rho I proves indefinite
     for rho in lifted_ridges(ridge * unit, total):
         Z = None if readout is None else np.asfortranarray(W @ S)     # Fortran order: dger updates it in place
-        picked = _greedy_steps(S, T, diag, total if Z is None else float(np.einsum("ij,ij->", Z, W)), rho, tiny,
-                               steps=steps, alpha=alpha, count=count, order=order,
-                               regulariser=copy.deepcopy(regulariser), lam=lam, Z=Z)
+        picked = _greedy_steps(S, T, diag, retainable, rho, tiny, steps=steps, alpha=alpha, count=count,
+                               order=order, regulariser=copy.deepcopy(regulariser), lam=lam, Z=Z)
         if picked is not None:
             return picked
     raise NumericalError("channel second moment", "is indefinite beyond any ridge up to its trace",
